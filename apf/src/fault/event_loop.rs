@@ -1,0 +1,349 @@
+//! The event loop: an `event-manager` subscriber on the userfaultfd that
+//! reads events in batches, dedupes, claims windows and dispatches them.
+//! It never waits on another part of the engine: work it cannot hand off
+//! (the worker queue is full) is parked, bounded, and re-sent when a worker
+//! kicks it.
+
+use std::collections::VecDeque;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use crossbeam_channel::{Sender, TrySendError};
+use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
+use tracing::field;
+use vmm_sys_util::eventfd::EventFd;
+
+use super::prefetch::StreamTable;
+use super::resolve::{self, Ctx};
+use super::{EngineError, Fault, FaultError, Job, Shared};
+use crate::ram::{GuestAddress, GuestRange, PageState};
+use crate::uffd::{Event, EventBuf, PAGE_SIZE};
+
+const UFFD: u32 = 0;
+const KICK: u32 = 1;
+const STOP: u32 = 2;
+/// Epoll timeout: parked work is retried at least this often even if no
+/// worker kicks.
+const TICK_MS: i32 = 50;
+
+/// The subscriber.
+pub(crate) struct FaultLoop {
+    shared: Arc<Shared>,
+    jobs: Sender<Job>,
+    stop: EventFd,
+    streams: StreamTable,
+    buf: EventBuf,
+    events: Vec<Event>,
+    parked: VecDeque<Job>,
+    ctx: Ctx,
+    exit: bool,
+}
+
+pub(crate) fn spawn(shared: Arc<Shared>, jobs: Sender<Job>, stop: EventFd) -> Result<JoinHandle<()>, EngineError> {
+    let mut manager = EventManager::<FaultLoop>::new().map_err(EngineError::EventManager)?;
+    let fl = FaultLoop {
+        streams: StreamTable::new(shared.config.max_window),
+        ctx: Ctx::new(true, shared.config.max_window),
+        shared,
+        jobs,
+        stop,
+        buf: EventBuf::default(),
+        events: Vec::with_capacity(crate::uffd::EVENT_BATCH),
+        parked: VecDeque::new(),
+        exit: false,
+    };
+    let id = manager.add_subscriber(fl);
+    std::thread::Builder::new()
+        .name("apf-fault".into())
+        .spawn(move || {
+            loop {
+                if let Err(e) = manager.run_with_timeout(TICK_MS) {
+                    tracing::error!(target: "apf", error = ?e, "apf event loop failed");
+                    break;
+                }
+                match manager.subscriber_mut(id) {
+                    Ok(fl) if !fl.exit => fl.tick(),
+                    _ => break,
+                }
+            }
+            if let Ok(mut fl) = manager.remove_subscriber(id) {
+                fl.abandon_parked();
+            }
+        })
+        .map_err(EngineError::Io)
+}
+
+impl MutEventSubscriber for FaultLoop {
+    fn init(&mut self, ops: &mut EventOps) {
+        let adds = [
+            ops.add(Events::with_data(&self.shared.uffd, UFFD, EventSet::IN)),
+            ops.add(Events::with_data(&self.shared.kick, KICK, EventSet::IN)),
+            ops.add(Events::with_data(&self.stop, STOP, EventSet::IN)),
+        ];
+        if let Some(Err(e)) = adds.into_iter().find(|r| r.is_err()) {
+            tracing::error!(target: "apf", error = ?e, "apf event loop cannot watch its descriptors");
+            self.exit = true;
+        }
+    }
+
+    fn process(&mut self, events: Events, _ops: &mut EventOps) {
+        match events.data() {
+            UFFD => self.drain(),
+            KICK => {
+                let _ = self.shared.kick.read();
+                self.unpark();
+            }
+            _ => self.exit = true,
+        }
+    }
+}
+
+impl FaultLoop {
+    fn tick(&mut self) {
+        if !self.parked.is_empty() {
+            self.unpark();
+        }
+    }
+
+    fn drain(&mut self) {
+        loop {
+            let mut events = std::mem::take(&mut self.events);
+            match self.shared.uffd.read_events(&mut self.buf, &mut events) {
+                Ok(0) => {
+                    self.events = events;
+                    return;
+                }
+                Ok(_) => {
+                    for ev in events.iter() {
+                        self.handle(*ev);
+                    }
+                    self.events = events;
+                }
+                Err(e) => {
+                    self.events = events;
+                    self.shared.report(FaultError::Events(e));
+                    return;
+                }
+            }
+        }
+    }
+
+    fn handle(&mut self, ev: Event) {
+        match ev {
+            Event::Fault { addr, write, tid, .. } => self.on_fault(addr, write, tid),
+            Event::Remove { start, end } => self.on_remove(start, end),
+            // Not requested at the handshake; nothing to do if they come.
+            Event::Unmap { .. } | Event::Remap { .. } | Event::Fork { .. } => {
+                tracing::warn!(target: "apf", event = ?ev, "unexpected userfaultfd event");
+            }
+        }
+    }
+
+    fn on_fault(&mut self, addr: u64, write: bool, tid: u32) {
+        let shared = &self.shared;
+        shared.stats.faults.fetch_add(1, Ordering::Relaxed);
+        let Some(loc) = shared.ram.locate_host(addr) else {
+            shared.report(FaultError::OutsideRam(addr));
+            let _ = shared.uffd.wake(addr & !(PAGE_SIZE as u64 - 1), PAGE_SIZE);
+            return;
+        };
+        let region = &shared.ram.regions()[loc.region];
+        let page = loc.page;
+        let span = tracing::info_span!(
+            target: "apf",
+            "apf.fault",
+            gpa = region.page_gpa(page).0,
+            tid,
+            kind = if write { "write" } else { "read" },
+            source = field::Empty,
+            bytes = field::Empty,
+            outcome = field::Empty,
+        );
+        // A few rounds at most: each failed claim means another resolver
+        // moved the page on, and the next look sees where to.
+        for _ in 0..4 {
+            match region.state(page).0 {
+                PageState::Missing => {
+                    if region.try_claim(page).is_none() {
+                        continue;
+                    }
+                    if let Some(ws) = &shared.working_set {
+                        ws.lock().unwrap_or_else(|e| e.into_inner()).push(region.page_gpa(page).0);
+                    }
+                    span.record("source", shared.source.name());
+                    let runs = self.plan(loc.region, page, tid);
+                    let job = Job { region: loc.region, fault: Some(Fault { page, write }), runs, span, attempts: 0 };
+                    self.dispatch(job);
+                    return;
+                }
+                PageState::Resolving => {
+                    shared.stats.deduped.fetch_add(1, Ordering::Relaxed);
+                    span.record("outcome", "deduped");
+                    return;
+                }
+                PageState::Present => {
+                    // Missing in the kernel's eyes: zapped after its remove
+                    // event was read, or a stale event. See
+                    // `Region::try_reclaim_present`.
+                    if !region.try_reclaim_present(page) {
+                        continue;
+                    }
+                    shared.stats.spurious.fetch_add(1, Ordering::Relaxed);
+                    span.record("source", "zero");
+                    let job = Job { region: loc.region, fault: Some(Fault { page, write }), runs: vec![(page, 1)], span, attempts: 0 };
+                    self.dispatch(job);
+                    return;
+                }
+                PageState::Poisoned => {
+                    // The poison marker is gone (zapped): put it back.
+                    let host = region.page_host(page);
+                    if let Err(e) = shared.uffd.poison(host, PAGE_SIZE) {
+                        if e.errno == libc::EEXIST {
+                            let _ = shared.uffd.wake(host, PAGE_SIZE);
+                        }
+                    }
+                    span.record("outcome", "poisoned");
+                    return;
+                }
+                PageState::Invalidating | PageState::Offline => break,
+            }
+        }
+        // Still moving, or taken away for now: let the thread fault again.
+        span.record("outcome", "retry");
+        let _ = shared.uffd.wake(region.page_host(page), PAGE_SIZE);
+    }
+
+    /// Claims the prefetch window after the faulting page (already claimed)
+    /// and returns its runs.
+    fn plan(&mut self, region_idx: usize, page: usize, tid: u32) -> Vec<(usize, usize)> {
+        let region = &self.shared.ram.regions()[region_idx];
+        let linear = (region.base().0 / PAGE_SIZE as u64) as i64 + page as i64;
+        let plan = self.streams.plan(tid, linear);
+        if plan.count <= 1 {
+            return vec![(page, 1)];
+        }
+        let max = self.shared.config.max_window;
+        let pages = region.pages() as i64;
+        let stride = plan.stride;
+        let contiguous = stride.unsigned_abs() as usize * (plan.count - 1) < max;
+        if contiguous {
+            // One run from the faulting page in the stream's direction,
+            // covering the strided pages and what lies between.
+            let want = stride.unsigned_abs() as usize * (plan.count - 1) + 1;
+            let dir = stride.signum();
+            let mut n = 1;
+            while n < want {
+                let p = page as i64 + dir * n as i64;
+                if p < 0 || p >= pages || region.try_claim(p as usize).is_none() {
+                    break;
+                }
+                n += 1;
+            }
+            let covered = (n - 1) / stride.unsigned_abs() as usize + 1;
+            self.streams.trim(tid, linear, stride, covered);
+            let first = if dir > 0 { page } else { page + 1 - n };
+            vec![(first, n)]
+        } else {
+            let mut runs = vec![(page, 1)];
+            let mut covered = 1;
+            for k in 1..plan.count as i64 {
+                let p = page as i64 + stride * k;
+                if p < 0 || p >= pages || region.try_claim(p as usize).is_none() {
+                    break;
+                }
+                runs.push((p as usize, 1));
+                covered += 1;
+            }
+            self.streams.trim(tid, linear, stride, covered);
+            runs
+        }
+    }
+
+    fn dispatch(&mut self, job: Job) {
+        if self.shared.inline_ok() {
+            self.shared.stats.inline.fetch_add(1, Ordering::Relaxed);
+            if let Some(job) = resolve::resolve(&self.shared, job, &mut self.ctx) {
+                self.to_pool(job);
+            }
+        } else {
+            self.to_pool(job);
+        }
+    }
+
+    fn to_pool(&mut self, job: Job) {
+        match self.jobs.try_send(job) {
+            Ok(()) => {
+                self.shared.stats.dispatched.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(TrySendError::Full(job)) => self.park(job),
+            Err(TrySendError::Disconnected(job)) => {
+                self.shared.release_runs(job.region, &job.runs);
+            }
+        }
+    }
+
+    fn park(&mut self, job: Job) {
+        if self.parked.len() >= self.shared.config.park_capacity {
+            // Cannot happen with fewer faulting threads than the park
+            // capacity (each blocked thread has one fault outstanding).
+            // Rather than lose the job, resolve it here even if it blocks.
+            let mut ctx = Ctx::new(false, self.shared.config.max_window);
+            let left = resolve::resolve(&self.shared, job, &mut ctx);
+            debug_assert!(left.is_none());
+            return;
+        }
+        self.shared.stats.parked.fetch_add(1, Ordering::Relaxed);
+        self.parked.push_back(job);
+        self.shared.parked_waiting.store(true, Ordering::SeqCst);
+    }
+
+    fn unpark(&mut self) {
+        while let Some(job) = self.parked.pop_front() {
+            match self.jobs.try_send(job) {
+                Ok(()) => {
+                    self.shared.stats.dispatched.fetch_add(1, Ordering::Relaxed);
+                }
+                Err(TrySendError::Full(job)) => {
+                    self.parked.push_front(job);
+                    return;
+                }
+                Err(TrySendError::Disconnected(job)) => {
+                    self.shared.release_runs(job.region, &job.runs);
+                }
+            }
+        }
+        self.shared.parked_waiting.store(false, Ordering::SeqCst);
+    }
+
+    /// `MADV_DONTNEED` by someone else: the range reads as zeros from now
+    /// on. Marked under the install lock with the sequence bumped, so a
+    /// resolver that filled from the old origin retries.
+    fn on_remove(&mut self, start: u64, end: u64) {
+        let shared = &self.shared;
+        shared.stats.removes.fetch_add(1, Ordering::Relaxed);
+        for (i, r) in shared.ram.regions().iter().enumerate() {
+            let lo = start.max(r.host_base());
+            let hi = end.min(r.host_base() + r.len());
+            if lo >= hi {
+                continue;
+            }
+            let first = ((lo - r.host_base()) / PAGE_SIZE as u64) as usize;
+            let last = ((hi - r.host_base()).div_ceil(PAGE_SIZE as u64)) as usize;
+            let range = GuestRange::new(GuestAddress(r.page_gpa(first).0), ((last - first) * PAGE_SIZE) as u64);
+            let _span = tracing::debug_span!(target: "apf", "apf.invalidate", region = i, gpa = range.start.0, len = range.len, reason = "remove").entered();
+            drop(shared.notifier.invalidate_begin(range, || {
+                for p in first..last {
+                    r.mark_removed(p);
+                }
+            }));
+        }
+    }
+
+    /// At exit: parked jobs give their pages back, so shutdown poisons them.
+    fn abandon_parked(&mut self) {
+        for job in self.parked.drain(..) {
+            self.shared.release_runs(job.region, &job.runs);
+        }
+    }
+}

@@ -1,0 +1,625 @@
+//! The fault engine: reads userfaultfd events, dedupes them, plans prefetch
+//! windows, and installs pages from the page source.
+//!
+//! ```text
+//!  faulting threads ──fault──▶ userfaultfd ──read (batch)──▶ event loop
+//!                                                       │ claim Missing pages
+//!                                   cheap source: inline │ slow source / retry
+//!                                                       ▼        ▼ try_send (bounded)
+//!                                               resolve ◀── worker pool
+//!                         fill ─▶ check seq under install lock ─▶ COPY / ZEROPAGE (wakes)
+//! ```
+//!
+//! Module map: [`prefetch`] plans windows per thread and keeps working sets;
+//! `event_loop` is the `event-manager` subscriber; `resolve` fills and
+//! installs one claimed window, with the kernel's return conventions.
+//!
+//! # Shutdown
+//!
+//! Stop the threads that touch guest RAM first, then drop the engine (or call
+//! [`Engine::shutdown`]). The engine stops its event loop, lets its workers
+//! finish what they hold, then poisons every page that is still missing:
+//! a thread that touches one afterwards gets SIGBUS instead of silently
+//! reading zeros (which is what closing a userfaultfd would give it).
+
+mod event_loop;
+pub mod prefetch;
+mod resolve;
+
+use std::fmt;
+use std::io;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use crossbeam_channel::{Receiver, Sender};
+use thiserror::Error;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::notifier::Notifier;
+use crate::ram::{GuestAddress, GuestRam, GuestRange, PageState, RamError};
+use crate::source::{EvictionStore, PageSource, SourceError, SourceKind};
+use crate::uffd::{Features, IoctlError, RegisterMode, Uffd, UffdError, PAGE_SIZE};
+
+pub use prefetch::{WorkingSet, WorkingSetError};
+
+/// Where claimed windows are resolved.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dispatch {
+    /// Zero and in-memory sources on the event-loop thread (no cross-thread
+    /// hand-off on the hot path), blocking sources on the worker pool.
+    Auto,
+    /// Everything on the event-loop thread (retries still go to the pool).
+    Inline,
+    /// Everything on the worker pool.
+    Workers,
+}
+
+impl std::str::FromStr for Dispatch {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(Dispatch::Auto),
+            "inline" => Ok(Dispatch::Inline),
+            "workers" => Ok(Dispatch::Workers),
+            other => Err(format!("unknown dispatch mode {other:?} (expected auto, inline or workers)")),
+        }
+    }
+}
+
+/// Engine configuration. The defaults were chosen by measurement on a
+/// 2-core machine (see the README's numbers).
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Worker threads for blocking sources and retries (at least 1).
+    pub workers: usize,
+    /// Largest prefetch window, in pages (1 turns prefetch off).
+    pub max_window: usize,
+    /// Where windows are resolved.
+    pub dispatch: Dispatch,
+    /// Capacity of the worker queue.
+    pub queue_depth: usize,
+    /// Jobs the event loop parks when the worker queue is full.
+    pub park_capacity: usize,
+    /// Fill attempts after the first before a page is poisoned.
+    pub fill_retries: u32,
+    /// Back-off before the first retry (doubles each time).
+    pub retry_backoff: Duration,
+    /// How long a worker keeps retrying an install the kernel refuses with
+    /// `EAGAIN` (address space changing) before it gives the pages back.
+    pub install_deadline: Duration,
+    /// Capacity of the error channel; further errors are counted, not kept.
+    pub error_capacity: usize,
+    /// Record the pages faulted, in order, as a [`WorkingSet`].
+    pub record_working_set: bool,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            workers: 2,
+            max_window: 256,
+            dispatch: Dispatch::Auto,
+            queue_depth: 256,
+            park_capacity: 4096,
+            fill_retries: 3,
+            retry_backoff: Duration::from_millis(1),
+            install_deadline: Duration::from_secs(2),
+            error_capacity: 1024,
+            record_working_set: false,
+        }
+    }
+}
+
+/// Errors starting or driving the engine.
+#[derive(Debug, Error)]
+pub enum EngineError {
+    /// The userfaultfd could not be set up.
+    #[error("userfaultfd set-up failed")]
+    Uffd(#[from] UffdError),
+    /// A configuration value is out of range.
+    #[error("invalid engine configuration: {0}")]
+    Config(&'static str),
+    /// An event-manager call failed.
+    #[error("event manager: {0:?}")]
+    EventManager(event_manager::Error),
+    /// Creating an eventfd or a thread failed.
+    #[error("engine set-up failed")]
+    Io(#[source] io::Error),
+    /// A guest range was invalid.
+    #[error(transparent)]
+    Ram(#[from] RamError),
+    /// The engine has shut down.
+    #[error("the engine has shut down")]
+    Stopped,
+}
+
+/// A failure the engine reports through [`Engine::errors`] while it runs.
+#[derive(Debug, Error)]
+pub enum FaultError {
+    /// The source failed for good; the page was poisoned (accesses get
+    /// SIGBUS) unless `poisoned` is false.
+    #[error("page source failed for guest page {gpa:#x} after {attempts} attempts (poisoned: {poisoned})")]
+    SourceFailed {
+        /// The page.
+        gpa: u64,
+        /// Attempts made.
+        attempts: u32,
+        /// Whether the page was poisoned (a prefetch-only page is not).
+        poisoned: bool,
+        /// The last error.
+        #[source]
+        error: SourceError,
+    },
+    /// An install ioctl failed in a way that is not a race.
+    #[error("installing guest page {gpa:#x} failed")]
+    Install {
+        /// First page of the failed install.
+        gpa: u64,
+        /// The ioctl error.
+        #[source]
+        error: IoctlError,
+    },
+    /// The kernel reported a fault outside guest RAM (cannot happen unless
+    /// someone registered other memory with the engine's descriptor).
+    #[error("fault at host address {0:#x} outside guest RAM")]
+    OutsideRam(u64),
+    /// Reading events failed.
+    #[error("reading fault events failed")]
+    Events(#[source] UffdError),
+}
+
+macro_rules! counters {
+    ($(#[$m:meta])* $name:ident / $snap:ident { $($(#[$fm:meta])* $field:ident),* $(,)? }) => {
+        /// Counters the engine keeps (monotonic, relaxed).
+        #[derive(Debug, Default)]
+        pub struct $name { $(pub(crate) $field: AtomicU64,)* }
+
+        $(#[$m])*
+        #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+        pub struct $snap { $($(#[$fm])* pub $field: u64,)* }
+
+        impl $name {
+            /// A consistent-enough copy of every counter.
+            pub fn snapshot(&self) -> $snap {
+                $snap { $($field: self.$field.load(Ordering::Relaxed),)* }
+            }
+        }
+
+        impl $snap {
+            /// The counters as one JSON object.
+            pub fn to_json(&self) -> String {
+                let fields: Vec<String> = vec![$(format!("\"{}\":{}", stringify!($field), self.$field)),*];
+                format!("{{{}}}", fields.join(","))
+            }
+        }
+    };
+}
+
+counters! {
+    /// A copy of the engine's counters.
+    Stats / StatsSnapshot {
+        /// Fault events read.
+        faults,
+        /// Faults on a page another resolver had claimed.
+        deduped,
+        /// Faults on a page already present (stale events).
+        spurious,
+        /// Windows installed (one or more pages each).
+        windows,
+        /// Pages installed by COPY or ZEROPAGE.
+        pages_installed,
+        /// Bytes installed.
+        bytes_installed,
+        /// Pages installed with ZEROPAGE.
+        zero_pages,
+        /// Pages found already present mid-install (`EEXIST`).
+        eexist,
+        /// Installs the kernel refused while the address space changed.
+        eagain,
+        /// Fills or installs thrown away because an invalidation ran.
+        stale,
+        /// Fill attempts retried after a source error.
+        fill_retries,
+        /// Pages poisoned because their source failed.
+        poisoned,
+        /// Remove events (`MADV_DONTNEED` by someone else).
+        removes,
+        /// Windows resolved on the event-loop thread.
+        inline,
+        /// Windows handed to the worker pool.
+        dispatched,
+        /// Windows parked because the worker queue was full.
+        parked,
+        /// Errors dropped because the error channel was full.
+        errors_dropped,
+    }
+}
+
+/// One claimed window: runs of pages in `Resolving` that this job owns.
+pub(crate) struct Job {
+    pub region: usize,
+    /// The faulting page and access (None for prefetch-only jobs).
+    pub fault: Option<Fault>,
+    /// `(first page, count)` runs, all claimed by this job.
+    pub runs: Vec<(usize, usize)>,
+    pub span: tracing::Span,
+    pub attempts: u32,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Fault {
+    pub page: usize,
+    pub write: bool,
+}
+
+impl fmt::Debug for Job {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Job").field("region", &self.region).field("runs", &self.runs).finish_non_exhaustive()
+    }
+}
+
+/// State shared by the event loop, the workers and the handle.
+pub(crate) struct Shared {
+    pub uffd: Uffd,
+    pub ram: Arc<GuestRam>,
+    pub source: Arc<dyn PageSource>,
+    pub store: Arc<EvictionStore>,
+    pub notifier: Notifier,
+    pub stats: Stats,
+    pub config: Config,
+    pub errors: Sender<FaultError>,
+    /// Source of zeros for write faults on zero pages.
+    pub zeros: Box<[u8]>,
+    /// Written by workers when the event loop has parked jobs.
+    pub kick: EventFd,
+    pub parked_waiting: AtomicBool,
+    pub stopping: AtomicBool,
+    pub working_set: Option<Mutex<Vec<u64>>>,
+}
+
+impl Shared {
+    pub fn report(&self, err: FaultError) {
+        tracing::warn!(target: "apf", error = %err, "apf fault error");
+        if self.errors.try_send(err).is_err() {
+            self.stats.errors_dropped.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Whether a job may run on the event-loop thread.
+    pub fn inline_ok(&self) -> bool {
+        match self.config.dispatch {
+            Dispatch::Inline => true,
+            Dispatch::Workers => false,
+            Dispatch::Auto => self.source.kind() != SourceKind::Blocking,
+        }
+    }
+
+    /// Gives the claimed pages of `runs` back (`Resolving -> Missing`) and
+    /// wakes them, so any thread deduped onto them faults again and gets a
+    /// new resolver: nothing waits on an abandoned window.
+    pub fn release_runs(&self, region: usize, runs: &[(usize, usize)]) {
+        let r = &self.ram.regions()[region];
+        for &(first, count) in runs {
+            for p in first..first + count {
+                r.release(p);
+            }
+            if let Err(e) = self.uffd.wake(r.page_host(first), count * PAGE_SIZE) {
+                self.report(FaultError::Install { gpa: r.page_gpa(first).0, error: e });
+            }
+        }
+    }
+}
+
+/// Builds an [`Engine`].
+#[derive(Debug)]
+pub struct EngineBuilder {
+    ram: Arc<GuestRam>,
+    source: Arc<dyn PageSource>,
+    store: Option<Arc<EvictionStore>>,
+    config: Config,
+}
+
+impl fmt::Debug for dyn PageSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "PageSource({})", self.name())
+    }
+}
+
+impl EngineBuilder {
+    /// Replaces the whole configuration.
+    pub fn config(mut self, config: Config) -> Self {
+        self.config = config;
+        self
+    }
+
+    /// Worker threads (at least 1).
+    pub fn workers(mut self, n: usize) -> Self {
+        self.config.workers = n;
+        self
+    }
+
+    /// Largest prefetch window in pages.
+    pub fn max_window(mut self, pages: usize) -> Self {
+        self.config.max_window = pages;
+        self
+    }
+
+    /// Where windows are resolved.
+    pub fn dispatch(mut self, dispatch: Dispatch) -> Self {
+        self.config.dispatch = dispatch;
+        self
+    }
+
+    /// Records the faulted pages as a working set.
+    pub fn record_working_set(mut self, on: bool) -> Self {
+        self.config.record_working_set = on;
+        self
+    }
+
+    /// Shares an eviction store (one is created otherwise).
+    pub fn store(mut self, store: Arc<EvictionStore>) -> Self {
+        self.store = Some(store);
+        self
+    }
+
+    /// Opens the userfaultfd, registers every RAM region, and starts the
+    /// event loop and the workers.
+    pub fn start(self) -> Result<Engine, EngineError> {
+        Engine::start(self)
+    }
+}
+
+/// What [`Engine::shutdown`] did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ShutdownReport {
+    /// Pages still missing at shutdown, now poisoned.
+    pub poisoned_pages: u64,
+}
+
+/// The running fault engine for one [`GuestRam`].
+///
+/// ```no_run
+/// use std::sync::Arc;
+/// use apf::fault::Engine;
+/// use apf::ram::{GuestAddress, GuestRam};
+/// use apf::source::SnapshotFile;
+///
+/// let ram = Arc::new(GuestRam::anonymous(&[(GuestAddress(0), 64 << 20)])?);
+/// let source = Arc::new(SnapshotFile::open("guest.img", &ram)?);
+/// let engine = Engine::builder(ram.clone(), source).start()?;
+/// // Any access to guest RAM now faults the page in from guest.img.
+/// let first = ram.host_range(GuestAddress(0), 8)?;
+/// // SAFETY: `first` points at 8 bytes of guest RAM.
+/// let word = unsafe { std::ptr::read_volatile(first as *const u64) };
+/// println!("{word:#x}, {:?}", engine.stats());
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+pub struct Engine {
+    shared: Arc<Shared>,
+    stop: EventFd,
+    event_loop: Option<JoinHandle<()>>,
+    workers: Vec<JoinHandle<()>>,
+    jobs: Option<Sender<Job>>,
+    errors: Receiver<FaultError>,
+    replays: Mutex<Vec<JoinHandle<()>>>,
+    shut_down: bool,
+}
+
+impl fmt::Debug for Engine {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Engine").field("ram", &self.shared.ram).field("config", &self.shared.config).finish()
+    }
+}
+
+impl Engine {
+    /// Starts building an engine that resolves faults on `ram` from `source`.
+    pub fn builder(ram: Arc<GuestRam>, source: Arc<dyn PageSource>) -> EngineBuilder {
+        EngineBuilder { ram, source, store: None, config: Config::default() }
+    }
+
+    fn start(b: EngineBuilder) -> Result<Engine, EngineError> {
+        let config = b.config;
+        if config.workers == 0 || config.workers > 64 {
+            return Err(EngineError::Config("workers must be between 1 and 64"));
+        }
+        if config.max_window == 0 || config.max_window > 4096 {
+            return Err(EngineError::Config("max_window must be between 1 and 4096 pages"));
+        }
+        if config.queue_depth == 0 || config.park_capacity == 0 || config.error_capacity == 0 {
+            return Err(EngineError::Config("queue_depth, park_capacity and error_capacity must be positive"));
+        }
+        let uffd = Uffd::new(
+            Features::EVENT_REMOVE | Features::THREAD_ID | Features::POISON,
+            Features::MOVE,
+        )?;
+        for r in b.ram.regions() {
+            uffd.register(r.host_base(), r.len(), RegisterMode::MISSING)?;
+        }
+        let (err_tx, err_rx) = crossbeam_channel::bounded(config.error_capacity);
+        let (job_tx, job_rx) = crossbeam_channel::bounded::<Job>(config.queue_depth);
+        let shared = Arc::new(Shared {
+            uffd,
+            ram: b.ram,
+            source: b.source,
+            store: b.store.unwrap_or_default(),
+            notifier: Notifier::new(),
+            stats: Stats::default(),
+            zeros: vec![0u8; config.max_window * PAGE_SIZE].into_boxed_slice(),
+            kick: EventFd::new(EFD_NONBLOCK).map_err(EngineError::Io)?,
+            parked_waiting: AtomicBool::new(false),
+            stopping: AtomicBool::new(false),
+            working_set: config.record_working_set.then(|| Mutex::new(Vec::new())),
+            errors: err_tx,
+            config,
+        });
+        let stop = EventFd::new(EFD_NONBLOCK).map_err(EngineError::Io)?;
+
+        let mut workers = Vec::new();
+        for i in 0..shared.config.workers {
+            let shared = shared.clone();
+            let rx = job_rx.clone();
+            let h = std::thread::Builder::new()
+                .name(format!("apf-worker-{i}"))
+                .spawn(move || resolve::worker(&shared, &rx))
+                .map_err(EngineError::Io)?;
+            workers.push(h);
+        }
+        let event_loop = event_loop::spawn(shared.clone(), job_tx.clone(), stop.try_clone().map_err(EngineError::Io)?)?;
+        Ok(Engine {
+            shared,
+            stop,
+            event_loop: Some(event_loop),
+            workers,
+            jobs: Some(job_tx),
+            errors: err_rx,
+            replays: Mutex::new(Vec::new()),
+            shut_down: false,
+        })
+    }
+
+    /// The engine's counters.
+    pub fn stats(&self) -> StatsSnapshot {
+        self.shared.stats.snapshot()
+    }
+
+    /// Failures reported while running (bounded; see
+    /// [`StatsSnapshot::errors_dropped`]).
+    pub fn errors(&self) -> &Receiver<FaultError> {
+        &self.errors
+    }
+
+    /// The guest RAM this engine serves.
+    pub fn ram(&self) -> &Arc<GuestRam> {
+        &self.shared.ram
+    }
+
+    /// The eviction store pages are restored from.
+    pub fn store(&self) -> &Arc<EvictionStore> {
+        &self.shared.store
+    }
+
+    /// The negotiated userfaultfd features.
+    pub fn features(&self) -> Features {
+        self.shared.uffd.features()
+    }
+
+    /// The pages faulted so far, in order (empty unless recording).
+    pub fn working_set(&self) -> WorkingSet {
+        let pages = self
+            .shared
+            .working_set
+            .as_ref()
+            .map(|ws| ws.lock().unwrap_or_else(|e| e.into_inner()).clone())
+            .unwrap_or_default();
+        WorkingSet { pages }
+    }
+
+    /// Installs every still-missing page of `range` now, on the calling
+    /// thread, in windows of at most `max_window` pages. Returns the pages
+    /// this call installed. Pages other resolvers hold are left to them.
+    pub fn prefetch(&self, range: GuestRange) -> Result<u64, EngineError> {
+        if self.shut_down || self.shared.stopping.load(Ordering::Acquire) {
+            return Err(EngineError::Stopped);
+        }
+        let (loc, count) = self.shared.ram.check_range(range)?;
+        Ok(resolve::prefetch_pages(&self.shared, (loc.page..loc.page + count).map(|p| (loc.region, p))))
+    }
+
+    /// Replays a recorded working set as prefetch on a background thread,
+    /// in recorded order; pages outside RAM are skipped. The thread stops
+    /// early when the engine shuts down.
+    pub fn replay(&self, ws: &WorkingSet) -> Result<(), EngineError> {
+        if self.shut_down || self.shared.stopping.load(Ordering::Acquire) {
+            return Err(EngineError::Stopped);
+        }
+        let shared = self.shared.clone();
+        let pages = ws.pages.clone();
+        let h = std::thread::Builder::new()
+            .name("apf-replay".into())
+            .spawn(move || {
+                let locs = pages.iter().filter_map(|&gpa| shared.ram.locate(GuestAddress(gpa)).ok());
+                let locs = locs.map(|l| (l.region, l.page));
+                resolve::prefetch_pages(&shared, locs);
+            })
+            .map_err(EngineError::Io)?;
+        self.replays.lock().unwrap_or_else(|e| e.into_inner()).push(h);
+        Ok(())
+    }
+
+    /// Stops the engine; see the module docs. Threads touching guest RAM
+    /// must be stopped first: any still blocked on a missing page gets
+    /// SIGBUS when that page is poisoned.
+    pub fn shutdown(mut self) -> ShutdownReport {
+        self.stop_all()
+    }
+
+    fn stop_all(&mut self) -> ShutdownReport {
+        if self.shut_down {
+            return ShutdownReport::default();
+        }
+        self.shut_down = true;
+        self.shared.stopping.store(true, Ordering::Release);
+        let _ = self.stop.write(1);
+        if let Some(h) = self.event_loop.take() {
+            let _ = h.join();
+        }
+        // Workers drain the queue (each job is bounded by retries and the
+        // install deadline) and exit when the channel closes.
+        self.jobs = None;
+        for h in self.workers.drain(..) {
+            let _ = h.join();
+        }
+        for h in self.replays.lock().unwrap_or_else(|e| e.into_inner()).drain(..) {
+            let _ = h.join();
+        }
+        let poisoned_pages = self.poison_missing();
+        for r in self.shared.ram.regions() {
+            let _ = self.shared.uffd.unregister(r.host_base(), r.len());
+        }
+        ShutdownReport { poisoned_pages }
+    }
+
+    /// Poisons every page not present, in runs; pages the kernel already has
+    /// (populated behind the engine's back) are skipped.
+    fn poison_missing(&self) -> u64 {
+        let uffd = &self.shared.uffd;
+        let mut poisoned = 0;
+        for r in self.shared.ram.regions() {
+            let mut page = 0;
+            while page < r.pages() {
+                let unresolved = |p: usize| matches!(r.state(p).0, PageState::Missing | PageState::Resolving);
+                if !unresolved(page) {
+                    page += 1;
+                    continue;
+                }
+                let start = page;
+                while page < r.pages() && unresolved(page) {
+                    page += 1;
+                }
+                let mut at = start;
+                while at < page {
+                    match uffd.poison(r.page_host(at), (page - at) * PAGE_SIZE) {
+                        Ok(n) => {
+                            poisoned += (n / PAGE_SIZE) as u64;
+                            at = page;
+                        }
+                        Err(e) => {
+                            poisoned += (e.done / PAGE_SIZE) as u64;
+                            // Skip the page that stopped it (present, most likely).
+                            at += e.done / PAGE_SIZE + 1;
+                        }
+                    }
+                }
+            }
+        }
+        poisoned
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        self.stop_all();
+    }
+}

@@ -1,0 +1,243 @@
+//! Prefetch: per-thread stream detection and recorded working sets.
+//!
+//! Like the kernel's readahead, per faulting thread: a fault where the last
+//! window ended (or one stride on from the last fault, twice in a row) is a
+//! stream, and its window doubles up to the configured maximum; anything else
+//! resets it to one page, so random access pays nothing for prefetch.
+
+use std::fs;
+use std::io;
+use std::path::Path;
+
+use thiserror::Error;
+
+/// Largest stride, in pages, that counts as a stream.
+const MAX_STRIDE: i64 = 64;
+/// Threads tracked at once; the least recently seen is replaced.
+const STREAMS: usize = 32;
+
+/// What to install for one fault: `count` pages starting at the faulting
+/// page and stepping by `stride` pages (negative for descending access).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Plan {
+    /// Step between pages, in pages (never 0).
+    pub stride: i64,
+    /// Number of pages, the faulting one included (at least 1).
+    pub count: usize,
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+struct Stream {
+    tid: u32,
+    last: i64,
+    expect: i64,
+    delta: i64,
+    window: usize,
+    stamp: u64,
+}
+
+/// Stream state for the threads seen most recently.
+#[derive(Debug)]
+pub struct StreamTable {
+    streams: [Stream; STREAMS],
+    clock: u64,
+    max_window: usize,
+}
+
+impl StreamTable {
+    /// A table that plans windows of at most `max_window` pages.
+    pub fn new(max_window: usize) -> Self {
+        StreamTable { streams: [Stream::default(); STREAMS], clock: 0, max_window: max_window.max(1) }
+    }
+
+    /// Plans the install for a fault by thread `tid` on page `page` (a
+    /// linear page number; callers clamp the plan to the region).
+    pub fn plan(&mut self, tid: u32, page: i64) -> Plan {
+        self.clock += 1;
+        let clock = self.clock;
+        let max = self.max_window;
+        let idx = match self.streams.iter().position(|s| s.stamp != 0 && s.tid == tid) {
+            Some(i) => i,
+            None => {
+                let i = (0..STREAMS).min_by_key(|&i| self.streams[i].stamp).unwrap_or(0);
+                self.streams[i] = Stream { tid, last: page, expect: i64::MIN, delta: 0, window: 0, stamp: clock };
+                self.streams[i].stamp = clock;
+                return self.finish(i, page, 1, 1);
+            }
+        };
+        let s = self.streams[idx];
+        let delta = page - s.last;
+        let stride = if s.delta != 0 { s.delta.signum() * s.delta.abs().min(MAX_STRIDE) } else { 1 };
+        if page == s.expect && s.window > 0 {
+            // The stream reached the end of its last window: grow.
+            let window = (s.window * 2).min(max);
+            self.finish(idx, page, stride, window)
+        } else if delta != 0 && delta == s.delta && delta.abs() <= MAX_STRIDE {
+            // The same step twice: a (strided) stream starts.
+            self.finish(idx, page, delta, 2.min(max))
+        } else {
+            self.streams[idx].delta = delta;
+            self.finish(idx, page, 1, 1)
+        }
+    }
+
+    fn finish(&mut self, idx: usize, page: i64, stride: i64, count: usize) -> Plan {
+        let s = &mut self.streams[idx];
+        s.stamp = self.clock;
+        s.window = count;
+        if count > 1 {
+            s.delta = stride;
+            s.last = page + stride * (count as i64 - 1);
+            s.expect = page + stride * count as i64;
+        } else {
+            s.last = page;
+            s.expect = i64::MIN;
+        }
+        Plan { stride, count }
+    }
+
+    /// Tells the table the plan was cut short to `installed` pages (region
+    /// edge, or pages already present), so the next fault is still seen as
+    /// the stream's continuation.
+    pub fn trim(&mut self, tid: u32, page: i64, stride: i64, installed: usize) {
+        if let Some(s) = self.streams.iter_mut().find(|s| s.stamp != 0 && s.tid == tid) {
+            if installed >= 1 {
+                s.window = installed;
+                s.last = page + stride * (installed as i64 - 1);
+                s.expect = page + stride * installed as i64;
+            }
+        }
+    }
+}
+
+/// Errors reading or writing a working-set file.
+#[derive(Debug, Error)]
+pub enum WorkingSetError {
+    /// The file could not be read or written.
+    #[error("working-set file I/O failed")]
+    Io(#[from] io::Error),
+    /// The file is not a working set.
+    #[error("not a working-set file (bad magic or length)")]
+    Format,
+}
+
+const WS_MAGIC: &[u8; 8] = b"APFWSET1";
+
+/// The guest pages one run faulted, in the order it faulted them. Replayed
+/// by the next run as prefetch ([`crate::fault::Engine::replay`]), so a
+/// restore installs the pages the guest will want before it asks.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct WorkingSet {
+    /// Page-aligned guest addresses.
+    pub pages: Vec<u64>,
+}
+
+impl WorkingSet {
+    /// Writes the set: an 8-byte magic, then little-endian u64 addresses.
+    pub fn save(&self, path: impl AsRef<Path>) -> Result<(), WorkingSetError> {
+        let mut bytes = Vec::with_capacity(8 + 8 * self.pages.len());
+        bytes.extend_from_slice(WS_MAGIC);
+        for p in &self.pages {
+            bytes.extend_from_slice(&p.to_le_bytes());
+        }
+        fs::write(path, bytes)?;
+        Ok(())
+    }
+
+    /// Reads a set written by [`Self::save`].
+    pub fn load(path: impl AsRef<Path>) -> Result<Self, WorkingSetError> {
+        let bytes = fs::read(path)?;
+        if bytes.len() < 8 || &bytes[..8] != WS_MAGIC || (bytes.len() - 8) % 8 != 0 {
+            return Err(WorkingSetError::Format);
+        }
+        let pages = bytes[8..].chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().unwrap_or([0; 8]))).collect();
+        Ok(WorkingSet { pages })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sequential_stream_window_doubles_to_max() {
+        let mut t = StreamTable::new(16);
+        let mut page = 100;
+        let mut windows = vec![];
+        for _ in 0..7 {
+            let plan = t.plan(1, page);
+            assert_eq!(plan.stride, 1);
+            windows.push(plan.count);
+            page += plan.count as i64;
+        }
+        assert_eq!(windows, [1, 1, 2, 4, 8, 16, 16]);
+    }
+
+    #[test]
+    fn random_access_gets_single_pages() {
+        let mut t = StreamTable::new(64);
+        for page in [5, 900, 17, 4000, 33, 2] {
+            assert_eq!(t.plan(7, page).count, 1);
+        }
+    }
+
+    #[test]
+    fn strided_and_descending_streams_are_detected() {
+        let mut t = StreamTable::new(8);
+        assert_eq!(t.plan(1, 0).count, 1);
+        assert_eq!(t.plan(1, 4).count, 1);
+        let p = t.plan(1, 8);
+        assert_eq!((p.stride, p.count), (4, 2));
+        // The next fault lands one stride after the window.
+        let p = t.plan(1, 16);
+        assert_eq!((p.stride, p.count), (4, 4));
+
+        let mut t = StreamTable::new(8);
+        t.plan(2, 50);
+        t.plan(2, 49);
+        let p = t.plan(2, 48);
+        assert_eq!((p.stride, p.count), (-1, 2));
+        assert_eq!(t.plan(2, 46).count, 4);
+    }
+
+    #[test]
+    fn threads_are_tracked_apart() {
+        let mut t = StreamTable::new(8);
+        // Thread 1 reads sequentially, thread 2 with a stride of 3 pages;
+        // their faults interleave.
+        for (a, b) in [(0, 1000), (1, 1003)] {
+            assert_eq!(t.plan(1, a).count, 1);
+            assert_eq!(t.plan(2, b).count, 1);
+        }
+        assert_eq!(t.plan(1, 2), Plan { stride: 1, count: 2 });
+        assert_eq!(t.plan(2, 1006), Plan { stride: 3, count: 2 });
+        assert_eq!(t.plan(1, 4), Plan { stride: 1, count: 4 });
+        assert_eq!(t.plan(2, 1012), Plan { stride: 3, count: 4 });
+    }
+
+    #[test]
+    fn trim_keeps_the_stream_after_a_short_window() {
+        let mut t = StreamTable::new(8);
+        t.plan(1, 0);
+        t.plan(1, 1);
+        assert_eq!(t.plan(1, 2).count, 2);
+        // Only page 2 could be installed; the thread faults on page 3 next.
+        t.trim(1, 2, 1, 1);
+        assert_eq!(t.plan(1, 3), Plan { stride: 1, count: 2 });
+    }
+
+    #[test]
+    fn working_set_round_trip_and_bad_files() {
+        let dir = std::env::temp_dir().join(format!("apf-ws-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("ws");
+        let ws = WorkingSet { pages: vec![0x1000, 0x5000, 0x2000] };
+        ws.save(&path).unwrap();
+        assert_eq!(WorkingSet::load(&path).unwrap(), ws);
+        fs::write(&path, b"APFWSET1\x01\x02").unwrap();
+        assert!(matches!(WorkingSet::load(&path), Err(WorkingSetError::Format)));
+        fs::write(&path, b"garbage!").unwrap();
+        assert!(matches!(WorkingSet::load(&path), Err(WorkingSetError::Format)));
+        fs::remove_dir_all(&dir).unwrap();
+    }
+}

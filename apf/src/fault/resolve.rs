@@ -1,0 +1,447 @@
+//! Resolving one claimed window: fill from its origin, check the
+//! invalidation sequence under the install lock, install, and follow the
+//! kernel's return conventions.
+//!
+//! - A COPY that meets a present page part-way returns the bytes it did
+//!   (as `EAGAIN` with progress): install the rest from where it stopped.
+//! - `EEXIST` with nothing done: the page is present (someone else put it
+//!   there). Mark it, WAKE it ourselves (nobody else will), skip it.
+//! - `EAGAIN` with nothing done: a remove event is pending. The event loop
+//!   must read it first, so the event loop hands such jobs to a worker, and
+//!   workers retry after a short sleep, up to the install deadline.
+
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::Receiver;
+use tracing::field;
+
+use super::{FaultError, Job, Shared};
+use crate::ram::{GuestRange, Origin, Region};
+use crate::uffd::PAGE_SIZE;
+
+/// Per-thread scratch: the fill buffer is reused across jobs.
+pub(crate) struct Ctx {
+    pub on_loop: bool,
+    buf: Vec<u8>,
+}
+
+impl Ctx {
+    pub fn new(on_loop: bool, max_window: usize) -> Self {
+        Ctx { on_loop, buf: vec![0; max_window * PAGE_SIZE] }
+    }
+}
+
+/// Where a piece of a window comes from at install time.
+#[derive(Clone, Copy)]
+enum Src {
+    /// Copy from this address (resident source, fill buffer or zeros).
+    Copy(*const u8),
+    /// Map the zero page (read faults on zero pages).
+    ZeroPage,
+}
+
+/// A same-origin piece of a run.
+struct Piece {
+    first: usize,
+    count: usize,
+    src: Src,
+}
+
+enum InstallError {
+    /// The address space is changing; these runs are still claimed.
+    Again(Vec<(usize, usize)>),
+    /// The resident source could not be read by the kernel (`EFAULT`).
+    SourceFault(Vec<(usize, usize)>),
+    /// Anything else; the pages of the failed piece onward were released.
+    Fatal,
+}
+
+/// The worker loop: resolve jobs until the channel closes.
+pub(crate) fn worker(shared: &Shared, rx: &Receiver<Job>) {
+    let mut ctx = Ctx::new(false, shared.config.max_window);
+    for job in rx.iter() {
+        let left = resolve(shared, job, &mut ctx);
+        debug_assert!(left.is_none(), "workers finish their jobs");
+        if let Some(job) = left {
+            shared.release_runs(job.region, &job.runs);
+        }
+        if shared.parked_waiting.load(std::sync::atomic::Ordering::SeqCst) {
+            let _ = shared.kick.write(1);
+        }
+    }
+}
+
+/// Resolves `job`. Returns it back when it must continue elsewhere (only on
+/// the event-loop thread: a fill that needs a retry with back-off, or an
+/// install refused with `EAGAIN`); workers always finish their jobs.
+pub(crate) fn resolve(shared: &Shared, job: Job, ctx: &mut Ctx) -> Option<Job> {
+    resolve_counting(shared, job, ctx).0
+}
+
+/// [`resolve`], also returning the bytes this call installed.
+fn resolve_counting(shared: &Shared, mut job: Job, ctx: &mut Ctx) -> (Option<Job>, usize) {
+    let span = job.span.clone();
+    let _entered = span.enter();
+    let region = &shared.ram.regions()[job.region];
+    let started = Instant::now();
+    let mut bytes = 0usize;
+    loop {
+        if job.runs.is_empty() {
+            span.record("bytes", bytes);
+            span.record("outcome", "installed");
+            return (None, bytes);
+        }
+        let wait_until = if ctx.on_loop { Instant::now() } else { Instant::now() + shared.config.install_deadline };
+        let Some(seq) = shared.notifier.read_begin(job_range(region, &job.runs), wait_until) else {
+            if ctx.on_loop {
+                return (Some(job), bytes);
+            }
+            // An invalidation overlapping this window did not end in time.
+            shared.release_runs(job.region, &job.runs);
+            span.record("outcome", "invalidation-timeout");
+            return (None, bytes);
+        };
+
+        let pieces = match fill(shared, region, &job, ctx) {
+            Ok(pieces) => pieces,
+            Err((gpa, error)) => {
+                job.attempts += 1;
+                match on_fill_error(shared, region, &mut job, ctx, gpa, error) {
+                    FillNext::Retry => continue,
+                    FillNext::Defer => return (Some(job), bytes),
+                    FillNext::Done => return (None, bytes),
+                }
+            }
+        };
+
+        let install_span = tracing::trace_span!(target: "apf", "apf.install", pages = field::Empty);
+        let guard = shared.notifier.install_lock();
+        if shared.notifier.read_retry(seq) {
+            drop(guard);
+            shared.stats.stale.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            continue;
+        }
+        let result = install_pieces(shared, job.region, &pieces, &mut bytes);
+        drop(guard);
+        install_span.record("pages", bytes / PAGE_SIZE);
+        drop(install_span);
+        match result {
+            Ok(()) => {
+                discard_restored(shared, region, &job.runs);
+                job.runs.clear();
+            }
+            Err(InstallError::Again(rest)) => {
+                shared.stats.eagain.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                job.runs = rest;
+                if ctx.on_loop {
+                    return (Some(job), bytes);
+                }
+                if started.elapsed() > shared.config.install_deadline {
+                    shared.release_runs(job.region, &job.runs);
+                    span.record("outcome", "eagain-timeout");
+                    return (None, bytes);
+                }
+                std::thread::sleep(Duration::from_micros(50));
+            }
+            Err(InstallError::SourceFault(rest)) => {
+                job.runs = rest;
+                job.attempts += 1;
+                let gpa = region.page_gpa(job.runs[0].0).0;
+                let error = crate::source::SourceError::Io {
+                    gpa,
+                    len: PAGE_SIZE,
+                    source: std::io::Error::from_raw_os_error(libc::EFAULT),
+                };
+                match on_fill_error(shared, region, &mut job, ctx, gpa, error) {
+                    FillNext::Retry => continue,
+                    FillNext::Defer => return (Some(job), bytes),
+                    FillNext::Done => return (None, bytes),
+                }
+            }
+            Err(InstallError::Fatal) => {
+                span.record("outcome", "install-failed");
+                return (None, bytes);
+            }
+        }
+    }
+}
+
+enum FillNext {
+    Retry,
+    Defer,
+    Done,
+}
+
+/// Bounded retries with back-off, then poison. A multi-page window shrinks
+/// to the faulting page at the first failure: prefetched pages are given
+/// back (their own faults will retry them), so only what was asked for is
+/// ever poisoned.
+fn on_fill_error(
+    shared: &Shared,
+    region: &Region,
+    job: &mut Job,
+    ctx: &Ctx,
+    gpa: u64,
+    error: crate::source::SourceError,
+) -> FillNext {
+    use std::sync::atomic::Ordering::Relaxed;
+    if job.attempts <= shared.config.fill_retries {
+        shared.stats.fill_retries.fetch_add(1, Relaxed);
+        shrink_to_fault(shared, job);
+        if job.runs.is_empty() {
+            return FillNext::Done;
+        }
+        if ctx.on_loop {
+            return FillNext::Defer;
+        }
+        let backoff = shared.config.retry_backoff * (1 << (job.attempts - 1).min(10));
+        std::thread::sleep(backoff);
+        return FillNext::Retry;
+    }
+    job.span.record("outcome", "source-failed");
+    let Some(fault) = job.fault else {
+        // Nobody asked for these pages: give them back unpoisoned.
+        shared.release_runs(job.region, &job.runs);
+        job.runs.clear();
+        shared.report(FaultError::SourceFailed { gpa, attempts: job.attempts, poisoned: false, error });
+        return FillNext::Done;
+    };
+    shrink_to_fault(shared, job);
+    // Report before poisoning: the poison wakes the faulting thread with
+    // SIGBUS, and whoever handles that should find the reason already sent.
+    let page_gpa = region.page_gpa(fault.page).0;
+    shared.report(FaultError::SourceFailed { gpa: page_gpa, attempts: job.attempts, poisoned: true, error });
+    let guard = shared.notifier.install_lock();
+    let host = region.page_host(fault.page);
+    match shared.uffd.poison(host, PAGE_SIZE) {
+        Ok(_) => {
+            region.poison(fault.page);
+            shared.stats.poisoned.fetch_add(1, Relaxed);
+        }
+        Err(e) if e.errno == libc::EEXIST => {
+            region.complete(fault.page);
+            let _ = shared.uffd.wake(host, PAGE_SIZE);
+        }
+        Err(e) => {
+            drop(guard);
+            shared.release_runs(job.region, &job.runs);
+            shared.report(FaultError::Install { gpa: page_gpa, error: e });
+            job.runs.clear();
+            return FillNext::Done;
+        }
+    }
+    drop(guard);
+    job.runs.clear();
+    FillNext::Done
+}
+
+/// Keeps only the faulting page claimed; releases (and wakes) the rest.
+fn shrink_to_fault(shared: &Shared, job: &mut Job) {
+    let Some(fault) = job.fault else { return };
+    let mut others = Vec::new();
+    let mut keep = false;
+    for &(first, count) in &job.runs {
+        if (first..first + count).contains(&fault.page) {
+            keep = true;
+            if fault.page > first {
+                others.push((first, fault.page - first));
+            }
+            if first + count > fault.page + 1 {
+                others.push((fault.page + 1, first + count - fault.page - 1));
+            }
+        } else {
+            others.push((first, count));
+        }
+    }
+    if !others.is_empty() {
+        shared.release_runs(job.region, &others);
+    }
+    job.runs = if keep { vec![(fault.page, 1)] } else { Vec::new() };
+}
+
+fn job_range(region: &Region, runs: &[(usize, usize)]) -> GuestRange {
+    let lo = runs.iter().map(|r| r.0).min().unwrap_or(0);
+    let hi = runs.iter().map(|r| r.0 + r.1).max().unwrap_or(lo);
+    GuestRange::new(region.page_gpa(lo), ((hi - lo) * PAGE_SIZE) as u64)
+}
+
+/// Fills the window into pieces of one origin each. Resident source pages
+/// are not copied; other pages go into `ctx.buf`.
+fn fill(shared: &Shared, region: &Region, job: &Job, ctx: &mut Ctx) -> Result<Vec<Piece>, (u64, crate::source::SourceError)> {
+    let _span = tracing::trace_span!(target: "apf", "apf.fill").entered();
+    let write = job.fault.is_some_and(|f| f.write);
+    let zero_source = shared.source.kind() == crate::source::SourceKind::Zero;
+    let mut pieces = Vec::with_capacity(job.runs.len());
+    let mut buf_off = 0;
+    let total: usize = job.runs.iter().map(|r| r.1).sum();
+    if ctx.buf.len() < total * PAGE_SIZE {
+        ctx.buf.resize(total * PAGE_SIZE, 0);
+    }
+    for &(first, count) in &job.runs {
+        let mut p = first;
+        while p < first + count {
+            let origin = region.claimed_origin(p);
+            let mut end = p + 1;
+            while end < first + count && region.claimed_origin(end) == origin {
+                end += 1;
+            }
+            let n = end - p;
+            let gpa = region.page_gpa(p);
+            let len = n * PAGE_SIZE;
+            let is_zero = origin == Origin::Zero || (origin == Origin::Source && zero_source);
+            let src = if is_zero {
+                if write { Src::Copy(shared.zeros.as_ptr()) } else { Src::ZeroPage }
+            } else if let Some(resident) = (origin == Origin::Source && job.attempts == 0)
+                .then(|| shared.source.resident(gpa, len))
+                .flatten()
+            {
+                // After a failure, go through `fill`, whose errors say why.
+                Src::Copy(resident)
+            } else {
+                let dst = &mut ctx.buf[buf_off..buf_off + len];
+                let res = match origin {
+                    Origin::Store => shared.store_fill(gpa, dst),
+                    _ => shared.source.fill(gpa, dst),
+                };
+                res.map_err(|e| (gpa.0, e))?;
+                let src = Src::Copy(dst.as_ptr());
+                buf_off += len;
+                src
+            };
+            pieces.push(Piece { first: p, count: n, src });
+            p = end;
+        }
+    }
+    Ok(pieces)
+}
+
+impl Shared {
+    fn store_fill(&self, gpa: crate::ram::GuestAddress, dst: &mut [u8]) -> Result<(), crate::source::SourceError> {
+        use crate::source::PageSource;
+        self.store.fill(gpa, dst)
+    }
+}
+
+/// Drops restored pages from the eviction store.
+fn discard_restored(shared: &Shared, region: &Region, runs: &[(usize, usize)]) {
+    if shared.store.is_empty() {
+        return;
+    }
+    for &(first, count) in runs {
+        shared.store.discard(region.page_gpa(first), count * PAGE_SIZE);
+    }
+}
+
+/// Installs the pieces in order. Pages are marked `Present` as the kernel
+/// confirms them.
+fn install_pieces(shared: &Shared, region_idx: usize, pieces: &[Piece], bytes: &mut usize) -> Result<(), InstallError> {
+    use std::sync::atomic::Ordering::Relaxed;
+    let region = &shared.ram.regions()[region_idx];
+    let stats = &shared.stats;
+    for (i, piece) in pieces.iter().enumerate() {
+        let mut off = 0;
+        while off < piece.count {
+            let page = piece.first + off;
+            let dst = region.page_host(page);
+            let len = (piece.count - off) * PAGE_SIZE;
+            let res = match piece.src {
+                Src::Copy(src) => shared.uffd.copy(dst, src.wrapping_add(off * PAGE_SIZE), len, false),
+                Src::ZeroPage => shared.uffd.zeropage(dst, len, false),
+            };
+            let (done, err) = match res {
+                Ok(n) => (n.min(len) / PAGE_SIZE, None),
+                Err(e) => (e.done / PAGE_SIZE, Some(e)),
+            };
+            for p in page..page + done {
+                region.complete(p);
+            }
+            if done > 0 {
+                stats.windows.fetch_add(u64::from(off == 0), Relaxed);
+                stats.pages_installed.fetch_add(done as u64, Relaxed);
+                stats.bytes_installed.fetch_add((done * PAGE_SIZE) as u64, Relaxed);
+                if matches!(piece.src, Src::ZeroPage) {
+                    stats.zero_pages.fetch_add(done as u64, Relaxed);
+                }
+                *bytes += done * PAGE_SIZE;
+            }
+            off += done;
+            let Some(e) = err else { continue };
+            if done > 0 {
+                // Partial progress: try again from where it stopped to learn
+                // why (EEXIST on the next page, or EAGAIN).
+                continue;
+            }
+            match e.errno {
+                libc::EEXIST => {
+                    // Present already: installed behind our back. Nobody
+                    // else will wake its waiters.
+                    stats.eexist.fetch_add(1, Relaxed);
+                    region.complete(page);
+                    let _ = shared.uffd.wake(dst, PAGE_SIZE);
+                    off += 1;
+                }
+                libc::EAGAIN => return Err(InstallError::Again(remaining(pieces, i, off))),
+                libc::EFAULT if matches!(piece.src, Src::Copy(_)) => {
+                    return Err(InstallError::SourceFault(remaining(pieces, i, off)));
+                }
+                _ => {
+                    let rest = remaining(pieces, i, off);
+                    shared.release_runs(region_idx, &rest);
+                    shared.report(FaultError::Install { gpa: region.page_gpa(page).0, error: e });
+                    return Err(InstallError::Fatal);
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The still-claimed runs from piece `i`, page offset `off`, onward.
+fn remaining(pieces: &[Piece], i: usize, off: usize) -> Vec<(usize, usize)> {
+    let mut rest = vec![(pieces[i].first + off, pieces[i].count - off)];
+    rest.extend(pieces[i + 1..].iter().map(|p| (p.first, p.count)));
+    rest.retain(|r| r.1 > 0);
+    rest
+}
+
+/// Installs still-missing pages from `locs` (region, page) in windows of
+/// contiguous pages, on the calling thread. Returns the pages installed by
+/// this call.
+pub(crate) fn prefetch_pages(shared: &Shared, locs: impl Iterator<Item = (usize, usize)>) -> u64 {
+    use std::sync::atomic::Ordering;
+    let mut ctx = Ctx::new(false, shared.config.max_window);
+    let max = shared.config.max_window;
+    let mut installed = 0u64;
+    let mut run: Option<(usize, usize, usize)> = None; // region, first, count
+    let mut flush = |run: &mut Option<(usize, usize, usize)>, ctx: &mut Ctx| {
+        if let Some((region, first, count)) = run.take() {
+            let span = tracing::trace_span!(target: "apf", "apf.prefetch", pages = count, bytes = field::Empty, outcome = field::Empty);
+            let job = Job { region, fault: None, runs: vec![(first, count)], span, attempts: 0 };
+            let (left, bytes) = resolve_counting(shared, job, ctx);
+            debug_assert!(left.is_none(), "off the event loop, jobs finish");
+            if let Some(job) = left {
+                shared.release_runs(job.region, &job.runs);
+            }
+            installed += (bytes / PAGE_SIZE) as u64;
+        }
+    };
+    for (region, page) in locs {
+        if shared.stopping.load(Ordering::Acquire) {
+            break;
+        }
+        let extends = matches!(run, Some((r, first, count)) if r == region && first + count == page && count < max);
+        if !extends {
+            flush(&mut run, &mut ctx);
+        }
+        if shared.ram.regions()[region].try_claim(page).is_none() {
+            flush(&mut run, &mut ctx);
+            continue;
+        }
+        match &mut run {
+            Some((_, _, count)) => *count += 1,
+            None => run = Some((region, page, 1)),
+        }
+    }
+    flush(&mut run, &mut ctx);
+    installed
+}

@@ -1,0 +1,575 @@
+//! Guest RAM: regions of guest-physical memory backed by host mappings, the
+//! bounds-checked translation between the two, and one state byte per page.
+//!
+//! The backing store is a rust-vmm [`GuestMemoryMmap`], so a VMM that already
+//! keeps its memory that way hands it over with [`GuestRam::from_guest_memory`]
+//! and keeps using it, or takes apf's with [`GuestRam::guest_memory`].
+//! Every page moves through `Missing -> Resolving -> Present` (and, for
+//! offlining, `Invalidating`, `Offline`, `Poisoned`) only through methods here.
+
+use std::fmt;
+use std::sync::atomic::{AtomicU8, Ordering};
+
+use thiserror::Error;
+use vm_memory::mmap::MmapRegion;
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion, GuestRegionMmap};
+
+pub use vm_memory::{GuestAddress, GuestMemoryMmap};
+
+use crate::uffd::PAGE_SIZE;
+
+const PAGE: u64 = PAGE_SIZE as u64;
+
+/// Errors from guest RAM set-up and translation.
+#[derive(Debug, Error)]
+pub enum RamError {
+    /// The address is in no region.
+    #[error("guest address {0:#x} is outside guest RAM")]
+    OutOfRange(u64),
+    /// The range is not entirely inside one region.
+    #[error("guest range {0} is not inside one RAM region")]
+    RangeOutOfBounds(GuestRange),
+    /// The range's start or length is not page-aligned.
+    #[error("guest range {0} is not page-aligned")]
+    Unaligned(GuestRange),
+    /// The range is empty.
+    #[error("guest range at {0:#x} is empty")]
+    Empty(u64),
+    /// A region's base or size is not page-aligned.
+    #[error("RAM region at {base:#x} of {size:#x} bytes is not page-aligned")]
+    UnalignedRegion {
+        /// Guest-physical base.
+        base: u64,
+        /// Size in bytes.
+        size: u64,
+    },
+    /// A region is not private anonymous memory.
+    #[error("RAM region at {0:#x} is not private anonymous memory (file and shared backings are not supported)")]
+    UnsupportedBacking(u64),
+    /// No regions were given.
+    #[error("guest RAM needs at least one region")]
+    NoRegions,
+    /// Allocating the host mappings failed.
+    #[error("cannot map guest RAM")]
+    Map(#[source] vm_memory::mmap::FromRangesError),
+    /// `madvise` on a region failed.
+    #[error("madvise on RAM region at {base:#x} failed")]
+    Madvise {
+        /// Guest-physical base of the region.
+        base: u64,
+        /// The kernel's error.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// A half-open range of guest-physical addresses `[start, start + len)`.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct GuestRange {
+    /// First address.
+    pub start: GuestAddress,
+    /// Length in bytes.
+    pub len: u64,
+}
+
+impl GuestRange {
+    /// A range of `len` bytes at `start`.
+    pub const fn new(start: GuestAddress, len: u64) -> Self {
+        GuestRange { start, len }
+    }
+
+    /// One past the last address (saturating).
+    pub fn end(&self) -> u64 {
+        self.start.0.saturating_add(self.len)
+    }
+
+    /// True if the two ranges share an address.
+    pub fn overlaps(&self, other: &GuestRange) -> bool {
+        self.start.0 < other.end() && other.start.0 < self.end()
+    }
+
+    /// True if start and length are page-aligned.
+    pub fn is_page_aligned(&self) -> bool {
+        self.start.0 % PAGE == 0 && self.len % PAGE == 0
+    }
+}
+
+impl fmt::Display for GuestRange {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "[{:#x}, {:#x})", self.start.0, self.end())
+    }
+}
+
+impl fmt::Debug for GuestRange {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "GuestRange{self}")
+    }
+}
+
+/// Where a page is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum PageState {
+    /// Not mapped; the next access faults.
+    Missing = 0,
+    /// Claimed by one resolver, which will install it (or release it).
+    Resolving = 1,
+    /// Installed.
+    Present = 2,
+    /// An invalidation (offline, migrate, evict) is taking it away.
+    Invalidating = 3,
+    /// Taken out of service; faults wait until it is brought back.
+    Offline = 4,
+    /// Its source failed for good; accesses get SIGBUS.
+    Poisoned = 5,
+}
+
+/// Where a missing page's contents come from when it is faulted in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Origin {
+    /// The engine's page source (snapshot file, zero, ...).
+    Source = 0,
+    /// Zeros: the page was removed (balloon `MADV_DONTNEED`) or unplugged.
+    Zero = 1,
+    /// The eviction store.
+    Store = 2,
+}
+
+const STATE_MASK: u8 = 0x0f;
+const ORIGIN_SHIFT: u8 = 4;
+
+fn pack(state: PageState, origin: Origin) -> u8 {
+    state as u8 | ((origin as u8) << ORIGIN_SHIFT)
+}
+
+fn unpack(byte: u8) -> (PageState, Origin) {
+    let state = match byte & STATE_MASK {
+        0 => PageState::Missing,
+        1 => PageState::Resolving,
+        2 => PageState::Present,
+        3 => PageState::Invalidating,
+        4 => PageState::Offline,
+        _ => PageState::Poisoned,
+    };
+    let origin = match byte >> ORIGIN_SHIFT {
+        0 => Origin::Source,
+        1 => Origin::Zero,
+        _ => Origin::Store,
+    };
+    (state, origin)
+}
+
+/// One region of guest RAM: a guest-physical range, its host mapping, and a
+/// state byte per page.
+pub struct Region {
+    base: GuestAddress,
+    len: u64,
+    host: u64,
+    states: Box<[AtomicU8]>,
+}
+
+impl fmt::Debug for Region {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Region")
+            .field("base", &format_args!("{:#x}", self.base.0))
+            .field("len", &format_args!("{:#x}", self.len))
+            .field("host", &format_args!("{:#x}", self.host))
+            .finish()
+    }
+}
+
+impl Region {
+    /// Guest-physical base address.
+    pub fn base(&self) -> GuestAddress {
+        self.base
+    }
+
+    /// Size in bytes.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// True for a zero-sized region (never constructed by [`GuestRam`]).
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Number of pages.
+    pub fn pages(&self) -> usize {
+        self.states.len()
+    }
+
+    /// Host address of the first byte.
+    pub fn host_base(&self) -> u64 {
+        self.host
+    }
+
+    /// Host address of page `page` (no bounds check beyond a debug assert;
+    /// page indices come from [`GuestRam::locate`]).
+    pub fn page_host(&self, page: usize) -> u64 {
+        debug_assert!(page < self.pages());
+        self.host + page as u64 * PAGE
+    }
+
+    /// Guest-physical address of page `page`.
+    pub fn page_gpa(&self, page: usize) -> GuestAddress {
+        GuestAddress(self.base.0 + page as u64 * PAGE)
+    }
+
+    /// State and origin of page `page`.
+    pub fn state(&self, page: usize) -> (PageState, Origin) {
+        unpack(self.states[page].load(Ordering::Acquire))
+    }
+
+    /// Claims a `Missing` page for resolution (`Missing -> Resolving`).
+    /// Returns the page's origin if this caller won the claim.
+    pub fn try_claim(&self, page: usize) -> Option<Origin> {
+        let cur = self.states[page].load(Ordering::Acquire);
+        let (state, origin) = unpack(cur);
+        if state != PageState::Missing {
+            return None;
+        }
+        self.states[page]
+            .compare_exchange(cur, pack(PageState::Resolving, origin), Ordering::AcqRel, Ordering::Acquire)
+            .ok()
+            .map(|_| origin)
+    }
+
+    /// Claims a page the engine believes `Present` but the kernel just
+    /// reported missing (`Present -> Resolving`, origin `Zero`). Only a
+    /// `MADV_DONTNEED` that zapped the page after its remove event was read
+    /// gets it there, and zeros are what such a page holds. If the fault was
+    /// stale and the page is really present, the install meets `EEXIST`.
+    pub fn try_reclaim_present(&self, page: usize) -> bool {
+        let cur = self.states[page].load(Ordering::Acquire);
+        if unpack(cur).0 != PageState::Present {
+            return false;
+        }
+        self.states[page]
+            .compare_exchange(cur, pack(PageState::Resolving, Origin::Zero), Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+    }
+
+    /// The origin of a page this caller holds in `Resolving` (it may change
+    /// under the caller when a remove event turns it into `Zero`).
+    pub fn claimed_origin(&self, page: usize) -> Origin {
+        unpack(self.states[page].load(Ordering::Acquire)).1
+    }
+
+    /// Finishes a claim: `Resolving -> Present`.
+    pub fn complete(&self, page: usize) {
+        self.transition(page, PageState::Resolving, PageState::Present);
+    }
+
+    /// Gives a claim back: `Resolving -> Missing`, origin kept.
+    pub fn release(&self, page: usize) {
+        self.transition(page, PageState::Resolving, PageState::Missing);
+    }
+
+    /// Marks a claimed page poisoned: `Resolving -> Poisoned`.
+    pub fn poison(&self, page: usize) {
+        self.transition(page, PageState::Resolving, PageState::Poisoned);
+    }
+
+    fn transition(&self, page: usize, from: PageState, to: PageState) {
+        let res = self.states[page].fetch_update(Ordering::AcqRel, Ordering::Acquire, |b| {
+            let (state, origin) = unpack(b);
+            (state == from).then(|| pack(to, origin))
+        });
+        debug_assert!(res.is_ok(), "page {page}: expected {from:?}, found {:?}", self.state(page));
+    }
+
+    /// A balloon-style removal: the page's contents are now zeros. A
+    /// `Resolving` page stays claimed but will be resolved as zeros by its
+    /// resolver (which must re-read [`Self::claimed_origin`] after it sees
+    /// the invalidation sequence move). Offline and invalidating pages keep
+    /// their state and take the `Zero` origin.
+    pub fn mark_removed(&self, page: usize) {
+        let _ = self.states[page].fetch_update(Ordering::AcqRel, Ordering::Acquire, |b| {
+            let (state, _) = unpack(b);
+            let state = match state {
+                PageState::Present | PageState::Poisoned => PageState::Missing,
+                other => other,
+            };
+            Some(pack(state, Origin::Zero))
+        });
+    }
+
+    /// Number of pages in each state, indexed by `PageState as usize`.
+    pub fn census(&self) -> [usize; 6] {
+        let mut counts = [0; 6];
+        for s in self.states.iter() {
+            counts[unpack(s.load(Ordering::Relaxed)).0 as usize] += 1;
+        }
+        counts
+    }
+}
+
+/// A page of guest RAM, located: region index and page index in it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PageLoc {
+    /// Index into [`GuestRam::regions`].
+    pub region: usize,
+    /// Page index inside the region.
+    pub page: usize,
+}
+
+/// Guest RAM: the regions, their host mappings and the page states.
+///
+/// ```
+/// use apf::ram::{GuestAddress, GuestRam};
+/// let ram = GuestRam::anonymous(&[(GuestAddress(0), 1 << 20), (GuestAddress(1 << 32), 1 << 20)])?;
+/// assert_eq!(ram.size(), 2 << 20);
+/// assert!(ram.locate(GuestAddress(1 << 31)).is_err()); // in the hole
+/// # Ok::<(), apf::ram::RamError>(())
+/// ```
+pub struct GuestRam {
+    mem: GuestMemoryMmap,
+    regions: Vec<Region>,
+}
+
+impl fmt::Debug for GuestRam {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("GuestRam").field("regions", &self.regions).finish()
+    }
+}
+
+impl GuestRam {
+    /// Maps fresh private anonymous memory for `ranges` (guest base, size),
+    /// sorted and non-overlapping, with transparent huge pages off.
+    pub fn anonymous(ranges: &[(GuestAddress, usize)]) -> Result<Self, RamError> {
+        if ranges.is_empty() {
+            return Err(RamError::NoRegions);
+        }
+        for &(base, size) in ranges {
+            if base.0 % PAGE != 0 || size as u64 % PAGE != 0 || size == 0 {
+                return Err(RamError::UnalignedRegion { base: base.0, size: size as u64 });
+            }
+        }
+        let mem = GuestMemoryMmap::from_ranges(ranges).map_err(RamError::Map)?;
+        Self::from_guest_memory(mem)
+    }
+
+    /// Takes over the regions of a VMM's existing guest memory. They must be
+    /// page-aligned private anonymous mappings; the VMM keeps using `mem`
+    /// (the handle is shared, not copied). Transparent huge pages are turned
+    /// off on them, as userfaultfd resolves 4 KiB pages.
+    pub fn from_guest_memory(mem: GuestMemoryMmap) -> Result<Self, RamError> {
+        let mut regions = Vec::with_capacity(mem.num_regions());
+        for r in mem.iter() {
+            let base = r.start_addr();
+            let len = r.len();
+            if base.0 % PAGE != 0 || len % PAGE != 0 || len == 0 {
+                return Err(RamError::UnalignedRegion { base: base.0, size: len });
+            }
+            if !is_private_anonymous(r) {
+                return Err(RamError::UnsupportedBacking(base.0));
+            }
+            let host = r.as_ptr() as u64;
+            no_huge_pages(host, len).map_err(|source| RamError::Madvise { base: base.0, source })?;
+            let pages = (len / PAGE) as usize;
+            let states = (0..pages).map(|_| AtomicU8::new(pack(PageState::Missing, Origin::Source))).collect();
+            regions.push(Region { base, len, host, states });
+        }
+        if regions.is_empty() {
+            return Err(RamError::NoRegions);
+        }
+        Ok(GuestRam { mem, regions })
+    }
+
+    /// The rust-vmm view of this memory, for device emulation and loaders.
+    /// Accesses through it to missing pages fault and are resolved by the
+    /// engine like any other access.
+    pub fn guest_memory(&self) -> &GuestMemoryMmap {
+        &self.mem
+    }
+
+    /// The regions, sorted by guest address.
+    pub fn regions(&self) -> &[Region] {
+        &self.regions
+    }
+
+    /// Total bytes of RAM.
+    pub fn size(&self) -> u64 {
+        self.regions.iter().map(|r| r.len).sum()
+    }
+
+    /// Total pages of RAM.
+    pub fn pages(&self) -> usize {
+        self.regions.iter().map(|r| r.pages()).sum()
+    }
+
+    /// The page holding `gpa`.
+    pub fn locate(&self, gpa: GuestAddress) -> Result<PageLoc, RamError> {
+        let idx = self.regions.partition_point(|r| r.base.0 + r.len <= gpa.0);
+        match self.regions.get(idx) {
+            Some(r) if r.base.0 <= gpa.0 => Ok(PageLoc { region: idx, page: ((gpa.0 - r.base.0) / PAGE) as usize }),
+            _ => Err(RamError::OutOfRange(gpa.0)),
+        }
+    }
+
+    /// The page mapped at host address `host`, if it is guest RAM.
+    pub fn locate_host(&self, host: u64) -> Option<PageLoc> {
+        self.regions.iter().enumerate().find_map(|(i, r)| {
+            (host >= r.host && host - r.host < r.len).then(|| PageLoc { region: i, page: ((host - r.host) / PAGE) as usize })
+        })
+    }
+
+    /// The region and first page of a page-aligned, non-empty range that
+    /// lies inside one region, plus its page count.
+    pub fn check_range(&self, range: GuestRange) -> Result<(PageLoc, usize), RamError> {
+        if range.len == 0 {
+            return Err(RamError::Empty(range.start.0));
+        }
+        if !range.is_page_aligned() {
+            return Err(RamError::Unaligned(range));
+        }
+        let loc = self.locate(range.start)?;
+        let r = &self.regions[loc.region];
+        if range.start.0.checked_add(range.len).is_none_or(|end| end > r.base.0 + r.len) {
+            return Err(RamError::RangeOutOfBounds(range));
+        }
+        Ok((loc, (range.len / PAGE) as usize))
+    }
+
+    /// Host address of `[gpa, gpa + len)`, which must lie inside one region
+    /// (any alignment). This is the only way from a guest address to a host
+    /// pointer: an address outside RAM is an error, never a pointer.
+    pub fn host_range(&self, gpa: GuestAddress, len: u64) -> Result<*mut u8, RamError> {
+        let loc = self.locate(gpa)?;
+        let r = &self.regions[loc.region];
+        let off = gpa.0 - r.base.0;
+        if off.checked_add(len).is_none_or(|end| end > r.len) {
+            return Err(RamError::RangeOutOfBounds(GuestRange::new(gpa, len)));
+        }
+        Ok((r.host + off) as *mut u8)
+    }
+
+    /// The region a located page is in.
+    pub fn region(&self, loc: PageLoc) -> &Region {
+        &self.regions[loc.region]
+    }
+
+    /// State and origin of a located page.
+    pub fn state(&self, loc: PageLoc) -> (PageState, Origin) {
+        self.regions[loc.region].state(loc.page)
+    }
+}
+
+// SAFETY: the host mappings are owned by `mem` (reference-counted, never
+// unmapped while `mem` lives) and only ever accessed through the kernel
+// (userfaultfd ioctls) or by callers who go through `host_range` and take
+// responsibility for the access; the page states are atomics.
+unsafe impl Send for GuestRam {}
+// SAFETY: see `Send`; no method hands out unsynchronised interior state.
+unsafe impl Sync for GuestRam {}
+
+fn is_private_anonymous(r: &GuestRegionMmap) -> bool {
+    let m: &MmapRegion = r;
+    m.file_offset().is_none() && m.flags() & libc::MAP_PRIVATE != 0 && m.flags() & libc::MAP_ANONYMOUS != 0
+}
+
+fn no_huge_pages(host: u64, len: u64) -> std::io::Result<()> {
+    // SAFETY: MADV_NOHUGEPAGE only changes the THP policy of a mapping this
+    // process owns (the region's); it neither frees nor moves memory.
+    let ret = unsafe { libc::madvise(host as *mut libc::c_void, len as usize, libc::MADV_NOHUGEPAGE) };
+    if ret < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn two_regions() -> GuestRam {
+        GuestRam::anonymous(&[(GuestAddress(0x1000), 4 * PAGE_SIZE), (GuestAddress(0x10_0000), 2 * PAGE_SIZE)]).unwrap()
+    }
+
+    #[test]
+    fn locate_finds_pages_and_rejects_holes() {
+        let ram = two_regions();
+        assert_eq!(ram.locate(GuestAddress(0x1000)).unwrap(), PageLoc { region: 0, page: 0 });
+        assert_eq!(ram.locate(GuestAddress(0x4fff)).unwrap(), PageLoc { region: 0, page: 3 });
+        assert_eq!(ram.locate(GuestAddress(0x10_1234)).unwrap(), PageLoc { region: 1, page: 1 });
+        for bad in [0, 0xfff, 0x5000, 0xf_ffff, 0x10_2000, u64::MAX] {
+            assert!(matches!(ram.locate(GuestAddress(bad)), Err(RamError::OutOfRange(a)) if a == bad), "{bad:#x}");
+        }
+    }
+
+    #[test]
+    fn host_range_is_bounds_checked() {
+        let ram = two_regions();
+        let base = ram.regions()[0].host_base();
+        assert_eq!(ram.host_range(GuestAddress(0x1000), 4 * PAGE).unwrap() as u64, base);
+        assert_eq!(ram.host_range(GuestAddress(0x1001), 10).unwrap() as u64, base + 1);
+        // Crossing the end of a region, or into the hole, is refused.
+        assert!(matches!(ram.host_range(GuestAddress(0x4000), PAGE + 1), Err(RamError::RangeOutOfBounds(_))));
+        assert!(ram.host_range(GuestAddress(0x5000), 1).is_err());
+        assert!(ram.host_range(GuestAddress(0x1000), u64::MAX).is_err());
+    }
+
+    #[test]
+    fn check_range_validates_alignment_and_extent() {
+        let ram = two_regions();
+        assert_eq!(ram.check_range(GuestRange::new(GuestAddress(0x2000), 2 * PAGE)).unwrap(), (PageLoc { region: 0, page: 1 }, 2));
+        assert!(matches!(ram.check_range(GuestRange::new(GuestAddress(0x2000), 0)), Err(RamError::Empty(_))));
+        assert!(matches!(ram.check_range(GuestRange::new(GuestAddress(0x2001), PAGE)), Err(RamError::Unaligned(_))));
+        assert!(matches!(ram.check_range(GuestRange::new(GuestAddress(0x4000), 2 * PAGE)), Err(RamError::RangeOutOfBounds(_))));
+        assert!(matches!(ram.check_range(GuestRange::new(GuestAddress(0x8000), PAGE)), Err(RamError::OutOfRange(_))));
+    }
+
+    #[test]
+    fn locate_host_maps_back() {
+        let ram = two_regions();
+        let r1 = &ram.regions()[1];
+        assert_eq!(ram.locate_host(r1.page_host(1) + 7), Some(PageLoc { region: 1, page: 1 }));
+        // One past region 1 is not region 1 (it may be another mapping).
+        assert_ne!(ram.locate_host(r1.host_base() + 2 * PAGE).map(|l| l.region), Some(1));
+        assert_eq!(ram.locate_host(8), None);
+    }
+
+    #[test]
+    fn page_state_transitions() {
+        let ram = two_regions();
+        let r = &ram.regions()[0];
+        assert_eq!(r.state(0), (PageState::Missing, Origin::Source));
+        assert_eq!(r.try_claim(0), Some(Origin::Source));
+        assert_eq!(r.try_claim(0), None, "a page is claimed once");
+        r.mark_removed(0);
+        assert_eq!(r.state(0), (PageState::Resolving, Origin::Zero), "removal keeps the claim");
+        r.complete(0);
+        assert_eq!(r.state(0).0, PageState::Present);
+        assert!(r.try_reclaim_present(0));
+        assert_eq!(r.state(0), (PageState::Resolving, Origin::Zero));
+        r.release(0);
+        assert_eq!(r.state(0), (PageState::Missing, Origin::Zero));
+        r.try_claim(0).unwrap();
+        r.poison(0);
+        assert_eq!(r.state(0).0, PageState::Poisoned);
+        r.mark_removed(0);
+        assert_eq!(r.state(0), (PageState::Missing, Origin::Zero));
+        assert_eq!(r.census(), [4, 0, 0, 0, 0, 0]);
+    }
+
+    #[test]
+    fn unaligned_regions_are_refused() {
+        assert!(matches!(GuestRam::anonymous(&[(GuestAddress(0x800), PAGE_SIZE)]), Err(RamError::UnalignedRegion { .. })));
+        assert!(matches!(GuestRam::anonymous(&[(GuestAddress(0), 100)]), Err(RamError::UnalignedRegion { .. })));
+        assert!(matches!(GuestRam::anonymous(&[]), Err(RamError::NoRegions)));
+    }
+
+    #[test]
+    fn shares_memory_with_vm_memory() {
+        use vm_memory::Bytes;
+        let ram = two_regions();
+        ram.guest_memory().write_obj(0xdead_beef_u32, GuestAddress(0x10_0010)).unwrap();
+        let p = ram.host_range(GuestAddress(0x10_0010), 4).unwrap();
+        // SAFETY: p points at 4 bytes inside region 1, which is mapped and
+        // was just written through vm-memory.
+        let v = unsafe { std::ptr::read_volatile(p as *const u32) };
+        assert_eq!(v, 0xdead_beef);
+    }
+}

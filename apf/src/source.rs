@@ -1,0 +1,427 @@
+//! Where page contents come from: zeros, a snapshot file, the eviction store.
+//!
+//! A [`PageSource`] fills whole pages for a guest range. Sources that keep
+//! their contents addressable in memory also expose them through
+//! [`PageSource::resident`], so the engine installs straight from them with
+//! one `UFFDIO_COPY` and no intermediate copy.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use thiserror::Error;
+
+use crate::ram::{GuestAddress, GuestRam, GuestRange};
+use crate::uffd::PAGE_SIZE;
+
+/// Errors from page sources.
+#[derive(Debug, Error)]
+pub enum SourceError {
+    /// Reading the backing store failed.
+    #[error("reading {len:#x} bytes for guest address {gpa:#x} failed")]
+    Io {
+        /// Guest address of the first byte asked for.
+        gpa: u64,
+        /// Bytes asked for.
+        len: usize,
+        /// The I/O error.
+        #[source]
+        source: io::Error,
+    },
+    /// The source has nothing for this range.
+    #[error("the page source does not cover guest range {0}")]
+    NotCovered(GuestRange),
+    /// Opening a snapshot file failed.
+    #[error("cannot open snapshot file {path}")]
+    Open {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        #[source]
+        source: io::Error,
+    },
+    /// The snapshot file is shorter than the regions it backs.
+    #[error("snapshot file {path} holds {actual} bytes but its layout needs {needed}")]
+    Truncated {
+        /// The file.
+        path: PathBuf,
+        /// Bytes the layout needs.
+        needed: u64,
+        /// Bytes the file has.
+        actual: u64,
+    },
+    /// A layout entry is not page-aligned or overlaps another.
+    #[error("snapshot layout entry {0} is not page-aligned or overlaps another entry")]
+    BadLayout(GuestRange),
+    /// Mapping the snapshot file failed.
+    #[error("cannot map snapshot file {path}")]
+    Map {
+        /// The file.
+        path: PathBuf,
+        /// The kernel's error.
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// How expensive a source is to read; the engine resolves cheap sources on
+/// its event-loop thread and hands the rest to its worker pool.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SourceKind {
+    /// Every page is zeros.
+    Zero,
+    /// Contents are in memory (or the page cache): a fill costs a memcpy.
+    Memory,
+    /// A fill may block for a long time (disk, network).
+    Blocking,
+}
+
+/// Where page contents come from.
+///
+/// `fill` is called with whole pages; it must fill all of `buf` or fail.
+/// It may be called concurrently from several threads, and again for the
+/// same range after a failure (the engine retries a bounded number of times
+/// before it poisons the page).
+pub trait PageSource: Send + Sync {
+    /// Fills `buf` with the contents of guest memory starting at `gpa`.
+    fn fill(&self, gpa: GuestAddress, buf: &mut [u8]) -> Result<(), SourceError>;
+
+    /// The contents of `[gpa, gpa + len)` in place, if the source keeps them
+    /// addressable: a pointer readable for `len` bytes for as long as the
+    /// source lives. The engine hands it straight to `UFFDIO_COPY`.
+    fn resident(&self, gpa: GuestAddress, len: usize) -> Option<*const u8> {
+        let _ = (gpa, len);
+        None
+    }
+
+    /// How expensive a fill is.
+    fn kind(&self) -> SourceKind;
+
+    /// A short name for traces and reports.
+    fn name(&self) -> &'static str;
+}
+
+/// Every page is zeros: fresh guest RAM.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct ZeroSource;
+
+impl PageSource for ZeroSource {
+    fn fill(&self, _gpa: GuestAddress, buf: &mut [u8]) -> Result<(), SourceError> {
+        buf.fill(0);
+        Ok(())
+    }
+
+    fn kind(&self) -> SourceKind {
+        SourceKind::Zero
+    }
+
+    fn name(&self) -> &'static str {
+        "zero"
+    }
+}
+
+/// A raw memory image: each guest range in the layout is stored at a file
+/// offset. The file is mapped read-only so that installs copy straight from
+/// the page cache; `fill` uses `pread`, so a file that shrinks under the
+/// engine gives an error, never a SIGBUS.
+#[derive(Debug)]
+pub struct SnapshotFile {
+    path: PathBuf,
+    file: File,
+    map: *const u8,
+    map_len: usize,
+    layout: Vec<(GuestRange, u64)>,
+}
+
+// SAFETY: `map` is a read-only shared mapping owned by this value and only
+// read through; the file handle is thread-safe.
+unsafe impl Send for SnapshotFile {}
+// SAFETY: see `Send`.
+unsafe impl Sync for SnapshotFile {}
+
+impl SnapshotFile {
+    /// Opens an image of `ram`: its regions stored back to back from offset
+    /// 0, in guest-address order.
+    pub fn open(path: impl AsRef<Path>, ram: &GuestRam) -> Result<Self, SourceError> {
+        let mut offset = 0;
+        let layout = ram
+            .regions()
+            .iter()
+            .map(|r| {
+                let entry = (GuestRange::new(r.base(), r.len()), offset);
+                offset += r.len();
+                entry
+            })
+            .collect();
+        Self::with_layout(path, layout)
+    }
+
+    /// Opens an image with an explicit layout: `(guest range, file offset)`.
+    /// Ranges and offsets must be page-aligned and ranges must not overlap.
+    /// A file shorter than the layout needs is refused here, not at fault
+    /// time.
+    pub fn with_layout(path: impl AsRef<Path>, layout: Vec<(GuestRange, u64)>) -> Result<Self, SourceError> {
+        let path = path.as_ref().to_path_buf();
+        for (i, (range, off)) in layout.iter().enumerate() {
+            let overlaps = layout[..i].iter().any(|(other, _)| other.overlaps(range));
+            if !range.is_page_aligned() || range.len == 0 || off % PAGE_SIZE as u64 != 0 || overlaps {
+                return Err(SourceError::BadLayout(*range));
+            }
+        }
+        let file = File::open(&path).map_err(|source| SourceError::Open { path: path.clone(), source })?;
+        let actual = file.metadata().map_err(|source| SourceError::Open { path: path.clone(), source })?.len();
+        let needed = layout.iter().map(|(r, off)| off + r.len).max().unwrap_or(0);
+        if actual < needed {
+            return Err(SourceError::Truncated { path, needed, actual });
+        }
+        let map_len = needed as usize;
+        let map = if map_len == 0 {
+            std::ptr::null()
+        } else {
+            use std::os::fd::AsRawFd;
+            // SAFETY: a fresh read-only shared mapping of a file we hold
+            // open; it aliases no Rust object. It is unmapped in Drop.
+            let p = unsafe {
+                libc::mmap(std::ptr::null_mut(), map_len, libc::PROT_READ, libc::MAP_SHARED, file.as_raw_fd(), 0)
+            };
+            if p == libc::MAP_FAILED {
+                return Err(SourceError::Map { path, source: io::Error::last_os_error() });
+            }
+            p as *const u8
+        };
+        Ok(SnapshotFile { path, file, map, map_len, layout })
+    }
+
+    /// The file's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn offset_of(&self, gpa: GuestAddress, len: usize) -> Option<u64> {
+        self.layout.iter().find_map(|(r, off)| {
+            let inside = gpa.0 >= r.start.0 && gpa.0.checked_add(len as u64).is_some_and(|end| end <= r.end());
+            inside.then(|| off + (gpa.0 - r.start.0))
+        })
+    }
+}
+
+impl PageSource for SnapshotFile {
+    fn fill(&self, gpa: GuestAddress, buf: &mut [u8]) -> Result<(), SourceError> {
+        let off = self
+            .offset_of(gpa, buf.len())
+            .ok_or(SourceError::NotCovered(GuestRange::new(gpa, buf.len() as u64)))?;
+        self.file
+            .read_exact_at(buf, off)
+            .map_err(|source| SourceError::Io { gpa: gpa.0, len: buf.len(), source })
+    }
+
+    fn resident(&self, gpa: GuestAddress, len: usize) -> Option<*const u8> {
+        let off = self.offset_of(gpa, len)?;
+        // The layout was checked against the mapping's length at open.
+        debug_assert!(off as usize + len <= self.map_len);
+        Some(self.map.wrapping_add(off as usize))
+    }
+
+    fn kind(&self) -> SourceKind {
+        SourceKind::Memory
+    }
+
+    fn name(&self) -> &'static str {
+        "snapshot"
+    }
+}
+
+impl Drop for SnapshotFile {
+    fn drop(&mut self) {
+        if !self.map.is_null() {
+            // SAFETY: `map` came from mmap with `map_len` and is unmapped
+            // once, here; no pointer from `resident` outlives the source
+            // (the engine keeps the source alive while it installs).
+            unsafe { libc::munmap(self.map as *mut libc::c_void, self.map_len) };
+        }
+    }
+}
+
+const STORE_SHARDS: usize = 64;
+
+/// Page contents taken out of guest RAM (evicted) and kept in host memory
+/// until the guest faults them back in. Sharded so concurrent evictions and
+/// restores rarely contend.
+#[derive(Debug)]
+pub struct EvictionStore {
+    shards: Vec<Mutex<HashMap<u64, Box<[u8]>>>>,
+}
+
+impl Default for EvictionStore {
+    fn default() -> Self {
+        EvictionStore { shards: (0..STORE_SHARDS).map(|_| Mutex::new(HashMap::new())).collect() }
+    }
+}
+
+impl EvictionStore {
+    /// An empty store.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn shard(&self, page_gpa: u64) -> std::sync::MutexGuard<'_, HashMap<u64, Box<[u8]>>> {
+        let idx = (page_gpa / PAGE_SIZE as u64) as usize % STORE_SHARDS;
+        self.shards[idx].lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Stores whole pages starting at page-aligned `gpa`.
+    pub fn insert(&self, gpa: GuestAddress, data: &[u8]) {
+        debug_assert!(gpa.0 % PAGE_SIZE as u64 == 0 && data.len() % PAGE_SIZE == 0);
+        for (i, page) in data.chunks_exact(PAGE_SIZE).enumerate() {
+            let key = gpa.0 + (i * PAGE_SIZE) as u64;
+            self.shard(key).insert(key, page.into());
+        }
+    }
+
+    /// Forgets the pages of `[gpa, gpa + len)` (after they were restored).
+    pub fn discard(&self, gpa: GuestAddress, len: usize) {
+        for key in (gpa.0..gpa.0 + len as u64).step_by(PAGE_SIZE) {
+            self.shard(key).remove(&key);
+        }
+    }
+
+    /// True if the page at `gpa` is stored.
+    pub fn contains(&self, gpa: GuestAddress) -> bool {
+        let key = gpa.0 & !(PAGE_SIZE as u64 - 1);
+        self.shard(key).contains_key(&key)
+    }
+
+    /// Number of pages stored.
+    pub fn len(&self) -> usize {
+        self.shards.iter().map(|s| s.lock().unwrap_or_else(|e| e.into_inner()).len()).sum()
+    }
+
+    /// True if nothing is stored.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl PageSource for EvictionStore {
+    fn fill(&self, gpa: GuestAddress, buf: &mut [u8]) -> Result<(), SourceError> {
+        for (i, page) in buf.chunks_exact_mut(PAGE_SIZE).enumerate() {
+            let key = gpa.0 + (i * PAGE_SIZE) as u64;
+            match self.shard(key).get(&key) {
+                Some(data) => page.copy_from_slice(data),
+                None => return Err(SourceError::NotCovered(GuestRange::new(GuestAddress(key), PAGE_SIZE as u64))),
+            }
+        }
+        Ok(())
+    }
+
+    fn kind(&self) -> SourceKind {
+        SourceKind::Memory
+    }
+
+    fn name(&self) -> &'static str {
+        "store"
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    fn temp_file(bytes: &[u8]) -> (tempdir::Dir, PathBuf) {
+        let dir = tempdir::Dir::new();
+        let path = dir.path().join("image");
+        File::create(&path).unwrap().write_all(bytes).unwrap();
+        (dir, path)
+    }
+
+    mod tempdir {
+        use std::path::{Path, PathBuf};
+        pub struct Dir(PathBuf);
+        impl Dir {
+            pub fn new() -> Self {
+                static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+                let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let p = std::env::temp_dir().join(format!("apf-source-{}-{n}", std::process::id()));
+                std::fs::create_dir_all(&p).unwrap();
+                Dir(p)
+            }
+            pub fn path(&self) -> &Path {
+                &self.0
+            }
+        }
+        impl Drop for Dir {
+            fn drop(&mut self) {
+                let _ = std::fs::remove_dir_all(&self.0);
+            }
+        }
+    }
+
+    #[test]
+    fn snapshot_fill_and_resident_agree() {
+        let bytes: Vec<u8> = (0..3 * PAGE_SIZE).map(|i| (i / 7) as u8).collect();
+        let (_d, path) = temp_file(&bytes);
+        let layout = vec![
+            (GuestRange::new(GuestAddress(0x10_0000), 2 * PAGE_SIZE as u64), 0),
+            (GuestRange::new(GuestAddress(0x40_0000), PAGE_SIZE as u64), 2 * PAGE_SIZE as u64),
+        ];
+        let snap = SnapshotFile::with_layout(&path, layout).unwrap();
+        let mut buf = vec![0; PAGE_SIZE];
+        snap.fill(GuestAddress(0x40_0000), &mut buf).unwrap();
+        assert_eq!(buf, bytes[2 * PAGE_SIZE..]);
+        let p = snap.resident(GuestAddress(0x10_1000), PAGE_SIZE).unwrap();
+        // SAFETY: `resident` promises PAGE_SIZE readable bytes while `snap` lives.
+        let resident = unsafe { std::slice::from_raw_parts(p, PAGE_SIZE) };
+        assert_eq!(resident, &bytes[PAGE_SIZE..2 * PAGE_SIZE]);
+        // Not covered: between the ranges, and running off the end of one.
+        assert!(matches!(snap.fill(GuestAddress(0x20_0000), &mut buf), Err(SourceError::NotCovered(_))));
+        let mut two = vec![0; 2 * PAGE_SIZE];
+        assert!(snap.fill(GuestAddress(0x10_1000), &mut two).is_err());
+        assert!(snap.resident(GuestAddress(0x40_0000), 2 * PAGE_SIZE).is_none());
+    }
+
+    #[test]
+    fn short_snapshot_is_refused_at_open() {
+        let (_d, path) = temp_file(&vec![1; PAGE_SIZE + 1]);
+        let layout = vec![(GuestRange::new(GuestAddress(0), 2 * PAGE_SIZE as u64), 0)];
+        match SnapshotFile::with_layout(&path, layout) {
+            Err(SourceError::Truncated { needed, actual, .. }) => {
+                assert_eq!((needed, actual), (2 * PAGE_SIZE as u64, PAGE_SIZE as u64 + 1));
+            }
+            other => panic!("expected Truncated, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn bad_layouts_are_refused() {
+        let (_d, path) = temp_file(&vec![0; 4 * PAGE_SIZE]);
+        let page = PAGE_SIZE as u64;
+        for layout in [
+            vec![(GuestRange::new(GuestAddress(1), page), 0)],
+            vec![(GuestRange::new(GuestAddress(0), page), 1)],
+            vec![(GuestRange::new(GuestAddress(0), 0), 0)],
+            vec![(GuestRange::new(GuestAddress(0), 2 * page), 0), (GuestRange::new(GuestAddress(page), page), 2 * page)],
+        ] {
+            assert!(matches!(SnapshotFile::with_layout(&path, layout), Err(SourceError::BadLayout(_))));
+        }
+        assert!(matches!(SnapshotFile::with_layout("/nonexistent/apf", vec![]), Err(SourceError::Open { .. })));
+    }
+
+    #[test]
+    fn eviction_store_round_trip() {
+        let store = EvictionStore::new();
+        let data: Vec<u8> = (0..2 * PAGE_SIZE).map(|i| i as u8).collect();
+        store.insert(GuestAddress(0x8000), &data);
+        assert_eq!(store.len(), 2);
+        let mut buf = vec![0; 2 * PAGE_SIZE];
+        store.fill(GuestAddress(0x8000), &mut buf).unwrap();
+        assert_eq!(buf, data);
+        store.discard(GuestAddress(0x8000), PAGE_SIZE);
+        assert!(!store.contains(GuestAddress(0x8000)));
+        assert!(store.contains(GuestAddress(0x9fff)));
+        assert!(store.fill(GuestAddress(0x8000), &mut buf).is_err());
+    }
+}

@@ -1,0 +1,611 @@
+//! A thin, safe wrapper over one userfaultfd file descriptor.
+//!
+//! Every kernel call the engine makes on userfaultfd lives here: the API
+//! handshake, (un)registration, batched event reads and the resolving ioctls
+//! (`COPY`, `ZEROPAGE`, `MOVE`, `WAKE`, `POISON`, `WRITEPROTECT`). Errors keep
+//! their errno, because the fault path branches on it (`EEXIST`, `EAGAIN`,
+//! `ENOENT`, `ESRCH`), and the partial progress the kernel reports.
+//!
+//! Structures come from `linux-raw-sys`; the `MOVE` and `POISON` ioctl numbers
+//! are not in its table and are built here with the `_IOWR` encoding.
+
+use std::fmt;
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
+
+use linux_raw_sys::general as sys;
+use linux_raw_sys::ioctl as nr;
+use thiserror::Error;
+
+/// The host page size the engine works in. userfaultfd on anonymous memory
+/// resolves 4 KiB pages (transparent huge pages are disabled on registered
+/// regions, see [`crate::ram`]).
+pub const PAGE_SIZE: usize = 4096;
+
+/// `_IOWR(UFFDIO, nr, T)` as `<asm-generic/ioctl.h>` encodes it.
+const fn iowr(num: u32, size: usize) -> u32 {
+    const IOC_READ_WRITE: u32 = 3;
+    (IOC_READ_WRITE << 30) | ((size as u32) << 16) | (sys::UFFDIO << 8) | num
+}
+
+const UFFDIO_MOVE: u32 = iowr(sys::_UFFDIO_MOVE, std::mem::size_of::<sys::uffdio_move>());
+const UFFDIO_POISON: u32 = iowr(sys::_UFFDIO_POISON, std::mem::size_of::<sys::uffdio_poison>());
+// `UFFDIO_MOVE_MODE_ALLOW_SRC_HOLES` from <linux/userfaultfd.h>.
+const UFFDIO_MOVE_MODE_ALLOW_SRC_HOLES: u64 = 1 << 1;
+
+/// Errors from the userfaultfd wrapper.
+#[derive(Debug, Error)]
+pub enum UffdError {
+    /// The `userfaultfd(2)` syscall failed.
+    #[error("cannot create a userfaultfd (is /dev/userfaultfd or vm.unprivileged_userfaultfd available?)")]
+    Create(#[source] io::Error),
+    /// The `UFFDIO_API` handshake failed.
+    #[error("UFFDIO_API handshake failed")]
+    Api(#[source] io::Error),
+    /// The kernel does not offer features the caller requires.
+    #[error("the kernel's userfaultfd lacks required features: {missing}")]
+    MissingFeatures {
+        /// The features that are required but not offered.
+        missing: Features,
+    },
+    /// Registering a range failed.
+    #[error("UFFDIO_REGISTER of {len:#x} bytes at {start:#x} failed")]
+    Register {
+        /// Host address of the range.
+        start: u64,
+        /// Length of the range in bytes.
+        len: u64,
+        /// The kernel's error.
+        #[source]
+        source: io::Error,
+    },
+    /// The registered range lacks an ioctl the engine needs.
+    #[error("the registered range at {start:#x} does not support {ioctl}")]
+    RegisterIoctls {
+        /// Host address of the range.
+        start: u64,
+        /// The missing ioctl.
+        ioctl: &'static str,
+    },
+    /// Unregistering a range failed.
+    #[error("UFFDIO_UNREGISTER of {len:#x} bytes at {start:#x} failed")]
+    Unregister {
+        /// Host address of the range.
+        start: u64,
+        /// Length of the range in bytes.
+        len: u64,
+        /// The kernel's error.
+        #[source]
+        source: io::Error,
+    },
+    /// Reading events failed.
+    #[error("reading userfaultfd events failed")]
+    Read(#[source] io::Error),
+    /// The kernel sent an event this wrapper does not know.
+    #[error("unknown userfaultfd event {0:#x}")]
+    UnknownEvent(u8),
+}
+
+/// A failed resolving ioctl: the errno, and how many bytes the kernel had
+/// already handled before it stopped (COPY, ZEROPAGE, MOVE and POISON report
+/// partial progress).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Error)]
+#[error("{op} failed after {done} bytes: {}", io::Error::from_raw_os_error(*errno))]
+pub struct IoctlError {
+    /// The ioctl that failed.
+    pub op: &'static str,
+    /// The raw errno.
+    pub errno: i32,
+    /// Bytes handled before the failure.
+    pub done: usize,
+}
+
+impl IoctlError {
+    /// The errno as an [`io::Error`].
+    pub fn io_error(&self) -> io::Error {
+        io::Error::from_raw_os_error(self.errno)
+    }
+}
+
+/// A set of `UFFD_FEATURE_*` flags.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub struct Features(u64);
+
+impl Features {
+    /// `UFFD_FEATURE_EVENT_REMOVE`: `MADV_DONTNEED`/`MADV_REMOVE` on a
+    /// registered range is reported (balloon-style removal).
+    pub const EVENT_REMOVE: Features = Features(sys::UFFD_FEATURE_EVENT_REMOVE as u64);
+    /// `UFFD_FEATURE_THREAD_ID`: fault messages carry the faulting thread id.
+    pub const THREAD_ID: Features = Features(sys::UFFD_FEATURE_THREAD_ID as u64);
+    /// `UFFD_FEATURE_POISON`: `UFFDIO_POISON` is available.
+    pub const POISON: Features = Features(sys::UFFD_FEATURE_POISON as u64);
+    /// `UFFD_FEATURE_MOVE`: `UFFDIO_MOVE` is available.
+    pub const MOVE: Features = Features(sys::UFFD_FEATURE_MOVE as u64);
+    /// `UFFD_FEATURE_PAGEFAULT_FLAG_WP`: write-protect faults.
+    pub const PAGEFAULT_FLAG_WP: Features = Features(sys::UFFD_FEATURE_PAGEFAULT_FLAG_WP as u64);
+    /// `UFFD_FEATURE_MISSING_SHMEM`: missing faults on shared memory.
+    pub const MISSING_SHMEM: Features = Features(sys::UFFD_FEATURE_MISSING_SHMEM as u64);
+    /// `UFFD_FEATURE_MINOR_SHMEM`: minor faults on shared memory.
+    pub const MINOR_SHMEM: Features = Features(sys::UFFD_FEATURE_MINOR_SHMEM as u64);
+    /// `UFFD_FEATURE_EXACT_ADDRESS`: fault addresses are not page-masked.
+    pub const EXACT_ADDRESS: Features = Features(sys::UFFD_FEATURE_EXACT_ADDRESS as u64);
+    /// `UFFD_FEATURE_WP_UNPOPULATED`: write-protect unpopulated ptes.
+    pub const WP_UNPOPULATED: Features = Features(sys::UFFD_FEATURE_WP_UNPOPULATED as u64);
+
+    const NAMES: [(Features, &'static str); 9] = [
+        (Self::EVENT_REMOVE, "EVENT_REMOVE"),
+        (Self::THREAD_ID, "THREAD_ID"),
+        (Self::POISON, "POISON"),
+        (Self::MOVE, "MOVE"),
+        (Self::PAGEFAULT_FLAG_WP, "PAGEFAULT_FLAG_WP"),
+        (Self::MISSING_SHMEM, "MISSING_SHMEM"),
+        (Self::MINOR_SHMEM, "MINOR_SHMEM"),
+        (Self::EXACT_ADDRESS, "EXACT_ADDRESS"),
+        (Self::WP_UNPOPULATED, "WP_UNPOPULATED"),
+    ];
+
+    /// No features.
+    pub const fn empty() -> Self {
+        Features(0)
+    }
+
+    /// The raw bit set.
+    pub const fn bits(self) -> u64 {
+        self.0
+    }
+
+    /// Builds a set from raw bits.
+    pub const fn from_bits(bits: u64) -> Self {
+        Features(bits)
+    }
+
+    /// True if every feature in `other` is in `self`.
+    pub const fn contains(self, other: Features) -> bool {
+        self.0 & other.0 == other.0
+    }
+
+    /// The features in `self` that are not in `other`.
+    pub const fn difference(self, other: Features) -> Features {
+        Features(self.0 & !other.0)
+    }
+}
+
+impl std::ops::BitOr for Features {
+    type Output = Features;
+    fn bitor(self, rhs: Features) -> Features {
+        Features(self.0 | rhs.0)
+    }
+}
+
+impl fmt::Display for Features {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut rest = self.0;
+        let mut first = true;
+        for (feature, name) in Self::NAMES {
+            if rest & feature.0 != 0 {
+                write!(f, "{}{name}", if first { "" } else { "|" })?;
+                first = false;
+                rest &= !feature.0;
+            }
+        }
+        if rest != 0 || first {
+            write!(f, "{}{rest:#x}", if first { "" } else { "|" })?;
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Debug for Features {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Features({self})")
+    }
+}
+
+/// Registration modes (`UFFDIO_REGISTER_MODE_*`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RegisterMode(u64);
+
+impl RegisterMode {
+    /// Faults on missing pages.
+    pub const MISSING: RegisterMode = RegisterMode(sys::UFFDIO_REGISTER_MODE_MISSING as u64);
+    /// Write-protect faults.
+    pub const WP: RegisterMode = RegisterMode(sys::UFFDIO_REGISTER_MODE_WP as u64);
+    /// Minor faults (page cache present, page table entry missing).
+    pub const MINOR: RegisterMode = RegisterMode(sys::UFFDIO_REGISTER_MODE_MINOR as u64);
+}
+
+impl std::ops::BitOr for RegisterMode {
+    type Output = RegisterMode;
+    fn bitor(self, rhs: RegisterMode) -> RegisterMode {
+        RegisterMode(self.0 | rhs.0)
+    }
+}
+
+/// One event read from the userfaultfd.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Event {
+    /// A thread faulted on a registered page.
+    Fault {
+        /// Faulting host address (page-aligned unless `EXACT_ADDRESS`).
+        addr: u64,
+        /// It was a write access.
+        write: bool,
+        /// It was a write-protect fault.
+        wp: bool,
+        /// It was a minor fault.
+        minor: bool,
+        /// The faulting thread id (0 without `THREAD_ID`).
+        tid: u32,
+    },
+    /// `MADV_DONTNEED`/`MADV_REMOVE` removed `[start, end)`. The thread that
+    /// called madvise waits until this event is read, then zaps the range.
+    Remove {
+        /// First host address of the range.
+        start: u64,
+        /// One past the last host address.
+        end: u64,
+    },
+    /// The range was unmapped (`EVENT_UNMAP`).
+    Unmap {
+        /// First host address of the range.
+        start: u64,
+        /// One past the last host address.
+        end: u64,
+    },
+    /// The range moved (`EVENT_REMAP`).
+    Remap {
+        /// Old host address.
+        from: u64,
+        /// New host address.
+        to: u64,
+        /// Length in bytes.
+        len: u64,
+    },
+    /// The process forked with `EVENT_FORK`; carries the child's uffd.
+    Fork {
+        /// The child's userfaultfd descriptor number.
+        fd: u32,
+    },
+}
+
+/// Capacity of one batched read, in messages.
+pub const EVENT_BATCH: usize = 64;
+
+/// A buffer for batched event reads, reused across reads so the event loop
+/// does not allocate.
+pub struct EventBuf {
+    msgs: [sys::uffd_msg; EVENT_BATCH],
+}
+
+impl fmt::Debug for EventBuf {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("EventBuf").finish_non_exhaustive()
+    }
+}
+
+impl Default for EventBuf {
+    fn default() -> Self {
+        // SAFETY: uffd_msg is a plain C struct of integers and unions of
+        // integers; all-zero is a valid value.
+        EventBuf { msgs: unsafe { std::mem::zeroed() } }
+    }
+}
+
+/// An open userfaultfd with its negotiated features.
+#[derive(Debug)]
+pub struct Uffd {
+    fd: OwnedFd,
+    features: Features,
+}
+
+impl Uffd {
+    /// The features this kernel offers, probed with a throwaway descriptor
+    /// (the API handshake can be done only once per descriptor).
+    pub fn supported_features() -> Result<Features, UffdError> {
+        let fd = Self::create_fd()?;
+        Self::api(&fd, Features::empty())
+    }
+
+    /// Opens a userfaultfd and negotiates `required | optional` features.
+    /// Fails with [`UffdError::MissingFeatures`] naming every required
+    /// feature the kernel lacks; optional ones are enabled where offered.
+    ///
+    /// The descriptor is non-blocking and close-on-exec, and it receives
+    /// kernel-mode faults too (no `UFFD_USER_MODE_ONLY`): KVM touches guest
+    /// memory from kernel mode.
+    pub fn new(required: Features, optional: Features) -> Result<Self, UffdError> {
+        let supported = Self::supported_features()?;
+        let missing = required.difference(supported);
+        if missing != Features::empty() {
+            return Err(UffdError::MissingFeatures { missing });
+        }
+        let wanted = Features(required.0 | (optional.0 & supported.0));
+        let fd = Self::create_fd()?;
+        let features = Self::api(&fd, wanted)?;
+        Ok(Uffd { fd, features })
+    }
+
+    fn create_fd() -> Result<OwnedFd, UffdError> {
+        use rustix::mm::UserfaultfdFlags;
+        // SAFETY: userfaultfd(2) has no memory-safety preconditions; rustix
+        // marks it unsafe only because the new descriptor can change how
+        // this process's memory behaves once ranges are registered, which
+        // is exactly what the caller asks for.
+        unsafe { rustix::mm::userfaultfd(UserfaultfdFlags::CLOEXEC | UserfaultfdFlags::NONBLOCK) }
+            .map_err(|e| UffdError::Create(e.into()))
+    }
+
+    fn api(fd: &OwnedFd, features: Features) -> Result<Features, UffdError> {
+        let mut api = sys::uffdio_api { api: sys::UFFD_API as u64, features: features.0, ioctls: 0 };
+        // SAFETY: UFFDIO_API reads and writes one uffdio_api that lives on
+        // this stack frame for the duration of the call.
+        let ret = unsafe { libc::ioctl(fd.as_raw_fd(), nr::UFFDIO_API as _, &mut api) };
+        if ret < 0 {
+            return Err(UffdError::Api(io::Error::last_os_error()));
+        }
+        Ok(Features(api.features))
+    }
+
+    /// The features negotiated for this descriptor.
+    pub fn features(&self) -> Features {
+        self.features
+    }
+
+    /// Registers `[start, start + len)` (host addresses, page-aligned) in
+    /// `mode`. Returns the ioctl bit mask the range supports.
+    pub fn register(&self, start: u64, len: u64, mode: RegisterMode) -> Result<u64, UffdError> {
+        let mut reg = sys::uffdio_register {
+            range: sys::uffdio_range { start, len },
+            mode: mode.0,
+            ioctls: 0,
+        };
+        // SAFETY: UFFDIO_REGISTER reads and writes one uffdio_register on
+        // this stack frame. Registering changes how faults on the range are
+        // handled, not which memory is valid.
+        let ret = unsafe { libc::ioctl(self.fd.as_raw_fd(), nr::UFFDIO_REGISTER as _, &mut reg) };
+        if ret < 0 {
+            return Err(UffdError::Register { start, len, source: io::Error::last_os_error() });
+        }
+        for (bit, ioctl) in [(sys::_UFFDIO_COPY, "UFFDIO_COPY"), (sys::_UFFDIO_WAKE, "UFFDIO_WAKE")] {
+            if reg.ioctls & (1 << bit) == 0 {
+                return Err(UffdError::RegisterIoctls { start, ioctl });
+            }
+        }
+        Ok(reg.ioctls)
+    }
+
+    /// Unregisters `[start, start + len)`.
+    pub fn unregister(&self, start: u64, len: u64) -> Result<(), UffdError> {
+        let mut range = sys::uffdio_range { start, len };
+        // SAFETY: UFFDIO_UNREGISTER reads one uffdio_range on this stack frame.
+        let ret = unsafe { libc::ioctl(self.fd.as_raw_fd(), nr::UFFDIO_UNREGISTER as _, &mut range) };
+        if ret < 0 {
+            return Err(UffdError::Unregister { start, len, source: io::Error::last_os_error() });
+        }
+        Ok(())
+    }
+
+    /// Reads up to [`EVENT_BATCH`] pending events into `out` (cleared first)
+    /// without blocking. Returns the number read; 0 when none is pending.
+    pub fn read_events(&self, buf: &mut EventBuf, out: &mut Vec<Event>) -> Result<usize, UffdError> {
+        out.clear();
+        let bytes = loop {
+            // SAFETY: the destination is `buf.msgs`, writable for exactly
+            // size_of_val(&buf.msgs) bytes, and the kernel writes whole
+            // uffd_msg records into it.
+            let ret = unsafe {
+                libc::read(
+                    self.fd.as_raw_fd(),
+                    buf.msgs.as_mut_ptr().cast(),
+                    std::mem::size_of_val(&buf.msgs),
+                )
+            };
+            if ret >= 0 {
+                break ret as usize;
+            }
+            let err = io::Error::last_os_error();
+            match err.raw_os_error() {
+                Some(libc::EINTR) => continue,
+                Some(libc::EAGAIN) => return Ok(0),
+                _ => return Err(UffdError::Read(err)),
+            }
+        };
+        let count = bytes / std::mem::size_of::<sys::uffd_msg>();
+        for msg in &buf.msgs[..count] {
+            out.push(decode(msg)?);
+        }
+        Ok(count)
+    }
+
+    fn ioctl_progress<T>(&self, op: &'static str, req: u32, arg: &mut T, progress: impl Fn(&T) -> i64) -> Result<usize, IoctlError> {
+        // SAFETY: every request routed here takes a pointer to a struct of
+        // type T (uffdio_copy, uffdio_zeropage, uffdio_move, uffdio_poison)
+        // that the kernel reads and writes back into for the duration of the
+        // call; `arg` is such a struct, exclusively borrowed. The memory it
+        // names is only accessed by the kernel, which validates it against
+        // the registered ranges.
+        let ret = unsafe { libc::ioctl(self.fd.as_raw_fd(), req as _, arg as *mut T) };
+        let done = progress(arg);
+        if ret == 0 {
+            return Ok(done.max(0) as usize);
+        }
+        let errno = io::Error::last_os_error().raw_os_error().unwrap_or(libc::EIO);
+        // The kernel reports either bytes done (>= 0) or a negative errno in
+        // the progress field; a negative value means nothing was done.
+        Err(IoctlError { op, errno, done: done.max(0) as usize })
+    }
+
+    /// `UFFDIO_COPY`: atomically installs `len` bytes from `src` at `dst`
+    /// and wakes threads waiting in the range (unless `dont_wake`).
+    /// On failure, `done` bytes were installed from the start of the range.
+    pub fn copy(&self, dst: u64, src: *const u8, len: usize, dont_wake: bool) -> Result<usize, IoctlError> {
+        let mut arg = sys::uffdio_copy {
+            dst,
+            src: src as u64,
+            len: len as u64,
+            mode: if dont_wake { sys::UFFDIO_COPY_MODE_DONTWAKE as u64 } else { 0 },
+            copy: 0,
+        };
+        self.ioctl_progress("UFFDIO_COPY", nr::UFFDIO_COPY, &mut arg, |a| a.copy)
+    }
+
+    /// `UFFDIO_ZEROPAGE`: maps the shared zero page over the range (read
+    /// faults only: a later write takes another, kernel-handled fault).
+    pub fn zeropage(&self, start: u64, len: usize, dont_wake: bool) -> Result<usize, IoctlError> {
+        let mut arg = sys::uffdio_zeropage {
+            range: sys::uffdio_range { start, len: len as u64 },
+            mode: if dont_wake { sys::UFFDIO_ZEROPAGE_MODE_DONTWAKE as u64 } else { 0 },
+            zeropage: 0,
+        };
+        self.ioctl_progress("UFFDIO_ZEROPAGE", nr::UFFDIO_ZEROPAGE, &mut arg, |a| a.zeropage)
+    }
+
+    /// `UFFDIO_MOVE`: moves the pages of `[src, src + len)` to `dst`, which
+    /// must be missing. Both ranges must be registered with this descriptor.
+    /// With `allow_src_holes`, missing source pages are skipped.
+    pub fn move_pages(&self, dst: u64, src: u64, len: usize, allow_src_holes: bool) -> Result<usize, IoctlError> {
+        let mut arg = sys::uffdio_move {
+            dst,
+            src,
+            len: len as u64,
+            mode: if allow_src_holes { UFFDIO_MOVE_MODE_ALLOW_SRC_HOLES } else { 0 },
+            move_: 0,
+        };
+        self.ioctl_progress("UFFDIO_MOVE", UFFDIO_MOVE, &mut arg, |a| a.move_)
+    }
+
+    /// `UFFDIO_POISON`: installs poison markers over missing pages of the
+    /// range; an access then gets SIGBUS instead of a fault event. Wakes
+    /// waiting threads, which then see the SIGBUS.
+    pub fn poison(&self, start: u64, len: usize) -> Result<usize, IoctlError> {
+        let mut arg = sys::uffdio_poison { range: sys::uffdio_range { start, len: len as u64 }, mode: 0, updated: 0 };
+        self.ioctl_progress("UFFDIO_POISON", UFFDIO_POISON, &mut arg, |a| a.updated)
+    }
+
+    /// `UFFDIO_WAKE`: wakes threads waiting on faults in the range; they
+    /// retry the access (and fault again if the page is still missing).
+    pub fn wake(&self, start: u64, len: usize) -> Result<(), IoctlError> {
+        let mut range = sys::uffdio_range { start, len: len as u64 };
+        // SAFETY: UFFDIO_WAKE reads one uffdio_range on this stack frame.
+        let ret = unsafe { libc::ioctl(self.fd.as_raw_fd(), nr::UFFDIO_WAKE as _, &mut range) };
+        if ret < 0 {
+            let errno = io::Error::last_os_error().raw_os_error().unwrap_or(libc::EIO);
+            return Err(IoctlError { op: "UFFDIO_WAKE", errno, done: 0 });
+        }
+        Ok(())
+    }
+
+    /// `UFFDIO_WRITEPROTECT`: sets (`protect`) or clears write protection on
+    /// a range registered in [`RegisterMode::WP`].
+    pub fn writeprotect(&self, start: u64, len: usize, protect: bool, dont_wake: bool) -> Result<(), IoctlError> {
+        // UFFDIO_WRITEPROTECT_MODE_WP and _DONTWAKE from <linux/userfaultfd.h>.
+        const WP: u64 = 1 << 0;
+        const DONTWAKE: u64 = 1 << 1;
+        let mut arg = sys::uffdio_writeprotect {
+            range: sys::uffdio_range { start, len: len as u64 },
+            mode: if protect { WP } else { 0 } | if dont_wake { DONTWAKE } else { 0 },
+        };
+        // SAFETY: UFFDIO_WRITEPROTECT reads one uffdio_writeprotect on this
+        // stack frame.
+        let ret = unsafe { libc::ioctl(self.fd.as_raw_fd(), nr::UFFDIO_WRITEPROTECT as _, &mut arg) };
+        if ret < 0 {
+            let errno = io::Error::last_os_error().raw_os_error().unwrap_or(libc::EIO);
+            return Err(IoctlError { op: "UFFDIO_WRITEPROTECT", errno, done: 0 });
+        }
+        Ok(())
+    }
+}
+
+fn decode(msg: &sys::uffd_msg) -> Result<Event, UffdError> {
+    // SAFETY (for each union read below): the kernel fills the union member
+    // that matches `msg.event`, and every member is plain integers, so any
+    // bit pattern is a valid value of the member read.
+    match msg.event as u32 {
+        sys::UFFD_EVENT_PAGEFAULT => {
+            // SAFETY: see above; PAGEFAULT carries `pagefault`.
+            let pf = unsafe { msg.arg.pagefault };
+            let flags = pf.flags as u32;
+            // SAFETY: see above; `feat.ptid` is a u32 in every variant.
+            let tid = unsafe { pf.feat.ptid };
+            Ok(Event::Fault {
+                addr: pf.address,
+                write: flags & sys::UFFD_PAGEFAULT_FLAG_WRITE != 0,
+                wp: flags & sys::UFFD_PAGEFAULT_FLAG_WP != 0,
+                minor: flags & sys::UFFD_PAGEFAULT_FLAG_MINOR != 0,
+                tid,
+            })
+        }
+        sys::UFFD_EVENT_REMOVE => {
+            // SAFETY: see above; REMOVE carries `remove`.
+            let r = unsafe { msg.arg.remove };
+            Ok(Event::Remove { start: r.start, end: r.end })
+        }
+        sys::UFFD_EVENT_UNMAP => {
+            // SAFETY: see above; UNMAP carries `remove`.
+            let r = unsafe { msg.arg.remove };
+            Ok(Event::Unmap { start: r.start, end: r.end })
+        }
+        sys::UFFD_EVENT_REMAP => {
+            // SAFETY: see above; REMAP carries `remap`.
+            let r = unsafe { msg.arg.remap };
+            Ok(Event::Remap { from: r.from, to: r.to, len: r.len })
+        }
+        sys::UFFD_EVENT_FORK => {
+            // SAFETY: see above; FORK carries `fork`.
+            let f = unsafe { msg.arg.fork };
+            Ok(Event::Fork { fd: f.ufd })
+        }
+        other => Err(UffdError::UnknownEvent(other as u8)),
+    }
+}
+
+impl AsRawFd for Uffd {
+    fn as_raw_fd(&self) -> RawFd {
+        self.fd.as_raw_fd()
+    }
+}
+
+impl AsFd for Uffd {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ioctl_numbers_match_the_kernel_encoding() {
+        // The numbers linux-raw-sys does carry pin down the encoding.
+        assert_eq!(iowr(sys::_UFFDIO_COPY, std::mem::size_of::<sys::uffdio_copy>()), nr::UFFDIO_COPY);
+        assert_eq!(iowr(sys::_UFFDIO_CONTINUE, std::mem::size_of::<sys::uffdio_continue>()), nr::UFFDIO_CONTINUE);
+        // <linux/userfaultfd.h>: UFFDIO_MOVE 0xc028aa05, UFFDIO_POISON 0xc020aa08.
+        assert_eq!(UFFDIO_MOVE, 0xc028_aa05);
+        assert_eq!(UFFDIO_POISON, 0xc020_aa08);
+    }
+
+    #[test]
+    fn features_display_names_each_flag() {
+        let f = Features::EVENT_REMOVE | Features::POISON | Features::from_bits(1 << 40);
+        assert_eq!(f.to_string(), "EVENT_REMOVE|POISON|0x10000000000");
+        assert_eq!(Features::empty().to_string(), "0x0");
+    }
+
+    #[test]
+    fn handshake_negotiates_required_features() {
+        let uffd = Uffd::new(Features::EVENT_REMOVE | Features::THREAD_ID, Features::POISON).unwrap();
+        assert!(uffd.features().contains(Features::EVENT_REMOVE | Features::THREAD_ID));
+    }
+
+    #[test]
+    fn missing_required_feature_is_named() {
+        // Bit 62 is not a feature any kernel offers.
+        let bogus = Features::from_bits(1 << 62);
+        let err = Uffd::new(Features::THREAD_ID | bogus, Features::empty()).unwrap_err();
+        match err {
+            UffdError::MissingFeatures { missing } => assert_eq!(missing, bogus),
+            other => panic!("unexpected error {other}"),
+        }
+    }
+}
