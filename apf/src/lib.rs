@@ -36,6 +36,7 @@
 //! | [`fault`] | the engine: event loop, dedupe, prefetch, worker pool, shutdown |
 //! | [`trace`] | the names of the `tracing` spans the engine emits |
 
+pub mod baseline;
 pub mod fault;
 pub mod notifier;
 pub mod ram;

@@ -302,7 +302,7 @@ impl Uffd {
     /// The features this kernel offers, probed with a throwaway descriptor
     /// (the API handshake can be done only once per descriptor).
     pub fn supported_features() -> Result<Features, UffdError> {
-        let fd = Self::create_fd()?;
+        let fd = Self::create_fd(true)?;
         Self::api(&fd, Features::empty())
     }
 
@@ -314,24 +314,32 @@ impl Uffd {
     /// kernel-mode faults too (no `UFFD_USER_MODE_ONLY`): KVM touches guest
     /// memory from kernel mode.
     pub fn new(required: Features, optional: Features) -> Result<Self, UffdError> {
+        Self::open(required, optional, true)
+    }
+
+    /// Like [`Self::new`], but reads block when `nonblocking` is false.
+    pub fn open(required: Features, optional: Features, nonblocking: bool) -> Result<Self, UffdError> {
         let supported = Self::supported_features()?;
         let missing = required.difference(supported);
         if missing != Features::empty() {
             return Err(UffdError::MissingFeatures { missing });
         }
         let wanted = Features(required.0 | (optional.0 & supported.0));
-        let fd = Self::create_fd()?;
-        let features = Self::api(&fd, wanted)?;
-        Ok(Uffd { fd, features })
+        let fd = Self::create_fd(nonblocking)?;
+        // The kernel answers with every feature it has, but enables only
+        // those requested.
+        Self::api(&fd, wanted)?;
+        Ok(Uffd { fd, features: wanted })
     }
 
-    fn create_fd() -> Result<OwnedFd, UffdError> {
+    fn create_fd(nonblocking: bool) -> Result<OwnedFd, UffdError> {
         use rustix::mm::UserfaultfdFlags;
+        let flags = if nonblocking { UserfaultfdFlags::CLOEXEC | UserfaultfdFlags::NONBLOCK } else { UserfaultfdFlags::CLOEXEC };
         // SAFETY: userfaultfd(2) has no memory-safety preconditions; rustix
         // marks it unsafe only because the new descriptor can change how
         // this process's memory behaves once ranges are registered, which
         // is exactly what the caller asks for.
-        unsafe { rustix::mm::userfaultfd(UserfaultfdFlags::CLOEXEC | UserfaultfdFlags::NONBLOCK) }
+        unsafe { rustix::mm::userfaultfd(flags) }
             .map_err(|e| UffdError::Create(e.into()))
     }
 
@@ -385,8 +393,9 @@ impl Uffd {
         Ok(())
     }
 
-    /// Reads up to [`EVENT_BATCH`] pending events into `out` (cleared first)
-    /// without blocking. Returns the number read; 0 when none is pending.
+    /// Reads up to [`EVENT_BATCH`] pending events into `out` (cleared first).
+    /// On a non-blocking descriptor, returns 0 when none is pending; on a
+    /// blocking one, waits for at least one.
     pub fn read_events(&self, buf: &mut EventBuf, out: &mut Vec<Event>) -> Result<usize, UffdError> {
         out.clear();
         let bytes = loop {
@@ -596,6 +605,13 @@ mod tests {
     fn handshake_negotiates_required_features() {
         let uffd = Uffd::new(Features::EVENT_REMOVE | Features::THREAD_ID, Features::POISON).unwrap();
         assert!(uffd.features().contains(Features::EVENT_REMOVE | Features::THREAD_ID));
+    }
+
+    #[test]
+    fn features_are_what_was_enabled_not_what_is_offered() {
+        let uffd = Uffd::new(Features::THREAD_ID, Features::empty()).unwrap();
+        assert_eq!(uffd.features(), Features::THREAD_ID);
+        assert!(Uffd::supported_features().unwrap().contains(Features::EVENT_REMOVE | Features::THREAD_ID));
     }
 
     #[test]

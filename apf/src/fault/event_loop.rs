@@ -106,24 +106,50 @@ impl FaultLoop {
         }
     }
 
+    /// Reads and handles every pending event, then keeps polling for
+    /// `Config::spin` after the last one: waking a sleeping handler on the
+    /// other core costs several times a fault's own work on these machines,
+    /// and a faulting thread usually faults again within microseconds.
     fn drain(&mut self) {
+        let spin = self.shared.config.spin;
+        let mut last = std::time::Instant::now();
+        loop {
+            let got = self.drain_once();
+            if got {
+                last = std::time::Instant::now();
+            } else if last.elapsed() >= spin || self.shared.in_flight.load(Ordering::Relaxed) > 0 {
+                return;
+            } else {
+                std::hint::spin_loop();
+            }
+        }
+    }
+
+    /// One pass over the queue; true if any event was handled.
+    fn drain_once(&mut self) -> bool {
+        let mut any = false;
         loop {
             let mut events = std::mem::take(&mut self.events);
             match self.shared.uffd.read_events(&mut self.buf, &mut events) {
                 Ok(0) => {
                     self.events = events;
-                    return;
+                    return any;
                 }
-                Ok(_) => {
+                Ok(n) => {
+                    any = true;
                     for ev in events.iter() {
                         self.handle(*ev);
                     }
                     self.events = events;
+                    // A short batch drained the queue.
+                    if n < crate::uffd::EVENT_BATCH {
+                        return any;
+                    }
                 }
                 Err(e) => {
                     self.events = events;
                     self.shared.report(FaultError::Events(e));
-                    return;
+                    return any;
                 }
             }
         }
@@ -261,7 +287,8 @@ impl FaultLoop {
     }
 
     fn dispatch(&mut self, job: Job) {
-        if self.shared.inline_ok() {
+        let pages = job.runs.iter().map(|r| r.1).sum();
+        if self.shared.inline_ok(pages) {
             self.shared.stats.inline.fetch_add(1, Ordering::Relaxed);
             if let Some(job) = resolve::resolve(&self.shared, job, &mut self.ctx) {
                 self.to_pool(job);
@@ -272,12 +299,17 @@ impl FaultLoop {
     }
 
     fn to_pool(&mut self, job: Job) {
+        self.shared.in_flight.fetch_add(1, Ordering::Relaxed);
         match self.jobs.try_send(job) {
             Ok(()) => {
                 self.shared.stats.dispatched.fetch_add(1, Ordering::Relaxed);
             }
-            Err(TrySendError::Full(job)) => self.park(job),
+            Err(TrySendError::Full(job)) => {
+                self.shared.in_flight.fetch_sub(1, Ordering::Relaxed);
+                self.park(job);
+            }
             Err(TrySendError::Disconnected(job)) => {
+                self.shared.in_flight.fetch_sub(1, Ordering::Relaxed);
                 self.shared.release_runs(job.region, &job.runs);
             }
         }
@@ -300,15 +332,18 @@ impl FaultLoop {
 
     fn unpark(&mut self) {
         while let Some(job) = self.parked.pop_front() {
+            self.shared.in_flight.fetch_add(1, Ordering::Relaxed);
             match self.jobs.try_send(job) {
                 Ok(()) => {
                     self.shared.stats.dispatched.fetch_add(1, Ordering::Relaxed);
                 }
                 Err(TrySendError::Full(job)) => {
+                    self.shared.in_flight.fetch_sub(1, Ordering::Relaxed);
                     self.parked.push_front(job);
                     return;
                 }
                 Err(TrySendError::Disconnected(job)) => {
+                    self.shared.in_flight.fetch_sub(1, Ordering::Relaxed);
                     self.shared.release_runs(job.region, &job.runs);
                 }
             }

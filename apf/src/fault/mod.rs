@@ -47,8 +47,11 @@ pub use prefetch::{WorkingSet, WorkingSetError};
 /// Where claimed windows are resolved.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Dispatch {
-    /// Zero and in-memory sources on the event-loop thread (no cross-thread
-    /// hand-off on the hot path), blocking sources on the worker pool.
+    /// Small windows from zero and in-memory sources on the event-loop
+    /// thread (a cross-core hand-off costs more than they do); large
+    /// windows, which amortise the hand-off and install in parallel with
+    /// other threads' windows, and everything from blocking sources, on the
+    /// worker pool.
     Auto,
     /// Everything on the event-loop thread (retries still go to the pool).
     Inline,
@@ -78,6 +81,13 @@ pub struct Config {
     pub max_window: usize,
     /// Where windows are resolved.
     pub dispatch: Dispatch,
+    /// With [`Dispatch::Auto`], windows of more pages than this go to the
+    /// worker pool.
+    pub inline_max_pages: usize,
+    /// How long the event loop keeps polling for the next fault before it
+    /// sleeps in epoll (zero: sleep at once). It never spins while workers
+    /// are installing: on a small machine they need the core.
+    pub spin: Duration,
     /// Capacity of the worker queue.
     pub queue_depth: usize,
     /// Jobs the event loop parks when the worker queue is full.
@@ -101,6 +111,8 @@ impl Default for Config {
             workers: 2,
             max_window: 256,
             dispatch: Dispatch::Auto,
+            inline_max_pages: 8,
+            spin: Duration::from_micros(100),
             queue_depth: 256,
             park_capacity: 4096,
             fill_retries: 3,
@@ -275,6 +287,8 @@ pub(crate) struct Shared {
     /// Written by workers when the event loop has parked jobs.
     pub kick: EventFd,
     pub parked_waiting: AtomicBool,
+    /// Jobs sent to the worker pool and not finished yet.
+    pub in_flight: std::sync::atomic::AtomicUsize,
     pub stopping: AtomicBool,
     pub working_set: Option<Mutex<Vec<u64>>>,
 }
@@ -287,12 +301,12 @@ impl Shared {
         }
     }
 
-    /// Whether a job may run on the event-loop thread.
-    pub fn inline_ok(&self) -> bool {
+    /// Whether a job of `pages` pages runs on the event-loop thread.
+    pub fn inline_ok(&self, pages: usize) -> bool {
         match self.config.dispatch {
             Dispatch::Inline => true,
             Dispatch::Workers => false,
-            Dispatch::Auto => self.source.kind() != SourceKind::Blocking,
+            Dispatch::Auto => self.source.kind() != SourceKind::Blocking && pages <= self.config.inline_max_pages,
         }
     }
 
@@ -349,6 +363,12 @@ impl EngineBuilder {
     /// Where windows are resolved.
     pub fn dispatch(mut self, dispatch: Dispatch) -> Self {
         self.config.dispatch = dispatch;
+        self
+    }
+
+    /// How long the event loop polls for the next fault before sleeping.
+    pub fn spin(mut self, spin: Duration) -> Self {
+        self.config.spin = spin;
         self
     }
 
@@ -449,6 +469,7 @@ impl Engine {
             zeros: vec![0u8; config.max_window * PAGE_SIZE].into_boxed_slice(),
             kick: EventFd::new(EFD_NONBLOCK).map_err(EngineError::Io)?,
             parked_waiting: AtomicBool::new(false),
+            in_flight: std::sync::atomic::AtomicUsize::new(0),
             stopping: AtomicBool::new(false),
             working_set: config.record_working_set.then(|| Mutex::new(Vec::new())),
             errors: err_tx,
