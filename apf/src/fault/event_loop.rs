@@ -118,6 +118,8 @@ impl FaultLoop {
             if got {
                 last = std::time::Instant::now();
             } else if last.elapsed() >= spin || self.shared.in_flight.load(Ordering::Relaxed) > 0 {
+                // Workers are installing (or jobs are parked): leave them
+                // the core.
                 return;
             } else {
                 std::hint::spin_loop();
@@ -287,30 +289,32 @@ impl FaultLoop {
     }
 
     fn dispatch(&mut self, job: Job) {
+        // Counted from claim to finish, whichever thread finishes it.
+        self.shared.in_flight.fetch_add(1, Ordering::AcqRel);
         let pages = job.runs.iter().map(|r| r.1).sum();
         if self.shared.inline_ok(pages) {
             self.shared.stats.inline.fetch_add(1, Ordering::Relaxed);
-            if let Some(job) = resolve::resolve(&self.shared, job, &mut self.ctx) {
-                self.to_pool(job);
+            match resolve::resolve(&self.shared, job, &mut self.ctx) {
+                Some(job) => self.to_pool(job),
+                None => {
+                    self.shared.in_flight.fetch_sub(1, Ordering::AcqRel);
+                }
             }
         } else {
             self.to_pool(job);
         }
     }
 
+    /// Sends a counted job to the pool (the worker uncounts it).
     fn to_pool(&mut self, job: Job) {
-        self.shared.in_flight.fetch_add(1, Ordering::Relaxed);
         match self.jobs.try_send(job) {
             Ok(()) => {
                 self.shared.stats.dispatched.fetch_add(1, Ordering::Relaxed);
             }
-            Err(TrySendError::Full(job)) => {
-                self.shared.in_flight.fetch_sub(1, Ordering::Relaxed);
-                self.park(job);
-            }
+            Err(TrySendError::Full(job)) => self.park(job),
             Err(TrySendError::Disconnected(job)) => {
-                self.shared.in_flight.fetch_sub(1, Ordering::Relaxed);
                 self.shared.release_runs(job.region, &job.runs);
+                self.shared.in_flight.fetch_sub(1, Ordering::AcqRel);
             }
         }
     }
@@ -323,6 +327,7 @@ impl FaultLoop {
             let mut ctx = Ctx::new(false, self.shared.config.max_window);
             let left = resolve::resolve(&self.shared, job, &mut ctx);
             debug_assert!(left.is_none());
+            self.shared.in_flight.fetch_sub(1, Ordering::AcqRel);
             return;
         }
         self.shared.stats.parked.fetch_add(1, Ordering::Relaxed);
@@ -332,19 +337,17 @@ impl FaultLoop {
 
     fn unpark(&mut self) {
         while let Some(job) = self.parked.pop_front() {
-            self.shared.in_flight.fetch_add(1, Ordering::Relaxed);
             match self.jobs.try_send(job) {
                 Ok(()) => {
                     self.shared.stats.dispatched.fetch_add(1, Ordering::Relaxed);
                 }
                 Err(TrySendError::Full(job)) => {
-                    self.shared.in_flight.fetch_sub(1, Ordering::Relaxed);
                     self.parked.push_front(job);
                     return;
                 }
                 Err(TrySendError::Disconnected(job)) => {
-                    self.shared.in_flight.fetch_sub(1, Ordering::Relaxed);
                     self.shared.release_runs(job.region, &job.runs);
+                    self.shared.in_flight.fetch_sub(1, Ordering::AcqRel);
                 }
             }
         }
@@ -379,6 +382,7 @@ impl FaultLoop {
     fn abandon_parked(&mut self) {
         for job in self.parked.drain(..) {
             self.shared.release_runs(job.region, &job.runs);
+            self.shared.in_flight.fetch_sub(1, Ordering::AcqRel);
         }
     }
 }

@@ -287,7 +287,8 @@ pub(crate) struct Shared {
     /// Written by workers when the event loop has parked jobs.
     pub kick: EventFd,
     pub parked_waiting: AtomicBool,
-    /// Jobs sent to the worker pool and not finished yet.
+    /// Jobs being resolved (inline, queued, on a worker, replaying) or
+    /// parked.
     pub in_flight: std::sync::atomic::AtomicUsize,
     pub stopping: AtomicBool,
     pub working_set: Option<Mutex<Vec<u64>>>,
@@ -567,6 +568,23 @@ impl Engine {
             .map_err(EngineError::Io)?;
         self.replays.lock().unwrap_or_else(|e| e.into_inner()).push(h);
         Ok(())
+    }
+
+    /// Waits until no window is being resolved, queued or parked, and no
+    /// replay is running, or until `deadline`. Returns false on timeout.
+    /// Counters move after the install that wakes a faulting thread, so
+    /// read them after this to see a fault's effects.
+    pub fn wait_idle(&self, deadline: std::time::Instant) -> bool {
+        loop {
+            let replaying = self.replays.lock().unwrap_or_else(|e| e.into_inner()).iter().any(|h| !h.is_finished());
+            if self.shared.in_flight.load(Ordering::Acquire) == 0 && !replaying {
+                return true;
+            }
+            if std::time::Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_micros(200));
+        }
     }
 
     /// Stops the engine; see the module docs. Threads touching guest RAM

@@ -61,7 +61,7 @@ pub(crate) fn worker(shared: &Shared, rx: &Receiver<Job>) {
     let mut ctx = Ctx::new(false, shared.config.max_window);
     for job in rx.iter() {
         let left = resolve(shared, job, &mut ctx);
-        shared.in_flight.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        shared.in_flight.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
         debug_assert!(left.is_none(), "workers finish their jobs");
         if let Some(job) = left {
             shared.release_runs(job.region, &job.runs);

@@ -1,0 +1,533 @@
+//! The fault engine against real userfaultfd, with host threads as the
+//! faulting "vCPUs". Failures are injected through our own seam, the
+//! `PageSource`.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Barrier, Mutex};
+use std::time::{Duration, Instant};
+
+use apf::fault::{Dispatch, Engine, EngineError, WorkingSet};
+use apf::ram::{GuestAddress, GuestRam, GuestRange, PageState, RamError};
+use apf::source::{PageSource, Pattern, SourceError, SourceKind};
+use apf::uffd::PAGE_SIZE;
+
+const PAGE: u64 = PAGE_SIZE as u64;
+
+fn ram(ranges: &[(u64, usize)]) -> Arc<GuestRam> {
+    let ranges: Vec<_> = ranges.iter().map(|&(b, pages)| (GuestAddress(b), pages * PAGE_SIZE)).collect();
+    Arc::new(GuestRam::anonymous(&ranges).unwrap())
+}
+
+/// Reads the page at `gpa` (faulting it in) and returns a copy.
+fn read_page(ram: &GuestRam, gpa: u64) -> Vec<u8> {
+    let p = ram.host_range(GuestAddress(gpa), PAGE).unwrap();
+    let mut out = vec![0u8; PAGE_SIZE];
+    for (i, b) in out.iter_mut().enumerate() {
+        // SAFETY: `p` covers one page of guest RAM, mapped while `ram` lives.
+        *b = unsafe { std::ptr::read_volatile(p.add(i)) };
+    }
+    out
+}
+
+fn write_word(ram: &GuestRam, gpa: u64, v: u64) {
+    let p = ram.host_range(GuestAddress(gpa), 8).unwrap();
+    // SAFETY: `p` covers 8 bytes of guest RAM.
+    unsafe { std::ptr::write_volatile(p as *mut u64, v) };
+}
+
+/// The counters once every job in flight has finished (installs wake the
+/// faulting thread before their counters move).
+fn settled(engine: &Engine) -> apf::fault::StatsSnapshot {
+    assert!(engine.wait_idle(Instant::now() + Duration::from_secs(10)), "engine did not go idle");
+    engine.stats()
+}
+
+fn verify(ram: &GuestRam, pattern: Pattern, gpa: u64) {
+    assert_eq!(pattern.verify(gpa, &read_page(ram, gpa)), Ok(()), "page {gpa:#x}");
+}
+
+/// A source that counts fills per page and can be slow, fail, or both.
+struct TestSource {
+    pattern: Pattern,
+    delay: Duration,
+    fills: Mutex<HashMap<u64, u32>>,
+    /// Fail fills that cover more than one page.
+    fail_windows: bool,
+    /// Fail everything.
+    fail_all: bool,
+    calls: AtomicU64,
+}
+
+impl TestSource {
+    fn new(delay: Duration) -> Self {
+        TestSource {
+            pattern: Pattern { seed: 7 },
+            delay,
+            fills: Mutex::new(HashMap::new()),
+            fail_windows: false,
+            fail_all: false,
+            calls: AtomicU64::new(0),
+        }
+    }
+    fn fills_of(&self, gpa: u64) -> u32 {
+        self.fills.lock().unwrap().get(&gpa).copied().unwrap_or(0)
+    }
+}
+
+impl PageSource for TestSource {
+    fn fill(&self, gpa: GuestAddress, buf: &mut [u8]) -> Result<(), SourceError> {
+        self.calls.fetch_add(1, Ordering::Relaxed);
+        // Like real I/O, a fill takes longer the more it reads.
+        std::thread::sleep(self.delay * (buf.len() / PAGE_SIZE) as u32);
+        if self.fail_all || (self.fail_windows && buf.len() > PAGE_SIZE) {
+            return Err(SourceError::Io { gpa: gpa.0, len: buf.len(), source: std::io::Error::from_raw_os_error(libc::EIO) });
+        }
+        let mut fills = self.fills.lock().unwrap();
+        for i in 0..buf.len() / PAGE_SIZE {
+            *fills.entry(gpa.0 + (i * PAGE_SIZE) as u64).or_default() += 1;
+        }
+        drop(fills);
+        self.pattern.write(gpa.0, buf);
+        Ok(())
+    }
+    fn kind(&self) -> SourceKind {
+        SourceKind::Blocking
+    }
+    fn name(&self) -> &'static str {
+        "test"
+    }
+}
+
+#[test]
+fn concurrent_faults_on_one_page_are_resolved_once() {
+    let ram = ram(&[(0, 16)]);
+    let source = Arc::new(TestSource::new(Duration::from_millis(100)));
+    let engine = Engine::builder(ram.clone(), source.clone()).max_window(1).start().unwrap();
+    let barrier = Barrier::new(8);
+    std::thread::scope(|s| {
+        for _ in 0..8 {
+            s.spawn(|| {
+                barrier.wait();
+                verify(&ram, source.pattern, 5 * PAGE);
+            });
+        }
+    });
+    assert_eq!(source.fills_of(5 * PAGE), 1, "one fill for eight concurrent faults");
+    let st = settled(&engine);
+    assert!(st.deduped >= 1, "faults arriving during the slow fill are deduped: {st:?}");
+    assert_eq!(st.faults, st.deduped + 1, "{st:?}");
+    assert_eq!(st.pages_installed, 1);
+}
+
+#[test]
+fn prefetch_windows_stop_at_region_edges() {
+    // Two regions, far apart in guest-physical space.
+    let ram = ram(&[(0x10_0000, 40), (0x4000_0000, 40)]);
+    let pattern = Pattern { seed: 99 };
+    let engine = Engine::builder(ram.clone(), Arc::new(pattern)).max_window(32).start().unwrap();
+    // Ascending through region 0, then descending through region 1.
+    for p in 0..40 {
+        verify(&ram, pattern, 0x10_0000 + p * PAGE);
+    }
+    for p in (0..40).rev() {
+        verify(&ram, pattern, 0x4000_0000 + p * PAGE);
+    }
+    let st = settled(&engine);
+    assert_eq!(st.pages_installed, 80, "{st:?}");
+    assert!(st.faults < 40, "prefetch should have saved most faults: {st:?}");
+    for r in ram.regions() {
+        assert_eq!(r.census()[PageState::Present as usize], 40);
+    }
+}
+
+#[test]
+fn strided_access_is_prefetched_and_correct() {
+    let ram = ram(&[(0, 512)]);
+    let pattern = Pattern { seed: 3 };
+    let engine = Engine::builder(ram.clone(), Arc::new(pattern)).max_window(64).start().unwrap();
+    for p in (0..512).step_by(4) {
+        verify(&ram, pattern, p * PAGE);
+    }
+    let st = settled(&engine);
+    assert!(st.faults < 64, "a stride of 4 pages is a stream: {st:?}");
+    for p in 0..512 {
+        if ram.regions()[0].state(p as usize).0 == PageState::Present {
+            verify(&ram, pattern, p * PAGE);
+        }
+    }
+}
+
+#[test]
+fn removed_pages_fault_back_as_zeros() {
+    let ram = ram(&[(0, 16)]);
+    let pattern = Pattern { seed: 1 };
+    let engine = Engine::builder(ram.clone(), Arc::new(pattern)).max_window(1).start().unwrap();
+    for p in 0..8 {
+        verify(&ram, pattern, p * PAGE);
+    }
+    let host = ram.host_range(GuestAddress(2 * PAGE), 2 * PAGE).unwrap();
+    let never_touched = ram.host_range(GuestAddress(10 * PAGE), PAGE).unwrap();
+    // SAFETY: both ranges are guest RAM; dropping their contents is the
+    // balloon behaviour under test.
+    unsafe {
+        assert_eq!(libc::madvise(host.cast(), 2 * PAGE_SIZE, libc::MADV_DONTNEED), 0);
+        assert_eq!(libc::madvise(never_touched.cast(), PAGE_SIZE, libc::MADV_DONTNEED), 0);
+    }
+    for gpa in [2 * PAGE, 3 * PAGE, 10 * PAGE] {
+        assert!(read_page(&ram, gpa).iter().all(|&b| b == 0), "removed page {gpa:#x} must read as zeros");
+    }
+    // Writable after the zero fill, and neighbours untouched.
+    write_word(&ram, 2 * PAGE, 0xabcd);
+    assert_eq!(read_page(&ram, 2 * PAGE)[..8], 0xabcd_u64.to_le_bytes());
+    verify(&ram, pattern, PAGE);
+    verify(&ram, pattern, 4 * PAGE);
+    verify(&ram, pattern, 11 * PAGE);
+    assert!(engine.stats().removes >= 2);
+}
+
+#[test]
+fn pages_present_behind_the_engine_are_skipped_not_overwritten() {
+    let ram = ram(&[(0, 64)]);
+    // Populated before the engine registers the region.
+    write_word(&ram, 10 * PAGE, 0x1010);
+    write_word(&ram, 11 * PAGE, 0x1111);
+    write_word(&ram, 30 * PAGE, 0x3030);
+    let pattern = Pattern { seed: 5 };
+    let engine = Engine::builder(ram.clone(), Arc::new(pattern)).max_window(64).start().unwrap();
+    for p in 0..64u64 {
+        let page = read_page(&ram, p * PAGE);
+        match p {
+            10 | 11 | 30 => {
+                let marker = [(10, 0x1010u64), (11, 0x1111), (30, 0x3030)].iter().find(|m| m.0 == p).unwrap().1;
+                assert_eq!(page[..8], marker.to_le_bytes(), "page {p} keeps what was written before");
+            }
+            _ => assert_eq!(pattern.verify(p * PAGE, &page), Ok(()), "page {p}"),
+        }
+    }
+    let st = settled(&engine);
+    assert!(st.eexist >= 2, "windows met the present pages: {st:?}");
+    assert_eq!(st.pages_installed, 61, "{st:?}");
+}
+
+#[test]
+fn a_fault_deduped_onto_a_failed_window_is_resolved() {
+    let ram = ram(&[(0, 16)]);
+    let mut src = TestSource::new(Duration::from_millis(75));
+    src.fail_windows = true;
+    let source = Arc::new(src);
+    let engine = Engine::builder(ram.clone(), source.clone()).max_window(4).start().unwrap();
+    let started = Instant::now();
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            // Pages 0 and 1 single, then page 2 opens a window [2, 4).
+            for p in 0..3 {
+                verify(&ram, source.pattern, p * PAGE);
+            }
+        });
+        s.spawn(|| {
+            // Arrive while the window's fill is sleeping.
+            while source.calls.load(Ordering::Relaxed) < 3 {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+            verify(&ram, source.pattern, 3 * PAGE);
+        });
+    });
+    let st = settled(&engine);
+    assert!(st.deduped >= 1, "page 3 was claimed by the window when faulted: {st:?}");
+    assert!(st.fill_retries >= 1, "{st:?}");
+    assert!(started.elapsed() < Duration::from_secs(10));
+}
+
+#[test]
+fn working_set_recorded_by_one_run_is_replayed_by_the_next() {
+    let pattern = Pattern { seed: 11 };
+    let order: Vec<u64> = [40u64, 3, 77, 120, 5, 6, 7, 200, 201, 33].iter().map(|p| p * PAGE).collect();
+    let ws = {
+        let ram = ram(&[(0, 256)]);
+        let engine = Engine::builder(ram.clone(), Arc::new(pattern)).max_window(1).record_working_set(true).start().unwrap();
+        for &gpa in &order {
+            verify(&ram, pattern, gpa);
+        }
+        engine.working_set()
+    };
+    assert_eq!(ws.pages, order);
+    let path = std::env::temp_dir().join(format!("apf-ws-test-{}", std::process::id()));
+    ws.save(&path).unwrap();
+    let ws = WorkingSet::load(&path).unwrap();
+    std::fs::remove_file(&path).unwrap();
+
+    let ram = ram(&[(0, 256)]);
+    let engine = Engine::builder(ram.clone(), Arc::new(pattern)).start().unwrap();
+    engine.replay(&ws).unwrap();
+    assert!(engine.wait_idle(Instant::now() + Duration::from_secs(10)), "replay did not finish");
+    assert_eq!(ram.regions()[0].census()[PageState::Present as usize], order.len());
+    for &gpa in &order {
+        verify(&ram, pattern, gpa);
+    }
+    assert_eq!(engine.stats().faults, 0, "replayed pages were present before the guest asked");
+}
+
+#[test]
+fn prefetch_installs_a_range_and_bad_ranges_are_refused() {
+    let ram = ram(&[(0x1000, 32)]);
+    let pattern = Pattern { seed: 2 };
+    let engine = Engine::builder(ram.clone(), Arc::new(pattern)).start().unwrap();
+    let n = engine.prefetch(GuestRange::new(GuestAddress(0x1000 + 4 * PAGE), 8 * PAGE)).unwrap();
+    assert_eq!(n, 8);
+    assert_eq!(engine.prefetch(GuestRange::new(GuestAddress(0x1000 + 4 * PAGE), 8 * PAGE)).unwrap(), 0, "already present");
+    for p in 4..12 {
+        verify(&ram, pattern, 0x1000 + p * PAGE);
+    }
+    assert_eq!(engine.stats().faults, 0);
+    let bad = [
+        (GuestRange::new(GuestAddress(0x1001), PAGE), "unaligned"),
+        (GuestRange::new(GuestAddress(0x1000), 0), "empty"),
+        (GuestRange::new(GuestAddress(0x1000 + 30 * PAGE), 4 * PAGE), "past the end"),
+        (GuestRange::new(GuestAddress(0x100_0000), PAGE), "outside RAM"),
+    ];
+    for (range, what) in bad {
+        match engine.prefetch(range) {
+            Err(EngineError::Ram(e)) => {
+                let ok = matches!(
+                    (what, &e),
+                    ("unaligned", RamError::Unaligned(_))
+                        | ("empty", RamError::Empty(_))
+                        | ("past the end", RamError::RangeOutOfBounds(_))
+                        | ("outside RAM", RamError::OutOfRange(_))
+                );
+                assert!(ok, "{what}: {e}");
+                assert!(!e.to_string().is_empty());
+            }
+            other => panic!("{what}: expected a RAM error, got {other:?}"),
+        }
+    }
+}
+
+#[test]
+fn invalid_configuration_is_refused() {
+    let ram = ram(&[(0, 4)]);
+    let p = Arc::new(Pattern { seed: 0 });
+    for (b, what) in [
+        (Engine::builder(ram.clone(), p.clone()).workers(0), "workers"),
+        (Engine::builder(ram.clone(), p.clone()).max_window(0), "max_window"),
+        (Engine::builder(ram.clone(), p.clone()).max_window(100_000), "max_window"),
+    ] {
+        match b.start() {
+            Err(EngineError::Config(msg)) => assert!(msg.contains(what), "{msg}"),
+            other => panic!("{what}: expected a config error, got {other:?}"),
+        }
+    }
+    // "inline" parses, garbage does not.
+    assert_eq!("inline".parse::<Dispatch>(), Ok(Dispatch::Inline));
+    assert!("fast".parse::<Dispatch>().unwrap_err().contains("fast"));
+}
+
+#[test]
+fn zero_source_serves_reads_with_the_zero_page_and_writes_with_copies() {
+    let ram = ram(&[(0, 64)]);
+    let engine = Engine::builder(ram.clone(), Arc::new(apf::ZeroSource)).max_window(1).start().unwrap();
+    assert!(read_page(&ram, 0).iter().all(|&b| b == 0));
+    write_word(&ram, 8 * PAGE, 42);
+    assert_eq!(read_page(&ram, 8 * PAGE)[..8], 42u64.to_le_bytes());
+    // The read-mapped zero page is still writable (the kernel copies it).
+    write_word(&ram, 0, 7);
+    assert_eq!(read_page(&ram, 0)[..8], 7u64.to_le_bytes());
+    let st = settled(&engine);
+    assert_eq!(st.zero_pages, 1, "{st:?}");
+    assert_eq!(st.pages_installed, 2, "{st:?}");
+}
+
+#[test]
+fn many_threads_random_faults_every_byte_right() {
+    let ram = ram(&[(0, 4096)]);
+    let pattern = Pattern { seed: 1234 };
+    let engine = Engine::builder(ram.clone(), Arc::new(pattern)).start().unwrap();
+    let next = AtomicUsize::new(0);
+    std::thread::scope(|s| {
+        for t in 0..4u64 {
+            let (ram, next) = (&ram, &next);
+            s.spawn(move || {
+                let mut x = t + 1;
+                while next.fetch_add(1, Ordering::Relaxed) < 4096 {
+                    x = apf::source::splitmix64(x);
+                    verify(ram, pattern, (x % 4096) * PAGE);
+                }
+            });
+        }
+    });
+    for p in 0..4096 {
+        if ram.regions()[0].state(p).0 == PageState::Present {
+            verify(&ram, pattern, p as u64 * PAGE);
+        }
+    }
+    let st = settled(&engine);
+    assert_eq!(st.pages_installed as usize, ram.regions()[0].census()[PageState::Present as usize], "{st:?}");
+}
+
+// ---- Child-process tests: a SIGBUS, or fd/thread accounting, must not
+// ---- share a process with the other tests.
+
+static SIGBUS_SEEN: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_sigbus(_: libc::c_int) {
+    SIGBUS_SEEN.store(true, Ordering::SeqCst);
+    // Returning would re-run the faulting access; park this thread until
+    // the process exits.
+    loop {
+        // SAFETY: pause(2) is async-signal-safe and has no preconditions.
+        unsafe { libc::pause() };
+    }
+}
+
+fn catch_sigbus() {
+    // SAFETY: installs a handler that only touches an atomic and calls
+    // pause(2), both async-signal-safe; the sigaction struct is zeroed and
+    // then filled in.
+    unsafe {
+        let mut sa: libc::sigaction = std::mem::zeroed();
+        sa.sa_sigaction = on_sigbus as *const () as usize;
+        libc::sigemptyset(&mut sa.sa_mask);
+        assert_eq!(libc::sigaction(libc::SIGBUS, &sa, std::ptr::null_mut()), 0);
+    }
+}
+
+fn wait_for(flag: &AtomicBool, limit: Duration) -> bool {
+    let deadline = Instant::now() + limit;
+    while !flag.load(Ordering::SeqCst) {
+        if Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    true
+}
+
+/// Runs the ignored test `name` alone in a fresh copy of this test binary
+/// and returns its stdout. Re-executing (not forking) keeps the child's
+/// userfaultfd registrations its own.
+fn run_child(name: &str) -> String {
+    let exe = std::env::current_exe().unwrap();
+    let mut child = std::process::Command::new(exe)
+        .args([name, "--exact", "--ignored", "--nocapture", "--test-threads=1"])
+        .env("APF_CHILD", "1")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            let mut out = String::new();
+            std::io::Read::read_to_string(child.stdout.as_mut().unwrap(), &mut out).unwrap();
+            assert!(status.success(), "child {name} failed ({status}):\n{out}");
+            return out;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("child {name} did not finish in 60 s");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn failing_source_poisons_the_page_and_reports() {
+    let out = run_child("child_failing_source");
+    assert!(out.contains("reported: page source failed for guest page 0x3000 after 3 attempts (poisoned: true)"), "{out}");
+    assert!(out.contains("sigbus: delivered"), "{out}");
+    assert!(out.contains("poisoned: 1"), "{out}");
+    assert!(out.contains("retries: 2"), "{out}");
+}
+
+#[test]
+#[ignore = "runs in a child process started by failing_source_poisons_the_page_and_reports"]
+fn child_failing_source() {
+    assert!(std::env::var_os("APF_CHILD").is_some(), "run through its parent test");
+    catch_sigbus();
+    let ram = ram(&[(0, 8)]);
+    let mut src = TestSource::new(Duration::ZERO);
+    src.fail_all = true;
+    let mut config = apf::Config::default();
+    config.fill_retries = 2;
+    let engine = Engine::builder(ram.clone(), Arc::new(src)).config(config).start().unwrap();
+    let r = ram.clone();
+    std::thread::spawn(move || read_page(&r, 3 * PAGE));
+    let err = engine.errors().recv_timeout(Duration::from_secs(10)).expect("an error report");
+    println!("reported: {err}");
+    let delivered = wait_for(&SIGBUS_SEEN, Duration::from_secs(10));
+    println!("sigbus: {}", if delivered { "delivered" } else { "missing" });
+    let st = settled(&engine);
+    println!("poisoned: {}", st.poisoned);
+    println!("retries: {}", st.fill_retries);
+    std::process::exit(0);
+}
+
+#[test]
+fn shutdown_under_load_is_clean() {
+    let out = run_child("child_shutdown_under_load");
+    for needle in ["shutdown: prompt", "poisoned: all unresolved", "fds: none leaked", "threads: all joined", "after shutdown: sigbus"] {
+        assert!(out.contains(needle), "missing {needle:?} in:\n{out}");
+    }
+}
+
+fn count_entries(dir: &str) -> usize {
+    std::fs::read_dir(dir).unwrap().count()
+}
+
+#[test]
+#[ignore = "runs in a child process started by shutdown_under_load_is_clean"]
+fn child_shutdown_under_load() {
+    assert!(std::env::var_os("APF_CHILD").is_some(), "run through its parent test");
+    catch_sigbus();
+    let fds_before = count_entries("/proc/self/fd");
+    let threads_before = count_entries("/proc/self/task");
+    let ram = ram(&[(0, 4096)]);
+    let source = Arc::new(TestSource::new(Duration::from_micros(300)));
+    let engine = Engine::builder(ram.clone(), source.clone()).workers(2).start().unwrap();
+    // Load: four threads faulting at random, and a replay of every page.
+    engine.replay(&WorkingSet { pages: (0..4096).map(|p| p * PAGE).collect() }).unwrap();
+    let stop = AtomicBool::new(false);
+    std::thread::scope(|s| {
+        for t in 0..4u64 {
+            let (ram, stop, source) = (&ram, &stop, &source);
+            s.spawn(move || {
+                let mut x = t;
+                while !stop.load(Ordering::Relaxed) {
+                    x = apf::source::splitmix64(x);
+                    verify(ram, source.pattern, (x % 4096) * PAGE);
+                }
+            });
+        }
+        std::thread::sleep(Duration::from_millis(300));
+        // The user stops its faulting threads first.
+        stop.store(true, Ordering::Relaxed);
+    });
+    let r = ram.regions()[0].census();
+    let unresolved = (r[PageState::Missing as usize] + r[PageState::Resolving as usize]) as u64;
+    assert!(unresolved > 0, "the load must leave pages unresolved");
+    let t = Instant::now();
+    let report = engine.shutdown();
+    let took = t.elapsed();
+    println!("shutdown: {} ({took:?})", if took < Duration::from_secs(5) { "prompt" } else { "slow" });
+    let after = ram.regions()[0].census();
+    let missing_now = after[PageState::Missing as usize] as u64;
+    println!(
+        "poisoned: {} ({} poisoned, {unresolved} unresolved before, {missing_now} missing now)",
+        if report.poisoned_pages >= missing_now && report.poisoned_pages > 0 { "all unresolved" } else { "some left" },
+        report.poisoned_pages
+    );
+    // The engine's descriptors (uffd, eventfds, epoll) are closed. The
+    // region stays mapped: it belongs to `ram`.
+    let fds_after = count_entries("/proc/self/fd");
+    println!("fds: {} ({fds_before} before, {fds_after} after)", if fds_after == fds_before { "none leaked" } else { "leaked" });
+    let threads_after = count_entries("/proc/self/task");
+    println!("threads: {} ({threads_before} before, {threads_after} after)", if threads_after == threads_before { "all joined" } else { "left running" });
+    // A page nobody resolved now raises SIGBUS instead of reading zeros.
+    let page = (0..4096).find(|&p| ram.regions()[0].state(p).0 == PageState::Missing).expect("an unresolved page");
+    let r2 = ram.clone();
+    std::thread::spawn(move || read_page(&r2, page as u64 * PAGE));
+    println!("after shutdown: {}", if wait_for(&SIGBUS_SEEN, Duration::from_secs(10)) { "sigbus" } else { "no sigbus" });
+    std::process::exit(0);
+}
