@@ -57,7 +57,9 @@ fn parse() -> Result<Args, String> {
         dispatch: Dispatch::Auto,
         handler: Handler::Apf,
         spin_us: apf::Config::default().spin.as_micros() as u64,
-        seed: splitmix64(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(1, |d| d.as_nanos() as u64)),
+        seed: splitmix64(
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(1, |d| d.as_nanos() as u64),
+        ),
         file: None,
     };
     let mut it = std::env::args().skip(1);
@@ -137,7 +139,12 @@ struct Pass {
     stats: String,
 }
 
-fn run_pass(args: &Args, order: &'static str, path: &PathBuf, pattern: Pattern) -> Result<Pass, Box<dyn std::error::Error>> {
+fn run_pass(
+    args: &Args,
+    order: &'static str,
+    path: &PathBuf,
+    pattern: Pattern,
+) -> Result<Pass, Box<dyn std::error::Error>> {
     let ram = Arc::new(GuestRam::anonymous(&[(GuestAddress(0), args.size)])?);
     let pages = ram.pages();
     let base = ram.regions()[0].host_base() as usize;
@@ -162,7 +169,8 @@ fn run_pass(args: &Args, order: &'static str, path: &PathBuf, pattern: Pattern) 
         Handler::Kernel => {}
     }
     let write = args.handler == Handler::Kernel;
-    let lists: Vec<Vec<usize>> = (0..args.threads).map(|t| pages_for(order, t, args.threads, pages, args.seed)).collect();
+    let lists: Vec<Vec<usize>> =
+        (0..args.threads).map(|t| pages_for(order, t, args.threads, pages, args.seed)).collect();
     let start = Instant::now();
     std::thread::scope(|s| {
         for list in &lists {
@@ -170,15 +178,15 @@ fn run_pass(args: &Args, order: &'static str, path: &PathBuf, pattern: Pattern) 
                 let mut sum = 0u64;
                 for &p in list {
                     let addr = (base + p * PAGE_SIZE) as *mut u64;
-                    // SAFETY: `addr` is the first word of page `p` of the
-                    // region, which is mapped for the whole pass; the engine
-                    // (or the kernel) makes it present on first touch.
-                    unsafe {
-                        if write {
-                            std::ptr::write_volatile(addr, p as u64);
-                        } else {
-                            sum = sum.wrapping_add(std::ptr::read_volatile(addr));
-                        }
+                    if write {
+                        // SAFETY: `addr` is the first word of page `p` of
+                        // the region, mapped for the whole pass; the kernel
+                        // zero-fills it on first touch.
+                        unsafe { std::ptr::write_volatile(addr, p as u64) };
+                    } else {
+                        // SAFETY: as above; the engine (or the baseline)
+                        // installs the page on first touch.
+                        sum = sum.wrapping_add(unsafe { std::ptr::read_volatile(addr) });
                     }
                 }
                 std::hint::black_box(sum);
@@ -233,7 +241,10 @@ fn main() -> ExitCode {
     };
     let pattern = Pattern { seed: args.seed };
     let own_file = args.file.is_none();
-    let path = args.file.clone().unwrap_or_else(|| std::env::temp_dir().join(format!("apf-demand-fault-{}.img", std::process::id())));
+    let path = args
+        .file
+        .clone()
+        .unwrap_or_else(|| std::env::temp_dir().join(format!("apf-demand-fault-{}.img", std::process::id())));
     if args.handler != Handler::Kernel {
         if let Err(e) = write_image(&path, args.size, pattern) {
             eprintln!("demand_fault: cannot write {}: {e}", path.display());

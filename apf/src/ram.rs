@@ -412,7 +412,8 @@ impl GuestRam {
     /// The page mapped at host address `host`, if it is guest RAM.
     pub fn locate_host(&self, host: u64) -> Option<PageLoc> {
         self.regions.iter().enumerate().find_map(|(i, r)| {
-            (host >= r.host && host - r.host < r.len).then(|| PageLoc { region: i, page: ((host - r.host) / PAGE) as usize })
+            (host >= r.host && host - r.host < r.len)
+                .then(|| PageLoc { region: i, page: ((host - r.host) / PAGE) as usize })
         })
     }
 
@@ -514,10 +515,16 @@ mod tests {
     #[test]
     fn check_range_validates_alignment_and_extent() {
         let ram = two_regions();
-        assert_eq!(ram.check_range(GuestRange::new(GuestAddress(0x2000), 2 * PAGE)).unwrap(), (PageLoc { region: 0, page: 1 }, 2));
+        assert_eq!(
+            ram.check_range(GuestRange::new(GuestAddress(0x2000), 2 * PAGE)).unwrap(),
+            (PageLoc { region: 0, page: 1 }, 2)
+        );
         assert!(matches!(ram.check_range(GuestRange::new(GuestAddress(0x2000), 0)), Err(RamError::Empty(_))));
         assert!(matches!(ram.check_range(GuestRange::new(GuestAddress(0x2001), PAGE)), Err(RamError::Unaligned(_))));
-        assert!(matches!(ram.check_range(GuestRange::new(GuestAddress(0x4000), 2 * PAGE)), Err(RamError::RangeOutOfBounds(_))));
+        assert!(matches!(
+            ram.check_range(GuestRange::new(GuestAddress(0x4000), 2 * PAGE)),
+            Err(RamError::RangeOutOfBounds(_))
+        ));
         assert!(matches!(ram.check_range(GuestRange::new(GuestAddress(0x8000), PAGE)), Err(RamError::OutOfRange(_))));
     }
 
@@ -556,7 +563,10 @@ mod tests {
 
     #[test]
     fn unaligned_regions_are_refused() {
-        assert!(matches!(GuestRam::anonymous(&[(GuestAddress(0x800), PAGE_SIZE)]), Err(RamError::UnalignedRegion { .. })));
+        assert!(matches!(
+            GuestRam::anonymous(&[(GuestAddress(0x800), PAGE_SIZE)]),
+            Err(RamError::UnalignedRegion { .. })
+        ));
         assert!(matches!(GuestRam::anonymous(&[(GuestAddress(0), 100)]), Err(RamError::UnalignedRegion { .. })));
         assert!(matches!(GuestRam::anonymous(&[]), Err(RamError::NoRegions)));
     }

@@ -210,12 +210,9 @@ impl SnapshotFile {
 
 impl PageSource for SnapshotFile {
     fn fill(&self, gpa: GuestAddress, buf: &mut [u8]) -> Result<(), SourceError> {
-        let off = self
-            .offset_of(gpa, buf.len())
-            .ok_or(SourceError::NotCovered(GuestRange::new(gpa, buf.len() as u64)))?;
-        self.file
-            .read_exact_at(buf, off)
-            .map_err(|source| SourceError::Io { gpa: gpa.0, len: buf.len(), source })
+        let off =
+            self.offset_of(gpa, buf.len()).ok_or(SourceError::NotCovered(GuestRange::new(gpa, buf.len() as u64)))?;
+        self.file.read_exact_at(buf, off).map_err(|source| SourceError::Io { gpa: gpa.0, len: buf.len(), source })
     }
 
     fn resident(&self, gpa: GuestAddress, len: usize) -> Option<*const u8> {
@@ -471,7 +468,10 @@ mod tests {
             vec![(GuestRange::new(GuestAddress(1), page), 0)],
             vec![(GuestRange::new(GuestAddress(0), page), 1)],
             vec![(GuestRange::new(GuestAddress(0), 0), 0)],
-            vec![(GuestRange::new(GuestAddress(0), 2 * page), 0), (GuestRange::new(GuestAddress(page), page), 2 * page)],
+            vec![
+                (GuestRange::new(GuestAddress(0), 2 * page), 0),
+                (GuestRange::new(GuestAddress(page), page), 2 * page),
+            ],
         ] {
             assert!(matches!(SnapshotFile::with_layout(&path, layout), Err(SourceError::BadLayout(_))));
         }

@@ -334,13 +334,16 @@ impl Uffd {
 
     fn create_fd(nonblocking: bool) -> Result<OwnedFd, UffdError> {
         use rustix::mm::UserfaultfdFlags;
-        let flags = if nonblocking { UserfaultfdFlags::CLOEXEC | UserfaultfdFlags::NONBLOCK } else { UserfaultfdFlags::CLOEXEC };
+        let flags = if nonblocking {
+            UserfaultfdFlags::CLOEXEC | UserfaultfdFlags::NONBLOCK
+        } else {
+            UserfaultfdFlags::CLOEXEC
+        };
         // SAFETY: userfaultfd(2) has no memory-safety preconditions; rustix
         // marks it unsafe only because the new descriptor can change how
         // this process's memory behaves once ranges are registered, which
         // is exactly what the caller asks for.
-        unsafe { rustix::mm::userfaultfd(flags) }
-            .map_err(|e| UffdError::Create(e.into()))
+        unsafe { rustix::mm::userfaultfd(flags) }.map_err(|e| UffdError::Create(e.into()))
     }
 
     fn api(fd: &OwnedFd, features: Features) -> Result<Features, UffdError> {
@@ -362,11 +365,7 @@ impl Uffd {
     /// Registers `[start, start + len)` (host addresses, page-aligned) in
     /// `mode`. Returns the ioctl bit mask the range supports.
     pub fn register(&self, start: u64, len: u64, mode: RegisterMode) -> Result<u64, UffdError> {
-        let mut reg = sys::uffdio_register {
-            range: sys::uffdio_range { start, len },
-            mode: mode.0,
-            ioctls: 0,
-        };
+        let mut reg = sys::uffdio_register { range: sys::uffdio_range { start, len }, mode: mode.0, ioctls: 0 };
         // SAFETY: UFFDIO_REGISTER reads and writes one uffdio_register on
         // this stack frame. Registering changes how faults on the range are
         // handled, not which memory is valid.
@@ -403,11 +402,7 @@ impl Uffd {
             // size_of_val(&buf.msgs) bytes, and the kernel writes whole
             // uffd_msg records into it.
             let ret = unsafe {
-                libc::read(
-                    self.fd.as_raw_fd(),
-                    buf.msgs.as_mut_ptr().cast(),
-                    std::mem::size_of_val(&buf.msgs),
-                )
+                libc::read(self.fd.as_raw_fd(), buf.msgs.as_mut_ptr().cast(), std::mem::size_of_val(&buf.msgs))
             };
             if ret >= 0 {
                 break ret as usize;
@@ -426,7 +421,13 @@ impl Uffd {
         Ok(count)
     }
 
-    fn ioctl_progress<T>(&self, op: &'static str, req: u32, arg: &mut T, progress: impl Fn(&T) -> i64) -> Result<usize, IoctlError> {
+    fn ioctl_progress<T>(
+        &self,
+        op: &'static str,
+        req: u32,
+        arg: &mut T,
+        progress: impl Fn(&T) -> i64,
+    ) -> Result<usize, IoctlError> {
         // SAFETY: every request routed here takes a pointer to a struct of
         // type T (uffdio_copy, uffdio_zeropage, uffdio_move, uffdio_poison)
         // that the kernel reads and writes back into for the duration of the

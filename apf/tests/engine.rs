@@ -24,8 +24,10 @@ fn read_page(ram: &GuestRam, gpa: u64) -> Vec<u8> {
     let p = ram.host_range(GuestAddress(gpa), PAGE).unwrap();
     let mut out = vec![0u8; PAGE_SIZE];
     for (i, b) in out.iter_mut().enumerate() {
-        // SAFETY: `p` covers one page of guest RAM, mapped while `ram` lives.
-        *b = unsafe { std::ptr::read_volatile(p.add(i)) };
+        let at = p.wrapping_add(i);
+        // SAFETY: `at` is inside the page `p` covers, guest RAM mapped while
+        // `ram` lives.
+        *b = unsafe { std::ptr::read_volatile(at) };
     }
     out
 }
@@ -81,7 +83,11 @@ impl PageSource for TestSource {
         // Like real I/O, a fill takes longer the more it reads.
         std::thread::sleep(self.delay * (buf.len() / PAGE_SIZE) as u32);
         if self.fail_all || (self.fail_windows && buf.len() > PAGE_SIZE) {
-            return Err(SourceError::Io { gpa: gpa.0, len: buf.len(), source: std::io::Error::from_raw_os_error(libc::EIO) });
+            return Err(SourceError::Io {
+                gpa: gpa.0,
+                len: buf.len(),
+                source: std::io::Error::from_raw_os_error(libc::EIO),
+            });
         }
         let mut fills = self.fills.lock().unwrap();
         for i in 0..buf.len() / PAGE_SIZE {
@@ -168,11 +174,10 @@ fn removed_pages_fault_back_as_zeros() {
     }
     let host = ram.host_range(GuestAddress(2 * PAGE), 2 * PAGE).unwrap();
     let never_touched = ram.host_range(GuestAddress(10 * PAGE), PAGE).unwrap();
-    // SAFETY: both ranges are guest RAM; dropping their contents is the
-    // balloon behaviour under test.
-    unsafe {
-        assert_eq!(libc::madvise(host.cast(), 2 * PAGE_SIZE, libc::MADV_DONTNEED), 0);
-        assert_eq!(libc::madvise(never_touched.cast(), PAGE_SIZE, libc::MADV_DONTNEED), 0);
+    for (at, len) in [(host, 2 * PAGE_SIZE), (never_touched, PAGE_SIZE)] {
+        // SAFETY: the range is guest RAM; dropping its contents is the
+        // balloon behaviour under test.
+        assert_eq!(unsafe { libc::madvise(at.cast(), len, libc::MADV_DONTNEED) }, 0);
     }
     for gpa in [2 * PAGE, 3 * PAGE, 10 * PAGE] {
         assert!(read_page(&ram, gpa).iter().all(|&b| b == 0), "removed page {gpa:#x} must read as zeros");
@@ -246,7 +251,8 @@ fn working_set_recorded_by_one_run_is_replayed_by_the_next() {
     let order: Vec<u64> = [40u64, 3, 77, 120, 5, 6, 7, 200, 201, 33].iter().map(|p| p * PAGE).collect();
     let ws = {
         let ram = ram(&[(0, 256)]);
-        let engine = Engine::builder(ram.clone(), Arc::new(pattern)).max_window(1).record_working_set(true).start().unwrap();
+        let engine =
+            Engine::builder(ram.clone(), Arc::new(pattern)).max_window(1).record_working_set(true).start().unwrap();
         for &gpa in &order {
             verify(&ram, pattern, gpa);
         }
@@ -276,7 +282,11 @@ fn prefetch_installs_a_range_and_bad_ranges_are_refused() {
     let engine = Engine::builder(ram.clone(), Arc::new(pattern)).start().unwrap();
     let n = engine.prefetch(GuestRange::new(GuestAddress(0x1000 + 4 * PAGE), 8 * PAGE)).unwrap();
     assert_eq!(n, 8);
-    assert_eq!(engine.prefetch(GuestRange::new(GuestAddress(0x1000 + 4 * PAGE), 8 * PAGE)).unwrap(), 0, "already present");
+    assert_eq!(
+        engine.prefetch(GuestRange::new(GuestAddress(0x1000 + 4 * PAGE), 8 * PAGE)).unwrap(),
+        0,
+        "already present"
+    );
     for p in 4..12 {
         verify(&ram, pattern, 0x1000 + p * PAGE);
     }
@@ -382,15 +392,13 @@ extern "C" fn on_sigbus(_: libc::c_int) {
 }
 
 fn catch_sigbus() {
-    // SAFETY: installs a handler that only touches an atomic and calls
-    // pause(2), both async-signal-safe; the sigaction struct is zeroed and
-    // then filled in.
-    unsafe {
-        let mut sa: libc::sigaction = std::mem::zeroed();
-        sa.sa_sigaction = on_sigbus as *const () as usize;
-        libc::sigemptyset(&mut sa.sa_mask);
-        assert_eq!(libc::sigaction(libc::SIGBUS, &sa, std::ptr::null_mut()), 0);
-    }
+    // SAFETY: sigaction is plain data; all-zero is a valid value (empty
+    // mask, no flags).
+    let mut sa: libc::sigaction = unsafe { std::mem::zeroed() };
+    sa.sa_sigaction = on_sigbus as *const () as usize;
+    // SAFETY: the handler only touches an atomic and calls pause(2), both
+    // async-signal-safe; `sa` is fully initialised.
+    assert_eq!(unsafe { libc::sigaction(libc::SIGBUS, &sa, std::ptr::null_mut()) }, 0);
 }
 
 fn wait_for(flag: &AtomicBool, limit: Duration) -> bool {
@@ -435,7 +443,10 @@ fn run_child(name: &str) -> String {
 #[test]
 fn failing_source_poisons_the_page_and_reports() {
     let out = run_child("child_failing_source");
-    assert!(out.contains("reported: page source failed for guest page 0x3000 after 3 attempts (poisoned: true)"), "{out}");
+    assert!(
+        out.contains("reported: page source failed for guest page 0x3000 after 3 attempts (poisoned: true)"),
+        "{out}"
+    );
     assert!(out.contains("sigbus: delivered"), "{out}");
     assert!(out.contains("poisoned: 1"), "{out}");
     assert!(out.contains("retries: 2"), "{out}");
@@ -449,8 +460,7 @@ fn child_failing_source() {
     let ram = ram(&[(0, 8)]);
     let mut src = TestSource::new(Duration::ZERO);
     src.fail_all = true;
-    let mut config = apf::Config::default();
-    config.fill_retries = 2;
+    let config = apf::Config { fill_retries: 2, ..Default::default() };
     let engine = Engine::builder(ram.clone(), Arc::new(src)).config(config).start().unwrap();
     let r = ram.clone();
     std::thread::spawn(move || read_page(&r, 3 * PAGE));
@@ -467,7 +477,13 @@ fn child_failing_source() {
 #[test]
 fn shutdown_under_load_is_clean() {
     let out = run_child("child_shutdown_under_load");
-    for needle in ["shutdown: prompt", "poisoned: all unresolved", "fds: none leaked", "threads: all joined", "after shutdown: sigbus"] {
+    for needle in [
+        "shutdown: prompt",
+        "poisoned: all unresolved",
+        "fds: none leaked",
+        "threads: all joined",
+        "after shutdown: sigbus",
+    ] {
         assert!(out.contains(needle), "missing {needle:?} in:\n{out}");
     }
 }
@@ -521,13 +537,22 @@ fn child_shutdown_under_load() {
     // The engine's descriptors (uffd, eventfds, epoll) are closed. The
     // region stays mapped: it belongs to `ram`.
     let fds_after = count_entries("/proc/self/fd");
-    println!("fds: {} ({fds_before} before, {fds_after} after)", if fds_after == fds_before { "none leaked" } else { "leaked" });
+    println!(
+        "fds: {} ({fds_before} before, {fds_after} after)",
+        if fds_after == fds_before { "none leaked" } else { "leaked" }
+    );
     let threads_after = count_entries("/proc/self/task");
-    println!("threads: {} ({threads_before} before, {threads_after} after)", if threads_after == threads_before { "all joined" } else { "left running" });
+    println!(
+        "threads: {} ({threads_before} before, {threads_after} after)",
+        if threads_after == threads_before { "all joined" } else { "left running" }
+    );
     // A page nobody resolved now raises SIGBUS instead of reading zeros.
     let page = (0..4096).find(|&p| ram.regions()[0].state(p).0 == PageState::Missing).expect("an unresolved page");
     let r2 = ram.clone();
     std::thread::spawn(move || read_page(&r2, page as u64 * PAGE));
-    println!("after shutdown: {}", if wait_for(&SIGBUS_SEEN, Duration::from_secs(10)) { "sigbus" } else { "no sigbus" });
+    println!(
+        "after shutdown: {}",
+        if wait_for(&SIGBUS_SEEN, Duration::from_secs(10)) { "sigbus" } else { "no sigbus" }
+    );
     std::process::exit(0);
 }

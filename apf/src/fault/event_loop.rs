@@ -219,7 +219,13 @@ impl FaultLoop {
                     }
                     shared.stats.spurious.fetch_add(1, Ordering::Relaxed);
                     span.record("source", "zero");
-                    let job = Job { region: loc.region, fault: Some(Fault { page, write }), runs: vec![(page, 1)], span, attempts: 0 };
+                    let job = Job {
+                        region: loc.region,
+                        fault: Some(Fault { page, write }),
+                        runs: vec![(page, 1)],
+                        span,
+                        attempts: 0,
+                    };
                     self.dispatch(job);
                     return;
                 }
@@ -295,18 +301,18 @@ impl FaultLoop {
         if self.shared.inline_ok(pages) {
             self.shared.stats.inline.fetch_add(1, Ordering::Relaxed);
             match resolve::resolve(&self.shared, job, &mut self.ctx) {
-                Some(job) => self.to_pool(job),
+                Some(job) => self.send_to_pool(job),
                 None => {
                     self.shared.in_flight.fetch_sub(1, Ordering::AcqRel);
                 }
             }
         } else {
-            self.to_pool(job);
+            self.send_to_pool(job);
         }
     }
 
     /// Sends a counted job to the pool (the worker uncounts it).
-    fn to_pool(&mut self, job: Job) {
+    fn send_to_pool(&mut self, job: Job) {
         match self.jobs.try_send(job) {
             Ok(()) => {
                 self.shared.stats.dispatched.fetch_add(1, Ordering::Relaxed);

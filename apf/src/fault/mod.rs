@@ -451,10 +451,7 @@ impl Engine {
         if config.queue_depth == 0 || config.park_capacity == 0 || config.error_capacity == 0 {
             return Err(EngineError::Config("queue_depth, park_capacity and error_capacity must be positive"));
         }
-        let uffd = Uffd::new(
-            Features::EVENT_REMOVE | Features::THREAD_ID | Features::POISON,
-            Features::MOVE,
-        )?;
+        let uffd = Uffd::new(Features::EVENT_REMOVE | Features::THREAD_ID | Features::POISON, Features::MOVE)?;
         for r in b.ram.regions() {
             uffd.register(r.host_base(), r.len(), RegisterMode::MISSING)?;
         }

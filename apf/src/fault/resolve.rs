@@ -268,7 +268,12 @@ fn job_range(region: &Region, runs: &[(usize, usize)]) -> GuestRange {
 
 /// Fills the window into pieces of one origin each. Resident source pages
 /// are not copied; other pages go into `ctx.buf`.
-fn fill(shared: &Shared, region: &Region, job: &Job, ctx: &mut Ctx) -> Result<Vec<Piece>, (u64, crate::source::SourceError)> {
+fn fill(
+    shared: &Shared,
+    region: &Region,
+    job: &Job,
+    ctx: &mut Ctx,
+) -> Result<Vec<Piece>, (u64, crate::source::SourceError)> {
     let _span = tracing::trace_span!(target: "apf", "apf.fill").entered();
     let write = job.fault.is_some_and(|f| f.write);
     let zero_source = shared.source.kind() == crate::source::SourceKind::Zero;
@@ -291,10 +296,13 @@ fn fill(shared: &Shared, region: &Region, job: &Job, ctx: &mut Ctx) -> Result<Ve
             let len = n * PAGE_SIZE;
             let is_zero = origin == Origin::Zero || (origin == Origin::Source && zero_source);
             let src = if is_zero {
-                if write { Src::Copy(shared.zeros.as_ptr()) } else { Src::ZeroPage }
-            } else if let Some(resident) = (origin == Origin::Source && job.attempts == 0)
-                .then(|| shared.source.resident(gpa, len))
-                .flatten()
+                if write {
+                    Src::Copy(shared.zeros.as_ptr())
+                } else {
+                    Src::ZeroPage
+                }
+            } else if let Some(resident) =
+                (origin == Origin::Source && job.attempts == 0).then(|| shared.source.resident(gpa, len)).flatten()
             {
                 // After a failure, go through `fill`, whose errors say why.
                 Src::Copy(resident)
