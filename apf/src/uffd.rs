@@ -486,7 +486,9 @@ impl Uffd {
 
     /// `UFFDIO_POISON`: installs poison markers over missing pages of the
     /// range; an access then gets SIGBUS instead of a fault event. Wakes
-    /// waiting threads, which then see the SIGBUS.
+    /// waiting threads, which then see the SIGBUS. A later `COPY` or
+    /// `ZEROPAGE` replaces a marker (the kernel treats it as an empty
+    /// entry), and `MADV_DONTNEED` clears it.
     pub fn poison(&self, start: u64, len: usize) -> Result<usize, IoctlError> {
         let mut arg = sys::uffdio_poison { range: sys::uffdio_range { start, len: len as u64 }, mode: 0, updated: 0 };
         self.ioctl_progress("UFFDIO_POISON", UFFDIO_POISON, &mut arg, |a| a.updated)
@@ -613,6 +615,111 @@ mod tests {
         let uffd = Uffd::new(Features::THREAD_ID, Features::empty()).unwrap();
         assert_eq!(uffd.features(), Features::THREAD_ID);
         assert!(Uffd::supported_features().unwrap().contains(Features::EVENT_REMOVE | Features::THREAD_ID));
+    }
+
+    /// Fresh private anonymous pages (leaked: tests are short-lived).
+    fn anon(pages: usize) -> u64 {
+        // SAFETY: a fresh anonymous mapping aliasing nothing.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                pages * PAGE_SIZE,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        assert_ne!(p, libc::MAP_FAILED);
+        p as u64
+    }
+
+    fn peek(addr: u64) -> u8 {
+        // SAFETY: only called on pages the test made present.
+        unsafe { std::ptr::read_volatile(addr as *const u8) }
+    }
+
+    // The test thread never touches a missing registered page (nobody
+    // would resolve it): every check goes through ioctl results or pages
+    // it installed itself.
+    #[test]
+    fn resolving_ioctls_keep_errno_and_progress() {
+        let uffd = Uffd::new(Features::empty(), Features::MOVE | Features::POISON).unwrap();
+        let (a, b) = (anon(4), anon(4));
+        let page = PAGE_SIZE as u64;
+        uffd.register(a, 4 * page, RegisterMode::MISSING).unwrap();
+        uffd.register(b, 4 * page, RegisterMode::MISSING).unwrap();
+        let src = vec![0xaa_u8; 2 * PAGE_SIZE];
+
+        assert_eq!(uffd.copy(a, src.as_ptr(), PAGE_SIZE, false), Ok(PAGE_SIZE));
+        assert_eq!(peek(a), 0xaa);
+        // Present first page: EEXIST with nothing done.
+        let e = uffd.copy(a, src.as_ptr(), 2 * PAGE_SIZE, false).unwrap_err();
+        assert_eq!((e.errno, e.done), (libc::EEXIST, 0));
+        // Present page part-way: the bytes before it are reported.
+        assert_eq!(uffd.copy(a + 2 * page, src.as_ptr(), PAGE_SIZE, false), Ok(PAGE_SIZE));
+        let e = uffd.copy(a + page, src.as_ptr(), 2 * PAGE_SIZE, false).unwrap_err();
+        assert_eq!(e.done, PAGE_SIZE, "{e}");
+        assert_eq!(peek(a + page), 0xaa);
+        // Zero page, then the shared zero page is present too.
+        assert_eq!(uffd.zeropage(a + 3 * page, PAGE_SIZE, false), Ok(PAGE_SIZE));
+        assert_eq!(peek(a + 3 * page), 0);
+        assert_eq!(uffd.zeropage(a + 3 * page, PAGE_SIZE, false).unwrap_err().errno, libc::EEXIST);
+        uffd.wake(a, 4 * PAGE_SIZE).unwrap();
+
+        if uffd.features().contains(Features::MOVE) {
+            assert_eq!(uffd.move_pages(b, a, PAGE_SIZE, false), Ok(PAGE_SIZE));
+            assert_eq!(peek(b), 0xaa);
+            // The source is missing again: a COPY there succeeds.
+            assert_eq!(uffd.copy(a, src.as_ptr(), PAGE_SIZE, false), Ok(PAGE_SIZE));
+            // Moving from a hole fails without ALLOW_SRC_HOLES...
+            let e = uffd.move_pages(b + 2 * page, b + page, PAGE_SIZE, false).unwrap_err();
+            assert_eq!((e.errno, e.done), (libc::ENOENT, 0));
+            // ... and skips it with.
+            assert_eq!(uffd.move_pages(b + 2 * page, b + page, PAGE_SIZE, true), Ok(PAGE_SIZE));
+        }
+        if uffd.features().contains(Features::POISON) {
+            assert_eq!(uffd.poison(b + 3 * page, PAGE_SIZE), Ok(PAGE_SIZE));
+            assert_eq!(uffd.poison(b + 3 * page, PAGE_SIZE).unwrap_err().errno, libc::EEXIST);
+            // A COPY replaces the marker: poison can be undone.
+            assert_eq!(uffd.copy(b + 3 * page, src.as_ptr(), PAGE_SIZE, false), Ok(PAGE_SIZE));
+            assert_eq!(peek(b + 3 * page), 0xaa);
+        }
+        // Outside any registered range.
+        let outside = anon(1);
+        assert_eq!(uffd.copy(outside, src.as_ptr(), PAGE_SIZE, false).unwrap_err().errno, libc::ENOENT);
+        uffd.unregister(a, 4 * page).unwrap();
+        assert!(matches!(uffd.unregister(a + 1, page), Err(UffdError::Unregister { .. })));
+    }
+
+    #[test]
+    fn writeprotect_round_trip() {
+        let uffd = Uffd::new(Features::empty(), Features::empty()).unwrap();
+        let a = anon(2);
+        let page = PAGE_SIZE as u64;
+        uffd.register(a, 2 * page, RegisterMode::MISSING | RegisterMode::WP).unwrap();
+        let src = vec![1u8; PAGE_SIZE];
+        uffd.copy(a, src.as_ptr(), PAGE_SIZE, false).unwrap();
+        uffd.writeprotect(a, PAGE_SIZE, true, false).unwrap();
+        assert_eq!(peek(a), 1, "reads are not blocked by write protection");
+        uffd.writeprotect(a, PAGE_SIZE, false, false).unwrap();
+        // SAFETY: the page is present and no longer write-protected.
+        unsafe { std::ptr::write_volatile(a as *mut u8, 2) };
+        assert_eq!(peek(a), 2);
+        // Write-protecting a range registered without WP is refused.
+        let b = anon(1);
+        uffd.register(b, page, RegisterMode::MISSING).unwrap();
+        assert!(uffd.writeprotect(b, PAGE_SIZE, true, false).is_err());
+    }
+
+    #[test]
+    fn register_errors_name_the_range() {
+        let uffd = Uffd::new(Features::empty(), Features::empty()).unwrap();
+        let a = anon(1);
+        match uffd.register(a + 1, PAGE_SIZE as u64, RegisterMode::MISSING) {
+            Err(e @ UffdError::Register { .. }) => assert!(e.to_string().contains(&format!("{:#x}", a + 1))),
+            other => panic!("unaligned register: {other:?}"),
+        }
     }
 
     #[test]
