@@ -17,6 +17,7 @@ use tracing::field;
 
 use super::{FaultError, Job, Shared};
 use crate::ram::{GuestRange, Origin, Region};
+use crate::source::PageSource;
 use crate::uffd::PAGE_SIZE;
 
 /// Per-thread scratch: the fill buffer is reused across jobs.
@@ -309,7 +310,7 @@ fn fill(
             } else {
                 let dst = &mut ctx.buf[buf_off..buf_off + len];
                 let res = match origin {
-                    Origin::Store => shared.store_fill(gpa, dst),
+                    Origin::Store => shared.store.fill(gpa, dst),
                     _ => shared.source.fill(gpa, dst),
                 };
                 res.map_err(|e| (gpa.0, e))?;
@@ -322,13 +323,6 @@ fn fill(
         }
     }
     Ok(pieces)
-}
-
-impl Shared {
-    fn store_fill(&self, gpa: crate::ram::GuestAddress, dst: &mut [u8]) -> Result<(), crate::source::SourceError> {
-        use crate::source::PageSource;
-        self.store.fill(gpa, dst)
-    }
 }
 
 /// Drops restored pages from the eviction store.
