@@ -24,8 +24,7 @@ pub struct SinglePageHandler {
 impl SinglePageHandler {
     /// Registers `ram` and starts the handler thread.
     pub fn start(ram: Arc<GuestRam>, source: Arc<dyn PageSource>) -> Result<Self, UffdError> {
-        // It blocks in poll(2) (with a timeout, so it can stop); a blocking
-        // userfaultfd cannot be polled (the kernel answers POLLERR).
+        // It blocks in poll(2), with a timeout so that it can stop.
         let uffd = Arc::new(Uffd::new(Features::empty(), Features::empty())?);
         for r in ram.regions() {
             uffd.register(r.host_base(), r.len(), RegisterMode::MISSING)?;

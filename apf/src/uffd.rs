@@ -302,7 +302,7 @@ impl Uffd {
     /// The features this kernel offers, probed with a throwaway descriptor
     /// (the API handshake can be done only once per descriptor).
     pub fn supported_features() -> Result<Features, UffdError> {
-        let fd = Self::create_fd(true)?;
+        let fd = Self::create_fd()?;
         Self::api(&fd, Features::empty())
     }
 
@@ -314,31 +314,24 @@ impl Uffd {
     /// kernel-mode faults too (no `UFFD_USER_MODE_ONLY`): KVM touches guest
     /// memory from kernel mode.
     pub fn new(required: Features, optional: Features) -> Result<Self, UffdError> {
-        Self::open(required, optional, true)
-    }
-
-    /// Like [`Self::new`], but reads block when `nonblocking` is false.
-    pub fn open(required: Features, optional: Features, nonblocking: bool) -> Result<Self, UffdError> {
         let supported = Self::supported_features()?;
         let missing = required.difference(supported);
         if missing != Features::empty() {
             return Err(UffdError::MissingFeatures { missing });
         }
         let wanted = Features(required.0 | (optional.0 & supported.0));
-        let fd = Self::create_fd(nonblocking)?;
+        let fd = Self::create_fd()?;
         // The kernel answers with every feature it has, but enables only
         // those requested.
         Self::api(&fd, wanted)?;
         Ok(Uffd { fd, features: wanted })
     }
 
-    fn create_fd(nonblocking: bool) -> Result<OwnedFd, UffdError> {
+    /// Always non-blocking: a blocking userfaultfd cannot be polled (the
+    /// kernel answers POLLERR), so nothing could wait on it with a deadline.
+    fn create_fd() -> Result<OwnedFd, UffdError> {
         use rustix::mm::UserfaultfdFlags;
-        let flags = if nonblocking {
-            UserfaultfdFlags::CLOEXEC | UserfaultfdFlags::NONBLOCK
-        } else {
-            UserfaultfdFlags::CLOEXEC
-        };
+        let flags = UserfaultfdFlags::CLOEXEC | UserfaultfdFlags::NONBLOCK;
         // SAFETY: userfaultfd(2) has no memory-safety preconditions; rustix
         // marks it unsafe only because the new descriptor can change how
         // this process's memory behaves once ranges are registered, which
@@ -392,9 +385,8 @@ impl Uffd {
         Ok(())
     }
 
-    /// Reads up to [`EVENT_BATCH`] pending events into `out` (cleared first).
-    /// On a non-blocking descriptor, returns 0 when none is pending; on a
-    /// blocking one, waits for at least one.
+    /// Reads up to [`EVENT_BATCH`] pending events into `out` (cleared first)
+    /// without blocking. Returns the number read; 0 when none is pending.
     pub fn read_events(&self, buf: &mut EventBuf, out: &mut Vec<Event>) -> Result<usize, UffdError> {
         out.clear();
         let bytes = loop {

@@ -62,11 +62,12 @@ pub(crate) fn worker(shared: &Shared, rx: &Receiver<Job>) {
     let mut ctx = Ctx::new(false, shared.config.max_window);
     for job in rx.iter() {
         let left = resolve(shared, job, &mut ctx);
-        shared.in_flight.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
         debug_assert!(left.is_none(), "workers finish their jobs");
         if let Some(job) = left {
             shared.release_runs(job.region, &job.runs);
         }
+        // Uncounted only once nothing of the job is left claimed.
+        shared.in_flight.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
         if shared.parked_waiting.load(std::sync::atomic::Ordering::SeqCst) {
             let _ = shared.kick.write(1);
         }
