@@ -32,18 +32,28 @@
 //! | [`uffd`] | the userfaultfd descriptor: handshake, registration, events, resolving ioctls |
 //! | [`ram`] | guest RAM regions, guest-address translation, per-page state |
 //! | [`source`] | where page contents come from: zeros, snapshot files, the eviction store |
-//! | [`notifier`] | the invalidation sequence that keeps stale contents from being installed |
+//! | [`notifier`] | the invalidation sequence and the interval registry of pins and references |
+//! | [`pin`] | short-term references, migratable pins with callbacks, hard pins |
+//! | [`offline`] | migrate, evict, unplug and host memory-block offlining of guest ranges |
+//! | [`hostmem`] | host memory blocks: sysfs state, the pagemap, the project-wide lock file |
+//! | [`kpin`] | real kernel pins on memory (io_uring fixed buffers) |
 //! | [`fault`] | the engine: event loop, dedupe, prefetch, worker pool, shutdown |
 //! | [`trace`] | the names of the `tracing` spans the engine emits |
 
 pub mod baseline;
 pub mod fault;
+pub mod hostmem;
+pub mod kpin;
 pub mod notifier;
+pub mod offline;
+pub mod pin;
 pub mod ram;
 pub mod source;
 pub mod trace;
 pub mod uffd;
 
 pub use fault::{Config, Dispatch, Engine, EngineError, FaultError};
+pub use offline::{Mode, OfflineError, OfflineReport, UnplugPolicy};
+pub use pin::{HardPin, PageRef, Pin, PinError, PinGuard};
 pub use ram::{GuestAddress, GuestRam, GuestRange};
 pub use source::{PageSource, SnapshotFile, ZeroSource};

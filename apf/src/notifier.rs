@@ -1,85 +1,378 @@
-//! The invalidation sequence: how a resolver learns that the contents it
-//! filled went stale before it installed them.
+//! The invalidation sequence and the interval registry: how a resolver
+//! learns that contents it filled went stale before it installed them, and
+//! how holders of guest memory learn that they must let go of it.
 //!
-//! Like KVM's `mmu_invalidate_seq`: a resolver takes `read_begin` before it
-//! fills a buffer, then, holding [`Notifier::install_lock`] (the lock every
-//! invalidation takes to bump the sequence), checks `read_retry` and
-//! installs. An invalidation that ran in between is seen, and the buffer is
-//! thrown away; one that starts later waits for the install to finish.
+//! The semantics are those of Linux's `mmu_interval_notifier`:
+//!
+//! - A resolver takes [`Notifier::read_begin`] before it fills a buffer
+//!   (waiting for any overlapping invalidation to end), then, holding
+//!   [`Notifier::install_lock`] (the lock every invalidation takes to bump
+//!   the sequence), checks [`InstallGuard::read_retry`] and installs under
+//!   the same guard. An invalidation that ran in between is seen and the
+//!   buffer is thrown away; one that starts later waits for the install to
+//!   finish. Checking first and installing after the guard is dropped would
+//!   leave a window in which stale data lands.
+//! - Sequences are per range: an invalidation makes only the reads that
+//!   overlap it retry. The last [`HISTORY`] invalidated ranges are kept; a
+//!   read older than all of them retries (conservative, never wrong).
+//! - Long-term holders register an interval with a callback
+//!   ([`Notifier::register`]); every invalidation that overlaps it calls the
+//!   callback once, after the pages are marked and before anything is done
+//!   to them. Short-term references ([`Notifier::try_ref`]) are not called
+//!   back: invalidations wait for them to drain, and no new one is granted on
+//!   a range while it is being invalidated, so the wait cannot starve.
+//!   Hard intervals (no callback) stand for references that are never given
+//!   back on request; an invalidation can only wait for them, up to its
+//!   deadline.
+//!
+//! Lock order: the install lock, then the registry mutex, then an
+//! interval's callback lock. Callbacks run with no engine lock held except
+//! their own interval's.
 
+use std::collections::VecDeque;
+use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Condvar, Mutex, RwLock, RwLockReadGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock, RwLockReadGuard};
 use std::time::Instant;
 
 use crate::ram::GuestRange;
 
+/// Invalidated ranges remembered for [`Notifier::read_retry`].
+pub const HISTORY: usize = 256;
+
 /// A snapshot of the invalidation sequence, from [`Notifier::read_begin`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Seq(u64);
 
-/// The invalidation sequence and the ranges being invalidated right now.
-#[derive(Debug, Default)]
-pub struct Notifier {
-    seq: AtomicU64,
-    lock: RwLock<()>,
-    active: Mutex<Vec<(u64, GuestRange)>>,
-    ended: Condvar,
+impl Seq {
+    /// The raw sequence number.
+    pub fn get(self) -> u64 {
+        self.0
+    }
 }
 
-/// An invalidation in progress over a range; ends when dropped.
+/// Why a range is being invalidated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reason {
+    /// Contents kept, host frames change.
+    Migrate,
+    /// Contents move to the eviction store.
+    Evict,
+    /// Contents discarded.
+    Unplug,
+    /// A host memory block holding the pages is being offlined.
+    HostBlock,
+    /// Someone else discarded the pages (`MADV_DONTNEED`, a balloon).
+    Remove,
+}
+
+impl Reason {
+    /// Lower-case name, as used in spans and reports.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reason::Migrate => "migrate",
+            Reason::Evict => "evict",
+            Reason::Unplug => "unplug",
+            Reason::HostBlock => "host-block",
+            Reason::Remove => "remove",
+        }
+    }
+}
+
+/// What an interval's callback is told.
+#[derive(Debug, Clone, Copy)]
+pub struct InvalidateEvent {
+    /// The part of the interval being invalidated.
+    pub range: GuestRange,
+    /// Why.
+    pub reason: Reason,
+    /// The sequence value of this invalidation.
+    pub seq: u64,
+}
+
+/// An interval callback. It runs on the invalidating thread, must return
+/// promptly, and must not wait for the holder's own use of the memory (the
+/// holder may be blocked on a fault that waits for this invalidation), nor
+/// register or unregister intervals.
+pub type Callback = Box<dyn Fn(&InvalidateEvent) + Send + Sync>;
+
+/// Handle of a registered interval.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct IntervalId(u64);
+
+/// Handle of a granted short-term reference.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct RefId(u64);
+
+struct Interval {
+    id: u64,
+    range: GuestRange,
+    /// `None` for a hard interval.
+    callback: Option<Mutex<Option<Callback>>>,
+}
+
+#[derive(Default)]
+struct History {
+    /// `(seq, range)` of recent invalidations, oldest first.
+    ranges: VecDeque<(u64, GuestRange)>,
+    /// Every invalidation with a sequence up to this one has been dropped
+    /// from `ranges`.
+    forgotten: u64,
+}
+
+#[derive(Default)]
+struct Registry {
+    /// Invalidations in progress: id, ranges, exclusive.
+    active: Vec<(u64, Vec<GuestRange>, bool)>,
+    refs: Vec<(u64, GuestRange)>,
+    intervals: Vec<Arc<Interval>>,
+    next_id: u64,
+}
+
+impl Registry {
+    fn invalidating(&self, range: &GuestRange) -> bool {
+        self.active.iter().any(|(_, rs, _)| rs.iter().any(|r| r.overlaps(range)))
+    }
+}
+
+/// The invalidation sequence, the invalidations in progress, and the
+/// registry of intervals and short-term references.
+pub struct Notifier {
+    seq: AtomicU64,
+    lock: RwLock<History>,
+    registry: Mutex<Registry>,
+    changed: Condvar,
+    callbacks_called: AtomicU64,
+}
+
+impl Default for Notifier {
+    fn default() -> Self {
+        Notifier {
+            seq: AtomicU64::new(0),
+            lock: RwLock::new(History::default()),
+            registry: Mutex::new(Registry { next_id: 1, ..Registry::default() }),
+            changed: Condvar::new(),
+            callbacks_called: AtomicU64::new(0),
+        }
+    }
+}
+
+impl fmt::Debug for Notifier {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let reg = self.registry();
+        f.debug_struct("Notifier")
+            .field("seq", &self.current())
+            .field("active", &reg.active.len())
+            .field("refs", &reg.refs.len())
+            .field("intervals", &reg.intervals.len())
+            .finish()
+    }
+}
+
+/// The install lock, held for a check-and-install.
+#[derive(Debug)]
+pub struct InstallGuard<'a> {
+    history: RwLockReadGuard<'a, History>,
+    notifier: &'a Notifier,
+}
+
+impl InstallGuard<'_> {
+    /// True if an invalidation overlapping `range` began since `seq` was
+    /// taken: contents read since then may be stale and must not be
+    /// installed. Install under this same guard if it returns false.
+    pub fn read_retry(&self, range: GuestRange, seq: Seq) -> bool {
+        self.notifier.retry_in(&self.history, range, seq)
+    }
+}
+
+impl fmt::Debug for History {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("History").field("ranges", &self.ranges.len()).field("forgotten", &self.forgotten).finish()
+    }
+}
+
+/// Who still holds an invalidated range when the deadline passed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Held {
+    /// Short-term references.
+    pub refs: usize,
+    /// Hard intervals.
+    pub hard: usize,
+}
+
+/// Why [`Notifier::invalidate_begin`] refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("guest range {0} overlaps an offline in progress")]
+pub struct Overlap(pub GuestRange);
+
+/// An invalidation in progress; it ends when dropped, waking every read
+/// waiting for it.
 #[derive(Debug)]
 pub struct Invalidation<'a> {
     notifier: &'a Notifier,
     id: u64,
+    seq: u64,
+    ranges: Vec<GuestRange>,
+    reason: Reason,
 }
 
 impl Notifier {
-    /// A notifier with no invalidation in progress.
+    /// A notifier with nothing registered and no invalidation in progress.
     pub fn new() -> Self {
         Self::default()
     }
 
+    fn registry(&self) -> MutexGuard<'_, Registry> {
+        self.registry.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// Waits (until `deadline`) for invalidations overlapping `range` to end,
-    /// then returns the sequence to check with [`Self::read_retry`].
+    /// then returns the sequence to check with [`InstallGuard::read_retry`].
     /// Returns `None` if the deadline passed first.
     pub fn read_begin(&self, range: GuestRange, deadline: Instant) -> Option<Seq> {
-        let mut active = self.active.lock().unwrap_or_else(|e| e.into_inner());
-        while active.iter().any(|(_, r)| r.overlaps(&range)) {
+        let mut reg = self.registry();
+        while reg.invalidating(&range) {
             let now = Instant::now();
             if now >= deadline {
                 return None;
             }
-            active = self.ended.wait_timeout(active, deadline - now).unwrap_or_else(|e| e.into_inner()).0;
+            reg = self.changed.wait_timeout(reg, deadline - now).unwrap_or_else(|e| e.into_inner()).0;
         }
         Some(Seq(self.seq.load(Ordering::Acquire)))
     }
 
-    /// True if an invalidation began since `seq` was taken, so contents read
-    /// since then may be stale. Call it holding [`Self::install_lock`] and
-    /// install under the same guard. (The sequence is global: an
-    /// invalidation anywhere makes every in-flight fill retry, which is
-    /// conservative and keeps the check one load.)
-    pub fn read_retry(&self, seq: Seq) -> bool {
-        self.seq.load(Ordering::Acquire) != seq.0
+    /// True if an invalidation overlapping `range` began since `seq`. This
+    /// takes the install lock for the check alone; a resolver that goes on
+    /// to install must use [`InstallGuard::read_retry`] instead.
+    pub fn read_retry(&self, range: GuestRange, seq: Seq) -> bool {
+        self.install_lock().read_retry(range, seq)
     }
 
-    /// The lock installs hold; an invalidation takes it exclusively to bump
-    /// the sequence, so it waits for installs in flight and no install that
-    /// checked an old sequence can land after it.
-    pub fn install_lock(&self) -> RwLockReadGuard<'_, ()> {
-        self.lock.read().unwrap_or_else(|e| e.into_inner())
+    fn retry_in(&self, history: &History, range: GuestRange, seq: Seq) -> bool {
+        if self.seq.load(Ordering::Acquire) == seq.0 {
+            return false;
+        }
+        if history.forgotten > seq.0 {
+            return true;
+        }
+        history.ranges.iter().rev().take_while(|(s, _)| *s > seq.0).any(|(_, r)| r.overlaps(&range))
     }
 
-    /// Starts invalidating `range`: waits for installs in flight, bumps the
+    /// The lock installs hold. An invalidation takes it exclusively to bump
+    /// the sequence and mark its pages, so it waits for installs in flight
+    /// and no install that checked an old sequence lands after it.
+    pub fn install_lock(&self) -> InstallGuard<'_> {
+        InstallGuard { history: self.lock.read().unwrap_or_else(|e| e.into_inner()), notifier: self }
+    }
+
+    /// Starts invalidating `ranges`: waits for installs in flight, bumps the
     /// sequence and runs `mark` (which updates page states) while installs
-    /// are held off. [`Self::read_begin`] on an overlapping range waits until
-    /// the returned guard is dropped.
-    pub fn invalidate_begin(&self, range: GuestRange, mark: impl FnOnce()) -> Invalidation<'_> {
-        let _w = self.lock.write().unwrap_or_else(|e| e.into_inner());
-        let id = self.seq.fetch_add(1, Ordering::AcqRel) + 1;
-        self.active.lock().unwrap_or_else(|e| e.into_inner()).push((id, range));
+    /// are held off. Reads of an overlapping range wait until the returned
+    /// guard is dropped, and no short-term reference is granted on it.
+    ///
+    /// An `exclusive` invalidation (an offline) refuses to start over a
+    /// range another exclusive one is working on; a non-exclusive one (a
+    /// remove event, which has already happened) always starts.
+    pub fn invalidate_begin(
+        &self,
+        ranges: &[GuestRange],
+        reason: Reason,
+        exclusive: bool,
+        mark: impl FnOnce(),
+    ) -> Result<Invalidation<'_>, Overlap> {
+        let mut history = self.lock.write().unwrap_or_else(|e| e.into_inner());
+        let mut reg = self.registry();
+        if exclusive {
+            for (_, rs, ex) in reg.active.iter() {
+                if let Some(r) = ranges.iter().find(|r| *ex && rs.iter().any(|a| a.overlaps(r))) {
+                    return Err(Overlap(*r));
+                }
+            }
+        }
+        let seq = self.seq.fetch_add(1, Ordering::AcqRel) + 1;
+        for r in ranges {
+            if history.ranges.len() == HISTORY {
+                if let Some((s, _)) = history.ranges.pop_front() {
+                    history.forgotten = s;
+                }
+            }
+            history.ranges.push_back((seq, *r));
+        }
+        let id = reg.next_id;
+        reg.next_id += 1;
+        reg.active.push((id, ranges.to_vec(), exclusive));
+        drop(reg);
         mark();
-        Invalidation { notifier: self, id }
+        drop(history);
+        Ok(Invalidation { notifier: self, id, seq, ranges: ranges.to_vec(), reason })
+    }
+
+    /// Registers an interval whose `callback` is called by every overlapping
+    /// invalidation.
+    pub fn register(&self, range: GuestRange, callback: Callback) -> IntervalId {
+        self.insert_interval(range, Some(Mutex::new(Some(callback))))
+    }
+
+    /// Registers a hard interval: no callback, invalidations can only wait
+    /// for [`Self::unregister`].
+    pub fn register_hard(&self, range: GuestRange) -> IntervalId {
+        self.insert_interval(range, None)
+    }
+
+    fn insert_interval(&self, range: GuestRange, callback: Option<Mutex<Option<Callback>>>) -> IntervalId {
+        let mut reg = self.registry();
+        let id = reg.next_id;
+        reg.next_id += 1;
+        reg.intervals.push(Arc::new(Interval { id, range, callback }));
+        IntervalId(id)
+    }
+
+    /// Removes an interval. If its callback is running, waits for it to
+    /// return; it is never called after this returns.
+    pub fn unregister(&self, id: IntervalId) {
+        let removed = {
+            let mut reg = self.registry();
+            let pos = reg.intervals.iter().position(|i| i.id == id.0);
+            let removed = pos.map(|p| reg.intervals.swap_remove(p));
+            self.changed.notify_all();
+            removed
+        };
+        if let Some(cb) = removed.as_ref().and_then(|i| i.callback.as_ref()) {
+            // Waits for a running call, then disarms for good.
+            cb.lock().unwrap_or_else(|e| e.into_inner()).take();
+        }
+    }
+
+    /// Registered intervals (pins) right now.
+    pub fn intervals(&self) -> usize {
+        self.registry().intervals.len()
+    }
+
+    /// Callbacks called since the notifier was created.
+    pub fn callbacks_called(&self) -> u64 {
+        self.callbacks_called.load(Ordering::Relaxed)
+    }
+
+    /// Grants a short-term reference on `range` unless an invalidation
+    /// overlapping it is in progress. Call it holding the install lock, after
+    /// checking [`InstallGuard::read_retry`], so that the pages checked
+    /// present stay so until the reference is visible to invalidations.
+    pub fn try_ref(&self, _proof: &InstallGuard<'_>, range: GuestRange) -> Option<RefId> {
+        let mut reg = self.registry();
+        if reg.invalidating(&range) {
+            return None;
+        }
+        let id = reg.next_id;
+        reg.next_id += 1;
+        reg.refs.push((id, range));
+        Some(RefId(id))
+    }
+
+    /// Drops a short-term reference.
+    pub fn drop_ref(&self, id: RefId) {
+        let mut reg = self.registry();
+        reg.refs.retain(|(i, _)| *i != id.0);
+        self.changed.notify_all();
     }
 
     /// The current sequence value (for reports and tests).
@@ -88,11 +381,74 @@ impl Notifier {
     }
 }
 
+impl Invalidation<'_> {
+    /// The sequence value this invalidation bumped to.
+    pub fn seq(&self) -> u64 {
+        self.seq
+    }
+
+    /// Calls the callback of every interval overlapping the invalidated
+    /// ranges, once per interval, with the overlapping part. Returns how
+    /// many were called.
+    pub fn call_intervals(&self) -> usize {
+        let overlapping: Vec<Arc<Interval>> = {
+            let reg = self.notifier.registry();
+            reg.intervals
+                .iter()
+                .filter(|i| i.callback.is_some() && self.ranges.iter().any(|r| r.overlaps(&i.range)))
+                .cloned()
+                .collect()
+        };
+        let mut called = 0;
+        for interval in overlapping {
+            let Some(cb) = interval.callback.as_ref() else { continue };
+            let cb = cb.lock().unwrap_or_else(|e| e.into_inner());
+            let Some(cb) = cb.as_ref() else { continue }; // unregistered meanwhile
+            let range = self.ranges.iter().find(|r| r.overlaps(&interval.range)).copied().unwrap_or(interval.range);
+            let lo = range.start.0.max(interval.range.start.0);
+            let hi = range.end().min(interval.range.end());
+            let part = GuestRange::new(crate::ram::GuestAddress(lo), hi - lo);
+            cb(&InvalidateEvent { range: part, reason: self.reason, seq: self.seq });
+            called += 1;
+        }
+        self.notifier.callbacks_called.fetch_add(called as u64, Ordering::Relaxed);
+        called
+    }
+
+    /// Waits until no short-term reference (and, with `hard`, no hard
+    /// interval) overlaps the invalidated ranges, or until `deadline`.
+    /// On timeout returns who still holds the range.
+    pub fn wait_drained(&self, hard: bool, deadline: Instant) -> Result<(), Held> {
+        let mut reg = self.notifier.registry();
+        loop {
+            let held = Held {
+                refs: reg.refs.iter().filter(|(_, r)| self.ranges.iter().any(|x| x.overlaps(r))).count(),
+                hard: if hard {
+                    reg.intervals
+                        .iter()
+                        .filter(|i| i.callback.is_none() && self.ranges.iter().any(|x| x.overlaps(&i.range)))
+                        .count()
+                } else {
+                    0
+                },
+            };
+            if held == Held::default() {
+                return Ok(());
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(held);
+            }
+            reg = self.notifier.changed.wait_timeout(reg, deadline - now).unwrap_or_else(|e| e.into_inner()).0;
+        }
+    }
+}
+
 impl Drop for Invalidation<'_> {
     fn drop(&mut self) {
-        let mut active = self.notifier.active.lock().unwrap_or_else(|e| e.into_inner());
-        active.retain(|(id, _)| *id != self.id);
-        self.notifier.ended.notify_all();
+        let mut reg = self.notifier.registry();
+        reg.active.retain(|(id, _, _)| *id != self.id);
+        self.notifier.changed.notify_all();
     }
 }
 
@@ -100,36 +456,51 @@ impl Drop for Invalidation<'_> {
 mod tests {
     use super::*;
     use crate::ram::GuestAddress;
+    use std::sync::atomic::{AtomicBool, AtomicUsize};
     use std::time::Duration;
 
     fn range(start: u64, len: u64) -> GuestRange {
         GuestRange::new(GuestAddress(start), len)
     }
 
+    fn far() -> Instant {
+        Instant::now() + Duration::from_secs(5)
+    }
+
     #[test]
-    fn retry_after_invalidation() {
+    fn retry_only_for_overlapping_invalidations() {
         let n = Notifier::new();
-        let far = Instant::now() + Duration::from_secs(1);
-        let seq = n.read_begin(range(0, 4096), far).unwrap();
-        assert!(!n.read_retry(seq));
-        drop(n.invalidate_begin(range(8192, 4096), || {}));
-        assert!(n.read_retry(seq));
-        let seq2 = n.read_begin(range(0, 4096), far).unwrap();
-        assert!(!n.read_retry(seq2));
+        let seq = n.read_begin(range(0, 4096), far()).unwrap();
+        assert!(!n.read_retry(range(0, 4096), seq));
+        drop(n.invalidate_begin(&[range(8192, 4096)], Reason::Migrate, true, || {}).unwrap());
+        assert!(!n.read_retry(range(0, 4096), seq), "a disjoint invalidation does not force a retry");
+        assert!(n.read_retry(range(8192, 8192), seq));
+        drop(n.invalidate_begin(&[range(0, 4096)], Reason::Remove, false, || {}).unwrap());
+        assert!(n.read_retry(range(0, 4096), seq));
+        let seq2 = n.read_begin(range(0, 4096), far()).unwrap();
+        assert!(!n.read_retry(range(0, 4096), seq2));
+    }
+
+    #[test]
+    fn forgotten_history_retries_conservatively() {
+        let n = Notifier::new();
+        let seq = n.read_begin(range(0, 4096), far()).unwrap();
+        for i in 0..HISTORY as u64 + 1 {
+            drop(n.invalidate_begin(&[range((i + 10) << 12, 4096)], Reason::Evict, true, || {}).unwrap());
+        }
+        assert!(n.read_retry(range(0, 4096), seq), "older than the history: must retry");
     }
 
     #[test]
     fn read_begin_waits_for_overlapping_invalidation() {
         let n = Notifier::new();
-        let inv = n.invalidate_begin(range(0, 8192), || {});
-        // A disjoint range does not wait.
+        let inv = n.invalidate_begin(&[range(0, 8192)], Reason::Migrate, true, || {}).unwrap();
         assert!(n.read_begin(range(8192, 4096), Instant::now()).is_some());
-        // An overlapping one times out while the invalidation runs.
         let t = Instant::now();
         assert!(n.read_begin(range(4096, 4096), t + Duration::from_millis(30)).is_none());
         assert!(t.elapsed() >= Duration::from_millis(30));
         std::thread::scope(|s| {
-            let h = s.spawn(|| n.read_begin(range(4096, 4096), Instant::now() + Duration::from_secs(5)));
+            let h = s.spawn(|| n.read_begin(range(4096, 4096), far()));
             std::thread::sleep(Duration::from_millis(20));
             drop(inv);
             assert!(h.join().unwrap().is_some());
@@ -137,13 +508,33 @@ mod tests {
     }
 
     #[test]
+    fn exclusive_invalidations_refuse_overlap() {
+        let n = Notifier::new();
+        let a = n.invalidate_begin(&[range(0, 8192)], Reason::Migrate, true, || {}).unwrap();
+        assert_eq!(
+            n.invalidate_begin(&[range(4096, 8192)], Reason::Evict, true, || {}).unwrap_err(),
+            Overlap(range(4096, 8192))
+        );
+        // A remove event is not refused, and disjoint offlines run together.
+        drop(n.invalidate_begin(&[range(4096, 4096)], Reason::Remove, false, || {}).unwrap());
+        drop(n.invalidate_begin(&[range(8192, 4096)], Reason::Evict, true, || {}).unwrap());
+        drop(a);
+        drop(n.invalidate_begin(&[range(4096, 8192)], Reason::Evict, true, || {}).unwrap());
+    }
+
+    #[test]
     fn invalidation_waits_for_installs_in_flight() {
         let n = Notifier::new();
-        let marked = std::sync::atomic::AtomicBool::new(false);
+        let marked = AtomicBool::new(false);
         std::thread::scope(|s| {
             let guard = n.install_lock();
             let h = s.spawn(|| {
-                drop(n.invalidate_begin(range(0, 4096), || marked.store(true, Ordering::SeqCst)));
+                drop(
+                    n.invalidate_begin(&[range(0, 4096)], Reason::Unplug, true, || {
+                        marked.store(true, Ordering::SeqCst)
+                    })
+                    .unwrap(),
+                );
             });
             std::thread::sleep(Duration::from_millis(30));
             assert!(!marked.load(Ordering::SeqCst), "invalidation ran while an install held the lock");
@@ -151,5 +542,80 @@ mod tests {
             h.join().unwrap();
             assert!(marked.load(Ordering::SeqCst));
         });
+    }
+
+    #[test]
+    fn callbacks_see_their_part_once() {
+        let n = Notifier::new();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let s2 = seen.clone();
+        let id = n.register(range(0x4000, 0x4000), Box::new(move |ev| s2.lock().unwrap().push((ev.range, ev.reason))));
+        let s3 = seen.clone();
+        let _other =
+            n.register(range(0x10_0000, 0x1000), Box::new(move |ev| s3.lock().unwrap().push((ev.range, ev.reason))));
+        let inv = n.invalidate_begin(&[range(0x6000, 0x8000)], Reason::Evict, true, || {}).unwrap();
+        assert_eq!(inv.call_intervals(), 1);
+        assert_eq!(*seen.lock().unwrap(), vec![(range(0x6000, 0x2000), Reason::Evict)]);
+        drop(inv);
+        n.unregister(id);
+        let inv = n.invalidate_begin(&[range(0x4000, 0x1000)], Reason::Evict, true, || {}).unwrap();
+        assert_eq!(inv.call_intervals(), 0, "unregistered intervals are not called");
+        assert_eq!(n.intervals(), 1);
+    }
+
+    #[test]
+    fn unregister_waits_for_a_running_callback() {
+        let n = Arc::new(Notifier::new());
+        let inside = Arc::new(AtomicUsize::new(0));
+        let i2 = inside.clone();
+        let id = n.register(
+            range(0, 4096),
+            Box::new(move |_| {
+                i2.store(1, Ordering::SeqCst);
+                std::thread::sleep(Duration::from_millis(50));
+                i2.store(2, Ordering::SeqCst);
+            }),
+        );
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                let inv = n.invalidate_begin(&[range(0, 4096)], Reason::Migrate, true, || {}).unwrap();
+                inv.call_intervals();
+            });
+            while inside.load(Ordering::SeqCst) == 0 {
+                std::thread::yield_now();
+            }
+            n.unregister(id);
+            assert_eq!(inside.load(Ordering::SeqCst), 2, "unregister returned while the callback ran");
+        });
+    }
+
+    #[test]
+    fn refs_drain_and_are_refused_while_invalidating() {
+        let n = Notifier::new();
+        let r = n.try_ref(&n.install_lock(), range(0, 4096)).unwrap();
+        let inv = n.invalidate_begin(&[range(0, 8192)], Reason::Migrate, true, || {}).unwrap();
+        assert!(n.try_ref(&n.install_lock(), range(4096, 4096)).is_none(), "no new reference while invalidating");
+        assert!(n.try_ref(&n.install_lock(), range(8192, 4096)).is_some());
+        let t = Instant::now();
+        assert_eq!(inv.wait_drained(false, t + Duration::from_millis(20)), Err(Held { refs: 1, hard: 0 }));
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                std::thread::sleep(Duration::from_millis(20));
+                n.drop_ref(r);
+            });
+            assert_eq!(inv.wait_drained(false, far()), Ok(()));
+        });
+    }
+
+    #[test]
+    fn hard_intervals_hold_until_unregistered() {
+        let n = Notifier::new();
+        let h = n.register_hard(range(0, 4096));
+        let inv = n.invalidate_begin(&[range(0, 4096)], Reason::Migrate, true, || {}).unwrap();
+        assert_eq!(inv.call_intervals(), 0, "hard intervals have no callback");
+        assert_eq!(inv.wait_drained(false, Instant::now()), Ok(()), "ignored unless asked");
+        assert_eq!(inv.wait_drained(true, Instant::now() + Duration::from_millis(10)), Err(Held { refs: 0, hard: 1 }));
+        n.unregister(h);
+        assert_eq!(inv.wait_drained(true, Instant::now()), Ok(()));
     }
 }

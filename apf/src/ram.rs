@@ -296,6 +296,45 @@ impl Region {
         });
     }
 
+    /// Marks a page for an offline (`Present`, `Missing`, `Poisoned` or
+    /// `Offline` `-> Invalidating`, origin kept) and returns the state it
+    /// had. A `Resolving` page stays claimed: its resolver sees the
+    /// invalidation sequence move and waits for the offline to end.
+    /// Called under the install lock, so no install races the marking.
+    pub fn begin_invalidate(&self, page: usize) -> PageState {
+        let mut prior = PageState::Resolving;
+        let _ = self.states[page].fetch_update(Ordering::AcqRel, Ordering::Acquire, |b| {
+            let (state, origin) = unpack(b);
+            prior = state;
+            match state {
+                PageState::Present | PageState::Missing | PageState::Poisoned | PageState::Offline => {
+                    Some(pack(PageState::Invalidating, origin))
+                }
+                _ => None,
+            }
+        });
+        prior
+    }
+
+    /// Ends an offline's hold on a page: `Invalidating -> to`, with a new
+    /// origin if given.
+    pub fn end_invalidate(&self, page: usize, to: PageState, origin: Option<Origin>) {
+        let res = self.states[page].fetch_update(Ordering::AcqRel, Ordering::Acquire, |b| {
+            let (state, old) = unpack(b);
+            (state == PageState::Invalidating).then(|| pack(to, origin.unwrap_or(old)))
+        });
+        debug_assert!(res.is_ok(), "page {page}: expected Invalidating, found {:?}", self.state(page));
+    }
+
+    /// Sets the origin of a page claimed by a resolver (`Resolving` stays):
+    /// used when an unplug discards the contents it is about to fill.
+    pub fn set_claimed_origin(&self, page: usize, origin: Origin) {
+        let _ = self.states[page].fetch_update(Ordering::AcqRel, Ordering::Acquire, |b| {
+            let (state, _) = unpack(b);
+            (state == PageState::Resolving).then(|| pack(state, origin))
+        });
+    }
+
     /// Number of pages in each state, indexed by `PageState as usize`.
     pub fn census(&self) -> [usize; 6] {
         let mut counts = [0; 6];

@@ -318,11 +318,15 @@ const STORE_SHARDS: usize = 64;
 #[derive(Debug)]
 pub struct EvictionStore {
     shards: Vec<Mutex<HashMap<u64, Box<[u8]>>>>,
+    pages: std::sync::atomic::AtomicUsize,
 }
 
 impl Default for EvictionStore {
     fn default() -> Self {
-        EvictionStore { shards: (0..STORE_SHARDS).map(|_| Mutex::new(HashMap::new())).collect() }
+        EvictionStore {
+            shards: (0..STORE_SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            pages: std::sync::atomic::AtomicUsize::new(0),
+        }
     }
 }
 
@@ -342,14 +346,18 @@ impl EvictionStore {
         debug_assert!(gpa.0 % PAGE_SIZE as u64 == 0 && data.len() % PAGE_SIZE == 0);
         for (i, page) in data.chunks_exact(PAGE_SIZE).enumerate() {
             let key = gpa.0 + (i * PAGE_SIZE) as u64;
-            self.shard(key).insert(key, page.into());
+            if self.shard(key).insert(key, page.into()).is_none() {
+                self.pages.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
         }
     }
 
     /// Forgets the pages of `[gpa, gpa + len)` (after they were restored).
     pub fn discard(&self, gpa: GuestAddress, len: usize) {
         for key in (gpa.0..gpa.0 + len as u64).step_by(PAGE_SIZE) {
-            self.shard(key).remove(&key);
+            if self.shard(key).remove(&key).is_some() {
+                self.pages.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+            }
         }
     }
 
@@ -361,7 +369,7 @@ impl EvictionStore {
 
     /// Number of pages stored.
     pub fn len(&self) -> usize {
-        self.shards.iter().map(|s| s.lock().unwrap_or_else(|e| e.into_inner()).len()).sum()
+        self.pages.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// True if nothing is stored.

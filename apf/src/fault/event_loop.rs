@@ -17,7 +17,8 @@ use vmm_sys_util::eventfd::EventFd;
 use super::prefetch::StreamTable;
 use super::resolve::{self, Ctx};
 use super::{EngineError, Fault, FaultError, Job, Shared};
-use crate::ram::{GuestAddress, GuestRange, PageState};
+use crate::notifier::Reason;
+use crate::ram::{GuestAddress, GuestRange, PageLoc, PageState};
 use crate::uffd::{Event, EventBuf, PAGE_SIZE};
 
 const UFFD: u32 = 0;
@@ -26,6 +27,14 @@ const STOP: u32 = 2;
 /// Epoll timeout: parked work is retried at least this often even if no
 /// worker kicks.
 const TICK_MS: i32 = 50;
+
+/// A fault waiting for an offline to end.
+struct Deferred {
+    span: tracing::Span,
+    addr: u64,
+    write: bool,
+    tid: u32,
+}
 
 /// The subscriber.
 pub(crate) struct FaultLoop {
@@ -36,6 +45,8 @@ pub(crate) struct FaultLoop {
     buf: EventBuf,
     events: Vec<Event>,
     parked: VecDeque<Job>,
+    /// Faults on pages an offline holds, answered when it ends.
+    deferred: Vec<Deferred>,
     ctx: Ctx,
     exit: bool,
 }
@@ -51,6 +62,7 @@ pub(crate) fn spawn(shared: Arc<Shared>, jobs: Sender<Job>, stop: EventFd) -> Re
         buf: EventBuf::default(),
         events: Vec::with_capacity(crate::uffd::EVENT_BATCH),
         parked: VecDeque::new(),
+        deferred: Vec::new(),
         exit: false,
     };
     let id = manager.add_subscriber(fl);
@@ -93,6 +105,7 @@ impl MutEventSubscriber for FaultLoop {
             KICK => {
                 let _ = self.shared.kick.read();
                 self.unpark();
+                self.redo_deferred();
             }
             _ => self.exit = true,
         }
@@ -103,6 +116,21 @@ impl FaultLoop {
     fn tick(&mut self) {
         if !self.parked.is_empty() {
             self.unpark();
+        }
+        if !self.deferred.is_empty() {
+            self.redo_deferred();
+        }
+    }
+
+    /// Handles deferred faults again (an offline ended, or the tick).
+    fn redo_deferred(&mut self) {
+        for d in std::mem::take(&mut self.deferred) {
+            match self.shared.ram.locate_host(d.addr) {
+                Some(loc) => self.handle_fault(d.span, d.addr, loc, d.write, d.tid, true),
+                None => {
+                    let _ = self.shared.uffd.wake(d.addr & !(PAGE_SIZE as u64 - 1), PAGE_SIZE);
+                }
+            }
         }
     }
 
@@ -177,17 +205,26 @@ impl FaultLoop {
             return;
         };
         let region = &shared.ram.regions()[loc.region];
-        let page = loc.page;
         let span = tracing::info_span!(
             target: "apf",
             "apf.fault",
-            gpa = region.page_gpa(page).0,
+            gpa = region.page_gpa(loc.page).0,
             tid,
             kind = if write { "write" } else { "read" },
             source = field::Empty,
             bytes = field::Empty,
             outcome = field::Empty,
         );
+        self.handle_fault(span, addr, loc, write, tid, false);
+    }
+
+    /// Resolves, dedupes or defers one fault. `redo` is set for a fault
+    /// deferred by an offline: such a fault on a page now present is only
+    /// woken (the offline put the page back).
+    fn handle_fault(&mut self, span: tracing::Span, addr: u64, loc: PageLoc, write: bool, tid: u32, redo: bool) {
+        let shared = &self.shared;
+        let region = &shared.ram.regions()[loc.region];
+        let page = loc.page;
         // A few rounds at most: each failed claim means another resolver
         // moved the page on, and the next look sees where to.
         for _ in 0..4 {
@@ -210,6 +247,11 @@ impl FaultLoop {
                     span.record("outcome", "deduped");
                     return;
                 }
+                PageState::Present if redo => {
+                    span.record("outcome", "woken");
+                    let _ = shared.uffd.wake(region.page_host(page), PAGE_SIZE);
+                    return;
+                }
                 PageState::Present => {
                     // Missing in the kernel's eyes: zapped after its remove
                     // event was read, or a stale event. See
@@ -229,7 +271,7 @@ impl FaultLoop {
                     self.dispatch(job);
                     return;
                 }
-                PageState::Poisoned => {
+                PageState::Poisoned | PageState::Offline => {
                     // The poison marker is gone (zapped): put it back.
                     let host = region.page_host(page);
                     if let Err(e) = shared.uffd.poison(host, PAGE_SIZE) {
@@ -240,7 +282,14 @@ impl FaultLoop {
                     span.record("outcome", "poisoned");
                     return;
                 }
-                PageState::Invalidating | PageState::Offline => break,
+                PageState::Invalidating => {
+                    if self.deferred.len() < shared.config.park_capacity {
+                        shared.stats.deferred.fetch_add(1, Ordering::Relaxed);
+                        self.deferred.push(Deferred { span, addr, write, tid });
+                        return;
+                    }
+                    break;
+                }
             }
         }
         // Still moving, or taken away for now: let the thread fault again.
@@ -365,7 +414,6 @@ impl FaultLoop {
     /// resolver that filled from the old origin retries.
     fn on_remove(&mut self, start: u64, end: u64) {
         let shared = &self.shared;
-        shared.stats.removes.fetch_add(1, Ordering::Relaxed);
         for (i, r) in shared.ram.regions().iter().enumerate() {
             let lo = start.max(r.host_base());
             let hi = end.min(r.host_base() + r.len());
@@ -374,13 +422,18 @@ impl FaultLoop {
             }
             let first = ((lo - r.host_base()) / PAGE_SIZE as u64) as usize;
             let last = ((hi - r.host_base()).div_ceil(PAGE_SIZE as u64)) as usize;
+            shared.stats.removes.fetch_add(1, Ordering::Relaxed);
             let range = GuestRange::new(GuestAddress(r.page_gpa(first).0), ((last - first) * PAGE_SIZE) as u64);
             let _span = tracing::debug_span!(target: "apf", "apf.invalidate", region = i, gpa = range.start.0, len = range.len, reason = "remove").entered();
-            drop(shared.notifier.invalidate_begin(range, || {
+            let inv = shared.notifier.invalidate_begin(&[range], Reason::Remove, false, || {
                 for p in first..last {
                     r.mark_removed(p);
                 }
-            }));
+            });
+            // Pins over discarded memory must re-fault it (as zeros).
+            if let Ok(inv) = inv {
+                inv.call_intervals();
+            }
         }
     }
 

@@ -24,7 +24,7 @@
 
 mod event_loop;
 pub mod prefetch;
-mod resolve;
+pub(crate) mod resolve;
 
 use std::fmt;
 use std::io;
@@ -37,7 +37,9 @@ use crossbeam_channel::{Receiver, Sender};
 use thiserror::Error;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use crate::notifier::Notifier;
+use crate::notifier::{InvalidateEvent, Notifier};
+use crate::offline::{Mode, OfflineError, OfflineReport, Staging, UnplugPolicy, STAGING_PAGES};
+use crate::pin::{HardPin, PageRef, Pin, PinError};
 use crate::ram::{GuestAddress, GuestRam, GuestRange, PageState, RamError};
 use crate::source::{EvictionStore, PageSource, SourceError, SourceKind};
 use crate::uffd::{Features, IoctlError, RegisterMode, Uffd, UffdError, PAGE_SIZE};
@@ -103,6 +105,8 @@ pub struct Config {
     pub error_capacity: usize,
     /// Record the pages faulted, in order, as a [`WorkingSet`].
     pub record_working_set: bool,
+    /// What accesses to unplugged memory get.
+    pub unplug_policy: UnplugPolicy,
 }
 
 impl Default for Config {
@@ -120,6 +124,7 @@ impl Default for Config {
             install_deadline: Duration::from_secs(2),
             error_capacity: 1024,
             record_working_set: false,
+            unplug_policy: UnplugPolicy::Zero,
         }
     }
 }
@@ -246,6 +251,23 @@ counters! {
         parked,
         /// Errors dropped because the error channel was full.
         errors_dropped,
+        /// Faults on pages an offline held, answered when it ended.
+        deferred,
+        /// Offlines completed (every mode).
+        offlines,
+        /// Offlines that hit their deadline (held by a hard pin, a
+        /// short-term reference, or a kernel pin) and changed nothing.
+        offline_busy,
+        /// Pages migrated to new host frames.
+        frames_moved,
+        /// Pages moved to the eviction store.
+        pages_evicted,
+        /// Pages unplugged (contents discarded).
+        pages_unplugged,
+        /// Pin callbacks called by invalidations.
+        pin_invalidations,
+        /// Pins re-armed (faulted in again) after an invalidation.
+        pin_refaults,
     }
 }
 
@@ -292,9 +314,16 @@ pub(crate) struct Shared {
     pub in_flight: std::sync::atomic::AtomicUsize,
     pub stopping: AtomicBool,
     pub working_set: Option<Mutex<Vec<u64>>>,
+    /// Where offlines move pages through (`None` without `UFFDIO_MOVE`).
+    pub staging: Option<Mutex<Staging>>,
 }
 
 impl Shared {
+    /// Has the event loop look at faults an offline deferred.
+    pub fn kick_deferred(&self) {
+        let _ = self.kick.write(1);
+    }
+
     pub fn report(&self, err: FaultError) {
         tracing::warn!(target: "apf", error = %err, "apf fault error");
         if self.errors.try_send(err).is_err() {
@@ -455,6 +484,11 @@ impl Engine {
         for r in b.ram.regions() {
             uffd.register(r.host_base(), r.len(), RegisterMode::MISSING)?;
         }
+        let staging = if uffd.features().contains(Features::MOVE) {
+            Some(Staging::new(&uffd, STAGING_PAGES).map_err(|e| EngineError::Io(io::Error::other(e)))?)
+        } else {
+            None
+        };
         let (err_tx, err_rx) = crossbeam_channel::bounded(config.error_capacity);
         let (job_tx, job_rx) = crossbeam_channel::bounded::<Job>(config.queue_depth);
         let shared = Arc::new(Shared {
@@ -471,6 +505,7 @@ impl Engine {
             stopping: AtomicBool::new(false),
             working_set: config.record_working_set.then(|| Mutex::new(Vec::new())),
             errors: err_tx,
+            staging,
             config,
         });
         let stop = EventFd::new(EFD_NONBLOCK).map_err(EngineError::Io)?;
@@ -565,6 +600,67 @@ impl Engine {
             .map_err(EngineError::Io)?;
         self.replays.lock().unwrap_or_else(|e| e.into_inner()).push(h);
         Ok(())
+    }
+
+    /// Registers a migratable pin over `range` (page-aligned, inside one
+    /// RAM region). `callback` runs on the offlining thread whenever an
+    /// invalidation hits the range; see [`crate::pin`] for what it may do.
+    /// The memory is faulted in by the first [`Pin::get`].
+    pub fn pin(
+        &self,
+        range: GuestRange,
+        callback: impl Fn(&InvalidateEvent) + Send + Sync + 'static,
+    ) -> Result<Pin, PinError> {
+        Pin::register(self.shared.clone(), range, callback)
+    }
+
+    /// Takes a short-term reference on `range`, faulting it in first.
+    /// Waits for an offline over the range to end, up to `deadline`.
+    pub fn page_ref(&self, range: GuestRange, deadline: std::time::Instant) -> Result<PageRef, PinError> {
+        if self.shared.stopping.load(Ordering::Acquire) {
+            return Err(PinError::Stopped);
+        }
+        PageRef::take(self.shared.clone(), range, deadline)
+    }
+
+    /// Takes a hard pin on `range` (legacy mode, see [`HardPin`]).
+    pub fn hard_pin(&self, range: GuestRange, deadline: std::time::Instant) -> Result<HardPin, PinError> {
+        if self.shared.stopping.load(Ordering::Acquire) {
+            return Err(PinError::Stopped);
+        }
+        HardPin::take(self.shared.clone(), range, deadline)
+    }
+
+    /// Pins (migratable and hard) registered right now.
+    pub fn pins_registered(&self) -> usize {
+        self.shared.notifier.intervals()
+    }
+
+    /// Offlines `range` in `mode`, waiting at most until `deadline` for
+    /// references and kernel pins to let go. Faults on the range keep being
+    /// served: they wait while the offline holds the pages and then get the
+    /// right contents. See [`crate::offline`].
+    pub fn offline(
+        &self,
+        range: GuestRange,
+        mode: Mode,
+        deadline: std::time::Instant,
+    ) -> Result<OfflineReport, OfflineError> {
+        crate::offline::offline(&self.shared, range, mode, deadline)
+    }
+
+    /// Brings pages unplugged under [`UnplugPolicy::Poison`] back, as
+    /// zeros. Returns how many pages were brought back.
+    pub fn replug(&self, range: GuestRange) -> Result<usize, OfflineError> {
+        if self.shared.stopping.load(Ordering::Acquire) {
+            return Err(OfflineError::Stopped);
+        }
+        crate::offline::replug(&self.shared, range)
+    }
+
+    /// The invalidation notifier (for reports and tests).
+    pub fn notifier(&self) -> &Notifier {
+        &self.shared.notifier
     }
 
     /// Waits until no window is being resolved, queued or parked, and no

@@ -119,18 +119,22 @@ fn resolve_counting(shared: &Shared, mut job: Job, ctx: &mut Ctx) -> (Option<Job
 
         let install_span = tracing::trace_span!(target: "apf", "apf.install", pages = field::Empty);
         let guard = shared.notifier.install_lock();
-        if shared.notifier.read_retry(seq) {
+        if guard.read_retry(job_range(region, &job.runs), seq) {
             drop(guard);
             shared.stats.stale.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             continue;
         }
         let result = install_pieces(shared, job.region, &pieces, &mut bytes);
+        if result.is_ok() {
+            // Under the guard: an eviction of these pages that starts after
+            // it stores fresh contents that must not be discarded.
+            discard_restored(shared, region, &pieces);
+        }
         drop(guard);
         install_span.record("pages", bytes / PAGE_SIZE);
         drop(install_span);
         match result {
             Ok(()) => {
-                discard_restored(shared, region, &job.runs);
                 job.runs.clear();
             }
             Err(InstallError::Again(rest)) => {
@@ -326,13 +330,15 @@ fn fill(
     Ok(pieces)
 }
 
-/// Drops restored pages from the eviction store.
-fn discard_restored(shared: &Shared, region: &Region, runs: &[(usize, usize)]) {
+/// Drops pages restored from the eviction store from it.
+fn discard_restored(shared: &Shared, region: &Region, pieces: &[Piece]) {
     if shared.store.is_empty() {
         return;
     }
-    for &(first, count) in runs {
-        shared.store.discard(region.page_gpa(first), count * PAGE_SIZE);
+    for piece in pieces {
+        if region.claimed_origin(piece.first) == Origin::Store {
+            shared.store.discard(region.page_gpa(piece.first), piece.count * PAGE_SIZE);
+        }
     }
 }
 

@@ -1,0 +1,387 @@
+//! References to guest memory held by the VMM, in three kinds:
+//!
+//! - [`PageRef`]: a short-term reference for a bounded copy (a device
+//!   reading one descriptor). Invalidations wait for it to drain; no new one
+//!   is granted on a range while it is being invalidated, so the wait cannot
+//!   starve. Do not hold one across a blocking wait.
+//! - [`Pin`]: a long-term, migratable pin with an invalidation callback
+//!   (Linux's `mmu_interval_notifier`, HMM, RDMA on-demand paging, in
+//!   userspace). Hold it as long as you like. An offline over its range
+//!   calls the callback, where the holder drops any kernel pin it made on
+//!   the memory (an io_uring fixed buffer, see [`crate::kpin`]); the next
+//!   [`Pin::get`] faults the range in again through the engine and re-arms.
+//! - [`HardPin`]: no callback, and a real kernel reference (an io_uring
+//!   fixed buffer): the pre-2013 async-pf page reference. Kept to show the
+//!   problem: an offline over it fails with `Busy` at its deadline, and the
+//!   kernel cannot migrate its pages either.
+//!
+//! Access goes through [`vm_memory::VolatileSlice`]: the guest writes the
+//! same memory concurrently, so a plain `&[u8]` over it would be unsound.
+//! While a pin is invalidated its memory stays mapped at the same address;
+//! an access during an offline faults and waits for the offline to end, so
+//! it sees the right contents, but a callback must never wait for such an
+//! access (the holder may be blocked in it).
+
+use std::fmt;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use thiserror::Error;
+use vm_memory::{GuestMemoryBackend, VolatileSlice};
+
+use crate::fault::{resolve, Shared};
+use crate::kpin::FixedBuffer;
+use crate::notifier::{IntervalId, InvalidateEvent, RefId};
+use crate::ram::{GuestRange, PageLoc, PageState, RamError};
+
+/// Why a reference or pin could not be taken.
+#[derive(Debug, Error)]
+pub enum PinError {
+    /// The range is not page-aligned, empty, or not inside one RAM region.
+    #[error("invalid pin range")]
+    Range(#[from] RamError),
+    /// The range could not be faulted in before the deadline (an offline
+    /// held it longer).
+    #[error("guest range {range} could not be faulted in within {waited:?}")]
+    Timeout {
+        /// The range.
+        range: GuestRange,
+        /// How long it waited.
+        waited: Duration,
+    },
+    /// A page of the range is poisoned or unplugged; touching it would
+    /// raise SIGBUS.
+    #[error("guest page {gpa:#x} is poisoned or unplugged")]
+    Poisoned {
+        /// The page.
+        gpa: u64,
+    },
+    /// The engine has shut down.
+    #[error("the engine has shut down")]
+    Stopped,
+    /// The kernel pin (io_uring fixed buffer) could not be taken.
+    #[error("cannot take a kernel pin on guest range {range}")]
+    KernelPin {
+        /// The range.
+        range: GuestRange,
+        /// The kernel's error.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Faults `count` pages from `loc` in through the engine (on the calling
+/// thread, in prefetch windows) and waits for pages other resolvers hold,
+/// until every page is present in the engine's view or the deadline
+/// passes. Never touches the memory itself, so a poisoned page is an
+/// error, not a SIGBUS.
+fn populate(shared: &Shared, loc: PageLoc, count: usize, range: GuestRange, deadline: Instant) -> Result<(), PinError> {
+    let started = Instant::now();
+    let region = &shared.ram.regions()[loc.region];
+    loop {
+        if shared.stopping.load(Ordering::Acquire) {
+            return Err(PinError::Stopped);
+        }
+        resolve::prefetch_pages(shared, (loc.page..loc.page + count).map(|p| (loc.region, p)));
+        let mut waiting = false;
+        for p in loc.page..loc.page + count {
+            match region.state(p).0 {
+                PageState::Present => {}
+                PageState::Poisoned | PageState::Offline => {
+                    return Err(PinError::Poisoned { gpa: region.page_gpa(p).0 });
+                }
+                _ => waiting = true,
+            }
+        }
+        if !waiting {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            return Err(PinError::Timeout { range, waited: started.elapsed() });
+        }
+        std::thread::sleep(Duration::from_micros(50));
+    }
+}
+
+/// Runs `arm` once `range` is present with no invalidation since it was
+/// faulted in, under the install lock (so no invalidation can start between
+/// the check and `arm`).
+fn fault_in_and<T>(
+    shared: &Shared,
+    range: GuestRange,
+    deadline: Instant,
+    mut arm: impl FnMut(&crate::notifier::InstallGuard<'_>) -> Option<T>,
+) -> Result<T, PinError> {
+    let started = Instant::now();
+    let (loc, count) = shared.ram.check_range(range)?;
+    let region = &shared.ram.regions()[loc.region];
+    loop {
+        let seq = shared
+            .notifier
+            .read_begin(range, deadline)
+            .ok_or(PinError::Timeout { range, waited: started.elapsed() })?;
+        populate(shared, loc, count, range, deadline)?;
+        let guard = shared.notifier.install_lock();
+        if guard.read_retry(range, seq) {
+            continue;
+        }
+        if (loc.page..loc.page + count).any(|p| region.state(p).0 != PageState::Present) {
+            continue;
+        }
+        if let Some(v) = arm(&guard) {
+            return Ok(v);
+        }
+        drop(guard);
+        if Instant::now() >= deadline {
+            return Err(PinError::Timeout { range, waited: started.elapsed() });
+        }
+    }
+}
+
+fn slice(shared: &Shared, range: GuestRange) -> VolatileSlice<'_> {
+    // The range was checked to lie inside one region when the reference
+    // was made, so this cannot fail.
+    shared.ram.guest_memory().get_slice(range.start, range.len as usize).expect("checked guest range")
+}
+
+/// A short-term reference to a guest range: the pages stay where they are
+/// until it is dropped. Keep it for a bounded copy only.
+pub struct PageRef {
+    shared: Arc<Shared>,
+    id: RefId,
+    range: GuestRange,
+}
+
+impl fmt::Debug for PageRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PageRef").field("range", &self.range).finish()
+    }
+}
+
+impl PageRef {
+    pub(crate) fn take(shared: Arc<Shared>, range: GuestRange, deadline: Instant) -> Result<PageRef, PinError> {
+        let id = fault_in_and(&shared, range, deadline, |guard| shared.notifier.try_ref(guard, range))?;
+        Ok(PageRef { shared, id, range })
+    }
+
+    /// The range referenced.
+    pub fn range(&self) -> GuestRange {
+        self.range
+    }
+
+    /// The memory, for volatile access.
+    pub fn memory(&self) -> VolatileSlice<'_> {
+        slice(&self.shared, self.range)
+    }
+}
+
+impl Drop for PageRef {
+    fn drop(&mut self) {
+        self.shared.notifier.drop_ref(self.id);
+    }
+}
+
+#[derive(Debug, Default)]
+struct PinState {
+    armed: AtomicBool,
+    ever_armed: AtomicBool,
+    invalidations: AtomicU64,
+    refaults: AtomicU64,
+}
+
+/// A long-term, migratable pin over a guest range. See the module docs.
+///
+/// ```no_run
+/// # use std::sync::Arc;
+/// # use std::time::{Duration, Instant};
+/// # use apf::{Engine, GuestAddress, GuestRam, GuestRange, ZeroSource};
+/// # let ram = Arc::new(GuestRam::anonymous(&[(GuestAddress(0), 1 << 20)])?);
+/// # let engine = Engine::builder(ram, Arc::new(ZeroSource)).start()?;
+/// use vm_memory::Bytes;
+/// let ring = GuestRange::new(GuestAddress(0x1000), 0x4000);
+/// let pin = engine.pin(ring, |ev| println!("lost {} ({:?})", ev.range, ev.reason))?;
+/// // Whenever the device needs the ring: cheap while armed, re-faults after
+/// // an invalidation.
+/// let mem = pin.get(Instant::now() + Duration::from_secs(1))?;
+/// let head: u32 = mem.memory().read_obj(0)?;
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+pub struct Pin {
+    shared: Arc<Shared>,
+    id: IntervalId,
+    range: GuestRange,
+    state: Arc<PinState>,
+}
+
+impl fmt::Debug for Pin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Pin").field("range", &self.range).field("armed", &self.is_armed()).finish()
+    }
+}
+
+impl Pin {
+    pub(crate) fn register(
+        shared: Arc<Shared>,
+        range: GuestRange,
+        callback: impl Fn(&InvalidateEvent) + Send + Sync + 'static,
+    ) -> Result<Pin, PinError> {
+        shared.ram.check_range(range)?;
+        if shared.stopping.load(Ordering::Acquire) {
+            return Err(PinError::Stopped);
+        }
+        let state = Arc::new(PinState::default());
+        let st = state.clone();
+        let id = shared.notifier.register(
+            range,
+            Box::new(move |ev| {
+                // Disarmed before the holder hears of it, so a `get` racing
+                // the callback re-faults rather than trusting old state.
+                st.armed.store(false, Ordering::Release);
+                st.invalidations.fetch_add(1, Ordering::Relaxed);
+                callback(ev);
+            }),
+        );
+        Ok(Pin { shared, id, range, state })
+    }
+
+    /// Access to the pinned memory. While the pin is armed this is a load;
+    /// after an invalidation (or the first time) it waits for the
+    /// invalidation to end, faults the range in through the engine and
+    /// re-arms. Fails at `deadline`, or if a page is poisoned or unplugged.
+    pub fn get(&self, deadline: Instant) -> Result<PinGuard<'_>, PinError> {
+        if self.state.armed.load(Ordering::Acquire) {
+            return Ok(PinGuard { pin: self });
+        }
+        if self.shared.stopping.load(Ordering::Acquire) {
+            return Err(PinError::Stopped);
+        }
+        fault_in_and(&self.shared, self.range, deadline, |_guard| {
+            self.state.armed.store(true, Ordering::Release);
+            Some(())
+        })?;
+        if self.state.ever_armed.swap(true, Ordering::Relaxed) {
+            self.state.refaults.fetch_add(1, Ordering::Relaxed);
+            self.shared.stats.pin_refaults.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(PinGuard { pin: self })
+    }
+
+    /// True while no invalidation has hit the pin since it was last armed.
+    pub fn is_armed(&self) -> bool {
+        self.state.armed.load(Ordering::Acquire)
+    }
+
+    /// The pinned range.
+    pub fn range(&self) -> GuestRange {
+        self.range
+    }
+
+    /// Invalidations that called this pin's callback.
+    pub fn invalidations(&self) -> u64 {
+        self.state.invalidations.load(Ordering::Relaxed)
+    }
+
+    /// Times [`Self::get`] faulted the range in again after an invalidation.
+    pub fn refaults(&self) -> u64 {
+        self.state.refaults.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for Pin {
+    fn drop(&mut self) {
+        self.shared.notifier.unregister(self.id);
+    }
+}
+
+/// Access to a pin's memory, from [`Pin::get`].
+#[derive(Debug)]
+pub struct PinGuard<'a> {
+    pin: &'a Pin,
+}
+
+impl PinGuard<'_> {
+    /// The memory, for volatile access.
+    pub fn memory(&self) -> VolatileSlice<'_> {
+        slice(&self.pin.shared, self.pin.range)
+    }
+
+    /// Host address of the first byte (for handing to the kernel, as an
+    /// io_uring fixed buffer).
+    pub fn host_addr(&self) -> *mut u8 {
+        self.memory().ptr_guard_mut().as_ptr()
+    }
+
+    /// Length in bytes.
+    pub fn len(&self) -> usize {
+        self.pin.range.len as usize
+    }
+
+    /// Never true: pins are not empty.
+    pub fn is_empty(&self) -> bool {
+        self.pin.range.len == 0
+    }
+
+    /// True if an invalidation hit the pin since this guard was taken:
+    /// what was read through it may predate an unplug (contents kept by
+    /// migrate and evict are unaffected).
+    pub fn invalidated(&self) -> bool {
+        !self.pin.is_armed()
+    }
+}
+
+/// A hard pin: no callback, plus a real kernel pin (an io_uring fixed
+/// buffer) on the pages. Offlines over it fail with `Busy` at their
+/// deadline; the kernel cannot migrate its pages either. Kept to show the
+/// problem migratable pins solve.
+pub struct HardPin {
+    shared: Arc<Shared>,
+    id: IntervalId,
+    range: GuestRange,
+    kernel: Option<FixedBuffer>,
+}
+
+impl fmt::Debug for HardPin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("HardPin").field("range", &self.range).finish()
+    }
+}
+
+impl HardPin {
+    pub(crate) fn take(shared: Arc<Shared>, range: GuestRange, deadline: Instant) -> Result<HardPin, PinError> {
+        let id = fault_in_and(&shared, range, deadline, |_guard| Some(shared.notifier.register_hard(range)))?;
+        let host = match shared.ram.host_range(range.start, range.len) {
+            Ok(h) => h,
+            Err(e) => {
+                shared.notifier.unregister(id);
+                return Err(e.into());
+            }
+        };
+        match FixedBuffer::register(host, range.len as usize) {
+            Ok(kernel) => Ok(HardPin { shared, id, range, kernel: Some(kernel) }),
+            Err(source) => {
+                shared.notifier.unregister(id);
+                Err(PinError::KernelPin { range, source })
+            }
+        }
+    }
+
+    /// The pinned range.
+    pub fn range(&self) -> GuestRange {
+        self.range
+    }
+
+    /// The memory, for volatile access.
+    pub fn memory(&self) -> VolatileSlice<'_> {
+        slice(&self.shared, self.range)
+    }
+}
+
+impl Drop for HardPin {
+    fn drop(&mut self) {
+        // The kernel pin first: an offline that sees the interval gone
+        // finds the pages movable.
+        drop(self.kernel.take());
+        self.shared.notifier.unregister(self.id);
+    }
+}

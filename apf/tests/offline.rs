@@ -1,0 +1,505 @@
+//! Pins, invalidation and offlining against real userfaultfd, with host
+//! threads standing in for vCPUs and device workers.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use apf::hostmem::Pagemap;
+use apf::kpin::FixedBuffer;
+use apf::notifier::Reason;
+use apf::ram::{GuestAddress, GuestRam, GuestRange, PageState, RamError};
+use apf::source::{PageSource, Pattern, SourceError, SourceKind, ZeroSource};
+use apf::uffd::PAGE_SIZE;
+use apf::{Config, Engine, Mode, OfflineError, PinError, UnplugPolicy};
+use vm_memory::Bytes;
+
+const PAGE: u64 = PAGE_SIZE as u64;
+const MIB: usize = 1 << 20;
+
+fn ram(bytes: usize) -> Arc<GuestRam> {
+    Arc::new(GuestRam::anonymous(&[(GuestAddress(0), bytes)]).unwrap())
+}
+
+fn engine(ram: &Arc<GuestRam>) -> Engine {
+    Engine::builder(ram.clone(), Arc::new(ZeroSource)).start().unwrap()
+}
+
+fn range(start: u64, len: u64) -> GuestRange {
+    GuestRange::new(GuestAddress(start), len)
+}
+
+fn soon(ms: u64) -> Instant {
+    Instant::now() + Duration::from_millis(ms)
+}
+
+fn word_ptr(ram: &GuestRam, gpa: u64) -> *mut u64 {
+    ram.host_range(GuestAddress(gpa), 8).unwrap() as *mut u64
+}
+
+fn read_word(ram: &GuestRam, gpa: u64) -> u64 {
+    // SAFETY: the pointer covers 8 bytes of guest RAM, mapped while `ram`
+    // lives; the engine resolves the fault if the page is missing.
+    unsafe { std::ptr::read_volatile(word_ptr(ram, gpa)) }
+}
+
+fn write_word(ram: &GuestRam, gpa: u64, v: u64) {
+    // SAFETY: as in `read_word`.
+    unsafe { std::ptr::write_volatile(word_ptr(ram, gpa), v) }
+}
+
+/// Writes a word derived from the page's address into every page.
+fn stamp(ram: &GuestRam, r: GuestRange, salt: u64) {
+    for gpa in (r.start.0..r.end()).step_by(PAGE_SIZE) {
+        write_word(ram, gpa + 8, gpa ^ salt);
+    }
+}
+
+fn check_stamp(ram: &GuestRam, r: GuestRange, salt: u64) {
+    for gpa in (r.start.0..r.end()).step_by(PAGE_SIZE) {
+        assert_eq!(read_word(ram, gpa + 8), gpa ^ salt, "page {gpa:#x}");
+    }
+}
+
+fn states(ram: &GuestRam, r: GuestRange) -> Vec<PageState> {
+    (r.start.0..r.end()).step_by(PAGE_SIZE).map(|g| ram.state(ram.locate(GuestAddress(g)).unwrap()).0).collect()
+}
+
+fn resident(ram: &GuestRam, r: GuestRange) -> usize {
+    let host = ram.host_range(r.start, r.len).unwrap();
+    let pages = (r.len / PAGE) as usize;
+    let mut vec = vec![0u8; pages];
+    // SAFETY: mincore reads the page tables of a mapping this process owns
+    // and writes `pages` bytes into `vec`.
+    let ret = unsafe { libc::mincore(host as *mut libc::c_void, r.len as usize, vec.as_mut_ptr()) };
+    assert_eq!(ret, 0, "mincore: {}", std::io::Error::last_os_error());
+    vec.iter().filter(|b| **b & 1 != 0).count()
+}
+
+fn pfns(ram: &GuestRam, r: GuestRange) -> Vec<Option<u64>> {
+    let host = ram.host_range(r.start, r.len).unwrap() as u64;
+    Pagemap::open().unwrap().pfns(host, (r.len / PAGE) as usize).unwrap()
+}
+
+/// Writers doing read-increment-write on counters in pages they own, while
+/// `storm` offlines ranges under them; every increment must survive.
+fn writers_lose_nothing(modes: &[Mode]) {
+    let ram = ram(16 * MIB);
+    let engine = engine(&ram);
+    let pages = 16 * MIB / PAGE_SIZE;
+    let stop = AtomicBool::new(false);
+    let offlines = AtomicUsize::new(0);
+    let counts: Vec<u64> = std::thread::scope(|s| {
+        let writers: Vec<_> = (0..2u64)
+            .map(|t| {
+                let (ram, stop) = (&ram, &stop);
+                s.spawn(move || {
+                    let mut mine = vec![0u64; pages];
+                    let mut x = t + 1;
+                    let mut n = 0;
+                    while !stop.load(Ordering::Relaxed) || n < 20_000 {
+                        x = apf::source::splitmix64(x);
+                        let page = (x as usize % (pages / 2)) * 2 + t as usize;
+                        let gpa = (page * PAGE_SIZE) as u64;
+                        let v = read_word(ram, gpa);
+                        assert_eq!(v, mine[page], "writer {t}: page {gpa:#x} lost a write");
+                        write_word(ram, gpa, v + 1);
+                        mine[page] += 1;
+                        n += 1;
+                    }
+                    mine
+                })
+            })
+            .collect();
+        let mut x = 99u64;
+        let t = Instant::now();
+        while t.elapsed() < Duration::from_millis(600) {
+            x = apf::source::splitmix64(x);
+            let len = (1 + x % 512) * PAGE;
+            let start = (x >> 20) % (16 * MIB as u64 - len) / PAGE * PAGE;
+            let mode = modes[offlines.load(Ordering::Relaxed) % modes.len()];
+            match engine.offline(range(start, len), mode, soon(2000)) {
+                Ok(_) => {
+                    offlines.fetch_add(1, Ordering::Relaxed);
+                }
+                Err(e) => panic!("offline {mode} of {}: {e}", range(start, len)),
+            }
+        }
+        stop.store(true, Ordering::Relaxed);
+        let mut total = vec![0u64; pages];
+        for w in writers {
+            for (i, c) in w.join().unwrap().into_iter().enumerate() {
+                total[i] += c;
+            }
+        }
+        total
+    });
+    for (page, want) in counts.iter().enumerate() {
+        assert_eq!(read_word(&ram, (page * PAGE_SIZE) as u64), *want, "page {page}");
+    }
+    assert!(offlines.load(Ordering::Relaxed) >= 10, "only {} offlines ran", offlines.load(Ordering::Relaxed));
+    let stats = engine.stats();
+    assert!(stats.offlines >= 10);
+    assert!(stats.deferred > 0, "no fault raced an offline: {stats:?}");
+    if modes.contains(&Mode::Migrate) {
+        assert!(stats.frames_moved > 0);
+    }
+    if modes.contains(&Mode::Evict) {
+        assert!(stats.pages_evicted > 0);
+    }
+}
+
+#[test]
+fn concurrent_writers_lose_nothing_across_migrate() {
+    writers_lose_nothing(&[Mode::Migrate]);
+}
+
+#[test]
+fn concurrent_writers_lose_nothing_across_evict() {
+    writers_lose_nothing(&[Mode::Evict]);
+}
+
+#[test]
+fn concurrent_writers_lose_nothing_across_mixed_offlines() {
+    writers_lose_nothing(&[Mode::Migrate, Mode::Evict]);
+}
+
+#[test]
+fn migrate_moves_frames_and_keeps_contents() {
+    let ram = ram(4 * MIB);
+    let engine = engine(&ram);
+    let r = range(0x10_0000, 64 * PAGE);
+    stamp(&ram, r, 0x55);
+    let before = pfns(&ram, r);
+    let report = engine.offline(r, Mode::Migrate, soon(2000)).unwrap();
+    assert_eq!((report.pages, report.pages_taken, report.frames_moved), (64, 64, 64));
+    let after = pfns(&ram, r);
+    for (i, (b, a)) in before.iter().zip(&after).enumerate() {
+        assert!(b.is_some() && a.is_some(), "page {i} not present");
+        assert_ne!(b, a, "page {i} still in its old frame");
+    }
+    check_stamp(&ram, r, 0x55);
+    assert!(states(&ram, r).iter().all(|s| *s == PageState::Present));
+    // Pages never touched stay missing and are not counted.
+    let fresh = range(0x20_0000, 8 * PAGE);
+    let report = engine.offline(fresh, Mode::Migrate, soon(2000)).unwrap();
+    assert_eq!((report.pages_taken, report.frames_moved), (0, 0));
+    assert_eq!(resident(&ram, fresh), 0);
+}
+
+#[test]
+fn evict_frees_frames_and_restores_on_fault() {
+    let ram = ram(4 * MIB);
+    let engine = engine(&ram);
+    let r = range(0x4000, 100 * PAGE);
+    stamp(&ram, r, 0xabc);
+    let report = engine.offline(r, Mode::Evict, soon(2000)).unwrap();
+    assert_eq!(report.pages_evicted, 100);
+    assert_eq!(resident(&ram, r), 0, "evicted frames were not freed");
+    assert_eq!(engine.store().len(), 100);
+    assert!(states(&ram, r).iter().all(|s| *s == PageState::Missing));
+    check_stamp(&ram, r, 0xabc);
+    assert!(engine.wait_idle(soon(5000)));
+    assert_eq!(engine.store().len(), 0, "restored pages stay in the store");
+}
+
+#[test]
+fn unplug_zero_fills_and_later_writes_stick() {
+    let ram = ram(4 * MIB);
+    let engine = engine(&ram);
+    let r = range(0x8000, 16 * PAGE);
+    stamp(&ram, r, 1);
+    // Evicted pages of the range must be forgotten too.
+    engine.offline(range(0x8000, 4 * PAGE), Mode::Evict, soon(2000)).unwrap();
+    let report = engine.offline(r, Mode::Unplug, soon(2000)).unwrap();
+    assert_eq!(report.pages_unplugged, 16);
+    assert_eq!(engine.store().len(), 0);
+    for gpa in (r.start.0..r.end()).step_by(PAGE_SIZE) {
+        assert_eq!(read_word(&ram, gpa + 8), 0, "page {gpa:#x} kept data after unplug");
+    }
+    stamp(&ram, r, 2);
+    check_stamp(&ram, r, 2);
+}
+
+#[test]
+fn unplug_poison_policy_refuses_pins_until_replugged() {
+    let ram = ram(4 * MIB);
+    let config = Config { unplug_policy: UnplugPolicy::Poison, ..Config::default() };
+    let engine = Engine::builder(ram.clone(), Arc::new(ZeroSource)).config(config).start().unwrap();
+    let r = range(0x8000, 4 * PAGE);
+    stamp(&ram, r, 3);
+    engine.offline(r, Mode::Unplug, soon(2000)).unwrap();
+    assert!(states(&ram, r).iter().all(|s| *s == PageState::Offline));
+    let pin = engine.pin(r, |_| {}).unwrap();
+    assert!(matches!(pin.get(soon(500)), Err(PinError::Poisoned { gpa: 0x8000 })));
+    assert_eq!(engine.replug(r).unwrap(), 4);
+    let mem = pin.get(soon(1000)).unwrap();
+    assert_eq!(mem.memory().read_obj::<u64>(8).unwrap(), 0);
+    stamp(&ram, r, 4);
+    check_stamp(&ram, r, 4);
+}
+
+/// A source whose fills take a while, so an invalidation can land while one
+/// is in progress.
+struct SlowSource {
+    delay: Duration,
+    started: AtomicUsize,
+}
+
+impl PageSource for SlowSource {
+    fn fill(&self, gpa: GuestAddress, buf: &mut [u8]) -> Result<(), SourceError> {
+        self.started.fetch_add(1, Ordering::SeqCst);
+        std::thread::sleep(self.delay);
+        Pattern { seed: 5 }.write(gpa.0, buf);
+        Ok(())
+    }
+    fn kind(&self) -> SourceKind {
+        SourceKind::Blocking
+    }
+    fn name(&self) -> &'static str {
+        "slow"
+    }
+}
+
+#[test]
+fn contents_filled_before_an_invalidation_are_never_installed_after_it() {
+    let ram = ram(MIB);
+    let source = Arc::new(SlowSource { delay: Duration::from_millis(150), started: AtomicUsize::new(0) });
+    let engine = Engine::builder(ram.clone(), source.clone()).max_window(1).start().unwrap();
+    let r = range(0x3000, PAGE);
+    std::thread::scope(|s| {
+        let reader = s.spawn(|| read_word(&ram, 0x3000 + 8));
+        while source.started.load(Ordering::SeqCst) == 0 {
+            std::thread::yield_now();
+        }
+        // The fill is in progress: discard the page's contents under it.
+        let report = engine.offline(r, Mode::Unplug, soon(2000)).unwrap();
+        assert_eq!(report.pages_taken, 0, "nothing was installed yet");
+        assert_eq!(reader.join().unwrap(), 0, "a fill from before the unplug was installed after it");
+    });
+    let stats = engine.stats();
+    assert!(stats.stale >= 1, "the resolver did not notice the invalidation: {stats:?}");
+    assert_eq!(read_word(&ram, 0x3000 + 8), 0);
+    // Its neighbour is still served from the source.
+    let mut buf = vec![0u8; PAGE_SIZE];
+    ram.guest_memory().read_slice(&mut buf, GuestAddress(0x4000)).unwrap();
+    assert_eq!(Pattern { seed: 5 }.verify(0x4000, &buf), Ok(()));
+}
+
+#[test]
+fn callbacks_run_before_pages_are_dropped() {
+    let ram = ram(4 * MIB);
+    let engine = engine(&ram);
+    let r = range(0x10_0000, 32 * PAGE);
+    stamp(&ram, r, 9);
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let (seen2, ram2) = (seen.clone(), ram.clone());
+    let pin = engine
+        .pin(range(0x10_0000 + 8 * PAGE, 8 * PAGE), move |ev| {
+            // Whatever the pin covers must still be in memory now.
+            seen2.lock().unwrap().push((ev.reason, ev.range, resident(&ram2, ev.range)));
+        })
+        .unwrap();
+    pin.get(soon(1000)).unwrap();
+    engine.offline(r, Mode::Evict, soon(2000)).unwrap();
+    assert_eq!(*seen.lock().unwrap(), vec![(Reason::Evict, range(0x10_0000 + 8 * PAGE, 8 * PAGE), 8)]);
+    assert_eq!(resident(&ram, r), 0);
+    assert!(!pin.is_armed());
+}
+
+#[test]
+fn pins_refault_after_invalidation() {
+    let ram = ram(4 * MIB);
+    let engine = engine(&ram);
+    let r = range(0x2000, 4 * PAGE);
+    let called = Arc::new(AtomicU64::new(0));
+    let c2 = called.clone();
+    let pin = engine
+        .pin(r, move |_| {
+            c2.fetch_add(1, Ordering::SeqCst);
+        })
+        .unwrap();
+    assert!(!pin.is_armed(), "armed before the first get");
+    {
+        let g = pin.get(soon(1000)).unwrap();
+        g.memory().write_obj(0x1234_5678u64, 16).unwrap();
+    }
+    assert_eq!(states(&ram, r), vec![PageState::Present; 4], "get did not fault the range in");
+    assert_eq!(pin.refaults(), 0);
+    for (i, mode) in [Mode::Evict, Mode::Migrate].into_iter().enumerate() {
+        engine.offline(range(0, 16 * PAGE), mode, soon(2000)).unwrap();
+        assert!(!pin.is_armed());
+        assert_eq!(pin.invalidations(), i as u64 + 1);
+        let g = pin.get(soon(1000)).unwrap();
+        assert!(pin.is_armed());
+        assert_eq!(pin.refaults(), i as u64 + 1);
+        assert_eq!(g.memory().read_obj::<u64>(16).unwrap(), 0x1234_5678);
+    }
+    assert_eq!(called.load(Ordering::SeqCst), 2);
+    // An offline elsewhere leaves it alone.
+    engine.offline(range(MIB as u64, 16 * PAGE), Mode::Migrate, soon(2000)).unwrap();
+    assert!(pin.is_armed());
+    assert_eq!(engine.pins_registered(), 1);
+    drop(pin);
+    assert_eq!(engine.pins_registered(), 0);
+    let stats = engine.stats();
+    assert_eq!((stats.pin_invalidations, stats.pin_refaults), (2, 2));
+}
+
+#[test]
+fn hard_pin_gives_busy_within_its_deadline_and_changes_nothing() {
+    let ram = ram(4 * MIB);
+    let engine = engine(&ram);
+    let r = range(0x10_0000, 16 * PAGE);
+    stamp(&ram, r, 0x77);
+    let hard = engine.hard_pin(range(0x10_0000 + 4 * PAGE, 2 * PAGE), soon(1000)).unwrap();
+    let before = pfns(&ram, r);
+    let t = Instant::now();
+    match engine.offline(r, Mode::Migrate, t + Duration::from_millis(300)) {
+        Err(OfflineError::Busy { hard: 1, refs: 0, .. }) => {}
+        other => panic!("expected Busy from the hard pin, got {other:?}"),
+    }
+    let took = t.elapsed();
+    assert!(took >= Duration::from_millis(300) && took < Duration::from_secs(2), "took {took:?}");
+    assert_eq!(pfns(&ram, r), before, "a busy offline moved pages");
+    assert!(states(&ram, r).iter().all(|s| *s == PageState::Present));
+    check_stamp(&ram, r, 0x77);
+    assert_eq!(engine.stats().offline_busy, 1);
+    drop(hard);
+    engine.offline(r, Mode::Migrate, soon(2000)).unwrap();
+    check_stamp(&ram, r, 0x77);
+}
+
+#[test]
+fn kernel_pin_kept_through_the_callback_is_busy_and_dropping_it_lets_pages_move() {
+    let ram = ram(4 * MIB);
+    let engine = engine(&ram);
+    let r = range(0x20_0000, 8 * PAGE);
+    stamp(&ram, r, 0x99);
+    let host = ram.host_range(r.start, r.len).unwrap();
+    let buffer = Arc::new(Mutex::new(FixedBuffer::register(host, r.len as usize).unwrap()));
+    let drop_it = Arc::new(AtomicBool::new(false));
+    let (b2, d2) = (buffer.clone(), drop_it.clone());
+    let pin = engine
+        .pin(r, move |_| {
+            if d2.load(Ordering::SeqCst) {
+                b2.lock().unwrap().unregister().unwrap();
+            }
+        })
+        .unwrap();
+    pin.get(soon(1000)).unwrap();
+    // A holder that keeps its kernel pin: the kernel refuses to move.
+    match engine.offline(r, Mode::Migrate, soon(300)) {
+        Err(OfflineError::Busy { kernel_pinned, .. }) if kernel_pinned > 0 => {}
+        other => panic!("expected Busy from the kernel pin, got {other:?}"),
+    }
+    check_stamp(&ram, r, 0x99);
+    // A holder that drops it in the callback: the pages move.
+    drop_it.store(true, Ordering::SeqCst);
+    pin.get(soon(1000)).unwrap();
+    let before = pfns(&ram, r);
+    let report = engine.offline(r, Mode::Migrate, soon(2000)).unwrap();
+    assert_eq!(report.frames_moved, 8);
+    assert!(pfns(&ram, r).iter().zip(&before).all(|(a, b)| a != b));
+    assert!(!buffer.lock().unwrap().is_registered());
+    check_stamp(&ram, r, 0x99);
+}
+
+#[test]
+fn offline_waits_for_short_term_references() {
+    let ram = ram(4 * MIB);
+    let engine = engine(&ram);
+    let r = range(0x1000, 8 * PAGE);
+    stamp(&ram, r, 5);
+    let pref = engine.page_ref(range(0x2000, PAGE), soon(1000)).unwrap();
+    assert_eq!(pref.memory().read_obj::<u64>(8).unwrap(), 0x2000 ^ 5);
+    // Held past the deadline: busy, nothing changed.
+    match engine.offline(r, Mode::Evict, soon(100)) {
+        Err(OfflineError::Busy { refs: 1, hard: 0, .. }) => {}
+        other => panic!("expected Busy from the reference, got {other:?}"),
+    }
+    assert_eq!(engine.store().len(), 0);
+    // Dropped while the offline waits: it goes on.
+    std::thread::scope(|s| {
+        let t = Instant::now();
+        let h = s.spawn(|| engine.offline(r, Mode::Evict, soon(5000)));
+        std::thread::sleep(Duration::from_millis(100));
+        // No new reference is granted while the offline waits.
+        assert!(matches!(engine.page_ref(range(0x3000, PAGE), soon(50)), Err(PinError::Timeout { .. })));
+        drop(pref);
+        let report = h.join().unwrap().unwrap();
+        assert_eq!(report.pages_evicted, 8);
+        assert!(t.elapsed() >= Duration::from_millis(100));
+    });
+    check_stamp(&ram, r, 5);
+}
+
+#[test]
+fn invalid_ranges_get_clear_errors() {
+    let ram = ram(4 * MIB);
+    let engine = engine(&ram);
+    let cases = [
+        (range(0x1001, PAGE), "unaligned"),
+        (range(0x1000, 100), "unaligned"),
+        (range(0x1000, 0), "empty"),
+        (range(8 * MIB as u64, PAGE), "outside"),
+        (range(4 * MIB as u64 - PAGE, 2 * PAGE), "crosses the end"),
+    ];
+    for (r, what) in cases {
+        let err = engine.offline(r, Mode::Migrate, soon(100)).unwrap_err();
+        let ok = matches!(
+            (&err, what),
+            (OfflineError::Range(RamError::Unaligned(_)), "unaligned")
+                | (OfflineError::Range(RamError::Empty(_)), "empty")
+                | (OfflineError::Range(RamError::OutOfRange(_)), "outside")
+                | (OfflineError::Range(RamError::RangeOutOfBounds(_)), "crosses the end")
+        );
+        assert!(ok, "{r} ({what}): {err}");
+        assert!(engine.pin(r, |_| {}).is_err(), "{r}: pin accepted");
+        assert!(engine.page_ref(r, soon(100)).is_err(), "{r}: reference granted");
+    }
+    // Overlapping an offline in progress (held up by a hard pin).
+    stamp(&ram, range(0x10_0000, 4 * PAGE), 0);
+    let hard = engine.hard_pin(range(0x10_0000, PAGE), soon(1000)).unwrap();
+    std::thread::scope(|s| {
+        let h = s.spawn(|| engine.offline(range(0x10_0000, 4 * PAGE), Mode::Migrate, soon(400)));
+        std::thread::sleep(Duration::from_millis(100));
+        let err = engine.offline(range(0x10_0000 + 2 * PAGE, 4 * PAGE), Mode::Evict, soon(100)).unwrap_err();
+        assert!(matches!(err, OfflineError::Overlap(_)), "{err}");
+        assert!(err.to_string().contains("overlaps an offline in progress"));
+        // A disjoint one runs meanwhile.
+        engine.offline(range(0x20_0000, 4 * PAGE), Mode::Migrate, soon(1000)).unwrap();
+        assert!(matches!(h.join().unwrap(), Err(OfflineError::Busy { .. })));
+    });
+    drop(hard);
+}
+
+#[test]
+fn faults_during_an_offline_wait_and_get_the_right_contents() {
+    let ram = ram(4 * MIB);
+    let engine = engine(&ram);
+    let r = range(0x10_0000, 64 * PAGE);
+    stamp(&ram, range(0x10_0000, 32 * PAGE), 0x42);
+    // A hard pin in the range holds the offline up until it is dropped, so
+    // the reader faults while the offline holds the pages.
+    let hard = engine.hard_pin(range(0x10_0000, PAGE), soon(1000)).unwrap();
+    let released = Mutex::new(None);
+    std::thread::scope(|s| {
+        let off = s.spawn(|| engine.offline(r, Mode::Evict, soon(5000)));
+        std::thread::sleep(Duration::from_millis(50));
+        let reader = s.spawn(|| {
+            // A page never touched: its fault waits for the offline.
+            let v = read_word(&ram, 0x10_0000 + 40 * PAGE);
+            (v, Instant::now())
+        });
+        std::thread::sleep(Duration::from_millis(150));
+        *released.lock().unwrap() = Some(Instant::now());
+        drop(hard);
+        off.join().unwrap().unwrap();
+        let (v, at) = reader.join().unwrap();
+        assert_eq!(v, 0);
+        assert!(at >= released.lock().unwrap().unwrap(), "the fault was served while the offline held the page");
+    });
+    assert!(engine.stats().deferred >= 1);
+    check_stamp(&ram, range(0x10_0000, 32 * PAGE), 0x42);
+}
