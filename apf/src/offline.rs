@@ -41,8 +41,12 @@ use crate::notifier::Reason;
 use crate::ram::{GuestRange, Origin, PageState, RamError, Region};
 use crate::uffd::{IoctlError, RegisterMode, Uffd, PAGE_SIZE};
 
-/// Pages in the staging area (one offline moves through it in chunks).
-pub const STAGING_PAGES: usize = 4096;
+/// Pages in the staging area: an offline moves its range through it in
+/// chunks of this many pages. Smaller chunks hold page-table locks and the
+/// CPU for less time at once (fault latency next to an offline storm); 2 MiB
+/// chunks offline 64 MiB as fast as 16 MiB ones did, and 512 KiB ones were
+/// 40% slower.
+pub const STAGING_PAGES: usize = 512;
 
 /// What an offline does to the range.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
