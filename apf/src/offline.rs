@@ -362,9 +362,6 @@ fn offline_pages(
         .invalidate_begin(&[range], mode.reason(), true, || {
             for (i, prior) in prior.iter_mut().enumerate() {
                 *prior = region.begin_invalidate(first + i);
-                if mode == Mode::Unplug && *prior == PageState::Resolving {
-                    region.set_claimed_origin(first + i, Origin::Zero);
-                }
             }
         })
         .map_err(|o| OfflineError::Overlap(o.0))?;
@@ -427,6 +424,12 @@ fn offline_pages(
         let p = first + i;
         let gpa = region.page_gpa(p);
         let (to, origin) = match (prior[i], fate[i], mode) {
+            (PageState::Resolving, _, Mode::Unplug) if busy == 0 && failure.is_none() => {
+                // Its resolver saw the sequence move and waits for this
+                // offline to end: it fills again, with zeros.
+                region.set_claimed_origin(p, Origin::Zero);
+                continue;
+            }
             (PageState::Resolving, _, _) => continue,
             (PageState::Present, Fate::Moved, Mode::Migrate) => {
                 report.frames_moved += 1;
