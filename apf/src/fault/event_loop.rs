@@ -284,7 +284,9 @@ impl FaultLoop {
                 }
                 PageState::Invalidating => {
                     if self.deferred.len() < shared.config.park_capacity {
-                        shared.stats.deferred.fetch_add(1, Ordering::Relaxed);
+                        if !redo {
+                            shared.stats.deferred.fetch_add(1, Ordering::Relaxed);
+                        }
                         self.deferred.push(Deferred { span, addr, write, tid });
                         return;
                     }
