@@ -676,6 +676,7 @@ fn install_handler() -> Result<(), HostMemError> {
 mod tests {
     use super::*;
     use crate::kpin::FixedBuffer;
+    use crate::ram::AnonMapping;
 
     const PAGE: usize = PAGE_SIZE as usize;
 
@@ -686,35 +687,20 @@ mod tests {
     /// Anonymous memory without transparent huge pages, each page filled with
     /// a pattern of its own.
     struct Buffer {
-        addr: *mut u8,
-        len: usize,
+        map: AnonMapping,
     }
 
     impl Buffer {
         fn new(len: usize) -> Buffer {
-            // SAFETY: a fresh anonymous mapping at an address the kernel picks
-            // cannot alias anything this process uses.
-            let addr = unsafe {
-                libc::mmap(
-                    std::ptr::null_mut(),
-                    len,
-                    libc::PROT_READ | libc::PROT_WRITE,
-                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                    -1,
-                    0,
-                )
-            };
-            assert_ne!(addr, libc::MAP_FAILED, "mmap: {}", io::Error::last_os_error());
-            // SAFETY: advice on the mapping just made; it changes no contents.
-            let ret = unsafe { libc::madvise(addr, len, libc::MADV_NOHUGEPAGE) };
-            assert_eq!(ret, 0, "madvise: {}", io::Error::last_os_error());
+            let map = AnonMapping::new(len).unwrap();
+            let addr = map.ptr();
             // SAFETY: the mapping is `len` bytes, page-aligned, readable and
             // writable, and nothing else refers to it yet.
             let words = unsafe { std::slice::from_raw_parts_mut(addr.cast::<u64>(), len / 8) };
             for (i, word) in words.iter_mut().enumerate() {
                 *word = Self::pattern(i);
             }
-            Buffer { addr: addr.cast(), len }
+            Buffer { map }
         }
 
         fn pattern(i: usize) -> u64 {
@@ -725,7 +711,7 @@ mod tests {
             // SAFETY: the mapping is `len` bytes, page-aligned and readable,
             // and lives as long as `self`; after `new` only the kernel changes
             // it (moving pages, which keeps their contents).
-            unsafe { std::slice::from_raw_parts(self.addr.cast(), self.len / 8) }
+            unsafe { std::slice::from_raw_parts(self.map.ptr().cast(), self.map.len() / 8) }
         }
 
         /// The first page whose contents differ from the pattern.
@@ -735,23 +721,15 @@ mod tests {
         }
 
         fn pages(&self) -> usize {
-            self.len / PAGE
+            self.map.len() / PAGE
         }
 
         fn page(&self, i: usize) -> *mut u8 {
-            self.addr.wrapping_add(i * PAGE)
+            self.map.ptr().wrapping_add(i * PAGE)
         }
 
         fn pfns(&self) -> Vec<Option<u64>> {
-            Pagemap::open().unwrap().pfns(self.addr as u64, self.pages()).unwrap()
-        }
-    }
-
-    impl Drop for Buffer {
-        fn drop(&mut self) {
-            // SAFETY: the range is the mapping this value owns; no slice of it
-            // outlives the value.
-            unsafe { libc::munmap(self.addr.cast(), self.len) };
+            Pagemap::open().unwrap().pfns(self.map.ptr() as u64, self.pages()).unwrap()
         }
     }
 

@@ -137,41 +137,9 @@ mod tests {
 
     use super::*;
     use crate::hostmem::BlockLock;
+    use crate::ram::AnonMapping;
 
     const PAGE: usize = 4096;
-
-    /// An anonymous private mapping, unmapped on drop.
-    struct Mapping {
-        addr: *mut u8,
-        len: usize,
-    }
-
-    impl Mapping {
-        fn new(len: usize) -> Mapping {
-            // SAFETY: a fresh anonymous mapping at an address the kernel picks
-            // cannot alias anything this process uses.
-            let addr = unsafe {
-                libc::mmap(
-                    std::ptr::null_mut(),
-                    len,
-                    libc::PROT_READ | libc::PROT_WRITE,
-                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                    -1,
-                    0,
-                )
-            };
-            assert_ne!(addr, libc::MAP_FAILED, "mmap: {}", io::Error::last_os_error());
-            Mapping { addr: addr.cast(), len }
-        }
-    }
-
-    impl Drop for Mapping {
-        fn drop(&mut self) {
-            // SAFETY: the range is the mapping this value owns; nothing
-            // borrows it past the value's life.
-            unsafe { libc::munmap(self.addr.cast(), self.len) };
-        }
-    }
 
     /// Pagemap "present" bits of `pages` pages from `addr`.
     fn present(addr: *mut u8, pages: usize) -> Vec<bool> {
@@ -190,21 +158,21 @@ mod tests {
     #[test]
     fn registration_faults_in_every_page() {
         let _lock = lock();
-        let map = Mapping::new(1 << 20);
-        let pages = map.len / PAGE;
-        assert!(present(map.addr, pages).iter().all(|p| !p), "fresh mapping already present");
+        let map = AnonMapping::new(1 << 20).unwrap();
+        let pages = map.len() / PAGE;
+        assert!(present(map.ptr(), pages).iter().all(|p| !p), "fresh mapping already present");
 
-        let pin = FixedBuffer::register(map.addr, map.len).unwrap();
+        let pin = FixedBuffer::register(map.ptr(), map.len()).unwrap();
         assert!(pin.is_registered());
-        assert_eq!(pin.range(), (map.addr as u64, map.len));
-        assert!(present(map.addr, pages).iter().all(|p| *p), "registration left pages missing");
+        assert_eq!(pin.range(), (map.ptr() as u64, map.len()));
+        assert!(present(map.ptr(), pages).iter().all(|p| *p), "registration left pages missing");
     }
 
     #[test]
     fn unregister_and_reregister_round_trip() {
         let _lock = lock();
-        let map = Mapping::new(1 << 20);
-        let mut pin = FixedBuffer::register(map.addr, map.len).unwrap();
+        let map = AnonMapping::new(1 << 20).unwrap();
+        let mut pin = FixedBuffer::register(map.ptr(), map.len()).unwrap();
         pin.unregister().unwrap();
         assert!(!pin.is_registered());
         pin.unregister().unwrap(); // idempotent
@@ -219,18 +187,18 @@ mod tests {
     #[test]
     fn range_with_a_hole_fails_with_efault() {
         let _lock = lock();
-        let map = Mapping::new(3 * PAGE);
+        let map = AnonMapping::new(3 * PAGE).unwrap();
         // SAFETY: the middle page belongs to `map`, and nothing refers to it.
-        let ret = unsafe { libc::munmap(map.addr.wrapping_add(PAGE).cast(), PAGE) };
+        let ret = unsafe { libc::munmap(map.ptr().wrapping_add(PAGE).cast(), PAGE) };
         assert_eq!(ret, 0);
-        let err = FixedBuffer::register(map.addr, map.len).unwrap_err();
+        let err = FixedBuffer::register(map.ptr(), map.len()).unwrap_err();
         assert_eq!(err.raw_os_error(), Some(libc::EFAULT), "{err}");
     }
 
     #[test]
     fn empty_range_is_refused() {
-        let map = Mapping::new(PAGE);
-        let err = FixedBuffer::register(map.addr, 0).unwrap_err();
+        let map = AnonMapping::new(PAGE).unwrap();
+        let err = FixedBuffer::register(map.ptr(), 0).unwrap_err();
         assert_eq!(err.raw_os_error(), Some(libc::EFAULT), "{err}");
     }
 }

@@ -37,8 +37,8 @@ use thiserror::Error;
 use tracing::field;
 
 use crate::fault::Shared;
-use crate::notifier::Reason;
-use crate::ram::{GuestRange, Origin, PageState, RamError, Region};
+use crate::notifier::{Invalidation, Reason};
+use crate::ram::{AnonMapping, GuestRange, Origin, PageState, RamError, Region};
 use crate::uffd::{IoctlError, RegisterMode, Uffd, PAGE_SIZE};
 
 /// Pages in the staging area: an offline moves its range through it in
@@ -221,47 +221,27 @@ impl OfflineError {
 /// The staging area: private anonymous memory registered with the engine's
 /// userfaultfd in the same mode as guest RAM, so `UFFDIO_MOVE` accepts it.
 pub(crate) struct Staging {
-    base: u64,
+    map: AnonMapping,
     pages: usize,
 }
 
 impl fmt::Debug for Staging {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Staging").field("base", &format_args!("{:#x}", self.base)).field("pages", &self.pages).finish()
+        f.debug_struct("Staging").field("base", &self.map.ptr()).field("pages", &self.pages).finish()
     }
 }
 
 impl Staging {
     pub(crate) fn new(uffd: &Uffd, pages: usize) -> Result<Mutex<Staging>, OfflineError> {
-        let len = pages * PAGE_SIZE;
-        // SAFETY: a fresh private anonymous mapping at an address the kernel
-        // chooses; it aliases nothing.
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
-                -1,
-                0,
-            )
-        };
-        if ptr == libc::MAP_FAILED {
-            return Err(OfflineError::Staging(std::io::Error::last_os_error()));
-        }
-        let staging = Staging { base: ptr as u64, pages };
-        // SAFETY: MADV_NOHUGEPAGE on the mapping just created; UFFDIO_MOVE
-        // wants both sides split into 4 KiB pages.
-        if unsafe { libc::madvise(ptr, len, libc::MADV_NOHUGEPAGE) } < 0 {
-            return Err(OfflineError::Staging(std::io::Error::last_os_error()));
-        }
-        uffd.register(staging.base, len as u64, RegisterMode::MISSING)
+        // Small pages on both sides: UFFDIO_MOVE wants them.
+        let map = AnonMapping::new(pages * PAGE_SIZE).map_err(OfflineError::Staging)?;
+        uffd.register(map.ptr() as u64, map.len() as u64, RegisterMode::MISSING)
             .map_err(|e| OfflineError::Staging(std::io::Error::other(e)))?;
-        Ok(Mutex::new(staging))
+        Ok(Mutex::new(Staging { map, pages }))
     }
 
     fn addr(&self, slot: usize) -> u64 {
-        self.base + (slot * PAGE_SIZE) as u64
+        self.map.ptr() as u64 + (slot * PAGE_SIZE) as u64
     }
 
     /// Frees the first `pages` staging pages. This raises a remove event
@@ -271,18 +251,10 @@ impl Staging {
         // SAFETY: MADV_DONTNEED on the staging mapping, which only the
         // holder of the staging lock (this caller) uses; nothing keeps
         // references into it.
-        if unsafe { libc::madvise(self.base as *mut libc::c_void, pages * PAGE_SIZE, libc::MADV_DONTNEED) } < 0 {
+        if unsafe { libc::madvise(self.map.ptr().cast(), pages * PAGE_SIZE, libc::MADV_DONTNEED) } < 0 {
             return Err(OfflineError::Staging(std::io::Error::last_os_error()));
         }
         Ok(())
-    }
-}
-
-impl Drop for Staging {
-    fn drop(&mut self) {
-        // SAFETY: unmaps the mapping created in `new`, which nothing else
-        // refers to.
-        unsafe { libc::munmap(self.base as *mut libc::c_void, self.pages * PAGE_SIZE) };
     }
 }
 
@@ -355,16 +327,8 @@ fn offline_pages(
     let staging = shared.staging.as_ref().ok_or(OfflineError::Unsupported)?;
     let region = &shared.ram.regions()[region_idx];
     let policy = shared.config.unplug_policy;
-    let mut prior = vec![PageState::Resolving; count];
     // 1. Begin.
-    let inv = shared
-        .notifier
-        .invalidate_begin(&[range], mode.reason(), true, || {
-            for (i, prior) in prior.iter_mut().enumerate() {
-                *prior = region.begin_invalidate(first + i);
-            }
-        })
-        .map_err(|o| OfflineError::Overlap(o.0))?;
+    let (inv, prior) = begin(shared, region, first, count, range, mode.reason())?;
     let mut report = OfflineReport { pages: count, ..OfflineReport::default() };
     // 2. Callbacks.
     report.pins_called = inv.call_intervals();
@@ -487,6 +451,29 @@ fn offline_pages(
         });
     }
     Ok(report)
+}
+
+/// Begins an exclusive invalidation of `range` (pages `first..first +
+/// count` of `region`), marking its pages; returns it with the state each
+/// page had.
+fn begin<'a>(
+    shared: &'a Shared,
+    region: &Region,
+    first: usize,
+    count: usize,
+    range: GuestRange,
+    reason: Reason,
+) -> Result<(Invalidation<'a>, Vec<PageState>), OfflineError> {
+    let mut prior = vec![PageState::Resolving; count];
+    let inv = shared
+        .notifier
+        .invalidate_begin(&[range], reason, true, || {
+            for (i, prior) in prior.iter_mut().enumerate() {
+                *prior = region.begin_invalidate(first + i);
+            }
+        })
+        .map_err(|o| OfflineError::Overlap(o.0))?;
+    Ok((inv, prior))
 }
 
 /// Puts marked pages back as they were (an offline that did nothing).
@@ -645,15 +632,7 @@ fn unplug_page(
 pub(crate) fn replug(shared: &Shared, range: GuestRange) -> Result<usize, OfflineError> {
     let (loc, count) = shared.ram.check_range(range)?;
     let region = &shared.ram.regions()[loc.region];
-    let mut prior = vec![PageState::Resolving; count];
-    let inv = shared
-        .notifier
-        .invalidate_begin(&[range], Reason::Unplug, true, || {
-            for (i, prior) in prior.iter_mut().enumerate() {
-                *prior = region.begin_invalidate(loc.page + i);
-            }
-        })
-        .map_err(|o| OfflineError::Overlap(o.0))?;
+    let (inv, prior) = begin(shared, region, loc.page, count, range, Reason::Unplug)?;
     let mut replugged = 0;
     let mut failure = None;
     for (i, &state) in prior.iter().enumerate() {

@@ -505,6 +505,55 @@ unsafe impl Send for GuestRam {}
 // SAFETY: see `Send`; no method hands out unsynchronised interior state.
 unsafe impl Sync for GuestRam {}
 
+/// A private anonymous mapping with transparent huge pages off, unmapped on
+/// drop: the engine's staging area, and test buffers.
+#[derive(Debug)]
+pub(crate) struct AnonMapping {
+    addr: u64,
+    len: usize,
+}
+
+impl AnonMapping {
+    pub(crate) fn new(len: usize) -> std::io::Result<AnonMapping> {
+        // SAFETY: a fresh private anonymous mapping at an address the kernel
+        // chooses; it aliases nothing.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error());
+        }
+        let map = AnonMapping { addr: ptr as u64, len };
+        no_huge_pages(map.addr, len as u64)?;
+        Ok(map)
+    }
+
+    /// First byte.
+    pub(crate) fn ptr(&self) -> *mut u8 {
+        self.addr as *mut u8
+    }
+
+    /// Length in bytes.
+    pub(crate) fn len(&self) -> usize {
+        self.len
+    }
+}
+
+impl Drop for AnonMapping {
+    fn drop(&mut self) {
+        // SAFETY: unmaps the mapping made in `new`, which this value owns;
+        // nothing borrows it past the value's life.
+        unsafe { libc::munmap(self.addr as *mut libc::c_void, self.len) };
+    }
+}
+
 fn is_private_anonymous(r: &GuestRegionMmap) -> bool {
     let m: &MmapRegion = r;
     m.file_offset().is_none() && m.flags() & libc::MAP_PRIVATE != 0 && m.flags() & libc::MAP_ANONYMOUS != 0

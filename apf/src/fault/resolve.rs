@@ -95,7 +95,8 @@ fn resolve_counting(shared: &Shared, mut job: Job, ctx: &mut Ctx) -> (Option<Job
             return (None, bytes);
         }
         let wait_until = if ctx.on_loop { Instant::now() } else { Instant::now() + shared.config.install_deadline };
-        let Some(seq) = shared.notifier.read_begin(job_range(region, &job.runs), wait_until) else {
+        let range = job_range(region, &job.runs);
+        let Some(seq) = shared.notifier.read_begin(range, wait_until) else {
             if ctx.on_loop {
                 return (Some(job), bytes);
             }
@@ -119,7 +120,7 @@ fn resolve_counting(shared: &Shared, mut job: Job, ctx: &mut Ctx) -> (Option<Job
 
         let install_span = tracing::trace_span!(target: "apf", "apf.install", pages = field::Empty);
         let guard = shared.notifier.install_lock();
-        if guard.read_retry(job_range(region, &job.runs), seq) {
+        if guard.read_retry(range, seq) {
             drop(guard);
             shared.stats.stale.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             continue;
