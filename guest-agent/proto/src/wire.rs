@@ -1,0 +1,645 @@
+//! Messages: a fixed header, then a body whose length the kind fixes.
+//! All integers are little-endian.
+
+/// "APF1", little-endian, at the start of every message.
+pub const MAGIC: u32 = 0x3146_5041;
+/// The protocol version this crate speaks.
+pub const VERSION: u16 = 1;
+/// Header bytes: magic u32, version u16, kind u16, seq u32, body length u32.
+pub const HEADER_LEN: usize = 16;
+/// The largest message (header and body).
+pub const MAX_MESSAGE: usize = 128;
+
+/// Why a message was refused. Sent back in [`Reply::Error`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u32)]
+pub enum ErrorCode {
+    /// The message does not start with [`MAGIC`].
+    BadMagic = 1,
+    /// The version is not [`VERSION`].
+    BadVersion = 2,
+    /// The kind is not one this version knows.
+    UnknownKind = 3,
+    /// The body length does not match the kind, or the buffer is short.
+    BadLength = 4,
+    /// A guest range is empty, wraps, or is not inside guest RAM.
+    OutOfRange = 5,
+    /// A guest range is not page-aligned.
+    Unaligned = 6,
+    /// The operation did not finish before its deadline.
+    Busy = 7,
+    /// The operation failed; the VMM's report says why.
+    Failed = 8,
+    /// The mailbox frame number is not a page of guest RAM.
+    BadMailbox = 9,
+    /// A field holds a value this version does not define.
+    BadValue = 10,
+    /// The device's queue is full; try again.
+    QueueFull = 11,
+}
+
+impl ErrorCode {
+    /// The code for a raw value.
+    pub const fn from_u32(v: u32) -> Option<ErrorCode> {
+        Some(match v {
+            1 => ErrorCode::BadMagic,
+            2 => ErrorCode::BadVersion,
+            3 => ErrorCode::UnknownKind,
+            4 => ErrorCode::BadLength,
+            5 => ErrorCode::OutOfRange,
+            6 => ErrorCode::Unaligned,
+            7 => ErrorCode::Busy,
+            8 => ErrorCode::Failed,
+            9 => ErrorCode::BadMailbox,
+            10 => ErrorCode::BadValue,
+            11 => ErrorCode::QueueFull,
+            _ => return None,
+        })
+    }
+
+    /// A short name, for reports.
+    pub const fn as_str(&self) -> &'static str {
+        match self {
+            ErrorCode::BadMagic => "bad magic",
+            ErrorCode::BadVersion => "unsupported version",
+            ErrorCode::UnknownKind => "unknown message kind",
+            ErrorCode::BadLength => "bad length",
+            ErrorCode::OutOfRange => "range outside guest RAM",
+            ErrorCode::Unaligned => "unaligned range",
+            ErrorCode::Busy => "busy",
+            ErrorCode::Failed => "failed",
+            ErrorCode::BadMailbox => "mailbox outside guest RAM",
+            ErrorCode::BadValue => "bad value",
+            ErrorCode::QueueFull => "queue full",
+        }
+    }
+}
+
+impl core::fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// What the guest asks the VMM to do with a range of its own memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u32)]
+pub enum OfflineOp {
+    /// Move the pages to new host frames, contents kept.
+    Migrate = 1,
+    /// Push the contents out; they come back on the next touch.
+    Evict = 2,
+    /// Discard the contents (memory hot-unplug): the guest stops using
+    /// the range and rewrites it before it reads it again.
+    Unplug = 3,
+    /// Bring an unplugged range back (a no-op unless the VMM poisons
+    /// unplugged memory).
+    Replug = 4,
+}
+
+impl OfflineOp {
+    /// The op for a raw value.
+    pub const fn from_u32(v: u32) -> Option<OfflineOp> {
+        Some(match v {
+            1 => OfflineOp::Migrate,
+            2 => OfflineOp::Evict,
+            3 => OfflineOp::Unplug,
+            4 => OfflineOp::Replug,
+            _ => return None,
+        })
+    }
+}
+
+/// What the agent runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u32)]
+pub enum Workload {
+    /// Sequential, random and strided passes in turn.
+    Mixed = 0,
+    /// Sequential passes only.
+    Sequential = 1,
+    /// Random passes only.
+    Random = 2,
+    /// Strided passes only.
+    Strided = 3,
+    /// Touch (write) every data page once, in order, report, and finish:
+    /// the first-touch fault rate.
+    Touch = 4,
+}
+
+impl Workload {
+    /// The workload for a raw value.
+    pub const fn from_u32(v: u32) -> Option<Workload> {
+        Some(match v {
+            0 => Workload::Mixed,
+            1 => Workload::Sequential,
+            2 => Workload::Random,
+            3 => Workload::Strided,
+            4 => Workload::Touch,
+            _ => return None,
+        })
+    }
+}
+
+/// Pass kinds, as [`Request::Progress`] reports them.
+pub mod pass {
+    /// Every page of the stripe in order.
+    pub const SEQUENTIAL: u32 = 1;
+    /// Random pages of the stripe.
+    pub const RANDOM: u32 = 2;
+    /// Every page at a fixed stride, wrapping.
+    pub const STRIDED: u32 = 3;
+    /// The first-touch pass of [`crate::Workload::Touch`].
+    pub const TOUCH: u32 = 4;
+    /// Verifying data restored from a snapshot, before any rewrite.
+    pub const RESTORE_VERIFY: u32 = 5;
+}
+
+/// [`Config::flags`]: the agent starts from a restored snapshot. The
+/// generation table already holds what each page must contain; verify every
+/// data page against it before writing anything.
+pub const FLAG_RESTORE: u32 = 1;
+/// [`Config::flags`]: ask the VMM to offline, evict and unplug ranges of
+/// the agent's own memory while it runs.
+pub const FLAG_GUEST_OFFLINE: u32 = 2;
+/// [`Config::flags`]: use the checksum device.
+pub const FLAG_CHECKSUM: u32 = 4;
+
+/// What the VMM tells an agent in answer to its hello.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Config {
+    /// Guest RAM in bytes.
+    pub ram_size: u64,
+    /// vCPUs running the agent.
+    pub vcpus: u32,
+    /// What to run.
+    pub workload: Workload,
+    /// The seed of every stamp and every random choice.
+    pub seed: u64,
+    /// `FLAG_*` bits.
+    pub flags: u32,
+}
+
+/// Counters a vCPU reports when it is done.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Counters {
+    /// Passes completed.
+    pub passes: u64,
+    /// Pages whose every word was checked.
+    pub pages_verified: u64,
+    /// Pages stamped.
+    pub pages_written: u64,
+    /// Pages found corrupt (each was also reported on its own).
+    pub corrupt_pages: u64,
+    /// Offline requests the VMM accepted.
+    pub offline_requests: u64,
+    /// Offline requests the VMM refused or could not finish.
+    pub offline_failed: u64,
+    /// Checksums the device computed and the agent checked.
+    pub checksums: u64,
+    /// Checksums that did not match, or did not arrive in time.
+    pub checksum_errors: u64,
+}
+
+/// A message from the guest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Request {
+    /// The first message of each vCPU; answered by [`Reply::Config`].
+    Hello {
+        /// The vCPU saying hello.
+        vcpu: u32,
+    },
+    /// A pass ended and everything was verified. The answer is
+    /// [`Reply::Ack`] whose `stop` says whether to finish.
+    Progress {
+        /// The vCPU.
+        vcpu: u32,
+        /// Which pass (see [`pass`]).
+        kind: u32,
+        /// Passes so far.
+        passes: u64,
+        /// Data pages this pass covered.
+        pages: u64,
+    },
+    /// A page did not hold what it should.
+    Corrupt {
+        /// The vCPU that found it.
+        vcpu: u32,
+        /// Generation expected.
+        generation: u32,
+        /// The page.
+        gpa: u64,
+        /// Index of the first wrong word.
+        word: u64,
+        /// What the word should be.
+        expected: u64,
+        /// What it was.
+        found: u64,
+    },
+    /// Offline, evict, unplug or replug a range of the guest's memory.
+    Offline {
+        /// What to do.
+        op: OfflineOp,
+        /// First byte, page-aligned.
+        gpa: u64,
+        /// Bytes, a multiple of the page size.
+        len: u64,
+    },
+    /// The vCPU finished; its last message.
+    Done {
+        /// The vCPU.
+        vcpu: u32,
+        /// What it did.
+        counters: Counters,
+    },
+    /// The agent cannot go on (a checksum never came back, a panic).
+    Fatal {
+        /// The vCPU.
+        vcpu: u32,
+        /// What went wrong (agent-defined).
+        code: u32,
+        /// A value that helps (an address, a line number).
+        detail: u64,
+    },
+}
+
+/// The VMM's answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reply {
+    /// The answer to [`Request::Hello`].
+    Config(Config),
+    /// Done. `stop` asks the agent to finish (verify, send done, halt);
+    /// `value` depends on the request (pages offlined, say).
+    Ack {
+        /// Finish now.
+        stop: bool,
+        /// Request-specific.
+        value: u64,
+    },
+    /// The request was refused or failed.
+    Error {
+        /// Why.
+        code: ErrorCode,
+        /// A value that helps (the offending address, say).
+        detail: u64,
+    },
+}
+
+const K_HELLO: u16 = 1;
+const K_PROGRESS: u16 = 2;
+const K_CORRUPT: u16 = 3;
+const K_OFFLINE: u16 = 4;
+const K_DONE: u16 = 5;
+const K_FATAL: u16 = 6;
+const K_CONFIG: u16 = 0x81;
+const K_ACK: u16 = 0x82;
+const K_ERROR: u16 = 0xff;
+
+/// A message that could not be decoded, with the code to answer it with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DecodeError {
+    /// The reply code.
+    pub code: ErrorCode,
+    /// The sequence number, when the header got that far (0 otherwise).
+    pub seq: u32,
+    /// The offending value (magic, version, kind, length or field).
+    pub detail: u64,
+}
+
+struct Writer<'a> {
+    buf: &'a mut [u8],
+    at: usize,
+    ok: bool,
+}
+
+impl Writer<'_> {
+    fn bytes(&mut self, b: &[u8]) {
+        match self.buf.get_mut(self.at..self.at + b.len()) {
+            Some(dst) => dst.copy_from_slice(b),
+            None => self.ok = false,
+        }
+        self.at += b.len();
+    }
+    fn u16(&mut self, v: u16) {
+        self.bytes(&v.to_le_bytes());
+    }
+    fn u32(&mut self, v: u32) {
+        self.bytes(&v.to_le_bytes());
+    }
+    fn u64(&mut self, v: u64) {
+        self.bytes(&v.to_le_bytes());
+    }
+}
+
+struct Reader<'a> {
+    buf: &'a [u8],
+    at: usize,
+}
+
+impl Reader<'_> {
+    // Lengths are checked against the kind before any field is read.
+    fn take<const N: usize>(&mut self) -> [u8; N] {
+        let mut out = [0u8; N];
+        out.copy_from_slice(&self.buf[self.at..self.at + N]);
+        self.at += N;
+        out
+    }
+    fn u16(&mut self) -> u16 {
+        u16::from_le_bytes(self.take())
+    }
+    fn u32(&mut self) -> u32 {
+        u32::from_le_bytes(self.take())
+    }
+    fn u64(&mut self) -> u64 {
+        u64::from_le_bytes(self.take())
+    }
+}
+
+fn encode_with(kind: u16, seq: u32, body_len: usize, buf: &mut [u8], body: impl FnOnce(&mut Writer<'_>)) -> Option<usize> {
+    let mut w = Writer { buf, at: 0, ok: true };
+    w.u32(MAGIC);
+    w.u16(VERSION);
+    w.u16(kind);
+    w.u32(seq);
+    w.u32(body_len as u32);
+    body(&mut w);
+    debug_assert_eq!(w.at, HEADER_LEN + body_len);
+    w.ok.then_some(w.at)
+}
+
+/// Checks the header and the body length for `kind`; returns the kind,
+/// the sequence number and a reader at the body.
+fn open(buf: &[u8], body_len: impl Fn(u16) -> Option<usize>) -> Result<(u16, u32, Reader<'_>), DecodeError> {
+    let err = |code, seq, detail| DecodeError { code, seq, detail };
+    if buf.len() < HEADER_LEN {
+        return Err(err(ErrorCode::BadLength, 0, buf.len() as u64));
+    }
+    let mut r = Reader { buf, at: 0 };
+    let magic = r.u32();
+    if magic != MAGIC {
+        return Err(err(ErrorCode::BadMagic, 0, magic as u64));
+    }
+    let version = r.u16();
+    let kind = r.u16();
+    let seq = r.u32();
+    if version != VERSION {
+        return Err(err(ErrorCode::BadVersion, seq, version as u64));
+    }
+    let len = r.u32() as usize;
+    let want = body_len(kind).ok_or(err(ErrorCode::UnknownKind, seq, kind as u64))?;
+    if len != want || buf.len() < HEADER_LEN + len {
+        return Err(err(ErrorCode::BadLength, seq, len as u64));
+    }
+    Ok((kind, seq, r))
+}
+
+const COUNTERS_LEN: usize = 8 * 8;
+
+impl Request {
+    fn body_len(kind: u16) -> Option<usize> {
+        Some(match kind {
+            K_HELLO => 4,
+            K_PROGRESS => 4 + 4 + 8 + 8,
+            K_CORRUPT => 4 + 4 + 8 * 4,
+            K_OFFLINE => 4 + 4 + 8 + 8,
+            K_DONE => 8 + COUNTERS_LEN,
+            K_FATAL => 4 + 4 + 8,
+            _ => return None,
+        })
+    }
+
+    /// Writes the request with sequence number `seq` into `buf`; returns
+    /// the bytes written, or None if `buf` is too small.
+    pub fn encode(&self, seq: u32, buf: &mut [u8]) -> Option<usize> {
+        let kind = match self {
+            Request::Hello { .. } => K_HELLO,
+            Request::Progress { .. } => K_PROGRESS,
+            Request::Corrupt { .. } => K_CORRUPT,
+            Request::Offline { .. } => K_OFFLINE,
+            Request::Done { .. } => K_DONE,
+            Request::Fatal { .. } => K_FATAL,
+        };
+        let len = Self::body_len(kind).unwrap_or(0);
+        encode_with(kind, seq, len, buf, |w| match *self {
+            Request::Hello { vcpu } => w.u32(vcpu),
+            Request::Progress { vcpu, kind, passes, pages } => {
+                w.u32(vcpu);
+                w.u32(kind);
+                w.u64(passes);
+                w.u64(pages);
+            }
+            Request::Corrupt { vcpu, generation, gpa, word, expected, found } => {
+                w.u32(vcpu);
+                w.u32(generation);
+                w.u64(gpa);
+                w.u64(word);
+                w.u64(expected);
+                w.u64(found);
+            }
+            Request::Offline { op, gpa, len } => {
+                w.u32(op as u32);
+                w.u32(0);
+                w.u64(gpa);
+                w.u64(len);
+            }
+            Request::Done { vcpu, counters: c } => {
+                w.u32(vcpu);
+                w.u32(0);
+                for v in [
+                    c.passes,
+                    c.pages_verified,
+                    c.pages_written,
+                    c.corrupt_pages,
+                    c.offline_requests,
+                    c.offline_failed,
+                    c.checksums,
+                    c.checksum_errors,
+                ] {
+                    w.u64(v);
+                }
+            }
+            Request::Fatal { vcpu, code, detail } => {
+                w.u32(vcpu);
+                w.u32(code);
+                w.u64(detail);
+            }
+        })
+    }
+
+    /// Reads a request; returns its sequence number and the request.
+    pub fn decode(buf: &[u8]) -> Result<(u32, Request), DecodeError> {
+        let (kind, seq, mut r) = open(buf, Self::body_len)?;
+        let req = match kind {
+            K_HELLO => Request::Hello { vcpu: r.u32() },
+            K_PROGRESS => Request::Progress { vcpu: r.u32(), kind: r.u32(), passes: r.u64(), pages: r.u64() },
+            K_CORRUPT => Request::Corrupt {
+                vcpu: r.u32(),
+                generation: r.u32(),
+                gpa: r.u64(),
+                word: r.u64(),
+                expected: r.u64(),
+                found: r.u64(),
+            },
+            K_OFFLINE => {
+                let raw = r.u32();
+                let _pad = r.u32();
+                let op = OfflineOp::from_u32(raw).ok_or(DecodeError { code: ErrorCode::BadValue, seq, detail: raw as u64 })?;
+                Request::Offline { op, gpa: r.u64(), len: r.u64() }
+            }
+            K_DONE => {
+                let vcpu = r.u32();
+                let _pad = r.u32();
+                let counters = Counters {
+                    passes: r.u64(),
+                    pages_verified: r.u64(),
+                    pages_written: r.u64(),
+                    corrupt_pages: r.u64(),
+                    offline_requests: r.u64(),
+                    offline_failed: r.u64(),
+                    checksums: r.u64(),
+                    checksum_errors: r.u64(),
+                };
+                Request::Done { vcpu, counters }
+            }
+            K_FATAL => Request::Fatal { vcpu: r.u32(), code: r.u32(), detail: r.u64() },
+            _ => unreachable!("body_len accepted only known kinds"),
+        };
+        Ok((seq, req))
+    }
+}
+
+impl Reply {
+    fn body_len(kind: u16) -> Option<usize> {
+        Some(match kind {
+            K_CONFIG => 8 + 4 + 4 + 8 + 4 + 4,
+            K_ACK => 4 + 4 + 8,
+            K_ERROR => 4 + 4 + 8,
+            _ => return None,
+        })
+    }
+
+    /// Writes the reply to request `seq` into `buf`; returns the bytes
+    /// written, or None if `buf` is too small.
+    pub fn encode(&self, seq: u32, buf: &mut [u8]) -> Option<usize> {
+        let kind = match self {
+            Reply::Config(_) => K_CONFIG,
+            Reply::Ack { .. } => K_ACK,
+            Reply::Error { .. } => K_ERROR,
+        };
+        let len = Self::body_len(kind).unwrap_or(0);
+        encode_with(kind, seq, len, buf, |w| match *self {
+            Reply::Config(c) => {
+                w.u64(c.ram_size);
+                w.u32(c.vcpus);
+                w.u32(c.workload as u32);
+                w.u64(c.seed);
+                w.u32(c.flags);
+                w.u32(0);
+            }
+            Reply::Ack { stop, value } => {
+                w.u32(stop as u32);
+                w.u32(0);
+                w.u64(value);
+            }
+            Reply::Error { code, detail } => {
+                w.u32(code as u32);
+                w.u32(0);
+                w.u64(detail);
+            }
+        })
+    }
+
+    /// Reads a reply; returns the sequence number it answers and the reply.
+    pub fn decode(buf: &[u8]) -> Result<(u32, Reply), DecodeError> {
+        let (kind, seq, mut r) = open(buf, Self::body_len)?;
+        let bad = |detail: u32| DecodeError { code: ErrorCode::BadValue, seq, detail: detail as u64 };
+        let reply = match kind {
+            K_CONFIG => {
+                let ram_size = r.u64();
+                let vcpus = r.u32();
+                let raw = r.u32();
+                let workload = Workload::from_u32(raw).ok_or(bad(raw))?;
+                Reply::Config(Config { ram_size, vcpus, workload, seed: r.u64(), flags: r.u32() })
+            }
+            K_ACK => {
+                let stop = r.u32() != 0;
+                let _pad = r.u32();
+                Reply::Ack { stop, value: r.u64() }
+            }
+            K_ERROR => {
+                let raw = r.u32();
+                let code = ErrorCode::from_u32(raw).ok_or(bad(raw))?;
+                let _pad = r.u32();
+                Reply::Error { code, detail: r.u64() }
+            }
+            _ => unreachable!("body_len accepted only known kinds"),
+        };
+        Ok((seq, reply))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn round_trip(req: Request) {
+        let mut buf = [0u8; MAX_MESSAGE];
+        let n = req.encode(42, &mut buf).unwrap();
+        assert!(n <= MAX_MESSAGE);
+        assert_eq!(Request::decode(&buf[..n]), Ok((42, req)));
+        assert_eq!(Request::decode(&buf[..n - 1]).unwrap_err().code, ErrorCode::BadLength);
+        assert!(req.encode(42, &mut buf[..n - 1]).is_none());
+    }
+
+    #[test]
+    fn every_request_round_trips() {
+        round_trip(Request::Hello { vcpu: 3 });
+        round_trip(Request::Progress { vcpu: 1, kind: pass::RANDOM, passes: 9, pages: 1 << 40 });
+        round_trip(Request::Corrupt { vcpu: 0, generation: 7, gpa: 0x40_0000, word: 5, expected: 1, found: 2 });
+        round_trip(Request::Offline { op: OfflineOp::Unplug, gpa: 0x40_0000, len: 0x2000 });
+        let counters = Counters { passes: 1, pages_verified: 2, checksum_errors: 8, ..Counters::default() };
+        round_trip(Request::Done { vcpu: 1, counters });
+        round_trip(Request::Fatal { vcpu: 1, code: 2, detail: 3 });
+    }
+
+    #[test]
+    fn every_reply_round_trips() {
+        let mut buf = [0u8; MAX_MESSAGE];
+        for reply in [
+            Reply::Config(Config { ram_size: 1 << 29, vcpus: 2, workload: Workload::Touch, seed: 5, flags: FLAG_RESTORE }),
+            Reply::Ack { stop: true, value: 12 },
+            Reply::Error { code: ErrorCode::OutOfRange, detail: 0xdead_0000 },
+        ] {
+            let n = reply.encode(9, &mut buf).unwrap();
+            assert_eq!(Reply::decode(&buf[..n]), Ok((9, reply)));
+        }
+    }
+
+    #[test]
+    fn garbage_gets_the_right_code() {
+        let mut buf = [0u8; MAX_MESSAGE];
+        let n = Request::Offline { op: OfflineOp::Migrate, gpa: 0, len: 4096 }.encode(1, &mut buf).unwrap();
+        let code = |b: &[u8]| Request::decode(b).unwrap_err().code;
+
+        assert_eq!(code(&[0u8; 8]), ErrorCode::BadLength);
+        let mut m = buf;
+        m[0] ^= 1;
+        assert_eq!(code(&m[..n]), ErrorCode::BadMagic);
+        let mut m = buf;
+        m[4] = 9;
+        assert_eq!(code(&m[..n]), ErrorCode::BadVersion);
+        let mut m = buf;
+        m[6] = 0x77;
+        assert_eq!(code(&m[..n]), ErrorCode::UnknownKind);
+        let mut m = buf;
+        m[12] = 200;
+        assert_eq!(code(&m[..]), ErrorCode::BadLength);
+        let mut m = buf;
+        m[HEADER_LEN] = 99;
+        let e = Request::decode(&m[..n]).unwrap_err();
+        assert_eq!((e.code, e.seq, e.detail), (ErrorCode::BadValue, 1, 99));
+        // A reply is not a request.
+        let n = Reply::Ack { stop: false, value: 0 }.encode(1, &mut buf).unwrap();
+        assert_eq!(code(&buf[..n]), ErrorCode::UnknownKind);
+    }
+}
