@@ -28,12 +28,11 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use apf::hostmem::{self, HostMemError, Pagemap};
 use apf::kpin::FixedBuffer;
 use apf::ram::{GuestAddress, GuestRam, GuestRange};
 use apf::source::{splitmix64, ZeroSource};
 use apf::uffd::PAGE_SIZE;
-use apf::{Engine, Mode, OfflineError, Pin};
+use apf::{Engine, HostBlockSearch, Mode, Pin};
 use vm_memory::Bytes;
 
 const REGION: usize = 256 << 20;
@@ -291,7 +290,7 @@ fn main() -> ExitCode {
         }
 
         if args.host_block {
-            host_block = offline_one_block(&engine, &ram);
+            host_block = offline_one_block(&engine);
         }
 
         // One offline against a hard pin, which must give Busy.
@@ -361,35 +360,11 @@ fn main() -> ExitCode {
 /// Offlines one host memory block holding region pages (while writers and
 /// holders keep running). Returns the outcome ("offlined", "none
 /// qualified" or "error") and the details, for the report.
-fn offline_one_block(engine: &Engine, ram: &GuestRam) -> (String, String) {
-    let error = |e: String| ("error".to_string(), e);
-    let host = match ram.host_range(GuestAddress(0), REGION as u64) {
-        Ok(h) => h as u64,
-        Err(e) => return error(e.to_string()),
-    };
-    let blocks = match (Pagemap::open(), hostmem::block_size()) {
-        (Ok(pm), Ok(bs)) => match pm.pfns(host, REGION / PAGE_SIZE) {
-            Ok(pfns) => hostmem::blocks_holding(&pfns, bs),
-            Err(e) => return error(e.to_string()),
-        },
-        (Err(e), _) | (_, Err(e)) => return error(e.to_string()),
-    };
+fn offline_one_block(engine: &Engine) -> (String, String) {
     let all = GuestRange::new(GuestAddress(0), REGION as u64);
-    let (mut unmovable, mut held) = (0, 0);
-    for (block, _) in &blocks {
-        match engine.offline(all, Mode::HostBlock(*block), Instant::now() + Duration::from_millis(1500)) {
-            Ok(r) => {
-                let detail = format!(
-                    "block {block}: {} region pages moved, {} pins called, {:?}",
-                    r.frames_moved, r.pins_called, r.elapsed
-                );
-                return ("offlined".into(), detail);
-            }
-            Err(OfflineError::HostBlock(HostMemError::Unmovable { .. })) => unmovable += 1,
-            Err(OfflineError::BlockBusy { .. }) => held += 1,
-            Err(e) => return error(format!("block {block}: {e}")),
-        }
+    match engine.offline_any_host_block(all, Duration::from_millis(1500)) {
+        Ok(found @ HostBlockSearch::Offlined { .. }) => ("offlined".into(), found.to_string()),
+        Ok(none) => ("none qualified".into(), none.to_string()),
+        Err(e) => ("error".into(), e.to_string()),
     }
-    let detail = format!("{} blocks: {unmovable} hold kernel memory, {held} held by others", blocks.len());
-    ("none qualified".into(), detail)
 }

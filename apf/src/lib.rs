@@ -53,7 +53,7 @@ pub mod trace;
 pub mod uffd;
 
 pub use fault::{Config, Dispatch, Engine, EngineError, FaultError};
-pub use offline::{Mode, OfflineError, OfflineReport, UnplugPolicy};
+pub use offline::{HostBlockSearch, Mode, OfflineError, OfflineReport, UnplugPolicy};
 pub use pin::{HardPin, PageRef, Pin, PinError, PinGuard};
 pub use ram::{GuestAddress, GuestRam, GuestRange};
 pub use source::{PageSource, SnapshotFile, ZeroSource};

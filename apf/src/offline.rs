@@ -736,3 +736,73 @@ pub(crate) fn host_block(
     shared.stats.frames_moved.fetch_add(report.frames_moved as u64, std::sync::atomic::Ordering::Relaxed);
     Ok(report)
 }
+
+/// What [`crate::Engine::offline_any_host_block`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HostBlockSearch {
+    /// Block `block` went offline and came back; its guest pages moved.
+    Offlined {
+        /// The block.
+        block: u32,
+        /// What the offline did.
+        report: OfflineReport,
+    },
+    /// No block holding guest pages could be offlined.
+    NoneQualified {
+        /// Blocks holding guest pages.
+        candidates: usize,
+        /// Of those, blocks that hold unmovable kernel memory (EBUSY at once).
+        unmovable: usize,
+        /// Of those, blocks that did not finish before their deadline
+        /// (pages held by someone else: another process, a kernel buffer).
+        held: usize,
+    },
+}
+
+impl fmt::Display for HostBlockSearch {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            HostBlockSearch::Offlined { block, report } => write!(
+                f,
+                "block {block}: {} guest pages moved, {} pins called, {:?}",
+                report.frames_moved, report.pins_called, report.elapsed
+            ),
+            HostBlockSearch::NoneQualified { candidates, unmovable, held } => {
+                write!(f, "{candidates} blocks hold guest pages: {unmovable} hold kernel memory, {held} held by others")
+            }
+        }
+    }
+}
+
+/// Tries the host blocks holding pages of `range`, most guest pages first,
+/// each bounded by `attempt`, until one goes offline (and back online).
+pub(crate) fn offline_any_host_block(
+    shared: &Shared,
+    range: GuestRange,
+    attempt: std::time::Duration,
+) -> Result<HostBlockSearch, OfflineError> {
+    use crate::hostmem::{self, HostMemError, Pagemap};
+    let (loc, count) = shared.ram.check_range(range)?;
+    let region = &shared.ram.regions()[loc.region];
+    let block_size = hostmem::block_size().map_err(OfflineError::HostBlock)?;
+    let pfns = Pagemap::open()
+        .and_then(|pm| pm.pfns(region.page_host(loc.page), count))
+        .map_err(OfflineError::HostBlock)?;
+    let mut blocks = hostmem::blocks_holding(&pfns, block_size);
+    blocks.sort_by_key(|&(_, pages)| std::cmp::Reverse(pages));
+    let (mut unmovable, mut held) = (0, 0);
+    for &(block, _) in &blocks {
+        if shared.stopping.load(std::sync::atomic::Ordering::Acquire) {
+            return Err(OfflineError::Stopped);
+        }
+        match host_block(shared, range, block, Instant::now() + attempt) {
+            Ok(report) => return Ok(HostBlockSearch::Offlined { block, report }),
+            Err(OfflineError::HostBlock(HostMemError::Unmovable { .. })) => unmovable += 1,
+            Err(OfflineError::BlockBusy { .. }) => held += 1,
+            // The pages moved out of the block since the pagemap was read.
+            Err(OfflineError::NotInBlock { .. }) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(HostBlockSearch::NoneQualified { candidates: blocks.len(), unmovable, held })
+}

@@ -649,6 +649,19 @@ impl Engine {
         crate::offline::offline(&self.shared, range, mode, deadline)
     }
 
+    /// Offlines one real host memory block holding pages of `range`
+    /// ([`Mode::HostBlock`]): tries the blocks that hold its pages, most
+    /// pages first, each attempt bounded by `attempt`, until one goes
+    /// offline and back online. Blocks of unmovable kernel memory, or
+    /// held by someone else, are skipped and counted.
+    pub fn offline_any_host_block(
+        &self,
+        range: GuestRange,
+        attempt: Duration,
+    ) -> Result<crate::offline::HostBlockSearch, OfflineError> {
+        crate::offline::offline_any_host_block(&self.shared, range, attempt)
+    }
+
     /// Brings pages unplugged under [`UnplugPolicy::Poison`] back, as
     /// zeros. Returns how many pages were brought back.
     pub fn replug(&self, range: GuestRange) -> Result<usize, OfflineError> {
