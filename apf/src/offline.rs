@@ -785,9 +785,8 @@ pub(crate) fn offline_any_host_block(
     let (loc, count) = shared.ram.check_range(range)?;
     let region = &shared.ram.regions()[loc.region];
     let block_size = hostmem::block_size().map_err(OfflineError::HostBlock)?;
-    let pfns = Pagemap::open()
-        .and_then(|pm| pm.pfns(region.page_host(loc.page), count))
-        .map_err(OfflineError::HostBlock)?;
+    let pfns =
+        Pagemap::open().and_then(|pm| pm.pfns(region.page_host(loc.page), count)).map_err(OfflineError::HostBlock)?;
     let mut blocks = hostmem::blocks_holding(&pfns, block_size);
     blocks.sort_by_key(|&(_, pages)| std::cmp::Reverse(pages));
     let (mut unmovable, mut held) = (0, 0);

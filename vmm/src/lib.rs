@@ -1,7 +1,44 @@
-//! A minimal KVM VMM that backs guest RAM with the apf engine and runs the
-//! guest agent.
+//! A minimal KVM VMM that embeds the apf engine and runs the guest agent.
 //!
-//! Not written yet: the engine it embeds ([`apf`]) comes first. The crate
-//! exists so the workspace has its final shape.
+//! One run ([`vm::run`]) reads top to bottom: guest RAM is mapped and
+//! handed to an [`apf::Engine`] (or left plain for comparison); a VM gets
+//! one memory slot over it that never changes; the guest agent's ELF is
+//! loaded and every vCPU starts in 64-bit long mode ([`boot`]); the agent
+//! device ([`agent`]) and the checksum device ([`checksum`], which keeps a
+//! migratable pin on its ring) serve the guest; a host storm ([`storm`])
+//! offlines guest memory underneath it; the event loop waits for the agents
+//! to finish; and a [`report::Report`] says what happened.
+//!
+//! | module | what |
+//! |---|---|
+//! | [`config`] | the run's configuration and the `vmm run` command line |
+//! | [`boot`] | GDT, page tables, long-mode registers (pure, tested without KVM) |
+//! | [`exit`] | what a vCPU exit means (pure, tested without KVM) |
+//! | [`vcpu`] | vCPU threads, the kick signal, SIGBUS from poisoned pages |
+//! | [`mem`] | range-checked device access to guest RAM, through short-term references |
+//! | [`agent`] | the agent device: the guest/VMM protocol of [`agent_proto`] |
+//! | [`checksum`] | the checksum device and its migratable pin |
+//! | [`storm`] | host-side offline storms and the host memory-block offline |
+//! | [`snapshot`] | snapshot files: save at the end, restore on demand |
+//! | [`report`] | the summary and the JSON report |
+//! | [`vm`] | the run itself |
+//!
+//! ```no_run
+//! use std::time::Duration;
+//! let config = vmm::config::RunConfig { duration: Duration::from_secs(2), ..Default::default() };
+//! let report = vmm::vm::run(&config)?;
+//! assert!(report.ok, "{}", report.summary());
+//! # Ok::<(), vmm::vm::VmError>(())
+//! ```
 
-pub use apf;
+pub mod agent;
+pub mod boot;
+pub mod checksum;
+pub mod config;
+pub mod exit;
+pub mod mem;
+pub mod report;
+pub mod snapshot;
+pub mod storm;
+pub mod vcpu;
+pub mod vm;

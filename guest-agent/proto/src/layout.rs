@@ -5,7 +5,7 @@
 //!
 //! ```text
 //! 0x0000_1000  GDT
-//! 0x0000_2000  PML4, PDPT, then one page directory per GiB (2 MiB pages)
+//! 0x0000_2000  PML4, PDPT, then page directories mapping 16 GiB (2 MiB pages)
 //! 0x0002_0000  mailboxes, one page per vCPU
 //! 0x0003_0000  checksum ring: descriptor page, then one buffer page per slot
 //! 0x0010_0000  the agent's ELF image (up to AGENT_LIMIT)
@@ -73,6 +73,9 @@ pub const GEN_TABLE: u64 = 0x30_0000;
 pub const AGENT_PORT: u16 = 0x510;
 /// Port for a 32-bit `out` of a checksum slot index (the doorbell).
 pub const CHECKSUM_PORT: u16 = 0x514;
+/// Port for a 32-bit `out` (any value) that ends the vCPU: the agent runs
+/// in ring 3, where `hlt` faults.
+pub const HALT_PORT: u16 = 0x518;
 
 /// Why a layout cannot be built.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -96,6 +99,8 @@ impl core::fmt::Display for LayoutError {
         }
     }
 }
+
+impl core::error::Error for LayoutError {}
 
 /// The layout of one guest.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -133,9 +138,11 @@ impl Layout {
         Ok(Layout { ram_size, vcpus, data_start, stripe_pages })
     }
 
-    /// Page directories the identity map needs.
+    /// Page directories of the identity map. It covers [`MAX_RAM`]
+    /// whatever the RAM size, so a guest access beyond RAM reaches the VMM
+    /// as an MMIO exit with its address instead of a page fault.
     pub const fn page_directories(&self) -> u64 {
-        self.ram_size.div_ceil(1 << 30)
+        MAX_RAM >> 30
     }
 
     /// vCPU `vcpu`'s mailbox page.
@@ -201,8 +208,8 @@ mod tests {
         let l = Layout::new(512 << 20, MAX_VCPUS).unwrap();
         assert!(PD_BASE + l.page_directories() * PAGE_SIZE <= MAILBOX_BASE);
         assert!(l.mailbox(MAX_VCPUS - 1) + PAGE_SIZE <= RING_DESC);
-        assert!(RING_SLOTS as u64 * DESC_SIZE <= PAGE_SIZE);
-        assert!(RING_DESC + RING_LEN <= AGENT_LOAD);
+        const { assert!(RING_SLOTS as u64 * DESC_SIZE <= PAGE_SIZE) };
+        const { assert!(RING_DESC + RING_LEN <= AGENT_LOAD) };
         assert!(l.stack_top(MAX_VCPUS - 1) <= GEN_TABLE);
         assert!(l.gen_entry(l.data_pages()) <= l.data_start);
         assert!(l.stripe_start(l.vcpus - 1) + l.stripe_pages * PAGE_SIZE <= l.ram_size);

@@ -355,7 +355,13 @@ impl Reader<'_> {
     }
 }
 
-fn encode_with(kind: u16, seq: u32, body_len: usize, buf: &mut [u8], body: impl FnOnce(&mut Writer<'_>)) -> Option<usize> {
+fn encode_with(
+    kind: u16,
+    seq: u32,
+    body_len: usize,
+    buf: &mut [u8],
+    body: impl FnOnce(&mut Writer<'_>),
+) -> Option<usize> {
     let mut w = Writer { buf, at: 0, ok: true };
     w.u32(MAGIC);
     w.u16(VERSION);
@@ -483,7 +489,11 @@ impl Request {
             K_OFFLINE => {
                 let raw = r.u32();
                 let _pad = r.u32();
-                let op = OfflineOp::from_u32(raw).ok_or(DecodeError { code: ErrorCode::BadValue, seq, detail: raw as u64 })?;
+                let op = OfflineOp::from_u32(raw).ok_or(DecodeError {
+                    code: ErrorCode::BadValue,
+                    seq,
+                    detail: raw as u64,
+                })?;
                 Request::Offline { op, gpa: r.u64(), len: r.u64() }
             }
             K_DONE => {
@@ -606,7 +616,13 @@ mod tests {
     fn every_reply_round_trips() {
         let mut buf = [0u8; MAX_MESSAGE];
         for reply in [
-            Reply::Config(Config { ram_size: 1 << 29, vcpus: 2, workload: Workload::Touch, seed: 5, flags: FLAG_RESTORE }),
+            Reply::Config(Config {
+                ram_size: 1 << 29,
+                vcpus: 2,
+                workload: Workload::Touch,
+                seed: 5,
+                flags: FLAG_RESTORE,
+            }),
             Reply::Ack { stop: true, value: 12 },
             Reply::Error { code: ErrorCode::OutOfRange, detail: 0xdead_0000 },
         ] {

@@ -1,0 +1,256 @@
+//! What a vCPU does with its stripe: passes that check each page they visit
+//! and stamp it anew, a full verify after each, then the offline and
+//! checksum exercises the configuration asks for, and a progress report
+//! whose answer says whether to go on.
+
+use core::ops::Range;
+
+use agent_proto::{
+    pass, Config, Counters, Layout, OfflineOp, Reply, Request, Workload, PAGE_SIZE, RING_SLOTS_PER_VCPU,
+};
+use agent_proto::{FLAG_CHECKSUM, FLAG_GUEST_OFFLINE, FLAG_RESTORE};
+
+use crate::checksum::Slots;
+use crate::machine::SharedRam;
+use crate::mailbox::Mailbox;
+use crate::rng::Rng;
+use crate::stripe::Stripe;
+
+/// Most pages one offline request covers.
+const MAX_OFFLINE_PAGES: u64 = 32;
+
+/// The kinds of pass.
+#[derive(Debug, Clone, Copy)]
+enum Pass {
+    Sequential,
+    Random,
+    Strided,
+}
+
+impl Pass {
+    /// The pass after `done` passes of `workload` (not `Touch`).
+    fn of(workload: Workload, done: u64) -> Pass {
+        match workload {
+            Workload::Mixed => [Pass::Sequential, Pass::Random, Pass::Strided][(done % 3) as usize],
+            Workload::Sequential | Workload::Touch => Pass::Sequential,
+            Workload::Random => Pass::Random,
+            Workload::Strided => Pass::Strided,
+        }
+    }
+
+    /// How a progress report names it.
+    fn kind(self) -> u32 {
+        match self {
+            Pass::Sequential => pass::SEQUENTIAL,
+            Pass::Random => pass::RANDOM,
+            Pass::Strided => pass::STRIDED,
+        }
+    }
+}
+
+/// One vCPU's agent.
+#[derive(Debug)]
+pub struct Agent<'m> {
+    mailbox: &'m mut Mailbox,
+    vcpu: u32,
+    config: Config,
+    stripe: Stripe,
+    slots: Slots,
+    rng: Rng,
+    stride: u64,
+    offline_turn: usize,
+    counters: Counters,
+}
+
+impl<'m> Agent<'m> {
+    /// The agent of `vcpu` (below `layout.vcpus`).
+    pub fn new(mailbox: &'m mut Mailbox, ram: SharedRam, layout: Layout, vcpu: u32, config: Config) -> Agent<'m> {
+        let stripe = Stripe::new(ram, layout, vcpu, config.seed);
+        Agent {
+            mailbox,
+            vcpu,
+            config,
+            stride: stride_for(stripe.pages()),
+            stripe,
+            slots: Slots::new(ram, layout, vcpu),
+            rng: Rng::new(config.seed ^ u64::from(vcpu)),
+            offline_turn: 0,
+            counters: Counters::default(),
+        }
+    }
+
+    /// Runs the workload until the VMM says stop; returns the counters.
+    pub fn run(mut self) -> Counters {
+        let pages = self.stripe.pages();
+        if self.config.flags & FLAG_RESTORE != 0 {
+            self.verify();
+            if self.progress(pass::RESTORE_VERIFY, pages) {
+                return self.finish();
+            }
+        }
+        if self.config.workload == Workload::Touch {
+            for page in 0..pages {
+                self.stripe.touch(page);
+            }
+            self.counters.pages_written += pages;
+            self.counters.passes += 1;
+            self.progress(pass::TOUCH, pages);
+            return self.counters;
+        }
+        loop {
+            let kind = Pass::of(self.config.workload, self.counters.passes);
+            let visited = self.pass(kind);
+            self.counters.passes += 1;
+            self.verify();
+            if self.config.flags & FLAG_GUEST_OFFLINE != 0 {
+                self.offline();
+            }
+            if self.config.flags & FLAG_CHECKSUM != 0 {
+                let good = self.slots.run(&mut self.rng);
+                self.counters.checksums += good;
+                self.counters.checksum_errors += u64::from(RING_SLOTS_PER_VCPU) - good;
+            }
+            if self.progress(kind.kind(), visited) {
+                return self.finish();
+            }
+        }
+    }
+
+    /// One pass; returns the pages it visited.
+    fn pass(&mut self, kind: Pass) -> u64 {
+        let pages = self.stripe.pages();
+        match kind {
+            Pass::Sequential => {
+                for page in 0..pages {
+                    self.rewrite(page);
+                }
+                pages
+            }
+            Pass::Random => {
+                let visits = pages / 4;
+                for _ in 0..visits {
+                    let page = self.rng.below(pages);
+                    self.rewrite(page);
+                }
+                visits
+            }
+            Pass::Strided => {
+                let visits = pages / 2;
+                let mut page = self.rng.below(pages);
+                for _ in 0..visits {
+                    self.rewrite(page);
+                    page = (page + self.stride) % pages;
+                }
+                visits
+            }
+        }
+    }
+
+    /// Checks `page`, then stamps it at its next generation (`check` has
+    /// done that already for a page it found corrupt).
+    fn rewrite(&mut self, page: u64) {
+        if self.check(page) {
+            self.stripe.restamp(page);
+            self.counters.pages_written += 1;
+        }
+    }
+
+    /// Checks every page of the stripe, writing only pages found corrupt.
+    fn verify(&mut self) {
+        for page in 0..self.stripe.pages() {
+            self.check(page);
+        }
+    }
+
+    /// Checks `page`. A corrupt page is reported, counted and stamped
+    /// anew, so that it is reported once; returns false for it.
+    fn check(&mut self, page: u64) -> bool {
+        match self.stripe.check(page) {
+            Ok(()) => {
+                self.counters.pages_verified += 1;
+                true
+            }
+            Err(c) => {
+                let vcpu = self.vcpu;
+                let (generation, gpa, word, expected, found) = (c.generation, c.gpa, c.word, c.expected, c.found);
+                self.mailbox.ack(&Request::Corrupt { vcpu, generation, gpa, word, expected, found });
+                self.counters.corrupt_pages += 1;
+                self.stripe.restamp(page);
+                self.counters.pages_written += 1;
+                false
+            }
+        }
+    }
+
+    /// Asks the VMM to migrate, evict or unplug (in turn) a few pages at a
+    /// random place in the stripe.
+    fn offline(&mut self) {
+        let pages = self.stripe.pages();
+        let len = 1 + self.rng.below(MAX_OFFLINE_PAGES.min(pages));
+        let first = self.rng.below(pages - len + 1);
+        let range = first..first + len;
+        let op = [OfflineOp::Migrate, OfflineOp::Evict, OfflineOp::Unplug][self.offline_turn % 3];
+        self.offline_turn += 1;
+        let done = self.offline_request(op, &range);
+        if op == OfflineOp::Unplug {
+            // Even after a failure: part of the range may be gone.
+            self.offline_request(OfflineOp::Replug, &range);
+            if done {
+                self.stripe.forget(range);
+            } else {
+                // Some pages may have been discarded and some not: what
+                // they hold is unknown, so they are written, not checked.
+                for page in range {
+                    self.stripe.restamp(page);
+                    self.counters.pages_written += 1;
+                }
+            }
+        }
+    }
+
+    /// Sends one offline request; returns whether the VMM carried it out.
+    fn offline_request(&mut self, op: OfflineOp, pages: &Range<u64>) -> bool {
+        let gpa = self.stripe.gpa(pages.start);
+        let len = (pages.end - pages.start) * PAGE_SIZE;
+        match self.mailbox.call(&Request::Offline { op, gpa, len }) {
+            Reply::Ack { .. } => {
+                self.counters.offline_requests += 1;
+                true
+            }
+            Reply::Error { .. } => {
+                self.counters.offline_failed += 1;
+                false
+            }
+            Reply::Config(_) => self.mailbox.unexpected(),
+        }
+    }
+
+    /// Reports a pass; returns whether the VMM says stop.
+    fn progress(&mut self, kind: u32, pages: u64) -> bool {
+        let (vcpu, passes) = (self.vcpu, self.counters.passes);
+        self.mailbox.ack(&Request::Progress { vcpu, kind, passes, pages })
+    }
+
+    /// The last verify, after the VMM said stop.
+    fn finish(mut self) -> Counters {
+        self.verify();
+        self.counters
+    }
+}
+
+/// The stride of strided passes: the first odd number from 17 on that
+/// shares no factor with `pages`, so a pass of `pages` visits would see
+/// every page once.
+fn stride_for(pages: u64) -> u64 {
+    let gcd = |mut a: u64, mut b: u64| {
+        while b != 0 {
+            (a, b) = (b, a % b);
+        }
+        a
+    };
+    let mut stride = 17;
+    while gcd(stride, pages) != 1 {
+        stride += 2;
+    }
+    stride % pages
+}

@@ -1,0 +1,238 @@
+//! The agent device: a port-I/O doorbell and a mailbox page per vCPU,
+//! speaking [`agent_proto`]. It hands out the run's configuration, collects
+//! progress and corrupt-page reports, carries out the guest's own offline
+//! requests, and answers anything malformed with an error reply that is
+//! counted and reported. It runs on the vCPU thread that rang.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use agent_proto::{
+    pass, Config, Counters, ErrorCode, Layout, OfflineOp, Reply, Request, MAX_MESSAGE, PAGE_SIZE, REPLY_OFFSET,
+};
+use apf::{GuestAddress, GuestRange, Mode, OfflineError};
+
+use crate::mem::{AccessError, GuestAccess};
+use crate::report::Errors;
+
+/// How long a mailbox copy or a guest-requested offline may wait.
+const DEADLINE: Duration = Duration::from_secs(2);
+
+/// What one vCPU's agent said.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct VcpuAgent {
+    /// Said hello.
+    pub hello: bool,
+    /// Its counters, once it said done.
+    pub done: Option<Counters>,
+    /// Passes reported so far.
+    pub passes: u64,
+    /// When it got its configuration.
+    pub started: Option<Instant>,
+    /// When it reported its touch pass (the touch workload).
+    pub touched: Option<Instant>,
+    /// Pages its touch pass covered.
+    pub touch_pages: u64,
+    /// Whether it verified a restored snapshot.
+    pub restore_verified: bool,
+}
+
+/// Counters of the agent device.
+#[derive(Debug, Default)]
+pub struct AgentStats {
+    /// Requests received (well-formed or not).
+    pub requests: AtomicU64,
+    /// Requests answered with an error because they were malformed or
+    /// out of range.
+    pub protocol_errors: AtomicU64,
+    /// Offline requests the guest made.
+    pub guest_offlines: AtomicU64,
+    /// Of those, completed.
+    pub guest_offlines_completed: AtomicU64,
+    /// Of those, busy at their deadline.
+    pub guest_offlines_busy: AtomicU64,
+    /// Corrupt pages reported.
+    pub corrupt_pages: AtomicU64,
+}
+
+/// The agent device.
+#[derive(Debug)]
+pub struct AgentDevice {
+    access: GuestAccess,
+    config: Config,
+    layout: Layout,
+    stop_at: Instant,
+    vcpus: Mutex<Vec<VcpuAgent>>,
+    stats: AgentStats,
+    errors: Arc<Errors>,
+}
+
+impl AgentDevice {
+    /// A device for a guest run with `config`, asking agents to stop at
+    /// `stop_at`.
+    pub fn new(access: GuestAccess, config: Config, layout: Layout, stop_at: Instant, errors: Arc<Errors>) -> Self {
+        let vcpus = Mutex::new(vec![VcpuAgent::default(); config.vcpus as usize]);
+        AgentDevice { access, config, layout, stop_at, vcpus, stats: AgentStats::default(), errors }
+    }
+
+    /// The device's counters.
+    pub fn stats(&self) -> &AgentStats {
+        &self.stats
+    }
+
+    /// What each vCPU's agent said.
+    pub fn vcpus(&self) -> Vec<VcpuAgent> {
+        self.vcpus.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// True once every vCPU's agent said done.
+    pub fn all_done(&self) -> bool {
+        self.vcpus().iter().all(|v| v.done.is_some())
+    }
+
+    fn protocol_error(&self, vcpu: u32, what: String) {
+        self.stats.protocol_errors.fetch_add(1, Ordering::Relaxed);
+        self.errors.push(format!("vCPU {vcpu}: agent protocol: {what}"));
+    }
+
+    /// vCPU `vcpu` rang the doorbell with mailbox frame `pfn`.
+    pub fn doorbell(&self, vcpu: u32, pfn: u32) {
+        self.stats.requests.fetch_add(1, Ordering::Relaxed);
+        let mailbox = u64::from(pfn) * PAGE_SIZE;
+        let mut msg = [0u8; MAX_MESSAGE];
+        match self.access.read(mailbox, &mut msg, Instant::now() + DEADLINE) {
+            Ok(()) => {}
+            Err(AccessError::OutsideRam { .. }) => {
+                // Nowhere to put a reply: the guest gets none.
+                return self.protocol_error(vcpu, format!("mailbox frame {pfn:#x} is outside guest RAM; no reply"));
+            }
+            Err(e) => return self.protocol_error(vcpu, format!("cannot read mailbox at {mailbox:#x}: {e}")),
+        }
+        let (seq, reply) = match Request::decode(&msg) {
+            Ok((seq, req)) => (seq, self.serve(vcpu, req)),
+            Err(e) => {
+                self.protocol_error(vcpu, format!("malformed request: {} (value {:#x})", e.code, e.detail));
+                (e.seq, Reply::Error { code: e.code, detail: e.detail })
+            }
+        };
+        let mut out = [0u8; MAX_MESSAGE];
+        let n = reply.encode(seq, &mut out).unwrap_or(0);
+        if let Err(e) = self.access.write(mailbox + REPLY_OFFSET as u64, &out[..n], Instant::now() + DEADLINE) {
+            self.errors.push(format!("vCPU {vcpu}: cannot write the agent's reply at {mailbox:#x}: {e}"));
+        }
+    }
+
+    fn refuse(&self, vcpu: u32, code: ErrorCode, detail: u64, what: String) -> Reply {
+        self.protocol_error(vcpu, what);
+        Reply::Error { code, detail }
+    }
+
+    fn serve(&self, vcpu: u32, req: Request) -> Reply {
+        let ack = |value| Reply::Ack { stop: Instant::now() >= self.stop_at, value };
+        let mut vcpus = self.vcpus.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(me) = vcpus.get_mut(vcpu as usize) else {
+            return Reply::Error { code: ErrorCode::BadValue, detail: vcpu as u64 };
+        };
+        match req {
+            Request::Hello { vcpu: said } if said != vcpu => {
+                drop(vcpus);
+                self.refuse(
+                    vcpu,
+                    ErrorCode::BadValue,
+                    said as u64,
+                    format!("hello from vCPU {vcpu} claims to be {said}"),
+                )
+            }
+            Request::Hello { .. } => {
+                me.hello = true;
+                me.started = Some(Instant::now());
+                Reply::Config(self.config)
+            }
+            Request::Progress { kind, passes, pages, .. } => {
+                me.passes = passes;
+                if kind == pass::TOUCH {
+                    me.touched = Some(Instant::now());
+                    me.touch_pages = pages;
+                }
+                if kind == pass::RESTORE_VERIFY {
+                    me.restore_verified = true;
+                }
+                ack(0)
+            }
+            Request::Corrupt { generation, gpa, word, expected, found, .. } => {
+                drop(vcpus);
+                self.stats.corrupt_pages.fetch_add(1, Ordering::Relaxed);
+                self.errors.push(format!(
+                    "vCPU {vcpu}: corrupt page {gpa:#x} (generation {generation}): word {word} is {found:#x}, expected {expected:#x}"
+                ));
+                ack(0)
+            }
+            Request::Done { counters, .. } => {
+                me.done = Some(counters);
+                ack(0)
+            }
+            Request::Fatal { code, detail, .. } => {
+                drop(vcpus);
+                self.errors.push(format!("vCPU {vcpu}: the agent gave up (code {code:#x}, detail {detail:#x})"));
+                ack(0)
+            }
+            Request::Offline { op, gpa, len } => {
+                drop(vcpus);
+                self.offline(vcpu, op, gpa, len)
+            }
+        }
+    }
+
+    /// A guest-requested offline of `[gpa, gpa + len)`.
+    fn offline(&self, vcpu: u32, op: OfflineOp, gpa: u64, len: u64) -> Reply {
+        let ack = |value| Reply::Ack { stop: Instant::now() >= self.stop_at, value };
+        if gpa % PAGE_SIZE != 0 || len % PAGE_SIZE != 0 {
+            return self.refuse(
+                vcpu,
+                ErrorCode::Unaligned,
+                gpa,
+                format!("{op:?} of {gpa:#x}+{len:#x} is not page-aligned"),
+            );
+        }
+        let range = GuestRange::new(GuestAddress(gpa), len);
+        let inside = len > 0 && gpa.checked_add(len).is_some_and(|end| end <= self.layout.ram_size);
+        if !inside || self.access.ram().check_range(range).is_err() {
+            return self.refuse(
+                vcpu,
+                ErrorCode::OutOfRange,
+                gpa,
+                format!("{op:?} of {gpa:#x}+{len:#x} is outside guest RAM"),
+            );
+        }
+        let Some(engine) = self.access.engine() else {
+            // Plain memory has nobody to take pages back.
+            return Reply::Error { code: ErrorCode::Failed, detail: 0 };
+        };
+        self.stats.guest_offlines.fetch_add(1, Ordering::Relaxed);
+        let result = match op {
+            OfflineOp::Migrate => {
+                engine.offline(range, Mode::Migrate, Instant::now() + DEADLINE).map(|r| r.pages_taken)
+            }
+            OfflineOp::Evict => engine.offline(range, Mode::Evict, Instant::now() + DEADLINE).map(|r| r.pages_taken),
+            OfflineOp::Unplug => engine.offline(range, Mode::Unplug, Instant::now() + DEADLINE).map(|r| r.pages_taken),
+            OfflineOp::Replug => engine.replug(range),
+        };
+        match result {
+            Ok(pages) => {
+                self.stats.guest_offlines_completed.fetch_add(1, Ordering::Relaxed);
+                ack(pages as u64)
+            }
+            Err(e) if e.is_busy() => {
+                self.stats.guest_offlines_busy.fetch_add(1, Ordering::Relaxed);
+                Reply::Error { code: ErrorCode::Busy, detail: gpa }
+            }
+            // Another offline (a host storm) holds part of the range.
+            Err(OfflineError::Overlap(_)) => Reply::Error { code: ErrorCode::Busy, detail: gpa },
+            Err(e) => {
+                self.errors.push(format!("vCPU {vcpu}: guest-requested {op:?} of {range} failed: {e}"));
+                Reply::Error { code: ErrorCode::Failed, detail: gpa }
+            }
+        }
+    }
+}

@@ -1,0 +1,350 @@
+//! The run's configuration and the `vmm run` command line.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use agent_proto::Workload;
+use apf::UnplugPolicy;
+use thiserror::Error;
+
+/// Which offline modes the host storm uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OfflineMode {
+    /// Migrate only.
+    Migrate,
+    /// Evict only.
+    Evict,
+    /// Migrate and evict in turn.
+    Mixed,
+}
+
+/// Everything a run needs.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RunConfig {
+    /// Guest RAM in bytes; None: 512 MiB, or the snapshot's size.
+    pub mem: Option<u64>,
+    /// vCPUs; None: 2, or the snapshot's count.
+    pub vcpus: Option<u32>,
+    /// Engine worker threads; None: the engine's default.
+    pub workers: Option<usize>,
+    /// How long the agents run their passes.
+    pub duration: Duration,
+    /// What the agents run.
+    pub workload: Workload,
+    /// Seed of stamps and random choices; None: 1, or the snapshot's.
+    pub seed: Option<u64>,
+    /// Host storm interval; None: no storm.
+    pub offline_every: Option<Duration>,
+    /// Host storm modes.
+    pub offline_mode: OfflineMode,
+    /// Offline one real host memory block once, halfway through.
+    pub host_block: bool,
+    /// Agents ask for offlines of their own memory.
+    pub guest_offline: bool,
+    /// The checksum device is used.
+    pub checksum: bool,
+    /// What unplugged memory reads as.
+    pub unplug_policy: UnplugPolicy,
+    /// Plain anonymous memory, no userfaultfd (for comparison).
+    pub no_uffd: bool,
+    /// Write guest RAM here at the end.
+    pub save_snapshot: Option<PathBuf>,
+    /// Start from this snapshot.
+    pub restore: Option<PathBuf>,
+    /// Write the JSON report here.
+    pub report_json: Option<PathBuf>,
+    /// The guest image; None: the guest agent built with the VMM.
+    pub guest_image: Option<GuestImage>,
+    /// Extra time for agents to finish after `duration` before the run is
+    /// failed and every vCPU is stopped.
+    pub grace: Duration,
+}
+
+/// A guest program other than the agent (tests use tiny hand-made ones).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GuestImage {
+    /// An ELF file's bytes.
+    Elf(Vec<u8>),
+    /// Raw code, loaded at [`agent_proto::AGENT_LOAD`] and entered there.
+    Raw(Vec<u8>),
+}
+
+impl Default for RunConfig {
+    fn default() -> Self {
+        RunConfig {
+            mem: None,
+            vcpus: None,
+            workers: None,
+            duration: Duration::from_secs(20),
+            workload: Workload::Mixed,
+            seed: None,
+            offline_every: Some(Duration::from_millis(20)),
+            offline_mode: OfflineMode::Mixed,
+            host_block: false,
+            guest_offline: true,
+            checksum: true,
+            unplug_policy: UnplugPolicy::Zero,
+            no_uffd: false,
+            save_snapshot: None,
+            restore: None,
+            report_json: None,
+            guest_image: None,
+            grace: Duration::from_secs(60),
+        }
+    }
+}
+
+/// A command line that cannot be run.
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum CliError {
+    /// An option this command does not have.
+    #[error("unknown option {0:?} (try `vmm help`)")]
+    Unknown(String),
+    /// An option without its value.
+    #[error("{0} needs a value")]
+    Missing(&'static str),
+    /// A value that does not parse or is out of range.
+    #[error("invalid value {value:?} for {option}: {why}")]
+    Invalid {
+        /// The option.
+        option: &'static str,
+        /// The value.
+        value: String,
+        /// What is wrong with it.
+        why: String,
+    },
+    /// Options that cannot go together.
+    #[error("{0}")]
+    Conflict(String),
+}
+
+/// Parses a size: bytes, or a number with K, M or G (powers of 1024).
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let (num, mult) = match s.char_indices().last() {
+        Some((i, 'k' | 'K')) => (&s[..i], 1u64 << 10),
+        Some((i, 'm' | 'M')) => (&s[..i], 1 << 20),
+        Some((i, 'g' | 'G')) => (&s[..i], 1 << 30),
+        _ => (s, 1),
+    };
+    let n: u64 = num.parse().map_err(|_| "expected a size like 256M or 1G".to_string())?;
+    n.checked_mul(mult).ok_or_else(|| "too large".to_string())
+}
+
+/// Parses a duration: a number with ms, s or m (`500ms`, `5s`, `2m`).
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let bad = || "expected a duration like 500ms, 5s or 2m".to_string();
+    let (num, unit) = if let Some(n) = s.strip_suffix("ms") {
+        (n, 1e-3)
+    } else if let Some(n) = s.strip_suffix('s') {
+        (n, 1.0)
+    } else if let Some(n) = s.strip_suffix('m') {
+        (n, 60.0)
+    } else {
+        return Err(bad());
+    };
+    let v: f64 = num.parse().map_err(|_| bad())?;
+    if !v.is_finite() || v < 0.0 || v * unit > 86_400.0 {
+        return Err("must be between 0 and 24 hours".into());
+    }
+    Ok(Duration::from_secs_f64(v * unit))
+}
+
+fn parse_workload(s: &str) -> Result<Workload, String> {
+    Ok(match s {
+        "mixed" => Workload::Mixed,
+        "sequential" | "seq" => Workload::Sequential,
+        "random" => Workload::Random,
+        "strided" => Workload::Strided,
+        "touch" => Workload::Touch,
+        _ => return Err("expected mixed, sequential, random, strided or touch".into()),
+    })
+}
+
+/// The options of `vmm run`, for `vmm help`.
+pub const RUN_HELP: &str = "\
+vmm run [OPTIONS]: boot the guest agent under KVM with RAM demand-faulted by apf,
+stress and verify guest memory while it is offlined underneath, and report.
+
+  --mem SIZE             guest RAM (default 512M; 8M..16G, a multiple of 2M)
+  --vcpus N              vCPUs (default 2; 1..16)
+  --workers N            engine worker threads (default: the engine's)
+  --duration D           how long the agents stress memory (default 20s)
+  --workload W           mixed|sequential|random|strided|touch (default mixed)
+  --seed N               seed of every stamp and random choice (default 1)
+  --offline-every D      host offline storm interval, or `off` (default 20ms)
+  --offline-mode M       migrate|evict|mixed (default mixed)
+  --host-block           offline one real host memory block holding guest pages, once
+  --no-guest-offline     agents do not ask for offlines of their own memory
+  --no-checksum          agents do not use the checksum device
+  --unplug-policy P      zero|poison: what unplugged memory reads as (default zero)
+  --no-uffd              plain anonymous memory, no userfaultfd and no offlining (comparison)
+  --save-snapshot FILE   write guest RAM and what the agent needs to verify it, at the end
+  --restore FILE         start from a snapshot: RAM demand-faulted from FILE, verified first
+  --report-json PATH     write the JSON report
+";
+
+/// Parses the options of `vmm run`.
+pub fn parse_run(args: &[String]) -> Result<RunConfig, CliError> {
+    let mut c = RunConfig::default();
+    let mut it = args.iter();
+    while let Some(arg) = it.next() {
+        let (name, inline) = match arg.split_once('=') {
+            Some((n, v)) if n.starts_with("--") => (n, Some(v.to_string())),
+            _ => (arg.as_str(), None),
+        };
+        macro_rules! value {
+            ($opt:literal) => {
+                match inline.clone().or_else(|| it.next().cloned()) {
+                    Some(v) => v,
+                    None => return Err(CliError::Missing($opt)),
+                }
+            };
+        }
+        let invalid = |option: &'static str, value: &str, why: String| CliError::Invalid {
+            option,
+            value: value.to_string(),
+            why,
+        };
+        match name {
+            "--mem" => {
+                let v = value!("--mem");
+                let n = parse_size(&v).map_err(|e| invalid("--mem", &v, e))?;
+                agent_proto::Layout::new(n, 1).map_err(|e| invalid("--mem", &v, e.to_string()))?;
+                c.mem = Some(n);
+            }
+            "--vcpus" => {
+                let v = value!("--vcpus");
+                let n: u32 = v.parse().map_err(|_| invalid("--vcpus", &v, "expected a number".into()))?;
+                if n == 0 || n > agent_proto::MAX_VCPUS {
+                    return Err(invalid("--vcpus", &v, format!("must be 1 to {}", agent_proto::MAX_VCPUS)));
+                }
+                c.vcpus = Some(n);
+            }
+            "--workers" => {
+                let v = value!("--workers");
+                let n: usize = v.parse().map_err(|_| invalid("--workers", &v, "expected a number".into()))?;
+                if n == 0 || n > 64 {
+                    return Err(invalid("--workers", &v, "must be 1 to 64".into()));
+                }
+                c.workers = Some(n);
+            }
+            "--duration" => {
+                let v = value!("--duration");
+                c.duration = parse_duration(&v).map_err(|e| invalid("--duration", &v, e))?;
+            }
+            "--workload" => {
+                let v = value!("--workload");
+                c.workload = parse_workload(&v).map_err(|e| invalid("--workload", &v, e))?;
+            }
+            "--seed" => {
+                let v = value!("--seed");
+                c.seed = Some(v.parse().map_err(|_| invalid("--seed", &v, "expected a number".into()))?);
+            }
+            "--offline-every" => {
+                let v = value!("--offline-every");
+                c.offline_every = match v.as_str() {
+                    "off" | "0" => None,
+                    _ => {
+                        let d = parse_duration(&v).map_err(|e| invalid("--offline-every", &v, e))?;
+                        if d < Duration::from_micros(100) {
+                            return Err(invalid("--offline-every", &v, "at least 100us (or off)".into()));
+                        }
+                        Some(d)
+                    }
+                };
+            }
+            "--offline-mode" => {
+                let v = value!("--offline-mode");
+                c.offline_mode = match v.as_str() {
+                    "migrate" => OfflineMode::Migrate,
+                    "evict" => OfflineMode::Evict,
+                    "mixed" => OfflineMode::Mixed,
+                    _ => return Err(invalid("--offline-mode", &v, "expected migrate, evict or mixed".into())),
+                };
+            }
+            "--unplug-policy" => {
+                let v = value!("--unplug-policy");
+                c.unplug_policy = v.parse().map_err(|e| invalid("--unplug-policy", &v, e))?;
+            }
+            "--save-snapshot" => c.save_snapshot = Some(value!("--save-snapshot").into()),
+            "--restore" => c.restore = Some(value!("--restore").into()),
+            "--report-json" => c.report_json = Some(value!("--report-json").into()),
+            "--host-block" if inline.is_none() => c.host_block = true,
+            "--no-guest-offline" if inline.is_none() => c.guest_offline = false,
+            "--no-checksum" if inline.is_none() => c.checksum = false,
+            "--no-uffd" if inline.is_none() => c.no_uffd = true,
+            _ => return Err(CliError::Unknown(arg.clone())),
+        }
+    }
+    if c.no_uffd && (c.restore.is_some() || c.host_block) {
+        return Err(CliError::Conflict(
+            "--no-uffd has no engine: it cannot --restore or offline a --host-block".into(),
+        ));
+    }
+    if c.no_uffd {
+        c.offline_every = None;
+        c.guest_offline = false;
+    }
+    Ok(c)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(args: &[&str]) -> Result<RunConfig, CliError> {
+        parse_run(&args.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+    }
+
+    #[test]
+    fn sizes_and_durations() {
+        assert_eq!(parse_size("256M"), Ok(256 << 20));
+        assert_eq!(parse_size("1G"), Ok(1 << 30));
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert!(parse_size("12X").is_err());
+        assert!(parse_size("99999999999G").is_err());
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("5s"), Ok(Duration::from_secs(5)));
+        assert_eq!(parse_duration("1.5s"), Ok(Duration::from_millis(1500)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert!(parse_duration("5").is_err());
+        assert!(parse_duration("-1s").is_err());
+        assert!(parse_duration("NaNs").is_err());
+    }
+
+    #[test]
+    fn defaults_make_a_meaningful_run() {
+        let c = run(&[]).unwrap();
+        assert_eq!(c.duration, Duration::from_secs(20));
+        assert_eq!(c.workload, Workload::Mixed);
+        assert!(c.offline_every.is_some() && c.guest_offline && c.checksum);
+    }
+
+    #[test]
+    fn options_parse_both_ways() {
+        let c =
+            run(&["--mem", "256M", "--vcpus=4", "--duration", "2s", "--workload", "touch", "--offline-every", "off"])
+                .unwrap();
+        assert_eq!((c.mem, c.vcpus, c.duration), (Some(256 << 20), Some(4), Duration::from_secs(2)));
+        assert_eq!((c.workload, c.offline_every), (Workload::Touch, None));
+    }
+
+    #[test]
+    fn bad_values_say_what_is_wrong() {
+        let e = run(&["--mem", "3M"]).unwrap_err();
+        assert!(matches!(e, CliError::Invalid { option: "--mem", .. }), "{e}");
+        assert!(e.to_string().contains("2 MiB"), "{e}");
+        assert!(matches!(run(&["--vcpus", "0"]), Err(CliError::Invalid { option: "--vcpus", .. })));
+        assert!(matches!(run(&["--vcpus", "99"]), Err(CliError::Invalid { option: "--vcpus", .. })));
+        assert!(matches!(run(&["--duration", "soon"]), Err(CliError::Invalid { option: "--duration", .. })));
+        assert!(matches!(run(&["--workload", "chaos"]), Err(CliError::Invalid { option: "--workload", .. })));
+        assert!(matches!(run(&["--offline-mode", "x"]), Err(CliError::Invalid { option: "--offline-mode", .. })));
+        assert!(matches!(run(&["--offline-every", "1us"]), Err(CliError::Invalid { .. })));
+        assert_eq!(run(&["--mem"]), Err(CliError::Missing("--mem")));
+        assert_eq!(run(&["--bogus"]), Err(CliError::Unknown("--bogus".into())));
+        assert_eq!(run(&["--host-block=yes"]), Err(CliError::Unknown("--host-block=yes".into())));
+        assert!(matches!(run(&["--no-uffd", "--restore", "x"]), Err(CliError::Conflict(_))));
+    }
+}

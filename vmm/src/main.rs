@@ -1,0 +1,67 @@
+//! `vmm run`: boot the guest agent under KVM with RAM demand-faulted by
+//! apf, offline its memory underneath it, verify every byte, report.
+
+use std::process::ExitCode;
+
+use vmm::config::{parse_run, RUN_HELP};
+
+fn usage() -> String {
+    format!("usage: vmm run [OPTIONS] | vmm help\n\n{RUN_HELP}")
+}
+
+/// An error with its chain of causes, on one line.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cause = c.source();
+    }
+    s
+}
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match args.first().map(String::as_str) {
+        Some("run") => {}
+        Some("help" | "--help" | "-h") => {
+            print!("{}", usage());
+            return ExitCode::SUCCESS;
+        }
+        Some(other) => {
+            eprintln!("vmm: unknown command {other:?}\n\n{}", usage());
+            return ExitCode::from(2);
+        }
+        None => {
+            eprintln!("{}", usage());
+            return ExitCode::from(2);
+        }
+    }
+    let config = match parse_run(&args[1..]) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("vmm run: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let report = match vmm::vm::run(&config) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("vmm run: {}", chain(&e));
+            return ExitCode::FAILURE;
+        }
+    };
+    print!("{}", report.summary());
+    if let Some(path) = &config.report_json {
+        if let Err(e) = std::fs::write(path, report.to_json() + "\n") {
+            eprintln!("vmm run: cannot write the report to {}: {e}", path.display());
+            return ExitCode::FAILURE;
+        }
+    }
+    if report.ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}

@@ -1,0 +1,118 @@
+//! The VMM's own access to guest RAM, for devices: a bounded copy through
+//! a short-term [`apf::PageRef`] when the engine backs RAM, a plain copy
+//! when it does not (`--no-uffd`). Every access is range-checked against
+//! guest RAM first, so nothing a guest writes can point the VMM outside it.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use apf::ram::RamError;
+use apf::{Engine, GuestAddress, GuestRam, GuestRange, PinError};
+use thiserror::Error;
+use vm_memory::{Bytes, GuestMemoryBackend, GuestMemoryRegion};
+
+/// Why a device could not copy guest memory.
+#[derive(Debug, Error)]
+pub enum AccessError {
+    /// The range is not inside guest RAM (or wraps).
+    #[error("guest range {gpa:#x}+{len:#x} is not inside guest RAM")]
+    OutsideRam {
+        /// First byte.
+        gpa: u64,
+        /// Bytes.
+        len: u64,
+    },
+    /// The engine could not give a short-term reference in time.
+    #[error("cannot reference guest memory")]
+    Ref(#[from] PinError),
+    /// The copy itself failed.
+    #[error("guest memory copy failed: {0}")]
+    Copy(String),
+}
+
+fn outside(gpa: u64, len: usize) -> AccessError {
+    AccessError::OutsideRam { gpa, len: len as u64 }
+}
+
+/// How devices reach guest RAM.
+#[derive(Debug, Clone)]
+pub enum GuestAccess {
+    /// RAM demand-faulted by the engine.
+    Engine(Arc<Engine>),
+    /// Plain anonymous memory, no userfaultfd.
+    Plain(Arc<GuestRam>),
+}
+
+impl GuestAccess {
+    /// Guest RAM.
+    pub fn ram(&self) -> &Arc<GuestRam> {
+        match self {
+            GuestAccess::Engine(e) => e.ram(),
+            GuestAccess::Plain(r) => r,
+        }
+    }
+
+    /// The page-aligned range covering `[gpa, gpa + len)`, checked
+    /// against guest RAM.
+    fn cover(&self, gpa: u64, len: usize) -> Result<GuestRange, AccessError> {
+        let end = gpa.checked_add(len as u64).filter(|_| len > 0).ok_or(outside(gpa, len))?;
+        let page = agent_proto::PAGE_SIZE;
+        let start = gpa & !(page - 1);
+        let end = end.checked_next_multiple_of(page).ok_or(outside(gpa, len))?;
+        let range = GuestRange::new(GuestAddress(start), end - start);
+        // A range that is aligned by construction can only fail by
+        // leaving RAM (or crossing regions, which one-region guests cannot).
+        self.ram().check_range(range).map(|_| range).map_err(|_: RamError| outside(gpa, len))
+    }
+
+    /// Copies guest memory at `gpa` into `buf`.
+    pub fn read(&self, gpa: u64, buf: &mut [u8], deadline: Instant) -> Result<(), AccessError> {
+        let range = self.cover(gpa, buf.len())?;
+        match self {
+            GuestAccess::Engine(e) => {
+                let r = e.page_ref(range, deadline)?;
+                let mem = r.memory();
+                let at = mem
+                    .subslice((gpa - range.start.0) as usize, buf.len())
+                    .map_err(|e| AccessError::Copy(e.to_string()))?;
+                at.copy_to(buf);
+                Ok(())
+            }
+            GuestAccess::Plain(ram) => {
+                ram.guest_memory().read_slice(buf, GuestAddress(gpa)).map_err(|e| AccessError::Copy(e.to_string()))
+            }
+        }
+    }
+
+    /// Copies `buf` into guest memory at `gpa`.
+    pub fn write(&self, gpa: u64, buf: &[u8], deadline: Instant) -> Result<(), AccessError> {
+        let range = self.cover(gpa, buf.len())?;
+        match self {
+            GuestAccess::Engine(e) => {
+                let r = e.page_ref(range, deadline)?;
+                let mem = r.memory();
+                let at = mem
+                    .subslice((gpa - range.start.0) as usize, buf.len())
+                    .map_err(|e| AccessError::Copy(e.to_string()))?;
+                at.copy_from(buf);
+                Ok(())
+            }
+            GuestAccess::Plain(ram) => {
+                ram.guest_memory().write_slice(buf, GuestAddress(gpa)).map_err(|e| AccessError::Copy(e.to_string()))
+            }
+        }
+    }
+
+    /// The engine, when there is one.
+    pub fn engine(&self) -> Option<&Arc<Engine>> {
+        match self {
+            GuestAccess::Engine(e) => Some(e),
+            GuestAccess::Plain(_) => None,
+        }
+    }
+
+    /// Bytes of guest RAM.
+    pub fn ram_size(&self) -> u64 {
+        self.ram().guest_memory().iter().map(|r| r.len()).sum()
+    }
+}

@@ -1,0 +1,341 @@
+//! The run's report: a human summary and a JSON document, from plain
+//! counters the components own.
+
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use agent_proto::Counters;
+
+/// Errors kept in full; beyond this they are only counted.
+const MAX_ERRORS: usize = 200;
+
+/// Errors from every part of a run, bounded.
+#[derive(Debug, Default)]
+pub struct Errors {
+    list: Mutex<Vec<String>>,
+    dropped: AtomicU64,
+}
+
+impl Errors {
+    /// Records an error.
+    pub fn push(&self, error: impl Into<String>) {
+        let mut list = self.list.lock().unwrap_or_else(|e| e.into_inner());
+        if list.len() < MAX_ERRORS {
+            list.push(error.into());
+        } else {
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// The errors kept, plus a line for those only counted.
+    pub fn to_vec(&self) -> Vec<String> {
+        let mut list = self.list.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let dropped = self.dropped.load(Ordering::Relaxed);
+        if dropped > 0 {
+            list.push(format!("... and {dropped} more errors"));
+        }
+        list
+    }
+
+    /// True when nothing went wrong.
+    pub fn is_empty(&self) -> bool {
+        self.list.lock().unwrap_or_else(|e| e.into_inner()).is_empty()
+    }
+}
+
+/// How one vCPU ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VcpuReport {
+    /// The vCPU.
+    pub id: u32,
+    /// How its thread ended ("halted", "stopped", or the error).
+    pub exit: String,
+    /// Its agent's counters, if it reported done.
+    pub counters: Option<Counters>,
+}
+
+/// Host-side and guest-requested offlining.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct OfflineSummary {
+    /// Offlines asked for (host storm and guest).
+    pub requests: u64,
+    /// Offlines that finished.
+    pub completed: u64,
+    /// Offlines that hit their deadline and changed nothing.
+    pub busy: u64,
+    /// Storm offlines skipped because another offline held part of the range.
+    pub overlapped: u64,
+    /// Offlines the guest asked for.
+    pub guest_requested: u64,
+    /// The host-block offline: "offlined", "none qualified", "error", or
+    /// "off".
+    pub host_block: String,
+    /// What the host-block offline did.
+    pub host_block_detail: String,
+}
+
+/// First-touch throughput (the touch workload).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct TouchRate {
+    /// Pages touched by all vCPUs.
+    pub pages: u64,
+    /// From the first vCPU's start to the last one's end.
+    pub elapsed: Duration,
+}
+
+impl TouchRate {
+    /// Pages per second.
+    pub fn pages_per_sec(&self) -> f64 {
+        self.pages as f64 / self.elapsed.as_secs_f64().max(1e-9)
+    }
+}
+
+/// Everything a run reports.
+#[derive(Debug, Clone, Default)]
+pub struct Report {
+    /// The run met every check.
+    pub ok: bool,
+    /// Wall time of the run, from the first vCPU's start.
+    pub elapsed: Duration,
+    /// Guest RAM in bytes.
+    pub ram_size: u64,
+    /// The seed.
+    pub seed: u64,
+    /// "engine" or "plain".
+    pub backend: &'static str,
+    /// The guest's counters, summed over vCPUs.
+    pub guest: Counters,
+    /// The engine's counters (empty for plain memory), as JSON.
+    pub engine_json: String,
+    /// Faults the engine resolved.
+    pub faults: u64,
+    /// Offlining.
+    pub offline: OfflineSummary,
+    /// Pin callbacks called.
+    pub pin_invalidations: u64,
+    /// Pins faulted in again.
+    pub pin_refaults: u64,
+    /// Pins still registered after every holder let go.
+    pub pins_leaked: u64,
+    /// Checksums the device computed.
+    pub checksums: u64,
+    /// Agent requests refused as malformed or out of range.
+    pub protocol_errors: u64,
+    /// Per vCPU.
+    pub vcpus: Vec<VcpuReport>,
+    /// The touch workload's rate.
+    pub touch: Option<TouchRate>,
+    /// The snapshot written, if any.
+    pub snapshot_saved: Option<String>,
+    /// The snapshot restored from, and whether every agent verified it.
+    pub restored: Option<(String, bool)>,
+    /// What went wrong.
+    pub errors: Vec<String>,
+}
+
+/// A JSON string literal.
+pub fn json_str(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            c if (c as u32) < 0x20 => {
+                let _ = write!(out, "\\u{:04x}", c as u32);
+            }
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
+fn counters_json(c: &Counters) -> String {
+    format!(
+        "{{\"passes\":{},\"pages_verified\":{},\"pages_written\":{},\"corrupt_pages\":{},\"offline_requests\":{},\"offline_failed\":{},\"checksums\":{},\"checksum_errors\":{}}}",
+        c.passes,
+        c.pages_verified,
+        c.pages_written,
+        c.corrupt_pages,
+        c.offline_requests,
+        c.offline_failed,
+        c.checksums,
+        c.checksum_errors
+    )
+}
+
+impl Report {
+    /// The report as one JSON object.
+    pub fn to_json(&self) -> String {
+        let mut j = String::new();
+        let _ = write!(
+            j,
+            "{{\"ok\":{},\"elapsed_ms\":{},\"ram_bytes\":{},\"seed\":{},\"backend\":{},",
+            self.ok,
+            self.elapsed.as_millis(),
+            self.ram_size,
+            self.seed,
+            json_str(self.backend)
+        );
+        let g = &self.guest;
+        let _ = write!(
+            j,
+            "\"guest\":{{\"pages_verified\":{},\"corrupt_pages\":{},\"passes\":{},\"pages_written\":{},\"checksums\":{},\"checksum_errors\":{},\"offline_requests\":{},\"offline_failed\":{}}},",
+            g.pages_verified,
+            g.corrupt_pages,
+            g.passes,
+            g.pages_written,
+            g.checksums,
+            g.checksum_errors,
+            g.offline_requests,
+            g.offline_failed
+        );
+        let engine = if self.engine_json.is_empty() { "{}" } else { &self.engine_json };
+        let _ = write!(j, "\"faults\":{{\"total\":{},\"engine\":{engine}}},", self.faults);
+        let o = &self.offline;
+        let _ = write!(
+            j,
+            "\"offline\":{{\"requests\":{},\"completed\":{},\"busy\":{},\"overlapped\":{},\"guest_requested\":{},\"host_block\":{},\"host_block_detail\":{}}},",
+            o.requests,
+            o.completed,
+            o.busy,
+            o.overlapped,
+            o.guest_requested,
+            json_str(&o.host_block),
+            json_str(&o.host_block_detail)
+        );
+        let _ = write!(
+            j,
+            "\"pins\":{{\"invalidations\":{},\"refaults\":{},\"leaked\":{}}},\"checksums\":{},\"protocol_errors\":{},",
+            self.pin_invalidations, self.pin_refaults, self.pins_leaked, self.checksums, self.protocol_errors
+        );
+        let vcpus: Vec<String> = self
+            .vcpus
+            .iter()
+            .map(|v| {
+                let counters = v.counters.as_ref().map_or("null".to_string(), counters_json);
+                format!("{{\"id\":{},\"exit\":{},\"agent\":{counters}}}", v.id, json_str(&v.exit))
+            })
+            .collect();
+        let _ = write!(j, "\"vcpus\":[{}],", vcpus.join(","));
+        match &self.touch {
+            Some(t) => {
+                let _ = write!(
+                    j,
+                    "\"touch\":{{\"pages\":{},\"seconds\":{:.6},\"pages_per_sec\":{:.0}}},",
+                    t.pages,
+                    t.elapsed.as_secs_f64(),
+                    t.pages_per_sec()
+                );
+            }
+            None => j.push_str("\"touch\":null,"),
+        }
+        let _ =
+            write!(j, "\"snapshot_saved\":{},", self.snapshot_saved.as_deref().map_or("null".to_string(), json_str));
+        match &self.restored {
+            Some((path, verified)) => {
+                let _ = write!(j, "\"restored\":{{\"path\":{},\"verified\":{verified}}},", json_str(path));
+            }
+            None => j.push_str("\"restored\":null,"),
+        }
+        let errors: Vec<String> = self.errors.iter().map(|e| json_str(e)).collect();
+        let _ = write!(j, "\"errors\":[{}]}}", errors.join(","));
+        j
+    }
+
+    /// A few lines for a human.
+    pub fn summary(&self) -> String {
+        let mut s = String::new();
+        let g = &self.guest;
+        let _ = writeln!(
+            s,
+            "{}: {} MiB guest ({} memory), seed {}, {:.1} s",
+            if self.ok { "ok" } else { "FAILED" },
+            self.ram_size >> 20,
+            self.backend,
+            self.seed,
+            self.elapsed.as_secs_f64()
+        );
+        let _ = writeln!(
+            s,
+            "guest:    {} passes, {} pages verified, {} written, {} corrupt, {} checksums ({} wrong)",
+            g.passes, g.pages_verified, g.pages_written, g.corrupt_pages, g.checksums, g.checksum_errors
+        );
+        let o = &self.offline;
+        let _ = writeln!(
+            s,
+            "offline:  {} requests ({} by the guest), {} completed, {} busy, {} overlapped; host block: {} {}",
+            o.requests, o.guest_requested, o.completed, o.busy, o.overlapped, o.host_block, o.host_block_detail
+        );
+        let _ = writeln!(
+            s,
+            "engine:   {} faults; pins: {} invalidations, {} refaults, {} leaked",
+            self.faults, self.pin_invalidations, self.pin_refaults, self.pins_leaked
+        );
+        if let Some(t) = &self.touch {
+            let _ = writeln!(
+                s,
+                "touch:    {} pages in {:.3} s = {:.0} pages/s",
+                t.pages,
+                t.elapsed.as_secs_f64(),
+                t.pages_per_sec()
+            );
+        }
+        for v in &self.vcpus {
+            let _ = writeln!(s, "vCPU {}:   {}", v.id, v.exit);
+        }
+        if let Some(path) = &self.snapshot_saved {
+            let _ = writeln!(s, "snapshot: saved to {path}");
+        }
+        if let Some((path, verified)) = &self.restored {
+            let _ = writeln!(s, "restored: from {path}, {}", if *verified { "verified" } else { "NOT verified" });
+        }
+        for e in &self.errors {
+            let _ = writeln!(s, "error:    {e}");
+        }
+        s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_escapes_and_keeps_the_documented_keys() {
+        let r = Report {
+            ok: false,
+            errors: vec!["quote \" and \\ and \n".into()],
+            vcpus: vec![VcpuReport { id: 0, exit: "halted".into(), counters: Some(Counters::default()) }],
+            ..Report::default()
+        };
+        let j = r.to_json();
+        for key in [
+            "\"ok\":false",
+            "\"guest\":{\"pages_verified\":0,\"corrupt_pages\":0,\"passes\":0",
+            "\"faults\":{\"total\":0",
+            "\"offline\":{\"requests\":0,\"completed\":0,\"busy\":0",
+            "\"guest_requested\":0",
+            "\"pins\":{\"invalidations\":0,\"refaults\":0,\"leaked\":0}",
+            "\"errors\":[\"quote \\\" and \\\\ and \\n\"]",
+        ] {
+            assert!(j.contains(key), "{key} missing from {j}");
+        }
+        assert_eq!(j.matches('{').count(), j.matches('}').count());
+    }
+
+    #[test]
+    fn errors_are_bounded() {
+        let e = Errors::default();
+        for i in 0..MAX_ERRORS + 5 {
+            e.push(format!("e{i}"));
+        }
+        let v = e.to_vec();
+        assert_eq!(v.len(), MAX_ERRORS + 1);
+        assert_eq!(v.last().unwrap(), "... and 5 more errors");
+    }
+}

@@ -1,0 +1,503 @@
+//! One run, top to bottom: RAM through the engine, the VM and its memory
+//! slot, long mode and the guest image, devices, vCPU threads, the event
+//! loop until the agents are done (or a deadline or an error), then
+//! shutdown in order and the report.
+
+use std::io::Cursor;
+use std::os::fd::AsRawFd;
+use std::os::unix::thread::JoinHandleExt;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use agent_proto::{Config, Layout, LayoutError, Workload, AGENT_LIMIT, AGENT_LOAD, FLAG_CHECKSUM, FLAG_GUEST_OFFLINE};
+use apf::{Engine, EngineError, GuestAddress, GuestRam, GuestRange, PageSource, SnapshotFile, ZeroSource};
+use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
+use kvm_bindings::{kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES};
+use kvm_ioctls::{Kvm, VcpuFd, VmFd};
+use linux_loader::loader::{elf::Elf, KernelLoader};
+use thiserror::Error;
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::agent::AgentDevice;
+use crate::boot;
+use crate::checksum::ChecksumDevice;
+use crate::config::{GuestImage, RunConfig};
+use crate::mem::{AccessError, GuestAccess};
+use crate::report::{Errors, OfflineSummary, Report, TouchRate, VcpuReport};
+use crate::snapshot::{self, Header, SnapshotError};
+use crate::storm::{Storm, StormConfig, StormReport};
+use crate::vcpu::{self, VcpuContext, VcpuEnd, VcpuError};
+
+/// The guest agent, built with the VMM.
+pub static AGENT_ELF: &[u8] = include_bytes!(env!("APF_AGENT_ELF"));
+
+/// How long a stopped vCPU may take to leave `KVM_RUN`.
+const STOP_DEADLINE: Duration = Duration::from_secs(5);
+
+/// A run that could not start, or whose machinery broke.
+#[derive(Debug, Error)]
+pub enum VmError {
+    /// The guest's size or vCPU count do not fit the layout.
+    #[error("invalid guest shape")]
+    Layout(#[source] LayoutError),
+    /// Guest RAM could not be mapped.
+    #[error("cannot map guest RAM")]
+    Ram(#[source] apf::ram::RamError),
+    /// The engine could not start.
+    #[error("cannot start the page-fault engine")]
+    Engine(#[source] EngineError),
+    /// The snapshot cannot be used.
+    #[error(transparent)]
+    Snapshot(#[from] SnapshotError),
+    /// The snapshot's RAM cannot be read as a page source.
+    #[error("cannot read the snapshot's RAM")]
+    Source(#[source] apf::source::SourceError),
+    /// A KVM ioctl failed.
+    #[error("KVM: {what}")]
+    Kvm {
+        /// Which step.
+        what: &'static str,
+        /// The errno.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The guest image cannot be loaded.
+    #[error("cannot load the guest image: {0}")]
+    Load(String),
+    /// Writing boot structures into guest RAM failed.
+    #[error("cannot write {what} into guest RAM")]
+    Boot {
+        /// What.
+        what: &'static str,
+        /// Why.
+        #[source]
+        source: AccessError,
+    },
+    /// A thread could not be started, or an event source could not be made.
+    #[error("cannot start {what}")]
+    Io {
+        /// What.
+        what: &'static str,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The vCPU signal handlers could not be installed.
+    #[error(transparent)]
+    Vcpu(#[from] VcpuError),
+}
+
+fn kvm_err(what: &'static str) -> impl Fn(kvm_ioctls::Error) -> VmError {
+    move |e| VmError::Kvm { what, source: e.into() }
+}
+
+/// Wakes the event loop when a vCPU thread ends.
+#[derive(Debug)]
+struct Supervisor {
+    vcpu_exit: EventFd,
+}
+
+impl MutEventSubscriber for Supervisor {
+    fn process(&mut self, events: Events, _ops: &mut EventOps) {
+        if events.fd() == self.vcpu_exit.as_raw_fd() {
+            let _ = self.vcpu_exit.read();
+        }
+    }
+
+    fn init(&mut self, ops: &mut EventOps) {
+        // The loop also wakes on its timeout; a failed add only delays the
+        // reaction to a vCPU's end to the next timeout.
+        let _ = ops.add(Events::new(&self.vcpu_exit, EventSet::IN));
+    }
+}
+
+/// Resolves RAM size, vCPUs and seed from the command line and, for a
+/// restore, the snapshot (which fixes them).
+fn shape(cfg: &RunConfig, restored: Option<&(PathBuf, Header)>) -> Result<(u64, u32, u64), VmError> {
+    let Some((path, h)) = restored else {
+        return Ok((cfg.mem.unwrap_or(512 << 20), cfg.vcpus.unwrap_or(2), cfg.seed.unwrap_or(1)));
+    };
+    let mismatch = |what: String| VmError::Snapshot(SnapshotError::Mismatch { path: path.clone(), what });
+    if let Some(mem) = cfg.mem.filter(|&m| m != h.ram_size) {
+        return Err(mismatch(format!("{} MiB of RAM, not {} MiB (--mem)", h.ram_size >> 20, mem >> 20)));
+    }
+    if let Some(v) = cfg.vcpus.filter(|&v| v != h.vcpus) {
+        return Err(mismatch(format!("{} vCPUs, not {v} (--vcpus)", h.vcpus)));
+    }
+    if let Some(s) = cfg.seed.filter(|&s| s != h.seed) {
+        return Err(mismatch(format!("seed {}, not {s} (--seed)", h.seed)));
+    }
+    Ok((h.ram_size, h.vcpus, h.seed))
+}
+
+/// Loads the guest image; returns its entry point.
+fn load_image(image: &GuestImage, access: &GuestAccess) -> Result<u64, VmError> {
+    match image {
+        GuestImage::Raw(code) => {
+            if code.is_empty() || code.len() as u64 > AGENT_LIMIT - AGENT_LOAD {
+                return Err(VmError::Load(format!("raw code of {} bytes does not fit", code.len())));
+            }
+            access
+                .write(AGENT_LOAD, code, Instant::now() + Duration::from_secs(5))
+                .map_err(|source| VmError::Boot { what: "the guest code", source })?;
+            Ok(AGENT_LOAD)
+        }
+        GuestImage::Elf(bytes) => {
+            let mem = access.ram().guest_memory();
+            let loaded = Elf::load(mem, None, &mut Cursor::new(bytes.as_slice()), Some(GuestAddress(AGENT_LOAD)))
+                .map_err(|e| VmError::Load(e.to_string()))?;
+            if loaded.kernel_end > AGENT_LIMIT {
+                return Err(VmError::Load(format!(
+                    "the image ends at {:#x}, past the agent's area (which ends at {AGENT_LIMIT:#x})",
+                    loaded.kernel_end
+                )));
+            }
+            Ok(loaded.kernel_load.0)
+        }
+    }
+}
+
+fn setup_vcpu(kvm: &Kvm, vm: &VmFd, layout: &Layout, id: u32, entry: u64) -> Result<VcpuFd, VmError> {
+    let fd = vm.create_vcpu(id as u64).map_err(kvm_err("create vCPU"))?;
+    let cpuid = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(kvm_err("get supported CPUID"))?;
+    fd.set_cpuid2(&cpuid).map_err(kvm_err("set CPUID"))?;
+    let sregs = fd.get_sregs().map_err(kvm_err("get sregs"))?;
+    fd.set_sregs(&boot::long_mode_sregs(sregs)).map_err(kvm_err("set sregs"))?;
+    fd.set_regs(&boot::entry_regs(layout, id, entry)).map_err(kvm_err("set regs"))?;
+    fd.set_fpu(&boot::fpu()).map_err(kvm_err("set FPU"))?;
+    // x87 and SSE state enabled in XCR0: some KVMs (this paravirtual one
+    // among them) otherwise fault on the first SSE instruction.
+    let mut xcrs = fd.get_xcrs().map_err(kvm_err("get XCRs"))?;
+    xcrs.nr_xcrs = 1;
+    xcrs.xcrs[0].xcr = 0;
+    xcrs.xcrs[0].value = boot::XCR0;
+    fd.set_xcrs(&xcrs).map_err(kvm_err("set XCR0"))?;
+    Ok(fd)
+}
+
+/// Stops every vCPU thread still running: sets the stop flag and kicks
+/// them until they leave `KVM_RUN`, up to a deadline.
+fn stop_vcpus(stop: &AtomicBool, threads: &[(u32, JoinHandle<VcpuEnd>)], errors: &Errors) {
+    stop.store(true, Ordering::Release);
+    let deadline = Instant::now() + STOP_DEADLINE;
+    loop {
+        let running: Vec<_> = threads.iter().filter(|(_, t)| !t.is_finished()).collect();
+        if running.is_empty() {
+            return;
+        }
+        if Instant::now() >= deadline {
+            for (id, _) in running {
+                errors.push(format!("vCPU {id} did not stop within {STOP_DEADLINE:?} of being kicked"));
+            }
+            return;
+        }
+        for (_, t) in &running {
+            // SAFETY: the thread has not been joined (we hold its handle),
+            // so its pthread_t is valid; the kick handler is installed.
+            unsafe { libc::pthread_kill(t.as_pthread_t(), vcpu::kick_signal()) };
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Runs a guest as `cfg` says and reports. Err only when the run could not
+/// be set up; everything that goes wrong once vCPUs run is in the report.
+pub fn run(cfg: &RunConfig) -> Result<Report, VmError> {
+    run_and_inspect(cfg, |_| {})
+}
+
+/// [`run`], calling `inspect` with guest RAM once every vCPU has stopped
+/// (and before the engine shuts down): tests read what the VMM wrote.
+pub fn run_and_inspect(cfg: &RunConfig, inspect: impl FnOnce(&GuestAccess)) -> Result<Report, VmError> {
+    // The snapshot first: it fixes the guest's shape.
+    let restored = match &cfg.restore {
+        Some(p) => Some((p.clone(), snapshot::open(p)?)),
+        None => None,
+    };
+    let (ram_size, vcpus, seed) = shape(cfg, restored.as_ref())?;
+    let layout = Layout::new(ram_size, vcpus).map_err(VmError::Layout)?;
+    vcpu::install_signal_handlers()?;
+
+    // Guest RAM, demand-faulted by the engine (or plain, for comparison).
+    let ram = Arc::new(GuestRam::anonymous(&[(GuestAddress(0), ram_size as usize)]).map_err(VmError::Ram)?);
+    let access = if cfg.no_uffd {
+        GuestAccess::Plain(ram.clone())
+    } else {
+        let source: Arc<dyn PageSource> = match &restored {
+            Some((path, h)) => {
+                let layout = vec![(GuestRange::new(GuestAddress(0), ram_size), h.ram_offset())];
+                Arc::new(SnapshotFile::with_layout(path, layout).map_err(VmError::Source)?)
+            }
+            None => Arc::new(ZeroSource),
+        };
+        let mut config = apf::Config { unplug_policy: cfg.unplug_policy, ..apf::Config::default() };
+        if let Some(w) = cfg.workers {
+            config.workers = w;
+        }
+        let engine = Engine::builder(ram.clone(), source).config(config).start().map_err(VmError::Engine)?;
+        GuestAccess::Engine(Arc::new(engine))
+    };
+
+    // The VM and its one memory slot, fixed for the whole run.
+    let kvm = Kvm::new().map_err(kvm_err("open /dev/kvm"))?;
+    let vm = kvm.create_vm().map_err(kvm_err("create VM"))?;
+    let slot = kvm_userspace_memory_region {
+        slot: 0,
+        flags: 0,
+        guest_phys_addr: 0,
+        memory_size: ram_size,
+        userspace_addr: ram.regions()[0].host_base(),
+    };
+    // SAFETY: the slot covers exactly guest RAM's mapping, which `ram`
+    // keeps alive until after every vCPU (and the VM) is gone.
+    unsafe { vm.set_user_memory_region(slot) }.map_err(kvm_err("set the memory slot"))?;
+
+    // Long mode, the image, and for a restore the generations to expect.
+    let deadline = || Instant::now() + Duration::from_secs(5);
+    let boot_write =
+        |what, gpa, bytes: &[u8]| access.write(gpa, bytes, deadline()).map_err(|source| VmError::Boot { what, source });
+    boot_write("the GDT", agent_proto::GDT, &boot::gdt())?;
+    boot_write("the page tables", agent_proto::PML4, &boot::page_tables(&layout))?;
+    let image = cfg.guest_image.clone().unwrap_or_else(|| GuestImage::Elf(AGENT_ELF.to_vec()));
+    let entry = load_image(&image, &access)?;
+    if let Some((_, h)) = &restored {
+        boot_write("the generation table", layout.gen_entry(0), &h.table_bytes())?;
+    }
+
+    // Devices.
+    let errors = Arc::new(Errors::default());
+    let mut flags = 0;
+    if restored.is_some() {
+        flags |= agent_proto::FLAG_RESTORE;
+    }
+    if cfg.guest_offline && !cfg.no_uffd {
+        flags |= FLAG_GUEST_OFFLINE;
+    }
+    let checksum = if cfg.checksum {
+        flags |= FLAG_CHECKSUM;
+        let dev = ChecksumDevice::start(access.clone(), errors.clone())
+            .map_err(|source| VmError::Io { what: "the checksum device", source })?;
+        Some(Arc::new(dev))
+    } else {
+        None
+    };
+    let agent_config = Config { ram_size, vcpus, workload: cfg.workload, seed, flags };
+
+    let fds = (0..vcpus).map(|id| setup_vcpu(&kvm, &vm, &layout, id, entry)).collect::<Result<Vec<_>, _>>()?;
+    let start = Instant::now();
+    let agent = Arc::new(AgentDevice::new(access.clone(), agent_config, layout, start + cfg.duration, errors.clone()));
+    let storm = match access.engine() {
+        Some(engine) if cfg.offline_every.is_some() || cfg.host_block => {
+            let config = StormConfig {
+                every: cfg.offline_every,
+                mode: cfg.offline_mode,
+                host_block_at: cfg.host_block.then(|| start + cfg.duration / 2),
+                seed,
+            };
+            Some(
+                Storm::start(engine.clone(), config, errors.clone())
+                    .map_err(|source| VmError::Io { what: "the offline storm", source })?,
+            )
+        }
+        _ => None,
+    };
+
+    // vCPU threads.
+    let stop = Arc::new(AtomicBool::new(false));
+    let vcpu_exit = EventFd::new(libc::EFD_NONBLOCK).map_err(|source| VmError::Io { what: "an eventfd", source })?;
+    let ctx = Arc::new(VcpuContext {
+        ram_size,
+        agent: agent.clone(),
+        checksum: checksum.clone(),
+        stop: stop.clone(),
+        ram: ram.clone(),
+    });
+    let vcpu_failed = Arc::new(AtomicBool::new(false));
+    let mut threads = Vec::new();
+    for (id, fd) in (0..vcpus).zip(fds) {
+        let ctx = ctx.clone();
+        let failed = vcpu_failed.clone();
+        let exit = vcpu_exit.try_clone().map_err(|source| VmError::Io { what: "an eventfd", source })?;
+        let spawned = std::thread::Builder::new().name(format!("vcpu{id}")).spawn(move || {
+            let end = vcpu::run(id, fd, &ctx);
+            if matches!(end, VcpuEnd::Failed(_)) {
+                failed.store(true, Ordering::Release);
+            }
+            let _ = exit.write(1);
+            end
+        });
+        match spawned {
+            Ok(t) => threads.push((id, t)),
+            Err(source) => {
+                stop_vcpus(&stop, &threads, &errors);
+                return Err(VmError::Io { what: "a vCPU thread", source });
+            }
+        }
+    }
+
+    // The event loop: until every vCPU has ended, one failed, or the hard
+    // deadline passed.
+    let mut em = EventManager::<Box<dyn MutEventSubscriber + Send>>::new()
+        .map_err(|e| VmError::Io { what: "the event manager", source: std::io::Error::other(e.to_string()) })?;
+    let wake = vcpu_exit.try_clone().map_err(|source| VmError::Io { what: "an eventfd", source })?;
+    em.add_subscriber(Box::new(Supervisor { vcpu_exit: wake }));
+    let hard_deadline = start + cfg.duration + cfg.grace;
+    loop {
+        let _ = em.run_with_timeout(100);
+        if threads.iter().all(|(_, t)| t.is_finished()) {
+            break;
+        }
+        if vcpu_failed.load(Ordering::Acquire) {
+            // One vCPU failed: the run is over for the others too.
+            break;
+        }
+        if Instant::now() >= hard_deadline {
+            errors.push(format!(
+                "the agents did not finish within {:?} (duration {:?} plus {:?} grace); stopping every vCPU",
+                hard_deadline - start,
+                cfg.duration,
+                cfg.grace
+            ));
+            break;
+        }
+    }
+    stop_vcpus(&stop, &threads, &errors);
+    let elapsed = start.elapsed();
+    let mut vcpu_reports = Vec::new();
+    let agents = agent.vcpus();
+    for (id, t) in threads {
+        let exit = if t.is_finished() {
+            match t.join() {
+                Ok(VcpuEnd::Halted) => "halted".to_string(),
+                Ok(VcpuEnd::Stopped) => "stopped".to_string(),
+                Ok(VcpuEnd::Failed(e)) => {
+                    errors.push(e.to_string());
+                    format!("failed: {e}")
+                }
+                Err(_) => {
+                    errors.push(format!("vCPU {id}: its thread panicked"));
+                    "panicked".into()
+                }
+            }
+        } else {
+            "did not stop".into()
+        };
+        let counters = agents.get(id as usize).and_then(|a| a.done);
+        if counters.is_none() && exit == "halted" {
+            errors.push(format!("vCPU {id}: halted without reporting done"));
+        }
+        vcpu_reports.push(VcpuReport { id, exit, counters });
+    }
+    drop(ctx);
+    inspect(&access);
+
+    // Shutdown in order: storm, devices (dropping their pins), snapshot,
+    // engine.
+    let storm =
+        storm.map(Storm::stop).unwrap_or_else(|| StormReport { host_block: "off".into(), ..Default::default() });
+    let checksums = checksum.as_ref().map_or(0, |c| {
+        c.stop();
+        c.stats().computed.load(Ordering::Relaxed)
+    });
+    drop(checksum);
+    let all_done = vcpu_reports.iter().all(|v| v.counters.is_some());
+    let mut snapshot_saved = None;
+    if let Some(path) = &cfg.save_snapshot {
+        if all_done && errors.is_empty() {
+            match snapshot::save(path, &access, &layout, seed) {
+                Ok(_) => snapshot_saved = Some(path.display().to_string()),
+                Err(e) => errors.push(e.to_string()),
+            }
+        } else {
+            errors.push(format!("snapshot not saved to {}: the run did not finish cleanly", path.display()));
+        }
+    }
+
+    let mut report = Report {
+        elapsed,
+        ram_size,
+        seed,
+        backend: if cfg.no_uffd { "plain" } else { "engine" },
+        checksums,
+        ..Report::default()
+    };
+    for c in vcpu_reports.iter().filter_map(|v| v.counters) {
+        let g = &mut report.guest;
+        g.passes += c.passes;
+        g.pages_verified += c.pages_verified;
+        g.pages_written += c.pages_written;
+        g.corrupt_pages += c.corrupt_pages;
+        g.offline_requests += c.offline_requests;
+        g.offline_failed += c.offline_failed;
+        g.checksums += c.checksums;
+        g.checksum_errors += c.checksum_errors;
+    }
+    let a = agent.stats();
+    report.protocol_errors = a.protocol_errors.load(Ordering::Relaxed);
+    let reported_corrupt = a.corrupt_pages.load(Ordering::Relaxed);
+    report.guest.corrupt_pages = report.guest.corrupt_pages.max(reported_corrupt);
+    let guest_requested = a.guest_offlines.load(Ordering::Relaxed);
+    report.offline = OfflineSummary {
+        requests: storm.requests + guest_requested,
+        completed: storm.completed + a.guest_offlines_completed.load(Ordering::Relaxed),
+        busy: storm.busy + a.guest_offlines_busy.load(Ordering::Relaxed),
+        overlapped: storm.overlapped,
+        guest_requested,
+        host_block: storm.host_block,
+        host_block_detail: storm.host_block_detail,
+    };
+    if cfg.workload == Workload::Touch {
+        let started = agents.iter().filter_map(|a| a.started).min();
+        let touched = agents.iter().filter_map(|a| a.touched).max();
+        if let (Some(s), Some(t)) = (started, touched) {
+            report.touch =
+                Some(TouchRate { pages: agents.iter().map(|a| a.touch_pages).sum(), elapsed: t.duration_since(s) });
+        }
+    }
+    if let Some((path, _)) = &restored {
+        let verified = agents.iter().all(|a| a.restore_verified);
+        if !verified {
+            errors.push("not every agent verified the restored snapshot".to_string());
+        }
+        report.restored = Some((path.display().to_string(), verified));
+    }
+    report.snapshot_saved = snapshot_saved;
+    report.vcpus = vcpu_reports;
+    drop(agent);
+    drop(vm);
+
+    if let GuestAccess::Engine(engine) = access {
+        for e in engine.errors().try_iter() {
+            errors.push(format!("engine: {e}"));
+        }
+        report.pins_leaked = engine.pins_registered() as u64;
+        if report.pins_leaked > 0 {
+            errors.push(format!("{} pins still registered after every holder let go", report.pins_leaked));
+        }
+        engine.wait_idle(Instant::now() + Duration::from_secs(2));
+        let stats = engine.stats();
+        report.faults = stats.faults;
+        report.pin_invalidations = stats.pin_invalidations;
+        report.pin_refaults = stats.pin_refaults;
+        report.engine_json = stats.to_json();
+        match Arc::try_unwrap(engine) {
+            Ok(engine) => {
+                engine.shutdown();
+            }
+            Err(_) => errors.push("the engine is still referenced at shutdown".to_string()),
+        }
+    }
+    if report.guest.corrupt_pages > 0 || report.guest.checksum_errors > 0 {
+        errors.push(format!(
+            "the guest found {} corrupt pages and {} wrong checksums",
+            report.guest.corrupt_pages, report.guest.checksum_errors
+        ));
+    }
+    report.errors = errors.to_vec();
+    report.ok = report.errors.is_empty() && all_done;
+    Ok(report)
+}
