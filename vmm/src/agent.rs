@@ -52,6 +52,9 @@ pub struct AgentStats {
     pub guest_offlines_completed: AtomicU64,
     /// Of those, busy at their deadline.
     pub guest_offlines_busy: AtomicU64,
+    /// Of those, refused because another offline (a host storm) held part
+    /// of the range.
+    pub guest_offlines_overlapped: AtomicU64,
     /// Corrupt pages reported.
     pub corrupt_pages: AtomicU64,
 }
@@ -228,7 +231,10 @@ impl AgentDevice {
                 Reply::Error { code: ErrorCode::Busy, detail: gpa }
             }
             // Another offline (a host storm) holds part of the range.
-            Err(OfflineError::Overlap(_)) => Reply::Error { code: ErrorCode::Busy, detail: gpa },
+            Err(OfflineError::Overlap(_)) => {
+                self.stats.guest_offlines_overlapped.fetch_add(1, Ordering::Relaxed);
+                Reply::Error { code: ErrorCode::Busy, detail: gpa }
+            }
             Err(e) => {
                 self.errors.push(format!("vCPU {vcpu}: guest-requested {op:?} of {range} failed: {e}"));
                 Reply::Error { code: ErrorCode::Failed, detail: gpa }

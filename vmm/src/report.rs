@@ -65,7 +65,7 @@ pub struct OfflineSummary {
     pub completed: u64,
     /// Offlines that hit their deadline and changed nothing.
     pub busy: u64,
-    /// Storm offlines skipped because another offline held part of the range.
+    /// Offlines refused because another offline held part of the range.
     pub overlapped: u64,
     /// Offlines the guest asked for.
     pub guest_requested: u64,

@@ -445,7 +445,7 @@ pub fn run_and_inspect(cfg: &RunConfig, inspect: impl FnOnce(&GuestAccess)) -> R
         requests: storm.requests + guest_requested,
         completed: storm.completed + a.guest_offlines_completed.load(Ordering::Relaxed),
         busy: storm.busy + a.guest_offlines_busy.load(Ordering::Relaxed),
-        overlapped: storm.overlapped,
+        overlapped: storm.overlapped + a.guest_offlines_overlapped.load(Ordering::Relaxed),
         guest_requested,
         host_block: storm.host_block,
         host_block_detail: storm.host_block_detail,

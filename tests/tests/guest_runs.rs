@@ -1,0 +1,198 @@
+//! The guest agent under real KVM, with RAM demand-faulted by the engine:
+//! stress with host offline storms, the guest's own offline requests, the
+//! checksum device's migratable pin, snapshots saved and restored, and a
+//! real host memory block offlined under a running guest. Every run checks
+//! every byte the guest wrote.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use agent_proto::{Layout, Workload, PAGE_SIZE};
+use apf_tests::kvm_available;
+use vmm::config::{OfflineMode, RunConfig};
+use vmm::report::Report;
+use vmm::snapshot::SnapshotError;
+use vmm::vm::VmError;
+
+fn short(mem: u64, duration_ms: u64) -> RunConfig {
+    RunConfig {
+        mem: Some(mem),
+        vcpus: Some(2),
+        duration: Duration::from_millis(duration_ms),
+        grace: Duration::from_secs(60),
+        ..RunConfig::default()
+    }
+}
+
+fn assert_clean(report: &Report) {
+    assert!(report.ok, "run failed:\n{}", report.summary());
+    assert_eq!(report.guest.corrupt_pages, 0);
+    assert_eq!(report.guest.checksum_errors, 0);
+    assert!(report.guest.passes >= 2, "{}", report.summary());
+    assert!(report.guest.pages_verified > 0);
+    assert_eq!(report.pins_leaked, 0);
+    assert!(report.vcpus.iter().all(|v| v.exit == "halted" && v.counters.is_some()), "{:?}", report.vcpus);
+}
+
+fn temp(name: &str) -> PathBuf {
+    std::env::temp_dir().join(format!("apf-guest-runs-{}-{name}", std::process::id()))
+}
+
+#[test]
+fn mixed_run_under_offline_storms_loses_nothing() {
+    if !kvm_available("mixed_run_under_offline_storms_loses_nothing") {
+        return;
+    }
+    let cfg = RunConfig { offline_every: Some(Duration::from_millis(2)), ..short(128 << 20, 2500) };
+    let report = vmm::vm::run(&cfg).unwrap();
+    assert_clean(&report);
+    assert!(report.faults > 0);
+    let storm = report.offline.requests - report.offline.guest_requested;
+    assert!(storm >= 20, "only {storm} storm offlines: {}", report.summary());
+    assert!(report.offline.completed >= 20, "{}", report.summary());
+    let o = &report.offline;
+    assert_eq!(o.requests, o.completed + o.busy + o.overlapped, "every offline is accounted for: {}", report.summary());
+    // Migrations and evictions both ran, and the guest never noticed.
+    assert!(report.engine_json.contains("\"frames_moved\":") && !report.engine_json.contains("\"frames_moved\":0,"));
+    assert!(!report.engine_json.contains("\"pages_evicted\":0,"), "{}", report.engine_json);
+    let json = report.to_json();
+    for key in ["\"ok\":true", "\"corrupt_pages\":0", "\"leaked\":0", "\"errors\":[]"] {
+        assert!(json.contains(key), "{key} missing from {json}");
+    }
+}
+
+#[test]
+fn guest_requested_offlines_round_trip() {
+    if !kvm_available("guest_requested_offlines_round_trip") {
+        return;
+    }
+    // No host storm: every offline is the guest's own, and none overlaps.
+    let cfg = RunConfig { offline_every: None, checksum: false, ..short(64 << 20, 1500) };
+    let report = vmm::vm::run(&cfg).unwrap();
+    assert_clean(&report);
+    let g = &report.guest;
+    assert!(g.offline_requests >= 6, "{}", report.summary());
+    assert_eq!(g.offline_failed, 0, "{}", report.summary());
+    assert_eq!(report.offline.guest_requested, g.offline_requests);
+    assert_eq!(report.offline.completed, report.offline.requests);
+    // Unplug and replug ran: unplugged pages read back as zeros and were
+    // rewritten before the next verify.
+    assert!(!report.engine_json.contains("\"pages_unplugged\":0,"), "{}", report.engine_json);
+}
+
+#[test]
+fn checksum_device_keeps_its_pin_through_storms() {
+    if !kvm_available("checksum_device_keeps_its_pin_through_storms") {
+        return;
+    }
+    // Every fourth storm offline hits the ring the device pins.
+    let cfg = RunConfig {
+        offline_every: Some(Duration::from_millis(1)),
+        offline_mode: OfflineMode::Migrate,
+        guest_offline: false,
+        ..short(64 << 20, 2000)
+    };
+    let report = vmm::vm::run(&cfg).unwrap();
+    assert_clean(&report);
+    assert!(report.guest.checksums >= 8, "{}", report.summary());
+    assert_eq!(report.checksums, report.guest.checksums, "device and guest disagree");
+    assert!(report.pin_invalidations >= 5, "{}", report.summary());
+    assert!(report.pin_refaults >= 1, "{}", report.summary());
+    assert_eq!(report.pins_leaked, 0);
+}
+
+#[test]
+fn snapshot_restores_on_demand_and_verifies() {
+    if !kvm_available("snapshot_restores_on_demand_and_verifies") {
+        return;
+    }
+    let path = temp("snap");
+    let save = RunConfig { save_snapshot: Some(path.clone()), seed: Some(77), ..short(64 << 20, 1000) };
+    let first = vmm::vm::run(&save).unwrap();
+    assert_clean(&first);
+    assert_eq!(first.snapshot_saved.as_deref(), Some(path.to_str().unwrap()));
+
+    // The restored guest verifies the previous run's data before writing.
+    let restore = RunConfig { restore: Some(path.clone()), mem: None, vcpus: None, ..short(0, 500) };
+    let second = vmm::vm::run(&restore).unwrap();
+    assert_clean(&second);
+    assert_eq!(second.seed, 77, "the seed comes from the snapshot");
+    assert_eq!(second.restored, Some((path.display().to_string(), true)));
+
+    // One flipped byte in a data page of the file is found and named.
+    let header = vmm::snapshot::open(&path).unwrap();
+    let layout = Layout::new(64 << 20, 2).unwrap();
+    let victim = layout.stripe_start(1) + 5 * PAGE_SIZE;
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes[(header.ram_offset() + victim + 100) as usize] ^= 0x40;
+    let bad = temp("snap-bad");
+    std::fs::write(&bad, &bytes).unwrap();
+    let third = vmm::vm::run(&RunConfig { restore: Some(bad.clone()), ..restore.clone() }).unwrap();
+    assert!(!third.ok);
+    assert_eq!(third.guest.corrupt_pages, 1, "{}", third.summary());
+    assert!(third.errors.iter().any(|e| e.contains(&format!("corrupt page {victim:#x}"))), "{:?}", third.errors);
+
+    // Files that do not match are refused before anything runs.
+    std::fs::write(&bad, &bytes[..bytes.len() - 4096]).unwrap();
+    assert!(matches!(vmm::vm::run(&restore_from(&bad)), Err(VmError::Snapshot(SnapshotError::Length { .. }))));
+    std::fs::write(&bad, b"not a snapshot at all, but long enough? no").unwrap();
+    assert!(matches!(vmm::vm::run(&restore_from(&bad)), Err(VmError::Snapshot(SnapshotError::Length { .. }))));
+    bytes[0] = b'X';
+    std::fs::write(&bad, &bytes).unwrap();
+    assert!(matches!(vmm::vm::run(&restore_from(&bad)), Err(VmError::Snapshot(SnapshotError::Magic { .. }))));
+    let wrong_size = RunConfig { mem: Some(128 << 20), ..restore_from(&path) };
+    let e = vmm::vm::run(&wrong_size).unwrap_err();
+    assert!(matches!(e, VmError::Snapshot(SnapshotError::Mismatch { .. })), "{e}");
+    assert!(e.to_string().contains("64 MiB"), "{e}");
+    std::fs::remove_file(&path).unwrap();
+    std::fs::remove_file(&bad).unwrap();
+}
+
+fn restore_from(path: &std::path::Path) -> RunConfig {
+    RunConfig { restore: Some(path.to_path_buf()), mem: None, vcpus: None, ..short(0, 300) }
+}
+
+#[test]
+fn plain_memory_runs_the_same_guest() {
+    if !kvm_available("plain_memory_runs_the_same_guest") {
+        return;
+    }
+    let cfg = RunConfig { no_uffd: true, offline_every: None, guest_offline: false, ..short(64 << 20, 800) };
+    let report = vmm::vm::run(&cfg).unwrap();
+    assert_clean(&report);
+    assert_eq!(report.backend, "plain");
+    assert_eq!(report.faults, 0);
+}
+
+#[test]
+fn touch_workload_reports_a_fault_rate() {
+    if !kvm_available("touch_workload_reports_a_fault_rate") {
+        return;
+    }
+    let cfg = RunConfig { workload: Workload::Touch, offline_every: None, checksum: false, ..short(64 << 20, 0) };
+    let report = vmm::vm::run(&cfg).unwrap();
+    assert!(report.ok, "{}", report.summary());
+    let touch = report.touch.expect("touch rate");
+    assert_eq!(touch.pages, Layout::new(64 << 20, 2).unwrap().data_pages());
+    assert!(touch.pages_per_sec() > 0.0);
+    assert!(report.faults > 0 && report.faults < touch.pages, "prefetch should batch: {}", report.faults);
+}
+
+#[test]
+fn a_host_block_goes_offline_under_a_running_guest() {
+    if !kvm_available("a_host_block_goes_offline_under_a_running_guest") {
+        return;
+    }
+    let cfg = RunConfig { host_block: true, ..short(256 << 20, 3000) };
+    let report = vmm::vm::run(&cfg).unwrap();
+    assert_clean(&report);
+    // Which blocks qualify depends on the machine's history: offlined or
+    // none qualified are both honest outcomes; an error is not.
+    let o = &report.offline;
+    assert!(o.host_block == "offlined" || o.host_block == "none qualified", "{}: {}", o.host_block, o.host_block_detail);
+    if o.host_block == "offlined" {
+        assert!(o.host_block_detail.contains("guest pages moved"), "{}", o.host_block_detail);
+    } else {
+        eprintln!("NOTICE: no host block qualified: {}", o.host_block_detail);
+    }
+}
