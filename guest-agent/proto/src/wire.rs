@@ -252,7 +252,7 @@ pub enum Request {
         /// What it did.
         counters: Counters,
     },
-    /// The agent cannot go on (a checksum never came back, a panic).
+    /// The agent cannot go on (a reply it cannot use, a panic).
     Fatal {
         /// The vCPU.
         vcpu: u32,
