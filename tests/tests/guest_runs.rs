@@ -189,7 +189,12 @@ fn a_host_block_goes_offline_under_a_running_guest() {
     // Which blocks qualify depends on the machine's history: offlined or
     // none qualified are both honest outcomes; an error is not.
     let o = &report.offline;
-    assert!(o.host_block == "offlined" || o.host_block == "none qualified", "{}: {}", o.host_block, o.host_block_detail);
+    assert!(
+        o.host_block == "offlined" || o.host_block == "none qualified",
+        "{}: {}",
+        o.host_block,
+        o.host_block_detail
+    );
     if o.host_block == "offlined" {
         assert!(o.host_block_detail.contains("guest pages moved"), "{}", o.host_block_detail);
     } else {

@@ -195,3 +195,86 @@ fn sse_runs_natively_in_the_guest() {
     .unwrap();
     assert_eq!(report.vcpus[0].exit, "halted", "{:?}", report.errors);
 }
+
+/// A page source that stalls on one page (until released, or for at most
+/// `max`) and fails on another; zeros elsewhere.
+struct Faulty {
+    stall: u64,
+    fail: u64,
+    max: Duration,
+    released: std::sync::atomic::AtomicBool,
+}
+
+impl apf::PageSource for Faulty {
+    fn fill(&self, gpa: apf::GuestAddress, buf: &mut [u8]) -> Result<(), apf::source::SourceError> {
+        let range = gpa.0..gpa.0 + buf.len() as u64;
+        if range.contains(&self.fail) {
+            return Err(apf::source::SourceError::NotCovered(apf::GuestRange::new(gpa, buf.len() as u64)));
+        }
+        if range.contains(&self.stall) {
+            let until = Instant::now() + self.max;
+            while !self.released.load(std::sync::atomic::Ordering::Acquire) && Instant::now() < until {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
+        buf.fill(0);
+        Ok(())
+    }
+
+    fn kind(&self) -> apf::source::SourceKind {
+        apf::source::SourceKind::Blocking
+    }
+
+    fn name(&self) -> &'static str {
+        "faulty"
+    }
+}
+
+#[test]
+fn a_vcpu_blocked_on_a_stalled_page_is_kicked_out() {
+    if !kvm_available("a_vcpu_blocked_on_a_stalled_page_is_kicked_out") {
+        return;
+    }
+    let source = std::sync::Arc::new(Faulty {
+        stall: 0x90_0000,
+        fail: u64::MAX,
+        max: Duration::from_secs(20),
+        released: false.into(),
+    });
+    let cfg = RunConfig {
+        grace: Duration::from_millis(300),
+        source: Some(vmm::config::SourceOverride(source.clone())),
+        ..tiny(Code::new().read64(0x90_0000).hlt())
+    };
+    let started = Instant::now();
+    let report = vmm::vm::run_and_inspect(&cfg, |_| {
+        // The vCPU has left KVM_RUN while the page is still missing.
+        source.released.store(true, std::sync::atomic::Ordering::Release);
+    })
+    .unwrap();
+    assert!(started.elapsed() < Duration::from_secs(10), "took {:?}", started.elapsed());
+    assert_eq!(report.vcpus[0].exit, "stopped", "{:?}", report.errors);
+    assert!(has_error(&report, "did not finish"), "{:?}", report.errors);
+}
+
+#[test]
+fn a_failing_source_fails_the_vcpu_with_the_page_named() {
+    if !kvm_available("a_failing_source_fails_the_vcpu_with_the_page_named") {
+        return;
+    }
+    let source =
+        std::sync::Arc::new(Faulty { stall: u64::MAX, fail: 0xa0_0000, max: Duration::ZERO, released: false.into() });
+    let cfg = RunConfig {
+        grace: Duration::from_secs(10),
+        source: Some(vmm::config::SourceOverride(source)),
+        ..tiny(Code::new().read64(0xa0_0000).hlt())
+    };
+    let report = vmm::vm::run(&cfg).unwrap();
+    assert!(!report.ok);
+    assert!(report.vcpus[0].exit.contains("poisoned") && report.vcpus[0].exit.contains("0xa00000"), "{:?}", report);
+    assert!(
+        report.errors.iter().any(|e| e.starts_with("engine:")),
+        "the source's error is reported: {:?}",
+        report.errors
+    );
+}

@@ -58,6 +58,25 @@ pub struct RunConfig {
     /// Extra time for agents to finish after `duration` before the run is
     /// failed and every vCPU is stopped.
     pub grace: Duration,
+    /// Where missing pages come from instead of zeros (fault injection:
+    /// a source that fails or stalls). Not on the command line.
+    pub source: Option<SourceOverride>,
+}
+
+/// A page source given by the embedder, compared by identity.
+#[derive(Clone)]
+pub struct SourceOverride(pub std::sync::Arc<dyn apf::PageSource>);
+
+impl std::fmt::Debug for SourceOverride {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "SourceOverride({})", self.0.name())
+    }
+}
+
+impl PartialEq for SourceOverride {
+    fn eq(&self, other: &Self) -> bool {
+        std::sync::Arc::ptr_eq(&self.0, &other.0)
+    }
 }
 
 /// A guest program other than the agent (tests use tiny hand-made ones).
@@ -90,6 +109,7 @@ impl Default for RunConfig {
             report_json: None,
             guest_image: None,
             grace: Duration::from_secs(60),
+            source: None,
         }
     }
 }

@@ -227,12 +227,13 @@ pub fn run_and_inspect(cfg: &RunConfig, inspect: impl FnOnce(&GuestAccess)) -> R
     let access = if cfg.no_uffd {
         GuestAccess::Plain(ram.clone())
     } else {
-        let source: Arc<dyn PageSource> = match &restored {
-            Some((path, h)) => {
+        let source: Arc<dyn PageSource> = match (&restored, &cfg.source) {
+            (_, Some(source)) => source.0.clone(),
+            (Some((path, h)), None) => {
                 let layout = vec![(GuestRange::new(GuestAddress(0), ram_size), h.ram_offset())];
                 Arc::new(SnapshotFile::with_layout(path, layout).map_err(VmError::Source)?)
             }
-            None => Arc::new(ZeroSource),
+            (None, None) => Arc::new(ZeroSource),
         };
         let mut config = apf::Config { unplug_policy: cfg.unplug_policy, ..apf::Config::default() };
         if let Some(w) = cfg.workers {
