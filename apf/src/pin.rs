@@ -256,10 +256,27 @@ impl Pin {
         if self.shared.stopping.load(Ordering::Acquire) {
             return Err(PinError::Stopped);
         }
-        fault_in_and(&self.shared, self.range, deadline, |_guard| {
+        let span = tracing::info_span!(
+            target: "apf",
+            "apf.pin",
+            gpa = self.range.start.0,
+            len = self.range.len,
+            outcome = tracing::field::Empty,
+        );
+        let faulted = fault_in_and(&self.shared, self.range, deadline, |_guard| {
             self.state.armed.store(true, Ordering::Release);
             Some(())
-        })?;
+        });
+        span.record(
+            "outcome",
+            match &faulted {
+                Ok(()) => "armed",
+                Err(PinError::Timeout { .. }) => "timeout",
+                Err(PinError::Poisoned { .. }) => "poisoned",
+                Err(_) => "error",
+            },
+        );
+        faulted?;
         if self.state.ever_armed.swap(true, Ordering::Relaxed) {
             self.state.refaults.fetch_add(1, Ordering::Relaxed);
             self.shared.stats.pin_refaults.fetch_add(1, Ordering::Relaxed);

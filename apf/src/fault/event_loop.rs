@@ -66,9 +66,11 @@ pub(crate) fn spawn(shared: Arc<Shared>, jobs: Sender<Job>, stop: EventFd) -> Re
         exit: false,
     };
     let id = manager.add_subscriber(fl);
+    let dispatch = crate::trace::current_dispatch();
     std::thread::Builder::new()
         .name("apf-fault".into())
         .spawn(move || {
+            let _trace = tracing::dispatcher::set_default(&dispatch);
             loop {
                 if let Err(e) = manager.run_with_timeout(TICK_MS) {
                     tracing::error!(target: "apf", error = ?e, "apf event loop failed");

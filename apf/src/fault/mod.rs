@@ -514,9 +514,13 @@ impl Engine {
         for i in 0..shared.config.workers {
             let shared = shared.clone();
             let rx = job_rx.clone();
+            let dispatch = crate::trace::current_dispatch();
             let h = std::thread::Builder::new()
                 .name(format!("apf-worker-{i}"))
-                .spawn(move || resolve::worker(&shared, &rx))
+                .spawn(move || {
+                    let _trace = tracing::dispatcher::set_default(&dispatch);
+                    resolve::worker(&shared, &rx)
+                })
                 .map_err(EngineError::Io)?;
             workers.push(h);
         }
@@ -590,9 +594,11 @@ impl Engine {
         }
         let shared = self.shared.clone();
         let pages = ws.pages.clone();
+        let dispatch = crate::trace::current_dispatch();
         let h = std::thread::Builder::new()
             .name("apf-replay".into())
             .spawn(move || {
+                let _trace = tracing::dispatcher::set_default(&dispatch);
                 let locs = pages.iter().filter_map(|&gpa| shared.ram.locate(GuestAddress(gpa)).ok());
                 let locs = locs.map(|l| (l.region, l.page));
                 resolve::prefetch_pages(&shared, locs);

@@ -1,0 +1,531 @@
+//! [`LatencyLayer`]: span durations into HDR histograms, per span name and
+//! per vCPU, blocked time per vCPU, and an optional bounded trace of recent
+//! spans for Perfetto.
+
+use std::collections::{HashMap, VecDeque};
+use std::io::{self, Write};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use hdrhistogram::Histogram;
+use tracing::field::{Field, Visit};
+use tracing::span::{Attributes, Id, Record};
+use tracing::Subscriber;
+use tracing_subscriber::layer::{Context, Layer};
+use tracing_subscriber::registry::LookupSpan;
+
+use super::{FAULT, SPANS};
+
+/// Longest duration a histogram holds (longer ones are clamped): one hour.
+const MAX_NS: u64 = 3_600_000_000_000;
+
+fn histogram() -> Histogram<u64> {
+    // Three significant digits: 0.1% resolution at every scale.
+    Histogram::new_with_bounds(1, MAX_NS, 3).unwrap_or_else(|_| unreachable!("constant bounds are valid"))
+}
+
+/// What the layer keeps in a span's extensions.
+struct Timing {
+    start: Instant,
+    /// `tid` of a fault span: the faulting thread.
+    fault_tid: Option<u64>,
+    /// The thread that opened the span (trace lanes only).
+    thread: u64,
+    /// `outcome` and `gpa`, kept only when tracing to a file.
+    outcome: Option<String>,
+    gpa: Option<u64>,
+}
+
+#[derive(Default)]
+struct Fields {
+    tid: Option<u64>,
+    outcome: Option<String>,
+    gpa: Option<u64>,
+    keep_details: bool,
+}
+
+impl Visit for Fields {
+    fn record_u64(&mut self, field: &Field, value: u64) {
+        match field.name() {
+            "tid" => self.tid = Some(value),
+            "gpa" if self.keep_details => self.gpa = Some(value),
+            _ => {}
+        }
+    }
+
+    fn record_i64(&mut self, field: &Field, value: i64) {
+        if let Ok(v) = u64::try_from(value) {
+            self.record_u64(field, v);
+        }
+    }
+
+    fn record_str(&mut self, field: &Field, value: &str) {
+        if self.keep_details && field.name() == "outcome" {
+            self.outcome = Some(value.to_string());
+        }
+    }
+
+    fn record_debug(&mut self, _field: &Field, _value: &dyn std::fmt::Debug) {}
+}
+
+#[derive(Debug)]
+struct VcpuAcc {
+    faults: u64,
+    blocked_ns: u64,
+    hist: Histogram<u64>,
+}
+
+/// One span in the trace buffer.
+#[derive(Debug, Clone)]
+struct TraceEvent {
+    name: &'static str,
+    start_ns: u64,
+    dur_ns: u64,
+    lane: u64,
+    outcome: Option<String>,
+    gpa: Option<u64>,
+}
+
+#[derive(Debug)]
+struct TraceBuf {
+    events: VecDeque<TraceEvent>,
+    capacity: usize,
+    dropped: u64,
+    thread_names: HashMap<u64, String>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    epoch: Instant,
+    vcpus: RwLock<HashMap<u64, u32>>,
+    spans: Mutex<HashMap<&'static str, Histogram<u64>>>,
+    per_vcpu: Mutex<HashMap<u32, VcpuAcc>>,
+    unattributed_faults: AtomicU64,
+    unattributed_ns: AtomicU64,
+    trace: Option<Mutex<TraceBuf>>,
+}
+
+/// A `tracing-subscriber` layer that aggregates the engine's spans (target
+/// `apf`) into HDR histograms per span name and per vCPU, and adds up the
+/// time each vCPU spent waiting for its faults (what QEMU reports as
+/// post-copy blocktime).
+///
+/// Latency is measured from the moment the engine reads a fault from the
+/// userfaultfd to the wake: time in the kernel before that read is not
+/// seen, so blocked time is a lower bound. A fault is attributed to a vCPU
+/// through the thread id userfaultfd reports and the map
+/// [`Self::register_vcpu`] fills. When KVM resolves a guest fault from a
+/// kernel worker instead of the vCPU thread (asynchronous page faults,
+/// which need an in-kernel interrupt controller and a guest that accepts
+/// them), the reported thread is that worker: the fault counts as
+/// unattributed, and the vCPU, which went on running something else, was
+/// not blocked by it.
+///
+/// Cheap enough to leave on: per span, one timestamp and one extension at
+/// creation, one histogram update at close. Clones share their data.
+///
+/// ```
+/// use apf::trace::LatencyLayer;
+/// use tracing_subscriber::prelude::*;
+/// let layer = LatencyLayer::new();
+/// let subscriber = tracing_subscriber::registry().with(layer.clone());
+/// tracing::subscriber::with_default(subscriber, || {
+///     // Start the engine here: its threads report to this subscriber.
+///     let _span = tracing::info_span!(target: "apf", "apf.fault", tid = 7u64).entered();
+/// });
+/// assert_eq!(layer.summary().spans[0].count, 1);
+/// ```
+#[derive(Debug, Clone)]
+pub struct LatencyLayer {
+    inner: Arc<Inner>,
+}
+
+impl Default for LatencyLayer {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Latency of one span name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SpanStats {
+    /// The span name (`apf.fault`...).
+    pub name: &'static str,
+    /// Spans closed.
+    pub count: u64,
+    /// Median.
+    pub p50: Duration,
+    /// 90th percentile.
+    pub p90: Duration,
+    /// 99th percentile.
+    pub p99: Duration,
+    /// 99.9th percentile.
+    pub p999: Duration,
+    /// Longest.
+    pub max: Duration,
+    /// Sum of all durations.
+    pub total: Duration,
+}
+
+/// How long one vCPU waited for its faults.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VcpuBlocked {
+    /// The vCPU.
+    pub vcpu: u32,
+    /// Faults attributed to it.
+    pub faults: u64,
+    /// Sum of their `apf.fault` spans.
+    pub blocked: Duration,
+    /// Their 99th percentile.
+    pub p99: Duration,
+}
+
+/// What a [`LatencyLayer`] has seen so far.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LatencySummary {
+    /// Per span name that occurred, in [`super::SPANS`] order.
+    pub spans: Vec<SpanStats>,
+    /// Per vCPU registered, in vCPU order.
+    pub vcpus: Vec<VcpuBlocked>,
+    /// Faults from threads no vCPU is registered for (the VMM's own
+    /// threads, or kernel workers resolving asynchronous page faults).
+    pub unattributed_faults: u64,
+    /// Their summed span time.
+    pub unattributed_blocked: Duration,
+}
+
+impl LatencySummary {
+    /// The stats of span `name`, if any closed.
+    pub fn span(&self, name: &str) -> Option<&SpanStats> {
+        self.spans.iter().find(|s| s.name == name)
+    }
+}
+
+/// What [`LatencyLayer::write_chrome_trace`] wrote.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TraceWritten {
+    /// Events written.
+    pub events: usize,
+    /// Older events dropped because the buffer was full.
+    pub dropped: u64,
+}
+
+fn nanos(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
+}
+
+fn thread_id() -> u64 {
+    rustix::thread::gettid().as_raw_nonzero().get() as u64
+}
+
+impl LatencyLayer {
+    /// A layer with histograms only.
+    pub fn new() -> Self {
+        Self::build(None)
+    }
+
+    /// A layer that also keeps the most recent `capacity` spans for
+    /// [`Self::write_chrome_trace`].
+    pub fn with_trace(capacity: usize) -> Self {
+        Self::build(Some(capacity.max(1)))
+    }
+
+    fn build(trace: Option<usize>) -> Self {
+        let trace = trace.map(|capacity| {
+            Mutex::new(TraceBuf {
+                events: VecDeque::with_capacity(capacity.min(1 << 16)),
+                capacity,
+                dropped: 0,
+                thread_names: HashMap::new(),
+            })
+        });
+        LatencyLayer {
+            inner: Arc::new(Inner {
+                epoch: Instant::now(),
+                vcpus: RwLock::new(HashMap::new()),
+                spans: Mutex::new(HashMap::new()),
+                per_vcpu: Mutex::new(HashMap::new()),
+                unattributed_faults: AtomicU64::new(0),
+                unattributed_ns: AtomicU64::new(0),
+                trace,
+            }),
+        }
+    }
+
+    /// Says that kernel thread `tid` runs vCPU `vcpu`: its faults count
+    /// towards that vCPU. Call it from the vCPU thread with
+    /// [`Self::register_current_vcpu`], or with a known tid.
+    pub fn register_vcpu(&self, tid: u64, vcpu: u32) {
+        self.inner.vcpus.write().unwrap_or_else(|e| e.into_inner()).insert(tid, vcpu);
+        self.inner.per_vcpu.lock().unwrap_or_else(|e| e.into_inner()).entry(vcpu).or_insert_with(|| VcpuAcc {
+            faults: 0,
+            blocked_ns: 0,
+            hist: histogram(),
+        });
+        if let Some(trace) = &self.inner.trace {
+            trace.lock().unwrap_or_else(|e| e.into_inner()).thread_names.insert(tid, format!("vcpu{vcpu}"));
+        }
+    }
+
+    /// [`Self::register_vcpu`] for the calling thread.
+    pub fn register_current_vcpu(&self, vcpu: u32) {
+        self.register_vcpu(thread_id(), vcpu);
+    }
+
+    /// Everything seen so far.
+    pub fn summary(&self) -> LatencySummary {
+        let spans = self.inner.spans.lock().unwrap_or_else(|e| e.into_inner());
+        let d = |ns: u64| Duration::from_nanos(ns);
+        let mut out = LatencySummary::default();
+        for name in SPANS {
+            if let Some(h) = spans.get(name).filter(|h| !h.is_empty()) {
+                out.spans.push(SpanStats {
+                    name,
+                    count: h.len(),
+                    p50: d(h.value_at_quantile(0.5)),
+                    p90: d(h.value_at_quantile(0.9)),
+                    p99: d(h.value_at_quantile(0.99)),
+                    p999: d(h.value_at_quantile(0.999)),
+                    max: d(h.max()),
+                    total: d((h.mean() * h.len() as f64) as u64),
+                });
+            }
+        }
+        drop(spans);
+        let per_vcpu = self.inner.per_vcpu.lock().unwrap_or_else(|e| e.into_inner());
+        let mut vcpus: Vec<_> = per_vcpu
+            .iter()
+            .map(|(&vcpu, a)| VcpuBlocked {
+                vcpu,
+                faults: a.faults,
+                blocked: d(a.blocked_ns),
+                p99: d(if a.hist.is_empty() { 0 } else { a.hist.value_at_quantile(0.99) }),
+            })
+            .collect();
+        vcpus.sort_by_key(|v| v.vcpu);
+        out.vcpus = vcpus;
+        out.unattributed_faults = self.inner.unattributed_faults.load(Ordering::Relaxed);
+        out.unattributed_blocked = d(self.inner.unattributed_ns.load(Ordering::Relaxed));
+        out
+    }
+
+    /// The latency distribution of each span name that occurred: (quantile,
+    /// latency) points from the median to the maximum, for plotting.
+    pub fn curves(&self) -> Vec<(&'static str, Vec<(f64, Duration)>)> {
+        let spans = self.inner.spans.lock().unwrap_or_else(|e| e.into_inner());
+        SPANS
+            .iter()
+            .filter_map(|&name| {
+                let h = spans.get(name).filter(|h| !h.is_empty())?;
+                let mut points: Vec<(f64, Duration)> = h
+                    .iter_quantiles(2)
+                    .map(|v| (v.quantile_iterated_to(), Duration::from_nanos(v.value_iterated_to())))
+                    .collect();
+                points.dedup_by(|a, b| a.0 == b.0);
+                Some((name, points))
+            })
+            .collect()
+    }
+
+    /// Writes the buffered spans as a Chrome trace (JSON that Perfetto and
+    /// `chrome://tracing` open): one complete event per span, on the lane
+    /// of the faulting thread for faults and of the opening thread
+    /// otherwise. Only the most recent spans are kept (see
+    /// [`Self::with_trace`]); `otherData.dropped_events` says how many
+    /// older ones were dropped. A layer without a trace writes no events.
+    pub fn write_chrome_trace(&self, mut w: impl Write) -> io::Result<TraceWritten> {
+        let empty = TraceBuf { events: VecDeque::new(), capacity: 0, dropped: 0, thread_names: HashMap::new() };
+        let guard = self.inner.trace.as_ref().map(|t| t.lock().unwrap_or_else(|e| e.into_inner()));
+        let buf = guard.as_deref().unwrap_or(&empty);
+        write!(w, "{{\"displayTimeUnit\":\"ns\",\"traceEvents\":[")?;
+        let mut first = true;
+        let mut sep = |w: &mut dyn Write| -> io::Result<()> {
+            if !std::mem::take(&mut first) {
+                w.write_all(b",\n")?;
+            }
+            Ok(())
+        };
+        let mut names: Vec<_> = buf.thread_names.iter().collect();
+        names.sort();
+        for (tid, name) in names {
+            sep(&mut w)?;
+            write!(
+                w,
+                "{{\"name\":\"thread_name\",\"ph\":\"M\",\"pid\":1,\"tid\":{tid},\"args\":{{\"name\":{}}}}}",
+                json_string(name)
+            )?;
+        }
+        for e in &buf.events {
+            sep(&mut w)?;
+            write!(
+                w,
+                "{{\"name\":\"{}\",\"cat\":\"apf\",\"ph\":\"X\",\"pid\":1,\"tid\":{},\"ts\":{:.3},\"dur\":{:.3},\"args\":{{",
+                e.name,
+                e.lane,
+                e.start_ns as f64 / 1e3,
+                e.dur_ns as f64 / 1e3
+            )?;
+            let mut args = Vec::new();
+            if let Some(o) = &e.outcome {
+                args.push(format!("\"outcome\":{}", json_string(o)));
+            }
+            if let Some(g) = e.gpa {
+                args.push(format!("\"gpa\":\"{g:#x}\""));
+            }
+            write!(w, "{}}}}}", args.join(","))?;
+        }
+        write!(
+            w,
+            "],\"otherData\":{{\"dropped_events\":{},\"note\":\"the most recent {} spans are kept\"}}}}",
+            buf.dropped, buf.capacity
+        )?;
+        Ok(TraceWritten { events: buf.events.len(), dropped: buf.dropped })
+    }
+}
+
+fn json_string(s: &str) -> String {
+    let mut out = String::from("\"");
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
+impl<S> Layer<S> for LatencyLayer
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+{
+    fn on_new_span(&self, attrs: &Attributes<'_>, id: &Id, ctx: Context<'_, S>) {
+        if attrs.metadata().target() != "apf" {
+            return;
+        }
+        let Some(span) = ctx.span(id) else { return };
+        let keep_details = self.inner.trace.is_some();
+        let mut fields = Fields { keep_details, ..Fields::default() };
+        attrs.record(&mut fields);
+        let thread = if keep_details {
+            let tid = thread_id();
+            if let Some(trace) = &self.inner.trace {
+                let mut t = trace.lock().unwrap_or_else(|e| e.into_inner());
+                if !t.thread_names.contains_key(&tid) {
+                    let name = std::thread::current().name().unwrap_or("thread").to_string();
+                    t.thread_names.insert(tid, name);
+                }
+            }
+            tid
+        } else {
+            0
+        };
+        span.extensions_mut().insert(Timing {
+            start: Instant::now(),
+            fault_tid: fields.tid,
+            thread,
+            outcome: fields.outcome,
+            gpa: fields.gpa,
+        });
+    }
+
+    fn on_record(&self, id: &Id, values: &Record<'_>, ctx: Context<'_, S>) {
+        let Some(span) = ctx.span(id) else { return };
+        if span.metadata().target() != "apf" {
+            return;
+        }
+        let mut fields = Fields { keep_details: self.inner.trace.is_some(), ..Fields::default() };
+        values.record(&mut fields);
+        let mut ext = span.extensions_mut();
+        if let Some(t) = ext.get_mut::<Timing>() {
+            if fields.tid.is_some() {
+                t.fault_tid = fields.tid;
+            }
+            if fields.outcome.is_some() {
+                t.outcome = fields.outcome;
+            }
+        }
+    }
+
+    fn on_close(&self, id: Id, ctx: Context<'_, S>) {
+        let Some(span) = ctx.span(&id) else { return };
+        let name = span.metadata().name();
+        let Some(timing) = span.extensions_mut().remove::<Timing>() else { return };
+        let elapsed = timing.start.elapsed();
+        let ns = nanos(elapsed).clamp(1, MAX_NS);
+        {
+            let mut spans = self.inner.spans.lock().unwrap_or_else(|e| e.into_inner());
+            let _ = spans.entry(name).or_insert_with(histogram).record(ns);
+        }
+        if name == FAULT {
+            let vcpu =
+                timing.fault_tid.and_then(|t| self.inner.vcpus.read().unwrap_or_else(|e| e.into_inner()).get(&t).copied());
+            match vcpu {
+                Some(v) => {
+                    let mut per = self.inner.per_vcpu.lock().unwrap_or_else(|e| e.into_inner());
+                    if let Some(acc) = per.get_mut(&v) {
+                        acc.faults += 1;
+                        acc.blocked_ns += ns;
+                        let _ = acc.hist.record(ns);
+                    }
+                }
+                None => {
+                    self.inner.unattributed_faults.fetch_add(1, Ordering::Relaxed);
+                    self.inner.unattributed_ns.fetch_add(ns, Ordering::Relaxed);
+                }
+            }
+        }
+        if let Some(trace) = &self.inner.trace {
+            let event = TraceEvent {
+                name,
+                start_ns: nanos(timing.start.saturating_duration_since(self.inner.epoch)),
+                dur_ns: ns,
+                lane: if name == FAULT { timing.fault_tid.unwrap_or(timing.thread) } else { timing.thread },
+                outcome: timing.outcome,
+                gpa: timing.gpa,
+            };
+            let mut t = trace.lock().unwrap_or_else(|e| e.into_inner());
+            if t.events.len() >= t.capacity {
+                t.events.pop_front();
+                t.dropped += 1;
+            }
+            t.events.push_back(event);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tracing_subscriber::prelude::*;
+
+    #[test]
+    fn spans_of_other_targets_are_ignored_and_fault_spans_attributed() {
+        let layer = LatencyLayer::with_trace(2);
+        let subscriber = tracing_subscriber::registry().with(layer.clone());
+        layer.register_vcpu(41, 0);
+        tracing::subscriber::with_default(subscriber, || {
+            let _ = tracing::info_span!(target: "other", "apf.fault", tid = 41u64).entered();
+            for tid in [41u64, 41, 99] {
+                let s = tracing::info_span!(target: "apf", "apf.fault", tid, outcome = tracing::field::Empty);
+                s.record("outcome", "installed");
+            }
+            let _ = tracing::trace_span!(target: "apf", "apf.fill").entered();
+        });
+        let s = layer.summary();
+        assert_eq!(s.span(FAULT).map(|f| f.count), Some(3));
+        assert_eq!(s.span("apf.fill").map(|f| f.count), Some(1));
+        assert_eq!(s.vcpus.len(), 1);
+        assert_eq!(s.vcpus[0].faults, 2);
+        assert_eq!(s.unattributed_faults, 1);
+        let mut out = Vec::new();
+        let written = layer.write_chrome_trace(&mut out).unwrap();
+        assert_eq!(written, TraceWritten { events: 2, dropped: 2 });
+        let text = String::from_utf8(out).unwrap();
+        assert!(text.contains("\"dropped_events\":2"), "{text}");
+        assert!(text.contains("\"name\":\"vcpu0\""), "{text}");
+    }
+}
