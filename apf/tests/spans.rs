@@ -3,9 +3,11 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use apf::ram::{GuestAddress, GuestRam};
+use std::time::{Duration, Instant};
+
+use apf::ram::{GuestAddress, GuestRam, GuestRange};
 use apf::source::Pattern;
-use apf::Engine;
+use apf::{Engine, Mode};
 use tracing::field::{Field, Visit};
 use tracing::span::{Attributes, Id, Record};
 use tracing_subscriber::layer::{Context, SubscriberExt};
@@ -43,24 +45,33 @@ impl<S: tracing::Subscriber> Layer<S> for Recorder {
 }
 
 #[test]
-fn fault_spans_carry_the_documented_fields() {
+fn a_users_layer_sees_the_documented_spans_and_fields() {
     let recorder = Recorder::default();
     let subscriber = tracing_subscriber::registry().with(recorder.clone());
-    // Global: the engine's threads must see it too.
-    tracing::subscriber::set_global_default(subscriber).unwrap();
-
-    let ram = Arc::new(GuestRam::anonymous(&[(GuestAddress(0x10_0000), 16 * 4096)]).unwrap());
-    let engine = Engine::builder(ram.clone(), Arc::new(Pattern { seed: 1 })).max_window(1).start().unwrap();
-    let p = ram.host_range(GuestAddress(0x10_3000), 8).unwrap();
-    // SAFETY: `p` is 8 bytes of guest RAM; the engine installs the page.
-    let word = unsafe { std::ptr::read_volatile(p as *const u64) };
-    assert_eq!(word, 0x10_3000);
+    // Scoped, not global: the engine's threads report to the dispatcher
+    // current where it started.
     let tid = rustix::thread::gettid().as_raw_nonzero().get();
-    assert!(engine.wait_idle(std::time::Instant::now() + std::time::Duration::from_secs(10)));
-    drop(engine);
+    tracing::subscriber::with_default(subscriber, || {
+        let ram = Arc::new(GuestRam::anonymous(&[(GuestAddress(0x10_0000), 16 * 4096)]).unwrap());
+        let engine = Engine::builder(ram.clone(), Arc::new(Pattern { seed: 1 })).max_window(1).start().unwrap();
+        let p = ram.host_range(GuestAddress(0x10_3000), 8).unwrap();
+        // SAFETY: `p` is 8 bytes of guest RAM; the engine installs the page.
+        let word = unsafe { std::ptr::read_volatile(p as *const u64) };
+        assert_eq!(word, 0x10_3000);
+        let deadline = || Instant::now() + Duration::from_secs(10);
+        let ring = GuestRange::new(GuestAddress(0x10_8000), 2 * 4096);
+        let pin = engine.pin(ring, |_| {}).unwrap();
+        drop(pin.get(deadline()).unwrap());
+        engine.offline(ring, Mode::Migrate, deadline()).unwrap();
+        drop(pin.get(deadline()).unwrap());
+        drop(pin);
+        assert!(engine.wait_idle(deadline()));
+        drop(engine);
+    });
 
     let spans = recorder.spans.lock().unwrap();
-    let faults: Vec<&Fields> = spans.values().filter(|(n, _)| n == apf::trace::FAULT).map(|(_, f)| f).collect();
+    let named = |name: &str| -> Vec<&Fields> { spans.values().filter(|(n, _)| n == name).map(|(_, f)| f).collect() };
+    let faults: Vec<&Fields> = named(apf::trace::FAULT).into_iter().filter(|f| f["gpa"] == "1060864").collect();
     assert_eq!(faults.len(), 1, "{spans:?}");
     let f = faults[0];
     assert_eq!(f["gpa"], (0x10_3000u64).to_string());
@@ -69,6 +80,18 @@ fn fault_spans_carry_the_documented_fields() {
     assert_eq!(f["source"], "pattern");
     assert_eq!(f["bytes"], "4096");
     assert_eq!(f["outcome"], "installed");
-    assert!(spans.values().any(|(n, _)| n == apf::trace::INSTALL), "install span: {spans:?}");
-    assert!(spans.values().any(|(n, _)| n == apf::trace::FILL), "fill span: {spans:?}");
+    assert!(!named(apf::trace::INSTALL).is_empty(), "install span: {spans:?}");
+    assert!(!named(apf::trace::FILL).is_empty(), "fill span: {spans:?}");
+
+    // The pin faulted its ring in twice: at first use and after the offline.
+    let pins = named(apf::trace::PIN);
+    assert_eq!(pins.len(), 2, "{pins:?}");
+    for p in &pins {
+        assert_eq!((p["gpa"].as_str(), p["len"].as_str(), p["outcome"].as_str()), ("1081344", "8192", "armed"));
+    }
+    let offlines = named(apf::trace::OFFLINE);
+    assert_eq!(offlines.len(), 1);
+    let o = offlines[0];
+    assert_eq!((o["gpa"].as_str(), o["len"].as_str(), o["mode"].as_str()), ("1081344", "8192", "migrate"));
+    assert_eq!((o["pins"].as_str(), o["pages"].as_str(), o["outcome"].as_str()), ("1", "2", "done"));
 }
