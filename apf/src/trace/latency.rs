@@ -414,10 +414,9 @@ where
             let tid = thread_id();
             if let Some(trace) = &self.inner.trace {
                 let mut t = trace.lock().unwrap_or_else(|e| e.into_inner());
-                if !t.thread_names.contains_key(&tid) {
-                    let name = std::thread::current().name().unwrap_or("thread").to_string();
-                    t.thread_names.insert(tid, name);
-                }
+                t.thread_names
+                    .entry(tid)
+                    .or_insert_with(|| std::thread::current().name().unwrap_or("thread").to_string());
             }
             tid
         } else {
@@ -461,8 +460,9 @@ where
             let _ = spans.entry(name).or_insert_with(histogram).record(ns);
         }
         if name == FAULT {
-            let vcpu =
-                timing.fault_tid.and_then(|t| self.inner.vcpus.read().unwrap_or_else(|e| e.into_inner()).get(&t).copied());
+            let vcpu = timing
+                .fault_tid
+                .and_then(|t| self.inner.vcpus.read().unwrap_or_else(|e| e.into_inner()).get(&t).copied());
             match vcpu {
                 Some(v) => {
                     let mut per = self.inner.per_vcpu.lock().unwrap_or_else(|e| e.into_inner());

@@ -29,16 +29,17 @@ pub fn latency_plot(title: &str, curves: &[(&str, Vec<(f64, Duration)>)]) -> Str
     let x = |q: f64| LEFT + nines(q) / MAX_NINES * (W - LEFT - RIGHT);
     let y = |ns: f64| TOP + (hi_dec - ns.max(1.0).log10()) / (hi_dec - lo_dec) * (H - TOP - BOTTOM);
     let mut s = String::new();
-    let _ = write!(
+    let _ = writeln!(
         s,
-        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{W}\" height=\"{H}\" viewBox=\"0 0 {W} {H}\" font-family=\"sans-serif\" font-size=\"12\">\n"
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{W}\" height=\"{H}\" viewBox=\"0 0 {W} {H}\" font-family=\"sans-serif\" font-size=\"12\">"
     );
     let _ = writeln!(s, "<rect width=\"{W}\" height=\"{H}\" fill=\"white\"/>");
     let _ = writeln!(s, "<text x=\"{}\" y=\"24\" font-size=\"15\">{}</text>", LEFT, xml_escape(title));
     // Axes and grid.
     let (x0, x1, y0, y1) = (LEFT, W - RIGHT, TOP, H - BOTTOM);
     let _ = writeln!(s, "<path d=\"M{x0} {y0} L{x0} {y1} L{x1} {y1}\" stroke=\"black\" fill=\"none\"/>");
-    for (q, label) in [(0.0, "0%"), (0.9, "90%"), (0.99, "99%"), (0.999, "99.9%"), (0.9999, "99.99%"), (0.99999, "99.999%")]
+    for (q, label) in
+        [(0.0, "0%"), (0.9, "90%"), (0.99, "99%"), (0.999, "99.9%"), (0.9999, "99.99%"), (0.99999, "99.999%")]
     {
         let gx = x(q);
         let _ = writeln!(s, "<line x1=\"{gx:.1}\" y1=\"{y0}\" x2=\"{gx:.1}\" y2=\"{y1}\" stroke=\"#ddd\"/>");
