@@ -61,9 +61,9 @@ fn a_users_layer_sees_the_documented_spans_and_fields() {
         let deadline = || Instant::now() + Duration::from_secs(10);
         let ring = GuestRange::new(GuestAddress(0x10_8000), 2 * 4096);
         let pin = engine.pin(ring, |_| {}).unwrap();
-        drop(pin.get(deadline()).unwrap());
+        pin.get(deadline()).unwrap();
         engine.offline(ring, Mode::Migrate, deadline()).unwrap();
-        drop(pin.get(deadline()).unwrap());
+        pin.get(deadline()).unwrap();
         drop(pin);
         assert!(engine.wait_idle(deadline()));
         drop(engine);
