@@ -78,9 +78,7 @@ impl ChecksumDevice {
         };
         let worker = {
             let (stop, stats, errors) = (stop.clone(), stats.clone(), errors.clone());
-            std::thread::Builder::new()
-                .name("checksum".into())
-                .spawn(move || worker(access, pin, rx, stop, stats, errors))?
+            crate::spawn_traced("checksum", move || worker(access, pin, rx, stop, stats, errors))?
         };
         Ok(ChecksumDevice { tx, stop, worker: Mutex::new(Some(worker)), stats, errors })
     }

@@ -58,6 +58,15 @@ pub struct RunConfig {
     /// Extra time for agents to finish after `duration` before the run is
     /// failed and every vCPU is stopped.
     pub grace: Duration,
+    /// Aggregate the engine's spans into latency histograms (the
+    /// `LatencyLayer`); off only to measure what it costs.
+    pub latency: bool,
+    /// Write a latency distribution chart (SVG) here.
+    pub plot: Option<PathBuf>,
+    /// Write a Chrome trace (Perfetto) of the most recent spans here.
+    pub chrome_trace: Option<PathBuf>,
+    /// Show a progress line on stderr when it is a terminal.
+    pub progress: bool,
     /// Where missing pages come from instead of zeros (fault injection:
     /// a source that fails or stalls). Not on the command line.
     pub source: Option<SourceOverride>,
@@ -109,6 +118,10 @@ impl Default for RunConfig {
             report_json: None,
             guest_image: None,
             grace: Duration::from_secs(60),
+            latency: true,
+            plot: None,
+            chrome_trace: None,
+            progress: true,
             source: None,
         }
     }
@@ -203,6 +216,9 @@ stress and verify guest memory while it is offlined underneath, and report.
   --save-snapshot FILE   write guest RAM and what the agent needs to verify it, at the end
   --restore FILE         start from a snapshot: RAM demand-faulted from FILE, verified first
   --report-json PATH     write the JSON report
+  --plot PATH.svg        write a latency distribution chart (log scale, one series per span kind)
+  --chrome-trace PATH    write a Perfetto/Chrome trace of the most recent 200,000 spans
+  --no-latency           do not aggregate span latencies (to measure what that costs)
 ";
 
 /// Parses the options of `vmm run`.
@@ -291,6 +307,9 @@ pub fn parse_run(args: &[String]) -> Result<RunConfig, CliError> {
             "--save-snapshot" => c.save_snapshot = Some(value!("--save-snapshot").into()),
             "--restore" => c.restore = Some(value!("--restore").into()),
             "--report-json" => c.report_json = Some(value!("--report-json").into()),
+            "--plot" => c.plot = Some(value!("--plot").into()),
+            "--chrome-trace" => c.chrome_trace = Some(value!("--chrome-trace").into()),
+            "--no-latency" if inline.is_none() => c.latency = false,
             "--host-block" if inline.is_none() => c.host_block = true,
             "--no-guest-offline" if inline.is_none() => c.guest_offline = false,
             "--no-checksum" if inline.is_none() => c.checksum = false,
@@ -301,6 +320,11 @@ pub fn parse_run(args: &[String]) -> Result<RunConfig, CliError> {
     if c.no_uffd && (c.restore.is_some() || c.host_block) {
         return Err(CliError::Conflict(
             "--no-uffd has no engine: it cannot --restore or offline a --host-block".into(),
+        ));
+    }
+    if !c.latency && (c.plot.is_some() || c.chrome_trace.is_some()) {
+        return Err(CliError::Conflict(
+            "--plot and --chrome-trace need latency aggregation (drop --no-latency)".into(),
         ));
     }
     if c.no_uffd {

@@ -31,6 +31,22 @@
 //! # Ok::<(), vmm::vm::VmError>(())
 //! ```
 
+use std::thread::JoinHandle;
+
+/// Spawns a named thread that reports spans to the dispatcher current
+/// here (engine calls made from it, offlines and pin re-faults, are traced
+/// with the run's subscriber).
+pub(crate) fn spawn_traced<T: Send + 'static>(
+    name: &str,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> std::io::Result<JoinHandle<T>> {
+    let dispatch = tracing::dispatcher::get_default(|d| d.clone());
+    std::thread::Builder::new().name(name.into()).spawn(move || {
+        let _trace = tracing::dispatcher::set_default(&dispatch);
+        f()
+    })
+}
+
 pub mod agent;
 pub mod boot;
 pub mod checksum;

@@ -7,6 +7,7 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use agent_proto::Counters;
+use apf::trace::LatencySummary;
 
 /// Errors kept in full; beyond this they are only counted.
 const MAX_ERRORS: usize = 200;
@@ -131,6 +132,10 @@ pub struct Report {
     pub snapshot_saved: Option<String>,
     /// The snapshot restored from, and whether every agent verified it.
     pub restored: Option<(String, bool)>,
+    /// Span latencies and per-vCPU blocked time (with latency on).
+    pub latency: Option<LatencySummary>,
+    /// Events written to the Chrome trace, and older ones dropped.
+    pub trace_events: Option<(usize, u64)>,
     /// What went wrong.
     pub errors: Vec<String>,
 }
@@ -168,7 +173,17 @@ fn counters_json(c: &Counters) -> String {
     )
 }
 
+fn us(d: Duration) -> String {
+    format!("{:.1}", d.as_secs_f64() * 1e6)
+}
+
 impl Report {
+    /// Marks the run failed with `error`.
+    pub fn fail(&mut self, error: String) {
+        self.ok = false;
+        self.errors.push(error);
+    }
+
     /// The report as one JSON object.
     pub fn to_json(&self) -> String {
         let mut j = String::new();
@@ -213,14 +228,55 @@ impl Report {
             "\"pins\":{{\"invalidations\":{},\"refaults\":{},\"leaked\":{}}},\"checksums\":{},\"protocol_errors\":{},",
             self.pin_invalidations, self.pin_refaults, self.pins_leaked, self.checksums, self.protocol_errors
         );
+        let blocked = |id: u32| {
+            let v = self.latency.as_ref().and_then(|l| l.vcpus.iter().find(|b| b.vcpu == id));
+            v.map_or("null,\"faults\":null".to_string(), |b| {
+                format!("{:.3},\"faults\":{}", b.blocked.as_secs_f64() * 1e3, b.faults)
+            })
+        };
         let vcpus: Vec<String> = self
             .vcpus
             .iter()
             .map(|v| {
                 let counters = v.counters.as_ref().map_or("null".to_string(), counters_json);
-                format!("{{\"id\":{},\"exit\":{},\"agent\":{counters}}}", v.id, json_str(&v.exit))
+                format!(
+                    "{{\"id\":{},\"exit\":{},\"blocked_ms\":{},\"agent\":{counters}}}",
+                    v.id,
+                    json_str(&v.exit),
+                    blocked(v.id)
+                )
             })
             .collect();
+        match &self.latency {
+            Some(l) => {
+                let spans: Vec<String> = l
+                    .spans
+                    .iter()
+                    .map(|s| {
+                        format!(
+                            "{}:{{\"p50\":{},\"p90\":{},\"p99\":{},\"p999\":{},\"max\":{},\"count\":{}}}",
+                            json_str(s.name),
+                            us(s.p50),
+                            us(s.p90),
+                            us(s.p99),
+                            us(s.p999),
+                            us(s.max),
+                            s.count
+                        )
+                    })
+                    .collect();
+                let _ = write!(
+                    j,
+                    "\"latency_us\":{{{}}},\"unattributed_faults\":{},",
+                    spans.join(","),
+                    l.unattributed_faults
+                );
+            }
+            None => j.push_str("\"latency_us\":null,"),
+        }
+        if let Some((events, dropped)) = self.trace_events {
+            let _ = write!(j, "\"trace\":{{\"events\":{events},\"dropped\":{dropped}}},");
+        }
         let _ = write!(j, "\"vcpus\":[{}],", vcpus.join(","));
         match &self.touch {
             Some(t) => {
@@ -285,8 +341,46 @@ impl Report {
                 t.pages_per_sec()
             );
         }
+        if let Some(l) = &self.latency {
+            let _ = writeln!(
+                s,
+                "latency:  {:<15} {:>8} {:>10} {:>10} {:>10} {:>10} {:>10}",
+                "span", "count", "p50 µs", "p90 µs", "p99 µs", "p99.9 µs", "max µs"
+            );
+            for sp in &l.spans {
+                let _ = writeln!(
+                    s,
+                    "          {:<15} {:>8} {:>10} {:>10} {:>10} {:>10} {:>10}",
+                    sp.name,
+                    sp.count,
+                    us(sp.p50),
+                    us(sp.p90),
+                    us(sp.p99),
+                    us(sp.p999),
+                    us(sp.max)
+                );
+            }
+        }
         for v in &self.vcpus {
-            let _ = writeln!(s, "vCPU {}:   {}", v.id, v.exit);
+            let blocked = self.latency.as_ref().and_then(|l| l.vcpus.iter().find(|b| b.vcpu == v.id));
+            match blocked {
+                Some(b) => {
+                    let _ = writeln!(
+                        s,
+                        "vCPU {}:   {}; blocked {:.1} ms on {} faults",
+                        v.id,
+                        v.exit,
+                        b.blocked.as_secs_f64() * 1e3,
+                        b.faults
+                    );
+                }
+                None => {
+                    let _ = writeln!(s, "vCPU {}:   {}", v.id, v.exit);
+                }
+            }
+        }
+        if let Some((events, dropped)) = self.trace_events {
+            let _ = writeln!(s, "trace:    {events} spans written, {dropped} older ones dropped");
         }
         if let Some(path) = &self.snapshot_saved {
             let _ = writeln!(s, "snapshot: saved to {path}");

@@ -68,11 +68,14 @@ impl Storm {
         let report = Arc::new(Mutex::new(StormReport { host_block: "off".into(), ..StormReport::default() }));
         let handle = {
             let (stop, report) = (stop.clone(), report.clone());
-            std::thread::Builder::new()
-                .name("offline-storm".into())
-                .spawn(move || run(&engine, config, &stop, &report, &errors))?
+            crate::spawn_traced("offline-storm", move || run(&engine, config, &stop, &report, &errors))?
         };
         Ok(Storm { stop, handle: Some(handle), report })
+    }
+
+    /// What the storm did so far.
+    pub fn progress(&self) -> StormReport {
+        self.report.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     /// Stops the storm (the offline in progress finishes first) and

@@ -13,12 +13,14 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use agent_proto::{Config, Layout, LayoutError, Workload, AGENT_LIMIT, AGENT_LOAD, FLAG_CHECKSUM, FLAG_GUEST_OFFLINE};
+use apf::trace::{latency_plot, LatencyLayer};
 use apf::{Engine, EngineError, GuestAddress, GuestRam, GuestRange, PageSource, SnapshotFile, ZeroSource};
 use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
 use kvm_bindings::{kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES};
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use linux_loader::loader::{elf::Elf, KernelLoader};
 use thiserror::Error;
+use tracing_subscriber::layer::SubscriberExt;
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -34,6 +36,9 @@ use crate::vcpu::{self, VcpuContext, VcpuEnd, VcpuError};
 
 /// The guest agent, built with the VMM.
 pub static AGENT_ELF: &[u8] = include_bytes!(env!("APF_AGENT_ELF"));
+
+/// Spans a Chrome trace keeps (the most recent).
+pub const TRACE_EVENTS: usize = 200_000;
 
 /// How long a stopped vCPU may take to leave `KVM_RUN`.
 const STOP_DEADLINE: Duration = Duration::from_secs(5);
@@ -212,7 +217,50 @@ pub fn run(cfg: &RunConfig) -> Result<Report, VmError> {
 
 /// [`run`], calling `inspect` with guest RAM once every vCPU has stopped
 /// (and before the engine shuts down): tests read what the VMM wrote.
+///
+/// With `cfg.latency` the run's spans go to a [`LatencyLayer`] (and to
+/// nothing else) for the length of the run.
 pub fn run_and_inspect(cfg: &RunConfig, inspect: impl FnOnce(&GuestAccess)) -> Result<Report, VmError> {
+    if !cfg.latency {
+        return run_traced(cfg, inspect, None);
+    }
+    let layer = match cfg.chrome_trace {
+        Some(_) => LatencyLayer::with_trace(TRACE_EVENTS),
+        None => LatencyLayer::new(),
+    };
+    // With a single registered dispatcher, tracing computes a callsite's
+    // interest from whatever dispatcher is current on the thread that hits
+    // it first: a thread of another run in this process, with no
+    // subscriber, would switch the engine's spans off for this run too. A
+    // second, idle dispatcher kept for the life of the process makes it
+    // ask every live dispatcher instead.
+    static IDLE: std::sync::OnceLock<tracing::Dispatch> = std::sync::OnceLock::new();
+    IDLE.get_or_init(|| tracing::Dispatch::new(tracing::subscriber::NoSubscriber::new()));
+    let dispatch = tracing::Dispatch::new(tracing_subscriber::registry().with(layer.clone()));
+    let mut report = tracing::dispatcher::with_default(&dispatch, || run_traced(cfg, inspect, Some(&layer)))?;
+    report.latency = Some(layer.summary());
+    if let Some(path) = &cfg.plot {
+        let title = format!("apf fault latency: {} MiB, {} vCPUs", report.ram_size >> 20, report.vcpus.len());
+        if let Err(e) = std::fs::write(path, latency_plot(&title, &layer.curves())) {
+            report.fail(format!("cannot write the plot to {}: {e}", path.display()));
+        }
+    }
+    if let Some(path) = &cfg.chrome_trace {
+        let written = std::fs::File::create(path).and_then(|f| layer.write_chrome_trace(std::io::BufWriter::new(f)));
+        match written {
+            Ok(w) => report.trace_events = Some((w.events, w.dropped)),
+            Err(e) => report.fail(format!("cannot write the trace to {}: {e}", path.display())),
+        }
+    }
+    Ok(report)
+}
+
+fn run_traced(
+    cfg: &RunConfig,
+    inspect: impl FnOnce(&GuestAccess),
+    latency: Option<&LatencyLayer>,
+) -> Result<Report, VmError> {
+    let latency = latency.cloned();
     // The snapshot first: it fixes the guest's shape.
     let restored = match &cfg.restore {
         Some(p) => Some((p.clone(), snapshot::open(p)?)),
@@ -323,7 +371,11 @@ pub fn run_and_inspect(cfg: &RunConfig, inspect: impl FnOnce(&GuestAccess)) -> R
         let ctx = ctx.clone();
         let failed = vcpu_failed.clone();
         let exit = vcpu_exit.try_clone().map_err(|source| VmError::Io { what: "an eventfd", source })?;
-        let spawned = std::thread::Builder::new().name(format!("vcpu{id}")).spawn(move || {
+        let latency = latency.clone();
+        let spawned = crate::spawn_traced(&format!("vcpu{id}"), move || {
+            if let Some(l) = &latency {
+                l.register_current_vcpu(id);
+            }
             let end = vcpu::run(id, fd, &ctx);
             if matches!(end, VcpuEnd::Failed(_)) {
                 failed.store(true, Ordering::Release);
@@ -347,8 +399,10 @@ pub fn run_and_inspect(cfg: &RunConfig, inspect: impl FnOnce(&GuestAccess)) -> R
     let wake = vcpu_exit.try_clone().map_err(|source| VmError::Io { what: "an eventfd", source })?;
     em.add_subscriber(Box::new(Supervisor { vcpu_exit: wake }));
     let hard_deadline = start + cfg.duration + cfg.grace;
+    let mut progress = Progress::new(cfg.progress && cfg.workload != Workload::Touch);
     loop {
         let _ = em.run_with_timeout(100);
+        progress.show(start, cfg.duration, &access, &agent, storm.as_ref());
         if threads.iter().all(|(_, t)| t.is_finished()) {
             break;
         }
@@ -366,6 +420,7 @@ pub fn run_and_inspect(cfg: &RunConfig, inspect: impl FnOnce(&GuestAccess)) -> R
             break;
         }
     }
+    progress.clear();
     stop_vcpus(&stop, &threads, &errors);
     let elapsed = start.elapsed();
     let mut vcpu_reports = Vec::new();
@@ -501,4 +556,52 @@ pub fn run_and_inspect(cfg: &RunConfig, inspect: impl FnOnce(&GuestAccess)) -> R
     report.errors = errors.to_vec();
     report.ok = report.errors.is_empty() && all_done;
     Ok(report)
+}
+
+/// A progress line on stderr, only when stderr is a terminal.
+struct Progress {
+    on: bool,
+    last: Instant,
+    last_faults: u64,
+}
+
+impl Progress {
+    fn new(wanted: bool) -> Self {
+        use std::io::IsTerminal;
+        Progress { on: wanted && std::io::stderr().is_terminal(), last: Instant::now(), last_faults: 0 }
+    }
+
+    fn show(
+        &mut self,
+        start: Instant,
+        duration: Duration,
+        access: &GuestAccess,
+        agent: &AgentDevice,
+        storm: Option<&Storm>,
+    ) {
+        if !self.on || self.last.elapsed() < Duration::from_millis(250) {
+            return;
+        }
+        let faults = access.engine().map_or(0, |e| e.stats().faults);
+        let rate = (faults - self.last_faults) as f64 / self.last.elapsed().as_secs_f64();
+        self.last = Instant::now();
+        self.last_faults = faults;
+        let done = start.elapsed().as_secs_f64() / duration.as_secs_f64().max(1e-3);
+        let width = 24;
+        let filled = ((done.min(1.0)) * width as f64) as usize;
+        let offlines = storm.map_or(0, |s| s.progress().completed)
+            + agent.stats().guest_offlines_completed.load(Ordering::Relaxed);
+        let left = duration.saturating_sub(start.elapsed()).as_secs_f64();
+        eprint!(
+            "\r[{}{}] {left:5.1} s left  {rate:8.0} faults/s  {offlines} offlines ",
+            "#".repeat(filled),
+            "-".repeat(width - filled)
+        );
+    }
+
+    fn clear(&self) {
+        if self.on {
+            eprint!("\r{}\r", " ".repeat(72));
+        }
+    }
 }

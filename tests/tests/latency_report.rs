@@ -1,0 +1,117 @@
+//! `vmm run`'s latency outputs from a real guest run: the JSON report's
+//! latency keys, the SVG plot, the Chrome trace, and the progress-free
+//! run without the layer.
+
+use std::time::Duration;
+
+use apf_tests::kvm_available;
+use serde_json::Value;
+use vmm::config::RunConfig;
+
+/// Checks that `svg` is well-formed XML as far as tags go: every element
+/// opened is closed in order, and there is one root.
+fn assert_well_formed(svg: &str) {
+    let mut stack: Vec<String> = Vec::new();
+    let mut roots = 0;
+    let mut rest = svg;
+    while let Some(i) = rest.find('<') {
+        let end = rest[i..].find('>').expect("unclosed tag") + i;
+        let tag = &rest[i + 1..end];
+        rest = &rest[end + 1..];
+        if let Some(name) = tag.strip_prefix('/') {
+            assert_eq!(stack.pop().as_deref(), Some(name.trim()), "mismatched </{name}>");
+        } else if !tag.ends_with('/') {
+            if stack.is_empty() {
+                roots += 1;
+            }
+            stack.push(tag.split_whitespace().next().unwrap().to_string());
+        } else if stack.is_empty() {
+            roots += 1;
+        }
+        assert!(!tag.contains('<'), "a '<' inside a tag: {tag}");
+    }
+    assert!(stack.is_empty(), "unclosed: {stack:?}");
+    assert_eq!(roots, 1);
+}
+
+#[test]
+fn json_plot_and_trace_carry_the_latencies() {
+    if !kvm_available("json_plot_and_trace_carry_the_latencies") {
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("apf-latency-report-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (plot, trace) = (dir.join("latency.svg"), dir.join("trace.json"));
+    let cfg = RunConfig {
+        mem: Some(64 << 20),
+        vcpus: Some(2),
+        duration: Duration::from_millis(1500),
+        offline_every: Some(Duration::from_millis(5)),
+        plot: Some(plot.clone()),
+        chrome_trace: Some(trace.clone()),
+        ..RunConfig::default()
+    };
+    let report = vmm::vm::run(&cfg).unwrap();
+    assert!(report.ok, "{}", report.summary());
+
+    let json: Value = serde_json::from_str(&report.to_json()).expect("the report is JSON");
+    let latency = &json["latency_us"];
+    for span in ["apf.fault", "apf.fill", "apf.install", "apf.offline", "apf.pin"] {
+        let s = &latency[span];
+        for key in ["p50", "p90", "p99", "p999", "max"] {
+            assert!(s[key].as_f64().is_some_and(|v| v > 0.0), "{span}.{key} in {latency}");
+        }
+        assert!(s["count"].as_u64().is_some_and(|c| c > 0), "{span}.count");
+        assert!(s["p50"].as_f64() <= s["p99"].as_f64() && s["p99"].as_f64() <= s["max"].as_f64());
+    }
+    let faults = latency["apf.fault"]["count"].as_u64().unwrap();
+    let vcpus = json["vcpus"].as_array().unwrap();
+    assert_eq!(vcpus.len(), 2);
+    let mut attributed = 0;
+    for (i, v) in vcpus.iter().enumerate() {
+        assert_eq!(v["id"].as_u64(), Some(i as u64));
+        assert!(v["blocked_ms"].as_f64().is_some_and(|b| b > 0.0), "{v}");
+        attributed += v["faults"].as_u64().unwrap();
+    }
+    // The VMM's own threads fault too (boot writes, device copies).
+    assert_eq!(attributed + json["unattributed_faults"].as_u64().unwrap(), faults);
+    assert!(attributed > 0);
+
+    let svg = std::fs::read_to_string(&plot).unwrap();
+    assert_well_formed(&svg);
+    let series = svg.matches("<polyline class=\"series\"").count();
+    assert_eq!(series, latency.as_object().unwrap().len(), "one series per span kind");
+    assert!(svg.contains("data-span=\"apf.fault\""));
+
+    let t: Value = serde_json::from_slice(&std::fs::read(&trace).unwrap()).expect("the trace is JSON");
+    let events = t["traceEvents"].as_array().unwrap();
+    let names: std::collections::HashSet<&str> =
+        events.iter().filter(|e| e["ph"] == "X").map(|e| e["name"].as_str().unwrap()).collect();
+    for want in ["apf.fault", "apf.fill", "apf.install", "apf.offline"] {
+        assert!(names.contains(want), "{want} not in {names:?}");
+    }
+    assert!(events.iter().any(|e| e["ph"] == "M" && e["args"]["name"] == "vcpu0"), "vCPU lanes are named");
+    assert_eq!(t["otherData"]["dropped_events"].as_u64(), Some(0));
+    let (written, dropped) = report.trace_events.unwrap();
+    assert_eq!((written, dropped), (events.iter().filter(|e| e["ph"] == "X").count(), 0));
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn without_the_layer_the_report_says_so() {
+    if !kvm_available("without_the_layer_the_report_says_so") {
+        return;
+    }
+    let cfg = RunConfig {
+        mem: Some(64 << 20),
+        vcpus: Some(1),
+        duration: Duration::from_millis(300),
+        latency: false,
+        ..RunConfig::default()
+    };
+    let report = vmm::vm::run(&cfg).unwrap();
+    assert!(report.ok, "{}", report.summary());
+    let json: Value = serde_json::from_str(&report.to_json()).unwrap();
+    assert!(json["latency_us"].is_null());
+    assert!(json["vcpus"][0]["blocked_ms"].is_null());
+}
