@@ -4,8 +4,11 @@
 //! ship. It is here for benchmarks and comparisons, not for production use.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use hdrhistogram::Histogram;
 
 use crate::ram::GuestRam;
 use crate::source::PageSource;
@@ -19,6 +22,7 @@ pub struct SinglePageHandler {
     thread: Option<JoinHandle<()>>,
     uffd: Arc<Uffd>,
     ram: Arc<GuestRam>,
+    latency: Arc<Mutex<Histogram<u64>>>,
 }
 
 impl SinglePageHandler {
@@ -31,21 +35,38 @@ impl SinglePageHandler {
         }
         let stop = Arc::new(AtomicBool::new(false));
         let faults = Arc::new(AtomicU64::new(0));
-        let (u, s, f, rm) = (uffd.clone(), stop.clone(), faults.clone(), ram.clone());
+        let hist = Histogram::new_with_bounds(1, 3_600_000_000_000, 3).unwrap_or_else(|_| unreachable!("valid bounds"));
+        let latency = Arc::new(Mutex::new(hist));
+        let (u, s, f, rm, l) = (uffd.clone(), stop.clone(), faults.clone(), ram.clone(), latency.clone());
         let thread = std::thread::Builder::new()
             .name("baseline-uffd".into())
-            .spawn(move || run(&u, &rm, source.as_ref(), &s, &f))
+            .spawn(move || run(&u, &rm, source.as_ref(), &s, &f, &l))
             .map_err(UffdError::Read)?;
-        Ok(SinglePageHandler { stop, faults, thread: Some(thread), uffd, ram })
+        Ok(SinglePageHandler { stop, faults, thread: Some(thread), uffd, ram, latency })
     }
 
     /// Faults handled so far.
     pub fn faults(&self) -> u64 {
         self.faults.load(Ordering::Relaxed)
     }
+
+    /// Fault service latency at quantile `q` (0.5 for the median), measured
+    /// as the engine measures its own `apf.fault` spans: from the read of
+    /// the fault to the end of the install that wakes the thread.
+    pub fn latency_at(&self, q: f64) -> Duration {
+        let h = self.latency.lock().unwrap_or_else(|e| e.into_inner());
+        Duration::from_nanos(if h.is_empty() { 0 } else { h.value_at_quantile(q) })
+    }
 }
 
-fn run(uffd: &Uffd, ram: &GuestRam, source: &dyn PageSource, stop: &AtomicBool, faults: &AtomicU64) {
+fn run(
+    uffd: &Uffd,
+    ram: &GuestRam,
+    source: &dyn PageSource,
+    stop: &AtomicBool,
+    faults: &AtomicU64,
+    latency: &Mutex<Histogram<u64>>,
+) {
     let mut buf = EventBuf::default();
     let mut events = Vec::new();
     let mut page = vec![0u8; PAGE_SIZE];
@@ -58,6 +79,7 @@ fn run(uffd: &Uffd, ram: &GuestRam, source: &dyn PageSource, stop: &AtomicBool, 
         if uffd.read_events(&mut buf, &mut events).is_err() {
             return;
         }
+        let read_at = Instant::now();
         for ev in &events {
             let Event::Fault { addr, .. } = *ev else { continue };
             faults.fetch_add(1, Ordering::Relaxed);
@@ -79,6 +101,8 @@ fn run(uffd: &Uffd, ram: &GuestRam, source: &dyn PageSource, stop: &AtomicBool, 
                     let _ = uffd.wake(host, PAGE_SIZE);
                 }
             }
+            let ns = read_at.elapsed().as_nanos().clamp(1, 3_600_000_000_000) as u64;
+            let _ = latency.lock().unwrap_or_else(|e| e.into_inner()).record(ns);
         }
     }
 }

@@ -198,8 +198,9 @@ pub enum HostMemError {
         source: Box<HostMemError>,
     },
     /// The block holds memory that cannot move (kernel allocations): the
-    /// `offline` write failed with `EBUSY`. The block is online.
-    #[error("memory block {block} holds unmovable pages (EBUSY)")]
+    /// `offline` write failed with `EBUSY`, or the kernel will never
+    /// offline it (`EINVAL`: it spans zones). The block is online.
+    #[error("memory block {block} holds unmovable pages or cannot be removed (EBUSY or EINVAL)")]
     Unmovable {
         /// The block number.
         block: u32,
@@ -547,7 +548,9 @@ pub fn offline_and_online(lock: &mut BlockLock, n: u32, deadline: Instant) -> Re
         Write::Done(offline_time) => {
             write_online(n).map(|online_time| BlockReport { block: n, offline_time, online_time })
         }
-        Write::Failed(source) if source.raw_os_error() == Some(libc::EBUSY) => {
+        // EBUSY: unmovable kernel memory in the block. EINVAL: the kernel
+        // will never offline it (it spans zones, as block 0 often does).
+        Write::Failed(source) if matches!(source.raw_os_error(), Some(libc::EBUSY | libc::EINVAL)) => {
             ensure_online(n).and(Err(HostMemError::Unmovable { block: n }))
         }
         Write::Failed(source) => ensure_online(n).and(Err(HostMemError::Io { block: n, op: Op::Offline, source })),

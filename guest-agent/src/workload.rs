@@ -8,7 +8,7 @@ use core::ops::Range;
 use agent_proto::{
     pass, Config, Counters, Layout, OfflineOp, Reply, Request, Workload, PAGE_SIZE, RING_SLOTS_PER_VCPU,
 };
-use agent_proto::{FLAG_CHECKSUM, FLAG_GUEST_OFFLINE, FLAG_RESTORE};
+use agent_proto::{permute, FLAG_CHECKSUM, FLAG_GUEST_OFFLINE, FLAG_RANDOM_ORDER, FLAG_RESTORE};
 
 use crate::checksum::Slots;
 use crate::machine::SharedRam;
@@ -82,15 +82,22 @@ impl<'m> Agent<'m> {
     /// Runs the workload until the VMM says stop; returns the counters.
     pub fn run(mut self) -> Counters {
         let pages = self.stripe.pages();
+        // The first pass's order: the first-touch and restore rates are
+        // measured in order and at random.
+        let random = self.config.flags & FLAG_RANDOM_ORDER != 0;
+        let key = self.config.seed ^ u64::from(self.vcpu).rotate_left(32);
+        let order = move |i: u64| if random { permute(i, pages, key) } else { i };
         if self.config.flags & FLAG_RESTORE != 0 {
-            self.verify();
+            for i in 0..pages {
+                self.check(order(i));
+            }
             if self.progress(pass::RESTORE_VERIFY, pages) {
                 return self.finish();
             }
         }
         if self.config.workload == Workload::Touch {
-            for page in 0..pages {
-                self.stripe.touch(page);
+            for i in 0..pages {
+                self.stripe.touch(order(i));
             }
             self.counters.pages_written += pages;
             self.counters.passes += 1;

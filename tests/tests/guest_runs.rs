@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use agent_proto::{Layout, Workload, PAGE_SIZE};
 use apf_tests::kvm_available;
-use vmm::config::{OfflineMode, RunConfig};
+use vmm::config::{Backend, OfflineMode, RunConfig};
 use vmm::report::Report;
 use vmm::snapshot::SnapshotError;
 use vmm::vm::VmError;
@@ -153,15 +153,23 @@ fn restore_from(path: &std::path::Path) -> RunConfig {
 }
 
 #[test]
-fn plain_memory_runs_the_same_guest() {
-    if !kvm_available("plain_memory_runs_the_same_guest") {
+fn plain_memory_and_the_baseline_run_the_same_guest() {
+    if !kvm_available("plain_memory_and_the_baseline_run_the_same_guest") {
         return;
     }
-    let cfg = RunConfig { no_uffd: true, offline_every: None, guest_offline: false, ..short(64 << 20, 800) };
-    let report = vmm::vm::run(&cfg).unwrap();
-    assert_clean(&report);
-    assert_eq!(report.backend, "plain");
-    assert_eq!(report.faults, 0);
+    for backend in [Backend::Plain, Backend::Baseline] {
+        let cfg = RunConfig { backend, ..short(64 << 20, 800) };
+        let report = vmm::vm::run(&cfg).unwrap();
+        assert_clean(&report);
+        assert_eq!(report.backend, backend.as_str());
+        if backend == Backend::Plain {
+            assert_eq!(report.faults, 0, "nobody handles faults");
+        } else {
+            assert!(report.faults > 1000, "one fault per page: {}", report.faults);
+            assert!(report.baseline_latency.is_some_and(|(p50, p99)| p50 > Duration::ZERO && p99 >= p50));
+        }
+        assert_eq!(report.offline.requests, 0);
+    }
 }
 
 #[test]
@@ -172,7 +180,8 @@ fn touch_workload_reports_a_fault_rate() {
     let cfg = RunConfig { workload: Workload::Touch, offline_every: None, checksum: false, ..short(64 << 20, 0) };
     let report = vmm::vm::run(&cfg).unwrap();
     assert!(report.ok, "{}", report.summary());
-    let touch = report.touch.expect("touch rate");
+    let touch = report.first_pass.expect("touch rate");
+    assert_eq!(touch.kind, "touch");
     assert_eq!(touch.pages, Layout::new(64 << 20, 2).unwrap().data_pages());
     assert!(touch.pages_per_sec() > 0.0);
     assert!(report.faults > 0 && report.faults < touch.pages, "prefetch should batch: {}", report.faults);

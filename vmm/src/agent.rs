@@ -30,10 +30,11 @@ pub struct VcpuAgent {
     pub passes: u64,
     /// When it got its configuration.
     pub started: Option<Instant>,
-    /// When it reported its touch pass (the touch workload).
-    pub touched: Option<Instant>,
-    /// Pages its touch pass covered.
-    pub touch_pages: u64,
+    /// When it reported its first pass: the touch pass (touch workload) or
+    /// the verify of a restored snapshot, whichever came first.
+    pub first_pass_at: Option<Instant>,
+    /// Pages that first pass covered.
+    pub first_pass_pages: u64,
     /// Whether it verified a restored snapshot.
     pub restore_verified: bool,
 }
@@ -154,9 +155,9 @@ impl AgentDevice {
             }
             Request::Progress { kind, passes, pages, .. } => {
                 me.passes = passes;
-                if kind == pass::TOUCH {
-                    me.touched = Some(Instant::now());
-                    me.touch_pages = pages;
+                if (kind == pass::TOUCH || kind == pass::RESTORE_VERIFY) && me.first_pass_at.is_none() {
+                    me.first_pass_at = Some(Instant::now());
+                    me.first_pass_pages = pages;
                 }
                 if kind == pass::RESTORE_VERIFY {
                     me.restore_verified = true;
@@ -236,7 +237,8 @@ impl AgentDevice {
                 Reply::Error { code: ErrorCode::Busy, detail: gpa }
             }
             Err(e) => {
-                self.errors.push(format!("vCPU {vcpu}: guest-requested {op:?} of {range} failed: {e}"));
+                self.errors
+                    .push(format!("vCPU {vcpu}: guest-requested {op:?} of {range} failed: {}", crate::error_chain(&e)));
                 Reply::Error { code: ErrorCode::Failed, detail: gpa }
             }
         }

@@ -18,6 +18,29 @@ pub enum OfflineMode {
     Mixed,
 }
 
+/// What backs guest RAM and resolves its missing pages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// The apf engine.
+    Apf,
+    /// Plain anonymous memory, no userfaultfd: the kernel fills pages.
+    Plain,
+    /// One thread, one page per fault ([`apf::baseline`]): the anchor apf
+    /// is measured against. No offlining, no pins.
+    Baseline,
+}
+
+impl Backend {
+    /// The name reports use.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Backend::Apf => "apf",
+            Backend::Plain => "plain",
+            Backend::Baseline => "baseline",
+        }
+    }
+}
+
 /// Everything a run needs.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RunConfig {
@@ -45,8 +68,11 @@ pub struct RunConfig {
     pub checksum: bool,
     /// What unplugged memory reads as.
     pub unplug_policy: UnplugPolicy,
-    /// Plain anonymous memory, no userfaultfd (for comparison).
-    pub no_uffd: bool,
+    /// What backs guest RAM.
+    pub backend: Backend,
+    /// The first pass (touch, or the verify of a restore) visits pages in
+    /// a random order.
+    pub random_order: bool,
     /// Write guest RAM here at the end.
     pub save_snapshot: Option<PathBuf>,
     /// Start from this snapshot.
@@ -112,7 +138,8 @@ impl Default for RunConfig {
             guest_offline: true,
             checksum: true,
             unplug_policy: UnplugPolicy::Zero,
-            no_uffd: false,
+            backend: Backend::Apf,
+            random_order: false,
             save_snapshot: None,
             restore: None,
             report_json: None,
@@ -212,7 +239,9 @@ stress and verify guest memory while it is offlined underneath, and report.
   --no-guest-offline     agents do not ask for offlines of their own memory
   --no-checksum          agents do not use the checksum device
   --unplug-policy P      zero|poison: what unplugged memory reads as (default zero)
-  --no-uffd              plain anonymous memory, no userfaultfd and no offlining (comparison)
+  --backend B            apf|plain|baseline: the engine (default), plain anonymous memory with no
+                         userfaultfd, or the one-page-per-fault handler (no offlining with the last two)
+  --order O              seq|random: the order of the first pass (touch, restore verify); default seq
   --save-snapshot FILE   write guest RAM and what the agent needs to verify it, at the end
   --restore FILE         start from a snapshot: RAM demand-faulted from FILE, verified first
   --report-json PATH     write the JSON report
@@ -313,21 +342,38 @@ pub fn parse_run(args: &[String]) -> Result<RunConfig, CliError> {
             "--host-block" if inline.is_none() => c.host_block = true,
             "--no-guest-offline" if inline.is_none() => c.guest_offline = false,
             "--no-checksum" if inline.is_none() => c.checksum = false,
-            "--no-uffd" if inline.is_none() => c.no_uffd = true,
+            "--backend" => {
+                let v = value!("--backend");
+                c.backend = match v.as_str() {
+                    "apf" => Backend::Apf,
+                    "plain" => Backend::Plain,
+                    "baseline" => Backend::Baseline,
+                    _ => return Err(invalid("--backend", &v, "expected apf, plain or baseline".into())),
+                };
+            }
+            "--order" => {
+                let v = value!("--order");
+                c.random_order = match v.as_str() {
+                    "seq" | "sequential" => false,
+                    "random" => true,
+                    _ => return Err(invalid("--order", &v, "expected seq or random".into())),
+                };
+            }
             _ => return Err(CliError::Unknown(arg.clone())),
         }
     }
-    if c.no_uffd && (c.restore.is_some() || c.host_block) {
-        return Err(CliError::Conflict(
-            "--no-uffd has no engine: it cannot --restore or offline a --host-block".into(),
-        ));
+    if c.backend == Backend::Plain && c.restore.is_some() {
+        return Err(CliError::Conflict("--backend plain has no userfaultfd: it cannot --restore".into()));
+    }
+    if c.backend != Backend::Apf && c.host_block {
+        return Err(CliError::Conflict("--host-block needs the apf backend (pins must be dropped first)".into()));
     }
     if !c.latency && (c.plot.is_some() || c.chrome_trace.is_some()) {
         return Err(CliError::Conflict(
             "--plot and --chrome-trace need latency aggregation (drop --no-latency)".into(),
         ));
     }
-    if c.no_uffd {
+    if c.backend != Backend::Apf {
         c.offline_every = None;
         c.guest_offline = false;
     }
@@ -389,6 +435,11 @@ mod tests {
         assert_eq!(run(&["--mem"]), Err(CliError::Missing("--mem")));
         assert_eq!(run(&["--bogus"]), Err(CliError::Unknown("--bogus".into())));
         assert_eq!(run(&["--host-block=yes"]), Err(CliError::Unknown("--host-block=yes".into())));
-        assert!(matches!(run(&["--no-uffd", "--restore", "x"]), Err(CliError::Conflict(_))));
+        assert!(matches!(run(&["--backend", "plain", "--restore", "x"]), Err(CliError::Conflict(_))));
+        assert!(matches!(run(&["--backend", "baseline", "--host-block"]), Err(CliError::Conflict(_))));
+        assert!(matches!(run(&["--backend", "uffd"]), Err(CliError::Invalid { option: "--backend", .. })));
+        assert!(matches!(run(&["--order", "zigzag"]), Err(CliError::Invalid { option: "--order", .. })));
+        let c = run(&["--backend", "baseline", "--order", "random"]).unwrap();
+        assert_eq!((c.backend, c.random_order, c.offline_every), (Backend::Baseline, true, None));
     }
 }

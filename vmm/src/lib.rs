@@ -47,6 +47,18 @@ pub(crate) fn spawn_traced<T: Send + 'static>(
     })
 }
 
+/// An error with its chain of causes, on one line.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cause = c.source();
+    }
+    s
+}
+
 pub mod agent;
 pub mod boot;
 pub mod checksum;

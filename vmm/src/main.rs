@@ -9,18 +9,6 @@ fn usage() -> String {
     format!("usage: vmm run [OPTIONS] | vmm help\n\n{RUN_HELP}")
 }
 
-/// An error with its chain of causes, on one line.
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cause = e.source();
-    while let Some(c) = cause {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cause = c.source();
-    }
-    s
-}
-
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.first().map(String::as_str) {
@@ -48,7 +36,7 @@ fn main() -> ExitCode {
     let report = match vmm::vm::run(&config) {
         Ok(r) => r,
         Err(e) => {
-            eprintln!("vmm run: {}", chain(&e));
+            eprintln!("vmm run: {}", vmm::error_chain(&e));
             return ExitCode::FAILURE;
         }
     };

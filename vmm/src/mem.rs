@@ -1,6 +1,6 @@
 //! The VMM's own access to guest RAM, for devices: a bounded copy through
 //! a short-term [`apf::PageRef`] when the engine backs RAM, a plain copy
-//! when it does not (`--no-uffd`). Every access is range-checked against
+//! when it does not (plain memory, or the baseline handler). Every access is range-checked against
 //! guest RAM first, so nothing a guest writes can point the VMM outside it.
 
 use std::sync::Arc;
@@ -39,7 +39,8 @@ fn outside(gpa: u64, len: usize) -> AccessError {
 pub enum GuestAccess {
     /// RAM demand-faulted by the engine.
     Engine(Arc<Engine>),
-    /// Plain anonymous memory, no userfaultfd.
+    /// Memory the VMM reads and writes directly: plain anonymous memory,
+    /// or memory whose faults the baseline handler resolves.
     Plain(Arc<GuestRam>),
 }
 

@@ -77,16 +77,19 @@ pub struct OfflineSummary {
     pub host_block_detail: String,
 }
 
-/// First-touch throughput (the touch workload).
+/// The first pass's throughput: first touch (the touch workload) or the
+/// verify of a restored snapshot.
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub struct TouchRate {
-    /// Pages touched by all vCPUs.
+pub struct FirstPass {
+    /// "touch" or "restore-verify".
+    pub kind: &'static str,
+    /// Pages the pass covered, all vCPUs.
     pub pages: u64,
     /// From the first vCPU's start to the last one's end.
     pub elapsed: Duration,
 }
 
-impl TouchRate {
+impl FirstPass {
     /// Pages per second.
     pub fn pages_per_sec(&self) -> f64 {
         self.pages as f64 / self.elapsed.as_secs_f64().max(1e-9)
@@ -126,8 +129,10 @@ pub struct Report {
     pub protocol_errors: u64,
     /// Per vCPU.
     pub vcpus: Vec<VcpuReport>,
-    /// The touch workload's rate.
-    pub touch: Option<TouchRate>,
+    /// The first pass's rate (touch workload, or a restore).
+    pub first_pass: Option<FirstPass>,
+    /// Fault service latency of the baseline handler (p50, p99).
+    pub baseline_latency: Option<(Duration, Duration)>,
     /// The snapshot written, if any.
     pub snapshot_saved: Option<String>,
     /// The snapshot restored from, and whether every agent verified it.
@@ -278,17 +283,21 @@ impl Report {
             let _ = write!(j, "\"trace\":{{\"events\":{events},\"dropped\":{dropped}}},");
         }
         let _ = write!(j, "\"vcpus\":[{}],", vcpus.join(","));
-        match &self.touch {
+        match &self.first_pass {
             Some(t) => {
                 let _ = write!(
                     j,
-                    "\"touch\":{{\"pages\":{},\"seconds\":{:.6},\"pages_per_sec\":{:.0}}},",
+                    "\"first_pass\":{{\"kind\":\"{}\",\"pages\":{},\"seconds\":{:.6},\"pages_per_sec\":{:.0}}},",
+                    t.kind,
                     t.pages,
                     t.elapsed.as_secs_f64(),
                     t.pages_per_sec()
                 );
             }
-            None => j.push_str("\"touch\":null,"),
+            None => j.push_str("\"first_pass\":null,"),
+        }
+        if let Some((p50, p99)) = self.baseline_latency {
+            let _ = write!(j, "\"baseline_fault_us\":{{\"p50\":{},\"p99\":{}}},", us(p50), us(p99));
         }
         let _ =
             write!(j, "\"snapshot_saved\":{},", self.snapshot_saved.as_deref().map_or("null".to_string(), json_str));
@@ -332,10 +341,11 @@ impl Report {
             "engine:   {} faults; pins: {} invalidations, {} refaults, {} leaked",
             self.faults, self.pin_invalidations, self.pin_refaults, self.pins_leaked
         );
-        if let Some(t) = &self.touch {
+        if let Some(t) = &self.first_pass {
             let _ = writeln!(
                 s,
-                "touch:    {} pages in {:.3} s = {:.0} pages/s",
+                "{:<9} {} pages in {:.3} s = {:.0} pages/s",
+                format!("{}:", t.kind),
                 t.pages,
                 t.elapsed.as_secs_f64(),
                 t.pages_per_sec()

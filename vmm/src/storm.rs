@@ -110,8 +110,9 @@ fn run(engine: &Engine, config: StormConfig, stop: &AtomicBool, report: &Mutex<S
                 Ok(found @ HostBlockSearch::Offlined { .. }) => ("offlined", found.to_string()),
                 Ok(none) => ("none qualified", none.to_string()),
                 Err(e) => {
+                    let e = crate::error_chain(&e);
                     errors.push(format!("host block offline: {e}"));
-                    ("error", e.to_string())
+                    ("error", e)
                 }
             };
             let mut r = report.lock().unwrap_or_else(|e| e.into_inner());
@@ -154,7 +155,7 @@ fn run(engine: &Engine, config: StormConfig, stop: &AtomicBool, report: &Mutex<S
             Err(OfflineError::Stopped) => return,
             Err(e) => {
                 drop(r);
-                errors.push(format!("storm {mode} of {range}: {e}"));
+                errors.push(format!("storm {mode} of {range}: {}", crate::error_chain(&e)));
             }
         }
     }

@@ -13,6 +13,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use agent_proto::{Config, Layout, LayoutError, Workload, AGENT_LIMIT, AGENT_LOAD, FLAG_CHECKSUM, FLAG_GUEST_OFFLINE};
+use apf::baseline::SinglePageHandler;
 use apf::trace::{latency_plot, LatencyLayer};
 use apf::{Engine, EngineError, GuestAddress, GuestRam, GuestRange, PageSource, SnapshotFile, ZeroSource};
 use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
@@ -27,9 +28,9 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::agent::AgentDevice;
 use crate::boot;
 use crate::checksum::ChecksumDevice;
-use crate::config::{GuestImage, RunConfig};
+use crate::config::{Backend, GuestImage, RunConfig};
 use crate::mem::{AccessError, GuestAccess};
-use crate::report::{Errors, OfflineSummary, Report, TouchRate, VcpuReport};
+use crate::report::{Errors, FirstPass, OfflineSummary, Report, VcpuReport};
 use crate::snapshot::{self, Header, SnapshotError};
 use crate::storm::{Storm, StormConfig, StormReport};
 use crate::vcpu::{self, VcpuContext, VcpuEnd, VcpuError};
@@ -272,23 +273,33 @@ fn run_traced(
 
     // Guest RAM, demand-faulted by the engine (or plain, for comparison).
     let ram = Arc::new(GuestRam::anonymous(&[(GuestAddress(0), ram_size as usize)]).map_err(VmError::Ram)?);
-    let access = if cfg.no_uffd {
-        GuestAccess::Plain(ram.clone())
-    } else {
-        let source: Arc<dyn PageSource> = match (&restored, &cfg.source) {
+    let source = || -> Result<Arc<dyn PageSource>, VmError> {
+        Ok(match (&restored, &cfg.source) {
             (_, Some(source)) => source.0.clone(),
             (Some((path, h)), None) => {
                 let layout = vec![(GuestRange::new(GuestAddress(0), ram_size), h.ram_offset())];
                 Arc::new(SnapshotFile::with_layout(path, layout).map_err(VmError::Source)?)
             }
             (None, None) => Arc::new(ZeroSource),
-        };
-        let mut config = apf::Config { unplug_policy: cfg.unplug_policy, ..apf::Config::default() };
-        if let Some(w) = cfg.workers {
-            config.workers = w;
+        })
+    };
+    let mut baseline = None;
+    let access = match cfg.backend {
+        Backend::Plain => GuestAccess::Plain(ram.clone()),
+        Backend::Baseline => {
+            let handler = SinglePageHandler::start(ram.clone(), source()?)
+                .map_err(|e| VmError::Io { what: "the baseline handler", source: std::io::Error::other(e) })?;
+            baseline = Some(handler);
+            GuestAccess::Plain(ram.clone())
         }
-        let engine = Engine::builder(ram.clone(), source).config(config).start().map_err(VmError::Engine)?;
-        GuestAccess::Engine(Arc::new(engine))
+        Backend::Apf => {
+            let mut config = apf::Config { unplug_policy: cfg.unplug_policy, ..apf::Config::default() };
+            if let Some(w) = cfg.workers {
+                config.workers = w;
+            }
+            let engine = Engine::builder(ram.clone(), source()?).config(config).start().map_err(VmError::Engine)?;
+            GuestAccess::Engine(Arc::new(engine))
+        }
     };
 
     // The VM and its one memory slot, fixed for the whole run.
@@ -323,8 +334,11 @@ fn run_traced(
     if restored.is_some() {
         flags |= agent_proto::FLAG_RESTORE;
     }
-    if cfg.guest_offline && !cfg.no_uffd {
+    if cfg.guest_offline && cfg.backend == Backend::Apf {
         flags |= FLAG_GUEST_OFFLINE;
+    }
+    if cfg.random_order {
+        flags |= agent_proto::FLAG_RANDOM_ORDER;
     }
     let checksum = if cfg.checksum {
         flags |= FLAG_CHECKSUM;
@@ -473,14 +487,7 @@ fn run_traced(
         }
     }
 
-    let mut report = Report {
-        elapsed,
-        ram_size,
-        seed,
-        backend: if cfg.no_uffd { "plain" } else { "engine" },
-        checksums,
-        ..Report::default()
-    };
+    let mut report = Report { elapsed, ram_size, seed, backend: cfg.backend.as_str(), checksums, ..Report::default() };
     for c in vcpu_reports.iter().filter_map(|v| v.counters) {
         let g = &mut report.guest;
         g.passes += c.passes;
@@ -506,13 +513,20 @@ fn run_traced(
         host_block: storm.host_block,
         host_block_detail: storm.host_block_detail,
     };
-    if cfg.workload == Workload::Touch {
-        let started = agents.iter().filter_map(|a| a.started).min();
-        let touched = agents.iter().filter_map(|a| a.touched).max();
-        if let (Some(s), Some(t)) = (started, touched) {
-            report.touch =
-                Some(TouchRate { pages: agents.iter().map(|a| a.touch_pages).sum(), elapsed: t.duration_since(s) });
+    let started = agents.iter().filter_map(|a| a.started).min();
+    let first_done = agents.iter().map(|a| a.first_pass_at).collect::<Option<Vec<_>>>();
+    if let (Some(s), Some(ends)) = (started, first_done) {
+        if let Some(end) = ends.into_iter().max() {
+            report.first_pass = Some(FirstPass {
+                kind: if restored.is_some() { "restore-verify" } else { "touch" },
+                pages: agents.iter().map(|a| a.first_pass_pages).sum(),
+                elapsed: end.duration_since(s),
+            });
         }
+    }
+    if let Some(b) = &baseline {
+        report.faults = b.faults();
+        report.baseline_latency = Some((b.latency_at(0.5), b.latency_at(0.99)));
     }
     if let Some((path, _)) = &restored {
         let verified = agents.iter().all(|a| a.restore_verified);
@@ -526,6 +540,7 @@ fn run_traced(
     drop(agent);
     drop(vm);
 
+    drop(baseline);
     if let GuestAccess::Engine(engine) = access {
         for e in engine.errors().try_iter() {
             errors.push(format!("engine: {e}"));

@@ -53,6 +53,40 @@ pub fn check_page(seed: u64, gpa: u64, generation: u32, page: &[u64; PAGE_WORDS]
         .find(|&(_, want, got)| want != got)
 }
 
+/// Position `i` (below `n`) of a pseudo-random permutation of `0..n` keyed
+/// by `key`: a four-round Feistel network over the next power of two,
+/// walking cycles until the value falls below `n`. Visits every index
+/// once with no table and no constant stride (a prefetcher cannot guess
+/// it), so guest and host random passes need no memory for their order.
+pub fn permute(i: u64, n: u64, key: u64) -> u64 {
+    debug_assert!(i < n);
+    if n <= 1 {
+        return 0;
+    }
+    let bits = (64 - (n - 1).leading_zeros()).max(2);
+    let half = bits.div_ceil(2);
+    let (lo_bits, hi_bits) = (half, bits - half);
+    let (lo_mask, hi_mask) = ((1u64 << lo_bits) - 1, (1u64 << hi_bits) - 1);
+    let mut x = i;
+    loop {
+        // Unbalanced Feistel: alternate which half is mixed, so the sizes
+        // stay right when `bits` is odd.
+        let (mut l, mut r) = (x >> lo_bits, x & lo_mask);
+        for round in 0..4u64 {
+            let k = key ^ round.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+            if round % 2 == 0 {
+                l ^= splitmix64(k ^ r) & hi_mask;
+            } else {
+                r ^= splitmix64(k ^ l) & lo_mask;
+            }
+        }
+        x = (l << lo_bits) | r;
+        if x < n {
+            return x;
+        }
+    }
+}
+
 /// FNV-1a over `bytes`: the checksum device's result.
 pub fn checksum(bytes: &[u8]) -> u64 {
     let mut h = 0xcbf2_9ce4_8422_2325u64;
@@ -83,6 +117,22 @@ mod tests {
         let z = [0u64; PAGE_WORDS];
         assert_eq!(check_page(9, 0x1000, 0, &z), None);
         assert!(check_page(9, 0x1000, 1, &z).is_some());
+    }
+
+    #[test]
+    fn permute_visits_every_index_once() {
+        for n in [1u64, 2, 3, 7, 64, 1000, 4097] {
+            let mut seen = [false; 4097];
+            for i in 0..n {
+                let p = permute(i, n, 42) as usize;
+                assert!(!seen[p], "{p} twice for n={n}");
+                seen[p] = true;
+            }
+        }
+        // Not the identity, and no constant stride.
+        let v: [u64; 6] = core::array::from_fn(|i| permute(i as u64, 1000, 7));
+        assert_ne!(v, [0, 1, 2, 3, 4, 5]);
+        assert!(v.windows(3).any(|w| w[1].wrapping_sub(w[0]) != w[2].wrapping_sub(w[1])));
     }
 
     #[test]

@@ -164,6 +164,9 @@ pub const FLAG_RESTORE: u32 = 1;
 pub const FLAG_GUEST_OFFLINE: u32 = 2;
 /// [`Config::flags`]: use the checksum device.
 pub const FLAG_CHECKSUM: u32 = 4;
+/// [`Config::flags`]: the touch pass and the restore verify visit the
+/// stripe in a random order ([`crate::permute`]) instead of in order.
+pub const FLAG_RANDOM_ORDER: u32 = 8;
 
 /// What the VMM tells an agent in answer to its hello.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
