@@ -22,6 +22,7 @@
 //! | [`snapshot`] | snapshot files: save at the end, restore on demand |
 //! | [`report`] | the summary and the JSON report |
 //! | [`vm`] | the run itself |
+//! | [`bench`] | `vmm bench`: apf against the kernel and the one-page-per-fault baseline |
 //!
 //! ```no_run
 //! use std::time::Duration;
@@ -60,6 +61,7 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
 }
 
 pub mod agent;
+pub mod bench;
 pub mod boot;
 pub mod checksum;
 pub mod config;
