@@ -556,3 +556,36 @@ fn child_shutdown_under_load() {
     );
     std::process::exit(0);
 }
+
+#[test]
+fn a_fault_with_no_stream_installs_its_aligned_block() {
+    let ram = ram(&[(0, 64)]);
+    let pattern = Pattern { seed: 9 };
+    let engine = Engine::builder(ram.clone(), Arc::new(pattern)).start().unwrap();
+    // Page 13 lies in the block of pages 8..16: all of it comes in.
+    verify(&ram, pattern, 13 * PAGE);
+    let s = settled(&engine);
+    assert_eq!((s.faults, s.pages_installed), (1, 8));
+    for p in 8..16 {
+        assert_eq!(ram.state(ram.locate(GuestAddress(p * PAGE)).unwrap()).0, PageState::Present, "page {p}");
+        verify(&ram, pattern, p * PAGE);
+    }
+    assert_eq!(settled(&engine).faults, 1, "no more faults in the block");
+    assert_eq!(ram.state(ram.locate(GuestAddress(16 * PAGE)).unwrap()).0, PageState::Missing);
+    // A page of the next block already present is left alone.
+    engine.prefetch(GuestRange::new(GuestAddress(18 * PAGE), PAGE)).unwrap();
+    let before = settled(&engine).pages_installed;
+    verify(&ram, pattern, 21 * PAGE);
+    assert_eq!(settled(&engine).pages_installed - before, 7);
+    for p in 16..24 {
+        verify(&ram, pattern, p * PAGE);
+    }
+    drop(engine);
+
+    // Off: one page per fault.
+    let ram2 = self::ram(&[(0, 64)]);
+    let config = apf::fault::Config { fault_around: 1, ..apf::fault::Config::default() };
+    let engine = Engine::builder(ram2.clone(), Arc::new(pattern)).config(config).start().unwrap();
+    verify(&ram2, pattern, 13 * PAGE);
+    assert_eq!(settled(&engine).pages_installed, 1);
+}

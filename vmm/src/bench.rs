@@ -52,11 +52,13 @@ pub struct BenchConfig {
     pub json: Option<PathBuf>,
     /// Write a chart (SVG) here.
     pub chart: Option<PathBuf>,
+    /// Only these parts ("throughput", "offline", "storm"); empty: all.
+    pub only: Vec<String>,
 }
 
 impl Default for BenchConfig {
     fn default() -> Self {
-        BenchConfig { quick: false, rounds: 5, json: None, chart: None }
+        BenchConfig { quick: false, rounds: 5, json: None, chart: None, only: Vec::new() }
     }
 }
 
@@ -504,7 +506,7 @@ fn guest_pass(variant: Variant, random: bool, snapshot: Option<&Path>, bytes: u6
         offline_every: None,
         guest_offline: false,
         checksum: false,
-        latency: backend == Backend::Apf,
+        latency: variant == Variant::ApfTraced,
         progress: false,
         restore: snapshot.map(Path::to_path_buf),
         ..RunConfig::default()
@@ -594,7 +596,10 @@ fn storm_latency(rounds: usize, faults: usize) -> Result<StormLatency, String> {
     let storm_bytes = 64 * MIB;
     let total = storm_bytes + 2 * rounds as u64 * fault_bytes;
     let ram = Arc::new(GuestRam::anonymous(&[(GuestAddress(0), total as usize)]).map_err(|e| err(&e))?);
-    let engine = Engine::builder(ram.clone(), Arc::new(ZeroSource)).start().map_err(|e| err(&e))?;
+    // Every access a fault: no fault-around, so each sample is one fault's
+    // service time.
+    let config = apf::Config { fault_around: 1, ..apf::Config::default() };
+    let engine = Engine::builder(ram.clone(), Arc::new(ZeroSource)).config(config).start().map_err(|e| err(&e))?;
     engine.prefetch(GuestRange::new(GuestAddress(0), storm_bytes)).map_err(|e| err(&e))?;
     let deadline = || Instant::now() + Duration::from_secs(10);
     let (mut quiet, mut storm) = (Vec::new(), Vec::new());
@@ -660,6 +665,12 @@ fn storm_latency(rounds: usize, faults: usize) -> Result<StormLatency, String> {
     })
 }
 
+impl BenchConfig {
+    fn wants(&self, part: &str) -> bool {
+        self.only.is_empty() || self.only.iter().any(|p| p == part)
+    }
+}
+
 /// Runs the bench; `log` hears progress.
 pub fn run(cfg: &BenchConfig, mut log: impl FnMut(&str)) -> Result<BenchReport, String> {
     let started = Instant::now();
@@ -684,7 +695,11 @@ pub fn run(cfg: &BenchConfig, mut log: impl FnMut(&str)) -> Result<BenchReport, 
         save_snapshot: Some(snapshot.clone()),
         ..RunConfig::default()
     };
-    let made = crate::vm::run(&make).map_err(|e| crate::error_chain(&e))?;
+    let made = if cfg.wants("throughput") {
+        crate::vm::run(&make).map_err(|e| crate::error_chain(&e))?
+    } else {
+        crate::report::Report { snapshot_saved: Some(String::new()), ..Default::default() }
+    };
     if made.snapshot_saved.is_none() {
         return Err(format!("cannot make the guest snapshot: {}", made.errors.join("; ")));
     }
@@ -707,8 +722,8 @@ pub fn run(cfg: &BenchConfig, mut log: impl FnMut(&str)) -> Result<BenchReport, 
         let file: Vec<Variant> =
             host_variants.iter().copied().filter(|v| !matches!(v, Variant::Kernel | Variant::ApfTraced)).collect();
         cases.push((Env::Host, random, Src::File, file));
-        cases.push((Env::Guest, random, Src::Zero, vec![Variant::Kernel, Variant::Baseline, apf]));
-        cases.push((Env::Guest, random, Src::File, vec![Variant::Baseline, apf]));
+        cases.push((Env::Guest, random, Src::Zero, vec![Variant::Kernel, Variant::Baseline, apf, Variant::ApfTraced]));
+        cases.push((Env::Guest, random, Src::File, vec![Variant::Baseline, apf, Variant::ApfTraced]));
     }
     let name = |env: Env, random: bool, src: Src| {
         format!(
@@ -726,12 +741,19 @@ pub fn run(cfg: &BenchConfig, mut log: impl FnMut(&str)) -> Result<BenchReport, 
             latency_from: if *env == Env::Host {
                 "the touching thread: time of each page's first access"
             } else {
-                "the handler: apf.fault spans (apf), the baseline's own timer; none for kernel"
+                "the handler: apf.fault spans (apf-traced), the baseline's own timer; none for kernel or untraced apf"
             },
             series: variants.iter().map(|v| Series { variant: v.name(), samples: Vec::new() }).collect(),
         });
     }
+    if !cfg.wants("throughput") {
+        cases.clear();
+        report.workloads.clear();
+    }
     for round in 0..rounds {
+        if cases.is_empty() {
+            break;
+        }
         log(&format!("round {}/{rounds}: throughput", round + 1));
         for (i, (env, random, src, variants)) in cases.iter().enumerate() {
             for (k, v) in variants.iter().enumerate() {
@@ -748,22 +770,26 @@ pub fn run(cfg: &BenchConfig, mut log: impl FnMut(&str)) -> Result<BenchReport, 
             }
         }
     }
-    log("offline cost");
-    match offline_cost(rounds) {
-        Ok((ms, hard)) => {
-            report.offline_ms = ms;
-            report.hard_pin = hard;
+    if cfg.wants("offline") {
+        log("offline cost");
+        match offline_cost(rounds) {
+            Ok((ms, hard)) => {
+                report.offline_ms = ms;
+                report.hard_pin = hard;
+            }
+            Err(e) => report.errors.push(format!("offline cost: {e}")),
         }
-        Err(e) => report.errors.push(format!("offline cost: {e}")),
     }
-    log("fault latency next to an offline storm");
-    match storm_latency(rounds, storm_faults) {
-        Ok(l) => {
-            report.storm_p50_us = (l.quiet.0, l.storm.0);
-            report.storm_p99_us = (l.quiet.1, l.storm.1);
-            report.storm_offlines = l.offlines;
+    if cfg.wants("storm") {
+        log("fault latency next to an offline storm");
+        match storm_latency(rounds, storm_faults) {
+            Ok(l) => {
+                report.storm_p50_us = (l.quiet.0, l.storm.0);
+                report.storm_p99_us = (l.quiet.1, l.storm.1);
+                report.storm_offlines = l.offlines;
+            }
+            Err(e) => report.errors.push(format!("storm latency: {e}")),
         }
-        Err(e) => report.errors.push(format!("storm latency: {e}")),
     }
     let _ = std::fs::remove_dir_all(&dir);
     report.elapsed = started.elapsed();

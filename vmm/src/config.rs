@@ -50,6 +50,8 @@ pub struct RunConfig {
     pub vcpus: Option<u32>,
     /// Engine worker threads; None: the engine's default.
     pub workers: Option<usize>,
+    /// Where the engine resolves faults; None: its default.
+    pub dispatch: Option<apf::Dispatch>,
     /// How long the agents run their passes.
     pub duration: Duration,
     /// What the agents run.
@@ -129,6 +131,7 @@ impl Default for RunConfig {
             mem: None,
             vcpus: None,
             workers: None,
+            dispatch: None,
             duration: Duration::from_secs(20),
             workload: Workload::Mixed,
             seed: None,
@@ -230,6 +233,7 @@ stress and verify guest memory while it is offlined underneath, and report.
   --mem SIZE             guest RAM (default 512M; 8M..16G, a multiple of 2M)
   --vcpus N              vCPUs (default 2; 1..16)
   --workers N            engine worker threads (default: the engine's)
+  --dispatch D           auto|inline|workers: where the engine resolves faults (default auto)
   --duration D           how long the agents stress memory (default 20s)
   --workload W           mixed|sequential|random|strided|touch (default mixed)
   --seed N               seed of every stamp and random choice (default 1)
@@ -294,6 +298,10 @@ pub fn parse_run(args: &[String]) -> Result<RunConfig, CliError> {
                     return Err(invalid("--workers", &v, "must be 1 to 64".into()));
                 }
                 c.workers = Some(n);
+            }
+            "--dispatch" => {
+                let v = value!("--dispatch");
+                c.dispatch = Some(v.parse().map_err(|e: String| invalid("--dispatch", &v, e))?);
             }
             "--duration" => {
                 let v = value!("--duration");

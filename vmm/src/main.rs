@@ -14,6 +14,7 @@ the variants interleaved in every round.
   --rounds N             rounds (default 5, at least 5)
   --json PATH            write the figures and ratios as JSON
   --chart PATH.svg       write a chart of the throughput figures
+  --only PARTS           some of throughput,offline,storm (default all)
 ";
 
 fn usage() -> String {
@@ -35,6 +36,15 @@ fn bench(args: &[String]) -> ExitCode {
             }
             "--json" => value("--json").map(|v| cfg.json = Some(v.into())),
             "--chart" => value("--chart").map(|v| cfg.chart = Some(v.into())),
+            "--only" => value("--only").and_then(|v| {
+                for part in v.split(',') {
+                    if !["throughput", "offline", "storm"].contains(&part) {
+                        return Err(format!("invalid value {part:?} for --only: throughput, offline or storm"));
+                    }
+                    cfg.only.push(part.to_string());
+                }
+                Ok(())
+            }),
             "--rounds" => value("--rounds").and_then(|v| match v.parse::<usize>() {
                 Ok(n) if (5..=100).contains(&n) => {
                     cfg.rounds = n;

@@ -297,6 +297,9 @@ fn run_traced(
             if let Some(w) = cfg.workers {
                 config.workers = w;
             }
+            if let Some(d) = cfg.dispatch {
+                config.dispatch = d;
+            }
             let engine = Engine::builder(ram.clone(), source()?).config(config).start().map_err(VmError::Engine)?;
             GuestAccess::Engine(Arc::new(engine))
         }

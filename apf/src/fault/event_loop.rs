@@ -308,7 +308,7 @@ impl FaultLoop {
         let linear = (region.base().0 / PAGE_SIZE as u64) as i64 + page as i64;
         let plan = self.streams.plan(tid, linear);
         if plan.count <= 1 {
-            return vec![(page, 1)];
+            return self.fault_around(region, page);
         }
         let max = self.shared.config.max_window;
         let pages = region.pages() as i64;
@@ -345,6 +345,28 @@ impl FaultLoop {
             self.streams.trim(tid, linear, stride, covered);
             runs
         }
+    }
+
+    /// Runs covering `page` (already claimed) and the missing pages of the
+    /// aligned fault-around block it lies in.
+    fn fault_around(&self, region: &crate::ram::Region, page: usize) -> Vec<(usize, usize)> {
+        let around = self.shared.config.fault_around.min(self.shared.config.max_window).max(1);
+        if around == 1 {
+            return vec![(page, 1)];
+        }
+        let first = page / around * around;
+        let end = (first + around).min(region.pages());
+        let mut runs: Vec<(usize, usize)> = Vec::new();
+        for p in first..end {
+            if p != page && region.try_claim(p).is_none() {
+                continue;
+            }
+            match runs.last_mut() {
+                Some((start, len)) if *start + *len == p => *len += 1,
+                _ => runs.push((p, 1)),
+            }
+        }
+        runs
     }
 
     fn dispatch(&mut self, job: Job) {

@@ -81,6 +81,13 @@ pub struct Config {
     pub workers: usize,
     /// Largest prefetch window, in pages (1 turns prefetch off).
     pub max_window: usize,
+    /// Fault-around for faults that follow no stream (random access):
+    /// the missing pages of the aligned block of this many pages around
+    /// the faulting one are installed with it, as Linux does for file
+    /// mappings (`fault_around_bytes`). Trades memory (neighbours that may
+    /// never be touched) for fewer faults; 1 turns it off. Capped by
+    /// `max_window`.
+    pub fault_around: usize,
     /// Where windows are resolved.
     pub dispatch: Dispatch,
     /// With [`Dispatch::Auto`], windows of more pages than this go to the
@@ -114,6 +121,7 @@ impl Default for Config {
         Config {
             workers: 2,
             max_window: 256,
+            fault_around: 8,
             dispatch: Dispatch::Auto,
             inline_max_pages: 8,
             spin: Duration::from_micros(100),

@@ -99,7 +99,9 @@ struct TraceBuf {
 struct Inner {
     epoch: Instant,
     vcpus: RwLock<HashMap<u64, u32>>,
-    spans: Mutex<HashMap<&'static str, Histogram<u64>>>,
+    /// One histogram per name in [`SPANS`], each behind its own lock: the
+    /// event loop and the workers close different spans at once.
+    spans: [Mutex<Histogram<u64>>; SPANS.len()],
     per_vcpu: Mutex<HashMap<u32, VcpuAcc>>,
     unattributed_faults: AtomicU64,
     unattributed_ns: AtomicU64,
@@ -244,7 +246,7 @@ impl LatencyLayer {
             inner: Arc::new(Inner {
                 epoch: Instant::now(),
                 vcpus: RwLock::new(HashMap::new()),
-                spans: Mutex::new(HashMap::new()),
+                spans: std::array::from_fn(|_| Mutex::new(histogram())),
                 per_vcpu: Mutex::new(HashMap::new()),
                 unattributed_faults: AtomicU64::new(0),
                 unattributed_ns: AtomicU64::new(0),
@@ -275,11 +277,12 @@ impl LatencyLayer {
 
     /// Everything seen so far.
     pub fn summary(&self) -> LatencySummary {
-        let spans = self.inner.spans.lock().unwrap_or_else(|e| e.into_inner());
         let d = |ns: u64| Duration::from_nanos(ns);
         let mut out = LatencySummary::default();
-        for name in SPANS {
-            if let Some(h) = spans.get(name).filter(|h| !h.is_empty()) {
+        for (name, h) in SPANS.iter().zip(&self.inner.spans) {
+            let h = h.lock().unwrap_or_else(|e| e.into_inner());
+            if !h.is_empty() {
+                let name = *name;
                 out.spans.push(SpanStats {
                     name,
                     count: h.len(),
@@ -292,7 +295,6 @@ impl LatencyLayer {
                 });
             }
         }
-        drop(spans);
         let per_vcpu = self.inner.per_vcpu.lock().unwrap_or_else(|e| e.into_inner());
         let mut vcpus: Vec<_> = per_vcpu
             .iter()
@@ -313,11 +315,14 @@ impl LatencyLayer {
     /// The latency distribution of each span name that occurred: (quantile,
     /// latency) points from the median to the maximum, for plotting.
     pub fn curves(&self) -> Vec<(&'static str, Vec<(f64, Duration)>)> {
-        let spans = self.inner.spans.lock().unwrap_or_else(|e| e.into_inner());
         SPANS
             .iter()
-            .filter_map(|&name| {
-                let h = spans.get(name).filter(|h| !h.is_empty())?;
+            .zip(&self.inner.spans)
+            .filter_map(|(&name, h)| {
+                let h = h.lock().unwrap_or_else(|e| e.into_inner());
+                if h.is_empty() {
+                    return None;
+                }
                 let mut points: Vec<(f64, Duration)> = h
                     .iter_quantiles(2)
                     .map(|v| (v.quantile_iterated_to(), Duration::from_nanos(v.value_iterated_to())))
@@ -432,12 +437,18 @@ where
     }
 
     fn on_record(&self, id: &Id, values: &Record<'_>, ctx: Context<'_, S>) {
+        // Fields recorded later matter only for the trace (`outcome`) or
+        // if a span names its thread late (`tid`): look the span up only
+        // then. The engine records three fields per fault.
+        let mut fields = Fields { keep_details: self.inner.trace.is_some(), ..Fields::default() };
+        values.record(&mut fields);
+        if fields.tid.is_none() && fields.outcome.is_none() {
+            return;
+        }
         let Some(span) = ctx.span(id) else { return };
         if span.metadata().target() != "apf" {
             return;
         }
-        let mut fields = Fields { keep_details: self.inner.trace.is_some(), ..Fields::default() };
-        values.record(&mut fields);
         let mut ext = span.extensions_mut();
         if let Some(t) = ext.get_mut::<Timing>() {
             if fields.tid.is_some() {
@@ -455,10 +466,9 @@ where
         let Some(timing) = span.extensions_mut().remove::<Timing>() else { return };
         let elapsed = timing.start.elapsed();
         let ns = nanos(elapsed).clamp(1, MAX_NS);
-        {
-            let mut spans = self.inner.spans.lock().unwrap_or_else(|e| e.into_inner());
-            let _ = spans.entry(name).or_insert_with(histogram).record(ns);
-        }
+        // Spans of target `apf` outside the documented list are not kept.
+        let Some(slot) = SPANS.iter().position(|n| *n == name) else { return };
+        let _ = self.inner.spans[slot].lock().unwrap_or_else(|e| e.into_inner()).record(ns);
         if name == FAULT {
             let vcpu = timing
                 .fault_tid
