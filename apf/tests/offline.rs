@@ -483,13 +483,16 @@ fn faults_during_an_offline_wait_and_get_the_right_contents() {
     // A hard pin in the range holds the offline up until it is dropped, so
     // the reader faults while the offline holds the pages.
     let hard = engine.hard_pin(range(0x10_0000, PAGE), soon(1000)).unwrap();
+    // A page never touched (beyond the stamps' prefetch windows): its
+    // fault waits for the offline.
+    let untouched = 0x10_0000 + 63 * PAGE;
+    assert_eq!(ram.state(ram.locate(GuestAddress(untouched)).unwrap()).0, PageState::Missing);
     let released = Mutex::new(None);
     std::thread::scope(|s| {
         let off = s.spawn(|| engine.offline(r, Mode::Evict, soon(5000)));
         std::thread::sleep(Duration::from_millis(50));
         let reader = s.spawn(|| {
-            // A page never touched: its fault waits for the offline.
-            let v = read_word(&ram, 0x10_0000 + 40 * PAGE);
+            let v = read_word(&ram, untouched);
             (v, Instant::now())
         });
         std::thread::sleep(Duration::from_millis(150));

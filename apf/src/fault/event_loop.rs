@@ -308,7 +308,18 @@ impl FaultLoop {
         let linear = (region.base().0 / PAGE_SIZE as u64) as i64 + page as i64;
         let plan = self.streams.plan(tid, linear);
         if plan.count <= 1 {
-            return self.fault_around(region, page);
+            let runs = self.fault_around(region, page);
+            if let (Some(first), Some(last)) = (runs.first(), runs.last()) {
+                // The block counts as the thread's last window: a thread
+                // that goes on at its end is a stream, and its windows grow
+                // from there.
+                let (start, end) = (first.0, last.0 + last.1);
+                if end - start > 1 {
+                    let base = (region.base().0 / PAGE_SIZE as u64) as i64;
+                    self.streams.trim(tid, base + start as i64, 1, end - start);
+                }
+            }
+            return runs;
         }
         let max = self.shared.config.max_window;
         let pages = region.pages() as i64;

@@ -281,9 +281,11 @@ fn fill(
     job: &Job,
     ctx: &mut Ctx,
 ) -> Result<Vec<Piece>, (u64, crate::source::SourceError)> {
-    let _span = tracing::trace_span!(target: "apf", "apf.fill").entered();
-    let write = job.fault.is_some_and(|f| f.write);
     let zero_source = shared.source.kind() == crate::source::SourceKind::Zero;
+    // A zero source fills nothing worth a span (its pages are installed
+    // from a zero buffer, or with ZEROPAGE).
+    let _span = (!zero_source).then(|| tracing::trace_span!(target: "apf", "apf.fill").entered());
+    let write = job.fault.is_some_and(|f| f.write);
     let mut pieces = Vec::with_capacity(job.runs.len());
     let mut buf_off = 0;
     let total: usize = job.runs.iter().map(|r| r.1).sum();

@@ -14,7 +14,7 @@
 //! | span | level | fields | covers |
 //! |---|---|---|---|
 //! | `apf.fault` | INFO | `gpa`, `tid`, `kind`, `source`, `bytes`, `outcome` | one fault, from the moment the engine read it from the userfaultfd to the wake |
-//! | `apf.fill` | TRACE | | filling a window's buffer from its source |
+//! | `apf.fill` | TRACE | | filling a window's buffer from its source (not emitted for a zero source, which has nothing to fill) |
 //! | `apf.install` | TRACE | `pages` | the install ioctls of one window, under the install lock |
 //! | `apf.prefetch` | TRACE | `pages`, `bytes`, `outcome` | a prefetch-only window (working-set replay, [`crate::Engine::prefetch`]) |
 //! | `apf.invalidate` | DEBUG | `region`, `gpa`, `len`, `reason` | a remove event (`MADV_DONTNEED` by someone else) |
