@@ -386,7 +386,7 @@ impl BenchReport {
     }
 }
 
-/// A page source for the host file workloads.
+/// Writes the image the host file workloads restore from.
 fn write_image(path: &Path, bytes: u64, pattern: Pattern) -> std::io::Result<()> {
     let mut f = std::io::BufWriter::with_capacity(1 << 20, std::fs::File::create(path)?);
     let mut chunk = vec![0u8; 1 << 20];
