@@ -382,6 +382,12 @@ fn run_traced(
         stop: stop.clone(),
         ram: ram.clone(),
     });
+    // The event loop's manager first: nothing may fail between starting
+    // vCPU threads and watching them.
+    let mut em = EventManager::<Box<dyn MutEventSubscriber + Send>>::new()
+        .map_err(|e| VmError::Io { what: "the event manager", source: std::io::Error::other(e.to_string()) })?;
+    let wake = vcpu_exit.try_clone().map_err(|source| VmError::Io { what: "an eventfd", source })?;
+    em.add_subscriber(Box::new(Supervisor { vcpu_exit: wake }));
     let vcpu_failed = Arc::new(AtomicBool::new(false));
     let mut threads = Vec::new();
     for (id, fd) in (0..vcpus).zip(fds) {
@@ -411,10 +417,6 @@ fn run_traced(
 
     // The event loop: until every vCPU has ended, one failed, or the hard
     // deadline passed.
-    let mut em = EventManager::<Box<dyn MutEventSubscriber + Send>>::new()
-        .map_err(|e| VmError::Io { what: "the event manager", source: std::io::Error::other(e.to_string()) })?;
-    let wake = vcpu_exit.try_clone().map_err(|source| VmError::Io { what: "an eventfd", source })?;
-    em.add_subscriber(Box::new(Supervisor { vcpu_exit: wake }));
     let hard_deadline = start + cfg.duration + cfg.grace;
     let mut progress = Progress::new(cfg.progress && cfg.workload != Workload::Touch);
     loop {
