@@ -81,11 +81,22 @@ impl Storm {
     /// Stops the storm (the offline in progress finishes first) and
     /// returns what it did.
     pub fn stop(mut self) -> StormReport {
+        self.halt();
+        self.report.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    fn halt(&mut self) {
         self.stop.store(true, Ordering::Release);
         if let Some(h) = self.handle.take() {
             let _ = h.join();
         }
-        self.report.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
+
+impl Drop for Storm {
+    fn drop(&mut self) {
+        // A run that fails to start must not leave the storm running.
+        self.halt();
     }
 }
 
