@@ -278,6 +278,11 @@ impl Pattern {
         Ok(())
     }
 
+    /// Word `j` of the page at `gpa` (page-aligned).
+    pub fn word_at(&self, gpa: u64, j: usize) -> u64 {
+        Self::word(gpa, self.seed, j)
+    }
+
     fn word(gpa: u64, seed: u64, j: usize) -> u64 {
         match j {
             0 => gpa,

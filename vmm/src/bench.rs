@@ -418,10 +418,8 @@ fn host_pass(variant: Variant, random: bool, src: Src, bytes: u64, image: &Path,
             Src::File => Arc::new(SnapshotFile::open(image, ram).map_err(|e| err(&e))?),
         })
     };
-    let layer = LatencyLayer::new();
     let mut _engine = None;
     let mut _baseline = None;
-    let dispatch = tracing::Dispatch::new(tracing_subscriber::registry().with(layer.clone()));
     match variant {
         Variant::Kernel => {}
         Variant::Baseline => {
@@ -435,6 +433,8 @@ fn host_pass(variant: Variant, random: bool, src: Src, bytes: u64, image: &Path,
         }
         Variant::ApfTraced => {
             let b = Engine::builder(ram.clone(), source(&ram)?);
+            let layer = LatencyLayer::new();
+            let dispatch = tracing::Dispatch::new(tracing_subscriber::registry().with(layer));
             _engine = Some(tracing::dispatcher::with_default(&dispatch, || b.start()).map_err(|e| err(&e))?);
         }
     }
@@ -479,15 +479,8 @@ fn host_pass(variant: Variant, random: bool, src: Src, bytes: u64, image: &Path,
     for p in 0..per * threads {
         // SAFETY: every page was touched above, so it is present.
         let word = unsafe { std::ptr::read_volatile((base + p as usize * PAGE) as *const u64) };
-        let mut want = [0u8; 8];
-        if write {
-            want = p.to_le_bytes();
-        } else {
-            let mut page = vec![0u8; PAGE];
-            pattern.write(p * PAGE as u64, &mut page);
-            want.copy_from_slice(&page[..8]);
-        }
-        if word.to_le_bytes() != want {
+        let want = if write { p } else { pattern.word_at(p * PAGE as u64, 0) };
+        if word != want {
             return Err(format!("{}: page {p} holds {word:#x}", variant.name()));
         }
     }

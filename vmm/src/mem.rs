@@ -9,7 +9,7 @@ use std::time::Instant;
 use apf::ram::RamError;
 use apf::{Engine, GuestAddress, GuestRam, GuestRange, PinError};
 use thiserror::Error;
-use vm_memory::{Bytes, GuestMemoryBackend, GuestMemoryRegion};
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion, VolatileSlice};
 
 /// Why a device could not copy guest memory.
 #[derive(Debug, Error)]
@@ -66,42 +66,41 @@ impl GuestAccess {
         self.ram().check_range(range).map(|_| range).map_err(|_: RamError| outside(gpa, len))
     }
 
-    /// Copies guest memory at `gpa` into `buf`.
-    pub fn read(&self, gpa: u64, buf: &mut [u8], deadline: Instant) -> Result<(), AccessError> {
-        let range = self.cover(gpa, buf.len())?;
+    /// Runs `f` on the guest memory `[gpa, gpa + len)`, range-checked, and
+    /// under a short-term reference when the engine backs RAM.
+    fn with_memory<T>(
+        &self,
+        gpa: u64,
+        len: usize,
+        deadline: Instant,
+        f: impl FnOnce(VolatileSlice<'_>) -> T,
+    ) -> Result<T, AccessError> {
+        let range = self.cover(gpa, len)?;
+        let copy = |e: vm_memory::VolatileMemoryError| AccessError::Copy(e.to_string());
         match self {
             GuestAccess::Engine(e) => {
                 let r = e.page_ref(range, deadline)?;
                 let mem = r.memory();
-                let at = mem
-                    .subslice((gpa - range.start.0) as usize, buf.len())
-                    .map_err(|e| AccessError::Copy(e.to_string()))?;
-                at.copy_to(buf);
-                Ok(())
+                Ok(f(mem.subslice((gpa - range.start.0) as usize, len).map_err(copy)?))
             }
             GuestAccess::Plain(ram) => {
-                ram.guest_memory().read_slice(buf, GuestAddress(gpa)).map_err(|e| AccessError::Copy(e.to_string()))
+                let mem = ram
+                    .guest_memory()
+                    .get_slice(GuestAddress(gpa), len)
+                    .map_err(|e| AccessError::Copy(e.to_string()))?;
+                Ok(f(mem))
             }
         }
     }
 
+    /// Copies guest memory at `gpa` into `buf`.
+    pub fn read(&self, gpa: u64, buf: &mut [u8], deadline: Instant) -> Result<(), AccessError> {
+        self.with_memory(gpa, buf.len(), deadline, |m| m.copy_to(buf)).map(drop)
+    }
+
     /// Copies `buf` into guest memory at `gpa`.
     pub fn write(&self, gpa: u64, buf: &[u8], deadline: Instant) -> Result<(), AccessError> {
-        let range = self.cover(gpa, buf.len())?;
-        match self {
-            GuestAccess::Engine(e) => {
-                let r = e.page_ref(range, deadline)?;
-                let mem = r.memory();
-                let at = mem
-                    .subslice((gpa - range.start.0) as usize, buf.len())
-                    .map_err(|e| AccessError::Copy(e.to_string()))?;
-                at.copy_from(buf);
-                Ok(())
-            }
-            GuestAccess::Plain(ram) => {
-                ram.guest_memory().write_slice(buf, GuestAddress(gpa)).map_err(|e| AccessError::Copy(e.to_string()))
-            }
-        }
+        self.with_memory(gpa, buf.len(), deadline, |m| m.copy_from(buf))
     }
 
     /// The engine, when there is one.

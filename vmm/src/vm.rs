@@ -229,14 +229,6 @@ pub fn run_and_inspect(cfg: &RunConfig, inspect: impl FnOnce(&GuestAccess)) -> R
         Some(_) => LatencyLayer::with_trace(TRACE_EVENTS),
         None => LatencyLayer::new(),
     };
-    // With a single registered dispatcher, tracing computes a callsite's
-    // interest from whatever dispatcher is current on the thread that hits
-    // it first: a thread of another run in this process, with no
-    // subscriber, would switch the engine's spans off for this run too. A
-    // second, idle dispatcher kept for the life of the process makes it
-    // ask every live dispatcher instead.
-    static IDLE: std::sync::OnceLock<tracing::Dispatch> = std::sync::OnceLock::new();
-    IDLE.get_or_init(|| tracing::Dispatch::new(tracing::subscriber::NoSubscriber::new()));
     let dispatch = tracing::Dispatch::new(tracing_subscriber::registry().with(layer.clone()));
     let mut report = tracing::dispatcher::with_default(&dispatch, || run_traced(cfg, inspect, Some(&layer)))?;
     report.latency = Some(layer.summary());

@@ -234,6 +234,14 @@ impl LatencyLayer {
     }
 
     fn build(trace: Option<usize>) -> Self {
+        // With a single registered dispatcher, tracing computes a callsite's
+        // interest from whatever dispatcher is current on the thread that
+        // hits it first: a thread with no subscriber (another engine in the
+        // same process) would switch the engine's spans off for this layer
+        // too. A second, idle dispatcher kept for the life of the process
+        // makes tracing ask every live dispatcher instead.
+        static IDLE: std::sync::OnceLock<tracing::Dispatch> = std::sync::OnceLock::new();
+        IDLE.get_or_init(|| tracing::Dispatch::new(tracing::subscriber::NoSubscriber::new()));
         let trace = trace.map(|capacity| {
             Mutex::new(TraceBuf {
                 events: VecDeque::with_capacity(capacity.min(1 << 16)),
