@@ -41,6 +41,8 @@
 //! | [`trace`] | the names of the `tracing` spans the engine emits |
 
 pub mod baseline;
+#[cfg(feature = "failpoints")]
+pub mod failpoints;
 pub mod fault;
 pub mod hostmem;
 pub mod kpin;

@@ -107,6 +107,34 @@ impl IoctlError {
     }
 }
 
+/// The userfaultfd calls the engine makes, as failpoints name them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Op {
+    /// `UFFDIO_COPY`.
+    Copy,
+    /// `UFFDIO_ZEROPAGE`.
+    ZeroPage,
+    /// `UFFDIO_MOVE`.
+    Move,
+    /// `UFFDIO_POISON`.
+    Poison,
+    /// `UFFDIO_WAKE`.
+    Wake,
+}
+
+impl Op {
+    /// The ioctl's name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Op::Copy => "UFFDIO_COPY",
+            Op::ZeroPage => "UFFDIO_ZEROPAGE",
+            Op::Move => "UFFDIO_MOVE",
+            Op::Poison => "UFFDIO_POISON",
+            Op::Wake => "UFFDIO_WAKE",
+        }
+    }
+}
+
 /// A set of `UFFD_FEATURE_*` flags.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub struct Features(u64);
@@ -296,6 +324,8 @@ impl Default for EventBuf {
 pub struct Uffd {
     fd: OwnedFd,
     features: Features,
+    #[cfg(feature = "failpoints")]
+    failpoints: std::sync::Arc<crate::failpoints::FailPoints>,
 }
 
 impl Uffd {
@@ -324,7 +354,12 @@ impl Uffd {
         // The kernel answers with every feature it has, but enables only
         // those requested.
         Self::api(&fd, wanted)?;
-        Ok(Uffd { fd, features: wanted })
+        Ok(Uffd {
+            fd,
+            features: wanted,
+            #[cfg(feature = "failpoints")]
+            failpoints: Default::default(),
+        })
     }
 
     /// Always non-blocking: a blocking userfaultfd cannot be polled (the
@@ -353,6 +388,39 @@ impl Uffd {
     /// The features negotiated for this descriptor.
     pub fn features(&self) -> Features {
         self.features
+    }
+
+    /// The failpoints of this descriptor (feature `failpoints`).
+    #[cfg(feature = "failpoints")]
+    pub fn failpoints(&self) -> &std::sync::Arc<crate::failpoints::FailPoints> {
+        &self.failpoints
+    }
+
+    /// Runs `real` unless an armed failpoint takes this call: then the
+    /// failure it chose is returned, after `real` has done its partial
+    /// progress (the first pages of the range, really) if it asked for any.
+    #[allow(unused_variables)]
+    fn with_failpoint(
+        &self,
+        op: Op,
+        addrs: [u64; 2],
+        len: usize,
+        real: impl Fn(usize) -> Result<usize, IoctlError>,
+    ) -> Result<usize, IoctlError> {
+        #[cfg(feature = "failpoints")]
+        if let Some(f) = self.failpoints.take(op, addrs, len) {
+            let part = (f.partial_pages * PAGE_SIZE).min(len);
+            let done = if part > 0 {
+                match real(part) {
+                    Ok(n) => n,
+                    Err(e) => return Err(e),
+                }
+            } else {
+                0
+            };
+            return Err(IoctlError { op: op.name(), errno: f.errno, done });
+        }
+        real(len)
     }
 
     /// Registers `[start, start + len)` (host addresses, page-aligned) in
@@ -441,39 +509,45 @@ impl Uffd {
     /// and wakes threads waiting in the range (unless `dont_wake`).
     /// On failure, `done` bytes were installed from the start of the range.
     pub fn copy(&self, dst: u64, src: *const u8, len: usize, dont_wake: bool) -> Result<usize, IoctlError> {
-        let mut arg = sys::uffdio_copy {
-            dst,
-            src: src as u64,
-            len: len as u64,
-            mode: if dont_wake { sys::UFFDIO_COPY_MODE_DONTWAKE as u64 } else { 0 },
-            copy: 0,
-        };
-        self.ioctl_progress("UFFDIO_COPY", nr::UFFDIO_COPY, &mut arg, |a| a.copy)
+        self.with_failpoint(Op::Copy, [dst, dst], len, |len| {
+            let mut arg = sys::uffdio_copy {
+                dst,
+                src: src as u64,
+                len: len as u64,
+                mode: if dont_wake { sys::UFFDIO_COPY_MODE_DONTWAKE as u64 } else { 0 },
+                copy: 0,
+            };
+            self.ioctl_progress(Op::Copy.name(), nr::UFFDIO_COPY, &mut arg, |a| a.copy)
+        })
     }
 
     /// `UFFDIO_ZEROPAGE`: maps the shared zero page over the range (read
     /// faults only: a later write takes another, kernel-handled fault).
     pub fn zeropage(&self, start: u64, len: usize, dont_wake: bool) -> Result<usize, IoctlError> {
-        let mut arg = sys::uffdio_zeropage {
-            range: sys::uffdio_range { start, len: len as u64 },
-            mode: if dont_wake { sys::UFFDIO_ZEROPAGE_MODE_DONTWAKE as u64 } else { 0 },
-            zeropage: 0,
-        };
-        self.ioctl_progress("UFFDIO_ZEROPAGE", nr::UFFDIO_ZEROPAGE, &mut arg, |a| a.zeropage)
+        self.with_failpoint(Op::ZeroPage, [start, start], len, |len| {
+            let mut arg = sys::uffdio_zeropage {
+                range: sys::uffdio_range { start, len: len as u64 },
+                mode: if dont_wake { sys::UFFDIO_ZEROPAGE_MODE_DONTWAKE as u64 } else { 0 },
+                zeropage: 0,
+            };
+            self.ioctl_progress(Op::ZeroPage.name(), nr::UFFDIO_ZEROPAGE, &mut arg, |a| a.zeropage)
+        })
     }
 
     /// `UFFDIO_MOVE`: moves the pages of `[src, src + len)` to `dst`, which
     /// must be missing. Both ranges must be registered with this descriptor.
     /// With `allow_src_holes`, missing source pages are skipped.
     pub fn move_pages(&self, dst: u64, src: u64, len: usize, allow_src_holes: bool) -> Result<usize, IoctlError> {
-        let mut arg = sys::uffdio_move {
-            dst,
-            src,
-            len: len as u64,
-            mode: if allow_src_holes { UFFDIO_MOVE_MODE_ALLOW_SRC_HOLES } else { 0 },
-            move_: 0,
-        };
-        self.ioctl_progress("UFFDIO_MOVE", UFFDIO_MOVE, &mut arg, |a| a.move_)
+        self.with_failpoint(Op::Move, [dst, src], len, |len| {
+            let mut arg = sys::uffdio_move {
+                dst,
+                src,
+                len: len as u64,
+                mode: if allow_src_holes { UFFDIO_MOVE_MODE_ALLOW_SRC_HOLES } else { 0 },
+                move_: 0,
+            };
+            self.ioctl_progress(Op::Move.name(), UFFDIO_MOVE, &mut arg, |a| a.move_)
+        })
     }
 
     /// `UFFDIO_POISON`: installs poison markers over missing pages of the
@@ -482,21 +556,27 @@ impl Uffd {
     /// `ZEROPAGE` replaces a marker (the kernel treats it as an empty
     /// entry), and `MADV_DONTNEED` clears it.
     pub fn poison(&self, start: u64, len: usize) -> Result<usize, IoctlError> {
-        let mut arg = sys::uffdio_poison { range: sys::uffdio_range { start, len: len as u64 }, mode: 0, updated: 0 };
-        self.ioctl_progress("UFFDIO_POISON", UFFDIO_POISON, &mut arg, |a| a.updated)
+        self.with_failpoint(Op::Poison, [start, start], len, |len| {
+            let mut arg =
+                sys::uffdio_poison { range: sys::uffdio_range { start, len: len as u64 }, mode: 0, updated: 0 };
+            self.ioctl_progress(Op::Poison.name(), UFFDIO_POISON, &mut arg, |a| a.updated)
+        })
     }
 
     /// `UFFDIO_WAKE`: wakes threads waiting on faults in the range; they
     /// retry the access (and fault again if the page is still missing).
     pub fn wake(&self, start: u64, len: usize) -> Result<(), IoctlError> {
-        let mut range = sys::uffdio_range { start, len: len as u64 };
-        // SAFETY: UFFDIO_WAKE reads one uffdio_range on this stack frame.
-        let ret = unsafe { libc::ioctl(self.fd.as_raw_fd(), nr::UFFDIO_WAKE as _, &mut range) };
-        if ret < 0 {
-            let errno = io::Error::last_os_error().raw_os_error().unwrap_or(libc::EIO);
-            return Err(IoctlError { op: "UFFDIO_WAKE", errno, done: 0 });
-        }
-        Ok(())
+        self.with_failpoint(Op::Wake, [start, start], len, |len| {
+            let mut range = sys::uffdio_range { start, len: len as u64 };
+            // SAFETY: UFFDIO_WAKE reads one uffdio_range on this stack frame.
+            let ret = unsafe { libc::ioctl(self.fd.as_raw_fd(), nr::UFFDIO_WAKE as _, &mut range) };
+            if ret < 0 {
+                let errno = io::Error::last_os_error().raw_os_error().unwrap_or(libc::EIO);
+                return Err(IoctlError { op: Op::Wake.name(), errno, done: 0 });
+            }
+            Ok(len)
+        })
+        .map(|_| ())
     }
 
     /// `UFFDIO_WRITEPROTECT`: sets (`protect`) or clears write protection on

@@ -566,6 +566,12 @@ impl Engine {
         &self.shared.store
     }
 
+    /// The failpoints of this engine's userfaultfd (feature `failpoints`).
+    #[cfg(feature = "failpoints")]
+    pub fn failpoints(&self) -> &Arc<crate::failpoints::FailPoints> {
+        self.shared.uffd.failpoints()
+    }
+
     /// The negotiated userfaultfd features.
     pub fn features(&self) -> Features {
         self.shared.uffd.features()

@@ -1,0 +1,217 @@
+//! Failpoints in the userfaultfd wrapper (feature `failpoints`, off by
+//! default): make one chosen call of one chosen ioctl report a chosen errno,
+//! optionally after really doing its first pages, while every other call
+//! stays real. This is how the tests drive the engine's error paths on a
+//! real kernel; nothing here fakes what the kernel does.
+//!
+//! Failpoints belong to one engine's descriptor, so tests running in
+//! parallel in one process do not see each other's.
+//!
+//! ```ignore
+//! let fp = engine.failpoints();
+//! // The second UFFDIO_MOVE from now fails with ENOMEM after moving 3 pages.
+//! fp.arm(Rule::new(Op::Move, libc::ENOMEM).skip(1).partial(3));
+//! ```
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Mutex;
+
+use crate::uffd::Op;
+
+/// One armed failure.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rule {
+    /// The ioctl it applies to.
+    pub op: Op,
+    /// The errno the failing call reports.
+    pub errno: i32,
+    /// Matching calls to let through before failing.
+    pub skip: u64,
+    /// Calls to fail once it fires (`u64::MAX`: every one from then on).
+    pub times: u64,
+    /// Pages really done before the failure is reported (partial progress,
+    /// as the kernel reports it: `done` bytes).
+    pub partial_pages: usize,
+    /// Only calls whose range touches `[lo, hi)` (host addresses) match:
+    /// the destination, or for `MOVE` the source too.
+    pub within: Option<(u64, u64)>,
+}
+
+impl Rule {
+    /// Fails the next matching call of `op` with `errno`, once.
+    pub fn new(op: Op, errno: i32) -> Rule {
+        Rule { op, errno, skip: 0, times: 1, partial_pages: 0, within: None }
+    }
+
+    /// Lets `n` matching calls through first.
+    pub fn skip(mut self, n: u64) -> Rule {
+        self.skip = n;
+        self
+    }
+
+    /// Fails `n` calls once it fires (`u64::MAX`: every one).
+    pub fn times(mut self, n: u64) -> Rule {
+        self.times = n;
+        self
+    }
+
+    /// Really does the first `pages` pages of the failing call.
+    pub fn partial(mut self, pages: usize) -> Rule {
+        self.partial_pages = pages;
+        self
+    }
+
+    /// Matches only calls touching host addresses `[lo, hi)`.
+    pub fn within(mut self, lo: u64, hi: u64) -> Rule {
+        self.within = Some((lo, hi));
+        self
+    }
+}
+
+/// What a failing call does (taken from its rule).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Failure {
+    /// The errno to report.
+    pub errno: i32,
+    /// Pages to really do first.
+    pub partial_pages: usize,
+}
+
+/// Behaviours of the engine that a failpoint can switch off, so a test can
+/// show that the checks meant to catch their absence do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Switch {
+    /// The event loop reads events without holding installs off, so a
+    /// `REMOVE` can be read (and the discarding thread let go) before the
+    /// installs that checked an older sequence have landed.
+    UnorderedRemoves,
+}
+
+/// The failpoints of one userfaultfd.
+#[derive(Debug, Default)]
+pub struct FailPoints {
+    /// Armed rules; the count lets the fast path skip the lock.
+    armed: AtomicUsize,
+    rules: Mutex<Vec<Rule>>,
+    fired: AtomicUsize,
+    unordered_removes: AtomicBool,
+}
+
+impl FailPoints {
+    /// Arms `rule`. Rules are checked in the order armed; a call is failed
+    /// by the first that fires.
+    pub fn arm(&self, rule: Rule) {
+        let mut rules = self.rules.lock().unwrap_or_else(|e| e.into_inner());
+        rules.push(rule);
+        self.armed.store(rules.len(), Ordering::Release);
+    }
+
+    /// Disarms every rule.
+    pub fn clear(&self) {
+        let mut rules = self.rules.lock().unwrap_or_else(|e| e.into_inner());
+        rules.clear();
+        self.armed.store(0, Ordering::Release);
+    }
+
+    /// Calls failed so far.
+    pub fn fired(&self) -> usize {
+        self.fired.load(Ordering::Acquire)
+    }
+
+    /// Rules still armed (not yet used up).
+    pub fn pending(&self) -> usize {
+        self.armed.load(Ordering::Acquire)
+    }
+
+    /// Turns a behaviour off (`off = true`) or back on.
+    pub fn switch_off(&self, switch: Switch, off: bool) {
+        match switch {
+            Switch::UnorderedRemoves => self.unordered_removes.store(off, Ordering::Release),
+        }
+    }
+
+    /// Whether `switch` is turned off.
+    pub fn is_off(&self, switch: Switch) -> bool {
+        match switch {
+            Switch::UnorderedRemoves => self.unordered_removes.load(Ordering::Acquire),
+        }
+    }
+
+    /// Called by the wrapper before each ioctl: the failure to report, if a
+    /// rule fires on this call.
+    pub(crate) fn take(&self, op: Op, addrs: [u64; 2], len: usize) -> Option<Failure> {
+        if self.armed.load(Ordering::Acquire) == 0 {
+            return None;
+        }
+        let mut rules = self.rules.lock().unwrap_or_else(|e| e.into_inner());
+        let touches = |r: &Rule| match r.within {
+            None => true,
+            Some((lo, hi)) => addrs.iter().any(|&a| a < hi && a.saturating_add(len as u64) > lo),
+        };
+        let i = rules.iter().position(|r| r.op == op && touches(r))?;
+        let rule = &mut rules[i];
+        if rule.skip > 0 {
+            rule.skip -= 1;
+            return None;
+        }
+        let failure = Failure { errno: rule.errno, partial_pages: rule.partial_pages };
+        rule.times = rule.times.saturating_sub(1);
+        if rule.times == 0 {
+            rules.remove(i);
+        }
+        self.armed.store(rules.len(), Ordering::Release);
+        self.fired.fetch_add(1, Ordering::AcqRel);
+        Some(failure)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::uffd::{Features, RegisterMode, Uffd, PAGE_SIZE};
+
+    fn anon(pages: usize) -> u64 {
+        let map = crate::ram::AnonMapping::new(pages * PAGE_SIZE).unwrap();
+        let addr = map.ptr() as u64;
+        std::mem::forget(map);
+        addr
+    }
+
+    #[test]
+    fn a_rule_fails_the_chosen_call_after_real_partial_progress() {
+        let uffd = Uffd::new(Features::empty(), Features::empty()).unwrap();
+        let a = anon(8);
+        uffd.register(a, 8 * PAGE_SIZE as u64, RegisterMode::MISSING).unwrap();
+        let src = vec![7u8; 8 * PAGE_SIZE];
+        uffd.failpoints().arm(Rule::new(Op::Copy, libc::ENOMEM).skip(1).partial(2));
+        // The first call passes.
+        assert_eq!(uffd.copy(a, src.as_ptr(), PAGE_SIZE, false), Ok(PAGE_SIZE));
+        // The second does two pages for real, then reports ENOMEM.
+        let e = uffd.copy(a + PAGE_SIZE as u64, src.as_ptr(), 4 * PAGE_SIZE, false).unwrap_err();
+        assert_eq!((e.errno, e.done), (libc::ENOMEM, 2 * PAGE_SIZE));
+        // The kernel really has those two pages: a COPY there is EEXIST.
+        let e = uffd.copy(a + 2 * PAGE_SIZE as u64, src.as_ptr(), PAGE_SIZE, false).unwrap_err();
+        assert_eq!(e.errno, libc::EEXIST);
+        // Used up: the next call is real again.
+        assert_eq!(uffd.copy(a + 3 * PAGE_SIZE as u64, src.as_ptr(), PAGE_SIZE, false), Ok(PAGE_SIZE));
+        assert_eq!((uffd.failpoints().fired(), uffd.failpoints().pending()), (1, 0));
+        uffd.wake(a, 8 * PAGE_SIZE).unwrap();
+    }
+
+    #[test]
+    fn a_rule_matches_only_its_range_and_op() {
+        let uffd = Uffd::new(Features::empty(), Features::empty()).unwrap();
+        let a = anon(4);
+        uffd.register(a, 4 * PAGE_SIZE as u64, RegisterMode::MISSING).unwrap();
+        let fp = uffd.failpoints();
+        fp.arm(Rule::new(Op::ZeroPage, libc::EAGAIN).within(a + 3 * PAGE_SIZE as u64, a + 4 * PAGE_SIZE as u64));
+        fp.arm(Rule::new(Op::Wake, libc::EIO).times(u64::MAX));
+        assert_eq!(uffd.zeropage(a, PAGE_SIZE, true), Ok(PAGE_SIZE));
+        assert_eq!(uffd.zeropage(a + 3 * PAGE_SIZE as u64, PAGE_SIZE, true).unwrap_err().errno, libc::EAGAIN);
+        for _ in 0..3 {
+            assert_eq!(uffd.wake(a, PAGE_SIZE).unwrap_err().errno, libc::EIO);
+        }
+        fp.clear();
+        uffd.wake(a, 4 * PAGE_SIZE).unwrap();
+    }
+}
