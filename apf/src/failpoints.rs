@@ -14,7 +14,8 @@
 //! ```
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::Mutex;
+use std::sync::{Condvar, Mutex};
+use std::time::{Duration, Instant};
 
 use crate::uffd::Op;
 
@@ -35,12 +36,24 @@ pub struct Rule {
     /// Only calls whose range touches `[lo, hi)` (host addresses) match:
     /// the destination, or for `MOVE` the source too.
     pub within: Option<(u64, u64)>,
+    /// Instead of failing, the call waits at a gate until
+    /// [`FailPoints::open_gate`] (or [`GATE_DEADLINE`]), then runs for real:
+    /// a test lines up other events while the call is held.
+    pub pause: bool,
 }
+
+/// The longest a paused call waits at its gate.
+pub const GATE_DEADLINE: std::time::Duration = std::time::Duration::from_secs(10);
 
 impl Rule {
     /// Fails the next matching call of `op` with `errno`, once.
     pub fn new(op: Op, errno: i32) -> Rule {
-        Rule { op, errno, skip: 0, times: 1, partial_pages: 0, within: None }
+        Rule { op, errno, skip: 0, times: 1, partial_pages: 0, within: None, pause: false }
+    }
+
+    /// Holds the next matching call of `op` at a gate, then lets it run.
+    pub fn pause(op: Op) -> Rule {
+        Rule { pause: true, ..Rule::new(op, 0) }
     }
 
     /// Lets `n` matching calls through first.
@@ -75,6 +88,8 @@ pub struct Failure {
     pub errno: i32,
     /// Pages to really do first.
     pub partial_pages: usize,
+    /// Wait at the gate, then run for real (no failure).
+    pub pause: bool,
 }
 
 /// Behaviours of the engine that a failpoint can switch off, so a test can
@@ -95,6 +110,9 @@ pub struct FailPoints {
     rules: Mutex<Vec<Rule>>,
     fired: AtomicUsize,
     unordered_removes: AtomicBool,
+    /// (calls waiting at the gate, gate open)
+    gate: Mutex<(usize, bool)>,
+    gate_changed: Condvar,
 }
 
 impl FailPoints {
@@ -121,6 +139,42 @@ impl FailPoints {
     /// Rules still armed (not yet used up).
     pub fn pending(&self) -> usize {
         self.armed.load(Ordering::Acquire)
+    }
+
+    /// Waits until a paused call is at the gate, or `timeout`; true if one is.
+    pub fn wait_paused(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        let mut gate = self.gate.lock().unwrap_or_else(|e| e.into_inner());
+        while gate.0 == 0 {
+            let now = Instant::now();
+            if now >= deadline {
+                return false;
+            }
+            gate = self.gate_changed.wait_timeout(gate, deadline - now).unwrap_or_else(|e| e.into_inner()).0;
+        }
+        true
+    }
+
+    /// Lets every paused call (and every later one) through.
+    pub fn open_gate(&self) {
+        self.gate.lock().unwrap_or_else(|e| e.into_inner()).1 = true;
+        self.gate_changed.notify_all();
+    }
+
+    /// Called by the wrapper for a pausing rule: waits at the gate.
+    pub(crate) fn wait_at_gate(&self) {
+        let deadline = Instant::now() + GATE_DEADLINE;
+        let mut gate = self.gate.lock().unwrap_or_else(|e| e.into_inner());
+        gate.0 += 1;
+        self.gate_changed.notify_all();
+        while !gate.1 {
+            let now = Instant::now();
+            if now >= deadline {
+                break;
+            }
+            gate = self.gate_changed.wait_timeout(gate, deadline - now).unwrap_or_else(|e| e.into_inner()).0;
+        }
+        gate.0 -= 1;
     }
 
     /// Turns a behaviour off (`off = true`) or back on.
@@ -154,7 +208,7 @@ impl FailPoints {
             rule.skip -= 1;
             return None;
         }
-        let failure = Failure { errno: rule.errno, partial_pages: rule.partial_pages };
+        let failure = Failure { errno: rule.errno, partial_pages: rule.partial_pages, pause: rule.pause };
         rule.times = rule.times.saturating_sub(1);
         if rule.times == 0 {
             rules.remove(i);

@@ -32,7 +32,7 @@
 use std::collections::VecDeque;
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock, RwLockReadGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::Instant;
 
 use crate::ram::GuestRange;
@@ -191,6 +191,24 @@ impl fmt::Debug for History {
     }
 }
 
+/// Installs held off (the write side of the install lock), from
+/// [`Notifier::hold_installs`].
+#[derive(Debug)]
+pub struct InstallsHeld<'a> {
+    history: RwLockWriteGuard<'a, History>,
+    notifier: &'a Notifier,
+}
+
+impl<'a> InstallsHeld<'a> {
+    /// Begins a non-exclusive invalidation (a discard that has already
+    /// happened) while installs are held off; `mark` updates page states.
+    pub fn invalidate(&mut self, ranges: &[GuestRange], reason: Reason, mark: impl FnOnce()) -> Invalidation<'a> {
+        let notifier = self.notifier;
+        let reg = notifier.registry();
+        notifier.start(&mut self.history, reg, ranges, reason, false, mark)
+    }
+}
+
 /// Who still holds an invalidated range when the deadline passed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Held {
@@ -281,7 +299,29 @@ impl Notifier {
         mark: impl FnOnce(),
     ) -> Result<Invalidation<'_>, Overlap> {
         let mut history = self.lock.write().unwrap_or_else(|e| e.into_inner());
-        let mut reg = self.registry();
+        self.begin_locked(&mut history, ranges, reason, exclusive, mark)
+    }
+
+    /// Holds installs off until the returned guard is dropped: no install
+    /// is in flight while it is held, and every install that starts after
+    /// it sees the invalidations begun under it. The event loop reads
+    /// userfaultfd events under it, because reading a `REMOVE` is what lets
+    /// the discarding thread go on and zap the range: an install that
+    /// checked its sequence before the remove was applied must have landed
+    /// before the read (the zap then removes it), never after.
+    pub fn hold_installs(&self) -> InstallsHeld<'_> {
+        InstallsHeld { history: self.lock.write().unwrap_or_else(|e| e.into_inner()), notifier: self }
+    }
+
+    fn begin_locked(
+        &self,
+        history: &mut History,
+        ranges: &[GuestRange],
+        reason: Reason,
+        exclusive: bool,
+        mark: impl FnOnce(),
+    ) -> Result<Invalidation<'_>, Overlap> {
+        let reg = self.registry();
         if exclusive {
             for (_, rs, ex) in reg.active.iter() {
                 if let Some(r) = ranges.iter().find(|r| *ex && rs.iter().any(|a| a.overlaps(r))) {
@@ -289,6 +329,20 @@ impl Notifier {
                 }
             }
         }
+        Ok(self.start(history, reg, ranges, reason, exclusive, mark))
+    }
+
+    /// Bumps the sequence, records the ranges and marks them, with the
+    /// install lock held exclusively (`history`) and the registry locked.
+    fn start(
+        &self,
+        history: &mut History,
+        mut reg: MutexGuard<'_, Registry>,
+        ranges: &[GuestRange],
+        reason: Reason,
+        exclusive: bool,
+        mark: impl FnOnce(),
+    ) -> Invalidation<'_> {
         let seq = self.seq.fetch_add(1, Ordering::AcqRel) + 1;
         for r in ranges {
             if history.ranges.len() == HISTORY {
@@ -303,8 +357,7 @@ impl Notifier {
         reg.active.push((id, ranges.to_vec(), exclusive));
         drop(reg);
         mark();
-        drop(history);
-        Ok(Invalidation { notifier: self, id, seq, ranges: ranges.to_vec(), reason })
+        Invalidation { notifier: self, id, seq, ranges: ranges.to_vec(), reason }
     }
 
     /// Registers an interval whose `callback` is called by every overlapping

@@ -285,8 +285,9 @@ impl Region {
     /// resolver (which must re-read [`Self::claimed_origin`] after it sees
     /// the invalidation sequence move). Offline and invalidating pages keep
     /// their state and take the `Zero` origin.
-    pub fn mark_removed(&self, page: usize) {
-        let _ = self.states[page].fetch_update(Ordering::AcqRel, Ordering::Acquire, |b| {
+    /// Returns the state and origin the page had.
+    pub fn mark_removed(&self, page: usize) -> (PageState, Origin) {
+        let prior = self.states[page].fetch_update(Ordering::AcqRel, Ordering::Acquire, |b| {
             let (state, _) = unpack(b);
             let state = match state {
                 PageState::Present | PageState::Poisoned => PageState::Missing,
@@ -294,6 +295,7 @@ impl Region {
             };
             Some(pack(state, Origin::Zero))
         });
+        unpack(prior.unwrap_or_else(|b| b))
     }
 
     /// Marks a page for an offline (`Present`, `Missing`, `Poisoned` or

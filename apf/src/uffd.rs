@@ -81,9 +81,6 @@ pub enum UffdError {
     /// Reading events failed.
     #[error("reading userfaultfd events failed")]
     Read(#[source] io::Error),
-    /// The kernel sent an event this wrapper does not know.
-    #[error("unknown userfaultfd event {0:#x}")]
-    UnknownEvent(u8),
 }
 
 /// A failed resolving ioctl: the errno, and how many bytes the kernel had
@@ -294,6 +291,13 @@ pub enum Event {
         /// The child's userfaultfd descriptor number.
         fd: u32,
     },
+    /// A message this wrapper cannot decode (an event code it does not
+    /// know). It is passed on, not dropped with its batch, so the other
+    /// messages read with it are still handled.
+    Unknown {
+        /// The raw event code.
+        event: u8,
+    },
 }
 
 /// Capacity of one batched read, in messages.
@@ -409,6 +413,10 @@ impl Uffd {
     ) -> Result<usize, IoctlError> {
         #[cfg(feature = "failpoints")]
         if let Some(f) = self.failpoints.take(op, addrs, len) {
+            if f.pause {
+                self.failpoints.wait_at_gate();
+                return real(len);
+            }
             let part = (f.partial_pages * PAGE_SIZE).min(len);
             let done = if part > 0 {
                 match real(part) {
@@ -475,10 +483,16 @@ impl Uffd {
             }
         };
         let count = bytes / std::mem::size_of::<sys::uffd_msg>();
-        for msg in &buf.msgs[..count] {
-            out.push(decode(msg)?);
-        }
+        out.extend(buf.msgs[..count].iter().map(decode));
         Ok(count)
+    }
+
+    /// Whether an event is waiting to be read (a `poll` with no timeout).
+    pub fn readable(&self) -> bool {
+        let mut pfd = libc::pollfd { fd: self.fd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+        // SAFETY: poll reads and writes one pollfd on this stack frame.
+        let n = unsafe { libc::poll(&mut pfd, 1, 0) };
+        n > 0 && pfd.revents & libc::POLLIN != 0
     }
 
     fn ioctl_progress<T>(
@@ -600,7 +614,7 @@ impl Uffd {
     }
 }
 
-fn decode(msg: &sys::uffd_msg) -> Result<Event, UffdError> {
+fn decode(msg: &sys::uffd_msg) -> Event {
     // SAFETY (for each union read below): the kernel fills the union member
     // that matches `msg.event`, and every member is plain integers, so any
     // bit pattern is a valid value of the member read.
@@ -611,35 +625,35 @@ fn decode(msg: &sys::uffd_msg) -> Result<Event, UffdError> {
             let flags = pf.flags as u32;
             // SAFETY: see above; `feat.ptid` is a u32 in every variant.
             let tid = unsafe { pf.feat.ptid };
-            Ok(Event::Fault {
+            Event::Fault {
                 addr: pf.address,
                 write: flags & sys::UFFD_PAGEFAULT_FLAG_WRITE != 0,
                 wp: flags & sys::UFFD_PAGEFAULT_FLAG_WP != 0,
                 minor: flags & sys::UFFD_PAGEFAULT_FLAG_MINOR != 0,
                 tid,
-            })
+            }
         }
         sys::UFFD_EVENT_REMOVE => {
             // SAFETY: see above; REMOVE carries `remove`.
             let r = unsafe { msg.arg.remove };
-            Ok(Event::Remove { start: r.start, end: r.end })
+            Event::Remove { start: r.start, end: r.end }
         }
         sys::UFFD_EVENT_UNMAP => {
             // SAFETY: see above; UNMAP carries `remove`.
             let r = unsafe { msg.arg.remove };
-            Ok(Event::Unmap { start: r.start, end: r.end })
+            Event::Unmap { start: r.start, end: r.end }
         }
         sys::UFFD_EVENT_REMAP => {
             // SAFETY: see above; REMAP carries `remap`.
             let r = unsafe { msg.arg.remap };
-            Ok(Event::Remap { from: r.from, to: r.to, len: r.len })
+            Event::Remap { from: r.from, to: r.to, len: r.len }
         }
         sys::UFFD_EVENT_FORK => {
             // SAFETY: see above; FORK carries `fork`.
             let f = unsafe { msg.arg.fork };
-            Ok(Event::Fork { fd: f.ufd })
+            Event::Fork { fd: f.ufd }
         }
-        other => Err(UffdError::UnknownEvent(other as u8)),
+        other => Event::Unknown { event: other as u8 },
     }
 }
 
@@ -667,6 +681,17 @@ mod tests {
         // <linux/userfaultfd.h>: UFFDIO_MOVE 0xc028aa05, UFFDIO_POISON 0xc020aa08.
         assert_eq!(UFFDIO_MOVE, 0xc028_aa05);
         assert_eq!(UFFDIO_POISON, 0xc020_aa08);
+    }
+
+    #[test]
+    fn an_unknown_message_is_decoded_on_its_own() {
+        // SAFETY: uffd_msg is plain integers; all-zero is valid.
+        let mut msg: sys::uffd_msg = unsafe { std::mem::zeroed() };
+        msg.event = 0x7f;
+        assert_eq!(decode(&msg), Event::Unknown { event: 0x7f });
+        msg.event = sys::UFFD_EVENT_REMOVE as u8;
+        msg.arg.remove = sys::uffd_msg__bindgen_ty_1__bindgen_ty_4 { start: 0x1000, end: 0x3000 };
+        assert_eq!(decode(&msg), Event::Remove { start: 0x1000, end: 0x3000 });
     }
 
     #[test]

@@ -17,8 +17,8 @@ use vmm_sys_util::eventfd::EventFd;
 use super::prefetch::StreamTable;
 use super::resolve::{self, Ctx};
 use super::{EngineError, Fault, FaultError, Job, Shared};
-use crate::notifier::Reason;
-use crate::ram::{GuestAddress, GuestRange, PageLoc, PageState};
+use crate::notifier::{InstallsHeld, Invalidation, Reason};
+use crate::ram::{GuestAddress, GuestRange, Origin, PageLoc, PageState};
 use crate::uffd::{Event, EventBuf, PAGE_SIZE};
 
 const UFFD: u32 = 0;
@@ -140,11 +140,13 @@ impl FaultLoop {
     /// `Config::spin` after the last one: waking a sleeping handler on the
     /// other core costs several times a fault's own work on these machines,
     /// and a faulting thread usually faults again within microseconds.
+    /// The polling looks (`poll`) without reading: a read holds installs
+    /// off (see [`Self::drain_once`]).
     fn drain(&mut self) {
         let spin = self.shared.config.spin;
         let mut last = std::time::Instant::now();
+        let mut got = self.drain_once();
         loop {
-            let got = self.drain_once();
             if got {
                 last = std::time::Instant::now();
             } else if last.elapsed() >= spin || self.shared.in_flight.load(Ordering::Relaxed) > 0 {
@@ -154,21 +156,48 @@ impl FaultLoop {
             } else {
                 std::hint::spin_loop();
             }
+            got = self.shared.uffd.readable() && self.drain_once();
         }
     }
 
     /// One pass over the queue; true if any event was handled.
+    ///
+    /// Each batch is read with installs held off, and the `REMOVE`s in it
+    /// are applied (sequence bumped, pages marked) before installs resume:
+    /// reading a remove lets the `madvise` caller go on and zap the range,
+    /// so every install whose check came before the remove must land
+    /// before the read, and every later one must see the new sequence.
+    /// Once `madvise` returns, the range reads as zeros until written.
     fn drain_once(&mut self) -> bool {
         let mut any = false;
         loop {
             let mut events = std::mem::take(&mut self.events);
-            match self.shared.uffd.read_events(&mut self.buf, &mut events) {
+            let shared = self.shared.clone();
+            let mut held = (!self.removes_unordered()).then(|| shared.notifier.hold_installs());
+            let read = shared.uffd.read_events(&mut self.buf, &mut events);
+            let mut removes = Vec::new();
+            if read.is_ok() {
+                for ev in events.iter() {
+                    if let Event::Remove { start, end } = *ev {
+                        begin_remove(&shared, held.as_mut(), start, end, &mut removes);
+                    }
+                }
+            }
+            drop(held);
+            // Pins over discarded memory must re-fault it (as zeros): their
+            // callbacks run with no engine lock held.
+            for inv in removes {
+                inv.call_intervals();
+            }
+            match read {
                 Ok(0) => {
                     self.events = events;
                     return any;
                 }
                 Ok(n) => {
                     any = true;
+                    // Per message: one the wrapper cannot decode is
+                    // reported on its own, never drops its batch.
                     for ev in events.iter() {
                         self.handle(*ev);
                     }
@@ -187,10 +216,23 @@ impl FaultLoop {
         }
     }
 
+    /// Whether a failpoint switched the ordering of removes against
+    /// installs off (a test proving the stress catches its absence).
+    fn removes_unordered(&self) -> bool {
+        #[cfg(feature = "failpoints")]
+        {
+            self.shared.uffd.failpoints().is_off(crate::failpoints::Switch::UnorderedRemoves)
+        }
+        #[cfg(not(feature = "failpoints"))]
+        false
+    }
+
     fn handle(&mut self, ev: Event) {
         match ev {
             Event::Fault { addr, write, tid, .. } => self.on_fault(addr, write, tid),
-            Event::Remove { start, end } => self.on_remove(start, end),
+            // Applied when read, see `drain_once`.
+            Event::Remove { .. } => {}
+            Event::Unknown { event } => self.shared.report(FaultError::UnknownEvent(event)),
             // Not requested at the handshake; nothing to do if they come.
             Event::Unmap { .. } | Event::Remap { .. } | Event::Fork { .. } => {
                 tracing::warn!(target: "apf", event = ?ev, "unexpected userfaultfd event");
@@ -446,39 +488,51 @@ impl FaultLoop {
         self.shared.parked_waiting.store(false, Ordering::SeqCst);
     }
 
-    /// `MADV_DONTNEED` by someone else: the range reads as zeros from now
-    /// on. Marked under the install lock with the sequence bumped, so a
-    /// resolver that filled from the old origin retries.
-    fn on_remove(&mut self, start: u64, end: u64) {
-        let shared = &self.shared;
-        for (i, r) in shared.ram.regions().iter().enumerate() {
-            let lo = start.max(r.host_base());
-            let hi = end.min(r.host_base() + r.len());
-            if lo >= hi {
-                continue;
-            }
-            let first = ((lo - r.host_base()) / PAGE_SIZE as u64) as usize;
-            let last = ((hi - r.host_base()).div_ceil(PAGE_SIZE as u64)) as usize;
-            shared.stats.removes.fetch_add(1, Ordering::Relaxed);
-            let range = GuestRange::new(GuestAddress(r.page_gpa(first).0), ((last - first) * PAGE_SIZE) as u64);
-            let _span = tracing::debug_span!(target: "apf", "apf.invalidate", region = i, gpa = range.start.0, len = range.len, reason = "remove").entered();
-            let inv = shared.notifier.invalidate_begin(&[range], Reason::Remove, false, || {
-                for p in first..last {
-                    r.mark_removed(p);
-                }
-            });
-            // Pins over discarded memory must re-fault it (as zeros).
-            if let Ok(inv) = inv {
-                inv.call_intervals();
-            }
-        }
-    }
-
     /// At exit: parked jobs give their pages back, so shutdown poisons them.
     fn abandon_parked(&mut self) {
         for job in self.parked.drain(..) {
             self.shared.release_runs(job.region, &job.runs);
             self.shared.in_flight.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+}
+
+/// `MADV_DONTNEED` by someone else: the range reads as zeros from now on.
+/// Marked with installs held off (`held`; `None` only when a failpoint
+/// switched the ordering off) and the sequence bumped, so a resolver that
+/// filled from the old origin retries. The invalidations begun are pushed
+/// to `out`: their callbacks are called after installs resume, and they end
+/// when dropped.
+fn begin_remove<'a>(
+    shared: &'a Shared,
+    mut held: Option<&mut InstallsHeld<'a>>,
+    start: u64,
+    end: u64,
+    out: &mut Vec<Invalidation<'a>>,
+) {
+    for (i, r) in shared.ram.regions().iter().enumerate() {
+        let lo = start.max(r.host_base());
+        let hi = end.min(r.host_base() + r.len());
+        if lo >= hi {
+            continue;
+        }
+        let first = ((lo - r.host_base()) / PAGE_SIZE as u64) as usize;
+        let last = ((hi - r.host_base()).div_ceil(PAGE_SIZE as u64)) as usize;
+        shared.stats.removes.fetch_add(1, Ordering::Relaxed);
+        let range = GuestRange::new(GuestAddress(r.page_gpa(first).0), ((last - first) * PAGE_SIZE) as u64);
+        let _span = tracing::debug_span!(target: "apf", "apf.invalidate", region = i, gpa = range.start.0, len = range.len, reason = "remove").entered();
+        let mark = || {
+            for p in first..last {
+                if r.mark_removed(p).1 == Origin::Store {
+                    // Its evicted contents are gone for good (a resolver
+                    // filling from them retries, from zeros).
+                    shared.store.discard(r.page_gpa(p), PAGE_SIZE);
+                }
+            }
+        };
+        match held.as_deref_mut() {
+            Some(held) => out.push(held.invalidate(&[range], Reason::Remove, mark)),
+            None => out.extend(shared.notifier.invalidate_begin(&[range], Reason::Remove, false, mark).ok()),
         }
     }
 }

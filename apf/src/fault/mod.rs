@@ -193,6 +193,40 @@ pub enum FaultError {
     /// Reading events failed.
     #[error("reading fault events failed")]
     Events(#[source] UffdError),
+    /// A userfaultfd message of a kind the engine does not know; the other
+    /// messages of its batch were handled.
+    #[error("unknown userfaultfd event {0:#x}")]
+    UnknownEvent(u8),
+    /// The kernel reported a page missing that the engine had installed,
+    /// with no remove event behind it: its contents are gone. The page was
+    /// poisoned (accesses get SIGBUS) rather than silently zero-filled.
+    #[error("guest page {gpa:#x} was installed but the kernel lost it (no remove event); poisoned: {poisoned}")]
+    Inconsistent {
+        /// The page.
+        gpa: u64,
+        /// Whether it was poisoned.
+        poisoned: bool,
+    },
+    /// A page-state transition found the page in a state it must not be
+    /// in: an engine bug, reported instead of acted on.
+    #[error("guest page {gpa:#x}: {transition} found it {found}")]
+    State {
+        /// The page.
+        gpa: u64,
+        /// The transition attempted.
+        transition: &'static str,
+        /// The state it was in.
+        found: &'static str,
+    },
+    /// The event loop thread stopped unexpectedly. A rescue thread answers
+    /// every fault from then on with poison (SIGBUS) and applies removes,
+    /// so no thread blocks forever; the engine must be shut down.
+    #[error("the fault event loop died ({0}); every missing page is poisoned from now on")]
+    EventLoopDied(String),
+    /// A thread resolving pages did not finish by the shutdown deadline
+    /// (a page source that never returns); it was left behind.
+    #[error("{0} engine threads were still busy at the shutdown deadline and were left behind")]
+    ThreadsLeftBehind(usize),
 }
 
 macro_rules! counters {
