@@ -335,7 +335,7 @@ fn offline_pages(
     shared.stats.pin_invalidations.fetch_add(report.pins_called as u64, Relaxed);
     // 3. Drain.
     if let Err(held) = inv.wait_drained(true, deadline) {
-        restore(region, first, &prior);
+        restore(shared, region, first, &prior);
         drop(inv);
         shared.kick_deferred();
         return Err(OfflineError::Busy {
@@ -409,7 +409,7 @@ fn offline_pages(
                 if busy > 0 || failure.is_some() {
                     // Stopped part-way: only pages taken out are discarded.
                     if fate[i] == Fate::Untouched {
-                        region.end_invalidate(p, prior[i], None);
+                        shared.checked(region.end_invalidate(p, prior[i], None));
                         continue;
                     }
                 }
@@ -427,7 +427,7 @@ fn offline_pages(
             }
             (state, _, _) => (state, None),
         };
-        region.end_invalidate(p, to, origin);
+        shared.checked(region.end_invalidate(p, to, origin));
     }
     report.pages_taken = fate.iter().filter(|f| **f != Fate::Untouched).count();
     report.pages_unplugged = if mode == Mode::Unplug { discarded } else { 0 };
@@ -477,10 +477,10 @@ fn begin<'a>(
 }
 
 /// Puts marked pages back as they were (an offline that did nothing).
-fn restore(region: &Region, first: usize, prior: &[PageState]) {
+fn restore(shared: &Shared, region: &Region, first: usize, prior: &[PageState]) {
     for (i, &state) in prior.iter().enumerate() {
         if state != PageState::Resolving {
-            region.end_invalidate(first + i, state, None);
+            shared.checked(region.end_invalidate(first + i, state, None));
         }
     }
 }
@@ -640,16 +640,16 @@ pub(crate) fn replug(shared: &Shared, range: GuestRange) -> Result<usize, Offlin
         if state == PageState::Offline {
             match unplug_page(shared, region, p, state, UnplugPolicy::Zero) {
                 Ok(to) => {
-                    region.end_invalidate(p, to, Some(Origin::Zero));
+                    shared.checked(region.end_invalidate(p, to, Some(Origin::Zero)));
                     replugged += 1;
                 }
                 Err(e) => {
-                    region.end_invalidate(p, state, None);
+                    shared.checked(region.end_invalidate(p, state, None));
                     failure.get_or_insert(OfflineError::Ioctl { range, error: e });
                 }
             }
         } else if state != PageState::Resolving {
-            region.end_invalidate(p, state, None);
+            shared.checked(region.end_invalidate(p, state, None));
         }
     }
     drop(inv);

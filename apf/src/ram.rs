@@ -106,6 +106,19 @@ impl fmt::Debug for GuestRange {
     }
 }
 
+/// A page-state transition found the page in a state it must not be in
+/// (an engine bug): the page was left as it was.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("guest page {gpa:?}: {transition} found it {found:?}")]
+pub struct StateError {
+    /// The page.
+    pub gpa: GuestAddress,
+    /// The transition attempted.
+    pub transition: &'static str,
+    /// The state the page was in.
+    pub found: PageState,
+}
+
 /// Where a page is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]
@@ -236,21 +249,6 @@ impl Region {
             .map(|_| origin)
     }
 
-    /// Claims a page the engine believes `Present` but the kernel just
-    /// reported missing (`Present -> Resolving`, origin `Zero`). Only a
-    /// `MADV_DONTNEED` that zapped the page after its remove event was read
-    /// gets it there, and zeros are what such a page holds. If the fault was
-    /// stale and the page is really present, the install meets `EEXIST`.
-    pub fn try_reclaim_present(&self, page: usize) -> bool {
-        let cur = self.states[page].load(Ordering::Acquire);
-        if unpack(cur).0 != PageState::Present {
-            return false;
-        }
-        self.states[page]
-            .compare_exchange(cur, pack(PageState::Resolving, Origin::Zero), Ordering::AcqRel, Ordering::Acquire)
-            .is_ok()
-    }
-
     /// The origin of a page this caller holds in `Resolving` (it may change
     /// under the caller when a remove event turns it into `Zero`).
     pub fn claimed_origin(&self, page: usize) -> Origin {
@@ -258,26 +256,31 @@ impl Region {
     }
 
     /// Finishes a claim: `Resolving -> Present`.
-    pub fn complete(&self, page: usize) {
-        self.transition(page, PageState::Resolving, PageState::Present);
+    pub fn complete(&self, page: usize) -> Result<(), StateError> {
+        self.transition(page, "complete", PageState::Resolving, PageState::Present)
     }
 
     /// Gives a claim back: `Resolving -> Missing`, origin kept.
-    pub fn release(&self, page: usize) {
-        self.transition(page, PageState::Resolving, PageState::Missing);
+    pub fn release(&self, page: usize) -> Result<(), StateError> {
+        self.transition(page, "release", PageState::Resolving, PageState::Missing)
     }
 
     /// Marks a claimed page poisoned: `Resolving -> Poisoned`.
-    pub fn poison(&self, page: usize) {
-        self.transition(page, PageState::Resolving, PageState::Poisoned);
+    pub fn poison(&self, page: usize) -> Result<(), StateError> {
+        self.transition(page, "poison", PageState::Resolving, PageState::Poisoned)
     }
 
-    fn transition(&self, page: usize, from: PageState, to: PageState) {
+    /// The checked transitions: a page found in another state is left as
+    /// it is and the error says so, in every build (test builds also stop
+    /// at a debug assertion, so a test cannot pass over one).
+    fn transition(&self, page: usize, name: &'static str, from: PageState, to: PageState) -> Result<(), StateError> {
         let res = self.states[page].fetch_update(Ordering::AcqRel, Ordering::Acquire, |b| {
             let (state, origin) = unpack(b);
             (state == from).then(|| pack(to, origin))
         });
-        debug_assert!(res.is_ok(), "page {page}: expected {from:?}, found {:?}", self.state(page));
+        let found = res.map(|_| ()).map_err(|b| unpack(b).0);
+        debug_assert!(found.is_ok(), "page {page}: {name} expected {from:?}, found {found:?}");
+        found.map_err(|found| StateError { gpa: self.page_gpa(page), transition: name, found })
     }
 
     /// A balloon-style removal: the page's contents are now zeros. A
@@ -320,12 +323,14 @@ impl Region {
 
     /// Ends an offline's hold on a page: `Invalidating -> to`, with a new
     /// origin if given.
-    pub fn end_invalidate(&self, page: usize, to: PageState, origin: Option<Origin>) {
+    pub fn end_invalidate(&self, page: usize, to: PageState, origin: Option<Origin>) -> Result<(), StateError> {
         let res = self.states[page].fetch_update(Ordering::AcqRel, Ordering::Acquire, |b| {
             let (state, old) = unpack(b);
             (state == PageState::Invalidating).then(|| pack(to, origin.unwrap_or(old)))
         });
-        debug_assert!(res.is_ok(), "page {page}: expected Invalidating, found {:?}", self.state(page));
+        let found = res.map(|_| ()).map_err(|b| unpack(b).0);
+        debug_assert!(found.is_ok(), "page {page}: end_invalidate expected Invalidating, found {found:?}");
+        found.map_err(|found| StateError { gpa: self.page_gpa(page), transition: "end_invalidate", found })
     }
 
     /// Sets the origin of a page claimed by a resolver (`Resolving` stays):
@@ -335,6 +340,18 @@ impl Region {
             let (state, _) = unpack(b);
             (state == PageState::Resolving).then(|| pack(state, origin))
         });
+    }
+
+    /// A page the engine had installed and the kernel lost (no remove
+    /// event behind it) was poisoned: `Present -> Poisoned`. False if the
+    /// page was not `Present`.
+    pub fn mark_lost(&self, page: usize) -> bool {
+        let cur = self.states[page].load(Ordering::Acquire);
+        let (state, origin) = unpack(cur);
+        state == PageState::Present
+            && self.states[page]
+                .compare_exchange(cur, pack(PageState::Poisoned, origin), Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
     }
 
     /// Number of pages in each state, indexed by `PageState as usize`.
@@ -637,14 +654,17 @@ mod tests {
         assert_eq!(r.try_claim(0), None, "a page is claimed once");
         r.mark_removed(0);
         assert_eq!(r.state(0), (PageState::Resolving, Origin::Zero), "removal keeps the claim");
-        r.complete(0);
+        r.complete(0).unwrap();
         assert_eq!(r.state(0).0, PageState::Present);
-        assert!(r.try_reclaim_present(0));
-        assert_eq!(r.state(0), (PageState::Resolving, Origin::Zero));
-        r.release(0);
+        assert!(r.mark_lost(0));
+        assert_eq!(r.state(0), (PageState::Poisoned, Origin::Zero));
+        assert!(!r.mark_lost(0), "only a present page is lost");
+        r.mark_removed(0);
+        r.try_claim(0).unwrap();
+        r.release(0).unwrap();
         assert_eq!(r.state(0), (PageState::Missing, Origin::Zero));
         r.try_claim(0).unwrap();
-        r.poison(0);
+        r.poison(0).unwrap();
         assert_eq!(r.state(0).0, PageState::Poisoned);
         r.mark_removed(0);
         assert_eq!(r.state(0), (PageState::Missing, Origin::Zero));

@@ -108,3 +108,143 @@ fn without_the_ordering_the_same_race_leaves_stale_contents() {
     assert!(returned_while_held, "madvise should not wait without the ordering");
     assert_ne!(after, 0, "the held install should have landed after the discard");
 }
+
+/// Reads the first word of the page at `gpa` through `process_vm_readv` on
+/// our own process: a poisoned page answers `EFAULT` (None) instead of
+/// raising SIGBUS, and a missing page is faulted in through the engine.
+fn try_read_word(ram: &GuestRam, gpa: u64) -> Option<u64> {
+    let p = ram.host_range(GuestAddress(gpa), 8).unwrap();
+    let mut word = 0u64;
+    let local = libc::iovec { iov_base: (&mut word as *mut u64).cast(), iov_len: 8 };
+    let remote = libc::iovec { iov_base: p.cast(), iov_len: 8 };
+    // SAFETY: `local` is 8 writable bytes on this frame; the kernel checks
+    // `remote` against our own address space and answers EFAULT for what
+    // it cannot read.
+    let n = unsafe { libc::process_vm_readv(libc::getpid(), &local, 1, &remote, 1, 0) };
+    (n == 8).then_some(word)
+}
+
+/// Runs `f` on a thread and waits at most `limit` for it: a read that
+/// never returns is a hung thread, which is what these tests must catch.
+fn within<T: Send + 'static>(limit: Duration, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    rx.recv_timeout(limit).expect("the access hung")
+}
+
+fn engine_with(ram: &Arc<GuestRam>, source: Arc<dyn apf::PageSource>, config: apf::Config) -> Engine {
+    Engine::builder(ram.clone(), source).config(config).start().unwrap()
+}
+
+#[test]
+fn a_page_lost_without_a_remove_event_is_poisoned_and_reported_not_zero_filled() {
+    let ram = ram(16);
+    let pattern = Pattern { seed: 9 };
+    let engine = engine_with(&ram, Arc::new(pattern), apf::Config::default());
+    let gpa = 3 * PAGE;
+    let before = read_word(&ram, gpa);
+    assert_ne!(before, 0);
+    // mremap(MREMAP_DONTUNMAP) takes the page's frame away and leaves the
+    // old range registered and empty, with no remove event (EVENT_REMAP was
+    // not asked for): the kernel has lost a page the engine installed.
+    let host = ram.host_range(GuestAddress(gpa), PAGE).unwrap();
+    // SAFETY: moves one page of our own private anonymous guest RAM to a
+    // new mapping the kernel picks; nothing else refers to the new one.
+    let moved =
+        unsafe { libc::mremap(host.cast(), PAGE_SIZE, PAGE_SIZE, libc::MREMAP_MAYMOVE | libc::MREMAP_DONTUNMAP) };
+    assert_ne!(moved, libc::MAP_FAILED, "{}", std::io::Error::last_os_error());
+    // SAFETY: `moved` is the page mremap just made, present and readable.
+    assert_eq!(unsafe { std::ptr::read_volatile(moved as *const u64) }, before);
+    let r = ram.clone();
+    let after = within(Duration::from_secs(5), move || try_read_word(&r, gpa));
+    assert_eq!(after, None, "a lost page must not read as zeros");
+    let err = engine.errors().recv_timeout(Duration::from_secs(1)).expect("an error report");
+    assert!(
+        matches!(err, apf::FaultError::Inconsistent { gpa: g, poisoned: true } if g == gpa),
+        "unexpected report: {err}"
+    );
+    // The rest of guest RAM is served as before.
+    assert_eq!(within(Duration::from_secs(5), move || try_read_word(&ram, 4 * PAGE)).map(|w| w != 0), Some(true));
+}
+
+/// Unplugs `gpa`'s page under the poison policy, then discards it (the
+/// marker is gone, the engine's state stays Offline).
+fn unplugged_and_discarded(gpa: u64) -> (Arc<GuestRam>, Engine) {
+    let ram = ram(16);
+    let config = apf::Config { unplug_policy: apf::UnplugPolicy::Poison, ..apf::Config::default() };
+    let engine = engine_with(&ram, Arc::new(Pattern { seed: 1 }), config);
+    let range = apf::GuestRange::new(GuestAddress(gpa), PAGE);
+    engine.offline(range, apf::Mode::Unplug, Instant::now() + Duration::from_secs(5)).unwrap();
+    discard(&ram, gpa, PAGE);
+    (ram, engine)
+}
+
+#[test]
+fn a_poison_refused_with_eagain_is_retried_and_the_thread_gets_sigbus_not_a_hang() {
+    let gpa = 2 * PAGE;
+    let (ram, engine) = unplugged_and_discarded(gpa);
+    engine.failpoints().arm(Rule::new(Op::Poison, libc::EAGAIN).times(3));
+    let r = ram.clone();
+    assert_eq!(within(Duration::from_secs(5), move || try_read_word(&r, gpa)), None);
+    assert_eq!(engine.failpoints().fired(), 3);
+    assert!(engine.stats().deferred >= 1, "{:?}", engine.stats());
+}
+
+#[test]
+fn a_poison_that_fails_is_reported_and_the_thread_woken() {
+    let gpa = 2 * PAGE;
+    let (ram, engine) = unplugged_and_discarded(gpa);
+    engine.failpoints().arm(Rule::new(Op::Poison, libc::ENOMEM));
+    let r = ram.clone();
+    assert_eq!(within(Duration::from_secs(5), move || try_read_word(&r, gpa)), None);
+    let err = engine.errors().recv_timeout(Duration::from_secs(1)).expect("an error report");
+    assert!(
+        matches!(&err, apf::FaultError::Install { gpa: g, error } if *g == gpa && error.errno == libc::ENOMEM),
+        "{err}"
+    );
+}
+
+/// Fails every fill; the first one waits at a gate so that the test can
+/// discard the page while it is failing.
+struct FailingGated {
+    arrived: AtomicBool,
+    open: AtomicBool,
+}
+
+impl apf::PageSource for FailingGated {
+    fn fill(&self, gpa: GuestAddress, buf: &mut [u8]) -> Result<(), apf::source::SourceError> {
+        if !self.arrived.swap(true, Ordering::AcqRel) {
+            wait_for(&self.open, Duration::from_secs(10));
+        }
+        Err(apf::source::SourceError::Io {
+            gpa: gpa.0,
+            len: buf.len(),
+            source: std::io::Error::from_raw_os_error(libc::EIO),
+        })
+    }
+    fn kind(&self) -> apf::source::SourceKind {
+        apf::source::SourceKind::Blocking
+    }
+    fn name(&self) -> &'static str {
+        "failing-gated"
+    }
+}
+
+#[test]
+fn a_page_discarded_while_its_source_fails_reads_zeros_not_sigbus() {
+    let ram = ram(16);
+    let source = Arc::new(FailingGated { arrived: AtomicBool::new(false), open: AtomicBool::new(false) });
+    // The first failure is final: without the check, the page is poisoned.
+    let config = apf::Config { fill_retries: 0, max_window: 1, ..apf::Config::default() };
+    let engine = engine_with(&ram, source.clone(), config);
+    let gpa = 6 * PAGE;
+    let r = ram.clone();
+    let reader = std::thread::spawn(move || try_read_word(&r, gpa));
+    assert!(wait_for(&source.arrived, Duration::from_secs(5)));
+    discard(&ram, gpa, PAGE);
+    source.open.store(true, Ordering::Release);
+    assert_eq!(reader.join().unwrap(), Some(0), "the discarded page must read as zeros");
+    assert!(engine.errors().try_recv().is_err(), "nothing failed for good");
+}

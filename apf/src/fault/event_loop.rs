@@ -297,33 +297,46 @@ impl FaultLoop {
                     return;
                 }
                 PageState::Present => {
-                    // Missing in the kernel's eyes: zapped after its remove
-                    // event was read, or a stale event. See
-                    // `Region::try_reclaim_present`.
-                    if !region.try_reclaim_present(page) {
-                        continue;
+                    // The engine installed it, the kernel says missing. A
+                    // discard's remove event is applied before any fault
+                    // read after it (see `drain_once`), so either the event
+                    // is stale (it raced the install that resolved it) or
+                    // the page was lost with no remove behind it. POISON is
+                    // the probe that tells them apart without touching
+                    // data: it refuses any non-empty entry with EEXIST.
+                    let host = region.page_host(page);
+                    match shared.uffd.poison(host, PAGE_SIZE) {
+                        Err(e) if e.errno == libc::EEXIST => {
+                            shared.stats.spurious.fetch_add(1, Ordering::Relaxed);
+                            span.record("outcome", "woken");
+                            let _ = shared.uffd.wake(host, PAGE_SIZE);
+                        }
+                        Ok(_) => {
+                            // Its contents are gone: say so, never zero-fill
+                            // as if nothing happened.
+                            region.mark_lost(page);
+                            shared.stats.poisoned.fetch_add(1, Ordering::Relaxed);
+                            span.record("outcome", "poisoned");
+                            let gpa = region.page_gpa(page).0;
+                            shared.report(FaultError::Inconsistent { gpa, poisoned: true });
+                        }
+                        Err(e) => self.after_failed_poison(span, addr, loc, write, tid, redo, e),
                     }
-                    shared.stats.spurious.fetch_add(1, Ordering::Relaxed);
-                    span.record("source", "zero");
-                    let job = Job {
-                        region: loc.region,
-                        fault: Some(Fault { page, write }),
-                        runs: vec![(page, 1)],
-                        span,
-                        attempts: 0,
-                    };
-                    self.dispatch(job);
                     return;
                 }
                 PageState::Poisoned | PageState::Offline => {
                     // The poison marker is gone (zapped): put it back.
                     let host = region.page_host(page);
-                    if let Err(e) = shared.uffd.poison(host, PAGE_SIZE) {
-                        if e.errno == libc::EEXIST {
+                    match shared.uffd.poison(host, PAGE_SIZE) {
+                        Ok(_) => {
+                            span.record("outcome", "poisoned");
+                        }
+                        Err(e) if e.errno == libc::EEXIST => {
+                            span.record("outcome", "poisoned");
                             let _ = shared.uffd.wake(host, PAGE_SIZE);
                         }
+                        Err(e) => self.after_failed_poison(span, addr, loc, write, tid, redo, e),
                     }
-                    span.record("outcome", "poisoned");
                     return;
                 }
                 PageState::Invalidating => {
@@ -341,6 +354,36 @@ impl FaultLoop {
         // Still moving, or taken away for now: let the thread fault again.
         span.record("outcome", "retry");
         let _ = shared.uffd.wake(region.page_host(page), PAGE_SIZE);
+    }
+
+    /// A `POISON` the fault path needed failed. `EAGAIN` (a remove is
+    /// pending; it clears once this loop reads it) defers the fault to the
+    /// next round; anything else is reported and the thread woken, so it
+    /// faults again rather than waiting for ever.
+    #[allow(clippy::too_many_arguments)]
+    fn after_failed_poison(
+        &mut self,
+        span: tracing::Span,
+        addr: u64,
+        loc: PageLoc,
+        write: bool,
+        tid: u32,
+        redo: bool,
+        e: crate::uffd::IoctlError,
+    ) {
+        let shared = &self.shared;
+        let region = &shared.ram.regions()[loc.region];
+        if e.errno == libc::EAGAIN && self.deferred.len() < shared.config.park_capacity {
+            span.record("outcome", "deferred");
+            if !redo {
+                shared.stats.deferred.fetch_add(1, Ordering::Relaxed);
+            }
+            self.deferred.push(Deferred { span, addr, write, tid });
+            return;
+        }
+        span.record("outcome", "poison-failed");
+        shared.report(FaultError::Install { gpa: region.page_gpa(loc.page).0, error: e });
+        let _ = shared.uffd.wake(region.page_host(loc.page), PAGE_SIZE);
     }
 
     /// Claims the prefetch window after the faulting page (already claimed)

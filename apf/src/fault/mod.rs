@@ -209,15 +209,8 @@ pub enum FaultError {
     },
     /// A page-state transition found the page in a state it must not be
     /// in: an engine bug, reported instead of acted on.
-    #[error("guest page {gpa:#x}: {transition} found it {found}")]
-    State {
-        /// The page.
-        gpa: u64,
-        /// The transition attempted.
-        transition: &'static str,
-        /// The state it was in.
-        found: &'static str,
-    },
+    #[error("page-state machine")]
+    State(#[from] crate::ram::StateError),
     /// The event loop thread stopped unexpectedly. A rescue thread answers
     /// every fault from then on with poison (SIGBUS) and applies removes,
     /// so no thread blocks forever; the engine must be shut down.
@@ -373,6 +366,13 @@ impl Shared {
         }
     }
 
+    /// Reports a transition that found its page in the wrong state.
+    pub fn checked(&self, transition: Result<(), crate::ram::StateError>) {
+        if let Err(e) = transition {
+            self.report(FaultError::State(e));
+        }
+    }
+
     /// Whether a job of `pages` pages runs on the event-loop thread.
     pub fn inline_ok(&self, pages: usize) -> bool {
         match self.config.dispatch {
@@ -389,7 +389,7 @@ impl Shared {
         let r = &self.ram.regions()[region];
         for &(first, count) in runs {
             for p in first..first + count {
-                r.release(p);
+                self.checked(r.release(p));
             }
             if let Err(e) = self.uffd.wake(r.page_host(first), count * PAGE_SIZE) {
                 self.report(FaultError::Install { gpa: r.page_gpa(first).0, error: e });

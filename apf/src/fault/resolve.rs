@@ -110,7 +110,7 @@ fn resolve_counting(shared: &Shared, mut job: Job, ctx: &mut Ctx) -> (Option<Job
             Ok(pieces) => pieces,
             Err((gpa, error)) => {
                 job.attempts += 1;
-                match on_fill_error(shared, region, &mut job, ctx, gpa, error) {
+                match on_fill_error(shared, region, &mut job, ctx, gpa, error, (range, seq)) {
                     FillNext::Retry => continue,
                     FillNext::Defer => return (Some(job), bytes),
                     FillNext::Done => return (None, bytes),
@@ -160,7 +160,7 @@ fn resolve_counting(shared: &Shared, mut job: Job, ctx: &mut Ctx) -> (Option<Job
                     len: PAGE_SIZE,
                     source: std::io::Error::from_raw_os_error(libc::EFAULT),
                 };
-                match on_fill_error(shared, region, &mut job, ctx, gpa, error) {
+                match on_fill_error(shared, region, &mut job, ctx, gpa, error, (range, seq)) {
                     FillNext::Retry => continue,
                     FillNext::Defer => return (Some(job), bytes),
                     FillNext::Done => return (None, bytes),
@@ -183,7 +183,11 @@ enum FillNext {
 /// Bounded retries with back-off, then poison. A multi-page window shrinks
 /// to the faulting page at the first failure: prefetched pages are given
 /// back (their own faults will retry them), so only what was asked for is
-/// ever poisoned.
+/// ever poisoned. `read` is the window and sequence the failed fill began
+/// with: a page invalidated since (discarded, unplugged) has a new origin,
+/// zeros most likely, so its failure is not the source's final word: it is
+/// tried again, never poisoned on stale grounds.
+#[allow(clippy::too_many_arguments)]
 fn on_fill_error(
     shared: &Shared,
     region: &Region,
@@ -191,8 +195,16 @@ fn on_fill_error(
     ctx: &Ctx,
     gpa: u64,
     error: crate::source::SourceError,
+    read: (GuestRange, crate::notifier::Seq),
 ) -> FillNext {
     use std::sync::atomic::Ordering::Relaxed;
+    if shared.notifier.read_retry(read.0, read.1) {
+        // Not counted: the failure may be the invalidation's doing (an
+        // evicted page whose stored copy a discard dropped).
+        job.attempts -= 1;
+        shared.stats.stale.fetch_add(1, Relaxed);
+        return if ctx.on_loop { FillNext::Defer } else { FillNext::Retry };
+    }
     if job.attempts <= shared.config.fill_retries {
         shared.stats.fill_retries.fetch_add(1, Relaxed);
         shrink_to_fault(shared, job);
@@ -218,16 +230,22 @@ fn on_fill_error(
     // Report before poisoning: the poison wakes the faulting thread with
     // SIGBUS, and whoever handles that should find the reason already sent.
     let page_gpa = region.page_gpa(fault.page).0;
-    shared.report(FaultError::SourceFailed { gpa: page_gpa, attempts: job.attempts, poisoned: true, error });
     let guard = shared.notifier.install_lock();
+    if guard.read_retry(read.0, read.1) {
+        // Invalidated while it was failing: its origin may be zeros now.
+        drop(guard);
+        job.attempts -= 1;
+        return if ctx.on_loop { FillNext::Defer } else { FillNext::Retry };
+    }
+    shared.report(FaultError::SourceFailed { gpa: page_gpa, attempts: job.attempts, poisoned: true, error });
     let host = region.page_host(fault.page);
     match shared.uffd.poison(host, PAGE_SIZE) {
         Ok(_) => {
-            region.poison(fault.page);
+            shared.checked(region.poison(fault.page));
             shared.stats.poisoned.fetch_add(1, Relaxed);
         }
         Err(e) if e.errno == libc::EEXIST => {
-            region.complete(fault.page);
+            shared.checked(region.complete(fault.page));
             let _ = shared.uffd.wake(host, PAGE_SIZE);
         }
         Err(e) => {
@@ -366,7 +384,7 @@ fn install_pieces(shared: &Shared, region_idx: usize, pieces: &[Piece], bytes: &
                 Err(e) => (e.done / PAGE_SIZE, Some(e)),
             };
             for p in page..page + done {
-                region.complete(p);
+                shared.checked(region.complete(p));
             }
             if done > 0 {
                 stats.windows.fetch_add(u64::from(off == 0), Relaxed);
@@ -389,7 +407,7 @@ fn install_pieces(shared: &Shared, region_idx: usize, pieces: &[Piece], bytes: &
                     // Present already: installed behind our back. Nobody
                     // else will wake its waiters.
                     stats.eexist.fetch_add(1, Relaxed);
-                    region.complete(page);
+                    shared.checked(region.complete(page));
                     let _ = shared.uffd.wake(dst, PAGE_SIZE);
                     off += 1;
                 }
