@@ -100,6 +100,9 @@ pub enum Switch {
     /// `REMOVE` can be read (and the discarding thread let go) before the
     /// installs that checked an older sequence have landed.
     UnorderedRemoves,
+    /// The event loop itself: switched off, its thread panics at its next
+    /// round, as a bug in it would make it. The engine must notice.
+    EventLoop,
 }
 
 /// The failpoints of one userfaultfd.
@@ -110,6 +113,7 @@ pub struct FailPoints {
     rules: Mutex<Vec<Rule>>,
     fired: AtomicUsize,
     unordered_removes: AtomicBool,
+    kill_event_loop: AtomicBool,
     /// (calls waiting at the gate, gate open)
     gate: Mutex<(usize, bool)>,
     gate_changed: Condvar,
@@ -181,6 +185,7 @@ impl FailPoints {
     pub fn switch_off(&self, switch: Switch, off: bool) {
         match switch {
             Switch::UnorderedRemoves => self.unordered_removes.store(off, Ordering::Release),
+            Switch::EventLoop => self.kill_event_loop.store(off, Ordering::Release),
         }
     }
 
@@ -188,6 +193,7 @@ impl FailPoints {
     pub fn is_off(&self, switch: Switch) -> bool {
         match switch {
             Switch::UnorderedRemoves => self.unordered_removes.load(Ordering::Acquire),
+            Switch::EventLoop => self.kill_event_loop.load(Ordering::Acquire),
         }
     }
 

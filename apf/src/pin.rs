@@ -123,19 +123,20 @@ fn fault_in_and<T>(
             .ok_or(PinError::Timeout { range, waited: started.elapsed() })?;
         populate(shared, loc, count, range, deadline)?;
         let guard = shared.notifier.install_lock();
-        if guard.read_retry(range, seq) {
-            continue;
-        }
-        if (loc.page..loc.page + count).any(|p| region.state(p).0 != PageState::Present) {
-            continue;
-        }
-        if let Some(v) = arm(&guard) {
-            return Ok(v);
+        let settled = !guard.read_retry(range, seq)
+            && (loc.page..loc.page + count).all(|p| region.state(p).0 == PageState::Present);
+        if settled {
+            if let Some(v) = arm(&guard) {
+                return Ok(v);
+            }
         }
         drop(guard);
+        // Every round, whatever undid it (an invalidation, a page taken
+        // away again), counts against the deadline.
         if Instant::now() >= deadline {
             return Err(PinError::Timeout { range, waited: started.elapsed() });
         }
+        std::thread::yield_now();
     }
 }
 

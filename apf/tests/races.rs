@@ -117,10 +117,11 @@ fn try_read_word(ram: &GuestRam, gpa: u64) -> Option<u64> {
     let mut word = 0u64;
     let local = libc::iovec { iov_base: (&mut word as *mut u64).cast(), iov_len: 8 };
     let remote = libc::iovec { iov_base: p.cast(), iov_len: 8 };
+    let pid = std::process::id() as libc::pid_t;
     // SAFETY: `local` is 8 writable bytes on this frame; the kernel checks
     // `remote` against our own address space and answers EFAULT for what
     // it cannot read.
-    let n = unsafe { libc::process_vm_readv(libc::getpid(), &local, 1, &remote, 1, 0) };
+    let n = unsafe { libc::process_vm_readv(pid, &local, 1, &remote, 1, 0) };
     (n == 8).then_some(word)
 }
 
@@ -247,4 +248,121 @@ fn a_page_discarded_while_its_source_fails_reads_zeros_not_sigbus() {
     source.open.store(true, Ordering::Release);
     assert_eq!(reader.join().unwrap(), Some(0), "the discarded page must read as zeros");
     assert!(engine.errors().try_recv().is_err(), "nothing failed for good");
+}
+
+/// Panics when it fills page `bad`; every other page is a pattern. The
+/// kind decides where it runs (`Memory`: on the event loop).
+struct Panicking {
+    bad: u64,
+    kind: apf::source::SourceKind,
+}
+
+impl apf::PageSource for Panicking {
+    fn fill(&self, gpa: GuestAddress, buf: &mut [u8]) -> Result<(), apf::source::SourceError> {
+        if (gpa.0..gpa.0 + buf.len() as u64).contains(&self.bad) {
+            panic!("a bug in the page source");
+        }
+        Pattern { seed: 5 }.write(gpa.0, buf);
+        Ok(())
+    }
+    fn kind(&self) -> apf::source::SourceKind {
+        self.kind
+    }
+    fn name(&self) -> &'static str {
+        "panicking"
+    }
+}
+
+fn a_panicking_source_poisons_its_page_and_the_engine_goes_on(kind: apf::source::SourceKind) {
+    let ram = ram(64);
+    let bad = 9 * PAGE;
+    let config = apf::Config { max_window: 1, ..apf::Config::default() };
+    let engine = engine_with(&ram, Arc::new(Panicking { bad, kind }), config);
+    let r = ram.clone();
+    assert_eq!(within(Duration::from_secs(5), move || try_read_word(&r, bad)), None);
+    let err = engine.errors().recv_timeout(Duration::from_secs(1)).expect("an error report");
+    assert!(matches!(&err, apf::FaultError::SourcePanicked { gpa, poisoned: true, .. } if *gpa == bad), "{err}");
+    // Other pages are still served.
+    let r = ram.clone();
+    assert!(within(Duration::from_secs(5), move || try_read_word(&r, 20 * PAGE)).is_some_and(|w| w != 0));
+}
+
+#[test]
+fn a_source_panicking_on_a_worker_poisons_its_page_and_the_engine_goes_on() {
+    a_panicking_source_poisons_its_page_and_the_engine_goes_on(apf::source::SourceKind::Blocking);
+}
+
+#[test]
+fn a_source_panicking_on_the_event_loop_poisons_its_page_and_the_engine_goes_on() {
+    a_panicking_source_poisons_its_page_and_the_engine_goes_on(apf::source::SourceKind::Memory);
+}
+
+#[test]
+fn a_dead_event_loop_is_noticed_and_no_fault_or_discard_hangs() {
+    let ram = ram(64);
+    let engine = engine_with(&ram, Arc::new(Pattern { seed: 2 }), apf::Config::default());
+    let r = ram.clone();
+    assert!(within(Duration::from_secs(5), move || try_read_word(&r, 0)).is_some());
+    engine.failpoints().switch_off(Switch::EventLoop, true);
+    let err = engine.errors().recv_timeout(Duration::from_secs(2)).expect("the death is reported");
+    assert!(matches!(err, apf::FaultError::EventLoopDied(_)), "{err}");
+    // A fault on a missing page gets SIGBUS (EFAULT here), not a hang...
+    let r = ram.clone();
+    assert_eq!(within(Duration::from_secs(5), move || try_read_word(&r, 30 * PAGE)), None);
+    // ... a present page still reads ...
+    let r = ram.clone();
+    assert!(within(Duration::from_secs(5), move || try_read_word(&r, 0)).is_some());
+    // ... a balloon's discard is let go, and the discarded page does not
+    // read stale contents ...
+    let r = ram.clone();
+    within(Duration::from_secs(5), move || discard(&r, 0, PAGE));
+    let r = ram.clone();
+    assert_eq!(within(Duration::from_secs(5), move || try_read_word(&r, 0)), None);
+    // ... new work is refused, and shutdown ends.
+    let range = apf::GuestRange::new(GuestAddress(PAGE), PAGE);
+    assert!(engine.offline(range, apf::Mode::Migrate, Instant::now() + Duration::from_secs(1)).is_err());
+    let report = within(Duration::from_secs(10), move || engine.shutdown());
+    assert_eq!(report.threads_left_behind, 0);
+}
+
+/// Never returns from a fill of page `stuck` (until the test ends).
+struct Stuck {
+    stuck: u64,
+    entered: AtomicBool,
+}
+
+impl apf::PageSource for Stuck {
+    fn fill(&self, gpa: GuestAddress, buf: &mut [u8]) -> Result<(), apf::source::SourceError> {
+        if (gpa.0..gpa.0 + buf.len() as u64).contains(&self.stuck) {
+            self.entered.store(true, Ordering::Release);
+            loop {
+                std::thread::park();
+            }
+        }
+        buf.fill(1);
+        Ok(())
+    }
+    fn kind(&self) -> apf::source::SourceKind {
+        apf::source::SourceKind::Blocking
+    }
+    fn name(&self) -> &'static str {
+        "stuck"
+    }
+}
+
+#[test]
+fn shutdown_leaves_a_stuck_source_behind_and_reports_it() {
+    let ram = ram(64);
+    let source = Arc::new(Stuck { stuck: 7 * PAGE, entered: AtomicBool::new(false) });
+    let config = apf::Config { max_window: 1, shutdown_deadline: Duration::from_millis(300), ..apf::Config::default() };
+    let engine = engine_with(&ram, source.clone(), config);
+    let r = ram.clone();
+    // The reader stays blocked in its fault: the stuck worker owns it.
+    std::thread::spawn(move || try_read_word(&r, 7 * PAGE));
+    assert!(wait_for(&source.entered, Duration::from_secs(5)));
+    let errors = engine.errors().clone();
+    let report = within(Duration::from_secs(5), move || engine.shutdown());
+    assert_eq!(report.threads_left_behind, 1);
+    let err = errors.recv_timeout(Duration::from_secs(1)).expect("reported");
+    assert!(matches!(err, apf::FaultError::ThreadsLeftBehind(1)), "{err}");
 }

@@ -5,6 +5,8 @@
 //! kicks it.
 
 use std::collections::VecDeque;
+use std::os::fd::AsRawFd;
+use std::panic::AssertUnwindSafe;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -49,6 +51,8 @@ pub(crate) struct FaultLoop {
     deferred: Vec<Deferred>,
     ctx: Ctx,
     exit: bool,
+    /// Why the loop cannot go on (set with `exit`).
+    failed: Option<String>,
 }
 
 pub(crate) fn spawn(shared: Arc<Shared>, jobs: Sender<Job>, stop: EventFd) -> Result<JoinHandle<()>, EngineError> {
@@ -64,28 +68,106 @@ pub(crate) fn spawn(shared: Arc<Shared>, jobs: Sender<Job>, stop: EventFd) -> Re
         parked: VecDeque::new(),
         deferred: Vec::new(),
         exit: false,
+        failed: None,
     };
+    let shared = fl.shared.clone();
+    let rescue_stop = fl.stop.try_clone().map_err(EngineError::Io)?;
     let id = manager.add_subscriber(fl);
     let dispatch = crate::trace::current_dispatch();
     std::thread::Builder::new()
         .name("apf-fault".into())
         .spawn(move || {
             let _trace = tracing::dispatcher::set_default(&dispatch);
-            loop {
-                if let Err(e) = manager.run_with_timeout(TICK_MS) {
-                    tracing::error!(target: "apf", error = ?e, "apf event loop failed");
-                    break;
+            let run = std::panic::catch_unwind(AssertUnwindSafe(|| {
+                let failure = loop {
+                    if let Err(e) = manager.run_with_timeout(TICK_MS) {
+                        break Some(format!("event manager: {e:?}"));
+                    }
+                    match manager.subscriber_mut(id) {
+                        Ok(fl) if !fl.exit => fl.tick(),
+                        Ok(fl) => break fl.failed.take(),
+                        Err(e) => break Some(format!("event manager: {e:?}")),
+                    }
+                };
+                if let Ok(mut fl) = manager.remove_subscriber(id) {
+                    fl.abandon_parked();
                 }
-                match manager.subscriber_mut(id) {
-                    Ok(fl) if !fl.exit => fl.tick(),
-                    _ => break,
-                }
-            }
-            if let Ok(mut fl) = manager.remove_subscriber(id) {
-                fl.abandon_parked();
+                failure
+            }));
+            let failure = match run {
+                Ok(failure) => failure,
+                Err(panic) => Some(panic_message(&*panic)),
+            };
+            if let Some(reason) = failure {
+                tracing::error!(target: "apf", reason = %reason, "apf event loop died");
+                rescue(&shared, &rescue_stop, reason);
             }
         })
         .map_err(EngineError::Io)
+}
+
+/// The text of a panic's payload.
+pub(crate) fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    match (panic.downcast_ref::<&str>(), panic.downcast_ref::<String>()) {
+        (Some(s), _) => format!("panic: {s}"),
+        (_, Some(s)) => format!("panic: {s}"),
+        _ => "panic".into(),
+    }
+}
+
+/// After the event loop died: nothing resolves faults any more, and a
+/// thread blocked in a kernel fault cannot be handed an error, while
+/// closing the userfaultfd would release it into zero-filled memory (silent
+/// corruption). So: refuse new work, poison every page not present, wake
+/// every range, then answer every fault with poison and apply removes
+/// (so `madvise` callers are let go) until the engine is stopped.
+fn rescue(shared: &Shared, stop: &EventFd, reason: String) {
+    shared.stopping.store(true, Ordering::Release);
+    shared.report(FaultError::EventLoopDied(reason));
+    shared.poison_unresolved();
+    for r in shared.ram.regions() {
+        let _ = shared.uffd.wake(r.host_base(), r.len() as usize);
+    }
+    let mut buf = EventBuf::default();
+    let mut events = Vec::with_capacity(crate::uffd::EVENT_BATCH);
+    loop {
+        let mut fds = [
+            libc::pollfd { fd: shared.uffd.as_raw_fd(), events: libc::POLLIN, revents: 0 },
+            libc::pollfd { fd: stop.as_raw_fd(), events: libc::POLLIN, revents: 0 },
+        ];
+        // SAFETY: poll reads and writes the two pollfds on this frame.
+        unsafe { libc::poll(fds.as_mut_ptr(), 2, TICK_MS) };
+        if fds[1].revents & libc::POLLIN != 0 {
+            return;
+        }
+        let mut held = Some(shared.notifier.hold_installs());
+        let read = shared.uffd.read_events(&mut buf, &mut events);
+        let mut removes = Vec::new();
+        if read.is_ok() {
+            for ev in events.iter() {
+                if let Event::Remove { start, end } = *ev {
+                    begin_remove(shared, held.as_mut(), start, end, &mut removes);
+                }
+            }
+        }
+        drop(held);
+        for inv in removes {
+            inv.call_intervals();
+        }
+        for ev in events.iter() {
+            if let Event::Fault { addr, .. } = *ev {
+                let page = addr & !(PAGE_SIZE as u64 - 1);
+                match shared.uffd.poison(page, PAGE_SIZE) {
+                    Ok(_) => {}
+                    // Present, or a remove pending (it is read next round):
+                    // either way the thread retries its access.
+                    Err(_) => {
+                        let _ = shared.uffd.wake(page, PAGE_SIZE);
+                    }
+                }
+            }
+        }
+    }
 }
 
 impl MutEventSubscriber for FaultLoop {
@@ -96,7 +178,7 @@ impl MutEventSubscriber for FaultLoop {
             ops.add(Events::with_data(&self.stop, STOP, EventSet::IN)),
         ];
         if let Some(Err(e)) = adds.into_iter().find(|r| r.is_err()) {
-            tracing::error!(target: "apf", error = ?e, "apf event loop cannot watch its descriptors");
+            self.failed = Some(format!("cannot watch its descriptors: {e:?}"));
             self.exit = true;
         }
     }
@@ -116,6 +198,10 @@ impl MutEventSubscriber for FaultLoop {
 
 impl FaultLoop {
     fn tick(&mut self) {
+        #[cfg(feature = "failpoints")]
+        if self.shared.uffd.failpoints().is_off(crate::failpoints::Switch::EventLoop) {
+            panic!("the event loop was switched off by a failpoint");
+        }
         if !self.parked.is_empty() {
             self.unpark();
         }
@@ -471,7 +557,7 @@ impl FaultLoop {
         let pages = job.runs.iter().map(|r| r.1).sum();
         if self.shared.inline_ok(pages) {
             self.shared.stats.inline.fetch_add(1, Ordering::Relaxed);
-            match resolve::resolve(&self.shared, job, &mut self.ctx) {
+            match resolve::resolve_guarded(&self.shared, job, &mut self.ctx) {
                 Some(job) => self.send_to_pool(job),
                 None => {
                     self.shared.in_flight.fetch_sub(1, Ordering::AcqRel);
@@ -502,7 +588,7 @@ impl FaultLoop {
             // capacity (each blocked thread has one fault outstanding).
             // Rather than lose the job, resolve it here even if it blocks.
             let mut ctx = Ctx::new(false, self.shared.config.max_window);
-            let left = resolve::resolve(&self.shared, job, &mut ctx);
+            let left = resolve::resolve_guarded(&self.shared, job, &mut ctx);
             debug_assert!(left.is_none());
             self.shared.in_flight.fetch_sub(1, Ordering::AcqRel);
             return;

@@ -114,6 +114,10 @@ pub struct Config {
     pub record_working_set: bool,
     /// What accesses to unplugged memory get.
     pub unplug_policy: UnplugPolicy,
+    /// How long shutdown waits for the engine's threads; a thread still
+    /// busy then (in a page source that never returns) is left behind and
+    /// reported, never waited for without end.
+    pub shutdown_deadline: Duration,
 }
 
 impl Default for Config {
@@ -133,6 +137,7 @@ impl Default for Config {
             error_capacity: 1024,
             record_working_set: false,
             unplug_policy: UnplugPolicy::Zero,
+            shutdown_deadline: Duration::from_secs(5),
         }
     }
 }
@@ -176,6 +181,18 @@ pub enum FaultError {
         /// The last error.
         #[source]
         error: SourceError,
+    },
+    /// The page source panicked while filling a window. The faulting page
+    /// was poisoned (its thread gets SIGBUS) and the rest given back; the
+    /// engine goes on serving other pages.
+    #[error("page source panicked filling guest page {gpa:#x} ({message}); poisoned: {poisoned}")]
+    SourcePanicked {
+        /// The faulting page (or the window's first page).
+        gpa: u64,
+        /// Whether the page was poisoned.
+        poisoned: bool,
+        /// The panic's message.
+        message: String,
     },
     /// An install ioctl failed in a way that is not a race.
     #[error("installing guest page {gpa:#x} failed")]
@@ -373,6 +390,43 @@ impl Shared {
         }
     }
 
+    /// Poisons every page not present, in runs; pages the kernel already
+    /// has (populated behind the engine's back) are skipped. Returns the
+    /// pages poisoned.
+    pub fn poison_unresolved(&self) -> u64 {
+        let uffd = &self.uffd;
+        let mut poisoned = 0;
+        for r in self.ram.regions() {
+            let mut page = 0;
+            while page < r.pages() {
+                let unresolved = |p: usize| matches!(r.state(p).0, PageState::Missing | PageState::Resolving);
+                if !unresolved(page) {
+                    page += 1;
+                    continue;
+                }
+                let start = page;
+                while page < r.pages() && unresolved(page) {
+                    page += 1;
+                }
+                let mut at = start;
+                while at < page {
+                    match uffd.poison(r.page_host(at), (page - at) * PAGE_SIZE) {
+                        Ok(n) => {
+                            poisoned += (n / PAGE_SIZE) as u64;
+                            at = page;
+                        }
+                        Err(e) => {
+                            poisoned += (e.done / PAGE_SIZE) as u64;
+                            // Skip the page that stopped it (present, most likely).
+                            at += e.done / PAGE_SIZE + 1;
+                        }
+                    }
+                }
+            }
+        }
+        poisoned
+    }
+
     /// Whether a job of `pages` pages runs on the event-loop thread.
     pub fn inline_ok(&self, pages: usize) -> bool {
         match self.config.dispatch {
@@ -468,6 +522,10 @@ impl EngineBuilder {
 pub struct ShutdownReport {
     /// Pages still missing at shutdown, now poisoned.
     pub poisoned_pages: u64,
+    /// Engine threads still busy at the shutdown deadline, left behind
+    /// (they keep the userfaultfd open, so guest RAM never silently turns
+    /// into zero-filled memory under them).
+    pub threads_left_behind: usize,
 }
 
 /// The running fault engine for one [`GuestRam`].
@@ -761,59 +819,40 @@ impl Engine {
         self.shut_down = true;
         self.shared.stopping.store(true, Ordering::Release);
         let _ = self.stop.write(1);
-        if let Some(h) = self.event_loop.take() {
-            let _ = h.join();
-        }
+        let deadline = std::time::Instant::now() + self.shared.config.shutdown_deadline;
+        let mut threads = Vec::new();
+        threads.extend(self.event_loop.take());
         // Workers drain the queue (each job is bounded by retries and the
-        // install deadline) and exit when the channel closes.
+        // install deadline, unless its source never returns) and exit when
+        // the channel closes.
         self.jobs = None;
-        for h in self.workers.drain(..) {
-            let _ = h.join();
-        }
-        for h in self.replays.lock().unwrap_or_else(|e| e.into_inner()).drain(..) {
-            let _ = h.join();
-        }
-        let poisoned_pages = self.poison_missing();
-        for r in self.shared.ram.regions() {
-            let _ = self.shared.uffd.unregister(r.host_base(), r.len());
-        }
-        ShutdownReport { poisoned_pages }
-    }
-
-    /// Poisons every page not present, in runs; pages the kernel already has
-    /// (populated behind the engine's back) are skipped.
-    fn poison_missing(&self) -> u64 {
-        let uffd = &self.shared.uffd;
-        let mut poisoned = 0;
-        for r in self.shared.ram.regions() {
-            let mut page = 0;
-            while page < r.pages() {
-                let unresolved = |p: usize| matches!(r.state(p).0, PageState::Missing | PageState::Resolving);
-                if !unresolved(page) {
-                    page += 1;
-                    continue;
-                }
-                let start = page;
-                while page < r.pages() && unresolved(page) {
-                    page += 1;
-                }
-                let mut at = start;
-                while at < page {
-                    match uffd.poison(r.page_host(at), (page - at) * PAGE_SIZE) {
-                        Ok(n) => {
-                            poisoned += (n / PAGE_SIZE) as u64;
-                            at = page;
-                        }
-                        Err(e) => {
-                            poisoned += (e.done / PAGE_SIZE) as u64;
-                            // Skip the page that stopped it (present, most likely).
-                            at += e.done / PAGE_SIZE + 1;
-                        }
-                    }
-                }
+        threads.append(&mut self.workers);
+        threads.append(&mut self.replays.lock().unwrap_or_else(|e| e.into_inner()));
+        let mut threads_left_behind = 0;
+        for h in threads {
+            while !h.is_finished() && std::time::Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            if h.is_finished() {
+                let _ = h.join();
+            } else {
+                threads_left_behind += 1;
             }
         }
-        poisoned
+        if threads_left_behind > 0 {
+            self.shared.report(FaultError::ThreadsLeftBehind(threads_left_behind));
+        }
+        let poisoned_pages = self.poison_missing();
+        if threads_left_behind == 0 {
+            for r in self.shared.ram.regions() {
+                let _ = self.shared.uffd.unregister(r.host_base(), r.len());
+            }
+        }
+        ShutdownReport { poisoned_pages, threads_left_behind }
+    }
+
+    fn poison_missing(&self) -> u64 {
+        self.shared.poison_unresolved()
     }
 }
 

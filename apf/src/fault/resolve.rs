@@ -24,12 +24,32 @@ use crate::uffd::PAGE_SIZE;
 pub(crate) struct Ctx {
     pub on_loop: bool,
     buf: Vec<u8>,
+    /// `mincore` answers.
+    residency: Vec<u8>,
 }
 
 impl Ctx {
     pub fn new(on_loop: bool, max_window: usize) -> Self {
-        Ctx { on_loop, buf: vec![0; max_window * PAGE_SIZE] }
+        Ctx { on_loop, buf: vec![0; max_window * PAGE_SIZE], residency: Vec::with_capacity(max_window + 1) }
     }
+}
+
+/// Whether every page of `[ptr, ptr + len)` is in memory (for a file
+/// mapping: in the page cache). A `COPY` runs under the install lock, which
+/// invalidations wait for: it may copy straight from a resident source only
+/// when that cannot wait for a disk. Otherwise the source's `fill` reads it
+/// into the buffer first, with no lock held.
+fn in_memory(ptr: *const u8, len: usize, answers: &mut Vec<u8>) -> bool {
+    let start = ptr as usize & !(PAGE_SIZE - 1);
+    let end = (ptr as usize).saturating_add(len).div_ceil(PAGE_SIZE) * PAGE_SIZE;
+    let pages = (end - start) / PAGE_SIZE;
+    answers.clear();
+    answers.resize(pages, 0);
+    // SAFETY: mincore reads the kernel's view of `[start, end)` and writes
+    // one byte per page into `answers`, which has exactly that many; it
+    // fails with ENOMEM (not UB) if the range is not mapped.
+    let ret = unsafe { libc::mincore(start as *mut libc::c_void, end - start, answers.as_mut_ptr()) };
+    ret == 0 && answers.iter().all(|b| b & 1 != 0)
 }
 
 /// Where a piece of a window comes from at install time.
@@ -61,7 +81,7 @@ enum InstallError {
 pub(crate) fn worker(shared: &Shared, rx: &Receiver<Job>) {
     let mut ctx = Ctx::new(false, shared.config.max_window);
     for job in rx.iter() {
-        let left = resolve(shared, job, &mut ctx);
+        let left = resolve_guarded(shared, job, &mut ctx);
         debug_assert!(left.is_none(), "workers finish their jobs");
         if let Some(job) = left {
             shared.release_runs(job.region, &job.runs);
@@ -74,14 +94,55 @@ pub(crate) fn worker(shared: &Shared, rx: &Receiver<Job>) {
     }
 }
 
-/// Resolves `job`. Returns it back when it must continue elsewhere (only on
-/// the event-loop thread: a fill that needs a retry with back-off, or an
-/// install refused with `EAGAIN`); workers always finish their jobs.
-pub(crate) fn resolve(shared: &Shared, job: Job, ctx: &mut Ctx) -> Option<Job> {
-    resolve_counting(shared, job, ctx).0
+/// [`resolve`], with a panic (of the page source, most likely) contained:
+/// the faulting page is poisoned, the rest of the window given back, and
+/// the error reported; the calling thread goes on.
+pub(crate) fn resolve_guarded(shared: &Shared, job: Job, ctx: &mut Ctx) -> Option<Job> {
+    resolve_guarded_counting(shared, job, ctx).0
 }
 
-/// [`resolve`], also returning the bytes this call installed.
+/// [`resolve_guarded`], also returning the bytes installed.
+fn resolve_guarded_counting(shared: &Shared, job: Job, ctx: &mut Ctx) -> (Option<Job>, usize) {
+    let (region_idx, runs, fault) = (job.region, job.runs.clone(), job.fault);
+    let panic = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| resolve_counting(shared, job, ctx))) {
+        Ok(done) => return done,
+        Err(panic) => panic,
+    };
+    let message = super::event_loop::panic_message(&*panic);
+    let region = &shared.ram.regions()[region_idx];
+    let mut poisoned = false;
+    // Pages still `Resolving` in the job's runs are still the job's: only a
+    // claimant moves a page out of that state.
+    let mine = |p: usize| region.state(p).0 == crate::ram::PageState::Resolving;
+    let mut others = Vec::new();
+    for &(first, count) in &runs {
+        for p in (first..first + count).filter(|&p| mine(p)) {
+            if fault.is_some_and(|f| f.page == p) {
+                let guard = shared.notifier.install_lock();
+                poisoned = shared.uffd.poison(region.page_host(p), PAGE_SIZE).is_ok();
+                if poisoned {
+                    shared.checked(region.poison(p));
+                    shared.stats.poisoned.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+                drop(guard);
+                if !poisoned {
+                    others.push((p, 1));
+                }
+            } else {
+                others.push((p, 1));
+            }
+        }
+    }
+    shared.release_runs(region_idx, &others);
+    let gpa = region.page_gpa(fault.map_or(runs.first().map_or(0, |r| r.0), |f| f.page)).0;
+    shared.report(FaultError::SourcePanicked { gpa, poisoned, message });
+    (None, 0)
+}
+
+/// Resolves `job`, also returning the bytes this call installed. Returns
+/// the job back when it must continue elsewhere (only on the event-loop
+/// thread: a fill that needs a retry with back-off, or an install refused
+/// with `EAGAIN`); workers always finish their jobs.
 fn resolve_counting(shared: &Shared, mut job: Job, ctx: &mut Ctx) -> (Option<Job>, usize) {
     let span = job.span.clone();
     let _entered = span.enter();
@@ -328,8 +389,10 @@ fn fill(
                 } else {
                     Src::ZeroPage
                 }
-            } else if let Some(resident) =
-                (origin == Origin::Source && job.attempts == 0).then(|| shared.source.resident(gpa, len)).flatten()
+            } else if let Some(resident) = (origin == Origin::Source && job.attempts == 0)
+                .then(|| shared.source.resident(gpa, len))
+                .flatten()
+                .filter(|&p| in_memory(p, len, &mut ctx.residency))
             {
                 // After a failure, go through `fill`, whose errors say why.
                 Src::Copy(resident)
@@ -448,7 +511,7 @@ pub(crate) fn prefetch_pages(shared: &Shared, locs: impl Iterator<Item = (usize,
         if let Some((region, first, count)) = run.take() {
             let span = tracing::trace_span!(target: "apf", "apf.prefetch", pages = count, bytes = field::Empty, outcome = field::Empty);
             let job = Job { region, fault: None, runs: vec![(first, count)], span, attempts: 0 };
-            let (left, bytes) = resolve_counting(shared, job, ctx);
+            let (left, bytes) = resolve_guarded_counting(shared, job, ctx);
             debug_assert!(left.is_none(), "off the event loop, jobs finish");
             if let Some(job) = left {
                 shared.release_runs(job.region, &job.runs);
