@@ -458,6 +458,12 @@ impl GuestRam {
         self.regions.iter().map(|r| r.pages()).sum()
     }
 
+    /// The index of the page at `loc` among all pages of guest RAM, in
+    /// region order.
+    pub fn page_index(&self, loc: PageLoc) -> usize {
+        self.regions[..loc.region].iter().map(|r| r.pages()).sum::<usize>() + loc.page
+    }
+
     /// The page holding `gpa`.
     pub fn locate(&self, gpa: GuestAddress) -> Result<PageLoc, RamError> {
         let idx = self.regions.partition_point(|r| r.base.0 + r.len <= gpa.0);

@@ -364,7 +364,7 @@ impl FaultLoop {
                         continue;
                     }
                     if let Some(ws) = &shared.working_set {
-                        ws.lock().unwrap_or_else(|e| e.into_inner()).push(region.page_gpa(page).0);
+                        ws.record(shared.ram.page_index(loc), region.page_gpa(page).0);
                     }
                     span.record("source", shared.source.name());
                     let runs = self.plan(loc.region, page, tid);

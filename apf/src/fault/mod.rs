@@ -163,7 +163,13 @@ pub enum EngineError {
     /// The engine has shut down.
     #[error("the engine has shut down")]
     Stopped,
+    /// Too much of this kind of work is running already.
+    #[error("too many {0}; try again when one has finished")]
+    Busy(&'static str),
 }
+
+/// Working-set replays that may run at once.
+pub const MAX_REPLAYS: usize = 4;
 
 /// A failure the engine reports through [`Engine::errors`] while it runs.
 #[derive(Debug, Error)]
@@ -365,7 +371,7 @@ pub(crate) struct Shared {
     /// parked.
     pub in_flight: std::sync::atomic::AtomicUsize,
     pub stopping: AtomicBool,
-    pub working_set: Option<Mutex<Vec<u64>>>,
+    pub working_set: Option<FirstTouches>,
     /// Where offlines move pages through (`None` without `UFFDIO_MOVE`).
     pub staging: Option<Mutex<Staging>>,
 }
@@ -449,6 +455,39 @@ impl Shared {
                 self.report(FaultError::Install { gpa: r.page_gpa(first).0, error: e });
             }
         }
+    }
+}
+
+/// The working set being recorded: each page's first touch, in order,
+/// once. Bounded by the RAM's page count: a page faulted again (after a
+/// discard or an offline) is not recorded again, which is what a replay of
+/// first touches wants.
+pub(crate) struct FirstTouches {
+    /// One bit per page of guest RAM, in `GuestRam` page order.
+    seen: Box<[AtomicU64]>,
+    order: Mutex<Vec<u64>>,
+}
+
+impl FirstTouches {
+    fn new(pages: usize) -> Self {
+        FirstTouches {
+            seen: (0..pages.div_ceil(64)).map(|_| AtomicU64::new(0)).collect(),
+            order: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Records the page at `gpa` (the `index`th page of guest RAM) if this
+    /// is its first touch.
+    pub fn record(&self, index: usize, gpa: u64) {
+        let Some(word) = self.seen.get(index / 64) else { return };
+        let bit = 1u64 << (index % 64);
+        if word.fetch_or(bit, Ordering::Relaxed) & bit == 0 {
+            self.order.lock().unwrap_or_else(|e| e.into_inner()).push(gpa);
+        }
+    }
+
+    fn pages(&self) -> Vec<u64> {
+        self.order.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 }
 
@@ -589,6 +628,7 @@ impl Engine {
         } else {
             None
         };
+        let ram_pages = b.ram.pages();
         let (err_tx, err_rx) = crossbeam_channel::bounded(config.error_capacity);
         let (job_tx, job_rx) = crossbeam_channel::bounded::<Job>(config.queue_depth);
         let shared = Arc::new(Shared {
@@ -603,7 +643,7 @@ impl Engine {
             parked_waiting: AtomicBool::new(false),
             in_flight: std::sync::atomic::AtomicUsize::new(0),
             stopping: AtomicBool::new(false),
-            working_set: config.record_working_set.then(|| Mutex::new(Vec::new())),
+            working_set: config.record_working_set.then(|| FirstTouches::new(ram_pages)),
             errors: err_tx,
             staging,
             config,
@@ -671,12 +711,7 @@ impl Engine {
 
     /// The pages faulted so far, in order (empty unless recording).
     pub fn working_set(&self) -> WorkingSet {
-        let pages = self
-            .shared
-            .working_set
-            .as_ref()
-            .map(|ws| ws.lock().unwrap_or_else(|e| e.into_inner()).clone())
-            .unwrap_or_default();
+        let pages = self.shared.working_set.as_ref().map(FirstTouches::pages).unwrap_or_default();
         WorkingSet { pages }
     }
 
@@ -698,6 +733,19 @@ impl Engine {
         if self.shut_down || self.shared.stopping.load(Ordering::Acquire) {
             return Err(EngineError::Stopped);
         }
+        let mut replays = self.replays.lock().unwrap_or_else(|e| e.into_inner());
+        // Finished replays are joined here, so the list holds running ones
+        // only, and at most `MAX_REPLAYS` of those.
+        for h in std::mem::take(&mut *replays) {
+            if h.is_finished() {
+                let _ = h.join();
+            } else {
+                replays.push(h);
+            }
+        }
+        if replays.len() >= MAX_REPLAYS {
+            return Err(EngineError::Busy("replays running"));
+        }
         let shared = self.shared.clone();
         let pages = ws.pages.clone();
         let dispatch = crate::trace::current_dispatch();
@@ -710,7 +758,7 @@ impl Engine {
                 resolve::prefetch_pages(&shared, locs);
             })
             .map_err(EngineError::Io)?;
-        self.replays.lock().unwrap_or_else(|e| e.into_inner()).push(h);
+        replays.push(h);
         Ok(())
     }
 
