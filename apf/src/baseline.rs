@@ -23,13 +23,19 @@ pub struct SinglePageHandler {
     uffd: Arc<Uffd>,
     ram: Arc<GuestRam>,
     latency: Arc<Mutex<Histogram<u64>>>,
+    errors: Arc<Mutex<Vec<String>>>,
 }
+
+/// Errors the handler keeps (the first ones; later ones are counted only).
+const KEPT_ERRORS: usize = 64;
 
 impl SinglePageHandler {
     /// Registers `ram` and starts the handler thread.
     pub fn start(ram: Arc<GuestRam>, source: Arc<dyn PageSource>) -> Result<Self, UffdError> {
         // It blocks in poll(2), with a timeout so that it can stop.
-        let uffd = Arc::new(Uffd::new(Features::empty(), Features::empty())?);
+        // POISON where the kernel has it: a page that cannot be filled gets
+        // SIGBUS instead of leaving its thread blocked.
+        let uffd = Arc::new(Uffd::new(Features::empty(), Features::POISON)?);
         for r in ram.regions() {
             uffd.register(r.host_base(), r.len(), RegisterMode::MISSING)?;
         }
@@ -37,12 +43,31 @@ impl SinglePageHandler {
         let faults = Arc::new(AtomicU64::new(0));
         let hist = Histogram::new_with_bounds(1, 3_600_000_000_000, 3).unwrap_or_else(|_| unreachable!("valid bounds"));
         let latency = Arc::new(Mutex::new(hist));
-        let (u, s, f, rm, l) = (uffd.clone(), stop.clone(), faults.clone(), ram.clone(), latency.clone());
-        let thread = std::thread::Builder::new()
-            .name("baseline-uffd".into())
-            .spawn(move || run(&u, &rm, source.as_ref(), &s, &f, &l))
-            .map_err(UffdError::Read)?;
-        Ok(SinglePageHandler { stop, faults, thread: Some(thread), uffd, ram, latency })
+        let errors = Arc::new(Mutex::new(Vec::new()));
+        let h = Handler {
+            uffd: uffd.clone(),
+            ram: ram.clone(),
+            source,
+            stop: stop.clone(),
+            faults: faults.clone(),
+            latency: latency.clone(),
+            errors: errors.clone(),
+        };
+        let thread =
+            std::thread::Builder::new().name("baseline-uffd".into()).spawn(move || h.run()).map_err(UffdError::Read)?;
+        Ok(SinglePageHandler { stop, faults, thread: Some(thread), uffd, ram, latency, errors })
+    }
+
+    /// The failpoints of the handler's userfaultfd (feature `failpoints`).
+    #[cfg(feature = "failpoints")]
+    pub fn failpoints(&self) -> &Arc<crate::failpoints::FailPoints> {
+        self.uffd.failpoints()
+    }
+
+    /// What went wrong so far (the first [`KEPT_ERRORS`]): pages that could
+    /// not be filled or installed, reads that failed.
+    pub fn errors(&self) -> Vec<String> {
+        self.errors.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     /// Faults handled so far.
@@ -59,50 +84,91 @@ impl SinglePageHandler {
     }
 }
 
-fn run(
-    uffd: &Uffd,
-    ram: &GuestRam,
-    source: &dyn PageSource,
-    stop: &AtomicBool,
-    faults: &AtomicU64,
-    latency: &Mutex<Histogram<u64>>,
-) {
-    let mut buf = EventBuf::default();
-    let mut events = Vec::new();
-    let mut page = vec![0u8; PAGE_SIZE];
-    while !stop.load(Ordering::Relaxed) {
-        let mut fds = [rustix::event::PollFd::new(uffd, rustix::event::PollFlags::IN)];
-        let timeout = rustix::event::Timespec { tv_sec: 0, tv_nsec: 100_000_000 };
-        if !matches!(rustix::event::poll(&mut fds, Some(&timeout)), Ok(n) if n > 0) {
-            continue;
+/// The handler thread's state.
+struct Handler {
+    uffd: Arc<Uffd>,
+    ram: Arc<GuestRam>,
+    source: Arc<dyn PageSource>,
+    stop: Arc<AtomicBool>,
+    faults: Arc<AtomicU64>,
+    latency: Arc<Mutex<Histogram<u64>>>,
+    errors: Arc<Mutex<Vec<String>>>,
+}
+
+impl Handler {
+    fn report(&self, what: String) {
+        let mut errors = self.errors.lock().unwrap_or_else(|e| e.into_inner());
+        if errors.len() < KEPT_ERRORS {
+            errors.push(what);
         }
-        if uffd.read_events(&mut buf, &mut events).is_err() {
-            return;
-        }
-        let read_at = Instant::now();
-        for ev in &events {
-            let Event::Fault { addr, .. } = *ev else { continue };
-            faults.fetch_add(1, Ordering::Relaxed);
-            let host = addr & !(PAGE_SIZE as u64 - 1);
-            let Some(loc) = ram.locate_host(host) else { continue };
-            let gpa = ram.region(loc).page_gpa(loc.page);
-            let src = match source.resident(gpa, PAGE_SIZE) {
-                Some(p) => p,
-                None => {
-                    if source.fill(gpa, &mut page).is_err() {
-                        let _ = uffd.poison(host, PAGE_SIZE);
-                        continue;
-                    }
-                    page.as_ptr()
-                }
-            };
-            if let Err(e) = uffd.copy(host, src, PAGE_SIZE, false) {
-                if e.errno == libc::EEXIST {
-                    let _ = uffd.wake(host, PAGE_SIZE);
-                }
+    }
+
+    fn run(&self) {
+        let mut buf = EventBuf::default();
+        let mut events = Vec::new();
+        let mut page = vec![0u8; PAGE_SIZE];
+        while !self.stop.load(Ordering::Relaxed) {
+            let mut fds = [rustix::event::PollFd::new(&*self.uffd, rustix::event::PollFlags::IN)];
+            let timeout = rustix::event::Timespec { tv_sec: 0, tv_nsec: 100_000_000 };
+            if !matches!(rustix::event::poll(&mut fds, Some(&timeout)), Ok(n) if n > 0) {
+                continue;
             }
-            let ns = read_at.elapsed().as_nanos().clamp(1, 3_600_000_000_000) as u64;
-            let _ = latency.lock().unwrap_or_else(|e| e.into_inner()).record(ns);
+            if let Err(e) = self.uffd.read_events(&mut buf, &mut events) {
+                // Never stop silently: say so, and wake every range so
+                // that blocked threads fault again into a later read.
+                self.report(format!("reading fault events failed: {e}"));
+                for r in self.ram.regions() {
+                    let _ = self.uffd.wake(r.host_base(), r.len() as usize);
+                }
+                std::thread::sleep(Duration::from_millis(10));
+                continue;
+            }
+            let read_at = Instant::now();
+            for ev in &events {
+                let Event::Fault { addr, .. } = *ev else { continue };
+                self.faults.fetch_add(1, Ordering::Relaxed);
+                self.resolve(addr & !(PAGE_SIZE as u64 - 1), &mut page);
+                let ns = read_at.elapsed().as_nanos().clamp(1, 3_600_000_000_000) as u64;
+                let _ = self.latency.lock().unwrap_or_else(|e| e.into_inner()).record(ns);
+            }
+        }
+    }
+
+    /// One page, one `COPY`. Whatever fails, the faulting thread is woken:
+    /// with its page, with poison (SIGBUS), or to fault again.
+    fn resolve(&self, host: u64, page: &mut [u8]) {
+        let Some(loc) = self.ram.locate_host(host) else {
+            self.report(format!("fault at {host:#x}, outside guest RAM"));
+            let _ = self.uffd.wake(host, PAGE_SIZE);
+            return;
+        };
+        let gpa = self.ram.region(loc).page_gpa(loc.page);
+        let src = match self.source.resident(gpa, PAGE_SIZE) {
+            Some(p) => p,
+            None => match self.source.fill(gpa, page) {
+                Ok(()) => page.as_ptr(),
+                Err(e) => {
+                    self.report(format!("page source failed for guest page {:#x}: {e}", gpa.0));
+                    return self.poison_or_wake(host);
+                }
+            },
+        };
+        match self.uffd.copy(host, src, PAGE_SIZE, false) {
+            Ok(_) => {}
+            Err(e) if e.errno == libc::EEXIST => {
+                let _ = self.uffd.wake(host, PAGE_SIZE);
+            }
+            Err(e) => {
+                self.report(format!("installing guest page {:#x} failed: {e}", gpa.0));
+                self.poison_or_wake(host);
+            }
+        }
+    }
+
+    fn poison_or_wake(&self, host: u64) {
+        let poisoned = self.uffd.features().contains(Features::POISON) && self.uffd.poison(host, PAGE_SIZE).is_ok();
+        if !poisoned {
+            let _ = self.uffd.wake(host, PAGE_SIZE);
         }
     }
 }

@@ -366,3 +366,78 @@ fn shutdown_leaves_a_stuck_source_behind_and_reports_it() {
     let err = errors.recv_timeout(Duration::from_secs(1)).expect("reported");
     assert!(matches!(err, apf::FaultError::ThreadsLeftBehind(1)), "{err}");
 }
+
+#[test]
+fn the_baseline_handler_poisons_and_reports_what_it_cannot_install() {
+    let ram = ram(16);
+    let handler = apf::baseline::SinglePageHandler::start(ram.clone(), Arc::new(Pattern { seed: 8 })).unwrap();
+    handler.failpoints().arm(Rule::new(Op::Copy, libc::ENOMEM));
+    let r = ram.clone();
+    assert_eq!(within(Duration::from_secs(5), move || try_read_word(&r, 4 * PAGE)), None, "poisoned, not hung");
+    let errors = handler.errors();
+    assert!(errors.iter().any(|e| e.contains("0x4000") && e.contains("UFFDIO_COPY")), "{errors:?}");
+    // The next page is served as usual.
+    let r = ram.clone();
+    assert!(within(Duration::from_secs(5), move || try_read_word(&r, 5 * PAGE)).is_some_and(|w| w != 0));
+}
+
+/// Reads every page of `[0, pages)` from a thread (bounded) and checks it
+/// against the pattern the source serves.
+fn all_pages_right(ram: &Arc<GuestRam>, pattern: Pattern, pages: u64) {
+    let r = ram.clone();
+    let words =
+        within(Duration::from_secs(10), move || (0..pages).map(|p| try_read_word(&r, p * PAGE)).collect::<Vec<_>>());
+    for (p, w) in words.into_iter().enumerate() {
+        let mut page = vec![0u8; PAGE_SIZE];
+        pattern.write(p as u64 * PAGE, &mut page);
+        assert_eq!(w, Some(u64::from_le_bytes(page[..8].try_into().unwrap())), "page {p}");
+    }
+}
+
+/// Every failure the fault path's ioctls can report, one call at a time:
+/// the faulting thread always gets the right contents, never a hang.
+#[test]
+fn every_failure_of_a_fault_path_ioctl_ends_with_the_right_contents() {
+    let pattern = Pattern { seed: 12 };
+    let cases: Vec<(&str, apf::Dispatch, Vec<Rule>)> = vec![
+        ("copy EAGAIN inline", apf::Dispatch::Inline, vec![Rule::new(Op::Copy, libc::EAGAIN).times(3)]),
+        ("copy EAGAIN on a worker", apf::Dispatch::Workers, vec![Rule::new(Op::Copy, libc::EAGAIN).times(3)]),
+        ("copy ENOMEM", apf::Dispatch::Auto, vec![Rule::new(Op::Copy, libc::ENOMEM)]),
+        ("copy EAGAIN after 3 pages", apf::Dispatch::Workers, vec![Rule::new(Op::Copy, libc::EAGAIN).partial(3)]),
+        (
+            "copy EEXIST after 2 pages",
+            apf::Dispatch::Workers,
+            vec![Rule::new(Op::Copy, libc::EEXIST).partial(2).skip(1)],
+        ),
+        (
+            "copy ENOMEM and the wake that follows fails",
+            apf::Dispatch::Auto,
+            vec![Rule::new(Op::Copy, libc::ENOMEM), Rule::new(Op::Wake, libc::EIO)],
+        ),
+    ];
+    for (name, dispatch, rules) in cases {
+        let ram = ram(64);
+        let config = apf::Config { dispatch, ..apf::Config::default() };
+        let engine = engine_with(&ram, Arc::new(pattern), config);
+        for rule in rules {
+            engine.failpoints().arm(rule);
+        }
+        all_pages_right(&ram, pattern, 64);
+        assert!(engine.failpoints().fired() >= 1, "{name}: no failure was injected");
+        assert!(engine.wait_idle(Instant::now() + Duration::from_secs(5)), "{name}");
+    }
+}
+
+#[test]
+fn a_zeropage_failure_ends_with_zeros() {
+    for errno in [libc::EAGAIN, libc::ENOMEM] {
+        let ram = ram(16);
+        let engine = engine_with(&ram, Arc::new(apf::ZeroSource), apf::Config::default());
+        engine.failpoints().arm(Rule::new(Op::ZeroPage, errno).times(2));
+        let r = ram.clone();
+        let words =
+            within(Duration::from_secs(5), move || (0..16).map(|p| try_read_word(&r, p * PAGE)).collect::<Vec<_>>());
+        assert!(words.iter().all(|w| *w == Some(0)), "errno {errno}: {words:?}");
+        assert_eq!(engine.failpoints().fired(), 2);
+    }
+}

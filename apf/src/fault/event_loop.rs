@@ -126,7 +126,7 @@ fn rescue(shared: &Shared, stop: &EventFd, reason: String) {
     shared.report(FaultError::EventLoopDied(reason));
     shared.poison_unresolved();
     for r in shared.ram.regions() {
-        let _ = shared.uffd.wake(r.host_base(), r.len() as usize);
+        shared.wake(r.host_base(), r.len() as usize);
     }
     let mut buf = EventBuf::default();
     let mut events = Vec::with_capacity(crate::uffd::EVENT_BATCH);
@@ -162,7 +162,7 @@ fn rescue(shared: &Shared, stop: &EventFd, reason: String) {
                     // Present, or a remove pending (it is read next round):
                     // either way the thread retries its access.
                     Err(_) => {
-                        let _ = shared.uffd.wake(page, PAGE_SIZE);
+                        shared.wake(page, PAGE_SIZE);
                     }
                 }
             }
@@ -216,7 +216,7 @@ impl FaultLoop {
             match self.shared.ram.locate_host(d.addr) {
                 Some(loc) => self.handle_fault(d.span, d.addr, loc, d.write, d.tid, true),
                 None => {
-                    let _ = self.shared.uffd.wake(d.addr & !(PAGE_SIZE as u64 - 1), PAGE_SIZE);
+                    self.shared.wake(d.addr & !(PAGE_SIZE as u64 - 1), PAGE_SIZE);
                 }
             }
         }
@@ -331,7 +331,7 @@ impl FaultLoop {
         shared.stats.faults.fetch_add(1, Ordering::Relaxed);
         let Some(loc) = shared.ram.locate_host(addr) else {
             shared.report(FaultError::OutsideRam(addr));
-            let _ = shared.uffd.wake(addr & !(PAGE_SIZE as u64 - 1), PAGE_SIZE);
+            shared.wake(addr & !(PAGE_SIZE as u64 - 1), PAGE_SIZE);
             return;
         };
         let region = &shared.ram.regions()[loc.region];
@@ -379,7 +379,7 @@ impl FaultLoop {
                 }
                 PageState::Present if redo => {
                     span.record("outcome", "woken");
-                    let _ = shared.uffd.wake(region.page_host(page), PAGE_SIZE);
+                    shared.wake(region.page_host(page), PAGE_SIZE);
                     return;
                 }
                 PageState::Present => {
@@ -395,7 +395,7 @@ impl FaultLoop {
                         Err(e) if e.errno == libc::EEXIST => {
                             shared.stats.spurious.fetch_add(1, Ordering::Relaxed);
                             span.record("outcome", "woken");
-                            let _ = shared.uffd.wake(host, PAGE_SIZE);
+                            shared.wake(host, PAGE_SIZE);
                         }
                         Ok(_) => {
                             // Its contents are gone: say so, never zero-fill
@@ -419,7 +419,7 @@ impl FaultLoop {
                         }
                         Err(e) if e.errno == libc::EEXIST => {
                             span.record("outcome", "poisoned");
-                            let _ = shared.uffd.wake(host, PAGE_SIZE);
+                            shared.wake(host, PAGE_SIZE);
                         }
                         Err(e) => self.after_failed_poison(span, addr, loc, write, tid, redo, e),
                     }
@@ -439,7 +439,7 @@ impl FaultLoop {
         }
         // Still moving, or taken away for now: let the thread fault again.
         span.record("outcome", "retry");
-        let _ = shared.uffd.wake(region.page_host(page), PAGE_SIZE);
+        shared.wake(region.page_host(page), PAGE_SIZE);
     }
 
     /// A `POISON` the fault path needed failed. `EAGAIN` (a remove is
@@ -469,7 +469,7 @@ impl FaultLoop {
         }
         span.record("outcome", "poison-failed");
         shared.report(FaultError::Install { gpa: region.page_gpa(loc.page).0, error: e });
-        let _ = shared.uffd.wake(region.page_host(loc.page), PAGE_SIZE);
+        shared.wake(region.page_host(loc.page), PAGE_SIZE);
     }
 
     /// Claims the prefetch window after the faulting page (already claimed)

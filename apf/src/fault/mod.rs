@@ -168,6 +168,9 @@ pub enum EngineError {
     Busy(&'static str),
 }
 
+/// Attempts of a `UFFDIO_WAKE` before it is reported.
+const WAKE_TRIES: usize = 3;
+
 /// Working-set replays that may run at once.
 pub const MAX_REPLAYS: usize = 4;
 
@@ -389,6 +392,22 @@ impl Shared {
         }
     }
 
+    /// Wakes the threads waiting on `[host, host + len)`. A thread nobody
+    /// wakes waits for ever, so a failed wake is tried again before it is
+    /// reported.
+    pub fn wake(&self, host: u64, len: usize) {
+        let mut last = None;
+        for _ in 0..WAKE_TRIES {
+            match self.uffd.wake(host, len) {
+                Ok(()) => return,
+                Err(e) => last = Some(e),
+            }
+        }
+        if let (Some(error), Some(loc)) = (last, self.ram.locate_host(host)) {
+            self.report(FaultError::Install { gpa: self.ram.region(loc).page_gpa(loc.page).0, error });
+        }
+    }
+
     /// Reports a transition that found its page in the wrong state.
     pub fn checked(&self, transition: Result<(), crate::ram::StateError>) {
         if let Err(e) = transition {
@@ -451,9 +470,7 @@ impl Shared {
             for p in first..first + count {
                 self.checked(r.release(p));
             }
-            if let Err(e) = self.uffd.wake(r.page_host(first), count * PAGE_SIZE) {
-                self.report(FaultError::Install { gpa: r.page_gpa(first).0, error: e });
-            }
+            self.wake(r.page_host(first), count * PAGE_SIZE);
         }
     }
 }

@@ -307,7 +307,7 @@ fn on_fill_error(
         }
         Err(e) if e.errno == libc::EEXIST => {
             shared.checked(region.complete(fault.page));
-            let _ = shared.uffd.wake(host, PAGE_SIZE);
+            shared.wake(host, PAGE_SIZE);
         }
         Err(e) => {
             drop(guard);
@@ -471,7 +471,7 @@ fn install_pieces(shared: &Shared, region_idx: usize, pieces: &[Piece], bytes: &
                     // else will wake its waiters.
                     stats.eexist.fetch_add(1, Relaxed);
                     shared.checked(region.complete(page));
-                    let _ = shared.uffd.wake(dst, PAGE_SIZE);
+                    shared.wake(dst, PAGE_SIZE);
                     off += 1;
                 }
                 libc::EAGAIN => return Err(InstallError::Again(remaining(pieces, i, off))),
