@@ -124,7 +124,9 @@ struct History {
 struct Registry {
     /// Invalidations in progress: id, ranges, exclusive.
     active: Vec<(u64, Vec<GuestRange>, bool)>,
-    refs: Vec<(u64, GuestRange)>,
+    /// Short-term references: id, range, and whether a pin's guard holds
+    /// it (only an unplug waits for those).
+    refs: Vec<(u64, GuestRange, bool)>,
     intervals: Vec<Arc<Interval>>,
     next_id: u64,
 }
@@ -411,20 +413,35 @@ impl Notifier {
     /// checking [`InstallGuard::read_retry`], so that the pages checked
     /// present stay so until the reference is visible to invalidations.
     pub fn try_ref(&self, _proof: &InstallGuard<'_>, range: GuestRange) -> Option<RefId> {
+        self.push_ref(range, false)
+    }
+
+    /// Grants the reference a pin's guard holds while its holder reads the
+    /// memory, unless an invalidation overlapping `range` is in progress.
+    /// Only an `Unplug` waits for it (migrate and evict keep the contents,
+    /// and an access meanwhile faults and waits, so they need not): no page
+    /// is discarded or poisoned under a live guard. Granted without the
+    /// install lock, the caller must check afterwards that its pin is still
+    /// armed: an invalidation that ended before the grant disarmed it.
+    pub fn try_guard_ref(&self, range: GuestRange) -> Option<RefId> {
+        self.push_ref(range, true)
+    }
+
+    fn push_ref(&self, range: GuestRange, guard: bool) -> Option<RefId> {
         let mut reg = self.registry();
         if reg.invalidating(&range) {
             return None;
         }
         let id = reg.next_id;
         reg.next_id += 1;
-        reg.refs.push((id, range));
+        reg.refs.push((id, range, guard));
         Some(RefId(id))
     }
 
     /// Drops a short-term reference.
     pub fn drop_ref(&self, id: RefId) {
         let mut reg = self.registry();
-        reg.refs.retain(|(i, _)| *i != id.0);
+        reg.refs.retain(|(i, _, _)| *i != id.0);
         self.changed.notify_all();
     }
 
@@ -470,12 +487,18 @@ impl Invalidation<'_> {
 
     /// Waits until no short-term reference (and, with `hard`, no hard
     /// interval) overlaps the invalidated ranges, or until `deadline`.
-    /// On timeout returns who still holds the range.
+    /// An unplug waits for pin guards too. On timeout returns who still
+    /// holds the range.
     pub fn wait_drained(&self, hard: bool, deadline: Instant) -> Result<(), Held> {
+        let guards = self.reason == Reason::Unplug;
         let mut reg = self.notifier.registry();
         loop {
             let held = Held {
-                refs: reg.refs.iter().filter(|(_, r)| self.ranges.iter().any(|x| x.overlaps(r))).count(),
+                refs: reg
+                    .refs
+                    .iter()
+                    .filter(|(_, r, guard)| (guards || !guard) && self.ranges.iter().any(|x| x.overlaps(r)))
+                    .count(),
                 hard: if hard {
                     reg.intervals
                         .iter()
@@ -658,6 +681,22 @@ mod tests {
             });
             assert_eq!(inv.wait_drained(false, far()), Ok(()));
         });
+    }
+
+    #[test]
+    fn only_an_unplug_waits_for_pin_guards() {
+        let n = Notifier::new();
+        let g = n.try_guard_ref(range(0, 4096)).unwrap();
+        for reason in [Reason::Migrate, Reason::Evict, Reason::HostBlock] {
+            let inv = n.invalidate_begin(&[range(0, 4096)], reason, true, || {}).unwrap();
+            assert!(n.try_guard_ref(range(0, 4096)).is_none(), "no new guard while invalidating");
+            assert_eq!(inv.wait_drained(true, Instant::now()), Ok(()), "{reason:?} waited for a guard");
+        }
+        let inv = n.invalidate_begin(&[range(0, 8192)], Reason::Unplug, true, || {}).unwrap();
+        let t = Instant::now() + Duration::from_millis(10);
+        assert_eq!(inv.wait_drained(true, t), Err(Held { refs: 1, hard: 0 }));
+        n.drop_ref(g);
+        assert_eq!(inv.wait_drained(true, Instant::now()), Ok(()));
     }
 
     #[test]

@@ -10,6 +10,8 @@
 //!   calls the callback, where the holder drops any kernel pin it made on
 //!   the memory (an io_uring fixed buffer, see [`crate::kpin`]); the next
 //!   [`Pin::get`] faults the range in again through the engine and re-arms.
+//!   Each use of the memory goes through a [`PinGuard`] from `get`, held
+//!   for that use only: an `Unplug` waits for live guards (see [`Pin`]).
 //! - [`HardPin`]: no callback, and a real kernel reference (an io_uring
 //!   fixed buffer): the pre-2013 async-pf page reference. Kept to show the
 //!   problem: an offline over it fails with `Busy` at its deadline, and the
@@ -117,6 +119,11 @@ fn fault_in_and<T>(
     let (loc, count) = shared.ram.check_range(range)?;
     let region = &shared.ram.regions()[loc.region];
     loop {
+        // Every way round the loop passes here: a range that keeps being
+        // invalidated cannot keep the caller past its deadline.
+        if Instant::now() >= deadline {
+            return Err(PinError::Timeout { range, waited: started.elapsed() });
+        }
         let seq = shared
             .notifier
             .read_begin(range, deadline)
@@ -131,11 +138,6 @@ fn fault_in_and<T>(
             }
         }
         drop(guard);
-        // Every round, whatever undid it (an invalidation, a page taken
-        // away again), counts against the deadline.
-        if Instant::now() >= deadline {
-            return Err(PinError::Timeout { range, waited: started.elapsed() });
-        }
         std::thread::yield_now();
     }
 }
@@ -193,6 +195,31 @@ struct PinState {
 
 /// A long-term, migratable pin over a guest range. See the module docs.
 ///
+/// # Pins and unplug
+///
+/// A pin does not hold migrate, evict or a host-block offline back: they
+/// keep the contents, and an access while they run faults and waits for
+/// them to end. An `Unplug` is different: it discards the pages, and under
+/// [`crate::UnplugPolicy::Poison`] it poisons them, so a holder reading
+/// them afterwards would take SIGBUS on a thread that has no business
+/// dying (a device worker, outside `KVM_RUN`). So every use of the memory
+/// goes through a [`PinGuard`], which holds a short-term reference that
+/// only an `Unplug` waits for, up to its deadline (then it fails with
+/// `Busy` and changes nothing). Once a guard is granted, no page of the
+/// range is discarded or poisoned until it is dropped; after an unplug,
+/// `get` fails with [`PinError::Poisoned`] (poison policy) or serves zeros
+/// (zero policy) instead of handing out memory that would fault.
+///
+/// The guard makes the pin safe, not useful: a device whose memory the
+/// guest may unplug loses it. A VMM should refuse a guest's unplug of
+/// memory a device pins (as QEMU refuses to discard RAM under VFIO, and
+/// virtio-mem NACKs an unplug of memory in use); the guard is what keeps
+/// the VMM alive when it does not, or when the unplug comes from elsewhere.
+///
+/// Hold a guard for a bounded use, like a [`PageRef`]: never across a
+/// blocking wait, and never while unplugging the same range yourself (the
+/// unplug would wait for you until its deadline).
+///
 /// ```no_run
 /// # use std::sync::Arc;
 /// # use std::time::{Duration, Instant};
@@ -246,13 +273,21 @@ impl Pin {
         Ok(Pin { shared, id, range, state })
     }
 
-    /// Access to the pinned memory. While the pin is armed this is a load;
-    /// after an invalidation (or the first time) it waits for the
-    /// invalidation to end, faults the range in through the engine and
-    /// re-arms. Fails at `deadline`, or if a page is poisoned or unplugged.
+    /// Access to the pinned memory, for one bounded use. While the pin is
+    /// armed this takes a short-term reference and nothing else; after an
+    /// invalidation (or the first time) it waits for the invalidation to
+    /// end, faults the range in through the engine and re-arms. Fails at
+    /// `deadline`, or if a page is poisoned or unplugged.
     pub fn get(&self, deadline: Instant) -> Result<PinGuard<'_>, PinError> {
         if self.state.armed.load(Ordering::Acquire) {
-            return Ok(PinGuard { pin: self });
+            if let Some(id) = self.shared.notifier.try_guard_ref(self.range) {
+                // An invalidation that ended before the reference was
+                // granted has disarmed the pin: then re-fault.
+                if self.state.armed.load(Ordering::Acquire) {
+                    return Ok(PinGuard { pin: self, id });
+                }
+                self.shared.notifier.drop_ref(id);
+            }
         }
         if self.shared.stopping.load(Ordering::Acquire) {
             return Err(PinError::Stopped);
@@ -264,25 +299,28 @@ impl Pin {
             len = self.range.len,
             outcome = tracing::field::Empty,
         );
+        // Under the install lock: no invalidation can start between the
+        // reference and the re-arm.
         let faulted = fault_in_and(&self.shared, self.range, deadline, |_guard| {
+            let id = self.shared.notifier.try_guard_ref(self.range)?;
             self.state.armed.store(true, Ordering::Release);
-            Some(())
+            Some(id)
         });
         span.record(
             "outcome",
             match &faulted {
-                Ok(()) => "armed",
+                Ok(_) => "armed",
                 Err(PinError::Timeout { .. }) => "timeout",
                 Err(PinError::Poisoned { .. }) => "poisoned",
                 Err(_) => "error",
             },
         );
-        faulted?;
+        let id = faulted?;
         if self.state.ever_armed.swap(true, Ordering::Relaxed) {
             self.state.refaults.fetch_add(1, Ordering::Relaxed);
             self.shared.stats.pin_refaults.fetch_add(1, Ordering::Relaxed);
         }
-        Ok(PinGuard { pin: self })
+        Ok(PinGuard { pin: self, id })
     }
 
     /// True while no invalidation has hit the pin since it was last armed.
@@ -312,10 +350,18 @@ impl Drop for Pin {
     }
 }
 
-/// Access to a pin's memory, from [`Pin::get`].
+/// Access to a pin's memory, from [`Pin::get`]. An `Unplug` of the range
+/// waits for it to be dropped (see [`Pin`]): hold it for a bounded use.
 #[derive(Debug)]
 pub struct PinGuard<'a> {
     pin: &'a Pin,
+    id: RefId,
+}
+
+impl Drop for PinGuard<'_> {
+    fn drop(&mut self) {
+        self.pin.shared.notifier.drop_ref(self.id);
+    }
 }
 
 impl PinGuard<'_> {
@@ -340,9 +386,11 @@ impl PinGuard<'_> {
         self.pin.range.len == 0
     }
 
-    /// True if an invalidation hit the pin since this guard was taken:
-    /// what was read through it may predate an unplug (contents kept by
-    /// migrate and evict are unaffected).
+    /// True if an invalidation hit the pin since this guard was taken. An
+    /// unplug waits for the guard, so it was a migrate, an evict or a
+    /// host-block offline (contents kept), or a discard by someone else (a
+    /// balloon's `MADV_DONTNEED`, which no guard holds back: the range
+    /// reads as zeros from then on).
     pub fn invalidated(&self) -> bool {
         !self.pin.is_armed()
     }
@@ -401,5 +449,145 @@ impl Drop for HardPin {
         // finds the pages movable.
         drop(self.kernel.take());
         self.shared.notifier.unregister(self.id);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ram::GuestAddress;
+    use crate::{Config, Engine, GuestRam, Mode, OfflineError, UnplugPolicy, ZeroSource};
+    use std::sync::atomic::AtomicBool;
+    use vm_memory::Bytes;
+
+    const PAGE: u64 = 4096;
+
+    fn engine(policy: UnplugPolicy) -> Engine {
+        let ram = Arc::new(GuestRam::anonymous(&[(GuestAddress(0), 4 << 20)]).unwrap());
+        let config = Config { unplug_policy: policy, ..Config::default() };
+        Engine::builder(ram, Arc::new(ZeroSource)).config(config).start().unwrap()
+    }
+
+    fn soon(ms: u64) -> Instant {
+        Instant::now() + Duration::from_millis(ms)
+    }
+
+    /// Writes `value` at the start of every page of the guard's range.
+    fn stamp(guard: &PinGuard<'_>, value: u64) {
+        for off in (0..guard.len()).step_by(PAGE as usize) {
+            guard.memory().write_obj(value, off).unwrap();
+        }
+    }
+
+    /// Reads every page of the guard's range; would raise SIGBUS (and end
+    /// the test process) on a poisoned page.
+    fn read_all(guard: &PinGuard<'_>) -> Vec<u64> {
+        (0..guard.len()).step_by(PAGE as usize).map(|off| guard.memory().read_obj(off).unwrap()).collect()
+    }
+
+    #[test]
+    fn an_unplug_waits_for_a_live_guard() {
+        let engine = engine(UnplugPolicy::Poison);
+        let r = GuestRange::new(GuestAddress(0x10_0000), 4 * PAGE);
+        let pin = engine.pin(r, |_| {}).unwrap();
+        let guard = pin.get(soon(2000)).unwrap();
+        stamp(&guard, 0xfeed);
+        let done = AtomicBool::new(false);
+        std::thread::scope(|s| {
+            let unplug = s.spawn(|| {
+                let started = Instant::now();
+                let result = engine.offline(r, Mode::Unplug, soon(5000));
+                done.store(true, Ordering::SeqCst);
+                (result, started.elapsed())
+            });
+            std::thread::sleep(Duration::from_millis(100));
+            assert!(!done.load(Ordering::SeqCst), "the unplug ran under a live guard");
+            assert!(!pin.is_armed(), "the callback ran before the wait");
+            // Still mapped and intact: reading it neither faults fatally
+            // nor sees zeros.
+            assert_eq!(read_all(&guard), vec![0xfeed; 4]);
+            drop(guard);
+            let (result, waited) = unplug.join().unwrap();
+            assert_eq!(result.unwrap().pages_unplugged, 4);
+            assert!(waited >= Duration::from_millis(100), "{waited:?}");
+        });
+        // Unplugged under the poison policy: refused, not handed out.
+        assert!(matches!(pin.get(soon(500)), Err(PinError::Poisoned { gpa: 0x10_0000 })));
+        engine.replug(r).unwrap();
+        let guard = pin.get(soon(2000)).unwrap();
+        assert_eq!(read_all(&guard), vec![0; 4]);
+    }
+
+    #[test]
+    fn a_guard_held_past_the_deadline_makes_the_unplug_busy_and_keeps_the_pages() {
+        let engine = engine(UnplugPolicy::Poison);
+        let r = GuestRange::new(GuestAddress(0x20_0000), 2 * PAGE);
+        let pin = engine.pin(r, |_| {}).unwrap();
+        let guard = pin.get(soon(2000)).unwrap();
+        stamp(&guard, 7);
+        match engine.offline(r, Mode::Unplug, soon(50)) {
+            Err(OfflineError::Busy { refs: 1, discarded: 0, .. }) => {}
+            other => panic!("expected Busy with the guard counted, got {other:?}"),
+        }
+        assert_eq!(read_all(&guard), vec![7, 7]);
+        // Migrate and evict keep contents: a guard does not hold them back.
+        for mode in [Mode::Migrate, Mode::Evict] {
+            let report = engine.offline(r, mode, soon(50)).unwrap();
+            assert_eq!(report.pages_taken, 2, "{mode:?}");
+            assert_eq!(read_all(&guard), vec![7, 7], "{mode:?}");
+        }
+        drop(guard);
+        engine.offline(r, Mode::Unplug, soon(2000)).unwrap();
+        assert!(matches!(pin.get(soon(500)), Err(PinError::Poisoned { .. })));
+    }
+
+    #[test]
+    fn unplugs_racing_a_reader_never_poison_memory_under_its_guard() {
+        // The device-worker race: a holder takes a guard and reads while
+        // another thread unplugs and replugs the range under the poison
+        // policy. A page poisoned under a guard would raise SIGBUS here and
+        // end the test process.
+        let engine = engine(UnplugPolicy::Poison);
+        let r = GuestRange::new(GuestAddress(0x30_0000), 8 * PAGE);
+        let pin = engine.pin(r, |_| {}).unwrap();
+        let stop = AtomicBool::new(false);
+        let (reads, refused, unplugs) = (AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0));
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                while !stop.load(Ordering::Relaxed) {
+                    match pin.get(soon(2000)) {
+                        Ok(guard) => {
+                            // A device's use of its ring: read, work, read.
+                            std::hint::black_box(read_all(&guard));
+                            std::thread::sleep(Duration::from_micros(20));
+                            std::hint::black_box(read_all(&guard));
+                            reads.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Err(PinError::Poisoned { .. }) => {
+                            refused.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Err(e) => panic!("pin get: {e}"),
+                    }
+                }
+            });
+            let until = Instant::now() + Duration::from_millis(800);
+            while Instant::now() < until {
+                match engine.offline(r, Mode::Unplug, soon(2000)) {
+                    Ok(_) => {
+                        unplugs.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(e) => panic!("unplug: {e}"),
+                }
+                engine.replug(r).unwrap();
+                // Time for the reader to fault the range in and take a
+                // guard, so that the next unplug meets it.
+                std::thread::sleep(Duration::from_micros(100));
+            }
+            stop.store(true, Ordering::Relaxed);
+        });
+        let (reads, refused, unplugs) =
+            (reads.load(Ordering::Relaxed), refused.load(Ordering::Relaxed), unplugs.load(Ordering::Relaxed));
+        assert!(reads > 10 && unplugs > 10, "{reads} guarded reads, {unplugs} unplugs");
+        eprintln!("{reads} guarded reads, {refused} refused as poisoned, {unplugs} unplugs");
     }
 }

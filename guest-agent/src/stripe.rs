@@ -95,6 +95,18 @@ impl Stripe {
         self.ram.write(gpa, stamp_word(page_key(self.seed, gpa, generation), gpa, generation, 0));
     }
 
+    /// Checks that every word of `page` is zero (what a discarded page
+    /// must read as, whatever its generation); returns the first word that
+    /// is not, and its value.
+    pub fn check_zero(&self, page: u64) -> Result<(), (u64, u64)> {
+        let mut words = [0u64; PAGE_WORDS];
+        self.ram.read_page(self.gpa(page), &mut words);
+        match words.iter().position(|&w| w != 0) {
+            None => Ok(()),
+            Some(i) => Err((i as u64, words[i])),
+        }
+    }
+
     /// Records that `pages` were unplugged: they read as zeros, which is
     /// generation 0.
     pub fn forget(&self, pages: Range<u64>) {

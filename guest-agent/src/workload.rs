@@ -1,6 +1,6 @@
 //! What a vCPU does with its stripe: passes that check each page they visit
-//! and stamp it anew, a full verify after each, then the offline and
-//! checksum exercises the configuration asks for, and a progress report
+//! and stamp it anew, a full verify after each, then the offline, balloon
+//! and checksum exercises the configuration asks for, and a progress report
 //! whose answer says whether to go on.
 
 use core::ops::Range;
@@ -8,7 +8,7 @@ use core::ops::Range;
 use agent_proto::{
     pass, Config, Counters, Layout, OfflineOp, Reply, Request, Workload, PAGE_SIZE, RING_SLOTS_PER_VCPU,
 };
-use agent_proto::{permute, FLAG_CHECKSUM, FLAG_GUEST_OFFLINE, FLAG_RANDOM_ORDER, FLAG_RESTORE};
+use agent_proto::{permute, FLAG_BALLOON, FLAG_CHECKSUM, FLAG_GUEST_OFFLINE, FLAG_RANDOM_ORDER, FLAG_RESTORE};
 
 use crate::checksum::Slots;
 use crate::machine::SharedRam;
@@ -18,6 +18,8 @@ use crate::stripe::Stripe;
 
 /// Most pages one offline request covers.
 const MAX_OFFLINE_PAGES: u64 = 32;
+/// Most pages one balloon discard covers.
+const MAX_BALLOON_PAGES: u64 = 32;
 
 /// The kinds of pass.
 #[derive(Debug, Clone, Copy)]
@@ -111,6 +113,9 @@ impl<'m> Agent<'m> {
             self.verify();
             if self.config.flags & FLAG_GUEST_OFFLINE != 0 {
                 self.offline();
+            }
+            if self.config.flags & FLAG_BALLOON != 0 {
+                self.balloon();
             }
             if self.config.flags & FLAG_CHECKSUM != 0 {
                 let good = self.slots.run(&mut self.rng);
@@ -212,6 +217,44 @@ impl<'m> Agent<'m> {
                     self.counters.pages_written += 1;
                 }
             }
+        }
+    }
+
+    /// Gives a few pages at a random place in the stripe to the VMM's
+    /// balloon, checks that every one of them reads as zeros (a page that
+    /// still holds its stamp, or anything else, is stale: reported as
+    /// corrupt), then writes them again.
+    fn balloon(&mut self) {
+        let pages = self.stripe.pages();
+        let len = 1 + self.rng.below(MAX_BALLOON_PAGES.min(pages));
+        let first = self.rng.below(pages - len + 1);
+        let gpa = self.stripe.gpa(first);
+        let discarded = match self.mailbox.call(&Request::Balloon { gpa, len: len * PAGE_SIZE }) {
+            Reply::Ack { .. } => true,
+            // Refused or failed: what the pages hold is unknown (a
+            // discard may have gone part of the way), so they are written,
+            // not checked.
+            Reply::Error { .. } => false,
+            Reply::Config(_) => self.mailbox.unexpected(),
+        };
+        if discarded {
+            self.counters.balloon_discards += 1;
+        }
+        for page in first..first + len {
+            if discarded {
+                match self.stripe.check_zero(page) {
+                    Ok(()) => self.counters.balloon_pages_zero += 1,
+                    Err((word, found)) => {
+                        let (vcpu, generation, gpa) = (self.vcpu, self.stripe.generation(page), self.stripe.gpa(page));
+                        let corrupt = Request::Corrupt { vcpu, generation, gpa, word, expected: 0, found };
+                        self.mailbox.ack(&corrupt);
+                        self.counters.balloon_stale += 1;
+                        self.counters.corrupt_pages += 1;
+                    }
+                }
+            }
+            self.stripe.restamp(page);
+            self.counters.pages_written += 1;
         }
     }
 

@@ -81,6 +81,31 @@ fn guest_requested_offlines_round_trip() {
 }
 
 #[test]
+fn balloon_discards_read_as_zeros_under_storms() {
+    if !kvm_available("balloon_discards_read_as_zeros_under_storms") {
+        return;
+    }
+    // A storm that migrates and evicts under the balloon: the discards race
+    // installs and evictions of the same pages.
+    let cfg = RunConfig { offline_every: Some(Duration::from_millis(2)), ..short(64 << 20, 2000) };
+    let report = vmm::vm::run(&cfg).unwrap();
+    assert_clean(&report);
+    let b = report.balloon;
+    assert!(b.discards > 0, "{}", report.summary());
+    assert!(b.pages_verified_zero > 0, "{}", report.summary());
+    assert_eq!(b.stale, 0, "{}", report.summary());
+    assert_eq!(b.discards, report.guest.balloon_discards, "VMM and guest disagree: {}", report.summary());
+    // The guest checked every page the VMM discarded.
+    assert_eq!(b.pages_verified_zero + b.stale, b.pages_discarded, "{}", report.summary());
+    // Each discard reached the engine as a remove event.
+    assert!(!report.engine_json.contains("\"removes\":0,"), "{}", report.engine_json);
+    let json = report.to_json();
+    assert!(json.contains(&format!("\"balloon\":{{\"discards\":{},", b.discards)), "{json}");
+    assert!(json.contains("\"stale\":0}"), "{json}");
+    assert!(report.summary().contains("balloon:"), "{}", report.summary());
+}
+
+#[test]
 fn checksum_device_keeps_its_pin_through_storms() {
     if !kvm_available("checksum_device_keeps_its_pin_through_storms") {
         return;

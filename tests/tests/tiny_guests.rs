@@ -1,10 +1,15 @@
 //! Hand-made guests that each do one thing, under real KVM: malformed agent
 //! messages, accesses outside RAM, poisoned pages, a guest that never
-//! stops. Each checks that the VMM answers clearly and never crashes.
+//! stops, balloon requests, a guest that tries to unplug the checksum
+//! device's ring from under it. Each checks that the VMM answers clearly
+//! and never crashes.
 
 use std::time::{Duration, Instant};
 
-use agent_proto::{ErrorCode, OfflineOp, Reply, Request, AGENT_PORT, MAILBOX_BASE, MAX_MESSAGE, REPLY_OFFSET};
+use agent_proto::{
+    checksum, ErrorCode, OfflineOp, Reply, Request, AGENT_PORT, CHECKSUM_PORT, DESC_DONE_SEQ, DESC_LEN, DESC_STATUS,
+    DESC_SUM, MAILBOX_BASE, MAX_MESSAGE, PAGE_SIZE, REPLY_OFFSET, RING_BUF, RING_DESC, RING_LEN,
+};
 use apf::UnplugPolicy;
 use apf_tests::{kvm_available, Code};
 use vmm::config::{GuestImage, RunConfig};
@@ -176,6 +181,139 @@ fn a_poisoned_page_fails_the_vcpu_not_the_vmm() {
     assert!(!report.ok);
     let e = report.errors.iter().find(|e| e.contains("poisoned")).unwrap_or_else(|| panic!("{:?}", report.errors));
     assert!(e.contains("vCPU 0") && e.contains("0x800000"), "{e}");
+}
+
+#[test]
+fn balloon_requests_are_checked_like_offlines() {
+    if !kvm_available("balloon_requests_are_checked_like_offlines") {
+        return;
+    }
+    // 16 MiB with one vCPU: data pages start at 4 MiB.
+    let cases = [
+        (Request::Balloon { gpa: RAM, len: 4096 }, ErrorCode::OutOfRange),
+        (Request::Balloon { gpa: u64::MAX - 4095, len: 8192 }, ErrorCode::OutOfRange),
+        (Request::Balloon { gpa: 0x80_0000, len: 0 }, ErrorCode::OutOfRange),
+        (Request::Balloon { gpa: 0x80_0010, len: 4096 }, ErrorCode::Unaligned),
+        (Request::Balloon { gpa: 0x80_0000, len: 100 }, ErrorCode::Unaligned),
+        // The page tables, the agent's code, its mailbox: not data pages.
+        (Request::Balloon { gpa: agent_proto::PML4, len: 4096 }, ErrorCode::InUse),
+        (Request::Balloon { gpa: agent_proto::AGENT_LOAD, len: 4096 }, ErrorCode::InUse),
+        (Request::Balloon { gpa: MAILBOX_BASE, len: 4096 }, ErrorCode::InUse),
+    ];
+    for (req, code) in cases {
+        let (report, reply) = run_reading_reply(&tiny(Code::new().send(&req).hlt()));
+        match reply {
+            Some(Ok((1, Reply::Error { code: got, .. }))) => assert_eq!(got, code, "{req:?}"),
+            other => panic!("{req:?}: expected an error reply {code:?}, got {other:?}"),
+        }
+        assert_eq!(report.protocol_errors, 1, "{req:?}: {:?}", report.errors);
+        assert_eq!(report.balloon.discards, 0);
+    }
+    // A data page the guest wrote reads as zeros once the balloon took it.
+    let page = 0x80_0000;
+    let guest = Code::new()
+        .mov_rax(0x5eed)
+        .raw(&[0x48, 0x89, 0xc3]) // mov rbx, rax
+        .write64(page + 8)
+        .send(&Request::Balloon { gpa: page, len: 2 * PAGE_SIZE })
+        .read64(page + 8)
+        .write64(page + 16)
+        .hlt();
+    let mut words = [0xffu8; 16];
+    let report = vmm::vm::run_and_inspect(&tiny(guest), |access| {
+        access.read(page + 8, &mut words, Instant::now() + Duration::from_secs(2)).unwrap();
+    })
+    .unwrap();
+    // A tiny guest never says done; nothing else went wrong.
+    assert_eq!(report.errors, ["vCPU 0: halted without reporting done"]);
+    assert_eq!((report.balloon.discards, report.balloon.pages_discarded), (1, 2));
+    assert_eq!(words, [0; 16], "the discarded word, and what the guest read there after the discard");
+}
+
+#[test]
+fn a_guest_cannot_unplug_the_ring_from_under_the_checksum_device() {
+    if !kvm_available("a_guest_cannot_unplug_the_ring_from_under_the_checksum_device") {
+        return;
+    }
+    // A hostile guest, under the poison policy: it submits checksum work
+    // and, while the device worker serves it through its pin, asks again
+    // and again to unplug the ring (whole, or a page that overlaps it) and
+    // to balloon it away, between migrations and evictions of the ring
+    // that the pin must survive. Were the ring poisoned under the worker,
+    // it would take SIGBUS outside KVM_RUN and end the VMM.
+    const ROUNDS: u32 = 150;
+    let ring = (RING_DESC, RING_LEN);
+    let len = 100u32;
+    let mut guest = Code::new();
+    for seq in 1..=ROUNDS {
+        let desc = u64::from(len) | u64::from(seq) << 32;
+        guest = guest
+            .store(RING_DESC + DESC_LEN, &desc.to_le_bytes())
+            .out32(CHECKSUM_PORT, 0)
+            // Right behind the doorbell: the worker is serving it now.
+            .send(&Request::Offline { op: OfflineOp::Unplug, gpa: ring.0, len: ring.1 })
+            // Replugged before the guest touches the ring again, so that
+            // an unplug that went through would hurt the VMM, not the
+            // guest.
+            .send(&Request::Offline { op: OfflineOp::Replug, gpa: ring.0, len: ring.1 })
+            .send(&Request::Offline { op: OfflineOp::Migrate, gpa: ring.0, len: ring.1 })
+            .send(&Request::Balloon { gpa: RING_BUF, len: PAGE_SIZE })
+            .send(&Request::Offline { op: OfflineOp::Evict, gpa: ring.0, len: ring.1 })
+            .send(&Request::Offline { op: OfflineOp::Unplug, gpa: RING_DESC - PAGE_SIZE, len: 2 * PAGE_SIZE })
+            .send(&Request::Offline { op: OfflineOp::Replug, gpa: RING_DESC - PAGE_SIZE, len: 2 * PAGE_SIZE });
+    }
+    let cfg = RunConfig {
+        checksum: true,
+        unplug_policy: UnplugPolicy::Poison,
+        grace: Duration::from_secs(30),
+        ..tiny(guest.hlt())
+    };
+    let started = Instant::now();
+    let (mut last, mut last_reply) = (None, None);
+    let report = vmm::vm::run_and_inspect(&cfg, |access| {
+        // The device finishes the last submission on a ring it still has.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        // A ring the guest managed to unplug reads as an error, not a word.
+        let word = |off: u64| {
+            let mut b = [0u8; 8];
+            access.read(RING_DESC + off, &mut b, Instant::now() + Duration::from_secs(2)).ok()?;
+            Some(u64::from_le_bytes(b))
+        };
+        while word(DESC_DONE_SEQ).is_some_and(|w| w as u32 != ROUNDS) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        last = Some((word(DESC_DONE_SEQ).map(|w| w as u32), word(DESC_STATUS).map(|w| w as u32), word(DESC_SUM)));
+        let mut buf = [0u8; MAX_MESSAGE];
+        access.read(MAILBOX_BASE + REPLY_OFFSET as u64, &mut buf, Instant::now() + Duration::from_secs(2)).unwrap();
+        last_reply = Some(Reply::decode(&buf));
+    })
+    .expect("the VM starts");
+    assert!(started.elapsed() < Duration::from_secs(40), "took {:?}", started.elapsed());
+    // The VMM survived and the guest ran to its end.
+    assert_eq!(report.vcpus[0].exit, "halted", "{:?}", report.errors);
+    // Every unplug and balloon of the ring got an error reply, and only
+    // those were refused.
+    assert_eq!(report.protocol_errors, 3 * u64::from(ROUNDS), "{:?}", report.errors);
+    // Nothing else went wrong: no pin failed, no device error. (The list
+    // keeps the first errors only; a tiny guest never says done; a
+    // doorbell may find the device's queue full.)
+    let expected = ["which a device keeps pinned", "checksum queue full", "halted without reporting done", "... and "];
+    let unexpected: Vec<&String> = report.errors.iter().filter(|e| !expected.iter().any(|x| e.contains(x))).collect();
+    assert!(unexpected.is_empty(), "{unexpected:?}");
+    assert_eq!(report.balloon.discards, 0);
+    assert!(report.engine_json.contains("\"pages_unplugged\":0,"), "{}", report.engine_json);
+    // Migrations and evictions of the ring went through, and the device
+    // kept its pin through them.
+    let o = &report.offline;
+    assert_eq!(o.guest_requested, 4 * u64::from(ROUNDS), "replugs, migrations and evictions");
+    assert_eq!(o.completed + o.busy + o.overlapped, o.guest_requested, "{}", report.summary());
+    assert!(o.completed > 0 && report.pin_invalidations > 0, "{}", report.summary());
+    assert!(report.checksums > 0, "{}", report.summary());
+    assert_eq!(report.pins_leaked, 0);
+    let sum = checksum(&[0u8; 100]);
+    assert_eq!(last, Some((Some(ROUNDS), Some(0), Some(sum))), "the device's last answer");
+    // The last request, a replug of nothing unplugged, was acknowledged.
+    assert!(matches!(last_reply, Some(Ok((1, Reply::Ack { value: 0, .. })))), "{last_reply:?}");
 }
 
 #[test]

@@ -1,8 +1,22 @@
 //! The agent device: a port-I/O doorbell and a mailbox page per vCPU,
 //! speaking [`agent_proto`]. It hands out the run's configuration, collects
 //! progress and corrupt-page reports, carries out the guest's own offline
-//! requests, and answers anything malformed with an error reply that is
-//! counted and reported. It runs on the vCPU thread that rang.
+//! and balloon requests, and answers anything malformed with an error reply
+//! that is counted and reported. It runs on the vCPU thread that rang.
+//!
+//! A balloon request is a discard: `MADV_DONTNEED` on the guest RAM
+//! mapping, as a balloon device does, after which the pages read as zeros
+//! until written. It runs here, on the vCPU thread, holding no engine lock:
+//! the `madvise` returns only once the engine's event loop has read the
+//! remove event it raises, so it must never run on that loop's thread.
+//!
+//! Memory a device keeps pinned (the checksum ring) is refused to both
+//! `Unplug` and the balloon with [`ErrorCode::InUse`]: the device would
+//! lose its ring under the guest's feet, as QEMU refuses to discard RAM a
+//! VFIO device has pinned and virtio-mem NACKs an unplug of memory in use.
+//! The engine keeps the device safe even without this check (an `Unplug`
+//! waits for live [`apf::PinGuard`]s), but then every later submission
+//! would fail; the guest deserves the answer instead.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -58,6 +72,10 @@ pub struct AgentStats {
     pub guest_offlines_overlapped: AtomicU64,
     /// Corrupt pages reported.
     pub corrupt_pages: AtomicU64,
+    /// Balloon discards carried out.
+    pub balloon_discards: AtomicU64,
+    /// Pages those discards dropped.
+    pub balloon_pages: AtomicU64,
 }
 
 /// The agent device.
@@ -66,6 +84,8 @@ pub struct AgentDevice {
     access: GuestAccess,
     config: Config,
     layout: Layout,
+    /// Guest memory devices keep pinned: never unplugged or discarded.
+    device_memory: Vec<GuestRange>,
     stop_at: Instant,
     vcpus: Mutex<Vec<VcpuAgent>>,
     stats: AgentStats,
@@ -74,10 +94,18 @@ pub struct AgentDevice {
 
 impl AgentDevice {
     /// A device for a guest run with `config`, asking agents to stop at
-    /// `stop_at`.
-    pub fn new(access: GuestAccess, config: Config, layout: Layout, stop_at: Instant, errors: Arc<Errors>) -> Self {
+    /// `stop_at`. `device_memory` is guest memory that devices keep pinned
+    /// (the checksum ring): the guest may neither unplug nor discard it.
+    pub fn new(
+        access: GuestAccess,
+        config: Config,
+        layout: Layout,
+        device_memory: Vec<GuestRange>,
+        stop_at: Instant,
+        errors: Arc<Errors>,
+    ) -> Self {
         let vcpus = Mutex::new(vec![VcpuAgent::default(); config.vcpus as usize]);
-        AgentDevice { access, config, layout, stop_at, vcpus, stats: AgentStats::default(), errors }
+        AgentDevice { access, config, layout, device_memory, stop_at, vcpus, stats: AgentStats::default(), errors }
     }
 
     /// The device's counters.
@@ -185,29 +213,98 @@ impl AgentDevice {
                 drop(vcpus);
                 self.offline(vcpu, op, gpa, len)
             }
+            Request::Balloon { gpa, len } => {
+                drop(vcpus);
+                self.balloon(vcpu, gpa, len)
+            }
+        }
+    }
+
+    /// Checks that `[gpa, gpa + len)` is a page-aligned, non-empty range
+    /// inside guest RAM; the error reply otherwise.
+    fn checked_range(&self, vcpu: u32, what: &str, gpa: u64, len: u64) -> Result<GuestRange, Reply> {
+        if gpa % PAGE_SIZE != 0 || len % PAGE_SIZE != 0 {
+            return Err(self.refuse(
+                vcpu,
+                ErrorCode::Unaligned,
+                gpa,
+                format!("{what} of {gpa:#x}+{len:#x} is not page-aligned"),
+            ));
+        }
+        let range = GuestRange::new(GuestAddress(gpa), len);
+        let inside = len > 0 && gpa.checked_add(len).is_some_and(|end| end <= self.layout.ram_size);
+        if !inside || self.access.ram().check_range(range).is_err() {
+            return Err(self.refuse(
+                vcpu,
+                ErrorCode::OutOfRange,
+                gpa,
+                format!("{what} of {gpa:#x}+{len:#x} is outside guest RAM"),
+            ));
+        }
+        Ok(range)
+    }
+
+    /// Refuses `range` if it overlaps memory a device keeps pinned.
+    fn check_not_device_memory(&self, vcpu: u32, what: &str, range: GuestRange) -> Result<(), Reply> {
+        match self.device_memory.iter().find(|d| d.overlaps(&range)) {
+            Some(d) => Err(self.refuse(
+                vcpu,
+                ErrorCode::InUse,
+                range.start.0,
+                format!("{what} of {range} refused: it overlaps {d}, which a device keeps pinned"),
+            )),
+            None => Ok(()),
+        }
+    }
+
+    /// A balloon discard of `[gpa, gpa + len)`: data pages only.
+    fn balloon(&self, vcpu: u32, gpa: u64, len: u64) -> Reply {
+        let ack = |value| Reply::Ack { stop: Instant::now() >= self.stop_at, value };
+        let range = match self.checked_range(vcpu, "balloon", gpa, len) {
+            Ok(r) => r,
+            Err(reply) => return reply,
+        };
+        if let Err(reply) = self.check_not_device_memory(vcpu, "balloon", range) {
+            return reply;
+        }
+        if gpa < self.layout.data_start {
+            return self.refuse(
+                vcpu,
+                ErrorCode::InUse,
+                gpa,
+                format!(
+                    "balloon of {range} refused: below the data area at {:#x} (page tables, mailboxes, code, stacks)",
+                    self.layout.data_start
+                ),
+            );
+        }
+        match discard(self.access.ram(), range) {
+            Ok(()) => {
+                self.stats.balloon_discards.fetch_add(1, Ordering::Relaxed);
+                self.stats.balloon_pages.fetch_add(len / PAGE_SIZE, Ordering::Relaxed);
+                ack(len / PAGE_SIZE)
+            }
+            Err(e) => {
+                self.errors.push(format!("vCPU {vcpu}: balloon discard of {range} failed: {e}"));
+                Reply::Error { code: ErrorCode::Failed, detail: gpa }
+            }
         }
     }
 
     /// A guest-requested offline of `[gpa, gpa + len)`.
     fn offline(&self, vcpu: u32, op: OfflineOp, gpa: u64, len: u64) -> Reply {
         let ack = |value| Reply::Ack { stop: Instant::now() >= self.stop_at, value };
-        if gpa % PAGE_SIZE != 0 || len % PAGE_SIZE != 0 {
-            return self.refuse(
-                vcpu,
-                ErrorCode::Unaligned,
-                gpa,
-                format!("{op:?} of {gpa:#x}+{len:#x} is not page-aligned"),
-            );
-        }
-        let range = GuestRange::new(GuestAddress(gpa), len);
-        let inside = len > 0 && gpa.checked_add(len).is_some_and(|end| end <= self.layout.ram_size);
-        if !inside || self.access.ram().check_range(range).is_err() {
-            return self.refuse(
-                vcpu,
-                ErrorCode::OutOfRange,
-                gpa,
-                format!("{op:?} of {gpa:#x}+{len:#x} is outside guest RAM"),
-            );
+        let what = format!("{op:?}");
+        let range = match self.checked_range(vcpu, &what, gpa, len) {
+            Ok(r) => r,
+            Err(reply) => return reply,
+        };
+        // Migrate and evict keep contents, and a pin survives them; an
+        // unplug would take the ring from the device.
+        if op == OfflineOp::Unplug {
+            if let Err(reply) = self.check_not_device_memory(vcpu, &what, range) {
+                return reply;
+            }
         }
         let Some(engine) = self.access.engine() else {
             // Plain memory has nobody to take pages back.
@@ -243,4 +340,22 @@ impl AgentDevice {
             }
         }
     }
+}
+
+/// Drops the contents of guest `range` (`MADV_DONTNEED` on its mapping):
+/// afterwards it reads as zeros until written. With the engine, the
+/// kernel raises a remove event and `madvise` returns once the engine's
+/// event loop has read it; the caller must hold nothing that loop needs.
+fn discard(ram: &apf::GuestRam, range: GuestRange) -> std::io::Result<()> {
+    let host = ram.host_range(range.start, range.len).map_err(std::io::Error::other)?;
+    // SAFETY: `host_range` checked that `range` lies inside one region of
+    // guest RAM, a private anonymous mapping `ram` keeps alive; discarding
+    // it neither unmaps it nor invalidates any Rust reference, because
+    // guest memory is only ever reached through volatile accesses (and the
+    // guest writes it concurrently anyway). The pages read as zeros after.
+    let rc = unsafe { libc::madvise(host.cast(), range.len as usize, libc::MADV_DONTNEED) };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
 }

@@ -3,7 +3,10 @@
 //! the buffers the guest submits. Offlines of the ring call the pin's
 //! callback; the worker's next [`Pin::get`] faults the ring in again. The
 //! guest checks every result, so a device that read stale or moved memory
-//! would be caught.
+//! would be caught. The worker holds the guard from [`Pin::get`] only while
+//! it serves one slot: an unplug of the ring waits for it, so the ring is
+//! never poisoned under the worker's reads (the agent device also refuses
+//! a guest's unplug or balloon of the ring).
 //!
 //! Protocol (offsets in [`agent_proto`]): the guest fills slot `i`'s
 //! buffer, writes the descriptor's `len` and a new `seq`, and writes `i` to

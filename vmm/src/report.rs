@@ -77,6 +77,21 @@ pub struct OfflineSummary {
     pub host_block_detail: String,
 }
 
+/// The guest's balloon: pages it gave back, discarded by the VMM, and what
+/// it read there afterwards.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BalloonSummary {
+    /// Discards the VMM carried out (`MADV_DONTNEED` on guest RAM).
+    pub discards: u64,
+    /// Pages those discards dropped.
+    pub pages_discarded: u64,
+    /// Discarded pages the guest read back as zeros.
+    pub pages_verified_zero: u64,
+    /// Discarded pages that did not read as zeros (stale contents): any
+    /// makes the run fail.
+    pub stale: u64,
+}
+
 /// The first pass's throughput: first touch (the touch workload) or the
 /// verify of a restored snapshot.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -117,6 +132,8 @@ pub struct Report {
     pub faults: u64,
     /// Offlining.
     pub offline: OfflineSummary,
+    /// The guest's balloon.
+    pub balloon: BalloonSummary,
     /// Pin callbacks called.
     pub pin_invalidations: u64,
     /// Pins faulted in again.
@@ -166,7 +183,7 @@ pub fn json_str(s: &str) -> String {
 
 fn counters_json(c: &Counters) -> String {
     format!(
-        "{{\"passes\":{},\"pages_verified\":{},\"pages_written\":{},\"corrupt_pages\":{},\"offline_requests\":{},\"offline_failed\":{},\"checksums\":{},\"checksum_errors\":{}}}",
+        "{{\"passes\":{},\"pages_verified\":{},\"pages_written\":{},\"corrupt_pages\":{},\"offline_requests\":{},\"offline_failed\":{},\"checksums\":{},\"checksum_errors\":{},\"balloon_discards\":{},\"balloon_pages_zero\":{},\"balloon_stale\":{}}}",
         c.passes,
         c.pages_verified,
         c.pages_written,
@@ -174,7 +191,10 @@ fn counters_json(c: &Counters) -> String {
         c.offline_requests,
         c.offline_failed,
         c.checksums,
-        c.checksum_errors
+        c.checksum_errors,
+        c.balloon_discards,
+        c.balloon_pages_zero,
+        c.balloon_stale
     )
 }
 
@@ -227,6 +247,12 @@ impl Report {
             o.guest_requested,
             json_str(&o.host_block),
             json_str(&o.host_block_detail)
+        );
+        let b = &self.balloon;
+        let _ = write!(
+            j,
+            "\"balloon\":{{\"discards\":{},\"pages_discarded\":{},\"pages_verified_zero\":{},\"stale\":{}}},",
+            b.discards, b.pages_discarded, b.pages_verified_zero, b.stale
         );
         let _ = write!(
             j,
@@ -336,6 +362,12 @@ impl Report {
             "offline:  {} requests ({} by the guest), {} completed, {} busy, {} overlapped; host block: {} {}",
             o.requests, o.guest_requested, o.completed, o.busy, o.overlapped, o.host_block, o.host_block_detail
         );
+        let b = &self.balloon;
+        let _ = writeln!(
+            s,
+            "balloon:  {} discards ({} pages), {} pages verified zero, {} stale",
+            b.discards, b.pages_discarded, b.pages_verified_zero, b.stale
+        );
         let _ = writeln!(
             s,
             "engine:   {} faults; pins: {} invalidations, {} refaults, {} leaked",
@@ -425,6 +457,7 @@ mod tests {
             "\"offline\":{\"requests\":0,\"completed\":0,\"busy\":0",
             "\"guest_requested\":0",
             "\"pins\":{\"invalidations\":0,\"refaults\":0,\"leaked\":0}",
+            "\"balloon\":{\"discards\":0,\"pages_discarded\":0,\"pages_verified_zero\":0,\"stale\":0}",
             "\"errors\":[\"quote \\\" and \\\\ and \\n\"]",
         ] {
             assert!(j.contains(key), "{key} missing from {j}");

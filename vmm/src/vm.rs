@@ -12,7 +12,9 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use agent_proto::{Config, Layout, LayoutError, Workload, AGENT_LIMIT, AGENT_LOAD, FLAG_CHECKSUM, FLAG_GUEST_OFFLINE};
+use agent_proto::{
+    Config, Layout, LayoutError, Workload, AGENT_LIMIT, AGENT_LOAD, FLAG_BALLOON, FLAG_CHECKSUM, FLAG_GUEST_OFFLINE,
+};
 use apf::baseline::SinglePageHandler;
 use apf::trace::{latency_plot, LatencyLayer};
 use apf::{Engine, EngineError, GuestAddress, GuestRam, GuestRange, PageSource, SnapshotFile, ZeroSource};
@@ -27,10 +29,10 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::agent::AgentDevice;
 use crate::boot;
-use crate::checksum::ChecksumDevice;
+use crate::checksum::{ring_range, ChecksumDevice};
 use crate::config::{Backend, GuestImage, RunConfig};
 use crate::mem::{AccessError, GuestAccess};
-use crate::report::{Errors, FirstPass, OfflineSummary, Report, VcpuReport};
+use crate::report::{BalloonSummary, Errors, FirstPass, OfflineSummary, Report, VcpuReport};
 use crate::snapshot::{self, Header, SnapshotError};
 use crate::storm::{Storm, StormConfig, StormReport};
 use crate::vcpu::{self, VcpuContext, VcpuEnd, VcpuError};
@@ -332,6 +334,12 @@ fn run_traced(
     if cfg.guest_offline && cfg.backend == Backend::Apf {
         flags |= FLAG_GUEST_OFFLINE;
     }
+    // The balloon needs only a discard that reads back as zeros: the
+    // engine and plain memory give that; the baseline handler would fill
+    // a discarded page from its source again.
+    if cfg.guest_offline && cfg.backend != Backend::Baseline {
+        flags |= FLAG_BALLOON;
+    }
     if cfg.random_order {
         flags |= agent_proto::FLAG_RANDOM_ORDER;
     }
@@ -347,7 +355,15 @@ fn run_traced(
 
     let fds = (0..vcpus).map(|id| setup_vcpu(&kvm, &vm, &layout, id, entry)).collect::<Result<Vec<_>, _>>()?;
     let start = Instant::now();
-    let agent = Arc::new(AgentDevice::new(access.clone(), agent_config, layout, start + cfg.duration, errors.clone()));
+    let device_memory = if checksum.is_some() { vec![ring_range()] } else { Vec::new() };
+    let agent = Arc::new(AgentDevice::new(
+        access.clone(),
+        agent_config,
+        layout,
+        device_memory,
+        start + cfg.duration,
+        errors.clone(),
+    ));
     let storm = match access.engine() {
         Some(engine) if cfg.offline_every.is_some() || cfg.host_block => {
             let config = StormConfig {
@@ -495,9 +511,18 @@ fn run_traced(
         g.offline_failed += c.offline_failed;
         g.checksums += c.checksums;
         g.checksum_errors += c.checksum_errors;
+        g.balloon_discards += c.balloon_discards;
+        g.balloon_pages_zero += c.balloon_pages_zero;
+        g.balloon_stale += c.balloon_stale;
     }
     let a = agent.stats();
     report.protocol_errors = a.protocol_errors.load(Ordering::Relaxed);
+    report.balloon = BalloonSummary {
+        discards: a.balloon_discards.load(Ordering::Relaxed),
+        pages_discarded: a.balloon_pages.load(Ordering::Relaxed),
+        pages_verified_zero: report.guest.balloon_pages_zero,
+        stale: report.guest.balloon_stale,
+    };
     let reported_corrupt = a.corrupt_pages.load(Ordering::Relaxed);
     report.guest.corrupt_pages = report.guest.corrupt_pages.max(reported_corrupt);
     let guest_requested = a.guest_offlines.load(Ordering::Relaxed);
@@ -558,6 +583,12 @@ fn run_traced(
             }
             Err(_) => errors.push("the engine is still referenced at shutdown".to_string()),
         }
+    }
+    if report.balloon.stale > 0 {
+        errors.push(format!(
+            "the guest read {} discarded pages back with stale contents instead of zeros",
+            report.balloon.stale
+        ));
     }
     if report.guest.corrupt_pages > 0 || report.guest.checksum_errors > 0 {
         errors.push(format!(

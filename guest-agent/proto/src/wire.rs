@@ -36,6 +36,12 @@ pub enum ErrorCode {
     BadValue = 10,
     /// The device's queue is full; try again.
     QueueFull = 11,
+    /// The range holds memory the VMM or a device relies on: the checksum
+    /// ring, which the device keeps pinned, may be neither unplugged nor
+    /// discarded, and a balloon takes data pages only (never the page
+    /// tables, mailboxes, code, stacks or generation table below
+    /// [`crate::Layout::data_start`]).
+    InUse = 12,
 }
 
 impl ErrorCode {
@@ -53,6 +59,7 @@ impl ErrorCode {
             9 => ErrorCode::BadMailbox,
             10 => ErrorCode::BadValue,
             11 => ErrorCode::QueueFull,
+            12 => ErrorCode::InUse,
             _ => return None,
         })
     }
@@ -71,6 +78,7 @@ impl ErrorCode {
             ErrorCode::BadMailbox => "mailbox outside guest RAM",
             ErrorCode::BadValue => "bad value",
             ErrorCode::QueueFull => "queue full",
+            ErrorCode::InUse => "range in use by the VMM or a device",
         }
     }
 }
@@ -167,6 +175,10 @@ pub const FLAG_CHECKSUM: u32 = 4;
 /// [`Config::flags`]: the touch pass and the restore verify visit the
 /// stripe in a random order ([`crate::permute`]) instead of in order.
 pub const FLAG_RANDOM_ORDER: u32 = 8;
+/// [`Config::flags`]: after each pass, give a few pages back to the VMM
+/// with [`Request::Balloon`], check that they read as zeros, and write
+/// them again.
+pub const FLAG_BALLOON: u32 = 16;
 
 /// What the VMM tells an agent in answer to its hello.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -202,6 +214,13 @@ pub struct Counters {
     pub checksums: u64,
     /// Checksums that did not match, or did not arrive in time.
     pub checksum_errors: u64,
+    /// Balloon discards the VMM carried out.
+    pub balloon_discards: u64,
+    /// Discarded pages that read as zeros afterwards.
+    pub balloon_pages_zero: u64,
+    /// Discarded pages that did not read as zeros (stale contents; each is
+    /// also reported as a corrupt page).
+    pub balloon_stale: u64,
 }
 
 /// A message from the guest.
@@ -243,6 +262,16 @@ pub enum Request {
     Offline {
         /// What to do.
         op: OfflineOp,
+        /// First byte, page-aligned.
+        gpa: u64,
+        /// Bytes, a multiple of the page size.
+        len: u64,
+    },
+    /// Discard `[gpa, gpa + len)`, as a balloon driver inflating over
+    /// those pages does: the VMM drops their contents (`MADV_DONTNEED` on
+    /// guest RAM) and they read as zeros until written again. Answered by
+    /// [`Reply::Ack`] whose `value` is the pages discarded.
+    Balloon {
         /// First byte, page-aligned.
         gpa: u64,
         /// Bytes, a multiple of the page size.
@@ -294,6 +323,7 @@ const K_CORRUPT: u16 = 3;
 const K_OFFLINE: u16 = 4;
 const K_DONE: u16 = 5;
 const K_FATAL: u16 = 6;
+const K_BALLOON: u16 = 7;
 const K_CONFIG: u16 = 0x81;
 const K_ACK: u16 = 0x82;
 const K_ERROR: u16 = 0xff;
@@ -402,7 +432,7 @@ fn open(buf: &[u8], body_len: impl Fn(u16) -> Option<usize>) -> Result<(u16, u32
     Ok((kind, seq, r))
 }
 
-const COUNTERS_LEN: usize = 8 * 8;
+const COUNTERS_LEN: usize = 11 * 8;
 
 impl Request {
     fn body_len(kind: u16) -> Option<usize> {
@@ -413,6 +443,7 @@ impl Request {
             K_OFFLINE => 4 + 4 + 8 + 8,
             K_DONE => 8 + COUNTERS_LEN,
             K_FATAL => 4 + 4 + 8,
+            K_BALLOON => 8 + 8,
             _ => return None,
         })
     }
@@ -427,6 +458,7 @@ impl Request {
             Request::Offline { .. } => K_OFFLINE,
             Request::Done { .. } => K_DONE,
             Request::Fatal { .. } => K_FATAL,
+            Request::Balloon { .. } => K_BALLOON,
         };
         let len = Self::body_len(kind).unwrap_or(0);
         encode_with(kind, seq, len, buf, |w| match *self {
@@ -463,6 +495,9 @@ impl Request {
                     c.offline_failed,
                     c.checksums,
                     c.checksum_errors,
+                    c.balloon_discards,
+                    c.balloon_pages_zero,
+                    c.balloon_stale,
                 ] {
                     w.u64(v);
                 }
@@ -471,6 +506,10 @@ impl Request {
                 w.u32(vcpu);
                 w.u32(code);
                 w.u64(detail);
+            }
+            Request::Balloon { gpa, len } => {
+                w.u64(gpa);
+                w.u64(len);
             }
         })
     }
@@ -511,10 +550,14 @@ impl Request {
                     offline_failed: r.u64(),
                     checksums: r.u64(),
                     checksum_errors: r.u64(),
+                    balloon_discards: r.u64(),
+                    balloon_pages_zero: r.u64(),
+                    balloon_stale: r.u64(),
                 };
                 Request::Done { vcpu, counters }
             }
             K_FATAL => Request::Fatal { vcpu: r.u32(), code: r.u32(), detail: r.u64() },
+            K_BALLOON => Request::Balloon { gpa: r.u64(), len: r.u64() },
             _ => unreachable!("body_len accepted only known kinds"),
         };
         Ok((seq, req))
@@ -610,9 +653,29 @@ mod tests {
         round_trip(Request::Progress { vcpu: 1, kind: pass::RANDOM, passes: 9, pages: 1 << 40 });
         round_trip(Request::Corrupt { vcpu: 0, generation: 7, gpa: 0x40_0000, word: 5, expected: 1, found: 2 });
         round_trip(Request::Offline { op: OfflineOp::Unplug, gpa: 0x40_0000, len: 0x2000 });
-        let counters = Counters { passes: 1, pages_verified: 2, checksum_errors: 8, ..Counters::default() };
+        let counters = Counters {
+            passes: 1,
+            pages_verified: 2,
+            checksum_errors: 8,
+            balloon_discards: 9,
+            balloon_pages_zero: 10,
+            balloon_stale: 11,
+            ..Counters::default()
+        };
         round_trip(Request::Done { vcpu: 1, counters });
+        round_trip(Request::Balloon { gpa: 0x40_0000, len: 0x3000 });
         round_trip(Request::Fatal { vcpu: 1, code: 2, detail: 3 });
+    }
+
+    #[test]
+    fn every_error_code_round_trips() {
+        for v in 1..=12 {
+            let code = ErrorCode::from_u32(v).unwrap();
+            assert_eq!(code as u32, v);
+            assert!(!code.as_str().is_empty());
+        }
+        assert_eq!(ErrorCode::from_u32(0), None);
+        assert_eq!(ErrorCode::from_u32(13), None);
     }
 
     #[test]
