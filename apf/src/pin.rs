@@ -509,7 +509,8 @@ mod tests {
             drop(guard);
             let (result, waited) = unplug.join().unwrap();
             assert_eq!(result.unwrap().pages_unplugged, 4);
-            assert!(waited >= Duration::from_millis(100), "{waited:?}");
+            // The thread's clock starts a little after the sleep's.
+            assert!(waited >= Duration::from_millis(90), "{waited:?}");
         });
         // Unplugged under the poison policy: refused, not handed out.
         assert!(matches!(pin.get(soon(500)), Err(PinError::Poisoned { gpa: 0x10_0000 })));
