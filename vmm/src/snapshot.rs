@@ -314,7 +314,15 @@ pub fn save(
     }
     // Durable before it gets the name: a crash after the rename must not
     // find a snapshot whose data never reached the disk.
-    w.into_inner().map_err(|e| tio(e.into_error()))?.sync_all().map_err(&tio)?;
+    let file = w.into_inner().map_err(|e| tio(e.into_error()))?;
+    // The new snapshot takes the permissions of the one it replaces, as
+    // a write in place kept them.
+    match std::fs::metadata(&target) {
+        Ok(previous) => file.set_permissions(previous.permissions()).map_err(&tio)?,
+        Err(e) if e.kind() == ErrorKind::NotFound => {}
+        Err(e) => return Err(io(path)(e)),
+    }
+    file.sync_all().map_err(&tio)?;
     drop(tio);
     std::fs::rename(&temp.path, &target).map_err(io(path))?;
     temp.placed = true;
@@ -407,6 +415,7 @@ pub fn decode_prefix(len: u64, prefix: &[u8]) -> Result<Header, SnapshotError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::PermissionsExt;
     use std::sync::Arc;
 
     use apf::{GuestAddress, GuestRam};
@@ -533,6 +542,10 @@ mod tests {
         let h = open(&path).unwrap();
         assert_eq!((h.seed, h.generations[3]), (43, 9));
         assert_eq!(entries(&dir), ["snap"]);
+        // It keeps the permissions of the file it replaces.
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        save(&path, &access, &layout, 43, None).unwrap();
+        assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
         // Through a symlink: the file it points to gets the snapshot, the
         // link stays a link.
         let link = dir.join("link");

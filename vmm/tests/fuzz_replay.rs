@@ -1,9 +1,12 @@
-//! Replays the `mailbox` and `snapshot_header` fuzz targets' checked-in
+//! Replays the `mailbox`, `checksum_ring` and `snapshot_header` fuzz
+//! targets' checked-in
 //! corpora and every crash they found through the same checks the fuzz
 //! targets run, on the stable toolchain: what CI runs instead of fuzzing.
 //! A missing or empty corpus fails the test (a replay of nothing proves
 //! nothing).
 
+#[path = "../../fuzz/checks/checksum_ring.rs"]
+mod checksum_ring;
 #[path = "../../fuzz/checks/mailbox.rs"]
 mod mailbox;
 #[path = "../../fuzz/checks/snapshot_header.rs"]
@@ -55,4 +58,20 @@ fn snapshot_header_corpus_and_crashes_replay_clean() {
     }
     // The corpus reaches past every refusal to a decoded header and table.
     assert!(decoded >= 1, "no input decodes to a snapshot header");
+}
+
+#[test]
+fn checksum_ring_corpus_and_crashes_replay_clean() {
+    let ring = checksum_ring::Ring::start();
+    let mut computed = 0;
+    for input in replay("checksum_ring", 5) {
+        let len = input.get(1..5).map(|l| u32::from_le_bytes(l.try_into().unwrap()));
+        let slot = input.first().map(|&s| u32::from(s) % (agent_proto::RING_SLOTS + 1));
+        computed += usize::from(
+            slot.is_some_and(|s| s < agent_proto::RING_SLOTS) && len.is_some_and(|l| (1..=4096).contains(&l)),
+        );
+        checksum_ring::check(&ring, &input);
+    }
+    // The corpus reaches checksums the device computes, not only refusals.
+    assert!(computed >= 2, "only {computed} inputs ask for a checksum");
 }
