@@ -312,8 +312,6 @@ pub fn save(
         w.write_all(&buf[..n]).map_err(&tio)?;
         gpa += n as u64;
     }
-    // Durable before it gets the name: a crash after the rename must not
-    // find a snapshot whose data never reached the disk.
     let file = w.into_inner().map_err(|e| tio(e.into_error()))?;
     // The new snapshot takes the permissions of the one it replaces, as
     // a write in place kept them.
@@ -322,6 +320,8 @@ pub fn save(
         Err(e) if e.kind() == ErrorKind::NotFound => {}
         Err(e) => return Err(io(path)(e)),
     }
+    // Durable before it gets the name: a crash after the rename must not
+    // find a snapshot whose data never reached the disk.
     file.sync_all().map_err(&tio)?;
     drop(tio);
     std::fs::rename(&temp.path, &target).map_err(io(path))?;
