@@ -257,10 +257,18 @@ fn run_traced(
 ) -> Result<Report, VmError> {
     let latency = latency.cloned();
     // The snapshot first: it fixes the guest's shape.
-    let restored = match &cfg.restore {
-        Some(p) => Some((p.clone(), snapshot::open(p)?)),
-        None => None,
+    let (restored, restore_id) = match &cfg.restore {
+        Some(p) => {
+            let (header, id) = snapshot::open_with_id(p)?;
+            (Some((p.clone(), header)), Some(id))
+        }
+        None => (None, None),
     };
+    // A save over the snapshot being restored from is refused before the
+    // run rather than after it (and checked again at the save).
+    if let Some(path) = &cfg.save_snapshot {
+        snapshot::check_save_target(path, restore_id)?;
+    }
     let (ram_size, vcpus, seed) = shape(cfg, restored.as_ref())?;
     let layout = Layout::new(ram_size, vcpus).map_err(VmError::Layout)?;
     vcpu::install_signal_handlers()?;
@@ -491,7 +499,7 @@ fn run_traced(
     let mut snapshot_saved = None;
     if let Some(path) = &cfg.save_snapshot {
         if all_done && errors.is_empty() {
-            match snapshot::save(path, &access, &layout, seed) {
+            match snapshot::save(path, &access, &layout, seed, restore_id) {
                 Ok(_) => snapshot_saved = Some(path.display().to_string()),
                 Err(e) => errors.push(e.to_string()),
             }

@@ -386,6 +386,14 @@ impl Reader<'_> {
     fn u64(&mut self) -> u64 {
         u64::from_le_bytes(self.take())
     }
+    /// A reserved word: zero, so that one message has one encoding and a
+    /// later version can give the field a meaning.
+    fn reserved(&mut self, seq: u32) -> Result<(), DecodeError> {
+        match self.u32() {
+            0 => Ok(()),
+            v => Err(DecodeError { code: ErrorCode::BadValue, seq, detail: v as u64 }),
+        }
+    }
 }
 
 fn encode_with(
@@ -530,17 +538,17 @@ impl Request {
             },
             K_OFFLINE => {
                 let raw = r.u32();
-                let _pad = r.u32();
                 let op = OfflineOp::from_u32(raw).ok_or(DecodeError {
                     code: ErrorCode::BadValue,
                     seq,
                     detail: raw as u64,
                 })?;
+                r.reserved(seq)?;
                 Request::Offline { op, gpa: r.u64(), len: r.u64() }
             }
             K_DONE => {
                 let vcpu = r.u32();
-                let _pad = r.u32();
+                r.reserved(seq)?;
                 let counters = Counters {
                     passes: r.u64(),
                     pages_verified: r.u64(),
@@ -615,17 +623,23 @@ impl Reply {
                 let vcpus = r.u32();
                 let raw = r.u32();
                 let workload = Workload::from_u32(raw).ok_or(bad(raw))?;
-                Reply::Config(Config { ram_size, vcpus, workload, seed: r.u64(), flags: r.u32() })
+                let (seed, flags) = (r.u64(), r.u32());
+                r.reserved(seq)?;
+                Reply::Config(Config { ram_size, vcpus, workload, seed, flags })
             }
             K_ACK => {
-                let stop = r.u32() != 0;
-                let _pad = r.u32();
+                let stop = match r.u32() {
+                    0 => false,
+                    1 => true,
+                    v => return Err(bad(v)),
+                };
+                r.reserved(seq)?;
                 Reply::Ack { stop, value: r.u64() }
             }
             K_ERROR => {
                 let raw = r.u32();
                 let code = ErrorCode::from_u32(raw).ok_or(bad(raw))?;
-                let _pad = r.u32();
+                r.reserved(seq)?;
                 Reply::Error { code, detail: r.u64() }
             }
             _ => unreachable!("body_len accepted only known kinds"),
@@ -720,6 +734,11 @@ mod tests {
         m[HEADER_LEN] = 99;
         let e = Request::decode(&m[..n]).unwrap_err();
         assert_eq!((e.code, e.seq, e.detail), (ErrorCode::BadValue, 1, 99));
+        // Reserved words are zero: one message, one encoding.
+        let mut m = buf;
+        m[HEADER_LEN + 4] = 1;
+        let e = Request::decode(&m[..n]).unwrap_err();
+        assert_eq!((e.code, e.seq, e.detail), (ErrorCode::BadValue, 1, 1));
         // A reply is not a request.
         let n = Reply::Ack { stop: false, value: 0 }.encode(1, &mut buf).unwrap();
         assert_eq!(code(&buf[..n]), ErrorCode::UnknownKind);
