@@ -45,7 +45,7 @@ pub fn check(ram: &Arc<GuestRam>, input: &[u8]) {
     let config = Config { ram_size: MIN_RAM, vcpus: VCPUS, workload: Workload::Mixed, seed: 1, flags: 0 };
     let errors = Arc::new(Errors::default());
     let stop_at = Instant::now() + Duration::from_secs(3600);
-    let device = AgentDevice::new(GuestAccess::Plain(ram.clone()), config, layout, stop_at, errors.clone());
+    let device = AgentDevice::new(GuestAccess::Plain(ram.clone()), config, layout, Vec::new(), stop_at, errors.clone());
     device.doorbell(vcpu, pfn);
 
     if mailbox >= MIN_RAM {
@@ -53,9 +53,17 @@ pub fn check(ram: &Arc<GuestRam>, input: &[u8]) {
         assert_eq!(errors.to_vec().len(), 1, "a mailbox outside RAM is reported once");
         return;
     }
+    // A balloon the device carried out over the mailbox itself discarded
+    // the request (and nothing else wrote there): read what was sent.
     let mut request = [0u8; MAX_MESSAGE];
-    mem.read_slice(&mut request, GuestAddress(mailbox)).expect("read the request back");
-    assert_eq!(&request[..message.len()], message, "the device wrote over the request");
+    request[..message.len()].copy_from_slice(message);
+    let mut kept = [0u8; MAX_MESSAGE];
+    mem.read_slice(&mut kept, GuestAddress(mailbox)).expect("read the request back");
+    let discarded_here = matches!(Request::decode(&request), Ok((_, Request::Balloon { gpa, len }))
+        if gpa <= mailbox && gpa.saturating_add(len) > mailbox);
+    if !discarded_here {
+        assert_eq!(&kept[..message.len()], message, "the device wrote over the request");
+    }
     let mut raw = [0u8; MAX_MESSAGE];
     mem.read_slice(&mut raw, GuestAddress(mailbox + REPLY_OFFSET as u64)).expect("read the reply");
     let (seq, reply) = Reply::decode(&raw).expect("every mailbox inside RAM gets a reply that decodes");
@@ -91,6 +99,23 @@ pub fn check(ram: &Arc<GuestRam>, input: &[u8]) {
                 ErrorCode::Failed
             };
             assert_eq!(refused(reply), Some(expected), "{req:?} answered with {reply:?}");
+        }
+        Request::Balloon { gpa, len } => {
+            // The same range check, then nothing below the data area (page
+            // tables, mailboxes, code, stacks); the rest is discarded.
+            let expected = if gpa % PAGE_SIZE != 0 || len % PAGE_SIZE != 0 {
+                Err(ErrorCode::Unaligned)
+            } else if len == 0 || gpa.checked_add(len).is_none_or(|end| end > MIN_RAM) {
+                Err(ErrorCode::OutOfRange)
+            } else if gpa < layout.data_start {
+                Err(ErrorCode::InUse)
+            } else {
+                Ok(len / PAGE_SIZE)
+            };
+            match expected {
+                Err(code) => assert_eq!(refused(reply), Some(code), "{req:?} answered with {reply:?}"),
+                Ok(pages) => assert_eq!(reply, Reply::Ack { stop: false, value: pages }, "{req:?}"),
+            }
         }
         _ => assert!(matches!(reply, Reply::Ack { stop: false, value: 0 }), "{req:?} answered with {reply:?}"),
     }
