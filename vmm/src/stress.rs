@@ -739,7 +739,11 @@ pub struct StressReport {
 impl StressReport {
     /// True when nothing went wrong.
     pub fn ok(&self) -> bool {
-        self.violations == 0 && self.overruns == 0 && self.hung == 0 && self.errors.is_empty()
+        self.violations == 0
+            && self.overruns == 0
+            && self.hung == 0
+            && self.engine_errors == 0
+            && self.errors.is_empty()
     }
 
     /// One JSON line.
@@ -1076,7 +1080,7 @@ fn read_syscall(base: u64, out: &mut [Val; WORDS]) -> std::io::Result<usize> {
     // SAFETY: the local iovec covers `buf`, owned here; the remote ones
     // name addresses in this process, which the kernel checks (a bad or
     // poisoned one answers EFAULT, nothing is touched through it here).
-    let n = unsafe { libc::process_vm_readv(libc::getpid(), &local, 1, remote.as_ptr(), WORDS as _, 0) };
+    let n = unsafe { libc::process_vm_readv(own_pid(), &local, 1, remote.as_ptr(), WORDS as _, 0) };
     let done = if n < 0 {
         let e = std::io::Error::last_os_error();
         if e.raw_os_error() != Some(libc::EFAULT) {
@@ -1097,7 +1101,7 @@ fn read_syscall(base: u64, out: &mut [Val; WORDS]) -> std::io::Result<usize> {
     let local = libc::iovec { iov_base: (&mut one as *mut u64).cast(), iov_len: 8 };
     let remote = remote[done];
     // SAFETY: as above, for one word.
-    let n = unsafe { libc::process_vm_readv(libc::getpid(), &local, 1, &remote, 1, 0) };
+    let n = unsafe { libc::process_vm_readv(own_pid(), &local, 1, &remote, 1, 0) };
     out[done] = if n == 8 {
         // Present again already: a valid read of its own.
         Val::Word(one)
@@ -1111,12 +1115,16 @@ fn read_syscall(base: u64, out: &mut [Val; WORDS]) -> std::io::Result<usize> {
     Ok(done + 1)
 }
 
+fn own_pid() -> libc::pid_t {
+    std::process::id() as libc::pid_t
+}
+
 fn write_syscall(addr: u64, v: u64) -> std::io::Result<()> {
     let local = libc::iovec { iov_base: (&v as *const u64).cast_mut().cast(), iov_len: 8 };
     let remote = libc::iovec { iov_base: addr as *mut libc::c_void, iov_len: 8 };
     // SAFETY: the local iovec covers `v`, only read; the remote one names
     // a word of this process, which the kernel checks.
-    let n = unsafe { libc::process_vm_writev(libc::getpid(), &local, 1, &remote, 1, 0) };
+    let n = unsafe { libc::process_vm_writev(own_pid(), &local, 1, &remote, 1, 0) };
     match n {
         8 => Ok(()),
         n if n < 0 => Err(std::io::Error::last_os_error()),
@@ -1587,10 +1595,11 @@ fn run_round(
     }
     let _ = dog.join();
     let round = Arc::into_inner(round).expect("every thread of the round has ended");
-    let errors = round.engine.errors().try_iter().count() as u64 + round.engine.stats().errors_dropped;
-    for e in round.engine.errors().try_iter().take(5) {
-        round.error(format!("engine: {}", crate::error_chain(&e)));
+    let reported: Vec<_> = round.engine.errors().try_iter().collect();
+    for e in reported.iter().take(5) {
+        round.error(format!("engine: {}", crate::error_chain(e)));
     }
+    let errors = reported.len() as u64 + round.engine.stats().errors_dropped;
     drop(round.engine);
     drop(round.ram);
     Ok((0, errors))
@@ -1605,7 +1614,9 @@ static SIGBUS_MESSAGE: &[u8] = b"vmm stress: violation: SIGBUS on a plain access
 extern "C" fn on_sigbus(_: libc::c_int, info: *mut libc::siginfo_t, _: *mut libc::c_void) {
     let mut buf = [0u8; 18];
     // SAFETY: the kernel passes a valid siginfo to an SA_SIGINFO handler.
-    let mut addr = unsafe { (*info).si_addr() } as u64;
+    let info = unsafe { &*info };
+    // SAFETY: SIGBUS fills si_addr.
+    let mut addr = unsafe { info.si_addr() } as u64;
     let mut i = buf.len();
     buf[i - 1] = b'\n';
     i -= 1;
@@ -1617,13 +1628,13 @@ extern "C" fn on_sigbus(_: libc::c_int, info: *mut libc::siginfo_t, _: *mut libc
             break;
         }
     }
-    // SAFETY: write(2) and _exit(2) are async-signal-safe; both buffers
-    // are valid for their lengths.
-    unsafe {
-        libc::write(2, SIGBUS_MESSAGE.as_ptr().cast(), SIGBUS_MESSAGE.len());
-        libc::write(2, buf[i..].as_ptr().cast(), buf.len() - i);
-        libc::_exit(3);
-    }
+    // SAFETY: write(2) is async-signal-safe; the buffer is valid for its
+    // length.
+    unsafe { libc::write(2, SIGBUS_MESSAGE.as_ptr().cast(), SIGBUS_MESSAGE.len()) };
+    // SAFETY: as above.
+    unsafe { libc::write(2, buf[i..].as_ptr().cast(), buf.len() - i) };
+    // SAFETY: _exit(2) is async-signal-safe and ends the process here.
+    unsafe { libc::_exit(3) }
 }
 
 /// The SIGBUS handler for the run, and the one it replaced.
