@@ -148,7 +148,9 @@ pub struct StressConfig {
     pub ops: Ops,
     /// Unplug policies, one engine per round, in turn.
     pub policies: Vec<UnplugPolicy>,
-    /// Length of one round (one engine, one policy).
+    /// Length of one round (one engine, one policy). Source contents are
+    /// installed only on a page's first touch (a discarded page comes back
+    /// as zeros), so short rounds race more first fills against discards.
     pub round: Duration,
     /// Deadline of every operation; one that takes longer fails the run.
     pub deadline: Duration,
@@ -176,7 +178,7 @@ impl Default for StressConfig {
             seed: 1,
             ops: Ops::ALL,
             policies: vec![UnplugPolicy::Zero, PoisonPolicy],
-            round: Duration::from_secs(2),
+            round: Duration::from_secs(1),
             deadline: Duration::from_secs(2),
             access: Access::Mixed,
             dispatch: None,
@@ -202,7 +204,7 @@ status is non-zero on any violation, any operation past its deadline, or any une
   --ops LIST             operations besides reads: all, or some of write,discard,migrate,evict,
                          unplug,pin,ref (default all)
   --unplug-policy P      zero|poison|both: one engine per round, in turn (default both)
-  --round D              length of one round (default 2s)
+  --round D              length of one round: a fresh engine, all pages missing (default 1s)
   --deadline D           deadline of every operation (default 2s)
   --access A             syscall|mixed: process_vm_readv/writev only, or half plain accesses where
                          nothing may be poisoned (default mixed)
@@ -837,6 +839,8 @@ struct Round {
     findings: Arc<Mutex<Findings>>,
     activity: Box<[Activity]>,
     epoch: Instant,
+    /// When the whole run (all rounds) began.
+    run_started: Instant,
     /// Pins the pin thread holds, for the offline thread to check that
     /// offlines call their callbacks.
     pins: Mutex<Vec<Arc<Pin>>>,
@@ -902,7 +906,7 @@ impl Round {
         let n = self.counters.violations.fetch_add(1, Ordering::AcqRel);
         let _ = self.counters.first_violation_us.compare_exchange(
             0,
-            self.now_us().max(1),
+            (self.run_started.elapsed().as_micros() as u64).max(1),
             Ordering::AcqRel,
             Ordering::Acquire,
         );
@@ -936,27 +940,43 @@ impl Round {
             self.counters.poisoned_reads.fetch_add(1, Ordering::Relaxed);
         }
         if !allowed.values.contains(&got) {
-            self.violation(|| self.describe_violation(gpa, got, &allowed, t0, t1));
+            self.violation(|| self.describe_violation(page, w, got, &allowed, t0, t1));
         }
     }
 
-    fn describe_violation(&self, gpa: u64, got: Val, allowed: &Allowed, t0: u64, t1: u64) -> String {
+    fn describe_violation(&self, page: usize, w: usize, got: Val, allowed: &Allowed, t0: u64, t1: u64) -> String {
+        let gpa = self.gpa(page, w);
         let st = &self.shadow.stamps;
+        let show = |r: &Rec| {
+            let end = if r.end == IN_FLIGHT { "..".into() } else { r.end.to_string() };
+            let what = match (r.kind, r.effect) {
+                (Kind::Write, Effect::Set(v)) => format!("write of {}", st.describe(gpa, v)),
+                (Kind::Unplug, Effect::Set(Val::Poison)) => "unplug (poison)".into(),
+                (kind, _) => kind.as_str().into(),
+            };
+            format!(
+                "{what} [{}, {end}]{}",
+                r.start,
+                if r.certain || r.end == IN_FLIGHT { "" } else { " (may not have acted)" }
+            )
+        };
         let values: Vec<String> = allowed.values.iter().map(|v| st.describe(gpa, *v)).collect();
-        let overlapped: Vec<String> = allowed
-            .overlapping
-            .iter()
-            .map(|r| {
-                let end = if r.end == IN_FLIGHT { "..".into() } else { r.end.to_string() };
-                format!("{} [{}, {}]", r.kind.as_str(), r.start, end)
-            })
-            .collect();
+        let overlapped: Vec<String> = allowed.overlapping.iter().map(show).collect();
+        // What the shadow still holds of the word, oldest first.
+        let history: Vec<String> = {
+            let p = self.shadow.page(page);
+            let mut recs: Vec<Rec> = p.ops.iter().chain(&p.words[w]).copied().collect();
+            recs.sort_by_key(|r| r.start);
+            let skip = recs.len().saturating_sub(8);
+            recs[skip..].iter().map(show).collect()
+        };
         format!(
-            "word {gpa:#x} ({} policy) read {} over [{t0}, {t1}]; allowed: {}; overlapped by: {}",
+            "word {gpa:#x} ({} policy) read {} over [{t0}, {t1}]; allowed: {}; overlapped by: {}; history: {}",
             if self.policy == PoisonPolicy { "poison" } else { "zero" },
             st.describe(gpa, got),
             values.join(", "),
             if overlapped.is_empty() { "nothing".into() } else { overlapped.join(", ") },
+            history.join(", "),
         )
     }
 
@@ -1448,7 +1468,7 @@ pub fn run(cfg: &StressConfig) -> Result<StressReport, StressError> {
         let left = cfg.duration.saturating_sub(started.elapsed());
         let len = if left < round_len + round_len / 2 { left } else { round_len };
         let stamps = Stamps { round_key: splitmix(cfg.seed ^ (i << 48)) };
-        let hung = run_round(cfg, policy, stamps, i, len, &counters, &findings)?;
+        let hung = run_round(cfg, policy, stamps, (i, started), len, &counters, &findings)?;
         report.rounds += 1;
         report.poison_rounds += u64::from(policy == PoisonPolicy);
         i += 1;
@@ -1497,7 +1517,7 @@ fn run_round(
     cfg: &StressConfig,
     policy: UnplugPolicy,
     stamps: Stamps,
-    index: u64,
+    (index, run_started): (u64, Instant),
     len: Duration,
     counters: &Arc<Counters>,
     findings: &Arc<Mutex<Findings>>,
@@ -1529,6 +1549,7 @@ fn run_round(
         findings: findings.clone(),
         activity: (0..threads).map(|_| Activity::default()).collect(),
         epoch: Instant::now(),
+        run_started,
         pins: Mutex::new(Vec::new()),
         write_gen: AtomicU32::new(1),
         direct: cfg.access == Access::Mixed && policy == UnplugPolicy::Zero,
