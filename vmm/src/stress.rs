@@ -981,8 +981,8 @@ impl Round {
     }
 
     /// Reads the checked words of `page` at host address `base` (the page's
-    /// address, or a pin's view of it) and checks them. Returns false if
-    /// the read itself failed unexpectedly.
+    /// address, or a pin's view of it) and checks them; a read that fails
+    /// other than on poison is reported as an error.
     fn read_page(&self, page: usize, base: u64, direct: bool) {
         let mut got = [Val::Word(0); WORDS];
         let t0 = self.shadow.tick();
