@@ -23,6 +23,7 @@
 //! | [`report`] | the summary and the JSON report |
 //! | [`vm`] | the run itself |
 //! | [`bench`] | `vmm bench`: apf against the kernel and the one-page-per-fault baseline |
+//! | [`stress`] | `vmm stress`: the engine alone under racing reads, writes, discards, offlines and pins, model-checked |
 //!
 //! ```no_run
 //! use std::time::Duration;
@@ -70,5 +71,6 @@ pub mod mem;
 pub mod report;
 pub mod snapshot;
 pub mod storm;
+pub mod stress;
 pub mod vcpu;
 pub mod vm;

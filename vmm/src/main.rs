@@ -18,7 +18,41 @@ the variants interleaved in every round.
 ";
 
 fn usage() -> String {
-    format!("usage: vmm run [OPTIONS] | vmm bench [OPTIONS] | vmm help\n\n{RUN_HELP}\n{BENCH_HELP}")
+    format!(
+        "usage: vmm run [OPTIONS] | vmm bench [OPTIONS] | vmm stress [OPTIONS] | vmm help\n\n{RUN_HELP}\n{BENCH_HELP}\n{}",
+        vmm::stress::STRESS_HELP
+    )
+}
+
+fn stress(args: &[String]) -> ExitCode {
+    let cfg = match vmm::stress::parse_args(args) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("vmm stress: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let report = match vmm::stress::run(&cfg) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("vmm stress: {}", vmm::error_chain(&e));
+            return ExitCode::FAILURE;
+        }
+    };
+    let json = report.to_json();
+    println!("{json}");
+    let mut ok = report.ok();
+    if let Some(path) = &cfg.json {
+        if let Err(e) = std::fs::write(path, json + "\n") {
+            eprintln!("vmm stress: cannot write {}: {e}", path.display());
+            ok = false;
+        }
+    }
+    if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
 }
 
 fn bench(args: &[String]) -> ExitCode {
@@ -92,6 +126,7 @@ fn main() -> ExitCode {
     match args.first().map(String::as_str) {
         Some("run") => {}
         Some("bench") => return bench(&args[1..]),
+        Some("stress") => return stress(&args[1..]),
         Some("help" | "--help" | "-h") => {
             print!("{}", usage());
             return ExitCode::SUCCESS;
