@@ -414,14 +414,7 @@ impl Uffd {
         #[cfg(feature = "failpoints")]
         if let Some(f) = self.failpoints.take(op, addrs, len) {
             let part = (f.partial_pages * PAGE_SIZE).min(len);
-            let done = if part > 0 {
-                match real(part) {
-                    Ok(n) => n,
-                    Err(e) => return Err(e),
-                }
-            } else {
-                0
-            };
+            let done = if part > 0 { real(part)? } else { 0 };
             return Err(IoctlError { op: op.name(), errno: f.errno, done });
         }
         real(len)

@@ -79,10 +79,11 @@ fn read_back(ram: &Arc<GuestRam>, r: GuestRange, salts: &[u64]) -> Vec<Seen> {
                 let mut buf = vec![0u8; PAGE_SIZE];
                 let local = libc::iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: PAGE_SIZE };
                 let remote = libc::iovec { iov_base: host.cast(), iov_len: PAGE_SIZE };
+                let pid = std::process::id() as libc::pid_t;
                 // SAFETY: reads one page of this process's guest RAM into
                 // `buf`, which is PAGE_SIZE bytes; the kernel checks the
                 // remote range and answers EFAULT instead of faulting.
-                let n = unsafe { libc::process_vm_readv(libc::getpid(), &local, 1, &remote, 1, 0) };
+                let n = unsafe { libc::process_vm_readv(pid, &local, 1, &remote, 1, 0) };
                 if n < 0 {
                     let e = std::io::Error::last_os_error();
                     return if e.raw_os_error() == Some(libc::EFAULT) {
