@@ -10,27 +10,68 @@
 //! 2. **Call the pin callbacks** of every [`Pin`](crate::pin::Pin) over the
 //!    range: holders drop their kernel pins and stop relying on the memory.
 //! 3. **Wait for short-term references** ([`PageRef`](crate::pin::PageRef))
-//!    and hard pins to drain, up to the deadline. A range still held then
-//!    fails with [`OfflineError::Busy`] and is left as it was.
-//! 4. **Act.** Pages are taken out of guest RAM with `UFFDIO_MOVE` into a
+//!    and hard pins to drain, then for the staging area, both up to the
+//!    deadline. A range still held then fails with [`OfflineError::Busy`]
+//!    (or [`OfflineError::StagingBusy`]) and is left as it was.
+//! 4. **Act**, in chunks of [`STAGING_PAGES`]. Each chunk is taken out of
+//!    guest RAM with one `UFFDIO_MOVE` (source holes allowed) into a
 //!    staging area registered with the same userfaultfd: one step that
-//!    unmaps (so a write landing afterwards faults and waits, and none is
-//!    lost), fires KVM's MMU notifier, and raises no remove event. Then:
-//!    `Migrate` copies them back into fresh frames, `Evict` copies them into
-//!    the eviction store, `Unplug` drops them. The staging pages are freed
-//!    with `MADV_DONTNEED` on the staging area, never on guest RAM, so the
-//!    engine never mistakes its own work for a balloon's remove.
-//! 5. **End the invalidation**: set the final page states, wake the
-//!    deferred faults, which are then served the right contents.
+//!    unmaps (a write landing afterwards faults and waits, none is lost),
+//!    fires KVM's MMU notifier and raises no remove event. What the kernel
+//!    held is what is acted on, whatever the engine's page states say: the
+//!    staging area's page table (`/proc/self/pagemap`) tells which pages
+//!    came over. Then `Migrate` copies them back into fresh frames, `Evict`
+//!    copies them into the eviction store, `Unplug` drops them and applies
+//!    the [`UnplugPolicy`]. The staging area is then emptied with
+//!    `MADV_DONTNEED` on itself, never on guest RAM.
+//! 5. **End the invalidation**: under the install lock, set each page's
+//!    final state from what really happened to it, then wake the deferred
+//!    faults, which are served the right contents.
 //!
-//! A source page the kernel will not move (`EBUSY`: pinned by the kernel,
-//! for example an io_uring fixed buffer nobody dropped) is retried until
-//! the deadline, then the offline fails with `Busy`; pages already handled
-//! keep their contents (migrated or evicted), except under `Unplug`, where
-//! the report of the error says how many were discarded.
+//! # Failure contract
+//!
+//! No failure of any call loses a page's contents, and none leaves a page
+//! the engine calls present holding stale data:
+//!
+//! - Every userfaultfd call here goes through one retry rule (`backoff`):
+//!   `EAGAIN` (a remove event is pending; it clears once the event loop has
+//!   read it) and, for `UFFDIO_MOVE`, `EBUSY` are retried until the
+//!   deadline, never while holding the install lock.
+//! - If taking a chunk out stops (a page the kernel keeps pinned past the
+//!   deadline, or an error), the pages of that chunk already in staging are
+//!   moved back into guest RAM (`UFFDIO_MOVE` needs no new memory) before
+//!   the staging area is cleared; the offline stops there and returns
+//!   [`OfflineError::Busy`] or the error. Chunks before it are done.
+//! - If copying back into fresh frames fails, the page is moved back into
+//!   its old frame; if that fails too, its contents go to the eviction
+//!   store and it is restored on its next fault. `EEXIST` on the way back
+//!   means the guest page is not empty: whatever is there is moved aside
+//!   (nothing may have been installed over a page the offline holds) and
+//!   the staged contents go in. The offline then returns the first error,
+//!   naming the page and the call.
+//! - A page is recorded evicted only when the store holds it, present only
+//!   when its contents are back.
+//! - A page whose contents are in staging but cannot be told apart from a
+//!   hole there (the page table could not be read) and that cannot be moved
+//!   back is poisoned and reported ([`OfflineError::Lost`]), never
+//!   zero-filled.
+//! - A balloon discard (`MADV_DONTNEED`) that lands while the offline holds
+//!   a page wins: its contents are not put back, it reads as zeros.
+//! - An `Unplug` acts on what the kernel holds, so a page the engine did
+//!   not know was populated is discarded too. `UFFDIO_POISON` answering
+//!   `EEXIST` means data is still there: it is moved aside and the page is
+//!   poisoned again. Pages already poisoned by the engine are left as they
+//!   are (their fault path poisons them again if the marker is gone).
+//! - The staging area is emptied after every chunk, and checked (and
+//!   emptied) before each offline: a page left there by a failed clear, or
+//!   found in a slot by a `UFFDIO_MOVE` that answers `EEXIST`, never makes
+//!   later offlines fail.
 
 use std::fmt;
-use std::sync::Mutex;
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::sync::{Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use thiserror::Error;
@@ -122,7 +163,8 @@ impl std::str::FromStr for UnplugPolicy {
 pub struct OfflineReport {
     /// Pages in the range.
     pub pages: usize,
-    /// Pages that were present and were taken out (moved, evicted, dropped).
+    /// Pages the kernel held that were taken out (moved, evicted, dropped),
+    /// whatever the engine's own view of them was.
     pub pages_taken: usize,
     /// Pin callbacks called.
     pub pins_called: usize,
@@ -138,8 +180,10 @@ pub struct OfflineReport {
     pub block_pages: usize,
 }
 
-/// Why an offline failed. Nothing is left half-done: the range's pages are
-/// back in a consistent state and faults on them are served.
+/// Why an offline failed. Nothing is left half-done: every page of the range
+/// is in a state the engine and the kernel agree on, keeps its contents
+/// (see the module docs for the one exception, reported as
+/// [`OfflineError::Lost`]), and faults on it are served.
 #[derive(Debug, Error)]
 pub enum OfflineError {
     /// The range is not page-aligned, empty, or not inside guest RAM.
@@ -167,22 +211,47 @@ pub enum OfflineError {
         /// Pages an `Unplug` discarded before the held one.
         discarded: usize,
     },
+    /// Another offline held the staging area past the deadline. Nothing
+    /// changed.
+    #[error("guest range {range} waited {waited:?} for the staging area another offline holds; nothing changed")]
+    StagingBusy {
+        /// The range.
+        range: GuestRange,
+        /// How long the offline waited.
+        waited: Duration,
+    },
     /// The kernel lacks `UFFDIO_MOVE`.
     #[error("offlining needs UFFDIO_MOVE, which this kernel's userfaultfd does not offer")]
     Unsupported,
     /// The engine has shut down.
     #[error("the engine has shut down")]
     Stopped,
-    /// A userfaultfd operation failed unexpectedly.
+    /// A userfaultfd operation failed past its retries. No page lost its
+    /// contents: each is back in guest RAM or in the eviction store, except
+    /// pages an error reported separately names as poisoned.
     #[error("offline of {range} failed")]
     Ioctl {
-        /// The range.
+        /// The page (or run of pages) the operation failed on.
         range: GuestRange,
         /// The failed operation.
         #[source]
         error: IoctlError,
     },
-    /// Setting up or clearing the staging area failed.
+    /// Pages whose contents could neither be put back nor kept were
+    /// poisoned: an access gets SIGBUS, never stale or zeroed data.
+    #[error("{pages} pages of {range} could not be restored and were poisoned, the first at {first:#x}")]
+    Lost {
+        /// The range.
+        range: GuestRange,
+        /// Guest address of the first such page.
+        first: u64,
+        /// How many.
+        pages: usize,
+        /// The failure that stopped the restore.
+        #[source]
+        error: IoctlError,
+    },
+    /// Setting up, reading or clearing the staging area failed.
     #[error("offline staging area")]
     Staging(#[source] std::io::Error),
     /// Host memory-block offlining failed.
@@ -214,15 +283,26 @@ impl OfflineError {
     /// True for the errors that mean "held past the deadline" ([`Self::Busy`],
     /// [`Self::BlockBusy`]); nothing was lost, and a later attempt may work.
     pub fn is_busy(&self) -> bool {
-        matches!(self, OfflineError::Busy { .. } | OfflineError::BlockBusy { .. })
+        matches!(self, OfflineError::Busy { .. } | OfflineError::BlockBusy { .. } | OfflineError::StagingBusy { .. })
     }
 }
 
+/// `/proc/self/pagemap` entry bits: a page is present, or swapped out.
+const PM_PRESENT: u64 = 1 << 63;
+const PM_SWAP: u64 = 1 << 62;
+
 /// The staging area: private anonymous memory registered with the engine's
 /// userfaultfd in the same mode as guest RAM, so `UFFDIO_MOVE` accepts it.
+/// It has [`STAGING_PAGES`] slots a chunk of an offline moves through, and
+/// one more, the quarantine slot, where a page found where none should be
+/// is moved aside before it is dropped. One offline uses it at a time;
+/// waiting for it is bounded by the waiter's deadline.
 pub(crate) struct Staging {
     map: AnonMapping,
     pages: usize,
+    pagemap: File,
+    in_use: Mutex<bool>,
+    freed: Condvar,
 }
 
 impl fmt::Debug for Staging {
@@ -231,43 +311,683 @@ impl fmt::Debug for Staging {
     }
 }
 
+/// The right to use the staging area, released on drop.
+struct StagingGuard<'a> {
+    staging: &'a Staging,
+}
+
+impl Drop for StagingGuard<'_> {
+    fn drop(&mut self) {
+        *self.staging.in_use.lock().unwrap_or_else(|e| e.into_inner()) = false;
+        self.staging.freed.notify_one();
+    }
+}
+
+impl std::ops::Deref for StagingGuard<'_> {
+    type Target = Staging;
+    fn deref(&self) -> &Staging {
+        self.staging
+    }
+}
+
 impl Staging {
-    pub(crate) fn new(uffd: &Uffd, pages: usize) -> Result<Mutex<Staging>, OfflineError> {
+    pub(crate) fn new(uffd: &Uffd, pages: usize) -> Result<Staging, OfflineError> {
         // Small pages on both sides: UFFDIO_MOVE wants them.
-        let map = AnonMapping::new(pages * PAGE_SIZE).map_err(OfflineError::Staging)?;
+        let map = AnonMapping::new((pages + 1) * PAGE_SIZE).map_err(OfflineError::Staging)?;
         uffd.register(map.ptr() as u64, map.len() as u64, RegisterMode::MISSING)
-            .map_err(|e| OfflineError::Staging(std::io::Error::other(e)))?;
-        Ok(Mutex::new(Staging { map, pages }))
+            .map_err(|e| OfflineError::Staging(io::Error::other(e)))?;
+        let pagemap = File::open("/proc/self/pagemap").map_err(OfflineError::Staging)?;
+        Ok(Staging { map, pages, pagemap, in_use: Mutex::new(false), freed: Condvar::new() })
     }
 
-    fn addr(&self, slot: usize) -> u64 {
+    /// Waits until no other offline uses the staging area, or `deadline`.
+    fn acquire(&self, deadline: Instant) -> Option<StagingGuard<'_>> {
+        let mut in_use = self.in_use.lock().unwrap_or_else(|e| e.into_inner());
+        while *in_use {
+            let now = Instant::now();
+            if now >= deadline {
+                return None;
+            }
+            in_use = self.freed.wait_timeout(in_use, deadline - now).unwrap_or_else(|e| e.into_inner()).0;
+        }
+        *in_use = true;
+        Some(StagingGuard { staging: self })
+    }
+
+    fn slot(&self, slot: usize) -> u64 {
+        debug_assert!(slot <= self.pages);
         self.map.ptr() as u64 + (slot * PAGE_SIZE) as u64
     }
 
-    /// Frees the first `pages` staging pages. This raises a remove event
-    /// for the staging area (not guest RAM, so the event loop ignores it),
-    /// and returns once the event loop has read it.
-    fn clear(&self, pages: usize) -> Result<(), OfflineError> {
-        // SAFETY: MADV_DONTNEED on the staging mapping, which only the
-        // holder of the staging lock (this caller) uses; nothing keeps
+    fn quarantine(&self) -> usize {
+        self.pages
+    }
+
+    /// Which of slots `0..n` hold a page, as the kernel's page table says
+    /// (present or swapped out).
+    fn held(&self, n: usize) -> io::Result<Vec<bool>> {
+        let mut raw = vec![0u8; n * 8];
+        self.pagemap.read_exact_at(&mut raw, self.slot(0) / PAGE_SIZE as u64 * 8)?;
+        Ok(raw
+            .chunks_exact(8)
+            .map(|e| u64::from_ne_bytes(e.try_into().unwrap_or([0; 8])) & (PM_PRESENT | PM_SWAP) != 0)
+            .collect())
+    }
+
+    /// Frees slots `first..first + n`. This raises a remove event for the
+    /// staging area (not guest RAM, so the event loop ignores it) and
+    /// returns once the event loop has read it: the caller must hold no
+    /// lock the event loop takes.
+    fn discard(&self, uffd: &Uffd, first: usize, n: usize) -> io::Result<()> {
+        let addr = self.slot(first);
+        #[cfg(feature = "failpoints")]
+        if let Some(f) = uffd.failpoints().take(crate::uffd::Op::Discard, [addr, addr], n * PAGE_SIZE) {
+            return Err(io::Error::from_raw_os_error(f.errno));
+        }
+        #[cfg(not(feature = "failpoints"))]
+        let _ = uffd;
+        // SAFETY: MADV_DONTNEED on slots of the staging mapping, which only
+        // the holder of the staging area (this caller) uses; nothing keeps
         // references into it.
-        if unsafe { libc::madvise(self.map.ptr().cast(), pages * PAGE_SIZE, libc::MADV_DONTNEED) } < 0 {
-            return Err(OfflineError::Staging(std::io::Error::last_os_error()));
+        if unsafe { libc::madvise(addr as *mut libc::c_void, n * PAGE_SIZE, libc::MADV_DONTNEED) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// Empties the whole staging area if the kernel says any slot holds a
+    /// page (one `pread` when it is already empty).
+    fn clear(&self, uffd: &Uffd) -> io::Result<()> {
+        if self.held(self.pages + 1)?.iter().any(|h| *h) {
+            self.discard(uffd, 0, self.pages + 1)?;
         }
         Ok(())
     }
 }
 
-/// What became of one page of the range.
+/// The one retry rule for userfaultfd calls outside the resolver. `EAGAIN`
+/// means the address space is changing: a remove event is pending, and it
+/// clears only once the event loop has read it, so the caller must hold
+/// nothing the event loop needs (the install lock) while it waits.
+/// `transient` lists further errnos worth retrying at this call (`EBUSY`
+/// for `UFFDIO_MOVE`: a page-table race or a short-lived kernel pin).
+/// Returns true, after a short sleep, if the caller should try again; false
+/// for any other errno or once `deadline` has passed.
+fn backoff(errno: i32, transient: &[i32], deadline: Instant) -> bool {
+    if errno != libc::EAGAIN && !transient.contains(&errno) {
+        return false;
+    }
+    if Instant::now() >= deadline {
+        return false;
+    }
+    std::thread::sleep(if errno == libc::EAGAIN { Duration::from_micros(50) } else { Duration::from_millis(1) });
+    true
+}
+
+/// Bytes done and the error of a call reporting partial progress, in pages.
+fn split(res: Result<usize, IoctlError>) -> (usize, Option<IoctlError>) {
+    match res {
+        Ok(n) => (n / PAGE_SIZE, None),
+        Err(e) => (e.done / PAGE_SIZE, Some(e)),
+    }
+}
+
+/// A page's state and origin when the offline marked it.
+#[derive(Debug, Clone, Copy)]
+struct Prior {
+    state: PageState,
+    origin: Origin,
+}
+
+/// What the offline did to one page; applied when the invalidation ends.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Fate {
-    /// Not handled (not present, or the offline stopped before it).
+enum Outcome {
+    /// Not acted on: it goes back to the state it had.
     Untouched,
-    /// Moved out of guest RAM into staging.
-    Moved,
-    /// Present in the engine's view but gone in the kernel's (someone
-    /// discarded it): it reads as zeros.
-    Hole,
+    /// Its contents are in guest RAM (copied or moved back).
+    InPlace,
+    /// The kernel held nothing for it, or a balloon discarded it meanwhile.
+    Empty,
+    /// Its contents are in the eviction store.
+    Stored,
+    /// Unplugged: contents discarded, this is its new state.
+    Unplugged(PageState),
+    /// Contents neither put back nor kept: poisoned.
+    Lost,
+}
+
+/// One offline (or replug) of pages `first..first + count` of a region.
+struct Work<'a> {
+    shared: &'a Shared,
+    region: &'a Region,
+    first: usize,
+    range: GuestRange,
+    mode: Mode,
+    deadline: Instant,
+    prior: Vec<Prior>,
+    outcome: Vec<Outcome>,
+    failure: Option<OfflineError>,
+    /// Pages the kernel would not let go of (`EBUSY`) by the deadline.
+    kernel_pinned: usize,
+    lost: Vec<(u64, IoctlError)>,
+    report: OfflineReport,
+}
+
+impl<'a> Work<'a> {
+    fn new(
+        shared: &'a Shared,
+        region: &'a Region,
+        first: usize,
+        range: GuestRange,
+        mode: Mode,
+        deadline: Instant,
+        prior: Vec<Prior>,
+    ) -> Self {
+        let count = prior.len();
+        Work {
+            shared,
+            region,
+            first,
+            range,
+            mode,
+            deadline,
+            prior,
+            outcome: vec![Outcome::Untouched; count],
+            failure: None,
+            kernel_pinned: 0,
+            lost: Vec::new(),
+            report: OfflineReport { pages: count, ..OfflineReport::default() },
+        }
+    }
+
+    fn count(&self) -> usize {
+        self.prior.len()
+    }
+
+    /// Host address of page `i` of the range.
+    fn host(&self, i: usize) -> u64 {
+        self.region.page_host(self.first + i)
+    }
+
+    fn page_range(&self, i: usize, pages: usize) -> GuestRange {
+        GuestRange::new(self.region.page_gpa(self.first + i), (pages * PAGE_SIZE) as u64)
+    }
+
+    fn fail(&mut self, e: OfflineError) {
+        tracing::warn!(target: "apf", error = %e, source = ?std::error::Error::source(&e), "apf offline step failed");
+        self.failure.get_or_insert(e);
+    }
+
+    fn fail_ioctl(&mut self, i: usize, error: IoctlError) {
+        let range = self.page_range(i, 1);
+        self.fail(OfflineError::Ioctl { range, error });
+    }
+
+    fn stopped(&self) -> bool {
+        self.failure.is_some() || self.kernel_pinned > 0
+    }
+
+    /// Restoring contents is never cut short by the offline's own deadline:
+    /// it gets the engine's install deadline on top.
+    fn restore_deadline(&self) -> Instant {
+        self.deadline.max(Instant::now()) + self.shared.config.install_deadline
+    }
+
+    /// True if a balloon discarded page `i` while the offline held it: a
+    /// remove event sets the origin of a marked page to `Zero`, and `begin`
+    /// set every marked page's origin to `Source`. Call under the install
+    /// lock, which the event loop holds to read and apply a remove.
+    fn removed(&self, i: usize) -> bool {
+        self.prior[i].state != PageState::Resolving && self.region.state(self.first + i).1 == Origin::Zero
+    }
+
+    /// Whether the take-out moves page `i`: everything the kernel may hold
+    /// data for. Poison markers cannot move (and hold no data); a page a
+    /// resolver is filling is left to it unless its contents are being
+    /// discarded.
+    fn takeable(&self, i: usize) -> bool {
+        match self.prior[i].state {
+            PageState::Poisoned | PageState::Offline => false,
+            PageState::Resolving => self.mode == Mode::Unplug,
+            _ => true,
+        }
+    }
+
+    /// Step 4 for every chunk of the range.
+    fn act(&mut self, st: &Staging) {
+        // Pages left by an offline whose clear failed.
+        if let Err(e) = st.clear(&self.shared.uffd) {
+            self.fail(OfflineError::Staging(e));
+            return;
+        }
+        let mut c0 = 0;
+        while c0 < self.count() && !self.stopped() {
+            let n = (self.count() - c0).min(st.pages);
+            self.chunk(st, c0, n);
+            c0 += n;
+        }
+    }
+
+    /// Pages `c0..c0 + n` through staging slots `0..n`.
+    fn chunk(&mut self, st: &Staging, c0: usize, n: usize) {
+        let (taken, stopped_here) = self.take_out(st, c0, n);
+        let held = match st.held(n) {
+            Ok(held) => held,
+            Err(e) => {
+                self.fail(OfflineError::Staging(e));
+                self.move_back_blind(st, c0, &taken);
+                return;
+            }
+        };
+        self.report.pages_taken += (0..n).filter(|&k| taken[k] && held[k]).count();
+        for k in (0..n).filter(|&k| taken[k] && !held[k]) {
+            self.outcome[c0 + k] = Outcome::Empty;
+        }
+        if stopped_here {
+            self.put_back_held(st, c0, &held, false);
+        } else {
+            match self.mode {
+                Mode::Migrate => self.put_back_held(st, c0, &held, true),
+                Mode::Evict => self.store_held(st, c0, &held),
+                _ => {}
+            }
+        }
+        // Every staged page is back in guest RAM or in the store (or, for
+        // an unplug, meant to go): the slots can be freed.
+        if let Err(e) = st.clear(&self.shared.uffd) {
+            self.fail(OfflineError::Staging(e));
+        }
+        if self.mode == Mode::Unplug && !stopped_here {
+            self.unplug(st, c0, n);
+        }
+    }
+
+    /// Moves the takeable pages of the chunk into their staging slots, holes
+    /// and all. Returns which pages were taken (moved, or found empty) and
+    /// whether the take-out stopped: then the rest of the chunk is still in
+    /// guest RAM, and [`Self::kernel_pinned`] or the failure says why.
+    fn take_out(&mut self, st: &Staging, c0: usize, n: usize) -> (Vec<bool>, bool) {
+        let uffd = &self.shared.uffd;
+        let mut taken = vec![false; n];
+        let mut i = 0;
+        while i < n {
+            if !self.takeable(c0 + i) {
+                i += 1;
+                continue;
+            }
+            let mut j = i + 1;
+            while j < n && self.takeable(c0 + j) {
+                j += 1;
+            }
+            let mut k = i;
+            while k < j {
+                let (done, err) = split(uffd.move_pages(st.slot(k), self.host(c0 + k), (j - k) * PAGE_SIZE, true));
+                taken[k..k + done].fill(true);
+                k += done;
+                let Some(e) = err else { continue };
+                if done > 0 {
+                    // Partial progress: go on from there to learn why it stopped.
+                    continue;
+                }
+                let again = match e.errno {
+                    // The slot is not empty: a page this offline did not put
+                    // there. Free it and go on.
+                    libc::EEXIST => {
+                        tracing::warn!(target: "apf", slot = k, "apf staging slot not empty; clearing it");
+                        Instant::now() < self.deadline && st.discard(uffd, k, 1).is_ok()
+                    }
+                    errno => backoff(errno, &[libc::EBUSY], self.deadline),
+                };
+                if again {
+                    continue;
+                }
+                if e.errno == libc::EBUSY {
+                    self.kernel_pinned = j - k;
+                } else {
+                    self.fail_ioctl(c0 + k, e);
+                }
+                return (taken, true);
+            }
+            i = j;
+        }
+        (taken, false)
+    }
+
+    /// Puts the held slots of the chunk back into guest RAM: by `COPY` into
+    /// fresh frames (`fresh`), else, or when that fails, by `MOVE` into
+    /// their old frames; what neither can place goes to the store.
+    fn put_back_held(&mut self, st: &Staging, c0: usize, held: &[bool], fresh: bool) {
+        let mut a = 0;
+        while a < held.len() {
+            if !held[a] {
+                a += 1;
+                continue;
+            }
+            let mut b = a + 1;
+            while b < held.len() && held[b] {
+                b += 1;
+            }
+            self.put_back(st, c0, a, b, fresh);
+            a = b;
+        }
+    }
+
+    /// [`Self::put_back_held`] for one run of held slots `a..b`.
+    fn put_back(&mut self, st: &Staging, c0: usize, a: usize, b: usize, fresh: bool) {
+        let uffd = &self.shared.uffd;
+        let by = self.restore_deadline();
+        let mut copy = fresh;
+        let mut k = a;
+        while k < b {
+            // Under the install lock: a remove event read after this check
+            // (under the same lock, exclusively) finds the page installed
+            // and its zap clears it; one read before it is seen here.
+            let guard = self.shared.notifier.install_lock();
+            if self.removed(c0 + k) {
+                drop(guard);
+                self.outcome[c0 + k] = Outcome::Empty;
+                k += 1;
+                continue;
+            }
+            let mut e = k + 1;
+            while e < b && !self.removed(c0 + e) {
+                e += 1;
+            }
+            let (dst, src, len) = (self.host(c0 + k), st.slot(k), (e - k) * PAGE_SIZE);
+            let res =
+                if copy { uffd.copy(dst, src as *const u8, len, false) } else { uffd.move_pages(dst, src, len, false) };
+            drop(guard);
+            let (done, err) = split(res);
+            self.outcome[c0 + k..c0 + k + done].fill(Outcome::InPlace);
+            if copy {
+                self.report.frames_moved += done;
+            }
+            k += done;
+            let Some(err) = err else { continue };
+            if done > 0 {
+                continue;
+            }
+            let again = match err.errno {
+                // The guest page is not empty, though every access to it
+                // has waited for this offline: move the intruder aside,
+                // the staged contents are the page's.
+                libc::EEXIST => Instant::now() < by && self.move_aside(st, c0 + k, by),
+                errno => backoff(errno, &[libc::EBUSY], by),
+            };
+            if again {
+                continue;
+            }
+            self.fail_ioctl(c0 + k, err);
+            if copy {
+                // MOVE needs no new page: the staged frame goes back.
+                copy = false;
+                continue;
+            }
+            self.keep_in_store(st, c0, k, b);
+            return;
+        }
+    }
+
+    /// Copies held slots `a..b` into the eviction store (those whose page a
+    /// balloon did not discard meanwhile).
+    fn keep_in_store(&mut self, st: &Staging, c0: usize, a: usize, b: usize) {
+        for k in a..b {
+            let i = c0 + k;
+            let guard = self.shared.notifier.install_lock();
+            let removed = self.removed(i);
+            drop(guard);
+            if removed {
+                self.outcome[i] = Outcome::Empty;
+                continue;
+            }
+            // SAFETY: the slot holds a page (the page table says so), so
+            // reading it cannot fault into the userfaultfd; only the holder
+            // of the staging area touches it.
+            let data = unsafe { std::slice::from_raw_parts(st.slot(k) as *const u8, PAGE_SIZE) };
+            self.shared.store.insert(self.region.page_gpa(self.first + i), data);
+            self.outcome[i] = Outcome::Stored;
+        }
+    }
+
+    /// `Evict`: the held slots of the chunk go to the store.
+    fn store_held(&mut self, st: &Staging, c0: usize, held: &[bool]) {
+        let mut a = 0;
+        while a < held.len() {
+            if !held[a] {
+                a += 1;
+                continue;
+            }
+            let mut b = a + 1;
+            while b < held.len() && held[b] {
+                b += 1;
+            }
+            // SAFETY: slots `a..b` hold pages (see `keep_in_store`).
+            let data = unsafe { std::slice::from_raw_parts(st.slot(a) as *const u8, (b - a) * PAGE_SIZE) };
+            self.shared.store.insert(self.region.page_gpa(self.first + c0 + a), data);
+            self.outcome[c0 + a..c0 + b].fill(Outcome::Stored);
+            self.report.pages_evicted += b - a;
+            a = b;
+        }
+    }
+
+    /// The page table of staging could not be read, so which slots hold
+    /// pages is unknown: move every taken page back (holes allowed), and
+    /// poison what cannot go back.
+    fn move_back_blind(&mut self, st: &Staging, c0: usize, taken: &[bool]) {
+        let uffd = &self.shared.uffd;
+        let by = self.restore_deadline();
+        let mut k = 0;
+        while k < taken.len() {
+            if !taken[k] {
+                k += 1;
+                continue;
+            }
+            let mut e = k + 1;
+            while e < taken.len() && taken[e] {
+                e += 1;
+            }
+            let (done, err) = split(uffd.move_pages(self.host(c0 + k), st.slot(k), (e - k) * PAGE_SIZE, true));
+            k += done;
+            let Some(err) = err else { continue };
+            if done > 0 || backoff(err.errno, &[libc::EBUSY], by) {
+                continue;
+            }
+            for q in k..e {
+                let _ = uffd.poison(self.host(c0 + q), PAGE_SIZE);
+                self.outcome[c0 + q] = Outcome::Lost;
+                self.lost.push((self.region.page_gpa(self.first + c0 + q).0, err));
+            }
+            k = e;
+        }
+    }
+
+    /// Takes whatever the kernel holds at page `i` out to the quarantine
+    /// slot and drops it. True if the caller should retry what met it.
+    fn move_aside(&self, st: &Staging, i: usize, by: Instant) -> bool {
+        let uffd = &self.shared.uffd;
+        let q = st.quarantine();
+        match uffd.move_pages(st.slot(q), self.host(i), PAGE_SIZE, false) {
+            Ok(_) => {
+                tracing::warn!(
+                    target: "apf",
+                    gpa = self.region.page_gpa(self.first + i).0,
+                    "apf offline found a page installed where none could be; it was dropped"
+                );
+                st.discard(uffd, q, 1).is_ok()
+            }
+            // Nothing there after all (the answer was transient).
+            Err(e) if e.errno == libc::ENOENT => true,
+            Err(e) if e.errno == libc::EEXIST => st.discard(uffd, q, 1).is_ok(),
+            Err(e) => backoff(e.errno, &[libc::EBUSY], by),
+        }
+    }
+
+    /// `Unplug`, after the chunk's contents are gone: the policy.
+    fn unplug(&mut self, st: &Staging, c0: usize, n: usize) {
+        let policy = self.shared.config.unplug_policy;
+        let mut i = c0;
+        while i < c0 + n {
+            let state = self.prior[i].state;
+            match (state, policy) {
+                (PageState::Resolving, _) => {
+                    // Its resolver waits for this offline to end, then fills
+                    // again, with zeros.
+                    self.outcome[i] = Outcome::Unplugged(PageState::Resolving);
+                    i += 1;
+                }
+                (PageState::Poisoned | PageState::Offline, UnplugPolicy::Poison) => {
+                    // Its marker, or a hole its next fault poisons again.
+                    self.outcome[i] = Outcome::Unplugged(PageState::Offline);
+                    i += 1;
+                }
+                (PageState::Poisoned | PageState::Offline, UnplugPolicy::Zero) => {
+                    // The marker must go: a COPY of zeros replaces it.
+                    let ok = self.zero_fill(Some(st), i);
+                    let to = if ok { PageState::Present } else { PageState::Offline };
+                    self.outcome[i] = Outcome::Unplugged(to);
+                    i += 1;
+                }
+                (_, UnplugPolicy::Zero) => {
+                    self.outcome[i] = Outcome::Unplugged(PageState::Missing);
+                    i += 1;
+                }
+                (_, UnplugPolicy::Poison) => {
+                    let mut j = i + 1;
+                    while j < c0 + n && matches!(self.prior[j].state, PageState::Present | PageState::Missing) {
+                        j += 1;
+                    }
+                    self.poison_run(st, i, j);
+                    i = j;
+                }
+            }
+        }
+        self.report.pages_unplugged +=
+            (c0..c0 + n).filter(|&i| matches!(self.outcome[i], Outcome::Unplugged(_))).count();
+    }
+
+    /// Poisons pages `a..b` (none of them poisoned by the engine before).
+    fn poison_run(&mut self, st: &Staging, a: usize, b: usize) {
+        let uffd = &self.shared.uffd;
+        let by = self.restore_deadline();
+        let mut k = a;
+        while k < b {
+            let (done, err) = split(uffd.poison(self.host(k), (b - k) * PAGE_SIZE));
+            self.outcome[k..k + done].fill(Outcome::Unplugged(PageState::Offline));
+            k += done;
+            let Some(e) = err else { continue };
+            if done > 0 {
+                continue;
+            }
+            let again = match e.errno {
+                // Not a marker of the engine's: data is still there (put
+                // there since the take-out). Take it out, poison again.
+                libc::EEXIST => Instant::now() < by && self.move_aside(st, k, by),
+                errno => backoff(errno, &[], by),
+            };
+            if again {
+                continue;
+            }
+            // Recorded unplugged all the same: its next fault poisons it
+            // again, and the error names it.
+            self.fail_ioctl(k, e);
+            self.outcome[k] = Outcome::Unplugged(PageState::Offline);
+            k += 1;
+        }
+    }
+
+    /// Installs a page of zeros at page `i` (over a poison marker, or a
+    /// hole). True on success; on failure the error is recorded.
+    fn zero_fill(&mut self, st: Option<&Staging>, i: usize) -> bool {
+        let uffd = &self.shared.uffd;
+        let by = self.restore_deadline();
+        loop {
+            let Err(e) = uffd.copy(self.host(i), self.shared.zeros.as_ptr(), PAGE_SIZE, false) else {
+                return true;
+            };
+            let again = match (e.errno, st) {
+                // COPY replaces a marker: EEXIST means a page is there.
+                (libc::EEXIST, Some(st)) => Instant::now() < by && self.move_aside(st, i, by),
+                (errno, _) => backoff(errno, &[], by),
+            };
+            if !again {
+                self.fail_ioctl(i, e);
+                return false;
+            }
+        }
+    }
+
+    /// Step 5: every page's final state from its outcome, under the install
+    /// lock (so no remove event is applied half-way through).
+    fn finish(&mut self) {
+        let store = &self.shared.store;
+        let guard = self.shared.notifier.install_lock();
+        for i in 0..self.count() {
+            let p = self.first + i;
+            let gpa = self.region.page_gpa(p);
+            let prior = self.prior[i];
+            let outcome = self.outcome[i];
+            if prior.state == PageState::Resolving {
+                match outcome {
+                    Outcome::Unplugged(_) => {
+                        self.region.set_claimed_origin(p, Origin::Zero);
+                        store.discard(gpa, PAGE_SIZE);
+                    }
+                    Outcome::Stored => self.region.set_claimed_origin(p, Origin::Store),
+                    _ => {}
+                }
+                continue;
+            }
+            let removed = self.removed(i);
+            let (mut to, mut origin) = match outcome {
+                Outcome::Untouched => (prior.state, prior.origin),
+                Outcome::InPlace => (PageState::Present, prior.origin),
+                // Present in the engine's view but not the kernel's: a
+                // discard behind its back (its remove event is on the way).
+                Outcome::Empty if prior.state == PageState::Present => (PageState::Missing, Origin::Zero),
+                Outcome::Empty => (prior.state, prior.origin),
+                Outcome::Stored => (PageState::Missing, Origin::Store),
+                Outcome::Unplugged(state) => (state, Origin::Zero),
+                Outcome::Lost => (PageState::Poisoned, prior.origin),
+            };
+            if matches!(outcome, Outcome::Unplugged(_)) && prior.origin == Origin::Store {
+                store.discard(gpa, PAGE_SIZE);
+            }
+            if removed {
+                // What a remove does to a page (see `Region::mark_removed`).
+                if matches!(to, PageState::Present | PageState::Poisoned) {
+                    to = PageState::Missing;
+                }
+                if origin == Origin::Store {
+                    store.discard(gpa, PAGE_SIZE);
+                }
+                origin = Origin::Zero;
+            }
+            self.shared.checked(self.region.end_invalidate(p, to, Some(origin)));
+        }
+        drop(guard);
+    }
+
+    /// The offline's result, once finished.
+    fn result(mut self, started: Instant) -> Result<OfflineReport, OfflineError> {
+        self.report.elapsed = started.elapsed();
+        if let Some(&(first, error)) = self.lost.first() {
+            return Err(OfflineError::Lost { range: self.range, first, pages: self.lost.len(), error });
+        }
+        if let Some(e) = self.failure.take() {
+            return Err(e);
+        }
+        if self.kernel_pinned > 0 {
+            return Err(OfflineError::Busy {
+                range: self.range,
+                waited: started.elapsed(),
+                refs: 0,
+                hard: 0,
+                kernel_pinned: self.kernel_pinned,
+                discarded: self.report.pages_unplugged,
+            });
+        }
+        Ok(self.report)
+    }
 }
 
 pub(crate) fn offline(
@@ -326,136 +1046,46 @@ fn offline_pages(
     let started = Instant::now();
     let staging = shared.staging.as_ref().ok_or(OfflineError::Unsupported)?;
     let region = &shared.ram.regions()[region_idx];
-    let policy = shared.config.unplug_policy;
     // 1. Begin.
     let (inv, prior) = begin(shared, region, first, count, range, mode.reason())?;
-    let mut report = OfflineReport { pages: count, ..OfflineReport::default() };
+    let mut work = Work::new(shared, region, first, range, mode, deadline, prior);
     // 2. Callbacks.
-    report.pins_called = inv.call_intervals();
-    shared.stats.pin_invalidations.fetch_add(report.pins_called as u64, Relaxed);
-    // 3. Drain.
-    if let Err(held) = inv.wait_drained(true, deadline) {
-        restore(shared, region, first, &prior);
-        drop(inv);
-        shared.kick_deferred();
-        return Err(OfflineError::Busy {
+    work.report.pins_called = inv.call_intervals();
+    shared.stats.pin_invalidations.fetch_add(work.report.pins_called as u64, Relaxed);
+    // 3. Drain, then the staging area; 4. act.
+    let held = match inv.wait_drained(true, deadline) {
+        Err(held) => Some(OfflineError::Busy {
             range,
             waited: started.elapsed(),
             refs: held.refs,
             hard: held.hard,
             kernel_pinned: 0,
             discarded: 0,
-        });
-    }
-    // 4. Act, through the staging area in chunks.
-    let mut fate = vec![Fate::Untouched; count];
-    let mut busy = 0usize;
-    let mut failure = None;
-    {
-        let staging = staging.lock().unwrap_or_else(|e| e.into_inner());
-        let mut i = 0;
-        while i < count && busy == 0 && failure.is_none() {
-            if prior[i] != PageState::Present {
-                i += 1;
-                continue;
+        }),
+        Ok(()) => match staging.acquire(deadline) {
+            None => Some(OfflineError::StagingBusy { range, waited: started.elapsed() }),
+            Some(guard) => {
+                work.act(&guard);
+                None
             }
-            let mut j = i;
-            while j < count && prior[j] == PageState::Present && j - i < staging.pages {
-                j += 1;
-            }
-            match take_out(shared, region, first, i, j, &staging, &mut fate, deadline) {
-                Ok(0) => {}
-                Ok(held) => busy = held,
-                Err(e) => failure = Some(e),
-            }
-            if failure.is_none() {
-                if let Err(e) = dispose(shared, region, first, i, j, &staging, &mut fate, mode, busy > 0) {
-                    failure = Some(e);
-                }
-            }
-            let moved = fate[i..j].iter().filter(|f| **f == Fate::Moved).count();
-            if moved > 0 {
-                if let Err(e) = staging.clear(j - i) {
-                    failure.get_or_insert(e);
-                }
-            }
-            i = j;
-        }
-    }
+        },
+    };
     // 5. End: final states, then wake deferred faults.
-    let mut discarded = 0;
-    for i in 0..count {
-        let p = first + i;
-        let gpa = region.page_gpa(p);
-        let (to, origin) = match (prior[i], fate[i], mode) {
-            (PageState::Resolving, _, Mode::Unplug) if busy == 0 && failure.is_none() => {
-                // Its resolver saw the sequence move and waits for this
-                // offline to end: it fills again, with zeros.
-                region.set_claimed_origin(p, Origin::Zero);
-                continue;
-            }
-            (PageState::Resolving, _, _) => continue,
-            (PageState::Present, Fate::Moved, Mode::Migrate) => {
-                report.frames_moved += 1;
-                (PageState::Present, None)
-            }
-            (PageState::Present, Fate::Moved, Mode::Evict) => {
-                report.pages_evicted += 1;
-                (PageState::Missing, Some(Origin::Store))
-            }
-            (PageState::Present, Fate::Hole, m) if m != Mode::Unplug => (PageState::Missing, Some(Origin::Zero)),
-            (PageState::Present, Fate::Untouched, _) => (PageState::Present, None),
-            (_, _, Mode::Unplug) => {
-                if busy > 0 || failure.is_some() {
-                    // Stopped part-way: only pages taken out are discarded.
-                    if fate[i] == Fate::Untouched {
-                        shared.checked(region.end_invalidate(p, prior[i], None));
-                        continue;
-                    }
-                }
-                discarded += 1;
-                if region.state(p).1 == Origin::Store {
-                    shared.store.discard(gpa, PAGE_SIZE);
-                }
-                match unplug_page(shared, region, p, prior[i], policy) {
-                    Ok(state) => (state, Some(Origin::Zero)),
-                    Err(e) => {
-                        failure.get_or_insert(OfflineError::Ioctl { range, error: e });
-                        (PageState::Missing, Some(Origin::Zero))
-                    }
-                }
-            }
-            (state, _, _) => (state, None),
-        };
-        shared.checked(region.end_invalidate(p, to, origin));
-    }
-    report.pages_taken = fate.iter().filter(|f| **f != Fate::Untouched).count();
-    report.pages_unplugged = if mode == Mode::Unplug { discarded } else { 0 };
-    report.elapsed = started.elapsed();
+    work.finish();
     drop(inv);
     shared.kick_deferred();
-    shared.stats.frames_moved.fetch_add(report.frames_moved as u64, Relaxed);
-    shared.stats.pages_evicted.fetch_add(report.pages_evicted as u64, Relaxed);
-    shared.stats.pages_unplugged.fetch_add(report.pages_unplugged as u64, Relaxed);
-    if let Some(e) = failure {
+    if let Some(e) = held {
         return Err(e);
     }
-    if busy > 0 {
-        return Err(OfflineError::Busy {
-            range,
-            waited: started.elapsed(),
-            refs: 0,
-            hard: 0,
-            kernel_pinned: busy,
-            discarded: report.pages_unplugged,
-        });
-    }
-    Ok(report)
+    shared.stats.frames_moved.fetch_add(work.report.frames_moved as u64, Relaxed);
+    shared.stats.pages_evicted.fetch_add(work.report.pages_evicted as u64, Relaxed);
+    shared.stats.pages_unplugged.fetch_add(work.report.pages_unplugged as u64, Relaxed);
+    work.result(started)
 }
 
 /// Begins an exclusive invalidation of `range` (pages `first..first +
-/// count` of `region`), marking its pages; returns it with the state each
-/// page had.
+/// count` of `region`), marking its pages; returns it with the state and
+/// origin each page had.
 fn begin<'a>(
     shared: &'a Shared,
     region: &Region,
@@ -463,198 +1093,63 @@ fn begin<'a>(
     count: usize,
     range: GuestRange,
     reason: Reason,
-) -> Result<(Invalidation<'a>, Vec<PageState>), OfflineError> {
-    let mut prior = vec![PageState::Resolving; count];
+) -> Result<(Invalidation<'a>, Vec<Prior>), OfflineError> {
+    let mut prior = vec![Prior { state: PageState::Resolving, origin: Origin::Source }; count];
     let inv = shared
         .notifier
         .invalidate_begin(&[range], reason, true, || {
             for (i, prior) in prior.iter_mut().enumerate() {
-                *prior = region.begin_invalidate(first + i);
+                let p = first + i;
+                let origin = region.state(p).1;
+                let state = region.begin_invalidate(p);
+                *prior = Prior { state, origin };
+                if state != PageState::Resolving {
+                    // A remove event sets a marked page's origin to `Zero`.
+                    // With every marked page at `Source` from here on,
+                    // `Zero` at the end means a balloon discarded it while
+                    // this offline held it (see `Work::removed`); the real
+                    // origin is kept in `prior` and set again at the end.
+                    shared.checked(region.end_invalidate(p, PageState::Invalidating, Some(Origin::Source)));
+                }
             }
         })
         .map_err(|o| OfflineError::Overlap(o.0))?;
     Ok((inv, prior))
 }
 
-/// Puts marked pages back as they were (an offline that did nothing).
-fn restore(shared: &Shared, region: &Region, first: usize, prior: &[PageState]) {
-    for (i, &state) in prior.iter().enumerate() {
-        if state != PageState::Resolving {
-            shared.checked(region.end_invalidate(first + i, state, None));
-        }
-    }
-}
-
-/// Moves pages `[i, j)` of the range (all present in the engine's view)
-/// into staging slots `0..j - i`. Returns the number of pages the kernel
-/// still refused to move (`EBUSY`) at the deadline; those and the pages
-/// after them stay in place.
-#[allow(clippy::too_many_arguments)]
-fn take_out(
-    shared: &Shared,
-    region: &Region,
-    first: usize,
-    i: usize,
-    j: usize,
-    staging: &Staging,
-    fate: &mut [Fate],
-    deadline: Instant,
-) -> Result<usize, OfflineError> {
-    let mut k = i;
-    while k < j {
-        let src = region.page_host(first + k);
-        let res = shared.uffd.move_pages(staging.addr(k - i), src, (j - k) * PAGE_SIZE, false);
-        let (done, err) = match res {
-            Ok(n) => (n / PAGE_SIZE, None),
-            Err(e) => (e.done / PAGE_SIZE, Some(e)),
-        };
-        fate[k..k + done].fill(Fate::Moved);
-        k += done;
-        let Some(e) = err else { continue };
-        match e.errno {
-            // A hole: discarded behind the engine's back (the remove event
-            // is on its way); it reads as zeros.
-            libc::ENOENT => {
-                fate[k] = Fate::Hole;
-                k += 1;
-            }
-            // Pinned by the kernel, or the page table is busy: retry until
-            // the deadline.
-            libc::EBUSY | libc::EAGAIN => {
-                if Instant::now() >= deadline {
-                    return Ok(j - k);
-                }
-                std::thread::sleep(Duration::from_millis(1));
-            }
-            _ => {
-                let range = GuestRange::new(region.page_gpa(first + k), PAGE_SIZE as u64);
-                return Err(OfflineError::Ioctl { range, error: e });
-            }
-        }
-    }
-    Ok(0)
-}
-
-/// Does the mode's work on the pages of `[i, j)` that were moved to
-/// staging. If `stopping` (a busy page stopped an `Unplug`), the moved
-/// pages are put back instead of being discarded, so only whole chunks are
-/// ever discarded.
-#[allow(clippy::too_many_arguments)]
-fn dispose(
-    shared: &Shared,
-    region: &Region,
-    first: usize,
-    i: usize,
-    j: usize,
-    staging: &Staging,
-    fate: &mut [Fate],
-    mode: Mode,
-    stopping: bool,
-) -> Result<(), OfflineError> {
-    let put_back = mode == Mode::Migrate || (mode == Mode::Unplug && stopping);
-    let mut k = i;
-    while k < j {
-        if fate[k] != Fate::Moved {
-            k += 1;
-            continue;
-        }
-        let mut e = k;
-        while e < j && fate[e] == Fate::Moved {
-            e += 1;
-        }
-        let len = (e - k) * PAGE_SIZE;
-        if put_back {
-            // Into fresh frames: the COPY allocates new pages, and wakes
-            // any thread that faulted on them meanwhile.
-            let dst = region.page_host(first + k);
-            let src = staging.addr(k - i) as *const u8;
-            let mut off = 0;
-            while off < len {
-                match shared.uffd.copy(dst + off as u64, src.wrapping_add(off), len - off, false) {
-                    Ok(n) => off += n,
-                    Err(err) if err.done > 0 => off += err.done,
-                    Err(err) => {
-                        let range = GuestRange::new(region.page_gpa(first + k), len as u64);
-                        return Err(OfflineError::Ioctl { range, error: err });
-                    }
-                }
-            }
-            if mode == Mode::Unplug {
-                fate[k..e].fill(Fate::Untouched);
-            }
-        } else if mode == Mode::Evict {
-            // SAFETY: staging slots `k - i .. e - i` hold pages just moved
-            // there (present, so reading them cannot fault), and only the
-            // holder of the staging lock touches the staging area.
-            let data = unsafe { std::slice::from_raw_parts(staging.addr(k - i) as *const u8, len) };
-            shared.store.insert(region.page_gpa(first + k), data);
-        }
-        k = e;
-    }
-    Ok(())
-}
-
-/// Applies the unplug policy to a page whose contents are gone (moved out,
-/// never present, or poisoned before); returns its new state.
-fn unplug_page(
-    shared: &Shared,
-    region: &Region,
-    page: usize,
-    prior: PageState,
-    policy: UnplugPolicy,
-) -> Result<PageState, IoctlError> {
-    let host = region.page_host(page);
-    let marked = matches!(prior, PageState::Poisoned | PageState::Offline);
-    match policy {
-        UnplugPolicy::Poison => {
-            if !marked {
-                match shared.uffd.poison(host, PAGE_SIZE) {
-                    Ok(_) => {}
-                    Err(e) if e.errno == libc::EEXIST => {}
-                    Err(e) => return Err(e),
-                }
-            }
-            Ok(PageState::Offline)
-        }
-        UnplugPolicy::Zero if marked => {
-            // The poison marker must go: a COPY of zeros replaces it.
-            match shared.uffd.copy(host, shared.zeros.as_ptr(), PAGE_SIZE, false) {
-                Ok(_) => Ok(PageState::Present),
-                Err(e) if e.errno == libc::EEXIST => Ok(PageState::Present),
-                Err(e) => Err(e),
-            }
-        }
-        UnplugPolicy::Zero => Ok(PageState::Missing),
-    }
-}
-
 /// Brings unplugged (poisoned) pages of `range` back as zero pages.
+/// Each page's `COPY` of zeros is retried up to the engine's install
+/// deadline; a page that cannot be brought back stays unplugged and the
+/// error names it.
 pub(crate) fn replug(shared: &Shared, range: GuestRange) -> Result<usize, OfflineError> {
+    let started = Instant::now();
+    let deadline = started + shared.config.install_deadline;
     let (loc, count) = shared.ram.check_range(range)?;
     let region = &shared.ram.regions()[loc.region];
     let (inv, prior) = begin(shared, region, loc.page, count, range, Reason::Unplug)?;
+    let mut work = Work::new(shared, region, loc.page, range, Mode::Unplug, deadline, prior);
+    // The staging area is only needed to move aside a page found where
+    // the marker should be; without `UFFDIO_MOVE` nothing is unplugged.
+    let guard = match shared.staging.as_ref().map(|s| s.acquire(deadline)) {
+        Some(None) => None,
+        other => Some(other.flatten()),
+    };
     let mut replugged = 0;
-    let mut failure = None;
-    for (i, &state) in prior.iter().enumerate() {
-        let p = loc.page + i;
-        if state == PageState::Offline {
-            match unplug_page(shared, region, p, state, UnplugPolicy::Zero) {
-                Ok(to) => {
-                    shared.checked(region.end_invalidate(p, to, Some(Origin::Zero)));
-                    replugged += 1;
-                }
-                Err(e) => {
-                    shared.checked(region.end_invalidate(p, state, None));
-                    failure.get_or_insert(OfflineError::Ioctl { range, error: e });
-                }
+    if let Some(guard) = &guard {
+        for i in 0..count {
+            if work.prior[i].state == PageState::Offline && work.zero_fill(guard.as_deref(), i) {
+                work.outcome[i] = Outcome::Unplugged(PageState::Present);
+                replugged += 1;
             }
-        } else if state != PageState::Resolving {
-            shared.checked(region.end_invalidate(p, state, None));
         }
     }
+    work.finish();
     drop(inv);
     shared.kick_deferred();
-    match failure {
+    if guard.is_none() {
+        return Err(OfflineError::StagingBusy { range, waited: started.elapsed() });
+    }
+    match work.failure {
         Some(e) => Err(e),
         None => Ok(replugged),
     }

@@ -366,6 +366,35 @@ impl EvictionStore {
         }
     }
 
+    /// Forgets every stored page of `range`, which was discarded (a
+    /// balloon's `MADV_DONTNEED`) or unplugged: its contents are zeros now,
+    /// and an entry left behind would never be read nor freed. Returns how
+    /// many pages were dropped. Free when the store is empty; a range larger
+    /// than the store walks the store instead of the range.
+    pub fn discard_range(&self, range: GuestRange) -> usize {
+        use std::sync::atomic::Ordering::Relaxed;
+        if self.is_empty() || range.len == 0 {
+            return 0;
+        }
+        let first = range.start.0 & !(PAGE_SIZE as u64 - 1);
+        let pages = (range.end() - first).div_ceil(PAGE_SIZE as u64);
+        let mut dropped = 0;
+        if pages > self.len() as u64 {
+            for shard in &self.shards {
+                let mut shard = shard.lock().unwrap_or_else(|e| e.into_inner());
+                let before = shard.len();
+                shard.retain(|&key, _| key < first || key >= range.end());
+                dropped += before - shard.len();
+            }
+        } else {
+            for key in (0..pages).map(|i| first + i * PAGE_SIZE as u64) {
+                dropped += usize::from(self.shard(key).remove(&key).is_some());
+            }
+        }
+        self.pages.fetch_sub(dropped, Relaxed);
+        dropped
+    }
+
     /// True if the page at `gpa` is stored.
     pub fn contains(&self, gpa: GuestAddress) -> bool {
         let key = gpa.0 & !(PAGE_SIZE as u64 - 1);
@@ -518,5 +547,25 @@ mod tests {
         assert!(!store.contains(GuestAddress(0x8000)));
         assert!(store.contains(GuestAddress(0x9fff)));
         assert!(store.fill(GuestAddress(0x8000), &mut buf).is_err());
+    }
+
+    #[test]
+    fn discard_range_drops_exactly_the_range_by_either_walk() {
+        let store = EvictionStore::new();
+        let page = PAGE_SIZE as u64;
+        store.insert(GuestAddress(0), &vec![1; 8 * PAGE_SIZE]);
+        // A range smaller than the store: walked page by page.
+        assert_eq!(store.discard_range(GuestRange::new(GuestAddress(2 * page), 2 * page)), 2);
+        assert_eq!(store.len(), 6);
+        assert!(store.contains(GuestAddress(page)) && !store.contains(GuestAddress(2 * page)));
+        assert!(!store.contains(GuestAddress(3 * page)) && store.contains(GuestAddress(4 * page)));
+        // Larger than the store: the store is walked; pages outside stay.
+        assert_eq!(store.discard_range(GuestRange::new(GuestAddress(4 * page), 1 << 30)), 4);
+        assert_eq!(store.len(), 2);
+        assert!(store.contains(GuestAddress(0)) && store.contains(GuestAddress(page)));
+        // An unaligned range covers the pages it touches.
+        assert_eq!(store.discard_range(GuestRange::new(GuestAddress(page - 1), 2)), 2);
+        assert!(store.is_empty());
+        assert_eq!(store.discard_range(GuestRange::new(GuestAddress(0), 1 << 40)), 0);
     }
 }

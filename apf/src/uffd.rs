@@ -117,6 +117,9 @@ pub enum Op {
     Poison,
     /// `UFFDIO_WAKE`.
     Wake,
+    /// `MADV_DONTNEED` on the offline staging area (registered memory: it
+    /// raises a remove event).
+    Discard,
 }
 
 impl Op {
@@ -128,6 +131,7 @@ impl Op {
             Op::Move => "UFFDIO_MOVE",
             Op::Poison => "UFFDIO_POISON",
             Op::Wake => "UFFDIO_WAKE",
+            Op::Discard => "MADV_DONTNEED",
         }
     }
 }

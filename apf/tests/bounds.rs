@@ -100,6 +100,12 @@ fn discarding_evicted_pages_drops_their_stored_copies() {
     // A balloon takes the evicted (missing) pages: their contents are zeros
     // now, and the stored copies must go.
     discard(&ram, 0, 16 * PAGE);
+    // `madvise` returns once the engine has read the remove event; it
+    // applies it right after, before it handles any later fault.
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while engine.store().len() > 0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(1));
+    }
     assert_eq!(engine.store().len(), 0);
     for p in 0..16 {
         assert_eq!(touch(&ram, p * PAGE), 0);

@@ -376,7 +376,7 @@ pub(crate) struct Shared {
     pub stopping: AtomicBool,
     pub working_set: Option<FirstTouches>,
     /// Where offlines move pages through (`None` without `UFFDIO_MOVE`).
-    pub staging: Option<Mutex<Staging>>,
+    pub staging: Option<Staging>,
 }
 
 impl Shared {
