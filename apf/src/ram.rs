@@ -342,6 +342,20 @@ impl Region {
         });
     }
 
+    /// Claims a page the engine believes `Present` that a remove touched
+    /// (origin `Zero`) and the kernel reports missing: `Present ->
+    /// Resolving`. A remove is applied when its event is read, and the
+    /// `madvise` that sent it zaps only after that read, so an install that
+    /// lands in between is zapped with the rest: zeros are what the page
+    /// holds. False if the page was not `Present` with origin `Zero`.
+    pub fn try_reclaim_removed(&self, page: usize) -> bool {
+        let cur = self.states[page].load(Ordering::Acquire);
+        unpack(cur) == (PageState::Present, Origin::Zero)
+            && self.states[page]
+                .compare_exchange(cur, pack(PageState::Resolving, Origin::Zero), Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+    }
+
     /// A page the engine had installed and the kernel lost (no remove
     /// event behind it) was poisoned: `Present -> Poisoned`. False if the
     /// page was not `Present`.

@@ -76,7 +76,7 @@ fn discard_racing_an_install(unordered: bool) -> (bool, u64) {
             discarded.store(true, Ordering::Release);
         })
     };
-    let returned_while_held = wait_for(&discarded, Duration::from_millis(300));
+    let returned_while_held = wait_for(&discarded, Duration::from_millis(if unordered { 5000 } else { 300 }));
     fp.open_gate();
     discarder.join().unwrap();
     let first = reader.join().unwrap();
@@ -354,7 +354,8 @@ impl apf::PageSource for Stuck {
 fn shutdown_leaves_a_stuck_source_behind_and_reports_it() {
     let ram = ram(64);
     let source = Arc::new(Stuck { stuck: 7 * PAGE, entered: AtomicBool::new(false) });
-    let config = apf::Config { max_window: 1, shutdown_deadline: Duration::from_millis(300), ..apf::Config::default() };
+    let config =
+        apf::Config { max_window: 1, shutdown_deadline: Duration::from_millis(1500), ..apf::Config::default() };
     let engine = engine_with(&ram, source.clone(), config);
     let r = ram.clone();
     // The reader stays blocked in its fault: the stuck worker owns it.
@@ -440,4 +441,101 @@ fn a_zeropage_failure_ends_with_zeros() {
         assert!(words.iter().all(|w| *w == Some(0)), "errno {errno}: {words:?}");
         assert_eq!(engine.failpoints().fired(), 2);
     }
+}
+
+fn write_word_safely(ram: &GuestRam, gpa: u64, v: u64) {
+    let p = ram.host_range(GuestAddress(gpa), 8).unwrap();
+    let mut word = v;
+    let local = libc::iovec { iov_base: (&mut word as *mut u64).cast(), iov_len: 8 };
+    let remote = libc::iovec { iov_base: p.cast(), iov_len: 8 };
+    let pid = std::process::id() as libc::pid_t;
+    // SAFETY: as in `try_read_word`, the kernel checks `remote`.
+    unsafe { libc::process_vm_writev(pid, &local, 1, &remote, 1, 0) };
+}
+
+/// Threads that each discard their own page and read it back, next to
+/// each other: a neighbour's fault-around installs a page between its
+/// remove being applied and its `madvise`'s zap. It must read zeros,
+/// never poison (the engine must not take that for a lost page).
+#[test]
+fn neighbours_discarding_and_reading_back_read_zeros() {
+    let ram = ram(64);
+    let engine = engine_with(&ram, Arc::new(Pattern { seed: 4 }), apf::Config::default());
+    let stop = Arc::new(AtomicBool::new(false));
+    let threads: Vec<_> = [1u64, 2, 5, 6]
+        .into_iter()
+        .map(|page| {
+            let (ram, stop) = (ram.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let (mut rounds, mut bad) = (0u64, Vec::new());
+                while !stop.load(Ordering::Relaxed) && bad.len() < 3 {
+                    discard(&ram, page * PAGE, PAGE);
+                    let w = try_read_word(&ram, page * PAGE);
+                    if w != Some(0) {
+                        bad.push(w);
+                    }
+                    rounds += 1;
+                }
+                (rounds, bad)
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_secs(2));
+    stop.store(true, Ordering::Relaxed);
+    let results: Vec<_> = threads.into_iter().map(|h| h.join().unwrap()).collect();
+    let rounds: u64 = results.iter().map(|r| r.0).sum();
+    assert!(rounds > 1000, "only {rounds} rounds");
+    assert!(
+        results.iter().all(|r| r.1.is_empty()),
+        "{results:?}; errors: {:?}",
+        engine.errors().try_iter().take(3).collect::<Vec<_>>()
+    );
+}
+
+/// A balloon discards a page the offline storm keeps taking out: the page
+/// must read zeros after each discard, never the contents it had before.
+fn a_discard_during_offlines_wins(mode: apf::Mode) {
+    let ram = ram(64);
+    let engine = Arc::new(engine_with(&ram, Arc::new(Pattern { seed: 4 }), apf::Config::default()));
+    let stop = Arc::new(AtomicBool::new(false));
+    let offliner = {
+        let (engine, stop) = (engine.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut done = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                let range = apf::GuestRange::new(GuestAddress(0), 64 * PAGE);
+                done += u64::from(engine.offline(range, mode, Instant::now() + Duration::from_secs(2)).is_ok());
+            }
+            done
+        })
+    };
+    let started = Instant::now();
+    let (mut rounds, mut bad) = (0u64, Vec::new());
+    while started.elapsed() < Duration::from_secs(2) && bad.len() < 3 {
+        write_word_safely(&ram, 10 * PAGE, 0x5a5a_0000_0000 + rounds + 1);
+        discard(&ram, 10 * PAGE, PAGE);
+        let w = try_read_word(&ram, 10 * PAGE);
+        if w != Some(0) {
+            bad.push(w);
+        }
+        rounds += 1;
+    }
+    stop.store(true, Ordering::Relaxed);
+    let offlines = offliner.join().unwrap();
+    assert!(offlines > 10 && rounds > 100, "{offlines} offlines, {rounds} rounds");
+    assert!(
+        bad.is_empty(),
+        "{mode:?}: read {bad:x?} after a discard; errors: {:?}",
+        engine.errors().try_iter().take(3).collect::<Vec<_>>()
+    );
+}
+
+#[test]
+fn a_discard_during_migrations_wins() {
+    a_discard_during_offlines_wins(apf::Mode::Migrate);
+}
+
+#[test]
+fn a_discard_during_evictions_wins() {
+    a_discard_during_offlines_wins(apf::Mode::Evict);
 }

@@ -382,16 +382,49 @@ impl FaultLoop {
                     shared.wake(region.page_host(page), PAGE_SIZE);
                     return;
                 }
+                PageState::Present if region.state(page).1 == Origin::Zero => {
+                    // A remove touched it: its `madvise` zaps only after the
+                    // event is read (and applied), so an install landing in
+                    // between was zapped with the rest. Zeros are what it
+                    // holds; a stale event meets EEXIST and is woken.
+                    if !region.try_reclaim_removed(page) {
+                        continue;
+                    }
+                    shared.stats.spurious.fetch_add(1, Ordering::Relaxed);
+                    span.record("source", "zero");
+                    let job = Job {
+                        region: loc.region,
+                        fault: Some(Fault { page, write }),
+                        runs: vec![(page, 1)],
+                        span,
+                        attempts: 0,
+                    };
+                    self.dispatch(job);
+                    return;
+                }
                 PageState::Present => {
-                    // The engine installed it, the kernel says missing. A
-                    // discard's remove event is applied before any fault
-                    // read after it (see `drain_once`), so either the event
-                    // is stale (it raced the install that resolved it) or
-                    // the page was lost with no remove behind it. POISON is
-                    // the probe that tells them apart without touching
-                    // data: it refuses any non-empty entry with EEXIST.
+                    // The engine installed it from its source or the store,
+                    // with no remove since, and the kernel says missing:
+                    // either the event is stale (it raced the install that
+                    // resolved it) or the page was lost with no remove
+                    // behind it. POISON is the probe that tells them apart
+                    // without touching data: it refuses any non-empty entry
+                    // with EEXIST.
+                    // The probe runs under the install lock, with the state
+                    // checked again there: an offline marks its pages (and
+                    // a remove is applied) only with that lock held
+                    // exclusively, so a page still `Present` under it is
+                    // not being moved out by anyone.
                     let host = region.page_host(page);
-                    match shared.uffd.poison(host, PAGE_SIZE) {
+                    let guard = shared.notifier.install_lock();
+                    if region.state(page).0 != PageState::Present {
+                        drop(guard);
+                        continue;
+                    }
+                    let probe = shared.uffd.poison(host, PAGE_SIZE);
+                    let lost = probe.is_ok() && region.mark_lost(page);
+                    drop(guard);
+                    match probe {
                         Err(e) if e.errno == libc::EEXIST => {
                             shared.stats.spurious.fetch_add(1, Ordering::Relaxed);
                             span.record("outcome", "woken");
@@ -400,7 +433,7 @@ impl FaultLoop {
                         Ok(_) => {
                             // Its contents are gone: say so, never zero-fill
                             // as if nothing happened.
-                            region.mark_lost(page);
+                            debug_assert!(lost, "a present page under the install lock stays present");
                             shared.stats.poisoned.fetch_add(1, Ordering::Relaxed);
                             span.record("outcome", "poisoned");
                             let gpa = region.page_gpa(page).0;
