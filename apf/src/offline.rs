@@ -929,7 +929,13 @@ impl<'a> Work<'a> {
             if prior.state == PageState::Resolving {
                 match outcome {
                     Outcome::Unplugged(_) => {
-                        self.region.set_claimed_origin(p, Origin::Zero);
+                        // Its resolver sees the sequence move and fills
+                        // again from the new origin: zeros, or poison.
+                        let origin = match self.shared.config.unplug_policy {
+                            UnplugPolicy::Zero => Origin::Zero,
+                            UnplugPolicy::Poison => Origin::Unplugged,
+                        };
+                        self.region.set_claimed_origin(p, origin);
                         store.discard(gpa, PAGE_SIZE);
                     }
                     Outcome::Stored => self.region.set_claimed_origin(p, Origin::Store),

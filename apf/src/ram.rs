@@ -147,6 +147,10 @@ pub enum Origin {
     Zero = 1,
     /// The eviction store.
     Store = 2,
+    /// Unplugged under [`crate::offline::UnplugPolicy::Poison`] while a
+    /// resolver held it: the resolver poisons it instead of filling it, and
+    /// it ends `Offline`.
+    Unplugged = 3,
 }
 
 const STATE_MASK: u8 = 0x0f;
@@ -168,7 +172,8 @@ fn unpack(byte: u8) -> (PageState, Origin) {
     let origin = match byte >> ORIGIN_SHIFT {
         0 => Origin::Source,
         1 => Origin::Zero,
-        _ => Origin::Store,
+        2 => Origin::Store,
+        _ => Origin::Unplugged,
     };
     (state, origin)
 }
@@ -255,6 +260,12 @@ impl Region {
         unpack(self.states[page].load(Ordering::Acquire)).1
     }
 
+    /// Finishes a claim on a page unplugged under the poison policy (its
+    /// poison marker is in place): `Resolving -> Offline`.
+    pub fn complete_unplugged(&self, page: usize) -> Result<(), StateError> {
+        self.transition(page, "complete_unplugged", PageState::Resolving, PageState::Offline)
+    }
+
     /// Finishes a claim: `Resolving -> Present`.
     pub fn complete(&self, page: usize) -> Result<(), StateError> {
         self.transition(page, "complete", PageState::Resolving, PageState::Present)
@@ -291,12 +302,14 @@ impl Region {
     /// Returns the state and origin the page had.
     pub fn mark_removed(&self, page: usize) -> (PageState, Origin) {
         let prior = self.states[page].fetch_update(Ordering::AcqRel, Ordering::Acquire, |b| {
-            let (state, _) = unpack(b);
+            let (state, origin) = unpack(b);
+            // A discard does not undo an unplug under the poison policy.
+            let origin = if origin == Origin::Unplugged { origin } else { Origin::Zero };
             let state = match state {
                 PageState::Present | PageState::Poisoned => PageState::Missing,
                 other => other,
             };
-            Some(pack(state, Origin::Zero))
+            Some(pack(state, origin))
         });
         unpack(prior.unwrap_or_else(|b| b))
     }

@@ -59,6 +59,9 @@ enum Src {
     Copy(*const u8),
     /// Map the zero page (read faults on zero pages).
     ZeroPage,
+    /// Poison it: unplugged under the poison policy while this resolver
+    /// held it.
+    Poison,
 }
 
 /// A same-origin piece of a run.
@@ -383,7 +386,9 @@ fn fill(
             let gpa = region.page_gpa(p);
             let len = n * PAGE_SIZE;
             let is_zero = origin == Origin::Zero || (origin == Origin::Source && zero_source);
-            let src = if is_zero {
+            let src = if origin == Origin::Unplugged {
+                Src::Poison
+            } else if is_zero {
                 if write {
                     Src::Copy(shared.zeros.as_ptr())
                 } else {
@@ -441,13 +446,18 @@ fn install_pieces(shared: &Shared, region_idx: usize, pieces: &[Piece], bytes: &
             let res = match piece.src {
                 Src::Copy(src) => shared.uffd.copy(dst, src.wrapping_add(off * PAGE_SIZE), len, false),
                 Src::ZeroPage => shared.uffd.zeropage(dst, len, false),
+                Src::Poison => shared.uffd.poison(dst, len),
             };
             let (done, err) = match res {
                 Ok(n) => (n.min(len) / PAGE_SIZE, None),
                 Err(e) => (e.done / PAGE_SIZE, Some(e)),
             };
             for p in page..page + done {
-                shared.checked(region.complete(p));
+                if matches!(piece.src, Src::Poison) {
+                    shared.checked(region.complete_unplugged(p));
+                } else {
+                    shared.checked(region.complete(p));
+                }
             }
             if done > 0 {
                 stats.windows.fetch_add(u64::from(off == 0), Relaxed);
