@@ -37,6 +37,11 @@ use std::time::Instant;
 
 use crate::ram::GuestRange;
 
+/// The calling thread's id, as userfaultfd reports faulting threads.
+fn current_tid() -> u32 {
+    rustix::thread::gettid().as_raw_nonzero().get() as u32
+}
+
 /// Invalidated ranges remembered for [`Notifier::read_retry`].
 pub const HISTORY: usize = 256;
 
@@ -122,18 +127,21 @@ struct History {
 
 #[derive(Default)]
 struct Registry {
-    /// Invalidations in progress: id, ranges, exclusive.
-    active: Vec<(u64, Vec<GuestRange>, bool)>,
-    /// Short-term references: id, range, and whether a pin's guard holds
-    /// it (only an unplug waits for those).
-    refs: Vec<(u64, GuestRange, bool)>,
+    /// Invalidations in progress: id, ranges, exclusive, reason.
+    active: Vec<(u64, Vec<GuestRange>, bool, Reason)>,
+    /// Short-term references: id, range, whether a pin's guard holds it
+    /// (only an unplug waits for those), and the holder's thread id.
+    refs: Vec<(u64, GuestRange, bool, u32)>,
+    /// Invalidations whose drain cannot end: a thread they wait for faulted
+    /// on memory they hold (see [`Notifier::holder_faulted`]).
+    stuck: Vec<u64>,
     intervals: Vec<Arc<Interval>>,
     next_id: u64,
 }
 
 impl Registry {
     fn invalidating(&self, range: &GuestRange) -> bool {
-        self.active.iter().any(|(_, rs, _)| rs.iter().any(|r| r.overlaps(range)))
+        self.active.iter().any(|(_, rs, _, _)| rs.iter().any(|r| r.overlaps(range)))
     }
 }
 
@@ -325,7 +333,7 @@ impl Notifier {
     ) -> Result<Invalidation<'_>, Overlap> {
         let reg = self.registry();
         if exclusive {
-            for (_, rs, ex) in reg.active.iter() {
+            for (_, rs, ex, _) in reg.active.iter() {
                 if let Some(r) = ranges.iter().find(|r| *ex && rs.iter().any(|a| a.overlaps(r))) {
                     return Err(Overlap(*r));
                 }
@@ -356,7 +364,7 @@ impl Notifier {
         }
         let id = reg.next_id;
         reg.next_id += 1;
-        reg.active.push((id, ranges.to_vec(), exclusive));
+        reg.active.push((id, ranges.to_vec(), exclusive, reason));
         drop(reg);
         mark();
         Invalidation { notifier: self, id, seq, ranges: ranges.to_vec(), reason }
@@ -434,14 +442,45 @@ impl Notifier {
         }
         let id = reg.next_id;
         reg.next_id += 1;
-        reg.refs.push((id, range, guard));
+        reg.refs.push((id, range, guard, current_tid()));
         Some(RefId(id))
+    }
+
+    /// Thread `tid` faulted on `range`, which an invalidation holds (the
+    /// fault waits for it to end). If that thread holds a short-term
+    /// reference the invalidation waits for, neither can go on: the
+    /// invalidation's drain gives up at once (an offline then fails
+    /// `Busy`, nothing changed, and the fault is served). The holder of a
+    /// reference is not supposed to fault on what it holds, but a discard
+    /// by someone else (a balloon) can take the memory from under it.
+    pub fn holder_faulted(&self, tid: u32, range: GuestRange) {
+        if tid == 0 {
+            return;
+        }
+        let mut reg = self.registry();
+        let Registry { active, refs, stuck, .. } = &mut *reg;
+        let mut found = false;
+        for (id, ranges, _, reason) in active.iter() {
+            if !ranges.iter().any(|r| r.overlaps(&range)) || stuck.contains(id) {
+                continue;
+            }
+            let waits_for = |(_, r, guard, holder): &(u64, GuestRange, bool, u32)| {
+                *holder == tid && (*reason == Reason::Unplug || !guard) && ranges.iter().any(|x| x.overlaps(r))
+            };
+            if refs.iter().any(waits_for) {
+                stuck.push(*id);
+                found = true;
+            }
+        }
+        if found {
+            self.changed.notify_all();
+        }
     }
 
     /// Drops a short-term reference.
     pub fn drop_ref(&self, id: RefId) {
         let mut reg = self.registry();
-        reg.refs.retain(|(i, _, _)| *i != id.0);
+        reg.refs.retain(|(i, _, _, _)| *i != id.0);
         self.changed.notify_all();
     }
 
@@ -497,7 +536,7 @@ impl Invalidation<'_> {
                 refs: reg
                     .refs
                     .iter()
-                    .filter(|(_, r, guard)| (guards || !guard) && self.ranges.iter().any(|x| x.overlaps(r)))
+                    .filter(|(_, r, guard, _)| (guards || !guard) && self.ranges.iter().any(|x| x.overlaps(r)))
                     .count(),
                 hard: if hard {
                     reg.intervals
@@ -511,6 +550,11 @@ impl Invalidation<'_> {
             if held == Held::default() {
                 return Ok(());
             }
+            // A holder blocked on a fault this invalidation defers never
+            // lets go: give up now rather than at the deadline.
+            if reg.stuck.contains(&self.id) {
+                return Err(held);
+            }
             let now = Instant::now();
             if now >= deadline {
                 return Err(held);
@@ -523,7 +567,8 @@ impl Invalidation<'_> {
 impl Drop for Invalidation<'_> {
     fn drop(&mut self) {
         let mut reg = self.notifier.registry();
-        reg.active.retain(|(id, _, _)| *id != self.id);
+        reg.active.retain(|(id, _, _, _)| *id != self.id);
+        reg.stuck.retain(|id| *id != self.id);
         self.notifier.changed.notify_all();
     }
 }

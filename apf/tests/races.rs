@@ -539,3 +539,44 @@ fn a_discard_during_migrations_wins() {
 fn a_discard_during_evictions_wins() {
     a_discard_during_offlines_wins(apf::Mode::Evict);
 }
+
+#[test]
+fn an_offline_waiting_for_a_reference_whose_holder_faults_on_it_gives_up_at_once() {
+    let ram = ram(64);
+    let engine = Arc::new(engine_with(&ram, Arc::new(Pattern { seed: 3 }), apf::Config::default()));
+    let range = apf::GuestRange::new(GuestAddress(8 * PAGE), 4 * PAGE);
+    let (go_read, read_now) = std::sync::mpsc::channel::<()>();
+    let (took, has_ref) = std::sync::mpsc::channel::<()>();
+    let holder = {
+        let (engine, ram) = (engine.clone(), ram.clone());
+        std::thread::spawn(move || {
+            let guard = engine.page_ref(range, Instant::now() + Duration::from_secs(5)).unwrap();
+            // A balloon takes a page from under the reference...
+            discard(&ram, 9 * PAGE, PAGE);
+            took.send(()).unwrap();
+            read_now.recv().unwrap();
+            // ... and the holder touches it while an offline waits for it.
+            let started = Instant::now();
+            let word = try_read_word(&ram, 9 * PAGE);
+            drop(guard);
+            (word, started.elapsed())
+        })
+    };
+    has_ref.recv_timeout(Duration::from_secs(5)).unwrap();
+    let offline = {
+        let engine = engine.clone();
+        std::thread::spawn(move || {
+            let started = Instant::now();
+            (engine.offline(range, apf::Mode::Migrate, Instant::now() + Duration::from_secs(10)), started.elapsed())
+        })
+    };
+    // Let the offline reach its wait for the reference.
+    std::thread::sleep(Duration::from_millis(200));
+    go_read.send(()).unwrap();
+    let (result, took_offline) = offline.join().unwrap();
+    let (word, took_read) = holder.join().unwrap();
+    assert!(matches!(result, Err(apf::OfflineError::Busy { refs: 1, .. })), "{result:?}");
+    assert!(took_offline < Duration::from_secs(5), "the offline waited {took_offline:?}");
+    assert!(took_read < Duration::from_secs(5), "the holder waited {took_read:?}");
+    assert_eq!(word, Some(0), "the discarded page reads as zeros");
+}

@@ -462,6 +462,10 @@ impl FaultLoop {
                     if self.deferred.len() < shared.config.park_capacity {
                         if !redo {
                             shared.stats.deferred.fetch_add(1, Ordering::Relaxed);
+                            // If this thread holds a reference the offline
+                            // waits for, the offline must give up.
+                            let page_range = GuestRange::new(region.page_gpa(page), PAGE_SIZE as u64);
+                            shared.notifier.holder_faulted(tid, page_range);
                         }
                         self.deferred.push(Deferred { span, addr, write, tid });
                         return;
