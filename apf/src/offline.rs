@@ -571,7 +571,7 @@ impl<'a> Work<'a> {
     /// Pages `c0..c0 + n` through staging slots `0..n`.
     fn chunk(&mut self, st: &Staging, c0: usize, n: usize) {
         let (taken, stopped_here) = self.take_out(st, c0, n);
-        let held = match st.held(n) {
+        let mut held = match st.held(n) {
             Ok(held) => held,
             Err(e) => {
                 self.fail(OfflineError::Staging(e));
@@ -579,6 +579,17 @@ impl<'a> Work<'a> {
                 return;
             }
         };
+        // A page a remove made `Missing` (origin `Zero`) that the kernel
+        // still held was on its way out: its `madvise` zaps only after the
+        // remove event is read, and it may not have yet. Its contents must
+        // not come back (put back, or stored, they would outlive the
+        // discard): they are dropped with the staging slots.
+        for k in 0..n {
+            let prior = self.prior[c0 + k];
+            if taken[k] && prior.state == PageState::Missing && prior.origin == Origin::Zero {
+                held[k] = false;
+            }
+        }
         self.report.pages_taken += (0..n).filter(|&k| taken[k] && held[k]).count();
         for k in (0..n).filter(|&k| taken[k] && !held[k]) {
             self.outcome[c0 + k] = Outcome::Empty;
@@ -1143,6 +1154,13 @@ pub(crate) fn replug(shared: &Shared, range: GuestRange) -> Result<usize, Offlin
     let mut replugged = 0;
     if let Some(guard) = &guard {
         for i in 0..count {
+            // A resolver told to poison a page an unplug took from it fills
+            // zeros instead (it sees this replug's sequence and looks again).
+            let p = loc.page + i;
+            if work.prior[i].state == PageState::Resolving && region.claimed_origin(p) == Origin::Unplugged {
+                region.set_claimed_origin(p, Origin::Zero);
+                replugged += 1;
+            }
             if work.prior[i].state == PageState::Offline && work.zero_fill(guard.as_deref(), i) {
                 work.outcome[i] = Outcome::Unplugged(PageState::Present);
                 replugged += 1;
