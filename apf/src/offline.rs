@@ -912,7 +912,11 @@ impl<'a> Work<'a> {
         let uffd = &self.shared.uffd;
         let by = self.restore_deadline();
         loop {
-            let Err(e) = uffd.copy(self.host(i), self.shared.zeros.as_ptr(), PAGE_SIZE, false) else {
+            // Zeros are right whether a discard came first or comes after
+            // (its zap then clears them, or the marker this replaces), so
+            // unlike a put-back this needs no check against removes.
+            let res = uffd.copy(self.host(i), self.shared.zeros.as_ptr(), PAGE_SIZE, false);
+            let Err(e) = res else {
                 return true;
             };
             let again = match (e.errno, st) {
@@ -971,7 +975,12 @@ impl<'a> Work<'a> {
             }
             if removed {
                 // What a remove does to a page (see `Region::mark_removed`).
-                if matches!(to, PageState::Present | PageState::Poisoned) {
+                // A page this offline filled with zeros stays `Present`
+                // (origin `Zero`): its COPY may have come after the zap, and
+                // then the kernel holds it; if the zap comes after, the
+                // next fault finds it missing and refills zeros.
+                let zero_filled = outcome == Outcome::Unplugged(PageState::Present);
+                if matches!(to, PageState::Present | PageState::Poisoned) && !zero_filled {
                     to = PageState::Missing;
                 }
                 if origin == Origin::Store {
