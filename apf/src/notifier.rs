@@ -517,7 +517,12 @@ impl Invalidation<'_> {
             let lo = range.start.0.max(interval.range.start.0);
             let hi = range.end().min(interval.range.end());
             let part = GuestRange::new(crate::ram::GuestAddress(lo), hi - lo);
-            cb(&InvalidateEvent { range: part, reason: self.reason, seq: self.seq });
+            let event = InvalidateEvent { range: part, reason: self.reason, seq: self.seq };
+            // A callback that panics is the holder's bug: it must not take
+            // down the thread invalidating (the event loop, for a discard).
+            if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| cb(&event))).is_err() {
+                tracing::error!(target: "apf", range = %part, "apf pin callback panicked");
+            }
             called += 1;
         }
         self.notifier.callbacks_called.fetch_add(called as u64, Ordering::Relaxed);

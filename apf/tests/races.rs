@@ -366,6 +366,10 @@ fn shutdown_leaves_a_stuck_source_behind_and_reports_it() {
     assert_eq!(report.threads_left_behind, 1);
     let err = errors.recv_timeout(Duration::from_secs(1)).expect("reported");
     assert!(matches!(err, apf::FaultError::ThreadsLeftBehind(1)), "{err}");
+    // The userfaultfd stays open under the stuck thread, and is still read:
+    // a balloon's discard of guest RAM is let go.
+    let r = ram.clone();
+    within(Duration::from_secs(5), move || discard(&r, 0, 8 * PAGE));
 }
 
 #[test]

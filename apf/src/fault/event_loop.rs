@@ -78,32 +78,50 @@ pub(crate) fn spawn(shared: Arc<Shared>, jobs: Sender<Job>, stop: EventFd) -> Re
         .name("apf-fault".into())
         .spawn(move || {
             let _trace = tracing::dispatcher::set_default(&dispatch);
-            let run = std::panic::catch_unwind(AssertUnwindSafe(|| {
-                let failure = loop {
-                    if let Err(e) = manager.run_with_timeout(TICK_MS) {
-                        break Some(format!("event manager: {e:?}"));
-                    }
-                    match manager.subscriber_mut(id) {
-                        Ok(fl) if !fl.exit => fl.tick(),
-                        Ok(fl) => break fl.failed.take(),
-                        Err(e) => break Some(format!("event manager: {e:?}")),
-                    }
-                };
-                if let Ok(mut fl) = manager.remove_subscriber(id) {
-                    fl.abandon_parked();
+            let run = std::panic::catch_unwind(AssertUnwindSafe(|| loop {
+                if let Err(e) = manager.run_with_timeout(TICK_MS) {
+                    break Some(format!("event manager: {e:?}"));
                 }
-                failure
+                match manager.subscriber_mut(id) {
+                    Ok(fl) if !fl.exit => fl.tick(),
+                    Ok(fl) => break fl.failed.take(),
+                    Err(e) => break Some(format!("event manager: {e:?}")),
+                }
             }));
             let failure = match run {
                 Ok(failure) => failure,
                 Err(panic) => Some(panic_message(&*panic)),
             };
+            // Parked jobs give their pages back (and are uncounted), also
+            // after a panic: the manager still holds the loop's state.
+            if let Ok(mut fl) = manager.remove_subscriber(id) {
+                fl.abandon_parked();
+            }
             if let Some(reason) = failure {
                 tracing::error!(target: "apf", reason = %reason, "apf event loop died");
                 rescue(&shared, &rescue_stop, reason);
             }
         })
         .map_err(EngineError::Io)
+}
+
+/// After a shutdown that left a thread behind: the userfaultfd stays open
+/// (closing it under a blocked thread would hand it zero-filled memory),
+/// so someone must keep reading it, or a `madvise` of guest RAM would wait
+/// for ever for its remove event to be read. This thread does, for as long
+/// as the process lives, answering faults with poison.
+pub(crate) fn serve_after_shutdown(shared: Arc<Shared>) {
+    let dispatch = crate::trace::current_dispatch();
+    let spawned = std::thread::Builder::new().name("apf-after".into()).spawn(move || {
+        let _trace = tracing::dispatcher::set_default(&dispatch);
+        // Never signalled: an eventfd nobody writes.
+        if let Ok(never) = EventFd::new(0) {
+            answer_with_poison(&shared, &never);
+        }
+    });
+    if let Err(e) = spawned {
+        tracing::error!(target: "apf", error = %e, "apf cannot keep reading its userfaultfd after shutdown");
+    }
 }
 
 /// The text of a panic's payload.
@@ -128,6 +146,12 @@ fn rescue(shared: &Shared, stop: &EventFd, reason: String) {
     for r in shared.ram.regions() {
         shared.wake(r.host_base(), r.len() as usize);
     }
+    answer_with_poison(shared, stop);
+}
+
+/// Reads events until `stop`: removes are applied in order, every fault is
+/// answered with poison (or a wake where the page is present).
+fn answer_with_poison(shared: &Shared, stop: &EventFd) {
     let mut buf = EventBuf::default();
     let mut events = Vec::with_capacity(crate::uffd::EVENT_BATCH);
     loop {

@@ -906,6 +906,7 @@ impl Engine {
         }
         if threads_left_behind > 0 {
             self.shared.report(FaultError::ThreadsLeftBehind(threads_left_behind));
+            event_loop::serve_after_shutdown(self.shared.clone());
         }
         let poisoned_pages = self.poison_missing();
         if threads_left_behind == 0 {
