@@ -458,6 +458,9 @@ impl Notifier {
             return;
         }
         let mut reg = self.registry();
+        if reg.refs.is_empty() || reg.active.is_empty() {
+            return;
+        }
         let Registry { active, refs, stuck, .. } = &mut *reg;
         let mut found = false;
         for (id, ranges, _, reason) in active.iter() {

@@ -392,12 +392,19 @@ impl FaultLoop {
                     }
                     span.record("source", shared.source.name());
                     let runs = self.plan(loc.region, page, tid);
-                    let job = Job { region: loc.region, fault: Some(Fault { page, write }), runs, span, attempts: 0 };
+                    let job =
+                        Job { region: loc.region, fault: Some(Fault { page, write, tid }), runs, span, attempts: 0 };
                     self.dispatch(job);
                     return;
                 }
                 PageState::Resolving => {
                     shared.stats.deduped.fetch_add(1, Ordering::Relaxed);
+                    // Its resolver may be waiting for an offline that waits
+                    // for a reference this thread holds.
+                    if !redo {
+                        let page_range = GuestRange::new(region.page_gpa(page), PAGE_SIZE as u64);
+                        shared.notifier.holder_faulted(tid, page_range);
+                    }
                     span.record("outcome", "deduped");
                     return;
                 }
@@ -418,7 +425,7 @@ impl FaultLoop {
                     span.record("source", "zero");
                     let job = Job {
                         region: loc.region,
-                        fault: Some(Fault { page, write }),
+                        fault: Some(Fault { page, write, tid }),
                         runs: vec![(page, 1)],
                         span,
                         attempts: 0,

@@ -160,7 +160,16 @@ fn resolve_counting(shared: &Shared, mut job: Job, ctx: &mut Ctx) -> (Option<Job
         }
         let wait_until = if ctx.on_loop { Instant::now() } else { Instant::now() + shared.config.install_deadline };
         let range = job_range(region, &job.runs);
-        let Some(seq) = shared.notifier.read_begin(range, wait_until) else {
+        let mut seq = shared.notifier.read_begin(range, Instant::now());
+        if seq.is_none() && wait_until > Instant::now() {
+            // An invalidation holds the window: if it waits for a reference
+            // the faulting thread holds, it must give up, or both wait.
+            if let Some(f) = job.fault {
+                shared.notifier.holder_faulted(f.tid, range);
+            }
+            seq = shared.notifier.read_begin(range, wait_until);
+        }
+        let Some(seq) = seq else {
             if ctx.on_loop {
                 return (Some(job), bytes);
             }
