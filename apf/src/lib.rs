@@ -39,6 +39,7 @@
 //! | [`kpin`] | real kernel pins on memory (io_uring fixed buffers) |
 //! | [`fault`] | the engine: event loop, dedupe, prefetch, worker pool, shutdown |
 //! | [`trace`] | the names of the `tracing` spans the engine emits |
+//! | `failpoints` | (feature `failpoints`, tests only) make one chosen userfaultfd call fail, pause it, or switch a safeguard off |
 
 pub mod baseline;
 #[cfg(feature = "failpoints")]
