@@ -1325,7 +1325,8 @@ pub(crate) fn offline_any_host_block(
         match host_block(shared, range, block, Instant::now() + attempt) {
             Ok(report) => return Ok(HostBlockSearch::Offlined { block, report }),
             Err(OfflineError::HostBlock(HostMemError::Unmovable { .. })) => unmovable += 1,
-            Err(OfflineError::BlockBusy { .. }) => held += 1,
+            // Held by someone else: its pages, or an offline of them.
+            Err(OfflineError::BlockBusy { .. } | OfflineError::Overlap(_)) => held += 1,
             // The pages moved out of the block since the pagemap was read.
             Err(OfflineError::NotInBlock { .. }) => {}
             Err(e) => return Err(e),

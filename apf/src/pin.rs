@@ -124,14 +124,18 @@ fn fault_in_and<T>(
         if Instant::now() >= deadline {
             return Err(PinError::Timeout { range, waited: started.elapsed() });
         }
-        let seq = shared
-            .notifier
-            .read_begin(range, deadline)
-            .ok_or(PinError::Timeout { range, waited: started.elapsed() })?;
+        // Waits for an invalidation of the range in progress, if any.
+        shared.notifier.read_begin(range, deadline).ok_or(PinError::Timeout { range, waited: started.elapsed() })?;
         populate(shared, loc, count, range, deadline)?;
         let guard = shared.notifier.install_lock();
-        let settled = !guard.read_retry(range, seq)
-            && (loc.page..loc.page + count).all(|p| region.state(p).0 == PageState::Present);
+        // Present now, under the lock invalidations take to begin: that is
+        // all arming needs. An invalidation that came and went since
+        // `read_begin` has already called the callback, and one that is
+        // still running refuses the reference `arm` takes. Asking for no
+        // invalidation at all since `read_begin` would starve a pin whose
+        // range a storm keeps migrating (each migrate leaves the pages
+        // present again).
+        let settled = (loc.page..loc.page + count).all(|p| region.state(p).0 == PageState::Present);
         if settled {
             if let Some(v) = arm(&guard) {
                 return Ok(v);

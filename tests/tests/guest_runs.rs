@@ -14,6 +14,15 @@ use vmm::report::Report;
 use vmm::snapshot::SnapshotError;
 use vmm::vm::VmError;
 
+/// One guest run at a time: each wants both cores of these machines, and
+/// runs sharing them measure the machine, not the engine.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn run_alone(cfg: &RunConfig) -> Result<vmm::report::Report, vmm::vm::VmError> {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    vmm::vm::run(cfg)
+}
+
 fn short(mem: u64, duration_ms: u64) -> RunConfig {
     RunConfig {
         mem: Some(mem),
@@ -44,7 +53,7 @@ fn mixed_run_under_offline_storms_loses_nothing() {
         return;
     }
     let cfg = RunConfig { offline_every: Some(Duration::from_millis(2)), ..short(128 << 20, 2500) };
-    let report = vmm::vm::run(&cfg).unwrap();
+    let report = run_alone(&cfg).unwrap();
     assert_clean(&report);
     assert!(report.faults > 0);
     let storm = report.offline.requests - report.offline.guest_requested;
@@ -68,7 +77,7 @@ fn guest_requested_offlines_round_trip() {
     }
     // No host storm: every offline is the guest's own, and none overlaps.
     let cfg = RunConfig { offline_every: None, checksum: false, ..short(64 << 20, 1500) };
-    let report = vmm::vm::run(&cfg).unwrap();
+    let report = run_alone(&cfg).unwrap();
     assert_clean(&report);
     let g = &report.guest;
     assert!(g.offline_requests >= 6, "{}", report.summary());
@@ -88,7 +97,7 @@ fn balloon_discards_read_as_zeros_under_storms() {
     // A storm that migrates and evicts under the balloon: the discards race
     // installs and evictions of the same pages.
     let cfg = RunConfig { offline_every: Some(Duration::from_millis(2)), ..short(64 << 20, 2000) };
-    let report = vmm::vm::run(&cfg).unwrap();
+    let report = run_alone(&cfg).unwrap();
     assert_clean(&report);
     let b = report.balloon;
     assert!(b.discards > 0, "{}", report.summary());
@@ -117,7 +126,7 @@ fn checksum_device_keeps_its_pin_through_storms() {
         guest_offline: false,
         ..short(64 << 20, 2000)
     };
-    let report = vmm::vm::run(&cfg).unwrap();
+    let report = run_alone(&cfg).unwrap();
     assert_clean(&report);
     assert!(report.guest.checksums >= 8, "{}", report.summary());
     assert_eq!(report.checksums, report.guest.checksums, "device and guest disagree");
@@ -133,13 +142,13 @@ fn snapshot_restores_on_demand_and_verifies() {
     }
     let path = temp("snap");
     let save = RunConfig { save_snapshot: Some(path.clone()), seed: Some(77), ..short(64 << 20, 1000) };
-    let first = vmm::vm::run(&save).unwrap();
+    let first = run_alone(&save).unwrap();
     assert_clean(&first);
     assert_eq!(first.snapshot_saved.as_deref(), Some(path.to_str().unwrap()));
 
     // The restored guest verifies the previous run's data before writing.
     let restore = RunConfig { restore: Some(path.clone()), mem: None, vcpus: None, ..short(0, 500) };
-    let second = vmm::vm::run(&restore).unwrap();
+    let second = run_alone(&restore).unwrap();
     assert_clean(&second);
     assert_eq!(second.seed, 77, "the seed comes from the snapshot");
     assert_eq!(second.restored, Some((path.display().to_string(), true)));
@@ -152,21 +161,21 @@ fn snapshot_restores_on_demand_and_verifies() {
     bytes[(header.ram_offset() + victim + 100) as usize] ^= 0x40;
     let bad = temp("snap-bad");
     std::fs::write(&bad, &bytes).unwrap();
-    let third = vmm::vm::run(&RunConfig { restore: Some(bad.clone()), ..restore.clone() }).unwrap();
+    let third = run_alone(&RunConfig { restore: Some(bad.clone()), ..restore.clone() }).unwrap();
     assert!(!third.ok);
     assert_eq!(third.guest.corrupt_pages, 1, "{}", third.summary());
     assert!(third.errors.iter().any(|e| e.contains(&format!("corrupt page {victim:#x}"))), "{:?}", third.errors);
 
     // Files that do not match are refused before anything runs.
     std::fs::write(&bad, &bytes[..bytes.len() - 4096]).unwrap();
-    assert!(matches!(vmm::vm::run(&restore_from(&bad)), Err(VmError::Snapshot(SnapshotError::Length { .. }))));
+    assert!(matches!(run_alone(&restore_from(&bad)), Err(VmError::Snapshot(SnapshotError::Length { .. }))));
     std::fs::write(&bad, b"not a snapshot at all, but long enough? no").unwrap();
-    assert!(matches!(vmm::vm::run(&restore_from(&bad)), Err(VmError::Snapshot(SnapshotError::Length { .. }))));
+    assert!(matches!(run_alone(&restore_from(&bad)), Err(VmError::Snapshot(SnapshotError::Length { .. }))));
     bytes[0] = b'X';
     std::fs::write(&bad, &bytes).unwrap();
-    assert!(matches!(vmm::vm::run(&restore_from(&bad)), Err(VmError::Snapshot(SnapshotError::Magic { .. }))));
+    assert!(matches!(run_alone(&restore_from(&bad)), Err(VmError::Snapshot(SnapshotError::Magic { .. }))));
     let wrong_size = RunConfig { mem: Some(128 << 20), ..restore_from(&path) };
-    let e = vmm::vm::run(&wrong_size).unwrap_err();
+    let e = run_alone(&wrong_size).unwrap_err();
     assert!(matches!(e, VmError::Snapshot(SnapshotError::Mismatch { .. })), "{e}");
     assert!(e.to_string().contains("64 MiB"), "{e}");
     std::fs::remove_file(&path).unwrap();
@@ -184,7 +193,7 @@ fn plain_memory_and_the_baseline_run_the_same_guest() {
     }
     for backend in [Backend::Plain, Backend::Baseline] {
         let cfg = RunConfig { backend, ..short(64 << 20, 800) };
-        let report = vmm::vm::run(&cfg).unwrap();
+        let report = run_alone(&cfg).unwrap();
         assert_clean(&report);
         assert_eq!(report.backend, backend.as_str());
         if backend == Backend::Plain {
@@ -203,7 +212,7 @@ fn touch_workload_reports_a_fault_rate() {
         return;
     }
     let cfg = RunConfig { workload: Workload::Touch, offline_every: None, checksum: false, ..short(64 << 20, 0) };
-    let report = vmm::vm::run(&cfg).unwrap();
+    let report = run_alone(&cfg).unwrap();
     assert!(report.ok, "{}", report.summary());
     let touch = report.first_pass.expect("touch rate");
     assert_eq!(touch.kind, "touch");
@@ -218,7 +227,7 @@ fn a_host_block_goes_offline_under_a_running_guest() {
         return;
     }
     let cfg = RunConfig { host_block: true, ..short(256 << 20, 3000) };
-    let report = vmm::vm::run(&cfg).unwrap();
+    let report = run_alone(&cfg).unwrap();
     assert_clean(&report);
     // Which blocks qualify depends on the machine's history: offlined or
     // none qualified are both honest outcomes; an error is not.

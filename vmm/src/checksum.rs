@@ -29,8 +29,11 @@ use vm_memory::{Bytes, GuestMemoryBackend, VolatileSlice};
 use crate::mem::GuestAccess;
 use crate::report::Errors;
 
-/// How long the worker waits for its pin to fault the ring back in.
-const PIN_DEADLINE: Duration = Duration::from_secs(2);
+/// How long the worker waits for its pin to fault the ring back in. A
+/// host-block search may try several blocks one after another, each for up
+/// to its attempt deadline (1.5 s), with the ring's pages invalidated
+/// through each attempt: the ring waits for all of them.
+const PIN_DEADLINE: Duration = Duration::from_secs(10);
 
 /// Counters of the checksum device.
 #[derive(Debug, Default)]
