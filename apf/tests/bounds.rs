@@ -103,7 +103,7 @@ fn discarding_evicted_pages_drops_their_stored_copies() {
     // `madvise` returns once the engine has read the remove event; it
     // applies it right after, before it handles any later fault.
     let deadline = Instant::now() + Duration::from_secs(2);
-    while engine.store().len() > 0 && Instant::now() < deadline {
+    while !engine.store().is_empty() && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(1));
     }
     assert_eq!(engine.store().len(), 0);
