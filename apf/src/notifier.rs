@@ -417,9 +417,10 @@ impl Notifier {
     }
 
     /// Grants a short-term reference on `range` unless an invalidation
-    /// overlapping it is in progress. Call it holding the install lock, after
-    /// checking [`InstallGuard::read_retry`], so that the pages checked
-    /// present stay so until the reference is visible to invalidations.
+    /// overlapping it is in progress. Call it holding the install lock,
+    /// after checking under that lock that the pages are present, so that
+    /// they stay so until the reference is visible to invalidations (an
+    /// invalidation begins only with the lock held exclusively).
     pub fn try_ref(&self, _proof: &InstallGuard<'_>, range: GuestRange) -> Option<RefId> {
         self.push_ref(range, false)
     }
