@@ -584,3 +584,43 @@ fn an_offline_waiting_for_a_reference_whose_holder_faults_on_it_gives_up_at_once
     assert!(took_read < Duration::from_secs(5), "the holder waited {took_read:?}");
     assert_eq!(word, Some(0), "the discarded page reads as zeros");
 }
+
+/// Panics on its first fill, after waiting at a gate.
+struct PanickingGated {
+    arrived: AtomicBool,
+    open: AtomicBool,
+}
+
+impl apf::PageSource for PanickingGated {
+    fn fill(&self, gpa: GuestAddress, buf: &mut [u8]) -> Result<(), apf::source::SourceError> {
+        if !self.arrived.swap(true, Ordering::AcqRel) {
+            wait_for(&self.open, Duration::from_secs(10));
+            panic!("a bug in the page source");
+        }
+        Pattern { seed: 1 }.write(gpa.0, buf);
+        Ok(())
+    }
+    fn kind(&self) -> apf::source::SourceKind {
+        apf::source::SourceKind::Blocking
+    }
+    fn name(&self) -> &'static str {
+        "panicking-gated"
+    }
+}
+
+#[test]
+fn a_page_discarded_while_its_source_panics_reads_zeros_not_sigbus() {
+    let ram = ram(16);
+    let source = Arc::new(PanickingGated { arrived: AtomicBool::new(false), open: AtomicBool::new(false) });
+    let config = apf::Config { max_window: 1, ..apf::Config::default() };
+    let engine = engine_with(&ram, source.clone(), config);
+    let gpa = 6 * PAGE;
+    let r = ram.clone();
+    let reader = std::thread::spawn(move || try_read_word(&r, gpa));
+    assert!(wait_for(&source.arrived, Duration::from_secs(5)));
+    discard(&ram, gpa, PAGE);
+    source.open.store(true, Ordering::Release);
+    assert_eq!(reader.join().unwrap(), Some(0), "the discarded page must read as zeros");
+    let err = engine.errors().recv_timeout(Duration::from_secs(1)).expect("the panic is reported");
+    assert!(matches!(err, apf::FaultError::SourcePanicked { poisoned: false, .. }), "{err}");
+}

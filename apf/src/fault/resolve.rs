@@ -121,8 +121,13 @@ fn resolve_guarded_counting(shared: &Shared, job: Job, ctx: &mut Ctx) -> (Option
     for &(first, count) in &runs {
         for p in (first..first + count).filter(|&p| mine(p)) {
             if fault.is_some_and(|f| f.page == p) {
+                // Under the lock removes and unplugs take to change it: a
+                // page discarded or unplugged meanwhile no longer comes
+                // from the source that panicked; given back, it faults
+                // again and gets zeros (or its unplug's poison).
                 let guard = shared.notifier.install_lock();
-                poisoned = shared.uffd.poison(region.page_host(p), PAGE_SIZE).is_ok();
+                let from_source = matches!(region.claimed_origin(p), Origin::Source | Origin::Store);
+                poisoned = from_source && shared.uffd.poison(region.page_host(p), PAGE_SIZE).is_ok();
                 if poisoned {
                     shared.checked(region.poison(p));
                     shared.stats.poisoned.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
