@@ -208,7 +208,16 @@ fn kernel_pin_blocks_host_offline_until_the_callback_drops_it() {
     let pin = engine.pin(all(), move |_| a2.store(true, Ordering::SeqCst)).unwrap();
     pin.get(Instant::now() + Duration::from_secs(5)).unwrap();
     let stop = AtomicBool::new(false);
+    // Stops the holder however the scope ends: a failed assertion below
+    // must fail the test, not leave the scope waiting for the holder.
+    struct StopOnDrop<'a>(&'a AtomicBool);
+    impl Drop for StopOnDrop<'_> {
+        fn drop(&mut self) {
+            self.0.store(true, Ordering::SeqCst);
+        }
+    }
     std::thread::scope(|s| {
+        let _stop = StopOnDrop(&stop);
         s.spawn(|| {
             while !stop.load(Ordering::SeqCst) {
                 if asked.swap(false, Ordering::SeqCst) {
