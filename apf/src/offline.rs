@@ -79,7 +79,7 @@ use tracing::field;
 
 use crate::fault::Shared;
 use crate::notifier::{Invalidation, Reason};
-use crate::ram::{AnonMapping, GuestRange, Origin, PageState, RamError, Region};
+use crate::ram::{runs, AnonMapping, GuestRange, Origin, PageState, RamError, Region};
 use crate::uffd::{IoctlError, RegisterMode, Uffd, PAGE_SIZE};
 
 /// Pages in the staging area: an offline moves its range through it in
@@ -620,16 +620,7 @@ impl<'a> Work<'a> {
     fn take_out(&mut self, st: &Staging, c0: usize, n: usize) -> (Vec<bool>, bool) {
         let uffd = &self.shared.uffd;
         let mut taken = vec![false; n];
-        let mut i = 0;
-        while i < n {
-            if !self.takeable(c0 + i) {
-                i += 1;
-                continue;
-            }
-            let mut j = i + 1;
-            while j < n && self.takeable(c0 + j) {
-                j += 1;
-            }
+        for (i, j) in runs(n, |i| self.takeable(c0 + i)) {
             let mut k = i;
             while k < j {
                 let (done, err) = split(uffd.move_pages(st.slot(k), self.host(c0 + k), (j - k) * PAGE_SIZE, true));
@@ -659,7 +650,6 @@ impl<'a> Work<'a> {
                 }
                 return (taken, true);
             }
-            i = j;
         }
         (taken, false)
     }
@@ -668,18 +658,8 @@ impl<'a> Work<'a> {
     /// fresh frames (`fresh`), else, or when that fails, by `MOVE` into
     /// their old frames; what neither can place goes to the store.
     fn put_back_held(&mut self, st: &Staging, c0: usize, held: &[bool], fresh: bool) {
-        let mut a = 0;
-        while a < held.len() {
-            if !held[a] {
-                a += 1;
-                continue;
-            }
-            let mut b = a + 1;
-            while b < held.len() && held[b] {
-                b += 1;
-            }
+        for (a, b) in runs(held.len(), |k| held[k]) {
             self.put_back(st, c0, a, b, fresh);
-            a = b;
         }
     }
 
@@ -762,22 +742,12 @@ impl<'a> Work<'a> {
 
     /// `Evict`: the held slots of the chunk go to the store.
     fn store_held(&mut self, st: &Staging, c0: usize, held: &[bool]) {
-        let mut a = 0;
-        while a < held.len() {
-            if !held[a] {
-                a += 1;
-                continue;
-            }
-            let mut b = a + 1;
-            while b < held.len() && held[b] {
-                b += 1;
-            }
+        for (a, b) in runs(held.len(), |k| held[k]) {
             // SAFETY: slots `a..b` hold pages (see `keep_in_store`).
             let data = unsafe { std::slice::from_raw_parts(st.slot(a) as *const u8, (b - a) * PAGE_SIZE) };
             self.shared.store.insert(self.region.page_gpa(self.first + c0 + a), data);
             self.outcome[c0 + a..c0 + b].fill(Outcome::Stored);
             self.report.pages_evicted += b - a;
-            a = b;
         }
     }
 
@@ -787,28 +757,22 @@ impl<'a> Work<'a> {
     fn move_back_blind(&mut self, st: &Staging, c0: usize, taken: &[bool]) {
         let uffd = &self.shared.uffd;
         let by = self.restore_deadline();
-        let mut k = 0;
-        while k < taken.len() {
-            if !taken[k] {
-                k += 1;
-                continue;
+        for (a, e) in runs(taken.len(), |k| taken[k]) {
+            let mut k = a;
+            while k < e {
+                let (done, err) = split(uffd.move_pages(self.host(c0 + k), st.slot(k), (e - k) * PAGE_SIZE, true));
+                k += done;
+                let Some(err) = err else { continue };
+                if done > 0 || backoff(err.errno, &[libc::EBUSY], by) {
+                    continue;
+                }
+                for q in k..e {
+                    let _ = uffd.poison(self.host(c0 + q), PAGE_SIZE);
+                    self.outcome[c0 + q] = Outcome::Lost;
+                    self.lost.push((self.region.page_gpa(self.first + c0 + q).0, err));
+                }
+                k = e;
             }
-            let mut e = k + 1;
-            while e < taken.len() && taken[e] {
-                e += 1;
-            }
-            let (done, err) = split(uffd.move_pages(self.host(c0 + k), st.slot(k), (e - k) * PAGE_SIZE, true));
-            k += done;
-            let Some(err) = err else { continue };
-            if done > 0 || backoff(err.errno, &[libc::EBUSY], by) {
-                continue;
-            }
-            for q in k..e {
-                let _ = uffd.poison(self.host(c0 + q), PAGE_SIZE);
-                self.outcome[c0 + q] = Outcome::Lost;
-                self.lost.push((self.region.page_gpa(self.first + c0 + q).0, err));
-            }
-            k = e;
         }
     }
 

@@ -178,6 +178,26 @@ fn unpack(byte: u8) -> (PageState, Origin) {
     (state, origin)
 }
 
+/// The maximal runs `[a, b)` of indices below `n` where `set` holds, in
+/// order: the shape every batched ioctl over a page range takes.
+pub(crate) fn runs(n: usize, set: impl Fn(usize) -> bool) -> Vec<(usize, usize)> {
+    let mut out = Vec::new();
+    let mut a = 0;
+    while a < n {
+        if !set(a) {
+            a += 1;
+            continue;
+        }
+        let mut b = a + 1;
+        while b < n && set(b) {
+            b += 1;
+        }
+        out.push((a, b));
+        a = b;
+    }
+    out
+}
+
 /// One region of guest RAM: a guest-physical range, its host mapping, and a
 /// state byte per page.
 pub struct Region {
@@ -676,6 +696,15 @@ mod tests {
         // One past region 1 is not region 1 (it may be another mapping).
         assert_ne!(ram.locate_host(r1.host_base() + 2 * PAGE).map(|l| l.region), Some(1));
         assert_eq!(ram.locate_host(8), None);
+    }
+
+    #[test]
+    fn runs_are_the_maximal_stretches_where_the_predicate_holds() {
+        let set = [false, true, true, false, true, false, false, true];
+        assert_eq!(runs(set.len(), |i| set[i]), vec![(1, 3), (4, 5), (7, 8)]);
+        assert_eq!(runs(3, |_| true), vec![(0, 3)]);
+        assert_eq!(runs(3, |_| false), vec![]);
+        assert_eq!(runs(0, |_| true), vec![]);
     }
 
     #[test]

@@ -424,23 +424,14 @@ impl Shared {
         let uffd = &self.uffd;
         let mut poisoned = 0;
         for r in self.ram.regions() {
-            let mut page = 0;
-            while page < r.pages() {
-                let unresolved = |p: usize| matches!(r.state(p).0, PageState::Missing | PageState::Resolving);
-                if !unresolved(page) {
-                    page += 1;
-                    continue;
-                }
-                let start = page;
-                while page < r.pages() && unresolved(page) {
-                    page += 1;
-                }
+            let unresolved = |p: usize| matches!(r.state(p).0, PageState::Missing | PageState::Resolving);
+            for (start, end) in crate::ram::runs(r.pages(), unresolved) {
                 let mut at = start;
-                while at < page {
-                    match uffd.poison(r.page_host(at), (page - at) * PAGE_SIZE) {
+                while at < end {
+                    match uffd.poison(r.page_host(at), (end - at) * PAGE_SIZE) {
                         Ok(n) => {
                             poisoned += (n / PAGE_SIZE) as u64;
-                            at = page;
+                            at = end;
                         }
                         Err(e) => {
                             poisoned += (e.done / PAGE_SIZE) as u64;
