@@ -254,21 +254,43 @@ stress and verify guest memory while it is offlined underneath, and report.
   --no-latency           do not aggregate span latencies (to measure what that costs)
 ";
 
+/// Command-line options, each `--name value` or `--name=value`: the walk
+/// every subcommand's parser shares.
+#[derive(Debug)]
+pub struct Options<'a> {
+    args: std::slice::Iter<'a, String>,
+}
+
+impl<'a> Options<'a> {
+    /// Options from `args` (the subcommand's, after its name).
+    pub fn new(args: &'a [String]) -> Self {
+        Options { args: args.iter() }
+    }
+
+    /// The next option: its name, its value if it was given as
+    /// `--name=value`, and the argument as written (for errors).
+    pub fn next_option(&mut self) -> Option<(&'a str, Option<String>, &'a str)> {
+        let arg = self.args.next()?;
+        Some(match arg.split_once('=') {
+            Some((n, v)) if n.starts_with("--") => (n, Some(v.to_string()), arg.as_str()),
+            _ => (arg.as_str(), None, arg.as_str()),
+        })
+    }
+
+    /// The value of option `opt`: given after `=`, else the next argument.
+    pub fn value(&mut self, inline: Option<String>, opt: &'static str) -> Result<String, CliError> {
+        inline.or_else(|| self.args.next().cloned()).ok_or(CliError::Missing(opt))
+    }
+}
+
 /// Parses the options of `vmm run`.
 pub fn parse_run(args: &[String]) -> Result<RunConfig, CliError> {
     let mut c = RunConfig::default();
-    let mut it = args.iter();
-    while let Some(arg) = it.next() {
-        let (name, inline) = match arg.split_once('=') {
-            Some((n, v)) if n.starts_with("--") => (n, Some(v.to_string())),
-            _ => (arg.as_str(), None),
-        };
+    let mut options = Options::new(args);
+    while let Some((name, inline, arg)) = options.next_option() {
         macro_rules! value {
             ($opt:literal) => {
-                match inline.clone().or_else(|| it.next().cloned()) {
-                    Some(v) => v,
-                    None => return Err(CliError::Missing($opt)),
-                }
+                options.value(inline.clone(), $opt)?
             };
         }
         let invalid = |option: &'static str, value: &str, why: String| CliError::Invalid {
@@ -367,7 +389,7 @@ pub fn parse_run(args: &[String]) -> Result<RunConfig, CliError> {
                     _ => return Err(invalid("--order", &v, "expected seq or random".into())),
                 };
             }
-            _ => return Err(CliError::Unknown(arg.clone())),
+            _ => return Err(CliError::Unknown(arg.to_string())),
         }
     }
     if c.backend == Backend::Plain && c.restore.is_some() {

@@ -218,18 +218,11 @@ status is non-zero on any violation, any operation past its deadline, or any une
 /// Parses the options of `vmm stress`.
 pub fn parse_args(args: &[String]) -> Result<StressConfig, CliError> {
     let mut c = StressConfig::default();
-    let mut it = args.iter();
-    while let Some(arg) = it.next() {
-        let (name, inline) = match arg.split_once('=') {
-            Some((n, v)) if n.starts_with("--") => (n, Some(v.to_string())),
-            _ => (arg.as_str(), None),
-        };
+    let mut options = crate::config::Options::new(args);
+    while let Some((name, inline, arg)) = options.next_option() {
         macro_rules! value {
             ($opt:literal) => {
-                match inline.clone().or_else(|| it.next().cloned()) {
-                    Some(v) => v,
-                    None => return Err(CliError::Missing($opt)),
-                }
+                options.value(inline.clone(), $opt)?
             };
         }
         let invalid = |option: &'static str, value: &str, why: &str| CliError::Invalid {
@@ -320,7 +313,7 @@ pub fn parse_args(args: &[String]) -> Result<StressConfig, CliError> {
                         .into(),
                 ))
             }
-            _ => return Err(CliError::Unknown(arg.clone())),
+            _ => return Err(CliError::Unknown(arg.to_string())),
         }
     }
     Ok(c)
