@@ -624,3 +624,40 @@ fn a_page_discarded_while_its_source_panics_reads_zeros_not_sigbus() {
     let err = engine.errors().recv_timeout(Duration::from_secs(1)).expect("the panic is reported");
     assert!(matches!(err, apf::FaultError::SourcePanicked { poisoned: false, .. }), "{err}");
 }
+
+/// A remove is applied when its event is read, and its `madvise` zaps only
+/// after that. A window installed in between meets the doomed contents
+/// (`EEXIST`); taking them for the page's own would let an eviction keep
+/// them past the discard (found by the stress: a write read back after a
+/// discard that had returned). Here the remove is applied with its zap held
+/// off for good, as if its `madvise` never got to run again.
+#[test]
+fn contents_a_discard_has_not_zapped_yet_are_not_the_pages_own() {
+    let ram = ram(16);
+    let config = apf::Config { fault_around: 8, max_window: 8, dispatch: Dispatch::Inline, ..Default::default() };
+    let engine = engine_with(&ram, Arc::new(Pattern { seed: 6 }), config);
+    // Page 4 gets contents of its own; its neighbours are discarded for
+    // real (their zaps done), so a fault on page 0 installs a block over
+    // all eight.
+    write_word_safely(&ram, 4 * PAGE, 0xdead_beef);
+    assert_eq!(try_read_word(&ram, 4 * PAGE), Some(0xdead_beef));
+    discard(&ram, 0, 4 * PAGE);
+    discard(&ram, 5 * PAGE, 11 * PAGE);
+    // A discard of page 4: its remove event is read and applied, its zap
+    // is still to come ...
+    let region = &ram.regions()[0];
+    region.mark_removed(4);
+    // ... and a fault-around block installs over it first.
+    assert_eq!(read_word(&ram, 0), 0);
+    // (The faulting thread can run before the engine has marked the block.)
+    let by = Instant::now() + Duration::from_secs(5);
+    while region.state(4).0 == apf::ram::PageState::Resolving && Instant::now() < by {
+        std::thread::yield_now();
+    }
+    assert_eq!(region.state(4).0, apf::ram::PageState::Missing, "doomed contents taken for the page's own");
+    // An eviction now must not keep them: the page reads zeros after it.
+    let range = apf::GuestRange::new(GuestAddress(0), 8 * PAGE);
+    engine.offline(range, apf::Mode::Evict, Instant::now() + Duration::from_secs(5)).unwrap();
+    assert_eq!(try_read_word(&ram, 4 * PAGE), Some(0));
+    assert!(engine.errors().try_iter().next().is_none());
+}

@@ -392,8 +392,14 @@ impl FaultLoop {
                     }
                     span.record("source", shared.source.name());
                     let runs = self.plan(loc.region, page, tid);
-                    let job =
-                        Job { region: loc.region, fault: Some(Fault { page, write, tid }), runs, span, attempts: 0 };
+                    let job = Job {
+                        region: loc.region,
+                        fault: Some(Fault { page, write, tid }),
+                        runs,
+                        span,
+                        attempts: 0,
+                        reclaimed: false,
+                    };
                     self.dispatch(job);
                     return;
                 }
@@ -429,6 +435,7 @@ impl FaultLoop {
                         runs: vec![(page, 1)],
                         span,
                         attempts: 0,
+                        reclaimed: true,
                     };
                     self.dispatch(job);
                     return;

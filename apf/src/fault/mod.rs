@@ -341,6 +341,10 @@ pub(crate) struct Job {
     pub runs: Vec<(usize, usize)>,
     pub span: tracing::Span,
     pub attempts: u32,
+    /// Claimed from `Present` by [`crate::ram::Region::try_reclaim_removed`]
+    /// (a fault on a page a remove touched after it was installed), not
+    /// from `Missing`: a page the kernel holds there is the engine's own.
+    pub reclaimed: bool,
 }
 
 #[derive(Debug, Clone, Copy)]

@@ -203,7 +203,7 @@ fn resolve_counting(shared: &Shared, mut job: Job, ctx: &mut Ctx) -> (Option<Job
             shared.stats.stale.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             continue;
         }
-        let result = install_pieces(shared, job.region, &pieces, &mut bytes);
+        let result = install_pieces(shared, job.region, &pieces, job.reclaimed, &mut bytes);
         if result.is_ok() {
             // Under the guard: an eviction of these pages that starts after
             // it stores fresh contents that must not be discarded.
@@ -447,7 +447,16 @@ fn discard_restored(shared: &Shared, region: &Region, pieces: &[Piece]) {
 
 /// Installs the pieces in order. Pages are marked `Present` as the kernel
 /// confirms them.
-fn install_pieces(shared: &Shared, region_idx: usize, pieces: &[Piece], bytes: &mut usize) -> Result<(), InstallError> {
+/// A page found present (`EEXIST`) counts as installed, unless it was
+/// claimed from `Missing` with origin `Zero` (and not `reclaimed`): see
+/// there.
+fn install_pieces(
+    shared: &Shared,
+    region_idx: usize,
+    pieces: &[Piece],
+    reclaimed: bool,
+    bytes: &mut usize,
+) -> Result<(), InstallError> {
     use std::sync::atomic::Ordering::Relaxed;
     let region = &shared.ram.regions()[region_idx];
     let stats = &shared.stats;
@@ -491,10 +500,23 @@ fn install_pieces(shared: &Shared, region_idx: usize, pieces: &[Piece], bytes: &
             }
             match e.errno {
                 libc::EEXIST => {
-                    // Present already: installed behind our back. Nobody
-                    // else will wake its waiters.
                     stats.eexist.fetch_add(1, Relaxed);
-                    shared.checked(region.complete(page));
+                    if !reclaimed && region.claimed_origin(page) == Origin::Zero {
+                        // A page a remove made missing that the kernel
+                        // still holds: its `madvise` zaps only after the
+                        // remove event is read, and it has not yet. Those
+                        // contents are on their way out, not the page's:
+                        // it stays `Missing`, so that nothing (an offline
+                        // above all) takes them for the page's own, and
+                        // its next fault, after the zap, gets zeros. (A
+                        // reclaimed page was `Present`: what the kernel
+                        // holds there is the engine's own install.)
+                        shared.checked(region.release(page));
+                    } else {
+                        // Present already: installed behind our back.
+                        shared.checked(region.complete(page));
+                    }
+                    // Nobody else will wake its waiters.
                     shared.wake(dst, PAGE_SIZE);
                     off += 1;
                 }
@@ -534,7 +556,7 @@ pub(crate) fn prefetch_pages(shared: &Shared, locs: impl Iterator<Item = (usize,
     let mut flush = |run: &mut Option<(usize, usize, usize)>, ctx: &mut Ctx| {
         if let Some((region, first, count)) = run.take() {
             let span = tracing::trace_span!(target: "apf", "apf.prefetch", pages = count, bytes = field::Empty, outcome = field::Empty);
-            let job = Job { region, fault: None, runs: vec![(first, count)], span, attempts: 0 };
+            let job = Job { region, fault: None, runs: vec![(first, count)], span, attempts: 0, reclaimed: false };
             let (left, bytes) = resolve_guarded_counting(shared, job, ctx);
             debug_assert!(left.is_none(), "off the event loop, jobs finish");
             if let Some(job) = left {
