@@ -661,3 +661,81 @@ fn contents_a_discard_has_not_zapped_yet_are_not_the_pages_own() {
     assert_eq!(try_read_word(&ram, 4 * PAGE), Some(0));
     assert!(engine.errors().try_iter().next().is_none());
 }
+
+/// A source whose fills of page 0 wait until the gate opens.
+struct GatedFirstPage {
+    open: AtomicBool,
+    entered: AtomicBool,
+}
+
+impl apf::PageSource for GatedFirstPage {
+    fn fill(&self, gpa: GuestAddress, buf: &mut [u8]) -> Result<(), apf::source::SourceError> {
+        if gpa.0 == 0 {
+            self.entered.store(true, Ordering::SeqCst);
+            while !self.open.load(Ordering::SeqCst) {
+                std::thread::sleep(Duration::from_micros(100));
+            }
+        }
+        Pattern { seed: 8 }.write(gpa.0, buf);
+        Ok(())
+    }
+    fn kind(&self) -> apf::source::SourceKind {
+        apf::source::SourceKind::Blocking
+    }
+    fn name(&self) -> &'static str {
+        "gated"
+    }
+}
+
+/// A thread holding a reference faults on a page of someone else's window
+/// (its fault is deduped onto that window's job), and an offline of a range
+/// under the reference begins and overlaps the window: the window's job
+/// waits for the offline, the offline for the reference, the reference's
+/// holder for the window. Only the faulting page of a window may wait for
+/// an invalidation: the rest goes back, and the holder gets its page, lets
+/// go, and the offline goes on, well before its deadline.
+#[test]
+fn a_reference_holder_waiting_on_a_window_an_offline_holds_does_not_stall_the_offline() {
+    let ram = ram(16);
+    let source = Arc::new(GatedFirstPage { open: AtomicBool::new(true), entered: AtomicBool::new(false) });
+    let config = apf::Config { fault_around: 8, dispatch: Dispatch::Workers, ..Default::default() };
+    let engine = Arc::new(engine_with(&ram, source.clone(), config));
+    let range = |first: u64, pages: u64| apf::GuestRange::new(GuestAddress(first * PAGE), pages * PAGE);
+    let (go, ready) = (AtomicBool::new(false), AtomicBool::new(false));
+    std::thread::scope(|s| {
+        // The holder: a reference on page 10 (its block, pages 8 to 15, is
+        // installed), then a read of page 5 while holding it.
+        let holder = s.spawn(|| {
+            let r = engine.page_ref(range(10, 1), Instant::now() + Duration::from_secs(5)).unwrap();
+            ready.store(true, Ordering::SeqCst);
+            assert!(wait_for(&go, Duration::from_secs(5)));
+            let w = read_word(&ram, 5 * PAGE);
+            drop(r);
+            w
+        });
+        assert!(wait_for(&ready, Duration::from_secs(5)));
+        // Another thread faults page 0: its job claims pages 0 to 7 and
+        // waits in the fill of page 0.
+        source.open.store(false, Ordering::SeqCst);
+        let first = s.spawn(|| read_word(&ram, 0));
+        assert!(wait_for(&source.entered, Duration::from_secs(5)));
+        // The holder faults page 5, claimed by that job.
+        go.store(true, Ordering::SeqCst);
+        std::thread::sleep(Duration::from_millis(50));
+        // An offline of pages 7 to 11: it overlaps the job's window (page 7)
+        // and the holder's reference (page 10).
+        let offline = s.spawn(|| {
+            let started = Instant::now();
+            let res = engine.offline(range(7, 5), apf::Mode::Evict, Instant::now() + Duration::from_secs(3));
+            (res, started.elapsed())
+        });
+        std::thread::sleep(Duration::from_millis(50));
+        source.open.store(true, Ordering::SeqCst);
+        let (res, took) = offline.join().unwrap();
+        assert!(res.is_ok(), "{res:?}");
+        assert!(took < Duration::from_secs(2), "the offline waited {took:?} for the holder");
+        assert_eq!(holder.join().unwrap(), Pattern { seed: 8 }.word_at(5 * PAGE, 0));
+        assert_eq!(first.join().unwrap(), Pattern { seed: 8 }.word_at(0, 0));
+    });
+    assert!(engine.errors().try_iter().next().is_none());
+}

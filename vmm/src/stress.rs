@@ -666,6 +666,7 @@ struct Counters {
     unplugs: AtomicU64,
     replugs: AtomicU64,
     offline_overlap: AtomicU64,
+    offline_busy: AtomicU64,
     pin_gets: AtomicU64,
     pin_refused: AtomicU64,
     page_refs: AtomicU64,
@@ -709,6 +710,10 @@ pub struct StressReport {
     pub replugs: u64,
     /// Offlines refused because another held the range.
     pub offline_overlap: u64,
+    /// Offlines that gave up because a reference holder was blocked on a
+    /// fault the offline itself deferred (the engine's way out of that
+    /// deadlock; one that waited out its whole deadline is an error).
+    pub offline_busy: u64,
     /// Reads through `Pin::get`.
     pub pin_gets: u64,
     /// `Pin::get` or `page_ref` refused on a poisoned page.
@@ -751,7 +756,7 @@ impl StressReport {
             "{{\"ok\":{},\"ops\":{},\"reads_checked\":{},\"reads_racing\":{},\"violations\":{},\
              \"longest_wait_ms\":{:.3},\"overruns\":{},\"hung\":{},\"poisoned_reads\":{},\"writes\":{},\
              \"writes_refused\":{},\"discards\":{},\"offlines\":{{\"migrate\":{},\"evict\":{},\"unplug\":{},\
-             \"replug\":{},\"overlap\":{}}},\"pins\":{{\"gets\":{},\"page_refs\":{},\"refused\":{}}},\
+             \"replug\":{},\"overlap\":{},\"busy\":{}}},\"pins\":{{\"gets\":{},\"page_refs\":{},\"refused\":{}}},\
              \"rounds\":{},\"poison_rounds\":{},\"engine_errors\":{},\"first_violation_s\":{},\"seconds\":{:.3},\
              \"errors\":{},\"details\":{}}}",
             self.ok(),
@@ -771,6 +776,7 @@ impl StressReport {
             self.unplugs,
             self.replugs,
             self.offline_overlap,
+            self.offline_busy,
             self.pin_gets,
             self.page_refs,
             self.pin_refused,
@@ -1268,7 +1274,10 @@ fn offliner(r: &Round, t: usize, mut rng: Rng) {
         };
         let began = r.begin_op(t, 3);
         let start = r.shadow.begin_range(first, &vec![effect; n], kind);
-        let res = r.engine.offline(range, mode, r.deadline());
+        // Half the deadline: a fault, `Pin::get` or `page_ref` that meets
+        // this offline waits for it, and must still end within its own.
+        let deadline = r.cfg.deadline / 2;
+        let res = r.engine.offline(range, mode, Instant::now() + deadline);
         r.shadow.end_range(first, n, start, res.is_ok());
         r.end_op(t, began);
         match res {
@@ -1292,6 +1301,9 @@ fn offliner(r: &Round, t: usize, mut rng: Rng) {
             }
             Err(OfflineError::Overlap(_)) => {
                 r.counters.offline_overlap.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(OfflineError::Busy { waited, kernel_pinned: 0, hard: 0, .. }) if waited < deadline => {
+                r.counters.offline_busy.fetch_add(1, Ordering::Relaxed);
             }
             Err(e) => {
                 if mode == Mode::Unplug && poison {
@@ -1490,6 +1502,7 @@ pub fn run(cfg: &StressConfig) -> Result<StressReport, StressError> {
     report.unplugs = get(&c.unplugs);
     report.replugs = get(&c.replugs);
     report.offline_overlap = get(&c.offline_overlap);
+    report.offline_busy = get(&c.offline_busy);
     report.pin_gets = get(&c.pin_gets);
     report.pin_refused = get(&c.pin_refused);
     report.page_refs = get(&c.page_refs);

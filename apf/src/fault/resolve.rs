@@ -164,8 +164,27 @@ fn resolve_counting(shared: &Shared, mut job: Job, ctx: &mut Ctx) -> (Option<Job
             return (None, bytes);
         }
         let wait_until = if ctx.on_loop { Instant::now() } else { Instant::now() + shared.config.install_deadline };
-        let range = job_range(region, &job.runs);
+        let mut range = job_range(region, &job.runs);
         let mut seq = shared.notifier.read_begin(range, Instant::now());
+        if seq.is_none() && job.runs.iter().map(|r| r.1).sum::<usize>() > 1 {
+            // An invalidation holds the window. Only the faulting page
+            // waits for it: the rest goes back, woken. A thread whose fault
+            // on a neighbour was deduped onto this job comes again and is
+            // resolved on its own; held here, it could be the holder of a
+            // reference the invalidation waits for, which would then wait
+            // for its deadline with nobody to tell it why.
+            shrink_to_fault(shared, &mut job);
+            if job.fault.is_none() {
+                shared.release_runs(job.region, &job.runs);
+                job.runs.clear();
+            }
+            if job.runs.is_empty() {
+                span.record("outcome", "given-back");
+                return (None, bytes);
+            }
+            range = job_range(region, &job.runs);
+            seq = shared.notifier.read_begin(range, Instant::now());
+        }
         if seq.is_none() && wait_until > Instant::now() {
             // An invalidation holds the window: if it waits for a reference
             // the faulting thread holds, it must give up, or both wait.
