@@ -21,11 +21,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Instant;
 
-use apf::baseline::SinglePageHandler;
-use apf::fault::{Dispatch, Engine};
-use apf::ram::{GuestAddress, GuestRam};
-use apf::source::{splitmix64, Pattern, SnapshotFile};
-use apf::uffd::PAGE_SIZE;
+use apf::{splitmix64, Dispatch, Engine, GuestAddress, GuestRam, Pattern, SinglePageHandler, SnapshotFile, PAGE_SIZE};
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum Handler {
@@ -155,10 +151,13 @@ fn run_pass(
             let source = Arc::new(SnapshotFile::open(path, &ram)?);
             engine = Some(
                 Engine::builder(ram.clone(), source)
-                    .workers(args.workers)
-                    .max_window(args.window)
-                    .dispatch(args.dispatch)
-                    .spin(std::time::Duration::from_micros(args.spin_us))
+                    .config(apf::Config {
+                        workers: args.workers,
+                        max_window: args.window,
+                        dispatch: args.dispatch,
+                        spin: std::time::Duration::from_micros(args.spin_us),
+                        ..apf::Config::default()
+                    })
                     .start()?,
             );
         }

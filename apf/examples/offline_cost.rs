@@ -33,10 +33,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use apf::ram::{GuestAddress, GuestRam, GuestRange};
-use apf::source::{splitmix64, ZeroSource};
-use apf::uffd::PAGE_SIZE;
-use apf::{Engine, Mode, Pin};
+use apf::{splitmix64, Engine, GuestAddress, GuestRam, GuestRange, Mode, Pin, ZeroSource, PAGE_SIZE};
 
 const MIB: u64 = 1 << 20;
 const PINS: usize = 1000;
@@ -175,10 +172,7 @@ fn main() {
                     let mut x = 3u64 + round as u64;
                     // Background offlining runs at low priority, as a VMM
                     // should run it (on Linux, a thread's own nice value).
-                    // SAFETY: gettid has no preconditions.
-                    let tid = unsafe { libc::gettid() };
-                    // SAFETY: setpriority only changes this thread's nice value.
-                    unsafe { libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, nice) };
+                    let _ = apf::set_thread_nice(nice);
                     while !stop.load(Ordering::Relaxed) {
                         let pause = match load {
                             Load::Hog => {

@@ -28,11 +28,10 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use apf::kpin::FixedBuffer;
-use apf::ram::{GuestAddress, GuestRam, GuestRange};
-use apf::source::{splitmix64, ZeroSource};
-use apf::uffd::PAGE_SIZE;
-use apf::{Engine, HostBlockSearch, Mode, Pin};
+use apf::{
+    splitmix64, Engine, FixedBuffer, GuestAddress, GuestRam, GuestRange, HostBlockSearch, Mode, Pin, ZeroSource,
+    PAGE_SIZE,
+};
 use vm_memory::Bytes;
 
 const REGION: usize = 256 << 20;

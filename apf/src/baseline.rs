@@ -153,7 +153,10 @@ impl Handler {
                 }
             },
         };
-        match self.uffd.copy(host, src, PAGE_SIZE, false) {
+        // SAFETY: `host` is a page of guest RAM (located above), which no
+        // Rust reference ever points into (see `crate::ram`); `src` is a
+        // page: the source's resident page or `page`.
+        match unsafe { self.uffd.copy(host, src, PAGE_SIZE, false) } {
             Ok(_) => {}
             Err(e) if e.errno == libc::EEXIST => {
                 let _ = self.uffd.wake(host, PAGE_SIZE);
@@ -166,7 +169,10 @@ impl Handler {
     }
 
     fn poison_or_wake(&self, host: u64) {
-        let poisoned = self.uffd.features().contains(Features::POISON) && self.uffd.poison(host, PAGE_SIZE).is_ok();
+        // SAFETY: `host` is a page of guest RAM, which no Rust reference ever
+        // points into (see `crate::ram`).
+        let poisoned =
+            self.uffd.features().contains(Features::POISON) && unsafe { self.uffd.poison(host, PAGE_SIZE) }.is_ok();
         if !poisoned {
             let _ = self.uffd.wake(host, PAGE_SIZE);
         }

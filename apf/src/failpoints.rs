@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::uffd::Op;
+pub use crate::uffd::Op;
 
 /// One armed failure.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -245,15 +245,19 @@ mod tests {
         let src = vec![7u8; 8 * PAGE_SIZE];
         uffd.failpoints().arm(Rule::new(Op::Copy, libc::ENOMEM).skip(1).partial(2));
         // The first call passes.
-        assert_eq!(uffd.copy(a, src.as_ptr(), PAGE_SIZE, false), Ok(PAGE_SIZE));
+        // SAFETY: the test's own anonymous mapping, reached only through raw pointers; `src` is long enough.
+        assert_eq!(unsafe { uffd.copy(a, src.as_ptr(), PAGE_SIZE, false) }, Ok(PAGE_SIZE));
         // The second does two pages for real, then reports ENOMEM.
-        let e = uffd.copy(a + PAGE_SIZE as u64, src.as_ptr(), 4 * PAGE_SIZE, false).unwrap_err();
+        // SAFETY: the test's own anonymous mapping, reached only through raw pointers; `src` is long enough.
+        let e = unsafe { uffd.copy(a + PAGE_SIZE as u64, src.as_ptr(), 4 * PAGE_SIZE, false) }.unwrap_err();
         assert_eq!((e.errno, e.done), (libc::ENOMEM, 2 * PAGE_SIZE));
         // The kernel really has those two pages: a COPY there is EEXIST.
-        let e = uffd.copy(a + 2 * PAGE_SIZE as u64, src.as_ptr(), PAGE_SIZE, false).unwrap_err();
+        // SAFETY: the test's own anonymous mapping, reached only through raw pointers; `src` is long enough.
+        let e = unsafe { uffd.copy(a + 2 * PAGE_SIZE as u64, src.as_ptr(), PAGE_SIZE, false) }.unwrap_err();
         assert_eq!(e.errno, libc::EEXIST);
         // Used up: the next call is real again.
-        assert_eq!(uffd.copy(a + 3 * PAGE_SIZE as u64, src.as_ptr(), PAGE_SIZE, false), Ok(PAGE_SIZE));
+        // SAFETY: the test's own anonymous mapping, reached only through raw pointers; `src` is long enough.
+        assert_eq!(unsafe { uffd.copy(a + 3 * PAGE_SIZE as u64, src.as_ptr(), PAGE_SIZE, false) }, Ok(PAGE_SIZE));
         assert_eq!((uffd.failpoints().fired(), uffd.failpoints().pending()), (1, 0));
         uffd.wake(a, 8 * PAGE_SIZE).unwrap();
     }
@@ -266,8 +270,11 @@ mod tests {
         let fp = uffd.failpoints();
         fp.arm(Rule::new(Op::ZeroPage, libc::EAGAIN).within(a + 3 * PAGE_SIZE as u64, a + 4 * PAGE_SIZE as u64));
         fp.arm(Rule::new(Op::Wake, libc::EIO).times(u64::MAX));
-        assert_eq!(uffd.zeropage(a, PAGE_SIZE, true), Ok(PAGE_SIZE));
-        assert_eq!(uffd.zeropage(a + 3 * PAGE_SIZE as u64, PAGE_SIZE, true).unwrap_err().errno, libc::EAGAIN);
+        // SAFETY: the test's own anonymous mapping, reached only through raw pointers.
+        assert_eq!(unsafe { uffd.zeropage(a, PAGE_SIZE, true) }, Ok(PAGE_SIZE));
+        // SAFETY: the test's own anonymous mapping, reached only through raw pointers.
+        let e = unsafe { uffd.zeropage(a + 3 * PAGE_SIZE as u64, PAGE_SIZE, true) }.unwrap_err();
+        assert_eq!(e.errno, libc::EAGAIN);
         for _ in 0..3 {
             assert_eq!(uffd.wake(a, PAGE_SIZE).unwrap_err().errno, libc::EIO);
         }

@@ -211,7 +211,7 @@ pub enum HostMemError {
         /// The block number.
         block: u32,
         /// Which write it was.
-        op: Op,
+        op: BlockOp,
         /// From the call until the write returned.
         waited: Duration,
         /// How many signals it took.
@@ -224,7 +224,7 @@ pub enum HostMemError {
         /// The block number.
         block: u32,
         /// Which write it was.
-        op: Op,
+        op: BlockOp,
         /// How long it was waited for.
         waited: Duration,
         /// How many signals were sent.
@@ -236,7 +236,7 @@ pub enum HostMemError {
         /// The block number.
         block: u32,
         /// Which write it was.
-        op: Op,
+        op: BlockOp,
         /// The kernel's error.
         #[source]
         source: io::Error,
@@ -284,23 +284,23 @@ impl fmt::Display for BlockState {
 
 /// Which state write an error is about.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Op {
+pub enum BlockOp {
     /// Writing `offline`.
     Offline,
     /// Writing `online`.
     Online,
 }
 
-impl Op {
+impl BlockOp {
     fn word(self) -> &'static str {
         match self {
-            Op::Offline => "offline",
-            Op::Online => "online",
+            BlockOp::Offline => "offline",
+            BlockOp::Online => "online",
         }
     }
 }
 
-impl fmt::Display for Op {
+impl fmt::Display for BlockOp {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.word())
     }
@@ -464,6 +464,7 @@ impl BlockLock {
 
     /// Blocks an earlier holder had left offline and [`acquire`](Self::acquire)
     /// put back online.
+    #[cfg(test)]
     pub fn recovered(&self) -> &[u32] {
         &self.recovered
     }
@@ -544,7 +545,7 @@ pub fn offline_and_online(lock: &mut BlockLock, n: u32, deadline: Instant) -> Re
         state => return Err(HostMemError::NotOnline { block: n, state }),
     }
     lock.record(n)?;
-    let result = write_state(n, Op::Offline, deadline).and_then(|write| match write {
+    let result = write_state(n, BlockOp::Offline, deadline).and_then(|write| match write {
         Write::Done(offline_time) => {
             write_online(n).map(|online_time| BlockReport { block: n, offline_time, online_time })
         }
@@ -553,10 +554,10 @@ pub fn offline_and_online(lock: &mut BlockLock, n: u32, deadline: Instant) -> Re
         Write::Failed(source) if matches!(source.raw_os_error(), Some(libc::EBUSY | libc::EINVAL)) => {
             ensure_online(n).and(Err(HostMemError::Unmovable { block: n }))
         }
-        Write::Failed(source) => ensure_online(n).and(Err(HostMemError::Io { block: n, op: Op::Offline, source })),
+        Write::Failed(source) => ensure_online(n).and(Err(HostMemError::Io { block: n, op: BlockOp::Offline, source })),
         Write::Interrupted { signals } => {
             let waited = start.elapsed();
-            ensure_online(n).and(Err(HostMemError::TimedOut { block: n, op: Op::Offline, waited, signals }))
+            ensure_online(n).and(Err(HostMemError::TimedOut { block: n, op: BlockOp::Offline, waited, signals }))
         }
     });
     // A block that may still be offline (or whose write is still in flight)
@@ -580,11 +581,11 @@ fn ensure_online(n: u32) -> Result<(), HostMemError> {
 /// it reads online. Returns how long the write took.
 fn write_online(n: u32) -> Result<Duration, HostMemError> {
     let start = Instant::now();
-    let took = match write_state(n, Op::Online, start + ONLINE_TIMEOUT)? {
+    let took = match write_state(n, BlockOp::Online, start + ONLINE_TIMEOUT)? {
         Write::Done(took) => took,
-        Write::Failed(source) => return Err(HostMemError::Io { block: n, op: Op::Online, source }),
+        Write::Failed(source) => return Err(HostMemError::Io { block: n, op: BlockOp::Online, source }),
         Write::Interrupted { signals } => {
-            return Err(HostMemError::TimedOut { block: n, op: Op::Online, waited: start.elapsed(), signals })
+            return Err(HostMemError::TimedOut { block: n, op: BlockOp::Online, waited: start.elapsed(), signals })
         }
     };
     match block_state(n)? {
@@ -606,7 +607,7 @@ enum Write {
 
 /// One raw `write(2)` of `op`'s word to block `n`'s `state` file, on its own
 /// thread, interrupted with [`interrupt_signal`] from `deadline` on.
-fn write_state(n: u32, op: Op, deadline: Instant) -> Result<Write, HostMemError> {
+fn write_state(n: u32, op: BlockOp, deadline: Instant) -> Result<Write, HostMemError> {
     let path = block_dir(n)?.join("state");
     let file = OpenOptions::new().write(true).open(&path).map_err(|source| match source.raw_os_error() {
         Some(libc::EACCES | libc::EPERM) => HostMemError::NotPermitted { path: path.clone(), source },
@@ -1008,7 +1009,7 @@ mod tests {
         while let Some(block) = search.next() {
             // Recorded first, as offline_and_online does.
             lock.record(block).unwrap();
-            match write_state(block, Op::Offline, Instant::now() + Duration::from_secs(2)).unwrap() {
+            match write_state(block, BlockOp::Offline, Instant::now() + Duration::from_secs(2)).unwrap() {
                 Write::Done(_) => {
                     offline = Some(block);
                     break;

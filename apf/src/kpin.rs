@@ -75,6 +75,7 @@ impl FixedBuffer {
     }
 
     /// Whether the kernel holds the pins right now.
+    #[cfg(any(test, feature = "lab"))]
     pub fn is_registered(&self) -> bool {
         self.registered
     }
@@ -104,6 +105,7 @@ impl FixedBuffer {
     }
 
     /// The pinned range: host address and length in bytes.
+    #[cfg(any(test, feature = "lab"))]
     pub fn range(&self) -> (u64, usize) {
         (self.addr, self.len)
     }

@@ -6,57 +6,144 @@
 //! concurrently and with prefetch, holding only short-term references to
 //! guest pages.
 //!
-//! ```no_run
+//! ```
 //! use std::sync::Arc;
-//! use apf::fault::Engine;
-//! use apf::ram::{GuestAddress, GuestRam};
-//! use apf::source::SnapshotFile;
+//! use apf::{Config, Engine, GuestAddress, GuestRam, ZeroSource};
+//! use vm_memory::Bytes;
 //!
-//! // 256 MiB of guest RAM at guest-physical 0, restored from an image.
-//! let ram = Arc::new(GuestRam::anonymous(&[(GuestAddress(0), 256 << 20)])?);
-//! let image = Arc::new(SnapshotFile::open("guest.img", &ram)?);
-//! let engine = Engine::builder(ram.clone(), image).workers(2).start()?;
+//! // 16 MiB of guest RAM at guest-physical 0, every page missing.
+//! let ram = Arc::new(GuestRam::anonymous(&[(GuestAddress(0), 16 << 20)])?);
+//! // The pages come from a source: zeros here, a `SnapshotFile` on restore,
+//! // or any `PageSource` of the VMM's own.
+//! let engine = Engine::builder(ram.clone(), Arc::new(ZeroSource)).config(Config::default()).start()?;
 //!
 //! // Hand `ram.guest_memory()` (a vm-memory GuestMemoryMmap) to KVM and the
-//! // device models; every first touch of a page is resolved from the image.
-//! // ... run the guest, stop its vCPU threads ...
-//! let report = engine.shutdown(); // pages never touched are poisoned
-//! println!("{:?}", report);
+//! // device models. Every first touch of a page is resolved by the engine,
+//! // here a device model's read through vm-memory's `Bytes` API.
+//! ram.guest_memory().write_obj(0x1234_5678_u64, GuestAddress(0x10_0000))?;
+//! assert_eq!(ram.guest_memory().read_obj::<u64>(GuestAddress(0x10_0000))?, 0x1234_5678);
+//! assert_eq!(ram.guest_memory().read_obj::<u64>(GuestAddress(0x20_0000))?, 0);
+//! assert!(engine.stats().faults >= 2);
+//!
+//! // Stop every thread that touches guest RAM (the vCPUs, the devices),
+//! // then shut down: pages never touched are poisoned, so a late access gets
+//! // SIGBUS instead of silently reading zeros.
+//! let report = engine.shutdown();
+//! assert_eq!(report.threads_left_behind, 0);
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
+//!
+//! # The API
+//!
+//! Everything a VMM names is at the crate root:
+//!
+//! - the engine: [`Engine`], built by [`EngineBuilder`] from one [`Config`]
+//!   ([`Dispatch`]), its failures while running ([`Errors`] of
+//!   [`FaultError`]), its counters ([`StatsSnapshot`]), working sets
+//!   ([`WorkingSet`]) and [`ShutdownReport`];
+//! - guest RAM: [`GuestRam`], [`GuestRange`], vm-memory's [`GuestAddress`]
+//!   and [`GuestMemoryMmap`], and a read-only view of the page states
+//!   ([`Region`], [`PageLoc`], [`PageState`], [`Origin`]);
+//! - where pages come from: [`PageSource`] ([`SourceKind`], [`SourceError`]),
+//!   [`ZeroSource`], [`SnapshotFile`], [`EvictionStore`];
+//! - references to guest memory: [`Pin`] (migratable, with an invalidation
+//!   callback that gets an [`InvalidateEvent`]), [`PinGuard`], [`PageRef`],
+//!   [`HardPin`], [`PinError`];
+//! - offlining: [`Mode`], [`UnplugPolicy`], [`OfflineReport`],
+//!   [`HostBlockSearch`], [`OfflineError`];
+//! - [`PAGE_SIZE`], and [`span`]: the names of the `tracing` spans the
+//!   engine emits.
+//!
+//! # Cargo features
+//!
+//! Every feature is off by default; the engine builds with `tracing` only.
+//!
+//! - `lab`: equipment for measuring and demonstrating the engine, not for
+//!   running it: `LatencyLayer` (a `tracing-subscriber` layer turning the
+//!   spans into latency histograms, per-vCPU blocked time and a Perfetto
+//!   trace) and `latency_plot`; `SinglePageHandler`, the one-page-per-fault
+//!   handler apf is measured against; `FixedBuffer`, an io_uring fixed
+//!   buffer used as a real kernel pin; the `Pattern` source and
+//!   `splitmix64`; `set_thread_nice`. Pulls in `tracing-subscriber` and
+//!   `hdrhistogram`.
+//! - `failpoints`: the [`failpoints`](crate#cargo-features) of the
+//!   userfaultfd wrapper, for error-path tests (`Engine::failpoints`).
+//! - `unstable-internals`: the internal modules, public and hidden from the
+//!   docs, for the engine's own integration tests. Not part of the API and
+//!   not covered by semver.
 //!
 //! # Code map
 //!
 //! | module | owns |
 //! |---|---|
-//! | [`uffd`] | the userfaultfd descriptor: handshake, registration, events, resolving ioctls |
-//! | [`ram`] | guest RAM regions, guest-address translation, per-page state |
-//! | [`source`] | where page contents come from: zeros, snapshot files, the eviction store |
-//! | [`notifier`] | the invalidation sequence and the interval registry of pins and references |
-//! | [`pin`] | short-term references, migratable pins with callbacks, hard pins |
-//! | [`offline`] | migrate, evict, unplug and host memory-block offlining of guest ranges |
-//! | [`hostmem`] | host memory blocks: sysfs state, the pagemap, the project-wide lock file |
-//! | [`kpin`] | real kernel pins on memory (io_uring fixed buffers) |
-//! | [`fault`] | the engine: event loop, dedupe, prefetch, worker pool, shutdown |
-//! | [`trace`] | the names of the `tracing` spans the engine emits |
+//! | `uffd` | the userfaultfd descriptor: handshake, registration, events, resolving ioctls (the `unsafe` ones) |
+//! | `ram` | guest RAM regions, guest-address translation, per-page state |
+//! | `source` | where page contents come from: zeros, snapshot files, the eviction store |
+//! | `notifier` | the invalidation sequence and the interval registry of pins and references |
+//! | `pin` | short-term references, migratable pins with callbacks, hard pins |
+//! | `offline` | migrate, evict, unplug and host memory-block offlining of guest ranges |
+//! | `hostmem` | host memory blocks: sysfs state, the pagemap, the project-wide lock file |
+//! | `kpin` | real kernel pins on memory (io_uring fixed buffers), which hard pins take |
+//! | `fault` | the engine: event loop, dedupe, prefetch, worker pool, shutdown |
+//! | [`span`] | the names of the `tracing` spans the engine emits |
+//! | `trace` | tracing plumbing; with `lab`, the latency layer and its plot |
+//! | `baseline` | (feature `lab`) the one-page-per-fault handler |
 //! | `failpoints` | (feature `failpoints`, tests only) make one chosen userfaultfd call fail, pause it, or switch a safeguard off |
 
-pub mod baseline;
+#![warn(missing_docs)]
+#![warn(clippy::missing_safety_doc)]
+
+/// Declares internal modules: private, or public and hidden from the docs
+/// with the `unstable-internals` feature (for the integration tests; not
+/// part of the API).
+macro_rules! internal_modules {
+    ($($name:ident),* $(,)?) => {
+        $(
+            #[cfg(feature = "unstable-internals")]
+            #[doc(hidden)]
+            pub mod $name;
+            #[cfg(not(feature = "unstable-internals"))]
+            mod $name;
+        )*
+    };
+}
+
+internal_modules!(fault, hostmem, kpin, notifier, offline, pin, ram, source, trace, uffd);
+
+#[cfg(feature = "lab")]
+mod baseline;
 #[cfg(feature = "failpoints")]
 pub mod failpoints;
-pub mod fault;
-pub mod hostmem;
-pub mod kpin;
-pub mod notifier;
-pub mod offline;
-pub mod pin;
-pub mod ram;
-pub mod source;
-pub mod trace;
-pub mod uffd;
+pub mod span;
 
-pub use fault::{Config, Dispatch, Engine, EngineError, FaultError};
+pub use fault::{
+    Config, Dispatch, Engine, EngineBuilder, EngineError, Errors, FaultError, ShutdownReport, StatsSnapshot,
+    WorkingSet, WorkingSetError, MAX_REPLAYS,
+};
+pub use hostmem::{BlockOp, BlockState, HostMemError};
+pub use notifier::{InvalidateEvent, Reason};
 pub use offline::{HostBlockSearch, Mode, OfflineError, OfflineReport, UnplugPolicy};
 pub use pin::{HardPin, PageRef, Pin, PinError, PinGuard};
-pub use ram::{GuestAddress, GuestRam, GuestRange};
-pub use source::{PageSource, SnapshotFile, ZeroSource};
+pub use ram::{
+    GuestAddress, GuestMemoryMmap, GuestRam, GuestRange, Origin, PageLoc, PageState, RamError, Region, StateError,
+};
+pub use source::{EvictionStore, PageSource, SnapshotFile, SourceError, SourceKind, ZeroSource};
+pub use uffd::{Features, IoctlError, UffdError, PAGE_SIZE};
+
+#[cfg(feature = "lab")]
+pub use baseline::SinglePageHandler;
+#[cfg(feature = "lab")]
+pub use kpin::FixedBuffer;
+#[cfg(feature = "lab")]
+pub use source::{splitmix64, Pattern};
+#[cfg(feature = "lab")]
+pub use trace::{latency_plot, LatencyLayer, LatencySummary, SpanStats, TraceWritten, VcpuBlocked};
+
+/// Sets the nice value of the calling thread (Linux threads each have
+/// their own): how the lab's storms and background offliners make way for
+/// the threads they measure (feature `lab`).
+#[cfg(feature = "lab")]
+pub fn set_thread_nice(nice: i32) -> std::io::Result<()> {
+    let tid = rustix::thread::gettid();
+    rustix::process::setpriority_process(Some(tid), nice).map_err(std::io::Error::from)
+}

@@ -49,13 +49,6 @@ pub const HISTORY: usize = 256;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Seq(u64);
 
-impl Seq {
-    /// The raw sequence number.
-    pub fn get(self) -> u64 {
-        self.0
-    }
-}
-
 /// Why a range is being invalidated.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Reason {
@@ -152,7 +145,6 @@ pub struct Notifier {
     lock: RwLock<History>,
     registry: Mutex<Registry>,
     changed: Condvar,
-    callbacks_called: AtomicU64,
 }
 
 impl Default for Notifier {
@@ -162,7 +154,6 @@ impl Default for Notifier {
             lock: RwLock::new(History::default()),
             registry: Mutex::new(Registry { next_id: 1, ..Registry::default() }),
             changed: Condvar::new(),
-            callbacks_called: AtomicU64::new(0),
         }
     }
 }
@@ -411,11 +402,6 @@ impl Notifier {
         self.registry().intervals.len()
     }
 
-    /// Callbacks called since the notifier was created.
-    pub fn callbacks_called(&self) -> u64 {
-        self.callbacks_called.load(Ordering::Relaxed)
-    }
-
     /// Grants a short-term reference on `range` unless an invalidation
     /// overlapping it is in progress. Call it holding the install lock,
     /// after checking under that lock that the pages are present, so that
@@ -495,11 +481,6 @@ impl Notifier {
 }
 
 impl Invalidation<'_> {
-    /// The sequence value this invalidation bumped to.
-    pub fn seq(&self) -> u64 {
-        self.seq
-    }
-
     /// Calls the callback of every interval overlapping the invalidated
     /// ranges, once per interval, with the overlapping part. Returns how
     /// many were called.
@@ -529,7 +510,6 @@ impl Invalidation<'_> {
             }
             called += 1;
         }
-        self.notifier.callbacks_called.fetch_add(called as u64, Ordering::Relaxed);
         called
     }
 

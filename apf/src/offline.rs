@@ -623,7 +623,8 @@ impl<'a> Work<'a> {
         for (i, j) in runs(n, |i| self.takeable(c0 + i)) {
             let mut k = i;
             while k < j {
-                let (done, err) = split(uffd.move_pages(st.slot(k), self.host(c0 + k), (j - k) * PAGE_SIZE, true));
+                // SAFETY: pages of guest RAM and the staging area, which no Rust reference ever points into (see `crate::ram`).
+                let (done, err) = split(unsafe { uffd.move_pages(st.slot(k), self.host(c0 + k), (j - k) * PAGE_SIZE, true) });
                 taken[k..k + done].fill(true);
                 k += done;
                 let Some(e) = err else { continue };
@@ -685,8 +686,14 @@ impl<'a> Work<'a> {
                 e += 1;
             }
             let (dst, src, len) = (self.host(c0 + k), st.slot(k), (e - k) * PAGE_SIZE);
-            let res =
-                if copy { uffd.copy(dst, src as *const u8, len, false) } else { uffd.move_pages(dst, src, len, false) };
+            let res = if copy {
+                // SAFETY: `dst` is pages of guest RAM and `src` as many pages
+                // of the staging area: both no Rust reference ever points into (see `crate::ram`).
+                unsafe { uffd.copy(dst, src as *const u8, len, false) }
+            } else {
+                // SAFETY: pages of guest RAM and the staging area, which no Rust reference ever points into (see `crate::ram`).
+                unsafe { uffd.move_pages(dst, src, len, false) }
+            };
             drop(guard);
             let (done, err) = split(res);
             self.outcome[c0 + k..c0 + k + done].fill(Outcome::InPlace);
@@ -760,14 +767,17 @@ impl<'a> Work<'a> {
         for (a, e) in runs(taken.len(), |k| taken[k]) {
             let mut k = a;
             while k < e {
-                let (done, err) = split(uffd.move_pages(self.host(c0 + k), st.slot(k), (e - k) * PAGE_SIZE, true));
+                // SAFETY: pages of guest RAM and the staging area, which no Rust reference ever points into (see `crate::ram`).
+                let (done, err) = split(unsafe { uffd.move_pages(self.host(c0 + k), st.slot(k), (e - k) * PAGE_SIZE, true) });
                 k += done;
                 let Some(err) = err else { continue };
                 if done > 0 || backoff(err.errno, &[libc::EBUSY], by) {
                     continue;
                 }
                 for q in k..e {
-                    let _ = uffd.poison(self.host(c0 + q), PAGE_SIZE);
+                    // SAFETY: a page of guest RAM, which no Rust reference
+                    // ever points into (see `crate::ram`).
+                    let _ = unsafe { uffd.poison(self.host(c0 + q), PAGE_SIZE) };
                     self.outcome[c0 + q] = Outcome::Lost;
                     self.lost.push((self.region.page_gpa(self.first + c0 + q).0, err));
                 }
@@ -781,7 +791,8 @@ impl<'a> Work<'a> {
     fn move_aside(&self, st: &Staging, i: usize, by: Instant) -> bool {
         let uffd = &self.shared.uffd;
         let q = st.quarantine();
-        match uffd.move_pages(st.slot(q), self.host(i), PAGE_SIZE, false) {
+        // SAFETY: a page of guest RAM and the staging area, which no Rust reference ever points into (see `crate::ram`).
+        match unsafe { uffd.move_pages(st.slot(q), self.host(i), PAGE_SIZE, false) } {
             Ok(_) => {
                 tracing::warn!(
                     target: "apf",
@@ -846,7 +857,9 @@ impl<'a> Work<'a> {
         let by = self.restore_deadline();
         let mut k = a;
         while k < b {
-            let (done, err) = split(uffd.poison(self.host(k), (b - k) * PAGE_SIZE));
+            // SAFETY: pages of guest RAM, which no Rust reference ever
+            // points into (see `crate::ram`).
+            let (done, err) = split(unsafe { uffd.poison(self.host(k), (b - k) * PAGE_SIZE) });
             self.outcome[k..k + done].fill(Outcome::Unplugged(PageState::Offline));
             k += done;
             let Some(e) = err else { continue };
@@ -879,7 +892,9 @@ impl<'a> Work<'a> {
             // Zeros are right whether a discard came first or comes after
             // (its zap then clears them, or the marker this replaces), so
             // unlike a put-back this needs no check against removes.
-            let res = uffd.copy(self.host(i), self.shared.zeros.as_ptr(), PAGE_SIZE, false);
+            // SAFETY: a page of guest RAM, which no Rust reference ever
+            // points into (see `crate::ram`); `zeros` is at least a page.
+            let res = unsafe { uffd.copy(self.host(i), self.shared.zeros.as_ptr(), PAGE_SIZE, false) };
             let Err(e) = res else {
                 return true;
             };

@@ -6,6 +6,16 @@
 //! and keeps using it, or takes apf's with [`GuestRam::guest_memory`].
 //! Every page moves through `Missing -> Resolving -> Present` (and, for
 //! offlining, `Invalidating`, `Offline`, `Poisoned`) only through methods here.
+//!
+//! # Guest RAM is never borrowed
+//!
+//! The engine changes guest RAM behind the compiler's back: the kernel
+//! installs, moves and poisons its pages (the `unsafe` ioctls of
+//! `crate::uffd`). That is sound because no Rust reference to guest RAM is
+//! ever made: it is reached through vm-memory's volatile accesses
+//! ([`GuestMemoryMmap`], `VolatileSlice`) and through the raw pointers of
+//! [`GuestRam::host_range`], never through `&[u8]` or `&mut [u8]`. The
+//! engine's staging area (`AnonMapping`) is held to the same rule.
 
 use std::fmt;
 use std::sync::atomic::{AtomicU8, Ordering};
@@ -262,7 +272,7 @@ impl Region {
 
     /// Claims a `Missing` page for resolution (`Missing -> Resolving`).
     /// Returns the page's origin if this caller won the claim.
-    pub fn try_claim(&self, page: usize) -> Option<Origin> {
+    pub(crate) fn try_claim(&self, page: usize) -> Option<Origin> {
         let cur = self.states[page].load(Ordering::Acquire);
         let (state, origin) = unpack(cur);
         if state != PageState::Missing {
@@ -276,28 +286,28 @@ impl Region {
 
     /// The origin of a page this caller holds in `Resolving` (it may change
     /// under the caller when a remove event turns it into `Zero`).
-    pub fn claimed_origin(&self, page: usize) -> Origin {
+    pub(crate) fn claimed_origin(&self, page: usize) -> Origin {
         unpack(self.states[page].load(Ordering::Acquire)).1
     }
 
     /// Finishes a claim on a page unplugged under the poison policy (its
     /// poison marker is in place): `Resolving -> Offline`.
-    pub fn complete_unplugged(&self, page: usize) -> Result<(), StateError> {
+    pub(crate) fn complete_unplugged(&self, page: usize) -> Result<(), StateError> {
         self.transition(page, "complete_unplugged", PageState::Resolving, PageState::Offline)
     }
 
     /// Finishes a claim: `Resolving -> Present`.
-    pub fn complete(&self, page: usize) -> Result<(), StateError> {
+    pub(crate) fn complete(&self, page: usize) -> Result<(), StateError> {
         self.transition(page, "complete", PageState::Resolving, PageState::Present)
     }
 
     /// Gives a claim back: `Resolving -> Missing`, origin kept.
-    pub fn release(&self, page: usize) -> Result<(), StateError> {
+    pub(crate) fn release(&self, page: usize) -> Result<(), StateError> {
         self.transition(page, "release", PageState::Resolving, PageState::Missing)
     }
 
     /// Marks a claimed page poisoned: `Resolving -> Poisoned`.
-    pub fn poison(&self, page: usize) -> Result<(), StateError> {
+    pub(crate) fn poison(&self, page: usize) -> Result<(), StateError> {
         self.transition(page, "poison", PageState::Resolving, PageState::Poisoned)
     }
 
@@ -320,7 +330,7 @@ impl Region {
     /// the invalidation sequence move). Offline and invalidating pages keep
     /// their state and take the `Zero` origin.
     /// Returns the state and origin the page had.
-    pub fn mark_removed(&self, page: usize) -> (PageState, Origin) {
+    pub(crate) fn mark_removed(&self, page: usize) -> (PageState, Origin) {
         let prior = self.states[page].fetch_update(Ordering::AcqRel, Ordering::Acquire, |b| {
             let (state, origin) = unpack(b);
             // A discard does not undo an unplug under the poison policy.
@@ -334,12 +344,20 @@ impl Region {
         unpack(prior.unwrap_or_else(|b| b))
     }
 
+    /// [`Self::mark_removed`], for the integration tests that stage a
+    /// remove's race by hand (feature `unstable-internals`: not API).
+    #[cfg(feature = "unstable-internals")]
+    #[doc(hidden)]
+    pub fn unstable_mark_removed(&self, page: usize) -> (PageState, Origin) {
+        self.mark_removed(page)
+    }
+
     /// Marks a page for an offline (`Present`, `Missing`, `Poisoned` or
     /// `Offline` `-> Invalidating`, origin kept) and returns the state it
     /// had. A `Resolving` page stays claimed: its resolver sees the
     /// invalidation sequence move and waits for the offline to end.
     /// Called under the install lock, so no install races the marking.
-    pub fn begin_invalidate(&self, page: usize) -> PageState {
+    pub(crate) fn begin_invalidate(&self, page: usize) -> PageState {
         let mut prior = PageState::Resolving;
         let _ = self.states[page].fetch_update(Ordering::AcqRel, Ordering::Acquire, |b| {
             let (state, origin) = unpack(b);
@@ -356,7 +374,7 @@ impl Region {
 
     /// Ends an offline's hold on a page: `Invalidating -> to`, with a new
     /// origin if given.
-    pub fn end_invalidate(&self, page: usize, to: PageState, origin: Option<Origin>) -> Result<(), StateError> {
+    pub(crate) fn end_invalidate(&self, page: usize, to: PageState, origin: Option<Origin>) -> Result<(), StateError> {
         let res = self.states[page].fetch_update(Ordering::AcqRel, Ordering::Acquire, |b| {
             let (state, old) = unpack(b);
             (state == PageState::Invalidating).then(|| pack(to, origin.unwrap_or(old)))
@@ -368,7 +386,7 @@ impl Region {
 
     /// Sets the origin of a page claimed by a resolver (`Resolving` stays):
     /// used when an unplug discards the contents it is about to fill.
-    pub fn set_claimed_origin(&self, page: usize, origin: Origin) {
+    pub(crate) fn set_claimed_origin(&self, page: usize, origin: Origin) {
         let _ = self.states[page].fetch_update(Ordering::AcqRel, Ordering::Acquire, |b| {
             let (state, _) = unpack(b);
             (state == PageState::Resolving).then(|| pack(state, origin))
@@ -381,7 +399,7 @@ impl Region {
     /// `madvise` that sent it zaps only after that read, so an install that
     /// lands in between is zapped with the rest: zeros are what the page
     /// holds. False if the page was not `Present` with origin `Zero`.
-    pub fn try_reclaim_removed(&self, page: usize) -> bool {
+    pub(crate) fn try_reclaim_removed(&self, page: usize) -> bool {
         let cur = self.states[page].load(Ordering::Acquire);
         unpack(cur) == (PageState::Present, Origin::Zero)
             && self.states[page]
@@ -392,7 +410,7 @@ impl Region {
     /// A page the engine had installed and the kernel lost (no remove
     /// event behind it) was poisoned: `Present -> Poisoned`. False if the
     /// page was not `Present`.
-    pub fn mark_lost(&self, page: usize) -> bool {
+    pub(crate) fn mark_lost(&self, page: usize) -> bool {
         let cur = self.states[page].load(Ordering::Acquire);
         let (state, origin) = unpack(cur);
         state == PageState::Present

@@ -242,15 +242,18 @@ impl Drop for SnapshotFile {
     }
 }
 
+#[cfg(feature = "lab")]
 /// Deterministic synthetic contents: every page starts with its guest
 /// address and the seed, and the rest is a hash of both. Lets examples,
-/// tests and benchmarks write and verify images without keeping a copy.
+/// tests and benchmarks write and verify images without keeping a copy
+/// (feature `lab`).
 #[derive(Debug, Clone, Copy)]
 pub struct Pattern {
     /// Seed mixed into every page.
     pub seed: u64,
 }
 
+#[cfg(feature = "lab")]
 impl Pattern {
     /// Writes the contents of the pages starting at `gpa` into `buf`.
     pub fn write(&self, gpa: u64, buf: &mut [u8]) {
@@ -292,6 +295,7 @@ impl Pattern {
     }
 }
 
+#[cfg(feature = "lab")]
 /// The splitmix64 finaliser: a fast, well-mixed 64-bit hash.
 pub fn splitmix64(mut x: u64) -> u64 {
     x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
@@ -300,6 +304,7 @@ pub fn splitmix64(mut x: u64) -> u64 {
     x ^ (x >> 31)
 }
 
+#[cfg(feature = "lab")]
 impl PageSource for Pattern {
     fn fill(&self, gpa: GuestAddress, buf: &mut [u8]) -> Result<(), SourceError> {
         self.write(gpa.0, buf);
@@ -520,6 +525,7 @@ mod tests {
         assert!(matches!(SnapshotFile::with_layout("/nonexistent/apf", vec![]), Err(SourceError::Open { .. })));
     }
 
+    #[cfg(feature = "lab")]
     #[test]
     fn pattern_verifies_what_it_wrote_and_nothing_else() {
         let p = Pattern { seed: 42 };

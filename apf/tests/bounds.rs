@@ -4,10 +4,10 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use apf::fault::{Engine, EngineError, WorkingSet, MAX_REPLAYS};
-use apf::ram::{GuestAddress, GuestRam, GuestRange};
-use apf::source::{PageSource, Pattern, SourceError, SourceKind};
-use apf::uffd::PAGE_SIZE;
+use apf::{
+    Engine, EngineError, GuestAddress, GuestRam, GuestRange, PageSource, Pattern, SourceError, SourceKind, WorkingSet,
+    MAX_REPLAYS, PAGE_SIZE,
+};
 
 const PAGE: u64 = PAGE_SIZE as u64;
 
@@ -31,8 +31,7 @@ fn discard(ram: &GuestRam, gpa: u64, len: u64) {
 fn the_working_set_records_first_touches_once_in_order() {
     let ram = ram(32);
     let engine = Engine::builder(ram.clone(), Arc::new(Pattern { seed: 4 }))
-        .max_window(1)
-        .record_working_set(true)
+        .config(apf::Config { max_window: 1, record_working_set: true, ..apf::Config::default() })
         .start()
         .unwrap();
     let order = [5u64, 3, 17, 9];
@@ -71,7 +70,10 @@ impl PageSource for Slow {
 #[test]
 fn finished_replays_are_pruned_and_running_ones_bounded() {
     let ram = ram(256);
-    let engine = Engine::builder(ram.clone(), Arc::new(Slow)).max_window(1).start().unwrap();
+    let engine = Engine::builder(ram.clone(), Arc::new(Slow))
+        .config(apf::Config { max_window: 1, ..apf::Config::default() })
+        .start()
+        .unwrap();
     // Each replay's pages are installed one at a time, 20 ms each.
     let ws = |first: u64| WorkingSet { pages: (first..first + 8).map(|p| p * PAGE).collect() };
     for i in 0..MAX_REPLAYS as u64 {

@@ -7,10 +7,10 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Barrier, Mutex};
 use std::time::{Duration, Instant};
 
-use apf::fault::{Dispatch, Engine, EngineError, WorkingSet};
-use apf::ram::{GuestAddress, GuestRam, GuestRange, PageState, RamError};
-use apf::source::{PageSource, Pattern, SourceError, SourceKind};
-use apf::uffd::PAGE_SIZE;
+use apf::{
+    Dispatch, Engine, EngineError, GuestAddress, GuestRam, GuestRange, PageSource, PageState, Pattern, RamError,
+    SourceError, SourceKind, WorkingSet, PAGE_SIZE,
+};
 
 const PAGE: u64 = PAGE_SIZE as u64;
 
@@ -40,7 +40,7 @@ fn write_word(ram: &GuestRam, gpa: u64, v: u64) {
 
 /// The counters once every job in flight has finished (installs wake the
 /// faulting thread before their counters move).
-fn settled(engine: &Engine) -> apf::fault::StatsSnapshot {
+fn settled(engine: &Engine) -> apf::StatsSnapshot {
     assert!(engine.wait_idle(Instant::now() + Duration::from_secs(10)), "engine did not go idle");
     engine.stats()
 }
@@ -109,7 +109,10 @@ impl PageSource for TestSource {
 fn concurrent_faults_on_one_page_are_resolved_once() {
     let ram = ram(&[(0, 16)]);
     let source = Arc::new(TestSource::new(Duration::from_millis(100)));
-    let engine = Engine::builder(ram.clone(), source.clone()).max_window(1).start().unwrap();
+    let engine = Engine::builder(ram.clone(), source.clone())
+        .config(apf::Config { max_window: 1, ..apf::Config::default() })
+        .start()
+        .unwrap();
     let barrier = Barrier::new(8);
     std::thread::scope(|s| {
         for _ in 0..8 {
@@ -131,7 +134,10 @@ fn prefetch_windows_stop_at_region_edges() {
     // Two regions, far apart in guest-physical space.
     let ram = ram(&[(0x10_0000, 40), (0x4000_0000, 40)]);
     let pattern = Pattern { seed: 99 };
-    let engine = Engine::builder(ram.clone(), Arc::new(pattern)).max_window(32).start().unwrap();
+    let engine = Engine::builder(ram.clone(), Arc::new(pattern))
+        .config(apf::Config { max_window: 32, ..apf::Config::default() })
+        .start()
+        .unwrap();
     // Ascending through region 0, then descending through region 1.
     for p in 0..40 {
         verify(&ram, pattern, 0x10_0000 + p * PAGE);
@@ -151,7 +157,10 @@ fn prefetch_windows_stop_at_region_edges() {
 fn strided_access_is_prefetched_and_correct() {
     let ram = ram(&[(0, 512)]);
     let pattern = Pattern { seed: 3 };
-    let engine = Engine::builder(ram.clone(), Arc::new(pattern)).max_window(64).start().unwrap();
+    let engine = Engine::builder(ram.clone(), Arc::new(pattern))
+        .config(apf::Config { max_window: 64, ..apf::Config::default() })
+        .start()
+        .unwrap();
     for p in (0..512).step_by(4) {
         verify(&ram, pattern, p * PAGE);
     }
@@ -168,7 +177,10 @@ fn strided_access_is_prefetched_and_correct() {
 fn removed_pages_fault_back_as_zeros() {
     let ram = ram(&[(0, 16)]);
     let pattern = Pattern { seed: 1 };
-    let engine = Engine::builder(ram.clone(), Arc::new(pattern)).max_window(1).start().unwrap();
+    let engine = Engine::builder(ram.clone(), Arc::new(pattern))
+        .config(apf::Config { max_window: 1, ..apf::Config::default() })
+        .start()
+        .unwrap();
     for p in 0..8 {
         verify(&ram, pattern, p * PAGE);
     }
@@ -199,7 +211,10 @@ fn pages_present_behind_the_engine_are_skipped_not_overwritten() {
     write_word(&ram, 11 * PAGE, 0x1111);
     write_word(&ram, 30 * PAGE, 0x3030);
     let pattern = Pattern { seed: 5 };
-    let engine = Engine::builder(ram.clone(), Arc::new(pattern)).max_window(64).start().unwrap();
+    let engine = Engine::builder(ram.clone(), Arc::new(pattern))
+        .config(apf::Config { max_window: 64, ..apf::Config::default() })
+        .start()
+        .unwrap();
     for p in 0..64u64 {
         let page = read_page(&ram, p * PAGE);
         match p {
@@ -221,7 +236,10 @@ fn a_fault_deduped_onto_a_failed_window_is_resolved() {
     let mut src = TestSource::new(Duration::from_millis(75));
     src.fail_windows = true;
     let source = Arc::new(src);
-    let engine = Engine::builder(ram.clone(), source.clone()).max_window(4).start().unwrap();
+    let engine = Engine::builder(ram.clone(), source.clone())
+        .config(apf::Config { max_window: 4, ..apf::Config::default() })
+        .start()
+        .unwrap();
     let started = Instant::now();
     std::thread::scope(|s| {
         s.spawn(|| {
@@ -251,8 +269,10 @@ fn working_set_recorded_by_one_run_is_replayed_by_the_next() {
     let order: Vec<u64> = [40u64, 3, 77, 120, 5, 6, 7, 200, 201, 33].iter().map(|p| p * PAGE).collect();
     let ws = {
         let ram = ram(&[(0, 256)]);
-        let engine =
-            Engine::builder(ram.clone(), Arc::new(pattern)).max_window(1).record_working_set(true).start().unwrap();
+        let engine = Engine::builder(ram.clone(), Arc::new(pattern))
+            .config(apf::Config { max_window: 1, record_working_set: true, ..apf::Config::default() })
+            .start()
+            .unwrap();
         for &gpa in &order {
             verify(&ram, pattern, gpa);
         }
@@ -320,9 +340,19 @@ fn invalid_configuration_is_refused() {
     let ram = ram(&[(0, 4)]);
     let p = Arc::new(Pattern { seed: 0 });
     for (b, what) in [
-        (Engine::builder(ram.clone(), p.clone()).workers(0), "workers"),
-        (Engine::builder(ram.clone(), p.clone()).max_window(0), "max_window"),
-        (Engine::builder(ram.clone(), p.clone()).max_window(100_000), "max_window"),
+        (
+            Engine::builder(ram.clone(), p.clone()).config(apf::Config { workers: 0, ..apf::Config::default() }),
+            "workers",
+        ),
+        (
+            Engine::builder(ram.clone(), p.clone()).config(apf::Config { max_window: 0, ..apf::Config::default() }),
+            "max_window",
+        ),
+        (
+            Engine::builder(ram.clone(), p.clone())
+                .config(apf::Config { max_window: 100_000, ..apf::Config::default() }),
+            "max_window",
+        ),
     ] {
         match b.start() {
             Err(EngineError::Config(msg)) => assert!(msg.contains(what), "{msg}"),
@@ -337,7 +367,10 @@ fn invalid_configuration_is_refused() {
 #[test]
 fn zero_source_serves_reads_with_the_zero_page_and_writes_with_copies() {
     let ram = ram(&[(0, 64)]);
-    let engine = Engine::builder(ram.clone(), Arc::new(apf::ZeroSource)).max_window(1).start().unwrap();
+    let engine = Engine::builder(ram.clone(), Arc::new(apf::ZeroSource))
+        .config(apf::Config { max_window: 1, ..apf::Config::default() })
+        .start()
+        .unwrap();
     assert!(read_page(&ram, 0).iter().all(|&b| b == 0));
     write_word(&ram, 8 * PAGE, 42);
     assert_eq!(read_page(&ram, 8 * PAGE)[..8], 42u64.to_le_bytes());
@@ -361,7 +394,7 @@ fn many_threads_random_faults_every_byte_right() {
             s.spawn(move || {
                 let mut x = t + 1;
                 while next.fetch_add(1, Ordering::Relaxed) < 4096 {
-                    x = apf::source::splitmix64(x);
+                    x = apf::splitmix64(x);
                     verify(ram, pattern, (x % 4096) * PAGE);
                 }
             });
@@ -501,7 +534,10 @@ fn child_shutdown_under_load() {
     let threads_before = count_entries("/proc/self/task");
     let ram = ram(&[(0, 4096)]);
     let source = Arc::new(TestSource::new(Duration::from_micros(300)));
-    let engine = Engine::builder(ram.clone(), source.clone()).workers(2).start().unwrap();
+    let engine = Engine::builder(ram.clone(), source.clone())
+        .config(apf::Config { workers: 2, ..apf::Config::default() })
+        .start()
+        .unwrap();
     // Load: four threads faulting at random, and a replay of every page.
     engine.replay(&WorkingSet { pages: (0..4096).map(|p| p * PAGE).collect() }).unwrap();
     let stop = AtomicBool::new(false);
@@ -511,7 +547,7 @@ fn child_shutdown_under_load() {
             s.spawn(move || {
                 let mut x = t;
                 while !stop.load(Ordering::Relaxed) {
-                    x = apf::source::splitmix64(x);
+                    x = apf::splitmix64(x);
                     verify(ram, source.pattern, (x % 4096) * PAGE);
                 }
             });
@@ -584,7 +620,7 @@ fn a_fault_with_no_stream_installs_its_aligned_block() {
 
     // Off: one page per fault.
     let ram2 = self::ram(&[(0, 64)]);
-    let config = apf::fault::Config { fault_around: 1, ..apf::fault::Config::default() };
+    let config = apf::Config { fault_around: 1, ..apf::Config::default() };
     let engine = Engine::builder(ram2.clone(), Arc::new(pattern)).config(config).start().unwrap();
     verify(&ram2, pattern, 13 * PAGE);
     assert_eq!(settled(&engine).pages_installed, 1);

@@ -10,12 +10,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use apf::hostmem::{self, BlockState, HostMemError, Pagemap};
-use apf::kpin::FixedBuffer;
-use apf::ram::{GuestAddress, GuestRam, GuestRange};
-use apf::source::ZeroSource;
-use apf::uffd::PAGE_SIZE;
-use apf::{Engine, Mode, OfflineError, OfflineReport};
+use apf::hostmem::{self, Pagemap};
+use apf::{
+    BlockState, Engine, FixedBuffer, GuestAddress, GuestRam, GuestRange, HostMemError, Mode, OfflineError,
+    OfflineReport, ZeroSource, PAGE_SIZE,
+};
 
 const RAM: usize = 64 << 20;
 

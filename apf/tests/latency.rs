@@ -4,10 +4,9 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use apf::ram::{GuestAddress, GuestRam};
-use apf::source::{PageSource, SourceError, SourceKind};
-use apf::trace::{LatencyLayer, FAULT, FILL};
+use apf::span::{FAULT, FILL};
 use apf::Engine;
+use apf::{GuestAddress, GuestRam, LatencyLayer, PageSource, SourceError, SourceKind};
 use tracing_subscriber::layer::SubscriberExt;
 
 /// Sleeps `per_fill` on every fill, then fills zeros.
@@ -38,7 +37,10 @@ fn histograms_match_the_durations_a_sleeping_source_produces() {
     let waited = tracing::subscriber::with_default(subscriber, || {
         let ram = Arc::new(GuestRam::anonymous(&[(GuestAddress(0), 64 * 4096)]).unwrap());
         // One page per fault, so every fault is one fill.
-        let engine = Engine::builder(ram.clone(), Arc::new(Sleepy { per_fill: sleep })).max_window(1).start().unwrap();
+        let engine = Engine::builder(ram.clone(), Arc::new(Sleepy { per_fill: sleep }))
+            .config(apf::Config { max_window: 1, ..apf::Config::default() })
+            .start()
+            .unwrap();
         layer.register_current_vcpu(3);
         let mut waited = Vec::new();
         for i in 0..PAGES {

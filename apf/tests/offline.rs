@@ -6,12 +6,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use apf::hostmem::Pagemap;
-use apf::kpin::FixedBuffer;
-use apf::notifier::Reason;
-use apf::ram::{GuestAddress, GuestRam, GuestRange, PageState, RamError};
-use apf::source::{PageSource, Pattern, SourceError, SourceKind, ZeroSource};
-use apf::uffd::PAGE_SIZE;
-use apf::{Config, Engine, Mode, OfflineError, PinError, UnplugPolicy};
+use apf::{
+    Config, Engine, FixedBuffer, GuestAddress, GuestRam, GuestRange, Mode, OfflineError, PageSource, PageState,
+    Pattern, PinError, RamError, Reason, SourceError, SourceKind, UnplugPolicy, ZeroSource, PAGE_SIZE,
+};
 use vm_memory::Bytes;
 
 const PAGE: u64 = PAGE_SIZE as u64;
@@ -98,7 +96,7 @@ fn writers_lose_nothing(modes: &[Mode]) {
                     let mut x = t + 1;
                     let mut n = 0;
                     while !stop.load(Ordering::Relaxed) || n < 20_000 {
-                        x = apf::source::splitmix64(x);
+                        x = apf::splitmix64(x);
                         let page = (x as usize % (pages / 2)) * 2 + t as usize;
                         let gpa = (page * PAGE_SIZE) as u64;
                         let v = read_word(ram, gpa);
@@ -114,7 +112,7 @@ fn writers_lose_nothing(modes: &[Mode]) {
         let mut x = 99u64;
         let t = Instant::now();
         while t.elapsed() < Duration::from_millis(600) {
-            x = apf::source::splitmix64(x);
+            x = apf::splitmix64(x);
             let len = (1 + x % 512) * PAGE;
             let start = (x >> 20) % (16 * MIB as u64 - len) / PAGE * PAGE;
             let mode = modes[offlines.load(Ordering::Relaxed) % modes.len()];
@@ -265,7 +263,10 @@ impl PageSource for SlowSource {
 fn contents_filled_before_an_invalidation_are_never_installed_after_it() {
     let ram = ram(MIB);
     let source = Arc::new(SlowSource { delay: Duration::from_millis(150), started: AtomicUsize::new(0) });
-    let engine = Engine::builder(ram.clone(), source.clone()).max_window(1).start().unwrap();
+    let engine = Engine::builder(ram.clone(), source.clone())
+        .config(apf::Config { max_window: 1, ..apf::Config::default() })
+        .start()
+        .unwrap();
     let r = range(0x3000, PAGE);
     std::thread::scope(|s| {
         let reader = s.spawn(|| read_word(&ram, 0x3000 + 8));

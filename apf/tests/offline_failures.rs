@@ -10,12 +10,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
+use apf::failpoints::Op;
 use apf::failpoints::Rule;
-use apf::kpin::FixedBuffer;
-use apf::ram::{GuestAddress, GuestRam, GuestRange, PageState};
-use apf::source::{PageSource, SourceError, SourceKind, ZeroSource};
-use apf::uffd::{Op, PAGE_SIZE};
-use apf::{Config, Engine, Mode, OfflineError, UnplugPolicy};
+use apf::{Config, Engine, Mode, OfflineError, UnplugPolicy, PAGE_SIZE};
+use apf::{
+    FixedBuffer, GuestAddress, GuestRam, GuestRange, PageSource, PageState, SourceError, SourceKind, ZeroSource,
+};
 use vm_memory::Bytes;
 
 const PAGE: u64 = PAGE_SIZE as u64;

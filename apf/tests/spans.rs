@@ -5,9 +5,7 @@ use std::sync::{Arc, Mutex};
 
 use std::time::{Duration, Instant};
 
-use apf::ram::{GuestAddress, GuestRam, GuestRange};
-use apf::source::Pattern;
-use apf::{Engine, Mode};
+use apf::{Engine, GuestAddress, GuestRam, GuestRange, Mode, Pattern};
 use tracing::field::{Field, Visit};
 use tracing::span::{Attributes, Id, Record};
 use tracing_subscriber::layer::{Context, SubscriberExt};
@@ -53,7 +51,10 @@ fn a_users_layer_sees_the_documented_spans_and_fields() {
     let tid = rustix::thread::gettid().as_raw_nonzero().get();
     tracing::subscriber::with_default(subscriber, || {
         let ram = Arc::new(GuestRam::anonymous(&[(GuestAddress(0x10_0000), 16 * 4096)]).unwrap());
-        let engine = Engine::builder(ram.clone(), Arc::new(Pattern { seed: 1 })).max_window(1).start().unwrap();
+        let engine = Engine::builder(ram.clone(), Arc::new(Pattern { seed: 1 }))
+            .config(apf::Config { max_window: 1, ..apf::Config::default() })
+            .start()
+            .unwrap();
         let p = ram.host_range(GuestAddress(0x10_3000), 8).unwrap();
         // SAFETY: `p` is 8 bytes of guest RAM; the engine installs the page.
         let word = unsafe { std::ptr::read_volatile(p as *const u64) };
@@ -71,7 +72,7 @@ fn a_users_layer_sees_the_documented_spans_and_fields() {
 
     let spans = recorder.spans.lock().unwrap();
     let named = |name: &str| -> Vec<&Fields> { spans.values().filter(|(n, _)| n == name).map(|(_, f)| f).collect() };
-    let faults: Vec<&Fields> = named(apf::trace::FAULT).into_iter().filter(|f| f["gpa"] == "1060864").collect();
+    let faults: Vec<&Fields> = named(apf::span::FAULT).into_iter().filter(|f| f["gpa"] == "1060864").collect();
     assert_eq!(faults.len(), 1, "{spans:?}");
     let f = faults[0];
     assert_eq!(f["gpa"], (0x10_3000u64).to_string());
@@ -80,16 +81,16 @@ fn a_users_layer_sees_the_documented_spans_and_fields() {
     assert_eq!(f["source"], "pattern");
     assert_eq!(f["bytes"], "4096");
     assert_eq!(f["outcome"], "installed");
-    assert!(!named(apf::trace::INSTALL).is_empty(), "install span: {spans:?}");
-    assert!(!named(apf::trace::FILL).is_empty(), "fill span: {spans:?}");
+    assert!(!named(apf::span::INSTALL).is_empty(), "install span: {spans:?}");
+    assert!(!named(apf::span::FILL).is_empty(), "fill span: {spans:?}");
 
     // The pin faulted its ring in twice: at first use and after the offline.
-    let pins = named(apf::trace::PIN);
+    let pins = named(apf::span::PIN);
     assert_eq!(pins.len(), 2, "{pins:?}");
     for p in &pins {
         assert_eq!((p["gpa"].as_str(), p["len"].as_str(), p["outcome"].as_str()), ("1081344", "8192", "armed"));
     }
-    let offlines = named(apf::trace::OFFLINE);
+    let offlines = named(apf::span::OFFLINE);
     assert_eq!(offlines.len(), 1);
     let o = offlines[0];
     assert_eq!((o["gpa"].as_str(), o["len"].as_str(), o["mode"].as_str()), ("1081344", "8192", "migrate"));

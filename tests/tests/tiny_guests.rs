@@ -344,10 +344,10 @@ struct Faulty {
 }
 
 impl apf::PageSource for Faulty {
-    fn fill(&self, gpa: apf::GuestAddress, buf: &mut [u8]) -> Result<(), apf::source::SourceError> {
+    fn fill(&self, gpa: apf::GuestAddress, buf: &mut [u8]) -> Result<(), apf::SourceError> {
         let range = gpa.0..gpa.0 + buf.len() as u64;
         if range.contains(&self.fail) {
-            return Err(apf::source::SourceError::NotCovered(apf::GuestRange::new(gpa, buf.len() as u64)));
+            return Err(apf::SourceError::NotCovered(apf::GuestRange::new(gpa, buf.len() as u64)));
         }
         if range.contains(&self.stall) {
             let until = Instant::now() + self.max;
@@ -359,8 +359,8 @@ impl apf::PageSource for Faulty {
         Ok(())
     }
 
-    fn kind(&self) -> apf::source::SourceKind {
-        apf::source::SourceKind::Blocking
+    fn kind(&self) -> apf::SourceKind {
+        apf::SourceKind::Blocking
     }
 
     fn name(&self) -> &'static str {

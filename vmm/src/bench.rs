@@ -29,9 +29,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use agent_proto::{permute, splitmix64, Workload};
-use apf::baseline::SinglePageHandler;
-use apf::source::Pattern;
-use apf::trace::{LatencyLayer, FAULT};
+use apf::span::FAULT;
+use apf::LatencyLayer;
+use apf::Pattern;
+use apf::SinglePageHandler;
 use apf::{Engine, GuestAddress, GuestRam, GuestRange, Mode, PageSource, Pin, SnapshotFile, ZeroSource};
 use tracing_subscriber::layer::SubscriberExt;
 
@@ -426,7 +427,11 @@ fn host_pass(variant: Variant, random: bool, src: Src, bytes: u64, image: &Path,
             _baseline = Some(SinglePageHandler::start(ram.clone(), source(&ram)?).map_err(|e| err(&e))?)
         }
         Variant::Apf { workers, window } => {
-            let b = Engine::builder(ram.clone(), source(&ram)?).workers(workers).max_window(window);
+            let b = Engine::builder(ram.clone(), source(&ram)?).config(apf::Config {
+                workers,
+                max_window: window,
+                ..apf::Config::default()
+            });
             // No subscriber at all: what the engine costs on its own.
             let none = tracing::Dispatch::none();
             _engine = Some(tracing::dispatcher::with_default(&none, || b.start()).map_err(|e| err(&e))?);
@@ -618,9 +623,7 @@ fn storm_latency(rounds: usize, faults: usize) -> Result<StormLatency, String> {
         std::thread::scope(|sc| {
             if with_storm {
                 sc.spawn(|| {
-                    let tid = rustix::thread::gettid().as_raw_nonzero().get() as libc::id_t;
-                    // SAFETY: setpriority only changes this thread's nice value.
-                    unsafe { libc::setpriority(libc::PRIO_PROCESS, tid, 19) };
+                    let _ = apf::set_thread_nice(19);
                     let mut x = 3 + round as u64;
                     while !stop.load(Ordering::Relaxed) {
                         std::thread::sleep(Duration::from_millis(1));

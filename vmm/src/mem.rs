@@ -6,7 +6,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use apf::ram::RamError;
+use apf::RamError;
 use apf::{Engine, GuestAddress, GuestRam, GuestRange, PinError};
 use thiserror::Error;
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion, VolatileSlice};

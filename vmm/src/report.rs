@@ -7,7 +7,7 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use agent_proto::Counters;
-use apf::trace::LatencySummary;
+use apf::LatencySummary;
 
 /// Errors kept in full; beyond this they are only counted.
 const MAX_ERRORS: usize = 200;

@@ -103,9 +103,7 @@ impl Drop for Storm {
 fn run(engine: &Engine, config: StormConfig, stop: &AtomicBool, report: &Mutex<StormReport>, errors: &Errors) {
     // Offlining competes with vCPUs and the engine for two cores; at normal
     // priority a busy storm triples fault latency.
-    let tid = rustix::thread::gettid().as_raw_nonzero().get() as libc::id_t;
-    // SAFETY: setpriority on this thread (tid) only changes its nice value.
-    let _ = unsafe { libc::setpriority(libc::PRIO_PROCESS, tid, 19) };
+    let _ = apf::set_thread_nice(19);
     let ram = engine.ram().size();
     let ram_pages = ram / PAGE_SIZE;
     let mut rng = config.seed ^ 0x5707_3e11;

@@ -45,9 +45,9 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use apf::fault::Config;
-use apf::source::{SourceError, SourceKind};
+use apf::Config;
 use apf::{Dispatch, Engine, GuestAddress, GuestRam, GuestRange, Mode, OfflineError, PageSource, Pin, PinError};
+use apf::{SourceError, SourceKind};
 use apf::{UnplugPolicy, UnplugPolicy::Poison as PoisonPolicy};
 use thiserror::Error;
 
@@ -324,7 +324,7 @@ pub fn parse_args(args: &[String]) -> Result<StressConfig, CliError> {
 pub enum StressError {
     /// Guest RAM could not be mapped.
     #[error("guest RAM")]
-    Ram(#[from] apf::ram::RamError),
+    Ram(#[from] apf::RamError),
     /// The engine did not start.
     #[error("engine start")]
     Engine(#[from] apf::EngineError),

@@ -189,7 +189,7 @@ fn run_loop(id: u32, fd: &mut VcpuFd, ctx: &VcpuContext) -> VcpuEnd {
 /// page at `gpa`.
 fn poisoned(ram: &GuestRam, gpa: u64) -> bool {
     ram.locate(apf::GuestAddress(gpa))
-        .is_ok_and(|loc| matches!(ram.state(loc).0, apf::ram::PageState::Poisoned | apf::ram::PageState::Offline))
+        .is_ok_and(|loc| matches!(ram.state(loc).0, apf::PageState::Poisoned | apf::PageState::Offline))
 }
 
 fn rip(fd: &VcpuFd) -> u64 {

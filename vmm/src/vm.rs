@@ -15,8 +15,8 @@ use std::time::{Duration, Instant};
 use agent_proto::{
     Config, Layout, LayoutError, Workload, AGENT_LIMIT, AGENT_LOAD, FLAG_BALLOON, FLAG_CHECKSUM, FLAG_GUEST_OFFLINE,
 };
-use apf::baseline::SinglePageHandler;
-use apf::trace::{latency_plot, LatencyLayer};
+use apf::SinglePageHandler;
+use apf::{latency_plot, LatencyLayer};
 use apf::{Engine, EngineError, GuestAddress, GuestRam, GuestRange, PageSource, SnapshotFile, ZeroSource};
 use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
 use kvm_bindings::{kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES};
@@ -54,7 +54,7 @@ pub enum VmError {
     Layout(#[source] LayoutError),
     /// Guest RAM could not be mapped.
     #[error("cannot map guest RAM")]
-    Ram(#[source] apf::ram::RamError),
+    Ram(#[source] apf::RamError),
     /// The engine could not start.
     #[error("cannot start the page-fault engine")]
     Engine(#[source] EngineError),
@@ -63,7 +63,7 @@ pub enum VmError {
     Snapshot(#[from] SnapshotError),
     /// The snapshot's RAM cannot be read as a page source.
     #[error("cannot read the snapshot's RAM")]
-    Source(#[source] apf::source::SourceError),
+    Source(#[source] apf::SourceError),
     /// A KVM ioctl failed.
     #[error("KVM: {what}")]
     Kvm {

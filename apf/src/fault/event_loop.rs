@@ -181,7 +181,10 @@ fn answer_with_poison(shared: &Shared, stop: &EventFd) {
         for ev in events.iter() {
             if let Event::Fault { addr, .. } = *ev {
                 let page = addr & !(PAGE_SIZE as u64 - 1);
-                match shared.uffd.poison(page, PAGE_SIZE) {
+                // SAFETY: the kernel reported a fault there, so the page is in
+                // a range registered with this descriptor: guest RAM, which
+                // no Rust reference ever points into (see `crate::ram`).
+                match unsafe { shared.uffd.poison(page, PAGE_SIZE) } {
                     Ok(_) => {}
                     // Present, or a remove pending (it is read next round):
                     // either way the thread retries its access.
@@ -459,7 +462,8 @@ impl FaultLoop {
                         drop(guard);
                         continue;
                     }
-                    let probe = shared.uffd.poison(host, PAGE_SIZE);
+                    // SAFETY: a page of guest RAM, which no Rust reference ever points into (see `crate::ram`).
+                    let probe = unsafe { shared.uffd.poison(host, PAGE_SIZE) };
                     let lost = probe.is_ok() && region.mark_lost(page);
                     drop(guard);
                     match probe {
@@ -484,7 +488,8 @@ impl FaultLoop {
                 PageState::Poisoned | PageState::Offline => {
                     // The poison marker is gone (zapped): put it back.
                     let host = region.page_host(page);
-                    match shared.uffd.poison(host, PAGE_SIZE) {
+                    // SAFETY: a page of guest RAM, which no Rust reference ever points into (see `crate::ram`).
+                    match unsafe { shared.uffd.poison(host, PAGE_SIZE) } {
                         Ok(_) => {
                             span.record("outcome", "poisoned");
                         }

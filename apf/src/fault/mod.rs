@@ -432,7 +432,9 @@ impl Shared {
             for (start, end) in crate::ram::runs(r.pages(), unresolved) {
                 let mut at = start;
                 while at < end {
-                    match uffd.poison(r.page_host(at), (end - at) * PAGE_SIZE) {
+                    // SAFETY: pages of guest RAM, which no Rust reference
+                    // ever points into (see `crate::ram`).
+                    match unsafe { uffd.poison(r.page_host(at), (end - at) * PAGE_SIZE) } {
                         Ok(n) => {
                             poisoned += (n / PAGE_SIZE) as u64;
                             at = end;
@@ -521,39 +523,21 @@ impl fmt::Debug for dyn PageSource {
 }
 
 impl EngineBuilder {
-    /// Replaces the whole configuration.
+    /// The configuration (the default one unless this is called). There is
+    /// one way to configure an engine: build a [`Config`] (struct update
+    /// syntax over `Config::default()`) and hand it over here.
+    ///
+    /// ```
+    /// # use std::sync::Arc;
+    /// # use apf::{Config, Dispatch, Engine, GuestAddress, GuestRam, ZeroSource};
+    /// # let ram = Arc::new(GuestRam::anonymous(&[(GuestAddress(0), 1 << 20)])?);
+    /// let config = Config { workers: 2, dispatch: Dispatch::Workers, ..Config::default() };
+    /// let engine = Engine::builder(ram, Arc::new(ZeroSource)).config(config).start()?;
+    /// # engine.shutdown();
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub fn config(mut self, config: Config) -> Self {
         self.config = config;
-        self
-    }
-
-    /// Worker threads (at least 1).
-    pub fn workers(mut self, n: usize) -> Self {
-        self.config.workers = n;
-        self
-    }
-
-    /// Largest prefetch window in pages.
-    pub fn max_window(mut self, pages: usize) -> Self {
-        self.config.max_window = pages;
-        self
-    }
-
-    /// Where windows are resolved.
-    pub fn dispatch(mut self, dispatch: Dispatch) -> Self {
-        self.config.dispatch = dispatch;
-        self
-    }
-
-    /// How long the event loop polls for the next fault before sleeping.
-    pub fn spin(mut self, spin: Duration) -> Self {
-        self.config.spin = spin;
-        self
-    }
-
-    /// Records the faulted pages as a working set.
-    pub fn record_working_set(mut self, on: bool) -> Self {
-        self.config.record_working_set = on;
         self
     }
 
@@ -567,6 +551,41 @@ impl EngineBuilder {
     /// event loop and the workers.
     pub fn start(self) -> Result<Engine, EngineError> {
         Engine::start(self)
+    }
+}
+
+/// The failures an [`Engine`] reports while it runs, oldest first: a
+/// bounded queue that drops (and counts, [`StatsSnapshot::errors_dropped`])
+/// what does not fit. Clones share one queue, and a clone outlives the
+/// engine, keeping what was reported until it is read.
+#[derive(Debug, Clone)]
+pub struct Errors(Receiver<FaultError>);
+
+impl Errors {
+    /// The oldest failure, if one is waiting.
+    pub fn try_recv(&self) -> Option<FaultError> {
+        self.0.try_recv().ok()
+    }
+
+    /// The oldest failure, waiting up to `timeout` for one. `None` at the
+    /// timeout, or at once when none is waiting and the engine is gone.
+    pub fn recv_timeout(&self, timeout: Duration) -> Option<FaultError> {
+        self.0.recv_timeout(timeout).ok()
+    }
+
+    /// Every failure waiting now, oldest first, without blocking.
+    pub fn try_iter(&self) -> impl Iterator<Item = FaultError> + '_ {
+        self.0.try_iter()
+    }
+
+    /// Failures waiting now.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// True if no failure is waiting.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
     }
 }
 
@@ -585,9 +604,7 @@ pub struct ShutdownReport {
 ///
 /// ```no_run
 /// use std::sync::Arc;
-/// use apf::fault::Engine;
-/// use apf::ram::{GuestAddress, GuestRam};
-/// use apf::source::SnapshotFile;
+/// use apf::{Engine, GuestAddress, GuestRam, SnapshotFile};
 ///
 /// let ram = Arc::new(GuestRam::anonymous(&[(GuestAddress(0), 64 << 20)])?);
 /// let source = Arc::new(SnapshotFile::open("guest.img", &ram)?);
@@ -605,7 +622,7 @@ pub struct Engine {
     event_loop: Option<JoinHandle<()>>,
     workers: Vec<JoinHandle<()>>,
     jobs: Option<Sender<Job>>,
-    errors: Receiver<FaultError>,
+    errors: Errors,
     replays: Mutex<Vec<JoinHandle<()>>>,
     shut_down: bool,
 }
@@ -685,7 +702,7 @@ impl Engine {
             event_loop: Some(event_loop),
             workers,
             jobs: Some(job_tx),
-            errors: err_rx,
+            errors: Errors(err_rx),
             replays: Mutex::new(Vec::new()),
             shut_down: false,
         })
@@ -698,7 +715,7 @@ impl Engine {
 
     /// Failures reported while running (bounded; see
     /// [`StatsSnapshot::errors_dropped`]).
-    pub fn errors(&self) -> &Receiver<FaultError> {
+    pub fn errors(&self) -> &Errors {
         &self.errors
     }
 
@@ -843,11 +860,6 @@ impl Engine {
             return Err(OfflineError::Stopped);
         }
         crate::offline::replug(&self.shared, range)
-    }
-
-    /// The invalidation notifier (for reports and tests).
-    pub fn notifier(&self) -> &Notifier {
-        &self.shared.notifier
     }
 
     /// Waits until no window is being resolved, queued or parked, and no

@@ -127,7 +127,8 @@ fn resolve_guarded_counting(shared: &Shared, job: Job, ctx: &mut Ctx) -> (Option
                 // again and gets zeros (or its unplug's poison).
                 let guard = shared.notifier.install_lock();
                 let from_source = matches!(region.claimed_origin(p), Origin::Source | Origin::Store);
-                poisoned = from_source && shared.uffd.poison(region.page_host(p), PAGE_SIZE).is_ok();
+                // SAFETY: a page of guest RAM, which no Rust reference ever points into (see `crate::ram`).
+                poisoned = from_source && unsafe { shared.uffd.poison(region.page_host(p), PAGE_SIZE) }.is_ok();
                 if poisoned {
                     shared.checked(region.poison(p));
                     shared.stats.poisoned.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -336,7 +337,8 @@ fn on_fill_error(
     }
     shared.report(FaultError::SourceFailed { gpa: page_gpa, attempts: job.attempts, poisoned: true, error });
     let host = region.page_host(fault.page);
-    match shared.uffd.poison(host, PAGE_SIZE) {
+    // SAFETY: a page of guest RAM, which no Rust reference ever points into (see `crate::ram`).
+    match unsafe { shared.uffd.poison(host, PAGE_SIZE) } {
         Ok(_) => {
             shared.checked(region.poison(fault.page));
             shared.stats.poisoned.fetch_add(1, Relaxed);
@@ -485,10 +487,16 @@ fn install_pieces(
             let page = piece.first + off;
             let dst = region.page_host(page);
             let len = (piece.count - off) * PAGE_SIZE;
+            // The destination is pages of one guest RAM region, which no Rust
+            // reference ever points into (see `crate::ram`).
             let res = match piece.src {
-                Src::Copy(src) => shared.uffd.copy(dst, src.wrapping_add(off * PAGE_SIZE), len, false),
-                Src::ZeroPage => shared.uffd.zeropage(dst, len, false),
-                Src::Poison => shared.uffd.poison(dst, len),
+                // SAFETY: see above; `src` is the piece's filled buffer, which
+                // holds `piece.count` pages, of which `off` are done.
+                Src::Copy(src) => unsafe { shared.uffd.copy(dst, src.wrapping_add(off * PAGE_SIZE), len, false) },
+                // SAFETY: see above.
+                Src::ZeroPage => unsafe { shared.uffd.zeropage(dst, len, false) },
+                // SAFETY: see above.
+                Src::Poison => unsafe { shared.uffd.poison(dst, len) },
             };
             let (done, err) = match res {
                 Ok(n) => (n.min(len) / PAGE_SIZE, None),

@@ -15,7 +15,7 @@ use tracing::Subscriber;
 use tracing_subscriber::layer::{Context, Layer};
 use tracing_subscriber::registry::LookupSpan;
 
-use super::{FAULT, SPANS};
+use crate::span::{FAULT, SPANS};
 
 /// Longest duration a histogram holds (longer ones are clamped): one hour.
 const MAX_NS: u64 = 3_600_000_000_000;
@@ -186,7 +186,7 @@ pub struct VcpuBlocked {
 /// What a [`LatencyLayer`] has seen so far.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct LatencySummary {
-    /// Per span name that occurred, in [`super::SPANS`] order.
+    /// Per span name that occurred, in [`crate::span::SPANS`] order.
     pub spans: Vec<SpanStats>,
     /// Per vCPU registered, in vCPU order.
     pub vcpus: Vec<VcpuBlocked>,
