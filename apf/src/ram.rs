@@ -21,7 +21,7 @@ use std::fmt;
 use std::sync::atomic::{AtomicU8, Ordering};
 
 use thiserror::Error;
-use vm_memory::mmap::MmapRegion;
+use vm_memory::mmap::{MmapRegion, MmapRegionBuilder};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion, GuestRegionMmap};
 
 pub use vm_memory::{GuestAddress, GuestMemoryMmap};
@@ -587,60 +587,42 @@ impl GuestRam {
     }
 }
 
-// SAFETY: the host mappings are owned by `mem` (reference-counted, never
-// unmapped while `mem` lives) and only ever accessed through the kernel
-// (userfaultfd ioctls) or by callers who go through `host_range` and take
-// responsibility for the access; the page states are atomics.
-unsafe impl Send for GuestRam {}
-// SAFETY: see `Send`; no method hands out unsynchronised interior state.
-unsafe impl Sync for GuestRam {}
 
 /// A private anonymous mapping with transparent huge pages off, unmapped on
-/// drop: the engine's staging area, and test buffers.
+/// drop: the engine's staging area, and test buffers. Made by vm-memory's
+/// mmap builder (the flags of a plain `mmap`, no `MAP_NORESERVE`).
 #[derive(Debug)]
 pub(crate) struct AnonMapping {
-    addr: u64,
-    len: usize,
+    map: MmapRegion,
 }
 
 impl AnonMapping {
     pub(crate) fn new(len: usize) -> std::io::Result<AnonMapping> {
-        // SAFETY: a fresh private anonymous mapping at an address the kernel
-        // chooses; it aliases nothing.
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                -1,
-                0,
-            )
-        };
-        if ptr == libc::MAP_FAILED {
-            return Err(std::io::Error::last_os_error());
-        }
-        let map = AnonMapping { addr: ptr as u64, len };
-        no_huge_pages(map.addr, len as u64)?;
-        Ok(map)
+        let map = MmapRegionBuilder::new(len)
+            .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+            .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_ANONYMOUS)
+            .build()
+            .map_err(mmap_error)?;
+        no_huge_pages(map.as_ptr() as u64, len as u64)?;
+        Ok(AnonMapping { map })
     }
 
     /// First byte.
     pub(crate) fn ptr(&self) -> *mut u8 {
-        self.addr as *mut u8
+        self.map.as_ptr()
     }
 
     /// Length in bytes.
     pub(crate) fn len(&self) -> usize {
-        self.len
+        self.map.size()
     }
 }
 
-impl Drop for AnonMapping {
-    fn drop(&mut self) {
-        // SAFETY: unmaps the mapping made in `new`, which this value owns;
-        // nothing borrows it past the value's life.
-        unsafe { libc::munmap(self.addr as *mut libc::c_void, self.len) };
+/// The kernel's error behind a failed vm-memory mapping, errno and all.
+pub(crate) fn mmap_error(e: vm_memory::mmap::MmapRegionError) -> std::io::Error {
+    match e {
+        vm_memory::mmap::MmapRegionError::Mmap(e) => e,
+        other => std::io::Error::other(other),
     }
 }
 

@@ -10,9 +10,11 @@ use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use thiserror::Error;
+use vm_memory::mmap::{MmapRegion, MmapRegionBuilder};
+use vm_memory::FileOffset;
 
 use crate::ram::{GuestAddress, GuestRam, GuestRange};
 use crate::uffd::PAGE_SIZE;
@@ -130,17 +132,11 @@ impl PageSource for ZeroSource {
 #[derive(Debug)]
 pub struct SnapshotFile {
     path: PathBuf,
-    file: File,
-    map: *const u8,
-    map_len: usize,
+    file: Arc<File>,
+    /// The file, mapped read-only and shared (none for an empty layout).
+    map: Option<MmapRegion>,
     layout: Vec<(GuestRange, u64)>,
 }
-
-// SAFETY: `map` is a read-only shared mapping owned by this value and only
-// read through; the file handle is thread-safe.
-unsafe impl Send for SnapshotFile {}
-// SAFETY: see `Send`.
-unsafe impl Sync for SnapshotFile {}
 
 impl SnapshotFile {
     /// Opens an image of `ram`: its regions stored back to back from offset
@@ -171,7 +167,7 @@ impl SnapshotFile {
                 return Err(SourceError::BadLayout(*range));
             }
         }
-        let file = File::open(&path).map_err(|source| SourceError::Open { path: path.clone(), source })?;
+        let file = Arc::new(File::open(&path).map_err(|source| SourceError::Open { path: path.clone(), source })?);
         let actual = file.metadata().map_err(|source| SourceError::Open { path: path.clone(), source })?.len();
         let needed = layout.iter().map(|(r, off)| off + r.len).max().unwrap_or(0);
         if actual < needed {
@@ -179,20 +175,17 @@ impl SnapshotFile {
         }
         let map_len = needed as usize;
         let map = if map_len == 0 {
-            std::ptr::null()
+            None
         } else {
-            use std::os::fd::AsRawFd;
-            // SAFETY: a fresh read-only shared mapping of a file we hold
-            // open; it aliases no Rust object. It is unmapped in Drop.
-            let p = unsafe {
-                libc::mmap(std::ptr::null_mut(), map_len, libc::PROT_READ, libc::MAP_SHARED, file.as_raw_fd(), 0)
-            };
-            if p == libc::MAP_FAILED {
-                return Err(SourceError::Map { path, source: io::Error::last_os_error() });
-            }
-            p as *const u8
+            let map = MmapRegionBuilder::new(map_len)
+                .with_file_offset(FileOffset::from_arc(file.clone(), 0))
+                .with_mmap_prot(libc::PROT_READ)
+                .with_mmap_flags(libc::MAP_SHARED)
+                .build()
+                .map_err(|e| SourceError::Map { path: path.clone(), source: crate::ram::mmap_error(e) })?;
+            Some(map)
         };
-        Ok(SnapshotFile { path, file, map, map_len, layout })
+        Ok(SnapshotFile { path, file, map, layout })
     }
 
     /// The file's path.
@@ -217,9 +210,10 @@ impl PageSource for SnapshotFile {
 
     fn resident(&self, gpa: GuestAddress, len: usize) -> Option<*const u8> {
         let off = self.offset_of(gpa, len)?;
+        let map = self.map.as_ref()?;
         // The layout was checked against the mapping's length at open.
-        debug_assert!(off as usize + len <= self.map_len);
-        Some(self.map.wrapping_add(off as usize))
+        debug_assert!(off as usize + len <= map.size());
+        Some(map.as_ptr().wrapping_add(off as usize).cast_const())
     }
 
     fn kind(&self) -> SourceKind {
@@ -228,17 +222,6 @@ impl PageSource for SnapshotFile {
 
     fn name(&self) -> &'static str {
         "snapshot"
-    }
-}
-
-impl Drop for SnapshotFile {
-    fn drop(&mut self) {
-        if !self.map.is_null() {
-            // SAFETY: `map` came from mmap with `map_len` and is unmapped
-            // once, here; no pointer from `resident` outlives the source
-            // (the engine keeps the source alive while it installs).
-            unsafe { libc::munmap(self.map as *mut libc::c_void, self.map_len) };
-        }
     }
 }
 
