@@ -64,7 +64,7 @@ impl SinglePageHandler {
         self.uffd.failpoints()
     }
 
-    /// What went wrong so far (the first [`KEPT_ERRORS`]): pages that could
+    /// What went wrong so far (the first `KEPT_ERRORS`): pages that could
     /// not be filled or installed, reads that failed.
     pub fn errors(&self) -> Vec<String> {
         self.errors.lock().unwrap_or_else(|e| e.into_inner()).clone()

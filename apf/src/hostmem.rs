@@ -158,7 +158,7 @@ pub enum HostMemError {
         /// Its state.
         state: BlockState,
     },
-    /// The address given to [`Pagemap::pfns`] is not page-aligned.
+    /// The address given to the pagemap lookup is not page-aligned.
     #[error("address {addr:#x} is not page-aligned")]
     Misaligned {
         /// The address.

@@ -7,7 +7,7 @@
 //! module produces it on purpose, for tests and demonstrations.
 //!
 //! ```no_run
-//! use apf::kpin::FixedBuffer;
+//! use apf::FixedBuffer;
 //!
 //! let mut page = vec![0u8; 4096];
 //! let mut pin = FixedBuffer::register(page.as_mut_ptr(), page.len())?;

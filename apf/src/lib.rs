@@ -66,8 +66,9 @@
 //!   buffer used as a real kernel pin; the `Pattern` source and
 //!   `splitmix64`; `set_thread_nice`. Pulls in `tracing-subscriber` and
 //!   `hdrhistogram`.
-//! - `failpoints`: the [`failpoints`](crate#cargo-features) of the
-//!   userfaultfd wrapper, for error-path tests (`Engine::failpoints`).
+//! - `failpoints`: the `failpoints` module, which makes one chosen call of
+//!   the userfaultfd wrapper fail, for error-path tests
+//!   (`Engine::failpoints`). Never part of the API.
 //! - `unstable-internals`: the internal modules, public and hidden from the
 //!   docs, for the engine's own integration tests. Not part of the API and
 //!   not covered by semver.

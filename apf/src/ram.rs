@@ -441,11 +441,11 @@ pub struct PageLoc {
 /// Guest RAM: the regions, their host mappings and the page states.
 ///
 /// ```
-/// use apf::ram::{GuestAddress, GuestRam};
+/// use apf::{GuestAddress, GuestRam};
 /// let ram = GuestRam::anonymous(&[(GuestAddress(0), 1 << 20), (GuestAddress(1 << 32), 1 << 20)])?;
 /// assert_eq!(ram.size(), 2 << 20);
 /// assert!(ram.locate(GuestAddress(1 << 31)).is_err()); // in the hole
-/// # Ok::<(), apf::ram::RamError>(())
+/// # Ok::<(), apf::RamError>(())
 /// ```
 pub struct GuestRam {
     mem: GuestMemoryMmap,

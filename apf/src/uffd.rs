@@ -26,7 +26,7 @@ use thiserror::Error;
 
 /// The host page size the engine works in. userfaultfd on anonymous memory
 /// resolves 4 KiB pages (transparent huge pages are disabled on registered
-/// regions, see [`crate::ram`]).
+/// regions).
 pub const PAGE_SIZE: usize = 4096;
 
 /// `_IOWR(UFFDIO, nr, T)` as `<asm-generic/ioctl.h>` encodes it.

@@ -795,7 +795,7 @@ impl Engine {
 
     /// Registers a migratable pin over `range` (page-aligned, inside one
     /// RAM region). `callback` runs on the offlining thread whenever an
-    /// invalidation hits the range; see [`crate::pin`] for what it may do.
+    /// invalidation hits the range; see [`Pin`] for what it may do.
     /// The memory is faulted in by the first [`Pin::get`].
     pub fn pin(
         &self,
@@ -830,7 +830,7 @@ impl Engine {
     /// Offlines `range` in `mode`, waiting at most until `deadline` for
     /// references and kernel pins to let go. Faults on the range keep being
     /// served: they wait while the offline holds the pages and then get the
-    /// right contents. See [`crate::offline`].
+    /// right contents. See [`Mode`] for what each mode does.
     pub fn offline(
         &self,
         range: GuestRange,

@@ -128,7 +128,7 @@ struct Inner {
 /// creation, one histogram update at close. Clones share their data.
 ///
 /// ```
-/// use apf::trace::LatencyLayer;
+/// use apf::LatencyLayer;
 /// use tracing_subscriber::prelude::*;
 /// let layer = LatencyLayer::new();
 /// let subscriber = tracing_subscriber::registry().with(layer.clone());
