@@ -914,10 +914,10 @@ impl<'a> Work<'a> {
                             UnplugPolicy::Zero => Origin::Zero,
                             UnplugPolicy::Poison => Origin::Unplugged,
                         };
-                        self.region.set_claimed_origin(p, origin);
+                        self.region.set_unresolved_origin(p, origin);
                         store.discard(gpa, PAGE_SIZE);
                     }
-                    Outcome::Stored => self.region.set_claimed_origin(p, Origin::Store),
+                    Outcome::Stored => self.region.set_unresolved_origin(p, Origin::Store),
                     _ => {}
                 }
                 continue;
@@ -1131,7 +1131,7 @@ pub(crate) fn replug(shared: &Shared, range: GuestRange) -> Result<usize, Offlin
             // zeros instead (it sees this replug's sequence and looks again).
             let p = loc.page + i;
             if work.prior[i].state == PageState::Resolving && region.claimed_origin(p) == Origin::Unplugged {
-                region.set_claimed_origin(p, Origin::Zero);
+                region.set_unresolved_origin(p, Origin::Zero);
                 replugged += 1;
             }
             if work.prior[i].state == PageState::Offline && work.zero_fill(guard.as_deref(), i) {

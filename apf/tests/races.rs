@@ -739,3 +739,51 @@ fn a_reference_holder_waiting_on_a_window_an_offline_holds_does_not_stall_the_of
     });
     assert!(engine.errors().try_iter().next().is_none());
 }
+
+/// An unplug finds pages claimed by a window's job and, as it takes them,
+/// the job gives them back (it waits with its faulting page only). Their
+/// next claim must fill zeros, not the source's contents the unplug
+/// discarded.
+#[test]
+fn pages_given_back_during_an_unplug_read_zeros_after_it() {
+    let ram = ram(16);
+    let source = Arc::new(GatedFirstPage { open: AtomicBool::new(false), entered: AtomicBool::new(false) });
+    let config = apf::Config {
+        fault_around: 8,
+        dispatch: Dispatch::Workers,
+        unplug_policy: apf::UnplugPolicy::Zero,
+        ..Default::default()
+    };
+    let engine = engine_with(&ram, source.clone(), config);
+    let fp = engine.failpoints().clone();
+    let region = &ram.regions()[0];
+    std::thread::scope(|s| {
+        // A fault on page 0: its job claims pages 0 to 7 and waits in the
+        // fill of page 0.
+        let first = s.spawn(|| read_word(&ram, 0));
+        assert!(wait_for(&source.entered, Duration::from_secs(5)));
+        // An unplug of pages 4 to 7, held at its take-out.
+        fp.arm(Rule::pause(Op::Move));
+        let unplug = s.spawn(|| {
+            let range = apf::GuestRange::new(GuestAddress(4 * PAGE), 4 * PAGE);
+            engine.offline(range, apf::Mode::Unplug, Instant::now() + Duration::from_secs(5))
+        });
+        assert!(fp.wait_paused(Duration::from_secs(5)), "the unplug never took its pages out");
+        // The job's fill ends, its install finds the unplug, and it gives
+        // pages 1 to 7 back.
+        source.open.store(true, Ordering::SeqCst);
+        let by = Instant::now() + Duration::from_secs(5);
+        while region.state(4).0 != apf::ram::PageState::Missing && Instant::now() < by {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert_eq!(region.state(4).0, apf::ram::PageState::Missing, "the job did not give page 4 back");
+        fp.open_gate();
+        unplug.join().unwrap().unwrap();
+        assert_eq!(first.join().unwrap(), Pattern { seed: 8 }.word_at(0, 0));
+    });
+    for p in 4..8 {
+        assert_eq!(try_read_word(&ram, p * PAGE), Some(0), "page {p} after its unplug");
+    }
+    assert_eq!(try_read_word(&ram, 3 * PAGE), Some(Pattern { seed: 8 }.word_at(3 * PAGE, 0)));
+    assert!(engine.errors().try_iter().next().is_none());
+}
