@@ -787,3 +787,65 @@ fn pages_given_back_during_an_unplug_read_zeros_after_it() {
     assert_eq!(try_read_word(&ram, 3 * PAGE), Some(Pattern { seed: 8 }.word_at(3 * PAGE, 0)));
     assert!(engine.errors().try_iter().next().is_none());
 }
+
+/// A source that always fails, each time only after a whole offline has
+/// begun and ended since it was called (so every failed fill overlaps an
+/// invalidation of its page).
+struct FailingAfterOffline {
+    offlines: std::sync::atomic::AtomicU64,
+}
+
+impl apf::PageSource for FailingAfterOffline {
+    fn fill(&self, gpa: GuestAddress, buf: &mut [u8]) -> Result<(), apf::source::SourceError> {
+        let seen = self.offlines.load(Ordering::SeqCst);
+        let until = Instant::now() + Duration::from_secs(1);
+        while self.offlines.load(Ordering::SeqCst) < seen + 2 && Instant::now() < until {
+            std::thread::yield_now();
+        }
+        let source = std::io::Error::from_raw_os_error(libc::EIO);
+        Err(apf::source::SourceError::Io { gpa: gpa.0, len: buf.len(), source })
+    }
+    fn kind(&self) -> apf::source::SourceKind {
+        apf::source::SourceKind::Blocking
+    }
+    fn name(&self) -> &'static str {
+        "failing"
+    }
+}
+
+/// A failed fill is not counted against the retries when an invalidation
+/// of its window came meanwhile (the failure may be the invalidation's
+/// doing), but not for ever: under an endless stream of offlines a source
+/// that always fails still ends in poison and a report.
+#[test]
+fn a_failing_source_under_an_offline_storm_still_ends() {
+    let ram = ram(16);
+    let config = apf::Config {
+        fault_around: 1,
+        max_window: 1,
+        dispatch: Dispatch::Workers,
+        retry_backoff: Duration::from_micros(100),
+        ..Default::default()
+    };
+    let source = Arc::new(FailingAfterOffline { offlines: std::sync::atomic::AtomicU64::new(0) });
+    let engine = engine_with(&ram, source.clone(), config);
+    let done = AtomicBool::new(false);
+    let (read, took) = std::thread::scope(|s| {
+        s.spawn(|| {
+            let range = apf::GuestRange::new(GuestAddress(3 * PAGE), PAGE);
+            let until = Instant::now() + Duration::from_secs(10);
+            while !done.load(Ordering::SeqCst) && Instant::now() < until {
+                let _ = engine.offline(range, apf::Mode::Migrate, Instant::now() + Duration::from_secs(1));
+                source.offlines.fetch_add(1, Ordering::SeqCst);
+            }
+        });
+        let started = Instant::now();
+        let read = try_read_word(&ram, 3 * PAGE);
+        done.store(true, Ordering::SeqCst);
+        (read, started.elapsed())
+    });
+    assert_eq!(read, None, "a page its source cannot fill is poisoned");
+    assert!(took < Duration::from_secs(5), "the fault took {took:?}");
+    let errors: Vec<_> = engine.errors().try_iter().collect();
+    assert!(errors.iter().any(|e| matches!(e, apf::FaultError::SourceFailed { poisoned: true, .. })), "{errors:?}");
+}

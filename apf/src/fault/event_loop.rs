@@ -398,6 +398,7 @@ impl FaultLoop {
                         runs,
                         span,
                         attempts: 0,
+                        refunds: 0,
                         reclaimed: false,
                     };
                     self.dispatch(job);
@@ -435,6 +436,7 @@ impl FaultLoop {
                         runs: vec![(page, 1)],
                         span,
                         attempts: 0,
+                        refunds: 0,
                         reclaimed: true,
                     };
                     self.dispatch(job);
