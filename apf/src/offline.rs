@@ -433,7 +433,7 @@ fn split(res: Result<usize, IoctlError>) -> (usize, Option<IoctlError>) {
 }
 
 /// A page's state and origin when the offline marked it.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Prior {
     state: PageState,
     origin: Origin,
@@ -1132,6 +1132,12 @@ pub(crate) fn replug(shared: &Shared, range: GuestRange) -> Result<usize, Offlin
             let p = loc.page + i;
             if work.prior[i].state == PageState::Resolving && region.claimed_origin(p) == Origin::Unplugged {
                 region.set_unresolved_origin(p, Origin::Zero);
+                replugged += 1;
+            }
+            // One its resolver gave back before poisoning it: missing, and
+            // to be poisoned by its next fault unless it comes back here.
+            if work.prior[i] == (Prior { state: PageState::Missing, origin: Origin::Unplugged }) {
+                work.outcome[i] = Outcome::Unplugged(PageState::Missing);
                 replugged += 1;
             }
             if work.prior[i].state == PageState::Offline && work.zero_fill(guard.as_deref(), i) {

@@ -185,13 +185,17 @@ fn resolve_counting(shared: &Shared, mut job: Job, ctx: &mut Ctx) -> (Option<Job
             range = job_range(region, &job.runs);
             seq = shared.notifier.read_begin(range, Instant::now());
         }
-        if seq.is_none() && wait_until > Instant::now() {
+        if seq.is_none() {
             // An invalidation holds the window: if it waits for a reference
-            // the faulting thread holds, it must give up, or both wait.
+            // the faulting thread holds, it must give up, or both wait
+            // (whether this job waits here or is put aside until the
+            // invalidation ends).
             if let Some(f) = job.fault {
                 shared.notifier.holder_faulted(f.tid, range);
             }
-            seq = shared.notifier.read_begin(range, wait_until);
+            if wait_until > Instant::now() {
+                seq = shared.notifier.read_begin(range, wait_until);
+            }
         }
         let Some(seq) = seq else {
             if ctx.on_loop {
