@@ -10,7 +10,7 @@ use std::time::Duration;
 use agent_proto::{Layout, Workload, PAGE_SIZE};
 use apf_tests::kvm_available;
 use vmm::config::{Backend, OfflineMode, RunConfig};
-use vmm::report::Report;
+use vmm::report::{Report, VcpuExit};
 use vmm::snapshot::SnapshotError;
 use vmm::vm::VmError;
 
@@ -40,7 +40,11 @@ fn assert_clean(report: &Report) {
     assert!(report.guest.passes >= 2, "{}", report.summary());
     assert!(report.guest.pages_verified > 0);
     assert_eq!(report.pins_leaked, 0);
-    assert!(report.vcpus.iter().all(|v| v.exit == "halted" && v.counters.is_some()), "{:?}", report.vcpus);
+    assert!(
+        report.vcpus.iter().all(|v| matches!(v.exit, VcpuExit::Halted) && v.counters.is_some()),
+        "{:?}",
+        report.vcpus
+    );
 }
 
 fn temp(name: &str) -> PathBuf {

@@ -13,7 +13,8 @@ use agent_proto::{
 use apf::UnplugPolicy;
 use apf_tests::{kvm_available, Code};
 use vmm::config::{GuestImage, RunConfig};
-use vmm::report::Report;
+use vmm::report::{Report, VcpuExit};
+use vmm::vcpu::VcpuError;
 
 const RAM: u64 = 16 << 20;
 
@@ -80,7 +81,7 @@ fn malformed_messages_get_error_replies_and_are_counted() {
         assert!(!report.ok);
         assert_eq!(report.protocol_errors, 1, "{:?}", report.errors);
         assert!(has_error(&report, code.as_str()), "{code:?} not reported: {:?}", report.errors);
-        assert_eq!(report.vcpus[0].exit, "halted");
+        assert!(matches!(report.vcpus[0].exit, VcpuExit::Halted), "{:?}", report.vcpus[0]);
     }
 }
 
@@ -123,7 +124,7 @@ fn a_mailbox_outside_ram_is_reported_and_the_guest_goes_on() {
     assert!(matches!(reply, Some(Ok((1, Reply::Config(_))))), "{reply:?}");
     assert_eq!(report.protocol_errors, 2, "{:?}", report.errors);
     assert!(has_error(&report, "outside guest RAM; no reply"), "{:?}", report.errors);
-    assert_eq!(report.vcpus[0].exit, "halted");
+    assert!(matches!(report.vcpus[0].exit, VcpuExit::Halted), "{:?}", report.vcpus[0]);
 }
 
 #[test]
@@ -137,7 +138,11 @@ fn guest_access_outside_ram_names_the_vcpu_and_address() {
         let e = report.errors.iter().find(|e| e.contains("outside guest RAM")).expect("reported");
         assert!(e.contains("vCPU 0"), "{e}");
         assert!(e.contains(&format!("{access} of 8 bytes at 0x1001238")), "{e}");
-        assert!(report.vcpus[0].exit.starts_with("failed"), "{:?}", report.vcpus[0]);
+        assert!(
+            matches!(&report.vcpus[0].exit, VcpuExit::Failed(e) if matches!(**e, VcpuError::Exit { vcpu: 0, .. })),
+            "{:?}",
+            report.vcpus[0]
+        );
     }
 }
 
@@ -164,7 +169,7 @@ fn a_guest_that_never_stops_is_kicked_out_at_the_deadline() {
     assert!(started.elapsed() < Duration::from_secs(8), "took {:?}", started.elapsed());
     assert!(!report.ok);
     assert!(has_error(&report, "did not finish"), "{:?}", report.errors);
-    assert_eq!(report.vcpus[0].exit, "stopped");
+    assert!(matches!(report.vcpus[0].exit, VcpuExit::Stopped), "{:?}", report.vcpus[0]);
 }
 
 #[test]
@@ -290,7 +295,7 @@ fn a_guest_cannot_unplug_the_ring_from_under_the_checksum_device() {
     .expect("the VM starts");
     assert!(started.elapsed() < Duration::from_secs(40), "took {:?}", started.elapsed());
     // The VMM survived and the guest ran to its end.
-    assert_eq!(report.vcpus[0].exit, "halted", "{:?}", report.errors);
+    assert!(matches!(report.vcpus[0].exit, VcpuExit::Halted), "{:?}", report.errors);
     // Every unplug and balloon of the ring got an error reply, and only
     // those were refused.
     assert_eq!(report.protocol_errors, 3 * u64::from(ROUNDS), "{:?}", report.errors);
@@ -331,7 +336,7 @@ fn sse_runs_natively_in_the_guest() {
         assert_eq!(u64::from_le_bytes(word), 0x1234_5678_9abc, "SSE round trip");
     })
     .unwrap();
-    assert_eq!(report.vcpus[0].exit, "halted", "{:?}", report.errors);
+    assert!(matches!(report.vcpus[0].exit, VcpuExit::Halted), "{:?}", report.errors);
 }
 
 /// A page source that stalls on one page (until released, or for at most
@@ -391,7 +396,7 @@ fn a_vcpu_blocked_on_a_stalled_page_is_kicked_out() {
     })
     .unwrap();
     assert!(started.elapsed() < Duration::from_secs(10), "took {:?}", started.elapsed());
-    assert_eq!(report.vcpus[0].exit, "stopped", "{:?}", report.errors);
+    assert!(matches!(report.vcpus[0].exit, VcpuExit::Stopped), "{:?}", report.errors);
     assert!(has_error(&report, "did not finish"), "{:?}", report.errors);
 }
 
@@ -409,7 +414,11 @@ fn a_failing_source_fails_the_vcpu_with_the_page_named() {
     };
     let report = vmm::vm::run(&cfg).unwrap();
     assert!(!report.ok);
-    assert!(report.vcpus[0].exit.contains("poisoned") && report.vcpus[0].exit.contains("0xa00000"), "{:?}", report);
+    assert!(
+        matches!(&report.vcpus[0].exit, VcpuExit::Failed(e) if matches!(&**e, VcpuError::Poisoned { vcpu: 0, gpa, .. } if gpa == "0xa00000")),
+        "{:?}",
+        report.vcpus[0]
+    );
     assert!(
         report.errors.iter().any(|e| e.starts_with("engine:")),
         "the source's error is reported: {:?}",
