@@ -25,7 +25,7 @@
 //! | [`snapshot`] | snapshot files: save at the end, restore on demand |
 //! | [`report`] | how each vCPU ended, the report's assembly, the summary and the JSON report |
 //! | [`vm`] | the run itself: build, run, shutdown |
-//! | [`bench`] | `vmm bench`: the `apf-bench` crate's bench, with its guest workloads run here under KVM |
+//! | [`bench`](mod@bench) | `vmm bench`: the `apf-bench` crate's bench, with its guest workloads run here under KVM |
 //! | [`stress`] | `vmm stress`: the engine alone under racing reads, writes, discards, offlines and pins, model-checked |
 //!
 //! ```no_run
