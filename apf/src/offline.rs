@@ -1004,7 +1004,12 @@ fn decide(prior: Prior, outcome: Outcome, removed: bool, policy: UnplugPolicy) -
             state = PageState::Missing;
         }
         drop_stored |= origin == Origin::Store;
-        origin = Origin::Zero;
+        // A discard does not undo an unplug under the poison policy: a
+        // page a resolver gave back before poisoning it stays to be
+        // poisoned.
+        if origin != Origin::Unplugged {
+            origin = Origin::Zero;
+        }
     }
     Decision::End { state, origin, drop_stored }
 }
@@ -1385,6 +1390,12 @@ mod tests {
             // A missing page a resolver had given back after an unplug
             // under the poison policy, replugged.
             (prior(Missing, OUnplugged), Unplugged(Missing), false, end(Missing, Zero, false)),
+            (prior(Missing, OUnplugged), Unplugged(Missing), true, end(Missing, Zero, false)),
+            // The same page migrated or evicted (nothing to take), and
+            // discarded meanwhile: still to be poisoned.
+            (prior(Missing, OUnplugged), Empty, false, end(Missing, OUnplugged, false)),
+            (prior(Missing, OUnplugged), Untouched, true, end(Missing, OUnplugged, false)),
+            (prior(Missing, OUnplugged), Empty, true, end(Missing, OUnplugged, false)),
         ];
         for (i, &(p, o, removed, want)) in table.iter().enumerate() {
             assert_eq!(decide(p, o, removed, z), want, "row {i}: {p:?} {o:?} removed={removed}");

@@ -484,9 +484,21 @@ impl FaultLoop {
                     return;
                 }
                 PageState::Poisoned | PageState::Offline => {
-                    // The poison marker is gone (zapped): put it back.
+                    // The poison marker is gone (zapped): put it back. Under
+                    // the install lock, with the state checked again there:
+                    // a replug (which takes that lock to mark its pages)
+                    // may have put zeros there since the look above, and a
+                    // discard's zap may have taken them again; a marker
+                    // then would poison a page the engine calls present.
                     let host = region.page_host(page);
-                    match shared.uffd.poison(host, PAGE_SIZE) {
+                    let guard = shared.notifier.install_lock();
+                    if !matches!(region.state(page).0, PageState::Poisoned | PageState::Offline) {
+                        drop(guard);
+                        continue;
+                    }
+                    let res = shared.uffd.poison(host, PAGE_SIZE);
+                    drop(guard);
+                    match res {
                         Ok(_) => {
                             span.record("outcome", "poisoned");
                         }
