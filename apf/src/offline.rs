@@ -1077,7 +1077,18 @@ fn offline_pages(
     work.report.pins_called = inv.call_intervals();
     shared.stats.pin_invalidations.fetch_add(work.report.pins_called as u64, Relaxed);
     // 3. Drain, then the staging area; 4. act.
-    let held = match inv.wait_drained(true, deadline) {
+    // A holder of a reference this drain waits for, blocked on a page the
+    // offline found claimed, waits for the offline: give up at once.
+    // (A page of the range still claimed cannot be installed before the
+    // offline ends.)
+    let claimed = |page: GuestRange| {
+        shared.ram.check_range(page).is_ok_and(|(loc, _)| {
+            loc.region == region_idx
+                && (first..first + count).contains(&loc.page)
+                && region.state(loc.page).0 == PageState::Resolving
+        })
+    };
+    let held = match inv.wait_drained_unless(true, deadline, claimed) {
         Err(held) => Some(OfflineError::Busy {
             range,
             waited: started.elapsed(),

@@ -899,3 +899,50 @@ fn an_offline_waiting_for_a_holder_whose_fault_is_put_aside_gives_up_at_once() {
     });
     assert!(engine.errors().try_iter().next().is_none());
 }
+
+/// A thread holding a reference faults on a page another thread's fault
+/// has claimed (its fault is deduped onto that job) before an offline over
+/// both begins; the job's install then waits for the offline, and the
+/// offline for the reference. The offline must see that the holder is
+/// blocked on a page it holds claimed, and give up at once.
+#[test]
+fn an_offline_waiting_for_a_holder_deduped_onto_a_claimed_page_gives_up_at_once() {
+    let ram = ram(16);
+    let source = Arc::new(GatedFirstPage { open: AtomicBool::new(true), entered: AtomicBool::new(false) });
+    let config = apf::Config { fault_around: 1, max_window: 1, dispatch: Dispatch::Workers, ..Default::default() };
+    let engine = engine_with(&ram, source.clone(), config);
+    let range = |first: u64, pages: u64| apf::GuestRange::new(GuestAddress(first * PAGE), pages * PAGE);
+    let (referenced, go) = (AtomicBool::new(false), AtomicBool::new(false));
+    std::thread::scope(|s| {
+        let holder = s.spawn(|| {
+            let r = engine.page_ref(range(1, 1), Instant::now() + Duration::from_secs(5)).unwrap();
+            referenced.store(true, Ordering::SeqCst);
+            assert!(wait_for(&go, Duration::from_secs(5)));
+            let w = read_word(&ram, 0);
+            drop(r);
+            w
+        });
+        assert!(wait_for(&referenced, Duration::from_secs(5)));
+        // Another thread's fault claims page 0 and waits in its fill ...
+        source.open.store(false, Ordering::SeqCst);
+        let first = s.spawn(|| read_word(&ram, 0));
+        assert!(wait_for(&source.entered, Duration::from_secs(5)));
+        // ... the holder faults on it too ...
+        go.store(true, Ordering::SeqCst);
+        std::thread::sleep(Duration::from_millis(50));
+        // ... and an offline of pages 0 and 1 begins.
+        let offline = s.spawn(|| {
+            let started = Instant::now();
+            let res = engine.offline(range(0, 2), apf::Mode::Evict, Instant::now() + Duration::from_secs(3));
+            (res, started.elapsed())
+        });
+        std::thread::sleep(Duration::from_millis(50));
+        source.open.store(true, Ordering::SeqCst);
+        let (res, took) = offline.join().unwrap();
+        assert!(took < Duration::from_secs(1), "the offline waited {took:?} for the holder: {res:?}");
+        assert!(matches!(res, Err(apf::OfflineError::Busy { refs: 1, .. })), "{res:?}");
+        assert_eq!(holder.join().unwrap(), Pattern { seed: 8 }.word_at(0, 0));
+        assert_eq!(first.join().unwrap(), Pattern { seed: 8 }.word_at(0, 0));
+    });
+    assert!(engine.errors().try_iter().next().is_none());
+}
