@@ -408,10 +408,8 @@ impl FaultLoop {
                     shared.stats.deduped.fetch_add(1, Ordering::Relaxed);
                     // Its resolver may be waiting for an offline that waits
                     // for a reference this thread holds.
-                    if !redo {
-                        let page_range = GuestRange::new(region.page_gpa(page), PAGE_SIZE as u64);
-                        shared.notifier.holder_faulted(tid, page_range);
-                    }
+                    let page_range = GuestRange::new(region.page_gpa(page), PAGE_SIZE as u64);
+                    shared.notifier.holder_faulted(tid, page_range);
                     span.record("outcome", "deduped");
                     return;
                 }
@@ -514,11 +512,13 @@ impl FaultLoop {
                     if self.deferred.len() < shared.config.park_capacity {
                         if !redo {
                             shared.stats.deferred.fetch_add(1, Ordering::Relaxed);
-                            // If this thread holds a reference the offline
-                            // waits for, the offline must give up.
-                            let page_range = GuestRange::new(region.page_gpa(page), PAGE_SIZE as u64);
-                            shared.notifier.holder_faulted(tid, page_range);
                         }
+                        // If this thread holds a reference the offline waits
+                        // for, the offline must give up. Told again when the
+                        // fault is deferred again: the offline that holds
+                        // the page now may not be the one that did.
+                        let page_range = GuestRange::new(region.page_gpa(page), PAGE_SIZE as u64);
+                        shared.notifier.holder_faulted(tid, page_range);
                         self.deferred.push(Deferred { span, addr, write, tid });
                         return;
                     }
