@@ -128,6 +128,10 @@ struct Registry {
     /// Invalidations whose drain cannot end: a thread they wait for faulted
     /// on memory they hold (see [`Notifier::holder_faulted`]).
     stuck: Vec<u64>,
+    /// The last page each thread was seen blocked on in a fault that
+    /// waits for another (bounded by [`BLOCKED`]): a drain that begins
+    /// later checks it (see [`Invalidation::wait_drained_unless`]).
+    blocked: Vec<(u32, GuestRange)>,
     intervals: Vec<Arc<Interval>>,
     next_id: u64,
 }
@@ -140,6 +144,9 @@ impl Registry {
 
 /// The invalidation sequence, the invalidations in progress, and the
 /// registry of intervals and short-term references.
+/// Threads remembered as blocked in a fault (see `Registry::blocked`).
+const BLOCKED: usize = 256;
+
 pub struct Notifier {
     seq: AtomicU64,
     lock: RwLock<History>,
@@ -445,7 +452,17 @@ impl Notifier {
             return;
         }
         let mut reg = self.registry();
-        if reg.refs.is_empty() || reg.active.is_empty() {
+        if reg.refs.is_empty() {
+            return;
+        }
+        // Remembered for a drain that begins later: the fault may wait for
+        // it too (a page claimed before it began, filled only after).
+        reg.blocked.retain(|(t, _)| *t != tid);
+        if reg.blocked.len() == BLOCKED {
+            reg.blocked.remove(0);
+        }
+        reg.blocked.push((tid, range));
+        if reg.active.is_empty() {
             return;
         }
         let Registry { active, refs, stuck, .. } = &mut *reg;
@@ -470,6 +487,10 @@ impl Notifier {
     /// Drops a short-term reference.
     pub fn drop_ref(&self, id: RefId) {
         let mut reg = self.registry();
+        if let Some(&(_, _, _, holder)) = reg.refs.iter().find(|(i, _, _, _)| *i == id.0) {
+            // Going on: whatever fault it was blocked in has ended.
+            reg.blocked.retain(|(t, _)| *t != holder);
+        }
         reg.refs.retain(|(i, _, _, _)| *i != id.0);
         self.changed.notify_all();
     }
@@ -518,6 +539,21 @@ impl Invalidation<'_> {
     /// An unplug waits for pin guards too. On timeout returns who still
     /// holds the range.
     pub fn wait_drained(&self, hard: bool, deadline: Instant) -> Result<(), Held> {
+        self.wait_drained_unless(hard, deadline, |_| false)
+    }
+
+    /// [`Self::wait_drained`], also giving up at once when the holder of a
+    /// reference it waits for was seen blocked in a fault on a page of this
+    /// invalidation that `waits_for_me` says cannot be resolved before it
+    /// ends (a page a resolver claimed before it began: its install waits
+    /// for it). Such a fault may have come before the invalidation began,
+    /// when [`Notifier::holder_faulted`] had nothing to stop.
+    pub fn wait_drained_unless(
+        &self,
+        hard: bool,
+        deadline: Instant,
+        waits_for_me: impl Fn(GuestRange) -> bool,
+    ) -> Result<(), Held> {
         let guards = self.reason == Reason::Unplug;
         let mut reg = self.notifier.registry();
         loop {
@@ -538,6 +574,16 @@ impl Invalidation<'_> {
             };
             if held == Held::default() {
                 return Ok(());
+            }
+            let blocked_holder = reg.refs.iter().any(|(_, r, guard, holder)| {
+                (guards || !guard)
+                    && self.ranges.iter().any(|x| x.overlaps(r))
+                    && reg.blocked.iter().any(|(t, page)| {
+                        t == holder && self.ranges.iter().any(|x| x.overlaps(page)) && waits_for_me(*page)
+                    })
+            });
+            if blocked_holder {
+                return Err(held);
             }
             // A holder blocked on a fault this invalidation defers never
             // lets go: give up now rather than at the deadline.

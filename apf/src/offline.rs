@@ -433,7 +433,7 @@ fn split(res: Result<usize, IoctlError>) -> (usize, Option<IoctlError>) {
 }
 
 /// A page's state and origin when the offline marked it.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Prior {
     state: PageState,
     origin: Origin,
@@ -914,60 +914,30 @@ impl<'a> Work<'a> {
     /// lock (so no remove event is applied half-way through).
     fn finish(&mut self) {
         let store = &self.shared.store;
+        let policy = self.shared.config.unplug_policy;
         let guard = self.shared.notifier.install_lock();
         for i in 0..self.count() {
             let p = self.first + i;
             let gpa = self.region.page_gpa(p);
-            let prior = self.prior[i];
-            let outcome = self.outcome[i];
-            if prior.state == PageState::Resolving {
-                match outcome {
-                    Outcome::Unplugged(_) => {
-                        // Its resolver sees the sequence move and fills
-                        // again from the new origin: zeros, or poison.
-                        let origin = match self.shared.config.unplug_policy {
-                            UnplugPolicy::Zero => Origin::Zero,
-                            UnplugPolicy::Poison => Origin::Unplugged,
-                        };
-                        self.region.set_claimed_origin(p, origin);
+            // `removed` reads the page's origin: only for pages this offline
+            // marked (a claimed page's origin is its resolver's business).
+            let removed = self.prior[i].state != PageState::Resolving && self.removed(i);
+            match decide(self.prior[i], self.outcome[i], removed, policy) {
+                Decision::End { state, origin, drop_stored } => {
+                    if drop_stored {
                         store.discard(gpa, PAGE_SIZE);
                     }
-                    Outcome::Stored => self.region.set_claimed_origin(p, Origin::Store),
-                    _ => {}
+                    self.shared.checked(self.region.end_invalidate(p, state, Some(origin)));
                 }
-                continue;
-            }
-            let removed = self.removed(i);
-            let (mut to, mut origin) = match outcome {
-                Outcome::Untouched => (prior.state, prior.origin),
-                Outcome::InPlace => (PageState::Present, prior.origin),
-                // Present in the engine's view but not the kernel's: a
-                // discard behind its back (its remove event is on the way).
-                Outcome::Empty if prior.state == PageState::Present => (PageState::Missing, Origin::Zero),
-                Outcome::Empty => (prior.state, prior.origin),
-                Outcome::Stored => (PageState::Missing, Origin::Store),
-                Outcome::Unplugged(state) => (state, Origin::Zero),
-                Outcome::Lost => (PageState::Poisoned, prior.origin),
-            };
-            if matches!(outcome, Outcome::Unplugged(_)) && prior.origin == Origin::Store {
-                store.discard(gpa, PAGE_SIZE);
-            }
-            if removed {
-                // What a remove does to a page (see `Region::mark_removed`).
-                // A page this offline filled with zeros stays `Present`
-                // (origin `Zero`): its COPY may have come after the zap, and
-                // then the kernel holds it; if the zap comes after, the
-                // next fault finds it missing and refills zeros.
-                let zero_filled = outcome == Outcome::Unplugged(PageState::Present);
-                if matches!(to, PageState::Present | PageState::Poisoned) && !zero_filled {
-                    to = PageState::Missing;
+                Decision::Retarget { origin, drop_stored } => {
+                    if let Some(origin) = origin {
+                        self.region.set_unresolved_origin(p, origin);
+                    }
+                    if drop_stored {
+                        store.discard(gpa, PAGE_SIZE);
+                    }
                 }
-                if origin == Origin::Store {
-                    store.discard(gpa, PAGE_SIZE);
-                }
-                origin = Origin::Zero;
             }
-            self.shared.checked(self.region.end_invalidate(p, to, Some(origin)));
         }
         drop(guard);
     }
@@ -993,6 +963,70 @@ impl<'a> Work<'a> {
         }
         Ok(self.report)
     }
+}
+
+/// What step 5 makes of one page.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Decision {
+    /// A page this offline marked: its invalidation ends in this state and
+    /// origin; `drop_stored` drops its copy in the eviction store.
+    End { state: PageState, origin: Origin, drop_stored: bool },
+    /// A page a resolver held throughout: it stays claimed, with a new
+    /// origin if given (its resolver sees the sequence move and fills again
+    /// from there).
+    Retarget { origin: Option<Origin>, drop_stored: bool },
+}
+
+/// The final state of a page from the state and origin it had when the
+/// offline marked it, what the offline did to it, and whether a remove
+/// (a balloon's discard) touched it meanwhile. Pure: the table test below
+/// pins every row.
+fn decide(prior: Prior, outcome: Outcome, removed: bool, policy: UnplugPolicy) -> Decision {
+    if prior.state == PageState::Resolving {
+        return match outcome {
+            // Zeros, or poison: what an unplug leaves.
+            Outcome::Unplugged(_) => Decision::Retarget {
+                origin: Some(match policy {
+                    UnplugPolicy::Zero => Origin::Zero,
+                    UnplugPolicy::Poison => Origin::Unplugged,
+                }),
+                drop_stored: true,
+            },
+            Outcome::Stored => Decision::Retarget { origin: Some(Origin::Store), drop_stored: false },
+            _ => Decision::Retarget { origin: None, drop_stored: false },
+        };
+    }
+    let (mut state, mut origin) = match outcome {
+        Outcome::Untouched => (prior.state, prior.origin),
+        Outcome::InPlace => (PageState::Present, prior.origin),
+        // Present in the engine's view but not the kernel's: a discard
+        // behind its back (its remove event is on the way).
+        Outcome::Empty if prior.state == PageState::Present => (PageState::Missing, Origin::Zero),
+        Outcome::Empty => (prior.state, prior.origin),
+        Outcome::Stored => (PageState::Missing, Origin::Store),
+        Outcome::Unplugged(state) => (state, Origin::Zero),
+        Outcome::Lost => (PageState::Poisoned, prior.origin),
+    };
+    let mut drop_stored = matches!(outcome, Outcome::Unplugged(_)) && prior.origin == Origin::Store;
+    if removed {
+        // What a remove does to a page (see `Region::mark_removed`). A page
+        // this offline filled with zeros stays `Present` (origin `Zero`):
+        // its COPY may have come after the zap, and then the kernel holds
+        // it; if the zap comes after, the next fault finds it missing and
+        // refills zeros.
+        let zero_filled = outcome == Outcome::Unplugged(PageState::Present);
+        if matches!(state, PageState::Present | PageState::Poisoned) && !zero_filled {
+            state = PageState::Missing;
+        }
+        drop_stored |= origin == Origin::Store;
+        // A discard does not undo an unplug under the poison policy: a
+        // page a resolver gave back before poisoning it stays to be
+        // poisoned.
+        if origin != Origin::Unplugged {
+            origin = Origin::Zero;
+        }
+    }
+    Decision::End { state, origin, drop_stored }
 }
 
 pub(crate) fn offline(
@@ -1058,7 +1092,18 @@ fn offline_pages(
     work.report.pins_called = inv.call_intervals();
     shared.stats.pin_invalidations.fetch_add(work.report.pins_called as u64, Relaxed);
     // 3. Drain, then the staging area; 4. act.
-    let held = match inv.wait_drained(true, deadline) {
+    // A holder of a reference this drain waits for, blocked on a page the
+    // offline found claimed, waits for the offline: give up at once.
+    // (A page of the range still claimed cannot be installed before the
+    // offline ends.)
+    let claimed = |page: GuestRange| {
+        shared.ram.check_range(page).is_ok_and(|(loc, _)| {
+            loc.region == region_idx
+                && (first..first + count).contains(&loc.page)
+                && region.state(loc.page).0 == PageState::Resolving
+        })
+    };
+    let held = match inv.wait_drained_unless(true, deadline, claimed) {
         Err(held) => Some(OfflineError::Busy {
             range,
             waited: started.elapsed(),
@@ -1146,7 +1191,13 @@ pub(crate) fn replug(shared: &Shared, range: GuestRange) -> Result<usize, Offlin
             // zeros instead (it sees this replug's sequence and looks again).
             let p = loc.page + i;
             if work.prior[i].state == PageState::Resolving && region.claimed_origin(p) == Origin::Unplugged {
-                region.set_claimed_origin(p, Origin::Zero);
+                region.set_unresolved_origin(p, Origin::Zero);
+                replugged += 1;
+            }
+            // One its resolver gave back before poisoning it: missing, and
+            // to be poisoned by its next fault unless it comes back here.
+            if work.prior[i] == (Prior { state: PageState::Missing, origin: Origin::Unplugged }) {
+                work.outcome[i] = Outcome::Unplugged(PageState::Missing);
                 replugged += 1;
             }
             if work.prior[i].state == PageState::Offline && work.zero_fill(guard.as_deref(), i) {
@@ -1312,4 +1363,84 @@ pub(crate) fn offline_any_host_block(
         }
     }
     Ok(HostBlockSearch::NoneQualified { candidates: blocks.len(), unmovable, held })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use Origin::{Source, Store, Unplugged as OUnplugged, Zero};
+    use PageState::{Missing, Offline, Poisoned, Present, Resolving};
+
+    fn prior(state: PageState, origin: Origin) -> Prior {
+        Prior { state, origin }
+    }
+
+    fn end(state: PageState, origin: Origin, drop_stored: bool) -> Decision {
+        Decision::End { state, origin, drop_stored }
+    }
+
+    #[test]
+    fn final_states_of_marked_pages() {
+        use Outcome::*;
+        let z = UnplugPolicy::Zero;
+        #[rustfmt::skip]
+        let table: &[(Prior, Outcome, bool, Decision)] = &[
+            // prior, what the offline did, removed meanwhile => final
+            (prior(Present, Source), Untouched, false, end(Present, Source, false)),
+            (prior(Missing, Store), Untouched, false, end(Missing, Store, false)),
+            (prior(Present, Source), InPlace, false, end(Present, Source, false)),
+            (prior(Present, Zero), InPlace, false, end(Present, Zero, false)),
+            // Migrated, and a balloon discarded it meanwhile.
+            (prior(Present, Source), InPlace, true, end(Missing, Zero, false)),
+            // The kernel held nothing for a page the engine had installed.
+            (prior(Present, Store), Empty, false, end(Missing, Zero, false)),
+            (prior(Missing, Source), Empty, false, end(Missing, Source, false)),
+            (prior(Missing, Zero), Empty, false, end(Missing, Zero, false)),
+            // Evicted; then discarded while the offline held it.
+            (prior(Present, Source), Stored, false, end(Missing, Store, false)),
+            (prior(Present, Source), Stored, true, end(Missing, Zero, true)),
+            // Unplugged (zero policy): missing, zeros; a stored copy goes.
+            (prior(Present, Source), Unplugged(Missing), false, end(Missing, Zero, false)),
+            (prior(Missing, Store), Unplugged(Missing), false, end(Missing, Zero, true)),
+            // Unplugged (poison policy), and discarded meanwhile: the
+            // marker's page stays offline.
+            (prior(Present, Source), Unplugged(Offline), false, end(Offline, Zero, false)),
+            (prior(Present, Source), Unplugged(Offline), true, end(Offline, Zero, false)),
+            // A marker replaced by zeros stays present even if a discard
+            // came (its zap, before or after, leaves zeros).
+            (prior(Offline, Zero), Unplugged(Present), false, end(Present, Zero, false)),
+            (prior(Poisoned, Zero), Unplugged(Present), true, end(Present, Zero, false)),
+            // Contents neither put back nor kept.
+            (prior(Present, Source), Lost, false, end(Poisoned, Source, false)),
+            (prior(Present, Source), Lost, true, end(Missing, Zero, false)),
+            // A missing page a resolver had given back after an unplug
+            // under the poison policy, replugged.
+            (prior(Missing, OUnplugged), Unplugged(Missing), false, end(Missing, Zero, false)),
+            (prior(Missing, OUnplugged), Unplugged(Missing), true, end(Missing, Zero, false)),
+            // The same page migrated or evicted (nothing to take), and
+            // discarded meanwhile: still to be poisoned.
+            (prior(Missing, OUnplugged), Empty, false, end(Missing, OUnplugged, false)),
+            (prior(Missing, OUnplugged), Untouched, true, end(Missing, OUnplugged, false)),
+            (prior(Missing, OUnplugged), Empty, true, end(Missing, OUnplugged, false)),
+        ];
+        for (i, &(p, o, removed, want)) in table.iter().enumerate() {
+            assert_eq!(decide(p, o, removed, z), want, "row {i}: {p:?} {o:?} removed={removed}");
+        }
+    }
+
+    #[test]
+    fn pages_a_resolver_held_get_a_new_origin_only_when_unplugged_or_stored() {
+        let p = prior(Resolving, Source);
+        let retarget = |origin, drop_stored| Decision::Retarget { origin, drop_stored };
+        assert_eq!(decide(p, Outcome::Unplugged(Resolving), false, UnplugPolicy::Zero), retarget(Some(Zero), true));
+        assert_eq!(
+            decide(p, Outcome::Unplugged(Resolving), false, UnplugPolicy::Poison),
+            retarget(Some(OUnplugged), true)
+        );
+        assert_eq!(decide(p, Outcome::Stored, false, UnplugPolicy::Zero), retarget(Some(Store), false));
+        for o in [Outcome::Untouched, Outcome::InPlace, Outcome::Empty, Outcome::Lost] {
+            // A remove touching it changes its origin itself.
+            assert_eq!(decide(p, o, true, UnplugPolicy::Zero), retarget(None, false), "{o:?}");
+        }
+    }
 }

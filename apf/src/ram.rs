@@ -384,12 +384,16 @@ impl Region {
         found.map_err(|found| StateError { gpa: self.page_gpa(page), transition: "end_invalidate", found })
     }
 
-    /// Sets the origin of a page claimed by a resolver (`Resolving` stays):
-    /// used when an unplug discards the contents it is about to fill.
-    pub(crate) fn set_claimed_origin(&self, page: usize, origin: Origin) {
+    /// Sets the origin of a page an invalidation found claimed by a
+    /// resolver, whether the resolver still holds it (`Resolving`) or has
+    /// given it back (`Missing`) meanwhile: used when an unplug discards the
+    /// contents it was about to fill. A resolver may give back pages of its
+    /// window while an invalidation holds it; their next claim must fill
+    /// from the new origin, not the old one.
+    pub(crate) fn set_unresolved_origin(&self, page: usize, origin: Origin) {
         let _ = self.states[page].fetch_update(Ordering::AcqRel, Ordering::Acquire, |b| {
             let (state, _) = unpack(b);
-            (state == PageState::Resolving).then(|| pack(state, origin))
+            matches!(state, PageState::Resolving | PageState::Missing).then(|| pack(state, origin))
         });
     }
 

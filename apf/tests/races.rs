@@ -736,3 +736,210 @@ fn a_reference_holder_waiting_on_a_window_an_offline_holds_does_not_stall_the_of
     });
     assert!(engine.errors().try_iter().next().is_none());
 }
+
+/// An unplug finds pages claimed by a window's job and, as it takes them,
+/// the job gives them back (it waits with its faulting page only). Their
+/// next claim must fill what the unplug left (zeros, or poison under the
+/// poison policy), not the source's contents it discarded; and a replug of
+/// them, before anything touched them, brings zeros.
+fn pages_given_back_during_an_unplug(policy: apf::UnplugPolicy, replug: bool) {
+    let ram = ram(16);
+    let source = Arc::new(GatedFirstPage { open: AtomicBool::new(false), entered: AtomicBool::new(false) });
+    let config =
+        apf::Config { fault_around: 8, dispatch: Dispatch::Workers, unplug_policy: policy, ..Default::default() };
+    let engine = engine_with(&ram, source.clone(), config);
+    let fp = engine.failpoints().clone();
+    let region = &ram.regions()[0];
+    let unplugged = apf::GuestRange::new(GuestAddress(4 * PAGE), 4 * PAGE);
+    std::thread::scope(|s| {
+        // A fault on page 0: its job claims pages 0 to 7 and waits in the
+        // fill of page 0.
+        let first = s.spawn(|| read_word(&ram, 0));
+        assert!(wait_for(&source.entered, Duration::from_secs(5)));
+        // An unplug of pages 4 to 7, held at its take-out.
+        fp.arm(Rule::pause(Op::Move));
+        let unplug = s.spawn(|| engine.offline(unplugged, apf::Mode::Unplug, Instant::now() + Duration::from_secs(5)));
+        assert!(fp.wait_paused(Duration::from_secs(5)), "the unplug never took its pages out");
+        // The job's fill ends, its install finds the unplug, and it gives
+        // pages 1 to 7 back.
+        source.open.store(true, Ordering::SeqCst);
+        let by = Instant::now() + Duration::from_secs(5);
+        while region.state(4).0 != apf::ram::PageState::Missing && Instant::now() < by {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert_eq!(region.state(4).0, apf::ram::PageState::Missing, "the job did not give page 4 back");
+        fp.open_gate();
+        unplug.join().unwrap().unwrap();
+        assert_eq!(first.join().unwrap(), Pattern { seed: 8 }.word_at(0, 0));
+    });
+    if replug {
+        engine.replug(unplugged).unwrap();
+    }
+    let want = if policy == apf::UnplugPolicy::Poison && !replug { None } else { Some(0) };
+    for p in 4..8 {
+        assert_eq!(try_read_word(&ram, p * PAGE), want, "page {p} after its unplug ({policy:?}, replug: {replug})");
+    }
+    assert_eq!(try_read_word(&ram, 3 * PAGE), Some(Pattern { seed: 8 }.word_at(3 * PAGE, 0)));
+    assert!(engine.errors().try_iter().next().is_none());
+}
+
+#[test]
+fn pages_given_back_during_an_unplug_read_zeros_after_it() {
+    pages_given_back_during_an_unplug(apf::UnplugPolicy::Zero, false);
+}
+
+#[test]
+fn pages_given_back_during_a_poisoning_unplug_read_poison_then_zeros_after_a_replug() {
+    pages_given_back_during_an_unplug(apf::UnplugPolicy::Poison, false);
+    pages_given_back_during_an_unplug(apf::UnplugPolicy::Poison, true);
+}
+
+/// A source that always fails, each time only after a whole offline has
+/// begun and ended since it was called (so every failed fill overlaps an
+/// invalidation of its page).
+struct FailingAfterOffline {
+    offlines: std::sync::atomic::AtomicU64,
+}
+
+impl apf::PageSource for FailingAfterOffline {
+    fn fill(&self, gpa: GuestAddress, buf: &mut [u8]) -> Result<(), apf::source::SourceError> {
+        let seen = self.offlines.load(Ordering::SeqCst);
+        let until = Instant::now() + Duration::from_secs(1);
+        while self.offlines.load(Ordering::SeqCst) < seen + 2 && Instant::now() < until {
+            std::thread::yield_now();
+        }
+        let source = std::io::Error::from_raw_os_error(libc::EIO);
+        Err(apf::source::SourceError::Io { gpa: gpa.0, len: buf.len(), source })
+    }
+    fn kind(&self) -> apf::source::SourceKind {
+        apf::source::SourceKind::Blocking
+    }
+    fn name(&self) -> &'static str {
+        "failing"
+    }
+}
+
+/// A failed fill is not counted against the retries when an invalidation
+/// of its window came meanwhile (the failure may be the invalidation's
+/// doing), but not for ever: under an endless stream of offlines a source
+/// that always fails still ends in poison and a report.
+#[test]
+fn a_failing_source_under_an_offline_storm_still_ends() {
+    let ram = ram(16);
+    let config = apf::Config {
+        fault_around: 1,
+        max_window: 1,
+        dispatch: Dispatch::Workers,
+        retry_backoff: Duration::from_micros(100),
+        ..Default::default()
+    };
+    let source = Arc::new(FailingAfterOffline { offlines: std::sync::atomic::AtomicU64::new(0) });
+    let engine = engine_with(&ram, source.clone(), config);
+    let done = AtomicBool::new(false);
+    let (read, took) = std::thread::scope(|s| {
+        s.spawn(|| {
+            let range = apf::GuestRange::new(GuestAddress(3 * PAGE), PAGE);
+            let until = Instant::now() + Duration::from_secs(10);
+            while !done.load(Ordering::SeqCst) && Instant::now() < until {
+                let _ = engine.offline(range, apf::Mode::Migrate, Instant::now() + Duration::from_secs(1));
+                source.offlines.fetch_add(1, Ordering::SeqCst);
+            }
+        });
+        let started = Instant::now();
+        let read = try_read_word(&ram, 3 * PAGE);
+        done.store(true, Ordering::SeqCst);
+        (read, started.elapsed())
+    });
+    assert_eq!(read, None, "a page its source cannot fill is poisoned");
+    assert!(took < Duration::from_secs(5), "the fault took {took:?}");
+    let errors: Vec<_> = engine.errors().try_iter().collect();
+    assert!(errors.iter().any(|e| matches!(e, apf::FaultError::SourceFailed { poisoned: true, .. })), "{errors:?}");
+}
+
+/// A thread holding a reference faults on a page whose fill is under way
+/// on the event loop; an offline over both begins, so the fill's install is
+/// put aside until the offline ends, and the offline waits for the
+/// reference. The offline must learn at once that the holder waits for it,
+/// and give up, rather than wait out its deadline.
+#[test]
+fn an_offline_waiting_for_a_holder_whose_fault_is_put_aside_gives_up_at_once() {
+    let ram = ram(16);
+    let source = Arc::new(GatedFirstPage { open: AtomicBool::new(true), entered: AtomicBool::new(false) });
+    let config = apf::Config { fault_around: 1, max_window: 1, dispatch: Dispatch::Inline, ..Default::default() };
+    let engine = engine_with(&ram, source.clone(), config);
+    let range = |first: u64, pages: u64| apf::GuestRange::new(GuestAddress(first * PAGE), pages * PAGE);
+    let (referenced, go) = (AtomicBool::new(false), AtomicBool::new(false));
+    std::thread::scope(|s| {
+        let holder = s.spawn(|| {
+            let r = engine.page_ref(range(1, 1), Instant::now() + Duration::from_secs(5)).unwrap();
+            referenced.store(true, Ordering::SeqCst);
+            assert!(wait_for(&go, Duration::from_secs(5)));
+            let w = read_word(&ram, 0);
+            drop(r);
+            w
+        });
+        assert!(wait_for(&referenced, Duration::from_secs(5)));
+        source.open.store(false, Ordering::SeqCst);
+        go.store(true, Ordering::SeqCst);
+        assert!(wait_for(&source.entered, Duration::from_secs(5)));
+        let offline = s.spawn(|| {
+            let started = Instant::now();
+            let res = engine.offline(range(0, 2), apf::Mode::Evict, Instant::now() + Duration::from_secs(3));
+            (res, started.elapsed())
+        });
+        std::thread::sleep(Duration::from_millis(50));
+        source.open.store(true, Ordering::SeqCst);
+        let (res, took) = offline.join().unwrap();
+        assert!(took < Duration::from_secs(1), "the offline waited {took:?} for the holder: {res:?}");
+        assert!(matches!(res, Err(apf::OfflineError::Busy { refs: 1, .. })), "{res:?}");
+        assert_eq!(holder.join().unwrap(), Pattern { seed: 8 }.word_at(0, 0));
+    });
+    assert!(engine.errors().try_iter().next().is_none());
+}
+
+/// A thread holding a reference faults on a page another thread's fault
+/// has claimed (its fault is deduped onto that job) before an offline over
+/// both begins; the job's install then waits for the offline, and the
+/// offline for the reference. The offline must see that the holder is
+/// blocked on a page it holds claimed, and give up at once.
+#[test]
+fn an_offline_waiting_for_a_holder_deduped_onto_a_claimed_page_gives_up_at_once() {
+    let ram = ram(16);
+    let source = Arc::new(GatedFirstPage { open: AtomicBool::new(true), entered: AtomicBool::new(false) });
+    let config = apf::Config { fault_around: 1, max_window: 1, dispatch: Dispatch::Workers, ..Default::default() };
+    let engine = engine_with(&ram, source.clone(), config);
+    let range = |first: u64, pages: u64| apf::GuestRange::new(GuestAddress(first * PAGE), pages * PAGE);
+    let (referenced, go) = (AtomicBool::new(false), AtomicBool::new(false));
+    std::thread::scope(|s| {
+        let holder = s.spawn(|| {
+            let r = engine.page_ref(range(1, 1), Instant::now() + Duration::from_secs(5)).unwrap();
+            referenced.store(true, Ordering::SeqCst);
+            assert!(wait_for(&go, Duration::from_secs(5)));
+            let w = read_word(&ram, 0);
+            drop(r);
+            w
+        });
+        assert!(wait_for(&referenced, Duration::from_secs(5)));
+        // Another thread's fault claims page 0 and waits in its fill ...
+        source.open.store(false, Ordering::SeqCst);
+        let first = s.spawn(|| read_word(&ram, 0));
+        assert!(wait_for(&source.entered, Duration::from_secs(5)));
+        // ... the holder faults on it too ...
+        go.store(true, Ordering::SeqCst);
+        std::thread::sleep(Duration::from_millis(50));
+        // ... and an offline of pages 0 and 1 begins.
+        let offline = s.spawn(|| {
+            let started = Instant::now();
+            let res = engine.offline(range(0, 2), apf::Mode::Evict, Instant::now() + Duration::from_secs(3));
+            (res, started.elapsed())
+        });
+        std::thread::sleep(Duration::from_millis(50));
+        source.open.store(true, Ordering::SeqCst);
+        let (res, took) = offline.join().unwrap();
+        assert!(took < Duration::from_secs(1), "the offline waited {took:?} for the holder: {res:?}");
+        assert!(matches!(res, Err(apf::OfflineError::Busy { refs: 1, .. })), "{res:?}");
+        assert_eq!(holder.join().unwrap(), Pattern { seed: 8 }.word_at(0, 0));
+        assert_eq!(first.join().unwrap(), Pattern { seed: 8 }.word_at(0, 0));
+    });
+    assert!(engine.errors().try_iter().next().is_none());
+}

@@ -1,10 +1,55 @@
-//! Helpers for the integration tests: KVM presence, and a tiny assembler
-//! for hand-made guests that do one thing each.
+//! The integration tests' toolkit: one way to declare a KVM test
+//! ([`require_kvm!`]), safe word access to guest RAM through vm-memory
+//! ([`read_word`], [`write_word`], [`read_bytes`]), the check that every
+//! offline of a run is accounted for ([`assert_offlines_accounted`]), and a
+//! tiny assembler for hand-made guests that do one thing each ([`Code`]).
+//!
+//! ```
+//! // In a test file, under #[test]:
+//! fn a_guest_runs() {
+//!     apf_tests::require_kvm!();
+//!     // ... run a guest under KVM
+//! }
+//! # a_guest_runs();
+//! ```
 
 use agent_proto::{Request, AGENT_PORT, MAILBOX_BASE};
+use apf::{GuestAddress, GuestRam};
+use vm_memory::Bytes;
+use vmm::report::Report;
+
+/// The first statement of a test that needs KVM: returns from the test
+/// when `/dev/kvm` is missing, saying so on stderr and in the skip log
+/// ([`skipped`]); panics instead when `CI` is set, where a missing device
+/// is a broken machine. The test is named from the function it is in.
+#[macro_export]
+macro_rules! require_kvm {
+    () => {
+        if !$crate::kvm_available($crate::test_name!()) {
+            return;
+        }
+    };
+}
+
+/// The name of the function this is used in (a test's name).
+#[macro_export]
+macro_rules! test_name {
+    () => {{
+        fn here() {}
+        $crate::function_name(std::any::type_name_of_val(&here))
+    }};
+}
+
+/// The function's own name from the type name of a function nested in it
+/// (`crate::module::test::here` gives `test`).
+pub fn function_name(nested: &'static str) -> &'static str {
+    let outer = nested.strip_suffix("::here").unwrap_or(nested);
+    outer.rsplit("::").next().unwrap_or(outer)
+}
 
 /// True if KVM tests can run. In CI (`CI` set) a missing `/dev/kvm` is a
 /// broken machine and panics; elsewhere the test prints a notice and skips.
+/// Tests use [`require_kvm!`].
 pub fn kvm_available(test: &str) -> bool {
     if std::path::Path::new("/dev/kvm").exists() {
         return true;
@@ -30,6 +75,40 @@ pub fn skipped(test: &str, why: &str) {
             .open(path)
             .and_then(|mut f| f.write_all(line.as_bytes()));
     }
+}
+
+/// The 8-byte word at `gpa` of guest RAM, read through vm-memory (a
+/// missing page is faulted in by whoever serves RAM). Panics if `gpa` is
+/// not in RAM.
+pub fn read_word(ram: &GuestRam, gpa: u64) -> u64 {
+    ram.guest_memory().read_obj(GuestAddress(gpa)).unwrap_or_else(|e| panic!("read at {gpa:#x}: {e}"))
+}
+
+/// Writes the 8-byte word `value` at `gpa` of guest RAM. Panics if `gpa`
+/// is not in RAM.
+pub fn write_word(ram: &GuestRam, gpa: u64, value: u64) {
+    ram.guest_memory().write_obj(value, GuestAddress(gpa)).unwrap_or_else(|e| panic!("write at {gpa:#x}: {e}"))
+}
+
+/// Fills `buf` from guest RAM at `gpa`. Panics if the range is not all in
+/// RAM.
+pub fn read_bytes(ram: &GuestRam, gpa: u64, buf: &mut [u8]) {
+    ram.guest_memory().read_slice(buf, GuestAddress(gpa)).unwrap_or_else(|e| panic!("read at {gpa:#x}: {e}"))
+}
+
+/// Asserts that every offline of the run (host storm and guest) ended one
+/// of the three ways an offline can end without an error: completed, busy
+/// at its deadline, or refused because another offline held part of its
+/// range.
+pub fn assert_offlines_accounted(report: &Report) {
+    let o = &report.offline;
+    assert_eq!(
+        o.requests,
+        o.completed + o.busy + o.overlapped,
+        "an offline neither completed nor was busy nor overlapped:\n{}",
+        report.summary()
+    );
+    assert!(o.guest_requested <= o.requests, "{}", report.summary());
 }
 
 /// 64-bit machine code, built one instruction at a time.
@@ -121,5 +200,29 @@ impl Code {
     /// The bytes.
     pub fn bytes(&self) -> Vec<u8> {
         self.0.clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_test_is_named_after_its_function() {
+        assert_eq!(test_name!(), "a_test_is_named_after_its_function");
+        assert_eq!(function_name("apf_tests::tests::outer::here"), "outer");
+        assert_eq!(function_name("outer"), "outer");
+    }
+
+    #[test]
+    fn words_round_trip_through_guest_memory() {
+        let ram = GuestRam::anonymous(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        write_word(&ram, 0x1008, 0x1122_3344_5566_7788);
+        assert_eq!(read_word(&ram, 0x1008), 0x1122_3344_5566_7788);
+        let mut b = [0u8; 3];
+        read_bytes(&ram, 0x1008, &mut b);
+        assert_eq!(b, [0x88, 0x77, 0x66]);
+        let past = std::panic::catch_unwind(|| read_word(&ram, 1 << 20)).unwrap_err();
+        assert!(past.downcast_ref::<String>().is_some_and(|m| m.contains("0x100000")));
     }
 }

@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use apf_tests::kvm_available;
+use apf_tests::require_kvm;
 use serde_json::Value;
 use vmm::config::RunConfig;
 
@@ -36,9 +36,7 @@ fn assert_well_formed(svg: &str) {
 
 #[test]
 fn json_plot_and_trace_carry_the_latencies() {
-    if !kvm_available("json_plot_and_trace_carry_the_latencies") {
-        return;
-    }
+    require_kvm!();
     let dir = std::env::temp_dir().join(format!("apf-latency-report-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let (plot, trace) = (dir.join("latency.svg"), dir.join("trace.json"));
@@ -101,9 +99,7 @@ fn json_plot_and_trace_carry_the_latencies() {
 
 #[test]
 fn without_the_layer_the_report_says_so() {
-    if !kvm_available("without_the_layer_the_report_says_so") {
-        return;
-    }
+    require_kvm!();
     let cfg = RunConfig {
         mem: Some(64 << 20),
         vcpus: Some(1),

@@ -1,13 +1,16 @@
 //! A minimal KVM VMM that embeds the apf engine and runs the guest agent.
 //!
-//! One run ([`vm::run`]) reads top to bottom: guest RAM is mapped and
+//! One run ([`vm::run`]) is three steps, [`vm::Vm::build`],
+//! [`vm::Vm::run`] and [`vm::StoppedVm::shutdown`], that read top to
+//! bottom: guest RAM is mapped and
 //! handed to an [`apf::Engine`] (or left plain for comparison); a VM gets
 //! one memory slot over it that never changes; the guest agent's ELF is
 //! loaded and every vCPU starts in 64-bit long mode ([`boot`]); the agent
 //! device ([`agent`]) and the checksum device ([`checksum`], which keeps a
 //! migratable pin on its ring) serve the guest; a host storm ([`storm`])
 //! offlines guest memory underneath it; the event loop waits for the agents
-//! to finish; and a [`report::Report`] says what happened.
+//! to finish; the parts are taken down in order and a [`report::Report`]
+//! says what happened.
 //!
 //! | module | what |
 //! |---|---|
@@ -20,9 +23,9 @@
 //! | [`checksum`] | the checksum device and its migratable pin |
 //! | [`storm`] | host-side offline storms and the host memory-block offline |
 //! | [`snapshot`] | snapshot files: save at the end, restore on demand |
-//! | [`report`] | the summary and the JSON report |
-//! | [`vm`] | the run itself |
-//! | [`bench`] | `vmm bench`: apf against the kernel and the one-page-per-fault baseline |
+//! | [`report`] | how each vCPU ended, the report's assembly, the summary and the JSON report |
+//! | [`vm`] | the run itself: build, run, shutdown |
+//! | [`bench`](mod@bench) | `vmm bench`: the `apf-bench` crate's bench, with its guest workloads run here under KVM |
 //! | [`stress`] | `vmm stress`: the engine alone under racing reads, writes, discards, offlines and pins, model-checked |
 //!
 //! ```no_run

@@ -5,21 +5,10 @@ use std::process::ExitCode;
 
 use vmm::config::{parse_run, RUN_HELP};
 
-const BENCH_HELP: &str = "\
-vmm bench [OPTIONS]: apf against plain memory and the one-page-per-fault baseline, host and
-guest workloads, offline cost and fault latency next to offline storms, in one process with
-the variants interleaved in every round.
-
-  --quick                a run under two minutes (smaller regions, no extra variants)
-  --rounds N             rounds (default 5, at least 5)
-  --json PATH            write the figures and ratios as JSON
-  --chart PATH.svg       write a chart of the throughput figures
-  --only PARTS           some of throughput,offline,storm (default all)
-";
-
 fn usage() -> String {
     format!(
-        "usage: vmm run [OPTIONS] | vmm bench [OPTIONS] | vmm stress [OPTIONS] | vmm help\n\n{RUN_HELP}\n{BENCH_HELP}\n{}",
+        "usage: vmm run [OPTIONS] | vmm bench [OPTIONS] | vmm stress [OPTIONS] | vmm help\n\n{RUN_HELP}\nvmm {}\n{}",
+        apf_bench::cli::HELP,
         vmm::stress::STRESS_HELP
     )
 }
@@ -55,77 +44,11 @@ fn stress(args: &[String]) -> ExitCode {
     }
 }
 
-fn bench(args: &[String]) -> ExitCode {
-    let mut cfg = vmm::bench::BenchConfig::default();
-    let mut it = args.iter();
-    while let Some(a) = it.next() {
-        let mut value = |name: &str| match it.next() {
-            Some(v) => Ok(v.clone()),
-            None => Err(format!("{name} needs a value")),
-        };
-        let parsed = match a.as_str() {
-            "--quick" => {
-                cfg.quick = true;
-                Ok(())
-            }
-            "--json" => value("--json").map(|v| cfg.json = Some(v.into())),
-            "--chart" => value("--chart").map(|v| cfg.chart = Some(v.into())),
-            "--only" => value("--only").and_then(|v| {
-                for part in v.split(',') {
-                    if !["throughput", "offline", "storm"].contains(&part) {
-                        return Err(format!("invalid value {part:?} for --only: throughput, offline or storm"));
-                    }
-                    cfg.only.push(part.to_string());
-                }
-                Ok(())
-            }),
-            "--rounds" => value("--rounds").and_then(|v| match v.parse::<usize>() {
-                Ok(n) if (5..=100).contains(&n) => {
-                    cfg.rounds = n;
-                    Ok(())
-                }
-                _ => Err(format!("invalid value {v:?} for --rounds: a number from 5 to 100")),
-            }),
-            other => Err(format!("unknown option {other:?} (try `vmm help`)")),
-        };
-        if let Err(e) = parsed {
-            eprintln!("vmm bench: {e}");
-            return ExitCode::from(2);
-        }
-    }
-    let report = match vmm::bench::run(&cfg, |step| eprintln!("vmm bench: {step}")) {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("vmm bench: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    print!("{}", report.table());
-    let mut ok = report.errors.is_empty();
-    if let Some(path) = &cfg.json {
-        if let Err(e) = std::fs::write(path, report.to_json() + "\n") {
-            eprintln!("vmm bench: cannot write {}: {e}", path.display());
-            ok = false;
-        }
-    }
-    if let Some(path) = &cfg.chart {
-        if let Err(e) = std::fs::write(path, vmm::bench::chart(&report)) {
-            eprintln!("vmm bench: cannot write {}: {e}", path.display());
-            ok = false;
-        }
-    }
-    if ok {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
-    }
-}
-
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.first().map(String::as_str) {
         Some("run") => {}
-        Some("bench") => return bench(&args[1..]),
+        Some("bench") => return apf_bench::cli::main("vmm bench", &args[1..], Some(&vmm::bench::Guests)),
         Some("stress") => return stress(&args[1..]),
         Some("help" | "--help" | "-h") => {
             print!("{}", usage());

@@ -1,13 +1,18 @@
-//! The run's report: a human summary and a JSON document, from plain
-//! counters the components own.
+//! The run's report: how each vCPU ended, what the parts of the run
+//! counted, assembled into one [`Report`] ([`Report::assemble`]) at the
+//! end of a run, and written as a human summary and a JSON document.
 
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use agent_proto::Counters;
 use apf::LatencySummary;
+
+use crate::agent::{AgentStats, VcpuAgent};
+use crate::storm::StormReport;
+use crate::vcpu::{VcpuEnd, VcpuError};
 
 /// Errors kept in full; beyond this they are only counted.
 const MAX_ERRORS: usize = 200;
@@ -46,13 +51,52 @@ impl Errors {
     }
 }
 
+/// How a vCPU's thread ended, as the VMM saw it. The report writes it as
+/// `"halted"`, `"stopped"`, `"failed: <error>"`, `"panicked"` or
+/// `"did not stop"`.
+#[derive(Debug, Clone)]
+pub enum VcpuExit {
+    /// The guest halted: its part of the run is over.
+    Halted,
+    /// The VMM stopped it (the run ended, or another vCPU failed).
+    Stopped,
+    /// It failed: an exit that ends the run, a poisoned page, `KVM_RUN`.
+    Failed(Arc<VcpuError>),
+    /// Its thread panicked.
+    Panicked,
+    /// It was still running when the VMM gave up kicking it.
+    DidNotStop,
+}
+
+impl From<VcpuEnd> for VcpuExit {
+    fn from(end: VcpuEnd) -> Self {
+        match end {
+            VcpuEnd::Halted => VcpuExit::Halted,
+            VcpuEnd::Stopped => VcpuExit::Stopped,
+            VcpuEnd::Failed(e) => VcpuExit::Failed(Arc::new(e)),
+        }
+    }
+}
+
+impl std::fmt::Display for VcpuExit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            VcpuExit::Halted => f.write_str("halted"),
+            VcpuExit::Stopped => f.write_str("stopped"),
+            VcpuExit::Failed(e) => write!(f, "failed: {e}"),
+            VcpuExit::Panicked => f.write_str("panicked"),
+            VcpuExit::DidNotStop => f.write_str("did not stop"),
+        }
+    }
+}
+
 /// How one vCPU ended.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct VcpuReport {
     /// The vCPU.
     pub id: u32,
-    /// How its thread ended ("halted", "stopped", or the error).
-    pub exit: String,
+    /// How its thread ended.
+    pub exit: VcpuExit,
     /// Its agent's counters, if it reported done.
     pub counters: Option<Counters>,
 }
@@ -162,6 +206,164 @@ pub struct Report {
     pub errors: Vec<String>,
 }
 
+/// The baseline handler's figures at the end of a run.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct BaselineEnd {
+    /// Faults it served.
+    pub faults: u64,
+    /// Fault service latency, p50 and p99.
+    pub latency: (Duration, Duration),
+}
+
+/// The engine's figures at the end of a run, taken while it shut down.
+#[derive(Debug, Clone, Default)]
+pub struct EngineEnd {
+    /// Faults it resolved.
+    pub faults: u64,
+    /// Pin callbacks called.
+    pub pin_invalidations: u64,
+    /// Pins faulted in again.
+    pub pin_refaults: u64,
+    /// Pins still registered after every holder let go.
+    pub pins_leaked: u64,
+    /// Its counters as JSON.
+    pub json: String,
+    /// Errors it reported during the run.
+    pub errors: Vec<String>,
+}
+
+/// What the parts of a run counted, gathered by its shutdown step: what
+/// [`Report::assemble`] builds the report from.
+#[derive(Debug)]
+pub struct RunEnd<'a> {
+    /// From the first vCPU's start to the last one's end.
+    pub elapsed: Duration,
+    /// Guest RAM in bytes.
+    pub ram_size: u64,
+    /// The seed.
+    pub seed: u64,
+    /// The backend's name.
+    pub backend: &'static str,
+    /// How each vCPU ended, with its agent's counters.
+    pub vcpus: Vec<VcpuReport>,
+    /// What each vCPU's agent said.
+    pub agents: &'a [VcpuAgent],
+    /// The agent device's counters.
+    pub agent: &'a AgentStats,
+    /// What the host storm did.
+    pub storm: StormReport,
+    /// Checksums the checksum device computed.
+    pub checksums: u64,
+    /// The snapshot restored from, if any.
+    pub restored: Option<String>,
+    /// The snapshot saved, if any.
+    pub snapshot_saved: Option<String>,
+    /// The baseline handler's figures, with that backend.
+    pub baseline: Option<BaselineEnd>,
+    /// The engine's figures, with that backend.
+    pub engine: Option<EngineEnd>,
+    /// Errors from every part of the run.
+    pub errors: &'a Errors,
+}
+
+impl Report {
+    /// Assembles the report from what the parts of a run counted, and
+    /// judges it: the run is ok when nothing went wrong and every agent
+    /// said done.
+    pub fn assemble(end: RunEnd<'_>) -> Report {
+        let RunEnd {
+            elapsed,
+            ram_size,
+            seed,
+            backend,
+            vcpus,
+            agents,
+            agent: a,
+            storm,
+            checksums,
+            restored,
+            snapshot_saved,
+            baseline,
+            engine,
+            errors,
+        } = end;
+        let all_done = vcpus.iter().all(|v| v.counters.is_some());
+        let mut report = Report { elapsed, ram_size, seed, backend, checksums, ..Report::default() };
+        report.guest = vcpus.iter().filter_map(|v| v.counters).sum();
+        report.protocol_errors = a.protocol_errors.load(Ordering::Relaxed);
+        report.balloon = BalloonSummary {
+            discards: a.balloon_discards.load(Ordering::Relaxed),
+            pages_discarded: a.balloon_pages.load(Ordering::Relaxed),
+            pages_verified_zero: report.guest.balloon_pages_zero,
+            stale: report.guest.balloon_stale,
+        };
+        // The device counts corrupt pages as the guest reports them; a
+        // guest that failed before saying done reported them only there.
+        let reported_corrupt = a.corrupt_pages.load(Ordering::Relaxed);
+        report.guest.corrupt_pages = report.guest.corrupt_pages.max(reported_corrupt);
+        let guest_requested = a.guest_offlines.load(Ordering::Relaxed);
+        report.offline = OfflineSummary {
+            requests: storm.requests + guest_requested,
+            completed: storm.completed + a.guest_offlines_completed.load(Ordering::Relaxed),
+            busy: storm.busy + a.guest_offlines_busy.load(Ordering::Relaxed),
+            overlapped: storm.overlapped + a.guest_offlines_overlapped.load(Ordering::Relaxed),
+            guest_requested,
+            host_block: storm.host_block,
+            host_block_detail: storm.host_block_detail,
+        };
+        let started = agents.iter().filter_map(|a| a.started).min();
+        let first_done = agents.iter().map(|a| a.first_pass_at).collect::<Option<Vec<_>>>();
+        if let (Some(s), Some(last)) = (started, first_done.and_then(|ends| ends.into_iter().max())) {
+            report.first_pass = Some(FirstPass {
+                kind: if restored.is_some() { "restore-verify" } else { "touch" },
+                pages: agents.iter().map(|a| a.first_pass_pages).sum(),
+                elapsed: last.duration_since(s),
+            });
+        }
+        if let Some(b) = baseline {
+            report.faults = b.faults;
+            report.baseline_latency = Some(b.latency);
+        }
+        if let Some(path) = restored {
+            let verified = agents.iter().all(|a| a.restore_verified);
+            if !verified {
+                errors.push("not every agent verified the restored snapshot");
+            }
+            report.restored = Some((path, verified));
+        }
+        report.snapshot_saved = snapshot_saved;
+        report.vcpus = vcpus;
+        if let Some(e) = engine {
+            for error in e.errors {
+                errors.push(format!("engine: {error}"));
+            }
+            if e.pins_leaked > 0 {
+                errors.push(format!("{} pins still registered after every holder let go", e.pins_leaked));
+            }
+            report.pins_leaked = e.pins_leaked;
+            report.faults = e.faults;
+            report.pin_invalidations = e.pin_invalidations;
+            report.pin_refaults = e.pin_refaults;
+            report.engine_json = e.json;
+        }
+        if report.balloon.stale > 0 {
+            errors.push(format!(
+                "the guest read {} discarded pages back with stale contents instead of zeros",
+                report.balloon.stale
+            ));
+        }
+        if report.guest.corrupt_pages > 0 || report.guest.checksum_errors > 0 {
+            errors.push(format!(
+                "the guest found {} corrupt pages and {} wrong checksums",
+                report.guest.corrupt_pages, report.guest.checksum_errors
+            ));
+        }
+        report.errors = errors.to_vec();
+        report.ok = report.errors.is_empty() && all_done;
+        report
+    }
+}
+
 /// A JSON string literal.
 pub fn json_str(s: &str) -> String {
     let mut out = String::with_capacity(s.len() + 2);
@@ -181,21 +383,24 @@ pub fn json_str(s: &str) -> String {
     out
 }
 
-fn counters_json(c: &Counters) -> String {
-    format!(
-        "{{\"passes\":{},\"pages_verified\":{},\"pages_written\":{},\"corrupt_pages\":{},\"offline_requests\":{},\"offline_failed\":{},\"checksums\":{},\"checksum_errors\":{},\"balloon_discards\":{},\"balloon_pages_zero\":{},\"balloon_stale\":{}}}",
-        c.passes,
-        c.pages_verified,
-        c.pages_written,
-        c.corrupt_pages,
-        c.offline_requests,
-        c.offline_failed,
-        c.checksums,
-        c.checksum_errors,
-        c.balloon_discards,
-        c.balloon_pages_zero,
-        c.balloon_stale
-    )
+/// The keys of the report's `guest` object: the guest's counters summed
+/// over vCPUs, in the report's order (the balloon's are in `balloon`).
+const GUEST_KEYS: [&str; 8] = [
+    "pages_verified",
+    "corrupt_pages",
+    "passes",
+    "pages_written",
+    "checksums",
+    "checksum_errors",
+    "offline_requests",
+    "offline_failed",
+];
+
+/// The counters named by `keys` (each one of [`Counters::NAMES`]) as a
+/// JSON object, in that order.
+fn counters_json(c: &Counters, keys: &[&str]) -> String {
+    let fields: Vec<String> = keys.iter().map(|k| format!("\"{k}\":{}", c.get(k).unwrap_or(0))).collect();
+    format!("{{{}}}", fields.join(","))
 }
 
 fn us(d: Duration) -> String {
@@ -221,19 +426,7 @@ impl Report {
             self.seed,
             json_str(self.backend)
         );
-        let g = &self.guest;
-        let _ = write!(
-            j,
-            "\"guest\":{{\"pages_verified\":{},\"corrupt_pages\":{},\"passes\":{},\"pages_written\":{},\"checksums\":{},\"checksum_errors\":{},\"offline_requests\":{},\"offline_failed\":{}}},",
-            g.pages_verified,
-            g.corrupt_pages,
-            g.passes,
-            g.pages_written,
-            g.checksums,
-            g.checksum_errors,
-            g.offline_requests,
-            g.offline_failed
-        );
+        let _ = write!(j, "\"guest\":{},", counters_json(&self.guest, &GUEST_KEYS));
         let engine = if self.engine_json.is_empty() { "{}" } else { &self.engine_json };
         let _ = write!(j, "\"faults\":{{\"total\":{},\"engine\":{engine}}},", self.faults);
         let o = &self.offline;
@@ -269,11 +462,11 @@ impl Report {
             .vcpus
             .iter()
             .map(|v| {
-                let counters = v.counters.as_ref().map_or("null".to_string(), counters_json);
+                let counters = v.counters.as_ref().map_or("null".to_string(), |c| counters_json(c, &Counters::NAMES));
                 format!(
                     "{{\"id\":{},\"exit\":{},\"blocked_ms\":{},\"agent\":{counters}}}",
                     v.id,
-                    json_str(&v.exit),
+                    json_str(&v.exit.to_string()),
                     blocked(v.id)
                 )
             })
@@ -446,7 +639,7 @@ mod tests {
         let r = Report {
             ok: false,
             errors: vec!["quote \" and \\ and \n".into()],
-            vcpus: vec![VcpuReport { id: 0, exit: "halted".into(), counters: Some(Counters::default()) }],
+            vcpus: vec![VcpuReport { id: 0, exit: VcpuExit::Halted, counters: Some(Counters::default()) }],
             ..Report::default()
         };
         let j = r.to_json();
@@ -459,10 +652,75 @@ mod tests {
             "\"pins\":{\"invalidations\":0,\"refaults\":0,\"leaked\":0}",
             "\"balloon\":{\"discards\":0,\"pages_discarded\":0,\"pages_verified_zero\":0,\"stale\":0}",
             "\"errors\":[\"quote \\\" and \\\\ and \\n\"]",
+            "\"vcpus\":[{\"id\":0,\"exit\":\"halted\",\"blocked_ms\":null,\"faults\":null,\"agent\":{\"passes\":0,",
         ] {
             assert!(j.contains(key), "{key} missing from {j}");
         }
         assert_eq!(j.matches('{').count(), j.matches('}').count());
+    }
+
+    #[test]
+    fn vcpu_exits_keep_their_report_strings() {
+        let failed = VcpuError::Run { vcpu: 1, source: std::io::Error::from_raw_os_error(libc::EFAULT) };
+        let cases = [
+            (VcpuExit::from(VcpuEnd::Halted), "halted".to_string()),
+            (VcpuExit::from(VcpuEnd::Stopped), "stopped".to_string()),
+            (VcpuExit::Panicked, "panicked".to_string()),
+            (VcpuExit::DidNotStop, "did not stop".to_string()),
+            (
+                VcpuExit::from(VcpuEnd::Failed(failed)),
+                "failed: vCPU 1: KVM_RUN failed: Bad address (os error 14)".to_string(),
+            ),
+        ];
+        for (exit, want) in cases {
+            assert_eq!(exit.to_string(), want);
+            let r = Report { vcpus: vec![VcpuReport { id: 0, exit, counters: None }], ..Report::default() };
+            assert!(r.to_json().contains(&format!("\"exit\":{}", json_str(&want))), "{}", r.to_json());
+        }
+    }
+
+    #[test]
+    fn assembly_sums_the_agents_and_judges_the_run() {
+        let counters = Counters { passes: 2, pages_verified: 10, balloon_pages_zero: 3, ..Counters::default() };
+        let vcpu = |id, counters| VcpuReport { id, exit: VcpuExit::Halted, counters };
+        let agent = AgentStats::default();
+        agent.guest_offlines.store(4, Ordering::Relaxed);
+        agent.guest_offlines_completed.store(3, Ordering::Relaxed);
+        agent.corrupt_pages.store(1, Ordering::Relaxed);
+        let errors = Errors::default();
+        let storm = StormReport { requests: 5, completed: 5, host_block: "off".into(), ..StormReport::default() };
+        let engine =
+            EngineEnd { faults: 9, pins_leaked: 1, errors: vec!["a source failed".into()], ..EngineEnd::default() };
+        let report = Report::assemble(RunEnd {
+            elapsed: Duration::from_secs(1),
+            ram_size: 1 << 20,
+            seed: 3,
+            backend: "engine",
+            vcpus: vec![vcpu(0, Some(counters)), vcpu(1, Some(counters))],
+            agents: &[],
+            agent: &agent,
+            storm,
+            checksums: 0,
+            restored: None,
+            snapshot_saved: None,
+            baseline: None,
+            engine: Some(engine),
+            errors: &errors,
+        });
+        assert_eq!((report.guest.passes, report.guest.pages_verified), (4, 20));
+        assert_eq!(report.balloon.pages_verified_zero, 6);
+        assert_eq!(report.guest.corrupt_pages, 1, "the device's count when the agents said none");
+        assert_eq!((report.offline.requests, report.offline.completed, report.offline.guest_requested), (9, 8, 4));
+        assert_eq!((report.faults, report.pins_leaked), (9, 1));
+        assert_eq!(
+            report.errors,
+            [
+                "engine: a source failed",
+                "1 pins still registered after every holder let go",
+                "the guest found 1 corrupt pages and 0 wrong checksums"
+            ]
+        );
+        assert!(!report.ok);
     }
 
     #[test]

@@ -38,7 +38,6 @@
 //! zero policy nothing may be poisoned, and half the accesses are plain
 //! loads and stores (a SIGBUS there is reported and ends the process).
 
-use std::fmt::Write as _;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -749,7 +748,7 @@ impl StressReport {
     /// One JSON line.
     pub fn to_json(&self) -> String {
         let list = |v: &[String]| {
-            let items: Vec<String> = v.iter().map(|s| json_string(s)).collect();
+            let items: Vec<String> = v.iter().map(|s| crate::report::json_str(s)).collect();
             format!("[{}]", items.join(","))
         };
         format!(
@@ -789,23 +788,6 @@ impl StressReport {
             list(&self.details),
         )
     }
-}
-
-fn json_string(s: &str) -> String {
-    let mut out = String::with_capacity(s.len() + 2);
-    out.push('"');
-    for c in s.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            c if (c as u32) < 0x20 => {
-                let _ = write!(out, "\\u{:04x}", c as u32);
-            }
-            c => out.push(c),
-        }
-    }
-    out.push('"');
-    out
 }
 
 /// One thread's operation in progress, for the watchdog.
@@ -1822,6 +1804,6 @@ mod tests {
         let j = r.to_json();
         assert!(!j.contains('\n'), "{j}");
         assert!(j.starts_with("{\"ok\":false,\"ops\":3,"), "{j}");
-        assert!(j.contains("\\\"quoted\\\"\\u000aline"), "{j}");
+        assert!(j.contains("\\\"quoted\\\"\\nline"), "{j}");
     }
 }

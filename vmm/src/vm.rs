@@ -1,7 +1,11 @@
-//! One run, top to bottom: RAM through the engine, the VM and its memory
-//! slot, long mode and the guest image, devices, vCPU threads, the event
-//! loop until the agents are done (or a deadline or an error), then
-//! shutdown in order and the report.
+//! One run in three steps, as the VMMs this one learns from read:
+//! [`Vm::build`] sets everything up once, top to bottom (RAM through the
+//! engine, the VM and its memory slot, long mode and the guest image, the
+//! devices, the vCPUs); [`Vm::run`] starts the agent device, the host
+//! storm and one thread per vCPU and watches them until the agents are
+//! done (or a deadline passes or a vCPU fails), then stops every vCPU;
+//! [`StoppedVm::shutdown`] takes the parts down in order (storm, devices,
+//! snapshot, engine) and assembles the [`Report`].
 
 use std::io::Cursor;
 use std::os::fd::AsRawFd;
@@ -32,8 +36,8 @@ use crate::boot;
 use crate::checksum::{ring_range, ChecksumDevice};
 use crate::config::{Backend, GuestImage, RunConfig};
 use crate::mem::{AccessError, GuestAccess};
-use crate::report::{BalloonSummary, Errors, FirstPass, OfflineSummary, Report, VcpuReport};
-use crate::snapshot::{self, Header, SnapshotError};
+use crate::report::{BaselineEnd, EngineEnd, Errors, Report, RunEnd, VcpuExit, VcpuReport};
+use crate::snapshot::{self, FileId, Header, SnapshotError};
 use crate::storm::{Storm, StormConfig, StormReport};
 use crate::vcpu::{self, VcpuContext, VcpuEnd, VcpuError};
 
@@ -123,11 +127,40 @@ impl MutEventSubscriber for Supervisor {
     }
 }
 
+/// The run's shape: RAM size, vCPUs and seed.
+#[derive(Debug, Clone, Copy)]
+struct Shape {
+    ram_size: u64,
+    vcpus: u32,
+    seed: u64,
+}
+
+/// The snapshot a run restores from.
+#[derive(Debug)]
+struct Restore {
+    path: PathBuf,
+    header: Header,
+    /// Its identity, so that no save of this run overwrites it.
+    id: FileId,
+}
+
+impl Restore {
+    fn open(cfg: &RunConfig) -> Result<Option<Restore>, VmError> {
+        let Some(path) = &cfg.restore else { return Ok(None) };
+        let (header, id) = snapshot::open_with_id(path)?;
+        Ok(Some(Restore { path: path.clone(), header, id }))
+    }
+}
+
 /// Resolves RAM size, vCPUs and seed from the command line and, for a
 /// restore, the snapshot (which fixes them).
-fn shape(cfg: &RunConfig, restored: Option<&(PathBuf, Header)>) -> Result<(u64, u32, u64), VmError> {
-    let Some((path, h)) = restored else {
-        return Ok((cfg.mem.unwrap_or(512 << 20), cfg.vcpus.unwrap_or(2), cfg.seed.unwrap_or(1)));
+fn shape(cfg: &RunConfig, restore: Option<&Restore>) -> Result<Shape, VmError> {
+    let Some(Restore { path, header: h, .. }) = restore else {
+        return Ok(Shape {
+            ram_size: cfg.mem.unwrap_or(512 << 20),
+            vcpus: cfg.vcpus.unwrap_or(2),
+            seed: cfg.seed.unwrap_or(1),
+        });
     };
     let mismatch = |what: String| VmError::Snapshot(SnapshotError::Mismatch { path: path.clone(), what });
     if let Some(mem) = cfg.mem.filter(|&m| m != h.ram_size) {
@@ -139,7 +172,111 @@ fn shape(cfg: &RunConfig, restored: Option<&(PathBuf, Header)>) -> Result<(u64, 
     if let Some(s) = cfg.seed.filter(|&s| s != h.seed) {
         return Err(mismatch(format!("seed {}, not {s} (--seed)", h.seed)));
     }
-    Ok((h.ram_size, h.vcpus, h.seed))
+    Ok(Shape { ram_size: h.ram_size, vcpus: h.vcpus, seed: h.seed })
+}
+
+/// Where guest pages come from: the override, the snapshot restored, or
+/// zeros.
+fn page_source(cfg: &RunConfig, restore: Option<&Restore>, ram_size: u64) -> Result<Arc<dyn PageSource>, VmError> {
+    Ok(match (restore, &cfg.source) {
+        (_, Some(source)) => source.0.clone(),
+        (Some(r), None) => {
+            let layout = vec![(GuestRange::new(GuestAddress(0), ram_size), r.header.ram_offset())];
+            Arc::new(SnapshotFile::with_layout(&r.path, layout).map_err(VmError::Source)?)
+        }
+        (None, None) => Arc::new(ZeroSource),
+    })
+}
+
+/// How guest RAM is served: by the engine, by the one-page-per-fault
+/// baseline handler, or by the kernel alone.
+fn memory_backend(
+    cfg: &RunConfig,
+    ram: &Arc<GuestRam>,
+    source: impl FnOnce() -> Result<Arc<dyn PageSource>, VmError>,
+) -> Result<(GuestAccess, Option<SinglePageHandler>), VmError> {
+    Ok(match cfg.backend {
+        Backend::Plain => (GuestAccess::Plain(ram.clone()), None),
+        Backend::Baseline => {
+            let handler = SinglePageHandler::start(ram.clone(), source()?)
+                .map_err(|e| VmError::Io { what: "the baseline handler", source: std::io::Error::other(e) })?;
+            (GuestAccess::Plain(ram.clone()), Some(handler))
+        }
+        Backend::Apf => {
+            let mut config = apf::Config { unplug_policy: cfg.unplug_policy, ..apf::Config::default() };
+            if let Some(w) = cfg.workers {
+                config.workers = w;
+            }
+            if let Some(d) = cfg.dispatch {
+                config.dispatch = d;
+            }
+            let engine = Engine::builder(ram.clone(), source()?).config(config).start().map_err(VmError::Engine)?;
+            (GuestAccess::Engine(Arc::new(engine)), None)
+        }
+    })
+}
+
+/// The VM and its one memory slot over all of guest RAM, fixed for the
+/// whole run.
+fn create_vm(ram: &GuestRam, ram_size: u64) -> Result<(Kvm, VmFd), VmError> {
+    let kvm = Kvm::new().map_err(kvm_err("open /dev/kvm"))?;
+    let vm = kvm.create_vm().map_err(kvm_err("create VM"))?;
+    let slot = kvm_userspace_memory_region {
+        slot: 0,
+        flags: 0,
+        guest_phys_addr: 0,
+        memory_size: ram_size,
+        userspace_addr: ram.regions()[0].host_base(),
+    };
+    // SAFETY: the slot covers exactly guest RAM's mapping, which the `Vm`
+    // keeps alive (its `ram`) until after every vCPU and the VM are gone.
+    unsafe { vm.set_user_memory_region(slot) }.map_err(kvm_err("set the memory slot"))?;
+    Ok((kvm, vm))
+}
+
+/// Writes long mode's structures and the guest image, and for a restore
+/// the generations to expect; returns the image's entry point.
+fn load_guest(
+    cfg: &RunConfig,
+    access: &GuestAccess,
+    layout: &Layout,
+    restore: Option<&Restore>,
+) -> Result<u64, VmError> {
+    let deadline = || Instant::now() + Duration::from_secs(5);
+    let boot_write =
+        |what, gpa, bytes: &[u8]| access.write(gpa, bytes, deadline()).map_err(|source| VmError::Boot { what, source });
+    boot_write("the GDT", agent_proto::GDT, &boot::gdt())?;
+    boot_write("the page tables", agent_proto::PML4, &boot::page_tables(layout))?;
+    let image = cfg.guest_image.clone().unwrap_or_else(|| GuestImage::Elf(AGENT_ELF.to_vec()));
+    let entry = load_image(&image, access)?;
+    if let Some(r) = restore {
+        boot_write("the generation table", layout.gen_entry(0), &r.header.table_bytes())?;
+    }
+    Ok(entry)
+}
+
+/// The configuration the agent device hands every vCPU's agent.
+fn agent_config(cfg: &RunConfig, shape: Shape, restoring: bool) -> Config {
+    let mut flags = 0;
+    if restoring {
+        flags |= agent_proto::FLAG_RESTORE;
+    }
+    if cfg.guest_offline && cfg.backend == Backend::Apf {
+        flags |= FLAG_GUEST_OFFLINE;
+    }
+    // The balloon needs only a discard that reads back as zeros: the
+    // engine and plain memory give that; the baseline handler would fill
+    // a discarded page from its source again.
+    if cfg.guest_offline && cfg.backend != Backend::Baseline {
+        flags |= FLAG_BALLOON;
+    }
+    if cfg.random_order {
+        flags |= agent_proto::FLAG_RANDOM_ORDER;
+    }
+    if cfg.checksum {
+        flags |= FLAG_CHECKSUM;
+    }
+    Config { ram_size: shape.ram_size, vcpus: shape.vcpus, workload: cfg.workload, seed: shape.seed, flags }
 }
 
 /// Loads the guest image; returns its entry point.
@@ -224,15 +361,20 @@ pub fn run(cfg: &RunConfig) -> Result<Report, VmError> {
 /// With `cfg.latency` the run's spans go to a [`LatencyLayer`] (and to
 /// nothing else) for the length of the run.
 pub fn run_and_inspect(cfg: &RunConfig, inspect: impl FnOnce(&GuestAccess)) -> Result<Report, VmError> {
+    let steps = |latency: Option<LatencyLayer>| -> Result<Report, VmError> {
+        let stopped = Vm::build(cfg, latency)?.run()?;
+        inspect(stopped.access());
+        Ok(stopped.shutdown())
+    };
     if !cfg.latency {
-        return run_traced(cfg, inspect, None);
+        return steps(None);
     }
     let layer = match cfg.chrome_trace {
         Some(_) => LatencyLayer::with_trace(TRACE_EVENTS),
         None => LatencyLayer::new(),
     };
     let dispatch = tracing::Dispatch::new(tracing_subscriber::registry().with(layer.clone()));
-    let mut report = tracing::dispatcher::with_default(&dispatch, || run_traced(cfg, inspect, Some(&layer)))?;
+    let mut report = tracing::dispatcher::with_default(&dispatch, || steps(Some(layer.clone())))?;
     report.latency = Some(layer.summary());
     if let Some(path) = &cfg.plot {
         let title = format!("apf fault latency: {} MiB, {} vCPUs", report.ram_size >> 20, report.vcpus.len());
@@ -250,363 +392,317 @@ pub fn run_and_inspect(cfg: &RunConfig, inspect: impl FnOnce(&GuestAccess)) -> R
     Ok(report)
 }
 
-fn run_traced(
-    cfg: &RunConfig,
-    inspect: impl FnOnce(&GuestAccess),
-    latency: Option<&LatencyLayer>,
-) -> Result<Report, VmError> {
-    let latency = latency.cloned();
-    // The snapshot first: it fixes the guest's shape.
-    let (restored, restore_id) = match &cfg.restore {
-        Some(p) => {
-            let (header, id) = snapshot::open_with_id(p)?;
-            (Some((p.clone(), header)), Some(id))
-        }
-        None => (None, None),
-    };
-    // A save over the snapshot being restored from is refused before the
-    // run rather than after it (and checked again at the save).
-    if let Some(path) = &cfg.save_snapshot {
-        snapshot::check_save_target(path, restore_id)?;
-    }
-    let (ram_size, vcpus, seed) = shape(cfg, restored.as_ref())?;
-    let layout = Layout::new(ram_size, vcpus).map_err(VmError::Layout)?;
-    vcpu::install_signal_handlers()?;
+/// A VM built and ready to run: guest RAM and how it is served, the VM
+/// with its memory slot, the guest loaded, the checksum device, and one
+/// vCPU in long mode per vCPU of the guest.
+#[derive(Debug)]
+pub struct Vm {
+    // Dropped first: the vCPUs and the VM, before the RAM their slot maps.
+    vcpus: Vec<VcpuFd>,
+    vm: VmFd,
+    cfg: RunConfig,
+    shape: Shape,
+    layout: Layout,
+    restore: Option<Restore>,
+    ram: Arc<GuestRam>,
+    access: GuestAccess,
+    baseline: Option<SinglePageHandler>,
+    checksum: Option<Arc<ChecksumDevice>>,
+    agent_config: Config,
+    errors: Arc<Errors>,
+    latency: Option<LatencyLayer>,
+}
 
-    // Guest RAM, demand-faulted by the engine (or plain, for comparison).
-    let ram = Arc::new(GuestRam::anonymous(&[(GuestAddress(0), ram_size as usize)]).map_err(VmError::Ram)?);
-    let source = || -> Result<Arc<dyn PageSource>, VmError> {
-        Ok(match (&restored, &cfg.source) {
-            (_, Some(source)) => source.0.clone(),
-            (Some((path, h)), None) => {
-                let layout = vec![(GuestRange::new(GuestAddress(0), ram_size), h.ram_offset())];
-                Arc::new(SnapshotFile::with_layout(path, layout).map_err(VmError::Source)?)
-            }
-            (None, None) => Arc::new(ZeroSource),
-        })
-    };
-    let mut baseline = None;
-    let access = match cfg.backend {
-        Backend::Plain => GuestAccess::Plain(ram.clone()),
-        Backend::Baseline => {
-            let handler = SinglePageHandler::start(ram.clone(), source()?)
-                .map_err(|e| VmError::Io { what: "the baseline handler", source: std::io::Error::other(e) })?;
-            baseline = Some(handler);
-            GuestAccess::Plain(ram.clone())
+impl Vm {
+    /// Builds the VM `cfg` describes. With `latency`, vCPU threads register
+    /// with it so that faults are charged to their vCPU.
+    pub fn build(cfg: &RunConfig, latency: Option<LatencyLayer>) -> Result<Vm, VmError> {
+        // The snapshot first: it fixes the guest's shape. A save over it
+        // is refused before the run rather than after it (and checked
+        // again at the save).
+        let restore = Restore::open(cfg)?;
+        if let Some(path) = &cfg.save_snapshot {
+            snapshot::check_save_target(path, restore.as_ref().map(|r| r.id))?;
         }
-        Backend::Apf => {
-            let mut config = apf::Config { unplug_policy: cfg.unplug_policy, ..apf::Config::default() };
-            if let Some(w) = cfg.workers {
-                config.workers = w;
-            }
-            if let Some(d) = cfg.dispatch {
-                config.dispatch = d;
-            }
-            let engine = Engine::builder(ram.clone(), source()?).config(config).start().map_err(VmError::Engine)?;
-            GuestAccess::Engine(Arc::new(engine))
-        }
-    };
+        let shape = shape(cfg, restore.as_ref())?;
+        let layout = Layout::new(shape.ram_size, shape.vcpus).map_err(VmError::Layout)?;
+        vcpu::install_signal_handlers()?;
 
-    // The VM and its one memory slot, fixed for the whole run.
-    let kvm = Kvm::new().map_err(kvm_err("open /dev/kvm"))?;
-    let vm = kvm.create_vm().map_err(kvm_err("create VM"))?;
-    let slot = kvm_userspace_memory_region {
-        slot: 0,
-        flags: 0,
-        guest_phys_addr: 0,
-        memory_size: ram_size,
-        userspace_addr: ram.regions()[0].host_base(),
-    };
-    // SAFETY: the slot covers exactly guest RAM's mapping, which `ram`
-    // keeps alive until after every vCPU (and the VM) is gone.
-    unsafe { vm.set_user_memory_region(slot) }.map_err(kvm_err("set the memory slot"))?;
+        // Guest RAM, demand-faulted by the engine (or plain, for comparison).
+        let ram = Arc::new(GuestRam::anonymous(&[(GuestAddress(0), shape.ram_size as usize)]).map_err(VmError::Ram)?);
+        let (access, baseline) = memory_backend(cfg, &ram, || page_source(cfg, restore.as_ref(), shape.ram_size))?;
 
-    // Long mode, the image, and for a restore the generations to expect.
-    let deadline = || Instant::now() + Duration::from_secs(5);
-    let boot_write =
-        |what, gpa, bytes: &[u8]| access.write(gpa, bytes, deadline()).map_err(|source| VmError::Boot { what, source });
-    boot_write("the GDT", agent_proto::GDT, &boot::gdt())?;
-    boot_write("the page tables", agent_proto::PML4, &boot::page_tables(&layout))?;
-    let image = cfg.guest_image.clone().unwrap_or_else(|| GuestImage::Elf(AGENT_ELF.to_vec()));
-    let entry = load_image(&image, &access)?;
-    if let Some((_, h)) = &restored {
-        boot_write("the generation table", layout.gen_entry(0), &h.table_bytes())?;
-    }
-
-    // Devices.
-    let errors = Arc::new(Errors::default());
-    let mut flags = 0;
-    if restored.is_some() {
-        flags |= agent_proto::FLAG_RESTORE;
-    }
-    if cfg.guest_offline && cfg.backend == Backend::Apf {
-        flags |= FLAG_GUEST_OFFLINE;
-    }
-    // The balloon needs only a discard that reads back as zeros: the
-    // engine and plain memory give that; the baseline handler would fill
-    // a discarded page from its source again.
-    if cfg.guest_offline && cfg.backend != Backend::Baseline {
-        flags |= FLAG_BALLOON;
-    }
-    if cfg.random_order {
-        flags |= agent_proto::FLAG_RANDOM_ORDER;
-    }
-    let checksum = if cfg.checksum {
-        flags |= FLAG_CHECKSUM;
-        let dev = ChecksumDevice::start(access.clone(), errors.clone())
-            .map_err(|source| VmError::Io { what: "the checksum device", source })?;
-        Some(Arc::new(dev))
-    } else {
-        None
-    };
-    let agent_config = Config { ram_size, vcpus, workload: cfg.workload, seed, flags };
-
-    let fds = (0..vcpus).map(|id| setup_vcpu(&kvm, &vm, &layout, id, entry)).collect::<Result<Vec<_>, _>>()?;
-    let start = Instant::now();
-    let device_memory = if checksum.is_some() { vec![ring_range()] } else { Vec::new() };
-    let agent = Arc::new(AgentDevice::new(
-        access.clone(),
-        agent_config,
-        layout,
-        device_memory,
-        start + cfg.duration,
-        errors.clone(),
-    ));
-    let storm = match access.engine() {
-        Some(engine) if cfg.offline_every.is_some() || cfg.host_block => {
-            let config = StormConfig {
-                every: cfg.offline_every,
-                mode: cfg.offline_mode,
-                host_block_at: cfg.host_block.then(|| start + cfg.duration / 2),
-                seed,
-            };
-            Some(
-                Storm::start(engine.clone(), config, errors.clone())
-                    .map_err(|source| VmError::Io { what: "the offline storm", source })?,
-            )
-        }
-        _ => None,
-    };
-
-    // vCPU threads.
-    let stop = Arc::new(AtomicBool::new(false));
-    let vcpu_exit = EventFd::new(libc::EFD_NONBLOCK).map_err(|source| VmError::Io { what: "an eventfd", source })?;
-    let ctx = Arc::new(VcpuContext {
-        ram_size,
-        agent: agent.clone(),
-        checksum: checksum.clone(),
-        stop: stop.clone(),
-        ram: ram.clone(),
-    });
-    // The event loop's manager first: nothing may fail between starting
-    // vCPU threads and watching them.
-    let mut em = EventManager::<Box<dyn MutEventSubscriber + Send>>::new()
-        .map_err(|e| VmError::Io { what: "the event manager", source: std::io::Error::other(e.to_string()) })?;
-    let wake = vcpu_exit.try_clone().map_err(|source| VmError::Io { what: "an eventfd", source })?;
-    em.add_subscriber(Box::new(Supervisor { vcpu_exit: wake }));
-    let vcpu_failed = Arc::new(AtomicBool::new(false));
-    let mut threads = Vec::new();
-    for (id, fd) in (0..vcpus).zip(fds) {
-        let ctx = ctx.clone();
-        let failed = vcpu_failed.clone();
-        let exit = vcpu_exit.try_clone().map_err(|source| VmError::Io { what: "an eventfd", source })?;
-        let latency = latency.clone();
-        let spawned = crate::spawn_traced(&format!("vcpu{id}"), move || {
-            if let Some(l) = &latency {
-                l.register_current_vcpu(id);
-            }
-            let end = vcpu::run(id, fd, &ctx);
-            if matches!(end, VcpuEnd::Failed(_)) {
-                failed.store(true, Ordering::Release);
-            }
-            let _ = exit.write(1);
-            end
-        });
-        match spawned {
-            Ok(t) => threads.push((id, t)),
-            Err(source) => {
-                stop_vcpus(&stop, &threads, &errors);
-                return Err(VmError::Io { what: "a vCPU thread", source });
-            }
-        }
-    }
-
-    // The event loop: until every vCPU has ended, one failed, or the hard
-    // deadline passed.
-    let hard_deadline = start + cfg.duration + cfg.grace;
-    let mut progress = Progress::new(cfg.progress && cfg.workload != Workload::Touch);
-    loop {
-        let _ = em.run_with_timeout(100);
-        progress.show(start, cfg.duration, &access, &agent, storm.as_ref());
-        if threads.iter().all(|(_, t)| t.is_finished()) {
-            break;
-        }
-        if vcpu_failed.load(Ordering::Acquire) {
-            // One vCPU failed: the run is over for the others too.
-            break;
-        }
-        if Instant::now() >= hard_deadline {
-            errors.push(format!(
-                "the agents did not finish within {:?} (duration {:?} plus {:?} grace); stopping every vCPU",
-                hard_deadline - start,
-                cfg.duration,
-                cfg.grace
-            ));
-            break;
-        }
-    }
-    progress.clear();
-    stop_vcpus(&stop, &threads, &errors);
-    let elapsed = start.elapsed();
-    let mut vcpu_reports = Vec::new();
-    let agents = agent.vcpus();
-    for (id, t) in threads {
-        let exit = if t.is_finished() {
-            match t.join() {
-                Ok(VcpuEnd::Halted) => "halted".to_string(),
-                Ok(VcpuEnd::Stopped) => "stopped".to_string(),
-                Ok(VcpuEnd::Failed(e)) => {
-                    errors.push(e.to_string());
-                    format!("failed: {e}")
-                }
-                Err(_) => {
-                    errors.push(format!("vCPU {id}: its thread panicked"));
-                    "panicked".into()
-                }
-            }
-        } else {
-            "did not stop".into()
+        // The VM, the guest image, the devices, the vCPUs.
+        let (kvm, vm) = create_vm(&ram, shape.ram_size)?;
+        let entry = load_guest(cfg, &access, &layout, restore.as_ref())?;
+        let errors = Arc::new(Errors::default());
+        let checksum = match cfg.checksum {
+            true => Some(Arc::new(
+                ChecksumDevice::start(access.clone(), errors.clone())
+                    .map_err(|source| VmError::Io { what: "the checksum device", source })?,
+            )),
+            false => None,
         };
-        let counters = agents.get(id as usize).and_then(|a| a.done);
-        if counters.is_none() && exit == "halted" {
-            errors.push(format!("vCPU {id}: halted without reporting done"));
-        }
-        vcpu_reports.push(VcpuReport { id, exit, counters });
-    }
-    drop(ctx);
-    inspect(&access);
-
-    // Shutdown in order: storm, devices (dropping their pins), snapshot,
-    // engine.
-    let storm =
-        storm.map(Storm::stop).unwrap_or_else(|| StormReport { host_block: "off".into(), ..Default::default() });
-    let checksums = checksum.as_ref().map_or(0, |c| {
-        c.stop();
-        c.stats().computed.load(Ordering::Relaxed)
-    });
-    drop(checksum);
-    let all_done = vcpu_reports.iter().all(|v| v.counters.is_some());
-    let mut snapshot_saved = None;
-    if let Some(path) = &cfg.save_snapshot {
-        if all_done && errors.is_empty() {
-            match snapshot::save(path, &access, &layout, seed, restore_id) {
-                Ok(_) => snapshot_saved = Some(path.display().to_string()),
-                Err(e) => errors.push(e.to_string()),
-            }
-        } else {
-            errors.push(format!("snapshot not saved to {}: the run did not finish cleanly", path.display()));
-        }
+        let agent_config = agent_config(cfg, shape, restore.is_some());
+        let vcpus =
+            (0..shape.vcpus).map(|id| setup_vcpu(&kvm, &vm, &layout, id, entry)).collect::<Result<Vec<_>, _>>()?;
+        Ok(Vm {
+            vcpus,
+            vm,
+            cfg: cfg.clone(),
+            shape,
+            layout,
+            restore,
+            ram,
+            access,
+            baseline,
+            checksum,
+            agent_config,
+            errors,
+            latency,
+        })
     }
 
-    let mut report = Report { elapsed, ram_size, seed, backend: cfg.backend.as_str(), checksums, ..Report::default() };
-    for c in vcpu_reports.iter().filter_map(|v| v.counters) {
-        let g = &mut report.guest;
-        g.passes += c.passes;
-        g.pages_verified += c.pages_verified;
-        g.pages_written += c.pages_written;
-        g.corrupt_pages += c.corrupt_pages;
-        g.offline_requests += c.offline_requests;
-        g.offline_failed += c.offline_failed;
-        g.checksums += c.checksums;
-        g.checksum_errors += c.checksum_errors;
-        g.balloon_discards += c.balloon_discards;
-        g.balloon_pages_zero += c.balloon_pages_zero;
-        g.balloon_stale += c.balloon_stale;
-    }
-    let a = agent.stats();
-    report.protocol_errors = a.protocol_errors.load(Ordering::Relaxed);
-    report.balloon = BalloonSummary {
-        discards: a.balloon_discards.load(Ordering::Relaxed),
-        pages_discarded: a.balloon_pages.load(Ordering::Relaxed),
-        pages_verified_zero: report.guest.balloon_pages_zero,
-        stale: report.guest.balloon_stale,
-    };
-    let reported_corrupt = a.corrupt_pages.load(Ordering::Relaxed);
-    report.guest.corrupt_pages = report.guest.corrupt_pages.max(reported_corrupt);
-    let guest_requested = a.guest_offlines.load(Ordering::Relaxed);
-    report.offline = OfflineSummary {
-        requests: storm.requests + guest_requested,
-        completed: storm.completed + a.guest_offlines_completed.load(Ordering::Relaxed),
-        busy: storm.busy + a.guest_offlines_busy.load(Ordering::Relaxed),
-        overlapped: storm.overlapped + a.guest_offlines_overlapped.load(Ordering::Relaxed),
-        guest_requested,
-        host_block: storm.host_block,
-        host_block_detail: storm.host_block_detail,
-    };
-    let started = agents.iter().filter_map(|a| a.started).min();
-    let first_done = agents.iter().map(|a| a.first_pass_at).collect::<Option<Vec<_>>>();
-    if let (Some(s), Some(ends)) = (started, first_done) {
-        if let Some(end) = ends.into_iter().max() {
-            report.first_pass = Some(FirstPass {
-                kind: if restored.is_some() { "restore-verify" } else { "touch" },
-                pages: agents.iter().map(|a| a.first_pass_pages).sum(),
-                elapsed: end.duration_since(s),
+    /// Runs the guest: starts the agent device (its deadline counts from
+    /// here), the host storm and the vCPU threads, watches them until every
+    /// vCPU has ended, one failed, or the hard deadline passed, and stops
+    /// every vCPU still running. Err only when a thread or event source
+    /// could not be started.
+    pub fn run(mut self) -> Result<StoppedVm, VmError> {
+        let start = Instant::now();
+        let device_memory = if self.checksum.is_some() { vec![ring_range()] } else { Vec::new() };
+        let agent = Arc::new(AgentDevice::new(
+            self.access.clone(),
+            self.agent_config,
+            self.layout,
+            device_memory,
+            start + self.cfg.duration,
+            self.errors.clone(),
+        ));
+        let storm = self.start_storm(start)?;
+
+        let stop = Arc::new(AtomicBool::new(false));
+        let vcpu_exit =
+            EventFd::new(libc::EFD_NONBLOCK).map_err(|source| VmError::Io { what: "an eventfd", source })?;
+        let ctx = Arc::new(VcpuContext {
+            ram_size: self.shape.ram_size,
+            agent: agent.clone(),
+            checksum: self.checksum.clone(),
+            stop: stop.clone(),
+            ram: self.ram.clone(),
+        });
+        // The event loop's manager first: nothing may fail between starting
+        // vCPU threads and watching them.
+        let mut em = EventManager::<Box<dyn MutEventSubscriber + Send>>::new()
+            .map_err(|e| VmError::Io { what: "the event manager", source: std::io::Error::other(e.to_string()) })?;
+        let wake = vcpu_exit.try_clone().map_err(|source| VmError::Io { what: "an eventfd", source })?;
+        em.add_subscriber(Box::new(Supervisor { vcpu_exit: wake }));
+        let vcpu_failed = Arc::new(AtomicBool::new(false));
+        let mut threads = Vec::new();
+        for (id, fd) in (0..self.shape.vcpus).zip(std::mem::take(&mut self.vcpus)) {
+            let ctx = ctx.clone();
+            let failed = vcpu_failed.clone();
+            let exit = vcpu_exit.try_clone().map_err(|source| VmError::Io { what: "an eventfd", source })?;
+            let latency = self.latency.clone();
+            let spawned = crate::spawn_traced(&format!("vcpu{id}"), move || {
+                if let Some(l) = &latency {
+                    l.register_current_vcpu(id);
+                }
+                let end = vcpu::run(id, fd, &ctx);
+                if matches!(end, VcpuEnd::Failed(_)) {
+                    failed.store(true, Ordering::Release);
+                }
+                let _ = exit.write(1);
+                end
             });
-        }
-    }
-    if let Some(b) = &baseline {
-        report.faults = b.faults();
-        report.baseline_latency = Some((b.latency_at(0.5), b.latency_at(0.99)));
-    }
-    if let Some((path, _)) = &restored {
-        let verified = agents.iter().all(|a| a.restore_verified);
-        if !verified {
-            errors.push("not every agent verified the restored snapshot".to_string());
-        }
-        report.restored = Some((path.display().to_string(), verified));
-    }
-    report.snapshot_saved = snapshot_saved;
-    report.vcpus = vcpu_reports;
-    drop(agent);
-    drop(vm);
-
-    drop(baseline);
-    if let GuestAccess::Engine(engine) = access {
-        for e in engine.errors().try_iter() {
-            errors.push(format!("engine: {e}"));
-        }
-        report.pins_leaked = engine.pins_registered() as u64;
-        if report.pins_leaked > 0 {
-            errors.push(format!("{} pins still registered after every holder let go", report.pins_leaked));
-        }
-        engine.wait_idle(Instant::now() + Duration::from_secs(2));
-        let stats = engine.stats();
-        report.faults = stats.faults;
-        report.pin_invalidations = stats.pin_invalidations;
-        report.pin_refaults = stats.pin_refaults;
-        report.engine_json = stats.to_json();
-        match Arc::try_unwrap(engine) {
-            Ok(engine) => {
-                engine.shutdown();
+            match spawned {
+                Ok(t) => threads.push((id, t)),
+                Err(source) => {
+                    stop_vcpus(&stop, &threads, &self.errors);
+                    return Err(VmError::Io { what: "a vCPU thread", source });
+                }
             }
-            Err(_) => errors.push("the engine is still referenced at shutdown".to_string()),
         }
+
+        self.watch(&mut em, start, &threads, &vcpu_failed, &agent, storm.as_ref());
+        stop_vcpus(&stop, &threads, &self.errors);
+        let elapsed = start.elapsed();
+        let vcpus = self.join_vcpus(threads, &agent);
+        drop(ctx);
+        Ok(StoppedVm { vm: self, agent, storm, elapsed, vcpus })
     }
-    if report.balloon.stale > 0 {
-        errors.push(format!(
-            "the guest read {} discarded pages back with stale contents instead of zeros",
-            report.balloon.stale
-        ));
+
+    /// The host storm, if asked for and the engine serves RAM.
+    fn start_storm(&self, start: Instant) -> Result<Option<Storm>, VmError> {
+        let cfg = &self.cfg;
+        let Some(engine) = self.access.engine().filter(|_| cfg.offline_every.is_some() || cfg.host_block) else {
+            return Ok(None);
+        };
+        let config = StormConfig {
+            every: cfg.offline_every,
+            mode: cfg.offline_mode,
+            host_block_at: cfg.host_block.then(|| start + cfg.duration / 2),
+            seed: self.shape.seed,
+        };
+        let storm = Storm::start(engine.clone(), config, self.errors.clone())
+            .map_err(|source| VmError::Io { what: "the offline storm", source })?;
+        Ok(Some(storm))
     }
-    if report.guest.corrupt_pages > 0 || report.guest.checksum_errors > 0 {
-        errors.push(format!(
-            "the guest found {} corrupt pages and {} wrong checksums",
-            report.guest.corrupt_pages, report.guest.checksum_errors
-        ));
+
+    /// The event loop: until every vCPU has ended, one failed, or the hard
+    /// deadline passed.
+    fn watch(
+        &self,
+        em: &mut EventManager<Box<dyn MutEventSubscriber + Send>>,
+        start: Instant,
+        threads: &[(u32, JoinHandle<VcpuEnd>)],
+        vcpu_failed: &AtomicBool,
+        agent: &AgentDevice,
+        storm: Option<&Storm>,
+    ) {
+        let cfg = &self.cfg;
+        let hard_deadline = start + cfg.duration + cfg.grace;
+        let mut progress = Progress::new(cfg.progress && cfg.workload != Workload::Touch);
+        loop {
+            let _ = em.run_with_timeout(100);
+            progress.show(start, cfg.duration, &self.access, agent, storm);
+            if threads.iter().all(|(_, t)| t.is_finished()) {
+                break;
+            }
+            if vcpu_failed.load(Ordering::Acquire) {
+                // One vCPU failed: the run is over for the others too.
+                break;
+            }
+            if Instant::now() >= hard_deadline {
+                self.errors.push(format!(
+                    "the agents did not finish within {:?} (duration {:?} plus {:?} grace); stopping every vCPU",
+                    hard_deadline - start,
+                    cfg.duration,
+                    cfg.grace
+                ));
+                break;
+            }
+        }
+        progress.clear();
     }
-    report.errors = errors.to_vec();
-    report.ok = report.errors.is_empty() && all_done;
-    Ok(report)
+
+    /// How each vCPU thread ended, with its agent's counters.
+    fn join_vcpus(&self, threads: Vec<(u32, JoinHandle<VcpuEnd>)>, agent: &AgentDevice) -> Vec<VcpuReport> {
+        let agents = agent.vcpus();
+        let mut reports = Vec::new();
+        for (id, t) in threads {
+            let exit = if !t.is_finished() {
+                VcpuExit::DidNotStop
+            } else {
+                match t.join() {
+                    Ok(end) => VcpuExit::from(end),
+                    Err(_) => {
+                        self.errors.push(format!("vCPU {id}: its thread panicked"));
+                        VcpuExit::Panicked
+                    }
+                }
+            };
+            if let VcpuExit::Failed(e) = &exit {
+                self.errors.push(e.to_string());
+            }
+            let counters = agents.get(id as usize).and_then(|a| a.done);
+            if counters.is_none() && matches!(exit, VcpuExit::Halted) {
+                self.errors.push(format!("vCPU {id}: halted without reporting done"));
+            }
+            reports.push(VcpuReport { id, exit, counters });
+        }
+        reports
+    }
+}
+
+/// A VM whose vCPUs have all stopped (or were given up on): guest RAM can
+/// be read, and [`StoppedVm::shutdown`] takes it down.
+#[derive(Debug)]
+pub struct StoppedVm {
+    vm: Vm,
+    agent: Arc<AgentDevice>,
+    storm: Option<Storm>,
+    elapsed: Duration,
+    vcpus: Vec<VcpuReport>,
+}
+
+impl StoppedVm {
+    /// Guest RAM, still served as during the run.
+    pub fn access(&self) -> &GuestAccess {
+        &self.vm.access
+    }
+
+    /// Takes the run down in order (storm; devices, dropping their pins;
+    /// the snapshot; the VM; the engine) and reports.
+    pub fn shutdown(self) -> Report {
+        let StoppedVm { vm, agent, storm, elapsed, vcpus } = self;
+        let Vm { vcpus: _, vm: vm_fd, cfg, shape, layout, restore, ram, access, baseline, checksum, errors, .. } = vm;
+        let storm =
+            storm.map(Storm::stop).unwrap_or_else(|| StormReport { host_block: "off".into(), ..Default::default() });
+        let checksums = checksum.as_ref().map_or(0, |c| {
+            c.stop();
+            c.stats().computed.load(Ordering::Relaxed)
+        });
+        drop(checksum);
+        let mut snapshot_saved = None;
+        if let Some(path) = &cfg.save_snapshot {
+            if vcpus.iter().all(|v| v.counters.is_some()) && errors.is_empty() {
+                match snapshot::save(path, &access, &layout, shape.seed, restore.as_ref().map(|r| r.id)) {
+                    Ok(_) => snapshot_saved = Some(path.display().to_string()),
+                    Err(e) => errors.push(e.to_string()),
+                }
+            } else {
+                errors.push(format!("snapshot not saved to {}: the run did not finish cleanly", path.display()));
+            }
+        }
+        drop(vm_fd);
+
+        let baseline_end = baseline
+            .as_ref()
+            .map(|b| BaselineEnd { faults: b.faults(), latency: (b.latency_at(0.5), b.latency_at(0.99)) });
+        drop(baseline);
+        let engine_end = access.engine().map(|engine| {
+            let errors = engine.errors().try_iter().map(|e| e.to_string()).collect();
+            let pins_leaked = engine.pins_registered() as u64;
+            engine.wait_idle(Instant::now() + Duration::from_secs(2));
+            let stats = engine.stats();
+            EngineEnd {
+                faults: stats.faults,
+                pin_invalidations: stats.pin_invalidations,
+                pin_refaults: stats.pin_refaults,
+                pins_leaked,
+                json: stats.to_json(),
+                errors,
+            }
+        });
+        let mut report = Report::assemble(RunEnd {
+            elapsed,
+            ram_size: shape.ram_size,
+            seed: shape.seed,
+            backend: cfg.backend.as_str(),
+            vcpus,
+            agents: &agent.vcpus(),
+            agent: agent.stats(),
+            storm,
+            checksums,
+            restored: restore.map(|r| r.path.display().to_string()),
+            snapshot_saved,
+            baseline: baseline_end,
+            engine: engine_end,
+            errors: &errors,
+        });
+        drop(agent);
+        drop(ram);
+        if let GuestAccess::Engine(engine) = access {
+            match Arc::try_unwrap(engine) {
+                Ok(engine) => {
+                    engine.shutdown();
+                }
+                Err(_) => report.fail("the engine is still referenced at shutdown".to_string()),
+            }
+        }
+        report
+    }
 }
 
 /// A progress line on stderr, only when stderr is a terminal.

@@ -401,6 +401,7 @@ impl FaultLoop {
                         runs,
                         span,
                         attempts: 0,
+                        refunds: 0,
                         reclaimed: false,
                     };
                     self.dispatch(job);
@@ -410,10 +411,8 @@ impl FaultLoop {
                     shared.stats.deduped.fetch_add(1, Ordering::Relaxed);
                     // Its resolver may be waiting for an offline that waits
                     // for a reference this thread holds.
-                    if !redo {
-                        let page_range = GuestRange::new(region.page_gpa(page), PAGE_SIZE as u64);
-                        shared.notifier.holder_faulted(tid, page_range);
-                    }
+                    let page_range = GuestRange::new(region.page_gpa(page), PAGE_SIZE as u64);
+                    shared.notifier.holder_faulted(tid, page_range);
                     span.record("outcome", "deduped");
                     return;
                 }
@@ -438,6 +437,7 @@ impl FaultLoop {
                         runs: vec![(page, 1)],
                         span,
                         attempts: 0,
+                        refunds: 0,
                         reclaimed: true,
                     };
                     self.dispatch(job);
@@ -486,10 +486,22 @@ impl FaultLoop {
                     return;
                 }
                 PageState::Poisoned | PageState::Offline => {
-                    // The poison marker is gone (zapped): put it back.
+                    // The poison marker is gone (zapped): put it back. Under
+                    // the install lock, with the state checked again there:
+                    // a replug (which takes that lock to mark its pages)
+                    // may have put zeros there since the look above, and a
+                    // discard's zap may have taken them again; a marker
+                    // then would poison a page the engine calls present.
                     let host = region.page_host(page);
+                    let guard = shared.notifier.install_lock();
+                    if !matches!(region.state(page).0, PageState::Poisoned | PageState::Offline) {
+                        drop(guard);
+                        continue;
+                    }
                     // SAFETY: a page of guest RAM, which no Rust reference ever points into (see `crate::ram`).
-                    match unsafe { shared.uffd.poison(host, PAGE_SIZE) } {
+                    let res = unsafe { shared.uffd.poison(host, PAGE_SIZE) };
+                    drop(guard);
+                    match res {
                         Ok(_) => {
                             span.record("outcome", "poisoned");
                         }
@@ -505,11 +517,13 @@ impl FaultLoop {
                     if self.deferred.len() < shared.config.park_capacity {
                         if !redo {
                             shared.stats.deferred.fetch_add(1, Ordering::Relaxed);
-                            // If this thread holds a reference the offline
-                            // waits for, the offline must give up.
-                            let page_range = GuestRange::new(region.page_gpa(page), PAGE_SIZE as u64);
-                            shared.notifier.holder_faulted(tid, page_range);
                         }
+                        // If this thread holds a reference the offline waits
+                        // for, the offline must give up. Told again when the
+                        // fault is deferred again: the offline that holds
+                        // the page now may not be the one that did.
+                        let page_range = GuestRange::new(region.page_gpa(page), PAGE_SIZE as u64);
+                        shared.notifier.holder_faulted(tid, page_range);
                         self.deferred.push(Deferred { span, addr, write, tid });
                         return;
                     }

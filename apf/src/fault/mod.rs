@@ -174,6 +174,11 @@ const WAKE_TRIES: usize = 3;
 /// Working-set replays that may run at once.
 pub const MAX_REPLAYS: usize = 4;
 
+/// Most failed fills of one job not counted against
+/// [`Config::fill_retries`] because an invalidation of its window came
+/// meanwhile.
+pub(crate) const MAX_REFUNDS: u32 = 64;
+
 /// A failure the engine reports through [`Engine::errors`] while it runs.
 #[derive(Debug, Error)]
 pub enum FaultError {
@@ -341,6 +346,11 @@ pub(crate) struct Job {
     pub runs: Vec<(usize, usize)>,
     pub span: tracing::Span,
     pub attempts: u32,
+    /// Failed fills not counted in `attempts` because an invalidation moved
+    /// the window's sequence meanwhile (see `resolve::on_fill_error`);
+    /// capped at [`MAX_REFUNDS`] so a source that keeps failing under an
+    /// invalidation storm still ends.
+    pub refunds: u32,
     /// Claimed from `Present` by [`crate::ram::Region::try_reclaim_removed`]
     /// (a fault on a page a remove touched after it was installed), not
     /// from `Missing`: a page the kernel holds there is the engine's own.

@@ -186,13 +186,17 @@ fn resolve_counting(shared: &Shared, mut job: Job, ctx: &mut Ctx) -> (Option<Job
             range = job_range(region, &job.runs);
             seq = shared.notifier.read_begin(range, Instant::now());
         }
-        if seq.is_none() && wait_until > Instant::now() {
+        if seq.is_none() {
             // An invalidation holds the window: if it waits for a reference
-            // the faulting thread holds, it must give up, or both wait.
+            // the faulting thread holds, it must give up, or both wait
+            // (whether this job waits here or is put aside until the
+            // invalidation ends).
             if let Some(f) = job.fault {
                 shared.notifier.holder_faulted(f.tid, range);
             }
-            seq = shared.notifier.read_begin(range, wait_until);
+            if wait_until > Instant::now() {
+                seq = shared.notifier.read_begin(range, wait_until);
+            }
         }
         let Some(seq) = seq else {
             if ctx.on_loop {
@@ -296,10 +300,11 @@ fn on_fill_error(
     read: (GuestRange, crate::notifier::Seq),
 ) -> FillNext {
     use std::sync::atomic::Ordering::Relaxed;
-    if shared.notifier.read_retry(read.0, read.1) {
+    if job.refunds < super::MAX_REFUNDS && shared.notifier.read_retry(read.0, read.1) {
         // Not counted: the failure may be the invalidation's doing (an
         // evicted page whose stored copy a discard dropped).
         job.attempts -= 1;
+        job.refunds += 1;
         shared.stats.stale.fetch_add(1, Relaxed);
         return if ctx.on_loop { FillNext::Defer } else { FillNext::Retry };
     }
@@ -329,10 +334,11 @@ fn on_fill_error(
     // SIGBUS, and whoever handles that should find the reason already sent.
     let page_gpa = region.page_gpa(fault.page).0;
     let guard = shared.notifier.install_lock();
-    if guard.read_retry(read.0, read.1) {
+    if job.refunds < super::MAX_REFUNDS && guard.read_retry(read.0, read.1) {
         // Invalidated while it was failing: its origin may be zeros now.
         drop(guard);
         job.attempts -= 1;
+        job.refunds += 1;
         return if ctx.on_loop { FillNext::Defer } else { FillNext::Retry };
     }
     shared.report(FaultError::SourceFailed { gpa: page_gpa, attempts: job.attempts, poisoned: true, error });
@@ -583,7 +589,15 @@ pub(crate) fn prefetch_pages(shared: &Shared, locs: impl Iterator<Item = (usize,
     let mut flush = |run: &mut Option<(usize, usize, usize)>, ctx: &mut Ctx| {
         if let Some((region, first, count)) = run.take() {
             let span = tracing::trace_span!(target: "apf", "apf.prefetch", pages = count, bytes = field::Empty, outcome = field::Empty);
-            let job = Job { region, fault: None, runs: vec![(first, count)], span, attempts: 0, reclaimed: false };
+            let job = Job {
+                region,
+                fault: None,
+                runs: vec![(first, count)],
+                span,
+                attempts: 0,
+                refunds: 0,
+                reclaimed: false,
+            };
             let (left, bytes) = resolve_guarded_counting(shared, job, ctx);
             debug_assert!(left.is_none(), "off the event loop, jobs finish");
             if let Some(job) = left {

@@ -195,32 +195,88 @@ pub struct Config {
     pub flags: u32,
 }
 
-/// Counters a vCPU reports when it is done.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct Counters {
+/// Declares [`Counters`] and the methods that walk its fields, so that the
+/// list of counters is written once: the wire format, the sum over vCPUs
+/// and the VMM's JSON all follow it.
+macro_rules! counters {
+    ($($(#[doc = $doc:literal])+ $name:ident,)+) => {
+        /// Counters a vCPU reports when it is done.
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+        pub struct Counters {
+            $($(#[doc = $doc])+ pub $name: u64,)+
+        }
+
+        impl Counters {
+            /// How many counters there are.
+            pub const LEN: usize = [$(stringify!($name)),+].len();
+
+            /// The counters' names, in wire order.
+            pub const NAMES: [&'static str; Self::LEN] = [$(stringify!($name)),+];
+
+            /// The counters' values, in wire order.
+            pub fn values(&self) -> [u64; Self::LEN] {
+                [$(self.$name),+]
+            }
+
+            /// Counters from their values, in wire order.
+            pub fn from_values(values: [u64; Self::LEN]) -> Counters {
+                let [$($name),+] = values;
+                Counters { $($name),+ }
+            }
+        }
+    };
+}
+
+counters! {
     /// Passes completed.
-    pub passes: u64,
+    passes,
     /// Pages whose every word was checked.
-    pub pages_verified: u64,
+    pages_verified,
     /// Pages stamped.
-    pub pages_written: u64,
+    pages_written,
     /// Pages found corrupt (each was also reported on its own).
-    pub corrupt_pages: u64,
+    corrupt_pages,
     /// Offline requests the VMM accepted.
-    pub offline_requests: u64,
+    offline_requests,
     /// Offline requests the VMM refused or could not finish.
-    pub offline_failed: u64,
+    offline_failed,
     /// Checksums the device computed and the agent checked.
-    pub checksums: u64,
+    checksums,
     /// Checksums that did not match, or did not arrive in time.
-    pub checksum_errors: u64,
+    checksum_errors,
     /// Balloon discards the VMM carried out.
-    pub balloon_discards: u64,
+    balloon_discards,
     /// Discarded pages that read as zeros afterwards.
-    pub balloon_pages_zero: u64,
+    balloon_pages_zero,
     /// Discarded pages that did not read as zeros (stale contents; each is
     /// also reported as a corrupt page).
-    pub balloon_stale: u64,
+    balloon_stale,
+}
+
+impl Counters {
+    /// The value of the counter called `name` (one of [`Counters::NAMES`]).
+    pub fn get(&self, name: &str) -> Option<u64> {
+        let i = Self::NAMES.iter().position(|n| *n == name)?;
+        Some(self.values()[i])
+    }
+
+    /// Adds `other`'s counters to these, each saturating.
+    pub fn add(&mut self, other: &Counters) {
+        let mut sum = self.values();
+        for (s, o) in sum.iter_mut().zip(other.values()) {
+            *s = s.saturating_add(o);
+        }
+        *self = Counters::from_values(sum);
+    }
+}
+
+impl core::iter::Sum for Counters {
+    fn sum<I: Iterator<Item = Counters>>(iter: I) -> Counters {
+        iter.fold(Counters::default(), |mut total, c| {
+            total.add(&c);
+            total
+        })
+    }
 }
 
 /// A message from the guest.
@@ -440,7 +496,7 @@ fn open(buf: &[u8], body_len: impl Fn(u16) -> Option<usize>) -> Result<(u16, u32
     Ok((kind, seq, r))
 }
 
-const COUNTERS_LEN: usize = 11 * 8;
+const COUNTERS_LEN: usize = Counters::LEN * 8;
 
 impl Request {
     fn body_len(kind: u16) -> Option<usize> {
@@ -491,22 +547,10 @@ impl Request {
                 w.u64(gpa);
                 w.u64(len);
             }
-            Request::Done { vcpu, counters: c } => {
+            Request::Done { vcpu, counters } => {
                 w.u32(vcpu);
                 w.u32(0);
-                for v in [
-                    c.passes,
-                    c.pages_verified,
-                    c.pages_written,
-                    c.corrupt_pages,
-                    c.offline_requests,
-                    c.offline_failed,
-                    c.checksums,
-                    c.checksum_errors,
-                    c.balloon_discards,
-                    c.balloon_pages_zero,
-                    c.balloon_stale,
-                ] {
+                for v in counters.values() {
                     w.u64(v);
                 }
             }
@@ -549,20 +593,11 @@ impl Request {
             K_DONE => {
                 let vcpu = r.u32();
                 r.reserved(seq)?;
-                let counters = Counters {
-                    passes: r.u64(),
-                    pages_verified: r.u64(),
-                    pages_written: r.u64(),
-                    corrupt_pages: r.u64(),
-                    offline_requests: r.u64(),
-                    offline_failed: r.u64(),
-                    checksums: r.u64(),
-                    checksum_errors: r.u64(),
-                    balloon_discards: r.u64(),
-                    balloon_pages_zero: r.u64(),
-                    balloon_stale: r.u64(),
-                };
-                Request::Done { vcpu, counters }
+                let mut values = [0; Counters::LEN];
+                for v in &mut values {
+                    *v = r.u64();
+                }
+                Request::Done { vcpu, counters: Counters::from_values(values) }
             }
             K_FATAL => Request::Fatal { vcpu: r.u32(), code: r.u32(), detail: r.u64() },
             K_BALLOON => Request::Balloon { gpa: r.u64(), len: r.u64() },
@@ -679,6 +714,22 @@ mod tests {
         round_trip(Request::Done { vcpu: 1, counters });
         round_trip(Request::Balloon { gpa: 0x40_0000, len: 0x3000 });
         round_trip(Request::Fatal { vcpu: 1, code: 2, detail: 3 });
+    }
+
+    #[test]
+    fn counters_sum_field_by_field_and_name_every_field() {
+        let a = Counters::from_values(core::array::from_fn(|i| i as u64 + 1));
+        assert_eq!((a.passes, a.balloon_stale), (1, Counters::LEN as u64));
+        assert_eq!(a.get("pages_written"), Some(3));
+        assert_eq!(a.get("no_such_counter"), None);
+        let total: Counters = [a, a, Counters { checksums: 5, ..Counters::default() }].into_iter().sum();
+        for (i, (name, v)) in Counters::NAMES.iter().zip(total.values()).enumerate() {
+            let extra = if *name == "checksums" { 5 } else { 0 };
+            assert_eq!(v, 2 * (i as u64 + 1) + extra, "{name}");
+        }
+        let mut max = Counters::from_values([u64::MAX; Counters::LEN]);
+        max.add(&a);
+        assert_eq!(max.values(), [u64::MAX; Counters::LEN], "saturates");
     }
 
     #[test]

@@ -14,7 +14,7 @@
 //! non-zero if a write was lost or the storm misbehaved.
 //!
 //! ```text
-//! cargo run --release -p apf --example offline_storm -- [--seconds 10] [--seed N]
+//! cargo run --release -p apf-bench --example offline_storm -- [--seconds 10] [--seed N]
 //!     [--ballast-mib 512] [--no-host-block]
 //! ```
 //!
@@ -28,11 +28,13 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use apf::{
-    splitmix64, Engine, FixedBuffer, GuestAddress, GuestRam, GuestRange, HostBlockSearch, Mode, Pin, ZeroSource,
-    PAGE_SIZE,
-};
+use agent_proto::splitmix64;
+use apf::FixedBuffer;
+use apf::{Engine, GuestAddress, GuestRam, GuestRange, HostBlockSearch, Mode, Pin, ZeroSource};
+use apf_bench::offline::offline_against_hard_pin;
 use vm_memory::Bytes;
+
+const PAGE_SIZE: usize = 4096;
 
 const REGION: usize = 256 << 20;
 /// The offline thread's own range at the end of the region, for unplug.
@@ -74,19 +76,13 @@ fn parse() -> Result<Args, String> {
     Ok(a)
 }
 
-fn word(ram: &GuestRam, gpa: u64) -> *mut u64 {
-    ram.host_range(GuestAddress(gpa), 8).expect("inside the region") as *mut u64
-}
-
+/// The word at `gpa`; a missing page is faulted in by the engine.
 fn read(ram: &GuestRam, gpa: u64) -> u64 {
-    // SAFETY: `word` returns a pointer to 8 bytes of guest RAM, mapped while
-    // `ram` lives; a missing page is faulted in by the engine.
-    unsafe { std::ptr::read_volatile(word(ram, gpa)) }
+    ram.guest_memory().read_obj(GuestAddress(gpa)).expect("inside the region")
 }
 
 fn write(ram: &GuestRam, gpa: u64, v: u64) {
-    // SAFETY: as in `read`.
-    unsafe { std::ptr::write_volatile(word(ram, gpa), v) }
+    ram.guest_memory().write_obj(v, GuestAddress(gpa)).expect("inside the region")
 }
 
 fn random_range(x: &mut u64, limit: usize, max_pages: u64) -> GuestRange {
@@ -293,19 +289,7 @@ fn main() -> ExitCode {
         }
 
         // One offline against a hard pin, which must give Busy.
-        let held = GuestRange::new(GuestAddress(0), 16 * PAGE_SIZE as u64);
-        hard_pin = match engine.hard_pin(held, Instant::now() + Duration::from_secs(5)) {
-            Ok(hp) => {
-                let r = engine.offline(held, Mode::Migrate, Instant::now() + Duration::from_millis(300));
-                drop(hp);
-                match r {
-                    Err(e) if e.is_busy() => "busy".into(),
-                    Ok(_) => "offlined (the hard pin did not hold!)".into(),
-                    Err(e) => format!("error: {e}"),
-                }
-            }
-            Err(e) => format!("cannot take a hard pin: {e}"),
-        };
+        hard_pin = offline_against_hard_pin(&engine, GuestRange::new(GuestAddress(0), 16 * PAGE_SIZE as u64));
 
         stop.store(true, Ordering::Relaxed);
         writers.into_iter().map(|w| w.join().expect("writer panicked")).collect()

@@ -1,0 +1,409 @@
+//! What one bench run measured, its ratios against their targets, and
+//! its outputs: the JSON document, the table and the chart.
+
+use std::fmt::Write as _;
+use std::time::Duration;
+
+use crate::{median, PAGE};
+
+/// A JSON string literal.
+fn json_str(s: &str) -> String {
+    serde_json::Value::from(s).to_string()
+}
+
+/// One measured pass.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Sample {
+    /// Pages touched.
+    pub pages: u64,
+    /// Seconds the pass took.
+    pub seconds: f64,
+    /// Per-fault latency, p50 and p99, when the variant can tell.
+    pub latency: Option<(Duration, Duration)>,
+}
+
+/// All rounds of one variant of one workload.
+#[derive(Debug, Clone)]
+pub struct Series {
+    /// "kernel", "baseline", "apf", ...
+    pub variant: String,
+    /// One sample per round.
+    pub samples: Vec<Sample>,
+}
+
+impl Series {
+    /// Median pages per second.
+    pub fn pages_per_sec(&self) -> f64 {
+        median(self.samples.iter().map(|s| s.pages as f64 / s.seconds.max(1e-9)).collect())
+    }
+
+    fn latency_us(&self, which: usize) -> Option<f64> {
+        let v: Vec<f64> = self
+            .samples
+            .iter()
+            .filter_map(|s| s.latency.map(|l| if which == 0 { l.0 } else { l.1 }.as_secs_f64() * 1e6))
+            .collect();
+        (!v.is_empty()).then(|| median(v))
+    }
+}
+
+/// One workload and its variants.
+#[derive(Debug, Clone)]
+pub struct WorkloadResult {
+    /// "host/seq/zero" and so on.
+    pub name: String,
+    /// "reads" or "writes".
+    pub access: &'static str,
+    /// Where the latency comes from.
+    pub latency_from: &'static str,
+    /// The variants.
+    pub series: Vec<Series>,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct BenchReport {
+    /// The run was quick.
+    pub quick: bool,
+    /// Rounds.
+    pub rounds: usize,
+    /// Host region size.
+    pub host_bytes: u64,
+    /// Guest RAM size.
+    pub guest_bytes: u64,
+    /// Throughput workloads.
+    pub workloads: Vec<WorkloadResult>,
+    /// Offlining 64 MiB: median ms without pins, with 1,000 pins.
+    pub offline_ms: (f64, f64),
+    /// What an offline against a hard pin returned.
+    pub hard_pin: String,
+    /// Fault latency p99 (µs), quiet and with an offline storm.
+    pub storm_p99_us: (f64, f64),
+    /// The median over rounds of storm p99 over the quiet p99 of the
+    /// round before it.
+    pub storm_ratio: f64,
+    /// Fault latency p50 (µs), quiet and with an offline storm.
+    pub storm_p50_us: (f64, f64),
+    /// Storm offlines per round.
+    pub storm_offlines: u64,
+    /// Wall time of the whole bench.
+    pub elapsed: Duration,
+    /// Problems (a variant that failed a check).
+    pub errors: Vec<String>,
+}
+
+/// Ratio names, what they compare, and their targets (`>=` when higher
+/// is better).
+pub const TARGETS: [(&str, f64, bool); 9] = [
+    ("host_seq_apf_vs_baseline", 10.0, true),
+    ("host_seq_apf_vs_kernel", 2.0, true),
+    ("host_random_apf_vs_baseline", 1.0, true),
+    ("guest_seq_apf_vs_baseline", 3.0, true),
+    ("guest_random_apf_vs_baseline", 1.0, true),
+    ("guest_seq_apf_vs_kernel", 0.6, true),
+    ("offline_pins_vs_nopin", 1.5, false),
+    ("fault_latency_storm_vs_quiet", 2.0, false),
+    ("tracing_overhead", 1.05, false),
+];
+
+impl BenchReport {
+    fn workload(&self, name: &str) -> Option<&WorkloadResult> {
+        self.workloads.iter().find(|w| w.name == name)
+    }
+
+    /// The median over rounds of `a`'s throughput over `b`'s in the same
+    /// round (pairing cancels drift between rounds); 0 if either is
+    /// missing.
+    fn ratio(&self, workload: &str, a: &str, b: &str) -> f64 {
+        let Some(w) = self.workload(workload) else { return 0.0 };
+        let series = |v: &str| w.series.iter().find(|s| s.variant == v);
+        let (Some(a), Some(b)) = (series(a), series(b)) else { return 0.0 };
+        let rate = |s: &Sample| s.pages as f64 / s.seconds.max(1e-9);
+        median(a.samples.iter().zip(&b.samples).map(|(x, y)| rate(x) / rate(y).max(1e-9)).collect())
+    }
+
+    /// The ratios, in [`TARGETS`] order, then extra ones.
+    pub fn ratios(&self) -> Vec<(&'static str, f64)> {
+        vec![
+            ("host_seq_apf_vs_baseline", self.ratio("host/seq/file", "apf", "baseline")),
+            ("host_seq_apf_vs_kernel", self.ratio("host/seq/zero", "apf", "kernel")),
+            ("host_random_apf_vs_baseline", self.ratio("host/random/file", "apf", "baseline")),
+            ("guest_seq_apf_vs_baseline", self.ratio("guest/seq/file", "apf", "baseline")),
+            ("guest_random_apf_vs_baseline", self.ratio("guest/random/file", "apf", "baseline")),
+            ("guest_seq_apf_vs_kernel", self.ratio("guest/seq/zero", "apf", "kernel")),
+            ("offline_pins_vs_nopin", self.offline_ms.1 / self.offline_ms.0.max(1e-9)),
+            ("fault_latency_storm_vs_quiet", self.storm_ratio),
+            ("tracing_overhead", self.ratio("host/random/zero", "apf", "apf-traced")),
+            ("tracing_overhead_file", self.ratio("host/random/file", "apf", "apf-traced")),
+            ("host_seq_zero_apf_vs_baseline", self.ratio("host/seq/zero", "apf", "baseline")),
+            ("host_random_zero_apf_vs_baseline", self.ratio("host/random/zero", "apf", "baseline")),
+            ("host_random_apf_vs_kernel", self.ratio("host/random/zero", "apf", "kernel")),
+            ("guest_seq_zero_apf_vs_baseline", self.ratio("guest/seq/zero", "apf", "baseline")),
+            ("guest_random_zero_apf_vs_baseline", self.ratio("guest/random/zero", "apf", "baseline")),
+            ("guest_random_apf_vs_kernel", self.ratio("guest/random/zero", "apf", "kernel")),
+        ]
+    }
+
+    /// The report as JSON.
+    pub fn to_json(&self) -> String {
+        let mut j = String::new();
+        let _ = write!(
+            j,
+            "{{\"quick\":{},\"rounds\":{},\"host_bytes\":{},\"guest_bytes\":{},\"elapsed_s\":{:.1},\"cores\":{},\"workloads\":[",
+            self.quick,
+            self.rounds,
+            self.host_bytes,
+            self.guest_bytes,
+            self.elapsed.as_secs_f64(),
+            std::thread::available_parallelism().map_or(0, |n| n.get())
+        );
+        let opt = |v: Option<f64>| v.map_or("null".to_string(), |v| format!("{v:.1}"));
+        let workloads: Vec<String> = self
+            .workloads
+            .iter()
+            .map(|w| {
+                let variants: Vec<String> = w
+                    .series
+                    .iter()
+                    .map(|s| {
+                        let rate = s.pages_per_sec();
+                        let rounds: Vec<String> =
+                            s.samples.iter().map(|x| format!("{:.0}", x.pages as f64 / x.seconds.max(1e-9))).collect();
+                        format!(
+                            "{}:{{\"pages_per_sec\":{rate:.0},\"gb_per_sec\":{:.3},\"p50_us\":{},\"p99_us\":{},\"rounds_pages_per_sec\":[{}]}}",
+                            json_str(&s.variant),
+                            rate * PAGE as f64 / 1e9,
+                            opt(s.latency_us(0)),
+                            opt(s.latency_us(1)),
+                            rounds.join(",")
+                        )
+                    })
+                    .collect();
+                format!(
+                    "{{\"name\":{},\"access\":\"{}\",\"latency_from\":{},\"variants\":{{{}}}}}",
+                    json_str(&w.name),
+                    w.access,
+                    json_str(w.latency_from),
+                    variants.join(",")
+                )
+            })
+            .collect();
+        j.push_str(&workloads.join(","));
+        let _ = write!(
+            j,
+            "],\"offline_64mib_ms\":{{\"no_pins\":{:.2},\"pins_1000\":{:.2}}},\"hard_pin\":{},\"fault_latency_us\":{{\"quiet\":{{\"p50\":{:.1},\"p99\":{:.1}}},\"storm\":{{\"p50\":{:.1},\"p99\":{:.1}}},\"storm_offlines_per_round\":{}}},",
+            self.offline_ms.0,
+            self.offline_ms.1,
+            json_str(&self.hard_pin),
+            self.storm_p50_us.0,
+            self.storm_p99_us.0,
+            self.storm_p50_us.1,
+            self.storm_p99_us.1,
+            self.storm_offlines
+        );
+        let ratios: Vec<String> = self.ratios().iter().map(|(k, v)| format!("\"{k}\":{v:.3}")).collect();
+        let targets: Vec<String> = TARGETS
+            .iter()
+            .map(|(k, t, higher)| {
+                format!("\"{k}\":{{\"target\":\"{} {t}\",\"met\":{}}}", if *higher { ">=" } else { "<=" }, self.met(k))
+            })
+            .collect();
+        let errors: Vec<String> = self.errors.iter().map(|e| json_str(e)).collect();
+        let _ = write!(
+            j,
+            "\"ratios\":{{{}}},\"targets\":{{{}}},\"errors\":[{}]}}",
+            ratios.join(","),
+            targets.join(","),
+            errors.join(",")
+        );
+        j
+    }
+
+    /// Whether ratio `name` meets its target.
+    pub fn met(&self, name: &str) -> bool {
+        let Some(&(_, target, higher)) = TARGETS.iter().find(|t| t.0 == name) else { return false };
+        let Some(&(_, v)) = self.ratios().iter().find(|r| r.0 == name) else { return false };
+        if higher {
+            v >= target
+        } else {
+            v <= target && v > 0.0
+        }
+    }
+
+    /// A table for a human.
+    pub fn table(&self) -> String {
+        let mut s = String::new();
+        let _ = writeln!(
+            s,
+            "{:<20} {:<7} {:<16} {:>12} {:>9} {:>10} {:>10}",
+            "workload", "access", "variant", "pages/s", "GB/s", "p50 µs", "p99 µs"
+        );
+        let opt = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.1}"));
+        for w in &self.workloads {
+            for sr in &w.series {
+                let rate = sr.pages_per_sec();
+                let _ = writeln!(
+                    s,
+                    "{:<20} {:<7} {:<16} {:>12.0} {:>9.3} {:>10} {:>10}",
+                    w.name,
+                    w.access,
+                    sr.variant,
+                    rate,
+                    rate * PAGE as f64 / 1e9,
+                    opt(sr.latency_us(0)),
+                    opt(sr.latency_us(1))
+                );
+            }
+        }
+        let _ = writeln!(
+            s,
+            "\noffline 64 MiB: {:.2} ms without pins, {:.2} ms with 1,000 pins; hard pin: {}",
+            self.offline_ms.0, self.offline_ms.1, self.hard_pin
+        );
+        let _ = writeln!(
+            s,
+            "fault latency p50/p99: quiet {:.1}/{:.1} µs, with an offline storm {:.1}/{:.1} µs ({} offlines a round)\n",
+            self.storm_p50_us.0, self.storm_p99_us.0, self.storm_p50_us.1, self.storm_p99_us.1, self.storm_offlines
+        );
+        for (name, v) in self.ratios() {
+            if v == 0.0 {
+                let _ = writeln!(s, "{name:<34} not measured");
+                continue;
+            }
+            let target = TARGETS.iter().find(|t| t.0 == name);
+            let verdict = match target {
+                Some((_, t, higher)) => format!(
+                    "target {} {t}: {}",
+                    if *higher { ">=" } else { "<=" },
+                    if self.met(name) { "met" } else { "MISSED" }
+                ),
+                None => String::new(),
+            };
+            let _ = writeln!(s, "{name:<34} {v:>8.3}  {verdict}");
+        }
+        for e in &self.errors {
+            let _ = writeln!(s, "error: {e}");
+        }
+        s
+    }
+}
+
+/// one bar per variant, on a log scale.
+pub fn chart(report: &BenchReport) -> String {
+    let rows: Vec<(String, String, f64)> = report
+        .workloads
+        .iter()
+        .flat_map(|w| w.series.iter().map(move |s| (w.name.clone(), s.variant.clone(), s.pages_per_sec())))
+        .collect();
+    let bar_h = 14.0;
+    let gap = 8.0;
+    let groups = report.workloads.len() as f64;
+    let h = 60.0 + rows.len() as f64 * bar_h + groups * gap + 40.0;
+    let (left, width) = (260.0, 560.0);
+    let max = rows.iter().map(|r| r.2).fold(1.0f64, f64::max).log10().ceil();
+    let min = 3.0f64; // 1,000 pages/s
+    let x = |v: f64| left + ((v.max(1.0).log10() - min).max(0.0) / (max - min)) * width;
+    let color = |variant: &str| match variant {
+        "kernel" => "#7f7f7f",
+        "baseline" => "#d62728",
+        "apf" => "#1f77b4",
+        "apf-traced" => "#17becf",
+        _ => "#9ecae1",
+    };
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{}\" height=\"{h}\" font-family=\"sans-serif\" font-size=\"11\">",
+        left + width + 40.0
+    );
+    let _ = writeln!(s, "<rect width=\"100%\" height=\"100%\" fill=\"white\"/>");
+    let _ = writeln!(
+        s,
+        "<text x=\"10\" y=\"22\" font-size=\"14\">apf bench: pages per second (log scale), median of {} rounds</text>",
+        report.rounds
+    );
+    let mut dec = min;
+    while dec <= max {
+        let gx = x(10f64.powf(dec));
+        let _ = writeln!(s, "<line x1=\"{gx:.1}\" y1=\"40\" x2=\"{gx:.1}\" y2=\"{:.1}\" stroke=\"#ddd\"/>", h - 30.0);
+        let _ = writeln!(s, "<text x=\"{gx:.1}\" y=\"{:.1}\" text-anchor=\"middle\">1e{dec}</text>", h - 15.0);
+        dec += 1.0;
+    }
+    let mut y = 50.0;
+    let mut last = String::new();
+    for (workload, variant, rate) in &rows {
+        if *workload != last {
+            y += gap;
+            last = workload.clone();
+        }
+        let _ = writeln!(
+            s,
+            "<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"end\">{workload} {variant}</text>",
+            left - 6.0,
+            y + bar_h - 4.0
+        );
+        let _ = writeln!(
+            s,
+            "<rect class=\"bar\" x=\"{left}\" y=\"{y:.1}\" width=\"{:.1}\" height=\"{:.1}\" fill=\"{}\"/>",
+            x(*rate) - left,
+            bar_h - 2.0,
+            color(variant)
+        );
+        let _ = writeln!(s, "<text x=\"{:.1}\" y=\"{:.1}\">{rate:.0}</text>", x(*rate) + 4.0, y + bar_h - 4.0);
+        y += bar_h;
+    }
+    s.push_str("</svg>\n");
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn series(variant: &str, rates: &[f64]) -> Series {
+        let samples = rates.iter().map(|&r| Sample { pages: r as u64, seconds: 1.0, latency: None }).collect();
+        Series { variant: variant.into(), samples }
+    }
+
+    fn workload(name: &str, series: Vec<Series>) -> WorkloadResult {
+        WorkloadResult { name: name.into(), access: "reads", latency_from: "", series }
+    }
+
+    #[test]
+    fn ratios_are_medians_over_medians() {
+        let report = BenchReport {
+            workloads: vec![
+                workload(
+                    "host/seq/file",
+                    vec![
+                        series("baseline", &[10.0, 1000.0, 12.0, 11.0, 9.0]),
+                        series("apf", &[300.0, 310.0, 1.0, 290.0, 305.0]),
+                    ],
+                ),
+                workload("host/random/zero", vec![series("apf", &[100.0; 5]), series("apf-traced", &[98.0; 5])]),
+            ],
+            offline_ms: (20.0, 25.0),
+            storm_p99_us: (30.0, 90.0),
+            storm_ratio: 3.0,
+            ..BenchReport::default()
+        };
+        let r: std::collections::HashMap<_, _> = report.ratios().into_iter().collect();
+        // Paired by round, then the median: outlier rounds move nothing.
+        // Per round: 30, 0.31, 0.083, 26.4, 33.9.
+        assert!((r["host_seq_apf_vs_baseline"] - 290.0 / 11.0).abs() < 1e-9);
+        assert!((r["tracing_overhead"] - 100.0 / 98.0).abs() < 1e-9);
+        assert_eq!(r["offline_pins_vs_nopin"], 1.25);
+        assert!(report.met("host_seq_apf_vs_baseline") && report.met("tracing_overhead"));
+        assert!(!report.met("fault_latency_storm_vs_quiet"), "3x is over the 2x target");
+        // A workload that did not run is 0, which meets no target.
+        assert_eq!(r["guest_seq_apf_vs_kernel"], 0.0);
+        assert!(!report.met("guest_seq_apf_vs_kernel"));
+
+        let json = report.to_json();
+        for (name, _, _) in TARGETS {
+            assert!(json.contains(&format!("\"{name}\":")), "{name} missing");
+        }
+        let svg = chart(&report);
+        assert_eq!(svg.matches("<rect class=\"bar\"").count(), 4);
+        assert!(svg.trim_end().ends_with("</svg>"));
+    }
+}

@@ -1,0 +1,372 @@
+//! One bench run: the throughput workloads (host passes here, guest
+//! passes through a [`GuestPass`]), then the offline cost and the fault
+//! latency next to a storm.
+
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use agent_proto::permute;
+use apf::LatencyLayer;
+use apf::Pattern;
+use apf::SinglePageHandler;
+use apf::{Engine, GuestAddress, GuestRam, GuestRange, Mode, PageSource, SnapshotFile, ZeroSource};
+use tracing_subscriber::layer::SubscriberExt;
+use vm_memory::Bytes;
+
+use crate::latency::{fault_latency, LatencyConfig, Load};
+use crate::offline::{offline_against_hard_pin, offline_cost, random_pins};
+use crate::report::{BenchReport, Sample, Series, WorkloadResult};
+use crate::{median, percentile, MIB, PAGE};
+
+/// What to measure.
+#[derive(Debug, Clone)]
+pub struct BenchConfig {
+    /// A run under two minutes: smaller regions, fewer variants.
+    pub quick: bool,
+    /// Rounds (at least 5).
+    pub rounds: usize,
+    /// Write the JSON here.
+    pub json: Option<PathBuf>,
+    /// Write a chart (SVG) here.
+    pub chart: Option<PathBuf>,
+    /// Only these parts ("throughput", "offline", "storm"); empty: all.
+    pub only: Vec<String>,
+}
+
+impl Default for BenchConfig {
+    fn default() -> Self {
+        BenchConfig { quick: false, rounds: 5, json: None, chart: None, only: Vec::new() }
+    }
+}
+
+/// The guest workloads: a guest's first pass under KVM, two vCPUs, each
+/// over its stripe. A VMM provides this (`vmm bench` does); this crate
+/// never touches KVM, and without one the guest workloads are not
+/// measured.
+pub trait GuestPass {
+    /// Makes the snapshot the file-backed guest workloads restore from:
+    /// the RAM of one run of `bytes` that touched every data page.
+    fn make_snapshot(&self, bytes: u64, path: &Path) -> Result<(), String>;
+
+    /// One first pass with faults served by `variant`, in order or in a
+    /// keyed random order: the touch of `bytes` of fresh RAM, or with
+    /// `snapshot` the verify of that snapshot restored on demand.
+    fn first_pass(&self, variant: Variant, random: bool, snapshot: Option<&Path>, bytes: u64)
+        -> Result<Sample, String>;
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Env {
+    Host,
+    Guest,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Src {
+    Zero,
+    File,
+}
+
+/// Who serves the faults of a pass.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Variant {
+    /// Plain anonymous memory, no userfaultfd: the kernel's own fault path.
+    Kernel,
+    /// `apf::baseline`: one thread, blocking read, one page per fault.
+    Baseline,
+    /// The engine, with this many workers and this prefetch window.
+    Apf {
+        /// Worker threads.
+        workers: usize,
+        /// Largest prefetch window, in pages.
+        window: usize,
+    },
+    /// The engine with its defaults and the latency layer on.
+    ApfTraced,
+}
+
+impl Variant {
+    /// The variant's name in the report: "kernel", "apf-workers-4", ...
+    pub fn name(&self) -> String {
+        let d = apf::Config::default();
+        match *self {
+            Variant::Kernel => "kernel".into(),
+            Variant::Baseline => "baseline".into(),
+            Variant::Apf { workers, window } if workers == d.workers && window == d.max_window => "apf".into(),
+            Variant::Apf { workers, window } if window == d.max_window => format!("apf-workers-{workers}"),
+            Variant::Apf { window, .. } => format!("apf-window-{window}"),
+            Variant::ApfTraced => "apf-traced".into(),
+        }
+    }
+}
+
+/// Writes the image the host file workloads restore from.
+fn write_image(path: &Path, bytes: u64, pattern: Pattern) -> std::io::Result<()> {
+    let mut f = std::io::BufWriter::with_capacity(1 << 20, std::fs::File::create(path)?);
+    let mut chunk = vec![0u8; 1 << 20];
+    for off in (0..bytes).step_by(chunk.len()) {
+        let n = chunk.len().min((bytes - off) as usize);
+        pattern.write(off, &mut chunk[..n]);
+        f.write_all(&chunk[..n])?;
+    }
+    f.flush()?;
+    // Read it once so every variant finds it in the page cache.
+    let _ = std::fs::read(path)?;
+    Ok(())
+}
+
+/// One host pass: two threads touch every page of a fresh region.
+fn host_pass(variant: Variant, random: bool, src: Src, bytes: u64, image: &Path, seed: u64) -> Result<Sample, String> {
+    let err = |e: &dyn std::fmt::Display| e.to_string();
+    let ram = Arc::new(GuestRam::anonymous(&[(GuestAddress(0), bytes as usize)]).map_err(|e| err(&e))?);
+    let source = |ram: &GuestRam| -> Result<Arc<dyn PageSource>, String> {
+        Ok(match src {
+            Src::Zero => Arc::new(ZeroSource),
+            Src::File => Arc::new(SnapshotFile::open(image, ram).map_err(|e| err(&e))?),
+        })
+    };
+    let mut _engine = None;
+    let mut _baseline = None;
+    match variant {
+        Variant::Kernel => {}
+        Variant::Baseline => {
+            _baseline = Some(SinglePageHandler::start(ram.clone(), source(&ram)?).map_err(|e| err(&e))?)
+        }
+        Variant::Apf { workers, window } => {
+            let config = apf::Config { workers, max_window: window, ..apf::Config::default() };
+            let b = Engine::builder(ram.clone(), source(&ram)?).config(config);
+            // No subscriber at all: what the engine costs on its own.
+            let none = tracing::Dispatch::none();
+            _engine = Some(tracing::dispatcher::with_default(&none, || b.start()).map_err(|e| err(&e))?);
+        }
+        Variant::ApfTraced => {
+            let b = Engine::builder(ram.clone(), source(&ram)?);
+            let layer = LatencyLayer::new();
+            let dispatch = tracing::Dispatch::new(tracing_subscriber::registry().with(layer));
+            _engine = Some(tracing::dispatcher::with_default(&dispatch, || b.start()).map_err(|e| err(&e))?);
+        }
+    }
+    let write = src == Src::Zero;
+    let pages = ram.pages() as u64;
+    let base = ram.regions()[0].host_base() as usize;
+    let threads = 2u64;
+    let per = pages / threads;
+    let start = Instant::now();
+    let lat: Vec<Vec<u64>> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..threads)
+            .map(|t| {
+                s.spawn(move || {
+                    let mut lat = Vec::with_capacity(per as usize);
+                    let mut sum = 0u64;
+                    for i in 0..per {
+                        let p = t * per + if random { permute(i, per, seed ^ t) } else { i };
+                        let addr = (base + p as usize * PAGE as usize) as *mut u64;
+                        let t0 = Instant::now();
+                        if write {
+                            // SAFETY: `addr` is the first word of page `p`
+                            // of the region, mapped while `ram` lives; the
+                            // first touch is resolved by the kernel, the
+                            // baseline or the engine.
+                            unsafe { std::ptr::write_volatile(addr, p) };
+                        } else {
+                            // SAFETY: as above.
+                            sum = sum.wrapping_add(unsafe { std::ptr::read_volatile(addr) });
+                        }
+                        lat.push(t0.elapsed().as_nanos() as u64);
+                    }
+                    std::hint::black_box(sum);
+                    lat
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap_or_default()).collect()
+    });
+    let seconds = start.elapsed().as_secs_f64();
+    // Check what the threads saw: the first word of every page.
+    let pattern = Pattern { seed: 1 };
+    for p in 0..per * threads {
+        let word = ram.guest_memory().read_obj::<u64>(GuestAddress(p * PAGE)).map_err(|e| e.to_string())?;
+        let want = if write { p } else { pattern.word_at(p * PAGE, 0) };
+        if word != want {
+            return Err(format!("{}: page {p} holds {word:#x}", variant.name()));
+        }
+    }
+    let mut all: Vec<u64> = lat.into_iter().flatten().collect();
+    all.sort_unstable();
+    let latency = Some((Duration::from_nanos(percentile(&all, 0.5)), Duration::from_nanos(percentile(&all, 0.99))));
+    Ok(Sample { pages: per * threads, seconds, latency })
+}
+
+impl BenchConfig {
+    fn wants(&self, part: &str) -> bool {
+        self.only.is_empty() || self.only.iter().any(|p| p == part)
+    }
+}
+
+/// Runs the bench; `guest` runs the guest workloads (without one they are
+/// left out); `log` hears progress.
+pub fn run(cfg: &BenchConfig, guest: Option<&dyn GuestPass>, mut log: impl FnMut(&str)) -> Result<BenchReport, String> {
+    let started = Instant::now();
+    let rounds = cfg.rounds.max(5);
+    let (host_bytes, guest_bytes, storm_faults) =
+        if cfg.quick { (64 * MIB, 64 * MIB, 4000) } else { (256 * MIB, 256 * MIB, 20_000) };
+    let dir = std::env::temp_dir().join(format!("apf-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let image = dir.join("host.img");
+    write_image(&image, host_bytes, Pattern { seed: 1 }).map_err(|e| format!("{}: {e}", image.display()))?;
+    // The guest's snapshot: one touch run's RAM.
+    let snapshot = dir.join("guest.snap");
+    let guest = guest.filter(|_| cfg.wants("throughput"));
+    match guest {
+        Some(g) => {
+            g.make_snapshot(guest_bytes, &snapshot).map_err(|e| format!("cannot make the guest snapshot: {e}"))?
+        }
+        None if cfg.wants("throughput") => {
+            log("guest workloads: not measured (they run under KVM, through the VMM: `vmm bench`)")
+        }
+        None => {}
+    }
+
+    let d = apf::Config::default();
+    let apf = Variant::Apf { workers: d.workers, window: d.max_window };
+    let mut host_variants = vec![Variant::Kernel, Variant::Baseline, apf, Variant::ApfTraced];
+    if !cfg.quick {
+        for workers in [1, 4] {
+            host_variants.push(Variant::Apf { workers, window: d.max_window });
+        }
+        for window in [16, 64] {
+            host_variants.push(Variant::Apf { workers: d.workers, window });
+        }
+    }
+    // (env, order, source, variants)
+    let mut cases: Vec<(Env, bool, Src, Vec<Variant>)> = Vec::new();
+    for random in [false, true] {
+        cases.push((Env::Host, random, Src::Zero, host_variants.clone()));
+        let file: Vec<Variant> = host_variants.iter().copied().filter(|v| *v != Variant::Kernel).collect();
+        cases.push((Env::Host, random, Src::File, file));
+        if guest.is_some() {
+            let zero = vec![Variant::Kernel, Variant::Baseline, apf, Variant::ApfTraced];
+            cases.push((Env::Guest, random, Src::Zero, zero));
+            cases.push((Env::Guest, random, Src::File, vec![Variant::Baseline, apf, Variant::ApfTraced]));
+        }
+    }
+    let name = |env: Env, random: bool, src: Src| {
+        format!(
+            "{}/{}/{}",
+            if env == Env::Host { "host" } else { "guest" },
+            if random { "random" } else { "seq" },
+            if src == Src::Zero { "zero" } else { "file" }
+        )
+    };
+    let mut report = BenchReport { quick: cfg.quick, rounds, host_bytes, guest_bytes, ..BenchReport::default() };
+    for (env, random, src, variants) in &cases {
+        report.workloads.push(WorkloadResult {
+            name: name(*env, *random, *src),
+            access: if *src == Src::Zero { "writes" } else { "reads" },
+            latency_from: if *env == Env::Host {
+                "the touching thread: time of each page's first access"
+            } else {
+                "the handler: apf.fault spans (apf-traced), the baseline's own timer; none for kernel or untraced apf"
+            },
+            series: variants.iter().map(|v| Series { variant: v.name(), samples: Vec::new() }).collect(),
+        });
+    }
+    if !cfg.wants("throughput") {
+        cases.clear();
+        report.workloads.clear();
+    }
+    for round in 0..rounds {
+        if cases.is_empty() {
+            break;
+        }
+        log(&format!("round {}/{rounds}: throughput", round + 1));
+        for (i, (env, random, src, variants)) in cases.iter().enumerate() {
+            for (k, v) in variants.iter().enumerate() {
+                let sample = match env {
+                    Env::Host => host_pass(*v, *random, *src, host_bytes, &image, 5 + round as u64),
+                    Env::Guest => match guest {
+                        Some(g) => {
+                            g.first_pass(*v, *random, (*src == Src::File).then_some(snapshot.as_path()), guest_bytes)
+                        }
+                        None => continue,
+                    },
+                };
+                match sample {
+                    Ok(s) => report.workloads[i].series[k].samples.push(s),
+                    Err(e) => report.errors.push(format!("{}: {e}", report.workloads[i].name)),
+                }
+            }
+        }
+    }
+    if cfg.wants("offline") {
+        log("offline cost");
+        match offline_part(rounds) {
+            Ok((ms, hard)) => {
+                report.offline_ms = ms;
+                report.hard_pin = hard;
+            }
+            Err(e) => report.errors.push(format!("offline cost: {e}")),
+        }
+    }
+    if cfg.wants("storm") {
+        log("fault latency next to an offline storm");
+        match storm_part(rounds, storm_faults) {
+            Ok([quiet, storm]) => {
+                report.storm_p50_us = (quiet.median_us(0), storm.median_us(0));
+                report.storm_p99_us = (quiet.median_us(1), storm.median_us(1));
+                report.storm_offlines = storm.offlines / rounds as u64;
+                // Each storm round over the quiet round before it.
+                report.storm_ratio =
+                    median(quiet.rounds.iter().zip(&storm.rounds).map(|(q, s)| s.1 / q.1.max(1e-9)).collect());
+            }
+            Err(e) => report.errors.push(format!("storm latency: {e}")),
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    report.elapsed = started.elapsed();
+    Ok(report)
+}
+
+/// Offlining 64 MiB with and without 1,000 pins (migrations), and against
+/// a hard pin.
+fn offline_part(rounds: usize) -> Result<((f64, f64), String), String> {
+    let ram = Arc::new(GuestRam::anonymous(&[(GuestAddress(0), (64 * MIB) as usize)]).map_err(|e| e.to_string())?);
+    let engine = Engine::builder(ram, Arc::new(ZeroSource)).start().map_err(|e| e.to_string())?;
+    let target = GuestRange::new(GuestAddress(0), 64 * MIB);
+    let pins = random_pins(&engine, target, 1000, 7)?;
+    let cost = offline_cost(&engine, target, &pins, &[Mode::Migrate], rounds)?;
+    drop(pins);
+    let hard = offline_against_hard_pin(&engine, GuestRange::new(GuestAddress(0), MIB));
+    Ok(((cost.median_ms(Mode::Migrate, false), cost.median_ms(Mode::Migrate, true)), hard))
+}
+
+/// Fault latency (first reads of random fresh pages, one at a time) quiet
+/// and with an offline storm (an offline every millisecond, at nice 19)
+/// on another range, rounds interleaved.
+fn storm_part(rounds: usize, faults: usize) -> Result<[crate::latency::LoadLatency; 2], String> {
+    let fault_bytes = (faults as u64 * PAGE).next_multiple_of(2 * MIB);
+    let storm_bytes = 64 * MIB;
+    // Fresh pages for every round: no unplug between rounds.
+    let total = storm_bytes + 2 * rounds as u64 * fault_bytes;
+    let ram = Arc::new(GuestRam::anonymous(&[(GuestAddress(0), total as usize)]).map_err(|e| e.to_string())?);
+    // Every access a fault: no fault-around, so each sample is one fault's
+    // service time.
+    let config = apf::Config { fault_around: 1, ..apf::Config::default() };
+    let engine =
+        Engine::builder(ram.clone(), Arc::new(ZeroSource)).config(config).start().map_err(|e| e.to_string())?;
+    let storm_range = GuestRange::new(GuestAddress(0), storm_bytes);
+    engine.prefetch(storm_range).map_err(|e| e.to_string())?;
+    let cfg = LatencyConfig {
+        storm_range,
+        fault_range: GuestRange::new(GuestAddress(storm_bytes), total - storm_bytes),
+        loads: vec![Load::Quiet, Load::Storm { pause_us: 1000 }],
+        rounds,
+        faults,
+        nice: 19,
+    };
+    let [quiet, storm]: [_; 2] =
+        fault_latency(&engine, &ram, &cfg)?.try_into().map_err(|_| "two loads, two results".to_string())?;
+    Ok([quiet, storm])
+}
