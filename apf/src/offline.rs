@@ -528,9 +528,11 @@ impl<'a> Work<'a> {
     }
 
     /// Restoring contents is never cut short by the offline's own deadline:
-    /// it gets the engine's install deadline on top.
+    /// it gets the engine's install deadline on top, once for the whole
+    /// offline (not per run of pages, which would let an offline with many
+    /// runs go on for many times that).
     fn restore_deadline(&self) -> Instant {
-        self.deadline.max(Instant::now()) + self.shared.config.install_deadline
+        self.deadline + self.shared.config.install_deadline
     }
 
     /// True if a balloon discarded page `i` while the offline held it: a
