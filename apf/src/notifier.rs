@@ -142,11 +142,11 @@ impl Registry {
     }
 }
 
-/// The invalidation sequence, the invalidations in progress, and the
-/// registry of intervals and short-term references.
 /// Threads remembered as blocked in a fault (see `Registry::blocked`).
 const BLOCKED: usize = 256;
 
+/// The invalidation sequence, the invalidations in progress, and the
+/// registry of intervals and short-term references.
 pub struct Notifier {
     seq: AtomicU64,
     lock: RwLock<History>,
