@@ -921,10 +921,7 @@ impl<'a> Work<'a> {
         for i in 0..self.count() {
             let p = self.first + i;
             let gpa = self.region.page_gpa(p);
-            // `removed` reads the page's origin: only for pages this offline
-            // marked (a claimed page's origin is its resolver's business).
-            let removed = self.prior[i].state != PageState::Resolving && self.removed(i);
-            match decide(self.prior[i], self.outcome[i], removed, policy) {
+            match decide(self.prior[i], self.outcome[i], self.removed(i), policy) {
                 Decision::End { state, origin, drop_stored } => {
                     if drop_stored {
                         store.discard(gpa, PAGE_SIZE);

@@ -684,6 +684,78 @@ impl apf::PageSource for GatedFirstPage {
     }
 }
 
+/// A thread holding a short-term reference faults while an offline that
+/// waits for that reference begins: the scene the tests below stage with a
+/// source whose fill of page 0 is held until the offline has begun.
+struct HolderScene {
+    config: apf::Config,
+    /// The page the holder references.
+    referenced: u64,
+    /// The page it then reads while holding the reference.
+    reads: u64,
+    /// Another thread's fault on page 0 claims it (and its window) first.
+    other_faults_first: bool,
+    /// The offline's pages (first, count); an evict with a 3 s deadline.
+    offline: (u64, u64),
+}
+
+/// What came of a [`HolderScene`].
+struct HolderSceneEnd {
+    offline: Result<apf::OfflineReport, apf::OfflineError>,
+    took: Duration,
+    holder_read: u64,
+    other_read: Option<u64>,
+}
+
+fn holder_scene(scene: HolderScene) -> HolderSceneEnd {
+    let ram = ram(16);
+    let source = Arc::new(GatedFirstPage { open: AtomicBool::new(true), entered: AtomicBool::new(false) });
+    let engine = engine_with(&ram, source.clone(), scene.config);
+    let range = |first: u64, pages: u64| apf::GuestRange::new(GuestAddress(first * PAGE), pages * PAGE);
+    let (referenced, go) = (AtomicBool::new(false), AtomicBool::new(false));
+    let end = std::thread::scope(|s| {
+        let holder = s.spawn(|| {
+            let r = engine.page_ref(range(scene.referenced, 1), Instant::now() + Duration::from_secs(5)).unwrap();
+            referenced.store(true, Ordering::SeqCst);
+            assert!(wait_for(&go, Duration::from_secs(5)));
+            let w = read_word(&ram, scene.reads * PAGE);
+            drop(r);
+            w
+        });
+        assert!(wait_for(&referenced, Duration::from_secs(5)));
+        source.open.store(false, Ordering::SeqCst);
+        let other = scene.other_faults_first.then(|| {
+            let other = s.spawn(|| read_word(&ram, 0));
+            assert!(wait_for(&source.entered, Duration::from_secs(5)));
+            other
+        });
+        // The holder faults (on the claimed page, or on page 0 itself).
+        go.store(true, Ordering::SeqCst);
+        if other.is_some() {
+            std::thread::sleep(Duration::from_millis(50));
+        } else {
+            assert!(wait_for(&source.entered, Duration::from_secs(5)));
+        }
+        let offline = s.spawn(|| {
+            let started = Instant::now();
+            let (first, pages) = scene.offline;
+            let res = engine.offline(range(first, pages), apf::Mode::Evict, Instant::now() + Duration::from_secs(3));
+            (res, started.elapsed())
+        });
+        std::thread::sleep(Duration::from_millis(50));
+        source.open.store(true, Ordering::SeqCst);
+        let (offline, took) = offline.join().unwrap();
+        HolderSceneEnd {
+            offline,
+            took,
+            holder_read: holder.join().unwrap(),
+            other_read: other.map(|o| o.join().unwrap()),
+        }
+    });
+    assert!(engine.errors().try_iter().next().is_none());
+    end
+}
+
 /// A thread holding a reference faults on a page of someone else's window
 /// (its fault is deduped onto that window's job), and an offline of a range
 /// under the reference begins and overlaps the window: the window's job
@@ -693,48 +765,20 @@ impl apf::PageSource for GatedFirstPage {
 /// go, and the offline goes on, well before its deadline.
 #[test]
 fn a_reference_holder_waiting_on_a_window_an_offline_holds_does_not_stall_the_offline() {
-    let ram = ram(16);
-    let source = Arc::new(GatedFirstPage { open: AtomicBool::new(true), entered: AtomicBool::new(false) });
-    let config = apf::Config { fault_around: 8, dispatch: Dispatch::Workers, ..Default::default() };
-    let engine = Arc::new(engine_with(&ram, source.clone(), config));
-    let range = |first: u64, pages: u64| apf::GuestRange::new(GuestAddress(first * PAGE), pages * PAGE);
-    let (go, ready) = (AtomicBool::new(false), AtomicBool::new(false));
-    std::thread::scope(|s| {
-        // The holder: a reference on page 10 (its block, pages 8 to 15, is
-        // installed), then a read of page 5 while holding it.
-        let holder = s.spawn(|| {
-            let r = engine.page_ref(range(10, 1), Instant::now() + Duration::from_secs(5)).unwrap();
-            ready.store(true, Ordering::SeqCst);
-            assert!(wait_for(&go, Duration::from_secs(5)));
-            let w = read_word(&ram, 5 * PAGE);
-            drop(r);
-            w
-        });
-        assert!(wait_for(&ready, Duration::from_secs(5)));
-        // Another thread faults page 0: its job claims pages 0 to 7 and
-        // waits in the fill of page 0.
-        source.open.store(false, Ordering::SeqCst);
-        let first = s.spawn(|| read_word(&ram, 0));
-        assert!(wait_for(&source.entered, Duration::from_secs(5)));
-        // The holder faults page 5, claimed by that job.
-        go.store(true, Ordering::SeqCst);
-        std::thread::sleep(Duration::from_millis(50));
-        // An offline of pages 7 to 11: it overlaps the job's window (page 7)
-        // and the holder's reference (page 10).
-        let offline = s.spawn(|| {
-            let started = Instant::now();
-            let res = engine.offline(range(7, 5), apf::Mode::Evict, Instant::now() + Duration::from_secs(3));
-            (res, started.elapsed())
-        });
-        std::thread::sleep(Duration::from_millis(50));
-        source.open.store(true, Ordering::SeqCst);
-        let (res, took) = offline.join().unwrap();
-        assert!(res.is_ok(), "{res:?}");
-        assert!(took < Duration::from_secs(2), "the offline waited {took:?} for the holder");
-        assert_eq!(holder.join().unwrap(), Pattern { seed: 8 }.word_at(5 * PAGE, 0));
-        assert_eq!(first.join().unwrap(), Pattern { seed: 8 }.word_at(0, 0));
+    // The holder references page 10 (its block, pages 8 to 15, is
+    // installed) and reads page 5 of the window another fault claimed
+    // (pages 0 to 7); the offline of pages 7 to 11 overlaps both.
+    let end = holder_scene(HolderScene {
+        config: apf::Config { fault_around: 8, dispatch: Dispatch::Workers, ..Default::default() },
+        referenced: 10,
+        reads: 5,
+        other_faults_first: true,
+        offline: (7, 5),
     });
-    assert!(engine.errors().try_iter().next().is_none());
+    assert!(end.offline.is_ok(), "{:?}", end.offline);
+    assert!(end.took < Duration::from_secs(2), "the offline waited {:?} for the holder", end.took);
+    assert_eq!(end.holder_read, Pattern { seed: 8 }.word_at(5 * PAGE, 0));
+    assert_eq!(end.other_read, Some(Pattern { seed: 8 }.word_at(0, 0)));
 }
 
 /// An unplug finds pages claimed by a window's job and, as it takes them,
@@ -863,38 +907,16 @@ fn a_failing_source_under_an_offline_storm_still_ends() {
 /// and give up, rather than wait out its deadline.
 #[test]
 fn an_offline_waiting_for_a_holder_whose_fault_is_put_aside_gives_up_at_once() {
-    let ram = ram(16);
-    let source = Arc::new(GatedFirstPage { open: AtomicBool::new(true), entered: AtomicBool::new(false) });
-    let config = apf::Config { fault_around: 1, max_window: 1, dispatch: Dispatch::Inline, ..Default::default() };
-    let engine = engine_with(&ram, source.clone(), config);
-    let range = |first: u64, pages: u64| apf::GuestRange::new(GuestAddress(first * PAGE), pages * PAGE);
-    let (referenced, go) = (AtomicBool::new(false), AtomicBool::new(false));
-    std::thread::scope(|s| {
-        let holder = s.spawn(|| {
-            let r = engine.page_ref(range(1, 1), Instant::now() + Duration::from_secs(5)).unwrap();
-            referenced.store(true, Ordering::SeqCst);
-            assert!(wait_for(&go, Duration::from_secs(5)));
-            let w = read_word(&ram, 0);
-            drop(r);
-            w
-        });
-        assert!(wait_for(&referenced, Duration::from_secs(5)));
-        source.open.store(false, Ordering::SeqCst);
-        go.store(true, Ordering::SeqCst);
-        assert!(wait_for(&source.entered, Duration::from_secs(5)));
-        let offline = s.spawn(|| {
-            let started = Instant::now();
-            let res = engine.offline(range(0, 2), apf::Mode::Evict, Instant::now() + Duration::from_secs(3));
-            (res, started.elapsed())
-        });
-        std::thread::sleep(Duration::from_millis(50));
-        source.open.store(true, Ordering::SeqCst);
-        let (res, took) = offline.join().unwrap();
-        assert!(took < Duration::from_secs(1), "the offline waited {took:?} for the holder: {res:?}");
-        assert!(matches!(res, Err(apf::OfflineError::Busy { refs: 1, .. })), "{res:?}");
-        assert_eq!(holder.join().unwrap(), Pattern { seed: 8 }.word_at(0, 0));
+    let end = holder_scene(HolderScene {
+        config: apf::Config { fault_around: 1, max_window: 1, dispatch: Dispatch::Inline, ..Default::default() },
+        referenced: 1,
+        reads: 0,
+        other_faults_first: false,
+        offline: (0, 2),
     });
-    assert!(engine.errors().try_iter().next().is_none());
+    assert!(end.took < Duration::from_secs(1), "the offline waited {:?} for the holder: {:?}", end.took, end.offline);
+    assert!(matches!(end.offline, Err(apf::OfflineError::Busy { refs: 1, .. })), "{:?}", end.offline);
+    assert_eq!(end.holder_read, Pattern { seed: 8 }.word_at(0, 0));
 }
 
 /// A thread holding a reference faults on a page another thread's fault
@@ -904,42 +926,15 @@ fn an_offline_waiting_for_a_holder_whose_fault_is_put_aside_gives_up_at_once() {
 /// blocked on a page it holds claimed, and give up at once.
 #[test]
 fn an_offline_waiting_for_a_holder_deduped_onto_a_claimed_page_gives_up_at_once() {
-    let ram = ram(16);
-    let source = Arc::new(GatedFirstPage { open: AtomicBool::new(true), entered: AtomicBool::new(false) });
-    let config = apf::Config { fault_around: 1, max_window: 1, dispatch: Dispatch::Workers, ..Default::default() };
-    let engine = engine_with(&ram, source.clone(), config);
-    let range = |first: u64, pages: u64| apf::GuestRange::new(GuestAddress(first * PAGE), pages * PAGE);
-    let (referenced, go) = (AtomicBool::new(false), AtomicBool::new(false));
-    std::thread::scope(|s| {
-        let holder = s.spawn(|| {
-            let r = engine.page_ref(range(1, 1), Instant::now() + Duration::from_secs(5)).unwrap();
-            referenced.store(true, Ordering::SeqCst);
-            assert!(wait_for(&go, Duration::from_secs(5)));
-            let w = read_word(&ram, 0);
-            drop(r);
-            w
-        });
-        assert!(wait_for(&referenced, Duration::from_secs(5)));
-        // Another thread's fault claims page 0 and waits in its fill ...
-        source.open.store(false, Ordering::SeqCst);
-        let first = s.spawn(|| read_word(&ram, 0));
-        assert!(wait_for(&source.entered, Duration::from_secs(5)));
-        // ... the holder faults on it too ...
-        go.store(true, Ordering::SeqCst);
-        std::thread::sleep(Duration::from_millis(50));
-        // ... and an offline of pages 0 and 1 begins.
-        let offline = s.spawn(|| {
-            let started = Instant::now();
-            let res = engine.offline(range(0, 2), apf::Mode::Evict, Instant::now() + Duration::from_secs(3));
-            (res, started.elapsed())
-        });
-        std::thread::sleep(Duration::from_millis(50));
-        source.open.store(true, Ordering::SeqCst);
-        let (res, took) = offline.join().unwrap();
-        assert!(took < Duration::from_secs(1), "the offline waited {took:?} for the holder: {res:?}");
-        assert!(matches!(res, Err(apf::OfflineError::Busy { refs: 1, .. })), "{res:?}");
-        assert_eq!(holder.join().unwrap(), Pattern { seed: 8 }.word_at(0, 0));
-        assert_eq!(first.join().unwrap(), Pattern { seed: 8 }.word_at(0, 0));
+    let end = holder_scene(HolderScene {
+        config: apf::Config { fault_around: 1, max_window: 1, dispatch: Dispatch::Workers, ..Default::default() },
+        referenced: 1,
+        reads: 0,
+        other_faults_first: true,
+        offline: (0, 2),
     });
-    assert!(engine.errors().try_iter().next().is_none());
+    assert!(end.took < Duration::from_secs(1), "the offline waited {:?} for the holder: {:?}", end.took, end.offline);
+    assert!(matches!(end.offline, Err(apf::OfflineError::Busy { refs: 1, .. })), "{:?}", end.offline);
+    assert_eq!(end.holder_read, Pattern { seed: 8 }.word_at(0, 0));
+    assert_eq!(end.other_read, Some(Pattern { seed: 8 }.word_at(0, 0)));
 }
