@@ -17,10 +17,17 @@
 //!   read older than all of them retries (conservative, never wrong).
 //! - Long-term holders register an interval with a callback
 //!   ([`Notifier::register`]); every invalidation that overlaps it calls the
-//!   callback once, after the pages are marked and before anything is done
-//!   to them. Short-term references ([`Notifier::try_ref`]) are not called
-//!   back: invalidations wait for them to drain, and no new one is granted on
-//!   a range while it is being invalidated, so the wait cannot starve.
+//!   callback once, before anything is done to the pages. Short-term
+//!   references ([`Notifier::try_ref`]) are not called back: invalidations
+//!   wait for them to drain, and no new one is granted on a range while it
+//!   is being invalidated, so the wait cannot starve.
+//! - An offline first announces its invalidation ([`Notifier::announce`]),
+//!   calls the intervals back and waits for references to drain while
+//!   faults on its pages are still served; only then does it hold the
+//!   pages ([`Invalidation::hold`]), and from there it waits for nothing
+//!   but the kernel. A thread holding a reference the drain waits for can
+//!   therefore never be blocked by that same invalidation, whatever it
+//!   touches: no deadlock between a drain and a fault exists to detect.
 //!   Hard intervals (no callback) stand for references that are never given
 //!   back on request; an invalidation can only wait for them, up to its
 //!   deadline.
@@ -36,11 +43,6 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLock
 use std::time::Instant;
 
 use crate::ram::GuestRange;
-
-/// The calling thread's id, as userfaultfd reports faulting threads.
-fn current_tid() -> u32 {
-    rustix::thread::gettid().as_raw_nonzero().get() as u32
-}
 
 /// Invalidated ranges remembered for [`Notifier::read_retry`].
 pub const HISTORY: usize = 256;
@@ -118,32 +120,45 @@ struct History {
     forgotten: u64,
 }
 
+/// An invalidation in progress.
+struct Active {
+    id: u64,
+    ranges: Vec<GuestRange>,
+    /// An offline (refuses to overlap another); a remove event is not.
+    exclusive: bool,
+    /// Reads of the ranges wait for it (see [`Invalidation::hold`]); an
+    /// announced invalidation only refuses new references.
+    holding: bool,
+}
+
+impl Active {
+    fn overlaps(&self, range: &GuestRange) -> bool {
+        self.ranges.iter().any(|r| r.overlaps(range))
+    }
+}
+
 #[derive(Default)]
 struct Registry {
-    /// Invalidations in progress: id, ranges, exclusive, reason.
-    active: Vec<(u64, Vec<GuestRange>, bool, Reason)>,
-    /// Short-term references: id, range, whether a pin's guard holds it
-    /// (only an unplug waits for those), and the holder's thread id.
-    refs: Vec<(u64, GuestRange, bool, u32)>,
-    /// Invalidations whose drain cannot end: a thread they wait for faulted
-    /// on memory they hold (see [`Notifier::holder_faulted`]).
-    stuck: Vec<u64>,
-    /// The last page each thread was seen blocked on in a fault that
-    /// waits for another (bounded by [`BLOCKED`]): a drain that begins
-    /// later checks it (see [`Invalidation::wait_drained_unless`]).
-    blocked: Vec<(u32, GuestRange)>,
+    active: Vec<Active>,
+    /// Short-term references: id, range, and whether a pin's guard holds it
+    /// (only an unplug waits for those).
+    refs: Vec<(u64, GuestRange, bool)>,
     intervals: Vec<Arc<Interval>>,
     next_id: u64,
 }
 
 impl Registry {
+    /// An invalidation, announced or holding, overlaps `range`: no new
+    /// reference is granted on it.
     fn invalidating(&self, range: &GuestRange) -> bool {
-        self.active.iter().any(|(_, rs, _, _)| rs.iter().any(|r| r.overlaps(range)))
+        self.active.iter().any(|a| a.overlaps(range))
+    }
+
+    /// A holding invalidation overlaps `range`: reads of it wait.
+    fn holding(&self, range: &GuestRange) -> bool {
+        self.active.iter().any(|a| a.holding && a.overlaps(range))
     }
 }
-
-/// Threads remembered as blocked in a fault (see `Registry::blocked`).
-const BLOCKED: usize = 256;
 
 /// The invalidation sequence, the invalidations in progress, and the
 /// registry of intervals and short-term references.
@@ -252,12 +267,14 @@ impl Notifier {
         self.registry.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Waits (until `deadline`) for invalidations overlapping `range` to end,
-    /// then returns the sequence to check with [`InstallGuard::read_retry`].
-    /// Returns `None` if the deadline passed first.
+    /// Waits (until `deadline`) for holding invalidations overlapping
+    /// `range` to end, then returns the sequence to check with
+    /// [`InstallGuard::read_retry`]. Returns `None` if the deadline passed
+    /// first. An announced invalidation that does not hold its pages yet
+    /// (see [`Self::announce`]) is not waited for.
     pub fn read_begin(&self, range: GuestRange, deadline: Instant) -> Option<Seq> {
         let mut reg = self.registry();
-        while reg.invalidating(&range) {
+        while reg.holding(&range) {
             let now = Instant::now();
             if now >= deadline {
                 return None;
@@ -265,6 +282,21 @@ impl Notifier {
             reg = self.changed.wait_timeout(reg, deadline - now).unwrap_or_else(|e| e.into_inner()).0;
         }
         Some(Seq(self.seq.load(Ordering::Acquire)))
+    }
+
+    /// Waits (until `deadline`) for every invalidation overlapping `range`,
+    /// announced or holding, to end: what a taker of a reference waits for,
+    /// since none is granted meanwhile. False if the deadline passed first.
+    pub fn wait_idle(&self, range: GuestRange, deadline: Instant) -> bool {
+        let mut reg = self.registry();
+        while reg.invalidating(&range) {
+            let now = Instant::now();
+            if now >= deadline {
+                return false;
+            }
+            reg = self.changed.wait_timeout(reg, deadline - now).unwrap_or_else(|e| e.into_inner()).0;
+        }
+        true
     }
 
     /// True if an invalidation overlapping `range` began since `seq`. This
@@ -331,13 +363,50 @@ impl Notifier {
     ) -> Result<Invalidation<'_>, Overlap> {
         let reg = self.registry();
         if exclusive {
-            for (_, rs, ex, _) in reg.active.iter() {
-                if let Some(r) = ranges.iter().find(|r| *ex && rs.iter().any(|a| a.overlaps(r))) {
-                    return Err(Overlap(*r));
-                }
-            }
+            Self::check_overlap(&reg, ranges)?;
         }
         Ok(self.start(history, reg, ranges, reason, exclusive, mark))
+    }
+
+    fn check_overlap(reg: &Registry, ranges: &[GuestRange]) -> Result<(), Overlap> {
+        for a in reg.active.iter().filter(|a| a.exclusive) {
+            if let Some(r) = ranges.iter().find(|r| a.overlaps(r)) {
+                return Err(Overlap(*r));
+            }
+        }
+        Ok(())
+    }
+
+    /// Announces an exclusive invalidation of `ranges` without holding
+    /// them: from now on no short-term reference or pin guard is granted
+    /// on them, but reads, faults and installs go on as before. The caller
+    /// calls the intervals back and waits for references to drain, and
+    /// only then holds the pages with [`Invalidation::hold`]. So a thread
+    /// that holds a reference the drain waits for is never blocked by the
+    /// invalidation itself: a fault it takes meanwhile is served.
+    pub fn announce(&self, ranges: &[GuestRange], reason: Reason) -> Result<Invalidation<'_>, Overlap> {
+        let mut reg = self.registry();
+        Self::check_overlap(&reg, ranges)?;
+        let id = reg.next_id;
+        reg.next_id += 1;
+        reg.active.push(Active { id, ranges: ranges.to_vec(), exclusive: true, holding: false });
+        let seq = self.seq.load(Ordering::Acquire) + 1;
+        Ok(Invalidation { notifier: self, id, seq, ranges: ranges.to_vec(), reason })
+    }
+
+    /// Records `ranges` in the history under a new sequence value; called
+    /// with the install lock held exclusively (`history`).
+    fn bump(&self, history: &mut History, ranges: &[GuestRange]) -> u64 {
+        let seq = self.seq.fetch_add(1, Ordering::AcqRel) + 1;
+        for r in ranges {
+            if history.ranges.len() == HISTORY {
+                if let Some((s, _)) = history.ranges.pop_front() {
+                    history.forgotten = s;
+                }
+            }
+            history.ranges.push_back((seq, *r));
+        }
+        seq
     }
 
     /// Bumps the sequence, records the ranges and marks them, with the
@@ -351,18 +420,10 @@ impl Notifier {
         exclusive: bool,
         mark: impl FnOnce(),
     ) -> Invalidation<'_> {
-        let seq = self.seq.fetch_add(1, Ordering::AcqRel) + 1;
-        for r in ranges {
-            if history.ranges.len() == HISTORY {
-                if let Some((s, _)) = history.ranges.pop_front() {
-                    history.forgotten = s;
-                }
-            }
-            history.ranges.push_back((seq, *r));
-        }
+        let seq = self.bump(history, ranges);
         let id = reg.next_id;
         reg.next_id += 1;
-        reg.active.push((id, ranges.to_vec(), exclusive, reason));
+        reg.active.push(Active { id, ranges: ranges.to_vec(), exclusive, holding: true });
         drop(reg);
         mark();
         Invalidation { notifier: self, id, seq, ranges: ranges.to_vec(), reason }
@@ -436,62 +497,14 @@ impl Notifier {
         }
         let id = reg.next_id;
         reg.next_id += 1;
-        reg.refs.push((id, range, guard, current_tid()));
+        reg.refs.push((id, range, guard));
         Some(RefId(id))
-    }
-
-    /// Thread `tid` faulted on `range`, which an invalidation holds (the
-    /// fault waits for it to end). If that thread holds a short-term
-    /// reference the invalidation waits for, neither can go on: the
-    /// invalidation's drain gives up at once (an offline then fails
-    /// `Busy`, nothing changed, and the fault is served). The holder of a
-    /// reference is not supposed to fault on what it holds, but a discard
-    /// by someone else (a balloon) can take the memory from under it.
-    pub fn holder_faulted(&self, tid: u32, range: GuestRange) {
-        if tid == 0 {
-            return;
-        }
-        let mut reg = self.registry();
-        if reg.refs.is_empty() {
-            return;
-        }
-        // Remembered for a drain that begins later: the fault may wait for
-        // it too (a page claimed before it began, filled only after).
-        reg.blocked.retain(|(t, _)| *t != tid);
-        if reg.blocked.len() == BLOCKED {
-            reg.blocked.remove(0);
-        }
-        reg.blocked.push((tid, range));
-        if reg.active.is_empty() {
-            return;
-        }
-        let Registry { active, refs, stuck, .. } = &mut *reg;
-        let mut found = false;
-        for (id, ranges, _, reason) in active.iter() {
-            if !ranges.iter().any(|r| r.overlaps(&range)) || stuck.contains(id) {
-                continue;
-            }
-            let waits_for = |(_, r, guard, holder): &(u64, GuestRange, bool, u32)| {
-                *holder == tid && (*reason == Reason::Unplug || !guard) && ranges.iter().any(|x| x.overlaps(r))
-            };
-            if refs.iter().any(waits_for) {
-                stuck.push(*id);
-                found = true;
-            }
-        }
-        if found {
-            self.changed.notify_all();
-        }
     }
 
     /// Drops a short-term reference.
     pub fn drop_ref(&self, id: RefId) {
         let mut reg = self.registry();
-        if let Some(&(_, _, _, holder)) = reg.refs.iter().find(|(i, _, _, _)| *i == id.0) {
-            // Going on: whatever fault it was blocked in has ended.
-            reg.blocked.retain(|(t, _)| *t != holder);
-        }
-        reg.refs.retain(|(i, _, _, _)| *i != id.0);
+        reg.refs.retain(|(i, _, _)| *i != id.0);
         self.changed.notify_all();
     }
 
@@ -502,6 +515,24 @@ impl Notifier {
 }
 
 impl Invalidation<'_> {
+    /// Holds the announced ranges (see [`Notifier::announce`]): waits for
+    /// installs in flight, bumps the sequence (a read begun before now
+    /// retries) and runs `mark`, which updates page states, while installs
+    /// are held off. From then until the invalidation ends, reads of the
+    /// ranges wait for it. Holding twice is harmless.
+    pub fn hold(&mut self, mark: impl FnOnce()) {
+        let notifier = self.notifier;
+        let mut history = notifier.lock.write().unwrap_or_else(|e| e.into_inner());
+        self.seq = notifier.bump(&mut history, &self.ranges);
+        {
+            let mut reg = notifier.registry();
+            if let Some(a) = reg.active.iter_mut().find(|a| a.id == self.id) {
+                a.holding = true;
+            }
+        }
+        mark();
+    }
+
     /// Calls the callback of every interval overlapping the invalidated
     /// ranges, once per interval, with the overlapping part. Returns how
     /// many were called.
@@ -539,21 +570,6 @@ impl Invalidation<'_> {
     /// An unplug waits for pin guards too. On timeout returns who still
     /// holds the range.
     pub fn wait_drained(&self, hard: bool, deadline: Instant) -> Result<(), Held> {
-        self.wait_drained_unless(hard, deadline, |_| false)
-    }
-
-    /// [`Self::wait_drained`], also giving up at once when the holder of a
-    /// reference it waits for was seen blocked in a fault on a page of this
-    /// invalidation that `waits_for_me` says cannot be resolved before it
-    /// ends (a page a resolver claimed before it began: its install waits
-    /// for it). Such a fault may have come before the invalidation began,
-    /// when [`Notifier::holder_faulted`] had nothing to stop.
-    pub fn wait_drained_unless(
-        &self,
-        hard: bool,
-        deadline: Instant,
-        waits_for_me: impl Fn(GuestRange) -> bool,
-    ) -> Result<(), Held> {
         let guards = self.reason == Reason::Unplug;
         let mut reg = self.notifier.registry();
         loop {
@@ -561,7 +577,7 @@ impl Invalidation<'_> {
                 refs: reg
                     .refs
                     .iter()
-                    .filter(|(_, r, guard, _)| (guards || !guard) && self.ranges.iter().any(|x| x.overlaps(r)))
+                    .filter(|(_, r, guard)| (guards || !guard) && self.ranges.iter().any(|x| x.overlaps(r)))
                     .count(),
                 hard: if hard {
                     reg.intervals
@@ -575,21 +591,6 @@ impl Invalidation<'_> {
             if held == Held::default() {
                 return Ok(());
             }
-            let blocked_holder = reg.refs.iter().any(|(_, r, guard, holder)| {
-                (guards || !guard)
-                    && self.ranges.iter().any(|x| x.overlaps(r))
-                    && reg.blocked.iter().any(|(t, page)| {
-                        t == holder && self.ranges.iter().any(|x| x.overlaps(page)) && waits_for_me(*page)
-                    })
-            });
-            if blocked_holder {
-                return Err(held);
-            }
-            // A holder blocked on a fault this invalidation defers never
-            // lets go: give up now rather than at the deadline.
-            if reg.stuck.contains(&self.id) {
-                return Err(held);
-            }
             let now = Instant::now();
             if now >= deadline {
                 return Err(held);
@@ -602,8 +603,7 @@ impl Invalidation<'_> {
 impl Drop for Invalidation<'_> {
     fn drop(&mut self) {
         let mut reg = self.notifier.registry();
-        reg.active.retain(|(id, _, _, _)| *id != self.id);
-        reg.stuck.retain(|id| *id != self.id);
+        reg.active.retain(|a| a.id != self.id);
         self.notifier.changed.notify_all();
     }
 }
@@ -761,6 +761,28 @@ mod tests {
             });
             assert_eq!(inv.wait_drained(false, far()), Ok(()));
         });
+    }
+
+    #[test]
+    fn an_announced_invalidation_refuses_references_but_lets_reads_go_on_until_it_holds() {
+        let n = Notifier::new();
+        let seq = n.read_begin(range(0, 4096), far()).unwrap();
+        let mut inv = n.announce(&[range(0, 8192)], Reason::Evict).unwrap();
+        assert!(n.try_ref(&n.install_lock(), range(4096, 4096)).is_none(), "no new reference once announced");
+        assert!(n.try_guard_ref(range(0, 4096)).is_none(), "no new guard once announced");
+        assert!(matches!(n.announce(&[range(4096, 4096)], Reason::Migrate), Err(Overlap(_))));
+        // Reads neither wait nor retry: nothing is held yet.
+        assert!(n.read_begin(range(0, 4096), Instant::now()).is_some());
+        assert!(!n.read_retry(range(0, 4096), seq));
+        let mut marked = false;
+        inv.hold(|| marked = true);
+        assert!(marked);
+        assert!(n.read_retry(range(0, 4096), seq), "a read begun before the hold retries");
+        assert!(n.read_begin(range(0, 4096), Instant::now() + Duration::from_millis(10)).is_none(), "reads wait");
+        assert!(n.read_begin(range(8192, 4096), Instant::now()).is_some(), "a disjoint read does not");
+        drop(inv);
+        assert!(n.read_begin(range(0, 4096), Instant::now()).is_some());
+        assert!(n.try_ref(&n.install_lock(), range(0, 4096)).is_some());
     }
 
     #[test]

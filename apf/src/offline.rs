@@ -3,16 +3,21 @@
 //!
 //! Every mode runs the same steps, as the kernel's own migration does:
 //!
-//! 1. **Begin the invalidation**: under the install lock, bump the
-//!    sequence and mark the range's pages `Invalidating`. Fills in flight
-//!    over the range are thrown away at their install; faults on the range
-//!    wait (the event loop defers them) until step 5.
+//! 1. **Announce the invalidation**: from here no short-term reference or
+//!    pin guard is granted on the range, and no other offline may overlap
+//!    it. Faults on the range are still served.
 //! 2. **Call the pin callbacks** of every [`Pin`](crate::pin::Pin) over the
 //!    range: holders drop their kernel pins and stop relying on the memory.
 //! 3. **Wait for short-term references** ([`PageRef`](crate::pin::PageRef))
 //!    and hard pins to drain, then for the staging area, both up to the
 //!    deadline. A range still held then fails with [`OfflineError::Busy`]
-//!    (or [`OfflineError::StagingBusy`]) and is left as it was.
+//!    (or [`OfflineError::StagingBusy`]) and is left as it was. Because
+//!    nothing is held yet, a thread holding a reference waited for here is
+//!    never blocked by this offline, whatever it touches.
+//!    Then **hold the pages**: under the install lock, bump the sequence
+//!    and mark the range's pages `Invalidating`. Fills in flight over the
+//!    range are thrown away at their install; faults on the range wait
+//!    (the event loop defers them) until step 5.
 //! 4. **Act**, in chunks of [`STAGING_PAGES`]. Each chunk is taken out of
 //!    guest RAM with one `UFFDIO_MOVE` (source holes allowed) into a
 //!    staging area registered with the same userfaultfd: one step that
@@ -1084,48 +1089,38 @@ fn offline_pages(
     let started = Instant::now();
     let staging = shared.staging.as_ref().ok_or(OfflineError::Unsupported)?;
     let region = &shared.ram.regions()[region_idx];
-    // 1. Begin.
-    let (inv, prior) = begin(shared, region, first, count, range, mode.reason())?;
-    let mut work = Work::new(shared, region, first, range, mode, deadline, prior);
+    // 1. Announce: from here no new reference is granted on the range,
+    // while faults on it are still served.
+    let mut inv = shared.notifier.announce(&[range], mode.reason()).map_err(|o| OfflineError::Overlap(o.0))?;
     // 2. Callbacks.
-    work.report.pins_called = inv.call_intervals();
-    shared.stats.pin_invalidations.fetch_add(work.report.pins_called as u64, Relaxed);
-    // 3. Drain, then the staging area; 4. act.
-    // A holder of a reference this drain waits for, blocked on a page the
-    // offline found claimed, waits for the offline: give up at once.
-    // (A page of the range still claimed cannot be installed before the
-    // offline ends.)
-    let claimed = |page: GuestRange| {
-        shared.ram.check_range(page).is_ok_and(|(loc, _)| {
-            loc.region == region_idx
-                && (first..first + count).contains(&loc.page)
-                && region.state(loc.page).0 == PageState::Resolving
-        })
-    };
-    let held = match inv.wait_drained_unless(true, deadline, claimed) {
-        Err(held) => Some(OfflineError::Busy {
+    let pins_called = inv.call_intervals();
+    shared.stats.pin_invalidations.fetch_add(pins_called as u64, Relaxed);
+    // 3. Drain, then the staging area. Nothing of the range is held yet, so
+    // a holder of a reference waited for here is never blocked by this
+    // offline, whatever it touches.
+    if let Err(held) = inv.wait_drained(true, deadline) {
+        return Err(OfflineError::Busy {
             range,
             waited: started.elapsed(),
             refs: held.refs,
             hard: held.hard,
             kernel_pinned: 0,
             discarded: 0,
-        }),
-        Ok(()) => match staging.acquire(deadline) {
-            None => Some(OfflineError::StagingBusy { range, waited: started.elapsed() }),
-            Some(guard) => {
-                work.act(&guard);
-                None
-            }
-        },
+        });
+    }
+    let Some(guard) = staging.acquire(deadline) else {
+        return Err(OfflineError::StagingBusy { range, waited: started.elapsed() });
     };
+    // 4. Hold the pages, act.
+    let prior = hold(shared, &mut inv, region, first, count);
+    let mut work = Work::new(shared, region, first, range, mode, deadline, prior);
+    work.report.pins_called = pins_called;
+    work.act(&guard);
+    drop(guard);
     // 5. End: final states, then wake deferred faults.
     work.finish();
     drop(inv);
     shared.kick_deferred();
-    if let Some(e) = held {
-        return Err(e);
-    }
     shared.stats.frames_moved.fetch_add(work.report.frames_moved as u64, Relaxed);
     shared.stats.pages_evicted.fetch_add(work.report.pages_evicted as u64, Relaxed);
     shared.stats.pages_unplugged.fetch_add(work.report.pages_unplugged as u64, Relaxed);
@@ -1133,8 +1128,8 @@ fn offline_pages(
 }
 
 /// Begins an exclusive invalidation of `range` (pages `first..first +
-/// count` of `region`), marking its pages; returns it with the state and
-/// origin each page had.
+/// count` of `region`) that holds its pages at once, with no drain;
+/// returns it with the state and origin each page had.
 fn begin<'a>(
     shared: &'a Shared,
     region: &Region,
@@ -1143,27 +1138,33 @@ fn begin<'a>(
     range: GuestRange,
     reason: Reason,
 ) -> Result<(Invalidation<'a>, Vec<Prior>), OfflineError> {
-    let mut prior = vec![Prior { state: PageState::Resolving, origin: Origin::Source }; count];
-    let inv = shared
-        .notifier
-        .invalidate_begin(&[range], reason, true, || {
-            for (i, prior) in prior.iter_mut().enumerate() {
-                let p = first + i;
-                let origin = region.state(p).1;
-                let state = region.begin_invalidate(p);
-                *prior = Prior { state, origin };
-                if state != PageState::Resolving {
-                    // A remove event sets a marked page's origin to `Zero`.
-                    // With every marked page at `Source` from here on,
-                    // `Zero` at the end means a balloon discarded it while
-                    // this offline held it (see `Work::removed`); the real
-                    // origin is kept in `prior` and set again at the end.
-                    shared.checked(region.end_invalidate(p, PageState::Invalidating, Some(Origin::Source)));
-                }
-            }
-        })
-        .map_err(|o| OfflineError::Overlap(o.0))?;
+    let mut inv = shared.notifier.announce(&[range], reason).map_err(|o| OfflineError::Overlap(o.0))?;
+    let prior = hold(shared, &mut inv, region, first, count);
     Ok((inv, prior))
+}
+
+/// Holds the pages of an announced invalidation (pages `first..first +
+/// count` of `region`), marking them; returns the state and origin each
+/// page had.
+fn hold(shared: &Shared, inv: &mut Invalidation<'_>, region: &Region, first: usize, count: usize) -> Vec<Prior> {
+    let mut prior = vec![Prior { state: PageState::Resolving, origin: Origin::Source }; count];
+    inv.hold(|| {
+        for (i, prior) in prior.iter_mut().enumerate() {
+            let p = first + i;
+            let origin = region.state(p).1;
+            let state = region.begin_invalidate(p);
+            *prior = Prior { state, origin };
+            if state != PageState::Resolving {
+                // A remove event sets a marked page's origin to `Zero`.
+                // With every marked page at `Source` from here on,
+                // `Zero` at the end means a balloon discarded it while
+                // this offline held it (see `Work::removed`); the real
+                // origin is kept in `prior` and set again at the end.
+                shared.checked(region.end_invalidate(p, PageState::Invalidating, Some(Origin::Source)));
+            }
+        }
+    });
+    prior
 }
 
 /// Brings unplugged (poisoned) pages of `range` back as zero pages.
@@ -1258,10 +1259,7 @@ pub(crate) fn host_block(
         return Err(OfflineError::NotInBlock { range, block });
     }
     let mut lock = BlockLock::acquire(deadline).map_err(OfflineError::HostBlock)?;
-    let inv = shared
-        .notifier
-        .invalidate_begin(&runs, Reason::HostBlock, true, || {})
-        .map_err(|o| OfflineError::Overlap(o.0))?;
+    let mut inv = shared.notifier.announce(&runs, Reason::HostBlock).map_err(|o| OfflineError::Overlap(o.0))?;
     let mut report = OfflineReport { pages: count, ..OfflineReport::default() };
     report.block_pages = mine.iter().filter(|m| **m).count();
     report.pins_called = inv.call_intervals();
@@ -1277,6 +1275,9 @@ pub(crate) fn host_block(
             discarded: 0,
         });
     }
+    // Faults on the range wait while the block goes (no page is marked:
+    // they stay present, and the kernel moves them).
+    inv.hold(|| {});
     let result = hostmem::offline_and_online(&mut lock, block, deadline);
     drop(inv);
     match result {

@@ -124,15 +124,18 @@ fn fault_in_and<T>(
         if Instant::now() >= deadline {
             return Err(PinError::Timeout { range, waited: started.elapsed() });
         }
-        // Waits for an invalidation of the range in progress, if any.
-        shared.notifier.read_begin(range, deadline).ok_or(PinError::Timeout { range, waited: started.elapsed() })?;
+        // Waits for an invalidation of the range in progress, if any, even
+        // one that only drains: it grants no reference until it ends.
+        if !shared.notifier.wait_idle(range, deadline) {
+            return Err(PinError::Timeout { range, waited: started.elapsed() });
+        }
         populate(shared, loc, count, range, deadline)?;
         let guard = shared.notifier.install_lock();
         // Present now, under the lock invalidations take to begin: that is
         // all arming needs. An invalidation that came and went since
-        // `read_begin` has already called the callback, and one that is
+        // `wait_idle` has already called the callback, and one that is
         // still running refuses the reference `arm` takes. Asking for no
-        // invalidation at all since `read_begin` would starve a pin whose
+        // invalidation at all since `wait_idle` would starve a pin whose
         // range a storm keeps migrating (each migrate leaves the pages
         // present again).
         let settled = (loc.page..loc.page + count).all(|p| region.state(p).0 == PageState::Present);

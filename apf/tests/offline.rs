@@ -477,13 +477,14 @@ fn invalid_ranges_get_clear_errors() {
 
 #[test]
 fn faults_during_an_offline_wait_and_get_the_right_contents() {
+    use apf::failpoints::{Op, Rule};
     let ram = ram(4 * MIB);
     let engine = engine(&ram);
     let r = range(0x10_0000, 64 * PAGE);
     stamp(&ram, range(0x10_0000, 32 * PAGE), 0x42);
-    // A hard pin in the range holds the offline up until it is dropped, so
-    // the reader faults while the offline holds the pages.
-    let hard = engine.hard_pin(range(0x10_0000, PAGE), soon(1000)).unwrap();
+    // The offline is held at its take-out, with its pages held.
+    let fp = engine.failpoints().clone();
+    fp.arm(Rule::pause(Op::Move));
     // A page never touched (beyond the stamps' prefetch windows): its
     // fault waits for the offline.
     let untouched = 0x10_0000 + 63 * PAGE;
@@ -491,19 +492,48 @@ fn faults_during_an_offline_wait_and_get_the_right_contents() {
     let released = Mutex::new(None);
     std::thread::scope(|s| {
         let off = s.spawn(|| engine.offline(r, Mode::Evict, soon(5000)));
-        std::thread::sleep(Duration::from_millis(50));
+        assert!(fp.wait_paused(Duration::from_secs(5)), "the offline never took its pages out");
         let reader = s.spawn(|| {
             let v = read_word(&ram, untouched);
             (v, Instant::now())
         });
         std::thread::sleep(Duration::from_millis(150));
         *released.lock().unwrap() = Some(Instant::now());
-        drop(hard);
+        fp.open_gate();
         off.join().unwrap().unwrap();
         let (v, at) = reader.join().unwrap();
         assert_eq!(v, 0);
         assert!(at >= released.lock().unwrap().unwrap(), "the fault was served while the offline held the page");
     });
     assert!(engine.stats().deferred >= 1);
+    check_stamp(&ram, range(0x10_0000, 32 * PAGE), 0x42);
+}
+
+/// While an offline waits for references to drain it holds nothing: a
+/// fault on its range is served at once, so a holder that faults there
+/// can go on and let go.
+#[test]
+fn faults_while_an_offline_drains_are_served_at_once() {
+    let ram = ram(4 * MIB);
+    let engine = engine(&ram);
+    let r = range(0x10_0000, 64 * PAGE);
+    stamp(&ram, range(0x10_0000, 32 * PAGE), 0x42);
+    // A hard pin in the range holds the offline in its drain.
+    let hard = engine.hard_pin(range(0x10_0000, PAGE), soon(1000)).unwrap();
+    let untouched = 0x10_0000 + 63 * PAGE;
+    assert_eq!(ram.state(ram.locate(GuestAddress(untouched)).unwrap()).0, PageState::Missing);
+    std::thread::scope(|s| {
+        let off = s.spawn(|| engine.offline(r, Mode::Evict, soon(5000)));
+        std::thread::sleep(Duration::from_millis(50));
+        let started = Instant::now();
+        assert_eq!(read_word(&ram, untouched), 0);
+        let took = started.elapsed();
+        assert!(!off.is_finished(), "the offline ended before the hard pin was dropped");
+        assert!(took < Duration::from_millis(500), "the fault waited {took:?} for a draining offline");
+        // No new reference is granted while it drains.
+        assert!(engine.page_ref(range(0x10_0000 + PAGE, PAGE), soon(50)).is_err());
+        drop(hard);
+        off.join().unwrap().unwrap();
+    });
     check_stamp(&ram, range(0x10_0000, 32 * PAGE), 0x42);
 }

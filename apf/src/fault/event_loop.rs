@@ -397,7 +397,7 @@ impl FaultLoop {
                     let runs = self.plan(loc.region, page, tid);
                     let job = Job {
                         region: loc.region,
-                        fault: Some(Fault { page, write, tid }),
+                        fault: Some(Fault { page, write }),
                         runs,
                         span,
                         attempts: 0,
@@ -409,10 +409,6 @@ impl FaultLoop {
                 }
                 PageState::Resolving => {
                     shared.stats.deduped.fetch_add(1, Ordering::Relaxed);
-                    // Its resolver may be waiting for an offline that waits
-                    // for a reference this thread holds.
-                    let page_range = GuestRange::new(region.page_gpa(page), PAGE_SIZE as u64);
-                    shared.notifier.holder_faulted(tid, page_range);
                     span.record("outcome", "deduped");
                     return;
                 }
@@ -433,7 +429,7 @@ impl FaultLoop {
                     span.record("source", "zero");
                     let job = Job {
                         region: loc.region,
-                        fault: Some(Fault { page, write, tid }),
+                        fault: Some(Fault { page, write }),
                         runs: vec![(page, 1)],
                         span,
                         attempts: 0,
@@ -518,12 +514,6 @@ impl FaultLoop {
                         if !redo {
                             shared.stats.deferred.fetch_add(1, Ordering::Relaxed);
                         }
-                        // If this thread holds a reference the offline waits
-                        // for, the offline must give up. Told again when the
-                        // fault is deferred again: the offline that holds
-                        // the page now may not be the one that did.
-                        let page_range = GuestRange::new(region.page_gpa(page), PAGE_SIZE as u64);
-                        shared.notifier.holder_faulted(tid, page_range);
                         self.deferred.push(Deferred { span, addr, write, tid });
                         return;
                     }

@@ -361,8 +361,6 @@ pub(crate) struct Job {
 pub(crate) struct Fault {
     pub page: usize,
     pub write: bool,
-    /// The faulting thread (0 when the kernel does not say).
-    pub tid: u32,
 }
 
 impl fmt::Debug for Job {

@@ -187,13 +187,8 @@ fn resolve_counting(shared: &Shared, mut job: Job, ctx: &mut Ctx) -> (Option<Job
             seq = shared.notifier.read_begin(range, Instant::now());
         }
         if seq.is_none() {
-            // An invalidation holds the window: if it waits for a reference
-            // the faulting thread holds, it must give up, or both wait
-            // (whether this job waits here or is put aside until the
-            // invalidation ends).
-            if let Some(f) = job.fault {
-                shared.notifier.holder_faulted(f.tid, range);
-            }
+            // An invalidation holds the window. It waits for nothing this
+            // thread could hold (it drained references before it held).
             if wait_until > Instant::now() {
                 seq = shared.notifier.read_begin(range, wait_until);
             }
