@@ -194,18 +194,23 @@ fn a_poison_refused_with_eagain_is_retried_and_the_thread_gets_sigbus_not_a_hang
     assert!(engine.stats().deferred >= 1, "{:?}", engine.stats());
 }
 
+/// A `POISON` that keeps failing for a while is reported once and tried
+/// again round by round (not by a thread faulting again at full speed);
+/// the thread gets its SIGBUS once it goes in.
 #[test]
-fn a_poison_that_fails_is_reported_and_the_thread_woken() {
+fn a_poison_that_fails_is_reported_once_and_retried_until_it_goes_in() {
     let gpa = 2 * PAGE;
     let (ram, engine) = unplugged_and_discarded(gpa);
-    engine.failpoints().arm(Rule::new(Op::Poison, libc::ENOMEM));
+    engine.failpoints().arm(Rule::new(Op::Poison, libc::ENOMEM).times(5));
     let r = ram.clone();
     assert_eq!(within(Duration::from_secs(5), move || try_read_word(&r, gpa)), None);
+    assert_eq!(engine.failpoints().fired(), 5);
     let err = engine.errors().recv_timeout(Duration::from_secs(1)).expect("an error report");
     assert!(
         matches!(&err, apf::FaultError::Install { gpa: g, error } if *g == gpa && error.errno == libc::ENOMEM),
         "{err}"
     );
+    assert!(engine.errors().try_recv().is_none(), "one failing poison, one report");
 }
 
 /// Fails every fill; the first one waits at a gate so that the test can

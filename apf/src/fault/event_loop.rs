@@ -526,10 +526,13 @@ impl FaultLoop {
         shared.wake(region.page_host(page), PAGE_SIZE);
     }
 
-    /// A `POISON` the fault path needed failed. `EAGAIN` (a remove is
-    /// pending; it clears once this loop reads it) defers the fault to the
-    /// next round; anything else is reported and the thread woken, so it
-    /// faults again rather than waiting for ever.
+    /// A `POISON` the fault path needed failed. The fault is deferred and
+    /// tried again on the next round: `EAGAIN` (a remove is pending; it
+    /// clears once this loop reads it) quietly, anything else reported
+    /// once, when it first fails. Waking the thread at once instead would
+    /// have it fault again at full speed for as long as the error lasts.
+    /// With no room left to defer, the error is reported and the thread
+    /// woken, so it faults again rather than waiting for ever.
     #[allow(clippy::too_many_arguments)]
     fn after_failed_poison(
         &mut self,
@@ -543,10 +546,13 @@ impl FaultLoop {
     ) {
         let shared = &self.shared;
         let region = &shared.ram.regions()[loc.region];
-        if e.errno == libc::EAGAIN && self.deferred.len() < shared.config.park_capacity {
+        if self.deferred.len() < shared.config.park_capacity {
             span.record("outcome", "deferred");
             if !redo {
                 shared.stats.deferred.fetch_add(1, Ordering::Relaxed);
+                if e.errno != libc::EAGAIN {
+                    shared.report(FaultError::Install { gpa: region.page_gpa(loc.page).0, error: e });
+                }
             }
             self.deferred.push(Deferred { span, addr, write, tid });
             return;
