@@ -33,6 +33,10 @@ pub struct Rule {
     /// Pages really done before the failure is reported (partial progress,
     /// as the kernel reports it: `done` bytes).
     pub partial_pages: usize,
+    /// Pages really done beyond `partial_pages` but not reported: what the
+    /// kernel was seen to do when a `UFFDIO_MOVE` stopped part-way (the
+    /// page it stopped at had moved all the same).
+    pub uncounted_pages: usize,
     /// Only calls whose range touches `[lo, hi)` (host addresses) match:
     /// the destination, or for `MOVE` the source too.
     pub within: Option<(u64, u64)>,
@@ -48,7 +52,7 @@ pub const GATE_DEADLINE: std::time::Duration = std::time::Duration::from_secs(10
 impl Rule {
     /// Fails the next matching call of `op` with `errno`, once.
     pub fn new(op: Op, errno: i32) -> Rule {
-        Rule { op, errno, skip: 0, times: 1, partial_pages: 0, within: None, pause: false }
+        Rule { op, errno, skip: 0, times: 1, partial_pages: 0, uncounted_pages: 0, within: None, pause: false }
     }
 
     /// Holds the next matching call of `op` at a gate, then lets it run.
@@ -74,6 +78,12 @@ impl Rule {
         self
     }
 
+    /// Really does `pages` more pages than the failure reports done.
+    pub fn uncounted(mut self, pages: usize) -> Rule {
+        self.uncounted_pages = pages;
+        self
+    }
+
     /// Matches only calls touching host addresses `[lo, hi)`.
     pub fn within(mut self, lo: u64, hi: u64) -> Rule {
         self.within = Some((lo, hi));
@@ -86,8 +96,10 @@ impl Rule {
 pub struct Failure {
     /// The errno to report.
     pub errno: i32,
-    /// Pages to really do first.
+    /// Pages to really do first, and report done.
     pub partial_pages: usize,
+    /// Pages to really do after those, without reporting them.
+    pub uncounted_pages: usize,
     /// Wait at the gate, then run for real (no failure).
     pub pause: bool,
 }
@@ -214,7 +226,12 @@ impl FailPoints {
             rule.skip -= 1;
             return None;
         }
-        let failure = Failure { errno: rule.errno, partial_pages: rule.partial_pages, pause: rule.pause };
+        let failure = Failure {
+            errno: rule.errno,
+            partial_pages: rule.partial_pages,
+            uncounted_pages: rule.uncounted_pages,
+            pause: rule.pause,
+        };
         rule.times = rule.times.saturating_sub(1);
         if rule.times == 0 {
             rules.remove(i);

@@ -379,6 +379,14 @@ impl Staging {
             .collect())
     }
 
+    /// Whether the kernel's page table holds something (a page, present or
+    /// swapped out, or a marker) at `addr`, any address of this process.
+    fn occupied(&self, addr: u64) -> io::Result<bool> {
+        let mut raw = [0u8; 8];
+        self.pagemap.read_exact_at(&mut raw, addr / PAGE_SIZE as u64 * 8)?;
+        Ok(u64::from_ne_bytes(raw) & (PM_PRESENT | PM_SWAP) != 0)
+    }
+
     /// Frees slots `first..first + n`. This raises a remove event for the
     /// staging area (not guest RAM, so the event loop ignores it) and
     /// returns once the event loop has read it: the caller must hold no
@@ -640,12 +648,24 @@ impl<'a> Work<'a> {
                     continue;
                 }
                 let again = match e.errno {
-                    // The slot is not empty: a page this offline did not put
-                    // there. Free it and go on.
-                    libc::EEXIST => {
-                        tracing::warn!(target: "apf", slot = k, "apf staging slot not empty; clearing it");
-                        Instant::now() < self.deadline && st.discard(uffd, k, 1).is_ok()
-                    }
+                    // The slot is not empty. Every slot was empty when the
+                    // chunk began, so if the guest page is empty now, the
+                    // kernel moved it there without counting it (this
+                    // happens after a move that stopped part-way): it is
+                    // taken. Otherwise a page this offline did not put
+                    // there is in the slot: free it and go on.
+                    libc::EEXIST => match st.occupied(self.host(c0 + k)) {
+                        Ok(false) => {
+                            tracing::warn!(target: "apf", slot = k, "apf found a page the kernel moved without counting it");
+                            taken[k] = true;
+                            k += 1;
+                            true
+                        }
+                        _ => {
+                            tracing::warn!(target: "apf", slot = k, "apf staging slot not empty; clearing it");
+                            Instant::now() < self.deadline && st.discard(uffd, k, 1).is_ok()
+                        }
+                    },
                     errno => backoff(errno, &[libc::EBUSY], self.deadline),
                 };
                 if again {
@@ -713,9 +733,18 @@ impl<'a> Work<'a> {
                 continue;
             }
             let again = match err.errno {
-                // The guest page is not empty, though every access to it
-                // has waited for this offline: move the intruder aside,
+                // The guest page is not empty. If the slot is now empty,
+                // the kernel moved it back without counting it (after a
+                // move that stopped part-way): it is in place. Otherwise,
+                // though every access to the page has waited for this
+                // offline, something is there: move the intruder aside,
                 // the staged contents are the page's.
+                libc::EEXIST if !copy && st.occupied(src).is_ok_and(|o| !o) => {
+                    tracing::warn!(target: "apf", slot = k, "apf found a page the kernel moved without counting it");
+                    self.outcome[c0 + k] = Outcome::InPlace;
+                    k += 1;
+                    true
+                }
                 libc::EEXIST => Instant::now() < by && self.move_aside(st, c0 + k, by),
                 errno => backoff(errno, &[libc::EBUSY], by),
             };
@@ -779,6 +808,11 @@ impl<'a> Work<'a> {
                 k += done;
                 let Some(err) = err else { continue };
                 if done > 0 || backoff(err.errno, &[libc::EBUSY], by) {
+                    continue;
+                }
+                // Moved back without being counted (see `put_back`).
+                if err.errno == libc::EEXIST && st.occupied(st.slot(k)).is_ok_and(|o| !o) {
+                    k += 1;
                     continue;
                 }
                 for q in k..e {

@@ -435,8 +435,9 @@ impl Uffd {
                 self.failpoints.wait_at_gate();
                 return real(len);
             }
-            let part = (f.partial_pages * PAGE_SIZE).min(len);
+            let part = ((f.partial_pages + f.uncounted_pages) * PAGE_SIZE).min(len);
             let done = if part > 0 { real(part)? } else { 0 };
+            let done = done.min(f.partial_pages * PAGE_SIZE);
             return Err(IoctlError { op: op.name(), errno: f.errno, done });
         }
         real(len)

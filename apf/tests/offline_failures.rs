@@ -198,6 +198,37 @@ fn take_out_failing_part_way_puts_the_staged_pages_back() {
     }
 }
 
+/// A `UFFDIO_MOVE` that stops part-way has been seen to move the page it
+/// stopped at without counting it. The take-out must find that page in its
+/// slot (not clear the slot as a stranger's, which loses its contents), and
+/// the move back must find it in place (not move it aside as an intruder).
+#[test]
+fn a_page_moved_without_being_counted_is_not_lost() {
+    for mode in [Mode::Migrate, Mode::Evict] {
+        let ram = ram(4 * MIB);
+        let engine = engine(&ram);
+        let r = range(R, 16);
+        stamp(&ram, r, 7);
+        let (lo, hi) = host_span(&ram, r);
+        engine.failpoints().arm(Rule::new(Op::Move, libc::EBUSY).partial(3).uncounted(1).within(lo, hi));
+        engine.offline(r, mode, soon(2000)).unwrap();
+        assert_eq!(engine.failpoints().fired(), 1);
+        assert_all(&read_back(&ram, r, &[7]), Seen::Stamp(7), &format!("{mode}, take-out"));
+    }
+    // The move back: copies back fail, so the staged frames go back by
+    // MOVE, and the first of those moves one page more than it says.
+    let ram = ram(4 * MIB);
+    let engine = engine(&ram);
+    let r = range(R, 16);
+    stamp(&ram, r, 8);
+    let (lo, hi) = host_span(&ram, r);
+    engine.failpoints().arm(Rule::new(Op::Copy, libc::ENOMEM).within(lo, hi));
+    engine.failpoints().arm(Rule::new(Op::Move, libc::EBUSY).skip(1).partial(2).uncounted(1).within(lo, hi));
+    let res = engine.offline(r, Mode::Migrate, soon(2000));
+    assert_eq!(engine.failpoints().fired(), 2, "{res:?}");
+    assert_all(&read_back(&ram, r, &[8]), Seen::Stamp(8), "migrate, move back");
+}
+
 #[test]
 fn a_failed_copy_back_moves_the_page_back_into_its_old_frame() {
     let ram = ram(4 * MIB);
