@@ -395,7 +395,9 @@ impl Notifier {
     }
 
     /// Records `ranges` in the history under a new sequence value; called
-    /// with the install lock held exclusively (`history`).
+    /// with the install lock held exclusively (`history`) and the registry
+    /// locked, so that a read never takes the new value without seeing
+    /// what took it.
     fn bump(&self, history: &mut History, ranges: &[GuestRange]) -> u64 {
         let seq = self.seq.fetch_add(1, Ordering::AcqRel) + 1;
         for r in ranges {
@@ -523,13 +525,15 @@ impl Invalidation<'_> {
     pub fn hold(&mut self, mark: impl FnOnce()) {
         let notifier = self.notifier;
         let mut history = notifier.lock.write().unwrap_or_else(|e| e.into_inner());
+        // The registry stays locked from the bump until reads see the
+        // hold: `read_begin` looks at both under that lock, so none can
+        // take the new sequence without waiting for this invalidation.
+        let mut reg = notifier.registry();
         self.seq = notifier.bump(&mut history, &self.ranges);
-        {
-            let mut reg = notifier.registry();
-            if let Some(a) = reg.active.iter_mut().find(|a| a.id == self.id) {
-                a.holding = true;
-            }
+        if let Some(a) = reg.active.iter_mut().find(|a| a.id == self.id) {
+            a.holding = true;
         }
+        drop(reg);
         mark();
     }
 
