@@ -179,9 +179,11 @@ fn a_fault_deduped_onto_a_failed_window_is_resolved() {
         });
         s.spawn(|| {
             // Arrive while the window's fill is sleeping.
-            while source.calls() < 3 {
+            let by = Instant::now() + Duration::from_secs(10);
+            while source.calls() < 3 && Instant::now() < by {
                 std::thread::sleep(Duration::from_millis(1));
             }
+            assert!(source.calls() >= 3, "the window's fill never started: {} fills", source.calls());
             std::thread::sleep(Duration::from_millis(50));
             verify(&ram, SLOW_PATTERN, 3 * PAGE);
         });
