@@ -79,6 +79,12 @@ impl Failure {
     }
 }
 
+/// Writes a page's contents: `(gpa, buf)`.
+type FillFn = Box<dyn Fn(GuestAddress, &mut [u8]) + Send + Sync>;
+
+/// Runs before a fill: `(gpa, len)`.
+type HookFn = Box<dyn Fn(GuestAddress, usize) + Send + Sync>;
+
 /// What a successful fill writes.
 enum Contents {
     /// The pattern's bytes for the page's address.
@@ -86,7 +92,7 @@ enum Contents {
     /// Every byte this value.
     Byte(u8),
     /// Whatever the closure writes for `(gpa, buf)`.
-    With(Box<dyn Fn(GuestAddress, &mut [u8]) + Send + Sync>),
+    With(FillFn),
 }
 
 /// The gate held fills wait at.
@@ -128,7 +134,7 @@ pub struct ScriptedSource {
     name: &'static str,
     delay: Duration,
     delay_per_page: Duration,
-    before_fill: Option<Box<dyn Fn(GuestAddress, usize) + Send + Sync>>,
+    before_fill: Option<HookFn>,
     fail: Option<Fills>,
     failure: Failure,
     failing: AtomicBool,
