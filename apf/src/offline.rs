@@ -1,6 +1,10 @@
 //! Offlining guest ranges while faults keep being served: migrate, evict,
 //! unplug, and real host memory-block offlining.
 //!
+//! What a caller sees (the steps, the modes, the failure contract) is on
+//! [`Engine::offline`](crate::Engine::offline), [`Mode`] and
+//! [`UnplugPolicy`]; this is how it is done.
+//!
 //! Every mode runs the same steps, as the kernel's own migration does:
 //!
 //! 1. **Announce the invalidation**: from here no short-term reference or
@@ -94,21 +98,39 @@ use crate::uffd::{IoctlError, RegisterMode, Uffd, PAGE_SIZE};
 /// p99 (2 MiB chunks: 2 to 4x), and offline 64 MiB in 32 ms instead of 25.
 pub const STAGING_PAGES: usize = 128;
 
-/// What an offline does to the range.
+/// What an offline ([`Engine::offline`](crate::Engine::offline)) does to a
+/// guest range.
+///
+/// Every mode runs the same steps (described on `Engine::offline`): the
+/// range is invalidated, [`Pin`](crate::Pin) callbacks are called,
+/// references are waited for, and then the pages the kernel holds for the
+/// range are acted on, whatever the engine believed about them. The modes
+/// differ only in that last act. Faults on the range wait for the offline
+/// and then get the contents the mode leaves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
-    /// Contents kept, host frames change (transparent to the guest).
+    /// Contents kept, host frames change: each page is copied into a fresh
+    /// frame and its old one freed. Transparent to the guest.
     Migrate,
-    /// Contents moved to the eviction store, frames freed; restored on fault
-    /// (transparent to the guest).
+    /// Contents moved to the engine's eviction store
+    /// ([`Engine::store`](crate::Engine::store)) and frames freed; a page
+    /// is restored from the store on its next fault. Transparent to the
+    /// guest.
     Evict,
-    /// Contents discarded; later accesses follow the engine's
-    /// [`UnplugPolicy`].
+    /// Contents discarded, frames freed; what a later access gets is the
+    /// engine's [`UnplugPolicy`] (zeros, or SIGBUS until
+    /// [`Engine::replug`](crate::Engine::replug)). An unplug also waits for
+    /// the [`PinGuard`](crate::PinGuard)s of pins over the range, so that
+    /// no device is using memory as it goes.
     Unplug,
     /// Real hot-remove of host memory block `n`: the block is offlined
     /// through sysfs, which makes the kernel migrate every page in it, and
     /// onlined again. Only the guest pages of the range that live in that
-    /// block are invalidated.
+    /// block are invalidated. Needs the privilege to write the block's
+    /// sysfs state; a block holding a page someone pins fails with
+    /// [`OfflineError::BlockBusy`] and is online again.
+    /// [`Engine::offline_any_host_block`](crate::Engine::offline_any_host_block)
+    /// finds a block that can go.
     HostBlock(u32),
 }
 
@@ -142,13 +164,25 @@ impl fmt::Display for Mode {
     }
 }
 
-/// What an access to unplugged memory gets.
+/// What an access to unplugged memory gets: what follows a
+/// [`Mode::Unplug`] of a range, for the whole engine
+/// ([`Config::unplug_policy`](crate::Config::unplug_policy)).
+///
+/// Parsed from `"zero"` or `"poison"` (for command lines).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum UnplugPolicy {
-    /// Zeros, like fresh memory.
+    /// Zeros, like fresh memory: the next access to an unplugged page is
+    /// served zeros, and the memory is usable again at once.
     #[default]
     Zero,
-    /// SIGBUS (the pages are poisoned) until [`crate::Engine::replug`].
+    /// SIGBUS: the pages are poisoned, so a thread touching them gets
+    /// SIGBUS, and a
+    /// [`Pin::get`](crate::Pin::get) or
+    /// [`Engine::page_ref`](crate::Engine::page_ref) over them fails with
+    /// [`PinError::Poisoned`](crate::PinError::Poisoned). Until
+    /// [`Engine::replug`](crate::Engine::replug) brings them back as zeros.
+    /// What a VMM wants when an access to memory the guest gave back is a
+    /// bug to catch rather than to paper over.
     Poison,
 }
 
@@ -187,8 +221,9 @@ pub struct OfflineReport {
 
 /// Why an offline failed. Nothing is left half-done: every page of the range
 /// is in a state the engine and the kernel agree on, keeps its contents
-/// (see the module docs for the one exception, reported as
-/// [`OfflineError::Lost`]), and faults on it are served.
+/// (but for the one exception, reported as [`OfflineError::Lost`]), and
+/// faults on it are served. See
+/// [`Engine::offline`](crate::Engine::offline).
 #[derive(Debug, Error)]
 pub enum OfflineError {
     /// The range is not page-aligned, empty, or not inside guest RAM.

@@ -1,28 +1,23 @@
-//! References to guest memory held by the VMM, in three kinds:
+//! References to guest memory held by the VMM: short-term references
+//! ([`PageRef`]), migratable pins with a callback ([`Pin`], used through
+//! [`PinGuard`]s) and hard pins ([`HardPin`]). What a user needs to know is
+//! on those types; this is how they work.
 //!
-//! - [`PageRef`]: a short-term reference for a bounded copy (a device
-//!   reading one descriptor). Invalidations wait for it to drain; no new one
-//!   is granted on a range while it is being invalidated, so the wait cannot
-//!   starve. Do not hold one across a blocking wait.
-//! - [`Pin`]: a long-term, migratable pin with an invalidation callback
-//!   (Linux's `mmu_interval_notifier`, HMM, RDMA on-demand paging, in
-//!   userspace). Hold it as long as you like. An offline over its range
-//!   calls the callback, where the holder drops any kernel pin it made on
-//!   the memory (an io_uring fixed buffer, see [`crate::kpin`]); the next
-//!   [`Pin::get`] faults the range in again through the engine and re-arms.
-//!   Each use of the memory goes through a [`PinGuard`] from `get`, held
-//!   for that use only: an `Unplug` waits for live guards (see [`Pin`]).
-//! - [`HardPin`]: no callback, and a real kernel reference (an io_uring
-//!   fixed buffer): the pre-2013 async-pf page reference. Kept to show the
-//!   problem: an offline over it fails with `Busy` at its deadline, and the
-//!   kernel cannot migrate its pages either.
+//! All three register an interval with the notifier, the engine's registry
+//! of who relies on which guest range. A reference is taken by faulting
+//! the range in through the engine (`populate`, on the calling thread, in
+//! prefetch windows; it never touches the memory, so a poisoned page is an
+//! error and not a SIGBUS) and then, under the install lock invalidations
+//! take to begin, checking that every page is present before arming
+//! (`fault_in_and`): no invalidation can start between the check and the
+//! reference. The loop checks its deadline on every way round, so a range
+//! a storm keeps invalidating cannot keep a caller past it.
 //!
-//! Access goes through [`vm_memory::VolatileSlice`]: the guest writes the
-//! same memory concurrently, so a plain `&[u8]` over it would be unsound.
-//! While a pin is invalidated its memory stays mapped at the same address;
-//! an access during an offline faults and waits for the offline to end, so
-//! it sees the right contents, but a callback must never wait for such an
-//! access (the holder may be blocked in it).
+//! An invalidation refuses new short-term references on its range while it
+//! runs and waits for the ones already held, so its wait cannot starve. A
+//! pin holds no reference between uses: its callback is called and it is
+//! disarmed; [`Pin::get`] re-arms it. A hard pin holds a reference and a
+//! kernel pin (an io_uring fixed buffer) for its whole life.
 
 use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -155,8 +150,15 @@ fn slice(shared: &Shared, range: GuestRange) -> VolatileSlice<'_> {
     shared.ram.guest_memory().get_slice(range.start, range.len as usize).expect("checked guest range")
 }
 
-/// A short-term reference to a guest range: the pages stay where they are
-/// until it is dropped. Keep it for a bounded copy only.
+/// A short-term reference to a guest range, for a bounded copy (a device
+/// reading one descriptor): the pages stay where they are until it is
+/// dropped. Taken with [`Engine::page_ref`](crate::Engine::page_ref).
+///
+/// An offline over the range waits for it to be dropped (up to the
+/// offline's deadline), and no new one is granted on a range while it is
+/// being offlined, so the wait cannot starve. Do not hold one across a
+/// blocking wait. Access goes through [`PageRef::memory`], a
+/// [`vm_memory::VolatileSlice`] (see [`Pin`] for why).
 pub struct PageRef {
     shared: Arc<Shared>,
     id: RefId,
@@ -200,7 +202,30 @@ struct PinState {
     refaults: AtomicU64,
 }
 
-/// A long-term, migratable pin over a guest range. See the module docs.
+/// A long-term, migratable pin over a guest range, with an invalidation
+/// callback: Linux's `mmu_interval_notifier` (what HMM and RDMA on-demand
+/// paging use), in userspace. Registered with
+/// [`Engine::pin`](crate::Engine::pin).
+///
+/// Hold it as long as you like: unlike a [`PageRef`] or a [`HardPin`], a
+/// pin does not hold an offline back. An offline over its range first
+/// calls the callback, on the offlining thread, with an
+/// [`InvalidateEvent`](crate::InvalidateEvent) that says which range and
+/// why; there the holder drops any kernel pin it made on the memory (an
+/// io_uring fixed buffer, say) and stops relying on it. The next
+/// [`Pin::get`] waits for the offline to end, faults the range in again
+/// through the engine and re-arms the pin.
+///
+/// # Access
+///
+/// Each use of the memory goes through a [`PinGuard`] from [`Pin::get`],
+/// held for that use only, and reaches the memory as a volatile slice
+/// ([`vm_memory::VolatileSlice`]), since the guest writes the same memory
+/// concurrently: a plain `&[u8]` over it would be unsound. While the
+/// pin is invalidated its memory stays mapped at the same address; an
+/// access during an offline faults and waits for the offline to end, so it
+/// sees the right contents. So a callback must never wait for such an
+/// access: the holder may be blocked in it.
 ///
 /// # Pins and unplug
 ///
@@ -227,19 +252,32 @@ struct PinState {
 /// blocking wait, and never while unplugging the same range yourself (the
 /// unplug would wait for you until its deadline).
 ///
-/// ```no_run
+/// ```
+/// # use std::sync::atomic::{AtomicU64, Ordering};
 /// # use std::sync::Arc;
 /// # use std::time::{Duration, Instant};
-/// # use apf::{Engine, GuestAddress, GuestRam, GuestRange, ZeroSource};
+/// # use apf::{Engine, GuestAddress, GuestRam, GuestRange, Mode, Reason, ZeroSource};
 /// # let ram = Arc::new(GuestRam::anonymous(&[(GuestAddress(0), 1 << 20)])?);
 /// # let engine = Engine::builder(ram, Arc::new(ZeroSource)).start()?;
 /// use vm_memory::Bytes;
+/// let soon = || Instant::now() + Duration::from_secs(1);
+/// // A device's ring. Its callback is where the device would drop the
+/// // kernel pins it made on the ring; here it counts the migrations.
 /// let ring = GuestRange::new(GuestAddress(0x1000), 0x4000);
-/// let pin = engine.pin(ring, |ev| println!("lost {} ({:?})", ev.range, ev.reason))?;
-/// // Whenever the device needs the ring: cheap while armed, re-faults after
-/// // an invalidation.
-/// let mem = pin.get(Instant::now() + Duration::from_secs(1))?;
-/// let head: u32 = mem.memory().read_obj(0)?;
+/// let migrated = Arc::new(AtomicU64::new(0));
+/// let seen = migrated.clone();
+/// let pin = engine.pin(ring, move |ev| {
+///     if ev.reason == Reason::Migrate {
+///         seen.fetch_add(1, Ordering::SeqCst);
+///     }
+/// })?;
+/// // Whenever the device needs the ring: cheap while the pin is armed ...
+/// pin.get(soon())?.memory().write_obj(7u32, 0)?;
+/// // ... and faulted in again after an invalidation, contents kept.
+/// engine.offline(ring, Mode::Migrate, soon())?;
+/// assert!(!pin.is_armed());
+/// let head: u32 = pin.get(soon())?.memory().read_obj(0)?;
+/// assert_eq!((head, migrated.load(Ordering::SeqCst)), (7, 1));
 /// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```
 pub struct Pin {
@@ -404,9 +442,12 @@ impl PinGuard<'_> {
 }
 
 /// A hard pin: no callback, plus a real kernel pin (an io_uring fixed
-/// buffer) on the pages. Offlines over it fail with `Busy` at their
-/// deadline; the kernel cannot migrate its pages either. Kept to show the
-/// problem migratable pins solve.
+/// buffer) on the pages: the page reference KVM's async page faults held
+/// before 2013. Offlines over it fail with
+/// [`OfflineError::Busy`](crate::OfflineError::Busy) at their deadline;
+/// the kernel cannot migrate its pages either. Kept to show the problem
+/// migratable pins ([`Pin`]) solve. Taken with
+/// [`Engine::hard_pin`](crate::Engine::hard_pin).
 pub struct HardPin {
     shared: Arc<Shared>,
     id: IntervalId,

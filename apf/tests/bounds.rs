@@ -4,27 +4,15 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use apf::{
-    Engine, EngineError, GuestAddress, GuestRam, GuestRange, PageSource, Pattern, SourceError, SourceKind, WorkingSet,
-    MAX_REPLAYS, PAGE_SIZE,
-};
+use apf::{Engine, EngineError, GuestAddress, GuestRam, GuestRange, Pattern, WorkingSet, MAX_REPLAYS, PAGE_SIZE};
+
+mod common;
+use common::{discard, read_word, ScriptedSource};
 
 const PAGE: u64 = PAGE_SIZE as u64;
 
 fn ram(pages: usize) -> Arc<GuestRam> {
     Arc::new(GuestRam::anonymous(&[(GuestAddress(0), pages * PAGE_SIZE)]).unwrap())
-}
-
-fn touch(ram: &GuestRam, gpa: u64) -> u64 {
-    let p = ram.host_range(GuestAddress(gpa), 8).unwrap();
-    // SAFETY: 8 bytes of guest RAM, mapped while `ram` lives.
-    unsafe { std::ptr::read_volatile(p as *const u64) }
-}
-
-fn discard(ram: &GuestRam, gpa: u64, len: u64) {
-    let p = ram.host_range(GuestAddress(gpa), len).unwrap();
-    // SAFETY: MADV_DONTNEED on guest RAM, as a balloon does.
-    assert_eq!(unsafe { libc::madvise(p.cast(), len as usize, libc::MADV_DONTNEED) }, 0);
 }
 
 #[test]
@@ -37,7 +25,7 @@ fn the_working_set_records_first_touches_once_in_order() {
     let order = [5u64, 3, 17, 9];
     for round in 0..50 {
         for &p in &order {
-            touch(&ram, p * PAGE);
+            read_word(&ram, p * PAGE);
         }
         if round % 2 == 0 {
             discard(&ram, 0, 32 * PAGE);
@@ -51,26 +39,14 @@ fn the_working_set_records_first_touches_once_in_order() {
 }
 
 /// Slow enough that replays are still running when the test looks.
-struct Slow;
-
-impl PageSource for Slow {
-    fn fill(&self, gpa: GuestAddress, buf: &mut [u8]) -> Result<(), SourceError> {
-        std::thread::sleep(Duration::from_millis(20));
-        Pattern { seed: 1 }.write(gpa.0, buf);
-        Ok(())
-    }
-    fn kind(&self) -> SourceKind {
-        SourceKind::Blocking
-    }
-    fn name(&self) -> &'static str {
-        "slow"
-    }
+fn slow() -> ScriptedSource {
+    ScriptedSource::pattern(Pattern { seed: 1 }).delay(Duration::from_millis(20))
 }
 
 #[test]
 fn finished_replays_are_pruned_and_running_ones_bounded() {
     let ram = ram(256);
-    let engine = Engine::builder(ram.clone(), Arc::new(Slow))
+    let engine = Engine::builder(ram.clone(), Arc::new(slow()))
         .config(apf::Config { max_window: 1, ..apf::Config::default() })
         .start()
         .unwrap();
@@ -93,7 +69,7 @@ fn discarding_evicted_pages_drops_their_stored_copies() {
     let ram = ram(64);
     let engine = Engine::builder(ram.clone(), Arc::new(Pattern { seed: 6 })).start().unwrap();
     for p in 0..16 {
-        touch(&ram, p * PAGE);
+        read_word(&ram, p * PAGE);
     }
     let range = GuestRange::new(GuestAddress(0), 16 * PAGE);
     let report = engine.offline(range, apf::Mode::Evict, Instant::now() + Duration::from_secs(5)).unwrap();
@@ -110,6 +86,6 @@ fn discarding_evicted_pages_drops_their_stored_copies() {
     }
     assert_eq!(engine.store().len(), 0);
     for p in 0..16 {
-        assert_eq!(touch(&ram, p * PAGE), 0);
+        assert_eq!(read_word(&ram, p * PAGE), 0);
     }
 }

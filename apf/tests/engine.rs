@@ -2,40 +2,23 @@
 //! faulting "vCPUs". Failures are injected through our own seam, the
 //! `PageSource`.
 
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Barrier, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
 use apf::{
-    Dispatch, Engine, EngineError, GuestAddress, GuestRam, GuestRange, PageSource, PageState, Pattern, RamError,
-    SourceError, SourceKind, WorkingSet, PAGE_SIZE,
+    Dispatch, Engine, EngineError, GuestAddress, GuestRam, GuestRange, PageState, Pattern, RamError, WorkingSet,
+    PAGE_SIZE,
 };
+
+mod common;
+use common::{discard, read_page, wait_for, write_word, Fills, ScriptedSource};
 
 const PAGE: u64 = PAGE_SIZE as u64;
 
 fn ram(ranges: &[(u64, usize)]) -> Arc<GuestRam> {
     let ranges: Vec<_> = ranges.iter().map(|&(b, pages)| (GuestAddress(b), pages * PAGE_SIZE)).collect();
     Arc::new(GuestRam::anonymous(&ranges).unwrap())
-}
-
-/// Reads the page at `gpa` (faulting it in) and returns a copy.
-fn read_page(ram: &GuestRam, gpa: u64) -> Vec<u8> {
-    let p = ram.host_range(GuestAddress(gpa), PAGE).unwrap();
-    let mut out = vec![0u8; PAGE_SIZE];
-    for (i, b) in out.iter_mut().enumerate() {
-        let at = p.wrapping_add(i);
-        // SAFETY: `at` is inside the page `p` covers, guest RAM mapped while
-        // `ram` lives.
-        *b = unsafe { std::ptr::read_volatile(at) };
-    }
-    out
-}
-
-fn write_word(ram: &GuestRam, gpa: u64, v: u64) {
-    let p = ram.host_range(GuestAddress(gpa), 8).unwrap();
-    // SAFETY: `p` covers 8 bytes of guest RAM.
-    unsafe { std::ptr::write_volatile(p as *mut u64, v) };
 }
 
 /// The counters once every job in flight has finished (installs wake the
@@ -49,66 +32,18 @@ fn verify(ram: &GuestRam, pattern: Pattern, gpa: u64) {
     assert_eq!(pattern.verify(gpa, &read_page(ram, gpa)), Ok(()), "page {gpa:#x}");
 }
 
-/// A source that counts fills per page and can be slow, fail, or both.
-struct TestSource {
-    pattern: Pattern,
-    delay: Duration,
-    fills: Mutex<HashMap<u64, u32>>,
-    /// Fail fills that cover more than one page.
-    fail_windows: bool,
-    /// Fail everything.
-    fail_all: bool,
-    calls: AtomicU64,
-}
+/// The pattern the scripted sources of these tests fill with.
+const SLOW_PATTERN: Pattern = Pattern { seed: 7 };
 
-impl TestSource {
-    fn new(delay: Duration) -> Self {
-        TestSource {
-            pattern: Pattern { seed: 7 },
-            delay,
-            fills: Mutex::new(HashMap::new()),
-            fail_windows: false,
-            fail_all: false,
-            calls: AtomicU64::new(0),
-        }
-    }
-    fn fills_of(&self, gpa: u64) -> u32 {
-        self.fills.lock().unwrap().get(&gpa).copied().unwrap_or(0)
-    }
-}
-
-impl PageSource for TestSource {
-    fn fill(&self, gpa: GuestAddress, buf: &mut [u8]) -> Result<(), SourceError> {
-        self.calls.fetch_add(1, Ordering::Relaxed);
-        // Like real I/O, a fill takes longer the more it reads.
-        std::thread::sleep(self.delay * (buf.len() / PAGE_SIZE) as u32);
-        if self.fail_all || (self.fail_windows && buf.len() > PAGE_SIZE) {
-            return Err(SourceError::Io {
-                gpa: gpa.0,
-                len: buf.len(),
-                source: std::io::Error::from_raw_os_error(libc::EIO),
-            });
-        }
-        let mut fills = self.fills.lock().unwrap();
-        for i in 0..buf.len() / PAGE_SIZE {
-            *fills.entry(gpa.0 + (i * PAGE_SIZE) as u64).or_default() += 1;
-        }
-        drop(fills);
-        self.pattern.write(gpa.0, buf);
-        Ok(())
-    }
-    fn kind(&self) -> SourceKind {
-        SourceKind::Blocking
-    }
-    fn name(&self) -> &'static str {
-        "test"
-    }
+/// A source whose fills take `delay` per page, counted per page.
+fn slow_source(delay: Duration) -> ScriptedSource {
+    ScriptedSource::pattern(SLOW_PATTERN).delay_per_page(delay)
 }
 
 #[test]
 fn concurrent_faults_on_one_page_are_resolved_once() {
     let ram = ram(&[(0, 16)]);
-    let source = Arc::new(TestSource::new(Duration::from_millis(100)));
+    let source = Arc::new(slow_source(Duration::from_millis(100)));
     let engine = Engine::builder(ram.clone(), source.clone())
         .config(apf::Config { max_window: 1, ..apf::Config::default() })
         .start()
@@ -118,7 +53,7 @@ fn concurrent_faults_on_one_page_are_resolved_once() {
         for _ in 0..8 {
             s.spawn(|| {
                 barrier.wait();
-                verify(&ram, source.pattern, 5 * PAGE);
+                verify(&ram, SLOW_PATTERN, 5 * PAGE);
             });
         }
     });
@@ -184,13 +119,9 @@ fn removed_pages_fault_back_as_zeros() {
     for p in 0..8 {
         verify(&ram, pattern, p * PAGE);
     }
-    let host = ram.host_range(GuestAddress(2 * PAGE), 2 * PAGE).unwrap();
-    let never_touched = ram.host_range(GuestAddress(10 * PAGE), PAGE).unwrap();
-    for (at, len) in [(host, 2 * PAGE_SIZE), (never_touched, PAGE_SIZE)] {
-        // SAFETY: the range is guest RAM; dropping its contents is the
-        // balloon behaviour under test.
-        assert_eq!(unsafe { libc::madvise(at.cast(), len, libc::MADV_DONTNEED) }, 0);
-    }
+    // Two pages installed, and one never touched.
+    discard(&ram, 2 * PAGE, 2 * PAGE);
+    discard(&ram, 10 * PAGE, PAGE);
     for gpa in [2 * PAGE, 3 * PAGE, 10 * PAGE] {
         assert!(read_page(&ram, gpa).iter().all(|&b| b == 0), "removed page {gpa:#x} must read as zeros");
     }
@@ -233,9 +164,7 @@ fn pages_present_behind_the_engine_are_skipped_not_overwritten() {
 #[test]
 fn a_fault_deduped_onto_a_failed_window_is_resolved() {
     let ram = ram(&[(0, 16)]);
-    let mut src = TestSource::new(Duration::from_millis(75));
-    src.fail_windows = true;
-    let source = Arc::new(src);
+    let source = Arc::new(slow_source(Duration::from_millis(75)).fail(Fills::Windows));
     let engine = Engine::builder(ram.clone(), source.clone())
         .config(apf::Config { max_window: 4, ..apf::Config::default() })
         .start()
@@ -245,16 +174,18 @@ fn a_fault_deduped_onto_a_failed_window_is_resolved() {
         s.spawn(|| {
             // Pages 0 and 1 single, then page 2 opens a window [2, 4).
             for p in 0..3 {
-                verify(&ram, source.pattern, p * PAGE);
+                verify(&ram, SLOW_PATTERN, p * PAGE);
             }
         });
         s.spawn(|| {
             // Arrive while the window's fill is sleeping.
-            while source.calls.load(Ordering::Relaxed) < 3 {
+            let by = Instant::now() + Duration::from_secs(10);
+            while source.calls() < 3 && Instant::now() < by {
                 std::thread::sleep(Duration::from_millis(1));
             }
+            assert!(source.calls() >= 3, "the window's fill never started: {} fills", source.calls());
             std::thread::sleep(Duration::from_millis(50));
-            verify(&ram, source.pattern, 3 * PAGE);
+            verify(&ram, SLOW_PATTERN, 3 * PAGE);
         });
     });
     let st = settled(&engine);
@@ -434,17 +365,6 @@ fn catch_sigbus() {
     assert_eq!(unsafe { libc::sigaction(libc::SIGBUS, &sa, std::ptr::null_mut()) }, 0);
 }
 
-fn wait_for(flag: &AtomicBool, limit: Duration) -> bool {
-    let deadline = Instant::now() + limit;
-    while !flag.load(Ordering::SeqCst) {
-        if Instant::now() > deadline {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(2));
-    }
-    true
-}
-
 /// Runs the ignored test `name` alone in a fresh copy of this test binary
 /// and returns its stdout. Re-executing (not forking) keeps the child's
 /// userfaultfd registrations its own.
@@ -491,8 +411,7 @@ fn child_failing_source() {
     assert!(std::env::var_os("APF_CHILD").is_some(), "run through its parent test");
     catch_sigbus();
     let ram = ram(&[(0, 8)]);
-    let mut src = TestSource::new(Duration::ZERO);
-    src.fail_all = true;
+    let src = slow_source(Duration::ZERO).fail(Fills::All);
     let config = apf::Config { fill_retries: 2, ..Default::default() };
     let engine = Engine::builder(ram.clone(), Arc::new(src)).config(config).start().unwrap();
     let r = ram.clone();
@@ -533,7 +452,7 @@ fn child_shutdown_under_load() {
     let fds_before = count_entries("/proc/self/fd");
     let threads_before = count_entries("/proc/self/task");
     let ram = ram(&[(0, 4096)]);
-    let source = Arc::new(TestSource::new(Duration::from_micros(300)));
+    let source = Arc::new(slow_source(Duration::from_micros(300)));
     let engine = Engine::builder(ram.clone(), source.clone())
         .config(apf::Config { workers: 2, ..apf::Config::default() })
         .start()
@@ -543,12 +462,12 @@ fn child_shutdown_under_load() {
     let stop = AtomicBool::new(false);
     std::thread::scope(|s| {
         for t in 0..4u64 {
-            let (ram, stop, source) = (&ram, &stop, &source);
+            let (ram, stop) = (&ram, &stop);
             s.spawn(move || {
                 let mut x = t;
                 while !stop.load(Ordering::Relaxed) {
                     x = apf::splitmix64(x);
-                    verify(ram, source.pattern, (x % 4096) * PAGE);
+                    verify(ram, SLOW_PATTERN, (x % 4096) * PAGE);
                 }
             });
         }

@@ -16,6 +16,9 @@ use apf::{
     OfflineReport, ZeroSource, PAGE_SIZE,
 };
 
+mod common;
+use common::{read_word, write_word};
+
 const RAM: usize = 64 << 20;
 
 /// Memory touched before guest RAM is: the first pages a process gets come
@@ -64,19 +67,14 @@ fn setup() -> (Arc<GuestRam>, Engine, Ballast) {
     let ram = Arc::new(GuestRam::anonymous(&[(GuestAddress(0), RAM)]).unwrap());
     let engine = Engine::builder(ram.clone(), Arc::new(ZeroSource)).start().unwrap();
     for page in 0..RAM / PAGE_SIZE {
-        let p = ram.host_range(GuestAddress((page * PAGE_SIZE) as u64), 8).unwrap() as *mut u64;
-        // SAFETY: `p` covers 8 bytes of guest RAM; the engine resolves the
-        // fault.
-        unsafe { std::ptr::write_volatile(p, page as u64 ^ 0x5a5a) };
+        write_word(&ram, (page * PAGE_SIZE) as u64, page as u64 ^ 0x5a5a);
     }
     (ram, engine, ballast)
 }
 
 fn verify(ram: &GuestRam) {
     for page in 0..RAM / PAGE_SIZE {
-        let p = ram.host_range(GuestAddress((page * PAGE_SIZE) as u64), 8).unwrap() as *const u64;
-        // SAFETY: as in `setup`.
-        assert_eq!(unsafe { std::ptr::read_volatile(p) }, page as u64 ^ 0x5a5a, "page {page}");
+        assert_eq!(read_word(ram, (page * PAGE_SIZE) as u64), page as u64 ^ 0x5a5a, "page {page}");
     }
 }
 

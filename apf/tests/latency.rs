@@ -6,27 +6,11 @@ use std::time::{Duration, Instant};
 
 use apf::span::{FAULT, FILL};
 use apf::Engine;
-use apf::{GuestAddress, GuestRam, LatencyLayer, PageSource, SourceError, SourceKind};
+use apf::{GuestAddress, GuestRam, LatencyLayer};
 use tracing_subscriber::layer::SubscriberExt;
 
-/// Sleeps `per_fill` on every fill, then fills zeros.
-struct Sleepy {
-    per_fill: Duration,
-}
-
-impl PageSource for Sleepy {
-    fn fill(&self, _gpa: GuestAddress, buf: &mut [u8]) -> Result<(), SourceError> {
-        std::thread::sleep(self.per_fill);
-        buf.fill(0);
-        Ok(())
-    }
-    fn kind(&self) -> SourceKind {
-        SourceKind::Blocking
-    }
-    fn name(&self) -> &'static str {
-        "sleepy"
-    }
-}
+mod common;
+use common::{read_word, ScriptedSource};
 
 #[test]
 fn histograms_match_the_durations_a_sleeping_source_produces() {
@@ -37,17 +21,15 @@ fn histograms_match_the_durations_a_sleeping_source_produces() {
     let waited = tracing::subscriber::with_default(subscriber, || {
         let ram = Arc::new(GuestRam::anonymous(&[(GuestAddress(0), 64 * 4096)]).unwrap());
         // One page per fault, so every fault is one fill.
-        let engine = Engine::builder(ram.clone(), Arc::new(Sleepy { per_fill: sleep }))
+        let engine = Engine::builder(ram.clone(), Arc::new(ScriptedSource::zeros().delay(sleep)))
             .config(apf::Config { max_window: 1, ..apf::Config::default() })
             .start()
             .unwrap();
         layer.register_current_vcpu(3);
         let mut waited = Vec::new();
         for i in 0..PAGES {
-            let p = ram.host_range(GuestAddress(i * 3 * 4096), 8).unwrap();
             let t = Instant::now();
-            // SAFETY: `p` is 8 bytes of guest RAM; the engine installs it.
-            let v = unsafe { std::ptr::read_volatile(p as *const u64) };
+            let v = read_word(&ram, i * 3 * 4096);
             waited.push(t.elapsed());
             assert_eq!(v, 0);
         }

@@ -7,10 +7,13 @@ use std::time::{Duration, Instant};
 
 use apf::hostmem::Pagemap;
 use apf::{
-    Config, Engine, FixedBuffer, GuestAddress, GuestRam, GuestRange, Mode, OfflineError, PageSource, PageState,
-    Pattern, PinError, RamError, Reason, SourceError, SourceKind, UnplugPolicy, ZeroSource, PAGE_SIZE,
+    Config, Engine, FixedBuffer, GuestAddress, GuestRam, GuestRange, Mode, OfflineError, PageState, Pattern, PinError,
+    RamError, Reason, UnplugPolicy, ZeroSource, PAGE_SIZE,
 };
 use vm_memory::Bytes;
+
+mod common;
+use common::{busy, read_word, write_word, ScriptedSource};
 
 const PAGE: u64 = PAGE_SIZE as u64;
 const MIB: usize = 1 << 20;
@@ -29,21 +32,6 @@ fn range(start: u64, len: u64) -> GuestRange {
 
 fn soon(ms: u64) -> Instant {
     Instant::now() + Duration::from_millis(ms)
-}
-
-fn word_ptr(ram: &GuestRam, gpa: u64) -> *mut u64 {
-    ram.host_range(GuestAddress(gpa), 8).unwrap() as *mut u64
-}
-
-fn read_word(ram: &GuestRam, gpa: u64) -> u64 {
-    // SAFETY: the pointer covers 8 bytes of guest RAM, mapped while `ram`
-    // lives; the engine resolves the fault if the page is missing.
-    unsafe { std::ptr::read_volatile(word_ptr(ram, gpa)) }
-}
-
-fn write_word(ram: &GuestRam, gpa: u64, v: u64) {
-    // SAFETY: as in `read_word`.
-    unsafe { std::ptr::write_volatile(word_ptr(ram, gpa), v) }
 }
 
 /// Writes a word derived from the page's address into every page.
@@ -237,32 +225,12 @@ fn unplug_poison_policy_refuses_pins_until_replugged() {
     check_stamp(&ram, r, 4);
 }
 
-/// A source whose fills take a while, so an invalidation can land while one
-/// is in progress.
-struct SlowSource {
-    delay: Duration,
-    started: AtomicUsize,
-}
-
-impl PageSource for SlowSource {
-    fn fill(&self, gpa: GuestAddress, buf: &mut [u8]) -> Result<(), SourceError> {
-        self.started.fetch_add(1, Ordering::SeqCst);
-        std::thread::sleep(self.delay);
-        Pattern { seed: 5 }.write(gpa.0, buf);
-        Ok(())
-    }
-    fn kind(&self) -> SourceKind {
-        SourceKind::Blocking
-    }
-    fn name(&self) -> &'static str {
-        "slow"
-    }
-}
-
 #[test]
 fn contents_filled_before_an_invalidation_are_never_installed_after_it() {
     let ram = ram(MIB);
-    let source = Arc::new(SlowSource { delay: Duration::from_millis(150), started: AtomicUsize::new(0) });
+    // Fills take a while, so an invalidation can land while one is in
+    // progress.
+    let source = Arc::new(ScriptedSource::pattern(Pattern { seed: 5 }).delay(Duration::from_millis(150)));
     let engine = Engine::builder(ram.clone(), source.clone())
         .config(apf::Config { max_window: 1, ..apf::Config::default() })
         .start()
@@ -270,9 +238,11 @@ fn contents_filled_before_an_invalidation_are_never_installed_after_it() {
     let r = range(0x3000, PAGE);
     std::thread::scope(|s| {
         let reader = s.spawn(|| read_word(&ram, 0x3000 + 8));
-        while source.started.load(Ordering::SeqCst) == 0 {
+        let by = Instant::now() + Duration::from_secs(5);
+        while source.calls() == 0 && Instant::now() < by {
             std::thread::yield_now();
         }
+        assert_ne!(source.calls(), 0, "the reader's fill never started");
         // The fill is in progress: discard the page's contents under it.
         let report = engine.offline(r, Mode::Unplug, soon(2000)).unwrap();
         assert_eq!(report.pages_taken, 0, "nothing was installed yet");
@@ -356,10 +326,8 @@ fn hard_pin_gives_busy_within_its_deadline_and_changes_nothing() {
     let hard = engine.hard_pin(range(0x10_0000 + 4 * PAGE, 2 * PAGE), soon(1000)).unwrap();
     let before = pfns(&ram, r);
     let t = Instant::now();
-    match engine.offline(r, Mode::Migrate, t + Duration::from_millis(300)) {
-        Err(OfflineError::Busy { hard: 1, refs: 0, .. }) => {}
-        other => panic!("expected Busy from the hard pin, got {other:?}"),
-    }
+    let held = busy(engine.offline(r, Mode::Migrate, t + Duration::from_millis(300)), "the hard pin");
+    assert_eq!((held.hard, held.refs), (1, 0));
     let took = t.elapsed();
     assert!(took >= Duration::from_millis(300) && took < Duration::from_secs(2), "took {took:?}");
     assert_eq!(pfns(&ram, r), before, "a busy offline moved pages");
@@ -390,10 +358,7 @@ fn kernel_pin_kept_through_the_callback_is_busy_and_dropping_it_lets_pages_move(
         .unwrap();
     pin.get(soon(1000)).unwrap();
     // A holder that keeps its kernel pin: the kernel refuses to move.
-    match engine.offline(r, Mode::Migrate, soon(300)) {
-        Err(OfflineError::Busy { kernel_pinned, .. }) if kernel_pinned > 0 => {}
-        other => panic!("expected Busy from the kernel pin, got {other:?}"),
-    }
+    assert!(busy(engine.offline(r, Mode::Migrate, soon(300)), "the kernel pin").kernel_pinned > 0);
     check_stamp(&ram, r, 0x99);
     // A holder that drops it in the callback: the pages move.
     drop_it.store(true, Ordering::SeqCst);
@@ -415,10 +380,8 @@ fn offline_waits_for_short_term_references() {
     let pref = engine.page_ref(range(0x2000, PAGE), soon(1000)).unwrap();
     assert_eq!(pref.memory().read_obj::<u64>(8).unwrap(), 0x2000 ^ 5);
     // Held past the deadline: busy, nothing changed.
-    match engine.offline(r, Mode::Evict, soon(100)) {
-        Err(OfflineError::Busy { refs: 1, hard: 0, .. }) => {}
-        other => panic!("expected Busy from the reference, got {other:?}"),
-    }
+    let held = busy(engine.offline(r, Mode::Evict, soon(100)), "the reference");
+    assert_eq!((held.refs, held.hard), (1, 0));
     assert_eq!(engine.store().len(), 0);
     // Dropped while the offline waits: it goes on.
     std::thread::scope(|s| {
@@ -470,7 +433,7 @@ fn invalid_ranges_get_clear_errors() {
         assert!(err.to_string().contains("overlaps an offline in progress"));
         // A disjoint one runs meanwhile.
         engine.offline(range(0x20_0000, 4 * PAGE), Mode::Migrate, soon(1000)).unwrap();
-        assert!(matches!(h.join().unwrap(), Err(OfflineError::Busy { .. })));
+        busy(h.join().unwrap(), "the hard pin");
     });
     drop(hard);
 }

@@ -6,17 +6,16 @@
 //! `process_vm_readv`, which answers `EFAULT` where an access would take
 //! SIGBUS.
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use apf::failpoints::Op;
 use apf::failpoints::Rule;
 use apf::{Config, Engine, Mode, OfflineError, UnplugPolicy, PAGE_SIZE};
-use apf::{
-    FixedBuffer, GuestAddress, GuestRam, GuestRange, PageSource, PageState, SourceError, SourceKind, ZeroSource,
-};
-use vm_memory::Bytes;
+use apf::{FixedBuffer, GuestAddress, GuestRam, GuestRange, PageState, ZeroSource};
+
+mod common;
+use common::{busy, discard, try_read, write_bytes, Fills, ScriptedSource};
 
 const PAGE: u64 = PAGE_SIZE as u64;
 const MIB: usize = 1 << 20;
@@ -50,7 +49,7 @@ fn stamped(gpa: u64, salt: u64) -> Vec<u8> {
 /// Writes the stamp into every page of `r`, through the engine.
 fn stamp(ram: &GuestRam, r: GuestRange, salt: u64) {
     for gpa in (r.start.0..r.end()).step_by(PAGE_SIZE) {
-        ram.guest_memory().write_slice(&stamped(gpa, salt), GuestAddress(gpa)).unwrap();
+        write_bytes(ram, gpa, &stamped(gpa, salt));
     }
 }
 
@@ -75,25 +74,11 @@ fn read_back(ram: &Arc<GuestRam>, r: GuestRange, salts: &[u64]) -> Vec<Seen> {
         let seen: Vec<Seen> = (r.start.0..r.end())
             .step_by(PAGE_SIZE)
             .map(|gpa| {
-                let host = ram.host_range(GuestAddress(gpa), PAGE).unwrap();
                 let mut buf = vec![0u8; PAGE_SIZE];
-                let local = libc::iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: PAGE_SIZE };
-                let remote = libc::iovec { iov_base: host.cast(), iov_len: PAGE_SIZE };
-                let pid = std::process::id() as libc::pid_t;
-                // SAFETY: reads one page of this process's guest RAM into
-                // `buf`, which is PAGE_SIZE bytes; the kernel checks the
-                // remote range and answers EFAULT instead of faulting.
-                let n = unsafe { libc::process_vm_readv(pid, &local, 1, &remote, 1, 0) };
-                if n < 0 {
-                    let e = std::io::Error::last_os_error();
-                    return if e.raw_os_error() == Some(libc::EFAULT) {
-                        Seen::Poisoned
-                    } else {
-                        Seen::Other(e.to_string())
-                    };
-                }
-                if n as usize != PAGE_SIZE {
-                    return Seen::Other(format!("short read of {n} bytes"));
+                match try_read(&ram, gpa, &mut buf) {
+                    Err(e) if e.raw_os_error() == Some(libc::EFAULT) => return Seen::Poisoned,
+                    Err(e) => return Seen::Other(e.to_string()),
+                    Ok(()) => {}
                 }
                 if buf.iter().all(|b| *b == 0) {
                     return Seen::Zeros;
@@ -354,10 +339,8 @@ fn an_unplug_stopped_by_a_kernel_pin_leaves_the_staging_area_empty() {
     // Page 10 is pinned by the kernel, and its holder never lets go.
     let pinned = range(R + 10 * PAGE, 1);
     let buffer = FixedBuffer::register(ram.host_range(pinned.start, PAGE).unwrap(), PAGE_SIZE).unwrap();
-    match engine.offline(r, Mode::Unplug, soon(300)) {
-        Err(OfflineError::Busy { kernel_pinned, discarded: 0, .. }) if kernel_pinned > 0 => {}
-        other => panic!("expected Busy from the kernel pin, got {other:?}"),
-    }
+    let held = busy(engine.offline(r, Mode::Unplug, soon(300)), "the kernel pin");
+    assert!(held.kernel_pinned > 0 && held.discarded == 0, "{held:?}");
     assert_all(&read_back(&ram, r, &[9]), Seen::Stamp(9), "a stopped unplug put every page back");
     // Any later offline works.
     let other = range(R + 64 * PAGE, 16);
@@ -472,7 +455,7 @@ fn a_busy_staging_area_fails_a_later_offline_at_its_deadline() {
         assert!(took >= Duration::from_millis(200) && took < Duration::from_millis(800), "took {took:?}");
         assert_eq!(pfns(&ram, other), before, "a busy offline moved pages");
         assert_eq!(states(&ram, other), vec![PageState::Present; 8]);
-        assert!(matches!(h.join().unwrap(), Err(OfflineError::Busy { .. })));
+        busy(h.join().unwrap(), "the kernel pin");
     });
     drop(buffer);
     engine.offline(other, Mode::Migrate, soon(2000)).unwrap();
@@ -496,11 +479,8 @@ fn a_discard_while_the_offline_holds_the_page_wins() {
         let h = s.spawn(|| engine.offline(r, Mode::Migrate, soon(600)));
         // Pages 0..6 are in staging by now; the offline retries page 6.
         std::thread::sleep(Duration::from_millis(200));
-        let host = ram.host_range(GuestAddress(R + PAGE), PAGE).unwrap();
-        // SAFETY: MADV_DONTNEED on one page of guest RAM, as a balloon
-        // does; nothing in this test holds a reference into it.
-        assert_eq!(unsafe { libc::madvise(host.cast(), PAGE_SIZE, libc::MADV_DONTNEED) }, 0);
-        assert!(matches!(h.join().unwrap(), Err(OfflineError::Busy { .. })));
+        discard(&ram, R + PAGE, PAGE);
+        busy(h.join().unwrap(), "the kernel pin");
     });
     drop(buffer);
     let seen = read_back(&ram, r, &[17]);
@@ -510,43 +490,11 @@ fn a_discard_while_the_offline_holds_the_page_wins() {
     }
 }
 
-/// A source that holds fills of one page until it is opened.
-struct GatedSource {
-    gated: u64,
-    open: Mutex<bool>,
-    opened: Condvar,
-    entered: AtomicBool,
-}
-
-impl PageSource for GatedSource {
-    fn fill(&self, gpa: GuestAddress, buf: &mut [u8]) -> Result<(), SourceError> {
-        if (gpa.0..gpa.0 + buf.len() as u64).contains(&self.gated) {
-            self.entered.store(true, Ordering::SeqCst);
-            let mut open = self.open.lock().unwrap();
-            while !*open {
-                open = self.opened.wait(open).unwrap();
-            }
-        }
-        buf.fill(0);
-        Ok(())
-    }
-    fn kind(&self) -> SourceKind {
-        SourceKind::Blocking
-    }
-    fn name(&self) -> &'static str {
-        "gated"
-    }
-}
-
 #[test]
 fn unplug_of_a_page_being_restored_from_the_store_drops_its_entry() {
     let ram = ram(4 * MIB);
-    let source = Arc::new(GatedSource {
-        gated: R,
-        open: Mutex::new(false),
-        opened: Condvar::new(),
-        entered: AtomicBool::new(false),
-    });
+    // Fills of page 0 wait until the test releases them.
+    let source = Arc::new(ScriptedSource::zeros().hold(Fills::Covering(R)));
     let config = Config { fault_around: 1, max_window: 8, ..Config::default() };
     let engine = Engine::builder(ram.clone(), source.clone()).config(config).start().unwrap();
     let page1 = range(R + PAGE, 1);
@@ -557,15 +505,13 @@ fn unplug_of_a_page_being_restored_from_the_store_drops_its_entry() {
         // One window over page 0 (from the gated source) and page 1 (from
         // the store): page 1 stays claimed while page 0's fill waits.
         let h = s.spawn(|| engine.prefetch(range(R, 2)).unwrap());
-        while !source.entered.load(Ordering::SeqCst) {
-            std::thread::yield_now();
-        }
+        assert!(source.wait_held(Duration::from_secs(5)), "the fill of page 0 never started");
         assert_eq!(states(&ram, page1), vec![PageState::Resolving]);
         let unplugged = engine.offline(page1, Mode::Unplug, soon(2000));
         let stored = engine.store().len();
-        // Open the gate before anything can fail, or the scope never ends.
-        *source.open.lock().unwrap() = true;
-        source.opened.notify_all();
+        // Open the gate before anything can fail, or the scope waits out
+        // the hold limit.
+        source.release();
         h.join().unwrap();
         unplugged.unwrap();
         assert_eq!(stored, 0, "the unplugged page's store entry leaked");

@@ -2,7 +2,7 @@
 //! failpoints in our userfaultfd wrapper hold or fail one chosen call while
 //! every other call stays real.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -11,36 +11,13 @@ use apf::failpoints::{Rule, Switch};
 use apf::PAGE_SIZE;
 use apf::{Dispatch, Engine, GuestAddress, GuestRam, Pattern};
 
+mod common;
+use common::{discard, read_word, try_read_word, try_write_word, wait_for, within, Fills, ScriptedSource};
+
 const PAGE: u64 = PAGE_SIZE as u64;
 
 fn ram(pages: usize) -> Arc<GuestRam> {
     Arc::new(GuestRam::anonymous(&[(GuestAddress(0), pages * PAGE_SIZE)]).unwrap())
-}
-
-/// Reads the first word of the page at `gpa` (faulting it in).
-fn read_word(ram: &GuestRam, gpa: u64) -> u64 {
-    let p = ram.host_range(GuestAddress(gpa), 8).unwrap();
-    // SAFETY: `p` covers 8 bytes of guest RAM, mapped while `ram` lives.
-    unsafe { std::ptr::read_volatile(p as *const u64) }
-}
-
-fn discard(ram: &GuestRam, gpa: u64, len: u64) {
-    let p = ram.host_range(GuestAddress(gpa), len).unwrap();
-    // SAFETY: MADV_DONTNEED on guest RAM, as a balloon does: the range
-    // reads as zeros afterwards (through the engine), nothing dangles.
-    assert_eq!(unsafe { libc::madvise(p.cast(), len as usize, libc::MADV_DONTNEED) }, 0);
-}
-
-/// Waits for `flag`, up to `limit`.
-fn wait_for(flag: &AtomicBool, limit: Duration) -> bool {
-    let deadline = Instant::now() + limit;
-    while !flag.load(Ordering::Acquire) {
-        if Instant::now() >= deadline {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(1));
-    }
-    true
 }
 
 /// Lines up the discard/install race of a balloon: an install whose
@@ -108,32 +85,6 @@ fn without_the_ordering_the_same_race_leaves_stale_contents() {
     let (returned_while_held, after) = discard_racing_an_install(true);
     assert!(returned_while_held, "madvise should not wait without the ordering");
     assert_ne!(after, 0, "the held install should have landed after the discard");
-}
-
-/// Reads the first word of the page at `gpa` through `process_vm_readv` on
-/// our own process: a poisoned page answers `EFAULT` (None) instead of
-/// raising SIGBUS, and a missing page is faulted in through the engine.
-fn try_read_word(ram: &GuestRam, gpa: u64) -> Option<u64> {
-    let p = ram.host_range(GuestAddress(gpa), 8).unwrap();
-    let mut word = 0u64;
-    let local = libc::iovec { iov_base: (&mut word as *mut u64).cast(), iov_len: 8 };
-    let remote = libc::iovec { iov_base: p.cast(), iov_len: 8 };
-    let pid = std::process::id() as libc::pid_t;
-    // SAFETY: `local` is 8 writable bytes on this frame; the kernel checks
-    // `remote` against our own address space and answers EFAULT for what
-    // it cannot read.
-    let n = unsafe { libc::process_vm_readv(pid, &local, 1, &remote, 1, 0) };
-    (n == 8).then_some(word)
-}
-
-/// Runs `f` on a thread and waits at most `limit` for it: a read that
-/// never returns is a hung thread, which is what these tests must catch.
-fn within<T: Send + 'static>(limit: Duration, f: impl FnOnce() -> T + Send + 'static) -> T {
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let _ = tx.send(f());
-    });
-    rx.recv_timeout(limit).expect("the access hung")
 }
 
 fn engine_with(ram: &Arc<GuestRam>, source: Arc<dyn apf::PageSource>, config: apf::Config) -> Engine {
@@ -213,73 +164,33 @@ fn a_poison_that_fails_is_reported_once_and_retried_until_it_goes_in() {
     assert!(engine.errors().try_recv().is_none(), "one failing poison, one report");
 }
 
-/// Fails every fill; the first one waits at a gate so that the test can
-/// discard the page while it is failing.
-struct FailingGated {
-    arrived: AtomicBool,
-    open: AtomicBool,
-}
-
-impl apf::PageSource for FailingGated {
-    fn fill(&self, gpa: GuestAddress, buf: &mut [u8]) -> Result<(), apf::SourceError> {
-        if !self.arrived.swap(true, Ordering::AcqRel) {
-            wait_for(&self.open, Duration::from_secs(10));
-        }
-        Err(apf::SourceError::Io { gpa: gpa.0, len: buf.len(), source: std::io::Error::from_raw_os_error(libc::EIO) })
-    }
-    fn kind(&self) -> apf::SourceKind {
-        apf::SourceKind::Blocking
-    }
-    fn name(&self) -> &'static str {
-        "failing-gated"
-    }
-}
-
 #[test]
 fn a_page_discarded_while_its_source_fails_reads_zeros_not_sigbus() {
     let ram = ram(16);
-    let source = Arc::new(FailingGated { arrived: AtomicBool::new(false), open: AtomicBool::new(false) });
+    // Fails every fill; the first one waits at the gate so that the test
+    // can discard the page while it is failing.
+    let source = Arc::new(ScriptedSource::zeros().fail(Fills::All).hold(Fills::First(1)));
     // The first failure is final: without the check, the page is poisoned.
     let config = apf::Config { fill_retries: 0, max_window: 1, ..apf::Config::default() };
     let engine = engine_with(&ram, source.clone(), config);
     let gpa = 6 * PAGE;
     let r = ram.clone();
     let reader = std::thread::spawn(move || try_read_word(&r, gpa));
-    assert!(wait_for(&source.arrived, Duration::from_secs(5)));
+    assert!(source.wait_held(Duration::from_secs(5)));
     discard(&ram, gpa, PAGE);
-    source.open.store(true, Ordering::Release);
+    source.release();
     assert_eq!(reader.join().unwrap(), Some(0), "the discarded page must read as zeros");
     assert!(engine.errors().try_recv().is_none(), "nothing failed for good");
-}
-
-/// Panics when it fills page `bad`; every other page is a pattern. The
-/// kind decides where it runs (`Memory`: on the event loop).
-struct Panicking {
-    bad: u64,
-    kind: apf::SourceKind,
-}
-
-impl apf::PageSource for Panicking {
-    fn fill(&self, gpa: GuestAddress, buf: &mut [u8]) -> Result<(), apf::SourceError> {
-        if (gpa.0..gpa.0 + buf.len() as u64).contains(&self.bad) {
-            panic!("a bug in the page source");
-        }
-        Pattern { seed: 5 }.write(gpa.0, buf);
-        Ok(())
-    }
-    fn kind(&self) -> apf::SourceKind {
-        self.kind
-    }
-    fn name(&self) -> &'static str {
-        "panicking"
-    }
 }
 
 fn a_panicking_source_poisons_its_page_and_the_engine_goes_on(kind: apf::SourceKind) {
     let ram = ram(64);
     let bad = 9 * PAGE;
     let config = apf::Config { max_window: 1, ..apf::Config::default() };
-    let engine = engine_with(&ram, Arc::new(Panicking { bad, kind }), config);
+    // Panics when it fills page `bad`; the kind decides where it runs
+    // (`Memory`: on the event loop).
+    let source = ScriptedSource::pattern(Pattern { seed: 5 }).kind(kind).panic_on(Fills::Covering(bad));
+    let engine = engine_with(&ram, Arc::new(source), config);
     let r = ram.clone();
     assert_eq!(within(Duration::from_secs(5), move || try_read_word(&r, bad)), None);
     let err = engine.errors().recv_timeout(Duration::from_secs(1)).expect("an error report");
@@ -327,42 +238,21 @@ fn a_dead_event_loop_is_noticed_and_no_fault_or_discard_hangs() {
     assert_eq!(report.threads_left_behind, 0);
 }
 
-/// Never returns from a fill of page `stuck` (until the test ends).
-struct Stuck {
-    stuck: u64,
-    entered: AtomicBool,
-}
-
-impl apf::PageSource for Stuck {
-    fn fill(&self, gpa: GuestAddress, buf: &mut [u8]) -> Result<(), apf::SourceError> {
-        if (gpa.0..gpa.0 + buf.len() as u64).contains(&self.stuck) {
-            self.entered.store(true, Ordering::Release);
-            loop {
-                std::thread::park();
-            }
-        }
-        buf.fill(1);
-        Ok(())
-    }
-    fn kind(&self) -> apf::SourceKind {
-        apf::SourceKind::Blocking
-    }
-    fn name(&self) -> &'static str {
-        "stuck"
-    }
-}
-
 #[test]
 fn shutdown_leaves_a_stuck_source_behind_and_reports_it() {
     let ram = ram(64);
-    let source = Arc::new(Stuck { stuck: 7 * PAGE, entered: AtomicBool::new(false) });
+    // Never returns from a fill of page 7 while the test runs: held far
+    // past the shutdown deadline (and the test), let go only by the hold
+    // limit.
+    let source =
+        Arc::new(ScriptedSource::bytes(1).hold(Fills::Covering(7 * PAGE)).hold_limit(Duration::from_secs(120)));
     let config =
         apf::Config { max_window: 1, shutdown_deadline: Duration::from_millis(1500), ..apf::Config::default() };
     let engine = engine_with(&ram, source.clone(), config);
     let r = ram.clone();
     // The reader stays blocked in its fault: the stuck worker owns it.
     std::thread::spawn(move || try_read_word(&r, 7 * PAGE));
-    assert!(wait_for(&source.entered, Duration::from_secs(5)));
+    assert!(source.wait_held(Duration::from_secs(5)));
     let errors = engine.errors().clone();
     let report = within(Duration::from_secs(5), move || engine.shutdown());
     assert_eq!(report.threads_left_behind, 1);
@@ -449,16 +339,6 @@ fn a_zeropage_failure_ends_with_zeros() {
     }
 }
 
-fn write_word_safely(ram: &GuestRam, gpa: u64, v: u64) {
-    let p = ram.host_range(GuestAddress(gpa), 8).unwrap();
-    let mut word = v;
-    let local = libc::iovec { iov_base: (&mut word as *mut u64).cast(), iov_len: 8 };
-    let remote = libc::iovec { iov_base: p.cast(), iov_len: 8 };
-    let pid = std::process::id() as libc::pid_t;
-    // SAFETY: as in `try_read_word`, the kernel checks `remote`.
-    unsafe { libc::process_vm_writev(pid, &local, 1, &remote, 1, 0) };
-}
-
 /// Threads that each discard their own page and read it back, next to
 /// each other: a neighbour's fault-around installs a page between its
 /// remove being applied and its `madvise`'s zap. It must read zeros,
@@ -521,7 +401,7 @@ fn a_discard_during_offlines_wins(mode: apf::Mode) {
     let started = Instant::now();
     let (mut rounds, mut bad) = (0u64, Vec::new());
     while started.elapsed() < Duration::from_secs(2) && bad.len() < 3 {
-        write_word_safely(&ram, 10 * PAGE, 0x5a5a_0000_0000 + rounds + 1);
+        try_write_word(&ram, 10 * PAGE, 0x5a5a_0000_0000 + rounds + 1);
         discard(&ram, 10 * PAGE, PAGE);
         let w = try_read_word(&ram, 10 * PAGE);
         if w != Some(0) {
@@ -592,41 +472,19 @@ fn an_offline_waiting_for_a_reference_whose_holder_faults_on_it_is_not_stalled()
     assert_eq!(word, Some(0), "the discarded page reads as zeros");
 }
 
-/// Panics on its first fill, after waiting at a gate.
-struct PanickingGated {
-    arrived: AtomicBool,
-    open: AtomicBool,
-}
-
-impl apf::PageSource for PanickingGated {
-    fn fill(&self, gpa: GuestAddress, buf: &mut [u8]) -> Result<(), apf::SourceError> {
-        if !self.arrived.swap(true, Ordering::AcqRel) {
-            wait_for(&self.open, Duration::from_secs(10));
-            panic!("a bug in the page source");
-        }
-        Pattern { seed: 1 }.write(gpa.0, buf);
-        Ok(())
-    }
-    fn kind(&self) -> apf::SourceKind {
-        apf::SourceKind::Blocking
-    }
-    fn name(&self) -> &'static str {
-        "panicking-gated"
-    }
-}
-
 #[test]
 fn a_page_discarded_while_its_source_panics_reads_zeros_not_sigbus() {
     let ram = ram(16);
-    let source = Arc::new(PanickingGated { arrived: AtomicBool::new(false), open: AtomicBool::new(false) });
+    // Panics on its first fill, after waiting at the gate.
+    let source = Arc::new(ScriptedSource::pattern(Pattern { seed: 1 }).hold(Fills::First(1)).panic_on(Fills::First(1)));
     let config = apf::Config { max_window: 1, ..apf::Config::default() };
     let engine = engine_with(&ram, source.clone(), config);
     let gpa = 6 * PAGE;
     let r = ram.clone();
     let reader = std::thread::spawn(move || try_read_word(&r, gpa));
-    assert!(wait_for(&source.arrived, Duration::from_secs(5)));
+    assert!(source.wait_held(Duration::from_secs(5)));
     discard(&ram, gpa, PAGE);
-    source.open.store(true, Ordering::Release);
+    source.release();
     assert_eq!(reader.join().unwrap(), Some(0), "the discarded page must read as zeros");
     let err = engine.errors().recv_timeout(Duration::from_secs(1)).expect("the panic is reported");
     assert!(matches!(err, apf::FaultError::SourcePanicked { poisoned: false, .. }), "{err}");
@@ -646,7 +504,7 @@ fn contents_a_discard_has_not_zapped_yet_are_not_the_pages_own() {
     // Page 4 gets contents of its own; its neighbours are discarded for
     // real (their zaps done), so a fault on page 0 installs a block over
     // all eight.
-    write_word_safely(&ram, 4 * PAGE, 0xdead_beef);
+    try_write_word(&ram, 4 * PAGE, 0xdead_beef);
     assert_eq!(try_read_word(&ram, 4 * PAGE), Some(0xdead_beef));
     discard(&ram, 0, 4 * PAGE);
     discard(&ram, 5 * PAGE, 11 * PAGE);
@@ -669,29 +527,10 @@ fn contents_a_discard_has_not_zapped_yet_are_not_the_pages_own() {
     assert!(engine.errors().try_iter().next().is_none());
 }
 
-/// A source whose fills of page 0 wait until the gate opens.
-struct GatedFirstPage {
-    open: AtomicBool,
-    entered: AtomicBool,
-}
-
-impl apf::PageSource for GatedFirstPage {
-    fn fill(&self, gpa: GuestAddress, buf: &mut [u8]) -> Result<(), apf::SourceError> {
-        if gpa.0 == 0 {
-            self.entered.store(true, Ordering::SeqCst);
-            while !self.open.load(Ordering::SeqCst) {
-                std::thread::sleep(Duration::from_micros(100));
-            }
-        }
-        Pattern { seed: 8 }.write(gpa.0, buf);
-        Ok(())
-    }
-    fn kind(&self) -> apf::SourceKind {
-        apf::SourceKind::Blocking
-    }
-    fn name(&self) -> &'static str {
-        "gated"
-    }
+/// A source whose fills of page 0 wait at the gate (closed from the start)
+/// until the test releases them.
+fn gated_first_page() -> ScriptedSource {
+    ScriptedSource::pattern(Pattern { seed: 8 }).hold(Fills::Covering(0))
 }
 
 /// A thread holding a short-term reference faults while an offline that
@@ -719,7 +558,9 @@ struct HolderSceneEnd {
 
 fn holder_scene(scene: HolderScene) -> HolderSceneEnd {
     let ram = ram(16);
-    let source = Arc::new(GatedFirstPage { open: AtomicBool::new(true), entered: AtomicBool::new(false) });
+    // Fills of page 0 pass until the gate closes, once the holder has its
+    // reference.
+    let source = Arc::new(gated_first_page().gate_open());
     let engine = engine_with(&ram, source.clone(), scene.config);
     let range = |first: u64, pages: u64| apf::GuestRange::new(GuestAddress(first * PAGE), pages * PAGE);
     let (referenced, go) = (AtomicBool::new(false), AtomicBool::new(false));
@@ -733,10 +574,10 @@ fn holder_scene(scene: HolderScene) -> HolderSceneEnd {
             w
         });
         assert!(wait_for(&referenced, Duration::from_secs(5)));
-        source.open.store(false, Ordering::SeqCst);
+        source.close();
         let other = scene.other_faults_first.then(|| {
             let other = s.spawn(|| read_word(&ram, 0));
-            assert!(wait_for(&source.entered, Duration::from_secs(5)));
+            assert!(source.wait_held(Duration::from_secs(5)));
             other
         });
         // The holder faults (on the claimed page, or on page 0 itself).
@@ -744,7 +585,7 @@ fn holder_scene(scene: HolderScene) -> HolderSceneEnd {
         if other.is_some() {
             std::thread::sleep(Duration::from_millis(50));
         } else {
-            assert!(wait_for(&source.entered, Duration::from_secs(5)));
+            assert!(source.wait_held(Duration::from_secs(5)));
         }
         let offline = s.spawn(|| {
             let started = Instant::now();
@@ -753,7 +594,7 @@ fn holder_scene(scene: HolderScene) -> HolderSceneEnd {
             (res, started.elapsed())
         });
         std::thread::sleep(Duration::from_millis(50));
-        source.open.store(true, Ordering::SeqCst);
+        source.release();
         let (offline, took) = offline.join().unwrap();
         HolderSceneEnd {
             offline,
@@ -798,7 +639,7 @@ fn a_reference_holder_waiting_on_a_window_an_offline_holds_does_not_stall_the_of
 /// them, before anything touched them, brings zeros.
 fn pages_given_back_during_an_unplug(policy: apf::UnplugPolicy, replug: bool) {
     let ram = ram(16);
-    let source = Arc::new(GatedFirstPage { open: AtomicBool::new(false), entered: AtomicBool::new(false) });
+    let source = Arc::new(gated_first_page());
     let config =
         apf::Config { fault_around: 8, dispatch: Dispatch::Workers, unplug_policy: policy, ..Default::default() };
     let engine = engine_with(&ram, source.clone(), config);
@@ -809,14 +650,14 @@ fn pages_given_back_during_an_unplug(policy: apf::UnplugPolicy, replug: bool) {
         // A fault on page 0: its job claims pages 0 to 7 and waits in the
         // fill of page 0.
         let first = s.spawn(|| read_word(&ram, 0));
-        assert!(wait_for(&source.entered, Duration::from_secs(5)));
+        assert!(source.wait_held(Duration::from_secs(5)));
         // An unplug of pages 4 to 7, held at its take-out.
         fp.arm(Rule::pause(Op::Move));
         let unplug = s.spawn(|| engine.offline(unplugged, apf::Mode::Unplug, Instant::now() + Duration::from_secs(5)));
         assert!(fp.wait_paused(Duration::from_secs(5)), "the unplug never took its pages out");
         // The job's fill ends, its install finds the unplug, and it gives
         // pages 1 to 7 back.
-        source.open.store(true, Ordering::SeqCst);
+        source.release();
         let by = Instant::now() + Duration::from_secs(5);
         while region.state(4).0 != apf::ram::PageState::Missing && Instant::now() < by {
             std::thread::sleep(Duration::from_millis(1));
@@ -848,31 +689,6 @@ fn pages_given_back_during_a_poisoning_unplug_read_poison_then_zeros_after_a_rep
     pages_given_back_during_an_unplug(apf::UnplugPolicy::Poison, true);
 }
 
-/// A source that always fails, each time only after a whole offline has
-/// begun and ended since it was called (so every failed fill overlaps an
-/// invalidation of its page).
-struct FailingAfterOffline {
-    offlines: std::sync::atomic::AtomicU64,
-}
-
-impl apf::PageSource for FailingAfterOffline {
-    fn fill(&self, gpa: GuestAddress, buf: &mut [u8]) -> Result<(), apf::source::SourceError> {
-        let seen = self.offlines.load(Ordering::SeqCst);
-        let until = Instant::now() + Duration::from_secs(1);
-        while self.offlines.load(Ordering::SeqCst) < seen + 2 && Instant::now() < until {
-            std::thread::yield_now();
-        }
-        let source = std::io::Error::from_raw_os_error(libc::EIO);
-        Err(apf::source::SourceError::Io { gpa: gpa.0, len: buf.len(), source })
-    }
-    fn kind(&self) -> apf::source::SourceKind {
-        apf::source::SourceKind::Blocking
-    }
-    fn name(&self) -> &'static str {
-        "failing"
-    }
-}
-
 /// A failed fill is not counted against the retries when an invalidation
 /// of its window came meanwhile (the failure may be the invalidation's
 /// doing), but not for ever: under an endless stream of offlines a source
@@ -887,8 +703,19 @@ fn a_failing_source_under_an_offline_storm_still_ends() {
         retry_backoff: Duration::from_micros(100),
         ..Default::default()
     };
-    let source = Arc::new(FailingAfterOffline { offlines: std::sync::atomic::AtomicU64::new(0) });
-    let engine = engine_with(&ram, source.clone(), config);
+    // Always fails, each time only after a whole offline has begun and
+    // ended since it was called (so every failed fill overlaps an
+    // invalidation of its page).
+    let offlines = Arc::new(AtomicU64::new(0));
+    let seen_by_fills = offlines.clone();
+    let source = ScriptedSource::zeros().fail(Fills::All).before_fill(move |_, _| {
+        let seen = seen_by_fills.load(Ordering::SeqCst);
+        let until = Instant::now() + Duration::from_secs(1);
+        while seen_by_fills.load(Ordering::SeqCst) < seen + 2 && Instant::now() < until {
+            std::thread::yield_now();
+        }
+    });
+    let engine = engine_with(&ram, Arc::new(source), config);
     let done = AtomicBool::new(false);
     let (read, took) = std::thread::scope(|s| {
         s.spawn(|| {
@@ -896,7 +723,7 @@ fn a_failing_source_under_an_offline_storm_still_ends() {
             let until = Instant::now() + Duration::from_secs(10);
             while !done.load(Ordering::SeqCst) && Instant::now() < until {
                 let _ = engine.offline(range, apf::Mode::Migrate, Instant::now() + Duration::from_secs(1));
-                source.offlines.fetch_add(1, Ordering::SeqCst);
+                offlines.fetch_add(1, Ordering::SeqCst);
             }
         });
         let started = Instant::now();

@@ -11,6 +11,9 @@ use tracing::span::{Attributes, Id, Record};
 use tracing_subscriber::layer::{Context, SubscriberExt};
 use tracing_subscriber::Layer;
 
+mod common;
+use common::read_word;
+
 type Fields = HashMap<String, String>;
 
 #[derive(Clone, Default)]
@@ -55,9 +58,7 @@ fn a_users_layer_sees_the_documented_spans_and_fields() {
             .config(apf::Config { max_window: 1, ..apf::Config::default() })
             .start()
             .unwrap();
-        let p = ram.host_range(GuestAddress(0x10_3000), 8).unwrap();
-        // SAFETY: `p` is 8 bytes of guest RAM; the engine installs the page.
-        let word = unsafe { std::ptr::read_volatile(p as *const u64) };
+        let word = read_word(&ram, 0x10_3000);
         assert_eq!(word, 0x10_3000);
         let deadline = || Instant::now() + Duration::from_secs(10);
         let ring = GuestRange::new(GuestAddress(0x10_8000), 2 * 4096);

@@ -839,6 +839,68 @@ impl Engine {
     /// references and kernel pins to let go. Faults on the range keep being
     /// served: they wait while the offline holds the pages and then get the
     /// right contents. See [`Mode`] for what each mode does.
+    ///
+    /// `range` must be page-aligned and inside one RAM region. One offline
+    /// runs on a range at a time; offlines of disjoint ranges may be called
+    /// concurrently, from any threads (they take turns at step 4).
+    ///
+    /// # Steps
+    ///
+    /// Every mode runs the same steps, as the kernel's own page migration
+    /// does:
+    ///
+    /// 1. **The invalidation begins.** Fills in flight over the range are
+    ///    thrown away instead of installed; faults on the range wait until
+    ///    step 5.
+    /// 2. **The callbacks of the [`Pin`]s over the range are called**, on
+    ///    this thread: their holders drop the kernel pins they made on the
+    ///    memory and stop relying on it.
+    /// 3. **Holders are waited for**, up to `deadline`: [`PageRef`]s and
+    ///    [`HardPin`]s on the range (and, for an unplug, live
+    ///    [`PinGuard`](crate::PinGuard)s), then another offline's use of
+    ///    the engine's staging area. No new reference is granted on the
+    ///    range meanwhile, so the wait cannot starve. A range still held at
+    ///    the deadline fails with [`OfflineError::Busy`] (or
+    ///    [`OfflineError::StagingBusy`]) and is left as it was.
+    /// 4. **The pages the kernel holds are acted on**, in chunks: taken out
+    ///    of guest RAM in one step (a write landing afterwards faults and
+    ///    waits; none is lost), then copied into fresh frames, copied into
+    ///    the eviction store, or dropped, by mode. What the kernel holds is
+    ///    what is acted on, whatever the engine believed: an unplug also
+    ///    discards pages populated before the engine registered the memory.
+    /// 5. **The invalidation ends.** Each page's state is set from what
+    ///    really happened to it, and the waiting faults are served.
+    ///
+    /// # Errors
+    ///
+    /// No failure leaves a page holding stale data, and none loses a
+    /// page's contents but for the one exception below: whatever the
+    /// error, every page of the range keeps its contents (in guest RAM, or
+    /// in the eviction store and restored on its next fault) or, for an
+    /// unplug, is discarded, and faults on it are served.
+    ///
+    /// - [`OfflineError::Range`]: `range` is not aligned, empty, or not in
+    ///   one RAM region; [`OfflineError::Overlap`]: another offline is
+    ///   working on part of it; [`OfflineError::Stopped`],
+    ///   [`OfflineError::Unsupported`] (the kernel lacks `UFFDIO_MOVE`).
+    ///   Nothing was done.
+    /// - [`OfflineError::Busy`], [`OfflineError::StagingBusy`],
+    ///   [`OfflineError::BlockBusy`] ([`OfflineError::is_busy`]): held past
+    ///   the deadline. Nothing changed, except that when a page the kernel
+    ///   keeps pinned stops the take-out part way, the chunks before it
+    ///   are done (an unplug reports how many pages it discarded). A later
+    ///   attempt may work.
+    /// - [`OfflineError::Ioctl`]: a userfaultfd call failed past its
+    ///   retries; the error names the call and the page it stopped at.
+    ///   Pages that could not go back into guest RAM are in the eviction
+    ///   store.
+    /// - [`OfflineError::Lost`]: the one exception. Pages whose contents
+    ///   could neither be put back nor kept were poisoned (an access gets
+    ///   SIGBUS), never zero-filled.
+    ///
+    /// A balloon's discard (`MADV_DONTNEED`) of a page the offline holds
+    /// wins: once it returns, the page reads as zeros, and the offline does
+    /// not put the old contents back.
     pub fn offline(
         &self,
         range: GuestRange,
@@ -887,9 +949,13 @@ impl Engine {
         }
     }
 
-    /// Stops the engine; see the module docs. Threads touching guest RAM
-    /// must be stopped first: any still blocked on a missing page gets
-    /// SIGBUS when that page is poisoned.
+    /// Stops the engine. Stop the threads that touch guest RAM first (the
+    /// vCPUs, the devices), then call this (or drop the engine). The
+    /// engine stops its event loop, lets its workers finish what they hold
+    /// (up to [`Config::shutdown_deadline`]), then poisons every page that
+    /// is still missing: a thread that touches one afterwards, or is still
+    /// blocked on one, gets SIGBUS instead of silently reading zeros
+    /// (which is what closing a userfaultfd would give it).
     pub fn shutdown(mut self) -> ShutdownReport {
         self.stop_all()
     }
