@@ -421,6 +421,13 @@ impl PageSource for EvictionStore {
     }
 }
 
+impl std::fmt::Debug for dyn PageSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "PageSource({})", self.name())
+    }
+}
+
+
 #[cfg(test)]
 mod tests {
     use super::*;
