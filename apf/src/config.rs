@@ -67,7 +67,7 @@ pub struct Config {
     pub install_deadline: Duration,
     /// Capacity of the error channel; further errors are counted, not kept.
     pub error_capacity: usize,
-    /// Record the pages faulted, in order, as a [`WorkingSet`].
+    /// Record the pages faulted, in order, as a [`WorkingSet`](crate::WorkingSet).
     pub record_working_set: bool,
     /// What accesses to unplugged memory get.
     pub unplug_policy: UnplugPolicy,

@@ -22,6 +22,8 @@
 //! finish what they hold, then poisons every page that is still missing:
 //! a thread that touches one afterwards gets SIGBUS instead of silently
 //! reading zeros (which is what closing a userfaultfd would give it).
+//! On the limited backend ([`Backend::Limited`]), which has no
+//! `UFFDIO_POISON`, such pages are left to the kernel: zeros.
 
 use std::fmt;
 use std::io;

@@ -38,7 +38,7 @@ const WAKE_TRIES: usize = 3;
 /// meanwhile.
 pub(crate) const MAX_REFUNDS: u32 = 64;
 
-/// A failure the engine reports through [`Engine::errors`] while it runs.
+/// A failure the engine reports through [`Engine::errors`](crate::Engine::errors) while it runs.
 #[derive(Debug, Error)]
 pub enum FaultError {
     /// The source failed for good; the page was poisoned (accesses get
