@@ -81,7 +81,7 @@ use crate::config::UnplugPolicy;
 use crate::core::install::MemOp;
 use crate::core::{Core, Stopped};
 use crate::notifier::{Invalidation, Reason};
-use crate::ram::{runs, AnonMapping, GuestRange, Origin, PageState, RamError, Region};
+use crate::ram::{runs, AnonMapping, GuestAddress, GuestRange, Origin, PageState, RamError, Region};
 use crate::uffd::{IoctlError, RegisterMode, Uffd, PAGE_SIZE};
 
 /// Pages in the staging area: an offline moves its range through it in
@@ -227,12 +227,12 @@ pub enum OfflineError {
     },
     /// Pages whose contents could neither be put back nor kept were
     /// poisoned: an access gets SIGBUS, never stale or zeroed data.
-    #[error("{pages} pages of {range} could not be restored and were poisoned, the first at {first:#x}")]
+    #[error("{pages} pages of {range} could not be restored and were poisoned, the first at {:#x}", .first.0)]
     Lost {
         /// The range.
         range: GuestRange,
         /// Guest address of the first such page.
-        first: u64,
+        first: GuestAddress,
         /// How many.
         pages: usize,
         /// The failure that stopped the restore.
@@ -463,7 +463,7 @@ struct Work<'a> {
     failure: Option<OfflineError>,
     /// Pages the kernel would not let go of (`EBUSY`) by the deadline.
     kernel_pinned: usize,
-    lost: Vec<(u64, IoctlError)>,
+    lost: Vec<(GuestAddress, IoctlError)>,
     report: OfflineReport,
 }
 
@@ -775,7 +775,7 @@ impl<'a> Work<'a> {
                     // ever points into (see `crate::ram`).
                     let _ = unsafe { uffd.poison(self.host(c0 + q), PAGE_SIZE) };
                     self.outcome[c0 + q] = Outcome::Lost;
-                    self.lost.push((self.region.page_gpa(self.first + c0 + q).0, err));
+                    self.lost.push((self.region.page_gpa(self.first + c0 + q), err));
                 }
                 k = e;
             }

@@ -35,7 +35,7 @@ use vm_memory::{GuestMemoryBackend, VolatileSlice};
 use crate::core::{resolve, Core, Stopped};
 use crate::kpin::FixedBuffer;
 use crate::notifier::{IntervalId, InvalidateEvent, RefId};
-use crate::ram::{GuestRange, PageLoc, PageState, RamError};
+use crate::ram::{GuestAddress, GuestRange, PageLoc, PageState, RamError};
 
 /// Why a reference or pin could not be taken.
 #[derive(Debug, Error)]
@@ -54,10 +54,10 @@ pub enum PinError {
     },
     /// A page of the range is poisoned or unplugged; touching it would
     /// raise SIGBUS.
-    #[error("guest page {gpa:#x} is poisoned or unplugged")]
+    #[error("guest page {:#x} is poisoned or unplugged", .gpa.0)]
     Poisoned {
         /// The page.
-        gpa: u64,
+        gpa: GuestAddress,
     },
     /// The engine has shut down.
     #[error("the engine has shut down")]
@@ -95,7 +95,7 @@ fn populate(shared: &Core, loc: PageLoc, count: usize, range: GuestRange, deadli
             match region.state(p).0 {
                 PageState::Present => {}
                 PageState::Poisoned | PageState::Offline => {
-                    return Err(PinError::Poisoned { gpa: region.page_gpa(p).0 });
+                    return Err(PinError::Poisoned { gpa: region.page_gpa(p) });
                 }
                 _ => waiting = true,
             }
@@ -517,7 +517,7 @@ mod tests {
             assert!(waited >= Duration::from_millis(90), "{waited:?}");
         });
         // Unplugged under the poison policy: refused, not handed out.
-        assert!(matches!(pin.get(soon(500)), Err(PinError::Poisoned { gpa: 0x10_0000 })));
+        assert!(matches!(pin.get(soon(500)), Err(PinError::Poisoned { gpa: GuestAddress(0x10_0000) })));
         engine.replug(r).unwrap();
         let guard = pin.get(soon(2000)).unwrap();
         assert_eq!(read_all(&guard), vec![0; 4]);

@@ -125,11 +125,7 @@ impl PageSource for TestSource {
         // Like real I/O, a fill takes longer the more it reads.
         std::thread::sleep(self.delay * (buf.len() / PAGE_SIZE) as u32);
         if self.fail_all || (self.fail_windows && buf.len() > PAGE_SIZE) {
-            return Err(SourceError::Io {
-                gpa: gpa.0,
-                len: buf.len(),
-                source: std::io::Error::from_raw_os_error(libc::EIO),
-            });
+            return Err(SourceError::Io { gpa, len: buf.len(), source: std::io::Error::from_raw_os_error(libc::EIO) });
         }
         let mut fills = self.fills.lock().unwrap();
         for i in 0..buf.len() / PAGE_SIZE {
@@ -525,8 +521,11 @@ fn failing_source_without_poison_fills_zeros_and_reports() {
     assert!(page.iter().all(|&b| b == 0));
     let err = engine.errors().recv_timeout(Duration::from_secs(1)).expect("an error report");
     match &err {
-        apf::FaultError::ZeroFilled { gpa: 0x3000, why } => assert!(
-            matches!(**why, apf::FaultError::SourceFailed { gpa: 0x3000, attempts: 3, poisoned: false, .. }),
+        apf::FaultError::ZeroFilled { gpa: GuestAddress(0x3000), why } => assert!(
+            matches!(
+                **why,
+                apf::FaultError::SourceFailed { gpa: GuestAddress(0x3000), attempts: 3, poisoned: false, .. }
+            ),
             "{why}"
         ),
         other => panic!("unexpected report: {other}"),

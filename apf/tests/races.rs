@@ -146,7 +146,7 @@ fn config(b: Backend) -> apf::Config {
 /// Whether `err` reports the page at `gpa` filled with zeros for a reason
 /// `why` accepts.
 fn zero_filled(err: &apf::FaultError, gpa: u64, why: impl Fn(&apf::FaultError) -> bool) -> bool {
-    matches!(err, apf::FaultError::ZeroFilled { gpa: g, why: w } if *g == gpa && why(w))
+    matches!(err, apf::FaultError::ZeroFilled { gpa: g, why: w } if g.0 == gpa && why(w))
 }
 
 /// The fault path's tests that need neither offline nor poison run on both
@@ -205,7 +205,7 @@ fn a_page_lost_without_a_remove_event_is_poisoned_and_reported_not_zero_filled(b
         Backend::PrivateAnonymous => {
             assert_eq!(after, None, "a lost page must not read as zeros");
             assert!(
-                matches!(err, apf::FaultError::Inconsistent { gpa: g, poisoned: true } if g == gpa),
+                matches!(err, apf::FaultError::Inconsistent { gpa: g, poisoned: true } if g.0 == gpa),
                 "unexpected report: {err}"
             );
         }
@@ -251,7 +251,7 @@ fn a_poison_that_fails_is_reported_and_the_thread_woken() {
     assert_eq!(within(Duration::from_secs(5), move || try_read_word(&r, gpa)), None);
     let err = engine.errors().recv_timeout(Duration::from_secs(1)).expect("an error report");
     assert!(
-        matches!(&err, apf::FaultError::Install { gpa: g, error } if *g == gpa && error.errno == libc::ENOMEM),
+        matches!(&err, apf::FaultError::Install { gpa: g, error } if g.0 == gpa && error.errno == libc::ENOMEM),
         "{err}"
     );
 }
@@ -268,7 +268,7 @@ impl apf::PageSource for FailingGated {
         if !self.arrived.swap(true, Ordering::AcqRel) {
             wait_for(&self.open, Duration::from_secs(10));
         }
-        Err(apf::SourceError::Io { gpa: gpa.0, len: buf.len(), source: std::io::Error::from_raw_os_error(libc::EIO) })
+        Err(apf::SourceError::Io { gpa, len: buf.len(), source: std::io::Error::from_raw_os_error(libc::EIO) })
     }
     fn kind(&self) -> apf::SourceKind {
         apf::SourceKind::Blocking
@@ -330,7 +330,7 @@ fn a_panicking_source_poisons_its_page_and_the_engine_goes_on(kind: apf::SourceK
         Backend::PrivateAnonymous => {
             assert_eq!(read, None);
             assert!(
-                matches!(&err, apf::FaultError::SourcePanicked { gpa, poisoned: true, .. } if *gpa == bad),
+                matches!(&err, apf::FaultError::SourcePanicked { gpa, poisoned: true, .. } if gpa.0 == bad),
                 "{err}"
             );
         }
@@ -913,7 +913,7 @@ impl apf::PageSource for FailingAfterOffline {
             std::thread::yield_now();
         }
         let source = std::io::Error::from_raw_os_error(libc::EIO);
-        Err(apf::source::SourceError::Io { gpa: gpa.0, len: buf.len(), source })
+        Err(apf::source::SourceError::Io { gpa, len: buf.len(), source })
     }
     fn kind(&self) -> apf::source::SourceKind {
         apf::source::SourceKind::Blocking

@@ -24,7 +24,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use crate::config::{Config, Dispatch};
 use crate::counters::Stats;
 use crate::notifier::Notifier;
-use crate::ram::{runs, GuestRam, PageState, StateError};
+use crate::ram::{runs, GuestAddress, GuestRam, PageState, StateError};
 use crate::source::{EvictionStore, PageSource, SourceError, SourceKind};
 use crate::uffd::{IoctlError, Uffd, UffdError, PAGE_SIZE};
 
@@ -43,10 +43,10 @@ pub(crate) const MAX_REFUNDS: u32 = 64;
 pub enum FaultError {
     /// The source failed for good; the page was poisoned (accesses get
     /// SIGBUS) unless `poisoned` is false.
-    #[error("page source failed for guest page {gpa:#x} after {attempts} attempts (poisoned: {poisoned})")]
+    #[error("page source failed for guest page {:#x} after {attempts} attempts (poisoned: {poisoned})", .gpa.0)]
     SourceFailed {
         /// The page.
-        gpa: u64,
+        gpa: GuestAddress,
         /// Attempts made.
         attempts: u32,
         /// Whether the page was poisoned (a prefetch-only page is not).
@@ -58,20 +58,20 @@ pub enum FaultError {
     /// The page source panicked while filling a window. The faulting page
     /// was poisoned (its thread gets SIGBUS) and the rest given back; the
     /// engine goes on serving other pages.
-    #[error("page source panicked filling guest page {gpa:#x} ({message}); poisoned: {poisoned}")]
+    #[error("page source panicked filling guest page {:#x} ({message}); poisoned: {poisoned}", .gpa.0)]
     SourcePanicked {
         /// The faulting page (or the window's first page).
-        gpa: u64,
+        gpa: GuestAddress,
         /// Whether the page was poisoned.
         poisoned: bool,
         /// The panic's message.
         message: String,
     },
     /// An install ioctl failed in a way that is not a race.
-    #[error("installing guest page {gpa:#x} failed")]
+    #[error("installing guest page {:#x} failed", .gpa.0)]
     Install {
         /// First page of the failed install.
-        gpa: u64,
+        gpa: GuestAddress,
         /// The ioctl error.
         #[source]
         error: IoctlError,
@@ -90,10 +90,10 @@ pub enum FaultError {
     /// The kernel reported a page missing that the engine had installed,
     /// with no remove event behind it: its contents are gone. The page was
     /// poisoned (accesses get SIGBUS) rather than silently zero-filled.
-    #[error("guest page {gpa:#x} was installed but the kernel lost it (no remove event); poisoned: {poisoned}")]
+    #[error("guest page {:#x} was installed but the kernel lost it (no remove event); poisoned: {poisoned}", .gpa.0)]
     Inconsistent {
         /// The page.
-        gpa: u64,
+        gpa: GuestAddress,
         /// Whether it was poisoned.
         poisoned: bool,
     },
@@ -111,10 +111,10 @@ pub enum FaultError {
     /// have poisoned, for the reason in `why`, was filled with zeros
     /// instead, so the thread waiting on it went on, reading zeros where
     /// its contents should be.
-    #[error("guest page {gpa:#x} was filled with zeros (this userfaultfd offers no UFFDIO_POISON)")]
+    #[error("guest page {:#x} was filled with zeros (this userfaultfd offers no UFFDIO_POISON)", .gpa.0)]
     ZeroFilled {
         /// The page.
-        gpa: u64,
+        gpa: GuestAddress,
         /// What the engine gave up on (reported with `poisoned: false`).
         #[source]
         why: Box<FaultError>,
@@ -373,7 +373,7 @@ impl Core {
             }
         }
         if let (Some(error), Some(loc)) = (last, self.ram.locate_host(host)) {
-            self.report(FaultError::Install { gpa: self.ram.region(loc).page_gpa(loc.page).0, error });
+            self.report(FaultError::Install { gpa: self.ram.region(loc).page_gpa(loc.page), error });
         }
     }
 
@@ -405,7 +405,7 @@ impl Core {
 
     /// Reports `err` about the page at `gpa`, wrapped in
     /// [`FaultError::ZeroFilled`] if the page was given zeros.
-    pub(crate) fn report_given_up(&self, gpa: u64, zeroed: bool, err: FaultError) {
+    pub(crate) fn report_given_up(&self, gpa: GuestAddress, zeroed: bool, err: FaultError) {
         self.report(if zeroed { FaultError::ZeroFilled { gpa, why: Box::new(err) } } else { err });
     }
 

@@ -16,7 +16,7 @@ use crossbeam_channel::Receiver;
 use tracing::field;
 
 use super::{Core, FaultError, GiveUp, Job};
-use crate::ram::{GuestRange, Origin, Region};
+use crate::ram::{GuestAddress, GuestRange, Origin, Region};
 use crate::source::PageSource;
 use crate::uffd::PAGE_SIZE;
 
@@ -149,7 +149,7 @@ fn resolve_guarded_counting(shared: &Core, job: Job, ctx: &mut Ctx) -> (Option<J
         }
     }
     shared.release_runs(region_idx, &others);
-    let gpa = region.page_gpa(fault.map_or(runs.first().map_or(0, |r| r.0), |f| f.page)).0;
+    let gpa = region.page_gpa(fault.map_or(runs.first().map_or(0, |r| r.0), |f| f.page));
     shared.report_given_up(gpa, zeroed, FaultError::SourcePanicked { gpa, poisoned, message });
     (None, 0)
 }
@@ -262,7 +262,7 @@ fn resolve_counting(shared: &Core, mut job: Job, ctx: &mut Ctx) -> (Option<Job>,
             Err(InstallError::SourceFault(rest)) => {
                 job.runs = rest;
                 job.attempts += 1;
-                let gpa = region.page_gpa(job.runs[0].0).0;
+                let gpa = region.page_gpa(job.runs[0].0);
                 let error = crate::source::SourceError::Io {
                     gpa,
                     len: PAGE_SIZE,
@@ -301,7 +301,7 @@ fn on_fill_error(
     region: &Region,
     job: &mut Job,
     ctx: &Ctx,
-    gpa: u64,
+    gpa: GuestAddress,
     error: crate::source::SourceError,
     read: (GuestRange, crate::notifier::Seq),
 ) -> FillNext {
@@ -337,7 +337,7 @@ fn on_fill_error(
     shrink_to_fault(shared, job);
     // Report before poisoning: the poison wakes the faulting thread with
     // SIGBUS, and whoever handles that should find the reason already sent.
-    let page_gpa = region.page_gpa(fault.page).0;
+    let page_gpa = region.page_gpa(fault.page);
     let guard = shared.notifier().install_lock();
     if job.refunds < super::MAX_REFUNDS && guard.read_retry(read.0, read.1) {
         // Invalidated while it was failing: its origin may be zeros now.
@@ -413,7 +413,7 @@ fn fill(
     region: &Region,
     job: &Job,
     ctx: &mut Ctx,
-) -> Result<Vec<Piece>, (u64, crate::source::SourceError)> {
+) -> Result<Vec<Piece>, (GuestAddress, crate::source::SourceError)> {
     let zero_source = shared.source().kind() == crate::source::SourceKind::Zero;
     // A zero source fills nothing worth a span (its pages are installed
     // from a zero buffer, or with ZEROPAGE).
@@ -458,7 +458,7 @@ fn fill(
                     Origin::Store => shared.store().fill(gpa, dst),
                     _ => shared.source().fill(gpa, dst),
                 };
-                res.map_err(|e| (gpa.0, e))?;
+                res.map_err(|e| (gpa, e))?;
                 let src = Src::Copy(dst.as_ptr());
                 buf_off += len;
                 src
@@ -569,7 +569,7 @@ fn install_pieces(
                 _ => {
                     let rest = remaining(pieces, i, off);
                     shared.release_runs(region_idx, &rest);
-                    shared.report(FaultError::Install { gpa: region.page_gpa(page).0, error: e });
+                    shared.report(FaultError::Install { gpa: region.page_gpa(page), error: e });
                     return Err(InstallError::Fatal);
                 }
             }

@@ -473,7 +473,7 @@ impl FaultLoop {
                                 shared.stats().poisoned.add(1);
                             }
                             span.record("outcome", if zeroed { "zero-filled" } else { "poisoned" });
-                            let gpa = region.page_gpa(page).0;
+                            let gpa = region.page_gpa(page);
                             let err = FaultError::Inconsistent { gpa, poisoned: !zeroed };
                             shared.report_given_up(gpa, zeroed, err);
                         }
@@ -558,7 +558,7 @@ impl FaultLoop {
             return;
         }
         span.record("outcome", "poison-failed");
-        shared.report(FaultError::Install { gpa: region.page_gpa(loc.page).0, error: e });
+        shared.report(FaultError::Install { gpa: region.page_gpa(loc.page), error: e });
         shared.wake(region.page_host(loc.page), PAGE_SIZE);
     }
 
