@@ -38,7 +38,7 @@
 //! Everything a VMM names is at the crate root:
 //!
 //! - the engine: [`Engine`], built by [`EngineBuilder`] from one [`Config`]
-//!   ([`Dispatch`]), its failures while running ([`Errors`] of
+//!   ([`Dispatch`], [`Backend`]), its failures while running ([`Errors`] of
 //!   [`FaultError`]), its counters ([`StatsSnapshot`]), working sets
 //!   ([`WorkingSet`]) and [`ShutdownReport`];
 //! - guest RAM: [`GuestRam`], [`GuestRange`], vm-memory's [`GuestAddress`]
@@ -75,21 +75,27 @@
 //!
 //! # Code map
 //!
+//! Layered bottom to top (`docs/ARCHITECTURE.md`; a test enforces it):
+//! leaves, the core, the services, the front.
+//!
 //! | module | owns |
 //! |---|---|
 //! | `uffd` | the userfaultfd descriptor: handshake, registration, events, resolving ioctls (the `unsafe` ones) |
 //! | `ram` | guest RAM regions, guest-address translation, per-page state |
 //! | `source` | where page contents come from: zeros, snapshot files, the eviction store |
 //! | `notifier` | the invalidation sequence and the interval registry of pins and references |
-//! | `pin` | short-term references, migratable pins with callbacks, hard pins |
-//! | `offline` | migrate, evict, unplug and host memory-block offlining of guest ranges |
+//! | `config`, `counters` | the engine's configuration and its counters |
 //! | `hostmem` | host memory blocks: sysfs state, the pagemap, the project-wide lock file |
 //! | `kpin` | real kernel pins on memory (io_uring fixed buffers), which hard pins take |
-//! | `fault` | the engine: event loop, dedupe, prefetch, worker pool, shutdown |
 //! | [`span`] | the names of the `tracing` spans the engine emits |
 //! | `trace` | tracing plumbing; with `lab`, the latency layer and its plot |
-//! | `baseline` | (feature `lab`) the one-page-per-fault handler |
 //! | `failpoints` | (feature `failpoints`, tests only) make one chosen userfaultfd call fail, pause it, or switch a safeguard off |
+//! | `core` | the state the engine's parts share, behind narrow methods, and the resolver of claimed windows |
+//! | `fault` | the fault path: event loop, dedupe, prefetch planning, dispatch |
+//! | `pin` | short-term references, migratable pins with callbacks, hard pins |
+//! | `offline` | migrate, evict, unplug and host memory-block offlining of guest ranges |
+//! | `baseline` | (feature `lab`) the one-page-per-fault handler |
+//! | `engine` | the engine's front: [`Engine`] and its builder, worker pool, shutdown |
 
 #![warn(missing_docs)]
 #![warn(clippy::missing_safety_doc)]
@@ -109,7 +115,9 @@ macro_rules! internal_modules {
     };
 }
 
-internal_modules!(fault, hostmem, kpin, notifier, offline, pin, ram, source, trace, uffd);
+internal_modules!(
+    config, core, counters, engine, fault, hostmem, kpin, notifier, offline, pin, ram, source, trace, uffd
+);
 
 #[cfg(feature = "lab")]
 mod baseline;
@@ -117,13 +125,14 @@ mod baseline;
 pub mod failpoints;
 pub mod span;
 
-pub use fault::{
-    Config, Dispatch, Engine, EngineBuilder, EngineError, Errors, FaultError, ShutdownReport, StatsSnapshot,
-    WorkingSet, WorkingSetError, MAX_REPLAYS,
-};
+pub use crate::core::FaultError;
+pub use config::{Backend, Config, Dispatch, UnplugPolicy};
+pub use counters::StatsSnapshot;
+pub use engine::{Engine, EngineBuilder, EngineError, Errors, ShutdownReport, MAX_REPLAYS};
+pub use fault::{WorkingSet, WorkingSetError};
 pub use hostmem::{BlockOp, BlockState, HostMemError};
 pub use notifier::{InvalidateEvent, Reason};
-pub use offline::{HostBlockSearch, Mode, OfflineError, OfflineReport, UnplugPolicy};
+pub use offline::{HostBlockSearch, Mode, OfflineError, OfflineReport};
 pub use pin::{HardPin, PageRef, Pin, PinError, PinGuard};
 pub use ram::{
     GuestAddress, GuestMemoryMmap, GuestRam, GuestRange, Origin, PageLoc, PageState, RamError, Region, StateError,

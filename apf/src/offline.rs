@@ -86,9 +86,11 @@ use std::time::{Duration, Instant};
 use thiserror::Error;
 use tracing::field;
 
-use crate::fault::Shared;
+use crate::config::UnplugPolicy;
+use crate::core::install::MemOp;
+use crate::core::{Core, Stopped};
 use crate::notifier::{Invalidation, Reason};
-use crate::ram::{runs, AnonMapping, GuestRange, Origin, PageState, RamError, Region};
+use crate::ram::{runs, AnonMapping, GuestAddress, GuestRange, Origin, PageState, RamError, Region};
 use crate::uffd::{IoctlError, RegisterMode, Uffd, PAGE_SIZE};
 
 /// Pages in the staging area: an offline moves its range through it in
@@ -164,39 +166,6 @@ impl fmt::Display for Mode {
     }
 }
 
-/// What an access to unplugged memory gets: what follows a
-/// [`Mode::Unplug`] of a range, for the whole engine
-/// ([`Config::unplug_policy`](crate::Config::unplug_policy)).
-///
-/// Parsed from `"zero"` or `"poison"` (for command lines).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum UnplugPolicy {
-    /// Zeros, like fresh memory: the next access to an unplugged page is
-    /// served zeros, and the memory is usable again at once.
-    #[default]
-    Zero,
-    /// SIGBUS: the pages are poisoned, so a thread touching them gets
-    /// SIGBUS, and a
-    /// [`Pin::get`](crate::Pin::get) or
-    /// [`Engine::page_ref`](crate::Engine::page_ref) over them fails with
-    /// [`PinError::Poisoned`](crate::PinError::Poisoned). Until
-    /// [`Engine::replug`](crate::Engine::replug) brings them back as zeros.
-    /// What a VMM wants when an access to memory the guest gave back is a
-    /// bug to catch rather than to paper over.
-    Poison,
-}
-
-impl std::str::FromStr for UnplugPolicy {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "zero" => Ok(UnplugPolicy::Zero),
-            "poison" => Ok(UnplugPolicy::Poison),
-            other => Err(format!("unknown unplug policy {other:?} (expected zero or poison)")),
-        }
-    }
-}
-
 /// What one offline did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct OfflineReport {
@@ -260,9 +229,16 @@ pub enum OfflineError {
         /// How long the offline waited.
         waited: Duration,
     },
-    /// The kernel lacks `UFFDIO_MOVE`.
-    #[error("offlining needs UFFDIO_MOVE, which this kernel's userfaultfd does not offer")]
-    Unsupported,
+    /// The mode moves pages through the staging area with `UFFDIO_MOVE`,
+    /// which the engine's userfaultfd does not offer (the limited backend,
+    /// or a kernel without it). Refused before anything is touched.
+    #[error("offline mode {mode} needs UFFDIO_MOVE, which this engine's userfaultfd ({backend} backend) does not offer")]
+    NotOffered {
+        /// The mode asked for.
+        mode: Mode,
+        /// The engine's backend.
+        backend: &'static str,
+    },
     /// The engine has shut down.
     #[error("the engine has shut down")]
     Stopped,
@@ -279,12 +255,12 @@ pub enum OfflineError {
     },
     /// Pages whose contents could neither be put back nor kept were
     /// poisoned: an access gets SIGBUS, never stale or zeroed data.
-    #[error("{pages} pages of {range} could not be restored and were poisoned, the first at {first:#x}")]
+    #[error("{pages} pages of {range} could not be restored and were poisoned, the first at {:#x}", .first.0)]
     Lost {
         /// The range.
         range: GuestRange,
         /// Guest address of the first such page.
-        first: u64,
+        first: GuestAddress,
         /// How many.
         pages: usize,
         /// The failure that stopped the restore.
@@ -317,6 +293,12 @@ pub enum OfflineError {
         /// The block.
         block: u32,
     },
+}
+
+impl From<Stopped> for OfflineError {
+    fn from(_: Stopped) -> Self {
+        OfflineError::Stopped
+    }
 }
 
 impl OfflineError {
@@ -506,7 +488,7 @@ enum Outcome {
 
 /// One offline (or replug) of pages `first..first + count` of a region.
 struct Work<'a> {
-    shared: &'a Shared,
+    shared: &'a Core,
     region: &'a Region,
     first: usize,
     range: GuestRange,
@@ -517,13 +499,13 @@ struct Work<'a> {
     failure: Option<OfflineError>,
     /// Pages the kernel would not let go of (`EBUSY`) by the deadline.
     kernel_pinned: usize,
-    lost: Vec<(u64, IoctlError)>,
+    lost: Vec<(GuestAddress, IoctlError)>,
     report: OfflineReport,
 }
 
 impl<'a> Work<'a> {
     fn new(
-        shared: &'a Shared,
+        shared: &'a Core,
         region: &'a Region,
         first: usize,
         range: GuestRange,
@@ -580,7 +562,7 @@ impl<'a> Work<'a> {
     /// offline (not per run of pages, which would let an offline with many
     /// runs go on for many times that).
     fn restore_deadline(&self) -> Instant {
-        self.deadline + self.shared.config.install_deadline
+        self.deadline + self.shared.config().install_deadline
     }
 
     /// True if a balloon discarded page `i` while the offline held it: a
@@ -606,7 +588,7 @@ impl<'a> Work<'a> {
     /// Step 4 for every chunk of the range.
     fn act(&mut self, st: &Staging) {
         // Pages left by an offline whose clear failed.
-        if let Err(e) = st.clear(&self.shared.uffd) {
+        if let Err(e) = st.clear(self.shared.uffd()) {
             self.fail(OfflineError::Staging(e));
             return;
         }
@@ -655,7 +637,7 @@ impl<'a> Work<'a> {
         }
         // Every staged page is back in guest RAM or in the store (or, for
         // an unplug, meant to go): the slots can be freed.
-        if let Err(e) = st.clear(&self.shared.uffd) {
+        if let Err(e) = st.clear(self.shared.uffd()) {
             self.fail(OfflineError::Staging(e));
         }
         if self.mode == Mode::Unplug && !stopped_here {
@@ -668,7 +650,7 @@ impl<'a> Work<'a> {
     /// whether the take-out stopped: then the rest of the chunk is still in
     /// guest RAM, and [`Self::kernel_pinned`] or the failure says why.
     fn take_out(&mut self, st: &Staging, c0: usize, n: usize) -> (Vec<bool>, bool) {
-        let uffd = &self.shared.uffd;
+        let uffd = self.shared.mem();
         let mut taken = vec![false; n];
         for (i, j) in runs(n, |i| self.takeable(c0 + i)) {
             let mut k = i;
@@ -698,7 +680,7 @@ impl<'a> Work<'a> {
                         }
                         _ => {
                             tracing::warn!(target: "apf", slot = k, "apf staging slot not empty; clearing it");
-                            Instant::now() < self.deadline && st.discard(uffd, k, 1).is_ok()
+                            Instant::now() < self.deadline && st.discard(uffd.uffd(), k, 1).is_ok()
                         }
                     },
                     errno => backoff(errno, &[libc::EBUSY], self.deadline),
@@ -728,7 +710,7 @@ impl<'a> Work<'a> {
 
     /// [`Self::put_back_held`] for one run of held slots `a..b`.
     fn put_back(&mut self, st: &Staging, c0: usize, a: usize, b: usize, fresh: bool) {
-        let uffd = &self.shared.uffd;
+        let uffd = self.shared.mem();
         let by = self.restore_deadline();
         let mut copy = fresh;
         let mut k = a;
@@ -736,7 +718,7 @@ impl<'a> Work<'a> {
             // Under the install lock: a remove event read after this check
             // (under the same lock, exclusively) finds the page installed
             // and its zap clears it; one read before it is seen here.
-            let guard = self.shared.notifier.install_lock();
+            let guard = self.shared.notifier().install_lock();
             if self.removed(c0 + k) {
                 drop(guard);
                 self.outcome[c0 + k] = Outcome::Empty;
@@ -802,7 +784,7 @@ impl<'a> Work<'a> {
     fn keep_in_store(&mut self, st: &Staging, c0: usize, a: usize, b: usize) {
         for k in a..b {
             let i = c0 + k;
-            let guard = self.shared.notifier.install_lock();
+            let guard = self.shared.notifier().install_lock();
             let removed = self.removed(i);
             drop(guard);
             if removed {
@@ -813,7 +795,7 @@ impl<'a> Work<'a> {
             // reading it cannot fault into the userfaultfd; only the holder
             // of the staging area touches it.
             let data = unsafe { std::slice::from_raw_parts(st.slot(k) as *const u8, PAGE_SIZE) };
-            self.shared.store.insert(self.region.page_gpa(self.first + i), data);
+            self.shared.store().insert(self.region.page_gpa(self.first + i), data);
             self.outcome[i] = Outcome::Stored;
         }
     }
@@ -823,7 +805,7 @@ impl<'a> Work<'a> {
         for (a, b) in runs(held.len(), |k| held[k]) {
             // SAFETY: slots `a..b` hold pages (see `keep_in_store`).
             let data = unsafe { std::slice::from_raw_parts(st.slot(a) as *const u8, (b - a) * PAGE_SIZE) };
-            self.shared.store.insert(self.region.page_gpa(self.first + c0 + a), data);
+            self.shared.store().insert(self.region.page_gpa(self.first + c0 + a), data);
             self.outcome[c0 + a..c0 + b].fill(Outcome::Stored);
             self.report.pages_evicted += b - a;
         }
@@ -833,7 +815,7 @@ impl<'a> Work<'a> {
     /// pages is unknown: move every taken page back (holes allowed), and
     /// poison what cannot go back.
     fn move_back_blind(&mut self, st: &Staging, c0: usize, taken: &[bool]) {
-        let uffd = &self.shared.uffd;
+        let uffd = self.shared.mem();
         let by = self.restore_deadline();
         for (a, e) in runs(taken.len(), |k| taken[k]) {
             let mut k = a;
@@ -855,7 +837,7 @@ impl<'a> Work<'a> {
                     // ever points into (see `crate::ram`).
                     let _ = unsafe { uffd.poison(self.host(c0 + q), PAGE_SIZE) };
                     self.outcome[c0 + q] = Outcome::Lost;
-                    self.lost.push((self.region.page_gpa(self.first + c0 + q).0, err));
+                    self.lost.push((self.region.page_gpa(self.first + c0 + q), err));
                 }
                 k = e;
             }
@@ -865,7 +847,7 @@ impl<'a> Work<'a> {
     /// Takes whatever the kernel holds at page `i` out to the quarantine
     /// slot and drops it. True if the caller should retry what met it.
     fn move_aside(&self, st: &Staging, i: usize, by: Instant) -> bool {
-        let uffd = &self.shared.uffd;
+        let uffd = self.shared.mem();
         let q = st.quarantine();
         // SAFETY: a page of guest RAM and the staging area, which no Rust reference ever points into (see `crate::ram`).
         match unsafe { uffd.move_pages(st.slot(q), self.host(i), PAGE_SIZE, false) } {
@@ -875,18 +857,18 @@ impl<'a> Work<'a> {
                     gpa = self.region.page_gpa(self.first + i).0,
                     "apf offline found a page installed where none could be; it was dropped"
                 );
-                st.discard(uffd, q, 1).is_ok()
+                st.discard(uffd.uffd(), q, 1).is_ok()
             }
             // Nothing there after all (the answer was transient).
             Err(e) if e.errno == libc::ENOENT => true,
-            Err(e) if e.errno == libc::EEXIST => st.discard(uffd, q, 1).is_ok(),
+            Err(e) if e.errno == libc::EEXIST => st.discard(uffd.uffd(), q, 1).is_ok(),
             Err(e) => backoff(e.errno, &[libc::EBUSY], by),
         }
     }
 
     /// `Unplug`, after the chunk's contents are gone: the policy.
     fn unplug(&mut self, st: &Staging, c0: usize, n: usize) {
-        let policy = self.shared.config.unplug_policy;
+        let policy = self.shared.config().unplug_policy;
         let mut i = c0;
         while i < c0 + n {
             let state = self.prior[i].state;
@@ -929,7 +911,7 @@ impl<'a> Work<'a> {
 
     /// Poisons pages `a..b` (none of them poisoned by the engine before).
     fn poison_run(&mut self, st: &Staging, a: usize, b: usize) {
-        let uffd = &self.shared.uffd;
+        let uffd = self.shared.mem();
         let by = self.restore_deadline();
         let mut k = a;
         while k < b {
@@ -962,7 +944,7 @@ impl<'a> Work<'a> {
     /// Installs a page of zeros at page `i` (over a poison marker, or a
     /// hole). True on success; on failure the error is recorded.
     fn zero_fill(&mut self, st: Option<&Staging>, i: usize) -> bool {
-        let uffd = &self.shared.uffd;
+        let uffd = self.shared.mem();
         let by = self.restore_deadline();
         loop {
             // Zeros are right whether a discard came first or comes after
@@ -970,7 +952,7 @@ impl<'a> Work<'a> {
             // unlike a put-back this needs no check against removes.
             // SAFETY: a page of guest RAM, which no Rust reference ever
             // points into (see `crate::ram`); `zeros` is at least a page.
-            let res = unsafe { uffd.copy(self.host(i), self.shared.zeros.as_ptr(), PAGE_SIZE, false) };
+            let res = unsafe { uffd.copy(self.host(i), self.shared.zeros().as_ptr(), PAGE_SIZE, false) };
             let Err(e) = res else {
                 return true;
             };
@@ -989,9 +971,9 @@ impl<'a> Work<'a> {
     /// Step 5: every page's final state from its outcome, under the install
     /// lock (so no remove event is applied half-way through).
     fn finish(&mut self) {
-        let store = &self.shared.store;
-        let policy = self.shared.config.unplug_policy;
-        let guard = self.shared.notifier.install_lock();
+        let store = self.shared.store();
+        let policy = self.shared.config().unplug_policy;
+        let guard = self.shared.notifier().install_lock();
         for i in 0..self.count() {
             let p = self.first + i;
             let gpa = self.region.page_gpa(p);
@@ -1103,15 +1085,17 @@ fn decide(prior: Prior, outcome: Outcome, removed: bool, policy: UnplugPolicy) -
 }
 
 pub(crate) fn offline(
-    shared: &Shared,
+    shared: &Core,
+    staging: Option<&Staging>,
     range: GuestRange,
     mode: Mode,
     deadline: Instant,
 ) -> Result<OfflineReport, OfflineError> {
-    if shared.stopping.load(std::sync::atomic::Ordering::Acquire) {
-        return Err(OfflineError::Stopped);
+    shared.running()?;
+    if !matches!(mode, Mode::HostBlock(_)) && !shared.mem().supports(MemOp::Move) {
+        return Err(OfflineError::NotOffered { mode, backend: shared.mem().name() });
     }
-    let (loc, count) = shared.ram.check_range(range)?;
+    let (loc, count) = shared.ram().check_range(range)?;
     let span = tracing::info_span!(
         target: "apf",
         "apf.offline",
@@ -1125,18 +1109,18 @@ pub(crate) fn offline(
     let _entered = span.enter();
     let result = match mode {
         Mode::HostBlock(n) => crate::offline::host_block(shared, range, n, deadline),
-        _ => offline_pages(shared, loc.region, loc.page, count, range, mode, deadline),
+        _ => offline_pages(shared, staging, loc.region, loc.page, count, range, mode, deadline),
     };
     match &result {
         Ok(r) => {
             span.record("pins", r.pins_called);
             span.record("pages", r.pages_taken);
             span.record("outcome", "done");
-            shared.stats.offlines.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            shared.stats().offlines.add(1);
         }
         Err(e) if e.is_busy() => {
             span.record("outcome", "busy");
-            shared.stats.offline_busy.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            shared.stats().offline_busy.add(1);
         }
         Err(_) => {
             span.record("outcome", "error");
@@ -1145,8 +1129,10 @@ pub(crate) fn offline(
     result
 }
 
+#[allow(clippy::too_many_arguments)]
 fn offline_pages(
-    shared: &Shared,
+    shared: &Core,
+    staging: Option<&Staging>,
     region_idx: usize,
     first: usize,
     count: usize,
@@ -1154,16 +1140,15 @@ fn offline_pages(
     mode: Mode,
     deadline: Instant,
 ) -> Result<OfflineReport, OfflineError> {
-    use std::sync::atomic::Ordering::Relaxed;
     let started = Instant::now();
-    let staging = shared.staging.as_ref().ok_or(OfflineError::Unsupported)?;
-    let region = &shared.ram.regions()[region_idx];
+    let staging = staging.ok_or(OfflineError::NotOffered { mode, backend: shared.mem().name() })?;
+    let region = &shared.ram().regions()[region_idx];
     // 1. Announce: from here no new reference is granted on the range,
     // while faults on it are still served.
-    let mut inv = shared.notifier.announce(&[range], mode.reason()).map_err(|o| OfflineError::Overlap(o.0))?;
+    let mut inv = shared.notifier().announce(&[range], mode.reason()).map_err(|o| OfflineError::Overlap(o.0))?;
     // 2. Callbacks.
     let pins_called = inv.call_intervals();
-    shared.stats.pin_invalidations.fetch_add(pins_called as u64, Relaxed);
+    shared.stats().pin_invalidations.add(pins_called as u64);
     // 3. Drain, then the staging area. Nothing of the range is held yet, so
     // a holder of a reference waited for here is never blocked by this
     // offline, whatever it touches.
@@ -1190,9 +1175,9 @@ fn offline_pages(
     work.finish();
     drop(inv);
     shared.kick_deferred();
-    shared.stats.frames_moved.fetch_add(work.report.frames_moved as u64, Relaxed);
-    shared.stats.pages_evicted.fetch_add(work.report.pages_evicted as u64, Relaxed);
-    shared.stats.pages_unplugged.fetch_add(work.report.pages_unplugged as u64, Relaxed);
+    shared.stats().frames_moved.add(work.report.frames_moved as u64);
+    shared.stats().pages_evicted.add(work.report.pages_evicted as u64);
+    shared.stats().pages_unplugged.add(work.report.pages_unplugged as u64);
     work.result(started)
 }
 
@@ -1200,14 +1185,14 @@ fn offline_pages(
 /// count` of `region`) that holds its pages at once, with no drain;
 /// returns it with the state and origin each page had.
 fn begin<'a>(
-    shared: &'a Shared,
+    shared: &'a Core,
     region: &Region,
     first: usize,
     count: usize,
     range: GuestRange,
     reason: Reason,
 ) -> Result<(Invalidation<'a>, Vec<Prior>), OfflineError> {
-    let mut inv = shared.notifier.announce(&[range], reason).map_err(|o| OfflineError::Overlap(o.0))?;
+    let mut inv = shared.notifier().announce(&[range], reason).map_err(|o| OfflineError::Overlap(o.0))?;
     let prior = hold(shared, &mut inv, region, first, count);
     Ok((inv, prior))
 }
@@ -1215,7 +1200,7 @@ fn begin<'a>(
 /// Holds the pages of an announced invalidation (pages `first..first +
 /// count` of `region`), marking them; returns the state and origin each
 /// page had.
-fn hold(shared: &Shared, inv: &mut Invalidation<'_>, region: &Region, first: usize, count: usize) -> Vec<Prior> {
+fn hold(shared: &Core, inv: &mut Invalidation<'_>, region: &Region, first: usize, count: usize) -> Vec<Prior> {
     let mut prior = vec![Prior { state: PageState::Resolving, origin: Origin::Source }; count];
     inv.hold(|| {
         for (i, prior) in prior.iter_mut().enumerate() {
@@ -1240,16 +1225,16 @@ fn hold(shared: &Shared, inv: &mut Invalidation<'_>, region: &Region, first: usi
 /// Each page's `COPY` of zeros is retried up to the engine's install
 /// deadline; a page that cannot be brought back stays unplugged and the
 /// error names it.
-pub(crate) fn replug(shared: &Shared, range: GuestRange) -> Result<usize, OfflineError> {
+pub(crate) fn replug(shared: &Core, staging: Option<&Staging>, range: GuestRange) -> Result<usize, OfflineError> {
     let started = Instant::now();
-    let deadline = started + shared.config.install_deadline;
-    let (loc, count) = shared.ram.check_range(range)?;
-    let region = &shared.ram.regions()[loc.region];
+    let deadline = started + shared.config().install_deadline;
+    let (loc, count) = shared.ram().check_range(range)?;
+    let region = &shared.ram().regions()[loc.region];
     let (inv, prior) = begin(shared, region, loc.page, count, range, Reason::Unplug)?;
     let mut work = Work::new(shared, region, loc.page, range, Mode::Unplug, deadline, prior);
     // The staging area is only needed to move aside a page found where
     // the marker should be; without `UFFDIO_MOVE` nothing is unplugged.
-    let guard = match shared.staging.as_ref().map(|s| s.acquire(deadline)) {
+    let guard = match staging.map(|s| s.acquire(deadline)) {
         Some(None) => None,
         other => Some(other.flatten()),
     };
@@ -1295,15 +1280,15 @@ pub(crate) fn replug(shared: &Shared, range: GuestRange) -> Result<usize, Offlin
 /// MMU notifier. What the kernel cannot move (a hard pin, a kernel pin no
 /// callback dropped) stops it at the deadline: [`OfflineError::BlockBusy`].
 pub(crate) fn host_block(
-    shared: &Shared,
+    shared: &Core,
     range: GuestRange,
     block: u32,
     deadline: Instant,
 ) -> Result<OfflineReport, OfflineError> {
     use crate::hostmem::{self, BlockLock, HostMemError, Pagemap};
     let started = Instant::now();
-    let (loc, count) = shared.ram.check_range(range)?;
-    let region = &shared.ram.regions()[loc.region];
+    let (loc, count) = shared.ram().check_range(range)?;
+    let region = &shared.ram().regions()[loc.region];
     let block_size = hostmem::block_size().map_err(OfflineError::HostBlock)?;
     let pagemap = Pagemap::open().map_err(OfflineError::HostBlock)?;
     let in_block = |pfns: &[Option<u64>]| -> Vec<bool> {
@@ -1328,11 +1313,11 @@ pub(crate) fn host_block(
         return Err(OfflineError::NotInBlock { range, block });
     }
     let mut lock = BlockLock::acquire(deadline).map_err(OfflineError::HostBlock)?;
-    let mut inv = shared.notifier.announce(&runs, Reason::HostBlock).map_err(|o| OfflineError::Overlap(o.0))?;
+    let mut inv = shared.notifier().announce(&runs, Reason::HostBlock).map_err(|o| OfflineError::Overlap(o.0))?;
     let mut report = OfflineReport { pages: count, ..OfflineReport::default() };
     report.block_pages = mine.iter().filter(|m| **m).count();
     report.pins_called = inv.call_intervals();
-    shared.stats.pin_invalidations.fetch_add(report.pins_called as u64, std::sync::atomic::Ordering::Relaxed);
+    shared.stats().pin_invalidations.add(report.pins_called as u64);
     // Hard pins are left to the kernel: it is the one that cannot move them.
     if let Err(held) = inv.wait_drained(false, deadline) {
         return Err(OfflineError::Busy {
@@ -1360,7 +1345,7 @@ pub(crate) fn host_block(
     report.frames_moved = mine.iter().zip(before.iter().zip(&after)).filter(|(m, (b, a))| **m && b != a).count();
     report.pages_taken = report.block_pages;
     report.elapsed = started.elapsed();
-    shared.stats.frames_moved.fetch_add(report.frames_moved as u64, std::sync::atomic::Ordering::Relaxed);
+    shared.stats().frames_moved.add(report.frames_moved as u64);
     Ok(report)
 }
 
@@ -1404,13 +1389,13 @@ impl fmt::Display for HostBlockSearch {
 /// Tries the host blocks holding pages of `range`, most guest pages first,
 /// each bounded by `attempt`, until one goes offline (and back online).
 pub(crate) fn offline_any_host_block(
-    shared: &Shared,
+    shared: &Core,
     range: GuestRange,
     attempt: std::time::Duration,
 ) -> Result<HostBlockSearch, OfflineError> {
     use crate::hostmem::{self, HostMemError, Pagemap};
-    let (loc, count) = shared.ram.check_range(range)?;
-    let region = &shared.ram.regions()[loc.region];
+    let (loc, count) = shared.ram().check_range(range)?;
+    let region = &shared.ram().regions()[loc.region];
     let block_size = hostmem::block_size().map_err(OfflineError::HostBlock)?;
     let pfns =
         Pagemap::open().and_then(|pm| pm.pfns(region.page_host(loc.page), count)).map_err(OfflineError::HostBlock)?;
@@ -1418,9 +1403,7 @@ pub(crate) fn offline_any_host_block(
     blocks.sort_by_key(|&(_, pages)| std::cmp::Reverse(pages));
     let (mut unmovable, mut held) = (0, 0);
     for &(block, _) in &blocks {
-        if shared.stopping.load(std::sync::atomic::Ordering::Acquire) {
-            return Err(OfflineError::Stopped);
-        }
+        shared.running()?;
         match host_block(shared, range, block, Instant::now() + attempt) {
             Ok(report) => return Ok(HostBlockSearch::Offlined { block, report }),
             Err(OfflineError::HostBlock(HostMemError::Unmovable { .. })) => unmovable += 1,

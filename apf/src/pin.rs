@@ -27,10 +27,10 @@ use std::time::{Duration, Instant};
 use thiserror::Error;
 use vm_memory::{GuestMemoryBackend, VolatileSlice};
 
-use crate::fault::{resolve, Shared};
+use crate::core::{resolve, Core, Stopped};
 use crate::kpin::FixedBuffer;
 use crate::notifier::{IntervalId, InvalidateEvent, RefId};
-use crate::ram::{GuestRange, PageLoc, PageState, RamError};
+use crate::ram::{GuestAddress, GuestRange, PageLoc, PageState, RamError};
 
 /// Why a reference or pin could not be taken.
 #[derive(Debug, Error)]
@@ -49,10 +49,10 @@ pub enum PinError {
     },
     /// A page of the range is poisoned or unplugged; touching it would
     /// raise SIGBUS.
-    #[error("guest page {gpa:#x} is poisoned or unplugged")]
+    #[error("guest page {:#x} is poisoned or unplugged", .gpa.0)]
     Poisoned {
         /// The page.
-        gpa: u64,
+        gpa: GuestAddress,
     },
     /// The engine has shut down.
     #[error("the engine has shut down")]
@@ -68,25 +68,29 @@ pub enum PinError {
     },
 }
 
+impl From<Stopped> for PinError {
+    fn from(_: Stopped) -> Self {
+        PinError::Stopped
+    }
+}
+
 /// Faults `count` pages from `loc` in through the engine (on the calling
 /// thread, in prefetch windows) and waits for pages other resolvers hold,
 /// until every page is present in the engine's view or the deadline
 /// passes. Never touches the memory itself, so a poisoned page is an
 /// error, not a SIGBUS.
-fn populate(shared: &Shared, loc: PageLoc, count: usize, range: GuestRange, deadline: Instant) -> Result<(), PinError> {
+fn populate(shared: &Core, loc: PageLoc, count: usize, range: GuestRange, deadline: Instant) -> Result<(), PinError> {
     let started = Instant::now();
-    let region = &shared.ram.regions()[loc.region];
+    let region = &shared.ram().regions()[loc.region];
     loop {
-        if shared.stopping.load(Ordering::Acquire) {
-            return Err(PinError::Stopped);
-        }
+        shared.running()?;
         resolve::prefetch_pages(shared, (loc.page..loc.page + count).map(|p| (loc.region, p)));
         let mut waiting = false;
         for p in loc.page..loc.page + count {
             match region.state(p).0 {
                 PageState::Present => {}
                 PageState::Poisoned | PageState::Offline => {
-                    return Err(PinError::Poisoned { gpa: region.page_gpa(p).0 });
+                    return Err(PinError::Poisoned { gpa: region.page_gpa(p) });
                 }
                 _ => waiting = true,
             }
@@ -105,14 +109,14 @@ fn populate(shared: &Shared, loc: PageLoc, count: usize, range: GuestRange, dead
 /// faulted in, under the install lock (so no invalidation can start between
 /// the check and `arm`).
 fn fault_in_and<T>(
-    shared: &Shared,
+    shared: &Core,
     range: GuestRange,
     deadline: Instant,
     mut arm: impl FnMut(&crate::notifier::InstallGuard<'_>) -> Option<T>,
 ) -> Result<T, PinError> {
     let started = Instant::now();
-    let (loc, count) = shared.ram.check_range(range)?;
-    let region = &shared.ram.regions()[loc.region];
+    let (loc, count) = shared.ram().check_range(range)?;
+    let region = &shared.ram().regions()[loc.region];
     loop {
         // Every way round the loop passes here: a range that keeps being
         // invalidated cannot keep the caller past its deadline.
@@ -121,11 +125,11 @@ fn fault_in_and<T>(
         }
         // Waits for an invalidation of the range in progress, if any, even
         // one that only drains: it grants no reference until it ends.
-        if !shared.notifier.wait_idle(range, deadline) {
+        if !shared.notifier().wait_idle(range, deadline) {
             return Err(PinError::Timeout { range, waited: started.elapsed() });
         }
         populate(shared, loc, count, range, deadline)?;
-        let guard = shared.notifier.install_lock();
+        let guard = shared.notifier().install_lock();
         // Present now, under the lock invalidations take to begin: that is
         // all arming needs. An invalidation that came and went since
         // `wait_idle` has already called the callback, and one that is
@@ -144,10 +148,10 @@ fn fault_in_and<T>(
     }
 }
 
-fn slice(shared: &Shared, range: GuestRange) -> VolatileSlice<'_> {
+fn slice(shared: &Core, range: GuestRange) -> VolatileSlice<'_> {
     // The range was checked to lie inside one region when the reference
     // was made, so this cannot fail.
-    shared.ram.guest_memory().get_slice(range.start, range.len as usize).expect("checked guest range")
+    shared.ram().guest_memory().get_slice(range.start, range.len as usize).expect("checked guest range")
 }
 
 /// A short-term reference to a guest range, for a bounded copy (a device
@@ -160,7 +164,7 @@ fn slice(shared: &Shared, range: GuestRange) -> VolatileSlice<'_> {
 /// blocking wait. Access goes through [`PageRef::memory`], a
 /// [`vm_memory::VolatileSlice`] (see [`Pin`] for why).
 pub struct PageRef {
-    shared: Arc<Shared>,
+    shared: Arc<Core>,
     id: RefId,
     range: GuestRange,
 }
@@ -172,8 +176,8 @@ impl fmt::Debug for PageRef {
 }
 
 impl PageRef {
-    pub(crate) fn take(shared: Arc<Shared>, range: GuestRange, deadline: Instant) -> Result<PageRef, PinError> {
-        let id = fault_in_and(&shared, range, deadline, |guard| shared.notifier.try_ref(guard, range))?;
+    pub(crate) fn take(shared: Arc<Core>, range: GuestRange, deadline: Instant) -> Result<PageRef, PinError> {
+        let id = fault_in_and(&shared, range, deadline, |guard| shared.notifier().try_ref(guard, range))?;
         Ok(PageRef { shared, id, range })
     }
 
@@ -190,7 +194,7 @@ impl PageRef {
 
 impl Drop for PageRef {
     fn drop(&mut self) {
-        self.shared.notifier.drop_ref(self.id);
+        self.shared.notifier().drop_ref(self.id);
     }
 }
 
@@ -281,7 +285,7 @@ struct PinState {
 /// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```
 pub struct Pin {
-    shared: Arc<Shared>,
+    shared: Arc<Core>,
     id: IntervalId,
     range: GuestRange,
     state: Arc<PinState>,
@@ -295,17 +299,15 @@ impl fmt::Debug for Pin {
 
 impl Pin {
     pub(crate) fn register(
-        shared: Arc<Shared>,
+        shared: Arc<Core>,
         range: GuestRange,
         callback: impl Fn(&InvalidateEvent) + Send + Sync + 'static,
     ) -> Result<Pin, PinError> {
-        shared.ram.check_range(range)?;
-        if shared.stopping.load(Ordering::Acquire) {
-            return Err(PinError::Stopped);
-        }
+        shared.ram().check_range(range)?;
+        shared.running()?;
         let state = Arc::new(PinState::default());
         let st = state.clone();
-        let id = shared.notifier.register(
+        let id = shared.notifier().register(
             range,
             Box::new(move |ev| {
                 // Disarmed before the holder hears of it, so a `get` racing
@@ -325,18 +327,16 @@ impl Pin {
     /// `deadline`, or if a page is poisoned or unplugged.
     pub fn get(&self, deadline: Instant) -> Result<PinGuard<'_>, PinError> {
         if self.state.armed.load(Ordering::Acquire) {
-            if let Some(id) = self.shared.notifier.try_guard_ref(self.range) {
+            if let Some(id) = self.shared.notifier().try_guard_ref(self.range) {
                 // An invalidation that ended before the reference was
                 // granted has disarmed the pin: then re-fault.
                 if self.state.armed.load(Ordering::Acquire) {
                     return Ok(PinGuard { pin: self, id });
                 }
-                self.shared.notifier.drop_ref(id);
+                self.shared.notifier().drop_ref(id);
             }
         }
-        if self.shared.stopping.load(Ordering::Acquire) {
-            return Err(PinError::Stopped);
-        }
+        self.shared.running()?;
         let span = tracing::info_span!(
             target: "apf",
             "apf.pin",
@@ -347,7 +347,7 @@ impl Pin {
         // Under the install lock: no invalidation can start between the
         // reference and the re-arm.
         let faulted = fault_in_and(&self.shared, self.range, deadline, |_guard| {
-            let id = self.shared.notifier.try_guard_ref(self.range)?;
+            let id = self.shared.notifier().try_guard_ref(self.range)?;
             self.state.armed.store(true, Ordering::Release);
             Some(id)
         });
@@ -363,7 +363,7 @@ impl Pin {
         let id = faulted?;
         if self.state.ever_armed.swap(true, Ordering::Relaxed) {
             self.state.refaults.fetch_add(1, Ordering::Relaxed);
-            self.shared.stats.pin_refaults.fetch_add(1, Ordering::Relaxed);
+            self.shared.stats().pin_refaults.add(1);
         }
         Ok(PinGuard { pin: self, id })
     }
@@ -391,7 +391,7 @@ impl Pin {
 
 impl Drop for Pin {
     fn drop(&mut self) {
-        self.shared.notifier.unregister(self.id);
+        self.shared.notifier().unregister(self.id);
     }
 }
 
@@ -405,7 +405,7 @@ pub struct PinGuard<'a> {
 
 impl Drop for PinGuard<'_> {
     fn drop(&mut self) {
-        self.pin.shared.notifier.drop_ref(self.id);
+        self.pin.shared.notifier().drop_ref(self.id);
     }
 }
 
@@ -449,7 +449,7 @@ impl PinGuard<'_> {
 /// migratable pins ([`Pin`]) solve. Taken with
 /// [`Engine::hard_pin`](crate::Engine::hard_pin).
 pub struct HardPin {
-    shared: Arc<Shared>,
+    shared: Arc<Core>,
     id: IntervalId,
     range: GuestRange,
     kernel: Option<FixedBuffer>,
@@ -462,19 +462,19 @@ impl fmt::Debug for HardPin {
 }
 
 impl HardPin {
-    pub(crate) fn take(shared: Arc<Shared>, range: GuestRange, deadline: Instant) -> Result<HardPin, PinError> {
-        let id = fault_in_and(&shared, range, deadline, |_guard| Some(shared.notifier.register_hard(range)))?;
-        let host = match shared.ram.host_range(range.start, range.len) {
+    pub(crate) fn take(shared: Arc<Core>, range: GuestRange, deadline: Instant) -> Result<HardPin, PinError> {
+        let id = fault_in_and(&shared, range, deadline, |_guard| Some(shared.notifier().register_hard(range)))?;
+        let host = match shared.ram().host_range(range.start, range.len) {
             Ok(h) => h,
             Err(e) => {
-                shared.notifier.unregister(id);
+                shared.notifier().unregister(id);
                 return Err(e.into());
             }
         };
         match FixedBuffer::register(host, range.len as usize) {
             Ok(kernel) => Ok(HardPin { shared, id, range, kernel: Some(kernel) }),
             Err(source) => {
-                shared.notifier.unregister(id);
+                shared.notifier().unregister(id);
                 Err(PinError::KernelPin { range, source })
             }
         }
@@ -496,7 +496,7 @@ impl Drop for HardPin {
         // The kernel pin first: an offline that sees the interval gone
         // finds the pages movable.
         drop(self.kernel.take());
-        self.shared.notifier.unregister(self.id);
+        self.shared.notifier().unregister(self.id);
     }
 }
 
@@ -561,7 +561,7 @@ mod tests {
             assert!(waited >= Duration::from_millis(90), "{waited:?}");
         });
         // Unplugged under the poison policy: refused, not handed out.
-        assert!(matches!(pin.get(soon(500)), Err(PinError::Poisoned { gpa: 0x10_0000 })));
+        assert!(matches!(pin.get(soon(500)), Err(PinError::Poisoned { gpa: GuestAddress(0x10_0000) })));
         engine.replug(r).unwrap();
         let guard = pin.get(soon(2000)).unwrap();
         assert_eq!(read_all(&guard), vec![0; 4]);

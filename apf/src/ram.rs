@@ -157,7 +157,7 @@ pub enum Origin {
     Zero = 1,
     /// The eviction store.
     Store = 2,
-    /// Unplugged under [`crate::offline::UnplugPolicy::Poison`] while a
+    /// Unplugged under [`crate::UnplugPolicy::Poison`] while a
     /// resolver held it: the resolver poisons it instead of filling it, and
     /// it ends `Offline`.
     Unplugged = 3,

@@ -23,10 +23,10 @@ use crate::uffd::PAGE_SIZE;
 #[derive(Debug, Error)]
 pub enum SourceError {
     /// Reading the backing store failed.
-    #[error("reading {len:#x} bytes for guest address {gpa:#x} failed")]
+    #[error("reading {len:#x} bytes for guest address {:#x} failed", .gpa.0)]
     Io {
         /// Guest address of the first byte asked for.
-        gpa: u64,
+        gpa: GuestAddress,
         /// Bytes asked for.
         len: usize,
         /// The I/O error.
@@ -205,7 +205,7 @@ impl PageSource for SnapshotFile {
     fn fill(&self, gpa: GuestAddress, buf: &mut [u8]) -> Result<(), SourceError> {
         let off =
             self.offset_of(gpa, buf.len()).ok_or(SourceError::NotCovered(GuestRange::new(gpa, buf.len() as u64)))?;
-        self.file.read_exact_at(buf, off).map_err(|source| SourceError::Io { gpa: gpa.0, len: buf.len(), source })
+        self.file.read_exact_at(buf, off).map_err(|source| SourceError::Io { gpa, len: buf.len(), source })
     }
 
     fn resident(&self, gpa: GuestAddress, len: usize) -> Option<*const u8> {
@@ -420,6 +420,13 @@ impl PageSource for EvictionStore {
         "store"
     }
 }
+
+impl std::fmt::Debug for dyn PageSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "PageSource({})", self.name())
+    }
+}
+
 
 #[cfg(test)]
 mod tests {

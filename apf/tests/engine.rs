@@ -7,14 +7,56 @@ use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
 use apf::{
-    Dispatch, Engine, EngineError, GuestAddress, GuestRam, GuestRange, PageState, Pattern, RamError, WorkingSet,
-    PAGE_SIZE,
+    Backend, Dispatch, Engine, EngineError, GuestAddress, GuestRam, GuestRange, PageState, Pattern, RamError,
+    WorkingSet, PAGE_SIZE,
 };
 
 mod common;
 use common::{discard, read_page, wait_for, write_word, Fills, ScriptedSource};
 
 const PAGE: u64 = PAGE_SIZE as u64;
+
+/// An engine builder on backend `b` (a test's own configuration keeps it
+/// with `..config(b)`).
+fn builder(b: Backend, ram: Arc<GuestRam>, source: Arc<dyn apf::PageSource>) -> apf::EngineBuilder {
+    Engine::builder(ram, source).config(config(b))
+}
+
+fn config(b: Backend) -> apf::Config {
+    apf::Config { backend: b, ..apf::Config::default() }
+}
+
+/// The fault path's tests run on both backends: one `#[test]` per backend,
+/// in a module named after the test.
+macro_rules! on_both_backends {
+    ($($name:ident),* $(,)?) => {$(
+        mod $name {
+            #[test]
+            fn private_anonymous() {
+                super::$name(apf::Backend::PrivateAnonymous)
+            }
+            #[test]
+            fn limited() {
+                super::$name(apf::Backend::Limited)
+            }
+        }
+    )*};
+}
+
+on_both_backends!(
+    concurrent_faults_on_one_page_are_resolved_once,
+    prefetch_windows_stop_at_region_edges,
+    strided_access_is_prefetched_and_correct,
+    removed_pages_fault_back_as_zeros,
+    pages_present_behind_the_engine_are_skipped_not_overwritten,
+    a_fault_deduped_onto_a_failed_window_is_resolved,
+    working_set_recorded_by_one_run_is_replayed_by_the_next,
+    prefetch_installs_a_range_and_bad_ranges_are_refused,
+    zero_source_serves_reads_with_the_zero_page_and_writes_with_copies,
+    many_threads_random_faults_every_byte_right,
+    a_fault_with_no_stream_installs_its_aligned_block,
+    shutdown_under_load_is_clean,
+);
 
 fn ram(ranges: &[(u64, usize)]) -> Arc<GuestRam> {
     let ranges: Vec<_> = ranges.iter().map(|&(b, pages)| (GuestAddress(b), pages * PAGE_SIZE)).collect();
@@ -40,14 +82,11 @@ fn slow_source(delay: Duration) -> ScriptedSource {
     ScriptedSource::pattern(SLOW_PATTERN).delay_per_page(delay)
 }
 
-#[test]
-fn concurrent_faults_on_one_page_are_resolved_once() {
+fn concurrent_faults_on_one_page_are_resolved_once(b: Backend) {
     let ram = ram(&[(0, 16)]);
     let source = Arc::new(slow_source(Duration::from_millis(100)));
-    let engine = Engine::builder(ram.clone(), source.clone())
-        .config(apf::Config { max_window: 1, ..apf::Config::default() })
-        .start()
-        .unwrap();
+    let engine =
+        builder(b, ram.clone(), source.clone()).config(apf::Config { max_window: 1, ..config(b) }).start().unwrap();
     let barrier = Barrier::new(8);
     std::thread::scope(|s| {
         for _ in 0..8 {
@@ -64,15 +103,12 @@ fn concurrent_faults_on_one_page_are_resolved_once() {
     assert_eq!(st.pages_installed, 1);
 }
 
-#[test]
-fn prefetch_windows_stop_at_region_edges() {
+fn prefetch_windows_stop_at_region_edges(b: Backend) {
     // Two regions, far apart in guest-physical space.
     let ram = ram(&[(0x10_0000, 40), (0x4000_0000, 40)]);
     let pattern = Pattern { seed: 99 };
-    let engine = Engine::builder(ram.clone(), Arc::new(pattern))
-        .config(apf::Config { max_window: 32, ..apf::Config::default() })
-        .start()
-        .unwrap();
+    let engine =
+        builder(b, ram.clone(), Arc::new(pattern)).config(apf::Config { max_window: 32, ..config(b) }).start().unwrap();
     // Ascending through region 0, then descending through region 1.
     for p in 0..40 {
         verify(&ram, pattern, 0x10_0000 + p * PAGE);
@@ -88,14 +124,11 @@ fn prefetch_windows_stop_at_region_edges() {
     }
 }
 
-#[test]
-fn strided_access_is_prefetched_and_correct() {
+fn strided_access_is_prefetched_and_correct(b: Backend) {
     let ram = ram(&[(0, 512)]);
     let pattern = Pattern { seed: 3 };
-    let engine = Engine::builder(ram.clone(), Arc::new(pattern))
-        .config(apf::Config { max_window: 64, ..apf::Config::default() })
-        .start()
-        .unwrap();
+    let engine =
+        builder(b, ram.clone(), Arc::new(pattern)).config(apf::Config { max_window: 64, ..config(b) }).start().unwrap();
     for p in (0..512).step_by(4) {
         verify(&ram, pattern, p * PAGE);
     }
@@ -108,14 +141,11 @@ fn strided_access_is_prefetched_and_correct() {
     }
 }
 
-#[test]
-fn removed_pages_fault_back_as_zeros() {
+fn removed_pages_fault_back_as_zeros(b: Backend) {
     let ram = ram(&[(0, 16)]);
     let pattern = Pattern { seed: 1 };
-    let engine = Engine::builder(ram.clone(), Arc::new(pattern))
-        .config(apf::Config { max_window: 1, ..apf::Config::default() })
-        .start()
-        .unwrap();
+    let engine =
+        builder(b, ram.clone(), Arc::new(pattern)).config(apf::Config { max_window: 1, ..config(b) }).start().unwrap();
     for p in 0..8 {
         verify(&ram, pattern, p * PAGE);
     }
@@ -134,18 +164,15 @@ fn removed_pages_fault_back_as_zeros() {
     assert!(engine.stats().removes >= 2);
 }
 
-#[test]
-fn pages_present_behind_the_engine_are_skipped_not_overwritten() {
+fn pages_present_behind_the_engine_are_skipped_not_overwritten(b: Backend) {
     let ram = ram(&[(0, 64)]);
     // Populated before the engine registers the region.
     write_word(&ram, 10 * PAGE, 0x1010);
     write_word(&ram, 11 * PAGE, 0x1111);
     write_word(&ram, 30 * PAGE, 0x3030);
     let pattern = Pattern { seed: 5 };
-    let engine = Engine::builder(ram.clone(), Arc::new(pattern))
-        .config(apf::Config { max_window: 64, ..apf::Config::default() })
-        .start()
-        .unwrap();
+    let engine =
+        builder(b, ram.clone(), Arc::new(pattern)).config(apf::Config { max_window: 64, ..config(b) }).start().unwrap();
     for p in 0..64u64 {
         let page = read_page(&ram, p * PAGE);
         match p {
@@ -161,14 +188,11 @@ fn pages_present_behind_the_engine_are_skipped_not_overwritten() {
     assert_eq!(st.pages_installed, 61, "{st:?}");
 }
 
-#[test]
-fn a_fault_deduped_onto_a_failed_window_is_resolved() {
+fn a_fault_deduped_onto_a_failed_window_is_resolved(b: Backend) {
     let ram = ram(&[(0, 16)]);
     let source = Arc::new(slow_source(Duration::from_millis(75)).fail(Fills::Windows));
-    let engine = Engine::builder(ram.clone(), source.clone())
-        .config(apf::Config { max_window: 4, ..apf::Config::default() })
-        .start()
-        .unwrap();
+    let engine =
+        builder(b, ram.clone(), source.clone()).config(apf::Config { max_window: 4, ..config(b) }).start().unwrap();
     let started = Instant::now();
     std::thread::scope(|s| {
         s.spawn(|| {
@@ -194,14 +218,13 @@ fn a_fault_deduped_onto_a_failed_window_is_resolved() {
     assert!(started.elapsed() < Duration::from_secs(10));
 }
 
-#[test]
-fn working_set_recorded_by_one_run_is_replayed_by_the_next() {
+fn working_set_recorded_by_one_run_is_replayed_by_the_next(b: Backend) {
     let pattern = Pattern { seed: 11 };
     let order: Vec<u64> = [40u64, 3, 77, 120, 5, 6, 7, 200, 201, 33].iter().map(|p| p * PAGE).collect();
     let ws = {
         let ram = ram(&[(0, 256)]);
-        let engine = Engine::builder(ram.clone(), Arc::new(pattern))
-            .config(apf::Config { max_window: 1, record_working_set: true, ..apf::Config::default() })
+        let engine = builder(b, ram.clone(), Arc::new(pattern))
+            .config(apf::Config { max_window: 1, record_working_set: true, ..config(b) })
             .start()
             .unwrap();
         for &gpa in &order {
@@ -216,7 +239,7 @@ fn working_set_recorded_by_one_run_is_replayed_by_the_next() {
     std::fs::remove_file(&path).unwrap();
 
     let ram = ram(&[(0, 256)]);
-    let engine = Engine::builder(ram.clone(), Arc::new(pattern)).start().unwrap();
+    let engine = builder(b, ram.clone(), Arc::new(pattern)).start().unwrap();
     engine.replay(&ws).unwrap();
     assert!(engine.wait_idle(Instant::now() + Duration::from_secs(10)), "replay did not finish");
     assert_eq!(ram.regions()[0].census()[PageState::Present as usize], order.len());
@@ -226,11 +249,10 @@ fn working_set_recorded_by_one_run_is_replayed_by_the_next() {
     assert_eq!(engine.stats().faults, 0, "replayed pages were present before the guest asked");
 }
 
-#[test]
-fn prefetch_installs_a_range_and_bad_ranges_are_refused() {
+fn prefetch_installs_a_range_and_bad_ranges_are_refused(b: Backend) {
     let ram = ram(&[(0x1000, 32)]);
     let pattern = Pattern { seed: 2 };
-    let engine = Engine::builder(ram.clone(), Arc::new(pattern)).start().unwrap();
+    let engine = builder(b, ram.clone(), Arc::new(pattern)).start().unwrap();
     let n = engine.prefetch(GuestRange::new(GuestAddress(0x1000 + 4 * PAGE), 8 * PAGE)).unwrap();
     assert_eq!(n, 8);
     assert_eq!(
@@ -268,38 +290,36 @@ fn prefetch_installs_a_range_and_bad_ranges_are_refused() {
 
 #[test]
 fn invalid_configuration_is_refused() {
+    let b = Backend::PrivateAnonymous;
     let ram = ram(&[(0, 4)]);
     let p = Arc::new(Pattern { seed: 0 });
     for (b, what) in [
-        (
-            Engine::builder(ram.clone(), p.clone()).config(apf::Config { workers: 0, ..apf::Config::default() }),
-            "workers",
-        ),
-        (
-            Engine::builder(ram.clone(), p.clone()).config(apf::Config { max_window: 0, ..apf::Config::default() }),
-            "max_window",
-        ),
-        (
-            Engine::builder(ram.clone(), p.clone())
-                .config(apf::Config { max_window: 100_000, ..apf::Config::default() }),
-            "max_window",
-        ),
+        (builder(b, ram.clone(), p.clone()).config(apf::Config { workers: 0, ..config(b) }), "workers"),
+        (builder(b, ram.clone(), p.clone()).config(apf::Config { max_window: 0, ..config(b) }), "max_window"),
+        (builder(b, ram.clone(), p.clone()).config(apf::Config { max_window: 100_000, ..config(b) }), "max_window"),
     ] {
         match b.start() {
             Err(EngineError::Config(msg)) => assert!(msg.contains(what), "{msg}"),
             other => panic!("{what}: expected a config error, got {other:?}"),
         }
     }
+    // Poisoning unplugged memory needs UFFDIO_POISON.
+    let poison = apf::Config { unplug_policy: apf::UnplugPolicy::Poison, ..config(Backend::Limited) };
+    match builder(Backend::Limited, ram.clone(), p.clone()).config(poison).start() {
+        Err(EngineError::Config(msg)) => assert!(msg.contains("poison"), "{msg}"),
+        other => panic!("poison policy on the limited backend: expected a config error, got {other:?}"),
+    }
     // "inline" parses, garbage does not.
     assert_eq!("inline".parse::<Dispatch>(), Ok(Dispatch::Inline));
     assert!("fast".parse::<Dispatch>().unwrap_err().contains("fast"));
+    assert_eq!("limited".parse::<Backend>(), Ok(Backend::Limited));
+    assert!("remote".parse::<Backend>().unwrap_err().contains("remote"));
 }
 
-#[test]
-fn zero_source_serves_reads_with_the_zero_page_and_writes_with_copies() {
+fn zero_source_serves_reads_with_the_zero_page_and_writes_with_copies(b: Backend) {
     let ram = ram(&[(0, 64)]);
-    let engine = Engine::builder(ram.clone(), Arc::new(apf::ZeroSource))
-        .config(apf::Config { max_window: 1, ..apf::Config::default() })
+    let engine = builder(b, ram.clone(), Arc::new(apf::ZeroSource))
+        .config(apf::Config { max_window: 1, ..config(b) })
         .start()
         .unwrap();
     assert!(read_page(&ram, 0).iter().all(|&b| b == 0));
@@ -313,11 +333,10 @@ fn zero_source_serves_reads_with_the_zero_page_and_writes_with_copies() {
     assert_eq!(st.pages_installed, 2, "{st:?}");
 }
 
-#[test]
-fn many_threads_random_faults_every_byte_right() {
+fn many_threads_random_faults_every_byte_right(b: Backend) {
     let ram = ram(&[(0, 4096)]);
     let pattern = Pattern { seed: 1234 };
-    let engine = Engine::builder(ram.clone(), Arc::new(pattern)).start().unwrap();
+    let engine = builder(b, ram.clone(), Arc::new(pattern)).start().unwrap();
     let next = AtomicUsize::new(0);
     std::thread::scope(|s| {
         for t in 0..4u64 {
@@ -368,11 +387,16 @@ fn catch_sigbus() {
 /// Runs the ignored test `name` alone in a fresh copy of this test binary
 /// and returns its stdout. Re-executing (not forking) keeps the child's
 /// userfaultfd registrations its own.
-fn run_child(name: &str) -> String {
+fn run_child(name: &str, backend: Backend) -> String {
     let exe = std::env::current_exe().unwrap();
+    let backend = match backend {
+        Backend::PrivateAnonymous => "private-anonymous",
+        Backend::Limited => "limited",
+    };
     let mut child = std::process::Command::new(exe)
         .args([name, "--exact", "--ignored", "--nocapture", "--test-threads=1"])
         .env("APF_CHILD", "1")
+        .env("APF_BACKEND", backend)
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::inherit())
         .spawn()
@@ -395,7 +419,7 @@ fn run_child(name: &str) -> String {
 
 #[test]
 fn failing_source_poisons_the_page_and_reports() {
-    let out = run_child("child_failing_source");
+    let out = run_child("child_failing_source", Backend::PrivateAnonymous);
     assert!(
         out.contains("reported: page source failed for guest page 0x3000 after 3 attempts (poisoned: true)"),
         "{out}"
@@ -403,6 +427,36 @@ fn failing_source_poisons_the_page_and_reports() {
     assert!(out.contains("sigbus: delivered"), "{out}");
     assert!(out.contains("poisoned: 1"), "{out}");
     assert!(out.contains("retries: 2"), "{out}");
+}
+
+/// Without UFFDIO_POISON the page a source fails for good gets zeros, so
+/// the thread waiting on it goes on, and the failure is reported as such.
+#[test]
+fn failing_source_without_poison_fills_zeros_and_reports() {
+    let ram = ram(&[(0, 8)]);
+    let src = slow_source(Duration::ZERO).fail(Fills::All);
+    let config = apf::Config { fill_retries: 2, ..config(Backend::Limited) };
+    let engine = Engine::builder(ram.clone(), Arc::new(src)).config(config).start().unwrap();
+    let r = ram.clone();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || tx.send(read_page(&r, 3 * PAGE)));
+    let page = rx.recv_timeout(Duration::from_secs(10)).expect("the faulting thread was never let go");
+    assert!(page.iter().all(|&b| b == 0));
+    let err = engine.errors().recv_timeout(Duration::from_secs(1)).expect("an error report");
+    match &err {
+        apf::FaultError::ZeroFilled { gpa: GuestAddress(0x3000), why } => assert!(
+            matches!(
+                **why,
+                apf::FaultError::SourceFailed { gpa: GuestAddress(0x3000), attempts: 3, poisoned: false, .. }
+            ),
+            "{why}"
+        ),
+        other => panic!("unexpected report: {other}"),
+    }
+    assert!(err.to_string().contains("filled with zeros"), "{err}");
+    let st = settled(&engine);
+    assert_eq!((st.poisoned, st.fill_retries), (0, 2), "{st:?}");
+    assert_eq!(ram.regions()[0].state(3).0, PageState::Present);
 }
 
 #[test]
@@ -426,16 +480,15 @@ fn child_failing_source() {
     std::process::exit(0);
 }
 
-#[test]
-fn shutdown_under_load_is_clean() {
-    let out = run_child("child_shutdown_under_load");
-    for needle in [
-        "shutdown: prompt",
-        "poisoned: all unresolved",
-        "fds: none leaked",
-        "threads: all joined",
-        "after shutdown: sigbus",
-    ] {
+fn shutdown_under_load_is_clean(b: Backend) {
+    let out = run_child("child_shutdown_under_load", b);
+    // Without UFFDIO_POISON, pages never touched are left to the kernel,
+    // which fills them with zeros once the descriptor is gone.
+    let (poisoned, after) = match b {
+        Backend::PrivateAnonymous => ("poisoned: all unresolved", "after shutdown: sigbus"),
+        Backend::Limited => ("poisoned: none", "after shutdown: zeros"),
+    };
+    for needle in ["shutdown: prompt", poisoned, "fds: none leaked", "threads: all joined", after] {
         assert!(out.contains(needle), "missing {needle:?} in:\n{out}");
     }
 }
@@ -448,15 +501,14 @@ fn count_entries(dir: &str) -> usize {
 #[ignore = "runs in a child process started by shutdown_under_load_is_clean"]
 fn child_shutdown_under_load() {
     assert!(std::env::var_os("APF_CHILD").is_some(), "run through its parent test");
+    let b: Backend = std::env::var("APF_BACKEND").unwrap().parse().unwrap();
     catch_sigbus();
     let fds_before = count_entries("/proc/self/fd");
     let threads_before = count_entries("/proc/self/task");
     let ram = ram(&[(0, 4096)]);
     let source = Arc::new(slow_source(Duration::from_micros(300)));
-    let engine = Engine::builder(ram.clone(), source.clone())
-        .config(apf::Config { workers: 2, ..apf::Config::default() })
-        .start()
-        .unwrap();
+    let engine =
+        builder(b, ram.clone(), source.clone()).config(apf::Config { workers: 2, ..config(b) }).start().unwrap();
     // Load: four threads faulting at random, and a replay of every page.
     engine.replay(&WorkingSet { pages: (0..4096).map(|p| p * PAGE).collect() }).unwrap();
     let stop = AtomicBool::new(false);
@@ -484,9 +536,13 @@ fn child_shutdown_under_load() {
     println!("shutdown: {} ({took:?})", if took < Duration::from_secs(5) { "prompt" } else { "slow" });
     let after = ram.regions()[0].census();
     let missing_now = after[PageState::Missing as usize] as u64;
+    let poisoned = match report.poisoned_pages {
+        0 => "none",
+        n if n >= missing_now => "all unresolved",
+        _ => "some left",
+    };
     println!(
-        "poisoned: {} ({} poisoned, {unresolved} unresolved before, {missing_now} missing now)",
-        if report.poisoned_pages >= missing_now && report.poisoned_pages > 0 { "all unresolved" } else { "some left" },
+        "poisoned: {poisoned} ({} poisoned, {unresolved} unresolved before, {missing_now} missing now)",
         report.poisoned_pages
     );
     // The engine's descriptors (uffd, eventfds, epoll) are closed. The
@@ -501,22 +557,26 @@ fn child_shutdown_under_load() {
         "threads: {} ({threads_before} before, {threads_after} after)",
         if threads_after == threads_before { "all joined" } else { "left running" }
     );
-    // A page nobody resolved now raises SIGBUS instead of reading zeros.
+    // A page nobody resolved now raises SIGBUS instead of reading zeros
+    // (or reads zeros, without UFFDIO_POISON).
     let page = (0..4096).find(|&p| ram.regions()[0].state(p).0 == PageState::Missing).expect("an unresolved page");
     let r2 = ram.clone();
-    std::thread::spawn(move || read_page(&r2, page as u64 * PAGE));
-    println!(
-        "after shutdown: {}",
-        if wait_for(&SIGBUS_SEEN, Duration::from_secs(10)) { "sigbus" } else { "no sigbus" }
-    );
+    let zeros = Arc::new(AtomicBool::new(false));
+    let z = zeros.clone();
+    std::thread::spawn(move || z.store(read_page(&r2, page as u64 * PAGE).iter().all(|&b| b == 0), Ordering::SeqCst));
+    let after = match b {
+        Backend::PrivateAnonymous if wait_for(&SIGBUS_SEEN, Duration::from_secs(10)) => "sigbus",
+        Backend::Limited if wait_for(&zeros, Duration::from_secs(10)) && !SIGBUS_SEEN.load(Ordering::SeqCst) => "zeros",
+        _ => "neither sigbus nor zeros",
+    };
+    println!("after shutdown: {after}");
     std::process::exit(0);
 }
 
-#[test]
-fn a_fault_with_no_stream_installs_its_aligned_block() {
+fn a_fault_with_no_stream_installs_its_aligned_block(b: Backend) {
     let ram = ram(&[(0, 64)]);
     let pattern = Pattern { seed: 9 };
-    let engine = Engine::builder(ram.clone(), Arc::new(pattern)).start().unwrap();
+    let engine = builder(b, ram.clone(), Arc::new(pattern)).start().unwrap();
     // Page 13 lies in the block of pages 8..16: all of it comes in.
     verify(&ram, pattern, 13 * PAGE);
     let s = settled(&engine);
@@ -539,8 +599,40 @@ fn a_fault_with_no_stream_installs_its_aligned_block() {
 
     // Off: one page per fault.
     let ram2 = self::ram(&[(0, 64)]);
-    let config = apf::Config { fault_around: 1, ..apf::Config::default() };
-    let engine = Engine::builder(ram2.clone(), Arc::new(pattern)).config(config).start().unwrap();
+    let config = apf::Config { fault_around: 1, ..config(b) };
+    let engine = builder(b, ram2.clone(), Arc::new(pattern)).config(config).start().unwrap();
     verify(&ram2, pattern, 13 * PAGE);
     assert_eq!(settled(&engine).pages_installed, 1);
+}
+
+/// The limited backend refuses, at the call and before touching anything,
+/// the offlines that need `UFFDIO_MOVE`; faults, pins and discards go on.
+#[test]
+fn the_limited_backend_refuses_offlines_that_need_move_and_serves_the_rest() {
+    let ram = ram(&[(0, 64)]);
+    let pattern = Pattern { seed: 21 };
+    let engine = builder(Backend::Limited, ram.clone(), Arc::new(pattern)).start().unwrap();
+    assert!(!engine.features().contains(apf::Features::POISON) && !engine.features().contains(apf::Features::MOVE));
+    verify(&ram, pattern, 4 * PAGE);
+    let range = GuestRange::new(GuestAddress(0), 16 * PAGE);
+    for mode in [apf::Mode::Migrate, apf::Mode::Evict, apf::Mode::Unplug] {
+        match engine.offline(range, mode, Instant::now() + Duration::from_secs(1)) {
+            Err(e @ apf::OfflineError::NotOffered { mode: m, backend: "limited" }) if m == mode => {
+                assert!(e.to_string().contains("UFFDIO_MOVE"), "{e}");
+            }
+            other => panic!("{mode}: expected NotOffered, got {other:?}"),
+        }
+    }
+    assert_eq!(engine.stats().offlines + engine.stats().offline_busy, 0);
+    // Nothing was touched: the page read before keeps its contents.
+    assert_eq!(ram.regions()[0].state(4).0, PageState::Present);
+    verify(&ram, pattern, 4 * PAGE);
+    // A pin faults its range in and reads it.
+    let pin = engine.pin(GuestRange::new(GuestAddress(32 * PAGE), 2 * PAGE), |_| {}).unwrap();
+    let guard = pin.get(Instant::now() + Duration::from_secs(5)).unwrap();
+    let mut page = vec![0u8; PAGE_SIZE];
+    vm_memory::Bytes::read_slice(&guard.memory(), &mut page, 0).unwrap();
+    assert_eq!(pattern.verify(32 * PAGE, &page), Ok(()));
+    drop(guard);
+    assert_eq!(engine.replug(range).unwrap(), 0, "nothing was unplugged");
 }

@@ -217,7 +217,7 @@ fn unplug_poison_policy_refuses_pins_until_replugged() {
     engine.offline(r, Mode::Unplug, soon(2000)).unwrap();
     assert!(states(&ram, r).iter().all(|s| *s == PageState::Offline));
     let pin = engine.pin(r, |_| {}).unwrap();
-    assert!(matches!(pin.get(soon(500)), Err(PinError::Poisoned { gpa: 0x8000 })));
+    assert!(matches!(pin.get(soon(500)), Err(PinError::Poisoned { gpa: GuestAddress(0x8000) })));
     assert_eq!(engine.replug(r).unwrap(), 4);
     let mem = pin.get(soon(1000)).unwrap();
     assert_eq!(mem.memory().read_obj::<u64>(8).unwrap(), 0);

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use apf::failpoints::Op;
 use apf::failpoints::{Rule, Switch};
 use apf::PAGE_SIZE;
-use apf::{Dispatch, Engine, GuestAddress, GuestRam, Pattern};
+use apf::{Backend, Dispatch, Engine, GuestAddress, GuestRam, Pattern};
 
 mod common;
 use common::{discard, read_word, try_read_word, try_write_word, wait_for, within, Fills, ScriptedSource};
@@ -25,11 +25,11 @@ fn ram(pages: usize) -> Arc<GuestRam> {
 /// thread discards the page, and the page is read once `madvise` returns.
 /// Returns (whether `madvise` returned while the install was held, the
 /// word read after it returned).
-fn discard_racing_an_install(unordered: bool) -> (bool, u64) {
+fn discard_racing_an_install(unordered: bool, b: Backend) -> (bool, u64) {
     let ram = ram(64);
     let pattern = Pattern { seed: 3 };
     let engine = Engine::builder(ram.clone(), Arc::new(pattern))
-        .config(apf::Config { dispatch: Dispatch::Workers, max_window: 1, ..apf::Config::default() })
+        .config(apf::Config { dispatch: Dispatch::Workers, max_window: 1, ..config(b) })
         .start()
         .unwrap();
     let fp = engine.failpoints().clone();
@@ -71,18 +71,16 @@ fn discard_racing_an_install(unordered: bool) -> (bool, u64) {
     (returned_while_held, after)
 }
 
-#[test]
-fn a_discard_waits_for_the_install_it_races_and_the_page_reads_zeros() {
-    let (returned_while_held, after) = discard_racing_an_install(false);
+fn a_discard_waits_for_the_install_it_races_and_the_page_reads_zeros(b: Backend) {
+    let (returned_while_held, after) = discard_racing_an_install(false, b);
     assert!(!returned_while_held, "madvise returned while an install that checked before it was still pending");
     assert_eq!(after, 0, "stale contents after the discard returned");
 }
 
-#[test]
-fn without_the_ordering_the_same_race_leaves_stale_contents() {
+fn without_the_ordering_the_same_race_leaves_stale_contents(b: Backend) {
     // Proof that the test above can fail: with the ordering switched off,
     // the discard returns at once and the held install lands after it.
-    let (returned_while_held, after) = discard_racing_an_install(true);
+    let (returned_while_held, after) = discard_racing_an_install(true, b);
     assert!(returned_while_held, "madvise should not wait without the ordering");
     assert_ne!(after, 0, "the held install should have landed after the discard");
 }
@@ -91,11 +89,52 @@ fn engine_with(ram: &Arc<GuestRam>, source: Arc<dyn apf::PageSource>, config: ap
     Engine::builder(ram.clone(), source).config(config).start().unwrap()
 }
 
-#[test]
-fn a_page_lost_without_a_remove_event_is_poisoned_and_reported_not_zero_filled() {
+/// The default configuration on backend `b`.
+fn config(b: Backend) -> apf::Config {
+    apf::Config { backend: b, ..apf::Config::default() }
+}
+
+/// Whether `err` reports the page at `gpa` filled with zeros for a reason
+/// `why` accepts.
+fn zero_filled(err: &apf::FaultError, gpa: u64, why: impl Fn(&apf::FaultError) -> bool) -> bool {
+    matches!(err, apf::FaultError::ZeroFilled { gpa: g, why: w } if g.0 == gpa && why(w))
+}
+
+/// The fault path's tests that need neither offline nor poison run on both
+/// backends: one `#[test]` per backend, in a module named after the test.
+macro_rules! on_both_backends {
+    ($($name:ident),* $(,)?) => {$(
+        mod $name {
+            #[test]
+            fn private_anonymous() {
+                super::$name(apf::Backend::PrivateAnonymous)
+            }
+            #[test]
+            fn limited() {
+                super::$name(apf::Backend::Limited)
+            }
+        }
+    )*};
+}
+
+on_both_backends!(
+    a_discard_waits_for_the_install_it_races_and_the_page_reads_zeros,
+    without_the_ordering_the_same_race_leaves_stale_contents,
+    a_page_lost_without_a_remove_event_is_poisoned_and_reported_not_zero_filled,
+    a_page_discarded_while_its_source_fails_reads_zeros_not_sigbus,
+    a_source_panicking_on_a_worker_poisons_its_page_and_the_engine_goes_on,
+    a_source_panicking_on_the_event_loop_poisons_its_page_and_the_engine_goes_on,
+    a_dead_event_loop_is_noticed_and_no_fault_or_discard_hangs,
+    shutdown_leaves_a_stuck_source_behind_and_reports_it,
+    every_failure_of_a_fault_path_ioctl_ends_with_the_right_contents,
+    a_zeropage_failure_ends_with_zeros,
+    neighbours_discarding_and_reading_back_read_zeros,
+);
+
+fn a_page_lost_without_a_remove_event_is_poisoned_and_reported_not_zero_filled(b: Backend) {
     let ram = ram(16);
     let pattern = Pattern { seed: 9 };
-    let engine = engine_with(&ram, Arc::new(pattern), apf::Config::default());
+    let engine = engine_with(&ram, Arc::new(pattern), config(b));
     let gpa = 3 * PAGE;
     let before = read_word(&ram, gpa);
     assert_ne!(before, 0);
@@ -112,12 +151,21 @@ fn a_page_lost_without_a_remove_event_is_poisoned_and_reported_not_zero_filled()
     assert_eq!(unsafe { std::ptr::read_volatile(moved as *const u64) }, before);
     let r = ram.clone();
     let after = within(Duration::from_secs(5), move || try_read_word(&r, gpa));
-    assert_eq!(after, None, "a lost page must not read as zeros");
     let err = engine.errors().recv_timeout(Duration::from_secs(1)).expect("an error report");
-    assert!(
-        matches!(err, apf::FaultError::Inconsistent { gpa: g, poisoned: true } if g == gpa),
-        "unexpected report: {err}"
-    );
+    match b {
+        Backend::PrivateAnonymous => {
+            assert_eq!(after, None, "a lost page must not read as zeros");
+            assert!(
+                matches!(err, apf::FaultError::Inconsistent { gpa: g, poisoned: true } if g.0 == gpa),
+                "unexpected report: {err}"
+            );
+        }
+        // Without UFFDIO_POISON: zeros, and a report that says so.
+        Backend::Limited => {
+            assert_eq!(after, Some(0));
+            assert!(zero_filled(&err, gpa, |why| matches!(why, apf::FaultError::Inconsistent { poisoned: false, .. })));
+        }
+    }
     // The rest of guest RAM is served as before.
     assert_eq!(within(Duration::from_secs(5), move || try_read_word(&ram, 4 * PAGE)).map(|w| w != 0), Some(true));
 }
@@ -158,20 +206,20 @@ fn a_poison_that_fails_is_reported_once_and_retried_until_it_goes_in() {
     assert_eq!(engine.failpoints().fired(), 5);
     let err = engine.errors().recv_timeout(Duration::from_secs(1)).expect("an error report");
     assert!(
-        matches!(&err, apf::FaultError::Install { gpa: g, error } if *g == gpa && error.errno == libc::ENOMEM),
+        matches!(&err, apf::FaultError::Install { gpa: g, error } if g.0 == gpa && error.errno == libc::ENOMEM),
         "{err}"
     );
     assert!(engine.errors().try_recv().is_none(), "one failing poison, one report");
 }
 
-#[test]
-fn a_page_discarded_while_its_source_fails_reads_zeros_not_sigbus() {
+fn a_page_discarded_while_its_source_fails_reads_zeros_not_sigbus(b: Backend) {
     let ram = ram(16);
     // Fails every fill; the first one waits at the gate so that the test
     // can discard the page while it is failing.
     let source = Arc::new(ScriptedSource::zeros().fail(Fills::All).hold(Fills::First(1)));
-    // The first failure is final: without the check, the page is poisoned.
-    let config = apf::Config { fill_retries: 0, max_window: 1, ..apf::Config::default() };
+    // The first failure is final: without the check, the page is poisoned
+    // (or zero-filled and reported, on the limited backend).
+    let config = apf::Config { fill_retries: 0, max_window: 1, ..config(b) };
     let engine = engine_with(&ram, source.clone(), config);
     let gpa = 6 * PAGE;
     let r = ram.clone();
@@ -183,37 +231,54 @@ fn a_page_discarded_while_its_source_fails_reads_zeros_not_sigbus() {
     assert!(engine.errors().try_recv().is_none(), "nothing failed for good");
 }
 
-fn a_panicking_source_poisons_its_page_and_the_engine_goes_on(kind: apf::SourceKind) {
+fn a_panicking_source_poisons_its_page_and_the_engine_goes_on(kind: apf::SourceKind, b: Backend) {
     let ram = ram(64);
     let bad = 9 * PAGE;
-    let config = apf::Config { max_window: 1, ..apf::Config::default() };
+    let config = apf::Config { max_window: 1, ..config(b) };
     // Panics when it fills page `bad`; the kind decides where it runs
     // (`Memory`: on the event loop).
     let source = ScriptedSource::pattern(Pattern { seed: 5 }).kind(kind).panic_on(Fills::Covering(bad));
     let engine = engine_with(&ram, Arc::new(source), config);
     let r = ram.clone();
-    assert_eq!(within(Duration::from_secs(5), move || try_read_word(&r, bad)), None);
+    let read = within(Duration::from_secs(5), move || try_read_word(&r, bad));
     let err = engine.errors().recv_timeout(Duration::from_secs(1)).expect("an error report");
-    assert!(matches!(&err, apf::FaultError::SourcePanicked { gpa, poisoned: true, .. } if *gpa == bad), "{err}");
+    match b {
+        Backend::PrivateAnonymous => {
+            assert_eq!(read, None);
+            assert!(
+                matches!(&err, apf::FaultError::SourcePanicked { gpa, poisoned: true, .. } if gpa.0 == bad),
+                "{err}"
+            );
+        }
+        Backend::Limited => {
+            assert_eq!(read, Some(0));
+            assert!(zero_filled(&err, bad, |why| matches!(
+                why,
+                apf::FaultError::SourcePanicked { poisoned: false, .. }
+            )));
+        }
+    }
     // Other pages are still served.
     let r = ram.clone();
     assert!(within(Duration::from_secs(5), move || try_read_word(&r, 20 * PAGE)).is_some_and(|w| w != 0));
 }
 
-#[test]
-fn a_source_panicking_on_a_worker_poisons_its_page_and_the_engine_goes_on() {
-    a_panicking_source_poisons_its_page_and_the_engine_goes_on(apf::SourceKind::Blocking);
+fn a_source_panicking_on_a_worker_poisons_its_page_and_the_engine_goes_on(b: Backend) {
+    a_panicking_source_poisons_its_page_and_the_engine_goes_on(apf::SourceKind::Blocking, b);
 }
 
-#[test]
-fn a_source_panicking_on_the_event_loop_poisons_its_page_and_the_engine_goes_on() {
-    a_panicking_source_poisons_its_page_and_the_engine_goes_on(apf::SourceKind::Memory);
+fn a_source_panicking_on_the_event_loop_poisons_its_page_and_the_engine_goes_on(b: Backend) {
+    a_panicking_source_poisons_its_page_and_the_engine_goes_on(apf::SourceKind::Memory, b);
 }
 
-#[test]
-fn a_dead_event_loop_is_noticed_and_no_fault_or_discard_hangs() {
+fn a_dead_event_loop_is_noticed_and_no_fault_or_discard_hangs(b: Backend) {
     let ram = ram(64);
-    let engine = engine_with(&ram, Arc::new(Pattern { seed: 2 }), apf::Config::default());
+    let engine = engine_with(&ram, Arc::new(Pattern { seed: 2 }), config(b));
+    // Without UFFDIO_POISON a page nobody can resolve reads zeros.
+    let unresolved = match b {
+        Backend::PrivateAnonymous => None,
+        Backend::Limited => Some(0),
+    };
     let r = ram.clone();
     assert!(within(Duration::from_secs(5), move || try_read_word(&r, 0)).is_some());
     engine.failpoints().switch_off(Switch::EventLoop, true);
@@ -221,7 +286,7 @@ fn a_dead_event_loop_is_noticed_and_no_fault_or_discard_hangs() {
     assert!(matches!(err, apf::FaultError::EventLoopDied(_)), "{err}");
     // A fault on a missing page gets SIGBUS (EFAULT here), not a hang...
     let r = ram.clone();
-    assert_eq!(within(Duration::from_secs(5), move || try_read_word(&r, 30 * PAGE)), None);
+    assert_eq!(within(Duration::from_secs(5), move || try_read_word(&r, 30 * PAGE)), unresolved);
     // ... a present page still reads ...
     let r = ram.clone();
     assert!(within(Duration::from_secs(5), move || try_read_word(&r, 0)).is_some());
@@ -230,7 +295,7 @@ fn a_dead_event_loop_is_noticed_and_no_fault_or_discard_hangs() {
     let r = ram.clone();
     within(Duration::from_secs(5), move || discard(&r, 0, PAGE));
     let r = ram.clone();
-    assert_eq!(within(Duration::from_secs(5), move || try_read_word(&r, 0)), None);
+    assert_eq!(within(Duration::from_secs(5), move || try_read_word(&r, 0)), unresolved);
     // ... new work is refused, and shutdown ends.
     let range = apf::GuestRange::new(GuestAddress(PAGE), PAGE);
     assert!(engine.offline(range, apf::Mode::Migrate, Instant::now() + Duration::from_secs(1)).is_err());
@@ -238,16 +303,14 @@ fn a_dead_event_loop_is_noticed_and_no_fault_or_discard_hangs() {
     assert_eq!(report.threads_left_behind, 0);
 }
 
-#[test]
-fn shutdown_leaves_a_stuck_source_behind_and_reports_it() {
+fn shutdown_leaves_a_stuck_source_behind_and_reports_it(b: Backend) {
     let ram = ram(64);
     // Never returns from a fill of page 7 while the test runs: held far
     // past the shutdown deadline (and the test), let go only by the hold
     // limit.
     let source =
         Arc::new(ScriptedSource::bytes(1).hold(Fills::Covering(7 * PAGE)).hold_limit(Duration::from_secs(120)));
-    let config =
-        apf::Config { max_window: 1, shutdown_deadline: Duration::from_millis(1500), ..apf::Config::default() };
+    let config = apf::Config { max_window: 1, shutdown_deadline: Duration::from_millis(1500), ..config(b) };
     let engine = engine_with(&ram, source.clone(), config);
     let r = ram.clone();
     // The reader stays blocked in its fault: the stuck worker owns it.
@@ -293,8 +356,7 @@ fn all_pages_right(ram: &Arc<GuestRam>, pattern: Pattern, pages: u64) {
 
 /// Every failure the fault path's ioctls can report, one call at a time:
 /// the faulting thread always gets the right contents, never a hang.
-#[test]
-fn every_failure_of_a_fault_path_ioctl_ends_with_the_right_contents() {
+fn every_failure_of_a_fault_path_ioctl_ends_with_the_right_contents(b: Backend) {
     let pattern = Pattern { seed: 12 };
     let cases: Vec<(&str, apf::Dispatch, Vec<Rule>)> = vec![
         ("copy EAGAIN inline", apf::Dispatch::Inline, vec![Rule::new(Op::Copy, libc::EAGAIN).times(3)]),
@@ -314,7 +376,7 @@ fn every_failure_of_a_fault_path_ioctl_ends_with_the_right_contents() {
     ];
     for (name, dispatch, rules) in cases {
         let ram = ram(64);
-        let config = apf::Config { dispatch, ..apf::Config::default() };
+        let config = apf::Config { dispatch, ..config(b) };
         let engine = engine_with(&ram, Arc::new(pattern), config);
         for rule in rules {
             engine.failpoints().arm(rule);
@@ -325,11 +387,10 @@ fn every_failure_of_a_fault_path_ioctl_ends_with_the_right_contents() {
     }
 }
 
-#[test]
-fn a_zeropage_failure_ends_with_zeros() {
+fn a_zeropage_failure_ends_with_zeros(b: Backend) {
     for errno in [libc::EAGAIN, libc::ENOMEM] {
         let ram = ram(16);
-        let engine = engine_with(&ram, Arc::new(apf::ZeroSource), apf::Config::default());
+        let engine = engine_with(&ram, Arc::new(apf::ZeroSource), config(b));
         engine.failpoints().arm(Rule::new(Op::ZeroPage, errno).times(2));
         let r = ram.clone();
         let words =
@@ -343,10 +404,9 @@ fn a_zeropage_failure_ends_with_zeros() {
 /// each other: a neighbour's fault-around installs a page between its
 /// remove being applied and its `madvise`'s zap. It must read zeros,
 /// never poison (the engine must not take that for a lost page).
-#[test]
-fn neighbours_discarding_and_reading_back_read_zeros() {
+fn neighbours_discarding_and_reading_back_read_zeros(b: Backend) {
     let ram = ram(64);
-    let engine = engine_with(&ram, Arc::new(Pattern { seed: 4 }), apf::Config::default());
+    let engine = engine_with(&ram, Arc::new(Pattern { seed: 4 }), config(b));
     let stop = Arc::new(AtomicBool::new(false));
     let threads: Vec<_> = [1u64, 2, 5, 6]
         .into_iter()

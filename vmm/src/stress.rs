@@ -1049,7 +1049,7 @@ impl Round {
         match e {
             PinError::Poisoned { gpa } => {
                 self.counters.pin_refused.fetch_add(1, Ordering::Relaxed);
-                self.check(*gpa as usize / PAGE, 0, Val::Poison, t0, t1);
+                self.check(gpa.0 as usize / PAGE, 0, Val::Poison, t0, t1);
             }
             // A timeout took the whole deadline: `end_op` counts it.
             e => self.error(format!("pin or page reference: {}", crate::error_chain(e))),

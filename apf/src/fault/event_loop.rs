@@ -7,7 +7,6 @@
 use std::collections::VecDeque;
 use std::os::fd::AsRawFd;
 use std::panic::AssertUnwindSafe;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
@@ -17,8 +16,9 @@ use tracing::field;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::prefetch::StreamTable;
-use super::resolve::{self, Ctx};
-use super::{EngineError, Fault, FaultError, Job, Shared};
+use super::SpawnError;
+use crate::core::resolve::{self, Ctx};
+use crate::core::{panic_message, Core, Fault, FaultError, GiveUp, Job};
 use crate::notifier::{InstallsHeld, Invalidation, Reason};
 use crate::ram::{GuestAddress, GuestRange, Origin, PageLoc, PageState};
 use crate::uffd::{Event, EventBuf, PAGE_SIZE};
@@ -40,7 +40,7 @@ struct Deferred {
 
 /// The subscriber.
 pub(crate) struct FaultLoop {
-    shared: Arc<Shared>,
+    shared: Arc<Core>,
     jobs: Sender<Job>,
     stop: EventFd,
     streams: StreamTable,
@@ -55,11 +55,11 @@ pub(crate) struct FaultLoop {
     failed: Option<String>,
 }
 
-pub(crate) fn spawn(shared: Arc<Shared>, jobs: Sender<Job>, stop: EventFd) -> Result<JoinHandle<()>, EngineError> {
-    let mut manager = EventManager::<FaultLoop>::new().map_err(EngineError::EventManager)?;
+pub(crate) fn spawn(shared: Arc<Core>, jobs: Sender<Job>, stop: EventFd) -> Result<JoinHandle<()>, SpawnError> {
+    let mut manager = EventManager::<FaultLoop>::new().map_err(SpawnError::EventManager)?;
     let fl = FaultLoop {
-        streams: StreamTable::new(shared.config.max_window),
-        ctx: Ctx::new(true, shared.config.max_window),
+        streams: StreamTable::new(shared.config().max_window),
+        ctx: Ctx::new(true, shared.config().max_window),
         shared,
         jobs,
         stop,
@@ -71,7 +71,7 @@ pub(crate) fn spawn(shared: Arc<Shared>, jobs: Sender<Job>, stop: EventFd) -> Re
         failed: None,
     };
     let shared = fl.shared.clone();
-    let rescue_stop = fl.stop.try_clone().map_err(EngineError::Io)?;
+    let rescue_stop = fl.stop.try_clone().map_err(SpawnError::Io)?;
     let id = manager.add_subscriber(fl);
     let dispatch = crate::trace::current_dispatch();
     std::thread::Builder::new()
@@ -102,7 +102,7 @@ pub(crate) fn spawn(shared: Arc<Shared>, jobs: Sender<Job>, stop: EventFd) -> Re
                 rescue(&shared, &rescue_stop, reason);
             }
         })
-        .map_err(EngineError::Io)
+        .map_err(SpawnError::Io)
 }
 
 /// After a shutdown that left a thread behind: the userfaultfd stays open
@@ -110,7 +110,7 @@ pub(crate) fn spawn(shared: Arc<Shared>, jobs: Sender<Job>, stop: EventFd) -> Re
 /// so someone must keep reading it, or a `madvise` of guest RAM would wait
 /// for ever for its remove event to be read. This thread does, for as long
 /// as the process lives, answering faults with poison.
-pub(crate) fn serve_after_shutdown(shared: Arc<Shared>) {
+pub(crate) fn serve_after_shutdown(shared: Arc<Core>) {
     let dispatch = crate::trace::current_dispatch();
     let spawned = std::thread::Builder::new().name("apf-after".into()).spawn(move || {
         let _trace = tracing::dispatcher::set_default(&dispatch);
@@ -124,26 +124,17 @@ pub(crate) fn serve_after_shutdown(shared: Arc<Shared>) {
     }
 }
 
-/// The text of a panic's payload.
-pub(crate) fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
-    match (panic.downcast_ref::<&str>(), panic.downcast_ref::<String>()) {
-        (Some(s), _) => format!("panic: {s}"),
-        (_, Some(s)) => format!("panic: {s}"),
-        _ => "panic".into(),
-    }
-}
-
 /// After the event loop died: nothing resolves faults any more, and a
 /// thread blocked in a kernel fault cannot be handed an error, while
 /// closing the userfaultfd would release it into zero-filled memory (silent
 /// corruption). So: refuse new work, poison every page not present, wake
 /// every range, then answer every fault with poison and apply removes
 /// (so `madvise` callers are let go) until the engine is stopped.
-fn rescue(shared: &Shared, stop: &EventFd, reason: String) {
-    shared.stopping.store(true, Ordering::Release);
+fn rescue(shared: &Core, stop: &EventFd, reason: String) {
+    shared.stop();
     shared.report(FaultError::EventLoopDied(reason));
     shared.poison_unresolved();
-    for r in shared.ram.regions() {
+    for r in shared.ram().regions() {
         shared.wake(r.host_base(), r.len() as usize);
     }
     answer_with_poison(shared, stop);
@@ -151,12 +142,12 @@ fn rescue(shared: &Shared, stop: &EventFd, reason: String) {
 
 /// Reads events until `stop`: removes are applied in order, every fault is
 /// answered with poison (or a wake where the page is present).
-fn answer_with_poison(shared: &Shared, stop: &EventFd) {
+fn answer_with_poison(shared: &Core, stop: &EventFd) {
     let mut buf = EventBuf::default();
     let mut events = Vec::with_capacity(crate::uffd::EVENT_BATCH);
     loop {
         let mut fds = [
-            libc::pollfd { fd: shared.uffd.as_raw_fd(), events: libc::POLLIN, revents: 0 },
+            libc::pollfd { fd: shared.uffd().as_raw_fd(), events: libc::POLLIN, revents: 0 },
             libc::pollfd { fd: stop.as_raw_fd(), events: libc::POLLIN, revents: 0 },
         ];
         // SAFETY: poll reads and writes the two pollfds on this frame.
@@ -164,8 +155,8 @@ fn answer_with_poison(shared: &Shared, stop: &EventFd) {
         if fds[1].revents & libc::POLLIN != 0 {
             return;
         }
-        let mut held = Some(shared.notifier.hold_installs());
-        let read = shared.uffd.read_events(&mut buf, &mut events);
+        let mut held = Some(shared.notifier().hold_installs());
+        let read = shared.uffd().read_events(&mut buf, &mut events);
         let mut removes = Vec::new();
         if read.is_ok() {
             for ev in events.iter() {
@@ -184,7 +175,8 @@ fn answer_with_poison(shared: &Shared, stop: &EventFd) {
                 // SAFETY: the kernel reported a fault there, so the page is in
                 // a range registered with this descriptor: guest RAM, which
                 // no Rust reference ever points into (see `crate::ram`).
-                match unsafe { shared.uffd.poison(page, PAGE_SIZE) } {
+                // (Zeros where the backend cannot poison.)
+                match unsafe { shared.give_up_on(page, PAGE_SIZE) } {
                     Ok(_) => {}
                     // Present, or a remove pending (it is read next round):
                     // either way the thread retries its access.
@@ -200,8 +192,8 @@ fn answer_with_poison(shared: &Shared, stop: &EventFd) {
 impl MutEventSubscriber for FaultLoop {
     fn init(&mut self, ops: &mut EventOps) {
         let adds = [
-            ops.add(Events::with_data(&self.shared.uffd, UFFD, EventSet::IN)),
-            ops.add(Events::with_data(&self.shared.kick, KICK, EventSet::IN)),
+            ops.add(Events::with_data(self.shared.uffd(), UFFD, EventSet::IN)),
+            ops.add(Events::with_data(self.shared.kick_fd(), KICK, EventSet::IN)),
             ops.add(Events::with_data(&self.stop, STOP, EventSet::IN)),
         ];
         if let Some(Err(e)) = adds.into_iter().find(|r| r.is_err()) {
@@ -214,7 +206,7 @@ impl MutEventSubscriber for FaultLoop {
         match events.data() {
             UFFD => self.drain(),
             KICK => {
-                let _ = self.shared.kick.read();
+                self.shared.clear_kick();
                 self.unpark();
                 self.redo_deferred();
             }
@@ -226,7 +218,7 @@ impl MutEventSubscriber for FaultLoop {
 impl FaultLoop {
     fn tick(&mut self) {
         #[cfg(feature = "failpoints")]
-        if self.shared.uffd.failpoints().is_off(crate::failpoints::Switch::EventLoop) {
+        if self.shared.uffd().failpoints().is_off(crate::failpoints::Switch::EventLoop) {
             panic!("the event loop was switched off by a failpoint");
         }
         if !self.parked.is_empty() {
@@ -240,7 +232,7 @@ impl FaultLoop {
     /// Handles deferred faults again (an offline ended, or the tick).
     fn redo_deferred(&mut self) {
         for d in std::mem::take(&mut self.deferred) {
-            match self.shared.ram.locate_host(d.addr) {
+            match self.shared.ram().locate_host(d.addr) {
                 Some(loc) => self.handle_fault(d.span, d.addr, loc, d.write, d.tid, true),
                 None => {
                     self.shared.wake(d.addr & !(PAGE_SIZE as u64 - 1), PAGE_SIZE);
@@ -256,20 +248,20 @@ impl FaultLoop {
     /// The polling looks (`poll`) without reading: a read holds installs
     /// off (see [`Self::drain_once`]).
     fn drain(&mut self) {
-        let spin = self.shared.config.spin;
+        let spin = self.shared.config().spin;
         let mut last = std::time::Instant::now();
         let mut got = self.drain_once();
         loop {
             if got {
                 last = std::time::Instant::now();
-            } else if last.elapsed() >= spin || self.shared.in_flight.load(Ordering::Relaxed) > 0 {
+            } else if last.elapsed() >= spin || self.shared.jobs_in_flight() > 0 {
                 // Workers are installing (or jobs are parked): leave them
                 // the core.
                 return;
             } else {
                 std::hint::spin_loop();
             }
-            got = self.shared.uffd.readable() && self.drain_once();
+            got = self.shared.uffd().readable() && self.drain_once();
         }
     }
 
@@ -286,8 +278,8 @@ impl FaultLoop {
         loop {
             let mut events = std::mem::take(&mut self.events);
             let shared = self.shared.clone();
-            let mut held = (!self.removes_unordered()).then(|| shared.notifier.hold_installs());
-            let read = shared.uffd.read_events(&mut self.buf, &mut events);
+            let mut held = (!self.removes_unordered()).then(|| shared.notifier().hold_installs());
+            let read = shared.uffd().read_events(&mut self.buf, &mut events);
             let mut removes = Vec::new();
             if read.is_ok() {
                 for ev in events.iter() {
@@ -334,7 +326,7 @@ impl FaultLoop {
     fn removes_unordered(&self) -> bool {
         #[cfg(feature = "failpoints")]
         {
-            self.shared.uffd.failpoints().is_off(crate::failpoints::Switch::UnorderedRemoves)
+            self.shared.uffd().failpoints().is_off(crate::failpoints::Switch::UnorderedRemoves)
         }
         #[cfg(not(feature = "failpoints"))]
         false
@@ -355,13 +347,13 @@ impl FaultLoop {
 
     fn on_fault(&mut self, addr: u64, write: bool, tid: u32) {
         let shared = &self.shared;
-        shared.stats.faults.fetch_add(1, Ordering::Relaxed);
-        let Some(loc) = shared.ram.locate_host(addr) else {
+        shared.stats().faults.add(1);
+        let Some(loc) = shared.ram().locate_host(addr) else {
             shared.report(FaultError::OutsideRam(addr));
             shared.wake(addr & !(PAGE_SIZE as u64 - 1), PAGE_SIZE);
             return;
         };
-        let region = &shared.ram.regions()[loc.region];
+        let region = &shared.ram().regions()[loc.region];
         let span = tracing::info_span!(
             target: "apf",
             "apf.fault",
@@ -380,7 +372,7 @@ impl FaultLoop {
     /// woken (the offline put the page back).
     fn handle_fault(&mut self, span: tracing::Span, addr: u64, loc: PageLoc, write: bool, tid: u32, redo: bool) {
         let shared = &self.shared;
-        let region = &shared.ram.regions()[loc.region];
+        let region = &shared.ram().regions()[loc.region];
         let page = loc.page;
         // A few rounds at most: each failed claim means another resolver
         // moved the page on, and the next look sees where to.
@@ -390,10 +382,8 @@ impl FaultLoop {
                     if region.try_claim(page).is_none() {
                         continue;
                     }
-                    if let Some(ws) = &shared.working_set {
-                        ws.record(shared.ram.page_index(loc), region.page_gpa(page).0);
-                    }
-                    span.record("source", shared.source.name());
+                    shared.record_touch(shared.ram().page_index(loc), region.page_gpa(page).0);
+                    span.record("source", shared.source().name());
                     let runs = self.plan(loc.region, page, tid);
                     let job = Job {
                         region: loc.region,
@@ -408,7 +398,7 @@ impl FaultLoop {
                     return;
                 }
                 PageState::Resolving => {
-                    shared.stats.deduped.fetch_add(1, Ordering::Relaxed);
+                    shared.stats().deduped.add(1);
                     span.record("outcome", "deduped");
                     return;
                 }
@@ -425,7 +415,7 @@ impl FaultLoop {
                     if !region.try_reclaim_removed(page) {
                         continue;
                     }
-                    shared.stats.spurious.fetch_add(1, Ordering::Relaxed);
+                    shared.stats().spurious.add(1);
                     span.record("source", "zero");
                     let job = Job {
                         region: loc.region,
@@ -453,18 +443,21 @@ impl FaultLoop {
                     // exclusively, so a page still `Present` under it is
                     // not being moved out by anyone.
                     let host = region.page_host(page);
-                    let guard = shared.notifier.install_lock();
+                    let guard = shared.notifier().install_lock();
                     if region.state(page).0 != PageState::Present {
                         drop(guard);
                         continue;
                     }
+                    // Without `POISON` the probe is `ZEROPAGE`, which refuses
+                    // the same way and gives a lost page zeros.
+                    let zeroed = shared.give_up() == GiveUp::Zeros;
                     // SAFETY: a page of guest RAM, which no Rust reference ever points into (see `crate::ram`).
-                    let probe = unsafe { shared.uffd.poison(host, PAGE_SIZE) };
-                    let lost = probe.is_ok() && region.mark_lost(page);
+                    let probe = unsafe { shared.give_up_on(host, PAGE_SIZE) };
+                    let lost = probe.is_ok() && (zeroed || region.mark_lost(page));
                     drop(guard);
                     match probe {
                         Err(e) if e.errno == libc::EEXIST => {
-                            shared.stats.spurious.fetch_add(1, Ordering::Relaxed);
+                            shared.stats().spurious.add(1);
                             span.record("outcome", "woken");
                             shared.wake(host, PAGE_SIZE);
                         }
@@ -472,10 +465,13 @@ impl FaultLoop {
                             // Its contents are gone: say so, never zero-fill
                             // as if nothing happened.
                             debug_assert!(lost, "a present page under the install lock stays present");
-                            shared.stats.poisoned.fetch_add(1, Ordering::Relaxed);
-                            span.record("outcome", "poisoned");
-                            let gpa = region.page_gpa(page).0;
-                            shared.report(FaultError::Inconsistent { gpa, poisoned: true });
+                            if !zeroed {
+                                shared.stats().poisoned.add(1);
+                            }
+                            span.record("outcome", if zeroed { "zero-filled" } else { "poisoned" });
+                            let gpa = region.page_gpa(page);
+                            let err = FaultError::Inconsistent { gpa, poisoned: !zeroed };
+                            shared.report_given_up(gpa, zeroed, err);
                         }
                         Err(e) => self.after_failed_poison(span, addr, loc, write, tid, redo, e),
                     }
@@ -489,13 +485,13 @@ impl FaultLoop {
                     // discard's zap may have taken them again; a marker
                     // then would poison a page the engine calls present.
                     let host = region.page_host(page);
-                    let guard = shared.notifier.install_lock();
+                    let guard = shared.notifier().install_lock();
                     if !matches!(region.state(page).0, PageState::Poisoned | PageState::Offline) {
                         drop(guard);
                         continue;
                     }
                     // SAFETY: a page of guest RAM, which no Rust reference ever points into (see `crate::ram`).
-                    let res = unsafe { shared.uffd.poison(host, PAGE_SIZE) };
+                    let res = unsafe { shared.mem().poison(host, PAGE_SIZE) };
                     drop(guard);
                     match res {
                         Ok(_) => {
@@ -510,9 +506,9 @@ impl FaultLoop {
                     return;
                 }
                 PageState::Invalidating => {
-                    if self.deferred.len() < shared.config.park_capacity {
+                    if self.deferred.len() < shared.config().park_capacity {
                         if !redo {
-                            shared.stats.deferred.fetch_add(1, Ordering::Relaxed);
+                            shared.stats().deferred.add(1);
                         }
                         self.deferred.push(Deferred { span, addr, write, tid });
                         return;
@@ -545,27 +541,27 @@ impl FaultLoop {
         e: crate::uffd::IoctlError,
     ) {
         let shared = &self.shared;
-        let region = &shared.ram.regions()[loc.region];
-        if self.deferred.len() < shared.config.park_capacity {
+        let region = &shared.ram().regions()[loc.region];
+        if self.deferred.len() < shared.config().park_capacity {
             span.record("outcome", "deferred");
             if !redo {
-                shared.stats.deferred.fetch_add(1, Ordering::Relaxed);
+                shared.stats().deferred.add(1);
                 if e.errno != libc::EAGAIN {
-                    shared.report(FaultError::Install { gpa: region.page_gpa(loc.page).0, error: e });
+                    shared.report(FaultError::Install { gpa: region.page_gpa(loc.page), error: e });
                 }
             }
             self.deferred.push(Deferred { span, addr, write, tid });
             return;
         }
         span.record("outcome", "poison-failed");
-        shared.report(FaultError::Install { gpa: region.page_gpa(loc.page).0, error: e });
+        shared.report(FaultError::Install { gpa: region.page_gpa(loc.page), error: e });
         shared.wake(region.page_host(loc.page), PAGE_SIZE);
     }
 
     /// Claims the prefetch window after the faulting page (already claimed)
     /// and returns its runs.
     fn plan(&mut self, region_idx: usize, page: usize, tid: u32) -> Vec<(usize, usize)> {
-        let region = &self.shared.ram.regions()[region_idx];
+        let region = &self.shared.ram().regions()[region_idx];
         let linear = (region.base().0 / PAGE_SIZE as u64) as i64 + page as i64;
         let plan = self.streams.plan(tid, linear);
         if plan.count <= 1 {
@@ -582,7 +578,7 @@ impl FaultLoop {
             }
             return runs;
         }
-        let max = self.shared.config.max_window;
+        let max = self.shared.config().max_window;
         let pages = region.pages() as i64;
         let stride = plan.stride;
         let contiguous = stride.unsigned_abs() as usize * (plan.count - 1) < max;
@@ -622,7 +618,7 @@ impl FaultLoop {
     /// Runs covering `page` (already claimed) and the missing pages of the
     /// aligned fault-around block it lies in.
     fn fault_around(&self, region: &crate::ram::Region, page: usize) -> Vec<(usize, usize)> {
-        let around = self.shared.config.fault_around.min(self.shared.config.max_window).max(1);
+        let around = self.shared.config().fault_around.min(self.shared.config().max_window).max(1);
         if around == 1 {
             return vec![(page, 1)];
         }
@@ -643,14 +639,14 @@ impl FaultLoop {
 
     fn dispatch(&mut self, job: Job) {
         // Counted from claim to finish, whichever thread finishes it.
-        self.shared.in_flight.fetch_add(1, Ordering::AcqRel);
+        self.shared.job_started();
         let pages = job.runs.iter().map(|r| r.1).sum();
         if self.shared.inline_ok(pages) {
-            self.shared.stats.inline.fetch_add(1, Ordering::Relaxed);
+            self.shared.stats().inline.add(1);
             match resolve::resolve_guarded(&self.shared, job, &mut self.ctx) {
                 Some(job) => self.send_to_pool(job),
                 None => {
-                    self.shared.in_flight.fetch_sub(1, Ordering::AcqRel);
+                    self.shared.job_finished();
                 }
             }
         } else {
@@ -662,37 +658,37 @@ impl FaultLoop {
     fn send_to_pool(&mut self, job: Job) {
         match self.jobs.try_send(job) {
             Ok(()) => {
-                self.shared.stats.dispatched.fetch_add(1, Ordering::Relaxed);
+                self.shared.stats().dispatched.add(1);
             }
             Err(TrySendError::Full(job)) => self.park(job),
             Err(TrySendError::Disconnected(job)) => {
                 self.shared.release_runs(job.region, &job.runs);
-                self.shared.in_flight.fetch_sub(1, Ordering::AcqRel);
+                self.shared.job_finished();
             }
         }
     }
 
     fn park(&mut self, job: Job) {
-        if self.parked.len() >= self.shared.config.park_capacity {
+        if self.parked.len() >= self.shared.config().park_capacity {
             // Cannot happen with fewer faulting threads than the park
             // capacity (each blocked thread has one fault outstanding).
             // Rather than lose the job, resolve it here even if it blocks.
-            let mut ctx = Ctx::new(false, self.shared.config.max_window);
+            let mut ctx = Ctx::new(false, self.shared.config().max_window);
             let left = resolve::resolve_guarded(&self.shared, job, &mut ctx);
             debug_assert!(left.is_none());
-            self.shared.in_flight.fetch_sub(1, Ordering::AcqRel);
+            self.shared.job_finished();
             return;
         }
-        self.shared.stats.parked.fetch_add(1, Ordering::Relaxed);
+        self.shared.stats().parked.add(1);
         self.parked.push_back(job);
-        self.shared.parked_waiting.store(true, Ordering::SeqCst);
+        self.shared.set_parked(true);
     }
 
     fn unpark(&mut self) {
         while let Some(job) = self.parked.pop_front() {
             match self.jobs.try_send(job) {
                 Ok(()) => {
-                    self.shared.stats.dispatched.fetch_add(1, Ordering::Relaxed);
+                    self.shared.stats().dispatched.add(1);
                 }
                 Err(TrySendError::Full(job)) => {
                     self.parked.push_front(job);
@@ -700,18 +696,18 @@ impl FaultLoop {
                 }
                 Err(TrySendError::Disconnected(job)) => {
                     self.shared.release_runs(job.region, &job.runs);
-                    self.shared.in_flight.fetch_sub(1, Ordering::AcqRel);
+                    self.shared.job_finished();
                 }
             }
         }
-        self.shared.parked_waiting.store(false, Ordering::SeqCst);
+        self.shared.set_parked(false);
     }
 
     /// At exit: parked jobs give their pages back, so shutdown poisons them.
     fn abandon_parked(&mut self) {
         for job in self.parked.drain(..) {
             self.shared.release_runs(job.region, &job.runs);
-            self.shared.in_flight.fetch_sub(1, Ordering::AcqRel);
+            self.shared.job_finished();
         }
     }
 }
@@ -723,13 +719,13 @@ impl FaultLoop {
 /// to `out`: their callbacks are called after installs resume, and they end
 /// when dropped.
 fn begin_remove<'a>(
-    shared: &'a Shared,
+    shared: &'a Core,
     mut held: Option<&mut InstallsHeld<'a>>,
     start: u64,
     end: u64,
     out: &mut Vec<Invalidation<'a>>,
 ) {
-    for (i, r) in shared.ram.regions().iter().enumerate() {
+    for (i, r) in shared.ram().regions().iter().enumerate() {
         let lo = start.max(r.host_base());
         let hi = end.min(r.host_base() + r.len());
         if lo >= hi {
@@ -737,7 +733,7 @@ fn begin_remove<'a>(
         }
         let first = ((lo - r.host_base()) / PAGE_SIZE as u64) as usize;
         let last = ((hi - r.host_base()).div_ceil(PAGE_SIZE as u64)) as usize;
-        shared.stats.removes.fetch_add(1, Ordering::Relaxed);
+        shared.stats().removes.add(1);
         let range = GuestRange::new(GuestAddress(r.page_gpa(first).0), ((last - first) * PAGE_SIZE) as u64);
         let _span = tracing::debug_span!(target: "apf", "apf.invalidate", region = i, gpa = range.start.0, len = range.len, reason = "remove").entered();
         let mark = || {
@@ -745,13 +741,13 @@ fn begin_remove<'a>(
                 if r.mark_removed(p).1 == Origin::Store {
                     // Its evicted contents are gone for good (a resolver
                     // filling from them retries, from zeros).
-                    shared.store.discard(r.page_gpa(p), PAGE_SIZE);
+                    shared.store().discard(r.page_gpa(p), PAGE_SIZE);
                 }
             }
         };
         match held.as_deref_mut() {
             Some(held) => out.push(held.invalidate(&[range], Reason::Remove, mark)),
-            None => out.extend(shared.notifier.invalidate_begin(&[range], Reason::Remove, false, mark).ok()),
+            None => out.extend(shared.notifier().invalidate_begin(&[range], Reason::Remove, false, mark).ok()),
         }
     }
 }

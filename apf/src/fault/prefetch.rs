@@ -124,7 +124,7 @@ pub enum WorkingSetError {
 const WS_MAGIC: &[u8; 8] = b"APFWSET1";
 
 /// The guest pages one run faulted, in the order it faulted them. Replayed
-/// by the next run as prefetch ([`crate::fault::Engine::replay`]), so a
+/// by the next run as prefetch ([`crate::Engine::replay`]), so a
 /// restore installs the pages the guest will want before it asks.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct WorkingSet {

@@ -73,7 +73,7 @@ pub enum Failure {
 impl Failure {
     fn error(self, gpa: GuestAddress, len: usize) -> SourceError {
         match self {
-            Failure::Io(errno) => SourceError::Io { gpa: gpa.0, len, source: std::io::Error::from_raw_os_error(errno) },
+            Failure::Io(errno) => SourceError::Io { gpa, len, source: std::io::Error::from_raw_os_error(errno) },
             Failure::NotCovered => SourceError::NotCovered(GuestRange::new(gpa, len as u64)),
         }
     }

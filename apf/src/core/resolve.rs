@@ -15,8 +15,8 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::Receiver;
 use tracing::field;
 
-use super::{FaultError, Job, Shared};
-use crate::ram::{GuestRange, Origin, Region};
+use super::{Core, FaultError, GiveUp, Job};
+use crate::ram::{GuestAddress, GuestRange, Origin, Region};
 use crate::source::PageSource;
 use crate::uffd::PAGE_SIZE;
 
@@ -81,8 +81,8 @@ enum InstallError {
 }
 
 /// The worker loop: resolve jobs until the channel closes.
-pub(crate) fn worker(shared: &Shared, rx: &Receiver<Job>) {
-    let mut ctx = Ctx::new(false, shared.config.max_window);
+pub(crate) fn worker(shared: &Core, rx: &Receiver<Job>) {
+    let mut ctx = Ctx::new(false, shared.config().max_window);
     for job in rx.iter() {
         let left = resolve_guarded(shared, job, &mut ctx);
         debug_assert!(left.is_none(), "workers finish their jobs");
@@ -90,30 +90,28 @@ pub(crate) fn worker(shared: &Shared, rx: &Receiver<Job>) {
             shared.release_runs(job.region, &job.runs);
         }
         // Uncounted only once nothing of the job is left claimed.
-        shared.in_flight.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
-        if shared.parked_waiting.load(std::sync::atomic::Ordering::SeqCst) {
-            let _ = shared.kick.write(1);
-        }
+        shared.job_finished();
+        shared.kick_if_parked();
     }
 }
 
 /// [`resolve`], with a panic (of the page source, most likely) contained:
 /// the faulting page is poisoned, the rest of the window given back, and
 /// the error reported; the calling thread goes on.
-pub(crate) fn resolve_guarded(shared: &Shared, job: Job, ctx: &mut Ctx) -> Option<Job> {
+pub(crate) fn resolve_guarded(shared: &Core, job: Job, ctx: &mut Ctx) -> Option<Job> {
     resolve_guarded_counting(shared, job, ctx).0
 }
 
 /// [`resolve_guarded`], also returning the bytes installed.
-fn resolve_guarded_counting(shared: &Shared, job: Job, ctx: &mut Ctx) -> (Option<Job>, usize) {
+fn resolve_guarded_counting(shared: &Core, job: Job, ctx: &mut Ctx) -> (Option<Job>, usize) {
     let (region_idx, runs, fault) = (job.region, job.runs.clone(), job.fault);
     let panic = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| resolve_counting(shared, job, ctx))) {
         Ok(done) => return done,
         Err(panic) => panic,
     };
-    let message = super::event_loop::panic_message(&*panic);
-    let region = &shared.ram.regions()[region_idx];
-    let mut poisoned = false;
+    let message = super::panic_message(&*panic);
+    let region = &shared.ram().regions()[region_idx];
+    let (mut poisoned, mut zeroed) = (false, false);
     // Pages still `Resolving` in the job's runs are still the job's: only a
     // claimant moves a page out of that state.
     let mine = |p: usize| region.state(p).0 == crate::ram::PageState::Resolving;
@@ -125,16 +123,24 @@ fn resolve_guarded_counting(shared: &Shared, job: Job, ctx: &mut Ctx) -> (Option
                 // page discarded or unplugged meanwhile no longer comes
                 // from the source that panicked; given back, it faults
                 // again and gets zeros (or its unplug's poison).
-                let guard = shared.notifier.install_lock();
+                let guard = shared.notifier().install_lock();
                 let from_source = matches!(region.claimed_origin(p), Origin::Source | Origin::Store);
                 // SAFETY: a page of guest RAM, which no Rust reference ever points into (see `crate::ram`).
-                poisoned = from_source && unsafe { shared.uffd.poison(region.page_host(p), PAGE_SIZE) }.is_ok();
-                if poisoned {
-                    shared.checked(region.poison(p));
-                    shared.stats.poisoned.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let given_up = from_source && unsafe { shared.give_up_on(region.page_host(p), PAGE_SIZE) }.is_ok();
+                match shared.give_up() {
+                    GiveUp::Poison if given_up => {
+                        poisoned = true;
+                        shared.checked(region.poison(p));
+                        shared.stats().poisoned.add(1);
+                    }
+                    GiveUp::Zeros if given_up => {
+                        zeroed = true;
+                        shared.checked(region.complete(p));
+                    }
+                    _ => {}
                 }
                 drop(guard);
-                if !poisoned {
+                if !given_up {
                     others.push((p, 1));
                 }
             } else {
@@ -143,8 +149,8 @@ fn resolve_guarded_counting(shared: &Shared, job: Job, ctx: &mut Ctx) -> (Option
         }
     }
     shared.release_runs(region_idx, &others);
-    let gpa = region.page_gpa(fault.map_or(runs.first().map_or(0, |r| r.0), |f| f.page)).0;
-    shared.report(FaultError::SourcePanicked { gpa, poisoned, message });
+    let gpa = region.page_gpa(fault.map_or(runs.first().map_or(0, |r| r.0), |f| f.page));
+    shared.report_given_up(gpa, zeroed, FaultError::SourcePanicked { gpa, poisoned, message });
     (None, 0)
 }
 
@@ -152,10 +158,10 @@ fn resolve_guarded_counting(shared: &Shared, job: Job, ctx: &mut Ctx) -> (Option
 /// the job back when it must continue elsewhere (only on the event-loop
 /// thread: a fill that needs a retry with back-off, or an install refused
 /// with `EAGAIN`); workers always finish their jobs.
-fn resolve_counting(shared: &Shared, mut job: Job, ctx: &mut Ctx) -> (Option<Job>, usize) {
+fn resolve_counting(shared: &Core, mut job: Job, ctx: &mut Ctx) -> (Option<Job>, usize) {
     let span = job.span.clone();
     let _entered = span.enter();
-    let region = &shared.ram.regions()[job.region];
+    let region = &shared.ram().regions()[job.region];
     let started = Instant::now();
     let mut bytes = 0usize;
     loop {
@@ -164,9 +170,9 @@ fn resolve_counting(shared: &Shared, mut job: Job, ctx: &mut Ctx) -> (Option<Job
             span.record("outcome", "installed");
             return (None, bytes);
         }
-        let wait_until = if ctx.on_loop { Instant::now() } else { Instant::now() + shared.config.install_deadline };
+        let wait_until = if ctx.on_loop { Instant::now() } else { Instant::now() + shared.config().install_deadline };
         let mut range = job_range(region, &job.runs);
-        let mut seq = shared.notifier.read_begin(range, Instant::now());
+        let mut seq = shared.notifier().read_begin(range, Instant::now());
         if seq.is_none() && job.runs.iter().map(|r| r.1).sum::<usize>() > 1 {
             // An invalidation holds the window. Only the faulting page
             // waits for it: the rest goes back, woken. A thread whose fault
@@ -184,13 +190,13 @@ fn resolve_counting(shared: &Shared, mut job: Job, ctx: &mut Ctx) -> (Option<Job
                 return (None, bytes);
             }
             range = job_range(region, &job.runs);
-            seq = shared.notifier.read_begin(range, Instant::now());
+            seq = shared.notifier().read_begin(range, Instant::now());
         }
         if seq.is_none() {
             // An invalidation holds the window. It waits for nothing this
             // thread could hold (it drained references before it held).
             if wait_until > Instant::now() {
-                seq = shared.notifier.read_begin(range, wait_until);
+                seq = shared.notifier().read_begin(range, wait_until);
             }
         }
         let Some(seq) = seq else {
@@ -216,10 +222,10 @@ fn resolve_counting(shared: &Shared, mut job: Job, ctx: &mut Ctx) -> (Option<Job
         };
 
         let install_span = tracing::trace_span!(target: "apf", "apf.install", pages = field::Empty);
-        let guard = shared.notifier.install_lock();
+        let guard = shared.notifier().install_lock();
         if guard.read_retry(range, seq) {
             drop(guard);
-            shared.stats.stale.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            shared.stats().stale.add(1);
             continue;
         }
         let result = install_pieces(shared, job.region, &pieces, job.reclaimed, &mut bytes);
@@ -236,12 +242,12 @@ fn resolve_counting(shared: &Shared, mut job: Job, ctx: &mut Ctx) -> (Option<Job
                 job.runs.clear();
             }
             Err(InstallError::Again(rest)) => {
-                shared.stats.eagain.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                shared.stats().eagain.add(1);
                 job.runs = rest;
                 if ctx.on_loop {
                     return (Some(job), bytes);
                 }
-                if started.elapsed() > shared.config.install_deadline {
+                if started.elapsed() > shared.config().install_deadline {
                     shared.release_runs(job.region, &job.runs);
                     span.record("outcome", "eagain-timeout");
                     return (None, bytes);
@@ -251,7 +257,7 @@ fn resolve_counting(shared: &Shared, mut job: Job, ctx: &mut Ctx) -> (Option<Job
             Err(InstallError::SourceFault(rest)) => {
                 job.runs = rest;
                 job.attempts += 1;
-                let gpa = region.page_gpa(job.runs[0].0).0;
+                let gpa = region.page_gpa(job.runs[0].0);
                 let error = crate::source::SourceError::Io {
                     gpa,
                     len: PAGE_SIZE,
@@ -286,25 +292,24 @@ enum FillNext {
 /// tried again, never poisoned on stale grounds.
 #[allow(clippy::too_many_arguments)]
 fn on_fill_error(
-    shared: &Shared,
+    shared: &Core,
     region: &Region,
     job: &mut Job,
     ctx: &Ctx,
-    gpa: u64,
+    gpa: GuestAddress,
     error: crate::source::SourceError,
     read: (GuestRange, crate::notifier::Seq),
 ) -> FillNext {
-    use std::sync::atomic::Ordering::Relaxed;
-    if job.refunds < super::MAX_REFUNDS && shared.notifier.read_retry(read.0, read.1) {
+    if job.refunds < super::MAX_REFUNDS && shared.notifier().read_retry(read.0, read.1) {
         // Not counted: the failure may be the invalidation's doing (an
         // evicted page whose stored copy a discard dropped).
         job.attempts -= 1;
         job.refunds += 1;
-        shared.stats.stale.fetch_add(1, Relaxed);
+        shared.stats().stale.add(1);
         return if ctx.on_loop { FillNext::Defer } else { FillNext::Retry };
     }
-    if job.attempts <= shared.config.fill_retries {
-        shared.stats.fill_retries.fetch_add(1, Relaxed);
+    if job.attempts <= shared.config().fill_retries {
+        shared.stats().fill_retries.add(1);
         shrink_to_fault(shared, job);
         if job.runs.is_empty() {
             return FillNext::Done;
@@ -312,7 +317,7 @@ fn on_fill_error(
         if ctx.on_loop {
             return FillNext::Defer;
         }
-        let backoff = shared.config.retry_backoff * (1 << (job.attempts - 1).min(10));
+        let backoff = shared.config().retry_backoff * (1 << (job.attempts - 1).min(10));
         std::thread::sleep(backoff);
         return FillNext::Retry;
     }
@@ -327,8 +332,8 @@ fn on_fill_error(
     shrink_to_fault(shared, job);
     // Report before poisoning: the poison wakes the faulting thread with
     // SIGBUS, and whoever handles that should find the reason already sent.
-    let page_gpa = region.page_gpa(fault.page).0;
-    let guard = shared.notifier.install_lock();
+    let page_gpa = region.page_gpa(fault.page);
+    let guard = shared.notifier().install_lock();
     if job.refunds < super::MAX_REFUNDS && guard.read_retry(read.0, read.1) {
         // Invalidated while it was failing: its origin may be zeros now.
         drop(guard);
@@ -336,13 +341,18 @@ fn on_fill_error(
         job.refunds += 1;
         return if ctx.on_loop { FillNext::Defer } else { FillNext::Retry };
     }
-    shared.report(FaultError::SourceFailed { gpa: page_gpa, attempts: job.attempts, poisoned: true, error });
+    // Without `POISON` the page gets zeros instead (see `GiveUp::Zeros`).
+    let answer = shared.give_up();
+    let zeroed = answer == GiveUp::Zeros;
+    let failed = FaultError::SourceFailed { gpa: page_gpa, attempts: job.attempts, poisoned: !zeroed, error };
+    shared.report_given_up(page_gpa, zeroed, failed);
     let host = region.page_host(fault.page);
     // SAFETY: a page of guest RAM, which no Rust reference ever points into (see `crate::ram`).
-    match unsafe { shared.uffd.poison(host, PAGE_SIZE) } {
+    match unsafe { shared.give_up_on(host, PAGE_SIZE) } {
+        Ok(_) if zeroed => shared.checked(region.complete(fault.page)),
         Ok(_) => {
             shared.checked(region.poison(fault.page));
-            shared.stats.poisoned.fetch_add(1, Relaxed);
+            shared.stats().poisoned.add(1);
         }
         Err(e) if e.errno == libc::EEXIST => {
             shared.checked(region.complete(fault.page));
@@ -362,7 +372,7 @@ fn on_fill_error(
 }
 
 /// Keeps only the faulting page claimed; releases (and wakes) the rest.
-fn shrink_to_fault(shared: &Shared, job: &mut Job) {
+fn shrink_to_fault(shared: &Core, job: &mut Job) {
     let Some(fault) = job.fault else { return };
     let mut others = Vec::new();
     let mut keep = false;
@@ -394,12 +404,12 @@ fn job_range(region: &Region, runs: &[(usize, usize)]) -> GuestRange {
 /// Fills the window into pieces of one origin each. Resident source pages
 /// are not copied; other pages go into `ctx.buf`.
 fn fill(
-    shared: &Shared,
+    shared: &Core,
     region: &Region,
     job: &Job,
     ctx: &mut Ctx,
-) -> Result<Vec<Piece>, (u64, crate::source::SourceError)> {
-    let zero_source = shared.source.kind() == crate::source::SourceKind::Zero;
+) -> Result<Vec<Piece>, (GuestAddress, crate::source::SourceError)> {
+    let zero_source = shared.source().kind() == crate::source::SourceKind::Zero;
     // A zero source fills nothing worth a span (its pages are installed
     // from a zero buffer, or with ZEROPAGE).
     let _span = (!zero_source).then(|| tracing::trace_span!(target: "apf", "apf.fill").entered());
@@ -426,12 +436,12 @@ fn fill(
                 Src::Poison
             } else if is_zero {
                 if write {
-                    Src::Copy(shared.zeros.as_ptr())
+                    Src::Copy(shared.zeros().as_ptr())
                 } else {
                     Src::ZeroPage
                 }
             } else if let Some(resident) = (origin == Origin::Source && job.attempts == 0)
-                .then(|| shared.source.resident(gpa, len))
+                .then(|| shared.source().resident(gpa, len))
                 .flatten()
                 .filter(|&p| in_memory(p, len, &mut ctx.residency))
             {
@@ -440,10 +450,10 @@ fn fill(
             } else {
                 let dst = &mut ctx.buf[buf_off..buf_off + len];
                 let res = match origin {
-                    Origin::Store => shared.store.fill(gpa, dst),
-                    _ => shared.source.fill(gpa, dst),
+                    Origin::Store => shared.store().fill(gpa, dst),
+                    _ => shared.source().fill(gpa, dst),
                 };
-                res.map_err(|e| (gpa.0, e))?;
+                res.map_err(|e| (gpa, e))?;
                 let src = Src::Copy(dst.as_ptr());
                 buf_off += len;
                 src
@@ -456,13 +466,13 @@ fn fill(
 }
 
 /// Drops pages restored from the eviction store from it.
-fn discard_restored(shared: &Shared, region: &Region, pieces: &[Piece]) {
-    if shared.store.is_empty() {
+fn discard_restored(shared: &Core, region: &Region, pieces: &[Piece]) {
+    if shared.store().is_empty() {
         return;
     }
     for piece in pieces {
         if region.claimed_origin(piece.first) == Origin::Store {
-            shared.store.discard(region.page_gpa(piece.first), piece.count * PAGE_SIZE);
+            shared.store().discard(region.page_gpa(piece.first), piece.count * PAGE_SIZE);
         }
     }
 }
@@ -473,15 +483,14 @@ fn discard_restored(shared: &Shared, region: &Region, pieces: &[Piece]) {
 /// claimed from `Missing` with origin `Zero` (and not `reclaimed`): see
 /// there.
 fn install_pieces(
-    shared: &Shared,
+    shared: &Core,
     region_idx: usize,
     pieces: &[Piece],
     reclaimed: bool,
     bytes: &mut usize,
 ) -> Result<(), InstallError> {
-    use std::sync::atomic::Ordering::Relaxed;
-    let region = &shared.ram.regions()[region_idx];
-    let stats = &shared.stats;
+    let region = &shared.ram().regions()[region_idx];
+    let stats = shared.stats();
     for (i, piece) in pieces.iter().enumerate() {
         let mut off = 0;
         while off < piece.count {
@@ -493,11 +502,11 @@ fn install_pieces(
             let res = match piece.src {
                 // SAFETY: see above; `src` is the piece's filled buffer, which
                 // holds `piece.count` pages, of which `off` are done.
-                Src::Copy(src) => unsafe { shared.uffd.copy(dst, src.wrapping_add(off * PAGE_SIZE), len, false) },
+                Src::Copy(src) => unsafe { shared.mem().copy(dst, src.wrapping_add(off * PAGE_SIZE), len, false) },
                 // SAFETY: see above.
-                Src::ZeroPage => unsafe { shared.uffd.zeropage(dst, len, false) },
+                Src::ZeroPage => unsafe { shared.mem().zeropage(dst, len, false) },
                 // SAFETY: see above.
-                Src::Poison => unsafe { shared.uffd.poison(dst, len) },
+                Src::Poison => unsafe { shared.mem().poison(dst, len) },
             };
             let (done, err) = match res {
                 Ok(n) => (n.min(len) / PAGE_SIZE, None),
@@ -511,11 +520,11 @@ fn install_pieces(
                 }
             }
             if done > 0 {
-                stats.windows.fetch_add(u64::from(off == 0), Relaxed);
-                stats.pages_installed.fetch_add(done as u64, Relaxed);
-                stats.bytes_installed.fetch_add((done * PAGE_SIZE) as u64, Relaxed);
+                stats.windows.add(u64::from(off == 0));
+                stats.pages_installed.add(done as u64);
+                stats.bytes_installed.add((done * PAGE_SIZE) as u64);
                 if matches!(piece.src, Src::ZeroPage) {
-                    stats.zero_pages.fetch_add(done as u64, Relaxed);
+                    stats.zero_pages.add(done as u64);
                 }
                 *bytes += done * PAGE_SIZE;
             }
@@ -528,7 +537,7 @@ fn install_pieces(
             }
             match e.errno {
                 libc::EEXIST => {
-                    stats.eexist.fetch_add(1, Relaxed);
+                    stats.eexist.add(1);
                     if !reclaimed && region.claimed_origin(page) == Origin::Zero {
                         // A page a remove made missing that the kernel
                         // still holds: its `madvise` zaps only after the
@@ -555,7 +564,7 @@ fn install_pieces(
                 _ => {
                     let rest = remaining(pieces, i, off);
                     shared.release_runs(region_idx, &rest);
-                    shared.report(FaultError::Install { gpa: region.page_gpa(page).0, error: e });
+                    shared.report(FaultError::Install { gpa: region.page_gpa(page), error: e });
                     return Err(InstallError::Fatal);
                 }
             }
@@ -575,10 +584,9 @@ fn remaining(pieces: &[Piece], i: usize, off: usize) -> Vec<(usize, usize)> {
 /// Installs still-missing pages from `locs` (region, page) in windows of
 /// contiguous pages, on the calling thread. Returns the pages installed by
 /// this call.
-pub(crate) fn prefetch_pages(shared: &Shared, locs: impl Iterator<Item = (usize, usize)>) -> u64 {
-    use std::sync::atomic::Ordering;
-    let mut ctx = Ctx::new(false, shared.config.max_window);
-    let max = shared.config.max_window;
+pub(crate) fn prefetch_pages(shared: &Core, locs: impl Iterator<Item = (usize, usize)>) -> u64 {
+    let mut ctx = Ctx::new(false, shared.config().max_window);
+    let max = shared.config().max_window;
     let mut installed = 0u64;
     let mut run: Option<(usize, usize, usize)> = None; // region, first, count
     let mut flush = |run: &mut Option<(usize, usize, usize)>, ctx: &mut Ctx| {
@@ -602,14 +610,14 @@ pub(crate) fn prefetch_pages(shared: &Shared, locs: impl Iterator<Item = (usize,
         }
     };
     for (region, page) in locs {
-        if shared.stopping.load(Ordering::Acquire) {
+        if shared.running().is_err() {
             break;
         }
         let extends = matches!(run, Some((r, first, count)) if r == region && first + count == page && count < max);
         if !extends {
             flush(&mut run, &mut ctx);
         }
-        if shared.ram.regions()[region].try_claim(page).is_none() {
+        if shared.ram().regions()[region].try_claim(page).is_none() {
             flush(&mut run, &mut ctx);
             continue;
         }

@@ -1,0 +1,221 @@
+//! The one interface through which the engine changes guest memory:
+//! install bytes (`COPY`), install zeros (`ZEROPAGE`), wake, take pages out
+//! into a staging area (`MOVE`), poison. The fault path, pins and offline
+//! call nothing else; what a backend lacks it says ([`Install::supports`])
+//! and refuses, so callers choose another way before they start.
+//!
+//! Two backends:
+//!
+//! - [`PrivateAnonymous`]: the engine's own descriptor over private
+//!   anonymous memory, with every feature (`COPY`, `ZEROPAGE`, `MOVE` into
+//!   staging, `POISON`, thread ids).
+//! - [`Limited`]: `COPY`, `ZEROPAGE` and `WAKE` only, no thread ids: what a
+//!   userfaultfd received from Firecracker offers (its `UFFDIO_API` asked
+//!   for `EVENT_REMOVE` alone, and a second handshake is refused).
+
+use crate::config::Backend;
+use crate::uffd::{Features, IoctlError, Op, Uffd, UffdError};
+
+/// What a backend may be asked to do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum MemOp {
+    /// Install bytes (`UFFDIO_COPY`).
+    Copy,
+    /// Install zeros (`UFFDIO_ZEROPAGE`).
+    ZeroPage,
+    /// Wake waiting threads (`UFFDIO_WAKE`).
+    Wake,
+    /// Take pages out into staging (`UFFDIO_MOVE`).
+    Move,
+    /// Mark pages lost, so an access gets SIGBUS (`UFFDIO_POISON`).
+    Poison,
+}
+
+/// Installs and takes out guest pages. The `unsafe` methods change memory
+/// behind any reference into it: their destinations (and a move's source)
+/// must be pages of a range registered with [`Install::uffd`] that no Rust
+/// reference points into (guest RAM, or the staging area its holder uses).
+pub(crate) trait Install: Send + Sync {
+    /// The backend's name, for errors.
+    fn name(&self) -> &'static str;
+
+    /// Whether this backend offers `op`. One it does not offer fails with
+    /// `EOPNOTSUPP` without reaching the kernel.
+    fn supports(&self, op: MemOp) -> bool;
+
+    /// The descriptor: events, registration, failpoints.
+    fn uffd(&self) -> &Uffd;
+
+    /// `UFFDIO_COPY` of `len` bytes from `src` to `dst`; wakes the waiters
+    /// unless `dont_wake`. Returns the bytes copied (partial progress comes
+    /// back as an error with `done` set).
+    ///
+    /// # Safety
+    ///
+    /// `dst..dst + len` as described on the trait; `src` readable for `len`
+    /// bytes.
+    unsafe fn copy(&self, dst: u64, src: *const u8, len: usize, dont_wake: bool) -> Result<usize, IoctlError> {
+        // SAFETY: the caller's contract is `Uffd::copy`'s.
+        unsafe { self.uffd().copy(dst, src, len, dont_wake) }
+    }
+
+    /// `UFFDIO_ZEROPAGE` over `start..start + len`.
+    ///
+    /// # Safety
+    ///
+    /// The range as described on the trait.
+    unsafe fn zeropage(&self, start: u64, len: usize, dont_wake: bool) -> Result<usize, IoctlError> {
+        // SAFETY: the caller's contract is `Uffd::zeropage`'s.
+        unsafe { self.uffd().zeropage(start, len, dont_wake) }
+    }
+
+    /// `UFFDIO_WAKE` of the threads waiting on `start..start + len`.
+    fn wake(&self, start: u64, len: usize) -> Result<(), IoctlError> {
+        self.uffd().wake(start, len)
+    }
+
+    /// `UFFDIO_MOVE` of `len` bytes from `src` to `dst` (holes in the source
+    /// allowed if `allow_src_holes`).
+    ///
+    /// # Safety
+    ///
+    /// Both ranges as described on the trait.
+    unsafe fn move_pages(&self, dst: u64, src: u64, len: usize, allow_src_holes: bool) -> Result<usize, IoctlError> {
+        let _ = (dst, src, len, allow_src_holes);
+        Err(unsupported(Op::Move))
+    }
+
+    /// `UFFDIO_POISON` over `start..start + len`.
+    ///
+    /// # Safety
+    ///
+    /// The range as described on the trait.
+    unsafe fn poison(&self, start: u64, len: usize) -> Result<usize, IoctlError> {
+        let _ = (start, len);
+        Err(unsupported(Op::Poison))
+    }
+}
+
+/// The answer to an operation a backend does not offer.
+fn unsupported(op: Op) -> IoctlError {
+    IoctlError { op: op.name(), errno: libc::EOPNOTSUPP, done: 0 }
+}
+
+/// Opens a descriptor for `backend` and wraps it.
+pub(crate) fn open(backend: Backend) -> Result<Box<dyn Install>, UffdError> {
+    let uffd = match backend {
+        Backend::PrivateAnonymous => {
+            Uffd::new(Features::EVENT_REMOVE | Features::THREAD_ID | Features::POISON, Features::MOVE)?
+        }
+        // What Firecracker asks for before it hands the descriptor over.
+        Backend::Limited => Uffd::new(Features::EVENT_REMOVE, Features::empty())?,
+    };
+    Ok(for_descriptor(uffd))
+}
+
+/// The backend a descriptor's negotiated features allow: private anonymous
+/// with `POISON` (and `MOVE` if offered), limited otherwise.
+pub(crate) fn for_descriptor(uffd: Uffd) -> Box<dyn Install> {
+    if uffd.features().contains(Features::POISON) {
+        Box::new(PrivateAnonymous { uffd })
+    } else {
+        Box::new(Limited { uffd })
+    }
+}
+
+/// Private anonymous memory on a descriptor with `POISON` (and `MOVE`, when
+/// the kernel offers it).
+pub(crate) struct PrivateAnonymous {
+    uffd: Uffd,
+}
+
+impl Install for PrivateAnonymous {
+    fn name(&self) -> &'static str {
+        "private-anonymous"
+    }
+
+    fn supports(&self, op: MemOp) -> bool {
+        match op {
+            MemOp::Copy | MemOp::ZeroPage | MemOp::Wake | MemOp::Poison => true,
+            MemOp::Move => self.uffd.features().contains(Features::MOVE),
+        }
+    }
+
+    fn uffd(&self) -> &Uffd {
+        &self.uffd
+    }
+
+    unsafe fn move_pages(&self, dst: u64, src: u64, len: usize, allow_src_holes: bool) -> Result<usize, IoctlError> {
+        // SAFETY: the caller's contract is `Uffd::move_pages`'s.
+        unsafe { self.uffd.move_pages(dst, src, len, allow_src_holes) }
+    }
+
+    unsafe fn poison(&self, start: u64, len: usize) -> Result<usize, IoctlError> {
+        // SAFETY: the caller's contract is `Uffd::poison`'s.
+        unsafe { self.uffd.poison(start, len) }
+    }
+}
+
+/// `COPY`, `ZEROPAGE` and `WAKE` only: no `MOVE`, no `POISON`, no thread
+/// ids.
+pub(crate) struct Limited {
+    uffd: Uffd,
+}
+
+impl Install for Limited {
+    fn name(&self) -> &'static str {
+        "limited"
+    }
+
+    fn supports(&self, op: MemOp) -> bool {
+        matches!(op, MemOp::Copy | MemOp::ZeroPage | MemOp::Wake)
+    }
+
+    fn uffd(&self) -> &Uffd {
+        &self.uffd
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ram::AnonMapping;
+    use crate::uffd::{RegisterMode, PAGE_SIZE};
+
+    #[test]
+    fn each_backend_says_what_it_offers_and_refuses_the_rest() {
+        let anon = open(Backend::PrivateAnonymous).unwrap();
+        let limited = open(Backend::Limited).unwrap();
+        assert_eq!((anon.name(), limited.name()), ("private-anonymous", "limited"));
+        for op in [MemOp::Copy, MemOp::ZeroPage, MemOp::Wake, MemOp::Poison] {
+            assert!(anon.supports(op), "{op:?}");
+        }
+        for op in [MemOp::Copy, MemOp::ZeroPage, MemOp::Wake] {
+            assert!(limited.supports(op), "{op:?}");
+        }
+        assert!(!limited.supports(MemOp::Move) && !limited.supports(MemOp::Poison));
+        // The limited descriptor is negotiated like Firecracker's.
+        for f in [Features::POISON, Features::MOVE, Features::THREAD_ID] {
+            assert!(!limited.uffd().features().contains(f), "{f:?}");
+        }
+
+        let map = AnonMapping::new(2 * PAGE_SIZE).unwrap();
+        let base = map.ptr() as u64;
+        limited.uffd().register(base, (2 * PAGE_SIZE) as u64, RegisterMode::MISSING).unwrap();
+        // SAFETY: `map` is registered above and nothing references it.
+        let refused = unsafe { limited.poison(base, PAGE_SIZE) }.unwrap_err();
+        assert_eq!((refused.op, refused.errno), ("UFFDIO_POISON", libc::EOPNOTSUPP));
+        // SAFETY: as above.
+        let refused = unsafe { limited.move_pages(base + PAGE_SIZE as u64, base, PAGE_SIZE, true) }.unwrap_err();
+        assert_eq!((refused.op, refused.errno), ("UFFDIO_MOVE", libc::EOPNOTSUPP));
+        // What it offers reaches the kernel.
+        // SAFETY: as above.
+        assert_eq!(unsafe { limited.zeropage(base, PAGE_SIZE, false) }, Ok(PAGE_SIZE));
+        // SAFETY: as above.
+        let again = unsafe { limited.zeropage(base, PAGE_SIZE, false) }.unwrap_err();
+        assert_eq!(again.errno, libc::EEXIST);
+        // SAFETY: the first page was installed above and is read through
+        // the mapping, which is still alive.
+        assert_eq!(unsafe { std::ptr::read_volatile(map.ptr() as *const u64) }, 0);
+    }
+}

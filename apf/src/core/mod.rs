@@ -1,0 +1,516 @@
+//! The engine's core: the state every part of the engine shares (the
+//! userfaultfd, guest RAM, the source and the store, the invalidation
+//! notifier, the counters, the configuration), behind narrow methods; the
+//! one interface through which guest memory changes ([`install`], with its
+//! two backends); and the resolver of claimed windows that the fault path,
+//! pins and the engine's prefetch all use (`resolve`).
+//!
+//! It sits between the leaf modules (userfaultfd, RAM and page states,
+//! sources, notifier, configuration, counters), which it uses, and the
+//! fault path, pins and offline, which use it and never each other (see
+//! `docs/ARCHITECTURE.md`, and `tests/layers.rs`, which enforces it).
+
+pub(crate) mod install;
+pub(crate) mod resolve;
+
+use std::fmt;
+use std::io;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use crossbeam_channel::Sender;
+use thiserror::Error;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::config::{Config, Dispatch};
+use crate::counters::Stats;
+use crate::notifier::Notifier;
+use crate::ram::{runs, GuestAddress, GuestRam, PageState, StateError};
+use crate::source::{EvictionStore, PageSource, SourceError, SourceKind};
+use crate::uffd::{IoctlError, Uffd, UffdError, PAGE_SIZE};
+
+use self::install::{Install, MemOp};
+
+/// Attempts of a `UFFDIO_WAKE` before it is reported.
+const WAKE_TRIES: usize = 3;
+
+/// Most failed fills of one job not counted against
+/// [`Config::fill_retries`] because an invalidation of its window came
+/// meanwhile.
+pub(crate) const MAX_REFUNDS: u32 = 64;
+
+/// A failure the engine reports through [`Engine::errors`](crate::Engine::errors) while it runs.
+#[derive(Debug, Error)]
+pub enum FaultError {
+    /// The source failed for good; the page was poisoned (accesses get
+    /// SIGBUS) unless `poisoned` is false.
+    #[error("page source failed for guest page {:#x} after {attempts} attempts (poisoned: {poisoned})", .gpa.0)]
+    SourceFailed {
+        /// The page.
+        gpa: GuestAddress,
+        /// Attempts made.
+        attempts: u32,
+        /// Whether the page was poisoned (a prefetch-only page is not).
+        poisoned: bool,
+        /// The last error.
+        #[source]
+        error: SourceError,
+    },
+    /// The page source panicked while filling a window. The faulting page
+    /// was poisoned (its thread gets SIGBUS) and the rest given back; the
+    /// engine goes on serving other pages.
+    #[error("page source panicked filling guest page {:#x} ({message}); poisoned: {poisoned}", .gpa.0)]
+    SourcePanicked {
+        /// The faulting page (or the window's first page).
+        gpa: GuestAddress,
+        /// Whether the page was poisoned.
+        poisoned: bool,
+        /// The panic's message.
+        message: String,
+    },
+    /// An install ioctl failed in a way that is not a race.
+    #[error("installing guest page {:#x} failed", .gpa.0)]
+    Install {
+        /// First page of the failed install.
+        gpa: GuestAddress,
+        /// The ioctl error.
+        #[source]
+        error: IoctlError,
+    },
+    /// The kernel reported a fault outside guest RAM (cannot happen unless
+    /// someone registered other memory with the engine's descriptor).
+    #[error("fault at host address {0:#x} outside guest RAM")]
+    OutsideRam(u64),
+    /// Reading events failed.
+    #[error("reading fault events failed")]
+    Events(#[source] UffdError),
+    /// A userfaultfd message of a kind the engine does not know; the other
+    /// messages of its batch were handled.
+    #[error("unknown userfaultfd event {0:#x}")]
+    UnknownEvent(u8),
+    /// The kernel reported a page missing that the engine had installed,
+    /// with no remove event behind it: its contents are gone. The page was
+    /// poisoned (accesses get SIGBUS) rather than silently zero-filled.
+    #[error("guest page {:#x} was installed but the kernel lost it (no remove event); poisoned: {poisoned}", .gpa.0)]
+    Inconsistent {
+        /// The page.
+        gpa: GuestAddress,
+        /// Whether it was poisoned.
+        poisoned: bool,
+    },
+    /// A page-state transition found the page in a state it must not be
+    /// in: an engine bug, reported instead of acted on.
+    #[error("page-state machine")]
+    State(#[from] crate::ram::StateError),
+    /// The event loop thread stopped unexpectedly. A rescue thread answers
+    /// every fault from then on with poison (SIGBUS) and applies removes,
+    /// so no thread blocks forever; the engine must be shut down.
+    #[error("the fault event loop died ({0}); every missing page is poisoned from now on")]
+    EventLoopDied(String),
+    /// The engine's userfaultfd offers no `UFFDIO_POISON`
+    /// ([`Backend::Limited`](crate::Backend::Limited)): a page it would
+    /// have poisoned, for the reason in `why`, was filled with zeros
+    /// instead, so the thread waiting on it went on, reading zeros where
+    /// its contents should be.
+    #[error("guest page {:#x} was filled with zeros (this userfaultfd offers no UFFDIO_POISON)", .gpa.0)]
+    ZeroFilled {
+        /// The page.
+        gpa: GuestAddress,
+        /// What the engine gave up on (reported with `poisoned: false`).
+        #[source]
+        why: Box<FaultError>,
+    },
+    /// A thread resolving pages did not finish by the shutdown deadline
+    /// (a page source that never returns); it was left behind.
+    #[error("{0} engine threads were still busy at the shutdown deadline and were left behind")]
+    ThreadsLeftBehind(usize),
+}
+
+/// One claimed window: runs of pages in `Resolving` that this job owns.
+pub(crate) struct Job {
+    pub region: usize,
+    /// The faulting page and access (None for prefetch-only jobs).
+    pub fault: Option<Fault>,
+    /// `(first page, count)` runs, all claimed by this job.
+    pub runs: Vec<(usize, usize)>,
+    pub span: tracing::Span,
+    pub attempts: u32,
+    /// Failed fills not counted in `attempts` because an invalidation moved
+    /// the window's sequence meanwhile (see `resolve::on_fill_error`);
+    /// capped at [`MAX_REFUNDS`] so a source that keeps failing under an
+    /// invalidation storm still ends.
+    pub refunds: u32,
+    /// Claimed from `Present` by [`crate::ram::Region::try_reclaim_removed`]
+    /// (a fault on a page a remove touched after it was installed), not
+    /// from `Missing`: a page the kernel holds there is the engine's own.
+    pub reclaimed: bool,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Fault {
+    pub page: usize,
+    pub write: bool,
+}
+
+impl fmt::Debug for Job {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Job").field("region", &self.region).field("runs", &self.runs).finish_non_exhaustive()
+    }
+}
+
+/// How the engine answers a fault on a page whose contents are lost (a
+/// source that failed past its retries or panicked, a page the kernel
+/// lost, any fault once the event loop has died).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum GiveUp {
+    /// `UFFDIO_POISON`: an access gets SIGBUS.
+    Poison,
+    /// `UFFDIO_ZEROPAGE`, without `POISON`: the thread goes on, reading
+    /// zeros, and the engine reports [`FaultError::ZeroFilled`]. Nothing
+    /// else would let it go on at all.
+    Zeros,
+}
+
+/// The engine has shut down (or its event loop died): the one answer of
+/// [`Core::running`], which each layer above turns into its own error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Stopped;
+
+/// State shared by the event loop, the workers, pins, offlines and the
+/// engine's handle. Its fields are private: the layers above go through
+/// its methods.
+pub(crate) struct Core {
+    /// The descriptor, and every change to guest memory.
+    mem: Box<dyn Install>,
+    ram: Arc<GuestRam>,
+    source: Arc<dyn PageSource>,
+    store: Arc<EvictionStore>,
+    notifier: Notifier,
+    stats: Stats,
+    config: Config,
+    errors: Sender<FaultError>,
+    /// Source of zeros for write faults on zero pages.
+    zeros: Box<[u8]>,
+    /// Written by workers when the event loop has parked jobs, and by
+    /// offlines when they end.
+    kick: EventFd,
+    parked_waiting: AtomicBool,
+    /// Jobs being resolved (inline, queued, on a worker, replaying) or
+    /// parked.
+    in_flight: AtomicUsize,
+    /// Set once, at shutdown or when the event loop dies: no new work.
+    stopping: AtomicBool,
+    working_set: Option<FirstTouches>,
+}
+
+impl Core {
+    /// A core over `uffd` (guest RAM already registered with it), its
+    /// failures going to `errors`.
+    pub(crate) fn new(
+        mem: Box<dyn Install>,
+        ram: Arc<GuestRam>,
+        source: Arc<dyn PageSource>,
+        store: Arc<EvictionStore>,
+        config: Config,
+        errors: Sender<FaultError>,
+    ) -> io::Result<Core> {
+        let ram_pages = ram.pages();
+        Ok(Core {
+            mem,
+            ram,
+            source,
+            store,
+            notifier: Notifier::new(),
+            stats: Stats::default(),
+            zeros: vec![0u8; config.max_window * PAGE_SIZE].into_boxed_slice(),
+            kick: EventFd::new(EFD_NONBLOCK)?,
+            parked_waiting: AtomicBool::new(false),
+            in_flight: AtomicUsize::new(0),
+            stopping: AtomicBool::new(false),
+            working_set: config.record_working_set.then(|| FirstTouches::new(ram_pages)),
+            errors,
+            config,
+        })
+    }
+
+    /// The userfaultfd: events, registration, failpoints.
+    pub(crate) fn uffd(&self) -> &Uffd {
+        self.mem.uffd()
+    }
+
+    /// The install/take-out interface: every change to guest memory goes
+    /// through it.
+    pub(crate) fn mem(&self) -> &dyn Install {
+        &*self.mem
+    }
+
+    /// The guest RAM served.
+    pub(crate) fn ram(&self) -> &Arc<GuestRam> {
+        &self.ram
+    }
+
+    /// Where pages with origin `Source` come from.
+    pub(crate) fn source(&self) -> &dyn PageSource {
+        &*self.source
+    }
+
+    /// Where evicted pages are kept.
+    pub(crate) fn store(&self) -> &Arc<EvictionStore> {
+        &self.store
+    }
+
+    /// The invalidation sequence, the install lock and the pin registry.
+    pub(crate) fn notifier(&self) -> &Notifier {
+        &self.notifier
+    }
+
+    /// The counters, to add to.
+    pub(crate) fn stats(&self) -> &Stats {
+        &self.stats
+    }
+
+    /// The configuration the engine was built with.
+    pub(crate) fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// `max_window` pages of zeros, to COPY from.
+    pub(crate) fn zeros(&self) -> &[u8] {
+        &self.zeros
+    }
+
+    /// The liveness check: `Err(Stopped)` once the engine shuts down or its
+    /// event loop dies, after which nothing starts new work.
+    pub(crate) fn running(&self) -> Result<(), Stopped> {
+        if self.stopping.load(Ordering::Acquire) {
+            Err(Stopped)
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Refuses new work from now on (see [`Core::running`]).
+    pub(crate) fn stop(&self) {
+        self.stopping.store(true, Ordering::Release);
+    }
+
+    /// The event the event loop watches for kicks (parked jobs, deferred
+    /// faults).
+    pub(crate) fn kick_fd(&self) -> &EventFd {
+        &self.kick
+    }
+
+    /// Consumes pending kicks.
+    pub(crate) fn clear_kick(&self) {
+        let _ = self.kick.read();
+    }
+
+    /// A job was made (claimed pages are now in flight).
+    pub(crate) fn job_started(&self) {
+        self.in_flight.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// A job let go of every page it claimed.
+    pub(crate) fn job_finished(&self) {
+        self.in_flight.fetch_sub(1, Ordering::AcqRel);
+    }
+
+    /// Jobs resolving, queued or parked.
+    pub(crate) fn jobs_in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::Acquire)
+    }
+
+    /// The event loop has parked jobs (true) or sent them all (false).
+    pub(crate) fn set_parked(&self, parked: bool) {
+        self.parked_waiting.store(parked, Ordering::SeqCst);
+    }
+
+    /// A worker finished a job: the event loop, if it parked some, may send
+    /// them now.
+    pub(crate) fn kick_if_parked(&self) {
+        if self.parked_waiting.load(Ordering::SeqCst) {
+            let _ = self.kick.write(1);
+        }
+    }
+
+    /// Records the page at `gpa` (the `index`th page of guest RAM) in the
+    /// working set, if one is being recorded and this is its first touch.
+    pub(crate) fn record_touch(&self, index: usize, gpa: u64) {
+        if let Some(ws) = &self.working_set {
+            ws.record(index, gpa);
+        }
+    }
+
+    /// The pages recorded so far, in order (empty unless recording).
+    pub(crate) fn touched_pages(&self) -> Vec<u64> {
+        self.working_set.as_ref().map(FirstTouches::pages).unwrap_or_default()
+    }
+
+    /// Has the event loop look at faults an offline deferred.
+    pub(crate) fn kick_deferred(&self) {
+        let _ = self.kick.write(1);
+    }
+
+    /// Reports a failure through the engine's bounded error queue; one that
+    /// does not fit is counted in `errors_dropped`.
+    pub(crate) fn report(&self, err: FaultError) {
+        tracing::warn!(target: "apf", error = %err, "apf fault error");
+        if self.errors.try_send(err).is_err() {
+            self.stats.errors_dropped.add(1);
+        }
+    }
+
+    /// Wakes the threads waiting on `[host, host + len)`. A thread nobody
+    /// wakes waits for ever, so a failed wake is tried again before it is
+    /// reported.
+    pub(crate) fn wake(&self, host: u64, len: usize) {
+        let mut last = None;
+        for _ in 0..WAKE_TRIES {
+            match self.mem.wake(host, len) {
+                Ok(()) => return,
+                Err(e) => last = Some(e),
+            }
+        }
+        if let (Some(error), Some(loc)) = (last, self.ram.locate_host(host)) {
+            self.report(FaultError::Install { gpa: self.ram.region(loc).page_gpa(loc.page), error });
+        }
+    }
+
+    /// How this engine answers a page whose contents are lost.
+    pub(crate) fn give_up(&self) -> GiveUp {
+        if self.mem.supports(MemOp::Poison) {
+            GiveUp::Poison
+        } else {
+            GiveUp::Zeros
+        }
+    }
+
+    /// Gives up on the missing pages at `[host, host + len)` the way
+    /// [`Core::give_up`] says: poisons them, or installs zeros. Waiters are
+    /// woken either way. `EEXIST`: a page is present there.
+    ///
+    /// # Safety
+    ///
+    /// Pages of guest RAM, which no Rust reference ever points into (see
+    /// `crate::ram`).
+    pub(crate) unsafe fn give_up_on(&self, host: u64, len: usize) -> Result<usize, IoctlError> {
+        match self.give_up() {
+            // SAFETY: the caller's contract.
+            GiveUp::Poison => unsafe { self.mem.poison(host, len) },
+            // SAFETY: the caller's contract.
+            GiveUp::Zeros => unsafe { self.mem.zeropage(host, len, false) },
+        }
+    }
+
+    /// Reports `err` about the page at `gpa`, wrapped in
+    /// [`FaultError::ZeroFilled`] if the page was given zeros.
+    pub(crate) fn report_given_up(&self, gpa: GuestAddress, zeroed: bool, err: FaultError) {
+        self.report(if zeroed { FaultError::ZeroFilled { gpa, why: Box::new(err) } } else { err });
+    }
+
+    /// Reports a transition that found its page in the wrong state.
+    pub(crate) fn checked(&self, transition: Result<(), StateError>) {
+        if let Err(e) = transition {
+            self.report(FaultError::State(e));
+        }
+    }
+
+    /// Poisons every page not present, in runs; pages the kernel already
+    /// has (populated behind the engine's back) are skipped. Returns the
+    /// pages poisoned.
+    pub(crate) fn poison_unresolved(&self) -> u64 {
+        if self.give_up() != GiveUp::Poison {
+            // Without `POISON`, pages never touched are left to the
+            // kernel: zeros once the descriptor is gone.
+            return 0;
+        }
+        let uffd = self.mem();
+        let mut poisoned = 0;
+        for r in self.ram.regions() {
+            let unresolved = |p: usize| matches!(r.state(p).0, PageState::Missing | PageState::Resolving);
+            for (start, end) in runs(r.pages(), unresolved) {
+                let mut at = start;
+                while at < end {
+                    // SAFETY: pages of guest RAM, which no Rust reference
+                    // ever points into (see `crate::ram`).
+                    match unsafe { uffd.poison(r.page_host(at), (end - at) * PAGE_SIZE) } {
+                        Ok(n) => {
+                            poisoned += (n / PAGE_SIZE) as u64;
+                            at = end;
+                        }
+                        Err(e) => {
+                            poisoned += (e.done / PAGE_SIZE) as u64;
+                            // Skip the page that stopped it (present, most likely).
+                            at += e.done / PAGE_SIZE + 1;
+                        }
+                    }
+                }
+            }
+        }
+        poisoned
+    }
+
+    /// Whether a job of `pages` pages runs on the event-loop thread.
+    pub(crate) fn inline_ok(&self, pages: usize) -> bool {
+        match self.config.dispatch {
+            Dispatch::Inline => true,
+            Dispatch::Workers => false,
+            Dispatch::Auto => self.source.kind() != SourceKind::Blocking && pages <= self.config.inline_max_pages,
+        }
+    }
+
+    /// Gives the claimed pages of `runs` back (`Resolving -> Missing`) and
+    /// wakes them, so any thread deduped onto them faults again and gets a
+    /// new resolver: nothing waits on an abandoned window.
+    pub(crate) fn release_runs(&self, region: usize, runs: &[(usize, usize)]) {
+        let r = &self.ram.regions()[region];
+        for &(first, count) in runs {
+            for p in first..first + count {
+                self.checked(r.release(p));
+            }
+            self.wake(r.page_host(first), count * PAGE_SIZE);
+        }
+    }
+}
+
+/// The working set being recorded: each page's first touch, in order,
+/// once. Bounded by the RAM's page count: a page faulted again (after a
+/// discard or an offline) is not recorded again, which is what a replay of
+/// first touches wants.
+pub(crate) struct FirstTouches {
+    /// One bit per page of guest RAM, in `GuestRam` page order.
+    seen: Box<[AtomicU64]>,
+    order: Mutex<Vec<u64>>,
+}
+
+impl FirstTouches {
+    fn new(pages: usize) -> Self {
+        FirstTouches {
+            seen: (0..pages.div_ceil(64)).map(|_| AtomicU64::new(0)).collect(),
+            order: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Records the page at `gpa` (the `index`th page of guest RAM) if this
+    /// is its first touch.
+    fn record(&self, index: usize, gpa: u64) {
+        let Some(word) = self.seen.get(index / 64) else { return };
+        let bit = 1u64 << (index % 64);
+        if word.fetch_or(bit, Ordering::Relaxed) & bit == 0 {
+            self.order.lock().unwrap_or_else(|e| e.into_inner()).push(gpa);
+        }
+    }
+
+    fn pages(&self) -> Vec<u64> {
+        self.order.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
+
+/// The text of a panic's payload.
+pub(crate) fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    match (panic.downcast_ref::<&str>(), panic.downcast_ref::<String>()) {
+        (Some(s), _) => format!("panic: {s}"),
+        (_, Some(s)) => format!("panic: {s}"),
+        _ => "panic".into(),
+    }
+}

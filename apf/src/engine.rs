@@ -1,0 +1,581 @@
+//! The engine's front: [`Engine`] and its builder, which put the layers
+//! below together (the core, the fault path, pins, offline) and are the
+//! only way in from the crate's API.
+//!
+//! ```text
+//!  faulting threads ──fault──▶ userfaultfd ──read (batch)──▶ event loop
+//!                                                       │ claim Missing pages
+//!                                   cheap source: inline │ slow source / retry
+//!                                                       ▼        ▼ try_send (bounded)
+//!                                               resolve ◀── worker pool
+//!                         fill ─▶ check seq under install lock ─▶ COPY / ZEROPAGE (wakes)
+//! ```
+//!
+//! Module map: `fault` reads events, dedupes and dispatches (`event_loop`)
+//! and plans windows per thread (`prefetch`); `core::resolve` fills and
+//! installs one claimed window, with the kernel's return conventions.
+//!
+//! # Shutdown
+//!
+//! Stop the threads that touch guest RAM first, then drop the engine (or call
+//! [`Engine::shutdown`]). The engine stops its event loop, lets its workers
+//! finish what they hold, then poisons every page that is still missing:
+//! a thread that touches one afterwards gets SIGBUS instead of silently
+//! reading zeros (which is what closing a userfaultfd would give it).
+//! On the limited backend ([`Backend::Limited`]), which has no
+//! `UFFDIO_POISON`, such pages are left to the kernel: zeros.
+
+use std::fmt;
+use std::io;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use crossbeam_channel::{Receiver, Sender};
+use thiserror::Error;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::config::{Backend, Config, UnplugPolicy};
+use crate::core::install::{self, MemOp};
+use crate::core::resolve;
+use crate::core::{Core, FaultError, Job, Stopped};
+use crate::counters::StatsSnapshot;
+use crate::fault::{SpawnError, WorkingSet};
+use crate::notifier::InvalidateEvent;
+use crate::offline::{Mode, OfflineError, OfflineReport, Staging, STAGING_PAGES};
+use crate::pin::{HardPin, PageRef, Pin, PinError};
+use crate::ram::{GuestAddress, GuestRam, GuestRange, RamError};
+use crate::source::{EvictionStore, PageSource};
+use crate::uffd::{Features, RegisterMode, UffdError};
+
+/// Errors starting or driving the engine.
+#[derive(Debug, Error)]
+pub enum EngineError {
+    /// The userfaultfd could not be set up.
+    #[error("userfaultfd set-up failed")]
+    Uffd(#[from] UffdError),
+    /// A configuration value is out of range.
+    #[error("invalid engine configuration: {0}")]
+    Config(&'static str),
+    /// An event-manager call failed.
+    #[error("event manager: {0:?}")]
+    EventManager(event_manager::Error),
+    /// Creating an eventfd or a thread failed.
+    #[error("engine set-up failed")]
+    Io(#[source] io::Error),
+    /// A guest range was invalid.
+    #[error(transparent)]
+    Ram(#[from] RamError),
+    /// The engine has shut down.
+    #[error("the engine has shut down")]
+    Stopped,
+    /// Too much of this kind of work is running already.
+    #[error("too many {0}; try again when one has finished")]
+    Busy(&'static str),
+}
+
+impl From<Stopped> for EngineError {
+    fn from(_: Stopped) -> Self {
+        EngineError::Stopped
+    }
+}
+
+impl From<SpawnError> for EngineError {
+    fn from(e: SpawnError) -> Self {
+        match e {
+            SpawnError::EventManager(e) => EngineError::EventManager(e),
+            SpawnError::Io(e) => EngineError::Io(e),
+        }
+    }
+}
+
+/// Working-set replays that may run at once.
+pub const MAX_REPLAYS: usize = 4;
+
+/// Builds an [`Engine`].
+#[derive(Debug)]
+pub struct EngineBuilder {
+    ram: Arc<GuestRam>,
+    source: Arc<dyn PageSource>,
+    store: Option<Arc<EvictionStore>>,
+    config: Config,
+}
+
+impl EngineBuilder {
+    /// The configuration (the default one unless this is called). There is
+    /// one way to configure an engine: build a [`Config`] (struct update
+    /// syntax over `Config::default()`) and hand it over here.
+    ///
+    /// ```
+    /// # use std::sync::Arc;
+    /// # use apf::{Config, Dispatch, Engine, GuestAddress, GuestRam, ZeroSource};
+    /// # let ram = Arc::new(GuestRam::anonymous(&[(GuestAddress(0), 1 << 20)])?);
+    /// let config = Config { workers: 2, dispatch: Dispatch::Workers, ..Config::default() };
+    /// let engine = Engine::builder(ram, Arc::new(ZeroSource)).config(config).start()?;
+    /// # engine.shutdown();
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn config(mut self, config: Config) -> Self {
+        self.config = config;
+        self
+    }
+
+    /// Shares an eviction store (one is created otherwise).
+    pub fn store(mut self, store: Arc<EvictionStore>) -> Self {
+        self.store = Some(store);
+        self
+    }
+
+    /// Opens the userfaultfd, registers every RAM region, and starts the
+    /// event loop and the workers.
+    pub fn start(self) -> Result<Engine, EngineError> {
+        Engine::start(self)
+    }
+}
+
+/// The failures an [`Engine`] reports while it runs, oldest first: a
+/// bounded queue that drops (and counts, [`StatsSnapshot::errors_dropped`])
+/// what does not fit. Clones share one queue, and a clone outlives the
+/// engine, keeping what was reported until it is read.
+#[derive(Debug, Clone)]
+pub struct Errors(Receiver<FaultError>);
+
+impl Errors {
+    /// The oldest failure, if one is waiting.
+    pub fn try_recv(&self) -> Option<FaultError> {
+        self.0.try_recv().ok()
+    }
+
+    /// The oldest failure, waiting up to `timeout` for one. `None` at the
+    /// timeout, or at once when none is waiting and the engine is gone.
+    pub fn recv_timeout(&self, timeout: Duration) -> Option<FaultError> {
+        self.0.recv_timeout(timeout).ok()
+    }
+
+    /// Every failure waiting now, oldest first, without blocking.
+    pub fn try_iter(&self) -> impl Iterator<Item = FaultError> + '_ {
+        self.0.try_iter()
+    }
+
+    /// Failures waiting now.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// True if no failure is waiting.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+/// What [`Engine::shutdown`] did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ShutdownReport {
+    /// Pages still missing at shutdown, now poisoned.
+    pub poisoned_pages: u64,
+    /// Engine threads still busy at the shutdown deadline, left behind
+    /// (they keep the userfaultfd open, so guest RAM never silently turns
+    /// into zero-filled memory under them).
+    pub threads_left_behind: usize,
+}
+
+/// The running fault engine for one [`GuestRam`].
+///
+/// ```no_run
+/// use std::sync::Arc;
+/// use apf::{Engine, GuestAddress, GuestRam, SnapshotFile};
+///
+/// let ram = Arc::new(GuestRam::anonymous(&[(GuestAddress(0), 64 << 20)])?);
+/// let source = Arc::new(SnapshotFile::open("guest.img", &ram)?);
+/// let engine = Engine::builder(ram.clone(), source).start()?;
+/// // Any access to guest RAM now faults the page in from guest.img.
+/// let first = ram.host_range(GuestAddress(0), 8)?;
+/// // SAFETY: `first` points at 8 bytes of guest RAM.
+/// let word = unsafe { std::ptr::read_volatile(first as *const u64) };
+/// println!("{word:#x}, {:?}", engine.stats());
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+pub struct Engine {
+    shared: Arc<Core>,
+    /// Where offlines move pages through (`None` without `UFFDIO_MOVE`).
+    staging: Option<Staging>,
+    stop: EventFd,
+    event_loop: Option<JoinHandle<()>>,
+    workers: Vec<JoinHandle<()>>,
+    jobs: Option<Sender<Job>>,
+    errors: Errors,
+    replays: Mutex<Vec<JoinHandle<()>>>,
+    shut_down: bool,
+}
+
+impl fmt::Debug for Engine {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Engine").field("ram", self.shared.ram()).field("config", self.shared.config()).finish()
+    }
+}
+
+impl Engine {
+    /// Starts building an engine that resolves faults on `ram` from `source`.
+    pub fn builder(ram: Arc<GuestRam>, source: Arc<dyn PageSource>) -> EngineBuilder {
+        EngineBuilder { ram, source, store: None, config: Config::default() }
+    }
+
+    fn start(b: EngineBuilder) -> Result<Engine, EngineError> {
+        let config = b.config;
+        if config.workers == 0 || config.workers > 64 {
+            return Err(EngineError::Config("workers must be between 1 and 64"));
+        }
+        if config.max_window == 0 || config.max_window > 4096 {
+            return Err(EngineError::Config("max_window must be between 1 and 4096 pages"));
+        }
+        if config.queue_depth == 0 || config.park_capacity == 0 || config.error_capacity == 0 {
+            return Err(EngineError::Config("queue_depth, park_capacity and error_capacity must be positive"));
+        }
+        if config.backend == Backend::Limited && config.unplug_policy == UnplugPolicy::Poison {
+            return Err(EngineError::Config("the poison unplug policy needs UFFDIO_POISON, which the limited backend lacks"));
+        }
+        let mem = install::open(config.backend)?;
+        // The fault path installs and wakes with nothing else: every
+        // backend must offer these.
+        if ![MemOp::Copy, MemOp::ZeroPage, MemOp::Wake].into_iter().all(|op| mem.supports(op)) {
+            return Err(EngineError::Config("the backend must offer UFFDIO_COPY, UFFDIO_ZEROPAGE and UFFDIO_WAKE"));
+        }
+        for r in b.ram.regions() {
+            mem.uffd().register(r.host_base(), r.len(), RegisterMode::MISSING)?;
+        }
+        let staging = if mem.supports(MemOp::Move) {
+            Some(Staging::new(mem.uffd(), STAGING_PAGES).map_err(|e| EngineError::Io(io::Error::other(e)))?)
+        } else {
+            None
+        };
+        let (err_tx, err_rx) = crossbeam_channel::bounded(config.error_capacity);
+        let (job_tx, job_rx) = crossbeam_channel::bounded::<Job>(config.queue_depth);
+        let store = b.store.unwrap_or_default();
+        let shared = Arc::new(Core::new(mem, b.ram, b.source, store, config, err_tx).map_err(EngineError::Io)?);
+        let stop = EventFd::new(EFD_NONBLOCK).map_err(EngineError::Io)?;
+
+        let mut workers = Vec::new();
+        for i in 0..shared.config().workers {
+            let shared = shared.clone();
+            let rx = job_rx.clone();
+            let dispatch = crate::trace::current_dispatch();
+            let h = std::thread::Builder::new()
+                .name(format!("apf-worker-{i}"))
+                .spawn(move || {
+                    let _trace = tracing::dispatcher::set_default(&dispatch);
+                    resolve::worker(&shared, &rx)
+                })
+                .map_err(EngineError::Io)?;
+            workers.push(h);
+        }
+        let event_loop = crate::fault::spawn(shared.clone(), job_tx.clone(), stop.try_clone().map_err(EngineError::Io)?)?;
+        Ok(Engine {
+            shared,
+            staging,
+            stop,
+            event_loop: Some(event_loop),
+            workers,
+            jobs: Some(job_tx),
+            errors: Errors(err_rx),
+            replays: Mutex::new(Vec::new()),
+            shut_down: false,
+        })
+    }
+
+    /// The engine's counters.
+    pub fn stats(&self) -> StatsSnapshot {
+        self.shared.stats().snapshot()
+    }
+
+    /// Failures reported while running (bounded; see
+    /// [`StatsSnapshot::errors_dropped`]).
+    pub fn errors(&self) -> &Errors {
+        &self.errors
+    }
+
+    /// The guest RAM this engine serves.
+    pub fn ram(&self) -> &Arc<GuestRam> {
+        self.shared.ram()
+    }
+
+    /// The eviction store pages are restored from.
+    pub fn store(&self) -> &Arc<EvictionStore> {
+        self.shared.store()
+    }
+
+    /// The failpoints of this engine's userfaultfd (feature `failpoints`).
+    #[cfg(feature = "failpoints")]
+    pub fn failpoints(&self) -> &Arc<crate::failpoints::FailPoints> {
+        self.shared.uffd().failpoints()
+    }
+
+    /// The negotiated userfaultfd features.
+    pub fn features(&self) -> Features {
+        self.shared.uffd().features()
+    }
+
+    /// The pages faulted so far, in order (empty unless recording).
+    pub fn working_set(&self) -> WorkingSet {
+        WorkingSet { pages: self.shared.touched_pages() }
+    }
+
+    /// Installs every still-missing page of `range` now, on the calling
+    /// thread, in windows of at most `max_window` pages. Returns the pages
+    /// this call installed. Pages other resolvers hold are left to them.
+    pub fn prefetch(&self, range: GuestRange) -> Result<u64, EngineError> {
+        if self.shut_down {
+            return Err(EngineError::Stopped);
+        }
+        self.shared.running()?;
+        let (loc, count) = self.shared.ram().check_range(range)?;
+        Ok(resolve::prefetch_pages(&self.shared, (loc.page..loc.page + count).map(|p| (loc.region, p))))
+    }
+
+    /// Replays a recorded working set as prefetch on a background thread,
+    /// in recorded order; pages outside RAM are skipped. The thread stops
+    /// early when the engine shuts down.
+    pub fn replay(&self, ws: &WorkingSet) -> Result<(), EngineError> {
+        if self.shut_down {
+            return Err(EngineError::Stopped);
+        }
+        self.shared.running()?;
+        let mut replays = self.replays.lock().unwrap_or_else(|e| e.into_inner());
+        // Finished replays are joined here, so the list holds running ones
+        // only, and at most `MAX_REPLAYS` of those.
+        for h in std::mem::take(&mut *replays) {
+            if h.is_finished() {
+                let _ = h.join();
+            } else {
+                replays.push(h);
+            }
+        }
+        if replays.len() >= MAX_REPLAYS {
+            return Err(EngineError::Busy("replays running"));
+        }
+        let shared = self.shared.clone();
+        let pages = ws.pages.clone();
+        let dispatch = crate::trace::current_dispatch();
+        let h = std::thread::Builder::new()
+            .name("apf-replay".into())
+            .spawn(move || {
+                let _trace = tracing::dispatcher::set_default(&dispatch);
+                let locs = pages.iter().filter_map(|&gpa| shared.ram().locate(GuestAddress(gpa)).ok());
+                let locs = locs.map(|l| (l.region, l.page));
+                resolve::prefetch_pages(&shared, locs);
+            })
+            .map_err(EngineError::Io)?;
+        replays.push(h);
+        Ok(())
+    }
+
+    /// Registers a migratable pin over `range` (page-aligned, inside one
+    /// RAM region). `callback` runs on the offlining thread whenever an
+    /// invalidation hits the range; see [`Pin`] for what it may do.
+    /// The memory is faulted in by the first [`Pin::get`].
+    pub fn pin(
+        &self,
+        range: GuestRange,
+        callback: impl Fn(&InvalidateEvent) + Send + Sync + 'static,
+    ) -> Result<Pin, PinError> {
+        Pin::register(self.shared.clone(), range, callback)
+    }
+
+    /// Takes a short-term reference on `range`, faulting it in first.
+    /// Waits for an offline over the range to end, up to `deadline`.
+    pub fn page_ref(&self, range: GuestRange, deadline: std::time::Instant) -> Result<PageRef, PinError> {
+        self.shared.running()?;
+        PageRef::take(self.shared.clone(), range, deadline)
+    }
+
+    /// Takes a hard pin on `range` (legacy mode, see [`HardPin`]).
+    pub fn hard_pin(&self, range: GuestRange, deadline: std::time::Instant) -> Result<HardPin, PinError> {
+        self.shared.running()?;
+        HardPin::take(self.shared.clone(), range, deadline)
+    }
+
+    /// Pins (migratable and hard) registered right now.
+    pub fn pins_registered(&self) -> usize {
+        self.shared.notifier().intervals()
+    }
+
+    /// Offlines `range` in `mode`, waiting at most until `deadline` for
+    /// references and kernel pins to let go. Faults on the range keep being
+    /// served: they wait while the offline holds the pages and then get the
+    /// right contents. See [`Mode`] for what each mode does.
+    ///
+    /// `range` must be page-aligned and inside one RAM region. One offline
+    /// runs on a range at a time; offlines of disjoint ranges may be called
+    /// concurrently, from any threads (they take turns at step 4).
+    ///
+    /// # Steps
+    ///
+    /// Every mode runs the same steps, as the kernel's own page migration
+    /// does:
+    ///
+    /// 1. **The invalidation is announced.** From here no new reference is
+    ///    granted on the range, and no other offline may overlap it; faults
+    ///    on it are still served.
+    /// 2. **The callbacks of the [`Pin`]s over the range are called**, on
+    ///    this thread: their holders drop the kernel pins they made on the
+    ///    memory and stop relying on it.
+    /// 3. **Holders are waited for**, up to `deadline`: [`PageRef`]s and
+    ///    [`HardPin`]s on the range (and, for an unplug, live
+    ///    [`PinGuard`](crate::PinGuard)s), then another offline's use of
+    ///    the engine's staging area. No new reference is granted on the
+    ///    range meanwhile, so the wait cannot starve. A range still held at
+    ///    the deadline fails with [`OfflineError::Busy`] (or
+    ///    [`OfflineError::StagingBusy`]) and is left as it was. Nothing is
+    ///    held yet, so a holder waited for here is never blocked by this
+    ///    offline, whatever it touches. Then the pages are held: fills in
+    ///    flight over the range are thrown away instead of installed, and
+    ///    faults on it wait until step 5.
+    /// 4. **The pages the kernel holds are acted on**, in chunks: taken out
+    ///    of guest RAM in one step (a write landing afterwards faults and
+    ///    waits; none is lost), then copied into fresh frames, copied into
+    ///    the eviction store, or dropped, by mode. What the kernel holds is
+    ///    what is acted on, whatever the engine believed: an unplug also
+    ///    discards pages populated before the engine registered the memory.
+    /// 5. **The invalidation ends.** Each page's state is set from what
+    ///    really happened to it, and the waiting faults are served.
+    ///
+    /// # Errors
+    ///
+    /// No failure leaves a page holding stale data, and none loses a
+    /// page's contents but for the one exception below: whatever the
+    /// error, every page of the range keeps its contents (in guest RAM, or
+    /// in the eviction store and restored on its next fault) or, for an
+    /// unplug, is discarded, and faults on it are served.
+    ///
+    /// - [`OfflineError::Range`]: `range` is not aligned, empty, or not in
+    ///   one RAM region; [`OfflineError::Overlap`]: another offline is
+    ///   working on part of it; [`OfflineError::Stopped`],
+    ///   [`OfflineError::NotOffered`] (the engine's backend cannot take
+    ///   pages out).
+    ///   Nothing was done.
+    /// - [`OfflineError::Busy`], [`OfflineError::StagingBusy`],
+    ///   [`OfflineError::BlockBusy`] ([`OfflineError::is_busy`]): held past
+    ///   the deadline. Nothing changed, except that when a page the kernel
+    ///   keeps pinned stops the take-out part way, the chunks before it
+    ///   are done (an unplug reports how many pages it discarded). A later
+    ///   attempt may work.
+    /// - [`OfflineError::Ioctl`]: a userfaultfd call failed past its
+    ///   retries; the error names the call and the page it stopped at.
+    ///   Pages that could not go back into guest RAM are in the eviction
+    ///   store.
+    /// - [`OfflineError::Lost`]: the one exception. Pages whose contents
+    ///   could neither be put back nor kept were poisoned (an access gets
+    ///   SIGBUS), never zero-filled.
+    ///
+    /// A balloon's discard (`MADV_DONTNEED`) of a page the offline holds
+    /// wins: once it returns, the page reads as zeros, and the offline does
+    /// not put the old contents back.
+    pub fn offline(
+        &self,
+        range: GuestRange,
+        mode: Mode,
+        deadline: std::time::Instant,
+    ) -> Result<OfflineReport, OfflineError> {
+        crate::offline::offline(&self.shared, self.staging.as_ref(), range, mode, deadline)
+    }
+
+    /// Offlines one real host memory block holding pages of `range`
+    /// ([`Mode::HostBlock`]): tries the blocks that hold its pages, most
+    /// pages first, each attempt bounded by `attempt`, until one goes
+    /// offline and back online. Blocks of unmovable kernel memory, or
+    /// held by someone else, are skipped and counted.
+    pub fn offline_any_host_block(
+        &self,
+        range: GuestRange,
+        attempt: Duration,
+    ) -> Result<crate::offline::HostBlockSearch, OfflineError> {
+        crate::offline::offline_any_host_block(&self.shared, range, attempt)
+    }
+
+    /// Brings pages unplugged under [`UnplugPolicy::Poison`] back, as
+    /// zeros. Returns how many pages were brought back.
+    pub fn replug(&self, range: GuestRange) -> Result<usize, OfflineError> {
+        self.shared.running()?;
+        crate::offline::replug(&self.shared, self.staging.as_ref(), range)
+    }
+
+    /// Waits until no window is being resolved, queued or parked, and no
+    /// replay is running, or until `deadline`. Returns false on timeout.
+    /// Counters move after the install that wakes a faulting thread, so
+    /// read them after this to see a fault's effects.
+    pub fn wait_idle(&self, deadline: std::time::Instant) -> bool {
+        loop {
+            let replaying = self.replays.lock().unwrap_or_else(|e| e.into_inner()).iter().any(|h| !h.is_finished());
+            if self.shared.jobs_in_flight() == 0 && !replaying {
+                return true;
+            }
+            if std::time::Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_micros(200));
+        }
+    }
+
+    /// Stops the engine. Stop the threads that touch guest RAM first (the
+    /// vCPUs, the devices), then call this (or drop the engine). The
+    /// engine stops its event loop, lets its workers finish what they hold
+    /// (up to [`Config::shutdown_deadline`]), then poisons every page that
+    /// is still missing: a thread that touches one afterwards, or is still
+    /// blocked on one, gets SIGBUS instead of silently reading zeros
+    /// (which is what closing a userfaultfd would give it). With
+    /// [`Backend::Limited`](crate::Backend::Limited), which cannot poison,
+    /// such pages are left for the kernel to fill with zeros.
+    pub fn shutdown(mut self) -> ShutdownReport {
+        self.stop_all()
+    }
+
+    fn stop_all(&mut self) -> ShutdownReport {
+        if self.shut_down {
+            return ShutdownReport::default();
+        }
+        self.shut_down = true;
+        self.shared.stop();
+        let _ = self.stop.write(1);
+        let deadline = std::time::Instant::now() + self.shared.config().shutdown_deadline;
+        let mut threads = Vec::new();
+        threads.extend(self.event_loop.take());
+        // Workers drain the queue (each job is bounded by retries and the
+        // install deadline, unless its source never returns) and exit when
+        // the channel closes.
+        self.jobs = None;
+        threads.append(&mut self.workers);
+        threads.append(&mut self.replays.lock().unwrap_or_else(|e| e.into_inner()));
+        let mut threads_left_behind = 0;
+        for h in threads {
+            while !h.is_finished() && std::time::Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            if h.is_finished() {
+                let _ = h.join();
+            } else {
+                threads_left_behind += 1;
+            }
+        }
+        if threads_left_behind > 0 {
+            self.shared.report(FaultError::ThreadsLeftBehind(threads_left_behind));
+            crate::fault::serve_after_shutdown(self.shared.clone());
+        }
+        let poisoned_pages = self.poison_missing();
+        if threads_left_behind == 0 {
+            for r in self.shared.ram().regions() {
+                let _ = self.shared.uffd().unregister(r.host_base(), r.len());
+            }
+        }
+        ShutdownReport { poisoned_pages, threads_left_behind }
+    }
+
+    fn poison_missing(&self) -> u64 {
+        self.shared.poison_unresolved()
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        self.stop_all();
+    }
+}
+
