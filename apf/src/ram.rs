@@ -18,7 +18,7 @@
 //! engine's staging area (`AnonMapping`) is held to the same rule.
 
 use std::fmt;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 
 use thiserror::Error;
 use vm_memory::mmap::{MmapRegion, MmapRegionBuilder};
@@ -215,6 +215,13 @@ pub struct Region {
     len: u64,
     host: u64,
     states: Box<[AtomicU8]>,
+    /// Per page: a remove was applied to it, and its zap may not have run
+    /// yet. A `madvise` zaps only after its remove event is read, and
+    /// nothing tells the engine when it does; whatever the engine installs
+    /// meanwhile (a fill, a put-back, a replug's zeros) may be zapped
+    /// with the rest. Such a loss is the discard's doing, so the page
+    /// reads as zeros, not as a lost page. Cleared when a loss is seen.
+    zap_pending: Box<[AtomicBool]>,
 }
 
 impl fmt::Debug for Region {
@@ -331,6 +338,7 @@ impl Region {
     /// their state and take the `Zero` origin.
     /// Returns the state and origin the page had.
     pub(crate) fn mark_removed(&self, page: usize) -> (PageState, Origin) {
+        self.zap_pending[page].store(true, Ordering::Release);
         let prior = self.states[page].fetch_update(Ordering::AcqRel, Ordering::Acquire, |b| {
             let (state, origin) = unpack(b);
             // A discard does not undo an unplug under the poison policy.
@@ -398,17 +406,31 @@ impl Region {
     }
 
     /// Claims a page the engine believes `Present` that a remove touched
-    /// (origin `Zero`) and the kernel reports missing: `Present ->
-    /// Resolving`. A remove is applied when its event is read, and the
-    /// `madvise` that sent it zaps only after that read, so an install that
-    /// lands in between is zapped with the rest: zeros are what the page
-    /// holds. False if the page was not `Present` with origin `Zero`.
+    /// (origin `Zero`, or a remove applied since its last loss) and the
+    /// kernel reports missing: `Present -> Resolving`, origin `Zero`. A
+    /// remove is applied when its event is read, and the `madvise` that
+    /// sent it zaps only after that read, so an install that lands in
+    /// between is zapped with the rest, however long the zap takes: zeros
+    /// are what the page holds. False if the page was not such a page.
     pub(crate) fn try_reclaim_removed(&self, page: usize) -> bool {
         let cur = self.states[page].load(Ordering::Acquire);
-        unpack(cur) == (PageState::Present, Origin::Zero)
+        let (state, origin) = unpack(cur);
+        let reclaimed = state == PageState::Present
+            && (origin == Origin::Zero || self.zap_pending[page].load(Ordering::Acquire))
             && self.states[page]
                 .compare_exchange(cur, pack(PageState::Resolving, Origin::Zero), Ordering::AcqRel, Ordering::Acquire)
-                .is_ok()
+                .is_ok();
+        if reclaimed {
+            self.zap_pending[page].store(false, Ordering::Release);
+        }
+        reclaimed
+    }
+
+    /// Whether a remove's zap may explain the loss of this `Present` page
+    /// (see `zap_pending`): origin `Zero`, or a remove applied since the
+    /// last loss seen.
+    pub(crate) fn zap_may_explain(&self, page: usize) -> bool {
+        self.state(page).1 == Origin::Zero || self.zap_pending[page].load(Ordering::Acquire)
     }
 
     /// A page the engine had installed and the kernel lost (no remove
@@ -496,8 +518,9 @@ impl GuestRam {
             let host = r.as_ptr() as u64;
             no_huge_pages(host, len).map_err(|source| RamError::Madvise { base: base.0, source })?;
             let pages = (len / PAGE) as usize;
-            let states = (0..pages).map(|_| AtomicU8::new(pack(PageState::Missing, Origin::Source))).collect();
-            regions.push(Region { base, len, host, states });
+            let states: Box<[AtomicU8]> = (0..pages).map(|_| AtomicU8::new(pack(PageState::Missing, Origin::Source))).collect();
+            let zap_pending = (0..pages).map(|_| AtomicBool::new(false)).collect();
+            regions.push(Region { base, len, host, states, zap_pending });
         }
         if regions.is_empty() {
             return Err(RamError::NoRegions);
@@ -690,6 +713,33 @@ mod tests {
             Err(RamError::RangeOutOfBounds(_))
         ));
         assert!(matches!(ram.check_range(GuestRange::new(GuestAddress(0x8000), PAGE)), Err(RamError::OutOfRange(_))));
+    }
+
+    /// A page a remove touched, then filled again from the store (an
+    /// evict and its restore while the remove's zap was still to come),
+    /// is taken back as zeros when the kernel turns out not to hold it;
+    /// one no remove touched is not (its loss is a lost page).
+    #[test]
+    fn a_loss_after_a_remove_is_the_remove_zap_until_one_is_seen() {
+        let ram = two_regions();
+        let r = &ram.regions()[0];
+        let present_from_store = |p: usize| {
+            r.states[p].store(pack(PageState::Present, Origin::Store), Ordering::Release);
+        };
+        present_from_store(0);
+        assert!(!r.zap_may_explain(0));
+        assert!(!r.try_reclaim_removed(0), "no remove came: a lost page");
+        r.mark_removed(0);
+        present_from_store(0);
+        assert!(r.zap_may_explain(0));
+        assert!(r.try_reclaim_removed(0));
+        assert_eq!(r.state(0), (PageState::Resolving, Origin::Zero));
+        // The zap that was pending has been seen: the next loss is a loss.
+        present_from_store(0);
+        assert!(!r.try_reclaim_removed(0));
+        // Origin `Zero` is always the remove's.
+        r.states[1].store(pack(PageState::Present, Origin::Zero), Ordering::Release);
+        assert!(r.try_reclaim_removed(1));
     }
 
     #[test]

@@ -614,6 +614,8 @@ fn the_limited_backend_refuses_offlines_that_need_move_and_serves_the_rest() {
     let engine = builder(Backend::Limited, ram.clone(), Arc::new(pattern)).start().unwrap();
     assert!(!engine.features().contains(apf::Features::POISON) && !engine.features().contains(apf::Features::MOVE));
     verify(&ram, pattern, 4 * PAGE);
+    // The install woke the reader before its resolver marked the window.
+    settled(&engine);
     let range = GuestRange::new(GuestAddress(0), 16 * PAGE);
     for mode in [apf::Mode::Migrate, apf::Mode::Evict, apf::Mode::Unplug] {
         match engine.offline(range, mode, Instant::now() + Duration::from_secs(1)) {

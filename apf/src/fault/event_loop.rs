@@ -407,11 +407,13 @@ impl FaultLoop {
                     shared.wake(region.page_host(page), PAGE_SIZE);
                     return;
                 }
-                PageState::Present if region.state(page).1 == Origin::Zero => {
+                PageState::Present if region.zap_may_explain(page) => {
                     // A remove touched it: its `madvise` zaps only after the
                     // event is read (and applied), so an install landing in
-                    // between was zapped with the rest. Zeros are what it
-                    // holds; a stale event meets EEXIST and is woken.
+                    // between (a fill, an offline's put-back, a replug's
+                    // zeros, however long after) was zapped with the rest.
+                    // Zeros are what it holds; a stale event meets EEXIST
+                    // and is woken.
                     if !region.try_reclaim_removed(page) {
                         continue;
                     }
