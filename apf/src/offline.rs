@@ -22,14 +22,18 @@
 //!    and mark the range's pages `Invalidating`. Fills in flight over the
 //!    range are thrown away at their install; faults on the range wait
 //!    (the event loop defers them) until step 5.
-//! 4. **Act**, in chunks of [`STAGING_PAGES`]. Each chunk is taken out of
-//!    guest RAM with one `UFFDIO_MOVE` (source holes allowed) into a
-//!    staging area registered with the same userfaultfd: one step that
-//!    unmaps (a write landing afterwards faults and waits, none is lost),
-//!    fires KVM's MMU notifier and raises no remove event. What the kernel
-//!    held is what is acted on, whatever the engine's page states say: the
-//!    staging area's page table (`/proc/self/pagemap`) tells which pages
-//!    came over. Then `Migrate` copies them back into fresh frames, `Evict`
+//! 4. **Act**, in chunks of [`STAGING_PAGES`]. The guest pages the
+//!    kernel holds (its page table, `/proc/self/pagemap`, says which) are
+//!    taken out of guest RAM with `UFFDIO_MOVE`, one call per run of them,
+//!    into a staging area registered with the same userfaultfd: one step
+//!    that unmaps (a write landing afterwards faults and waits, none is
+//!    lost), fires KVM's MMU notifier and raises no remove event. Holes
+//!    are not handed to the kernel to skip: a move over holes that a
+//!    discard is zapping at the same time was seen to retry for ever
+//!    inside the kernel. What the kernel held is what is acted on,
+//!    whatever the engine's page states say: the staging area's page table
+//!    tells which pages came over (a move that stops part-way can move
+//!    one page more than it reports). Then `Migrate` copies them back into fresh frames, `Evict`
 //!    copies them into the eviction store, `Unplug` drops them and applies
 //!    the [`UnplugPolicy`]. The staging area is then emptied with
 //!    `MADV_DONTNEED` on itself, never on guest RAM.
@@ -397,11 +401,19 @@ impl Staging {
     }
 
     /// Whether the kernel's page table holds something (a page, present or
-    /// swapped out, or a marker) at `addr`, any address of this process.
+    /// swapped out) at `addr`, any address of this process.
     fn occupied(&self, addr: u64) -> io::Result<bool> {
-        let mut raw = [0u8; 8];
+        Ok(self.occupied_run(addr, 1)?[0])
+    }
+
+    /// [`Self::occupied`] for the `n` pages from `addr`, in one read.
+    fn occupied_run(&self, addr: u64, n: usize) -> io::Result<Vec<bool>> {
+        let mut raw = vec![0u8; n * 8];
         self.pagemap.read_exact_at(&mut raw, addr / PAGE_SIZE as u64 * 8)?;
-        Ok(u64::from_ne_bytes(raw) & (PM_PRESENT | PM_SWAP) != 0)
+        Ok(raw
+            .chunks_exact(8)
+            .map(|e| u64::from_ne_bytes(e.try_into().unwrap_or([0; 8])) & (PM_PRESENT | PM_SWAP) != 0)
+            .collect())
     }
 
     /// Frees slots `first..first + n`. This raises a remove event for the
@@ -653,10 +665,30 @@ impl<'a> Work<'a> {
         let uffd = self.shared.mem();
         let mut taken = vec![false; n];
         for (i, j) in runs(n, |i| self.takeable(c0 + i)) {
+            // Only what the kernel holds is moved: a hole is taken as it
+            // is. Asking `UFFDIO_MOVE` to skip holes itself races badly with
+            // a discard zapping the same range (the kernel was seen to
+            // retry for ever inside the call).
+            let occupied = match st.occupied_run(self.host(c0 + i), j - i) {
+                Ok(o) => o,
+                Err(e) => {
+                    self.fail(OfflineError::Staging(e));
+                    return (taken, true);
+                }
+            };
             let mut k = i;
             while k < j {
+                if !occupied[k - i] {
+                    taken[k] = true;
+                    k += 1;
+                    continue;
+                }
+                let mut end = k + 1;
+                while end < j && occupied[end - i] {
+                    end += 1;
+                }
                 // SAFETY: pages of guest RAM and the staging area, which no Rust reference ever points into (see `crate::ram`).
-                let (done, err) = split(unsafe { uffd.move_pages(st.slot(k), self.host(c0 + k), (j - k) * PAGE_SIZE, true) });
+                let (done, err) = split(unsafe { uffd.move_pages(st.slot(k), self.host(c0 + k), (end - k) * PAGE_SIZE, false) });
                 taken[k..k + done].fill(true);
                 k += done;
                 let Some(e) = err else { continue };
@@ -665,6 +697,12 @@ impl<'a> Work<'a> {
                     continue;
                 }
                 let again = match e.errno {
+                    // Emptied since the look (a discard's zap): a hole now.
+                    libc::ENOENT => {
+                        taken[k] = true;
+                        k += 1;
+                        true
+                    }
                     // The slot is not empty. Every slot was empty when the
                     // chunk began, so if the guest page is empty now, the
                     // kernel moved it there without counting it (this

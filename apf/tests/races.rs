@@ -705,13 +705,16 @@ fn pages_given_back_during_an_unplug(policy: apf::UnplugPolicy, replug: bool) {
     let engine = engine_with(&ram, source.clone(), config);
     let fp = engine.failpoints().clone();
     let region = &ram.regions()[0];
-    let unplugged = apf::GuestRange::new(GuestAddress(4 * PAGE), 4 * PAGE);
+    // Pages 4 to 8: page 8 is installed first (with its block, 8 to 15),
+    // so that the take-out has a page to move and can be held there.
+    let unplugged = apf::GuestRange::new(GuestAddress(4 * PAGE), 5 * PAGE);
+    assert_eq!(read_word(&ram, 8 * PAGE), Pattern { seed: 8 }.word_at(8 * PAGE, 0));
     std::thread::scope(|s| {
         // A fault on page 0: its job claims pages 0 to 7 and waits in the
         // fill of page 0.
         let first = s.spawn(|| read_word(&ram, 0));
         assert!(source.wait_held(Duration::from_secs(5)));
-        // An unplug of pages 4 to 7, held at its take-out.
+        // An unplug of pages 4 to 8, held at its take-out.
         fp.arm(Rule::pause(Op::Move));
         let unplug = s.spawn(|| engine.offline(unplugged, apf::Mode::Unplug, Instant::now() + Duration::from_secs(5)));
         assert!(fp.wait_paused(Duration::from_secs(5)), "the unplug never took its pages out");
@@ -731,7 +734,7 @@ fn pages_given_back_during_an_unplug(policy: apf::UnplugPolicy, replug: bool) {
         engine.replug(unplugged).unwrap();
     }
     let want = if policy == apf::UnplugPolicy::Poison && !replug { None } else { Some(0) };
-    for p in 4..8 {
+    for p in 4..9 {
         assert_eq!(try_read_word(&ram, p * PAGE), want, "page {p} after its unplug ({policy:?}, replug: {replug})");
     }
     assert_eq!(try_read_word(&ram, 3 * PAGE), Some(Pattern { seed: 8 }.word_at(3 * PAGE, 0)));
