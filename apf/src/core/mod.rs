@@ -126,13 +126,79 @@ pub enum FaultError {
     ThreadsLeftBehind(usize),
 }
 
+/// A run of consecutive pages of one region.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Run {
+    /// Its first page (an index into the region).
+    pub first: usize,
+    /// How many pages.
+    pub count: usize,
+}
+
+impl Run {
+    /// The run of the one page `page`.
+    pub fn one(page: usize) -> Run {
+        Run { first: page, count: 1 }
+    }
+
+    /// One past its last page.
+    pub fn end(&self) -> usize {
+        self.first + self.count
+    }
+}
+
+/// The pages a job claimed, as runs of one region in the order they are
+/// filled and installed: the faulting page's run first for a stream, the
+/// strided pages one by one, a fault-around block as its missing runs.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct Window(Vec<Run>);
+
+impl Window {
+    /// The window of the one page `page`.
+    pub fn one(page: usize) -> Window {
+        Window(vec![Run::one(page)])
+    }
+
+    /// Pages in all its runs.
+    pub fn pages(&self) -> usize {
+        self.0.iter().map(|r| r.count).sum()
+    }
+
+    /// The guest range from its lowest to its highest page (empty for an
+    /// empty window).
+    pub fn span(&self, region: &crate::ram::Region) -> crate::ram::GuestRange {
+        let lo = self.0.iter().map(|r| r.first).min().unwrap_or(0);
+        let hi = self.0.iter().map(Run::end).max().unwrap_or(lo);
+        crate::ram::GuestRange::new(region.page_gpa(lo), ((hi - lo) * PAGE_SIZE) as u64)
+    }
+}
+
+impl From<Vec<Run>> for Window {
+    fn from(runs: Vec<Run>) -> Window {
+        Window(runs)
+    }
+}
+
+impl std::ops::Deref for Window {
+    type Target = Vec<Run>;
+    fn deref(&self) -> &Vec<Run> {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Window {
+    fn deref_mut(&mut self) -> &mut Vec<Run> {
+        &mut self.0
+    }
+}
+
 /// One claimed window: runs of pages in `Resolving` that this job owns.
 pub(crate) struct Job {
     pub region: usize,
     /// The faulting page and access (None for prefetch-only jobs).
     pub fault: Option<Fault>,
-    /// `(first page, count)` runs, all claimed by this job.
-    pub runs: Vec<(usize, usize)>,
+    /// Its pages, all claimed by this job.
+    pub window: Window,
     pub span: tracing::Span,
     pub attempts: u32,
     /// Failed fills not counted in `attempts` because an invalidation moved
@@ -154,7 +220,7 @@ pub(crate) struct Fault {
 
 impl fmt::Debug for Job {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Job").field("region", &self.region).field("runs", &self.runs).finish_non_exhaustive()
+        f.debug_struct("Job").field("region", &self.region).field("window", &self.window).finish_non_exhaustive()
     }
 }
 
@@ -462,9 +528,9 @@ impl Core {
     /// Gives the claimed pages of `runs` back (`Resolving -> Missing`) and
     /// wakes them, so any thread deduped onto them faults again and gets a
     /// new resolver: nothing waits on an abandoned window.
-    pub(crate) fn release_runs(&self, region: usize, runs: &[(usize, usize)]) {
+    pub(crate) fn release_runs(&self, region: usize, runs: &[Run]) {
         let r = &self.ram.regions()[region];
-        for &(first, count) in runs {
+        for &Run { first, count } in runs {
             for p in first..first + count {
                 self.checked(r.release(p));
             }

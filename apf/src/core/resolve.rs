@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::Receiver;
 use tracing::field;
 
-use super::{Core, FaultError, GiveUp, Job};
+use super::{Core, FaultError, GiveUp, Job, Run, Window};
 use crate::ram::{GuestAddress, GuestRange, Origin, Region};
 use crate::source::PageSource;
 use crate::uffd::PAGE_SIZE;
@@ -73,9 +73,9 @@ struct Piece {
 
 enum InstallError {
     /// The address space is changing; these runs are still claimed.
-    Again(Vec<(usize, usize)>),
+    Again(Window),
     /// The resident source could not be read by the kernel (`EFAULT`).
-    SourceFault(Vec<(usize, usize)>),
+    SourceFault(Window),
     /// Anything else; the pages of the failed piece onward were released.
     Fatal,
 }
@@ -87,7 +87,7 @@ pub(crate) fn worker(shared: &Core, rx: &Receiver<Job>) {
         let left = resolve_guarded(shared, job, &mut ctx);
         debug_assert!(left.is_none(), "workers finish their jobs");
         if let Some(job) = left {
-            shared.release_runs(job.region, &job.runs);
+            shared.release_runs(job.region, &job.window);
         }
         // Uncounted only once nothing of the job is left claimed.
         shared.job_finished();
@@ -104,7 +104,7 @@ pub(crate) fn resolve_guarded(shared: &Core, job: Job, ctx: &mut Ctx) -> Option<
 
 /// [`resolve_guarded`], also returning the bytes installed.
 fn resolve_guarded_counting(shared: &Core, job: Job, ctx: &mut Ctx) -> (Option<Job>, usize) {
-    let (region_idx, runs, fault) = (job.region, job.runs.clone(), job.fault);
+    let (region_idx, window, fault) = (job.region, job.window.clone(), job.fault);
     let panic = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| resolve_counting(shared, job, ctx))) {
         Ok(done) => return done,
         Err(panic) => panic,
@@ -116,7 +116,7 @@ fn resolve_guarded_counting(shared: &Core, job: Job, ctx: &mut Ctx) -> (Option<J
     // claimant moves a page out of that state.
     let mine = |p: usize| region.state(p).0 == crate::ram::PageState::Resolving;
     let mut others = Vec::new();
-    for &(first, count) in &runs {
+    for &Run { first, count } in window.iter() {
         for p in (first..first + count).filter(|&p| mine(p)) {
             if fault.is_some_and(|f| f.page == p) {
                 // Under the lock removes and unplugs take to change it: a
@@ -141,15 +141,15 @@ fn resolve_guarded_counting(shared: &Core, job: Job, ctx: &mut Ctx) -> (Option<J
                 }
                 drop(guard);
                 if !given_up {
-                    others.push((p, 1));
+                    others.push(Run::one(p));
                 }
             } else {
-                others.push((p, 1));
+                others.push(Run::one(p));
             }
         }
     }
     shared.release_runs(region_idx, &others);
-    let gpa = region.page_gpa(fault.map_or(runs.first().map_or(0, |r| r.0), |f| f.page));
+    let gpa = region.page_gpa(fault.map_or(window.first().map_or(0, |r| r.first), |f| f.page));
     shared.report_given_up(gpa, zeroed, FaultError::SourcePanicked { gpa, poisoned, message });
     (None, 0)
 }
@@ -165,15 +165,15 @@ fn resolve_counting(shared: &Core, mut job: Job, ctx: &mut Ctx) -> (Option<Job>,
     let started = Instant::now();
     let mut bytes = 0usize;
     loop {
-        if job.runs.is_empty() {
+        if job.window.is_empty() {
             span.record("bytes", bytes);
             span.record("outcome", "installed");
             return (None, bytes);
         }
         let wait_until = if ctx.on_loop { Instant::now() } else { Instant::now() + shared.config().install_deadline };
-        let mut range = job_range(region, &job.runs);
+        let mut range = job.window.span(region);
         let mut seq = shared.notifier().read_begin(range, Instant::now());
-        if seq.is_none() && job.runs.iter().map(|r| r.1).sum::<usize>() > 1 {
+        if seq.is_none() && job.window.pages() > 1 {
             // An invalidation holds the window. Only the faulting page
             // waits for it: the rest goes back, woken. A thread whose fault
             // on a neighbour was deduped onto this job comes again and is
@@ -182,14 +182,14 @@ fn resolve_counting(shared: &Core, mut job: Job, ctx: &mut Ctx) -> (Option<Job>,
             // for its deadline with nobody to tell it why.
             shrink_to_fault(shared, &mut job);
             if job.fault.is_none() {
-                shared.release_runs(job.region, &job.runs);
-                job.runs.clear();
+                shared.release_runs(job.region, &job.window);
+                job.window.clear();
             }
-            if job.runs.is_empty() {
+            if job.window.is_empty() {
                 span.record("outcome", "given-back");
                 return (None, bytes);
             }
-            range = job_range(region, &job.runs);
+            range = job.window.span(region);
             seq = shared.notifier().read_begin(range, Instant::now());
         }
         if seq.is_none() {
@@ -204,7 +204,7 @@ fn resolve_counting(shared: &Core, mut job: Job, ctx: &mut Ctx) -> (Option<Job>,
                 return (Some(job), bytes);
             }
             // An invalidation overlapping this window did not end in time.
-            shared.release_runs(job.region, &job.runs);
+            shared.release_runs(job.region, &job.window);
             span.record("outcome", "invalidation-timeout");
             return (None, bytes);
         };
@@ -239,25 +239,25 @@ fn resolve_counting(shared: &Core, mut job: Job, ctx: &mut Ctx) -> (Option<Job>,
         drop(install_span);
         match result {
             Ok(()) => {
-                job.runs.clear();
+                job.window.clear();
             }
             Err(InstallError::Again(rest)) => {
                 shared.stats().eagain.add(1);
-                job.runs = rest;
+                job.window = rest;
                 if ctx.on_loop {
                     return (Some(job), bytes);
                 }
                 if started.elapsed() > shared.config().install_deadline {
-                    shared.release_runs(job.region, &job.runs);
+                    shared.release_runs(job.region, &job.window);
                     span.record("outcome", "eagain-timeout");
                     return (None, bytes);
                 }
                 std::thread::sleep(Duration::from_micros(50));
             }
             Err(InstallError::SourceFault(rest)) => {
-                job.runs = rest;
+                job.window = rest;
                 job.attempts += 1;
-                let gpa = region.page_gpa(job.runs[0].0);
+                let gpa = region.page_gpa(job.window[0].first);
                 let error = crate::source::SourceError::Io {
                     gpa,
                     len: PAGE_SIZE,
@@ -311,7 +311,7 @@ fn on_fill_error(
     if job.attempts <= shared.config().fill_retries {
         shared.stats().fill_retries.add(1);
         shrink_to_fault(shared, job);
-        if job.runs.is_empty() {
+        if job.window.is_empty() {
             return FillNext::Done;
         }
         if ctx.on_loop {
@@ -324,8 +324,8 @@ fn on_fill_error(
     job.span.record("outcome", "source-failed");
     let Some(fault) = job.fault else {
         // Nobody asked for these pages: give them back unpoisoned.
-        shared.release_runs(job.region, &job.runs);
-        job.runs.clear();
+        shared.release_runs(job.region, &job.window);
+        job.window.clear();
         shared.report(FaultError::SourceFailed { gpa, attempts: job.attempts, poisoned: false, error });
         return FillNext::Done;
     };
@@ -360,14 +360,14 @@ fn on_fill_error(
         }
         Err(e) => {
             drop(guard);
-            shared.release_runs(job.region, &job.runs);
+            shared.release_runs(job.region, &job.window);
             shared.report(FaultError::Install { gpa: page_gpa, error: e });
-            job.runs.clear();
+            job.window.clear();
             return FillNext::Done;
         }
     }
     drop(guard);
-    job.runs.clear();
+    job.window.clear();
     FillNext::Done
 }
 
@@ -376,29 +376,23 @@ fn shrink_to_fault(shared: &Core, job: &mut Job) {
     let Some(fault) = job.fault else { return };
     let mut others = Vec::new();
     let mut keep = false;
-    for &(first, count) in &job.runs {
+    for &Run { first, count } in job.window.iter() {
         if (first..first + count).contains(&fault.page) {
             keep = true;
             if fault.page > first {
-                others.push((first, fault.page - first));
+                others.push(Run { first, count: fault.page - first });
             }
             if first + count > fault.page + 1 {
-                others.push((fault.page + 1, first + count - fault.page - 1));
+                others.push(Run { first: fault.page + 1, count: first + count - fault.page - 1 });
             }
         } else {
-            others.push((first, count));
+            others.push(Run { first, count });
         }
     }
     if !others.is_empty() {
         shared.release_runs(job.region, &others);
     }
-    job.runs = if keep { vec![(fault.page, 1)] } else { Vec::new() };
-}
-
-fn job_range(region: &Region, runs: &[(usize, usize)]) -> GuestRange {
-    let lo = runs.iter().map(|r| r.0).min().unwrap_or(0);
-    let hi = runs.iter().map(|r| r.0 + r.1).max().unwrap_or(lo);
-    GuestRange::new(region.page_gpa(lo), ((hi - lo) * PAGE_SIZE) as u64)
+    job.window = if keep { Window::one(fault.page) } else { Window::default() };
 }
 
 /// Fills the window into pieces of one origin each. Resident source pages
@@ -414,13 +408,13 @@ fn fill(
     // from a zero buffer, or with ZEROPAGE).
     let _span = (!zero_source).then(|| tracing::trace_span!(target: "apf", "apf.fill").entered());
     let write = job.fault.is_some_and(|f| f.write);
-    let mut pieces = Vec::with_capacity(job.runs.len());
+    let mut pieces = Vec::with_capacity(job.window.len());
     let mut buf_off = 0;
-    let total: usize = job.runs.iter().map(|r| r.1).sum();
+    let total: usize = job.window.pages();
     if ctx.buf.len() < total * PAGE_SIZE {
         ctx.buf.resize(total * PAGE_SIZE, 0);
     }
-    for &(first, count) in &job.runs {
+    for &Run { first, count } in job.window.iter() {
         let mut p = first;
         while p < first + count {
             let origin = region.claimed_origin(p);
@@ -574,11 +568,11 @@ fn install_pieces(
 }
 
 /// The still-claimed runs from piece `i`, page offset `off`, onward.
-fn remaining(pieces: &[Piece], i: usize, off: usize) -> Vec<(usize, usize)> {
-    let mut rest = vec![(pieces[i].first + off, pieces[i].count - off)];
-    rest.extend(pieces[i + 1..].iter().map(|p| (p.first, p.count)));
-    rest.retain(|r| r.1 > 0);
-    rest
+fn remaining(pieces: &[Piece], i: usize, off: usize) -> Window {
+    let mut rest = vec![Run { first: pieces[i].first + off, count: pieces[i].count - off }];
+    rest.extend(pieces[i + 1..].iter().map(|p| Run { first: p.first, count: p.count }));
+    rest.retain(|r| r.count > 0);
+    Window::from(rest)
 }
 
 /// Installs still-missing pages from `locs` (region, page) in windows of
@@ -595,7 +589,7 @@ pub(crate) fn prefetch_pages(shared: &Core, locs: impl Iterator<Item = (usize, u
             let job = Job {
                 region,
                 fault: None,
-                runs: vec![(first, count)],
+                window: Window::from(vec![Run { first, count }]),
                 span,
                 attempts: 0,
                 refunds: 0,
@@ -604,7 +598,7 @@ pub(crate) fn prefetch_pages(shared: &Core, locs: impl Iterator<Item = (usize, u
             let (left, bytes) = resolve_guarded_counting(shared, job, ctx);
             debug_assert!(left.is_none(), "off the event loop, jobs finish");
             if let Some(job) = left {
-                shared.release_runs(job.region, &job.runs);
+                shared.release_runs(job.region, &job.window);
             }
             installed += (bytes / PAGE_SIZE) as u64;
         }

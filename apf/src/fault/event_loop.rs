@@ -18,7 +18,7 @@ use vmm_sys_util::eventfd::EventFd;
 use super::prefetch::StreamTable;
 use super::SpawnError;
 use crate::core::resolve::{self, Ctx};
-use crate::core::{panic_message, Core, Fault, FaultError, GiveUp, Job};
+use crate::core::{panic_message, Core, Fault, FaultError, GiveUp, Job, Run, Window};
 use crate::notifier::{InstallsHeld, Invalidation, Reason};
 use crate::ram::{GuestAddress, GuestRange, Origin, PageLoc, PageState};
 use crate::uffd::{Event, EventBuf, PAGE_SIZE};
@@ -384,11 +384,11 @@ impl FaultLoop {
                     }
                     shared.record_touch(shared.ram().page_index(loc), region.page_gpa(page).0);
                     span.record("source", shared.source().name());
-                    let runs = self.plan(loc.region, page, tid);
+                    let window = self.plan(loc.region, page, tid);
                     let job = Job {
                         region: loc.region,
                         fault: Some(Fault { page, write }),
-                        runs,
+                        window,
                         span,
                         attempts: 0,
                         refunds: 0,
@@ -422,7 +422,7 @@ impl FaultLoop {
                     let job = Job {
                         region: loc.region,
                         fault: Some(Fault { page, write }),
-                        runs: vec![(page, 1)],
+                        window: Window::one(page),
                         span,
                         attempts: 0,
                         refunds: 0,
@@ -561,8 +561,8 @@ impl FaultLoop {
     }
 
     /// Claims the prefetch window after the faulting page (already claimed)
-    /// and returns its runs.
-    fn plan(&mut self, region_idx: usize, page: usize, tid: u32) -> Vec<(usize, usize)> {
+    /// and returns it.
+    fn plan(&mut self, region_idx: usize, page: usize, tid: u32) -> Window {
         let region = &self.shared.ram().regions()[region_idx];
         let linear = (region.base().0 / PAGE_SIZE as u64) as i64 + page as i64;
         let plan = self.streams.plan(tid, linear);
@@ -572,7 +572,7 @@ impl FaultLoop {
                 // The block counts as the thread's last window: a thread
                 // that goes on at its end is a stream, and its windows grow
                 // from there.
-                let (start, end) = (first.0, last.0 + last.1);
+                let (start, end) = (first.first, last.end());
                 if end - start > 1 {
                     let base = (region.base().0 / PAGE_SIZE as u64) as i64;
                     self.streams.trim(tid, base + start as i64, 1, end - start);
@@ -600,16 +600,16 @@ impl FaultLoop {
             let covered = (n - 1) / stride.unsigned_abs() as usize + 1;
             self.streams.trim(tid, linear, stride, covered);
             let first = if dir > 0 { page } else { page + 1 - n };
-            vec![(first, n)]
+            Window::from(vec![Run { first, count: n }])
         } else {
-            let mut runs = vec![(page, 1)];
+            let mut runs = Window::one(page);
             let mut covered = 1;
             for k in 1..plan.count as i64 {
                 let p = page as i64 + stride * k;
                 if p < 0 || p >= pages || region.try_claim(p as usize).is_none() {
                     break;
                 }
-                runs.push((p as usize, 1));
+                runs.push(Run::one(p as usize));
                 covered += 1;
             }
             self.streams.trim(tid, linear, stride, covered);
@@ -619,21 +619,21 @@ impl FaultLoop {
 
     /// Runs covering `page` (already claimed) and the missing pages of the
     /// aligned fault-around block it lies in.
-    fn fault_around(&self, region: &crate::ram::Region, page: usize) -> Vec<(usize, usize)> {
+    fn fault_around(&self, region: &crate::ram::Region, page: usize) -> Window {
         let around = self.shared.config().fault_around.min(self.shared.config().max_window).max(1);
         if around == 1 {
-            return vec![(page, 1)];
+            return Window::one(page);
         }
         let first = page / around * around;
         let end = (first + around).min(region.pages());
-        let mut runs: Vec<(usize, usize)> = Vec::new();
+        let mut runs = Window::default();
         for p in first..end {
             if p != page && region.try_claim(p).is_none() {
                 continue;
             }
             match runs.last_mut() {
-                Some((start, len)) if *start + *len == p => *len += 1,
-                _ => runs.push((p, 1)),
+                Some(run) if run.end() == p => run.count += 1,
+                _ => runs.push(Run::one(p)),
             }
         }
         runs
@@ -642,7 +642,7 @@ impl FaultLoop {
     fn dispatch(&mut self, job: Job) {
         // Counted from claim to finish, whichever thread finishes it.
         self.shared.job_started();
-        let pages = job.runs.iter().map(|r| r.1).sum();
+        let pages = job.window.pages();
         if self.shared.inline_ok(pages) {
             self.shared.stats().inline.add(1);
             match resolve::resolve_guarded(&self.shared, job, &mut self.ctx) {
@@ -664,7 +664,7 @@ impl FaultLoop {
             }
             Err(TrySendError::Full(job)) => self.park(job),
             Err(TrySendError::Disconnected(job)) => {
-                self.shared.release_runs(job.region, &job.runs);
+                self.shared.release_runs(job.region, &job.window);
                 self.shared.job_finished();
             }
         }
@@ -697,7 +697,7 @@ impl FaultLoop {
                     return;
                 }
                 Err(TrySendError::Disconnected(job)) => {
-                    self.shared.release_runs(job.region, &job.runs);
+                    self.shared.release_runs(job.region, &job.window);
                     self.shared.job_finished();
                 }
             }
@@ -708,7 +708,7 @@ impl FaultLoop {
     /// At exit: parked jobs give their pages back, so shutdown poisons them.
     fn abandon_parked(&mut self) {
         for job in self.parked.drain(..) {
-            self.shared.release_runs(job.region, &job.runs);
+            self.shared.release_runs(job.region, &job.window);
             self.shared.job_finished();
         }
     }
