@@ -154,6 +154,13 @@ impl Registry {
         self.active.iter().any(|a| a.overlaps(range))
     }
 
+    /// A fresh id for an invalidation, interval or reference.
+    fn take_id(&mut self) -> u64 {
+        let id = self.next_id;
+        self.next_id += 1;
+        id
+    }
+
     /// A holding invalidation overlaps `range`: reads of it wait.
     fn holding(&self, range: &GuestRange) -> bool {
         self.active.iter().any(|a| a.holding && a.overlaps(range))
@@ -273,14 +280,9 @@ impl Notifier {
     /// first. An announced invalidation that does not hold its pages yet
     /// (see [`Self::announce`]) is not waited for.
     pub fn read_begin(&self, range: GuestRange, deadline: Instant) -> Option<Seq> {
-        let mut reg = self.registry();
-        while reg.holding(&range) {
-            let now = Instant::now();
-            if now >= deadline {
-                return None;
-            }
-            reg = self.changed.wait_timeout(reg, deadline - now).unwrap_or_else(|e| e.into_inner()).0;
-        }
+        // The sequence is read with the registry still locked: a hold bumps
+        // it and marks itself holding under that lock (see `hold`).
+        let _reg = self.wait_registry(deadline, |reg| !reg.holding(&range))?;
         Some(Seq(self.seq.load(Ordering::Acquire)))
     }
 
@@ -288,15 +290,21 @@ impl Notifier {
     /// announced or holding, to end: what a taker of a reference waits for,
     /// since none is granted meanwhile. False if the deadline passed first.
     pub fn wait_idle(&self, range: GuestRange, deadline: Instant) -> bool {
+        self.wait_registry(deadline, |reg| !reg.invalidating(&range)).is_some()
+    }
+
+    /// Waits (until `deadline`) for the registry to satisfy `ready`, and
+    /// returns it still locked; `None` if the deadline passed first.
+    fn wait_registry(&self, deadline: Instant, ready: impl Fn(&Registry) -> bool) -> Option<MutexGuard<'_, Registry>> {
         let mut reg = self.registry();
-        while reg.invalidating(&range) {
+        while !ready(&reg) {
             let now = Instant::now();
             if now >= deadline {
-                return false;
+                return None;
             }
             reg = self.changed.wait_timeout(reg, deadline - now).unwrap_or_else(|e| e.into_inner()).0;
         }
-        true
+        Some(reg)
     }
 
     /// True if an invalidation overlapping `range` began since `seq`. This
@@ -387,8 +395,7 @@ impl Notifier {
     pub fn announce(&self, ranges: &[GuestRange], reason: Reason) -> Result<Invalidation<'_>, Overlap> {
         let mut reg = self.registry();
         Self::check_overlap(&reg, ranges)?;
-        let id = reg.next_id;
-        reg.next_id += 1;
+        let id = reg.take_id();
         reg.active.push(Active { id, ranges: ranges.to_vec(), exclusive: true, holding: false });
         let seq = self.seq.load(Ordering::Acquire) + 1;
         Ok(Invalidation { notifier: self, id, seq, ranges: ranges.to_vec(), reason })
@@ -423,8 +430,7 @@ impl Notifier {
         mark: impl FnOnce(),
     ) -> Invalidation<'_> {
         let seq = self.bump(history, ranges);
-        let id = reg.next_id;
-        reg.next_id += 1;
+        let id = reg.take_id();
         reg.active.push(Active { id, ranges: ranges.to_vec(), exclusive, holding: true });
         drop(reg);
         mark();
@@ -445,8 +451,7 @@ impl Notifier {
 
     fn insert_interval(&self, range: GuestRange, callback: Option<Mutex<Option<Callback>>>) -> IntervalId {
         let mut reg = self.registry();
-        let id = reg.next_id;
-        reg.next_id += 1;
+        let id = reg.take_id();
         reg.intervals.push(Arc::new(Interval { id, range, callback }));
         IntervalId(id)
     }
@@ -497,8 +502,7 @@ impl Notifier {
         if reg.invalidating(&range) {
             return None;
         }
-        let id = reg.next_id;
-        reg.next_id += 1;
+        let id = reg.take_id();
         reg.refs.push((id, range, guard));
         Some(RefId(id))
     }

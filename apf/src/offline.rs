@@ -392,12 +392,7 @@ impl Staging {
     /// Which of slots `0..n` hold a page, as the kernel's page table says
     /// (present or swapped out).
     fn held(&self, n: usize) -> io::Result<Vec<bool>> {
-        let mut raw = vec![0u8; n * 8];
-        self.pagemap.read_exact_at(&mut raw, self.slot(0) / PAGE_SIZE as u64 * 8)?;
-        Ok(raw
-            .chunks_exact(8)
-            .map(|e| u64::from_ne_bytes(e.try_into().unwrap_or([0; 8])) & (PM_PRESENT | PM_SWAP) != 0)
-            .collect())
+        self.occupied_run(self.slot(0), n)
     }
 
     /// Whether the kernel's page table holds something (a page, present or

@@ -416,7 +416,7 @@ impl Region {
         let cur = self.states[page].load(Ordering::Acquire);
         let (state, origin) = unpack(cur);
         let reclaimed = state == PageState::Present
-            && (origin == Origin::Zero || self.zap_pending[page].load(Ordering::Acquire))
+            && self.zap_explains(page, origin)
             && self.states[page]
                 .compare_exchange(cur, pack(PageState::Resolving, Origin::Zero), Ordering::AcqRel, Ordering::Acquire)
                 .is_ok();
@@ -430,7 +430,11 @@ impl Region {
     /// (see `zap_pending`): origin `Zero`, or a remove applied since the
     /// last loss seen.
     pub(crate) fn zap_may_explain(&self, page: usize) -> bool {
-        self.state(page).1 == Origin::Zero || self.zap_pending[page].load(Ordering::Acquire)
+        self.zap_explains(page, self.state(page).1)
+    }
+
+    fn zap_explains(&self, page: usize, origin: Origin) -> bool {
+        origin == Origin::Zero || self.zap_pending[page].load(Ordering::Acquire)
     }
 
     /// A page the engine had installed and the kernel lost (no remove

@@ -12,7 +12,7 @@ use apf::{
 };
 
 mod common;
-use common::{discard, read_page, wait_for, write_word, Fills, ScriptedSource};
+use common::{config, discard, read_page, wait_for, write_word, Fills, ScriptedSource};
 
 const PAGE: u64 = PAGE_SIZE as u64;
 
@@ -22,28 +22,7 @@ fn builder(b: Backend, ram: Arc<GuestRam>, source: Arc<dyn apf::PageSource>) -> 
     Engine::builder(ram, source).config(config(b))
 }
 
-fn config(b: Backend) -> apf::Config {
-    apf::Config { backend: b, ..apf::Config::default() }
-}
-
-/// The fault path's tests run on both backends: one `#[test]` per backend,
-/// in a module named after the test.
-macro_rules! on_both_backends {
-    ($($name:ident),* $(,)?) => {$(
-        mod $name {
-            #[test]
-            fn private_anonymous() {
-                super::$name(apf::Backend::PrivateAnonymous)
-            }
-            #[test]
-            fn limited() {
-                super::$name(apf::Backend::Limited)
-            }
-        }
-    )*};
-}
-
-on_both_backends!(
+common::on_both_backends!(
     concurrent_faults_on_one_page_are_resolved_once,
     prefetch_windows_stop_at_region_edges,
     strided_access_is_prefetched_and_correct,

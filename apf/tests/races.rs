@@ -12,7 +12,7 @@ use apf::PAGE_SIZE;
 use apf::{Backend, Dispatch, Engine, GuestAddress, GuestRam, Pattern};
 
 mod common;
-use common::{discard, read_word, try_read_word, try_write_word, wait_for, within, Fills, ScriptedSource};
+use common::{config, discard, read_word, try_read_word, try_write_word, wait_for, within, Fills, ScriptedSource};
 
 const PAGE: u64 = PAGE_SIZE as u64;
 
@@ -89,35 +89,13 @@ fn engine_with(ram: &Arc<GuestRam>, source: Arc<dyn apf::PageSource>, config: ap
     Engine::builder(ram.clone(), source).config(config).start().unwrap()
 }
 
-/// The default configuration on backend `b`.
-fn config(b: Backend) -> apf::Config {
-    apf::Config { backend: b, ..apf::Config::default() }
-}
-
 /// Whether `err` reports the page at `gpa` filled with zeros for a reason
 /// `why` accepts.
 fn zero_filled(err: &apf::FaultError, gpa: u64, why: impl Fn(&apf::FaultError) -> bool) -> bool {
     matches!(err, apf::FaultError::ZeroFilled { gpa: g, why: w } if g.0 == gpa && why(w))
 }
 
-/// The fault path's tests that need neither offline nor poison run on both
-/// backends: one `#[test]` per backend, in a module named after the test.
-macro_rules! on_both_backends {
-    ($($name:ident),* $(,)?) => {$(
-        mod $name {
-            #[test]
-            fn private_anonymous() {
-                super::$name(apf::Backend::PrivateAnonymous)
-            }
-            #[test]
-            fn limited() {
-                super::$name(apf::Backend::Limited)
-            }
-        }
-    )*};
-}
-
-on_both_backends!(
+common::on_both_backends!(
     a_discard_waits_for_the_install_it_races_and_the_page_reads_zeros,
     without_the_ordering_the_same_race_leaves_stale_contents,
     a_page_lost_without_a_remove_event_is_poisoned_and_reported_not_zero_filled,

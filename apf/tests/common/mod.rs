@@ -501,3 +501,29 @@ pub fn within<T: Send + 'static>(limit: Duration, f: impl FnOnce() -> T + Send +
     });
     rx.recv_timeout(limit).expect("the access hung")
 }
+
+/// The default configuration on backend `b`.
+pub fn config(b: apf::Backend) -> apf::Config {
+    apf::Config { backend: b, ..apf::Config::default() }
+}
+
+/// Runs each named test, a `fn(apf::Backend)` of the including file, on
+/// both backends: one `#[test]` per backend, in a module named after it.
+/// (Test files that have no such test leave it unused.)
+#[allow(unused_macros)]
+macro_rules! on_both_backends {
+    ($($name:ident),* $(,)?) => {$(
+        mod $name {
+            #[test]
+            fn private_anonymous() {
+                super::$name(apf::Backend::PrivateAnonymous)
+            }
+            #[test]
+            fn limited() {
+                super::$name(apf::Backend::Limited)
+            }
+        }
+    )*};
+}
+#[allow(unused_imports)]
+pub(crate) use on_both_backends;
