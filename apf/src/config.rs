@@ -77,6 +77,35 @@ pub struct Config {
     pub shutdown_deadline: Duration,
     /// Which userfaultfd operations the engine uses to change guest memory.
     pub backend: Backend,
+    /// The priority an offline runs at while it holds guest pages.
+    pub offline_priority: OfflinePriority,
+}
+
+/// The priority an offline runs at from the moment it announces its
+/// invalidation to its end ([`Config::offline_priority`]).
+///
+/// A VMM often offlines from a background thread it runs at a low priority
+/// (nice 19). While the offline holds pages, vCPUs that touch them wait
+/// for it; Linux's mutexes and condition variables give no priority
+/// inheritance between nice levels, so on a busy machine such a thread
+/// can be kept off the CPU for hundreds of milliseconds by the very vCPUs
+/// waiting for it. The engine therefore raises the offlining thread to a
+/// ceiling for as long as others may wait for it, and puts its own
+/// priority back afterwards: the low priority only delays when the next
+/// offline starts. Raising a priority needs `CAP_SYS_NICE` (or a
+/// `RLIMIT_NICE` that allows it); without it the offline runs at its own
+/// priority and the counter `ceiling_refused` says so.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum OfflinePriority {
+    /// The nice value of the thread that started the engine (the default:
+    /// a VMM starts its engine from the thread its vCPUs share a priority
+    /// with).
+    #[default]
+    Starter,
+    /// This nice value.
+    Nice(i32),
+    /// The offlining thread's own priority, whatever it is.
+    Own,
 }
 
 impl Default for Config {
@@ -98,6 +127,7 @@ impl Default for Config {
             unplug_policy: UnplugPolicy::Zero,
             shutdown_deadline: Duration::from_secs(5),
             backend: Backend::PrivateAnonymous,
+            offline_priority: OfflinePriority::Starter,
         }
     }
 }

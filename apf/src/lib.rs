@@ -126,13 +126,13 @@ pub mod failpoints;
 pub mod span;
 
 pub use crate::core::FaultError;
-pub use config::{Backend, Config, Dispatch, UnplugPolicy};
+pub use config::{Backend, Config, Dispatch, OfflinePriority, UnplugPolicy};
 pub use counters::StatsSnapshot;
 pub use engine::{Engine, EngineBuilder, EngineError, Errors, ShutdownReport, MAX_REPLAYS};
 pub use fault::{WorkingSet, WorkingSetError};
 pub use hostmem::{BlockOp, BlockState, HostMemError};
 pub use notifier::{InvalidateEvent, Reason};
-pub use offline::{HostBlockSearch, Mode, OfflineError, OfflineReport};
+pub use offline::{HostBlockSearch, Mode, OfflineError, OfflineReport, STAGING_PAGES};
 pub use pin::{HardPin, PageRef, Pin, PinError, PinGuard};
 pub use ram::{
     GuestAddress, GuestMemoryMmap, GuestRam, GuestRange, Origin, PageLoc, PageState, RamError, Region, StateError,

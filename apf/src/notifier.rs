@@ -24,8 +24,10 @@
 //! - An offline first announces its invalidation ([`Notifier::announce`]),
 //!   calls the intervals back and waits for references to drain while
 //!   faults on its pages are still served; only then does it hold the
-//!   pages ([`Invalidation::hold`]), and from there it waits for nothing
-//!   but the kernel. A thread holding a reference the drain waits for can
+//!   pages ([`Invalidation::hold`]; an offline holds them chunk by chunk
+//!   with [`Invalidation::hold_part`] and gives each chunk back with
+//!   [`Invalidation::end_part`]), and from there it waits for nothing but
+//!   the kernel. A thread holding a reference the drain waits for can
 //!   therefore never be blocked by that same invalidation, whatever it
 //!   touches: no deadlock between a drain and a fault exists to detect.
 //!   Hard intervals (no callback) stand for references that are never given
@@ -123,18 +125,43 @@ struct History {
 /// An invalidation in progress.
 struct Active {
     id: u64,
+    /// What it still invalidates: an offline gives back each part it is
+    /// done with ([`Invalidation::end_part`]).
     ranges: Vec<GuestRange>,
     /// An offline (refuses to overlap another); a remove event is not.
     exclusive: bool,
-    /// Reads of the ranges wait for it (see [`Invalidation::hold`]); an
-    /// announced invalidation only refuses new references.
-    holding: bool,
+    /// The parts reads wait for (see [`Invalidation::hold`]); on the rest
+    /// of `ranges` an announced invalidation only refuses new references.
+    held: Vec<GuestRange>,
 }
 
 impl Active {
     fn overlaps(&self, range: &GuestRange) -> bool {
         self.ranges.iter().any(|r| r.overlaps(range))
     }
+
+    fn holds(&self, range: &GuestRange) -> bool {
+        self.held.iter().any(|r| r.overlaps(range))
+    }
+}
+
+/// `ranges` without `part`: each range that overlaps it loses the overlap
+/// (and splits in two if `part` lies inside it).
+fn subtract(ranges: &mut Vec<GuestRange>, part: GuestRange) {
+    let mut out = Vec::with_capacity(ranges.len() + 1);
+    for r in ranges.drain(..) {
+        if !r.overlaps(&part) {
+            out.push(r);
+            continue;
+        }
+        if r.start.0 < part.start.0 {
+            out.push(GuestRange::new(r.start, part.start.0 - r.start.0));
+        }
+        if r.end() > part.end() {
+            out.push(GuestRange::new(crate::ram::GuestAddress(part.end()), r.end() - part.end()));
+        }
+    }
+    *ranges = out;
 }
 
 #[derive(Default)]
@@ -163,7 +190,7 @@ impl Registry {
 
     /// A holding invalidation overlaps `range`: reads of it wait.
     fn holding(&self, range: &GuestRange) -> bool {
-        self.active.iter().any(|a| a.holding && a.overlaps(range))
+        self.active.iter().any(|a| a.holds(range))
     }
 }
 
@@ -396,7 +423,7 @@ impl Notifier {
         let mut reg = self.registry();
         Self::check_overlap(&reg, ranges)?;
         let id = reg.take_id();
-        reg.active.push(Active { id, ranges: ranges.to_vec(), exclusive: true, holding: false });
+        reg.active.push(Active { id, ranges: ranges.to_vec(), exclusive: true, held: Vec::new() });
         let seq = self.seq.load(Ordering::Acquire) + 1;
         Ok(Invalidation { notifier: self, id, seq, ranges: ranges.to_vec(), reason })
     }
@@ -431,7 +458,7 @@ impl Notifier {
     ) -> Invalidation<'_> {
         let seq = self.bump(history, ranges);
         let id = reg.take_id();
-        reg.active.push(Active { id, ranges: ranges.to_vec(), exclusive, holding: true });
+        reg.active.push(Active { id, ranges: ranges.to_vec(), exclusive, held: ranges.to_vec() });
         drop(reg);
         mark();
         Invalidation { notifier: self, id, seq, ranges: ranges.to_vec(), reason }
@@ -527,18 +554,39 @@ impl Invalidation<'_> {
     /// are held off. From then until the invalidation ends, reads of the
     /// ranges wait for it. Holding twice is harmless.
     pub fn hold(&mut self, mark: impl FnOnce()) {
+        let ranges = self.ranges.clone();
+        self.hold_part(&ranges, mark);
+    }
+
+    /// [`Self::hold`] for `parts` of the announced ranges only (an offline
+    /// holds its range chunk by chunk): reads of the rest go on.
+    pub fn hold_part(&mut self, parts: &[GuestRange], mark: impl FnOnce()) {
         let notifier = self.notifier;
         let mut history = notifier.lock.write().unwrap_or_else(|e| e.into_inner());
         // The registry stays locked from the bump until reads see the
         // hold: `read_begin` looks at both under that lock, so none can
         // take the new sequence without waiting for this invalidation.
         let mut reg = notifier.registry();
-        self.seq = notifier.bump(&mut history, &self.ranges);
+        self.seq = notifier.bump(&mut history, parts);
         if let Some(a) = reg.active.iter_mut().find(|a| a.id == self.id) {
-            a.holding = true;
+            a.held.extend_from_slice(parts);
         }
         drop(reg);
         mark();
+    }
+
+    /// Ends the invalidation of `part` while the rest goes on: reads of it
+    /// no longer wait, references and pins over it are granted again, and
+    /// other offlines may take it. The caller has set its pages' final
+    /// states (under the install lock).
+    pub fn end_part(&mut self, part: GuestRange) {
+        subtract(&mut self.ranges, part);
+        let mut reg = self.notifier.registry();
+        if let Some(a) = reg.active.iter_mut().find(|a| a.id == self.id) {
+            subtract(&mut a.ranges, part);
+            subtract(&mut a.held, part);
+        }
+        self.notifier.changed.notify_all();
     }
 
     /// Calls the callback of every interval overlapping the invalidated
@@ -684,6 +732,44 @@ mod tests {
         drop(n.invalidate_begin(&[range(8192, 4096)], Reason::Evict, true, || {}).unwrap());
         drop(a);
         drop(n.invalidate_begin(&[range(4096, 8192)], Reason::Evict, true, || {}).unwrap());
+    }
+
+    #[test]
+    fn an_offline_held_part_by_part_gives_each_part_back_when_it_ends() {
+        let n = Notifier::new();
+        let now = Instant::now;
+        let mut inv = n.announce(&[range(0, 3 * 8192)], Reason::Migrate).unwrap();
+        let seq = n.read_begin(range(0, 4096), now()).expect("announced only: reads go on");
+        inv.hold_part(&[range(0, 8192)], || {});
+        // Reads wait for the held chunk only; references wait for all of it.
+        assert!(n.read_begin(range(4096, 4096), now()).is_none());
+        assert!(n.read_retry(range(0, 4096), seq), "the hold moved the chunk's sequence");
+        let later = n.read_begin(range(8192, 4096), now()).expect("a chunk not held yet is read");
+        assert!(!n.read_retry(range(8192, 4096), later));
+        assert!(!n.wait_idle(range(8192, 4096), now()));
+        inv.end_part(range(0, 8192));
+        // The first chunk is free again: reads, references, other offlines.
+        assert!(n.read_begin(range(0, 8192), now()).is_some());
+        assert!(n.wait_idle(range(0, 8192), now()));
+        assert!(n.try_guard_ref(range(0, 8192)).is_some());
+        drop(n.announce(&[range(0, 8192)], Reason::Evict).unwrap());
+        // The rest is still announced, and the next hold covers its chunk.
+        assert!(!n.wait_idle(range(8192, 8192), now()));
+        assert_eq!(n.announce(&[range(4096, 8192)], Reason::Evict).unwrap_err(), Overlap(range(4096, 8192)));
+        inv.hold_part(&[range(8192, 8192)], || {});
+        assert!(n.read_begin(range(8192, 4096), now()).is_none());
+        assert!(n.read_begin(range(16384, 4096), now()).is_some());
+        drop(inv);
+        assert!(n.wait_idle(range(0, 3 * 8192), now()));
+    }
+
+    #[test]
+    fn subtracting_a_part_splits_the_ranges_around_it() {
+        let mut ranges = vec![range(0, 16384), range(32768, 4096)];
+        subtract(&mut ranges, range(4096, 4096));
+        assert_eq!(ranges, vec![range(0, 4096), range(8192, 8192), range(32768, 4096)]);
+        subtract(&mut ranges, range(0, 40960));
+        assert!(ranges.is_empty());
     }
 
     #[test]

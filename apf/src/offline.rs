@@ -9,7 +9,12 @@
 //!
 //! 1. **Announce the invalidation**: from here no short-term reference or
 //!    pin guard is granted on the range, and no other offline may overlap
-//!    it. Faults on the range are still served.
+//!    it. Faults on the range are still served. From here pins (and soon
+//!    faults) wait for the offline, so its thread runs at the engine's
+//!    priority ceiling ([`OfflinePriority`](crate::OfflinePriority)) until
+//!    it ends: a low-priority caller kept off the CPU would hold them all
+//!    up, and no lock or condition variable gives priority inheritance
+//!    between nice levels.
 //! 2. **Call the pin callbacks** of every [`Pin`](crate::pin::Pin) over the
 //!    range: holders drop their kernel pins and stop relying on the memory.
 //! 3. **Wait for short-term references** ([`PageRef`](crate::pin::PageRef))
@@ -18,28 +23,41 @@
 //!    (or [`OfflineError::StagingBusy`]) and is left as it was. Because
 //!    nothing is held yet, a thread holding a reference waited for here is
 //!    never blocked by this offline, whatever it touches.
-//!    Then **hold the pages**: under the install lock, bump the sequence
-//!    and mark the range's pages `Invalidating`. Fills in flight over the
-//!    range are thrown away at their install; faults on the range wait
-//!    (the event loop defers them) until step 5.
-//! 4. **Act**, in chunks of [`STAGING_PAGES`]. The guest pages the
-//!    kernel holds (its page table, `/proc/self/pagemap`, says which) are
-//!    taken out of guest RAM with `UFFDIO_MOVE`, one call per run of them,
-//!    into a staging area registered with the same userfaultfd: one step
-//!    that unmaps (a write landing afterwards faults and waits, none is
-//!    lost), fires KVM's MMU notifier and raises no remove event. Holes
-//!    are not handed to the kernel to skip: a move over holes that a
-//!    discard is zapping at the same time was seen to retry for ever
-//!    inside the kernel. What the kernel held is what is acted on,
-//!    whatever the engine's page states say: the staging area's page table
-//!    tells which pages came over (a move that stops part-way can move
-//!    one page more than it reports). Then `Migrate` copies them back into fresh frames, `Evict`
-//!    copies them into the eviction store, `Unplug` drops them and applies
-//!    the [`UnplugPolicy`]. The staging area is then emptied with
-//!    `MADV_DONTNEED` on itself, never on guest RAM.
-//! 5. **End the invalidation**: under the install lock, set each page's
-//!    final state from what really happened to it, then wake the deferred
-//!    faults, which are served the right contents.
+//! 4. **Chunk by chunk**, [`STAGING_PAGES`] pages at a time, from the start
+//!    of the range:
+//!    - **hold the chunk**: under the install lock, bump the sequence over
+//!      the chunk and mark its pages `Invalidating`. Fills in flight over
+//!      it are thrown away at their install; faults on it wait (the event
+//!      loop defers them) until the chunk ends. Pages of later chunks are
+//!      not held: a fault on one is served meanwhile, and its page is taken
+//!      out with its chunk. The kernel's own migration does the same: an
+//!      access waits only for the page being moved, never for the range.
+//!    - **act**: the guest pages the kernel holds (its page table,
+//!      `/proc/self/pagemap`, says which) are taken out of guest RAM with
+//!      `UFFDIO_MOVE`, one call per run of them, into a staging area
+//!      registered with the same userfaultfd: one step that unmaps (a
+//!      write landing afterwards faults and waits, none is lost), fires
+//!      KVM's MMU notifier and raises no remove event. Holes are not
+//!      handed to the kernel to skip: a move over holes that a discard is
+//!      zapping at the same time was seen to retry for ever inside the
+//!      kernel. What the kernel held is what is acted on, whatever the
+//!      engine's page states say: the staging area's page table tells
+//!      which pages came over (a move that stops part-way can move one page
+//!      more than it reports). Then `Migrate` copies them back into fresh
+//!      frames, `Evict` copies them into the eviction store, `Unplug` drops
+//!      them and applies the [`UnplugPolicy`]. The staging area is then
+//!      emptied with `MADV_DONTNEED` on itself, never on guest RAM.
+//!    - **end the chunk**: under the install lock, set each page's final
+//!      state from what really happened to it, give the chunk back (reads,
+//!      references, pins and other offlines may have it again: a pin over
+//!      it re-arms at once) and wake the deferred faults, which are served
+//!      the right contents.
+//!
+//!    Pin callbacks ran once, in step 2, before any page of the range moved.
+//!    A deadline that passes between two chunks stops the offline there
+//!    ([`OfflineError::Unfinished`] says how many pages were done); the rest
+//!    of the range is never touched.
+//! 5. **End** the announcement of whatever is left.
 //!
 //! # Failure contract
 //!
@@ -54,7 +72,8 @@
 //!   deadline, or an error), the pages of that chunk already in staging are
 //!   moved back into guest RAM (`UFFDIO_MOVE` needs no new memory) before
 //!   the staging area is cleared; the offline stops there and returns
-//!   [`OfflineError::Busy`] or the error. Chunks before it are done.
+//!   [`OfflineError::Busy`] (with the pages done) or the error. Chunks
+//!   before it are done, chunks after it untouched.
 //! - If copying back into fresh frames fails, the page is moved back into
 //!   its old frame; if that fails too, its contents go to the eviction
 //!   store and it is restored on its next fault. `EEXIST` on the way back
@@ -223,6 +242,22 @@ pub enum OfflineError {
         kernel_pinned: usize,
         /// Pages an `Unplug` discarded before the held one.
         discarded: usize,
+        /// Pages from the start of the range offlined before it stopped
+        /// (the offline goes chunk by chunk; the chunk that stopped was put
+        /// back, the ones after it never touched).
+        pages_done: usize,
+    },
+    /// The deadline passed part-way through the range, between two of
+    /// its chunks: the first `pages_done` pages were offlined, the rest
+    /// were never touched.
+    #[error("offline of {range} reached its deadline after {waited:?}: {pages_done} pages done, the rest untouched")]
+    Unfinished {
+        /// The range.
+        range: GuestRange,
+        /// How long the offline ran.
+        waited: Duration,
+        /// Pages from the start of the range that were offlined.
+        pages_done: usize,
     },
     /// Another offline held the staging area past the deadline. Nothing
     /// changed.
@@ -306,10 +341,18 @@ impl From<Stopped> for OfflineError {
 }
 
 impl OfflineError {
-    /// True for the errors that mean "held past the deadline" ([`Self::Busy`],
-    /// [`Self::BlockBusy`]); nothing was lost, and a later attempt may work.
+    /// True for the errors that mean "held, or not done, by the deadline"
+    /// ([`Self::Busy`], [`Self::Unfinished`], [`Self::BlockBusy`],
+    /// [`Self::StagingBusy`]); nothing was lost, and a later attempt may
+    /// work.
     pub fn is_busy(&self) -> bool {
-        matches!(self, OfflineError::Busy { .. } | OfflineError::BlockBusy { .. } | OfflineError::StagingBusy { .. })
+        matches!(
+            self,
+            OfflineError::Busy { .. }
+                | OfflineError::Unfinished { .. }
+                | OfflineError::BlockBusy { .. }
+                | OfflineError::StagingBusy { .. }
+        )
     }
 }
 
@@ -508,6 +551,9 @@ struct Work<'a> {
     kernel_pinned: usize,
     lost: Vec<(GuestAddress, IoctlError)>,
     report: OfflineReport,
+    /// Pages from the start of the range done (every chunk before this
+    /// one ended its invalidation).
+    pages_done: usize,
 }
 
 impl<'a> Work<'a> {
@@ -534,6 +580,7 @@ impl<'a> Work<'a> {
             kernel_pinned: 0,
             lost: Vec::new(),
             report: OfflineReport { pages: count, ..OfflineReport::default() },
+            pages_done: 0,
         }
     }
 
@@ -592,18 +639,35 @@ impl<'a> Work<'a> {
         }
     }
 
-    /// Step 4 for every chunk of the range.
-    fn act(&mut self, st: &Staging) {
+    /// Steps 4 and 5, chunk by chunk: hold the chunk's pages, act on them,
+    /// end their invalidation, wake the faults that waited for them. A
+    /// fault waits at most for the chunk that holds its page; one on a page
+    /// of a later chunk is served meanwhile, and its page is then taken out
+    /// with the rest of that chunk. Stops at the first chunk that fails or
+    /// is held by the kernel, or when the deadline passes between chunks:
+    /// what follows is never touched.
+    fn act(&mut self, st: &Staging, inv: &mut Invalidation<'_>) {
         // Pages left by an offline whose clear failed.
         if let Err(e) = st.clear(self.shared.uffd()) {
             self.fail(OfflineError::Staging(e));
             return;
         }
-        let mut c0 = 0;
-        while c0 < self.count() && !self.stopped() {
+        while self.pages_done < self.count() && !self.stopped() {
+            if self.pages_done > 0 && Instant::now() >= self.deadline {
+                return;
+            }
+            let c0 = self.pages_done;
             let n = (self.count() - c0).min(st.pages);
+            let part = self.page_range(c0, n);
+            let prior = hold(self.shared, inv, part, self.region, self.first + c0, n);
+            self.prior[c0..c0 + n].copy_from_slice(&prior);
             self.chunk(st, c0, n);
-            c0 += n;
+            self.finish(c0, n);
+            inv.end_part(part);
+            self.shared.kick_deferred();
+            if !self.stopped() {
+                self.pages_done = c0 + n;
+            }
         }
     }
 
@@ -1001,13 +1065,14 @@ impl<'a> Work<'a> {
         }
     }
 
-    /// Step 5: every page's final state from its outcome, under the install
-    /// lock (so no remove event is applied half-way through).
-    fn finish(&mut self) {
+    /// Step 5 for pages `c0..c0 + n`: each page's final state from its
+    /// outcome, under the install lock (so no remove event is applied
+    /// half-way through).
+    fn finish(&mut self, c0: usize, n: usize) {
         let store = self.shared.store();
         let policy = self.shared.config().unplug_policy;
         let guard = self.shared.notifier().install_lock();
-        for i in 0..self.count() {
+        for i in c0..c0 + n {
             let p = self.first + i;
             let gpa = self.region.page_gpa(p);
             match decide(self.prior[i], self.outcome[i], self.removed(i), policy) {
@@ -1047,7 +1112,11 @@ impl<'a> Work<'a> {
                 hard: 0,
                 kernel_pinned: self.kernel_pinned,
                 discarded: self.report.pages_unplugged,
+                pages_done: self.pages_done,
             });
+        }
+        if self.pages_done < self.count() {
+            return Err(OfflineError::Unfinished { range: self.range, waited: started.elapsed(), pages_done: self.pages_done });
         }
         Ok(self.report)
     }
@@ -1140,6 +1209,9 @@ pub(crate) fn offline(
         outcome = field::Empty,
     );
     let _entered = span.enter();
+    // Faults and pins may wait for this offline from its announce on: it
+    // runs at the ceiling until it ends, whatever its caller's priority.
+    let _raised = shared.raise_to_ceiling();
     let result = match mode {
         Mode::HostBlock(n) => crate::offline::host_block(shared, range, n, deadline),
         _ => offline_pages(shared, staging, loc.region, loc.page, count, range, mode, deadline),
@@ -1193,19 +1265,18 @@ fn offline_pages(
             hard: held.hard,
             kernel_pinned: 0,
             discarded: 0,
+            pages_done: 0,
         });
     }
     let Some(guard) = staging.acquire(deadline) else {
         return Err(OfflineError::StagingBusy { range, waited: started.elapsed() });
     };
-    // 4. Hold the pages, act.
-    let prior = hold(shared, &mut inv, region, first, count);
-    let mut work = Work::new(shared, region, first, range, mode, deadline, prior);
+    // 4, 5. Chunk by chunk: hold, act, end.
+    let unset = Prior { state: PageState::Resolving, origin: Origin::Source };
+    let mut work = Work::new(shared, region, first, range, mode, deadline, vec![unset; count]);
     work.report.pins_called = pins_called;
-    work.act(&guard);
+    work.act(&guard, &mut inv);
     drop(guard);
-    // 5. End: final states, then wake deferred faults.
-    work.finish();
     drop(inv);
     shared.kick_deferred();
     shared.stats().frames_moved.add(work.report.frames_moved as u64);
@@ -1226,16 +1297,23 @@ fn begin<'a>(
     reason: Reason,
 ) -> Result<(Invalidation<'a>, Vec<Prior>), OfflineError> {
     let mut inv = shared.notifier().announce(&[range], reason).map_err(|o| OfflineError::Overlap(o.0))?;
-    let prior = hold(shared, &mut inv, region, first, count);
+    let prior = hold(shared, &mut inv, range, region, first, count);
     Ok((inv, prior))
 }
 
-/// Holds the pages of an announced invalidation (pages `first..first +
-/// count` of `region`), marking them; returns the state and origin each
-/// page had.
-fn hold(shared: &Core, inv: &mut Invalidation<'_>, region: &Region, first: usize, count: usize) -> Vec<Prior> {
+/// Holds `part` of an announced invalidation (pages `first..first + count`
+/// of `region`), marking its pages; returns the state and origin each page
+/// had.
+fn hold(
+    shared: &Core,
+    inv: &mut Invalidation<'_>,
+    part: GuestRange,
+    region: &Region,
+    first: usize,
+    count: usize,
+) -> Vec<Prior> {
     let mut prior = vec![Prior { state: PageState::Resolving, origin: Origin::Source }; count];
-    inv.hold(|| {
+    inv.hold_part(&[part], || {
         for (i, prior) in prior.iter_mut().enumerate() {
             let p = first + i;
             let origin = region.state(p).1;
@@ -1263,6 +1341,7 @@ pub(crate) fn replug(shared: &Core, staging: Option<&Staging>, range: GuestRange
     let deadline = started + shared.config().install_deadline;
     let (loc, count) = shared.ram().check_range(range)?;
     let region = &shared.ram().regions()[loc.region];
+    let _raised = shared.raise_to_ceiling();
     let (inv, prior) = begin(shared, region, loc.page, count, range, Reason::Unplug)?;
     let mut work = Work::new(shared, region, loc.page, range, Mode::Unplug, deadline, prior);
     // The staging area is only needed to move aside a page found where
@@ -1293,7 +1372,7 @@ pub(crate) fn replug(shared: &Core, staging: Option<&Staging>, range: GuestRange
             }
         }
     }
-    work.finish();
+    work.finish(0, count);
     drop(inv);
     shared.kick_deferred();
     if guard.is_none() {
@@ -1360,6 +1439,7 @@ pub(crate) fn host_block(
             hard: 0,
             kernel_pinned: 0,
             discarded: 0,
+            pages_done: 0,
         });
     }
     // Faults on the range wait while the block goes (no page is marked:

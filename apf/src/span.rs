@@ -15,10 +15,10 @@
 //!
 //! | span | level | fields | covers |
 //! |---|---|---|---|
-//! | `apf.fault` | INFO | `gpa`, `tid`, `kind`, `source`, `bytes`, `outcome` | one fault, from the moment the engine read it from the userfaultfd to the wake |
+//! | `apf.fault` | INFO | `gpa`, `tid`, `kind`, `source`, `bytes`, `outcome`, and where a slow fault's time went: `deferred_ns`, `queued_ns`, `waited_ns`, `lock_ns`, `fill_ns`, `install_ns` | one fault, from the moment the engine read it from the userfaultfd to the wake |
 //! | `apf.fill` | TRACE | | filling a window's buffer from its source (not emitted for a zero source, which has nothing to fill) |
 //! | `apf.install` | TRACE | `pages` | the install ioctls of one window, under the install lock |
-//! | `apf.prefetch` | TRACE | `pages`, `bytes`, `outcome` | a prefetch-only window (working-set replay, [`crate::Engine::prefetch`]) |
+//! | `apf.prefetch` | TRACE | `pages`, `bytes`, `outcome` | a window no thread waits on yet: the rest of a fault's window after its head, working-set replay, [`crate::Engine::prefetch`] |
 //! | `apf.invalidate` | DEBUG | `region`, `gpa`, `len`, `reason` | a remove event (`MADV_DONTNEED` by someone else) |
 //! | `apf.pin` | INFO | `gpa`, `len`, `outcome` | a [`crate::Pin::get`] that faults its range in again (first use or after an invalidation); an armed pin's `get` emits nothing |
 //! | `apf.offline` | INFO | `gpa`, `len`, `mode`, `pins`, `pages`, `outcome` | one [`crate::Engine::offline`], from its start to the end of its invalidation |
@@ -34,6 +34,14 @@
 //! - `mode`: `migrate`, `evict`, `unplug` or `host-block`.
 //! - `pins`: pin callbacks the offline called. `pages`: pages it took out.
 //! - `reason` (invalidate): `remove`.
+//! - `deferred_ns` .. `install_ns` (fault): nanoseconds the fault spent
+//!   deferred behind an offline that held its page, its job queued for a
+//!   worker, its resolver waiting for an invalidation over its window,
+//!   waiting for the install lock, filling, and in the install ioctls.
+//!   `deferred_ns` is recorded whenever a fault was deferred; the others
+//!   only for faults that took at least 50 µs (each recorded field costs the
+//!   subscriber a span lookup). `LatencyLayer` adds them up over the slowest
+//!   faults (`LatencySummary::tail`).
 //! - `outcome`, for `apf.fault`: `installed`, `deduped` (another resolver
 //!   had the page; the span closes at once, so its length is not the
 //!   wait), `woken` (an offline held the page and put it back: the span

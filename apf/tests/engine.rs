@@ -35,6 +35,7 @@ common::on_both_backends!(
     many_threads_random_faults_every_byte_right,
     a_fault_with_no_stream_installs_its_aligned_block,
     shutdown_under_load_is_clean,
+    a_fault_is_woken_by_its_own_head_before_the_rest_of_its_window,
 );
 
 fn ram(ranges: &[(u64, usize)]) -> Arc<GuestRam> {
@@ -616,4 +617,48 @@ fn the_limited_backend_refuses_offlines_that_need_move_and_serves_the_rest() {
     assert_eq!(pattern.verify(32 * PAGE, &page), Ok(()));
     drop(guard);
     assert_eq!(engine.replug(range).unwrap(), 0, "nothing was unplugged");
+}
+
+/// A fault's own page and a few after it are installed and woken before the
+/// rest of its window: with the fill of the rest held at a gate, the
+/// faulting thread goes on; the rest arrives once the gate opens.
+fn a_fault_is_woken_by_its_own_head_before_the_rest_of_its_window(b: Backend) {
+    let ram = ram(&[(0, 256)]);
+    let source = Arc::new(ScriptedSource::pattern(SLOW_PATTERN).hold(Fills::Covering(64 * PAGE)));
+    // Fault-around of 64 pages: a first fault at page 74 claims the
+    // aligned block 64..128, with the faulting page inside it.
+    let cfg = apf::Config { fault_around: 64, max_window: 64, ..config(b) };
+    let engine = Engine::builder(ram.clone(), source.clone()).config(cfg).start().unwrap();
+    let reader = {
+        let ram = ram.clone();
+        std::thread::spawn(move || {
+            verify(&ram, SLOW_PATTERN, 74 * PAGE);
+            verify(&ram, SLOW_PATTERN, 81 * PAGE);
+        })
+    };
+    assert!(source.wait_held(Duration::from_secs(5)), "the rest of the window was never filled");
+    assert!(
+        wait_for_thread(&reader, Duration::from_secs(5)),
+        "the faulting thread waited for the whole window, not its own page"
+    );
+    reader.join().unwrap();
+    assert_eq!(ram.state(ram.locate(GuestAddress(64 * PAGE)).unwrap()).0, PageState::Resolving);
+    source.release();
+    settled(&engine);
+    for page in 64..128 {
+        verify(&ram, SLOW_PATTERN, page * PAGE);
+    }
+    assert_eq!(engine.stats().faults, 1, "the window's pages faulted on their own");
+}
+
+/// Waits up to `limit` for `thread` to finish.
+fn wait_for_thread(thread: &std::thread::JoinHandle<()>, limit: Duration) -> bool {
+    let end = Instant::now() + limit;
+    while !thread.is_finished() {
+        if Instant::now() >= end {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    true
 }

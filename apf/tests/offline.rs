@@ -500,3 +500,142 @@ fn faults_while_an_offline_drains_are_served_at_once() {
     });
     check_stamp(&ram, range(0x10_0000, 32 * PAGE), 0x42);
 }
+
+/// The host addresses of `r`, for failpoints that match by address.
+fn host_span(ram: &GuestRam, r: GuestRange) -> (u64, u64) {
+    let host = ram.host_range(r.start, r.len).unwrap() as u64;
+    (host, host + r.len)
+}
+
+/// An offline goes chunk by chunk and gives each chunk back as it ends:
+/// while it is stopped on a later chunk, a fault on a page of a chunk
+/// already done is served and a pin over that chunk re-arms, while a pin
+/// over a chunk still to come waits. Every pin was called back once,
+/// before any of its pages moved.
+#[test]
+fn an_offline_gives_back_each_chunk_as_it_ends() {
+    let ram = ram(4 * MIB);
+    let engine = Arc::new(engine(&ram));
+    let chunk = (apf::STAGING_PAGES * PAGE_SIZE) as u64;
+    let r = range(0x10_0000, 3 * chunk);
+    stamp(&ram, r, 0x3c);
+    let pin_over = |start: u64, called: Arc<Mutex<Vec<usize>>>| {
+        let ram2 = ram.clone();
+        engine.pin(range(start, 4 * PAGE), move |ev| called.lock().unwrap().push(resident(&ram2, ev.range))).unwrap()
+    };
+    let (first_calls, last_calls) = (Arc::new(Mutex::new(Vec::new())), Arc::new(Mutex::new(Vec::new())));
+    let first = pin_over(r.start.0, first_calls.clone());
+    let last = pin_over(r.start.0 + 2 * chunk, last_calls.clone());
+    first.get(soon(1000)).unwrap();
+    last.get(soon(1000)).unwrap();
+
+    let (lo, hi) = host_span(&ram, range(r.start.0 + chunk, chunk));
+    engine.failpoints().arm(apf::failpoints::Rule::pause(apf::failpoints::Op::Move).within(lo, hi));
+    let off = {
+        let engine = engine.clone();
+        std::thread::spawn(move || engine.offline(r, Mode::Evict, soon(15_000)))
+    };
+    assert!(engine.failpoints().wait_paused(Duration::from_secs(5)), "the second chunk's take-out never started");
+    // Both pins were called back before anything moved, each once.
+    assert_eq!(*first_calls.lock().unwrap(), vec![4]);
+    assert_eq!(*last_calls.lock().unwrap(), vec![4]);
+    // The first chunk is in the store and given back: reading it faults,
+    // and the faults are served while the offline is still stopped.
+    let ram2 = ram.clone();
+    common::within(Duration::from_secs(3), move || check_stamp(&ram2, range(r.start.0, chunk), 0x3c));
+    first.get(soon(1000)).expect("a pin over a finished chunk re-arms at once");
+    assert!(matches!(last.get(soon(100)), Err(PinError::Timeout { .. })), "a pin over a chunk still to come re-armed");
+    engine.failpoints().open_gate();
+    let report = off.join().unwrap().unwrap();
+    assert_eq!(report.pages_evicted, 3 * apf::STAGING_PAGES);
+    check_stamp(&ram, r, 0x3c);
+    last.get(soon(1000)).unwrap();
+    assert_eq!(last_calls.lock().unwrap().len(), 1, "called back more than once");
+}
+
+/// An offline whose deadline passes between two chunks stops there: it
+/// reports the pages it did, and the pages after them were never touched.
+#[test]
+fn an_offline_out_of_time_between_chunks_leaves_the_rest_untouched() {
+    let ram = ram(4 * MIB);
+    let engine = Arc::new(engine(&ram));
+    let pages = apf::STAGING_PAGES;
+    let chunk = (pages * PAGE_SIZE) as u64;
+    let r = range(0x10_0000, 3 * chunk);
+    stamp(&ram, r, 0x77);
+    let before = pfns(&ram, r);
+    let (lo, hi) = host_span(&ram, range(r.start.0 + chunk, chunk));
+    engine.failpoints().arm(apf::failpoints::Rule::pause(apf::failpoints::Op::Move).within(lo, hi));
+    let off = {
+        let engine = engine.clone();
+        std::thread::spawn(move || engine.offline(r, Mode::Migrate, soon(300)))
+    };
+    assert!(engine.failpoints().wait_paused(Duration::from_secs(5)));
+    std::thread::sleep(Duration::from_millis(400));
+    engine.failpoints().open_gate();
+    match off.join().unwrap() {
+        Err(e @ OfflineError::Unfinished { pages_done, .. }) => {
+            assert_eq!(pages_done, 2 * pages);
+            assert!(e.is_busy());
+        }
+        other => panic!("expected Unfinished, got {other:?}"),
+    }
+    let after = pfns(&ram, r);
+    for i in 0..3 * pages {
+        assert!(after[i].is_some(), "page {i} not present");
+        if i < 2 * pages {
+            assert_ne!(before[i], after[i], "page {i} of a done chunk kept its frame");
+        } else {
+            assert_eq!(before[i], after[i], "page {i} after the deadline was moved");
+        }
+    }
+    assert!(states(&ram, r).iter().all(|s| *s == PageState::Present));
+    check_stamp(&ram, r, 0x77);
+}
+
+/// The nice value of thread `tid` of this process.
+fn nice_of(tid: i32) -> i32 {
+    let stat = std::fs::read_to_string(format!("/proc/self/task/{tid}/stat")).unwrap();
+    // Fields after the command name (which may hold spaces) start at state:
+    // nice is field 19 of the whole line, the 17th after the name.
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    rest.split(' ').nth(16).unwrap().parse().unwrap()
+}
+
+/// An offline called from a low-priority thread runs at the priority of
+/// the thread that started the engine while it works (vCPUs wait for it),
+/// and its thread gets its own priority back when it ends.
+#[test]
+fn an_offline_from_a_low_priority_thread_runs_at_the_ceiling() {
+    let ram = ram(4 * MIB);
+    let engine = Arc::new(engine(&ram));
+    let starter = nice_of(rustix::thread::gettid().as_raw_nonzero().get());
+    let r = range(0x10_0000, 2 * (apf::STAGING_PAGES * PAGE_SIZE) as u64);
+    stamp(&ram, r, 0x19);
+    let (lo, hi) = host_span(&ram, r);
+    engine.failpoints().arm(apf::failpoints::Rule::pause(apf::failpoints::Op::Move).within(lo, hi));
+    let (tx, rx) = std::sync::mpsc::channel();
+    let off = {
+        let engine = engine.clone();
+        std::thread::spawn(move || {
+            apf::set_thread_nice(19).unwrap();
+            tx.send(rustix::thread::gettid().as_raw_nonzero().get()).unwrap();
+            let result = engine.offline(r, Mode::Migrate, soon(5000));
+            (result, nice_of(rustix::thread::gettid().as_raw_nonzero().get()))
+        })
+    };
+    let tid = rx.recv().unwrap();
+    assert!(engine.failpoints().wait_paused(Duration::from_secs(5)));
+    let during = nice_of(tid);
+    engine.failpoints().open_gate();
+    let (result, after) = off.join().unwrap();
+    result.unwrap();
+    assert_eq!(after, 19, "the offline did not give its thread its priority back");
+    if engine.stats().ceiling_refused == 0 {
+        assert_eq!(during, starter, "the offline ran at its caller's priority");
+    } else {
+        // No CAP_SYS_NICE: the engine says so instead.
+        assert_eq!(during, 19);
+    }
+    check_stamp(&ram, r, 0x19);
+}

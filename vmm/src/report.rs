@@ -495,6 +495,21 @@ impl Report {
                     spans.join(","),
                     l.unattributed_faults
                 );
+                match &l.tail {
+                    Some(t) => {
+                        let causes: Vec<String> =
+                            t.causes.iter().map(|(name, d)| format!("{}:{}", json_str(name), us(*d))).collect();
+                        let _ = write!(
+                            j,
+                            "\"fault_tail\":{{\"faults\":{},\"from_us\":{},\"total_us\":{},\"causes_us\":{{{}}}}},",
+                            t.faults,
+                            us(t.from),
+                            us(t.total),
+                            causes.join(",")
+                        );
+                    }
+                    None => j.push_str("\"fault_tail\":null,"),
+                }
             }
             None => j.push_str("\"latency_us\":null,"),
         }
@@ -594,6 +609,17 @@ impl Report {
                     us(sp.p999),
                     us(sp.max)
                 );
+            }
+            if let Some(t) = &l.tail {
+                let total = t.total.as_secs_f64().max(1e-9);
+                let parts: Vec<String> = t
+                    .causes
+                    .iter()
+                    .filter(|(_, d)| !d.is_zero())
+                    .map(|(name, d)| format!("{name} {:.0}%", 100.0 * d.as_secs_f64() / total))
+                    .collect();
+                let _ =
+                    writeln!(s, "          slowest {} faults (from {} µs): {}", t.faults, us(t.from), parts.join(", "));
             }
         }
         for v in &self.vcpus {

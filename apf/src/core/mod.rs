@@ -17,12 +17,13 @@ use std::fmt;
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use crossbeam_channel::Sender;
 use thiserror::Error;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use crate::config::{Config, Dispatch};
+use crate::config::{Config, Dispatch, OfflinePriority};
 use crate::counters::Stats;
 use crate::notifier::Notifier;
 use crate::ram::{runs, GuestAddress, GuestRam, PageState, StateError};
@@ -210,6 +211,85 @@ pub(crate) struct Job {
     /// (a fault on a page a remove touched after it was installed), not
     /// from `Missing`: a page the kernel holds there is the engine's own.
     pub reclaimed: bool,
+    /// Where its fault's time goes (see [`Causes`]).
+    pub causes: Causes,
+}
+
+/// Faults that took less than this (from the read of the fault to the end
+/// of its job) record no [`Causes`]: the tail they explain is far longer,
+/// and each recorded field costs the subscriber a span lookup.
+const CAUSES_FROM: Duration = Duration::from_micros(50);
+
+/// Where a fault's time went, recorded on its `apf.fault` span when it took
+/// at least [`CAUSES_FROM`] (fields `queued_ns`, `waited_ns`, `lock_ns`,
+/// `fill_ns`, `install_ns`; see [`crate::span`]). Measured only when a
+/// subscriber listens to the span: without one, no clock is read.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Causes {
+    /// When the job was made (the fault was read just before); `None` when
+    /// nobody listens.
+    started: Option<Instant>,
+    /// When it was last handed to the worker pool.
+    queued_at: Option<Instant>,
+    /// Waiting for a worker.
+    pub queued: Duration,
+    /// Waiting for an invalidation over its window to end.
+    pub waited: Duration,
+    /// Waiting for the install lock.
+    pub lock: Duration,
+    /// Filling the window from its origin.
+    pub fill: Duration,
+    /// The install ioctls (copies into guest RAM).
+    pub install: Duration,
+}
+
+impl Causes {
+    /// Causes measured for `span` if anyone listens to it.
+    pub fn for_span(span: &tracing::Span) -> Self {
+        Causes { started: (!span.is_disabled()).then(Instant::now), ..Causes::default() }
+    }
+
+    /// The clock, if measuring.
+    pub fn now(&self) -> Option<Instant> {
+        self.started.map(|_| Instant::now())
+    }
+
+    /// Adds the time since `since` (from [`Self::now`]) to `slot`.
+    pub fn since(slot: &mut Duration, since: Option<Instant>) {
+        if let Some(t) = since {
+            *slot += t.elapsed();
+        }
+    }
+
+    /// The job goes to the worker pool now.
+    pub fn queue(&mut self) {
+        self.queued_at = self.now();
+    }
+
+    /// A worker took the job.
+    pub fn dequeue(&mut self) {
+        Self::since(&mut self.queued, self.queued_at.take());
+    }
+
+    /// Records the causes on the fault's span, if it was slow enough to be
+    /// worth it.
+    pub fn record(&self, span: &tracing::Span) {
+        if self.started.is_none_or(|t| t.elapsed() < CAUSES_FROM) {
+            return;
+        }
+        let ns = |d: Duration| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
+        for (field, d) in [
+            ("queued_ns", self.queued),
+            ("waited_ns", self.waited),
+            ("lock_ns", self.lock),
+            ("fill_ns", self.fill),
+            ("install_ns", self.install),
+        ] {
+            if !d.is_zero() {
+                span.record(field, ns(d));
+            }
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -267,6 +347,26 @@ pub(crate) struct Core {
     /// Set once, at shutdown or when the event loop dies: no new work.
     stopping: AtomicBool,
     working_set: Option<FirstTouches>,
+    /// The nice value offlines run at while others may wait for them
+    /// ([`crate::config::OfflinePriority`]); `None`: their own.
+    ceiling: Option<i32>,
+}
+
+/// The calling thread runs at the engine's priority ceiling until this is
+/// dropped ([`Core::raise_to_ceiling`]).
+#[derive(Debug)]
+pub(crate) struct Raised {
+    /// The nice value to put back.
+    restore: Option<i32>,
+}
+
+impl Drop for Raised {
+    fn drop(&mut self) {
+        if let Some(nice) = self.restore {
+            // Lowering one's own priority needs no privilege.
+            let _ = rustix::process::setpriority_process(Some(rustix::thread::gettid()), nice);
+        }
+    }
 }
 
 impl Core {
@@ -294,9 +394,36 @@ impl Core {
             in_flight: AtomicUsize::new(0),
             stopping: AtomicBool::new(false),
             working_set: config.record_working_set.then(|| FirstTouches::new(ram_pages)),
+            ceiling: match config.offline_priority {
+                OfflinePriority::Starter => {
+                    rustix::process::getpriority_process(Some(rustix::thread::gettid())).ok()
+                }
+                OfflinePriority::Nice(nice) => Some(nice),
+                OfflinePriority::Own => None,
+            },
             errors,
             config,
         })
+    }
+
+    /// Runs the calling thread at the priority ceiling until the returned
+    /// guard is dropped (see [`OfflinePriority`]): an offline takes it from
+    /// the moment others may wait for it.
+    pub(crate) fn raise_to_ceiling(&self) -> Raised {
+        let none = Raised { restore: None };
+        let Some(ceiling) = self.ceiling else { return none };
+        let tid = rustix::thread::gettid();
+        let Ok(own) = rustix::process::getpriority_process(Some(tid)) else { return none };
+        if own <= ceiling {
+            return none;
+        }
+        match rustix::process::setpriority_process(Some(tid), ceiling) {
+            Ok(()) => Raised { restore: Some(own) },
+            Err(_) => {
+                self.stats.ceiling_refused.add(1);
+                none
+            }
+        }
     }
 
     /// The userfaultfd: events, registration, failpoints.

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::Receiver;
 use tracing::field;
 
-use super::{Core, FaultError, GiveUp, Job, Run, Window};
+use super::{Causes, Core, FaultError, GiveUp, Job, Run, Window};
 use crate::ram::{GuestAddress, GuestRange, Origin, Region};
 use crate::source::PageSource;
 use crate::uffd::PAGE_SIZE;
@@ -83,7 +83,8 @@ enum InstallError {
 /// The worker loop: resolve jobs until the channel closes.
 pub(crate) fn worker(shared: &Core, rx: &Receiver<Job>) {
     let mut ctx = Ctx::new(false, shared.config().max_window);
-    for job in rx.iter() {
+    for mut job in rx.iter() {
+        job.causes.dequeue();
         let left = resolve_guarded(shared, job, &mut ctx);
         debug_assert!(left.is_none(), "workers finish their jobs");
         if let Some(job) = left {
@@ -161,14 +162,32 @@ fn resolve_guarded_counting(shared: &Core, job: Job, ctx: &mut Ctx) -> (Option<J
 fn resolve_counting(shared: &Core, mut job: Job, ctx: &mut Ctx) -> (Option<Job>, usize) {
     let span = job.span.clone();
     let _entered = span.enter();
+    let mut bytes = 0usize;
+    match resolve_steps(shared, &mut job, ctx, &mut bytes) {
+        Step::Defer => (Some(job), bytes),
+        Step::Done => {
+            job.causes.record(&span);
+            (None, bytes)
+        }
+    }
+}
+
+/// Whether a job is done or goes back to the event loop's caller.
+enum Step {
+    Done,
+    Defer,
+}
+
+/// The body of [`resolve_counting`], on the job in place.
+fn resolve_steps(shared: &Core, job: &mut Job, ctx: &mut Ctx, bytes: &mut usize) -> Step {
+    let span = job.span.clone();
     let region = &shared.ram().regions()[job.region];
     let started = Instant::now();
-    let mut bytes = 0usize;
     loop {
         if job.window.is_empty() {
-            span.record("bytes", bytes);
+            span.record("bytes", *bytes);
             span.record("outcome", "installed");
-            return (None, bytes);
+            return Step::Done;
         }
         let wait_until = if ctx.on_loop { Instant::now() } else { Instant::now() + shared.config().install_deadline };
         let mut range = job.window.span(region);
@@ -180,14 +199,14 @@ fn resolve_counting(shared: &Core, mut job: Job, ctx: &mut Ctx) -> (Option<Job>,
             // resolved on its own; held here, it could be the holder of a
             // reference the invalidation waits for, which would then wait
             // for its deadline with nobody to tell it why.
-            shrink_to_fault(shared, &mut job);
+            shrink_to_fault(shared, job);
             if job.fault.is_none() {
                 shared.release_runs(job.region, &job.window);
                 job.window.clear();
             }
             if job.window.is_empty() {
                 span.record("outcome", "given-back");
-                return (None, bytes);
+                return Step::Done;
             }
             range = job.window.span(region);
             seq = shared.notifier().read_begin(range, Instant::now());
@@ -196,46 +215,55 @@ fn resolve_counting(shared: &Core, mut job: Job, ctx: &mut Ctx) -> (Option<Job>,
             // An invalidation holds the window. It waits for nothing this
             // thread could hold (it drained references before it held).
             if wait_until > Instant::now() {
+                let t = job.causes.now();
                 seq = shared.notifier().read_begin(range, wait_until);
+                Causes::since(&mut job.causes.waited, t);
             }
         }
         let Some(seq) = seq else {
             if ctx.on_loop {
-                return (Some(job), bytes);
+                return Step::Defer;
             }
             // An invalidation overlapping this window did not end in time.
             shared.release_runs(job.region, &job.window);
             span.record("outcome", "invalidation-timeout");
-            return (None, bytes);
+            return Step::Done;
         };
 
-        let pieces = match fill(shared, region, &job, ctx) {
+        let t = job.causes.now();
+        let filled = fill(shared, region, job, ctx);
+        Causes::since(&mut job.causes.fill, t);
+        let pieces = match filled {
             Ok(pieces) => pieces,
             Err((gpa, error)) => {
                 job.attempts += 1;
-                match on_fill_error(shared, region, &mut job, ctx, gpa, error, (range, seq)) {
+                match on_fill_error(shared, region, job, ctx, gpa, error, (range, seq)) {
                     FillNext::Retry => continue,
-                    FillNext::Defer => return (Some(job), bytes),
-                    FillNext::Done => return (None, bytes),
+                    FillNext::Defer => return Step::Defer,
+                    FillNext::Done => return Step::Done,
                 }
             }
         };
 
         let install_span = tracing::trace_span!(target: "apf", "apf.install", pages = field::Empty);
+        let t = job.causes.now();
         let guard = shared.notifier().install_lock();
+        Causes::since(&mut job.causes.lock, t);
         if guard.read_retry(range, seq) {
             drop(guard);
             shared.stats().stale.add(1);
             continue;
         }
-        let result = install_pieces(shared, job.region, &pieces, job.reclaimed, &mut bytes);
+        let t = job.causes.now();
+        let result = install_pieces(shared, job.region, &pieces, job.reclaimed, bytes);
+        Causes::since(&mut job.causes.install, t);
         if result.is_ok() {
             // Under the guard: an eviction of these pages that starts after
             // it stores fresh contents that must not be discarded.
             discard_restored(shared, region, &pieces);
         }
         drop(guard);
-        install_span.record("pages", bytes / PAGE_SIZE);
+        install_span.record("pages", *bytes / PAGE_SIZE);
         drop(install_span);
         match result {
             Ok(()) => {
@@ -245,12 +273,12 @@ fn resolve_counting(shared: &Core, mut job: Job, ctx: &mut Ctx) -> (Option<Job>,
                 shared.stats().eagain.add(1);
                 job.window = rest;
                 if ctx.on_loop {
-                    return (Some(job), bytes);
+                    return Step::Defer;
                 }
                 if started.elapsed() > shared.config().install_deadline {
                     shared.release_runs(job.region, &job.window);
                     span.record("outcome", "eagain-timeout");
-                    return (None, bytes);
+                    return Step::Done;
                 }
                 std::thread::sleep(Duration::from_micros(50));
             }
@@ -263,15 +291,15 @@ fn resolve_counting(shared: &Core, mut job: Job, ctx: &mut Ctx) -> (Option<Job>,
                     len: PAGE_SIZE,
                     source: std::io::Error::from_raw_os_error(libc::EFAULT),
                 };
-                match on_fill_error(shared, region, &mut job, ctx, gpa, error, (range, seq)) {
+                match on_fill_error(shared, region, job, ctx, gpa, error, (range, seq)) {
                     FillNext::Retry => continue,
-                    FillNext::Defer => return (Some(job), bytes),
-                    FillNext::Done => return (None, bytes),
+                    FillNext::Defer => return Step::Defer,
+                    FillNext::Done => return Step::Done,
                 }
             }
             Err(InstallError::Fatal) => {
                 span.record("outcome", "install-failed");
-                return (None, bytes);
+                return Step::Done;
             }
         }
     }
@@ -594,6 +622,7 @@ pub(crate) fn prefetch_pages(shared: &Core, locs: impl Iterator<Item = (usize, u
                 attempts: 0,
                 refunds: 0,
                 reclaimed: false,
+                causes: Causes::default(),
             };
             let (left, bytes) = resolve_guarded_counting(shared, job, ctx);
             debug_assert!(left.is_none(), "off the event loop, jobs finish");

@@ -9,6 +9,7 @@ use std::os::fd::AsRawFd;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Sender, TrySendError};
 use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
@@ -18,7 +19,7 @@ use vmm_sys_util::eventfd::EventFd;
 use super::prefetch::StreamTable;
 use super::SpawnError;
 use crate::core::resolve::{self, Ctx};
-use crate::core::{panic_message, Core, Fault, FaultError, GiveUp, Job, Run, Window};
+use crate::core::{panic_message, Causes, Core, Fault, FaultError, GiveUp, Job, Run, Window};
 use crate::notifier::{InstallsHeld, Invalidation, Reason};
 use crate::ram::{GuestAddress, GuestRange, Origin, PageLoc, PageState};
 use crate::uffd::{Event, EventBuf, PAGE_SIZE};
@@ -36,6 +37,17 @@ struct Deferred {
     addr: u64,
     write: bool,
     tid: u32,
+    /// When it was deferred (if anyone listens to its span) and how long
+    /// it had been deferred before: the span's `deferred_ns`.
+    since: Option<Instant>,
+    before: Duration,
+}
+
+impl Deferred {
+    fn new(span: tracing::Span, addr: u64, write: bool, tid: u32, redo: Option<Duration>) -> Self {
+        let since = (!span.is_disabled()).then(Instant::now);
+        Deferred { span, addr, write, tid, since, before: redo.unwrap_or_default() }
+    }
 }
 
 /// The subscriber.
@@ -232,8 +244,12 @@ impl FaultLoop {
     /// Handles deferred faults again (an offline ended, or the tick).
     fn redo_deferred(&mut self) {
         for d in std::mem::take(&mut self.deferred) {
+            let waited = d.before + d.since.map_or(Duration::ZERO, |t| t.elapsed());
+            if d.since.is_some() {
+                d.span.record("deferred_ns", u64::try_from(waited.as_nanos()).unwrap_or(u64::MAX));
+            }
             match self.shared.ram().locate_host(d.addr) {
-                Some(loc) => self.handle_fault(d.span, d.addr, loc, d.write, d.tid, true),
+                Some(loc) => self.handle_fault(d.span, d.addr, loc, d.write, d.tid, Some(waited)),
                 None => {
                     self.shared.wake(d.addr & !(PAGE_SIZE as u64 - 1), PAGE_SIZE);
                 }
@@ -363,14 +379,20 @@ impl FaultLoop {
             source = field::Empty,
             bytes = field::Empty,
             outcome = field::Empty,
+            deferred_ns = field::Empty,
+            queued_ns = field::Empty,
+            waited_ns = field::Empty,
+            lock_ns = field::Empty,
+            fill_ns = field::Empty,
+            install_ns = field::Empty,
         );
-        self.handle_fault(span, addr, loc, write, tid, false);
+        self.handle_fault(span, addr, loc, write, tid, None);
     }
 
     /// Resolves, dedupes or defers one fault. `redo` is set for a fault
     /// deferred by an offline: such a fault on a page now present is only
     /// woken (the offline put the page back).
-    fn handle_fault(&mut self, span: tracing::Span, addr: u64, loc: PageLoc, write: bool, tid: u32, redo: bool) {
+    fn handle_fault(&mut self, span: tracing::Span, addr: u64, loc: PageLoc, write: bool, tid: u32, redo: Option<Duration>) {
         let shared = &self.shared;
         let region = &shared.ram().regions()[loc.region];
         let page = loc.page;
@@ -385,6 +407,7 @@ impl FaultLoop {
                     shared.record_touch(shared.ram().page_index(loc), region.page_gpa(page).0);
                     span.record("source", shared.source().name());
                     let window = self.plan(loc.region, page, tid);
+                    let causes = Causes::for_span(&span);
                     let job = Job {
                         region: loc.region,
                         fault: Some(Fault { page, write }),
@@ -393,6 +416,7 @@ impl FaultLoop {
                         attempts: 0,
                         refunds: 0,
                         reclaimed: false,
+                        causes,
                     };
                     self.dispatch(job);
                     return;
@@ -402,7 +426,7 @@ impl FaultLoop {
                     span.record("outcome", "deduped");
                     return;
                 }
-                PageState::Present if redo => {
+                PageState::Present if redo.is_some() => {
                     span.record("outcome", "woken");
                     shared.wake(region.page_host(page), PAGE_SIZE);
                     return;
@@ -423,6 +447,7 @@ impl FaultLoop {
                         region: loc.region,
                         fault: Some(Fault { page, write }),
                         window: Window::one(page),
+                        causes: Causes::for_span(&span),
                         span,
                         attempts: 0,
                         refunds: 0,
@@ -509,10 +534,10 @@ impl FaultLoop {
                 }
                 PageState::Invalidating => {
                     if self.deferred.len() < shared.config().park_capacity {
-                        if !redo {
+                        if redo.is_none() {
                             shared.stats().deferred.add(1);
                         }
-                        self.deferred.push(Deferred { span, addr, write, tid });
+                        self.deferred.push(Deferred::new(span, addr, write, tid, redo));
                         return;
                     }
                     break;
@@ -539,20 +564,20 @@ impl FaultLoop {
         loc: PageLoc,
         write: bool,
         tid: u32,
-        redo: bool,
+        redo: Option<Duration>,
         e: crate::uffd::IoctlError,
     ) {
         let shared = &self.shared;
         let region = &shared.ram().regions()[loc.region];
         if self.deferred.len() < shared.config().park_capacity {
             span.record("outcome", "deferred");
-            if !redo {
+            if redo.is_none() {
                 shared.stats().deferred.add(1);
                 if e.errno != libc::EAGAIN {
                     shared.report(FaultError::Install { gpa: region.page_gpa(loc.page), error: e });
                 }
             }
-            self.deferred.push(Deferred { span, addr, write, tid });
+            self.deferred.push(Deferred::new(span, addr, write, tid, redo));
             return;
         }
         span.record("outcome", "poison-failed");
@@ -642,8 +667,23 @@ impl FaultLoop {
     fn dispatch(&mut self, job: Job) {
         // Counted from claim to finish, whichever thread finishes it.
         self.shared.job_started();
-        let pages = job.window.pages();
-        if self.shared.inline_ok(pages) {
+        let (job, rest) = split_head(job);
+        let inline = self.shared.inline_ok(job.window.pages());
+        if let Some(rest) = rest {
+            self.shared.job_started();
+            if inline {
+                // A worker copies the rest while the head is installed
+                // here: the faulting thread is woken by the head's own
+                // install, not by the whole window's.
+                self.send_to_pool(rest);
+            } else {
+                // Both go to the pool, the head first.
+                self.send_to_pool(job);
+                self.send_to_pool(rest);
+                return;
+            }
+        }
+        if inline {
             self.shared.stats().inline.add(1);
             match resolve::resolve_guarded(&self.shared, job, &mut self.ctx) {
                 Some(job) => self.send_to_pool(job),
@@ -657,7 +697,8 @@ impl FaultLoop {
     }
 
     /// Sends a counted job to the pool (the worker uncounts it).
-    fn send_to_pool(&mut self, job: Job) {
+    fn send_to_pool(&mut self, mut job: Job) {
+        job.causes.queue();
         match self.jobs.try_send(job) {
             Ok(()) => {
                 self.shared.stats().dispatched.add(1);
@@ -712,6 +753,61 @@ impl FaultLoop {
             self.shared.job_finished();
         }
     }
+}
+
+/// Pages of a fault's window installed (and woken) before the rest of it.
+pub(crate) const HEAD_PAGES: usize = 8;
+
+/// Splits a fault's window of more than twice [`HEAD_PAGES`] into its head
+/// (the faulting page and the pages that follow it in the stream's
+/// direction, up to `HEAD_PAGES`), which keeps the fault, and the rest, a
+/// job no thread waits on yet. A `UFFDIO_COPY` wakes only when its whole
+/// range is in, so the head needs its own call for the faulting thread to
+/// go on before the rest is copied. Smaller windows (fault-around blocks,
+/// short streams) stay whole.
+fn split_head(mut job: Job) -> (Job, Option<Job>) {
+    let Some(fault) = job.fault else { return (job, None) };
+    if job.window.pages() <= 2 * HEAD_PAGES {
+        return (job, None);
+    }
+    let Some(at) = job.window.iter().position(|r| (r.first..r.end()).contains(&fault.page)) else {
+        return (job, None);
+    };
+    let run = job.window[at];
+    // Forward streams start their run at the faulting page, backward ones
+    // end it there; anything else keeps the run from the fault on.
+    let head = if run.first + run.count == fault.page + 1 && run.count > 1 {
+        let first = (fault.page + 1).saturating_sub(HEAD_PAGES).max(run.first);
+        Run { first, count: fault.page + 1 - first }
+    } else {
+        Run { first: fault.page, count: (run.end() - fault.page).min(HEAD_PAGES) }
+    };
+    let mut rest: Vec<Run> = Vec::with_capacity(job.window.len() + 1);
+    for (i, r) in job.window.iter().enumerate() {
+        if i != at {
+            rest.push(*r);
+            continue;
+        }
+        if head.first > r.first {
+            rest.push(Run { first: r.first, count: head.first - r.first });
+        }
+        if r.end() > head.end() {
+            rest.push(Run { first: head.end(), count: r.end() - head.end() });
+        }
+    }
+    job.window = Window::from(vec![head]);
+    let span = tracing::trace_span!(target: "apf", "apf.prefetch", pages = rest.iter().map(|r| r.count).sum::<usize>(), bytes = field::Empty, outcome = field::Empty);
+    let rest = Job {
+        region: job.region,
+        fault: None,
+        window: Window::from(rest),
+        span,
+        attempts: 0,
+        refunds: 0,
+        reclaimed: job.reclaimed,
+        causes: Causes::default(),
+    };
+    (job, Some(rest))
 }
 
 /// `MADV_DONTNEED` by someone else: the range reads as zeros from now on.

@@ -2,7 +2,8 @@
 //! per vCPU, blocked time per vCPU, and an optional bounded trace of recent
 //! spans for Perfetto.
 
-use std::collections::{HashMap, VecDeque};
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap, VecDeque};
 use std::io::{self, Write};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -25,6 +26,16 @@ fn histogram() -> Histogram<u64> {
     Histogram::new_with_bounds(1, MAX_NS, 3).unwrap_or_else(|_| unreachable!("constant bounds are valid"))
 }
 
+/// The `apf.fault` fields that say where a slow fault's time went, in the
+/// order of [`TailBreakdown::causes`].
+const CAUSES: [&str; 6] = ["deferred_ns", "queued_ns", "waited_ns", "lock_ns", "fill_ns", "install_ns"];
+
+/// Slowest faults kept with their causes for [`TailBreakdown`].
+const TAIL_KEEP: usize = 2048;
+
+/// A closed fault: its duration and the nanoseconds of each of [`CAUSES`].
+type SlowFault = (u64, [u64; CAUSES.len()]);
+
 /// What the layer keeps in a span's extensions.
 struct Timing {
     start: Instant,
@@ -35,6 +46,8 @@ struct Timing {
     /// `outcome` and `gpa`, kept only when tracing to a file.
     outcome: Option<String>,
     gpa: Option<u64>,
+    /// Nanoseconds per entry of [`CAUSES`] (fault spans only).
+    causes: [u64; CAUSES.len()],
 }
 
 #[derive(Default)]
@@ -43,6 +56,7 @@ struct Fields {
     outcome: Option<String>,
     gpa: Option<u64>,
     keep_details: bool,
+    causes: [Option<u64>; CAUSES.len()],
 }
 
 impl Visit for Fields {
@@ -50,7 +64,11 @@ impl Visit for Fields {
         match field.name() {
             "tid" => self.tid = Some(value),
             "gpa" if self.keep_details => self.gpa = Some(value),
-            _ => {}
+            name => {
+                if let Some(i) = CAUSES.iter().position(|c| *c == name) {
+                    self.causes[i] = Some(value);
+                }
+            }
         }
     }
 
@@ -105,6 +123,11 @@ struct Inner {
     per_vcpu: Mutex<HashMap<u32, VcpuAcc>>,
     unattributed_faults: AtomicU64,
     unattributed_ns: AtomicU64,
+    /// The slowest faults with their causes: a min-heap on duration.
+    tail: Mutex<BinaryHeap<Reverse<SlowFault>>>,
+    /// The shortest fault in a full `tail` (a fault no longer than it is
+    /// not kept: checked without the lock).
+    tail_floor: AtomicU64,
     trace: Option<Mutex<TraceBuf>>,
 }
 
@@ -195,6 +218,40 @@ pub struct LatencySummary {
     pub unattributed_faults: u64,
     /// Their summed span time.
     pub unattributed_blocked: Duration,
+    /// Where the slowest faults' time went; `None` before any fault.
+    pub tail: Option<TailBreakdown>,
+}
+
+/// Where the time of the slowest faults went: the slowest 0.1% of the
+/// `apf.fault` spans (at least one, at most 2,048), their time split by
+/// cause. Faults shorter than 50 µs record no causes (their time counts
+/// as `other`); tails worth explaining are far longer.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TailBreakdown {
+    /// Faults in the tail.
+    pub faults: u64,
+    /// The shortest of them: about the 99.9th percentile.
+    pub from: Duration,
+    /// Their summed span time.
+    pub total: Duration,
+    /// Their summed time per cause, which add up to `total`:
+    /// - `deferred`: the fault waited behind an offline holding its page;
+    /// - `queued`: its job waited for a worker;
+    /// - `waited`: its resolver waited for an invalidation over its window;
+    /// - `lock`: waiting for the install lock (an offline or a remove
+    ///   event holds it exclusively);
+    /// - `fill`: filling the window from its origin;
+    /// - `install`: the install ioctls (copying the window in);
+    /// - `other`: the rest: the event loop's own work and wakes, and the
+    ///   scheduler's delays between the steps above.
+    pub causes: Vec<(&'static str, Duration)>,
+}
+
+impl TailBreakdown {
+    /// The summed time of cause `name`.
+    pub fn cause(&self, name: &str) -> Option<Duration> {
+        self.causes.iter().find(|(n, _)| *n == name).map(|&(_, d)| d)
+    }
 }
 
 impl LatencySummary {
@@ -258,6 +315,8 @@ impl LatencyLayer {
                 per_vcpu: Mutex::new(HashMap::new()),
                 unattributed_faults: AtomicU64::new(0),
                 unattributed_ns: AtomicU64::new(0),
+                tail: Mutex::new(BinaryHeap::with_capacity(TAIL_KEEP + 1)),
+                tail_floor: AtomicU64::new(0),
                 trace,
             }),
         }
@@ -317,7 +376,53 @@ impl LatencyLayer {
         out.vcpus = vcpus;
         out.unattributed_faults = self.inner.unattributed_faults.load(Ordering::Relaxed);
         out.unattributed_blocked = d(self.inner.unattributed_ns.load(Ordering::Relaxed));
+        let faults = out.span(FAULT).map_or(0, |s| s.count);
+        out.tail = self.tail(faults);
         out
+    }
+
+    /// The breakdown of the slowest 0.1% of `faults` faults.
+    fn tail(&self, faults: u64) -> Option<TailBreakdown> {
+        let mut kept: Vec<_> = self.inner.tail.lock().unwrap_or_else(|e| e.into_inner()).iter().map(|r| r.0).collect();
+        if kept.is_empty() {
+            return None;
+        }
+        kept.sort_unstable_by_key(|f| Reverse(f.0));
+        let n = usize::try_from(faults.div_ceil(1000)).unwrap_or(usize::MAX).clamp(1, kept.len());
+        let tail = &kept[..n];
+        let total: u64 = tail.iter().map(|t| t.0).sum();
+        let mut causes: Vec<(&'static str, Duration)> = CAUSES
+            .iter()
+            .enumerate()
+            .map(|(i, name)| {
+                let ns: u64 = tail.iter().map(|t| t.1[i].min(t.0)).sum();
+                (name.trim_end_matches("_ns"), Duration::from_nanos(ns))
+            })
+            .collect();
+        let known: u64 = tail.iter().map(|t| t.1.iter().sum::<u64>().min(t.0)).sum();
+        causes.push(("other", Duration::from_nanos(total - known)));
+        Some(TailBreakdown {
+            faults: n as u64,
+            from: Duration::from_nanos(tail[n - 1].0),
+            total: Duration::from_nanos(total),
+            causes,
+        })
+    }
+
+    /// Keeps a closed fault's duration and causes if it is among the
+    /// slowest [`TAIL_KEEP`].
+    fn keep_tail(&self, ns: u64, causes: [u64; CAUSES.len()]) {
+        if ns <= self.inner.tail_floor.load(Ordering::Relaxed) {
+            return;
+        }
+        let mut heap = self.inner.tail.lock().unwrap_or_else(|e| e.into_inner());
+        heap.push(Reverse((ns, causes)));
+        if heap.len() > TAIL_KEEP {
+            heap.pop();
+            if let Some(Reverse((floor, _))) = heap.peek() {
+                self.inner.tail_floor.store(*floor, Ordering::Relaxed);
+            }
+        }
     }
 
     /// The latency distribution of each span name that occurred: (quantile,
@@ -441,6 +546,7 @@ where
             thread,
             outcome: fields.outcome,
             gpa: fields.gpa,
+            causes: [0; CAUSES.len()],
         });
     }
 
@@ -450,7 +556,7 @@ where
         // then. The engine records three fields per fault.
         let mut fields = Fields { keep_details: self.inner.trace.is_some(), ..Fields::default() };
         values.record(&mut fields);
-        if fields.tid.is_none() && fields.outcome.is_none() {
+        if fields.tid.is_none() && fields.outcome.is_none() && fields.causes.iter().all(Option::is_none) {
             return;
         }
         let Some(span) = ctx.span(id) else { return };
@@ -465,6 +571,11 @@ where
             if fields.outcome.is_some() {
                 t.outcome = fields.outcome;
             }
+            for (slot, value) in t.causes.iter_mut().zip(fields.causes) {
+                if let Some(v) = value {
+                    *slot = v;
+                }
+            }
         }
     }
 
@@ -478,6 +589,7 @@ where
         let Some(slot) = SPANS.iter().position(|n| *n == name) else { return };
         let _ = self.inner.spans[slot].lock().unwrap_or_else(|e| e.into_inner()).record(ns);
         if name == FAULT {
+            self.keep_tail(ns, timing.causes);
             let vcpu = timing
                 .fault_tid
                 .and_then(|t| self.inner.vcpus.read().unwrap_or_else(|e| e.into_inner()).get(&t).copied());
@@ -545,5 +657,35 @@ mod tests {
         let text = String::from_utf8(out).unwrap();
         assert!(text.contains("\"dropped_events\":2"), "{text}");
         assert!(text.contains("\"name\":\"vcpu0\""), "{text}");
+    }
+
+    #[test]
+    fn the_slowest_faults_are_broken_down_by_the_causes_they_recorded() {
+        let layer = LatencyLayer::new();
+        let subscriber = tracing_subscriber::registry().with(layer.clone());
+        tracing::subscriber::with_default(subscriber, || {
+            let fault = || {
+                tracing::info_span!(target: "apf", "apf.fault", tid = 1u64, deferred_ns = tracing::field::Empty, install_ns = tracing::field::Empty)
+            };
+            // 1,999 quick faults and one slow one: the tail is the slowest
+            // two (0.1% of 2,000), the slow one and the slowest quick one.
+            for _ in 0..1999 {
+                drop(fault());
+            }
+            let slow = fault();
+            slow.record("deferred_ns", 3_000_000u64);
+            slow.record("install_ns", 1_000_000u64);
+            std::thread::sleep(Duration::from_millis(5));
+            drop(slow);
+        });
+        let tail = layer.summary().tail.expect("faults were seen");
+        assert_eq!(tail.faults, 2);
+        assert!(tail.total >= Duration::from_millis(5));
+        assert_eq!(tail.cause("deferred"), Some(Duration::from_millis(3)));
+        assert_eq!(tail.cause("install"), Some(Duration::from_millis(1)));
+        assert_eq!(tail.cause("queued"), Some(Duration::ZERO));
+        let sum: Duration = tail.causes.iter().map(|c| c.1).sum();
+        assert_eq!(sum, tail.total, "the causes add up to the tail's time");
+        assert!(tail.cause("other").unwrap() >= Duration::from_millis(1));
     }
 }
