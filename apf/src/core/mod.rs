@@ -213,6 +213,10 @@ pub(crate) struct Job {
     pub reclaimed: bool,
     /// Where its fault's time goes (see [`Causes`]).
     pub causes: Causes,
+    /// Zero pages go in as copies, not as the shared zero page: a write
+    /// fault asked for the window (a write to the zero page would take a
+    /// copy-on-write fault per page). Kept by the rest of a split window.
+    pub writes: bool,
 }
 
 /// Faults that took less than this (from the read of the fault to the end
@@ -295,7 +299,6 @@ impl Causes {
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Fault {
     pub page: usize,
-    pub write: bool,
 }
 
 impl fmt::Debug for Job {

@@ -85,15 +85,74 @@ pub(crate) fn worker(shared: &Core, rx: &Receiver<Job>) {
     let mut ctx = Ctx::new(false, shared.config().max_window);
     for mut job in rx.iter() {
         job.causes.dequeue();
-        let left = resolve_guarded(shared, job, &mut ctx);
-        debug_assert!(left.is_none(), "workers finish their jobs");
-        if let Some(job) = left {
-            shared.release_runs(job.region, &job.window);
+        let (head, rest) = split_head(job);
+        for job in std::iter::once(head).chain(rest) {
+            let left = resolve_guarded(shared, job, &mut ctx);
+            debug_assert!(left.is_none(), "workers finish their jobs");
+            if let Some(job) = left {
+                shared.release_runs(job.region, &job.window);
+            }
         }
         // Uncounted only once nothing of the job is left claimed.
         shared.job_finished();
         shared.kick_if_parked();
     }
+}
+
+/// Pages of a fault's window installed (and woken) before the rest of it.
+pub(crate) const HEAD_PAGES: usize = 8;
+
+/// Splits a fault's window of more than twice [`HEAD_PAGES`] into its head
+/// (the faulting page and the pages that follow it in the stream's
+/// direction, up to `HEAD_PAGES`), which keeps the fault, and the rest, a
+/// job no thread waits on yet. A `UFFDIO_COPY` wakes only when its whole
+/// range is in, so the head needs its own call for the faulting thread to
+/// go on before the rest is copied. Smaller windows (fault-around blocks,
+/// short streams) stay whole.
+pub(crate) fn split_head(mut job: Job) -> (Job, Option<Job>) {
+    let Some(fault) = job.fault else { return (job, None) };
+    if job.window.pages() <= 2 * HEAD_PAGES {
+        return (job, None);
+    }
+    let Some(at) = job.window.iter().position(|r| (r.first..r.end()).contains(&fault.page)) else {
+        return (job, None);
+    };
+    let run = job.window[at];
+    // Forward streams start their run at the faulting page, backward ones
+    // end it there; anything else keeps the run from the fault on.
+    let head = if run.first + run.count == fault.page + 1 && run.count > 1 {
+        let first = (fault.page + 1).saturating_sub(HEAD_PAGES).max(run.first);
+        Run { first, count: fault.page + 1 - first }
+    } else {
+        Run { first: fault.page, count: (run.end() - fault.page).min(HEAD_PAGES) }
+    };
+    let mut rest: Vec<Run> = Vec::with_capacity(job.window.len() + 1);
+    for (i, r) in job.window.iter().enumerate() {
+        if i != at {
+            rest.push(*r);
+            continue;
+        }
+        if head.first > r.first {
+            rest.push(Run { first: r.first, count: head.first - r.first });
+        }
+        if r.end() > head.end() {
+            rest.push(Run { first: head.end(), count: r.end() - head.end() });
+        }
+    }
+    job.window = Window::from(vec![head]);
+    let span = tracing::trace_span!(target: "apf", "apf.prefetch", pages = rest.iter().map(|r| r.count).sum::<usize>(), bytes = field::Empty, outcome = field::Empty);
+    let rest = Job {
+        region: job.region,
+        fault: None,
+        window: Window::from(rest),
+        span,
+        attempts: 0,
+        refunds: 0,
+        reclaimed: job.reclaimed,
+        causes: Causes::default(),
+        writes: job.writes,
+    };
+    (job, Some(rest))
 }
 
 /// [`resolve`], with a panic (of the page source, most likely) contained:
@@ -435,7 +494,7 @@ fn fill(
     // A zero source fills nothing worth a span (its pages are installed
     // from a zero buffer, or with ZEROPAGE).
     let _span = (!zero_source).then(|| tracing::trace_span!(target: "apf", "apf.fill").entered());
-    let write = job.fault.is_some_and(|f| f.write);
+    let write = job.writes;
     let mut pieces = Vec::with_capacity(job.window.len());
     let mut buf_off = 0;
     let total: usize = job.window.pages();
@@ -623,6 +682,7 @@ pub(crate) fn prefetch_pages(shared: &Core, locs: impl Iterator<Item = (usize, u
                 refunds: 0,
                 reclaimed: false,
                 causes: Causes::default(),
+                writes: false,
             };
             let (left, bytes) = resolve_guarded_counting(shared, job, ctx);
             debug_assert!(left.is_none(), "off the event loop, jobs finish");

@@ -410,13 +410,14 @@ impl FaultLoop {
                     let causes = Causes::for_span(&span);
                     let job = Job {
                         region: loc.region,
-                        fault: Some(Fault { page, write }),
+                        fault: Some(Fault { page }),
                         window,
                         span,
                         attempts: 0,
                         refunds: 0,
                         reclaimed: false,
                         causes,
+                        writes: write,
                     };
                     self.dispatch(job);
                     return;
@@ -445,13 +446,14 @@ impl FaultLoop {
                     span.record("source", "zero");
                     let job = Job {
                         region: loc.region,
-                        fault: Some(Fault { page, write }),
+                        fault: Some(Fault { page }),
                         window: Window::one(page),
                         causes: Causes::for_span(&span),
                         span,
                         attempts: 0,
                         refunds: 0,
                         reclaimed: true,
+                        writes: write,
                     };
                     self.dispatch(job);
                     return;
@@ -667,32 +669,38 @@ impl FaultLoop {
     fn dispatch(&mut self, job: Job) {
         // Counted from claim to finish, whichever thread finishes it.
         self.shared.job_started();
-        let (job, rest) = split_head(job);
-        let inline = self.shared.inline_ok(job.window.pages());
-        if let Some(rest) = rest {
-            self.shared.job_started();
-            if inline {
-                // A worker copies the rest while the head is installed
-                // here: the faulting thread is woken by the head's own
-                // install, not by the whole window's.
-                self.send_to_pool(rest);
-            } else {
-                // Both go to the pool, the head first.
+        let mut job = job;
+        if !self.shared.inline_ok(job.window.pages()) {
+            // A long window: when its head can be resolved here, a worker
+            // copies the rest meanwhile, and the faulting thread is woken
+            // by the head's own install without waiting for a worker.
+            // Otherwise the worker that takes the window installs its
+            // head first.
+            if !self.shared.inline_ok(resolve::HEAD_PAGES) {
                 self.send_to_pool(job);
-                self.send_to_pool(rest);
                 return;
             }
-        }
-        if inline {
-            self.shared.stats().inline.add(1);
-            match resolve::resolve_guarded(&self.shared, job, &mut self.ctx) {
-                Some(job) => self.send_to_pool(job),
-                None => {
-                    self.shared.job_finished();
+            let (head, rest) = resolve::split_head(job);
+            job = head;
+            match rest {
+                Some(rest) => {
+                    self.shared.job_started();
+                    self.send_to_pool(rest);
                 }
+                // Not split (a short window, or one no thread faulted on).
+                None if !self.shared.inline_ok(job.window.pages()) => {
+                    self.send_to_pool(job);
+                    return;
+                }
+                None => {}
             }
-        } else {
-            self.send_to_pool(job);
+        }
+        self.shared.stats().inline.add(1);
+        match resolve::resolve_guarded(&self.shared, job, &mut self.ctx) {
+            Some(job) => self.send_to_pool(job),
+            None => {
+                self.shared.job_finished();
+            }
         }
     }
 
@@ -753,61 +761,6 @@ impl FaultLoop {
             self.shared.job_finished();
         }
     }
-}
-
-/// Pages of a fault's window installed (and woken) before the rest of it.
-pub(crate) const HEAD_PAGES: usize = 8;
-
-/// Splits a fault's window of more than twice [`HEAD_PAGES`] into its head
-/// (the faulting page and the pages that follow it in the stream's
-/// direction, up to `HEAD_PAGES`), which keeps the fault, and the rest, a
-/// job no thread waits on yet. A `UFFDIO_COPY` wakes only when its whole
-/// range is in, so the head needs its own call for the faulting thread to
-/// go on before the rest is copied. Smaller windows (fault-around blocks,
-/// short streams) stay whole.
-fn split_head(mut job: Job) -> (Job, Option<Job>) {
-    let Some(fault) = job.fault else { return (job, None) };
-    if job.window.pages() <= 2 * HEAD_PAGES {
-        return (job, None);
-    }
-    let Some(at) = job.window.iter().position(|r| (r.first..r.end()).contains(&fault.page)) else {
-        return (job, None);
-    };
-    let run = job.window[at];
-    // Forward streams start their run at the faulting page, backward ones
-    // end it there; anything else keeps the run from the fault on.
-    let head = if run.first + run.count == fault.page + 1 && run.count > 1 {
-        let first = (fault.page + 1).saturating_sub(HEAD_PAGES).max(run.first);
-        Run { first, count: fault.page + 1 - first }
-    } else {
-        Run { first: fault.page, count: (run.end() - fault.page).min(HEAD_PAGES) }
-    };
-    let mut rest: Vec<Run> = Vec::with_capacity(job.window.len() + 1);
-    for (i, r) in job.window.iter().enumerate() {
-        if i != at {
-            rest.push(*r);
-            continue;
-        }
-        if head.first > r.first {
-            rest.push(Run { first: r.first, count: head.first - r.first });
-        }
-        if r.end() > head.end() {
-            rest.push(Run { first: head.end(), count: r.end() - head.end() });
-        }
-    }
-    job.window = Window::from(vec![head]);
-    let span = tracing::trace_span!(target: "apf", "apf.prefetch", pages = rest.iter().map(|r| r.count).sum::<usize>(), bytes = field::Empty, outcome = field::Empty);
-    let rest = Job {
-        region: job.region,
-        fault: None,
-        window: Window::from(rest),
-        span,
-        attempts: 0,
-        refunds: 0,
-        reclaimed: job.reclaimed,
-        causes: Causes::default(),
-    };
-    (job, Some(rest))
 }
 
 /// `MADV_DONTNEED` by someone else: the range reads as zeros from now on.
