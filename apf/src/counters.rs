@@ -101,6 +101,8 @@ counters! {
         pin_invalidations,
         /// Pins re-armed (faulted in again) after an invalidation.
         pin_refaults,
+        /// Pages working-set replays installed.
+        replayed_pages,
         /// Offlines that could not raise their thread to the priority
         /// ceiling ([`crate::OfflinePriority`]) and ran at its own.
         ceiling_refused,

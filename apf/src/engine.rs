@@ -40,7 +40,8 @@ use crate::core::install::{self, MemOp};
 use crate::core::resolve;
 use crate::core::{Core, FaultError, Job, Stopped};
 use crate::counters::StatsSnapshot;
-use crate::fault::{SpawnError, WorkingSet};
+use crate::fault::SpawnError;
+use crate::working_set::{ImageId, WorkingSet};
 use crate::notifier::InvalidateEvent;
 use crate::offline::{Mode, OfflineError, OfflineReport, Staging, STAGING_PAGES};
 use crate::pin::{HardPin, PageRef, Pin, PinError};
@@ -91,6 +92,24 @@ impl From<SpawnError> for EngineError {
 
 /// Working-set replays that may run at once.
 pub const MAX_REPLAYS: usize = 4;
+
+/// How a working-set replay paces itself ([`Engine::replay_with`]).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ReplayOptions {
+    /// Largest window, in pages (default 16: 64 KiB); capped by
+    /// [`Config::max_window`]. A fault waits behind at most one.
+    pub window_pages: usize,
+    /// Share of one CPU the replay may use, in (0, 1] (default 0.5).
+    pub cpu_share: f64,
+    /// After the set, fill every page still missing (default off).
+    pub eager: bool,
+}
+
+impl Default for ReplayOptions {
+    fn default() -> Self {
+        ReplayOptions { window_pages: 16, cpu_share: 0.5, eager: false }
+    }
+}
 
 /// Builds an [`Engine`].
 #[derive(Debug)]
@@ -314,9 +333,22 @@ impl Engine {
         self.shared.uffd().features()
     }
 
-    /// The pages faulted so far, in order (empty unless recording).
+    /// The pages first touched so far, in order, with when (empty unless
+    /// [`Config::record_working_set`] is on). Each fault records its
+    /// faulting page and the rest of the window it installed: what a replay
+    /// must install for the fault not to come again. A window's pages the
+    /// guest never touches inflate the set; record with `max_window: 1` and
+    /// `fault_around: 1` for touched pages only.
     pub fn working_set(&self) -> WorkingSet {
-        WorkingSet { pages: self.shared.touched_pages() }
+        let touches = self.shared.touched_pages();
+        WorkingSet { pages: touches.iter().map(|t| t.0).collect(), at_ms: touches.iter().map(|t| t.1).collect() }
+    }
+
+    /// The id that binds a working set to this engine's image: the RAM's
+    /// extent and a fingerprint of pages sampled from the source (see
+    /// [`ImageId`]). Reads those pages from the source.
+    pub fn image_id(&self) -> Result<ImageId, crate::source::SourceError> {
+        ImageId::of(self.shared.source(), self.shared.ram())
     }
 
     /// Installs every still-missing page of `range` now, on the calling
@@ -328,13 +360,28 @@ impl Engine {
         }
         self.shared.running()?;
         let (loc, count) = self.shared.ram().check_range(range)?;
-        Ok(resolve::prefetch_pages(&self.shared, (loc.page..loc.page + count).map(|p| (loc.region, p))))
+        Ok(resolve::prefetch_pages(&self.shared, (loc.page..loc.page + count).map(|p| (loc.region, p)), None))
     }
 
     /// Replays a recorded working set as prefetch on a background thread,
     /// in recorded order; pages outside RAM are skipped. The thread stops
     /// early when the engine shuts down.
     pub fn replay(&self, ws: &WorkingSet) -> Result<(), EngineError> {
+        self.replay_with(ws, ReplayOptions::default())
+    }
+
+    /// [`Self::replay`], paced by `options`: the background fill installs
+    /// the set in recorded order, in windows of at most
+    /// `options.window_pages`, and gives way to demand: before each window
+    /// it waits (up to 5 ms) until no fault has been read for 200 µs, and
+    /// after each it sleeps so that it uses at most `options.cpu_share` of
+    /// a CPU. A fault on a page the fill holds waits for that one window at
+    /// most. Pages discarded or offlined meanwhile follow the notifier's
+    /// rules like any prefetch: a page is installed only if it is still
+    /// missing, from what its origin holds at that moment. With
+    /// `options.eager`, every page still missing afterwards is filled too,
+    /// in address order, at the same pace.
+    pub fn replay_with(&self, ws: &WorkingSet, options: ReplayOptions) -> Result<(), EngineError> {
         if self.shut_down {
             return Err(EngineError::Stopped);
         }
@@ -359,9 +406,15 @@ impl Engine {
             .name("apf-replay".into())
             .spawn(move || {
                 let _trace = tracing::dispatcher::set_default(&dispatch);
+                let pace = resolve::Pace { window: options.window_pages, cpu_share: options.cpu_share };
                 let locs = pages.iter().filter_map(|&gpa| shared.ram().locate(GuestAddress(gpa)).ok());
                 let locs = locs.map(|l| (l.region, l.page));
-                resolve::prefetch_pages(&shared, locs);
+                let mut installed = resolve::prefetch_pages(&shared, locs, Some(pace));
+                if options.eager {
+                    let all = shared.ram().regions().iter().enumerate().flat_map(|(r, region)| (0..region.pages()).map(move |p| (r, p)));
+                    installed += resolve::prefetch_pages(&shared, all, Some(pace));
+                }
+                shared.stats().replayed_pages.add(installed);
             })
             .map_err(EngineError::Io)?;
         replays.push(h);

@@ -116,7 +116,21 @@ macro_rules! internal_modules {
 }
 
 internal_modules!(
-    config, core, counters, engine, fault, hostmem, kpin, notifier, offline, pin, ram, source, trace, uffd
+    config,
+    core,
+    counters,
+    engine,
+    fault,
+    hostmem,
+    kpin,
+    notifier,
+    offline,
+    pin,
+    ram,
+    source,
+    trace,
+    uffd,
+    working_set
 );
 
 #[cfg(feature = "lab")]
@@ -128,8 +142,7 @@ pub mod span;
 pub use crate::core::FaultError;
 pub use config::{Backend, Config, Dispatch, OfflinePriority, UnplugPolicy};
 pub use counters::StatsSnapshot;
-pub use engine::{Engine, EngineBuilder, EngineError, Errors, ShutdownReport, MAX_REPLAYS};
-pub use fault::{WorkingSet, WorkingSetError};
+pub use engine::{Engine, EngineBuilder, EngineError, Errors, ReplayOptions, ShutdownReport, MAX_REPLAYS};
 pub use hostmem::{BlockOp, BlockState, HostMemError};
 pub use notifier::{InvalidateEvent, Reason};
 pub use offline::{HostBlockSearch, Mode, OfflineError, OfflineReport, STAGING_PAGES};
@@ -139,6 +152,7 @@ pub use ram::{
 };
 pub use source::{EvictionStore, PageSource, SnapshotFile, SourceError, SourceKind, ZeroSource};
 pub use uffd::{Features, IoctlError, UffdError, PAGE_SIZE};
+pub use working_set::{ImageId, WorkingSet, WorkingSetError};
 
 #[cfg(feature = "lab")]
 pub use baseline::SinglePageHandler;

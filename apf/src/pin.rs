@@ -84,7 +84,7 @@ fn populate(shared: &Core, loc: PageLoc, count: usize, range: GuestRange, deadli
     let region = &shared.ram().regions()[loc.region];
     loop {
         shared.running()?;
-        resolve::prefetch_pages(shared, (loc.page..loc.page + count).map(|p| (loc.region, p)));
+        resolve::prefetch_pages(shared, (loc.page..loc.page + count).map(|p| (loc.region, p)), None);
         let mut waiting = false;
         for p in loc.page..loc.page + count {
             match region.state(p).0 {

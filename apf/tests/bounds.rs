@@ -51,7 +51,7 @@ fn finished_replays_are_pruned_and_running_ones_bounded() {
         .start()
         .unwrap();
     // Each replay's pages are installed one at a time, 20 ms each.
-    let ws = |first: u64| WorkingSet { pages: (first..first + 8).map(|p| p * PAGE).collect() };
+    let ws = |first: u64| WorkingSet { pages: (first..first + 8).map(|p| p * PAGE).collect(), at_ms: Vec::new() };
     for i in 0..MAX_REPLAYS as u64 {
         engine.replay(&ws(i * 8)).unwrap();
     }

@@ -201,25 +201,34 @@ fn a_fault_deduped_onto_a_failed_window_is_resolved(b: Backend) {
 fn working_set_recorded_by_one_run_is_replayed_by_the_next(b: Backend) {
     let pattern = Pattern { seed: 11 };
     let order: Vec<u64> = [40u64, 3, 77, 120, 5, 6, 7, 200, 201, 33].iter().map(|p| p * PAGE).collect();
+    let path = std::env::temp_dir().join(format!("apf-ws-test-{}-{b:?}", std::process::id()));
     let ws = {
         let ram = ram(&[(0, 256)]);
         let engine = builder(b, ram.clone(), Arc::new(pattern))
-            .config(apf::Config { max_window: 1, record_working_set: true, ..config(b) })
+            .config(apf::Config { max_window: 1, fault_around: 1, record_working_set: true, ..config(b) })
             .start()
             .unwrap();
         for &gpa in &order {
             verify(&ram, pattern, gpa);
         }
-        engine.working_set()
+        let ws = engine.working_set();
+        ws.save(&path, engine.image_id().unwrap()).unwrap();
+        ws
     };
     assert_eq!(ws.pages, order);
-    let path = std::env::temp_dir().join(format!("apf-ws-test-{}", std::process::id()));
-    ws.save(&path).unwrap();
-    let ws = WorkingSet::load(&path).unwrap();
-    std::fs::remove_file(&path).unwrap();
+    assert_eq!(ws.at_ms.len(), order.len());
+    assert!(ws.at_ms.windows(2).all(|w| w[0] <= w[1]), "first touches out of time order: {:?}", ws.at_ms);
+
+    // Another image (other contents) refuses the file.
+    let other = builder(b, ram(&[(0, 256)]), Arc::new(Pattern { seed: 12 })).start().unwrap();
+    let refused = WorkingSet::load(&path, other.image_id().unwrap());
+    assert!(matches!(refused, Err(apf::WorkingSetError::OtherImage { .. })), "{refused:?}");
+    drop(other);
 
     let ram = ram(&[(0, 256)]);
     let engine = builder(b, ram.clone(), Arc::new(pattern)).start().unwrap();
+    let ws = WorkingSet::load(&path, engine.image_id().unwrap()).unwrap();
+    std::fs::remove_file(&path).unwrap();
     engine.replay(&ws).unwrap();
     assert!(engine.wait_idle(Instant::now() + Duration::from_secs(10)), "replay did not finish");
     assert_eq!(ram.regions()[0].census()[PageState::Present as usize], order.len());
@@ -490,7 +499,7 @@ fn child_shutdown_under_load() {
     let engine =
         builder(b, ram.clone(), source.clone()).config(apf::Config { workers: 2, ..config(b) }).start().unwrap();
     // Load: four threads faulting at random, and a replay of every page.
-    engine.replay(&WorkingSet { pages: (0..4096).map(|p| p * PAGE).collect() }).unwrap();
+    engine.replay(&WorkingSet { pages: (0..4096).map(|p| p * PAGE).collect(), at_ms: Vec::new() }).unwrap();
     let stop = AtomicBool::new(false);
     std::thread::scope(|s| {
         for t in 0..4u64 {
@@ -659,6 +668,47 @@ fn wait_for_thread(thread: &std::thread::JoinHandle<()>, limit: Duration) -> boo
             return false;
         }
         std::thread::sleep(Duration::from_millis(1));
+    }
+    true
+}
+
+/// A replay fills its set in windows of at most 64 KiB, and faults on pages
+/// it has not reached are served while it runs, each after at most one of
+/// its windows.
+#[test]
+fn a_replay_fills_small_windows_while_demand_is_served() {
+    let ram = ram(&[(0, 4096)]);
+    let fills = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen = fills.clone();
+    let source = ScriptedSource::pattern(SLOW_PATTERN)
+        .delay_per_page(Duration::from_micros(200))
+        .before_fill(move |gpa, len| seen.lock().unwrap().push((gpa.0, len)));
+    let engine = Engine::builder(ram.clone(), Arc::new(source)).start().unwrap();
+    let set = 2048u64;
+    engine.replay(&WorkingSet { pages: (0..set).map(|p| p * PAGE).collect(), at_ms: Vec::new() }).unwrap();
+    for page in [3000u64, 3500, 3100, 4000] {
+        verify(&ram, SLOW_PATTERN, page * PAGE);
+    }
+    assert_eq!(engine.stats().replayed_pages, 0, "the replay ended before the reader: nothing was shown");
+    assert!(engine.wait_idle(Instant::now() + Duration::from_secs(20)), "the replay did not finish");
+    assert!(wait_for_count(&engine, set), "the replay installed {} pages", engine.stats().replayed_pages);
+    let fills = fills.lock().unwrap();
+    let replayed: Vec<_> = fills.iter().filter(|(gpa, _)| *gpa < set * PAGE).collect();
+    assert!(!replayed.is_empty());
+    assert!(replayed.iter().all(|(_, len)| *len <= 16 * PAGE_SIZE), "a replay window over 64 KiB");
+    for page in (0..set).step_by(97) {
+        verify(&ram, SLOW_PATTERN, page * PAGE);
+    }
+}
+
+/// Waits up to 10 s for replays to have installed `pages` pages.
+fn wait_for_count(engine: &Engine, pages: u64) -> bool {
+    let end = Instant::now() + Duration::from_secs(10);
+    while engine.stats().replayed_pages < pages {
+        if Instant::now() >= end {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(5));
     }
     true
 }

@@ -16,7 +16,20 @@ use std::path::Path;
 const LAYERS: &[(&str, &[&str], bool)] = &[
     (
         "leaf",
-        &["uffd", "failpoints", "ram", "source", "notifier", "config", "counters", "hostmem", "kpin", "span", "trace"],
+        &[
+            "uffd",
+            "failpoints",
+            "ram",
+            "source",
+            "notifier",
+            "config",
+            "counters",
+            "hostmem",
+            "kpin",
+            "span",
+            "trace",
+            "working_set",
+        ],
         true,
     ),
     ("core", &["core"], false),

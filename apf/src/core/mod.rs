@@ -353,6 +353,13 @@ pub(crate) struct Core {
     /// The nice value offlines run at while others may wait for them
     /// ([`crate::config::OfflinePriority`]); `None`: their own.
     ceiling: Option<i32>,
+    /// When the last fault was read, in nanoseconds since `epoch`.
+    last_demand: AtomicU64,
+    epoch: Instant,
+}
+
+fn nanos(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
 }
 
 /// The calling thread runs at the engine's priority ceiling until this is
@@ -404,6 +411,8 @@ impl Core {
                 OfflinePriority::Nice(nice) => Some(nice),
                 OfflinePriority::Own => None,
             },
+            last_demand: AtomicU64::new(0),
+            epoch: Instant::now(),
             errors,
             config,
         })
@@ -537,9 +546,36 @@ impl Core {
         }
     }
 
-    /// The pages recorded so far, in order (empty unless recording).
-    pub(crate) fn touched_pages(&self) -> Vec<u64> {
-        self.working_set.as_ref().map(FirstTouches::pages).unwrap_or_default()
+    /// Records the pages of a fault's window (claimed for it) after its
+    /// faulting page: what a replay must install for that fault not to
+    /// come again.
+    pub(crate) fn record_window(&self, region: usize, window: &Window) {
+        if self.working_set.is_none() {
+            return;
+        }
+        let r = &self.ram.regions()[region];
+        for &Run { first, count } in window.iter() {
+            for page in first..first + count {
+                let index = self.ram.page_index(crate::ram::PageLoc { region, page });
+                self.record_touch(index, r.page_gpa(page).0);
+            }
+        }
+    }
+
+    /// The pages recorded so far, in order, with the milliseconds from the
+    /// start of recording to each (empty unless recording).
+    pub(crate) fn touched_pages(&self) -> Vec<(u64, u32)> {
+        self.working_set.as_ref().map(FirstTouches::touches).unwrap_or_default()
+    }
+
+    /// A fault was read now: background work (a replay) gives way.
+    pub(crate) fn note_demand(&self) {
+        self.last_demand.store(nanos(self.epoch.elapsed()), Ordering::Relaxed);
+    }
+
+    /// How long ago the last fault was read.
+    pub(crate) fn since_demand(&self) -> Duration {
+        Duration::from_nanos(nanos(self.epoch.elapsed()).saturating_sub(self.last_demand.load(Ordering::Relaxed)))
     }
 
     /// Has the event loop look at faults an offline deferred.
@@ -676,7 +712,9 @@ impl Core {
 pub(crate) struct FirstTouches {
     /// One bit per page of guest RAM, in `GuestRam` page order.
     seen: Box<[AtomicU64]>,
-    order: Mutex<Vec<u64>>,
+    /// Guest address and milliseconds since `started` of each first touch.
+    order: Mutex<Vec<(u64, u32)>>,
+    started: Instant,
 }
 
 impl FirstTouches {
@@ -684,6 +722,7 @@ impl FirstTouches {
         FirstTouches {
             seen: (0..pages.div_ceil(64)).map(|_| AtomicU64::new(0)).collect(),
             order: Mutex::new(Vec::new()),
+            started: Instant::now(),
         }
     }
 
@@ -693,11 +732,12 @@ impl FirstTouches {
         let Some(word) = self.seen.get(index / 64) else { return };
         let bit = 1u64 << (index % 64);
         if word.fetch_or(bit, Ordering::Relaxed) & bit == 0 {
-            self.order.lock().unwrap_or_else(|e| e.into_inner()).push(gpa);
+            let ms = u32::try_from(self.started.elapsed().as_millis()).unwrap_or(u32::MAX);
+            self.order.lock().unwrap_or_else(|e| e.into_inner()).push((gpa, ms));
         }
     }
 
-    fn pages(&self) -> Vec<u64> {
+    fn touches(&self) -> Vec<(u64, u32)> {
         self.order.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 }

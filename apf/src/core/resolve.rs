@@ -662,16 +662,37 @@ fn remaining(pieces: &[Piece], i: usize, off: usize) -> Window {
     Window::from(rest)
 }
 
+/// How a background fill (a working-set replay) gives way to demand.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Pace {
+    /// Largest window, in pages: a fault waits behind at most one.
+    pub window: usize,
+    /// Share of one CPU the fill may use, in (0, 1].
+    pub cpu_share: f64,
+}
+
+/// A fault read this recently means demand is pending: a background fill
+/// waits before its next window.
+const DEMAND_QUIET: Duration = Duration::from_micros(200);
+
+/// The longest a background fill waits for demand to go quiet before one
+/// window: it makes progress however busy the guest is.
+const MOST_YIELD: Duration = Duration::from_millis(5);
+
 /// Installs still-missing pages from `locs` (region, page) in windows of
 /// contiguous pages, on the calling thread. Returns the pages installed by
-/// this call.
-pub(crate) fn prefetch_pages(shared: &Core, locs: impl Iterator<Item = (usize, usize)>) -> u64 {
+/// this call. With a `pace`, windows are at most `pace.window` pages, each
+/// waits (up to [`MOST_YIELD`]) until no fault has been read for
+/// [`DEMAND_QUIET`], and the thread sleeps after each so that it uses at
+/// most `pace.cpu_share` of a CPU.
+pub(crate) fn prefetch_pages(shared: &Core, locs: impl Iterator<Item = (usize, usize)>, pace: Option<Pace>) -> u64 {
     let mut ctx = Ctx::new(false, shared.config().max_window);
-    let max = shared.config().max_window;
+    let max = pace.map_or(shared.config().max_window, |p| p.window.clamp(1, shared.config().max_window));
     let mut installed = 0u64;
     let mut run: Option<(usize, usize, usize)> = None; // region, first, count
     let mut flush = |run: &mut Option<(usize, usize, usize)>, ctx: &mut Ctx| {
         if let Some((region, first, count)) = run.take() {
+            let started = Instant::now();
             let span = tracing::trace_span!(target: "apf", "apf.prefetch", pages = count, bytes = field::Empty, outcome = field::Empty);
             let job = Job {
                 region,
@@ -690,6 +711,13 @@ pub(crate) fn prefetch_pages(shared: &Core, locs: impl Iterator<Item = (usize, u
                 shared.release_runs(job.region, &job.window);
             }
             installed += (bytes / PAGE_SIZE) as u64;
+            if let Some(pace) = pace {
+                let busy = started.elapsed();
+                let share = pace.cpu_share.clamp(0.01, 1.0);
+                if share < 1.0 {
+                    std::thread::sleep(busy.mul_f64((1.0 - share) / share));
+                }
+            }
         }
     };
     for (region, page) in locs {
@@ -699,6 +727,9 @@ pub(crate) fn prefetch_pages(shared: &Core, locs: impl Iterator<Item = (usize, u
         let extends = matches!(run, Some((r, first, count)) if r == region && first + count == page && count < max);
         if !extends {
             flush(&mut run, &mut ctx);
+            if pace.is_some() {
+                give_way(shared);
+            }
         }
         if shared.ram().regions()[region].try_claim(page).is_none() {
             flush(&mut run, &mut ctx);
@@ -711,4 +742,14 @@ pub(crate) fn prefetch_pages(shared: &Core, locs: impl Iterator<Item = (usize, u
     }
     flush(&mut run, &mut ctx);
     installed
+}
+
+/// Waits, up to [`MOST_YIELD`], until no fault has been read for
+/// [`DEMAND_QUIET`]. Called with nothing claimed: a fault never waits for
+/// a window that is not there.
+fn give_way(shared: &Core) {
+    let until = Instant::now() + MOST_YIELD;
+    while shared.since_demand() < DEMAND_QUIET && Instant::now() < until {
+        std::thread::sleep(DEMAND_QUIET / 4);
+    }
 }

@@ -364,6 +364,7 @@ impl FaultLoop {
     fn on_fault(&mut self, addr: u64, write: bool, tid: u32) {
         let shared = &self.shared;
         shared.stats().faults.add(1);
+        shared.note_demand();
         let Some(loc) = shared.ram().locate_host(addr) else {
             shared.report(FaultError::OutsideRam(addr));
             shared.wake(addr & !(PAGE_SIZE as u64 - 1), PAGE_SIZE);
@@ -407,6 +408,7 @@ impl FaultLoop {
                     shared.record_touch(shared.ram().page_index(loc), region.page_gpa(page).0);
                     span.record("source", shared.source().name());
                     let window = self.plan(loc.region, page, tid);
+                    self.shared.record_window(loc.region, &window);
                     let causes = Causes::for_span(&span);
                     let job = Job {
                         region: loc.region,

@@ -11,7 +11,7 @@
 //!                         fill ─▶ check seq under install lock ─▶ COPY / ZEROPAGE (wakes)
 //! ```
 //!
-//! Module map: [`prefetch`] plans windows per thread and keeps working sets;
+//! Module map: [`prefetch`] plans windows per thread;
 //! `event_loop` is the `event-manager` subscriber.
 
 mod event_loop;
@@ -20,7 +20,6 @@ pub mod prefetch;
 use std::io;
 
 pub(crate) use event_loop::{serve_after_shutdown, spawn};
-pub use prefetch::{WorkingSet, WorkingSetError};
 
 /// Why the event loop could not be started.
 #[derive(Debug)]

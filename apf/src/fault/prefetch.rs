@@ -1,15 +1,9 @@
-//! Prefetch: per-thread stream detection and recorded working sets.
+//! Prefetch: per-thread stream detection.
 //!
 //! Like the kernel's readahead, per faulting thread: a fault where the last
 //! window ended (or one stride on from the last fault, twice in a row) is a
 //! stream, and its window doubles up to the configured maximum; anything else
 //! resets it to one page, so random access pays nothing for prefetch.
-
-use std::fs;
-use std::io;
-use std::path::Path;
-
-use thiserror::Error;
 
 /// Largest stride, in pages, that counts as a stream.
 const MAX_STRIDE: i64 = 64;
@@ -110,51 +104,6 @@ impl StreamTable {
     }
 }
 
-/// Errors reading or writing a working-set file.
-#[derive(Debug, Error)]
-pub enum WorkingSetError {
-    /// The file could not be read or written.
-    #[error("working-set file I/O failed")]
-    Io(#[from] io::Error),
-    /// The file is not a working set.
-    #[error("not a working-set file (bad magic or length)")]
-    Format,
-}
-
-const WS_MAGIC: &[u8; 8] = b"APFWSET1";
-
-/// The guest pages one run faulted, in the order it faulted them. Replayed
-/// by the next run as prefetch ([`crate::Engine::replay`]), so a
-/// restore installs the pages the guest will want before it asks.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct WorkingSet {
-    /// Page-aligned guest addresses.
-    pub pages: Vec<u64>,
-}
-
-impl WorkingSet {
-    /// Writes the set: an 8-byte magic, then little-endian u64 addresses.
-    pub fn save(&self, path: impl AsRef<Path>) -> Result<(), WorkingSetError> {
-        let mut bytes = Vec::with_capacity(8 + 8 * self.pages.len());
-        bytes.extend_from_slice(WS_MAGIC);
-        for p in &self.pages {
-            bytes.extend_from_slice(&p.to_le_bytes());
-        }
-        fs::write(path, bytes)?;
-        Ok(())
-    }
-
-    /// Reads a set written by [`Self::save`].
-    pub fn load(path: impl AsRef<Path>) -> Result<Self, WorkingSetError> {
-        let bytes = fs::read(path)?;
-        if bytes.len() < 8 || &bytes[..8] != WS_MAGIC || (bytes.len() - 8) % 8 != 0 {
-            return Err(WorkingSetError::Format);
-        }
-        let pages = bytes[8..].chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().unwrap_or([0; 8]))).collect();
-        Ok(WorkingSet { pages })
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -224,20 +173,5 @@ mod tests {
         // Only page 2 could be installed; the thread faults on page 3 next.
         t.trim(1, 2, 1, 1);
         assert_eq!(t.plan(1, 3), Plan { stride: 1, count: 2 });
-    }
-
-    #[test]
-    fn working_set_round_trip_and_bad_files() {
-        let dir = std::env::temp_dir().join(format!("apf-ws-{}", std::process::id()));
-        fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("ws");
-        let ws = WorkingSet { pages: vec![0x1000, 0x5000, 0x2000] };
-        ws.save(&path).unwrap();
-        assert_eq!(WorkingSet::load(&path).unwrap(), ws);
-        fs::write(&path, b"APFWSET1\x01\x02").unwrap();
-        assert!(matches!(WorkingSet::load(&path), Err(WorkingSetError::Format)));
-        fs::write(&path, b"garbage!").unwrap();
-        assert!(matches!(WorkingSet::load(&path), Err(WorkingSetError::Format)));
-        fs::remove_dir_all(&dir).unwrap();
     }
 }
