@@ -288,7 +288,7 @@ impl BenchReport {
         }
         for (name, v) in self.ratios() {
             if v == 0.0 {
-                let _ = writeln!(s, "{name:<34} not measured");
+                let _ = writeln!(s, "{name:<42} not measured");
                 continue;
             }
             let target = TARGETS.iter().find(|t| t.0 == name);
@@ -300,7 +300,7 @@ impl BenchReport {
                 ),
                 None => String::new(),
             };
-            let _ = writeln!(s, "{name:<34} {v:>8.3}  {verdict}");
+            let _ = writeln!(s, "{name:<42} {v:>8.3}  {verdict}");
         }
         for e in &self.errors {
             let _ = writeln!(s, "error: {e}");
@@ -472,6 +472,7 @@ mod tests {
         let run = |p99: f64, faults: u64, blocked_us: f64, host_block: &str| GuestStormSample {
             engine: tail(p99),
             guest: tail(2.0 * p99),
+            guest_touch: tail(3.0 * p99),
             guest_stress: tail(4.0 * p99),
             vcpu_faults: faults,
             vcpu_blocked_us: blocked_us,

@@ -228,6 +228,8 @@ pub fn run(cfg: &BenchConfig, guest: Option<&dyn GuestPass>, mut log: impl FnMut
     write_image(&image, host_bytes, Pattern { seed: 1 }).map_err(|e| format!("{}: {e}", image.display()))?;
     // The guest's snapshot: one touch run's RAM.
     let snapshot = dir.join("guest.snap");
+    // The guest-storm part runs guests of its own, throughput or not.
+    let storm_guest = guest;
     let guest = guest.filter(|_| cfg.wants("throughput"));
     match guest {
         Some(g) => {
@@ -335,7 +337,7 @@ pub fn run(cfg: &BenchConfig, guest: Option<&dyn GuestPass>, mut log: impl FnMut
         }
     }
     if cfg.wants("guest-storm") {
-        match guest {
+        match storm_guest {
             Some(g) => {
                 let offline_ms = (report.offline_ms.0 > 0.0).then_some(report.offline_ms.0);
                 report.guest_storm =
@@ -378,8 +380,9 @@ fn guest_storm_part(
     let mut figures = GuestStormFigures { bytes, storm: Some(BENCH_STORM), ..GuestStormFigures::default() };
     let quiet = GuestStormRun { bytes, duration, storm: None, host_block: false };
     let storm = GuestStormRun { storm: Some(BENCH_STORM), ..quiet };
-    // Long enough for the first pass to end before the block offline.
-    let block = GuestStormRun { duration: duration.max(Duration::from_secs(2)), host_block: true, ..quiet };
+    // The block offline starts halfway through `duration`: 0.2 s into a
+    // first pass that faults for about a second.
+    let block = GuestStormRun { bytes: 256 * MIB, duration: Duration::from_millis(400), storm: None, host_block: true };
     for round in 0..rounds {
         log(&format!(
             "round {}/{rounds}: guest faults quiet, next to a storm, next to a host block offline",

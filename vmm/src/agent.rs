@@ -474,3 +474,45 @@ fn discard(ram: &apf::GuestRam, range: GuestRange) -> std::io::Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn piece(values: &[(usize, u32)]) -> [u32; HIST_CHUNK] {
+        let mut counts = [0; HIST_CHUNK];
+        for &(i, c) in values {
+            counts[i] = c;
+        }
+        counts
+    }
+
+    #[test]
+    fn phases_are_rebuilt_from_their_pieces_and_checked() {
+        let mut a = VcpuAgent { started: Some(Instant::now()), ..VcpuAgent::default() };
+        a.add_piece(phase::TOUCH, 0, &piece(&[(3, 2)])).unwrap();
+        a.add_piece(phase::TOUCH, 2 * HIST_CHUNK as u32, &piece(&[(0, 5)])).unwrap();
+        // A piece of another phase while this one is open.
+        assert!(a.add_piece(phase::STRESS, 0, &piece(&[])).unwrap_err().contains("while phase 1 is open"));
+        // The close must count what the pieces hold.
+        assert!(a.close_phase(phase::TOUCH, 8, 9000, (1, 2), Some(7)).unwrap_err().contains("pieces hold 7"));
+        // A refused close dropped the phase: its pieces are sent again.
+        a.add_piece(phase::TOUCH, 0, &piece(&[(3, 2)])).unwrap();
+        a.add_piece(phase::TOUCH, 2 * HIST_CHUNK as u32, &piece(&[(0, 5)])).unwrap();
+        a.close_phase(phase::TOUCH, 7, 9000, (1, 2), Some(7)).unwrap();
+        let t = &a.timings[0];
+        assert_eq!((t.phase, t.cycles.count(), t.cycles.max(), t.faults_by_end), (phase::TOUCH, 7, 9000, Some(7)));
+        assert_eq!(t.host.0, a.started, "the touch phase starts at the hello");
+        // An empty phase needs no piece; the stress phase starts where the
+        // touch phase ended.
+        a.close_phase(phase::STRESS, 0, 0, (2, 3), Some(7)).unwrap();
+        assert_eq!(a.timings[1].host.0, Some(a.timings[0].host.1));
+        // Pieces off the chunk grid, past the last bucket, or of no phase.
+        assert!(a.add_piece(phase::TOUCH, 5, &piece(&[])).unwrap_err().contains("not a multiple"));
+        let last = (agent_proto::timing::BUCKETS / HIST_CHUNK * HIST_CHUNK) as u32;
+        assert!(a.add_piece(phase::TOUCH, last, &piece(&[(HIST_CHUNK - 1, 1)])).unwrap_err().contains("past the last"));
+        a.building = None;
+        assert!(a.add_piece(9, 0, &piece(&[])).unwrap_err().contains("phase 9"));
+        assert!(a.close_phase(9, 0, 0, (0, 0), None).is_err());
+    }
+}

@@ -121,6 +121,7 @@ fn sample_of(report: &crate::report::Report) -> Result<GuestStormSample, String>
     Ok(GuestStormSample {
         engine,
         guest: tail(&view.all),
+        guest_touch: tail(&view.touch),
         guest_stress: tail(&view.stress),
         vcpu_faults: latency.vcpus.iter().map(|v| v.faults).sum(),
         vcpu_blocked_us: latency.vcpus.iter().map(|v| us(v.blocked)).sum(),
