@@ -172,8 +172,8 @@ impl GuestStormFigures {
         let tail = |s: &GuestStormSample, guest: bool| if guest { s.guest } else { s.engine };
         let q = |f: fn(&Tail) -> f64, guest: bool| median_of(self.quiet().map(|s| tail(s, guest).as_ref().map(f)));
         let st = |f: fn(&Tail) -> f64, guest: bool| median_of(self.storm().map(|s| tail(s, guest).as_ref().map(f)));
-        let (p99, p999, max): (fn(&Tail) -> f64, fn(&Tail) -> f64, fn(&Tail) -> f64) =
-            (|t| t.p99_us, |t| t.p999_us, |t| t.max_us);
+        type Pick = fn(&Tail) -> f64;
+        let (p99, p999, max): (Pick, Pick, Pick) = (|t| t.p99_us, |t| t.p999_us, |t| t.max_us);
         let max_all = self.storm().filter_map(|s| s.engine.map(|t| t.max_us)).reduce(f64::max);
         let refaulted =
             median_of(self.rounds.iter().map(|(q, s)| Some((s.vcpu_faults as f64 - q.vcpu_faults as f64).max(0.0))));
