@@ -16,7 +16,8 @@ offline storms, in one process with the variants interleaved in every round.
   --rounds N             rounds (default 5, at least 5)
   --json PATH            write the figures and ratios as JSON
   --chart PATH.svg       write a chart of the throughput figures
-  --only PARTS           some of throughput,offline,storm (default all)
+  --only PARTS           some of throughput,offline,storm,guest-storm (default all; guest-storm
+                         needs `vmm bench`)
 ";
 
 /// Reads the options (everything after `bench`).
@@ -34,8 +35,10 @@ pub fn parse(args: &[String]) -> Result<BenchConfig, String> {
             "--chart" => cfg.chart = Some(value("--chart")?.into()),
             "--only" => {
                 for part in value("--only")?.split(',') {
-                    if !["throughput", "offline", "storm"].contains(&part) {
-                        return Err(format!("invalid value {part:?} for --only: throughput, offline or storm"));
+                    if !["throughput", "offline", "storm", "guest-storm"].contains(&part) {
+                        return Err(format!(
+                            "invalid value {part:?} for --only: throughput, offline, storm or guest-storm"
+                        ));
                     }
                     cfg.only.push(part.to_string());
                 }
@@ -113,6 +116,9 @@ mod tests {
         assert_eq!(cfg.json.as_deref(), Some(std::path::Path::new("b.json")));
         assert!(parse(&args(&["--rounds", "4"])).unwrap_err().contains("from 5 to 100"));
         assert!(parse(&args(&["--only", "guest"])).unwrap_err().contains("\"guest\""));
+        assert_eq!(parse(&args(&["--only", "guest-storm"])).unwrap().only, ["guest-storm"]);
+        let e = parse(&args(&["--only", "offline,guest_storm"])).unwrap_err();
+        assert!(e.contains("\"guest_storm\"") && e.contains("guest-storm"), "{e}");
         assert!(parse(&args(&["--chart"])).unwrap_err().contains("needs a value"));
         assert!(parse(&args(&["--fast"])).unwrap_err().contains("unknown option \"--fast\""));
     }

@@ -4,6 +4,7 @@
 use std::fmt::Write as _;
 use std::time::Duration;
 
+use crate::guest_storm::GuestStormFigures;
 use crate::{median, PAGE};
 
 /// A JSON string literal.
@@ -85,6 +86,9 @@ pub struct BenchReport {
     pub storm_p50_us: (f64, f64),
     /// Storm offlines per round.
     pub storm_offlines: u64,
+    /// Guest fault latency quiet and next to a storm or a host block
+    /// offline, when that part ran.
+    pub guest_storm: Option<GuestStormFigures>,
     /// Wall time of the whole bench.
     pub elapsed: Duration,
     /// Problems (a variant that failed a check).
@@ -93,7 +97,7 @@ pub struct BenchReport {
 
 /// Ratio names, what they compare, and their targets (`>=` when higher
 /// is better).
-pub const TARGETS: [(&str, f64, bool); 9] = [
+pub const TARGETS: [(&str, f64, bool); 11] = [
     ("host_seq_apf_vs_baseline", 10.0, true),
     ("host_seq_apf_vs_kernel", 2.0, true),
     ("host_random_apf_vs_baseline", 1.0, true),
@@ -103,6 +107,8 @@ pub const TARGETS: [(&str, f64, bool); 9] = [
     ("offline_pins_vs_nopin", 1.5, false),
     ("fault_latency_storm_vs_quiet", 2.0, false),
     ("tracing_overhead", 1.05, false),
+    ("guest_fault_p99_storm_vs_quiet", 1.5, false),
+    ("guest_blocked_per_fault_storm_vs_quiet", 1.5, false),
 ];
 
 impl BenchReport {
@@ -141,6 +147,17 @@ impl BenchReport {
             ("guest_random_zero_apf_vs_baseline", self.ratio("guest/random/zero", "apf", "baseline")),
             ("guest_random_apf_vs_kernel", self.ratio("guest/random/zero", "apf", "kernel")),
         ]
+        .into_iter()
+        .chain(self.guest_storm_ratios())
+        .collect()
+    }
+
+    /// The guest-storm part's ratios (0 each when it did not run).
+    fn guest_storm_ratios(&self) -> Vec<(&'static str, f64)> {
+        match &self.guest_storm {
+            Some(g) => g.ratios(),
+            None => crate::guest_storm::RATIO_KEYS.iter().map(|&k| (k, 0.0)).collect(),
+        }
     }
 
     /// The report as JSON.
@@ -208,6 +225,7 @@ impl BenchReport {
             })
             .collect();
         let errors: Vec<String> = self.errors.iter().map(|e| json_str(e)).collect();
+        let _ = write!(j, "\"figures\":{{{}}},", GuestStormFigures::figures_json(self.guest_storm.as_ref()));
         let _ = write!(
             j,
             "\"ratios\":{{{}}},\"targets\":{{{}}},\"errors\":[{}]}}",
@@ -264,9 +282,13 @@ impl BenchReport {
             "fault latency p50/p99: quiet {:.1}/{:.1} µs, with an offline storm {:.1}/{:.1} µs ({} offlines a round)\n",
             self.storm_p50_us.0, self.storm_p99_us.0, self.storm_p50_us.1, self.storm_p99_us.1, self.storm_offlines
         );
+        if let Some(g) = &self.guest_storm {
+            s += &g.table();
+            s.push('\n');
+        }
         for (name, v) in self.ratios() {
             if v == 0.0 {
-                let _ = writeln!(s, "{name:<34} not measured");
+                let _ = writeln!(s, "{name:<42} not measured");
                 continue;
             }
             let target = TARGETS.iter().find(|t| t.0 == name);
@@ -278,7 +300,7 @@ impl BenchReport {
                 ),
                 None => String::new(),
             };
-            let _ = writeln!(s, "{name:<34} {v:>8.3}  {verdict}");
+            let _ = writeln!(s, "{name:<42} {v:>8.3}  {verdict}");
         }
         for e in &self.errors {
             let _ = writeln!(s, "error: {e}");
@@ -405,5 +427,87 @@ mod tests {
         let svg = chart(&report);
         assert_eq!(svg.matches("<rect class=\"bar\"").count(), 4);
         assert!(svg.trim_end().ends_with("</svg>"));
+    }
+
+    /// The keys issue 13 names, as `object.key`.
+    const GUEST_STORM_KEYS: [&str; 18] = [
+        "figures.guest_fault_p99_us_quiet",
+        "figures.guest_fault_p999_us_quiet",
+        "figures.guest_fault_p99_us_quiet_guest_view",
+        "figures.guest_fault_p999_us_quiet_guest_view",
+        "ratios.guest_fault_p99_storm_vs_quiet",
+        "ratios.guest_fault_p99_storm_vs_quiet_guest_view",
+        "figures.guest_fault_p999_us_storm",
+        "figures.guest_fault_max_us_storm",
+        "figures.guest_fault_p999_us_storm_guest_view",
+        "figures.guest_fault_max_us_storm_guest_view",
+        "ratios.guest_blocked_per_fault_storm_vs_quiet",
+        "figures.storm_refaulted_pages",
+        "figures.pin_refault_p99_us",
+        "figures.pin_callback_p99_us",
+        "figures.offline_64mib_ms",
+        "figures.host_block_fault_p99_us",
+        "figures.host_block_fault_max_us",
+        "targets.guest_fault_p99_storm_vs_quiet",
+    ];
+
+    fn lookup<'a>(json: &'a serde_json::Value, key: &str) -> Option<&'a serde_json::Value> {
+        let (object, name) = key.split_once('.').unwrap();
+        json.get(object)?.get(name)
+    }
+
+    #[test]
+    fn the_json_carries_every_guest_storm_key() {
+        use crate::guest_storm::{GuestStormFigures, GuestStormSample, Tail, BENCH_STORM};
+        // Not run: every key is there, figures null, ratios 0.
+        let json: serde_json::Value = serde_json::from_str(&BenchReport::default().to_json()).unwrap();
+        for key in GUEST_STORM_KEYS {
+            let v = lookup(&json, key).unwrap_or_else(|| panic!("{key} missing"));
+            if key.starts_with("figures.") {
+                assert!(v.is_null(), "{key} is {v} though nothing was measured");
+            }
+        }
+        // Measured (a synthetic set of rounds; no block qualified).
+        let tail = |p99: f64| Some(Tail { p99_us: p99, p999_us: 3.0 * p99, max_us: 9.0 * p99 });
+        let run = |p99: f64, faults: u64, blocked_us: f64, host_block: &str| GuestStormSample {
+            engine: tail(p99),
+            guest: tail(2.0 * p99),
+            guest_touch: tail(3.0 * p99),
+            guest_stress: tail(4.0 * p99),
+            vcpu_faults: faults,
+            vcpu_blocked_us: blocked_us,
+            deferred_faults: 3,
+            pin_refault_p99_us: Some(1500.0),
+            pin_callback_p99_us: Some(0.1),
+            offlines: 20,
+            host_block: host_block.into(),
+        };
+        let report = BenchReport {
+            guest_storm: Some(GuestStormFigures {
+                bytes: 128 << 20,
+                storm: Some(BENCH_STORM),
+                rounds: vec![(run(200.0, 500, 10_000.0, "off"), run(400.0, 600, 30_000.0, "off")); 5],
+                host_block: vec![run(100.0, 500, 1.0, "none qualified")],
+                offline_64mib_ms: Some(40.0),
+            }),
+            ..BenchReport::default()
+        };
+        let json: serde_json::Value = serde_json::from_str(&report.to_json()).unwrap();
+        for key in GUEST_STORM_KEYS {
+            let v = lookup(&json, key).unwrap_or_else(|| panic!("{key} missing"));
+            let null_here = key.starts_with("figures.host_block") || key.starts_with("targets.");
+            assert!(null_here || v.is_number(), "{key} is {v}");
+        }
+        let num = |k: &str| lookup(&json, k).and_then(|v| v.as_f64()).unwrap();
+        assert_eq!(num("figures.guest_fault_p99_us_quiet"), 200.0);
+        assert_eq!(num("figures.guest_fault_p99_us_quiet_guest_view"), 400.0);
+        assert_eq!(num("figures.guest_fault_max_us_storm"), 3600.0);
+        assert_eq!(num("ratios.guest_fault_p99_storm_vs_quiet"), 2.0);
+        assert_eq!(num("ratios.guest_blocked_per_fault_storm_vs_quiet"), 2.5);
+        assert_eq!(num("figures.storm_refaulted_pages"), 100.0);
+        assert_eq!(num("figures.offline_64mib_ms"), 40.0);
+        assert!(lookup(&json, "figures.host_block_fault_p99_us").unwrap().is_null(), "no block qualified");
+        assert!(!report.met("guest_fault_p99_storm_vs_quiet"), "2x is over the 1.5x target");
+        assert!(report.table().contains("guest faults (128 MiB, 5 rounds"));
     }
 }

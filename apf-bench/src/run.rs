@@ -15,6 +15,7 @@ use apf::{Engine, GuestAddress, GuestRam, GuestRange, Mode, PageSource, Snapshot
 use tracing_subscriber::layer::SubscriberExt;
 use vm_memory::Bytes;
 
+use crate::guest_storm::{GuestStormFigures, GuestStormRun, GuestStormSample, BENCH_STORM};
 use crate::latency::{fault_latency, LatencyConfig, Load};
 use crate::offline::{offline_against_hard_pin, offline_cost, random_pins};
 use crate::report::{BenchReport, Sample, Series, WorkloadResult};
@@ -31,7 +32,8 @@ pub struct BenchConfig {
     pub json: Option<PathBuf>,
     /// Write a chart (SVG) here.
     pub chart: Option<PathBuf>,
-    /// Only these parts ("throughput", "offline", "storm"); empty: all.
+    /// Only these parts ("throughput", "offline", "storm", "guest-storm");
+    /// empty: all.
     pub only: Vec<String>,
 }
 
@@ -55,6 +57,14 @@ pub trait GuestPass {
     /// `snapshot` the verify of that snapshot restored on demand.
     fn first_pass(&self, variant: Variant, random: bool, snapshot: Option<&Path>, bytes: u64)
         -> Result<Sample, String>;
+
+    /// One guest run of the guest-storm part ([`crate::guest_storm`]):
+    /// the engine's and the guest's views of its faults. A VMM that
+    /// cannot run it says so.
+    fn guest_storm(&self, run: &GuestStormRun) -> Result<GuestStormSample, String> {
+        let _ = run;
+        Err("this VMM does not run the guest-storm part".into())
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -218,6 +228,8 @@ pub fn run(cfg: &BenchConfig, guest: Option<&dyn GuestPass>, mut log: impl FnMut
     write_image(&image, host_bytes, Pattern { seed: 1 }).map_err(|e| format!("{}: {e}", image.display()))?;
     // The guest's snapshot: one touch run's RAM.
     let snapshot = dir.join("guest.snap");
+    // The guest-storm part runs guests of its own, throughput or not.
+    let storm_guest = guest;
     let guest = guest.filter(|_| cfg.wants("throughput"));
     match guest {
         Some(g) => {
@@ -324,6 +336,16 @@ pub fn run(cfg: &BenchConfig, guest: Option<&dyn GuestPass>, mut log: impl FnMut
             Err(e) => report.errors.push(format!("storm latency: {e}")),
         }
     }
+    if cfg.wants("guest-storm") {
+        match storm_guest {
+            Some(g) => {
+                let offline_ms = (report.offline_ms.0 > 0.0).then_some(report.offline_ms.0);
+                report.guest_storm =
+                    Some(guest_storm_part(g, cfg.quick, rounds, offline_ms, &mut report.errors, &mut log));
+            }
+            None => log("guest storm: not measured (it runs under KVM, through the VMM: `vmm bench`)"),
+        }
+    }
     let _ = std::fs::remove_dir_all(&dir);
     report.elapsed = started.elapsed();
     Ok(report)
@@ -340,6 +362,65 @@ fn offline_part(rounds: usize) -> Result<((f64, f64), String), String> {
     drop(pins);
     let hard = offline_against_hard_pin(&engine, GuestRange::new(GuestAddress(0), MIB));
     Ok(((cost.median_ms(Mode::Migrate, false), cost.median_ms(Mode::Migrate, true)), hard))
+}
+
+/// Guest fault latency quiet and next to the bench storm, rounds
+/// interleaved, then next to a host block offline; the 64 MiB Migrate
+/// time from the offline part, or measured here when that did not run.
+fn guest_storm_part(
+    guest: &dyn GuestPass,
+    quick: bool,
+    rounds: usize,
+    offline_64mib_ms: Option<f64>,
+    errors: &mut Vec<String>,
+    log: &mut impl FnMut(&str),
+) -> GuestStormFigures {
+    let (bytes, duration) =
+        if quick { (128 * MIB, Duration::from_secs(1)) } else { (256 * MIB, Duration::from_secs(3)) };
+    let mut figures = GuestStormFigures { bytes, storm: Some(BENCH_STORM), ..GuestStormFigures::default() };
+    let quiet = GuestStormRun { bytes, duration, storm: None, host_block: false };
+    let storm = GuestStormRun { storm: Some(BENCH_STORM), ..quiet };
+    // The block offline starts halfway through `duration`: 0.2 s into a
+    // first pass that faults for about a second.
+    let block = GuestStormRun { bytes: 256 * MIB, duration: Duration::from_millis(400), storm: None, host_block: true };
+    for round in 0..rounds {
+        log(&format!(
+            "round {}/{rounds}: guest faults quiet, next to a storm, next to a host block offline",
+            round + 1
+        ));
+        match (guest.guest_storm(&quiet), guest.guest_storm(&storm)) {
+            (Ok(q), Ok(s)) => figures.rounds.push((q, s)),
+            (q, s) => {
+                for e in [q.err(), s.err()].into_iter().flatten() {
+                    errors.push(format!("guest storm: {e}"));
+                }
+            }
+        }
+        match guest.guest_storm(&block) {
+            Ok(b) => figures.host_block.push(b),
+            Err(e) => errors.push(format!("guest storm, host block: {e}")),
+        }
+    }
+    figures.offline_64mib_ms = match offline_64mib_ms {
+        Some(ms) => Some(ms),
+        None => match offline_64mib(rounds) {
+            Ok(ms) => Some(ms),
+            Err(e) => {
+                errors.push(format!("offline 64 MiB: {e}"));
+                None
+            }
+        },
+    };
+    figures
+}
+
+/// Offlining 64 MiB (Migrate, no pins): the median ms over `rounds`.
+fn offline_64mib(rounds: usize) -> Result<f64, String> {
+    let ram = Arc::new(GuestRam::anonymous(&[(GuestAddress(0), (64 * MIB) as usize)]).map_err(|e| e.to_string())?);
+    let engine = Engine::builder(ram, Arc::new(ZeroSource)).start().map_err(|e| e.to_string())?;
+    let target = GuestRange::new(GuestAddress(0), 64 * MIB);
+    let cost = offline_cost(&engine, target, &[], &[Mode::Migrate], rounds)?;
+    Ok(cost.median_ms(Mode::Migrate, false))
 }
 
 /// Fault latency (first reads of random fresh pages, one at a time) quiet

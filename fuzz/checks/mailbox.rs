@@ -10,6 +10,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use agent_proto::timing;
 use agent_proto::{Config, ErrorCode, Layout, Reply, Request, Workload, MAX_MESSAGE, MIN_RAM, PAGE_SIZE, REPLY_OFFSET};
 use apf::{GuestAddress, GuestRam};
 use vm_memory::Bytes;
@@ -115,6 +116,29 @@ pub fn check(ram: &Arc<GuestRam>, input: &[u8]) {
             match expected {
                 Err(code) => assert_eq!(refused(reply), Some(code), "{req:?} answered with {reply:?}"),
                 Ok(pages) => assert_eq!(reply, Reply::Ack { stop: false, value: pages }, "{req:?}"),
+            }
+        }
+        Request::Histogram { phase, first, counts, .. } => {
+            // A piece of a phase that exists, on the chunk grid, with no
+            // count past the last bucket; a fresh device has none open.
+            let first = first as usize;
+            let known = phase == timing::phase::TOUCH || phase == timing::phase::STRESS;
+            let fits = first % timing::HIST_CHUNK == 0
+                && first < timing::BUCKETS
+                && counts.iter().skip(timing::BUCKETS - first).all(|&c| c == 0);
+            if known && fits {
+                assert_eq!(reply, Reply::Ack { stop: false, value: 0 }, "{req:?}");
+            } else {
+                assert_eq!(refused(reply), Some(ErrorCode::BadValue), "{req:?} answered with {reply:?}");
+            }
+        }
+        Request::Timed { phase, touches, .. } => {
+            // No piece came first: only an empty phase closes.
+            let known = phase == timing::phase::TOUCH || phase == timing::phase::STRESS;
+            if known && touches == 0 {
+                assert_eq!(reply, Reply::Ack { stop: false, value: 0 }, "{req:?}");
+            } else {
+                assert_eq!(refused(reply), Some(ErrorCode::BadValue), "{req:?} answered with {reply:?}");
             }
         }
         _ => assert!(matches!(reply, Reply::Ack { stop: false, value: 0 }), "{req:?} answered with {reply:?}"),

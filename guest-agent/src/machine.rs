@@ -28,6 +28,18 @@ pub fn rdtsc() -> u64 {
     (u64::from(hi) << 32) | u64::from(lo)
 }
 
+/// The time-stamp counter, read after every earlier instruction has
+/// completed (`lfence` first): the end of a timed access is not read
+/// before the access itself is done.
+pub fn rdtsc_ordered() -> u64 {
+    let (lo, hi): (u32, u32);
+    // SAFETY: a fence and a counter read into two registers; no memory,
+    // no stack. Without `nomem`, the asm also keeps the compiler from
+    // moving the timed access across it.
+    unsafe { asm!("lfence", "rdtsc", out("eax") lo, out("edx") hi, options(nostack, preserves_flags)) }
+    (u64::from(hi) << 32) | u64::from(lo)
+}
+
 /// Stops this vCPU for good. The agent runs in ring 3, where `hlt`
 /// faults: the VMM ends the vCPU on a write to the halt port instead.
 pub fn halt() -> ! {

@@ -5,7 +5,7 @@ use core::ops::Range;
 
 use agent_proto::{check_page, page_key, stamp_page, stamp_word, Layout, PAGE_SIZE, PAGE_WORDS};
 
-use crate::machine::SharedRam;
+use crate::machine::{rdtsc_ordered, SharedRam};
 
 /// A page that did not hold its stamp.
 #[derive(Debug, Clone, Copy)]
@@ -61,10 +61,19 @@ impl Stripe {
         self.layout.gen_entry(self.first_entry + page)
     }
 
-    /// Checks every word of `page` against its stamp.
-    pub fn check(&self, page: u64) -> Result<(), Corruption> {
+    /// Checks every word of `page` against its stamp. Also returns the
+    /// cycles the page's first access took: its first word's read, timed
+    /// alone (a fault, if the page is missing, happens there).
+    pub fn check(&self, page: u64) -> (Result<(), Corruption>, u64) {
         let gpa = self.gpa(page);
         let generation = self.generation(page);
+        let t0 = rdtsc_ordered();
+        let _first: u64 = self.ram.read(gpa);
+        let cycles = rdtsc_ordered().wrapping_sub(t0);
+        (self.check_words(gpa, generation), cycles)
+    }
+
+    fn check_words(&self, gpa: u64, generation: u32) -> Result<(), Corruption> {
         let mut words = [0u64; PAGE_WORDS];
         self.ram.read_page(gpa, &mut words);
         match check_page(self.seed, gpa, generation, &words) {
@@ -88,11 +97,15 @@ impl Stripe {
     }
 
     /// Writes the first word of `page` with what it already should hold:
-    /// the write faults the page in and leaves its stamp intact.
-    pub fn touch(&self, page: u64) {
+    /// the write faults the page in and leaves its stamp intact. Returns
+    /// the cycles the write took.
+    pub fn touch(&self, page: u64) -> u64 {
         let gpa = self.gpa(page);
         let generation = self.generation(page);
-        self.ram.write(gpa, stamp_word(page_key(self.seed, gpa, generation), gpa, generation, 0));
+        let word = stamp_word(page_key(self.seed, gpa, generation), gpa, generation, 0);
+        let t0 = rdtsc_ordered();
+        self.ram.write(gpa, word);
+        rdtsc_ordered().wrapping_sub(t0)
     }
 
     /// Checks that every word of `page` is zero (what a discarded page

@@ -5,13 +5,14 @@
 
 use core::ops::Range;
 
+use agent_proto::timing::{phase, Histogram, BUCKETS, HIST_CHUNK};
 use agent_proto::{
     pass, Config, Counters, Layout, OfflineOp, Reply, Request, Workload, PAGE_SIZE, RING_SLOTS_PER_VCPU,
 };
 use agent_proto::{permute, FLAG_BALLOON, FLAG_CHECKSUM, FLAG_GUEST_OFFLINE, FLAG_RANDOM_ORDER, FLAG_RESTORE};
 
 use crate::checksum::Slots;
-use crate::machine::SharedRam;
+use crate::machine::{rdtsc_ordered, SharedRam};
 use crate::mailbox::Mailbox;
 use crate::rng::Rng;
 use crate::stripe::Stripe;
@@ -62,6 +63,12 @@ pub struct Agent<'m> {
     stride: u64,
     offline_turn: usize,
     counters: Counters,
+    /// The phase being timed ([`phase`]) and when it started.
+    phase: u32,
+    phase_start: u64,
+    /// Cycles of each first access of a page in this phase: a touch, or
+    /// a check's first read.
+    timed: Histogram,
 }
 
 impl<'m> Agent<'m> {
@@ -78,6 +85,9 @@ impl<'m> Agent<'m> {
             rng: Rng::new(config.seed ^ u64::from(vcpu)),
             offline_turn: 0,
             counters: Counters::default(),
+            phase: phase::TOUCH,
+            phase_start: rdtsc_ordered(),
+            timed: Histogram::new(),
         }
     }
 
@@ -93,23 +103,33 @@ impl<'m> Agent<'m> {
             for i in 0..pages {
                 self.check(order(i));
             }
-            if self.progress(pass::RESTORE_VERIFY, pages) {
+            // Timings after the progress report, which the VMM's
+            // throughput figure ends at.
+            let stop = self.progress(pass::RESTORE_VERIFY, pages);
+            self.end_phase();
+            if stop {
                 return self.finish();
             }
         }
         if self.config.workload == Workload::Touch {
             for i in 0..pages {
-                self.stripe.touch(order(i));
+                let cycles = self.stripe.touch(order(i));
+                self.timed.record(cycles);
             }
             self.counters.pages_written += pages;
             self.counters.passes += 1;
             self.progress(pass::TOUCH, pages);
+            self.end_phase();
             return self.counters;
         }
         loop {
             let kind = Pass::of(self.config.workload, self.counters.passes);
             let visited = self.pass(kind);
             self.counters.passes += 1;
+            if self.phase == phase::TOUCH {
+                // The first pass met fresh pages: the rest re-touch them.
+                self.end_phase();
+            }
             self.verify();
             if self.config.flags & FLAG_GUEST_OFFLINE != 0 {
                 self.offline();
@@ -177,7 +197,9 @@ impl<'m> Agent<'m> {
     /// Checks `page`. A corrupt page is reported, counted and stamped
     /// anew, so that it is reported once; returns false for it.
     fn check(&mut self, page: u64) -> bool {
-        match self.stripe.check(page) {
+        let (checked, cycles) = self.stripe.check(page);
+        self.timed.record(cycles);
+        match checked {
             Ok(()) => {
                 self.counters.pages_verified += 1;
                 true
@@ -284,7 +306,30 @@ impl<'m> Agent<'m> {
     /// The last verify, after the VMM said stop.
     fn finish(mut self) -> Counters {
         self.verify();
+        self.end_phase();
         self.counters
+    }
+
+    /// Sends the phase's timings (the non-empty pieces of its histogram,
+    /// then its close) and starts the stress phase.
+    fn end_phase(&mut self) {
+        let (vcpu, phase) = (self.vcpu, self.phase);
+        for first in (0..BUCKETS).step_by(HIST_CHUNK) {
+            let mut counts = [0u32; HIST_CHUNK];
+            for (c, &v) in counts.iter_mut().zip(&self.timed.counts()[first..]) {
+                *c = v;
+            }
+            if counts.iter().any(|&c| c > 0) {
+                self.mailbox.ack(&Request::Histogram { vcpu, phase, first: first as u32, counts });
+            }
+        }
+        let (touches, max_cycles) = (self.timed.count(), self.timed.max());
+        let tsc_start = self.phase_start;
+        let tsc_end = rdtsc_ordered();
+        self.mailbox.ack(&Request::Timed { vcpu, phase, touches, max_cycles, tsc_start, tsc_end });
+        self.timed = Histogram::new();
+        self.phase = phase::STRESS;
+        self.phase_start = rdtsc_ordered();
     }
 }
 

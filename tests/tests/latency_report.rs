@@ -113,3 +113,70 @@ fn without_the_layer_the_report_says_so() {
     assert!(json["latency_us"].is_null());
     assert!(json["vcpus"][0]["blocked_ms"].is_null());
 }
+
+/// A storm run of the guest-storm bench part's shape, small.
+fn storm_run() -> RunConfig {
+    RunConfig {
+        mem: Some(64 << 20),
+        vcpus: Some(2),
+        duration: Duration::from_millis(800),
+        workload: agent_proto::Workload::Sequential,
+        offline_every: Some(Duration::from_millis(20)),
+        offline_max: 16 << 20,
+        guest_offline: false,
+        progress: false,
+        ..RunConfig::default()
+    }
+}
+
+#[test]
+fn the_guest_view_takes_the_slowest_first_accesses_as_faults() {
+    require_kvm!();
+    let report = vmm::vm::run(&storm_run()).unwrap();
+    assert!(report.ok, "{}", report.summary());
+    let json: Value = serde_json::from_str(&report.to_json()).unwrap();
+    let view = &json["guest_view"];
+    // The guest's counter runs at the rate KVM says (its own clock
+    // against the host's over the first pass agrees within 10%).
+    let khz = view["tsc_khz"].as_f64().unwrap();
+    assert!(khz > 100_000.0, "{view}");
+    if let Some(calibrated) = view["tsc_khz_calibrated"].as_f64() {
+        assert!((calibrated / khz - 1.0).abs() < 0.1, "KVM says {khz} kHz, the host clock {calibrated}");
+    }
+    // The first pass timed every page of both stripes once.
+    let layout = agent_proto::Layout::new(64 << 20, 2).unwrap();
+    let touch = &view["touch"];
+    assert_eq!(touch["touches"].as_u64(), Some(2 * layout.stripe_pages), "{touch}");
+    let touch_faults = touch["faults"].as_u64().unwrap();
+    assert!(touch_faults > 0 && touch_faults < 2 * layout.stripe_pages, "{touch}");
+    let (p50, p99, max) =
+        (touch["p50_us"].as_f64().unwrap(), touch["p99_us"].as_f64().unwrap(), touch["max_us"].as_f64().unwrap());
+    assert!(p50 > 0.0 && p50 <= p99 && p99 <= max, "{touch}");
+    // Every fault of a vCPU thread up to its last phase's close, and no
+    // more: the slowest N is bounded by the faults the layer saw.
+    let latency = report.latency.as_ref().unwrap();
+    let vcpu_faults: u64 = latency.vcpus.iter().map(|v| v.faults).sum();
+    let all = view["all"]["faults"].as_u64().unwrap();
+    assert!(all >= touch_faults && all <= vcpu_faults, "{all} of {vcpu_faults}: {view}");
+    assert!(view["stress"]["touches"].as_u64().unwrap() > 0, "later passes are timed: {view}");
+    // The storm took the pinned ring: the callback was timed.
+    assert!(report.offline.completed > 0, "{}", report.summary());
+    assert!(json["pin_callback_us"]["calls"].as_u64().unwrap() >= 1, "{}", json["pin_callback_us"]);
+}
+
+#[test]
+fn a_guest_storm_run_gives_the_bench_both_views() {
+    use apf_bench::guest_storm::{GuestStormRun, StormSpec};
+    use apf_bench::GuestPass;
+    require_kvm!();
+    let storm = StormSpec { every: Duration::from_millis(20), max_bytes: 16 << 20 };
+    let run =
+        GuestStormRun { bytes: 64 << 20, duration: Duration::from_millis(600), storm: Some(storm), host_block: false };
+    let s = vmm::bench::Guests.guest_storm(&run).unwrap();
+    let (engine, guest) = (s.engine.unwrap(), s.guest.unwrap());
+    assert!(engine.p99_us > 0.0 && engine.p99_us <= engine.max_us, "{s:?}");
+    assert!(guest.p99_us > 0.0 && guest.p99_us <= guest.p999_us && guest.p999_us <= guest.max_us, "{s:?}");
+    assert!(s.vcpu_faults > 0 && s.vcpu_blocked_us > 0.0, "{s:?}");
+    assert!(s.offlines > 0 && s.pin_callback_p99_us.is_some(), "{s:?}");
+    assert_eq!(s.host_block, "off");
+}

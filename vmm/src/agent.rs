@@ -22,6 +22,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use agent_proto::timing::{phase, Histogram, HIST_CHUNK};
 use agent_proto::{
     pass, Config, Counters, ErrorCode, Layout, OfflineOp, Reply, Request, MAX_MESSAGE, PAGE_SIZE, REPLY_OFFSET,
 };
@@ -51,6 +52,39 @@ pub struct VcpuAgent {
     pub first_pass_pages: u64,
     /// Whether it verified a restored snapshot.
     pub restore_verified: bool,
+    /// The first-access timings of each phase it closed, in order.
+    pub timings: Vec<PhaseTiming>,
+    /// The phase whose histogram pieces are arriving, and the histogram
+    /// so far.
+    building: Option<(u32, Histogram)>,
+}
+
+/// One phase's first-access timings, as a vCPU's agent sent them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PhaseTiming {
+    /// Which phase ([`phase`]).
+    pub phase: u32,
+    /// Cycles of each first access (exact maximum included).
+    pub cycles: Histogram,
+    /// The guest's time-stamp counter at the phase's start and end.
+    pub tsc: (u64, u64),
+    /// Host time at the phase's start (the hello, or the previous
+    /// phase's end) and at its end (its close arrived).
+    pub host: (Option<Instant>, Instant),
+    /// Faults the engine had read for this vCPU by the phase's end, all
+    /// phases so far (None without the latency layer).
+    pub faults_by_end: Option<u64>,
+}
+
+/// Faults the engine has read for a vCPU so far (the latency layer's
+/// per-vCPU count).
+#[derive(Clone)]
+pub struct FaultCount(pub Arc<dyn Fn(u32) -> Option<u64> + Send + Sync>);
+
+impl std::fmt::Debug for FaultCount {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("FaultCount")
+    }
 }
 
 /// Counters of the agent device.
@@ -90,6 +124,7 @@ pub struct AgentDevice {
     vcpus: Mutex<Vec<VcpuAgent>>,
     stats: AgentStats,
     errors: Arc<Errors>,
+    fault_count: Option<FaultCount>,
 }
 
 impl AgentDevice {
@@ -105,7 +140,24 @@ impl AgentDevice {
         errors: Arc<Errors>,
     ) -> Self {
         let vcpus = Mutex::new(vec![VcpuAgent::default(); config.vcpus as usize]);
-        AgentDevice { access, config, layout, device_memory, stop_at, vcpus, stats: AgentStats::default(), errors }
+        AgentDevice {
+            access,
+            config,
+            layout,
+            device_memory,
+            stop_at,
+            vcpus,
+            stats: AgentStats::default(),
+            errors,
+            fault_count: None,
+        }
+    }
+
+    /// Records with each phase's timings the faults `count` says the
+    /// engine had read for the vCPU by the phase's end.
+    pub fn with_fault_count(mut self, count: FaultCount) -> Self {
+        self.fault_count = Some(count);
+        self
     }
 
     /// The device's counters.
@@ -162,6 +214,11 @@ impl AgentDevice {
 
     fn serve(&self, vcpu: u32, req: Request) -> Reply {
         let ack = |value| Reply::Ack { stop: Instant::now() >= self.stop_at, value };
+        // Read before the lock: the count takes the latency layer's locks.
+        let faults_by_end = match req {
+            Request::Timed { .. } => self.fault_count.as_ref().and_then(|c| (c.0)(vcpu)),
+            _ => None,
+        };
         let mut vcpus = self.vcpus.lock().unwrap_or_else(|e| e.into_inner());
         let Some(me) = vcpus.get_mut(vcpu as usize) else {
             return Reply::Error { code: ErrorCode::BadValue, detail: vcpu as u64 };
@@ -212,6 +269,22 @@ impl AgentDevice {
             Request::Offline { op, gpa, len } => {
                 drop(vcpus);
                 self.offline(vcpu, op, gpa, len)
+            }
+            Request::Histogram { phase, first, counts, .. } => match me.add_piece(phase, first, &counts) {
+                Ok(()) => ack(0),
+                Err(what) => {
+                    drop(vcpus);
+                    self.refuse(vcpu, ErrorCode::BadValue, u64::from(first), what)
+                }
+            },
+            Request::Timed { phase, touches, max_cycles, tsc_start, tsc_end, .. } => {
+                match me.close_phase(phase, touches, max_cycles, (tsc_start, tsc_end), faults_by_end) {
+                    Ok(()) => ack(0),
+                    Err(what) => {
+                        drop(vcpus);
+                        self.refuse(vcpu, ErrorCode::BadValue, touches, what)
+                    }
+                }
             }
             Request::Balloon { gpa, len } => {
                 drop(vcpus);
@@ -342,6 +415,48 @@ impl AgentDevice {
     }
 }
 
+impl VcpuAgent {
+    /// Adds a piece of `phase`'s histogram.
+    fn add_piece(&mut self, phase: u32, first: u32, counts: &[u32; HIST_CHUNK]) -> Result<(), String> {
+        if phase::name(phase).is_none() {
+            return Err(format!("timings of phase {phase}, which does not exist"));
+        }
+        if first as usize % HIST_CHUNK != 0 {
+            return Err(format!("a histogram piece at bucket {first}, not a multiple of {HIST_CHUNK}"));
+        }
+        let (building, hist) = self.building.get_or_insert_with(|| (phase, Histogram::new()));
+        if *building != phase {
+            return Err(format!("a piece of phase {phase} while phase {building} is open"));
+        }
+        if !hist.add_counts(first as usize, counts) {
+            return Err(format!("a histogram piece at bucket {first} reaches past the last bucket"));
+        }
+        Ok(())
+    }
+
+    /// Closes `phase`: its pieces must add up to `touches`.
+    fn close_phase(
+        &mut self,
+        phase: u32,
+        touches: u64,
+        max_cycles: u64,
+        tsc: (u64, u64),
+        faults_by_end: Option<u64>,
+    ) -> Result<(), String> {
+        let (open, mut cycles) = self.building.take().unwrap_or((phase, Histogram::new()));
+        if open != phase || phase::name(phase).is_none() {
+            return Err(format!("a close of phase {phase} while phase {open} is open"));
+        }
+        if cycles.count() != touches {
+            return Err(format!("phase {phase} closed with {touches} touches, its pieces hold {}", cycles.count()));
+        }
+        cycles.set_max(max_cycles);
+        let start = self.timings.last().map(|t| t.host.1).or(self.started);
+        self.timings.push(PhaseTiming { phase, cycles, tsc, host: (start, Instant::now()), faults_by_end });
+        Ok(())
+    }
+}
+
 /// Drops the contents of guest `range` (`MADV_DONTNEED` on its mapping):
 /// afterwards it reads as zeros until written. With the engine, the
 /// kernel raises a remove event and `madvise` returns once the engine's
@@ -358,4 +473,46 @@ fn discard(ram: &apf::GuestRam, range: GuestRange) -> std::io::Result<()> {
         return Err(std::io::Error::last_os_error());
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn piece(values: &[(usize, u32)]) -> [u32; HIST_CHUNK] {
+        let mut counts = [0; HIST_CHUNK];
+        for &(i, c) in values {
+            counts[i] = c;
+        }
+        counts
+    }
+
+    #[test]
+    fn phases_are_rebuilt_from_their_pieces_and_checked() {
+        let mut a = VcpuAgent { started: Some(Instant::now()), ..VcpuAgent::default() };
+        a.add_piece(phase::TOUCH, 0, &piece(&[(3, 2)])).unwrap();
+        a.add_piece(phase::TOUCH, 2 * HIST_CHUNK as u32, &piece(&[(0, 5)])).unwrap();
+        // A piece of another phase while this one is open.
+        assert!(a.add_piece(phase::STRESS, 0, &piece(&[])).unwrap_err().contains("while phase 1 is open"));
+        // The close must count what the pieces hold.
+        assert!(a.close_phase(phase::TOUCH, 8, 9000, (1, 2), Some(7)).unwrap_err().contains("pieces hold 7"));
+        // A refused close dropped the phase: its pieces are sent again.
+        a.add_piece(phase::TOUCH, 0, &piece(&[(3, 2)])).unwrap();
+        a.add_piece(phase::TOUCH, 2 * HIST_CHUNK as u32, &piece(&[(0, 5)])).unwrap();
+        a.close_phase(phase::TOUCH, 7, 9000, (1, 2), Some(7)).unwrap();
+        let t = &a.timings[0];
+        assert_eq!((t.phase, t.cycles.count(), t.cycles.max(), t.faults_by_end), (phase::TOUCH, 7, 9000, Some(7)));
+        assert_eq!(t.host.0, a.started, "the touch phase starts at the hello");
+        // An empty phase needs no piece; the stress phase starts where the
+        // touch phase ended.
+        a.close_phase(phase::STRESS, 0, 0, (2, 3), Some(7)).unwrap();
+        assert_eq!(a.timings[1].host.0, Some(a.timings[0].host.1));
+        // Pieces off the chunk grid, past the last bucket, or of no phase.
+        assert!(a.add_piece(phase::TOUCH, 5, &piece(&[])).unwrap_err().contains("not a multiple"));
+        let last = (agent_proto::timing::BUCKETS / HIST_CHUNK * HIST_CHUNK) as u32;
+        assert!(a.add_piece(phase::TOUCH, last, &piece(&[(HIST_CHUNK - 1, 1)])).unwrap_err().contains("past the last"));
+        a.building = None;
+        assert!(a.add_piece(9, 0, &piece(&[])).unwrap_err().contains("phase 9"));
+        assert!(a.close_phase(9, 0, 0, (0, 0), None).is_err());
+    }
 }

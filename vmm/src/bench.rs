@@ -1,15 +1,19 @@
 //! `vmm bench`: the bench of the `apf-bench` crate, with its guest
 //! workloads run here, under KVM: each a run of the guest agent's first
-//! pass with two vCPUs ([`Guests`]).
+//! pass with two vCPUs ([`Guests`]), and the guest-storm part's runs:
+//! sequential passes for a fixed time, quiet, next to a storm or next to
+//! a host block offline.
 
 use std::path::Path;
 use std::time::Duration;
 
 use agent_proto::Workload;
-use apf::span::FAULT;
+use apf::span::{FAULT, PIN};
+use apf_bench::guest_storm::{GuestStormRun, GuestStormSample, Tail};
 use apf_bench::{GuestPass, Sample, Variant};
 
-use crate::config::{Backend, RunConfig};
+use crate::config::{Backend, OfflineMode, RunConfig};
+use crate::guestview::FaultView;
 
 /// Runs the bench's guest passes as VMM runs.
 #[derive(Debug, Clone, Copy, Default)]
@@ -76,4 +80,55 @@ impl GuestPass for Guests {
         };
         Ok(Sample { pages: first.pages, seconds: first.elapsed.as_secs_f64(), latency })
     }
+
+    fn guest_storm(&self, run: &GuestStormRun) -> Result<GuestStormSample, String> {
+        let cfg = RunConfig {
+            mem: Some(run.bytes),
+            vcpus: Some(2),
+            duration: run.duration,
+            workload: Workload::Sequential,
+            offline_every: run.storm.map(|s| s.every),
+            offline_mode: OfflineMode::Mixed,
+            offline_max: run.storm.map_or(crate::config::DEFAULT_OFFLINE_MAX, |s| s.max_bytes),
+            host_block: run.host_block,
+            // Only the host's offlines: the guest's own (and its balloon)
+            // would fault in the quiet run too.
+            guest_offline: false,
+            // The device and its pin on the ring: the storm's pin re-faults.
+            checksum: true,
+            latency: true,
+            progress: false,
+            ..RunConfig::default()
+        };
+        let report = crate::vm::run(&cfg).map_err(|e| crate::error_chain(&e))?;
+        if !report.ok {
+            return Err(format!("guest run failed: {}", report.errors.join("; ")));
+        }
+        sample_of(&report)
+    }
+}
+
+/// What the guest-storm part takes from a run's report.
+fn sample_of(report: &crate::report::Report) -> Result<GuestStormSample, String> {
+    let latency = report.latency.as_ref().ok_or("the run kept no latencies")?;
+    let us = |d: Duration| d.as_secs_f64() * 1e6;
+    let engine = latency.span(FAULT).map(|s| Tail { p99_us: us(s.p99), p999_us: us(s.p999), max_us: us(s.max) });
+    let tail = |v: &Option<FaultView>| {
+        let v = v.as_ref()?;
+        Some(Tail { p99_us: v.p99_us?, p999_us: v.p999_us?, max_us: v.max_us? })
+    };
+    let view = report.guest_view.as_ref().ok_or("the guest sent no timings")?;
+    Ok(GuestStormSample {
+        engine,
+        guest: tail(&view.all),
+        guest_touch: tail(&view.touch),
+        guest_stress: tail(&view.stress),
+        vcpu_faults: latency.vcpus.iter().map(|v| v.faults).sum(),
+        vcpu_blocked_us: latency.vcpus.iter().map(|v| us(v.blocked)).sum(),
+        deferred_faults: report.deferred_faults,
+        pin_refault_p99_us: latency.span(PIN).map(|s| us(s.p99)),
+        pin_callback_p99_us: report.pin_callback.map(|c| c.p99_us),
+        offlines: report.offline.completed,
+        host_block: report.offline.host_block.clone(),
+    })
 }

@@ -18,6 +18,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use agent_proto::timing::Histogram;
 use agent_proto::{
     checksum, ErrorCode, DESC_DONE_SEQ, DESC_LEN, DESC_SEQ, DESC_STATUS, DESC_SUM, PAGE_SIZE, RING_BUF, RING_DESC,
     RING_LEN, RING_SLOTS,
@@ -44,6 +45,9 @@ pub struct ChecksumStats {
     pub refused: AtomicU64,
     /// Times the worker's pin was invalidated.
     pub invalidations: AtomicU64,
+    /// Nanoseconds inside each call of the pin's callback: what the
+    /// device adds to an offline of its ring, apart from the re-fault.
+    pub callback_ns: Mutex<Histogram>,
 }
 
 /// The checksum device.
@@ -75,7 +79,10 @@ impl ChecksumDevice {
                 // worker holds no kernel pin that would need dropping.
                 let pin = engine
                     .pin(ring_range(), move |_| {
+                        let t = Instant::now();
                         s.invalidations.fetch_add(1, Ordering::Relaxed);
+                        let ns = t.elapsed().as_nanos() as u64;
+                        s.callback_ns.lock().unwrap_or_else(|e| e.into_inner()).record(ns);
                     })
                     .map_err(std::io::Error::other)?;
                 Some(pin)

@@ -62,6 +62,9 @@ pub struct RunConfig {
     pub offline_every: Option<Duration>,
     /// Host storm modes.
     pub offline_mode: OfflineMode,
+    /// Largest range one storm offline takes, in bytes (a multiple of the
+    /// page size); each offline draws its size from 1 page to this.
+    pub offline_max: u64,
     /// Offline one real host memory block once, halfway through.
     pub host_block: bool,
     /// Agents ask for offlines of their own memory.
@@ -137,6 +140,7 @@ impl Default for RunConfig {
             seed: None,
             offline_every: Some(Duration::from_millis(20)),
             offline_mode: OfflineMode::Mixed,
+            offline_max: DEFAULT_OFFLINE_MAX,
             host_block: false,
             guest_offline: true,
             checksum: true,
@@ -155,6 +159,23 @@ impl Default for RunConfig {
             source: None,
         }
     }
+}
+
+/// The storm's largest range by default: 1 MiB.
+pub const DEFAULT_OFFLINE_MAX: u64 = 1 << 20;
+/// The largest `--offline-max`.
+pub const MAX_OFFLINE_MAX: u64 = 1 << 30;
+
+/// Parses `--offline-max`: a size of whole pages, from one page to 1 GiB.
+pub fn parse_offline_max(s: &str) -> Result<u64, String> {
+    let n = parse_size(s)?;
+    if n == 0 || n % agent_proto::PAGE_SIZE != 0 {
+        return Err(format!("must be a positive multiple of the page size ({} bytes)", agent_proto::PAGE_SIZE));
+    }
+    if n > MAX_OFFLINE_MAX {
+        return Err(format!("at most {} MiB", MAX_OFFLINE_MAX >> 20));
+    }
+    Ok(n)
 }
 
 /// A command line that cannot be run.
@@ -239,6 +260,8 @@ stress and verify guest memory while it is offlined underneath, and report.
   --seed N               seed of every stamp and random choice (default 1)
   --offline-every D      host offline storm interval, or `off` (default 20ms)
   --offline-mode M       migrate|evict|mixed (default mixed)
+  --offline-max SIZE     largest range one storm offline takes, drawn from 1 page to SIZE
+                         (default 1M; a multiple of 4K, at most 1G)
   --host-block           offline one real host memory block holding guest pages, once
   --no-guest-offline     agents do not ask for offlines of their own memory
   --no-checksum          agents do not use the checksum device
@@ -359,6 +382,10 @@ pub fn parse_run(args: &[String]) -> Result<RunConfig, CliError> {
                     _ => return Err(invalid("--offline-mode", &v, "expected migrate, evict or mixed".into())),
                 };
             }
+            "--offline-max" => {
+                let v = value!("--offline-max");
+                c.offline_max = parse_offline_max(&v).map_err(|e| invalid("--offline-max", &v, e))?;
+            }
             "--unplug-policy" => {
                 let v = value!("--unplug-policy");
                 c.unplug_policy = v.parse().map_err(|e| invalid("--unplug-policy", &v, e))?;
@@ -469,6 +496,16 @@ mod tests {
         assert!(matches!(run(&["--backend", "baseline", "--host-block"]), Err(CliError::Conflict(_))));
         assert!(matches!(run(&["--backend", "uffd"]), Err(CliError::Invalid { option: "--backend", .. })));
         assert!(matches!(run(&["--order", "zigzag"]), Err(CliError::Invalid { option: "--order", .. })));
+        for bad in ["0", "4095", "1T", "2G", "64Q", "-1M", ""] {
+            let e = run(&["--offline-max", bad]).unwrap_err();
+            assert!(matches!(e, CliError::Invalid { option: "--offline-max", .. }), "{bad}: {e}");
+        }
+        assert!(run(&["--offline-max", "6000"]).unwrap_err().to_string().contains("multiple of the page size"));
+        assert!(run(&["--offline-max", "2G"]).unwrap_err().to_string().contains("at most 1024 MiB"));
+        assert!(run(&["--offline-max", "12X"]).unwrap_err().to_string().contains("expected a size like 256M"));
+        assert_eq!(run(&["--offline-max=64M"]).unwrap().offline_max, 64 << 20);
+        assert_eq!(run(&["--offline-max", "4K"]).unwrap().offline_max, 4096);
+        assert_eq!(run(&[]).unwrap().offline_max, DEFAULT_OFFLINE_MAX);
         let c = run(&["--backend", "baseline", "--order", "random"]).unwrap();
         assert_eq!((c.backend, c.random_order, c.offline_every), (Backend::Baseline, true, None));
     }

@@ -20,6 +20,7 @@
 //! | [`vcpu`] | vCPU threads, the kick signal, SIGBUS from poisoned pages |
 //! | [`mem`] | range-checked device access to guest RAM, through short-term references |
 //! | [`agent`] | the agent device: the guest/VMM protocol of [`agent_proto`] |
+//! | [`guestview`] | the guest's own view of its faults: its first-access timings, the slowest N |
 //! | [`checksum`] | the checksum device and its migratable pin |
 //! | [`storm`] | host-side offline storms and the host memory-block offline |
 //! | [`snapshot`] | snapshot files: save at the end, restore on demand |
@@ -70,6 +71,7 @@ pub mod boot;
 pub mod checksum;
 pub mod config;
 pub mod exit;
+pub mod guestview;
 pub mod mem;
 pub mod report;
 pub mod snapshot;

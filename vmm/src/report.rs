@@ -11,6 +11,7 @@ use agent_proto::Counters;
 use apf::LatencySummary;
 
 use crate::agent::{AgentStats, VcpuAgent};
+use crate::guestview::GuestView;
 use crate::storm::StormReport;
 use crate::vcpu::{VcpuEnd, VcpuError};
 
@@ -202,8 +203,27 @@ pub struct Report {
     pub latency: Option<LatencySummary>,
     /// Events written to the Chrome trace, and older ones dropped.
     pub trace_events: Option<(usize, u64)>,
+    /// The guest's own view of its faults (its first-access timings).
+    pub guest_view: Option<GuestView>,
+    /// Faults that waited for an offline holding their page.
+    pub deferred_faults: u64,
+    /// The checksum device's pin callback: calls, and the time inside it
+    /// (p99 and max, µs).
+    pub pin_callback: Option<PinCallbacks>,
     /// What went wrong.
     pub errors: Vec<String>,
+}
+
+/// Time inside a device's pin callback (the engine calls it before any
+/// page of the pinned range moves).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PinCallbacks {
+    /// Calls.
+    pub calls: u64,
+    /// 99th percentile, µs.
+    pub p99_us: f64,
+    /// Longest, µs.
+    pub max_us: f64,
 }
 
 /// The baseline handler's figures at the end of a run.
@@ -226,6 +246,8 @@ pub struct EngineEnd {
     pub pin_refaults: u64,
     /// Pins still registered after every holder let go.
     pub pins_leaked: u64,
+    /// Faults that waited for an offline holding their page.
+    pub deferred: u64,
     /// Its counters as JSON.
     pub json: String,
     /// Errors it reported during the run.
@@ -344,6 +366,7 @@ impl Report {
             report.faults = e.faults;
             report.pin_invalidations = e.pin_invalidations;
             report.pin_refaults = e.pin_refaults;
+            report.deferred_faults = e.deferred;
             report.engine_json = e.json;
         }
         if report.balloon.stale > 0 {
@@ -516,6 +539,22 @@ impl Report {
         if let Some((events, dropped)) = self.trace_events {
             let _ = write!(j, "\"trace\":{{\"events\":{events},\"dropped\":{dropped}}},");
         }
+        let _ = write!(
+            j,
+            "\"guest_view\":{},\"deferred_faults\":{},",
+            self.guest_view.as_ref().map_or("null".to_string(), GuestView::to_json),
+            self.deferred_faults
+        );
+        match &self.pin_callback {
+            Some(c) => {
+                let _ = write!(
+                    j,
+                    "\"pin_callback_us\":{{\"calls\":{},\"p99\":{:.3},\"max\":{:.3}}},",
+                    c.calls, c.p99_us, c.max_us
+                );
+            }
+            None => j.push_str("\"pin_callback_us\":null,"),
+        }
         let _ = write!(j, "\"vcpus\":[{}],", vcpus.join(","));
         match &self.first_pass {
             Some(t) => {
@@ -639,6 +678,30 @@ impl Report {
                     let _ = writeln!(s, "vCPU {}:   {}", v.id, v.exit);
                 }
             }
+        }
+        if let Some(v) = &self.guest_view {
+            let o = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.1}"));
+            for (name, f) in [("touch", &v.touch), ("stress", &v.stress)] {
+                if let Some(f) = f {
+                    let _ = writeln!(
+                        s,
+                        "guest view ({name}): slowest {} of {} first accesses (the faults): p50 {} p99 {} p99.9 {} max {} µs",
+                        f.faults,
+                        f.touches,
+                        o(f.p50_us),
+                        o(f.p99_us),
+                        o(f.p999_us),
+                        o(f.max_us)
+                    );
+                }
+            }
+            let _ = writeln!(
+                s,
+                "          guest clock {} kHz ({}; calibrated {})",
+                v.clock.khz,
+                v.clock.source,
+                v.clock.calibrated_khz.map_or("-".to_string(), |k| format!("{k} kHz"))
+            );
         }
         if let Some((events, dropped)) = self.trace_events {
             let _ = writeln!(s, "trace:    {events} spans written, {dropped} older ones dropped");

@@ -19,8 +19,6 @@ use crate::report::Errors;
 const DEADLINE: Duration = Duration::from_secs(2);
 /// Deadline of one host block attempt.
 const BLOCK_ATTEMPT: Duration = Duration::from_millis(1500);
-/// Largest storm range, in pages (1 MiB).
-const MAX_PAGES: u64 = 256;
 
 /// What the storm did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -47,6 +45,9 @@ pub struct StormConfig {
     pub every: Option<Duration>,
     /// Which modes.
     pub mode: OfflineMode,
+    /// Largest range one offline takes, in pages (at least 1); each draws
+    /// its size uniformly from 1 to this, and never more than RAM.
+    pub max_pages: u64,
     /// When to offline one host block; None: never.
     pub host_block_at: Option<Instant>,
     /// Seed of the range choice.
@@ -144,7 +145,7 @@ fn run(engine: &Engine, config: StormConfig, stop: &AtomicBool, report: &Mutex<S
         let range = if n % 4 == 0 {
             ring_range()
         } else {
-            let pages = 1 + rng % MAX_PAGES;
+            let pages = 1 + rng % config.max_pages.clamp(1, ram_pages);
             let first = splitmix64(rng) % (ram_pages - pages + 1);
             GuestRange::new(GuestAddress(first * PAGE_SIZE), pages * PAGE_SIZE)
         };

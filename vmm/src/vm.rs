@@ -31,12 +31,12 @@ use tracing_subscriber::layer::SubscriberExt;
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::agent::AgentDevice;
+use crate::agent::{AgentDevice, FaultCount};
 use crate::boot;
 use crate::checksum::{ring_range, ChecksumDevice};
 use crate::config::{Backend, GuestImage, RunConfig};
 use crate::mem::{AccessError, GuestAccess};
-use crate::report::{BaselineEnd, EngineEnd, Errors, Report, RunEnd, VcpuExit, VcpuReport};
+use crate::report::{BaselineEnd, EngineEnd, Errors, PinCallbacks, Report, RunEnd, VcpuExit, VcpuReport};
 use crate::snapshot::{self, FileId, Header, SnapshotError};
 use crate::storm::{Storm, StormConfig, StormReport};
 use crate::vcpu::{self, VcpuContext, VcpuEnd, VcpuError};
@@ -411,6 +411,8 @@ pub struct Vm {
     agent_config: Config,
     errors: Arc<Errors>,
     latency: Option<LatencyLayer>,
+    /// The guest's time-stamp counter rate, as KVM reports it.
+    tsc_khz: Option<u64>,
 }
 
 impl Vm {
@@ -446,6 +448,9 @@ impl Vm {
         let agent_config = agent_config(cfg, shape, restore.is_some());
         let vcpus =
             (0..shape.vcpus).map(|id| setup_vcpu(&kvm, &vm, &layout, id, entry)).collect::<Result<Vec<_>, _>>()?;
+        // The rate the agents' timings are converted with; a KVM without
+        // the ioctl leaves it to a calibration (`guestview`).
+        let tsc_khz = vcpus.first().and_then(|v| v.get_tsc_khz().ok()).map(u64::from);
         Ok(Vm {
             vcpus,
             vm,
@@ -460,6 +465,7 @@ impl Vm {
             agent_config,
             errors,
             latency,
+            tsc_khz,
         })
     }
 
@@ -471,14 +477,22 @@ impl Vm {
     pub fn run(mut self) -> Result<StoppedVm, VmError> {
         let start = Instant::now();
         let device_memory = if self.checksum.is_some() { vec![ring_range()] } else { Vec::new() };
-        let agent = Arc::new(AgentDevice::new(
+        let mut agent = AgentDevice::new(
             self.access.clone(),
             self.agent_config,
             self.layout,
             device_memory,
             start + self.cfg.duration,
             self.errors.clone(),
-        ));
+        );
+        if let Some(layer) = self.latency.clone() {
+            // The faults the engine read for a vCPU: how many of its
+            // slowest first accesses the guest view takes.
+            agent = agent.with_fault_count(FaultCount(Arc::new(move |vcpu| {
+                layer.summary().vcpus.iter().find(|v| v.vcpu == vcpu).map(|v| v.faults)
+            })));
+        }
+        let agent = Arc::new(agent);
         let storm = self.start_storm(start)?;
 
         let stop = Arc::new(AtomicBool::new(false));
@@ -541,6 +555,7 @@ impl Vm {
         let config = StormConfig {
             every: cfg.offline_every,
             mode: cfg.offline_mode,
+            max_pages: cfg.offline_max / agent_proto::PAGE_SIZE,
             host_block_at: cfg.host_block.then(|| start + cfg.duration / 2),
             seed: self.shape.seed,
         };
@@ -636,12 +651,31 @@ impl StoppedVm {
     /// the snapshot; the VM; the engine) and reports.
     pub fn shutdown(self) -> Report {
         let StoppedVm { vm, agent, storm, elapsed, vcpus } = self;
-        let Vm { vcpus: _, vm: vm_fd, cfg, shape, layout, restore, ram, access, baseline, checksum, errors, .. } = vm;
+        let Vm {
+            vcpus: _,
+            vm: vm_fd,
+            cfg,
+            shape,
+            layout,
+            restore,
+            ram,
+            access,
+            baseline,
+            checksum,
+            errors,
+            tsc_khz,
+            ..
+        } = vm;
         let storm =
             storm.map(Storm::stop).unwrap_or_else(|| StormReport { host_block: "off".into(), ..Default::default() });
         let checksums = checksum.as_ref().map_or(0, |c| {
             c.stop();
             c.stats().computed.load(Ordering::Relaxed)
+        });
+        let pin_callback = checksum.as_ref().and_then(|c| {
+            let h = c.stats().callback_ns.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            let us = |ns: u64| ns as f64 / 1e3;
+            h.quantile(0.99).map(|p99| PinCallbacks { calls: h.count(), p99_us: us(p99), max_us: us(h.max()) })
         });
         drop(checksum);
         let mut snapshot_saved = None;
@@ -671,6 +705,7 @@ impl StoppedVm {
                 pin_invalidations: stats.pin_invalidations,
                 pin_refaults: stats.pin_refaults,
                 pins_leaked,
+                deferred: stats.deferred,
                 json: stats.to_json(),
                 errors,
             }
@@ -691,6 +726,8 @@ impl StoppedVm {
             engine: engine_end,
             errors: &errors,
         });
+        report.guest_view = crate::guestview::guest_view(&agent.vcpus(), tsc_khz);
+        report.pin_callback = pin_callback;
         drop(agent);
         drop(ram);
         if let GuestAccess::Engine(engine) = access {

@@ -24,6 +24,7 @@
 
 mod layout;
 mod stamp;
+pub mod timing;
 mod wire;
 
 pub use layout::*;

@@ -340,6 +340,37 @@ pub enum Request {
         /// What it did.
         counters: Counters,
     },
+    /// One piece of a phase's first-touch histogram
+    /// ([`crate::timing::Histogram`]): the counts of buckets
+    /// `first..first + HIST_CHUNK` (those past the last bucket are 0).
+    /// Pieces of empty buckets may be left out; [`Request::Timed`] closes
+    /// the phase.
+    Histogram {
+        /// The vCPU.
+        vcpu: u32,
+        /// Which phase ([`crate::timing::phase`]).
+        phase: u32,
+        /// The first bucket, a multiple of [`crate::timing::HIST_CHUNK`].
+        first: u32,
+        /// Counts.
+        counts: [u32; crate::timing::HIST_CHUNK],
+    },
+    /// A phase's timing is complete: every piece of its histogram was
+    /// sent before this.
+    Timed {
+        /// The vCPU.
+        vcpu: u32,
+        /// Which phase.
+        phase: u32,
+        /// Accesses timed: the histogram's count.
+        touches: u64,
+        /// The slowest, in cycles.
+        max_cycles: u64,
+        /// The time-stamp counter at the phase's start.
+        tsc_start: u64,
+        /// The time-stamp counter now, at its end.
+        tsc_end: u64,
+    },
     /// The agent cannot go on (a reply it cannot use, a panic).
     Fatal {
         /// The vCPU.
@@ -380,6 +411,8 @@ const K_OFFLINE: u16 = 4;
 const K_DONE: u16 = 5;
 const K_FATAL: u16 = 6;
 const K_BALLOON: u16 = 7;
+const K_HISTOGRAM: u16 = 8;
+const K_TIMED: u16 = 9;
 const K_CONFIG: u16 = 0x81;
 const K_ACK: u16 = 0x82;
 const K_ERROR: u16 = 0xff;
@@ -508,6 +541,8 @@ impl Request {
             K_DONE => 8 + COUNTERS_LEN,
             K_FATAL => 4 + 4 + 8,
             K_BALLOON => 8 + 8,
+            K_HISTOGRAM => 4 + 4 + 4 + 4 + 4 * crate::timing::HIST_CHUNK,
+            K_TIMED => 4 + 4 + 8 * 4,
             _ => return None,
         })
     }
@@ -523,6 +558,8 @@ impl Request {
             Request::Done { .. } => K_DONE,
             Request::Fatal { .. } => K_FATAL,
             Request::Balloon { .. } => K_BALLOON,
+            Request::Histogram { .. } => K_HISTOGRAM,
+            Request::Timed { .. } => K_TIMED,
         };
         let len = Self::body_len(kind).unwrap_or(0);
         encode_with(kind, seq, len, buf, |w| match *self {
@@ -563,6 +600,23 @@ impl Request {
                 w.u64(gpa);
                 w.u64(len);
             }
+            Request::Histogram { vcpu, phase, first, counts } => {
+                w.u32(vcpu);
+                w.u32(phase);
+                w.u32(first);
+                w.u32(0);
+                for c in counts {
+                    w.u32(c);
+                }
+            }
+            Request::Timed { vcpu, phase, touches, max_cycles, tsc_start, tsc_end } => {
+                w.u32(vcpu);
+                w.u32(phase);
+                w.u64(touches);
+                w.u64(max_cycles);
+                w.u64(tsc_start);
+                w.u64(tsc_end);
+            }
         })
     }
 
@@ -601,6 +655,23 @@ impl Request {
             }
             K_FATAL => Request::Fatal { vcpu: r.u32(), code: r.u32(), detail: r.u64() },
             K_BALLOON => Request::Balloon { gpa: r.u64(), len: r.u64() },
+            K_HISTOGRAM => {
+                let (vcpu, phase, first) = (r.u32(), r.u32(), r.u32());
+                r.reserved(seq)?;
+                let mut counts = [0; crate::timing::HIST_CHUNK];
+                for c in &mut counts {
+                    *c = r.u32();
+                }
+                Request::Histogram { vcpu, phase, first, counts }
+            }
+            K_TIMED => Request::Timed {
+                vcpu: r.u32(),
+                phase: r.u32(),
+                touches: r.u64(),
+                max_cycles: r.u64(),
+                tsc_start: r.u64(),
+                tsc_end: r.u64(),
+            },
             _ => unreachable!("body_len accepted only known kinds"),
         };
         Ok((seq, req))
@@ -714,6 +785,26 @@ mod tests {
         round_trip(Request::Done { vcpu: 1, counters });
         round_trip(Request::Balloon { gpa: 0x40_0000, len: 0x3000 });
         round_trip(Request::Fatal { vcpu: 1, code: 2, detail: 3 });
+        let counts = core::array::from_fn(|i| i as u32 * 1000 + 7);
+        round_trip(Request::Histogram { vcpu: 2, phase: crate::timing::phase::STRESS, first: 48, counts });
+        round_trip(Request::Timed {
+            vcpu: 1,
+            phase: crate::timing::phase::TOUCH,
+            touches: 1 << 33,
+            max_cycles: 123_456_789,
+            tsc_start: u64::MAX - 5,
+            tsc_end: 9,
+        });
+    }
+
+    #[test]
+    fn a_histogram_piece_fills_the_largest_message() {
+        let mut buf = [0u8; MAX_MESSAGE];
+        let piece = Request::Histogram { vcpu: 0, phase: 1, first: 0, counts: [u32::MAX; crate::timing::HIST_CHUNK] };
+        assert_eq!(piece.encode(1, &mut buf), Some(MAX_MESSAGE));
+        // Its reserved word is checked like every other.
+        buf[HEADER_LEN + 12] = 1;
+        assert_eq!(Request::decode(&buf).unwrap_err().code, ErrorCode::BadValue);
     }
 
     #[test]
