@@ -77,24 +77,25 @@ pub struct Config {
     pub shutdown_deadline: Duration,
     /// Which userfaultfd operations the engine uses to change guest memory.
     pub backend: Backend,
-    /// The priority an offline runs at while it holds guest pages.
+    /// The priority an offline is raised to while something waits for it.
     pub offline_priority: OfflinePriority,
 }
 
-/// The priority an offline runs at from the moment it announces its
-/// invalidation to its end ([`Config::offline_priority`]).
+/// The priority an offline is raised to while faults or pins wait for it
+/// ([`Config::offline_priority`]).
 ///
 /// A VMM often offlines from a background thread it runs at a low priority
 /// (nice 19). While the offline holds pages, vCPUs that touch them wait
-/// for it; Linux's mutexes and condition variables give no priority
-/// inheritance between nice levels, so on a busy machine such a thread
-/// can be kept off the CPU for hundreds of milliseconds by the very vCPUs
-/// waiting for it. The engine therefore raises the offlining thread to a
-/// ceiling for as long as others may wait for it, and puts its own
-/// priority back afterwards: the low priority only delays when the next
-/// offline starts. Raising a priority needs `CAP_SYS_NICE` (or a
+/// for it; Linux's mutexes and condition variables lend no priority
+/// between nice levels, so on a busy machine such a thread can be kept off
+/// the CPU for hundreds of milliseconds by the very vCPUs waiting for it.
+/// So the first fault, read or pin that waits for an offline raises the
+/// offline's thread to this priority, and the offline puts its thread's
+/// own priority back when it ends: priority inheritance, done by the
+/// waiter. An offline nobody waits for keeps its caller's priority and
+/// competes with nobody. Raising a priority needs `CAP_SYS_NICE` (or a
 /// `RLIMIT_NICE` that allows it); without it the offline runs at its own
-/// priority and the counter `ceiling_refused` says so.
+/// priority and `priority_raises_refused` counts it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum OfflinePriority {
     /// The nice value of the thread that started the engine (the default:
@@ -104,7 +105,7 @@ pub enum OfflinePriority {
     Starter,
     /// This nice value.
     Nice(i32),
-    /// The offlining thread's own priority, whatever it is.
+    /// Never raised: the offlining thread's own priority, whatever it is.
     Own,
 }
 

@@ -103,8 +103,11 @@ counters! {
         pin_refaults,
         /// Pages working-set replays installed.
         replayed_pages,
-        /// Offlines that could not raise their thread to the priority
-        /// ceiling ([`crate::OfflinePriority`]) and ran at its own.
-        ceiling_refused,
+        /// Offlining threads a waiter raised to the priority ceiling
+        /// ([`crate::OfflinePriority`]). Kept by the notifier.
+        priority_raises,
+        /// Raises the kernel refused (no `CAP_SYS_NICE`): those offlines
+        /// ran at their own priority. Kept by the notifier.
+        priority_raises_refused,
     }
 }

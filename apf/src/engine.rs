@@ -303,7 +303,9 @@ impl Engine {
 
     /// The engine's counters.
     pub fn stats(&self) -> StatsSnapshot {
-        self.shared.stats().snapshot()
+        let mut stats = self.shared.stats().snapshot();
+        (stats.priority_raises, stats.priority_raises_refused) = self.shared.notifier().raises();
+        stats
     }
 
     /// Failures reported while running (bounded; see

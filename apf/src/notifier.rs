@@ -133,6 +133,12 @@ struct Active {
     /// The parts reads wait for (see [`Invalidation::hold`]); on the rest
     /// of `ranges` an announced invalidation only refuses new references.
     held: Vec<GuestRange>,
+    /// The thread that announced it (an offline's), which a waiter raises
+    /// to the ceiling (see [`Notifier::with_ceiling`]).
+    holder: Option<i32>,
+    /// `None` until a waiter looked at the holder's priority; then the
+    /// nice value to put back at the end, if the holder was raised.
+    raised: Option<Option<i32>>,
 }
 
 impl Active {
@@ -201,6 +207,11 @@ pub struct Notifier {
     lock: RwLock<History>,
     registry: Mutex<Registry>,
     changed: Condvar,
+    /// The nice value a waiter raises an invalidation's holder to.
+    ceiling: Option<i32>,
+    /// Holders raised, and raises the kernel refused.
+    raises: AtomicU64,
+    raises_refused: AtomicU64,
 }
 
 impl Default for Notifier {
@@ -210,6 +221,9 @@ impl Default for Notifier {
             lock: RwLock::new(History::default()),
             registry: Mutex::new(Registry { next_id: 1, ..Registry::default() }),
             changed: Condvar::new(),
+            ceiling: None,
+            raises: AtomicU64::new(0),
+            raises_refused: AtomicU64::new(0),
         }
     }
 }
@@ -297,6 +311,56 @@ impl Notifier {
         Self::default()
     }
 
+    /// [`Self::new`], with priority inheritance: a thread that waits for an
+    /// invalidation (a read of a held range, a reference or pin waiting
+    /// for an announced one, a fault deferred behind one) first raises
+    /// the thread that announced it to nice `ceiling`, if it runs lower,
+    /// and the invalidation puts its priority back when it ends. Linux's
+    /// locks and condition variables lend no priority between nice levels:
+    /// without this, an offline started from a nice-19 thread is kept off
+    /// the CPU by the very vCPUs waiting for it. Only a waiter raises it, so
+    /// an offline nobody waits for competes with nobody. Raising needs
+    /// `CAP_SYS_NICE` (or a `RLIMIT_NICE` that allows it); see
+    /// [`Self::raises`].
+    pub fn with_ceiling(ceiling: Option<i32>) -> Self {
+        Notifier { ceiling, ..Self::default() }
+    }
+
+    /// Holders raised to the ceiling so far, and raises the kernel refused.
+    pub fn raises(&self) -> (u64, u64) {
+        (self.raises.load(Ordering::Relaxed), self.raises_refused.load(Ordering::Relaxed))
+    }
+
+    /// Raises the holders of the invalidations overlapping `range` to the
+    /// ceiling (see [`Self::with_ceiling`]); each at most once.
+    pub fn raise_holders(&self, range: &GuestRange) {
+        if self.ceiling.is_some() {
+            let mut reg = self.registry();
+            self.raise_locked(&mut reg, range);
+        }
+    }
+
+    fn raise_locked(&self, reg: &mut Registry, range: &GuestRange) {
+        let Some(ceiling) = self.ceiling else { return };
+        for a in reg.active.iter_mut().filter(|a| a.raised.is_none() && a.overlaps(range)) {
+            let Some(tid) = a.holder.and_then(rustix::process::Pid::from_raw) else { continue };
+            let own = rustix::process::getpriority_process(Some(tid)).unwrap_or(ceiling);
+            a.raised = Some(None);
+            if own <= ceiling {
+                continue;
+            }
+            match rustix::process::setpriority_process(Some(tid), ceiling) {
+                Ok(()) => {
+                    a.raised = Some(Some(own));
+                    self.raises.fetch_add(1, Ordering::Relaxed);
+                }
+                Err(_) => {
+                    self.raises_refused.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+    }
+
     fn registry(&self) -> MutexGuard<'_, Registry> {
         self.registry.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -309,7 +373,7 @@ impl Notifier {
     pub fn read_begin(&self, range: GuestRange, deadline: Instant) -> Option<Seq> {
         // The sequence is read with the registry still locked: a hold bumps
         // it and marks itself holding under that lock (see `hold`).
-        let _reg = self.wait_registry(deadline, |reg| !reg.holding(&range))?;
+        let _reg = self.wait_registry(deadline, &range, |reg| !reg.holding(&range))?;
         Some(Seq(self.seq.load(Ordering::Acquire)))
     }
 
@@ -317,18 +381,25 @@ impl Notifier {
     /// announced or holding, to end: what a taker of a reference waits for,
     /// since none is granted meanwhile. False if the deadline passed first.
     pub fn wait_idle(&self, range: GuestRange, deadline: Instant) -> bool {
-        self.wait_registry(deadline, |reg| !reg.invalidating(&range)).is_some()
+        self.wait_registry(deadline, &range, |reg| !reg.invalidating(&range)).is_some()
     }
 
     /// Waits (until `deadline`) for the registry to satisfy `ready`, and
-    /// returns it still locked; `None` if the deadline passed first.
-    fn wait_registry(&self, deadline: Instant, ready: impl Fn(&Registry) -> bool) -> Option<MutexGuard<'_, Registry>> {
+    /// returns it still locked; `None` if the deadline passed first. A
+    /// wait raises the holders of the invalidations over `range` first.
+    fn wait_registry(
+        &self,
+        deadline: Instant,
+        range: &GuestRange,
+        ready: impl Fn(&Registry) -> bool,
+    ) -> Option<MutexGuard<'_, Registry>> {
         let mut reg = self.registry();
         while !ready(&reg) {
             let now = Instant::now();
             if now >= deadline {
                 return None;
             }
+            self.raise_locked(&mut reg, range);
             reg = self.changed.wait_timeout(reg, deadline - now).unwrap_or_else(|e| e.into_inner()).0;
         }
         Some(reg)
@@ -423,7 +494,14 @@ impl Notifier {
         let mut reg = self.registry();
         Self::check_overlap(&reg, ranges)?;
         let id = reg.take_id();
-        reg.active.push(Active { id, ranges: ranges.to_vec(), exclusive: true, held: Vec::new() });
+        reg.active.push(Active {
+            id,
+            ranges: ranges.to_vec(),
+            exclusive: true,
+            held: Vec::new(),
+            holder: Some(rustix::thread::gettid().as_raw_nonzero().get()),
+            raised: None,
+        });
         let seq = self.seq.load(Ordering::Acquire) + 1;
         Ok(Invalidation { notifier: self, id, seq, ranges: ranges.to_vec(), reason })
     }
@@ -458,7 +536,7 @@ impl Notifier {
     ) -> Invalidation<'_> {
         let seq = self.bump(history, ranges);
         let id = reg.take_id();
-        reg.active.push(Active { id, ranges: ranges.to_vec(), exclusive, held: ranges.to_vec() });
+        reg.active.push(Active { id, ranges: ranges.to_vec(), exclusive, held: ranges.to_vec(), holder: None, raised: None });
         drop(reg);
         mark();
         Invalidation { notifier: self, id, seq, ranges: ranges.to_vec(), reason }
@@ -659,6 +737,14 @@ impl Invalidation<'_> {
 impl Drop for Invalidation<'_> {
     fn drop(&mut self) {
         let mut reg = self.notifier.registry();
+        // Under the registry lock, which every raise takes: no waiter
+        // raises the holder after its priority is put back.
+        if let Some(a) = reg.active.iter().find(|a| a.id == self.id) {
+            if let (Some(tid), Some(Some(nice))) = (a.holder.and_then(rustix::process::Pid::from_raw), a.raised) {
+                // Lowering a priority needs no privilege.
+                let _ = rustix::process::setpriority_process(Some(tid), nice);
+            }
+        }
         reg.active.retain(|a| a.id != self.id);
         self.notifier.changed.notify_all();
     }

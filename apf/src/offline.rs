@@ -9,12 +9,13 @@
 //!
 //! 1. **Announce the invalidation**: from here no short-term reference or
 //!    pin guard is granted on the range, and no other offline may overlap
-//!    it. Faults on the range are still served. From here pins (and soon
-//!    faults) wait for the offline, so its thread runs at the engine's
-//!    priority ceiling ([`OfflinePriority`](crate::OfflinePriority)) until
-//!    it ends: a low-priority caller kept off the CPU would hold them all
-//!    up, and no lock or condition variable gives priority inheritance
-//!    between nice levels.
+//!    it. Faults on the range are still served. From here pins (and, chunk
+//!    by chunk, faults) may wait for the offline: the first that does
+//!    raises the offline's thread to the engine's priority ceiling
+//!    ([`OfflinePriority`](crate::OfflinePriority)) until it ends. A
+//!    low-priority caller kept off the CPU would otherwise hold them all
+//!    up: no lock or condition variable lends priority between nice
+//!    levels. An offline nobody waits for keeps its caller's priority.
 //! 2. **Call the pin callbacks** of every [`Pin`](crate::pin::Pin) over the
 //!    range: holders drop their kernel pins and stop relying on the memory.
 //! 3. **Wait for short-term references** ([`PageRef`](crate::pin::PageRef))
@@ -1209,9 +1210,6 @@ pub(crate) fn offline(
         outcome = field::Empty,
     );
     let _entered = span.enter();
-    // Faults and pins may wait for this offline from its announce on: it
-    // runs at the ceiling until it ends, whatever its caller's priority.
-    let _raised = shared.raise_to_ceiling();
     let result = match mode {
         Mode::HostBlock(n) => crate::offline::host_block(shared, range, n, deadline),
         _ => offline_pages(shared, staging, loc.region, loc.page, count, range, mode, deadline),
@@ -1341,7 +1339,6 @@ pub(crate) fn replug(shared: &Core, staging: Option<&Staging>, range: GuestRange
     let deadline = started + shared.config().install_deadline;
     let (loc, count) = shared.ram().check_range(range)?;
     let region = &shared.ram().regions()[loc.region];
-    let _raised = shared.raise_to_ceiling();
     let (inv, prior) = begin(shared, region, loc.page, count, range, Reason::Unplug)?;
     let mut work = Work::new(shared, region, loc.page, range, Mode::Unplug, deadline, prior);
     // The staging area is only needed to move aside a page found where

@@ -602,16 +602,19 @@ fn nice_of(tid: i32) -> i32 {
     rest.split(' ').nth(16).unwrap().parse().unwrap()
 }
 
-/// An offline called from a low-priority thread runs at the priority of
-/// the thread that started the engine while it works (vCPUs wait for it),
-/// and its thread gets its own priority back when it ends.
+/// An offline called from a low-priority thread runs at its own priority
+/// until someone waits for it: a fault on a page it holds lends it the
+/// priority of the thread that started the engine, and the offline's
+/// thread gets its own priority back when it ends.
 #[test]
-fn an_offline_from_a_low_priority_thread_runs_at_the_ceiling() {
+fn a_fault_waiting_for_a_low_priority_offline_raises_it() {
     let ram = ram(4 * MIB);
     let engine = Arc::new(engine(&ram));
     let starter = nice_of(rustix::thread::gettid().as_raw_nonzero().get());
     let r = range(0x10_0000, 2 * (apf::STAGING_PAGES * PAGE_SIZE) as u64);
-    stamp(&ram, r, 0x19);
+    // The first 16 pages are never touched: missing, held by the offline.
+    let stamped = range(r.start.0 + 16 * PAGE, r.len - 16 * PAGE);
+    stamp(&ram, stamped, 0x19);
     let (lo, hi) = host_span(&ram, r);
     engine.failpoints().arm(apf::failpoints::Rule::pause(apf::failpoints::Op::Move).within(lo, hi));
     let (tx, rx) = std::sync::mpsc::channel();
@@ -626,16 +629,29 @@ fn an_offline_from_a_low_priority_thread_runs_at_the_ceiling() {
     };
     let tid = rx.recv().unwrap();
     assert!(engine.failpoints().wait_paused(Duration::from_secs(5)));
+    assert_eq!(nice_of(tid), 19, "an offline nobody waits for was raised");
+    // A fault on the held chunk waits for the offline, and raises it.
+    let reader = {
+        let ram = ram.clone();
+        std::thread::spawn(move || read_word(&ram, r.start.0 + 3 * PAGE))
+    };
+    let until = Instant::now() + Duration::from_secs(5);
+    while engine.stats().priority_raises + engine.stats().priority_raises_refused == 0 && Instant::now() < until {
+        std::thread::sleep(Duration::from_millis(1));
+    }
     let during = nice_of(tid);
     engine.failpoints().open_gate();
     let (result, after) = off.join().unwrap();
     result.unwrap();
+    assert_eq!(reader.join().unwrap(), 0);
     assert_eq!(after, 19, "the offline did not give its thread its priority back");
-    if engine.stats().ceiling_refused == 0 {
-        assert_eq!(during, starter, "the offline ran at its caller's priority");
+    let stats = engine.stats();
+    if stats.priority_raises_refused == 0 {
+        assert_eq!(stats.priority_raises, 1);
+        assert_eq!(during, starter, "the offline a fault waited for ran at its caller's priority");
     } else {
         // No CAP_SYS_NICE: the engine says so instead.
         assert_eq!(during, 19);
     }
-    check_stamp(&ram, r, 0x19);
+    check_stamp(&ram, stamped, 0x19);
 }

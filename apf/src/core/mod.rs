@@ -344,15 +344,14 @@ pub(crate) struct Core {
     /// offlines when they end.
     kick: EventFd,
     parked_waiting: AtomicBool,
+    /// The event loop holds deferred faults (see [`Core::kick_deferred`]).
+    deferred_waiting: AtomicBool,
     /// Jobs being resolved (inline, queued, on a worker, replaying) or
     /// parked.
     in_flight: AtomicUsize,
     /// Set once, at shutdown or when the event loop dies: no new work.
     stopping: AtomicBool,
     working_set: Option<FirstTouches>,
-    /// The nice value offlines run at while others may wait for them
-    /// ([`crate::config::OfflinePriority`]); `None`: their own.
-    ceiling: Option<i32>,
     /// When the last fault was read, in nanoseconds since `epoch`.
     last_demand: AtomicU64,
     epoch: Instant,
@@ -360,23 +359,6 @@ pub(crate) struct Core {
 
 fn nanos(d: Duration) -> u64 {
     u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
-}
-
-/// The calling thread runs at the engine's priority ceiling until this is
-/// dropped ([`Core::raise_to_ceiling`]).
-#[derive(Debug)]
-pub(crate) struct Raised {
-    /// The nice value to put back.
-    restore: Option<i32>,
-}
-
-impl Drop for Raised {
-    fn drop(&mut self) {
-        if let Some(nice) = self.restore {
-            // Lowering one's own priority needs no privilege.
-            let _ = rustix::process::setpriority_process(Some(rustix::thread::gettid()), nice);
-        }
-    }
 }
 
 impl Core {
@@ -396,46 +378,26 @@ impl Core {
             ram,
             source,
             store,
-            notifier: Notifier::new(),
-            stats: Stats::default(),
-            zeros: vec![0u8; config.max_window * PAGE_SIZE].into_boxed_slice(),
-            kick: EventFd::new(EFD_NONBLOCK)?,
-            parked_waiting: AtomicBool::new(false),
-            in_flight: AtomicUsize::new(0),
-            stopping: AtomicBool::new(false),
-            working_set: config.record_working_set.then(|| FirstTouches::new(ram_pages)),
-            ceiling: match config.offline_priority {
+            notifier: Notifier::with_ceiling(match config.offline_priority {
                 OfflinePriority::Starter => {
                     rustix::process::getpriority_process(Some(rustix::thread::gettid())).ok()
                 }
                 OfflinePriority::Nice(nice) => Some(nice),
                 OfflinePriority::Own => None,
-            },
+            }),
+            stats: Stats::default(),
+            zeros: vec![0u8; config.max_window * PAGE_SIZE].into_boxed_slice(),
+            kick: EventFd::new(EFD_NONBLOCK)?,
+            parked_waiting: AtomicBool::new(false),
+            deferred_waiting: AtomicBool::new(false),
+            in_flight: AtomicUsize::new(0),
+            stopping: AtomicBool::new(false),
+            working_set: config.record_working_set.then(|| FirstTouches::new(ram_pages)),
             last_demand: AtomicU64::new(0),
             epoch: Instant::now(),
             errors,
             config,
         })
-    }
-
-    /// Runs the calling thread at the priority ceiling until the returned
-    /// guard is dropped (see [`OfflinePriority`]): an offline takes it from
-    /// the moment others may wait for it.
-    pub(crate) fn raise_to_ceiling(&self) -> Raised {
-        let none = Raised { restore: None };
-        let Some(ceiling) = self.ceiling else { return none };
-        let tid = rustix::thread::gettid();
-        let Ok(own) = rustix::process::getpriority_process(Some(tid)) else { return none };
-        if own <= ceiling {
-            return none;
-        }
-        match rustix::process::setpriority_process(Some(tid), ceiling) {
-            Ok(()) => Raised { restore: Some(own) },
-            Err(_) => {
-                self.stats.ceiling_refused.add(1);
-                none
-            }
-        }
     }
 
     /// The userfaultfd: events, registration, failpoints.
@@ -578,9 +540,29 @@ impl Core {
         Duration::from_nanos(nanos(self.epoch.elapsed()).saturating_sub(self.last_demand.load(Ordering::Relaxed)))
     }
 
-    /// Has the event loop look at faults an offline deferred.
+    /// Has the event loop look at faults an offline deferred, if it has
+    /// any: a wake of the event loop's thread costs the other core tens of
+    /// microseconds, and an offline ends a chunk hundreds of times a
+    /// second. Call after the pages' final states are set.
     pub(crate) fn kick_deferred(&self) {
-        let _ = self.kick.write(1);
+        // Pairs with `defer_noted`: either the event loop sees the new
+        // states when it looks again, or this sees its flag.
+        std::sync::atomic::fence(Ordering::SeqCst);
+        if self.deferred_waiting.load(Ordering::SeqCst) {
+            let _ = self.kick.write(1);
+        }
+    }
+
+    /// The event loop is about to defer a fault: kicks from now on reach
+    /// it. It must look at the page's state again after this.
+    pub(crate) fn defer_noted(&self) {
+        self.deferred_waiting.store(true, Ordering::SeqCst);
+        std::sync::atomic::fence(Ordering::SeqCst);
+    }
+
+    /// The event loop took every deferred fault to look at again.
+    pub(crate) fn deferred_taken(&self) {
+        self.deferred_waiting.store(false, Ordering::SeqCst);
     }
 
     /// Reports a failure through the engine's bounded error queue; one that

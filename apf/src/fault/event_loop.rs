@@ -243,6 +243,7 @@ impl FaultLoop {
 
     /// Handles deferred faults again (an offline ended, or the tick).
     fn redo_deferred(&mut self) {
+        self.shared.deferred_taken();
         for d in std::mem::take(&mut self.deferred) {
             let waited = d.before + d.since.map_or(Duration::ZERO, |t| t.elapsed());
             if d.since.is_some() {
@@ -538,8 +539,18 @@ impl FaultLoop {
                 }
                 PageState::Invalidating => {
                     if self.deferred.len() < shared.config().park_capacity {
+                        // Look again once kicks are sure to come: an
+                        // offline that ended the page's chunk meanwhile
+                        // may not have seen that anyone waits.
+                        shared.defer_noted();
+                        if region.state(page).0 != PageState::Invalidating {
+                            continue;
+                        }
                         if redo.is_none() {
                             shared.stats().deferred.add(1);
+                            // The offline holding it gets this fault's
+                            // priority while the fault waits.
+                            shared.notifier().raise_holders(&GuestRange::new(region.page_gpa(page), PAGE_SIZE as u64));
                         }
                         self.deferred.push(Deferred::new(span, addr, write, tid, redo));
                         return;
