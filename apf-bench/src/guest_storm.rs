@@ -90,7 +90,14 @@ pub struct GuestStormSample {
     pub offlines: u64,
     /// The host block offline: "offlined", "none qualified", ... or "off".
     pub host_block: String,
+    /// Where the slowest faults' time went (the latency layer's tail
+    /// breakdown): percent of their time per cause of [`TAIL_CAUSES`].
+    pub tail_causes_pct: Vec<(&'static str, f64)>,
 }
+
+/// The causes a slow fault's time is split into (see
+/// `apf::TailBreakdown`), as the figures name them.
+pub const TAIL_CAUSES: [&str; 7] = ["deferred", "queued", "waited", "lock", "fill", "install", "other"];
 
 impl GuestStormSample {
     fn blocked_per_fault_us(&self) -> Option<f64> {
@@ -120,7 +127,7 @@ fn median_of(v: impl Iterator<Item = Option<f64>>) -> Option<f64> {
 }
 
 /// The keys [`GuestStormFigures::figures`] writes, in order.
-pub const FIGURE_KEYS: [&str; 28] = [
+pub const FIGURE_KEYS: [&str; 42] = [
     "guest_fault_p99_us_quiet",
     "guest_fault_p999_us_quiet",
     "guest_fault_max_us_quiet",
@@ -149,6 +156,20 @@ pub const FIGURE_KEYS: [&str; 28] = [
     "host_block_fault_max_us_engine_view",
     "host_block_offlined_rounds",
     "guest_storm_rounds",
+    "fault_tail_deferred_pct_quiet",
+    "fault_tail_queued_pct_quiet",
+    "fault_tail_waited_pct_quiet",
+    "fault_tail_lock_pct_quiet",
+    "fault_tail_fill_pct_quiet",
+    "fault_tail_install_pct_quiet",
+    "fault_tail_other_pct_quiet",
+    "fault_tail_deferred_pct_storm",
+    "fault_tail_queued_pct_storm",
+    "fault_tail_waited_pct_storm",
+    "fault_tail_lock_pct_storm",
+    "fault_tail_fill_pct_storm",
+    "fault_tail_install_pct_storm",
+    "fault_tail_other_pct_storm",
 ];
 
 /// The keys [`GuestStormFigures::ratios`] writes, in order.
@@ -182,6 +203,11 @@ impl GuestStormFigures {
         let hb = |f: fn(&Tail) -> f64| median_of(offlined.iter().map(|s| s.guest_touch.as_ref().map(f)));
         let hb_engine = |f: fn(&Tail) -> f64| median_of(offlined.iter().map(|s| s.engine.as_ref().map(f)));
         let rounds = (!self.rounds.is_empty()).then_some(self.rounds.len() as f64);
+        let cause = |runs: Vec<&GuestStormSample>, c: &str| {
+            median_of(runs.into_iter().map(|s| s.tail_causes_pct.iter().find(|(n, _)| *n == c).map(|(_, v)| *v)))
+        };
+        let quiet_causes = TAIL_CAUSES.map(|c| cause(self.quiet().collect(), c));
+        let storm_causes = TAIL_CAUSES.map(|c| cause(self.storm().collect(), c));
         let values = [
             q(p99, false),
             q(p999, false),
@@ -211,6 +237,20 @@ impl GuestStormFigures {
             hb_engine(max),
             (!self.host_block.is_empty()).then_some(offlined.len() as f64),
             rounds,
+            quiet_causes[0],
+            quiet_causes[1],
+            quiet_causes[2],
+            quiet_causes[3],
+            quiet_causes[4],
+            quiet_causes[5],
+            quiet_causes[6],
+            storm_causes[0],
+            storm_causes[1],
+            storm_causes[2],
+            storm_causes[3],
+            storm_causes[4],
+            storm_causes[5],
+            storm_causes[6],
         ];
         FIGURE_KEYS.iter().copied().zip(values).collect()
     }
@@ -293,6 +333,17 @@ impl GuestStormFigures {
             o("host_block_fault_max_us"),
             o("offline_64mib_ms"),
         );
+        for run in ["quiet", "storm"] {
+            let parts: Vec<String> = TAIL_CAUSES
+                .iter()
+                .filter_map(|c| f.get(format!("fault_tail_{c}_pct_{run}").as_str()).copied().flatten().map(|v| (c, v)))
+                .filter(|(_, v)| *v >= 0.5)
+                .map(|(c, v)| format!("{c} {v:.0}%"))
+                .collect();
+            if !parts.is_empty() {
+                s += &format!("  slowest 0.1% of faults, {run}: {}\n", parts.join(", "));
+            }
+        }
         s
     }
 }
@@ -315,6 +366,7 @@ mod tests {
             pin_callback_p99_us: Some(0.2),
             offlines: 20,
             host_block: "off".into(),
+            tail_causes_pct: vec![("deferred", 10.0), ("other", 90.0)],
         }
     }
 

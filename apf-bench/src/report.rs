@@ -481,6 +481,7 @@ mod tests {
             pin_callback_p99_us: Some(0.1),
             offlines: 20,
             host_block: host_block.into(),
+            tail_causes_pct: vec![("lock", 5.0), ("other", 95.0)],
         };
         let report = BenchReport {
             guest_storm: Some(GuestStormFigures {

@@ -306,12 +306,8 @@ pub struct Invalidation<'a> {
 }
 
 impl Notifier {
-    /// A notifier with nothing registered and no invalidation in progress.
-    pub fn new() -> Self {
-        Self::default()
-    }
-
-    /// [`Self::new`], with priority inheritance: a thread that waits for an
+    /// A notifier with nothing registered and no invalidation in progress,
+    /// with priority inheritance: a thread that waits for an
     /// invalidation (a read of a held range, a reference or pin waiting
     /// for an announced one, a fault deferred behind one) first raises
     /// the thread that announced it to nice `ceiling`, if it runs lower,
@@ -767,7 +763,7 @@ mod tests {
 
     #[test]
     fn retry_only_for_overlapping_invalidations() {
-        let n = Notifier::new();
+        let n = Notifier::default();
         let seq = n.read_begin(range(0, 4096), far()).unwrap();
         assert!(!n.read_retry(range(0, 4096), seq));
         drop(n.invalidate_begin(&[range(8192, 4096)], Reason::Migrate, true, || {}).unwrap());
@@ -781,7 +777,7 @@ mod tests {
 
     #[test]
     fn forgotten_history_retries_conservatively() {
-        let n = Notifier::new();
+        let n = Notifier::default();
         let seq = n.read_begin(range(0, 4096), far()).unwrap();
         for i in 0..HISTORY as u64 + 1 {
             drop(n.invalidate_begin(&[range((i + 10) << 12, 4096)], Reason::Evict, true, || {}).unwrap());
@@ -791,7 +787,7 @@ mod tests {
 
     #[test]
     fn read_begin_waits_for_overlapping_invalidation() {
-        let n = Notifier::new();
+        let n = Notifier::default();
         let inv = n.invalidate_begin(&[range(0, 8192)], Reason::Migrate, true, || {}).unwrap();
         assert!(n.read_begin(range(8192, 4096), Instant::now()).is_some());
         let t = Instant::now();
@@ -807,7 +803,7 @@ mod tests {
 
     #[test]
     fn exclusive_invalidations_refuse_overlap() {
-        let n = Notifier::new();
+        let n = Notifier::default();
         let a = n.invalidate_begin(&[range(0, 8192)], Reason::Migrate, true, || {}).unwrap();
         assert_eq!(
             n.invalidate_begin(&[range(4096, 8192)], Reason::Evict, true, || {}).unwrap_err(),
@@ -822,7 +818,7 @@ mod tests {
 
     #[test]
     fn an_offline_held_part_by_part_gives_each_part_back_when_it_ends() {
-        let n = Notifier::new();
+        let n = Notifier::default();
         let now = Instant::now;
         let mut inv = n.announce(&[range(0, 3 * 8192)], Reason::Migrate).unwrap();
         let seq = n.read_begin(range(0, 4096), now()).expect("announced only: reads go on");
@@ -860,7 +856,7 @@ mod tests {
 
     #[test]
     fn invalidation_waits_for_installs_in_flight() {
-        let n = Notifier::new();
+        let n = Notifier::default();
         let marked = AtomicBool::new(false);
         std::thread::scope(|s| {
             let guard = n.install_lock();
@@ -882,7 +878,7 @@ mod tests {
 
     #[test]
     fn callbacks_see_their_part_once() {
-        let n = Notifier::new();
+        let n = Notifier::default();
         let seen = Arc::new(Mutex::new(Vec::new()));
         let s2 = seen.clone();
         let id = n.register(range(0x4000, 0x4000), Box::new(move |ev| s2.lock().unwrap().push((ev.range, ev.reason))));
@@ -901,7 +897,7 @@ mod tests {
 
     #[test]
     fn unregister_waits_for_a_running_callback() {
-        let n = Arc::new(Notifier::new());
+        let n = Arc::new(Notifier::default());
         let inside = Arc::new(AtomicUsize::new(0));
         let i2 = inside.clone();
         let id = n.register(
@@ -927,7 +923,7 @@ mod tests {
 
     #[test]
     fn refs_drain_and_are_refused_while_invalidating() {
-        let n = Notifier::new();
+        let n = Notifier::default();
         let r = n.try_ref(&n.install_lock(), range(0, 4096)).unwrap();
         let inv = n.invalidate_begin(&[range(0, 8192)], Reason::Migrate, true, || {}).unwrap();
         assert!(n.try_ref(&n.install_lock(), range(4096, 4096)).is_none(), "no new reference while invalidating");
@@ -945,7 +941,7 @@ mod tests {
 
     #[test]
     fn an_announced_invalidation_refuses_references_but_lets_reads_go_on_until_it_holds() {
-        let n = Notifier::new();
+        let n = Notifier::default();
         let seq = n.read_begin(range(0, 4096), far()).unwrap();
         let mut inv = n.announce(&[range(0, 8192)], Reason::Evict).unwrap();
         assert!(n.try_ref(&n.install_lock(), range(4096, 4096)).is_none(), "no new reference once announced");
@@ -967,7 +963,7 @@ mod tests {
 
     #[test]
     fn only_an_unplug_waits_for_pin_guards() {
-        let n = Notifier::new();
+        let n = Notifier::default();
         let g = n.try_guard_ref(range(0, 4096)).unwrap();
         for reason in [Reason::Migrate, Reason::Evict, Reason::HostBlock] {
             let inv = n.invalidate_begin(&[range(0, 4096)], reason, true, || {}).unwrap();
@@ -983,7 +979,7 @@ mod tests {
 
     #[test]
     fn hard_intervals_hold_until_unregistered() {
-        let n = Notifier::new();
+        let n = Notifier::default();
         let h = n.register_hard(range(0, 4096));
         let inv = n.invalidate_begin(&[range(0, 4096)], Reason::Migrate, true, || {}).unwrap();
         assert_eq!(inv.call_intervals(), 0, "hard intervals have no callback");

@@ -130,5 +130,12 @@ fn sample_of(report: &crate::report::Report) -> Result<GuestStormSample, String>
         pin_callback_p99_us: report.pin_callback.map(|c| c.p99_us),
         offlines: report.offline.completed,
         host_block: report.offline.host_block.clone(),
+        tail_causes_pct: latency.tail.as_ref().map_or_else(Vec::new, |t| {
+            let total = t.total.as_secs_f64().max(1e-12);
+            apf_bench::guest_storm::TAIL_CAUSES
+                .iter()
+                .filter_map(|&c| Some((c, 100.0 * t.cause(c)?.as_secs_f64() / total)))
+                .collect()
+        }),
     })
 }
