@@ -20,7 +20,10 @@
 //!    range: holders drop their kernel pins and stop relying on the memory.
 //! 3. **Wait for short-term references** ([`PageRef`](crate::pin::PageRef))
 //!    and hard pins to drain, then for the staging area, both up to the
-//!    deadline. A range still held then fails with [`OfflineError::Busy`]
+//!    deadline. Offlines take turns at the staging area in the order they
+//!    ask, chunk by chunk: one with more chunks to do lets a waiting one
+//!    go first after each chunk, so a small offline (a guest's request)
+//!    waits for one chunk of a large one, never for all of it. A range still held then fails with [`OfflineError::Busy`]
 //!    (or [`OfflineError::StagingBusy`]) and is left as it was. Because
 //!    nothing is held yet, a thread holding a reference waited for here is
 //!    never blocked by this offline, whatever it touches.
@@ -371,8 +374,36 @@ pub(crate) struct Staging {
     map: AnonMapping,
     pages: usize,
     pagemap: File,
-    in_use: Mutex<bool>,
+    turns: Mutex<Turns>,
     freed: Condvar,
+}
+
+/// Whose turn it is at the staging area: offlines take it in the order they
+/// asked for it, and one with more chunks to do gives it up between two
+/// chunks when another waits (see [`StagingGuard::pass_if_waited`]).
+#[derive(Debug, Default)]
+struct Turns {
+    /// The next ticket to hand out.
+    next: u64,
+    /// The ticket whose holder may use the area.
+    serving: u64,
+    /// Tickets whose holders stopped waiting (their deadline passed).
+    abandoned: std::collections::BTreeSet<u64>,
+}
+
+impl Turns {
+    /// Ends the current turn: the next ticket still waited on is served.
+    fn advance(&mut self) {
+        self.serving += 1;
+        while self.abandoned.remove(&self.serving) {
+            self.serving += 1;
+        }
+    }
+
+    /// Whether a ticket after the one served is still waited on.
+    fn waited(&self) -> bool {
+        self.next > self.serving + 1 + self.abandoned.len() as u64
+    }
 }
 
 impl fmt::Debug for Staging {
@@ -388,8 +419,24 @@ struct StagingGuard<'a> {
 
 impl Drop for StagingGuard<'_> {
     fn drop(&mut self) {
-        *self.staging.in_use.lock().unwrap_or_else(|e| e.into_inner()) = false;
-        self.staging.freed.notify_one();
+        self.staging.turns.lock().unwrap_or_else(|e| e.into_inner()).advance();
+        self.staging.freed.notify_all();
+    }
+}
+
+impl<'a> StagingGuard<'a> {
+    /// Between two chunks: if another offline waits for the staging area,
+    /// it gets its turn now, and this one queues again behind it (an
+    /// offline of a guest's own memory, asked for by a vCPU, never waits
+    /// for a whole 64 MiB offline of someone else's). `None` if the turn
+    /// did not come back by `deadline`.
+    fn pass_if_waited(self, deadline: Instant, on_wait: impl Fn()) -> Option<StagingGuard<'a>> {
+        let staging = self.staging;
+        if !staging.turns.lock().unwrap_or_else(|e| e.into_inner()).waited() {
+            return Some(self);
+        }
+        drop(self);
+        staging.acquire(deadline, on_wait)
     }
 }
 
@@ -407,20 +454,33 @@ impl Staging {
         uffd.register(map.ptr() as u64, map.len() as u64, RegisterMode::MISSING)
             .map_err(|e| OfflineError::Staging(io::Error::other(e)))?;
         let pagemap = File::open("/proc/self/pagemap").map_err(OfflineError::Staging)?;
-        Ok(Staging { map, pages, pagemap, in_use: Mutex::new(false), freed: Condvar::new() })
+        Ok(Staging { map, pages, pagemap, turns: Mutex::new(Turns::default()), freed: Condvar::new() })
     }
 
-    /// Waits until no other offline uses the staging area, or `deadline`.
-    fn acquire(&self, deadline: Instant) -> Option<StagingGuard<'_>> {
-        let mut in_use = self.in_use.lock().unwrap_or_else(|e| e.into_inner());
-        while *in_use {
+    /// Waits for this caller's turn at the staging area (turns come in the
+    /// order they were asked for), or `deadline`. `on_wait` runs before the
+    /// first wait: it lends the waiter's priority to whoever holds the
+    /// area.
+    fn acquire(&self, deadline: Instant, on_wait: impl Fn()) -> Option<StagingGuard<'_>> {
+        let mut turns = self.turns.lock().unwrap_or_else(|e| e.into_inner());
+        let ticket = turns.next;
+        turns.next += 1;
+        let mut waited = false;
+        while turns.serving != ticket {
             let now = Instant::now();
             if now >= deadline {
+                turns.abandoned.insert(ticket);
                 return None;
             }
-            in_use = self.freed.wait_timeout(in_use, deadline - now).unwrap_or_else(|e| e.into_inner()).0;
+            if !waited {
+                waited = true;
+                drop(turns);
+                on_wait();
+                turns = self.turns.lock().unwrap_or_else(|e| e.into_inner());
+                continue;
+            }
+            turns = self.freed.wait_timeout(turns, deadline - now).unwrap_or_else(|e| e.into_inner()).0;
         }
-        *in_use = true;
         Some(StagingGuard { staging: self })
     }
 
@@ -647,16 +707,23 @@ impl<'a> Work<'a> {
     /// with the rest of that chunk. Stops at the first chunk that fails or
     /// is held by the kernel, or when the deadline passes between chunks:
     /// what follows is never touched.
-    fn act(&mut self, st: &Staging, inv: &mut Invalidation<'_>) {
+    fn act(&mut self, guard: StagingGuard<'_>, inv: &mut Invalidation<'_>) {
         // Pages left by an offline whose clear failed.
-        if let Err(e) = st.clear(self.shared.uffd()) {
+        if let Err(e) = guard.clear(self.shared.uffd()) {
             self.fail(OfflineError::Staging(e));
             return;
         }
+        let mut guard = Some(guard);
         while self.pages_done < self.count() && !self.stopped() {
-            if self.pages_done > 0 && Instant::now() >= self.deadline {
-                return;
+            if self.pages_done > 0 {
+                if Instant::now() >= self.deadline {
+                    return;
+                }
+                // Another offline waiting for the staging area goes first.
+                let raise = || self.shared.notifier().raise_holders(&GuestRange::new(GuestAddress(0), u64::MAX));
+                guard = guard.take().and_then(|g| g.pass_if_waited(self.deadline, raise));
             }
+            let Some(st) = guard.as_deref() else { return };
             let c0 = self.pages_done;
             let n = (self.count() - c0).min(st.pages);
             let part = self.page_range(c0, n);
@@ -1266,15 +1333,15 @@ fn offline_pages(
             pages_done: 0,
         });
     }
-    let Some(guard) = staging.acquire(deadline) else {
+    let raise = || shared.notifier().raise_holders(&GuestRange::new(GuestAddress(0), u64::MAX));
+    let Some(guard) = staging.acquire(deadline, raise) else {
         return Err(OfflineError::StagingBusy { range, waited: started.elapsed() });
     };
     // 4, 5. Chunk by chunk: hold, act, end.
     let unset = Prior { state: PageState::Resolving, origin: Origin::Source };
     let mut work = Work::new(shared, region, first, range, mode, deadline, vec![unset; count]);
     work.report.pins_called = pins_called;
-    work.act(&guard, &mut inv);
-    drop(guard);
+    work.act(guard, &mut inv);
     drop(inv);
     shared.kick_deferred();
     shared.stats().frames_moved.add(work.report.frames_moved as u64);
@@ -1343,7 +1410,7 @@ pub(crate) fn replug(shared: &Core, staging: Option<&Staging>, range: GuestRange
     let mut work = Work::new(shared, region, loc.page, range, Mode::Unplug, deadline, prior);
     // The staging area is only needed to move aside a page found where
     // the marker should be; without `UFFDIO_MOVE` nothing is unplugged.
-    let guard = match staging.map(|s| s.acquire(deadline)) {
+    let guard = match staging.map(|s| s.acquire(deadline, || {})) {
         Some(None) => None,
         other => Some(other.flatten()),
     };

@@ -655,3 +655,36 @@ fn a_fault_waiting_for_a_low_priority_offline_raises_it() {
     }
     check_stamp(&ram, stamped, 0x19);
 }
+
+/// A small offline that asks for the staging area while a large one is
+/// working gets its turn after the large one's current chunk, not after
+/// all of it.
+#[test]
+fn a_small_offline_waits_for_one_chunk_of_a_large_one_not_all_of_it() {
+    let ram = ram(48 * MIB);
+    let engine = Arc::new(engine(&ram));
+    let large = range(0, 32 * MIB as u64);
+    let small = range(40 * MIB as u64, 64 * PAGE);
+    stamp(&ram, large, 0x4a);
+    stamp(&ram, small, 0x5b);
+    // The large offline stops at its first move until the small one waits.
+    let (lo, hi) = host_span(&ram, large);
+    engine.failpoints().arm(apf::failpoints::Rule::pause(apf::failpoints::Op::Move).within(lo, hi));
+    let big = {
+        let engine = engine.clone();
+        std::thread::spawn(move || engine.offline(large, Mode::Migrate, soon(20_000)))
+    };
+    assert!(engine.failpoints().wait_paused(Duration::from_secs(5)));
+    let little = {
+        let engine = engine.clone();
+        std::thread::spawn(move || engine.offline(small, Mode::Migrate, soon(20_000)))
+    };
+    // Give the small one time to queue for the staging area.
+    std::thread::sleep(Duration::from_millis(50));
+    engine.failpoints().open_gate();
+    little.join().unwrap().unwrap();
+    assert!(!big.is_finished(), "the small offline waited for the whole large one");
+    big.join().unwrap().unwrap();
+    check_stamp(&ram, large, 0x4a);
+    check_stamp(&ram, small, 0x5b);
+}
