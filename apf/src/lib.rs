@@ -38,9 +38,11 @@
 //! Everything a VMM names is at the crate root:
 //!
 //! - the engine: [`Engine`], built by [`EngineBuilder`] from one [`Config`]
-//!   ([`Dispatch`], [`Backend`]), its failures while running ([`Errors`] of
-//!   [`FaultError`]), its counters ([`StatsSnapshot`]), working sets
-//!   ([`WorkingSet`]) and [`ShutdownReport`];
+//!   ([`Dispatch`], [`Backend`], [`OfflinePriority`]), its failures while
+//!   running ([`Errors`] of [`FaultError`]), its counters
+//!   ([`StatsSnapshot`]), working sets and their files ([`WorkingSet`],
+//!   [`ImageId`], [`WorkingSetError`], replayed with [`ReplayOptions`]) and
+//!   [`ShutdownReport`];
 //! - guest RAM: [`GuestRam`], [`GuestRange`], vm-memory's [`GuestAddress`]
 //!   and [`GuestMemoryMmap`], and a read-only view of the page states
 //!   ([`Region`], [`PageLoc`], [`PageState`], [`Origin`]);
