@@ -101,5 +101,12 @@ counters! {
         pin_invalidations,
         /// Pins re-armed (faulted in again) after an invalidation.
         pin_refaults,
+        /// Pages mapped in place from an image's page cache (`CONTINUE`),
+        /// counted in `pages_installed` too.
+        continued,
+        /// Pages of shared memory found in the page cache when the engine
+        /// came to fill them (a discard that kept them): present, nothing
+        /// installed.
+        cached,
     }
 }

@@ -41,7 +41,8 @@
 //!   ([`Dispatch`], [`Backend`]), its failures while running ([`Errors`] of
 //!   [`FaultError`]), its counters ([`StatsSnapshot`]), working sets
 //!   ([`WorkingSet`]) and [`ShutdownReport`];
-//! - guest RAM: [`GuestRam`], [`GuestRange`], vm-memory's [`GuestAddress`]
+//! - guest RAM: [`GuestRam`] of a [`MemoryKind`] (an [`Image`] for
+//!   restores and clones, [`ImageError`]), [`GuestRange`], vm-memory's [`GuestAddress`]
 //!   and [`GuestMemoryMmap`], and a read-only view of the page states
 //!   ([`Region`], [`PageLoc`], [`PageState`], [`Origin`]);
 //! - where pages come from: [`PageSource`] ([`SourceKind`], [`SourceError`]),
@@ -81,7 +82,8 @@
 //! | module | owns |
 //! |---|---|
 //! | `uffd` | the userfaultfd descriptor: handshake, registration, events, resolving ioctls (the `unsafe` ones) |
-//! | `ram` | guest RAM regions, guest-address translation, per-page state |
+//! | `ram` | guest RAM regions and their memory kind, guest-address translation, per-page state |
+//! | `image` | memory images: a sealed memfd loaded once (or a tmpfs file), mapped private by many guests, and its page source |
 //! | `source` | where page contents come from: zeros, snapshot files, the eviction store |
 //! | `notifier` | the invalidation sequence and the interval registry of pins and references |
 //! | `config`, `counters` | the engine's configuration and its counters |
@@ -116,7 +118,7 @@ macro_rules! internal_modules {
 }
 
 internal_modules!(
-    config, core, counters, engine, fault, hostmem, kpin, notifier, offline, pin, ram, source, trace, uffd
+    config, core, counters, engine, fault, hostmem, image, kpin, notifier, offline, pin, ram, source, trace, uffd
 );
 
 #[cfg(feature = "lab")]
@@ -131,11 +133,13 @@ pub use counters::StatsSnapshot;
 pub use engine::{Engine, EngineBuilder, EngineError, Errors, ShutdownReport, MAX_REPLAYS};
 pub use fault::{WorkingSet, WorkingSetError};
 pub use hostmem::{BlockOp, BlockState, HostMemError};
+pub use image::{Image, ImageError};
 pub use notifier::{InvalidateEvent, Reason};
 pub use offline::{HostBlockSearch, Mode, OfflineError, OfflineReport};
 pub use pin::{HardPin, PageRef, Pin, PinError, PinGuard};
 pub use ram::{
-    GuestAddress, GuestMemoryMmap, GuestRam, GuestRange, Origin, PageLoc, PageState, RamError, Region, StateError,
+    GuestAddress, GuestMemoryMmap, GuestRam, GuestRange, MemoryKind, Origin, PageLoc, PageState, RamError, Region,
+    StateError,
 };
 pub use source::{EvictionStore, PageSource, SnapshotFile, SourceError, SourceKind, ZeroSource};
 pub use uffd::{Features, IoctlError, UffdError, PAGE_SIZE};

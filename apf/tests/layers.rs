@@ -16,7 +16,20 @@ use std::path::Path;
 const LAYERS: &[(&str, &[&str], bool)] = &[
     (
         "leaf",
-        &["uffd", "failpoints", "ram", "source", "notifier", "config", "counters", "hostmem", "kpin", "span", "trace"],
+        &[
+            "uffd",
+            "failpoints",
+            "ram",
+            "image",
+            "source",
+            "notifier",
+            "config",
+            "counters",
+            "hostmem",
+            "kpin",
+            "span",
+            "trace",
+        ],
         true,
     ),
     ("core", &["core"], false),

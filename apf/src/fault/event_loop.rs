@@ -431,6 +431,28 @@ impl FaultLoop {
                     self.dispatch(job);
                     return;
                 }
+                PageState::Present if shared.ram().kind().page_cache_is_truth() => {
+                    // Shared memory: a page leaves the page cache only by
+                    // a punched hole (`MADV_REMOVE`, `fallocate`), which
+                    // raises no event of its own, and reads zeros from
+                    // then on. (Contents kept by `MADV_DONTNEED` never
+                    // fault: the page cache still maps them.)
+                    if !region.try_reclaim_punched(page) {
+                        continue;
+                    }
+                    span.record("source", "zero");
+                    let job = Job {
+                        region: loc.region,
+                        fault: Some(Fault { page, write }),
+                        window: Window::one(page),
+                        span,
+                        attempts: 0,
+                        refunds: 0,
+                        reclaimed: true,
+                    };
+                    self.dispatch(job);
+                    return;
+                }
                 PageState::Present => {
                     // The engine installed it from its source or the store,
                     // with no remove since, and the kernel says missing:
