@@ -16,7 +16,7 @@ offline storms, in one process with the variants interleaved in every round.
   --rounds N             rounds (default 5, at least 5)
   --json PATH            write the figures and ratios as JSON
   --chart PATH.svg       write a chart of the throughput figures
-  --only PARTS           some of throughput,offline,storm (default all)
+  --only PARTS           some of throughput,restore,offline,storm (default all)
 ";
 
 /// Reads the options (everything after `bench`).
@@ -34,8 +34,10 @@ pub fn parse(args: &[String]) -> Result<BenchConfig, String> {
             "--chart" => cfg.chart = Some(value("--chart")?.into()),
             "--only" => {
                 for part in value("--only")?.split(',') {
-                    if !["throughput", "offline", "storm"].contains(&part) {
-                        return Err(format!("invalid value {part:?} for --only: throughput, offline or storm"));
+                    if !["throughput", "restore", "offline", "storm"].contains(&part) {
+                        return Err(format!(
+                            "invalid value {part:?} for --only: throughput, restore, offline or storm"
+                        ));
                     }
                     cfg.only.push(part.to_string());
                 }

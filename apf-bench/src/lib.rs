@@ -32,6 +32,7 @@
 //! | [`report`] | the figures, their ratios and targets; JSON, table, chart |
 //! | [`offline`] | offline cost with and without pins; an offline against a hard pin |
 //! | [`latency`] | fault latency next to an offline storm, a CPU hog, or nothing |
+//! | [`restore`] | restoring a snapshot image: the kernel's file mapping, apf copying, apf zero-copy; clones' memory |
 //!
 //! The `offline_cost` and `offline_storm` examples measure through the
 //! same [`offline`] and [`latency`] code.
@@ -40,6 +41,7 @@ pub mod cli;
 pub mod latency;
 pub mod offline;
 pub mod report;
+pub mod restore;
 mod run;
 
 pub use report::{chart, BenchReport, Sample, Series, WorkloadResult, TARGETS};

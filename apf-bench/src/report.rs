@@ -85,6 +85,11 @@ pub struct BenchReport {
     pub storm_p50_us: (f64, f64),
     /// Storm offlines per round.
     pub storm_offlines: u64,
+    /// Loading the restore image into a memfd: median ms over rounds.
+    pub image_load_ms: f64,
+    /// The memory of 4 clones of one image after a read pass, over the
+    /// image's size.
+    pub clones4_memory: f64,
     /// Wall time of the whole bench.
     pub elapsed: Duration,
     /// Problems (a variant that failed a check).
@@ -93,7 +98,7 @@ pub struct BenchReport {
 
 /// Ratio names, what they compare, and their targets (`>=` when higher
 /// is better).
-pub const TARGETS: [(&str, f64, bool); 9] = [
+pub const TARGETS: [(&str, f64, bool); 13] = [
     ("host_seq_apf_vs_baseline", 10.0, true),
     ("host_seq_apf_vs_kernel", 2.0, true),
     ("host_random_apf_vs_baseline", 1.0, true),
@@ -103,6 +108,10 @@ pub const TARGETS: [(&str, f64, bool); 9] = [
     ("offline_pins_vs_nopin", 1.5, false),
     ("fault_latency_storm_vs_quiet", 2.0, false),
     ("tracing_overhead", 1.05, false),
+    ("restore_read_seq_vs_kernel_file", 0.75, true),
+    ("restore_read_random_vs_kernel_file", 0.75, true),
+    ("restore_write_vs_kernel_file", 3.0, true),
+    ("clones4_memory_vs_one_image", 1.3, false),
 ];
 
 impl BenchReport {
@@ -121,6 +130,11 @@ impl BenchReport {
         median(a.samples.iter().zip(&b.samples).map(|(x, y)| rate(x) / rate(y).max(1e-9)).collect())
     }
 
+    /// apf's best restorer over the kernel's file mapping on `workload`.
+    fn best_restore(&self, workload: &str) -> f64 {
+        self.ratio(workload, "apf-zero-copy", "kernel-file").max(self.ratio(workload, "apf-copy", "kernel-file"))
+    }
+
     /// The ratios, in [`TARGETS`] order, then extra ones.
     pub fn ratios(&self) -> Vec<(&'static str, f64)> {
         vec![
@@ -133,6 +147,10 @@ impl BenchReport {
             ("offline_pins_vs_nopin", self.offline_ms.1 / self.offline_ms.0.max(1e-9)),
             ("fault_latency_storm_vs_quiet", self.storm_ratio),
             ("tracing_overhead", self.ratio("host/random/zero", "apf", "apf-traced")),
+            ("restore_read_seq_vs_kernel_file", self.best_restore("host/seq/restore-reads")),
+            ("restore_read_random_vs_kernel_file", self.best_restore("host/random/restore-reads")),
+            ("restore_write_vs_kernel_file", self.best_restore("host/seq/restore-writes")),
+            ("clones4_memory_vs_one_image", self.clones4_memory),
             ("tracing_overhead_file", self.ratio("host/random/file", "apf", "apf-traced")),
             ("host_seq_zero_apf_vs_baseline", self.ratio("host/seq/zero", "apf", "baseline")),
             ("host_random_zero_apf_vs_baseline", self.ratio("host/random/zero", "apf", "baseline")),
@@ -140,6 +158,9 @@ impl BenchReport {
             ("guest_seq_zero_apf_vs_baseline", self.ratio("guest/seq/zero", "apf", "baseline")),
             ("guest_random_zero_apf_vs_baseline", self.ratio("guest/random/zero", "apf", "baseline")),
             ("guest_random_apf_vs_kernel", self.ratio("guest/random/zero", "apf", "kernel")),
+            ("restore_write_random_vs_kernel_file", self.best_restore("host/random/restore-writes")),
+            ("restore_read_write_vs_kernel_file", self.best_restore("host/seq/restore-read-writes")),
+            ("restore_read_seq_zero_copy_vs_copy", self.ratio("host/seq/restore-reads", "apf-zero-copy", "apf-copy")),
         ]
     }
 
@@ -199,6 +220,11 @@ impl BenchReport {
             self.storm_p50_us.1,
             self.storm_p99_us.1,
             self.storm_offlines
+        );
+        let _ = write!(
+            j,
+            "\"restore\":{{\"image_load_ms\":{:.1},\"clones4_memory_vs_one_image\":{:.3}}},",
+            self.image_load_ms, self.clones4_memory
         );
         let ratios: Vec<String> = self.ratios().iter().map(|(k, v)| format!("\"{k}\":{v:.3}")).collect();
         let targets: Vec<String> = TARGETS
@@ -264,6 +290,15 @@ impl BenchReport {
             "fault latency p50/p99: quiet {:.1}/{:.1} µs, with an offline storm {:.1}/{:.1} µs ({} offlines a round)\n",
             self.storm_p50_us.0, self.storm_p99_us.0, self.storm_p50_us.1, self.storm_p99_us.1, self.storm_offlines
         );
+        if self.image_load_ms > 0.0 {
+            let _ = writeln!(
+                s,
+                "restore: image loaded into a memfd in {:.1} ms ({:.2} GB/s); 4 clones after a read pass use {:.2}x one image\n",
+                self.image_load_ms,
+                self.host_bytes as f64 / (self.image_load_ms * 1e6),
+                self.clones4_memory
+            );
+        }
         for (name, v) in self.ratios() {
             if v == 0.0 {
                 let _ = writeln!(s, "{name:<34} not measured");
@@ -307,6 +342,8 @@ pub fn chart(report: &BenchReport) -> String {
         "baseline" => "#d62728",
         "apf" => "#1f77b4",
         "apf-traced" => "#17becf",
+        "kernel-file" => "#7f7f7f",
+        "apf-zero-copy" => "#2ca02c",
         _ => "#9ecae1",
     };
     let mut s = String::new();

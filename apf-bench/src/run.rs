@@ -31,7 +31,8 @@ pub struct BenchConfig {
     pub json: Option<PathBuf>,
     /// Write a chart (SVG) here.
     pub chart: Option<PathBuf>,
-    /// Only these parts ("throughput", "offline", "storm"); empty: all.
+    /// Only these parts ("throughput", "restore", "offline", "storm");
+    /// empty: all.
     pub only: Vec<String>,
 }
 
@@ -300,6 +301,11 @@ pub fn run(cfg: &BenchConfig, guest: Option<&dyn GuestPass>, mut log: impl FnMut
             }
         }
     }
+    if cfg.wants("restore") {
+        if let Err(e) = restore_part(&mut report, &image, host_bytes, rounds, &mut log) {
+            report.errors.push(format!("restore: {e}"));
+        }
+    }
     if cfg.wants("offline") {
         log("offline cost");
         match offline_part(rounds) {
@@ -327,6 +333,54 @@ pub fn run(cfg: &BenchConfig, guest: Option<&dyn GuestPass>, mut log: impl FnMut
     let _ = std::fs::remove_dir_all(&dir);
     report.elapsed = started.elapsed();
     Ok(report)
+}
+
+/// Restoring the host image three ways ([`crate::restore`]), every
+/// restorer of every workload once a round, the image loaded afresh each
+/// round; then the memory of 4 clones after a read pass.
+fn restore_part(
+    report: &mut BenchReport,
+    path: &Path,
+    bytes: u64,
+    rounds: usize,
+    log: &mut impl FnMut(&str),
+) -> Result<(), String> {
+    use crate::restore::{clones_memory, load_image, restore_pass, Access, Restorer};
+    let workloads = [
+        (Access::Read, false),
+        (Access::Read, true),
+        (Access::Write, false),
+        (Access::Write, true),
+        (Access::ReadThenWrite, false),
+    ];
+    let first = report.workloads.len();
+    for (access, random) in workloads {
+        report.workloads.push(WorkloadResult {
+            name: format!("host/{}/restore-{}", if random { "random" } else { "seq" }, access.name()),
+            access: access.name(),
+            latency_from: "the touching thread: time of each page's first access",
+            series: Restorer::ALL.iter().map(|r| Series { variant: r.name().into(), samples: Vec::new() }).collect(),
+        });
+    }
+    let mut loads = Vec::new();
+    for round in 0..rounds {
+        log(&format!("round {}/{rounds}: restore", round + 1));
+        let (image, took) = load_image(path)?;
+        loads.push(took.as_secs_f64() * 1e3);
+        for (i, &(access, random)) in workloads.iter().enumerate() {
+            for (k, r) in Restorer::ALL.iter().enumerate() {
+                match restore_pass(*r, access, random, path, &image, bytes, 5 + round as u64) {
+                    Ok(s) => report.workloads[first + i].series[k].samples.push(s),
+                    Err(e) => report.errors.push(format!("{}: {e}", report.workloads[first + i].name)),
+                }
+            }
+        }
+    }
+    report.image_load_ms = median(loads);
+    log("memory of 4 clones of one image");
+    let (image, _) = load_image(path)?;
+    report.clones4_memory = clones_memory(&image, 4)?;
+    Ok(())
 }
 
 /// Offlining 64 MiB with and without 1,000 pins (migrations), and against

@@ -45,6 +45,13 @@ pub struct Config {
     /// never be touched) for fewer faults; 1 turns it off. Capped by
     /// `max_window`.
     pub fault_around: usize,
+    /// Reads of an image ([`MemoryKind::Image`](crate::MemoryKind::Image))
+    /// map the missing pages of the aligned block of this many pages around
+    /// the faulting one, in order or at random: the image's pages are
+    /// mapped in place (`UFFDIO_CONTINUE`), which allocates nothing, so a
+    /// large block costs page-table entries only and saves faults. At most
+    /// 4096; 1 maps the faulting page alone.
+    pub image_window: usize,
     /// Where windows are resolved.
     pub dispatch: Dispatch,
     /// With [`Dispatch::Auto`], windows of more pages than this go to the
@@ -85,6 +92,7 @@ impl Default for Config {
             workers: 2,
             max_window: 256,
             fault_around: 8,
+            image_window: 512,
             dispatch: Dispatch::Auto,
             inline_max_pages: 8,
             spin: Duration::from_micros(100),

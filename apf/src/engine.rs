@@ -228,6 +228,9 @@ impl Engine {
         if config.max_window == 0 || config.max_window > 4096 {
             return Err(EngineError::Config("max_window must be between 1 and 4096 pages"));
         }
+        if config.image_window == 0 || config.image_window > 4096 {
+            return Err(EngineError::Config("image_window must be between 1 and 4096 pages"));
+        }
         if config.queue_depth == 0 || config.park_capacity == 0 || config.error_capacity == 0 {
             return Err(EngineError::Config("queue_depth, park_capacity and error_capacity must be positive"));
         }

@@ -303,6 +303,18 @@ fn seek(file: &File, at: u64, whence: i32) -> io::Result<Option<u64>> {
 mod tests {
     use super::*;
 
+    /// Says a test checked nothing here, on stderr and in the file
+    /// `APF_SKIP_LOG` names (CI counts them).
+    fn skipped(why: &str) {
+        eprintln!("skipped: {why}");
+        if let Some(path) = std::env::var_os("APF_SKIP_LOG") {
+            use std::io::Write;
+            if let Ok(mut f) = std::fs::OpenOptions::new().append(true).create(true).open(path) {
+                let _ = writeln!(f, "image: {why}");
+            }
+        }
+    }
+
     fn temp(name: &str, bytes: &[u8]) -> PathBuf {
         let p = std::env::temp_dir().join(format!("apf-image-{name}-{}", std::process::id()));
         std::fs::write(&p, bytes).unwrap();
@@ -316,7 +328,7 @@ mod tests {
         bytes[3 * PAGE_SIZE] = 2;
         let path = temp("holes", &bytes);
         if on_tmpfs(&File::open(&path).unwrap()).unwrap() {
-            eprintln!("skipped: the temporary directory is on tmpfs, where images are used in place");
+            skipped("the temporary directory is on tmpfs, where images are used in place");
             return;
         }
         let image = Image::load(&path).unwrap();
@@ -344,7 +356,7 @@ mod tests {
     fn a_tmpfs_file_is_used_in_place_and_an_empty_one_refused() {
         let shm = Path::new("/dev/shm");
         if !shm.is_dir() {
-            eprintln!("skipped: no /dev/shm on this machine");
+            skipped("no /dev/shm on this machine");
             return;
         }
         let path = shm.join(format!("apf-image-tmpfs-{}", std::process::id()));

@@ -381,14 +381,35 @@ impl Region {
         GuestAddress(self.base.0 + page as u64 * PAGE)
     }
 
-    /// The runs of pages `[first, first + count)` the page cache of `file`
-    /// (the memfd behind this region) holds (`true`) or not, as page
-    /// indices `(first, end, data)`.
-    fn file_runs(&self, file: &File, first: usize, count: usize) -> std::io::Result<Vec<(usize, usize, bool)>> {
-        let at = self.file_offset + first as u64 * PAGE;
-        let runs = crate::image::cache_runs(file, at, count as u64 * PAGE)?;
-        let page = |off: u64| ((off - self.file_offset) / PAGE) as usize;
-        Ok(runs.into_iter().map(|(a, b, data)| (page(a), page(b.div_ceil(PAGE) * PAGE), data)).collect())
+    /// The runs of pages `[first, first + count)` that the page cache of the
+    /// file behind this region (a memfd or an image) holds (`true`) or not,
+    /// as page indices `(first, end, data)`. Asked with `mincore` on the
+    /// region's own mapping, which for a page with no page-table entry
+    /// looks in the file's page cache: the same answer as `SEEK_DATA`, but
+    /// bounded by the range (a `SEEK_HOLE` walks to the next hole, which in
+    /// a filled memfd is its end).
+    fn file_runs(&self, first: usize, count: usize) -> std::io::Result<Vec<(usize, usize, bool)>> {
+        let mut answers = vec![0u8; count];
+        // SAFETY: mincore reads the kernel's view of pages of this region's
+        // mapping, which lives as long as the region, and writes one byte
+        // per page into `answers`, which has `count`.
+        let ret =
+            unsafe { libc::mincore(self.page_host(first) as *mut libc::c_void, count * PAGE_SIZE, answers.as_mut_ptr()) };
+        if ret < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let mut out = Vec::new();
+        let mut a = 0;
+        while a < count {
+            let data = answers[a] & 1 != 0;
+            let mut b = a + 1;
+            while b < count && (answers[b] & 1 != 0) == data {
+                b += 1;
+            }
+            out.push((first + a, first + b, data));
+            a = b;
+        }
+        Ok(out)
     }
 
     /// State and origin of page `page`.
@@ -747,9 +768,9 @@ impl GuestRam {
             _ => return Err(RamError::NotShareable(self.kind)),
         };
         for r in &self.regions {
-            let runs = r.file_runs(file, 0, r.pages()).map_err(RamError::Seek)?;
-            if let Some(&(first, _, _)) = runs.iter().find(|run| !run.2) {
-                return Err(RamError::StillFilling(r.page_gpa(first).0));
+            let runs = crate::image::cache_runs(file, r.file_offset, r.len).map_err(RamError::Seek)?;
+            if let Some(&(off, _, _)) = runs.iter().find(|run| !run.2) {
+                return Err(RamError::StillFilling(r.base.0 + (off - r.file_offset)));
             }
         }
         use std::os::fd::AsFd;
@@ -767,8 +788,8 @@ impl GuestRam {
         first: usize,
         count: usize,
     ) -> Option<std::io::Result<Vec<(usize, usize, bool)>>> {
-        let file = self.file.as_ref()?;
-        Some(self.regions[region].file_runs(file, first, count))
+        self.file.as_ref()?;
+        Some(self.regions[region].file_runs(first, count))
     }
 
     /// The rust-vmm view of this memory, for device emulation and loaders.

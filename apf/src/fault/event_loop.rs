@@ -20,7 +20,7 @@ use super::SpawnError;
 use crate::core::resolve::{self, Ctx};
 use crate::core::{panic_message, Core, Fault, FaultError, GiveUp, Job, Run, Window};
 use crate::notifier::{InstallsHeld, Invalidation, Reason};
-use crate::ram::{GuestAddress, GuestRange, Origin, PageLoc, PageState};
+use crate::ram::{GuestAddress, GuestRange, MemoryKind, Origin, PageLoc, PageState};
 use crate::uffd::{Event, EventBuf, PAGE_SIZE};
 
 const UFFD: u32 = 0;
@@ -384,7 +384,11 @@ impl FaultLoop {
                     }
                     shared.record_touch(shared.ram().page_index(loc), region.page_gpa(page).0);
                     span.record("source", shared.source().name());
-                    let window = self.plan(loc.region, page, tid);
+                    let window = if write || shared.ram().kind() != MemoryKind::Image {
+                        self.plan(loc.region, page, tid)
+                    } else {
+                        self.image_block(region, page)
+                    };
                     let job = Job {
                         region: loc.region,
                         fault: Some(Fault { page, write }),
@@ -639,10 +643,25 @@ impl FaultLoop {
         }
     }
 
+    /// A read of an image: the missing pages of the aligned block of
+    /// [`Config::image_window`](crate::Config::image_window) pages around
+    /// `page` (already claimed), in order or not. Mapping the image's pages
+    /// allocates nothing (they are its page cache, shared), so a large
+    /// block costs page-table entries only, and saves the faults that the
+    /// kernel's own file fault-around (16 pages) would take.
+    fn image_block(&self, region: &crate::ram::Region, page: usize) -> Window {
+        self.around(region, page, self.shared.config().image_window.max(1))
+    }
+
     /// Runs covering `page` (already claimed) and the missing pages of the
     /// aligned fault-around block it lies in.
     fn fault_around(&self, region: &crate::ram::Region, page: usize) -> Window {
-        let around = self.shared.config().fault_around.min(self.shared.config().max_window).max(1);
+        self.around(region, page, self.shared.config().fault_around.min(self.shared.config().max_window).max(1))
+    }
+
+    /// Runs covering `page` (already claimed) and the missing pages of the
+    /// aligned block of `around` pages it lies in.
+    fn around(&self, region: &crate::ram::Region, page: usize, around: usize) -> Window {
         if around == 1 {
             return Window::one(page);
         }
