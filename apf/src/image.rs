@@ -74,6 +74,8 @@ pub enum ImageError {
 pub struct Image {
     path: PathBuf,
     file: Arc<File>,
+    /// Where the image starts in `file` (0 for a loaded memfd).
+    base: u64,
     len: u64,
     /// The whole image mapped read-only and shared: what write faults copy
     /// from (its resident pages only; holes are read with `pread`, which
@@ -89,15 +91,27 @@ impl Image {
     /// memfd, its all-zero pages left as holes, and its own page cache
     /// dropped afterwards.
     pub fn load(path: impl AsRef<Path>) -> Result<Arc<Image>, ImageError> {
+        Self::load_range(path, 0, None)
+    }
+
+    /// [`Image::load`] of the `len` bytes at `offset` of the file (to its
+    /// end if `None`): guest RAM inside a snapshot file with a header. A
+    /// tmpfs file is used in place if `offset` is page-aligned.
+    pub fn load_range(path: impl AsRef<Path>, offset: u64, len: Option<u64>) -> Result<Arc<Image>, ImageError> {
         let path = path.as_ref().to_path_buf();
         let read_err = |source| ImageError::Read { path: path.clone(), source };
         let src = File::open(&path).map_err(read_err)?;
-        let len = src.metadata().map_err(read_err)?.len();
+        let size = src.metadata().map_err(read_err)?.len();
+        let len = len.unwrap_or(size.saturating_sub(offset));
         if len == 0 {
             return Err(ImageError::Empty(path));
         }
-        if on_tmpfs(&src).map_err(read_err)? {
-            return Self::new(path, src, len, None);
+        if offset.checked_add(len).is_none_or(|end| end > size) {
+            let short = io::Error::new(io::ErrorKind::UnexpectedEof, format!("{size} bytes, not {offset} + {len}"));
+            return Err(read_err(short));
+        }
+        if offset % PAGE_SIZE as u64 == 0 && on_tmpfs(&src).map_err(read_err)? {
+            return Self::new(path, src, offset, len, None);
         }
         let started = Instant::now();
         let memfd = memfd("apf-image")?;
@@ -106,7 +120,7 @@ impl Image {
         let mut off = 0u64;
         while off < len {
             let n = (len - off).min(LOAD_CHUNK as u64) as usize;
-            src.read_exact_at(&mut buf[..n], off).map_err(read_err)?;
+            src.read_exact_at(&mut buf[..n], offset + off).map_err(read_err)?;
             // Zero pages stay holes: no memory, zeros when read.
             for (i, page) in buf[..n].chunks(PAGE_SIZE).enumerate() {
                 if page.iter().any(|&b| b != 0) {
@@ -131,19 +145,44 @@ impl Image {
         // The image is the copy kept in memory; the file's pages would be a
         // second one. Advice only: a failure costs memory, not correctness.
         // SAFETY: posix_fadvise reads nothing from this process's memory.
-        let _ = unsafe { libc::posix_fadvise(src.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
-        Self::new(path, memfd, len, Some(started.elapsed()))
+        let _ = unsafe { libc::posix_fadvise(src.as_raw_fd(), offset as i64, len as i64, libc::POSIX_FADV_DONTNEED) };
+        Self::new(path, memfd, 0, len, Some(started.elapsed()))
     }
 
-    fn new(path: PathBuf, file: File, len: u64, load_time: Option<Duration>) -> Result<Arc<Image>, ImageError> {
+    /// The `len` bytes at `offset` (page-aligned) of the file itself, on
+    /// whatever filesystem, nothing loaded: what a guest mapping it private
+    /// with no userfaultfd at all gets (the kernel's own file-backed
+    /// restore), for comparison. Nothing stops another process writing
+    /// the file.
+    pub fn in_place(path: impl AsRef<Path>, offset: u64, len: u64) -> Result<Arc<Image>, ImageError> {
+        let path = path.as_ref().to_path_buf();
+        let read_err = |source| ImageError::Read { path: path.clone(), source };
+        let src = File::open(&path).map_err(read_err)?;
+        let size = src.metadata().map_err(read_err)?.len();
+        if len == 0 {
+            return Err(ImageError::Empty(path));
+        }
+        if offset % PAGE_SIZE as u64 != 0 || offset.checked_add(len).is_none_or(|end| end > size) {
+            let bad = io::Error::new(io::ErrorKind::InvalidInput, format!("{size} bytes, not {offset} + {len} (page-aligned)"));
+            return Err(read_err(bad));
+        }
+        Self::new(path, src, offset, len, None)
+    }
+
+    fn new(path: PathBuf, file: File, base: u64, len: u64, load_time: Option<Duration>) -> Result<Arc<Image>, ImageError> {
         let file = Arc::new(file);
         let view = MmapRegionBuilder::new(len as usize)
-            .with_file_offset(FileOffset::from_arc(file.clone(), 0))
+            .with_file_offset(FileOffset::from_arc(file.clone(), base))
             .with_mmap_prot(libc::PROT_READ)
             .with_mmap_flags(libc::MAP_SHARED)
             .build()
             .map_err(|e| ImageError::Memfd { what: "mmap", source: crate::ram::mmap_error(e) })?;
-        Ok(Arc::new(Image { path, file, len, view, load_time }))
+        Ok(Arc::new(Image { path, file, base, len, view, load_time }))
+    }
+
+    /// Where the image starts in its file.
+    pub(crate) fn base(&self) -> u64 {
+        self.base
     }
 
     /// Bytes in the image.
@@ -178,7 +217,7 @@ impl Image {
 
     /// Bytes of the image in the page cache (its memory cost).
     pub fn resident_bytes(&self) -> io::Result<u64> {
-        let runs = cache_runs(&self.file, 0, self.len)?;
+        let runs = cache_runs(&self.file, self.base, self.len)?;
         let pages = self.len.div_ceil(PAGE_SIZE as u64) as usize;
         let mut answers = vec![0u8; pages];
         // SAFETY: mincore writes one byte per page of the view, which is
@@ -223,7 +262,7 @@ impl PageSource for ImageSource {
         let off =
             self.offset_of(gpa, buf.len()).ok_or(SourceError::NotCovered(GuestRange::new(gpa, buf.len() as u64)))?;
         // `pread` of a hole gives zeros and allocates nothing.
-        self.image.file.read_exact_at(buf, off).map_err(|source| SourceError::Io { gpa, len: buf.len(), source })
+        self.image.file.read_exact_at(buf, self.image.base + off).map_err(|source| SourceError::Io { gpa, len: buf.len(), source })
     }
 
     fn resident(&self, gpa: GuestAddress, len: usize) -> Option<*const u8> {

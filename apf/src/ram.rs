@@ -675,7 +675,7 @@ impl GuestRam {
         file.set_len(total)
             .map_err(|source| RamError::Memfd(ImageError::Memfd { what: "ftruncate", source }))?;
         let file = Arc::new(file);
-        let mem = map_file(ranges, &file, libc::MAP_SHARED)?;
+        let mem = map_file(ranges, &file, 0, libc::MAP_SHARED)?;
         Self::from_parts(mem, MemoryKind::SharedMemfd, Some(file), None)
     }
 
@@ -690,7 +690,7 @@ impl GuestRam {
             return Err(RamError::ImageTooShort { needed, image: image.len() });
         }
         let file = image.file().clone();
-        let mem = map_file(ranges, &file, libc::MAP_PRIVATE)?;
+        let mem = map_file(ranges, &file, image.base(), libc::MAP_PRIVATE)?;
         let mut off = 0;
         let layout = ranges
             .iter()
@@ -929,10 +929,15 @@ fn check_ranges(ranges: &[(GuestAddress, usize)]) -> Result<(), RamError> {
     Ok(())
 }
 
-/// Maps `file` for `ranges`, back to back from offset 0, with `flags`
+/// Maps `file` for `ranges`, back to back from offset `base`, with `flags`
 /// (`MAP_SHARED` or `MAP_PRIVATE`).
-fn map_file(ranges: &[(GuestAddress, usize)], file: &Arc<File>, flags: i32) -> Result<GuestMemoryMmap, RamError> {
-    let mut off = 0u64;
+fn map_file(
+    ranges: &[(GuestAddress, usize)],
+    file: &Arc<File>,
+    base: u64,
+    flags: i32,
+) -> Result<GuestMemoryMmap, RamError> {
+    let mut off = base;
     let mut regions = Vec::with_capacity(ranges.len());
     for &(base, size) in ranges {
         let map = MmapRegionBuilder::new(size)

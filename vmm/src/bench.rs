@@ -72,7 +72,7 @@ impl GuestPass for Guests {
         let latency = match backend {
             Backend::Apf => report.latency.as_ref().and_then(|l| l.span(FAULT)).map(|s| (s.p50, s.p99)),
             Backend::Baseline => report.baseline_latency,
-            Backend::Plain => None,
+            Backend::Plain | Backend::File => None,
         };
         Ok(Sample { pages: first.pages, seconds: first.elapsed.as_secs_f64(), latency })
     }
