@@ -135,6 +135,12 @@ impl BenchReport {
         self.ratio(workload, "apf-zero-copy", "kernel-file").max(self.ratio(workload, "apf-copy", "kernel-file"))
     }
 
+    /// apf's best guest restore (copy or zero-copy) over the kernel's file
+    /// mapping on `workload`.
+    fn best_guest_restore(&self, workload: &str) -> f64 {
+        self.ratio(workload, "apf-zero-copy", "kernel-file").max(self.ratio(workload, "apf", "kernel-file"))
+    }
+
     /// The ratios, in [`TARGETS`] order, then extra ones.
     pub fn ratios(&self) -> Vec<(&'static str, f64)> {
         vec![
@@ -161,6 +167,8 @@ impl BenchReport {
             ("restore_write_random_vs_kernel_file", self.best_restore("host/random/restore-writes")),
             ("restore_read_write_vs_kernel_file", self.best_restore("host/seq/restore-read-writes")),
             ("restore_read_seq_zero_copy_vs_copy", self.ratio("host/seq/restore-reads", "apf-zero-copy", "apf-copy")),
+            ("guest_restore_seq_vs_kernel_file", self.best_guest_restore("guest/seq/file")),
+            ("guest_restore_random_vs_kernel_file", self.best_guest_restore("guest/random/file")),
         ]
     }
 

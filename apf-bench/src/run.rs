@@ -86,6 +86,12 @@ pub enum Variant {
     },
     /// The engine with its defaults and the latency layer on.
     ApfTraced,
+    /// A restore only: the snapshot file mapped `MAP_PRIVATE`, no
+    /// userfaultfd (the kernel's own file-backed restore).
+    KernelFile,
+    /// A restore only: the engine over the snapshot's image loaded once
+    /// and mapped private, reads mapped in place.
+    ApfZeroCopy,
 }
 
 impl Variant {
@@ -99,6 +105,8 @@ impl Variant {
             Variant::Apf { workers, window } if window == d.max_window => format!("apf-workers-{workers}"),
             Variant::Apf { window, .. } => format!("apf-window-{window}"),
             Variant::ApfTraced => "apf-traced".into(),
+            Variant::KernelFile => "kernel-file".into(),
+            Variant::ApfZeroCopy => "apf-zero-copy".into(),
         }
     }
 }
@@ -131,6 +139,9 @@ fn host_pass(variant: Variant, random: bool, src: Src, bytes: u64, image: &Path,
     let mut _engine = None;
     let mut _baseline = None;
     match variant {
+        Variant::KernelFile | Variant::ApfZeroCopy => {
+            return Err(format!("{} restores a guest; the host restores are the restore part", variant.name()))
+        }
         Variant::Kernel => {}
         Variant::Baseline => {
             _baseline = Some(SinglePageHandler::start(ram.clone(), source(&ram)?).map_err(|e| err(&e))?)
@@ -250,7 +261,8 @@ pub fn run(cfg: &BenchConfig, guest: Option<&dyn GuestPass>, mut log: impl FnMut
         if guest.is_some() {
             let zero = vec![Variant::Kernel, Variant::Baseline, apf, Variant::ApfTraced];
             cases.push((Env::Guest, random, Src::Zero, zero));
-            cases.push((Env::Guest, random, Src::File, vec![Variant::Baseline, apf, Variant::ApfTraced]));
+            let restorers = [Variant::KernelFile, Variant::Baseline, apf, Variant::ApfZeroCopy, Variant::ApfTraced];
+            cases.push((Env::Guest, random, Src::File, restorers.to_vec()));
         }
     }
     let name = |env: Env, random: bool, src: Src| {

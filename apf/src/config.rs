@@ -148,14 +148,17 @@ impl std::str::FromStr for UnplugPolicy {
 /// descriptor is opened with and used for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Backend {
-    /// Private anonymous memory on a descriptor with every feature:
-    /// `COPY`, `ZEROPAGE`, `MOVE` into a staging area (offlines), `POISON`
-    /// (pages whose contents are lost, the poison unplug policy, shutdown),
-    /// thread ids (per-thread prefetch streams).
+    /// The engine's own descriptor, with every feature the memory's kind
+    /// allows ([`MemoryKind`](crate::MemoryKind)): on private anonymous
+    /// memory `COPY`, `ZEROPAGE`, `MOVE` into a staging area (offlines),
+    /// `POISON` (pages whose contents are lost, the poison unplug policy,
+    /// shutdown), thread ids (per-thread prefetch streams); on shared
+    /// memory and images the same but `MOVE`, and on images `CONTINUE`.
     #[default]
     PrivateAnonymous,
-    /// `COPY`, `ZEROPAGE` and `WAKE` only, as a userfaultfd received from
-    /// Firecracker offers (its handshake asked for `EVENT_REMOVE` alone).
+    /// `COPY`, `ZEROPAGE` and `WAKE` only, over private anonymous memory
+    /// (other kinds are refused at build time), as a userfaultfd received
+    /// from Firecracker offers (its handshake asked for `EVENT_REMOVE` alone).
     /// Faults, prefetch, dedupe, discards, pins and host-block offlines
     /// work; `Migrate`, `Evict` and `Unplug` need `MOVE` and are refused
     /// ([`crate::OfflineError::NotOffered`]), and so is

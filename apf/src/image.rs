@@ -3,9 +3,9 @@
 //! number of guests map private and share until they write; and the page
 //! source that reads it.
 //!
-//! A loaded image is sealed (no write, no resize), so the guests mapping it
-//! cannot change what the others see, and its all-zero pages are left as
-//! holes, which cost no memory and read as zeros. After loading from a
+//! A loaded image is sealed (no resize; no write, where the kernel grants
+//! it), so the guests mapping it cannot change what the others see, and
+//! its all-zero pages are left as holes, which cost no memory and read as zeros. After loading from a
 //! regular file, that file's page cache is dropped: the image is the one
 //! copy kept in memory.
 
@@ -82,6 +82,36 @@ pub struct Image {
     /// allocates nothing).
     view: MmapRegion,
     load_time: Option<Duration>,
+    /// The memfd refuses writes (`F_SEAL_WRITE`).
+    write_sealed: std::sync::atomic::AtomicBool,
+}
+
+/// Seals a freshly loaded memfd: never resized (a mapping past its end
+/// would get SIGBUS), and never written if the kernel agrees. It refuses
+/// `F_SEAL_WRITE` with `EBUSY` while it sees a page referenced beyond the
+/// page cache (briefly isolated by compaction or reclaim, say) after
+/// waiting about 150 ms; the write seal is then tried twice more and, failing that,
+/// left off: nothing in this process writes the image, and it is handed to
+/// others read-only. Returns whether the write seal is on.
+fn seal(memfd: &File) -> Result<bool, ImageError> {
+    let size = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW;
+    for _ in 0..3 {
+        // SAFETY: F_ADD_SEALS on a memfd the caller made; it only forbids
+        // later writes and resizes.
+        if unsafe { libc::fcntl(memfd.as_raw_fd(), libc::F_ADD_SEALS, size | libc::F_SEAL_WRITE) } == 0 {
+            return Ok(true);
+        }
+        let err = io::Error::last_os_error();
+        if err.raw_os_error() != Some(libc::EBUSY) {
+            return Err(ImageError::Memfd { what: "seal", source: err });
+        }
+    }
+    // SAFETY: as above.
+    if unsafe { libc::fcntl(memfd.as_raw_fd(), libc::F_ADD_SEALS, size) } < 0 {
+        return Err(ImageError::Memfd { what: "seal", source: io::Error::last_os_error() });
+    }
+    tracing::warn!(target: "apf", "the image's memfd is sealed against resizing only (F_SEAL_WRITE: EBUSY)");
+    Ok(false)
 }
 
 impl Image {
@@ -130,23 +160,14 @@ impl Image {
             }
             off += n as u64;
         }
-        // SAFETY: F_ADD_SEALS on a memfd this function made; it only
-        // forbids later writes and resizes.
-        let sealed = unsafe {
-            libc::fcntl(
-                memfd.as_raw_fd(),
-                libc::F_ADD_SEALS,
-                libc::F_SEAL_WRITE | libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL,
-            )
-        };
-        if sealed < 0 {
-            return Err(ImageError::Memfd { what: "seal", source: io::Error::last_os_error() });
-        }
+        let write_sealed = seal(&memfd)?;
         // The image is the copy kept in memory; the file's pages would be a
         // second one. Advice only: a failure costs memory, not correctness.
         // SAFETY: posix_fadvise reads nothing from this process's memory.
         let _ = unsafe { libc::posix_fadvise(src.as_raw_fd(), offset as i64, len as i64, libc::POSIX_FADV_DONTNEED) };
-        Self::new(path, memfd, 0, len, Some(started.elapsed()))
+        let image = Self::new(path, memfd, 0, len, Some(started.elapsed()))?;
+        image.write_sealed.store(write_sealed, std::sync::atomic::Ordering::Relaxed);
+        Ok(image)
     }
 
     /// The `len` bytes at `offset` (page-aligned) of the file itself, on
@@ -177,7 +198,8 @@ impl Image {
             .with_mmap_flags(libc::MAP_SHARED)
             .build()
             .map_err(|e| ImageError::Memfd { what: "mmap", source: crate::ram::mmap_error(e) })?;
-        Ok(Arc::new(Image { path, file, base, len, view, load_time }))
+        let write_sealed = std::sync::atomic::AtomicBool::new(false);
+        Ok(Arc::new(Image { path, file, base, len, view, load_time, write_sealed }))
     }
 
     /// Where the image starts in its file.
@@ -205,8 +227,15 @@ impl Image {
         self.load_time
     }
 
+    /// Whether the image refuses writes (a loaded image, unless the kernel
+    /// refused the write seal; see [`Image::load`]).
+    pub fn is_write_sealed(&self) -> bool {
+        self.write_sealed.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// The descriptor, for a guest in another process to map private: a
-    /// loaded image is sealed, so it cannot write it.
+    /// loaded image is sealed, so it cannot write it
+    /// ([`Image::is_write_sealed`]).
     pub fn fd(&self) -> BorrowedFd<'_> {
         self.file.as_fd()
     }
@@ -379,8 +408,9 @@ mod tests {
             vec![(0, p, false), (p, 2 * p, true), (2 * p, 3 * p, false), (3 * p, 4 * p, true)]
         );
         assert_eq!(image.resident_bytes().unwrap(), 2 * p);
-        // Sealed: nobody writes it, nobody resizes it.
-        assert!(image.file().write_all_at(&[9], 0).is_err());
+        // Sealed: nobody resizes it, nobody writes it (where the kernel
+        // granted the write seal).
+        assert_eq!(image.file().write_all_at(&[9], 0).is_err(), image.is_write_sealed());
         assert!(image.file().set_len(8 * p).is_err());
         let source = ImageSource::new(image.clone(), vec![(GuestRange::new(GuestAddress(0x10_0000), 4 * p), 0)]);
         let mut buf = vec![0xffu8; 2 * PAGE_SIZE];

@@ -178,6 +178,13 @@ fn shared_memory_keeps_what_dontneed_keeps_and_zeros_what_a_hole_drops() {
     discard(&ram, BASE, P);
     assert_eq!(read_word(&ram, BASE), 100);
     // The engine asks the page cache rather than installing zeros over it.
+    // (`madvise` returns once the event is read; the engine applies it
+    // just after.)
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while ram.regions()[0].state(0).0 != apf::PageState::Missing {
+        assert!(Instant::now() < deadline, "the remove was never applied");
+        std::thread::sleep(Duration::from_millis(1));
+    }
     assert!(engine.wait_idle(Instant::now() + Duration::from_secs(5)));
     let before = engine.stats();
     assert_eq!(engine.prefetch(GuestRange::new(GuestAddress(BASE), P)).unwrap(), 0);

@@ -46,7 +46,12 @@ impl GuestPass for Guests {
         let backend = match variant {
             Variant::Kernel => Backend::Plain,
             Variant::Baseline => Backend::Baseline,
-            Variant::Apf { .. } | Variant::ApfTraced => Backend::Apf,
+            Variant::KernelFile => Backend::File,
+            Variant::Apf { .. } | Variant::ApfTraced | Variant::ApfZeroCopy => Backend::Apf,
+        };
+        let memory = match variant {
+            Variant::ApfZeroCopy => apf::MemoryKind::Image,
+            _ => apf::MemoryKind::PrivateAnonymous,
         };
         let cfg = RunConfig {
             mem: if snapshot.is_some() { None } else { Some(bytes) },
@@ -55,6 +60,7 @@ impl GuestPass for Guests {
             grace: Duration::from_secs(120),
             workload: Workload::Touch,
             backend,
+            memory,
             random_order: random,
             offline_every: None,
             guest_offline: false,

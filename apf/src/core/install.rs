@@ -271,6 +271,16 @@ mod tests {
 
     #[test]
     fn each_backend_says_what_it_offers_and_refuses_the_rest() {
+        // Shared memory and images: no MOVE (the kernel moves private
+        // anonymous pages only); CONTINUE for images alone.
+        let shared = open(Backend::PrivateAnonymous, MemoryKind::SharedMemfd).unwrap().unwrap();
+        let image = open(Backend::PrivateAnonymous, MemoryKind::Image).unwrap().unwrap();
+        for op in [MemOp::Copy, MemOp::ZeroPage, MemOp::Wake, MemOp::Poison] {
+            assert!(shared.supports(op) && image.supports(op), "{op:?}");
+        }
+        assert!(!shared.supports(MemOp::Move) && !image.supports(MemOp::Move));
+        assert!(image.supports(MemOp::Continue) && !shared.supports(MemOp::Continue));
+        assert!(image.uffd().features().contains(Features::MINOR_SHMEM | Features::MISSING_SHMEM));
         let anon = open(Backend::PrivateAnonymous, MemoryKind::PrivateAnonymous).unwrap().unwrap();
         let limited = open(Backend::Limited, MemoryKind::PrivateAnonymous).unwrap().unwrap();
         assert!(open(Backend::Limited, MemoryKind::Image).unwrap().is_none());
