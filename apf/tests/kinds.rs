@@ -249,3 +249,32 @@ fn a_failing_continue_is_reported_and_the_page_still_served() {
         assert_eq!(read_word(&ram, BASE + p * P + 8), 11, "page {p}");
     }
 }
+
+#[test]
+fn shared_memory_poisons_a_page_whose_source_fails_and_shutdown_spares_kept_pages() {
+    use common::{try_read_word, Fills, ScriptedSource};
+    let ram = Arc::new(GuestRam::shared_memfd(&[(GuestAddress(BASE), PAGES * PAGE_SIZE)]).unwrap());
+    let bad = BASE + 9 * P;
+    let source = Arc::new(ScriptedSource::bytes(7).fail(Fills::Covering(bad)));
+    let config = Config { fill_retries: 1, fault_around: 1, ..Config::default() };
+    let engine = Engine::builder(ram.clone(), source).config(config).start().unwrap();
+    // A source that fails for good: the page is poisoned (an access gets
+    // SIGBUS, here EFAULT), reported, never zero-filled.
+    assert_eq!(try_read_word(&ram, bad), None);
+    let reported: Vec<_> = engine.errors().try_iter().collect();
+    assert!(reported.iter().any(|e| matches!(e, apf::FaultError::SourceFailed { poisoned: true, .. })), "{reported:?}");
+    assert_eq!(read_word(&ram, BASE), 0x0707_0707_0707_0707);
+    // A page whose mapping a discard dropped but whose contents the page
+    // cache kept is the guest's: shutdown poisons only true holes.
+    write_word(&ram, BASE + 2 * P, 42);
+    discard(&ram, BASE + 2 * P, P);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while ram.regions()[0].state(2).0 != apf::PageState::Missing {
+        assert!(Instant::now() < deadline, "the remove was never applied");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let report = engine.shutdown();
+    assert!(report.poisoned_pages > 0, "{report:?}");
+    assert_eq!(try_read_word(&ram, BASE + 2 * P), Some(42), "a kept page is not poisoned at shutdown");
+    assert_eq!(try_read_word(&ram, BASE + 30 * P), None, "a hole is");
+}
