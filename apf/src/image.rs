@@ -151,12 +151,13 @@ impl Image {
         while off < len {
             let n = (len - off).min(LOAD_CHUNK as u64) as usize;
             src.read_exact_at(&mut buf[..n], offset + off).map_err(read_err)?;
-            // Zero pages stay holes: no memory, zeros when read.
-            for (i, page) in buf[..n].chunks(PAGE_SIZE).enumerate() {
-                if page.iter().any(|&b| b != 0) {
-                    let at = off + (i * PAGE_SIZE) as u64;
-                    memfd.write_all_at(page, at).map_err(|source| ImageError::Memfd { what: "write", source })?;
-                }
+            // Zero pages stay holes: no memory, zeros when read. The other
+            // pages go in as runs, one write each.
+            let data = |i: usize| buf[i * PAGE_SIZE..((i + 1) * PAGE_SIZE).min(n)].iter().any(|&b| b != 0);
+            for (a, b) in crate::ram::runs(n.div_ceil(PAGE_SIZE), data) {
+                let bytes = &buf[a * PAGE_SIZE..(b * PAGE_SIZE).min(n)];
+                let at = off + (a * PAGE_SIZE) as u64;
+                memfd.write_all_at(bytes, at).map_err(|source| ImageError::Memfd { what: "write", source })?;
             }
             off += n as u64;
         }

@@ -1,9 +1,10 @@
 //! The engine's core: the state every part of the engine shares (the
 //! userfaultfd, guest RAM, the source and the store, the invalidation
 //! notifier, the counters, the configuration), behind narrow methods; the
-//! one interface through which guest memory changes ([`install`], with its
-//! two backends); and the resolver of claimed windows that the fault path,
-//! pins and the engine's prefetch all use (`resolve`).
+//! one interface through which guest memory changes ([`install`], with a
+//! backend per memory kind and the limited one); and the resolver of
+//! claimed windows that the fault path, pins and the engine's prefetch all
+//! use (`resolve`).
 //!
 //! It sits between the leaf modules (userfaultfd, RAM and page states,
 //! sources, notifier, configuration, counters), which it uses, and the
