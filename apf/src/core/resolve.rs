@@ -492,7 +492,7 @@ fn file_runs(shared: &Core, region: usize, first: usize, count: usize) -> Option
     match shared.ram().file_runs(region, first, count)? {
         Ok(runs) => Some(runs),
         Err(e) => {
-            tracing::warn!(target: "apf", error = %e, "SEEK_DATA on guest RAM failed");
+            tracing::warn!(target: "apf", error = %e, "mincore on guest RAM failed");
             None
         }
     }
