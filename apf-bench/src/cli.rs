@@ -16,8 +16,8 @@ offline storms, in one process with the variants interleaved in every round.
   --rounds N             rounds (default 5, at least 5)
   --json PATH            write the figures and ratios as JSON
   --chart PATH.svg       write a chart of the throughput figures
-  --only PARTS           some of throughput,offline,storm,guest-storm (default all; guest-storm
-                         needs `vmm bench`)
+  --only PARTS           some of throughput,restore,offline,storm,guest-storm (default all;
+                         guest-storm needs `vmm bench`)
 ";
 
 /// Reads the options (everything after `bench`).
@@ -35,9 +35,9 @@ pub fn parse(args: &[String]) -> Result<BenchConfig, String> {
             "--chart" => cfg.chart = Some(value("--chart")?.into()),
             "--only" => {
                 for part in value("--only")?.split(',') {
-                    if !["throughput", "offline", "storm", "guest-storm"].contains(&part) {
+                    if !["throughput", "restore", "offline", "storm", "guest-storm"].contains(&part) {
                         return Err(format!(
-                            "invalid value {part:?} for --only: throughput, offline, storm or guest-storm"
+                            "invalid value {part:?} for --only: throughput, restore, offline, storm or guest-storm"
                         ));
                     }
                     cfg.only.push(part.to_string());

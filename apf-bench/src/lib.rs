@@ -33,6 +33,7 @@
 //! | [`offline`] | offline cost with and without pins; an offline against a hard pin |
 //! | [`latency`] | fault latency next to an offline storm, a CPU hog, or nothing |
 //! | [`guest_storm`] | guest fault latency, engine and guest views, quiet and next to a storm or a host block offline |
+//! | [`restore`] | restoring a snapshot image: the kernel's file mapping, apf copying, apf zero-copy; clones' memory |
 //!
 //! The `offline_cost` and `offline_storm` examples measure through the
 //! same [`offline`] and [`latency`] code.
@@ -42,6 +43,7 @@ pub mod guest_storm;
 pub mod latency;
 pub mod offline;
 pub mod report;
+pub mod restore;
 mod run;
 
 pub use report::{chart, BenchReport, Sample, Series, WorkloadResult, TARGETS};

@@ -32,7 +32,7 @@ pub struct BenchConfig {
     pub json: Option<PathBuf>,
     /// Write a chart (SVG) here.
     pub chart: Option<PathBuf>,
-    /// Only these parts ("throughput", "offline", "storm", "guest-storm");
+    /// Only these parts ("throughput", "restore", "offline", "storm", "guest-storm");
     /// empty: all.
     pub only: Vec<String>,
 }
@@ -95,6 +95,12 @@ pub enum Variant {
     },
     /// The engine with its defaults and the latency layer on.
     ApfTraced,
+    /// A restore only: the snapshot file mapped `MAP_PRIVATE`, no
+    /// userfaultfd (the kernel's own file-backed restore).
+    KernelFile,
+    /// A restore only: the engine over the snapshot's image loaded once
+    /// and mapped private, reads mapped in place.
+    ApfZeroCopy,
 }
 
 impl Variant {
@@ -108,6 +114,8 @@ impl Variant {
             Variant::Apf { workers, window } if window == d.max_window => format!("apf-workers-{workers}"),
             Variant::Apf { window, .. } => format!("apf-window-{window}"),
             Variant::ApfTraced => "apf-traced".into(),
+            Variant::KernelFile => "kernel-file".into(),
+            Variant::ApfZeroCopy => "apf-zero-copy".into(),
         }
     }
 }
@@ -140,6 +148,9 @@ fn host_pass(variant: Variant, random: bool, src: Src, bytes: u64, image: &Path,
     let mut _engine = None;
     let mut _baseline = None;
     match variant {
+        Variant::KernelFile | Variant::ApfZeroCopy => {
+            return Err(format!("{} restores a guest; the host restores are the restore part", variant.name()))
+        }
         Variant::Kernel => {}
         Variant::Baseline => {
             _baseline = Some(SinglePageHandler::start(ram.clone(), source(&ram)?).map_err(|e| err(&e))?)
@@ -261,7 +272,8 @@ pub fn run(cfg: &BenchConfig, guest: Option<&dyn GuestPass>, mut log: impl FnMut
         if guest.is_some() {
             let zero = vec![Variant::Kernel, Variant::Baseline, apf, Variant::ApfTraced];
             cases.push((Env::Guest, random, Src::Zero, zero));
-            cases.push((Env::Guest, random, Src::File, vec![Variant::Baseline, apf, Variant::ApfTraced]));
+            let restorers = [Variant::KernelFile, Variant::Baseline, apf, Variant::ApfZeroCopy, Variant::ApfTraced];
+            cases.push((Env::Guest, random, Src::File, restorers.to_vec()));
         }
     }
     let name = |env: Env, random: bool, src: Src| {
@@ -312,6 +324,11 @@ pub fn run(cfg: &BenchConfig, guest: Option<&dyn GuestPass>, mut log: impl FnMut
             }
         }
     }
+    if cfg.wants("restore") {
+        if let Err(e) = restore_part(&mut report, &image, host_bytes, rounds, &mut log) {
+            report.errors.push(format!("restore: {e}"));
+        }
+    }
     if cfg.wants("offline") {
         log("offline cost");
         match offline_part(rounds) {
@@ -349,6 +366,54 @@ pub fn run(cfg: &BenchConfig, guest: Option<&dyn GuestPass>, mut log: impl FnMut
     let _ = std::fs::remove_dir_all(&dir);
     report.elapsed = started.elapsed();
     Ok(report)
+}
+
+/// Restoring the host image three ways ([`crate::restore`]), every
+/// restorer of every workload once a round, the image loaded afresh each
+/// round; then the memory of 4 clones after a read pass.
+fn restore_part(
+    report: &mut BenchReport,
+    path: &Path,
+    bytes: u64,
+    rounds: usize,
+    log: &mut impl FnMut(&str),
+) -> Result<(), String> {
+    use crate::restore::{clones_memory, load_image, restore_pass, Access, Restorer};
+    let workloads = [
+        (Access::Read, false),
+        (Access::Read, true),
+        (Access::Write, false),
+        (Access::Write, true),
+        (Access::ReadThenWrite, false),
+    ];
+    let first = report.workloads.len();
+    for (access, random) in workloads {
+        report.workloads.push(WorkloadResult {
+            name: format!("host/{}/restore-{}", if random { "random" } else { "seq" }, access.name()),
+            access: access.name(),
+            latency_from: "the touching thread: time of each page's first access",
+            series: Restorer::ALL.iter().map(|r| Series { variant: r.name().into(), samples: Vec::new() }).collect(),
+        });
+    }
+    let mut loads = Vec::new();
+    for round in 0..rounds {
+        log(&format!("round {}/{rounds}: restore", round + 1));
+        let (image, took) = load_image(path)?;
+        loads.push(took.as_secs_f64() * 1e3);
+        for (i, &(access, random)) in workloads.iter().enumerate() {
+            for (k, r) in Restorer::ALL.iter().enumerate() {
+                match restore_pass(*r, access, random, path, &image, bytes, 5 + round as u64) {
+                    Ok(s) => report.workloads[first + i].series[k].samples.push(s),
+                    Err(e) => report.errors.push(format!("{}: {e}", report.workloads[first + i].name)),
+                }
+            }
+        }
+    }
+    report.image_load_ms = median(loads);
+    log("memory of 4 clones of one image");
+    let (image, _) = load_image(path)?;
+    report.clones4_memory = clones_memory(&image, 4)?;
+    Ok(())
 }
 
 /// Offlining 64 MiB with and without 1,000 pins (migrations), and against

@@ -45,6 +45,13 @@ pub struct Config {
     /// never be touched) for fewer faults; 1 turns it off. Capped by
     /// `max_window`.
     pub fault_around: usize,
+    /// Reads of an image ([`MemoryKind::Image`](crate::MemoryKind::Image))
+    /// map the missing pages of the aligned block of this many pages around
+    /// the faulting one, in order or at random: the image's pages are
+    /// mapped in place (`UFFDIO_CONTINUE`), which allocates nothing, so a
+    /// large block costs page-table entries only and saves faults. At most
+    /// 4096; 1 maps the faulting page alone.
+    pub image_window: usize,
     /// Where windows are resolved.
     pub dispatch: Dispatch,
     /// With [`Dispatch::Auto`], windows of more pages than this go to the
@@ -115,6 +122,7 @@ impl Default for Config {
             workers: 2,
             max_window: 256,
             fault_around: 8,
+            image_window: 512,
             dispatch: Dispatch::Auto,
             inline_max_pages: 8,
             spin: Duration::from_micros(100),
@@ -171,14 +179,17 @@ impl std::str::FromStr for UnplugPolicy {
 /// descriptor is opened with and used for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Backend {
-    /// Private anonymous memory on a descriptor with every feature:
-    /// `COPY`, `ZEROPAGE`, `MOVE` into a staging area (offlines), `POISON`
-    /// (pages whose contents are lost, the poison unplug policy, shutdown),
-    /// thread ids (per-thread prefetch streams).
+    /// The engine's own descriptor, with every feature the memory's kind
+    /// allows ([`MemoryKind`](crate::MemoryKind)): on private anonymous
+    /// memory `COPY`, `ZEROPAGE`, `MOVE` into a staging area (offlines),
+    /// `POISON` (pages whose contents are lost, the poison unplug policy,
+    /// shutdown), thread ids (per-thread prefetch streams); on shared
+    /// memory and images the same but `MOVE`, and on images `CONTINUE`.
     #[default]
     PrivateAnonymous,
-    /// `COPY`, `ZEROPAGE` and `WAKE` only, as a userfaultfd received from
-    /// Firecracker offers (its handshake asked for `EVENT_REMOVE` alone).
+    /// `COPY`, `ZEROPAGE` and `WAKE` only, over private anonymous memory
+    /// (other kinds are refused at build time), as a userfaultfd received
+    /// from Firecracker offers (its handshake asked for `EVENT_REMOVE` alone).
     /// Faults, prefetch, dedupe, discards, pins and host-block offlines
     /// work; `Migrate`, `Evict` and `Unplug` need `MOVE` and are refused
     /// ([`crate::OfflineError::NotOffered`]), and so is

@@ -109,5 +109,12 @@ counters! {
         /// Raises the kernel refused (no `CAP_SYS_NICE`): those offlines
         /// ran at their own priority. Kept by the notifier.
         priority_raises_refused,
+        /// Pages mapped in place from an image's page cache (`CONTINUE`),
+        /// counted in `pages_installed` too.
+        continued,
+        /// Pages of shared memory found in the page cache when the engine
+        /// came to fill them (a discard that kept them): present, nothing
+        /// installed.
+        cached,
     }
 }

@@ -45,9 +45,9 @@ use crate::working_set::{ImageId, WorkingSet};
 use crate::notifier::InvalidateEvent;
 use crate::offline::{Mode, OfflineError, OfflineReport, Staging, STAGING_PAGES};
 use crate::pin::{HardPin, PageRef, Pin, PinError};
-use crate::ram::{GuestAddress, GuestRam, GuestRange, RamError};
+use crate::ram::{GuestAddress, GuestRam, GuestRange, MemoryKind, RamError};
 use crate::source::{EvictionStore, PageSource};
-use crate::uffd::{Features, RegisterMode, UffdError};
+use crate::uffd::{Features, UffdError};
 
 /// Errors starting or driving the engine.
 #[derive(Debug, Error)]
@@ -247,20 +247,34 @@ impl Engine {
         if config.max_window == 0 || config.max_window > 4096 {
             return Err(EngineError::Config("max_window must be between 1 and 4096 pages"));
         }
+        if config.image_window == 0 || config.image_window > 4096 {
+            return Err(EngineError::Config("image_window must be between 1 and 4096 pages"));
+        }
         if config.queue_depth == 0 || config.park_capacity == 0 || config.error_capacity == 0 {
             return Err(EngineError::Config("queue_depth, park_capacity and error_capacity must be positive"));
         }
         if config.backend == Backend::Limited && config.unplug_policy == UnplugPolicy::Poison {
             return Err(EngineError::Config("the poison unplug policy needs UFFDIO_POISON, which the limited backend lacks"));
         }
-        let mem = install::open(config.backend)?;
+        let kind = b.ram.kind();
+        let Some(mem) = install::open(config.backend, kind)? else {
+            return Err(EngineError::Config("the limited backend serves private anonymous memory only"));
+        };
+        if kind == MemoryKind::Image && !mem.supports(MemOp::Continue) {
+            return Err(EngineError::Config("image RAM needs UFFDIO_CONTINUE"));
+        }
+        if kind == MemoryKind::Image && !b.ram.is_image_source(&b.source) {
+            // Reads map the image's pages in place: any other source
+            // would disagree with them on write faults.
+            return Err(EngineError::Config("image RAM is served from its image: pass GuestRam::image_source()"));
+        }
         // The fault path installs and wakes with nothing else: every
         // backend must offer these.
         if ![MemOp::Copy, MemOp::ZeroPage, MemOp::Wake].into_iter().all(|op| mem.supports(op)) {
             return Err(EngineError::Config("the backend must offer UFFDIO_COPY, UFFDIO_ZEROPAGE and UFFDIO_WAKE"));
         }
         for r in b.ram.regions() {
-            mem.uffd().register(r.host_base(), r.len(), RegisterMode::MISSING)?;
+            mem.uffd().register(r.host_base(), r.len(), kind.register_mode())?;
         }
         let staging = if mem.supports(MemOp::Move) {
             Some(Staging::new(mem.uffd(), STAGING_PAGES).map_err(|e| EngineError::Io(io::Error::other(e)))?)

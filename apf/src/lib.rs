@@ -43,7 +43,8 @@
 //!   ([`StatsSnapshot`]), working sets and their files ([`WorkingSet`],
 //!   [`ImageId`], [`WorkingSetError`], replayed with [`ReplayOptions`]) and
 //!   [`ShutdownReport`];
-//! - guest RAM: [`GuestRam`], [`GuestRange`], vm-memory's [`GuestAddress`]
+//! - guest RAM: [`GuestRam`] of a [`MemoryKind`] (an [`Image`] for
+//!   restores and clones, [`ImageError`]), [`GuestRange`], vm-memory's [`GuestAddress`]
 //!   and [`GuestMemoryMmap`], and a read-only view of the page states
 //!   ([`Region`], [`PageLoc`], [`PageState`], [`Origin`]);
 //! - where pages come from: [`PageSource`] ([`SourceKind`], [`SourceError`]),
@@ -83,7 +84,8 @@
 //! | module | owns |
 //! |---|---|
 //! | `uffd` | the userfaultfd descriptor: handshake, registration, events, resolving ioctls (the `unsafe` ones) |
-//! | `ram` | guest RAM regions, guest-address translation, per-page state |
+//! | `ram` | guest RAM regions and their memory kind, guest-address translation, per-page state |
+//! | `image` | memory images: a sealed memfd loaded once (or a tmpfs file), mapped private by many guests, and its page source |
 //! | `source` | where page contents come from: zeros, snapshot files, the eviction store |
 //! | `notifier` | the invalidation sequence and the interval registry of pins and references |
 //! | `config`, `counters` | the engine's configuration and its counters |
@@ -124,6 +126,7 @@ internal_modules!(
     engine,
     fault,
     hostmem,
+    image,
     kpin,
     notifier,
     offline,
@@ -146,11 +149,13 @@ pub use config::{Backend, Config, Dispatch, OfflinePriority, UnplugPolicy};
 pub use counters::StatsSnapshot;
 pub use engine::{Engine, EngineBuilder, EngineError, Errors, ReplayOptions, ShutdownReport, MAX_REPLAYS};
 pub use hostmem::{BlockOp, BlockState, HostMemError};
+pub use image::{Image, ImageError};
 pub use notifier::{InvalidateEvent, Reason};
 pub use offline::{HostBlockSearch, Mode, OfflineError, OfflineReport, STAGING_PAGES};
 pub use pin::{HardPin, PageRef, Pin, PinError, PinGuard};
 pub use ram::{
-    GuestAddress, GuestMemoryMmap, GuestRam, GuestRange, Origin, PageLoc, PageState, RamError, Region, StateError,
+    GuestAddress, GuestMemoryMmap, GuestRam, GuestRange, MemoryKind, Origin, PageLoc, PageState, RamError, Region,
+    StateError,
 };
 pub use source::{EvictionStore, PageSource, SnapshotFile, SourceError, SourceKind, ZeroSource};
 pub use uffd::{Features, IoctlError, UffdError, PAGE_SIZE};

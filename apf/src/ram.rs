@@ -18,7 +18,9 @@
 //! engine's staging area (`AnonMapping`) is held to the same rule.
 
 use std::fmt;
+use std::fs::File;
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::Arc;
 
 use thiserror::Error;
 use vm_memory::mmap::{MmapRegion, MmapRegionBuilder};
@@ -26,7 +28,9 @@ use vm_memory::{GuestMemoryBackend, GuestMemoryRegion, GuestRegionMmap};
 
 pub use vm_memory::{GuestAddress, GuestMemoryMmap};
 
-use crate::uffd::PAGE_SIZE;
+use crate::image::{Image, ImageError, ImageSource};
+use crate::source::PageSource;
+use crate::uffd::{RegisterMode, PAGE_SIZE};
 
 const PAGE: u64 = PAGE_SIZE as u64;
 
@@ -59,9 +63,41 @@ pub enum RamError {
     /// No regions were given.
     #[error("guest RAM needs at least one region")]
     NoRegions,
+    /// The image is shorter than the RAM that maps it (an access past its
+    /// end would get SIGBUS).
+    #[error("the image holds {image} bytes but guest RAM needs {needed}")]
+    ImageTooShort {
+        /// Bytes of RAM.
+        needed: u64,
+        /// Bytes of the image.
+        image: u64,
+    },
+    /// Making the memfd behind shared RAM failed.
+    #[error("cannot make the memfd behind guest RAM")]
+    Memfd(#[source] ImageError),
+    /// Another process may map this memory only once every page is filled:
+    /// touching a hole would allocate a zero page the engine never sees,
+    /// and the guest would then read zeros instead of its contents.
+    #[error("guest RAM is still being filled (guest page {0:#x} is a hole): it cannot be shared yet")]
+    StillFilling(u64),
+    /// This kind of RAM has no descriptor to share.
+    #[error("{0:?} guest RAM has no descriptor to share")]
+    NotShareable(MemoryKind),
+    /// Asking the kernel which pages hold data failed.
+    #[error("SEEK_DATA/SEEK_HOLE on guest RAM's memfd failed")]
+    Seek(#[source] std::io::Error),
     /// Allocating the host mappings failed.
     #[error("cannot map guest RAM")]
     Map(#[source] vm_memory::mmap::FromRangesError),
+    /// Mapping a region of a memfd or an image failed.
+    #[error("cannot map guest RAM region at {base:#x}")]
+    MapFile {
+        /// Guest-physical base of the region.
+        base: u64,
+        /// The kernel's error.
+        #[source]
+        source: std::io::Error,
+    },
     /// `madvise` on a region failed.
     #[error("madvise on RAM region at {base:#x} failed")]
     Madvise {
@@ -71,6 +107,76 @@ pub enum RamError {
         #[source]
         source: std::io::Error,
     },
+}
+
+/// What backs guest RAM, and so how the engine installs into it and what
+/// it may do with it.
+///
+/// | kind | mapping | registered | installs | offline |
+/// |---|---|---|---|---|
+/// | `PrivateAnonymous` | private anonymous | MISSING | `COPY`, `ZEROPAGE` | every mode (`MOVE`) |
+/// | `SharedMemfd` | a memfd, `MAP_SHARED` | MISSING | `COPY`, `ZEROPAGE` (into the page cache) | host blocks only |
+/// | `Image` | a sealed image, `MAP_PRIVATE` | MISSING and MINOR | reads: `CONTINUE` of the image's pages; writes: `COPY` of a private copy; zeros: `ZEROPAGE` | host blocks only |
+///
+/// Faults, prefetch, pins, page references, removes (balloon discards),
+/// poison and host-block offlines work on every kind. `Migrate`, `Evict`
+/// and `Unplug` take pages out with `UFFDIO_MOVE`, which the kernel does
+/// for private anonymous pages only: on the other kinds they are refused
+/// with [`crate::OfflineError::NotOffered`].
+///
+/// Discards differ by kind, as the kernel's do:
+/// - private anonymous and image: `MADV_DONTNEED` drops the page (on an
+///   image the mapping would show the image again), so its next fault gets
+///   zeros;
+/// - shared memfd: `MADV_DONTNEED` only unmaps (the page cache keeps the
+///   contents, and the next access does not fault), `MADV_REMOVE` (the
+///   balloon's) punches a hole. Both raise the same remove event, so the
+///   engine asks the page cache (`SEEK_DATA`) what a removed page holds,
+///   and a fault on a page it had installed means a punched hole: zeros.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MemoryKind {
+    /// Private anonymous memory (the default).
+    PrivateAnonymous,
+    /// A memfd mapped shared (4 KiB pages), as vhost-user devices need.
+    /// Another process may map it once every page is filled
+    /// ([`GuestRam::shared_fd`]).
+    SharedMemfd,
+    /// An [`Image`] mapped private: restore and clones, zero-copy for reads.
+    Image,
+}
+
+impl MemoryKind {
+    /// Whether pages can be taken out with `UFFDIO_MOVE` (migrate, evict,
+    /// unplug).
+    pub fn offers_move(self) -> bool {
+        self == MemoryKind::PrivateAnonymous
+    }
+
+    /// Whether the page cache decides what a page holds (shared mappings:
+    /// a page there is present whether or not it is mapped).
+    pub fn page_cache_is_truth(self) -> bool {
+        self == MemoryKind::SharedMemfd
+    }
+
+    /// The userfaultfd modes its regions are registered in.
+    pub(crate) fn register_mode(self) -> RegisterMode {
+        match self {
+            MemoryKind::Image => RegisterMode::MISSING | RegisterMode::MINOR,
+            _ => RegisterMode::MISSING,
+        }
+    }
+}
+
+impl std::str::FromStr for MemoryKind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "anonymous" => Ok(MemoryKind::PrivateAnonymous),
+            "shared" => Ok(MemoryKind::SharedMemfd),
+            "image" => Ok(MemoryKind::Image),
+            other => Err(format!("unknown memory kind {other:?} (expected anonymous, shared or image)")),
+        }
+    }
 }
 
 /// A half-open range of guest-physical addresses `[start, start + len)`.
@@ -214,6 +320,9 @@ pub struct Region {
     base: GuestAddress,
     len: u64,
     host: u64,
+    /// Where the region starts in the memfd or image behind it (regions
+    /// back to back, in guest-address order; 0 for anonymous memory).
+    file_offset: u64,
     states: Box<[AtomicU8]>,
     /// Per page: a remove was applied to it, and its zap may not have run
     /// yet. A `madvise` zaps only after its remove event is read, and
@@ -270,6 +379,37 @@ impl Region {
     /// Guest-physical address of page `page`.
     pub fn page_gpa(&self, page: usize) -> GuestAddress {
         GuestAddress(self.base.0 + page as u64 * PAGE)
+    }
+
+    /// The runs of pages `[first, first + count)` that the page cache of the
+    /// file behind this region (a memfd or an image) holds (`true`) or not,
+    /// as page indices `(first, end, data)`. Asked with `mincore` on the
+    /// region's own mapping, which for a page with no page-table entry
+    /// looks in the file's page cache: the same answer as `SEEK_DATA`, but
+    /// bounded by the range (a `SEEK_HOLE` walks to the next hole, which in
+    /// a filled memfd is its end).
+    fn file_runs(&self, first: usize, count: usize) -> std::io::Result<Vec<(usize, usize, bool)>> {
+        let mut answers = vec![0u8; count];
+        // SAFETY: mincore reads the kernel's view of pages of this region's
+        // mapping, which lives as long as the region, and writes one byte
+        // per page into `answers`, which has `count`.
+        let ret =
+            unsafe { libc::mincore(self.page_host(first) as *mut libc::c_void, count * PAGE_SIZE, answers.as_mut_ptr()) };
+        if ret < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let mut out = Vec::new();
+        let mut a = 0;
+        while a < count {
+            let data = answers[a] & 1 != 0;
+            let mut b = a + 1;
+            while b < count && (answers[b] & 1 != 0) == data {
+                b += 1;
+            }
+            out.push((first + a, first + b, data));
+            a = b;
+        }
+        Ok(out)
     }
 
     /// State and origin of page `page`.
@@ -437,6 +577,17 @@ impl Region {
         origin == Origin::Zero || self.zap_pending[page].load(Ordering::Acquire)
     }
 
+    /// Claims a `Present` page of shared memory the kernel reports missing:
+    /// a hole was punched there, so it reads zeros (`Present ->
+    /// Resolving`, origin `Zero`). False if the page was not `Present`.
+    pub(crate) fn try_reclaim_punched(&self, page: usize) -> bool {
+        let cur = self.states[page].load(Ordering::Acquire);
+        unpack(cur).0 == PageState::Present
+            && self.states[page]
+                .compare_exchange(cur, pack(PageState::Resolving, Origin::Zero), Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+    }
+
     /// A page the engine had installed and the kernel lost (no remove
     /// event behind it) was poisoned: `Present -> Poisoned`. False if the
     /// page was not `Present`.
@@ -480,11 +631,15 @@ pub struct PageLoc {
 pub struct GuestRam {
     mem: GuestMemoryMmap,
     regions: Vec<Region>,
+    kind: MemoryKind,
+    /// The memfd of shared RAM, or the image's file.
+    file: Option<Arc<File>>,
+    image: Option<Arc<ImageSource>>,
 }
 
 impl fmt::Debug for GuestRam {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("GuestRam").field("regions", &self.regions).finish()
+        f.debug_struct("GuestRam").field("kind", &self.kind).field("regions", &self.regions).finish()
     }
 }
 
@@ -492,14 +647,7 @@ impl GuestRam {
     /// Maps fresh private anonymous memory for `ranges` (guest base, size),
     /// sorted and non-overlapping, with transparent huge pages off.
     pub fn anonymous(ranges: &[(GuestAddress, usize)]) -> Result<Self, RamError> {
-        if ranges.is_empty() {
-            return Err(RamError::NoRegions);
-        }
-        for &(base, size) in ranges {
-            if base.0 % PAGE != 0 || size as u64 % PAGE != 0 || size == 0 {
-                return Err(RamError::UnalignedRegion { base: base.0, size: size as u64 });
-            }
-        }
+        check_ranges(ranges)?;
         let mem = GuestMemoryMmap::from_ranges(ranges).map_err(RamError::Map)?;
         Self::from_guest_memory(mem)
     }
@@ -509,27 +657,139 @@ impl GuestRam {
     /// (the handle is shared, not copied). Transparent huge pages are turned
     /// off on them, as userfaultfd resolves 4 KiB pages.
     pub fn from_guest_memory(mem: GuestMemoryMmap) -> Result<Self, RamError> {
+        for r in mem.iter() {
+            if !is_private_anonymous(r) {
+                return Err(RamError::UnsupportedBacking(r.start_addr().0));
+            }
+        }
+        Self::from_parts(mem, MemoryKind::PrivateAnonymous, None, None)
+    }
+
+    /// Maps a fresh memfd for `ranges` (guest base, size), shared: regions
+    /// back to back in the memfd, in the order given. Every page is a hole
+    /// until the engine fills it.
+    pub fn shared_memfd(ranges: &[(GuestAddress, usize)]) -> Result<Self, RamError> {
+        check_ranges(ranges)?;
+        let total: u64 = ranges.iter().map(|r| r.1 as u64).sum();
+        let file = crate::image::memfd("apf-guest-ram").map_err(RamError::Memfd)?;
+        file.set_len(total)
+            .map_err(|source| RamError::Memfd(ImageError::Memfd { what: "ftruncate", source }))?;
+        let file = Arc::new(file);
+        let mem = map_file(ranges, &file, 0, libc::MAP_SHARED)?;
+        Self::from_parts(mem, MemoryKind::SharedMemfd, Some(file), None)
+    }
+
+    /// Maps `image` private for `ranges` (guest base, size): regions back
+    /// to back from offset 0, as [`crate::SnapshotFile::open`] reads them.
+    /// Many guests may map one image; each shares its pages until it
+    /// writes them. Serve it with [`GuestRam::image_source`] as the source.
+    pub fn image(ranges: &[(GuestAddress, usize)], image: Arc<Image>) -> Result<Self, RamError> {
+        check_ranges(ranges)?;
+        let needed: u64 = ranges.iter().map(|r| r.1 as u64).sum();
+        if image.len() < needed {
+            return Err(RamError::ImageTooShort { needed, image: image.len() });
+        }
+        let file = image.file().clone();
+        let mem = map_file(ranges, &file, image.base(), libc::MAP_PRIVATE)?;
+        let mut off = 0;
+        let layout = ranges
+            .iter()
+            .map(|&(base, size)| {
+                let entry = (GuestRange::new(base, size as u64), off);
+                off += size as u64;
+                entry
+            })
+            .collect();
+        let source = Arc::new(ImageSource::new(image, layout));
+        Self::from_parts(mem, MemoryKind::Image, Some(file), Some(source))
+    }
+
+    fn from_parts(
+        mem: GuestMemoryMmap,
+        kind: MemoryKind,
+        file: Option<Arc<File>>,
+        image: Option<Arc<ImageSource>>,
+    ) -> Result<Self, RamError> {
         let mut regions = Vec::with_capacity(mem.num_regions());
+        let mut file_offset = 0;
         for r in mem.iter() {
             let base = r.start_addr();
             let len = r.len();
             if base.0 % PAGE != 0 || len % PAGE != 0 || len == 0 {
                 return Err(RamError::UnalignedRegion { base: base.0, size: len });
             }
-            if !is_private_anonymous(r) {
-                return Err(RamError::UnsupportedBacking(base.0));
-            }
             let host = r.as_ptr() as u64;
             no_huge_pages(host, len).map_err(|source| RamError::Madvise { base: base.0, source })?;
             let pages = (len / PAGE) as usize;
             let states: Box<[AtomicU8]> = (0..pages).map(|_| AtomicU8::new(pack(PageState::Missing, Origin::Source))).collect();
             let zap_pending = (0..pages).map(|_| AtomicBool::new(false)).collect();
-            regions.push(Region { base, len, host, states, zap_pending });
+            regions.push(Region { base, len, host, file_offset, states, zap_pending });
+            file_offset += len;
         }
         if regions.is_empty() {
             return Err(RamError::NoRegions);
         }
-        Ok(GuestRam { mem, regions })
+        Ok(GuestRam { mem, regions, kind, file, image })
+    }
+
+    /// What backs this RAM.
+    pub fn kind(&self) -> MemoryKind {
+        self.kind
+    }
+
+    /// The page source of image RAM: its image, laid out as this RAM maps
+    /// it. An engine over image RAM must be built with this source (reads
+    /// are served from the image's pages in place, so no other source
+    /// could agree with them). `None` for the other kinds.
+    pub fn image_source(&self) -> Option<Arc<dyn PageSource>> {
+        self.image.clone().map(|s| s as Arc<dyn PageSource>)
+    }
+
+    /// The image behind image RAM.
+    pub fn image_file(&self) -> Option<&Arc<Image>> {
+        self.image.as_ref().map(|s| s.image())
+    }
+
+    /// Whether `source` is this RAM's image source (the same object).
+    pub(crate) fn is_image_source(&self, source: &Arc<dyn PageSource>) -> bool {
+        self.image.as_ref().is_some_and(|s| std::ptr::addr_eq(Arc::as_ptr(s), Arc::as_ptr(source)))
+    }
+
+    /// The memfd of shared RAM, duplicated, for another process (a
+    /// vhost-user device) to map. Refused while any page is still a hole
+    /// ([`RamError::StillFilling`]): a process touching a hole would have
+    /// the kernel put a zero page in the page cache, which this process
+    /// then maps without a fault, reading zeros where the guest's contents
+    /// should be. Fill the memory first ([`crate::Engine::prefetch`] over
+    /// every region). Holes a discard punches later are zeros anyway.
+    pub fn shared_fd(&self) -> Result<std::os::fd::OwnedFd, RamError> {
+        let file = match (self.kind, &self.file) {
+            (MemoryKind::SharedMemfd, Some(file)) => file,
+            _ => return Err(RamError::NotShareable(self.kind)),
+        };
+        for r in &self.regions {
+            let runs = crate::image::cache_runs(file, r.file_offset, r.len).map_err(RamError::Seek)?;
+            if let Some(&(off, _, _)) = runs.iter().find(|run| !run.2) {
+                return Err(RamError::StillFilling(r.base.0 + (off - r.file_offset)));
+            }
+        }
+        use std::os::fd::AsFd;
+        file.as_fd().try_clone_to_owned().map_err(RamError::Seek)
+    }
+
+    /// The runs of pages `[first, first + count)` of region `region` that
+    /// the page cache of the file behind it (shared memfd, image) holds
+    /// (`true`) or not, as `(first, end, data)` page indices; `None` for
+    /// anonymous memory.
+    #[allow(clippy::type_complexity)]
+    pub(crate) fn file_runs(
+        &self,
+        region: usize,
+        first: usize,
+        count: usize,
+    ) -> Option<std::io::Result<Vec<(usize, usize, bool)>>> {
+        self.file.as_ref()?;
+        Some(self.regions[region].file_runs(first, count))
     }
 
     /// The rust-vmm view of this memory, for device emulation and loaders.
@@ -655,6 +915,44 @@ pub(crate) fn mmap_error(e: vm_memory::mmap::MmapRegionError) -> std::io::Error 
         vm_memory::mmap::MmapRegionError::Mmap(e) => e,
         other => std::io::Error::other(other),
     }
+}
+
+fn check_ranges(ranges: &[(GuestAddress, usize)]) -> Result<(), RamError> {
+    if ranges.is_empty() {
+        return Err(RamError::NoRegions);
+    }
+    for &(base, size) in ranges {
+        if base.0 % PAGE != 0 || size as u64 % PAGE != 0 || size == 0 {
+            return Err(RamError::UnalignedRegion { base: base.0, size: size as u64 });
+        }
+    }
+    Ok(())
+}
+
+/// Maps `file` for `ranges`, back to back from offset `base`, with `flags`
+/// (`MAP_SHARED` or `MAP_PRIVATE`).
+fn map_file(
+    ranges: &[(GuestAddress, usize)],
+    file: &Arc<File>,
+    base: u64,
+    flags: i32,
+) -> Result<GuestMemoryMmap, RamError> {
+    let mut off = base;
+    let mut regions = Vec::with_capacity(ranges.len());
+    for &(base, size) in ranges {
+        let map = MmapRegionBuilder::new(size)
+            .with_file_offset(vm_memory::FileOffset::from_arc(file.clone(), off))
+            .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+            .with_mmap_flags(flags | libc::MAP_NORESERVE)
+            .build()
+            .map_err(|e| RamError::MapFile { base: base.0, source: mmap_error(e) })?;
+        let region = GuestRegionMmap::new(map, base)
+            .ok_or(RamError::MapFile { base: base.0, source: std::io::Error::from_raw_os_error(libc::EOVERFLOW) })?;
+        regions.push(region);
+        off += size as u64;
+    }
+    GuestMemoryMmap::from_regions(regions)
+        .map_err(|e| RamError::MapFile { base: ranges[0].0 .0, source: std::io::Error::other(e) })
 }
 
 fn is_private_anonymous(r: &GuestRegionMmap) -> bool {

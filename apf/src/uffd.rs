@@ -2,12 +2,12 @@
 //!
 //! Every kernel call the engine makes on userfaultfd lives here: the API
 //! handshake, (un)registration, batched event reads and the resolving ioctls
-//! (`COPY`, `ZEROPAGE`, `MOVE`, `WAKE`, `POISON`, `WRITEPROTECT`). Errors keep
+//! (`COPY`, `ZEROPAGE`, `CONTINUE`, `MOVE`, `WAKE`, `POISON`, `WRITEPROTECT`). Errors keep
 //! their errno, because the fault path branches on it (`EEXIST`, `EAGAIN`,
 //! `ENOENT`, `ESRCH`), and the partial progress the kernel reports.
 //!
 //! The ioctls that change memory behind the compiler's back (`COPY`,
-//! `ZEROPAGE`, `MOVE`, `POISON`) are `unsafe fn`s, as in userfaultfd-rs: the
+//! `ZEROPAGE`, `CONTINUE`, `MOVE`, `POISON`) are `unsafe fn`s, as in userfaultfd-rs: the
 //! caller vouches that the range is memory it owns and that no Rust
 //! reference to it is live. The engine's ranges are guest RAM and its
 //! staging area, which are only ever accessed through raw pointers and
@@ -37,6 +37,9 @@ const fn iowr(num: u32, size: usize) -> u32 {
 
 const UFFDIO_MOVE: u32 = iowr(sys::_UFFDIO_MOVE, std::mem::size_of::<sys::uffdio_move>());
 const UFFDIO_POISON: u32 = iowr(sys::_UFFDIO_POISON, std::mem::size_of::<sys::uffdio_poison>());
+// `UFFDIO_CONTINUE_MODE_DONTWAKE` from <linux/userfaultfd.h> (not in
+// linux-raw-sys).
+const UFFDIO_CONTINUE_MODE_DONTWAKE: u64 = 1 << 0;
 // `UFFDIO_MOVE_MODE_ALLOW_SRC_HOLES` from <linux/userfaultfd.h>.
 const UFFDIO_MOVE_MODE_ALLOW_SRC_HOLES: u64 = 1 << 1;
 
@@ -124,6 +127,8 @@ pub enum Op {
     Poison,
     /// `UFFDIO_WAKE`.
     Wake,
+    /// `UFFDIO_CONTINUE`.
+    Continue,
     /// `MADV_DONTNEED` on the offline staging area (registered memory: it
     /// raises a remove event).
     #[cfg_attr(not(feature = "failpoints"), allow(dead_code))]
@@ -139,6 +144,7 @@ impl Op {
             Op::Move => "UFFDIO_MOVE",
             Op::Poison => "UFFDIO_POISON",
             Op::Wake => "UFFDIO_WAKE",
+            Op::Continue => "UFFDIO_CONTINUE",
             Op::Discard => "MADV_DONTNEED",
         }
     }
@@ -250,10 +256,8 @@ impl RegisterMode {
     // the complete wrapper the next memory kinds build on.
     #[allow(dead_code)]
     pub const WP: RegisterMode = RegisterMode(sys::UFFDIO_REGISTER_MODE_WP as u64);
-    /// Minor faults (page cache present, page table entry missing).
-    // The engine does not write-protect (yet): kept, with its test, as
-    // the complete wrapper the next memory kinds build on.
-    #[allow(dead_code)]
+    /// Minor faults (page cache present, page table entry missing): how
+    /// an image mapped private is served (`UFFDIO_CONTINUE`).
     pub const MINOR: RegisterMode = RegisterMode(sys::UFFDIO_REGISTER_MODE_MINOR as u64);
 }
 
@@ -515,7 +519,8 @@ impl Uffd {
         progress: impl Fn(&T) -> i64,
     ) -> Result<usize, IoctlError> {
         // SAFETY: every request routed here takes a pointer to a struct of
-        // type T (uffdio_copy, uffdio_zeropage, uffdio_move, uffdio_poison)
+        // type T (uffdio_copy, uffdio_zeropage, uffdio_move, uffdio_poison,
+        // uffdio_continue)
         // that the kernel reads and writes back into for the duration of the
         // call; `arg` is such a struct, exclusively borrowed. The memory it
         // names is only accessed by the kernel, which validates it against
@@ -610,6 +615,28 @@ impl Uffd {
             let mut arg =
                 sys::uffdio_poison { range: sys::uffdio_range { start, len: len as u64 }, mode: 0, updated: 0 };
             self.ioctl_progress(Op::Poison.name(), UFFDIO_POISON, &mut arg, |a| a.updated)
+        })
+    }
+
+    /// `UFFDIO_CONTINUE`: maps the page-cache pages already at
+    /// `[start, start + len)` of a range registered in
+    /// [`RegisterMode::MINOR`] (no copy; on a private mapping read-only, so
+    /// a later write takes the kernel's copy-on-write fault). `EFAULT`
+    /// with nothing done: the page cache has no page there (a hole).
+    ///
+    /// # Safety
+    ///
+    /// `[start, start + len)` must be memory the caller owns, and no Rust
+    /// reference to any of it may be live: the kernel maps pages under it
+    /// behind the compiler's back.
+    pub unsafe fn continue_pages(&self, start: u64, len: usize, dont_wake: bool) -> Result<usize, IoctlError> {
+        self.with_failpoint(Op::Continue, [start, start], len, |len| {
+            let mut arg = sys::uffdio_continue {
+                range: sys::uffdio_range { start, len: len as u64 },
+                mode: if dont_wake { UFFDIO_CONTINUE_MODE_DONTWAKE } else { 0 },
+                mapped: 0,
+            };
+            self.ioctl_progress(Op::Continue.name(), nr::UFFDIO_CONTINUE, &mut arg, |a| a.mapped)
         })
     }
 

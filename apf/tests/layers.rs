@@ -20,6 +20,7 @@ const LAYERS: &[(&str, &[&str], bool)] = &[
             "uffd",
             "failpoints",
             "ram",
+            "image",
             "source",
             "notifier",
             "config",

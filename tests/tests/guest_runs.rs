@@ -234,3 +234,48 @@ fn a_host_block_goes_offline_under_a_running_guest() {
         );
     }
 }
+
+/// Every kind of guest memory runs the stress with the balloon (and a
+/// host block where one qualifies), losing nothing: a shared memfd (the
+/// balloon punches holes), the snapshot's image mapped private (reads
+/// mapped in place, writes copied, discards read as zeros, not the
+/// image), and the kernel's own file mapping as the anchor.
+#[test]
+fn every_memory_kind_runs_the_stress_with_the_balloon() {
+    require_kvm!();
+    let path = temp("kinds.snap");
+    let save = RunConfig { save_snapshot: Some(path.clone()), ..short(64 << 20, 300) };
+    assert_clean(&run_alone(&save).unwrap());
+    let kinds = [
+        (Backend::Apf, apf::MemoryKind::SharedMemfd, false, "apf shared"),
+        (Backend::Apf, apf::MemoryKind::Image, true, "apf image"),
+        (Backend::File, apf::MemoryKind::PrivateAnonymous, true, "file"),
+    ];
+    for (backend, memory, restore, name) in kinds {
+        let base = if restore { restore_from(&path) } else { short(64 << 20, 0) };
+        let cfg = RunConfig {
+            backend,
+            memory,
+            offline_every: None,
+            guest_offline: backend == Backend::Apf,
+            host_block: backend == Backend::Apf,
+            duration: Duration::from_millis(800),
+            ..base
+        };
+        let report = run_alone(&cfg).unwrap();
+        assert_clean(&report);
+        assert_eq!(report.backend, name);
+        if backend == Backend::Apf {
+            let b = &report.balloon;
+            assert!(b.discards > 0 && b.pages_verified_zero > 0, "{name}: {b:?}");
+            assert_eq!(b.stale, 0, "{name}: a discarded page showed old contents");
+            assert!(report.faults > 0);
+        } else {
+            assert_eq!(report.faults, 0, "the file backend has no userfaultfd");
+        }
+        if restore {
+            assert!(report.restored.as_ref().is_some_and(|r| r.1), "{name}: {}", report.summary());
+        }
+    }
+    std::fs::remove_file(&path).unwrap();
+}

@@ -457,18 +457,22 @@ impl VcpuAgent {
     }
 }
 
-/// Drops the contents of guest `range` (`MADV_DONTNEED` on its mapping):
+/// Drops the contents of guest `range` (`MADV_DONTNEED` on its mapping,
+/// `MADV_REMOVE` on shared memory):
 /// afterwards it reads as zeros until written. With the engine, the
 /// kernel raises a remove event and `madvise` returns once the engine's
 /// event loop has read it; the caller must hold nothing that loop needs.
 fn discard(ram: &apf::GuestRam, range: GuestRange) -> std::io::Result<()> {
     let host = ram.host_range(range.start, range.len).map_err(std::io::Error::other)?;
+    // On shared memory `MADV_DONTNEED` would only unmap (the page cache
+    // keeps the contents): a balloon punches a hole there.
+    let advice = if ram.kind().page_cache_is_truth() { libc::MADV_REMOVE } else { libc::MADV_DONTNEED };
     // SAFETY: `host_range` checked that `range` lies inside one region of
-    // guest RAM, a private anonymous mapping `ram` keeps alive; discarding
-    // it neither unmaps it nor invalidates any Rust reference, because
-    // guest memory is only ever reached through volatile accesses (and the
-    // guest writes it concurrently anyway). The pages read as zeros after.
-    let rc = unsafe { libc::madvise(host.cast(), range.len as usize, libc::MADV_DONTNEED) };
+    // guest RAM, a mapping `ram` keeps alive; discarding it neither unmaps
+    // it nor invalidates any Rust reference, because guest memory is only
+    // ever reached through volatile accesses (and the guest writes it
+    // concurrently anyway). The pages read as zeros after.
+    let rc = unsafe { libc::madvise(host.cast(), range.len as usize, advice) };
     if rc != 0 {
         return Err(std::io::Error::last_os_error());
     }

@@ -50,7 +50,12 @@ impl GuestPass for Guests {
         let backend = match variant {
             Variant::Kernel => Backend::Plain,
             Variant::Baseline => Backend::Baseline,
-            Variant::Apf { .. } | Variant::ApfTraced => Backend::Apf,
+            Variant::KernelFile => Backend::File,
+            Variant::Apf { .. } | Variant::ApfTraced | Variant::ApfZeroCopy => Backend::Apf,
+        };
+        let memory = match variant {
+            Variant::ApfZeroCopy => apf::MemoryKind::Image,
+            _ => apf::MemoryKind::PrivateAnonymous,
         };
         let cfg = RunConfig {
             mem: if snapshot.is_some() { None } else { Some(bytes) },
@@ -59,6 +64,7 @@ impl GuestPass for Guests {
             grace: Duration::from_secs(120),
             workload: Workload::Touch,
             backend,
+            memory,
             random_order: random,
             offline_every: None,
             guest_offline: false,
@@ -76,7 +82,7 @@ impl GuestPass for Guests {
         let latency = match backend {
             Backend::Apf => report.latency.as_ref().and_then(|l| l.span(FAULT)).map(|s| (s.p50, s.p99)),
             Backend::Baseline => report.baseline_latency,
-            Backend::Plain => None,
+            Backend::Plain | Backend::File => None,
         };
         Ok(Sample { pages: first.pages, seconds: first.elapsed.as_secs_f64(), latency })
     }

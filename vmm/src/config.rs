@@ -28,6 +28,11 @@ pub enum Backend {
     /// One thread, one page per fault ([`apf::baseline`]): the anchor apf
     /// is measured against. No offlining, no pins.
     Baseline,
+    /// The snapshot file mapped `MAP_PRIVATE`, no userfaultfd: the
+    /// kernel's own restore (Firecracker's File backend), the anchor a
+    /// restore is weighed against. Needs `--restore`; no offlining, no
+    /// balloon (a discarded page would show the file again).
+    File,
 }
 
 impl Backend {
@@ -37,6 +42,7 @@ impl Backend {
             Backend::Apf => "apf",
             Backend::Plain => "plain",
             Backend::Baseline => "baseline",
+            Backend::File => "file",
         }
     }
 }
@@ -75,6 +81,9 @@ pub struct RunConfig {
     pub unplug_policy: UnplugPolicy,
     /// What backs guest RAM.
     pub backend: Backend,
+    /// The kind of guest RAM the engine serves (private anonymous, shared
+    /// memfd, or the restored snapshot's image mapped private).
+    pub memory: apf::MemoryKind,
     /// The first pass (touch, or the verify of a restore) visits pages in
     /// a random order.
     pub random_order: bool,
@@ -146,6 +155,7 @@ impl Default for RunConfig {
             checksum: true,
             unplug_policy: UnplugPolicy::Zero,
             backend: Backend::Apf,
+            memory: apf::MemoryKind::PrivateAnonymous,
             random_order: false,
             save_snapshot: None,
             restore: None,
@@ -266,8 +276,13 @@ stress and verify guest memory while it is offlined underneath, and report.
   --no-guest-offline     agents do not ask for offlines of their own memory
   --no-checksum          agents do not use the checksum device
   --unplug-policy P      zero|poison: what unplugged memory reads as (default zero)
-  --backend B            apf|plain|baseline: the engine (default), plain anonymous memory with no
-                         userfaultfd, or the one-page-per-fault handler (no offlining with the last two)
+  --backend B            apf|plain|baseline|file: the engine (default), plain anonymous memory with no
+                         userfaultfd, the one-page-per-fault handler, or (with --restore) the snapshot
+                         file mapped private with no userfaultfd (no offlining with the last three)
+  --memory K             anonymous|shared|image: guest RAM private anonymous (default), a memfd
+                         mapped shared, or (with --restore) the snapshot's image loaded once and
+                         mapped private, reads mapped in place; the host storm and the agents'
+                         offlines need anonymous memory (they move pages)
   --order O              seq|random: the order of the first pass (touch, restore verify); default seq
   --save-snapshot FILE   write guest RAM and what the agent needs to verify it, at the end
   --restore FILE         start from a snapshot: RAM demand-faulted from FILE, verified first
@@ -309,6 +324,7 @@ impl<'a> Options<'a> {
 /// Parses the options of `vmm run`.
 pub fn parse_run(args: &[String]) -> Result<RunConfig, CliError> {
     let mut c = RunConfig::default();
+    let mut storm_asked = false;
     let mut options = Options::new(args);
     while let Some((name, inline, arg)) = options.next_option() {
         macro_rules! value {
@@ -361,6 +377,7 @@ pub fn parse_run(args: &[String]) -> Result<RunConfig, CliError> {
                 c.seed = Some(v.parse().map_err(|_| invalid("--seed", &v, "expected a number".into()))?);
             }
             "--offline-every" => {
+                storm_asked = true;
                 let v = value!("--offline-every");
                 c.offline_every = match v.as_str() {
                     "off" | "0" => None,
@@ -405,8 +422,13 @@ pub fn parse_run(args: &[String]) -> Result<RunConfig, CliError> {
                     "apf" => Backend::Apf,
                     "plain" => Backend::Plain,
                     "baseline" => Backend::Baseline,
-                    _ => return Err(invalid("--backend", &v, "expected apf, plain or baseline".into())),
+                    "file" => Backend::File,
+                    _ => return Err(invalid("--backend", &v, "expected apf, plain, baseline or file".into())),
                 };
+            }
+            "--memory" => {
+                let v = value!("--memory");
+                c.memory = v.parse().map_err(|e| invalid("--memory", &v, e))?;
             }
             "--order" => {
                 let v = value!("--order");
@@ -418,6 +440,30 @@ pub fn parse_run(args: &[String]) -> Result<RunConfig, CliError> {
             }
             _ => return Err(CliError::Unknown(arg.to_string())),
         }
+    }
+    use apf::MemoryKind;
+    if c.backend == Backend::File && c.restore.is_none() {
+        return Err(CliError::Conflict("--backend file maps the snapshot file: it needs --restore".into()));
+    }
+    if c.memory == MemoryKind::Image && c.restore.is_none() {
+        return Err(CliError::Conflict("--memory image maps the snapshot's image: it needs --restore".into()));
+    }
+    if c.memory != MemoryKind::PrivateAnonymous && matches!(c.backend, Backend::Baseline | Backend::File) {
+        return Err(CliError::Conflict(format!(
+            "--memory {} needs the apf or plain backend",
+            if c.memory == MemoryKind::Image { "image" } else { "shared" }
+        )));
+    }
+    if c.memory == MemoryKind::Image && c.backend == Backend::Plain {
+        return Err(CliError::Conflict("--memory image needs the engine (or use --backend file)".into()));
+    }
+    if !c.memory.offers_move() {
+        if storm_asked && c.offline_every.is_some() {
+            return Err(CliError::Conflict(
+                "the host storm migrates and evicts, which need UFFDIO_MOVE: --memory anonymous only".into(),
+            ));
+        }
+        c.offline_every = None;
     }
     if c.backend == Backend::Plain && c.restore.is_some() {
         return Err(CliError::Conflict("--backend plain has no userfaultfd: it cannot --restore".into()));
@@ -506,6 +552,16 @@ mod tests {
         assert_eq!(run(&["--offline-max=64M"]).unwrap().offline_max, 64 << 20);
         assert_eq!(run(&["--offline-max", "4K"]).unwrap().offline_max, 4096);
         assert_eq!(run(&[]).unwrap().offline_max, DEFAULT_OFFLINE_MAX);
+        // Memory kinds: what each needs, said before the run.
+        assert!(matches!(run(&["--memory", "image"]), Err(CliError::Conflict(_))));
+        assert!(matches!(run(&["--backend", "file"]), Err(CliError::Conflict(_))));
+        assert!(matches!(run(&["--memory", "shared", "--backend", "baseline"]), Err(CliError::Conflict(_))));
+        assert!(matches!(run(&["--memory", "shared", "--offline-every", "5ms"]), Err(CliError::Conflict(_))));
+        assert!(matches!(run(&["--memory", "huge"]), Err(CliError::Invalid { option: "--memory", .. })));
+        let c = run(&["--memory", "shared"]).unwrap();
+        assert_eq!((c.memory, c.offline_every, c.guest_offline), (apf::MemoryKind::SharedMemfd, None, true));
+        let c = run(&["--backend", "file", "--restore", "x"]).unwrap();
+        assert_eq!((c.backend, c.offline_every, c.guest_offline), (Backend::File, None, false));
         let c = run(&["--backend", "baseline", "--order", "random"]).unwrap();
         assert_eq!((c.backend, c.random_order, c.offline_every), (Backend::Baseline, true, None));
     }

@@ -21,7 +21,9 @@ use agent_proto::{
 };
 use apf::SinglePageHandler;
 use apf::{latency_plot, LatencyLayer};
-use apf::{Engine, EngineError, GuestAddress, GuestRam, GuestRange, PageSource, SnapshotFile, ZeroSource};
+use apf::{
+    Engine, EngineError, GuestAddress, GuestRam, GuestRange, Image, MemoryKind, PageSource, SnapshotFile, ZeroSource,
+};
 use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
 use kvm_bindings::{kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES};
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
@@ -68,6 +70,9 @@ pub enum VmError {
     /// The snapshot's RAM cannot be read as a page source.
     #[error("cannot read the snapshot's RAM")]
     Source(#[source] apf::SourceError),
+    /// The snapshot's RAM cannot be loaded or mapped as an image.
+    #[error("cannot map the snapshot's RAM as an image")]
+    Image(#[source] apf::ImageError),
     /// A KVM ioctl failed.
     #[error("KVM: {what}")]
     Kvm {
@@ -175,11 +180,35 @@ fn shape(cfg: &RunConfig, restore: Option<&Restore>) -> Result<Shape, VmError> {
     Ok(Shape { ram_size: h.ram_size, vcpus: h.vcpus, seed: h.seed })
 }
 
-/// Where guest pages come from: the override, the snapshot restored, or
-/// zeros.
-fn page_source(cfg: &RunConfig, restore: Option<&Restore>, ram_size: u64) -> Result<Arc<dyn PageSource>, VmError> {
+/// Guest RAM of the kind the run asks for: private anonymous, a shared
+/// memfd, or the snapshot's RAM as an image mapped private (loaded once
+/// for the engine; the file itself, in place, for `--backend file`).
+fn guest_ram(cfg: &RunConfig, restore: Option<&Restore>, ram_size: u64) -> Result<GuestRam, VmError> {
+    let ranges = [(GuestAddress(0), ram_size as usize)];
+    let image = |r: &Restore| match cfg.backend {
+        Backend::File => Image::in_place(&r.path, r.header.ram_offset(), ram_size),
+        _ => Image::load_range(&r.path, r.header.ram_offset(), Some(ram_size)),
+    };
+    match (cfg.backend, cfg.memory, restore) {
+        (Backend::File, _, Some(r)) | (_, MemoryKind::Image, Some(r)) => {
+            GuestRam::image(&ranges, image(r).map_err(VmError::Image)?).map_err(VmError::Ram)
+        }
+        (_, MemoryKind::SharedMemfd, _) => GuestRam::shared_memfd(&ranges).map_err(VmError::Ram),
+        _ => GuestRam::anonymous(&ranges).map_err(VmError::Ram),
+    }
+}
+
+/// Where guest pages come from: the override, the snapshot restored (its
+/// image, when RAM maps it), or zeros.
+fn page_source(
+    cfg: &RunConfig,
+    restore: Option<&Restore>,
+    ram: &GuestRam,
+    ram_size: u64,
+) -> Result<Arc<dyn PageSource>, VmError> {
     Ok(match (restore, &cfg.source) {
         (_, Some(source)) => source.0.clone(),
+        (Some(_), None) if ram.image_source().is_some() => ram.image_source().unwrap_or_else(|| Arc::new(ZeroSource)),
         (Some(r), None) => {
             let layout = vec![(GuestRange::new(GuestAddress(0), ram_size), r.header.ram_offset())];
             Arc::new(SnapshotFile::with_layout(&r.path, layout).map_err(VmError::Source)?)
@@ -196,7 +225,7 @@ fn memory_backend(
     source: impl FnOnce() -> Result<Arc<dyn PageSource>, VmError>,
 ) -> Result<(GuestAccess, Option<SinglePageHandler>), VmError> {
     Ok(match cfg.backend {
-        Backend::Plain => (GuestAccess::Plain(ram.clone()), None),
+        Backend::Plain | Backend::File => (GuestAccess::Plain(ram.clone()), None),
         Backend::Baseline => {
             let handler = SinglePageHandler::start(ram.clone(), source()?)
                 .map_err(|e| VmError::Io { what: "the baseline handler", source: std::io::Error::other(e) })?;
@@ -261,13 +290,16 @@ fn agent_config(cfg: &RunConfig, shape: Shape, restoring: bool) -> Config {
     if restoring {
         flags |= agent_proto::FLAG_RESTORE;
     }
-    if cfg.guest_offline && cfg.backend == Backend::Apf {
+    // The agents' offlines move pages (`UFFDIO_MOVE`): private anonymous
+    // memory only.
+    if cfg.guest_offline && cfg.backend == Backend::Apf && cfg.memory.offers_move() {
         flags |= FLAG_GUEST_OFFLINE;
     }
     // The balloon needs only a discard that reads back as zeros: the
     // engine and plain memory give that; the baseline handler would fill
-    // a discarded page from its source again.
-    if cfg.guest_offline && cfg.backend != Backend::Baseline {
+    // a discarded page from its source again, and the file backend would
+    // show the file again.
+    if cfg.guest_offline && !matches!(cfg.backend, Backend::Baseline | Backend::File) {
         flags |= FLAG_BALLOON;
     }
     if cfg.random_order {
@@ -431,8 +463,9 @@ impl Vm {
         vcpu::install_signal_handlers()?;
 
         // Guest RAM, demand-faulted by the engine (or plain, for comparison).
-        let ram = Arc::new(GuestRam::anonymous(&[(GuestAddress(0), shape.ram_size as usize)]).map_err(VmError::Ram)?);
-        let (access, baseline) = memory_backend(cfg, &ram, || page_source(cfg, restore.as_ref(), shape.ram_size))?;
+        let ram = Arc::new(guest_ram(cfg, restore.as_ref(), shape.ram_size)?);
+        let (access, baseline) =
+            memory_backend(cfg, &ram, || page_source(cfg, restore.as_ref(), &ram, shape.ram_size))?;
 
         // The VM, the guest image, the devices, the vCPUs.
         let (kvm, vm) = create_vm(&ram, shape.ram_size)?;
@@ -714,7 +747,12 @@ impl StoppedVm {
             elapsed,
             ram_size: shape.ram_size,
             seed: shape.seed,
-            backend: cfg.backend.as_str(),
+            backend: match (cfg.backend, cfg.memory) {
+                (Backend::Apf, MemoryKind::SharedMemfd) => "apf shared",
+                (Backend::Apf, MemoryKind::Image) => "apf image",
+                (Backend::Plain, MemoryKind::SharedMemfd) => "plain shared",
+                (backend, _) => backend.as_str(),
+            },
             vcpus,
             agents: &agent.vcpus(),
             agent: agent.stats(),

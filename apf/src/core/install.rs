@@ -4,16 +4,25 @@
 //! call nothing else; what a backend lacks it says ([`Install::supports`])
 //! and refuses, so callers choose another way before they start.
 //!
-//! Two backends:
+//! The backends:
 //!
 //! - [`PrivateAnonymous`]: the engine's own descriptor over private
 //!   anonymous memory, with every feature (`COPY`, `ZEROPAGE`, `MOVE` into
 //!   staging, `POISON`, thread ids).
+//! - [`SharedMemory`]: the engine's own descriptor over a memfd mapped
+//!   shared: `COPY` and `ZEROPAGE` put pages into the page cache; `POISON`
+//!   and thread ids; no `MOVE` (the kernel moves private anonymous pages
+//!   only).
+//! - [`ImagePrivate`]: the engine's own descriptor over an image mapped
+//!   private, registered MISSING and MINOR: `CONTINUE` maps the image's
+//!   pages for reads, `COPY` installs private copies for writes, `ZEROPAGE`
+//!   zeros; `POISON` and thread ids; no `MOVE`.
 //! - [`Limited`]: `COPY`, `ZEROPAGE` and `WAKE` only, no thread ids: what a
 //!   userfaultfd received from Firecracker offers (its `UFFDIO_API` asked
 //!   for `EVENT_REMOVE` alone, and a second handshake is refused).
 
 use crate::config::Backend;
+use crate::ram::MemoryKind;
 use crate::uffd::{Features, IoctlError, Op, Uffd, UffdError};
 
 /// What a backend may be asked to do.
@@ -29,6 +38,8 @@ pub(crate) enum MemOp {
     Move,
     /// Mark pages lost, so an access gets SIGBUS (`UFFDIO_POISON`).
     Poison,
+    /// Map the page-cache pages already there (`UFFDIO_CONTINUE`).
+    Continue,
 }
 
 /// Installs and takes out guest pages. The `unsafe` methods change memory
@@ -94,6 +105,17 @@ pub(crate) trait Install: Send + Sync {
         let _ = (start, len);
         Err(unsupported(Op::Poison))
     }
+
+    /// `UFFDIO_CONTINUE` over `start..start + len`: maps the page-cache
+    /// pages there. `EFAULT` with nothing done: a hole.
+    ///
+    /// # Safety
+    ///
+    /// The range as described on the trait.
+    unsafe fn continue_pages(&self, start: u64, len: usize, dont_wake: bool) -> Result<usize, IoctlError> {
+        let _ = (start, len, dont_wake);
+        Err(unsupported(Op::Continue))
+    }
 }
 
 /// The answer to an operation a backend does not offer.
@@ -101,16 +123,25 @@ fn unsupported(op: Op) -> IoctlError {
     IoctlError { op: op.name(), errno: libc::EOPNOTSUPP, done: 0 }
 }
 
-/// Opens a descriptor for `backend` and wraps it.
-pub(crate) fn open(backend: Backend) -> Result<Box<dyn Install>, UffdError> {
-    let uffd = match backend {
-        Backend::PrivateAnonymous => {
-            Uffd::new(Features::EVENT_REMOVE | Features::THREAD_ID | Features::POISON, Features::MOVE)?
+/// Opens a descriptor for `backend` over memory of `kind` and wraps it.
+/// `None`: the limited backend serves private anonymous memory only (it
+/// stands for a descriptor received from Firecracker).
+pub(crate) fn open(backend: Backend, kind: MemoryKind) -> Result<Option<Box<dyn Install>>, UffdError> {
+    let own = Features::EVENT_REMOVE | Features::THREAD_ID | Features::POISON;
+    Ok(Some(match (backend, kind) {
+        (Backend::PrivateAnonymous, MemoryKind::PrivateAnonymous) => {
+            for_descriptor(Uffd::new(own, Features::MOVE)?)
         }
+        (Backend::PrivateAnonymous, MemoryKind::SharedMemfd) => {
+            Box::new(SharedMemory { uffd: Uffd::new(own | Features::MISSING_SHMEM, Features::empty())? })
+        }
+        (Backend::PrivateAnonymous, MemoryKind::Image) => Box::new(ImagePrivate {
+            uffd: Uffd::new(own | Features::MISSING_SHMEM | Features::MINOR_SHMEM, Features::empty())?,
+        }),
         // What Firecracker asks for before it hands the descriptor over.
-        Backend::Limited => Uffd::new(Features::EVENT_REMOVE, Features::empty())?,
-    };
-    Ok(for_descriptor(uffd))
+        (Backend::Limited, MemoryKind::PrivateAnonymous) => for_descriptor(Uffd::new(Features::EVENT_REMOVE, Features::empty())?),
+        (Backend::Limited, _) => return Ok(None),
+    }))
 }
 
 /// The backend a descriptor's negotiated features allow: private anonymous
@@ -138,6 +169,7 @@ impl Install for PrivateAnonymous {
         match op {
             MemOp::Copy | MemOp::ZeroPage | MemOp::Wake | MemOp::Poison => true,
             MemOp::Move => self.uffd.features().contains(Features::MOVE),
+            MemOp::Continue => false,
         }
     }
 
@@ -176,6 +208,61 @@ impl Install for Limited {
     }
 }
 
+/// A memfd mapped shared: installs go into the page cache, which is what
+/// every mapping of the memfd sees.
+pub(crate) struct SharedMemory {
+    uffd: Uffd,
+}
+
+impl Install for SharedMemory {
+    fn name(&self) -> &'static str {
+        "shared-memory"
+    }
+
+    fn supports(&self, op: MemOp) -> bool {
+        matches!(op, MemOp::Copy | MemOp::ZeroPage | MemOp::Wake | MemOp::Poison)
+    }
+
+    fn uffd(&self) -> &Uffd {
+        &self.uffd
+    }
+
+    unsafe fn poison(&self, start: u64, len: usize) -> Result<usize, IoctlError> {
+        // SAFETY: the caller's contract is `Uffd::poison`'s.
+        unsafe { self.uffd.poison(start, len) }
+    }
+}
+
+/// An image mapped private: reads map the image's own pages
+/// (`CONTINUE`), writes get private copies (`COPY`).
+pub(crate) struct ImagePrivate {
+    uffd: Uffd,
+}
+
+impl Install for ImagePrivate {
+    fn name(&self) -> &'static str {
+        "image-private"
+    }
+
+    fn supports(&self, op: MemOp) -> bool {
+        matches!(op, MemOp::Copy | MemOp::ZeroPage | MemOp::Wake | MemOp::Poison | MemOp::Continue)
+    }
+
+    fn uffd(&self) -> &Uffd {
+        &self.uffd
+    }
+
+    unsafe fn poison(&self, start: u64, len: usize) -> Result<usize, IoctlError> {
+        // SAFETY: the caller's contract is `Uffd::poison`'s.
+        unsafe { self.uffd.poison(start, len) }
+    }
+
+    unsafe fn continue_pages(&self, start: u64, len: usize, dont_wake: bool) -> Result<usize, IoctlError> {
+        // SAFETY: the caller's contract is `Uffd::continue_pages`'s.
+        unsafe { self.uffd.continue_pages(start, len, dont_wake) }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -184,8 +271,20 @@ mod tests {
 
     #[test]
     fn each_backend_says_what_it_offers_and_refuses_the_rest() {
-        let anon = open(Backend::PrivateAnonymous).unwrap();
-        let limited = open(Backend::Limited).unwrap();
+        // Shared memory and images: no MOVE (the kernel moves private
+        // anonymous pages only); CONTINUE for images alone.
+        let shared = open(Backend::PrivateAnonymous, MemoryKind::SharedMemfd).unwrap().unwrap();
+        let image = open(Backend::PrivateAnonymous, MemoryKind::Image).unwrap().unwrap();
+        for op in [MemOp::Copy, MemOp::ZeroPage, MemOp::Wake, MemOp::Poison] {
+            assert!(shared.supports(op) && image.supports(op), "{op:?}");
+        }
+        assert!(!shared.supports(MemOp::Move) && !image.supports(MemOp::Move));
+        assert!(image.supports(MemOp::Continue) && !shared.supports(MemOp::Continue));
+        assert!(image.uffd().features().contains(Features::MINOR_SHMEM | Features::MISSING_SHMEM));
+        let anon = open(Backend::PrivateAnonymous, MemoryKind::PrivateAnonymous).unwrap().unwrap();
+        let limited = open(Backend::Limited, MemoryKind::PrivateAnonymous).unwrap().unwrap();
+        assert!(open(Backend::Limited, MemoryKind::Image).unwrap().is_none());
+        assert!(!anon.supports(MemOp::Continue));
         assert_eq!((anon.name(), limited.name()), ("private-anonymous", "limited"));
         for op in [MemOp::Copy, MemOp::ZeroPage, MemOp::Wake, MemOp::Poison] {
             assert!(anon.supports(op), "{op:?}");

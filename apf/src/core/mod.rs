@@ -1,9 +1,10 @@
 //! The engine's core: the state every part of the engine shares (the
 //! userfaultfd, guest RAM, the source and the store, the invalidation
 //! notifier, the counters, the configuration), behind narrow methods; the
-//! one interface through which guest memory changes ([`install`], with its
-//! two backends); and the resolver of claimed windows that the fault path,
-//! pins and the engine's prefetch all use (`resolve`).
+//! one interface through which guest memory changes ([`install`], with a
+//! backend per memory kind and the limited one); and the resolver of
+//! claimed windows that the fault path, pins and the engine's prefetch all
+//! use (`resolve`).
 //!
 //! It sits between the leaf modules (userfaultfd, RAM and page states,
 //! sources, notifier, configuration, counters), which it uses, and the
@@ -640,9 +641,9 @@ impl Core {
         }
         let uffd = self.mem();
         let mut poisoned = 0;
-        for r in self.ram.regions() {
+        for (i, r) in self.ram.regions().iter().enumerate() {
             let unresolved = |p: usize| matches!(r.state(p).0, PageState::Missing | PageState::Resolving);
-            for (start, end) in runs(r.pages(), unresolved) {
+            for (start, end) in self.holes_of(i, runs(r.pages(), unresolved)) {
                 let mut at = start;
                 while at < end {
                     // SAFETY: pages of guest RAM, which no Rust reference
@@ -662,6 +663,25 @@ impl Core {
             }
         }
         poisoned
+    }
+
+    /// The parts of `runs` (page index runs of region `region`) that hold
+    /// nothing: all of them, but on shared memory only the holes of its
+    /// page cache (a page a discard kept is the guest's, whatever the
+    /// engine's state says).
+    fn holes_of(&self, region: usize, runs: Vec<(usize, usize)>) -> Vec<(usize, usize)> {
+        if !self.ram.kind().page_cache_is_truth() {
+            return runs;
+        }
+        let mut out = Vec::new();
+        for (start, end) in runs {
+            // Where the kernel cannot say, nothing is poisoned: poisoning
+            // a kept page would lose it.
+            if let Some(Ok(file)) = self.ram.file_runs(region, start, end - start) {
+                out.extend(file.into_iter().filter(|r| !r.2).map(|r| (r.0, r.1)));
+            }
+        }
+        out
     }
 
     /// Whether a job of `pages` pages runs on the event-loop thread.

@@ -16,7 +16,7 @@ use crossbeam_channel::Receiver;
 use tracing::field;
 
 use super::{Causes, Core, FaultError, GiveUp, Job, Run, Window};
-use crate::ram::{GuestAddress, GuestRange, Origin, Region};
+use crate::ram::{GuestAddress, GuestRange, MemoryKind, Origin, Region};
 use crate::source::PageSource;
 use crate::uffd::PAGE_SIZE;
 
@@ -62,6 +62,12 @@ enum Src {
     /// Poison it: unplugged under the poison policy while this resolver
     /// held it.
     Poison,
+    /// Map the page-cache pages already there (`CONTINUE`): an image's
+    /// pages, for reads.
+    Continue,
+    /// Nothing to install: the page cache of shared memory holds the
+    /// pages, so they are present (and their waiters woken).
+    Cached,
 }
 
 /// A same-origin piece of a run.
@@ -495,6 +501,7 @@ fn fill(
     // from a zero buffer, or with ZEROPAGE).
     let _span = (!zero_source).then(|| tracing::trace_span!(target: "apf", "apf.fill").entered());
     let write = job.writes;
+    let kind = shared.ram().kind();
     let mut pieces = Vec::with_capacity(job.window.len());
     let mut buf_off = 0;
     let total: usize = job.window.pages();
@@ -513,14 +520,31 @@ fn fill(
             let gpa = region.page_gpa(p);
             let len = n * PAGE_SIZE;
             let is_zero = origin == Origin::Zero || (origin == Origin::Source && zero_source);
+            let zero = if write { Src::Copy(shared.zeros().as_ptr()) } else { Src::ZeroPage };
+            if origin != Origin::Unplugged && (is_zero || (kind == MemoryKind::Image && !write)) {
+                // File-backed pages: what the page cache holds decides.
+                if let Some(runs) = file_runs(shared, job.region, p, n) {
+                    for (a, b, data) in runs {
+                        let src = match (data, kind) {
+                            // Shared memory keeps a discarded page's
+                            // contents unless a hole was punched: the page
+                            // cache has it, so it is present.
+                            (true, MemoryKind::SharedMemfd) => Src::Cached,
+                            // The image's own page, mapped in place
+                            // (unless a discard made it zeros).
+                            (true, _) if !is_zero => Src::Continue,
+                            _ => zero,
+                        };
+                        pieces.push(Piece { first: a, count: b - a, src });
+                    }
+                    p = end;
+                    continue;
+                }
+            }
             let src = if origin == Origin::Unplugged {
                 Src::Poison
             } else if is_zero {
-                if write {
-                    Src::Copy(shared.zeros().as_ptr())
-                } else {
-                    Src::ZeroPage
-                }
+                zero
             } else if let Some(resident) = (origin == Origin::Source && job.attempts == 0)
                 .then(|| shared.source().resident(gpa, len))
                 .flatten()
@@ -544,6 +568,21 @@ fn fill(
         }
     }
     Ok(pieces)
+}
+
+/// The runs of pages `[first, first + count)` of a file-backed region that
+/// the page cache holds (`true`) or not; `None` for anonymous memory, or
+/// when the kernel cannot say (the pieces are then installed as if every
+/// page were a hole or, for the image, data: `CONTINUE` meeting a hole
+/// answers `EFAULT`, which installs zeros).
+fn file_runs(shared: &Core, region: usize, first: usize, count: usize) -> Option<Vec<(usize, usize, bool)>> {
+    match shared.ram().file_runs(region, first, count)? {
+        Ok(runs) => Some(runs),
+        Err(e) => {
+            tracing::warn!(target: "apf", error = %e, "mincore on guest RAM failed");
+            None
+        }
+    }
 }
 
 /// Drops pages restored from the eviction store from it.
@@ -588,6 +627,12 @@ fn install_pieces(
                 Src::ZeroPage => unsafe { shared.mem().zeropage(dst, len, false) },
                 // SAFETY: see above.
                 Src::Poison => unsafe { shared.mem().poison(dst, len) },
+                // SAFETY: see above.
+                Src::Continue => unsafe { shared.mem().continue_pages(dst, len, false) },
+                Src::Cached => {
+                    shared.wake(dst, len);
+                    Ok(len)
+                }
             };
             let (done, err) = match res {
                 Ok(n) => (n.min(len) / PAGE_SIZE, None),
@@ -600,12 +645,17 @@ fn install_pieces(
                     shared.checked(region.complete(p));
                 }
             }
-            if done > 0 {
+            if done > 0 && matches!(piece.src, Src::Cached) {
+                stats.cached.add(done as u64);
+            } else if done > 0 {
                 stats.windows.add(u64::from(off == 0));
                 stats.pages_installed.add(done as u64);
                 stats.bytes_installed.add((done * PAGE_SIZE) as u64);
                 if matches!(piece.src, Src::ZeroPage) {
                     stats.zero_pages.add(done as u64);
+                }
+                if matches!(piece.src, Src::Continue) {
+                    stats.continued.add(done as u64);
                 }
                 *bytes += done * PAGE_SIZE;
             }
@@ -619,7 +669,12 @@ fn install_pieces(
             match e.errno {
                 libc::EEXIST => {
                     stats.eexist.add(1);
-                    if !reclaimed && region.claimed_origin(page) == Origin::Zero {
+                    // On shared memory the page cache is the truth: a page
+                    // there is the page's (a discard that kept it, or one
+                    // whose hole punch is still to come, after which its
+                    // next fault gets zeros).
+                    let cache_is_truth = shared.ram().kind().page_cache_is_truth();
+                    if !reclaimed && region.claimed_origin(page) == Origin::Zero && !cache_is_truth {
                         // A page a remove made missing that the kernel
                         // still holds: its `madvise` zaps only after the
                         // remove event is read, and it has not yet. Those
@@ -639,6 +694,30 @@ fn install_pieces(
                     off += 1;
                 }
                 libc::EAGAIN => return Err(InstallError::Again(remaining(pieces, i, off))),
+                libc::EFAULT if matches!(piece.src, Src::Continue) => {
+                    // A hole in the image: it reads as zeros.
+                    // SAFETY: the destination as above.
+                    match unsafe { shared.mem().zeropage(dst, PAGE_SIZE, false) } {
+                        Ok(_) => {
+                            shared.checked(region.complete(page));
+                            stats.zero_pages.add(1);
+                        }
+                        Err(z) if z.errno == libc::EEXIST => {
+                            shared.checked(region.complete(page));
+                            shared.wake(dst, PAGE_SIZE);
+                        }
+                        Err(z) if z.errno == libc::EAGAIN => {
+                            return Err(InstallError::Again(remaining(pieces, i, off)));
+                        }
+                        Err(z) => {
+                            let rest = remaining(pieces, i, off);
+                            shared.release_runs(region_idx, &rest);
+                            shared.report(FaultError::Install { gpa: region.page_gpa(page), error: z });
+                            return Err(InstallError::Fatal);
+                        }
+                    }
+                    off += 1;
+                }
                 libc::EFAULT if matches!(piece.src, Src::Copy(_)) => {
                     return Err(InstallError::SourceFault(remaining(pieces, i, off)));
                 }

@@ -21,7 +21,7 @@ use super::SpawnError;
 use crate::core::resolve::{self, Ctx};
 use crate::core::{panic_message, Causes, Core, Fault, FaultError, GiveUp, Job, Run, Window};
 use crate::notifier::{InstallsHeld, Invalidation, Reason};
-use crate::ram::{GuestAddress, GuestRange, Origin, PageLoc, PageState};
+use crate::ram::{GuestAddress, GuestRange, MemoryKind, Origin, PageLoc, PageState};
 use crate::uffd::{Event, EventBuf, PAGE_SIZE};
 
 const UFFD: u32 = 0;
@@ -408,7 +408,11 @@ impl FaultLoop {
                     }
                     shared.record_touch(shared.ram().page_index(loc), region.page_gpa(page).0);
                     span.record("source", shared.source().name());
-                    let window = self.plan(loc.region, page, tid);
+                    let window = if write || shared.ram().kind() != MemoryKind::Image {
+                        self.plan(loc.region, page, tid)
+                    } else {
+                        self.image_block(region, page)
+                    };
                     self.shared.record_window(loc.region, &window);
                     let causes = Causes::for_span(&span);
                     let job = Job {
@@ -446,6 +450,30 @@ impl FaultLoop {
                         continue;
                     }
                     shared.stats().spurious.add(1);
+                    span.record("source", "zero");
+                    let job = Job {
+                        region: loc.region,
+                        fault: Some(Fault { page }),
+                        window: Window::one(page),
+                        causes: Causes::for_span(&span),
+                        span,
+                        attempts: 0,
+                        refunds: 0,
+                        reclaimed: true,
+                        writes: write,
+                    };
+                    self.dispatch(job);
+                    return;
+                }
+                PageState::Present if shared.ram().kind().page_cache_is_truth() => {
+                    // Shared memory: a page leaves the page cache only by
+                    // a punched hole (`MADV_REMOVE`, `fallocate`), which
+                    // raises no event of its own, and reads zeros from
+                    // then on. (Contents kept by `MADV_DONTNEED` never
+                    // fault: the page cache still maps them.)
+                    if !region.try_reclaim_punched(page) {
+                        continue;
+                    }
                     span.record("source", "zero");
                     let job = Job {
                         region: loc.region,
@@ -657,10 +685,25 @@ impl FaultLoop {
         }
     }
 
+    /// A read of an image: the missing pages of the aligned block of
+    /// [`Config::image_window`](crate::Config::image_window) pages around
+    /// `page` (already claimed), in order or not. Mapping the image's pages
+    /// allocates nothing (they are its page cache, shared), so a large
+    /// block costs page-table entries only, and saves the faults that the
+    /// kernel's own file fault-around (16 pages) would take.
+    fn image_block(&self, region: &crate::ram::Region, page: usize) -> Window {
+        self.around(region, page, self.shared.config().image_window.max(1))
+    }
+
     /// Runs covering `page` (already claimed) and the missing pages of the
     /// aligned fault-around block it lies in.
     fn fault_around(&self, region: &crate::ram::Region, page: usize) -> Window {
-        let around = self.shared.config().fault_around.min(self.shared.config().max_window).max(1);
+        self.around(region, page, self.shared.config().fault_around.min(self.shared.config().max_window).max(1))
+    }
+
+    /// Runs covering `page` (already claimed) and the missing pages of the
+    /// aligned block of `around` pages it lies in.
+    fn around(&self, region: &crate::ram::Region, page: usize, around: usize) -> Window {
         if around == 1 {
             return Window::one(page);
         }
