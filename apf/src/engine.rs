@@ -44,9 +44,9 @@ use crate::fault::{SpawnError, WorkingSet};
 use crate::notifier::InvalidateEvent;
 use crate::offline::{Mode, OfflineError, OfflineReport, Staging, STAGING_PAGES};
 use crate::pin::{HardPin, PageRef, Pin, PinError};
-use crate::ram::{GuestAddress, GuestRam, GuestRange, RamError};
+use crate::ram::{GuestAddress, GuestRam, GuestRange, RamError, RemoteRegion};
 use crate::source::{EvictionStore, PageSource};
-use crate::uffd::{Features, RegisterMode, UffdError};
+use crate::uffd::{Features, RegisterMode, Uffd, UffdError};
 
 /// Errors starting or driving the engine.
 #[derive(Debug, Error)]
@@ -99,6 +99,59 @@ pub struct EngineBuilder {
     source: Arc<dyn PageSource>,
     store: Option<Arc<EvictionStore>>,
     config: Config,
+    /// The descriptor of [`RemoteMemory`] (none: the engine opens its own).
+    adopted: Option<Uffd>,
+}
+
+/// Guest memory of another process, served through the userfaultfd that
+/// process set up and handed over: what an external page-fault handler
+/// gets from Firecracker (its handshake's regions and its descriptor).
+///
+/// The engine built on it ([`Engine::remote`]) resolves faults through
+/// that descriptor alone, addressed by the owner's host addresses; it maps
+/// nothing of the memory, never reads or writes it directly, and refuses
+/// whatever would: [`Engine::pin`], [`Engine::page_ref`],
+/// [`Engine::hard_pin`] ([`PinError::Remote`]), every offline and
+/// [`Engine::replug`] ([`OfflineError::Remote`]). What the descriptor
+/// lacks, the engine does without:
+///
+/// - no `THREAD_ID`: prefetch streams are told apart by address, not by
+///   thread;
+/// - no `POISON`: a page whose contents are lost gets zeros and a
+///   [`FaultError::ZeroFilled`] report, so the faulting thread never waits
+///   for ever (deciding whether the owner may go on is the caller's job);
+///   at shutdown, untouched pages are left to the kernel;
+/// - never `MOVE`, whatever the descriptor offers: a staging area would
+///   have to live in the owner's address space.
+///
+/// [`Config::backend`] does not apply: the descriptor is the backend.
+#[derive(Debug)]
+pub struct RemoteMemory {
+    uffd: Uffd,
+    ram: Arc<GuestRam>,
+}
+
+impl RemoteMemory {
+    /// Adopts `uffd`, a userfaultfd that its sender created, handshook and
+    /// registered over `regions` (MISSING mode), and received here, for
+    /// instance over `SCM_RIGHTS`. Fails if it is not an initialized
+    /// userfaultfd ([`UffdError::NotUserfaultfd`]) or the regions are not
+    /// ones the engine can serve ([`GuestRam::remote`]).
+    pub fn adopt(uffd: std::os::fd::OwnedFd, regions: &[RemoteRegion]) -> Result<RemoteMemory, EngineError> {
+        let ram = Arc::new(GuestRam::remote(regions)?);
+        let uffd = Uffd::adopt(uffd)?;
+        Ok(RemoteMemory { uffd, ram })
+    }
+
+    /// What the sender negotiated for the descriptor.
+    pub fn features(&self) -> Features {
+        self.uffd.features()
+    }
+
+    /// The memory, as the engine will see it.
+    pub fn ram(&self) -> &Arc<GuestRam> {
+        &self.ram
+    }
 }
 
 impl EngineBuilder {
@@ -217,7 +270,14 @@ impl fmt::Debug for Engine {
 impl Engine {
     /// Starts building an engine that resolves faults on `ram` from `source`.
     pub fn builder(ram: Arc<GuestRam>, source: Arc<dyn PageSource>) -> EngineBuilder {
-        EngineBuilder { ram, source, store: None, config: Config::default() }
+        EngineBuilder { ram, source, store: None, config: Config::default(), adopted: None }
+    }
+
+    /// Starts building an engine that resolves faults on another process's
+    /// memory from `source` (see [`RemoteMemory`] for what it does and
+    /// refuses).
+    pub fn remote(mem: RemoteMemory, source: Arc<dyn PageSource>) -> EngineBuilder {
+        EngineBuilder { ram: mem.ram, source, store: None, config: Config::default(), adopted: Some(mem.uffd) }
     }
 
     fn start(b: EngineBuilder) -> Result<Engine, EngineError> {
@@ -234,14 +294,24 @@ impl Engine {
         if config.backend == Backend::Limited && config.unplug_policy == UnplugPolicy::Poison {
             return Err(EngineError::Config("the poison unplug policy needs UFFDIO_POISON, which the limited backend lacks"));
         }
-        let mem = install::open(config.backend)?;
+        let remote = b.adopted.is_some();
+        let mem = match b.adopted {
+            // Registered by its sender, in its own address space.
+            Some(uffd) => install::remote(uffd),
+            None => install::open(config.backend)?,
+        };
         // The fault path installs and wakes with nothing else: every
         // backend must offer these.
         if ![MemOp::Copy, MemOp::ZeroPage, MemOp::Wake].into_iter().all(|op| mem.supports(op)) {
             return Err(EngineError::Config("the backend must offer UFFDIO_COPY, UFFDIO_ZEROPAGE and UFFDIO_WAKE"));
         }
-        for r in b.ram.regions() {
-            mem.uffd().register(r.host_base(), r.len(), RegisterMode::MISSING)?;
+        if remote && config.unplug_policy == UnplugPolicy::Poison && !mem.supports(MemOp::Poison) {
+            return Err(EngineError::Config("the poison unplug policy needs UFFDIO_POISON, which this descriptor lacks"));
+        }
+        if !remote {
+            for r in b.ram.regions() {
+                mem.uffd().register(r.host_base(), r.len(), RegisterMode::MISSING)?;
+            }
         }
         let staging = if mem.supports(MemOp::Move) {
             Some(Staging::new(mem.uffd(), STAGING_PAGES).map_err(|e| EngineError::Io(io::Error::other(e)))?)
@@ -377,19 +447,41 @@ impl Engine {
         range: GuestRange,
         callback: impl Fn(&InvalidateEvent) + Send + Sync + 'static,
     ) -> Result<Pin, PinError> {
+        self.local_for_pins(range)?;
         Pin::register(self.shared.clone(), range, callback)
+    }
+
+    /// Pins and references reach guest memory through this process's
+    /// mapping of it: [`RemoteMemory`] has none.
+    fn local_for_pins(&self, range: GuestRange) -> Result<(), PinError> {
+        if self.shared.ram().is_remote() {
+            return Err(PinError::Remote(range));
+        }
+        Ok(())
+    }
+
+    /// Offlines take pages out with `UFFDIO_MOVE` into a staging area of
+    /// this process and find them through its page tables:
+    /// [`RemoteMemory`] has neither.
+    fn local_for_offline(&self, range: GuestRange) -> Result<(), OfflineError> {
+        if self.shared.ram().is_remote() {
+            return Err(OfflineError::Remote(range));
+        }
+        Ok(())
     }
 
     /// Takes a short-term reference on `range`, faulting it in first.
     /// Waits for an offline over the range to end, up to `deadline`.
     pub fn page_ref(&self, range: GuestRange, deadline: std::time::Instant) -> Result<PageRef, PinError> {
         self.shared.running()?;
+        self.local_for_pins(range)?;
         PageRef::take(self.shared.clone(), range, deadline)
     }
 
     /// Takes a hard pin on `range` (legacy mode, see [`HardPin`]).
     pub fn hard_pin(&self, range: GuestRange, deadline: std::time::Instant) -> Result<HardPin, PinError> {
         self.shared.running()?;
+        self.local_for_pins(range)?;
         HardPin::take(self.shared.clone(), range, deadline)
     }
 
@@ -475,6 +567,7 @@ impl Engine {
         mode: Mode,
         deadline: std::time::Instant,
     ) -> Result<OfflineReport, OfflineError> {
+        self.local_for_offline(range)?;
         crate::offline::offline(&self.shared, self.staging.as_ref(), range, mode, deadline)
     }
 
@@ -488,6 +581,7 @@ impl Engine {
         range: GuestRange,
         attempt: Duration,
     ) -> Result<crate::offline::HostBlockSearch, OfflineError> {
+        self.local_for_offline(range)?;
         crate::offline::offline_any_host_block(&self.shared, range, attempt)
     }
 
@@ -495,6 +589,7 @@ impl Engine {
     /// zeros. Returns how many pages were brought back.
     pub fn replug(&self, range: GuestRange) -> Result<usize, OfflineError> {
         self.shared.running()?;
+        self.local_for_offline(range)?;
         crate::offline::replug(&self.shared, self.staging.as_ref(), range)
     }
 
@@ -560,7 +655,8 @@ impl Engine {
             crate::fault::serve_after_shutdown(self.shared.clone());
         }
         let poisoned_pages = self.poison_missing();
-        if threads_left_behind == 0 {
+        // Remote memory stays registered: its registration is its owner's.
+        if threads_left_behind == 0 && !self.shared.ram().is_remote() {
             for r in self.shared.ram().regions() {
                 let _ = self.shared.uffd().unregister(r.host_base(), r.len());
             }

@@ -128,14 +128,15 @@ pub mod span;
 pub use crate::core::FaultError;
 pub use config::{Backend, Config, Dispatch, UnplugPolicy};
 pub use counters::StatsSnapshot;
-pub use engine::{Engine, EngineBuilder, EngineError, Errors, ShutdownReport, MAX_REPLAYS};
+pub use engine::{Engine, EngineBuilder, EngineError, Errors, RemoteMemory, ShutdownReport, MAX_REPLAYS};
 pub use fault::{WorkingSet, WorkingSetError};
 pub use hostmem::{BlockOp, BlockState, HostMemError};
 pub use notifier::{InvalidateEvent, Reason};
 pub use offline::{HostBlockSearch, Mode, OfflineError, OfflineReport};
 pub use pin::{HardPin, PageRef, Pin, PinError, PinGuard};
 pub use ram::{
-    GuestAddress, GuestMemoryMmap, GuestRam, GuestRange, Origin, PageLoc, PageState, RamError, Region, StateError,
+    GuestAddress, GuestMemoryMmap, GuestRam, GuestRange, Origin, PageLoc, PageState, RamError, Region, RemoteRegion,
+    StateError,
 };
 pub use source::{EvictionStore, PageSource, SnapshotFile, SourceError, SourceKind, ZeroSource};
 pub use uffd::{Features, IoctlError, UffdError, PAGE_SIZE};

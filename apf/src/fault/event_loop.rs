@@ -44,6 +44,8 @@ pub(crate) struct FaultLoop {
     jobs: Sender<Job>,
     stop: EventFd,
     streams: StreamTable,
+    /// Fault messages carry the faulting thread (`THREAD_ID`).
+    thread_ids: bool,
     buf: EventBuf,
     events: Vec<Event>,
     parked: VecDeque<Job>,
@@ -59,6 +61,7 @@ pub(crate) fn spawn(shared: Arc<Core>, jobs: Sender<Job>, stop: EventFd) -> Resu
     let mut manager = EventManager::<FaultLoop>::new().map_err(SpawnError::EventManager)?;
     let fl = FaultLoop {
         streams: StreamTable::new(shared.config().max_window),
+        thread_ids: shared.uffd().features().contains(crate::uffd::Features::THREAD_ID),
         ctx: Ctx::new(true, shared.config().max_window),
         shared,
         jobs,
@@ -565,6 +568,8 @@ impl FaultLoop {
     fn plan(&mut self, region_idx: usize, page: usize, tid: u32) -> Window {
         let region = &self.shared.ram().regions()[region_idx];
         let linear = (region.base().0 / PAGE_SIZE as u64) as i64 + page as i64;
+        // Without thread ids every fault says 0: streams by address then.
+        let tid = if self.thread_ids { tid } else { self.streams.key_at(linear) };
         let plan = self.streams.plan(tid, linear);
         if plan.count <= 1 {
             let runs = self.fault_around(region, page);
