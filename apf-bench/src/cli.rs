@@ -16,7 +16,7 @@ offline storms, in one process with the variants interleaved in every round.
   --rounds N             rounds (default 5, at least 5)
   --json PATH            write the figures and ratios as JSON
   --chart PATH.svg       write a chart of the throughput figures
-  --only PARTS           some of throughput,offline,storm (default all)
+  --only PARTS           some of throughput,offline,storm,handler (default all)
 ";
 
 /// Reads the options (everything after `bench`).
@@ -34,8 +34,10 @@ pub fn parse(args: &[String]) -> Result<BenchConfig, String> {
             "--chart" => cfg.chart = Some(value("--chart")?.into()),
             "--only" => {
                 for part in value("--only")?.split(',') {
-                    if !["throughput", "offline", "storm"].contains(&part) {
-                        return Err(format!("invalid value {part:?} for --only: throughput, offline or storm"));
+                    if !["throughput", "offline", "storm", "handler"].contains(&part) {
+                        return Err(format!(
+                            "invalid value {part:?} for --only: throughput, offline, storm or handler"
+                        ));
                     }
                     cfg.only.push(part.to_string());
                 }
@@ -57,6 +59,10 @@ pub fn parse(args: &[String]) -> Result<BenchConfig, String> {
 /// messages start with): prints the table, writes the JSON and the chart.
 /// Exit status 2 for bad options, 1 when the bench or a write failed.
 pub fn main(program: &str, args: &[String], guest: Option<&dyn GuestPass>) -> ExitCode {
+    // The handler part starts this program again as a handler or a client.
+    if let Some(code) = crate::handler::subcommand(args) {
+        return code;
+    }
     if args.iter().any(|a| a == "--help" || a == "-h") {
         print!("{HELP}");
         return ExitCode::SUCCESS;

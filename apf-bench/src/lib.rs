@@ -32,11 +32,13 @@
 //! | [`report`] | the figures, their ratios and targets; JSON, table, chart |
 //! | [`offline`] | offline cost with and without pins; an offline against a hard pin |
 //! | [`latency`] | fault latency next to an offline storm, a CPU hog, or nothing |
+//! | [`handler`] | the external page-fault handler against a one-page handler and the file mapping |
 //!
 //! The `offline_cost` and `offline_storm` examples measure through the
 //! same [`offline`] and [`latency`] code.
 
 pub mod cli;
+pub mod handler;
 pub mod latency;
 pub mod offline;
 pub mod report;

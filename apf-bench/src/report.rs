@@ -89,6 +89,8 @@ pub struct BenchReport {
     pub elapsed: Duration,
     /// Problems (a variant that failed a check).
     pub errors: Vec<String>,
+    /// The external handler's restores (`--only handler`).
+    pub handler: Option<crate::handler::HandlerFigures>,
 }
 
 /// Ratio names, what they compare, and their targets (`>=` when higher
@@ -141,6 +143,41 @@ impl BenchReport {
             ("guest_random_zero_apf_vs_baseline", self.ratio("guest/random/zero", "apf", "baseline")),
             ("guest_random_apf_vs_kernel", self.ratio("guest/random/zero", "apf", "kernel")),
         ]
+        .into_iter()
+        .chain(self.handler_ratios())
+        .collect()
+    }
+
+    /// The external handler's ratios (host-side clients; none unless the
+    /// handler part ran): its first-pass speed over the one-page
+    /// handler's and over the file mapping's, in order and at random.
+    fn handler_ratios(&self) -> Vec<(&'static str, f64)> {
+        let Some(h) = &self.handler else { return Vec::new() };
+        vec![
+            ("handler_host_seq_vs_one_page", h.ratio(false, 1, 0)),
+            ("handler_host_random_vs_one_page", h.ratio(true, 1, 0)),
+            ("handler_host_seq_vs_kernel_file", h.ratio(false, 1, 2)),
+            ("handler_host_random_vs_kernel_file", h.ratio(true, 1, 2)),
+        ]
+    }
+
+    /// The external handler's figures as a JSON object (null if it did not
+    /// run).
+    fn handler_json(&self) -> String {
+        let Some(h) = &self.handler else { return "null".into() };
+        let gbps = |rows: &[[f64; 3]], i: usize| {
+            let secs = median(rows.iter().map(|r| r[i]).collect());
+            h.bytes as f64 / secs.max(1e-9) / 1e9
+        };
+        serde_json::json!({
+            "clients": "host threads (2) in a separate process; the handler in another",
+            "bytes": h.bytes,
+            "handler_load_ms": median(h.load_ms.clone()),
+            "one_page_load_ms": median(h.one_page_load_ms.clone()),
+            "seq_gb_per_sec": {"one_page": gbps(&h.seq, 0), "handler": gbps(&h.seq, 1), "kernel_file": gbps(&h.seq, 2)},
+            "random_gb_per_sec": {"one_page": gbps(&h.random, 0), "handler": gbps(&h.random, 1), "kernel_file": gbps(&h.random, 2)},
+        })
+        .to_string()
     }
 
     /// The report as JSON.
@@ -200,6 +237,9 @@ impl BenchReport {
             self.storm_p99_us.1,
             self.storm_offlines
         );
+        let handler_load =
+            self.handler.as_ref().map_or("null".to_string(), |h| format!("{:.2}", median(h.load_ms.clone())));
+        let _ = write!(j, "\"handler\":{},\"figures\":{{\"handler_load_ms\":{handler_load}}},", self.handler_json());
         let ratios: Vec<String> = self.ratios().iter().map(|(k, v)| format!("\"{k}\":{v:.3}")).collect();
         let targets: Vec<String> = TARGETS
             .iter()

@@ -103,7 +103,7 @@ impl Variant {
 }
 
 /// Writes the image the host file workloads restore from.
-fn write_image(path: &Path, bytes: u64, pattern: Pattern) -> std::io::Result<()> {
+pub(crate) fn write_image(path: &Path, bytes: u64, pattern: Pattern) -> std::io::Result<()> {
     let mut f = std::io::BufWriter::with_capacity(1 << 20, std::fs::File::create(path)?);
     let mut chunk = vec![0u8; 1 << 20];
     for off in (0..bytes).step_by(chunk.len()) {
@@ -322,6 +322,16 @@ pub fn run(cfg: &BenchConfig, guest: Option<&dyn GuestPass>, mut log: impl FnMut
                     median(quiet.rounds.iter().zip(&storm.rounds).map(|(q, s)| s.1 / q.1.max(1e-9)).collect());
             }
             Err(e) => report.errors.push(format!("storm latency: {e}")),
+        }
+    }
+    if cfg.wants("handler") {
+        log("the external handler against the one-page handler and the file mapping (host-side clients)");
+        let figures = std::env::current_exe()
+            .map_err(|e| format!("cannot find this program to start the handler processes: {e}"))
+            .and_then(|exe| crate::handler::run(&exe, &dir, host_bytes, rounds));
+        match figures {
+            Ok(f) => report.handler = Some(f),
+            Err(e) => report.errors.push(format!("handler: {e}")),
         }
     }
     let _ = std::fs::remove_dir_all(&dir);

@@ -164,6 +164,9 @@ pub struct ClientOptions {
     pub misbehave: Option<Misbehave>,
     /// How long a bad peer waits for the handler to close its connection.
     pub hold: Duration,
+    /// No handler: the memory file mapped `MAP_PRIVATE` (Firecracker's
+    /// File backend), touched the same way, for comparison.
+    pub kernel_file: bool,
 }
 
 /// What a restore measured.
@@ -232,30 +235,51 @@ impl Mapping {
         Ok(Mapping { ptr: ptr.cast(), len })
     }
 
+    /// The file mapped private: its pages come from the page cache, and a
+    /// write copies one.
+    fn file_private(file: &File, len: usize) -> Result<Mapping, ClientError> {
+        // SAFETY: a fresh private mapping of the file; no existing memory
+        // is affected.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE,
+                file.as_raw_fd(),
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(last("mmap of the memory file"));
+        }
+        Ok(Mapping { ptr: ptr.cast(), len })
+    }
+
     fn read_word(&self, off: usize) -> u64 {
         assert!(off + 8 <= self.len && off % 8 == 0);
         // SAFETY: inside the mapping, aligned; a missing page faults and
         // waits for the handler.
-        unsafe { std::ptr::read_volatile(self.ptr.add(off) as *const u64) }
+        unsafe { std::ptr::read_volatile(self.ptr.wrapping_add(off) as *const u64) }
     }
 
     fn write_word(&self, off: usize, v: u64) {
         assert!(off + 8 <= self.len && off % 8 == 0);
         // SAFETY: as for `read_word`.
-        unsafe { std::ptr::write_volatile(self.ptr.add(off) as *mut u64, v) }
+        unsafe { std::ptr::write_volatile(self.ptr.wrapping_add(off) as *mut u64, v) }
     }
 
     fn copy_out(&self, off: usize, buf: &mut [u8]) {
         assert!(off + buf.len() <= self.len);
         // SAFETY: inside the mapping; `buf` is a distinct local buffer.
-        unsafe { std::ptr::copy_nonoverlapping(self.ptr.add(off), buf.as_mut_ptr(), buf.len()) }
+        unsafe { std::ptr::copy_nonoverlapping(self.ptr.wrapping_add(off), buf.as_mut_ptr(), buf.len()) }
     }
 
     fn discard(&self, off: usize, len: usize) -> Result<(), ClientError> {
         assert!(off + len <= self.len);
         // SAFETY: drops pages of this mapping, which only raw accesses
         // reach; they read zeros (through the handler) afterwards.
-        if unsafe { libc::madvise(self.ptr.add(off).cast(), len, libc::MADV_DONTNEED) } != 0 {
+        if unsafe { libc::madvise(self.ptr.wrapping_add(off).cast(), len, libc::MADV_DONTNEED) } != 0 {
             return Err(last("madvise(MADV_DONTNEED)"));
         }
         Ok(())
@@ -325,6 +349,12 @@ pub fn run(opts: &ClientOptions) -> Result<ClientReport, ClientError> {
     let file = File::open(&opts.mem_file).map_err(sys_err("open the memory file"))?;
     let len = file.metadata().map_err(sys_err("stat the memory file"))?.len() as usize;
     let pages = len / PAGE;
+    if opts.kernel_file {
+        let maps = vec![Mapping::file_private(&file, pages * PAGE)?];
+        let first_pass = touch(&maps, pages, opts.threads, opts.order);
+        let verified = verify(&maps, &[0], &file)?;
+        return Ok(ClientReport { first_pass, pages: pages as u64, verified, ..ClientReport::default() });
+    }
     let uffd = firecracker_uffd()?;
     let mut maps = Vec::new();
     let mut offsets = Vec::new();
@@ -355,19 +385,19 @@ pub fn run(opts: &ClientOptions) -> Result<ClientReport, ClientError> {
         vm.maps[m].write_word(off, u64::from_le_bytes(word));
     }
     let load = started.elapsed();
-    let first_pass = touch(&vm, pages, opts.threads, opts.order);
-    let verified = verify(&vm, &file)?;
+    let first_pass = touch(&vm.maps, pages, opts.threads, opts.order);
+    let verified = verify(&vm.maps, &vm.offsets, &file)?;
     let balloon_zero = if opts.balloon { balloon(&vm, &file)? } else { 0 };
     drop(vm.conn);
     Ok(ClientReport { load, first_pass, pages: pages as u64, verified, balloon_zero })
 }
 
 /// The first pass: one read per page, threads in parallel.
-fn touch(vm: &Vm, pages: usize, threads: usize, order: Order) -> Duration {
+fn touch(maps: &[Mapping], pages: usize, threads: usize, order: Order) -> Duration {
     let threads = threads.max(1);
     // (mapping, offset) of every page, in file order.
     let all: Vec<(usize, usize)> =
-        vm.maps.iter().enumerate().flat_map(|(i, m)| (0..m.len / PAGE).map(move |p| (i, p * PAGE))).collect();
+        maps.iter().enumerate().flat_map(|(i, m)| (0..m.len / PAGE).map(move |p| (i, p * PAGE))).collect();
     debug_assert_eq!(all.len(), pages);
     let work: Vec<Vec<(usize, usize)>> = match order {
         Order::Seq => split(all.len(), threads)
@@ -395,7 +425,7 @@ fn touch(vm: &Vm, pages: usize, threads: usize, order: Order) -> Duration {
             s.spawn(move || {
                 let mut sum = 0u64;
                 for &(m, off) in chunk {
-                    sum = sum.wrapping_add(vm.maps[m].read_word(off));
+                    sum = sum.wrapping_add(maps[m].read_word(off));
                 }
                 std::hint::black_box(sum);
             });
@@ -405,12 +435,12 @@ fn touch(vm: &Vm, pages: usize, threads: usize, order: Order) -> Duration {
 }
 
 /// Compares all of memory with the file; returns the pages compared.
-fn verify(vm: &Vm, file: &File) -> Result<u64, ClientError> {
+fn verify(maps: &[Mapping], offsets: &[u64], file: &File) -> Result<u64, ClientError> {
     const CHUNK: usize = 256 * PAGE;
     let mut want = vec![0u8; CHUNK];
     let mut got = vec![0u8; CHUNK];
     let mut pages = 0;
-    for (m, &base) in vm.maps.iter().zip(&vm.offsets) {
+    for (m, &base) in maps.iter().zip(offsets) {
         let mut off = 0;
         while off < m.len {
             let n = CHUNK.min(m.len - off);

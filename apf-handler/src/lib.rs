@@ -18,9 +18,11 @@
 //! | [`peer`] | the connection's message and descriptors, the peer's pidfd, ending it |
 //! | [`server`] | the socket, the VMs, bad peers, failing sources |
 //! | [`report`] | per-VM reports and the served-fault timeline |
+//! | [`cli`] | the command lines of the handler and the client |
 //! | [`client`] | a client that does what Firecracker does, for tests and benchmarks |
 //! | [`one_page`] | a one-page-per-fault handler of the same protocol, to compare with |
 
+pub mod cli;
 pub mod client;
 pub mod handshake;
 pub mod log;

@@ -124,7 +124,8 @@ fn serve_one(conn: &UnixStream, map: &FileMap, stop: &AtomicBool) -> io::Result<
             }
             sys::UFFD_EVENT_REMOVE => {
                 // SAFETY: the kernel wrote a remove message.
-                let (start, end) = unsafe { (msg.arg.remove.start, msg.arg.remove.end) };
+                let remove = unsafe { msg.arg.remove };
+                let (start, end) = (remove.start, remove.end);
                 removed.extend((start..end).step_by(PAGE as usize));
             }
             _ => {}

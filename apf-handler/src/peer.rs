@@ -55,17 +55,19 @@ pub fn recv(sock: &UnixStream, buf: &mut [u8]) -> io::Result<Received> {
     let mut cmsg = unsafe { libc::CMSG_FIRSTHDR(&msg) };
     while !cmsg.is_null() {
         // SAFETY: `cmsg` is a header inside `control`, as CMSG_* returned it.
-        let (level, kind, len) = unsafe { ((*cmsg).cmsg_level, (*cmsg).cmsg_type, (*cmsg).cmsg_len) };
+        let header = unsafe { cmsg.read() };
+        let (level, kind, len) = (header.cmsg_level, header.cmsg_type, header.cmsg_len);
         if level == libc::SOL_SOCKET && kind == libc::SCM_RIGHTS {
             // SAFETY: CMSG_LEN(0) is a constant computation.
             let header = unsafe { libc::CMSG_LEN(0) } as usize;
+            #[allow(clippy::unnecessary_cast)] // cmsg_len is not usize on every libc
             let count = (len as usize - header) / std::mem::size_of::<RawFd>();
             // SAFETY: the data of an SCM_RIGHTS header holds `count` ints.
             let data = unsafe { libc::CMSG_DATA(cmsg) } as *const RawFd;
             for i in 0..count {
                 // SAFETY: within the header's data; unaligned reads as the
                 // control buffer gives no alignment promise for ints.
-                let fd = unsafe { data.add(i).read_unaligned() };
+                let fd = unsafe { data.wrapping_add(i).read_unaligned() };
                 // SAFETY: the kernel just installed `fd` in this process
                 // for us; nothing else owns it.
                 fds.push(unsafe { OwnedFd::from_raw_fd(fd) });
@@ -98,14 +100,16 @@ pub fn send(sock: &UnixStream, bytes: &[u8], fds: &[RawFd]) -> io::Result<usize>
         // SAFETY: the control buffer is at least CMSG_SPACE bytes, so it
         // holds one header.
         let cmsg = unsafe { libc::CMSG_FIRSTHDR(&msg) };
-        // SAFETY: `cmsg` is the first header inside `control`, and its
-        // data has room for `fds` (CMSG_SPACE above).
-        unsafe {
-            (*cmsg).cmsg_level = libc::SOL_SOCKET;
-            (*cmsg).cmsg_type = libc::SCM_RIGHTS;
-            (*cmsg).cmsg_len = libc::CMSG_LEN(std::mem::size_of_val(fds) as u32) as usize;
-            std::ptr::copy_nonoverlapping(fds.as_ptr(), libc::CMSG_DATA(cmsg) as *mut RawFd, fds.len());
-        }
+        // SAFETY: CMSG_LEN is a constant computation.
+        let cmsg_len = unsafe { libc::CMSG_LEN(std::mem::size_of_val(fds) as u32) } as usize;
+        // SAFETY: `cmsg` is the first header inside `control` (aligned: a
+        // u64 buffer), written whole.
+        unsafe { cmsg.write(libc::cmsghdr { cmsg_len, cmsg_level: libc::SOL_SOCKET, cmsg_type: libc::SCM_RIGHTS }) };
+        // SAFETY: the header's data lies inside `control`.
+        let data = unsafe { libc::CMSG_DATA(cmsg) } as *mut RawFd;
+        // SAFETY: the data has room for `fds` (CMSG_SPACE above); the
+        // buffers are distinct.
+        unsafe { std::ptr::copy_nonoverlapping(fds.as_ptr(), data, fds.len()) };
     }
     // SAFETY: `msg` points at `iov` (`bytes`, read only by the kernel) and
     // `control`, both alive across the call.

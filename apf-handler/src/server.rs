@@ -132,14 +132,14 @@ pub struct Options {
 }
 
 impl Options {
-    /// Defaults for `socket` and `mem_file`: one worker per VM (the
-    /// machines this runs on have 2 cores; the event loop resolves most
-    /// windows itself), a 5 s handshake timeout, 32 VMs.
+    /// Defaults for `socket` and `mem_file`: the engine's defaults (two
+    /// workers per VM: in-order restores of two threads ran 1.1-1.7x faster
+    /// than with one here), a 5 s handshake timeout, 32 VMs.
     pub fn new(socket: impl Into<PathBuf>, mem_file: impl Into<PathBuf>) -> Options {
         Options {
             socket: socket.into(),
             mem_file: mem_file.into(),
-            config: apf::Config { workers: 1, ..apf::Config::default() },
+            config: apf::Config::default(),
             handshake_timeout: Duration::from_secs(5),
             max_vms: 32,
             report: None,

@@ -794,7 +794,6 @@ pub(crate) fn parse_fdinfo_api(info: &str) -> Result<Features, &'static str> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::os::fd::FromRawFd;
 
     #[test]
     fn ioctl_numbers_match_the_kernel_encoding() {
@@ -850,9 +849,10 @@ mod tests {
         let fresh = Uffd::create_fd().unwrap();
         assert!(matches!(Uffd::adopt(fresh), Err(UffdError::NotUserfaultfd { .. })));
         let event = vmm_sys_util::eventfd::EventFd::new(0).unwrap();
-        // SAFETY: the eventfd's descriptor is duplicated into a new one
-        // this OwnedFd alone owns.
-        let dup = unsafe { OwnedFd::from_raw_fd(libc::dup(event.as_raw_fd())) };
+        // SAFETY: the eventfd's descriptor is valid for as long as `event`,
+        // which outlives the borrow; it is duplicated into a new one.
+        let borrowed = unsafe { BorrowedFd::borrow_raw(event.as_raw_fd()) };
+        let dup = borrowed.try_clone_to_owned().unwrap();
         match Uffd::adopt(dup) {
             Err(UffdError::NotUserfaultfd { why, .. }) => assert!(why.contains("eventfd"), "{why}"),
             other => panic!("an eventfd was adopted: {other:?}"),

@@ -246,7 +246,7 @@ mod tests {
     #[test]
     fn streams_are_told_apart_by_address_without_thread_ids() {
         let mut t = StreamTable::new(8);
-        let mut plan = |t: &mut StreamTable, page| {
+        let plan = |t: &mut StreamTable, page| {
             let key = t.key_at(page);
             t.plan(key, page)
         };
