@@ -10,12 +10,18 @@
 //! none, for the file mapping) and the client, both this program again
 //! through its `uffd-handler` and `fc-client` subcommands
 //! ([`subcommand`]).
+//!
+//! Guest restores (through a VMM's [`GuestPass`]): the guest agent's
+//! first pass over a restored snapshot, two vCPUs, guest RAM served by the
+//! handler in its own process, against the one-page handler. The VMM has
+//! no file-backed guest RAM, so the file mapping is compared on the host
+//! only.
 
 use std::path::Path;
 use std::process::{Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::median;
+use crate::{median, GuestPass};
 
 /// The restores measured, per order.
 #[derive(Debug, Clone, Default)]
@@ -32,6 +38,13 @@ pub struct HandlerFigures {
     pub load_ms: Vec<f64>,
     /// The one-page handler's load, ms.
     pub one_page_load_ms: Vec<f64>,
+    /// Guest bytes restored (0: no guest restores).
+    pub guest_bytes: u64,
+    /// Per round: guest first-pass seconds of (one-page, apf handler), in
+    /// order.
+    pub guest_seq: Vec<[f64; 2]>,
+    /// The same, at random.
+    pub guest_random: Vec<[f64; 2]>,
 }
 
 impl HandlerFigures {
@@ -40,6 +53,12 @@ impl HandlerFigures {
     pub fn ratio(&self, random: bool, a: usize, b: usize) -> f64 {
         let rounds = if random { &self.random } else { &self.seq };
         median(rounds.iter().map(|r| r[b] / r[a].max(1e-9)).collect())
+    }
+
+    /// The same for the guest restores (0 if none ran).
+    pub fn guest_ratio(&self, random: bool) -> f64 {
+        let rounds = if random { &self.guest_random } else { &self.guest_seq };
+        median(rounds.iter().map(|r| r[0] / r[1].max(1e-9)).collect())
     }
 }
 
@@ -130,7 +149,13 @@ fn client(exe: &Path, sock: &Path, mem: &Path, random: bool, kernel_file: bool) 
 
 /// Measures `rounds` rounds over a memory file of `bytes` in `dir`, the
 /// processes started from `exe`.
-pub fn run(exe: &Path, dir: &Path, bytes: u64, rounds: usize) -> Result<HandlerFigures, String> {
+pub fn run(
+    exe: &Path,
+    dir: &Path,
+    bytes: u64,
+    rounds: usize,
+    guest: Option<(&dyn GuestPass, &Path, u64)>,
+) -> Result<HandlerFigures, String> {
     let mem = dir.join("handler.mem");
     crate::run::write_image(&mem, bytes, apf::Pattern { seed: 3 }).map_err(|e| format!("{}: {e}", mem.display()))?;
     let mut figures = HandlerFigures { bytes, ..HandlerFigures::default() };
@@ -150,5 +175,24 @@ pub fn run(exe: &Path, dir: &Path, bytes: u64, rounds: usize) -> Result<HandlerF
         }
     }
     let _ = std::fs::remove_file(&mem);
+    if let Some((g, snapshot, guest_bytes)) = guest {
+        if !snapshot.exists() {
+            g.make_snapshot(guest_bytes, snapshot).map_err(|e| format!("cannot make the guest snapshot: {e}"))?;
+        }
+        figures.guest_bytes = guest_bytes;
+        for _ in 0..rounds {
+            for random in [false, true] {
+                let mut row = [0.0; 2];
+                for (i, one_page) in [(0, true), (1, false)] {
+                    let h = handler(exe, dir, snapshot, one_page)?;
+                    let sock = dir.join(if one_page { "one-page.sock" } else { "apf.sock" });
+                    let sample = g.handler_first_pass(&sock, random, snapshot)?;
+                    drop(h);
+                    row[i] = sample.seconds * (guest_bytes / 4096) as f64 / sample.pages.max(1) as f64;
+                }
+                if random { &mut figures.guest_random } else { &mut figures.guest_seq }.push(row);
+            }
+        }
+    }
     Ok(figures)
 }

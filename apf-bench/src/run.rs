@@ -55,6 +55,15 @@ pub trait GuestPass {
     /// `snapshot` the verify of that snapshot restored on demand.
     fn first_pass(&self, variant: Variant, random: bool, snapshot: Option<&Path>, bytes: u64)
         -> Result<Sample, String>;
+
+    /// One first pass over `snapshot` restored through the external
+    /// page-fault handler listening on `socket` (Firecracker's protocol,
+    /// serving the snapshot file), in order or at random. A VMM that
+    /// cannot restore that way leaves it refused.
+    fn handler_first_pass(&self, socket: &Path, random: bool, snapshot: &Path) -> Result<Sample, String> {
+        let _ = (socket, random, snapshot);
+        Err("this VMM cannot restore through an external handler".into())
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -218,6 +227,7 @@ pub fn run(cfg: &BenchConfig, guest: Option<&dyn GuestPass>, mut log: impl FnMut
     write_image(&image, host_bytes, Pattern { seed: 1 }).map_err(|e| format!("{}: {e}", image.display()))?;
     // The guest's snapshot: one touch run's RAM.
     let snapshot = dir.join("guest.snap");
+    let guest_for_handler = guest.filter(|_| cfg.wants("handler"));
     let guest = guest.filter(|_| cfg.wants("throughput"));
     match guest {
         Some(g) => {
@@ -328,7 +338,10 @@ pub fn run(cfg: &BenchConfig, guest: Option<&dyn GuestPass>, mut log: impl FnMut
         log("the external handler against the one-page handler and the file mapping (host-side clients)");
         let figures = std::env::current_exe()
             .map_err(|e| format!("cannot find this program to start the handler processes: {e}"))
-            .and_then(|exe| crate::handler::run(&exe, &dir, host_bytes, rounds));
+            .and_then(|exe| {
+                let guest = guest_for_handler.map(|g| (g, snapshot.as_path(), guest_bytes));
+                crate::handler::run(&exe, &dir, host_bytes, rounds, guest)
+            });
         match figures {
             Ok(f) => report.handler = Some(f),
             Err(e) => report.errors.push(format!("handler: {e}")),

@@ -21,7 +21,7 @@ use std::io::{self, Read};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::FileExt;
 use std::os::unix::net::UnixStream;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use linux_raw_sys::general as sys;
@@ -324,6 +324,42 @@ fn register(uffd: &OwnedFd, m: &Mapping) -> Result<(), ClientError> {
         return Err(last("UFFDIO_REGISTER"));
     }
     Ok(())
+}
+
+/// Memory of this process handed to a handler as Firecracker hands it
+/// over: its userfaultfd and the connection, kept for as long as the
+/// memory is used (the handler serves until the connection hangs up).
+#[derive(Debug)]
+pub struct Attached {
+    _uffd: OwnedFd,
+    _conn: UnixStream,
+}
+
+/// Hands memory of this process to the handler at `socket`, as
+/// Firecracker does: a userfaultfd with `EVENT_REMOVE` only, every region
+/// `(host address, length, offset in the memory file)` registered MISSING,
+/// then the handshake with the descriptor attached.
+///
+/// # Safety
+///
+/// Each region must be private anonymous memory of this process that
+/// stays mapped while the result lives, and that is reached only through
+/// raw pointers, volatile accesses or the kernel (never a Rust
+/// reference): the handler installs pages in it behind the compiler's
+/// back.
+pub unsafe fn attach(socket: &Path, regions: &[(u64, u64, u64)]) -> Result<Attached, ClientError> {
+    let uffd = firecracker_uffd()?;
+    let mut sent = Vec::with_capacity(regions.len());
+    for &(host, len, offset) in regions {
+        // Borrowed for registration only; never unmapped here.
+        let m = std::mem::ManuallyDrop::new(Mapping { ptr: host as *mut u8, len: len as usize });
+        register(&uffd, &m)?;
+        sent.push(Region { base_host_virt_addr: host, size: len, offset, page_size: PAGE as u64 });
+    }
+    let conn = UnixStream::connect(socket).map_err(sys_err("connect to the handler"))?;
+    peer::send(&conn, handshake::encode(&sent).as_bytes(), &[uffd.as_raw_fd()])
+        .map_err(sys_err("send the handshake"))?;
+    Ok(Attached { _uffd: uffd, _conn: conn })
 }
 
 /// A restored VM's memory: the mappings, the descriptor, the connection.
