@@ -41,6 +41,12 @@
 //! installs zeros only after its retries); a killed process never runs
 //! user code again, so it never reads them. [`OnLost::Zeros`] leaves the
 //! engine's zero-fill (and its `ZeroFilled` report) in place.
+//!
+//! The engine's other zero-fills without `POISON` (a page the kernel lost
+//! with no remove behind it; every fault once its event loop died) are
+//! seen in its error queue at the next poll tick (20 ms), and under
+//! [`OnLost::Kill`] end the peer then: within that window the guest may
+//! read those zeros.
 
 use std::fs::File;
 use std::io::{self, Write};
@@ -267,9 +273,12 @@ impl Server {
             return Err(ServerError::Option("max_vms must be at least 1"));
         }
         let mem_err = |source| ServerError::MemFile { path: opts.mem_file.clone(), source };
+        // Whole pages only: a partial last page cannot be installed.
         let file_len = std::fs::metadata(&opts.mem_file)
             .map_err(|source| mem_err(SourceError::Open { path: opts.mem_file.clone(), source }))?
-            .len();
+            .len()
+            / apf::PAGE_SIZE as u64
+            * apf::PAGE_SIZE as u64;
         let layout = if file_len == 0 { vec![] } else { vec![(GuestRange::new(GuestAddress(0), file_len), 0)] };
         let file = Arc::new(SnapshotFile::with_layout(&opts.mem_file, layout).map_err(mem_err)?);
         let _ = std::fs::remove_file(&opts.socket);
@@ -418,12 +427,22 @@ impl Server {
         }
         // ESRCH from any ioctl: the peer's address space is gone.
         let mut esrch = false;
+        let mut lost = None;
         for e in l.engine.errors().try_iter() {
             tracing::warn!(target: "apf_handler", vm = l.vm, error = %e, "engine error");
             esrch |= matches!(e, apf::FaultError::Install { error, .. } if error.errno == libc::ESRCH);
+            // Zeros where contents were lost (a page the kernel lost, or
+            // every fault once the event loop died): the guest may read
+            // them until this tick. Under `OnLost::Kill` it goes no further.
+            if matches!(e, apf::FaultError::ZeroFilled { .. } | apf::FaultError::EventLoopDied(_)) {
+                lost.get_or_insert_with(|| e.to_string());
+            }
             if l.errors.len() < 64 {
                 l.errors.push(e.to_string());
             }
+        }
+        if let (Some(why), OnLost::Kill) = (lost, self.opts.on_lost) {
+            return Some(self.kill(l.vm, &l.peer, &format!("its memory was zero-filled: {why}")));
         }
         esrch.then_some(End::Esrch)
     }
