@@ -247,3 +247,43 @@ fn the_one_page_handler_restores_the_same_bytes() {
     assert_eq!(r["verified"], (4 * MIB / 4096) as u64);
     assert!(r["balloon_zero"].as_u64().unwrap() > 0);
 }
+
+/// With room for one VM, a second waits in the listen backlog and is
+/// served when the first ends; a client killed mid-restore hangs up, gets
+/// its report, and frees its place.
+#[test]
+fn vms_beyond_the_bound_wait_and_a_dead_client_frees_its_place() {
+    let dir = Dir::new("bound");
+    let mem = mem_file(&dir.0, 64 * MIB);
+    let h = handler(&dir.0, &mem, &["--max-vms", "1", "--workers", "1"]);
+    // The first VM dies mid-restore, or just after (killed by this test,
+    // its parent): either way it hangs up.
+    let mut dying = client(&dir.0, &mem, &["--threads", "1", "--order", "random"]);
+    std::thread::sleep(Duration::from_millis(150));
+    dying.0.kill().unwrap();
+    dying.wait(Duration::from_secs(10), "the killed client");
+    let next = client(&dir.0, &mem, &["--threads", "2"]);
+    let after = client(&dir.0, &mem, &["--threads", "2", "--order", "random"]);
+    for (c, what) in [(next, "the next VM"), (after, "the one after")] {
+        let (status, out) = c.output(Duration::from_secs(60), what);
+        assert!(status.success(), "{what}: {status}");
+        assert_eq!(json(&out)["verified"], (64 * MIB / 4096) as u64);
+    }
+    let reps = reports(&dir.0, 3);
+    assert!(reps.iter().all(|r| r["end"] == "hung up"), "{reps:?}");
+    assert_eq!(
+        reps.iter().map(|r| r["vm"].as_u64().unwrap()).collect::<Vec<_>>(),
+        [0, 1, 2],
+        "one at a time, in order"
+    );
+    // Every VM's engine threads are gone: the poller and the reaper remain.
+    let threads = |pid: u32| {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        status.lines().find_map(|l| l.strip_prefix("Threads:")).unwrap().trim().parse::<u32>().unwrap()
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while threads(h.0.id()) != 2 {
+        assert!(Instant::now() < deadline, "the handler kept {} threads", threads(h.0.id()));
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
