@@ -90,7 +90,7 @@ fn handler(dir: &Path, mem: &Path, args: &[&str]) -> Proc {
         .args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(std::fs::File::create(dir.join("handler.log")).unwrap())
         .spawn()
         .unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -116,16 +116,18 @@ fn client(dir: &Path, mem: &Path, args: &[&str]) -> Proc {
     Proc(child)
 }
 
-/// The first `n` report lines, waiting up to 10 s for them.
+/// The first `n` report lines, waiting up to 30 s for them (a VM's
+/// engine may take its shutdown deadline, 5 s, on a loaded machine).
 fn reports(dir: &Path, n: usize) -> Vec<serde_json::Value> {
-    let deadline = Instant::now() + Duration::from_secs(10);
+    let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let text = std::fs::read_to_string(dir.join("report.jsonl")).unwrap_or_default();
         let lines: Vec<serde_json::Value> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
         if lines.len() >= n {
             return lines;
         }
-        assert!(Instant::now() < deadline, "{} of {n} reports written", lines.len());
+        let log = || std::fs::read_to_string(dir.join("handler.log")).unwrap_or_default();
+        assert!(Instant::now() < deadline, "{} of {n} reports written; the handler's log:\n{}", lines.len(), log());
         std::thread::sleep(Duration::from_millis(10));
     }
 }

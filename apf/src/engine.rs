@@ -93,7 +93,6 @@ impl From<SpawnError> for EngineError {
 pub const MAX_REPLAYS: usize = 4;
 
 /// Builds an [`Engine`].
-#[derive(Debug)]
 pub struct EngineBuilder {
     ram: Arc<GuestRam>,
     source: Arc<dyn PageSource>,
@@ -101,6 +100,18 @@ pub struct EngineBuilder {
     config: Config,
     /// The descriptor of [`RemoteMemory`] (none: the engine opens its own).
     adopted: Option<Uffd>,
+    on_remove: Option<crate::core::RemoveHook>,
+}
+
+impl fmt::Debug for EngineBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("EngineBuilder")
+            .field("ram", &self.ram)
+            .field("config", &self.config)
+            .field("adopted", &self.adopted)
+            .field("on_remove", &self.on_remove.is_some())
+            .finish_non_exhaustive()
+    }
 }
 
 /// Guest memory of another process, served through the userfaultfd that
@@ -152,6 +163,20 @@ impl RemoteMemory {
     pub fn ram(&self) -> &Arc<GuestRam> {
         &self.ram
     }
+
+    /// Says that `range` was discarded by a remove event a previous
+    /// handler of this descriptor read (see [`EngineBuilder::on_remove`]):
+    /// its missing pages are served as zeros, not from the source. Pages
+    /// already present are left to the kernel (an install meets `EEXIST`).
+    /// Call before the engine starts.
+    pub fn mark_removed(&self, range: GuestRange) -> Result<(), RamError> {
+        let (loc, count) = self.ram.check_range(range)?;
+        let region = self.ram.region(loc);
+        for page in loc.page..loc.page + count {
+            region.mark_removed(page);
+        }
+        Ok(())
+    }
 }
 
 impl EngineBuilder {
@@ -176,6 +201,17 @@ impl EngineBuilder {
     /// Shares an eviction store (one is created otherwise).
     pub fn store(mut self, store: Arc<EvictionStore>) -> Self {
         self.store = Some(store);
+        self
+    }
+
+    /// Has `hook` told of every guest range a remove event (a balloon's
+    /// `MADV_DONTNEED`) discards, right after the event is read and before
+    /// anything else is installed: what a supervisor keeps so that a
+    /// handler started after this one died knows which pages read zeros
+    /// ([`RemoteMemory::mark_removed`]). It runs with installs held off:
+    /// keep it short (set bits in a bitmap).
+    pub fn on_remove(mut self, hook: impl Fn(GuestRange) + Send + Sync + 'static) -> Self {
+        self.on_remove = Some(Arc::new(hook));
         self
     }
 
@@ -270,14 +306,21 @@ impl fmt::Debug for Engine {
 impl Engine {
     /// Starts building an engine that resolves faults on `ram` from `source`.
     pub fn builder(ram: Arc<GuestRam>, source: Arc<dyn PageSource>) -> EngineBuilder {
-        EngineBuilder { ram, source, store: None, config: Config::default(), adopted: None }
+        EngineBuilder { ram, source, store: None, config: Config::default(), adopted: None, on_remove: None }
     }
 
     /// Starts building an engine that resolves faults on another process's
     /// memory from `source` (see [`RemoteMemory`] for what it does and
     /// refuses).
     pub fn remote(mem: RemoteMemory, source: Arc<dyn PageSource>) -> EngineBuilder {
-        EngineBuilder { ram: mem.ram, source, store: None, config: Config::default(), adopted: Some(mem.uffd) }
+        EngineBuilder {
+            ram: mem.ram,
+            source,
+            store: None,
+            config: Config::default(),
+            adopted: Some(mem.uffd),
+            on_remove: None,
+        }
     }
 
     fn start(b: EngineBuilder) -> Result<Engine, EngineError> {
@@ -321,7 +364,9 @@ impl Engine {
         let (err_tx, err_rx) = crossbeam_channel::bounded(config.error_capacity);
         let (job_tx, job_rx) = crossbeam_channel::bounded::<Job>(config.queue_depth);
         let store = b.store.unwrap_or_default();
-        let shared = Arc::new(Core::new(mem, b.ram, b.source, store, config, err_tx).map_err(EngineError::Io)?);
+        let mut core = Core::new(mem, b.ram, b.source, store, config, err_tx).map_err(EngineError::Io)?;
+        core.set_on_remove(b.on_remove);
+        let shared = Arc::new(core);
         let stop = EventFd::new(EFD_NONBLOCK).map_err(EngineError::Io)?;
 
         let mut workers = Vec::new();
@@ -339,6 +384,15 @@ impl Engine {
             workers.push(h);
         }
         let event_loop = crate::fault::spawn(shared.clone(), job_tx.clone(), stop.try_clone().map_err(EngineError::Io)?)?;
+        if remote {
+            // Faults a previous handler of this descriptor read and never
+            // answered are not delivered again: wake every waiter, so each
+            // faults anew and reaches this engine (one whose page is
+            // present meanwhile just goes on).
+            for r in shared.ram().regions() {
+                shared.wake(r.host_base(), r.len() as usize);
+            }
+        }
         Ok(Engine {
             shared,
             staging,

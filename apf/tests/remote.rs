@@ -119,6 +119,67 @@ fn a_failing_source_without_poison_gives_zeros_and_reports_it() {
     }
 }
 
+/// A handler that dies mid-restore leaves the descriptor with faults it
+/// read and never answered (never delivered again) and removes it read
+/// (gone). The next engine on the same descriptor wakes every region, so
+/// the blocked thread faults anew and is served; it skips pages already
+/// there (`EEXIST`), never overwriting them; and the removed pages it is
+/// told of (the set a supervisor keeps through `on_remove`) read zeros,
+/// not the source's contents.
+#[test]
+fn a_new_engine_takes_over_from_a_handler_that_died() {
+    let (ram, sender_uffd, mem) = sender();
+    let pattern = Pattern { seed: 7 };
+    let removed = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let hook = removed.clone();
+    let first = Engine::remote(mem, Arc::new(pattern))
+        .config(apf::Config { fault_around: 1, ..apf::Config::default() })
+        .on_remove(move |r| hook.lock().unwrap().push(r))
+        .start()
+        .unwrap();
+    assert_eq!(pattern.verify(OFFSET + 8 * PAGE, &read_page(&ram, 8 * PAGE)), Ok(()));
+    common::write_word(&ram, 8 * PAGE, 0xfeed);
+    discard(&ram, 16 * PAGE, 4 * PAGE);
+    // The hook runs right after the event is read, which is what lets the
+    // `madvise` return: it may come a moment after.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while removed.lock().unwrap().is_empty() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let told = removed.lock().unwrap().clone();
+    assert_eq!(told, [GuestRange::new(GuestAddress(OFFSET + 16 * PAGE), 4 * PAGE)]);
+    first.shutdown();
+
+    // The handler "dies" holding a fault: read here, never answered.
+    let reader = std::thread::spawn({
+        let ram = ram.clone();
+        move || read_page(&ram, 30 * PAGE)
+    });
+    let mut buf = apf::uffd::EventBuf::default();
+    let mut events = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while events.is_empty() {
+        assert!(Instant::now() < deadline, "the fault never came");
+        sender_uffd.read_events(&mut buf, &mut events).unwrap();
+    }
+    assert!(matches!(events[0], apf::uffd::Event::Fault { .. }), "{events:?}");
+
+    let r = &ram.regions()[0];
+    let region = RemoteRegion { host: r.host_base(), len: r.len(), gpa: GuestAddress(OFFSET), page_size: PAGE };
+    let mem = RemoteMemory::adopt(sender_uffd.as_fd().try_clone_to_owned().unwrap(), &[region]).unwrap();
+    for range in told {
+        mem.mark_removed(range).unwrap();
+    }
+    let second = Engine::remote(mem, Arc::new(pattern)).start().unwrap();
+    let page = common::within(Duration::from_secs(10), move || reader.join().unwrap());
+    assert_eq!(pattern.verify(OFFSET + 30 * PAGE, &page), Ok(()), "the woken thread is served");
+    // Page 9's fault-around block holds page 8, written above: EEXIST keeps it.
+    assert_eq!(pattern.verify(OFFSET + 9 * PAGE, &read_page(&ram, 9 * PAGE)), Ok(()));
+    assert_eq!(common::read_word(&ram, 8 * PAGE), 0xfeed, "a page already there is never overwritten");
+    assert!(read_page(&ram, 17 * PAGE).iter().all(|&b| b == 0), "a page removed before the takeover reads zeros");
+    drop(second);
+}
+
 /// A descriptor that is not an initialized userfaultfd, or regions the
 /// engine cannot serve, are refused at adoption.
 #[test]

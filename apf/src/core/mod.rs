@@ -267,7 +267,12 @@ pub(crate) struct Core {
     /// Set once, at shutdown or when the event loop dies: no new work.
     stopping: AtomicBool,
     working_set: Option<FirstTouches>,
+    /// Told of every remove applied (see [`Core::set_on_remove`]).
+    on_remove: Option<RemoveHook>,
 }
+
+/// A callback told of every guest range a remove event discarded.
+pub type RemoveHook = Arc<dyn Fn(crate::ram::GuestRange) + Send + Sync>;
 
 impl Core {
     /// A core over `uffd` (guest RAM already registered with it), its
@@ -294,9 +299,25 @@ impl Core {
             in_flight: AtomicUsize::new(0),
             stopping: AtomicBool::new(false),
             working_set: config.record_working_set.then(|| FirstTouches::new(ram_pages)),
+            on_remove: None,
             errors,
             config,
         })
+    }
+
+    /// Sets the callback told of every remove applied, before the core is
+    /// shared.
+    pub(crate) fn set_on_remove(&mut self, hook: Option<RemoveHook>) {
+        self.on_remove = hook;
+    }
+
+    /// A remove discarded `range`: tells the callback, if one is set. Called
+    /// right after the event is read, with installs held off, so it must
+    /// be quick.
+    pub(crate) fn removed(&self, range: crate::ram::GuestRange) {
+        if let Some(hook) = &self.on_remove {
+            hook(range);
+        }
     }
 
     /// The userfaultfd: events, registration, failpoints.

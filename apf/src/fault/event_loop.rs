@@ -742,6 +742,7 @@ fn begin_remove<'a>(
         let last = ((hi - r.host_base()).div_ceil(PAGE_SIZE as u64)) as usize;
         shared.stats().removes.add(1);
         let range = GuestRange::new(GuestAddress(r.page_gpa(first).0), ((last - first) * PAGE_SIZE) as u64);
+        shared.removed(range);
         let _span = tracing::debug_span!(target: "apf", "apf.invalidate", region = i, gpa = range.start.0, len = range.len, reason = "remove").entered();
         let mark = || {
             for p in first..last {
