@@ -67,8 +67,7 @@ pub fn handler_main(args: &[String]) -> ExitCode {
     };
     let _ = tracing::subscriber::set_global_default(tracing_subscriber::registry().with(crate::log::StderrLog));
     if one_page {
-        let _ = std::fs::remove_file(&opts.socket);
-        let listener = match std::os::unix::net::UnixListener::bind(&opts.socket) {
+        let listener = match crate::server::listen_at(&opts.socket) {
             Ok(l) => l,
             Err(e) => {
                 eprintln!("cannot listen on {}: {e}", opts.socket.display());

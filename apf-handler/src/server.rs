@@ -281,8 +281,7 @@ impl Server {
             * apf::PAGE_SIZE as u64;
         let layout = if file_len == 0 { vec![] } else { vec![(GuestRange::new(GuestAddress(0), file_len), 0)] };
         let file = Arc::new(SnapshotFile::with_layout(&opts.mem_file, layout).map_err(mem_err)?);
-        let _ = std::fs::remove_file(&opts.socket);
-        let listener = UnixListener::bind(&opts.socket)
+        let listener = listen_at(&opts.socket)
             .and_then(|l| l.set_nonblocking(true).map(|()| l))
             .map_err(|source| ServerError::Listen { path: opts.socket.clone(), source })?;
         Ok(Server { opts, listener, file, file_len, stop: Arc::default(), counters: Arc::default() })
@@ -556,6 +555,20 @@ impl Server {
             errors: Vec::new(),
         })
     }
+}
+
+/// Listens on a Unix socket at `path`, replacing what is there. The path
+/// appears only once the socket listens (bound under a temporary name,
+/// then renamed): a peer that sees it never meets `ECONNREFUSED`, which
+/// it would between a `bind` and its `listen`.
+pub fn listen_at(path: &Path) -> io::Result<UnixListener> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(format!(".{}.tmp", std::process::id()));
+    let tmp = PathBuf::from(tmp);
+    let _ = std::fs::remove_file(&tmp);
+    let listener = UnixListener::bind(&tmp)?;
+    std::fs::rename(&tmp, path)?;
+    Ok(listener)
 }
 
 fn remote_region(r: &Region) -> RemoteRegion {
