@@ -16,8 +16,8 @@ offline storms, in one process with the variants interleaved in every round.
   --rounds N             rounds (default 5, at least 5)
   --json PATH            write the figures and ratios as JSON
   --chart PATH.svg       write a chart of the throughput figures
-  --only PARTS           some of throughput,restore,offline,storm,guest-storm (default all;
-                         guest-storm needs `vmm bench`)
+  --only PARTS           some of throughput,restore,offline,storm,guest-storm,handler (default
+                         all; guest-storm needs `vmm bench`)
 ";
 
 /// Reads the options (everything after `bench`).
@@ -35,9 +35,9 @@ pub fn parse(args: &[String]) -> Result<BenchConfig, String> {
             "--chart" => cfg.chart = Some(value("--chart")?.into()),
             "--only" => {
                 for part in value("--only")?.split(',') {
-                    if !["throughput", "restore", "offline", "storm", "guest-storm"].contains(&part) {
+                    if !["throughput", "restore", "offline", "storm", "guest-storm", "handler"].contains(&part) {
                         return Err(format!(
-                            "invalid value {part:?} for --only: throughput, restore, offline, storm or guest-storm"
+                            "invalid value {part:?} for --only: throughput, restore, offline, storm, guest-storm or handler"
                         ));
                     }
                     cfg.only.push(part.to_string());
@@ -60,6 +60,10 @@ pub fn parse(args: &[String]) -> Result<BenchConfig, String> {
 /// messages start with): prints the table, writes the JSON and the chart.
 /// Exit status 2 for bad options, 1 when the bench or a write failed.
 pub fn main(program: &str, args: &[String], guest: Option<&dyn GuestPass>) -> ExitCode {
+    // The handler part starts this program again as a handler or a client.
+    if let Some(code) = crate::handler::subcommand(args) {
+        return code;
+    }
     if args.iter().any(|a| a == "--help" || a == "-h") {
         print!("{HELP}");
         return ExitCode::SUCCESS;

@@ -34,12 +34,14 @@
 //! | [`latency`] | fault latency next to an offline storm, a CPU hog, or nothing |
 //! | [`guest_storm`] | guest fault latency, engine and guest views, quiet and next to a storm or a host block offline |
 //! | [`restore`] | restoring a snapshot image: the kernel's file mapping, apf copying, apf zero-copy; clones' memory |
+//! | [`handler`] | the external page-fault handler against a one-page handler and the file mapping |
 //!
 //! The `offline_cost` and `offline_storm` examples measure through the
 //! same [`offline`] and [`latency`] code.
 
 pub mod cli;
 pub mod guest_storm;
+pub mod handler;
 pub mod latency;
 pub mod offline;
 pub mod report;

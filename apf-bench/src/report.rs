@@ -98,6 +98,8 @@ pub struct BenchReport {
     pub elapsed: Duration,
     /// Problems (a variant that failed a check).
     pub errors: Vec<String>,
+    /// The external handler's restores (`--only handler`).
+    pub handler: Option<crate::handler::HandlerFigures>,
 }
 
 /// Ratio names, what they compare, and their targets (`>=` when higher
@@ -178,6 +180,7 @@ impl BenchReport {
         ]
         .into_iter()
         .chain(self.guest_storm_ratios())
+        .chain(self.handler_ratios())
         .collect()
     }
 
@@ -187,6 +190,53 @@ impl BenchReport {
             Some(g) => g.ratios(),
             None => crate::guest_storm::RATIO_KEYS.iter().map(|&k| (k, 0.0)).collect(),
         }
+    }
+
+    /// The external handler's ratios (host-side clients; none unless the
+    /// handler part ran): its first-pass speed over the one-page
+    /// handler's and over the file mapping's, in order and at random.
+    fn handler_ratios(&self) -> Vec<(&'static str, f64)> {
+        let Some(h) = &self.handler else { return Vec::new() };
+        let mut guest = Vec::new();
+        if h.guest_bytes > 0 {
+            guest.push(("handler_guest_seq_vs_one_page", h.guest_ratio(false)));
+            guest.push(("handler_guest_random_vs_one_page", h.guest_ratio(true)));
+        }
+        guest
+            .into_iter()
+            .chain([
+                ("handler_host_seq_vs_one_page", h.ratio(false, 1, 0)),
+                ("handler_host_random_vs_one_page", h.ratio(true, 1, 0)),
+                ("handler_host_seq_vs_kernel_file", h.ratio(false, 1, 2)),
+                ("handler_host_random_vs_kernel_file", h.ratio(true, 1, 2)),
+            ])
+            .collect()
+    }
+
+    /// The external handler's figures as a JSON object (null if it did not
+    /// run).
+    fn handler_json(&self) -> String {
+        let Some(h) = &self.handler else { return "null".into() };
+        let gbps = |rows: &[[f64; 3]], i: usize| {
+            let secs = median(rows.iter().map(|r| r[i]).collect());
+            h.bytes as f64 / secs.max(1e-9) / 1e9
+        };
+        serde_json::json!({
+            "clients": "host threads (2) in a separate process; the handler in another",
+            "bytes": h.bytes,
+            "handler_load_ms": median(h.load_ms.clone()),
+            "one_page_load_ms": median(h.one_page_load_ms.clone()),
+            "seq_gb_per_sec": {"one_page": gbps(&h.seq, 0), "handler": gbps(&h.seq, 1), "kernel_file": gbps(&h.seq, 2)},
+            "random_gb_per_sec": {"one_page": gbps(&h.random, 0), "handler": gbps(&h.random, 1), "kernel_file": gbps(&h.random, 2)},
+            "guest": {
+                "bytes": h.guest_bytes,
+                "vcpus": 2,
+                "kernel_file": "not measured: the VMM has no file-backed guest RAM",
+                "seq_first_pass_s": {"one_page": median(h.guest_seq.iter().map(|r| r[0]).collect()), "handler": median(h.guest_seq.iter().map(|r| r[1]).collect())},
+                "random_first_pass_s": {"one_page": median(h.guest_random.iter().map(|r| r[0]).collect()), "handler": median(h.guest_random.iter().map(|r| r[1]).collect())},
+            },
+        })
+        .to_string()
     }
 
     /// The report as JSON.
@@ -251,6 +301,7 @@ impl BenchReport {
             "\"restore\":{{\"image_load_ms\":{:.1},\"clones4_memory_vs_one_image\":{:.3}}},",
             self.image_load_ms, self.clones4_memory
         );
+        let _ = write!(j, "\"handler\":{},", self.handler_json());
         let ratios: Vec<String> = self.ratios().iter().map(|(k, v)| format!("\"{k}\":{v:.3}")).collect();
         let targets: Vec<String> = TARGETS
             .iter()
@@ -259,7 +310,13 @@ impl BenchReport {
             })
             .collect();
         let errors: Vec<String> = self.errors.iter().map(|e| json_str(e)).collect();
-        let _ = write!(j, "\"figures\":{{{}}},", GuestStormFigures::figures_json(self.guest_storm.as_ref()));
+        let handler_load =
+            self.handler.as_ref().map_or("null".to_string(), |h| format!("{:.2}", median(h.load_ms.clone())));
+        let _ = write!(
+            j,
+            "\"figures\":{{{},\"handler_load_ms\":{handler_load}}},",
+            GuestStormFigures::figures_json(self.guest_storm.as_ref())
+        );
         let _ = write!(
             j,
             "\"ratios\":{{{}}},\"targets\":{{{}}},\"errors\":[{}]}}",

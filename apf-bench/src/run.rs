@@ -65,6 +65,15 @@ pub trait GuestPass {
         let _ = run;
         Err("this VMM does not run the guest-storm part".into())
     }
+
+    /// One first pass over `snapshot` restored through the external
+    /// page-fault handler listening on `socket` (Firecracker's protocol,
+    /// serving the snapshot file), in order or at random. A VMM that
+    /// cannot restore that way leaves it refused.
+    fn handler_first_pass(&self, socket: &Path, random: bool, snapshot: &Path) -> Result<Sample, String> {
+        let _ = (socket, random, snapshot);
+        Err("this VMM cannot restore through an external handler".into())
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -121,7 +130,7 @@ impl Variant {
 }
 
 /// Writes the image the host file workloads restore from.
-fn write_image(path: &Path, bytes: u64, pattern: Pattern) -> std::io::Result<()> {
+pub(crate) fn write_image(path: &Path, bytes: u64, pattern: Pattern) -> std::io::Result<()> {
     let mut f = std::io::BufWriter::with_capacity(1 << 20, std::fs::File::create(path)?);
     let mut chunk = vec![0u8; 1 << 20];
     for off in (0..bytes).step_by(chunk.len()) {
@@ -241,6 +250,7 @@ pub fn run(cfg: &BenchConfig, guest: Option<&dyn GuestPass>, mut log: impl FnMut
     let snapshot = dir.join("guest.snap");
     // The guest-storm part runs guests of its own, throughput or not.
     let storm_guest = guest;
+    let guest_for_handler = guest.filter(|_| cfg.wants("handler"));
     let guest = guest.filter(|_| cfg.wants("throughput"));
     match guest {
         Some(g) => {
@@ -361,6 +371,19 @@ pub fn run(cfg: &BenchConfig, guest: Option<&dyn GuestPass>, mut log: impl FnMut
                     Some(guest_storm_part(g, cfg.quick, rounds, offline_ms, &mut report.errors, &mut log));
             }
             None => log("guest storm: not measured (it runs under KVM, through the VMM: `vmm bench`)"),
+        }
+    }
+    if cfg.wants("handler") {
+        log("the external handler against the one-page handler and the file mapping (host-side clients)");
+        let figures = std::env::current_exe()
+            .map_err(|e| format!("cannot find this program to start the handler processes: {e}"))
+            .and_then(|exe| {
+                let guest = guest_for_handler.map(|g| (g, snapshot.as_path(), guest_bytes));
+                crate::handler::run(&exe, &dir, host_bytes, rounds, guest)
+            });
+        match figures {
+            Ok(f) => report.handler = Some(f),
+            Err(e) => report.errors.push(format!("handler: {e}")),
         }
     }
     let _ = std::fs::remove_dir_all(&dir);

@@ -45,9 +45,9 @@ use crate::working_set::{ImageId, WorkingSet};
 use crate::notifier::InvalidateEvent;
 use crate::offline::{Mode, OfflineError, OfflineReport, Staging, STAGING_PAGES};
 use crate::pin::{HardPin, PageRef, Pin, PinError};
-use crate::ram::{GuestAddress, GuestRam, GuestRange, MemoryKind, RamError};
+use crate::ram::{GuestAddress, GuestRam, GuestRange, MemoryKind, RamError, RemoteRegion};
 use crate::source::{EvictionStore, PageSource};
-use crate::uffd::{Features, UffdError};
+use crate::uffd::{Features, Uffd, UffdError};
 
 /// Errors starting or driving the engine.
 #[derive(Debug, Error)]
@@ -112,12 +112,90 @@ impl Default for ReplayOptions {
 }
 
 /// Builds an [`Engine`].
-#[derive(Debug)]
 pub struct EngineBuilder {
     ram: Arc<GuestRam>,
     source: Arc<dyn PageSource>,
     store: Option<Arc<EvictionStore>>,
     config: Config,
+    /// The descriptor of [`RemoteMemory`] (none: the engine opens its own).
+    adopted: Option<Uffd>,
+    on_remove: Option<crate::core::RemoveHook>,
+}
+
+impl fmt::Debug for EngineBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("EngineBuilder")
+            .field("ram", &self.ram)
+            .field("config", &self.config)
+            .field("adopted", &self.adopted)
+            .field("on_remove", &self.on_remove.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Guest memory of another process, served through the userfaultfd that
+/// process set up and handed over: what an external page-fault handler
+/// gets from Firecracker (its handshake's regions and its descriptor).
+///
+/// The engine built on it ([`Engine::remote`]) resolves faults through
+/// that descriptor alone, addressed by the owner's host addresses; it maps
+/// nothing of the memory, never reads or writes it directly, and refuses
+/// whatever would: [`Engine::pin`], [`Engine::page_ref`],
+/// [`Engine::hard_pin`] ([`PinError::Remote`]), every offline and
+/// [`Engine::replug`] ([`OfflineError::Remote`]). What the descriptor
+/// lacks, the engine does without:
+///
+/// - no `THREAD_ID`: prefetch streams are told apart by address, not by
+///   thread;
+/// - no `POISON`: a page whose contents are lost gets zeros and a
+///   [`FaultError::ZeroFilled`] report, so the faulting thread never waits
+///   for ever (deciding whether the owner may go on is the caller's job);
+///   at shutdown, untouched pages are left to the kernel;
+/// - never `MOVE`, whatever the descriptor offers: a staging area would
+///   have to live in the owner's address space.
+///
+/// [`Config::backend`] does not apply: the descriptor is the backend.
+#[derive(Debug)]
+pub struct RemoteMemory {
+    uffd: Uffd,
+    ram: Arc<GuestRam>,
+}
+
+impl RemoteMemory {
+    /// Adopts `uffd`, a userfaultfd that its sender created, handshook and
+    /// registered over `regions` (MISSING mode), and received here, for
+    /// instance over `SCM_RIGHTS`. Fails if it is not an initialized
+    /// userfaultfd ([`UffdError::NotUserfaultfd`]) or the regions are not
+    /// ones the engine can serve ([`GuestRam::remote`]).
+    pub fn adopt(uffd: std::os::fd::OwnedFd, regions: &[RemoteRegion]) -> Result<RemoteMemory, EngineError> {
+        let ram = Arc::new(GuestRam::remote(regions)?);
+        let uffd = Uffd::adopt(uffd)?;
+        Ok(RemoteMemory { uffd, ram })
+    }
+
+    /// What the sender negotiated for the descriptor.
+    pub fn features(&self) -> Features {
+        self.uffd.features()
+    }
+
+    /// The memory, as the engine will see it.
+    pub fn ram(&self) -> &Arc<GuestRam> {
+        &self.ram
+    }
+
+    /// Says that `range` was discarded by a remove event a previous
+    /// handler of this descriptor read (see [`EngineBuilder::on_remove`]):
+    /// its missing pages are served as zeros, not from the source. Pages
+    /// already present are left to the kernel (an install meets `EEXIST`).
+    /// Call before the engine starts.
+    pub fn mark_removed(&self, range: GuestRange) -> Result<(), RamError> {
+        let (loc, count) = self.ram.check_range(range)?;
+        let region = self.ram.region(loc);
+        for page in loc.page..loc.page + count {
+            region.mark_removed(page);
+        }
+        Ok(())
+    }
 }
 
 impl EngineBuilder {
@@ -142,6 +220,17 @@ impl EngineBuilder {
     /// Shares an eviction store (one is created otherwise).
     pub fn store(mut self, store: Arc<EvictionStore>) -> Self {
         self.store = Some(store);
+        self
+    }
+
+    /// Has `hook` told of every guest range a remove event (a balloon's
+    /// `MADV_DONTNEED`) discards, right after the event is read and before
+    /// anything else is installed: what a supervisor keeps so that a
+    /// handler started after this one died knows which pages read zeros
+    /// ([`RemoteMemory::mark_removed`]). It runs with installs held off:
+    /// keep it short (set bits in a bitmap).
+    pub fn on_remove(mut self, hook: impl Fn(GuestRange) + Send + Sync + 'static) -> Self {
+        self.on_remove = Some(Arc::new(hook));
         self
     }
 
@@ -236,7 +325,21 @@ impl fmt::Debug for Engine {
 impl Engine {
     /// Starts building an engine that resolves faults on `ram` from `source`.
     pub fn builder(ram: Arc<GuestRam>, source: Arc<dyn PageSource>) -> EngineBuilder {
-        EngineBuilder { ram, source, store: None, config: Config::default() }
+        EngineBuilder { ram, source, store: None, config: Config::default(), adopted: None, on_remove: None }
+    }
+
+    /// Starts building an engine that resolves faults on another process's
+    /// memory from `source` (see [`RemoteMemory`] for what it does and
+    /// refuses).
+    pub fn remote(mem: RemoteMemory, source: Arc<dyn PageSource>) -> EngineBuilder {
+        EngineBuilder {
+            ram: mem.ram,
+            source,
+            store: None,
+            config: Config::default(),
+            adopted: Some(mem.uffd),
+            on_remove: None,
+        }
     }
 
     fn start(b: EngineBuilder) -> Result<Engine, EngineError> {
@@ -256,9 +359,15 @@ impl Engine {
         if config.backend == Backend::Limited && config.unplug_policy == UnplugPolicy::Poison {
             return Err(EngineError::Config("the poison unplug policy needs UFFDIO_POISON, which the limited backend lacks"));
         }
+        let remote = b.adopted.is_some();
         let kind = b.ram.kind();
-        let Some(mem) = install::open(config.backend, kind)? else {
-            return Err(EngineError::Config("the limited backend serves private anonymous memory only"));
+        let mem = match b.adopted {
+            // Registered by its sender, in its own address space.
+            Some(uffd) => install::remote(uffd),
+            None => match install::open(config.backend, kind)? {
+                Some(mem) => mem,
+                None => return Err(EngineError::Config("the limited backend serves private anonymous memory only")),
+            },
         };
         if kind == MemoryKind::Image && !mem.supports(MemOp::Continue) {
             return Err(EngineError::Config("image RAM needs UFFDIO_CONTINUE"));
@@ -273,8 +382,13 @@ impl Engine {
         if ![MemOp::Copy, MemOp::ZeroPage, MemOp::Wake].into_iter().all(|op| mem.supports(op)) {
             return Err(EngineError::Config("the backend must offer UFFDIO_COPY, UFFDIO_ZEROPAGE and UFFDIO_WAKE"));
         }
-        for r in b.ram.regions() {
-            mem.uffd().register(r.host_base(), r.len(), kind.register_mode())?;
+        if remote && config.unplug_policy == UnplugPolicy::Poison && !mem.supports(MemOp::Poison) {
+            return Err(EngineError::Config("the poison unplug policy needs UFFDIO_POISON, which this descriptor lacks"));
+        }
+        if !remote {
+            for r in b.ram.regions() {
+                mem.uffd().register(r.host_base(), r.len(), kind.register_mode())?;
+            }
         }
         let staging = if mem.supports(MemOp::Move) {
             Some(Staging::new(mem.uffd(), STAGING_PAGES).map_err(|e| EngineError::Io(io::Error::other(e)))?)
@@ -284,7 +398,9 @@ impl Engine {
         let (err_tx, err_rx) = crossbeam_channel::bounded(config.error_capacity);
         let (job_tx, job_rx) = crossbeam_channel::bounded::<Job>(config.queue_depth);
         let store = b.store.unwrap_or_default();
-        let shared = Arc::new(Core::new(mem, b.ram, b.source, store, config, err_tx).map_err(EngineError::Io)?);
+        let mut core = Core::new(mem, b.ram, b.source, store, config, err_tx).map_err(EngineError::Io)?;
+        core.set_on_remove(b.on_remove);
+        let shared = Arc::new(core);
         let stop = EventFd::new(EFD_NONBLOCK).map_err(EngineError::Io)?;
 
         let mut workers = Vec::new();
@@ -302,6 +418,15 @@ impl Engine {
             workers.push(h);
         }
         let event_loop = crate::fault::spawn(shared.clone(), job_tx.clone(), stop.try_clone().map_err(EngineError::Io)?)?;
+        if remote {
+            // Faults a previous handler of this descriptor read and never
+            // answered are not delivered again: wake every waiter, so each
+            // faults anew and reaches this engine (one whose page is
+            // present meanwhile just goes on).
+            for r in shared.ram().regions() {
+                shared.wake(r.host_base(), r.len() as usize);
+            }
+        }
         Ok(Engine {
             shared,
             staging,
@@ -446,19 +571,41 @@ impl Engine {
         range: GuestRange,
         callback: impl Fn(&InvalidateEvent) + Send + Sync + 'static,
     ) -> Result<Pin, PinError> {
+        self.local_for_pins(range)?;
         Pin::register(self.shared.clone(), range, callback)
+    }
+
+    /// Pins and references reach guest memory through this process's
+    /// mapping of it: [`RemoteMemory`] has none.
+    fn local_for_pins(&self, range: GuestRange) -> Result<(), PinError> {
+        if self.shared.ram().is_remote() {
+            return Err(PinError::Remote(range));
+        }
+        Ok(())
+    }
+
+    /// Offlines take pages out with `UFFDIO_MOVE` into a staging area of
+    /// this process and find them through its page tables:
+    /// [`RemoteMemory`] has neither.
+    fn local_for_offline(&self, range: GuestRange) -> Result<(), OfflineError> {
+        if self.shared.ram().is_remote() {
+            return Err(OfflineError::Remote(range));
+        }
+        Ok(())
     }
 
     /// Takes a short-term reference on `range`, faulting it in first.
     /// Waits for an offline over the range to end, up to `deadline`.
     pub fn page_ref(&self, range: GuestRange, deadline: std::time::Instant) -> Result<PageRef, PinError> {
         self.shared.running()?;
+        self.local_for_pins(range)?;
         PageRef::take(self.shared.clone(), range, deadline)
     }
 
     /// Takes a hard pin on `range` (legacy mode, see [`HardPin`]).
     pub fn hard_pin(&self, range: GuestRange, deadline: std::time::Instant) -> Result<HardPin, PinError> {
         self.shared.running()?;
+        self.local_for_pins(range)?;
         HardPin::take(self.shared.clone(), range, deadline)
     }
 
@@ -544,6 +691,7 @@ impl Engine {
         mode: Mode,
         deadline: std::time::Instant,
     ) -> Result<OfflineReport, OfflineError> {
+        self.local_for_offline(range)?;
         crate::offline::offline(&self.shared, self.staging.as_ref(), range, mode, deadline)
     }
 
@@ -557,6 +705,7 @@ impl Engine {
         range: GuestRange,
         attempt: Duration,
     ) -> Result<crate::offline::HostBlockSearch, OfflineError> {
+        self.local_for_offline(range)?;
         crate::offline::offline_any_host_block(&self.shared, range, attempt)
     }
 
@@ -564,6 +713,7 @@ impl Engine {
     /// zeros. Returns how many pages were brought back.
     pub fn replug(&self, range: GuestRange) -> Result<usize, OfflineError> {
         self.shared.running()?;
+        self.local_for_offline(range)?;
         crate::offline::replug(&self.shared, self.staging.as_ref(), range)
     }
 
@@ -629,7 +779,8 @@ impl Engine {
             crate::fault::serve_after_shutdown(self.shared.clone());
         }
         let poisoned_pages = self.poison_missing();
-        if threads_left_behind == 0 {
+        // Remote memory stays registered: its registration is its owner's.
+        if threads_left_behind == 0 && !self.shared.ram().is_remote() {
             for r in self.shared.ram().regions() {
                 let _ = self.shared.uffd().unregister(r.host_base(), r.len());
             }

@@ -147,7 +147,9 @@ pub mod span;
 pub use crate::core::FaultError;
 pub use config::{Backend, Config, Dispatch, OfflinePriority, UnplugPolicy};
 pub use counters::StatsSnapshot;
-pub use engine::{Engine, EngineBuilder, EngineError, Errors, ReplayOptions, ShutdownReport, MAX_REPLAYS};
+pub use engine::{
+    Engine, EngineBuilder, EngineError, Errors, RemoteMemory, ReplayOptions, ShutdownReport, MAX_REPLAYS,
+};
 pub use hostmem::{BlockOp, BlockState, HostMemError};
 pub use image::{Image, ImageError};
 pub use notifier::{InvalidateEvent, Reason};
@@ -155,7 +157,7 @@ pub use offline::{HostBlockSearch, Mode, OfflineError, OfflineReport, STAGING_PA
 pub use pin::{HardPin, PageRef, Pin, PinError, PinGuard};
 pub use ram::{
     GuestAddress, GuestMemoryMmap, GuestRam, GuestRange, MemoryKind, Origin, PageLoc, PageState, RamError, Region,
-    StateError,
+    RemoteRegion, StateError,
 };
 pub use source::{EvictionStore, PageSource, SnapshotFile, SourceError, SourceKind, ZeroSource};
 pub use uffd::{Features, IoctlError, UffdError, PAGE_SIZE};

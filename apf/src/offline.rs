@@ -282,6 +282,11 @@ pub enum OfflineError {
         /// The engine's backend.
         backend: &'static str,
     },
+    /// The engine serves another process's memory
+    /// ([`RemoteMemory`](crate::RemoteMemory)): offlines need the pages
+    /// mapped here and `UFFDIO_MOVE`, and it has neither. Nothing was done.
+    #[error("guest range {0} lives in another process: offlines need it mapped here and UFFDIO_MOVE")]
+    Remote(GuestRange),
     /// The engine has shut down.
     #[error("the engine has shut down")]
     Stopped,

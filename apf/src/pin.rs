@@ -57,6 +57,11 @@ pub enum PinError {
     /// The engine has shut down.
     #[error("the engine has shut down")]
     Stopped,
+    /// The engine serves another process's memory
+    /// ([`RemoteMemory`](crate::RemoteMemory)): nothing of it is mapped
+    /// here to pin or reference.
+    #[error("guest range {0} lives in another process: it cannot be pinned or referenced here")]
+    Remote(GuestRange),
     /// The kernel pin (io_uring fixed buffer) could not be taken.
     #[error("cannot take a kernel pin on guest range {range}")]
     KernelPin {

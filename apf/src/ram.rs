@@ -98,6 +98,24 @@ pub enum RamError {
         #[source]
         source: std::io::Error,
     },
+    /// A region of remote memory has a page size the engine does not
+    /// resolve (4 KiB only for now; 2 MiB pages come with hugetlb
+    /// support).
+    #[error("RAM region at {base:#x} has pages of {page_size} bytes; only 4096-byte pages are resolved")]
+    PageSize {
+        /// Guest-physical base.
+        base: u64,
+        /// Its page size.
+        page_size: u64,
+    },
+    /// Two regions of remote memory overlap, in guest or in host
+    /// addresses.
+    #[error("RAM regions at {0:#x} and {1:#x} overlap")]
+    Overlap(u64, u64),
+    /// The memory lives in another process ([`GuestRam::remote`]): it is
+    /// not mapped here, so there is no pointer or vm-memory view of it.
+    #[error("guest RAM lives in another process: guest range {0} has no address here")]
+    Remote(GuestRange),
     /// `madvise` on a region failed.
     #[error("madvise on RAM region at {base:#x} failed")]
     Madvise {
@@ -344,6 +362,15 @@ impl fmt::Debug for Region {
 }
 
 impl Region {
+    /// A region of `len` bytes at guest address `base`, mapped at `host`,
+    /// every page missing.
+    fn new(base: GuestAddress, len: u64, host: u64, file_offset: u64) -> Region {
+        let pages = (len / PAGE) as usize;
+        let states = (0..pages).map(|_| AtomicU8::new(pack(PageState::Missing, Origin::Source))).collect();
+        let zap_pending = (0..pages).map(|_| AtomicBool::new(false)).collect();
+        Region { base, len, host, file_offset, states, zap_pending }
+    }
+
     /// Guest-physical base address.
     pub fn base(&self) -> GuestAddress {
         self.base
@@ -635,6 +662,26 @@ pub struct GuestRam {
     /// The memfd of shared RAM, or the image's file.
     file: Option<Arc<File>>,
     image: Option<Arc<ImageSource>>,
+    /// The regions are another process's memory ([`GuestRam::remote`]).
+    remote: bool,
+}
+
+/// A region of guest memory that lives in another process, as an
+/// external page-fault handler learns it from the process that owns it
+/// (Firecracker's handshake): where it is in that process, how long, and
+/// which guest address it gets here.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RemoteRegion {
+    /// Its first byte in the owning process's address space.
+    pub host: u64,
+    /// Size in bytes.
+    pub len: u64,
+    /// The guest address it gets in the engine (and in its page source).
+    /// An external handler uses the region's offset in the memory file,
+    /// so a source that reads the file at the guest address serves it.
+    pub gpa: GuestAddress,
+    /// The owner's page size for it, in bytes (only 4096 is resolved).
+    pub page_size: u64,
 }
 
 impl fmt::Debug for GuestRam {
@@ -720,16 +767,13 @@ impl GuestRam {
             }
             let host = r.as_ptr() as u64;
             no_huge_pages(host, len).map_err(|source| RamError::Madvise { base: base.0, source })?;
-            let pages = (len / PAGE) as usize;
-            let states: Box<[AtomicU8]> = (0..pages).map(|_| AtomicU8::new(pack(PageState::Missing, Origin::Source))).collect();
-            let zap_pending = (0..pages).map(|_| AtomicBool::new(false)).collect();
-            regions.push(Region { base, len, host, file_offset, states, zap_pending });
+            regions.push(Region::new(base, len, host, file_offset));
             file_offset += len;
         }
         if regions.is_empty() {
             return Err(RamError::NoRegions);
         }
-        Ok(GuestRam { mem, regions, kind, file, image })
+        Ok(GuestRam { mem, regions, kind, file, image, remote: false })
     }
 
     /// What backs this RAM.
@@ -792,9 +836,62 @@ impl GuestRam {
         Some(self.regions[region].file_runs(first, count))
     }
 
+    /// Guest RAM that lives in another process, which registered it with
+    /// a userfaultfd and handed the descriptor over: nothing of it is
+    /// mapped here. The engine keeps its page states as for local memory
+    /// and changes the memory only through that descriptor's ioctls,
+    /// addressed by the owner's host addresses. It has no vm-memory view
+    /// ([`GuestRam::guest_memory`] is empty) and no pointers
+    /// ([`GuestRam::host_range`] fails with [`RamError::Remote`]), so
+    /// nothing here can touch it directly; pins, references and offlines
+    /// are refused.
+    ///
+    /// Regions must be page-aligned, non-empty, 4 KiB-paged and overlap
+    /// neither in guest nor in host addresses; they may come in any order.
+    pub fn remote(regions: &[RemoteRegion]) -> Result<Self, RamError> {
+        if regions.is_empty() {
+            return Err(RamError::NoRegions);
+        }
+        let mut sorted = regions.to_vec();
+        sorted.sort_by_key(|r| r.gpa.0);
+        for r in &sorted {
+            if r.page_size != PAGE {
+                return Err(RamError::PageSize { base: r.gpa.0, page_size: r.page_size });
+            }
+            let ends = r.gpa.0.checked_add(r.len).is_some() && r.host.checked_add(r.len).is_some();
+            if r.gpa.0 % PAGE != 0 || r.host % PAGE != 0 || r.len % PAGE != 0 || r.len == 0 || !ends {
+                return Err(RamError::UnalignedRegion { base: r.gpa.0, size: r.len });
+            }
+        }
+        for (i, a) in sorted.iter().enumerate() {
+            for b in &sorted[i + 1..] {
+                let guest = a.gpa.0 < b.gpa.0 + b.len && b.gpa.0 < a.gpa.0 + a.len;
+                let host = a.host < b.host + b.len && b.host < a.host + a.len;
+                if guest || host {
+                    return Err(RamError::Overlap(a.gpa.0, b.gpa.0));
+                }
+            }
+        }
+        let regions = sorted.iter().map(|r| Region::new(r.gpa, r.len, r.host, 0)).collect();
+        Ok(GuestRam {
+            mem: GuestMemoryMmap::default(),
+            regions,
+            kind: MemoryKind::PrivateAnonymous,
+            file: None,
+            image: None,
+            remote: true,
+        })
+    }
+
+    /// True if this memory lives in another process ([`GuestRam::remote`]).
+    pub fn is_remote(&self) -> bool {
+        self.remote
+    }
+
     /// The rust-vmm view of this memory, for device emulation and loaders.
     /// Accesses through it to missing pages fault and are resolved by the
-    /// engine like any other access.
+    /// engine like any other access. Empty for [`GuestRam::remote`]
+    /// memory: every access through it fails with an address error.
     pub fn guest_memory(&self) -> &GuestMemoryMmap {
         &self.mem
     }
@@ -857,7 +954,12 @@ impl GuestRam {
     /// Host address of `[gpa, gpa + len)`, which must lie inside one region
     /// (any alignment). This is the only way from a guest address to a host
     /// pointer: an address outside RAM is an error, never a pointer.
+    /// Remote memory ([`GuestRam::remote`]) has no pointer here:
+    /// [`RamError::Remote`].
     pub fn host_range(&self, gpa: GuestAddress, len: u64) -> Result<*mut u8, RamError> {
+        if self.remote {
+            return Err(RamError::Remote(GuestRange::new(gpa, len)));
+        }
         let loc = self.locate(gpa)?;
         let r = &self.regions[loc.region];
         let off = gpa.0 - r.base.0;
@@ -1087,6 +1189,29 @@ mod tests {
         r.mark_removed(0);
         assert_eq!(r.state(0), (PageState::Missing, Origin::Zero));
         assert_eq!(r.census(), [4, 0, 0, 0, 0, 0]);
+    }
+
+    #[test]
+    fn remote_regions_are_checked_sorted_and_have_no_pointers() {
+        let reg = |host: u64, len: u64, gpa: u64| RemoteRegion { host, len, gpa: GuestAddress(gpa), page_size: PAGE };
+        let ram = GuestRam::remote(&[reg(0x7f00_0020_0000, 2 * PAGE, 0x1000), reg(0x7f00_0000_0000, PAGE, 0)]).unwrap();
+        assert!(ram.is_remote());
+        assert_eq!(ram.regions()[0].host_base(), 0x7f00_0000_0000, "sorted by guest address");
+        assert_eq!(ram.locate_host(0x7f00_0020_1234), Some(PageLoc { region: 1, page: 1 }));
+        assert!(matches!(ram.host_range(GuestAddress(0x1000), 8), Err(RamError::Remote(_))));
+        assert!(ram.guest_memory().iter().next().is_none(), "no local view of another process's memory");
+        assert!(!two_regions().is_remote());
+
+        let overlap_guest = GuestRam::remote(&[reg(0x10_0000, 2 * PAGE, 0), reg(0x20_0000, PAGE, PAGE)]);
+        assert!(matches!(overlap_guest, Err(RamError::Overlap(0, 0x1000))));
+        let overlap_host = GuestRam::remote(&[reg(0x10_0000, 2 * PAGE, 0), reg(0x10_1000, PAGE, 0x10_0000)]);
+        assert!(matches!(overlap_host, Err(RamError::Overlap(..))));
+        let huge = RemoteRegion { page_size: 2 << 20, ..reg(0x20_0000, 2 << 20, 0) };
+        assert!(matches!(GuestRam::remote(&[huge]), Err(RamError::PageSize { page_size: 0x20_0000, .. })));
+        assert!(matches!(GuestRam::remote(&[reg(0x10_0800, PAGE, 0)]), Err(RamError::UnalignedRegion { .. })));
+        assert!(matches!(GuestRam::remote(&[reg(0x10_0000, 0, 0)]), Err(RamError::UnalignedRegion { .. })));
+        assert!(matches!(GuestRam::remote(&[reg(u64::MAX - 0xfff, PAGE, 0)]), Err(RamError::UnalignedRegion { .. })));
+        assert!(matches!(GuestRam::remote(&[]), Err(RamError::NoRegions)));
     }
 
     #[test]

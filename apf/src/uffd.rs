@@ -91,6 +91,24 @@ pub enum UffdError {
     /// Reading events failed.
     #[error("reading userfaultfd events failed")]
     Read(#[source] io::Error),
+    /// A descriptor handed over to be adopted is not a userfaultfd that
+    /// went through `UFFDIO_API` (see [`Uffd::adopt`]).
+    #[error("descriptor {fd} is not an initialized userfaultfd: {why}")]
+    NotUserfaultfd {
+        /// The descriptor number in this process.
+        fd: RawFd,
+        /// What was found instead.
+        why: String,
+    },
+    /// Reading a received descriptor's `/proc/self/fdinfo` or flags failed.
+    #[error("cannot inspect descriptor {fd}")]
+    Inspect {
+        /// The descriptor number in this process.
+        fd: RawFd,
+        /// The kernel's error.
+        #[source]
+        source: io::Error,
+    },
 }
 
 /// A failed resolving ioctl: the errno, and how many bytes the kernel had
@@ -383,6 +401,45 @@ impl Uffd {
         Ok(Uffd {
             fd,
             features: wanted,
+            #[cfg(feature = "failpoints")]
+            failpoints: Default::default(),
+        })
+    }
+
+    /// Adopts a userfaultfd another process created, set up and sent over
+    /// (`SCM_RIGHTS`), as Firecracker hands its descriptor to an external
+    /// page-fault handler. Its `UFFDIO_API` handshake was done by that
+    /// process, and a second one fails with `EINVAL`, so what it offers is
+    /// read from `/proc/self/fdinfo/N` (its `API:` line) instead of
+    /// negotiated. The same look tells a userfaultfd from any other
+    /// descriptor (`/proc/self/fd/N` names `anon_inode:[userfaultfd]`).
+    ///
+    /// The descriptor is made non-blocking if it is not (the flag lives
+    /// on the shared open file, so the sender's copy becomes non-blocking
+    /// too; Firecracker's already is): a blocking userfaultfd cannot be
+    /// polled.
+    ///
+    /// Its ranges live in the sender's address space: the ioctls reach
+    /// them by the sender's addresses, and nothing of them is mapped here.
+    pub fn adopt(fd: OwnedFd) -> Result<Self, UffdError> {
+        let raw = fd.as_raw_fd();
+        let inspect = |source: io::Error| UffdError::Inspect { fd: raw, source };
+        let link = std::fs::read_link(format!("/proc/self/fd/{raw}")).map_err(inspect)?;
+        if link.as_os_str() != "anon_inode:[userfaultfd]" {
+            return Err(UffdError::NotUserfaultfd { fd: raw, why: format!("it is {}", link.display()) });
+        }
+        let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{raw}")).map_err(inspect)?;
+        let features = match parse_fdinfo_api(&info) {
+            Ok(f) => f,
+            Err(why) => return Err(UffdError::NotUserfaultfd { fd: raw, why: why.into() }),
+        };
+        let flags = rustix::fs::fcntl_getfl(&fd).map_err(|e| inspect(e.into()))?;
+        if !flags.contains(rustix::fs::OFlags::NONBLOCK) {
+            rustix::fs::fcntl_setfl(&fd, flags | rustix::fs::OFlags::NONBLOCK).map_err(|e| inspect(e.into()))?;
+        }
+        Ok(Uffd {
+            fd,
+            features,
             #[cfg(feature = "failpoints")]
             failpoints: Default::default(),
         })
@@ -735,6 +792,32 @@ impl AsFd for Uffd {
     }
 }
 
+/// The kernel's internal "handshake done" bit in the features of a
+/// userfaultfd's fdinfo (`UFFD_FEATURE_INITIALIZED`, `1 << 31`); never a
+/// feature a process can ask for.
+const FDINFO_INITIALIZED: u64 = 1 << 31;
+
+/// The features of an initialized userfaultfd from the text of its
+/// `/proc/<pid>/fdinfo/N`: the `API:\t<api>:<features>:<ioctls>` line, in
+/// hex. An error says why the text is not that of a userfaultfd whose
+/// handshake is done.
+pub(crate) fn parse_fdinfo_api(info: &str) -> Result<Features, &'static str> {
+    let line = info.lines().find_map(|l| l.strip_prefix("API:")).ok_or("its fdinfo has no API line")?;
+    let mut fields = line.trim().split(':');
+    let mut hex = || fields.next().and_then(|f| u64::from_str_radix(f, 16).ok());
+    let (api, features, _ioctls) = (hex(), hex(), hex());
+    let (Some(api), Some(features)) = (api, features) else {
+        return Err("its fdinfo API line is malformed");
+    };
+    if api != sys::UFFD_API as u64 {
+        return Err("its fdinfo names an unknown userfaultfd API");
+    }
+    if features & FDINFO_INITIALIZED == 0 {
+        return Err("its UFFDIO_API handshake has not been done");
+    }
+    Ok(Features(features & !FDINFO_INITIALIZED))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -765,6 +848,42 @@ mod tests {
         let f = Features::EVENT_REMOVE | Features::POISON | Features::from_bits(1 << 40);
         assert_eq!(f.to_string(), "EVENT_REMOVE|POISON|0x10000000000");
         assert_eq!(Features::empty().to_string(), "0x0");
+    }
+
+    #[test]
+    fn fdinfo_api_line_gives_the_features_of_an_initialized_descriptor() {
+        let info = "pos:\t0\nflags:\t02004000\npending:\t0\ntotal:\t0\nAPI:\taa:80000008:80000000000001ff\n";
+        assert_eq!(parse_fdinfo_api(info), Ok(Features::EVENT_REMOVE));
+        // Before UFFDIO_API the kernel shows no features and no "done" bit.
+        assert!(parse_fdinfo_api("API:\taa:0:80000000000001ff\n").unwrap_err().contains("handshake"));
+        assert!(parse_fdinfo_api("eventfd-count: 0\n").unwrap_err().contains("no API line"));
+        assert!(parse_fdinfo_api("API:\tzz:1\n").unwrap_err().contains("malformed"));
+        assert!(parse_fdinfo_api("API:\tab:80000008:0\n").unwrap_err().contains("unknown"));
+    }
+
+    /// What a handler receives from Firecracker: a descriptor whose
+    /// handshake asked for `EVENT_REMOVE` alone. Adopting it reads exactly
+    /// that, and a second handshake is refused by the kernel.
+    #[test]
+    fn adopt_reads_what_the_sender_negotiated_and_refuses_other_descriptors() {
+        let sender = Uffd::new(Features::EVENT_REMOVE, Features::empty()).unwrap();
+        let copy = sender.fd.try_clone().unwrap();
+        let adopted = Uffd::adopt(copy).unwrap();
+        assert_eq!(adopted.features(), Features::EVENT_REMOVE);
+        let again = Uffd::api(&adopted.fd, Features::EVENT_REMOVE).unwrap_err();
+        assert!(matches!(again, UffdError::Api(ref e) if e.raw_os_error() == Some(libc::EINVAL)), "{again:?}");
+
+        let fresh = Uffd::create_fd().unwrap();
+        assert!(matches!(Uffd::adopt(fresh), Err(UffdError::NotUserfaultfd { .. })));
+        let event = vmm_sys_util::eventfd::EventFd::new(0).unwrap();
+        // SAFETY: the eventfd's descriptor is valid for as long as `event`,
+        // which outlives the borrow; it is duplicated into a new one.
+        let borrowed = unsafe { BorrowedFd::borrow_raw(event.as_raw_fd()) };
+        let dup = borrowed.try_clone_to_owned().unwrap();
+        match Uffd::adopt(dup) {
+            Err(UffdError::NotUserfaultfd { why, .. }) => assert!(why.contains("eventfd"), "{why}"),
+            other => panic!("an eventfd was adopted: {other:?}"),
+        }
     }
 
     #[test]

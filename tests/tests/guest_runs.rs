@@ -175,6 +175,47 @@ fn snapshot_restores_on_demand_and_verifies() {
     std::fs::remove_file(&bad).unwrap();
 }
 
+/// A guest restored through the external handler (Firecracker's
+/// protocol: the VMM hands its userfaultfd and regions over a socket) runs
+/// and verifies like one restored by the engine in the VMM; the handler
+/// reports the VM when the VMM hangs up.
+#[test]
+fn a_guest_restores_through_an_external_handler() {
+    require_kvm!();
+    let path = temp("ext-snap");
+    let save = RunConfig { save_snapshot: Some(path.clone()), seed: Some(78), ..short(64 << 20, 600) };
+    assert_clean(&run_alone(&save).unwrap());
+
+    let sock = temp("ext.sock");
+    let report_path = temp("ext-report.jsonl");
+    let opts = apf_handler::Options { report: Some(report_path.clone()), ..apf_handler::Options::new(&sock, &path) };
+    let server = apf_handler::Server::bind(opts).unwrap();
+    let (stop, counters) = (server.stop_flag(), server.counters());
+    let serving = std::thread::spawn(move || server.run());
+    let restore =
+        RunConfig { uffd_socket: Some(sock.clone()), guest_offline: false, offline_every: None, ..restore_from(&path) };
+    let report = run_alone(&restore).unwrap();
+    assert_clean(&report);
+    assert_eq!(report.restored, Some((path.display().to_string(), true)));
+    assert_eq!(report.faults, 0, "no engine in the VMM: the handler served every fault");
+
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while counters.reports.load(std::sync::atomic::Ordering::Acquire) == 0 {
+        assert!(std::time::Instant::now() < deadline, "the handler wrote no report");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let line = std::fs::read_to_string(&report_path).unwrap();
+    let vm: serde_json::Value = serde_json::from_str(line.lines().next().unwrap()).unwrap();
+    assert_eq!(vm["end"], "hung up", "{vm}");
+    assert!(vm["pages"].as_u64().unwrap() >= (60 << 20) / 4096, "the guest's memory came through it: {vm}");
+    assert!(vm["ms_to_second_fault_served"].as_f64().is_some(), "{vm}");
+    stop.store(true, std::sync::atomic::Ordering::Release);
+    serving.join().unwrap();
+    for p in [&path, &report_path] {
+        let _ = std::fs::remove_file(p);
+    }
+}
+
 fn restore_from(path: &std::path::Path) -> RunConfig {
     RunConfig { restore: Some(path.to_path_buf()), mem: None, vcpus: None, ..short(0, 300) }
 }

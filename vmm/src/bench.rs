@@ -112,6 +112,29 @@ impl GuestPass for Guests {
         }
         sample_of(&report)
     }
+
+    fn handler_first_pass(&self, socket: &Path, random: bool, snapshot: &Path) -> Result<Sample, String> {
+        let cfg = RunConfig {
+            duration: Duration::ZERO,
+            grace: Duration::from_secs(120),
+            workload: Workload::Touch,
+            random_order: random,
+            offline_every: None,
+            guest_offline: false,
+            checksum: false,
+            latency: false,
+            progress: false,
+            restore: Some(snapshot.to_path_buf()),
+            uffd_socket: Some(socket.to_path_buf()),
+            ..RunConfig::default()
+        };
+        let report = crate::vm::run(&cfg).map_err(|e| crate::error_chain(&e))?;
+        if !report.ok {
+            return Err(format!("guest restore through the handler failed: {}", report.errors.join("; ")));
+        }
+        let first = report.first_pass.ok_or("the guest reported no first pass")?;
+        Ok(Sample { pages: first.pages, seconds: first.elapsed.as_secs_f64(), latency: None })
+    }
 }
 
 /// What the guest-storm part takes from a run's report.

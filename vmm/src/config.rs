@@ -91,6 +91,10 @@ pub struct RunConfig {
     pub save_snapshot: Option<PathBuf>,
     /// Start from this snapshot.
     pub restore: Option<PathBuf>,
+    /// Restore through the external page-fault handler listening here
+    /// (Firecracker's protocol; it serves the snapshot file as its memory
+    /// file) instead of the engine in this process.
+    pub uffd_socket: Option<PathBuf>,
     /// Write the JSON report here.
     pub report_json: Option<PathBuf>,
     /// The guest image; None: the guest agent built with the VMM.
@@ -159,6 +163,7 @@ impl Default for RunConfig {
             random_order: false,
             save_snapshot: None,
             restore: None,
+            uffd_socket: None,
             report_json: None,
             guest_image: None,
             grace: Duration::from_secs(60),
@@ -286,6 +291,9 @@ stress and verify guest memory while it is offlined underneath, and report.
   --order O              seq|random: the order of the first pass (touch, restore verify); default seq
   --save-snapshot FILE   write guest RAM and what the agent needs to verify it, at the end
   --restore FILE         start from a snapshot: RAM demand-faulted from FILE, verified first
+  --uffd-socket PATH     with --restore: RAM is served by the external page-fault handler on PATH
+                         (Firecracker's protocol; e.g. apf-handler --socket PATH --mem-file FILE),
+                         not by the engine in this process (no offlining, like --backend baseline)
   --report-json PATH     write the JSON report
   --plot PATH.svg        write a latency distribution chart (log scale, one series per span kind)
   --chrome-trace PATH    write a Perfetto/Chrome trace of the most recent 200,000 spans
@@ -409,6 +417,7 @@ pub fn parse_run(args: &[String]) -> Result<RunConfig, CliError> {
             }
             "--save-snapshot" => c.save_snapshot = Some(value!("--save-snapshot").into()),
             "--restore" => c.restore = Some(value!("--restore").into()),
+            "--uffd-socket" => c.uffd_socket = Some(value!("--uffd-socket").into()),
             "--report-json" => c.report_json = Some(value!("--report-json").into()),
             "--plot" => c.plot = Some(value!("--plot").into()),
             "--chrome-trace" => c.chrome_trace = Some(value!("--chrome-trace").into()),
@@ -476,7 +485,17 @@ pub fn parse_run(args: &[String]) -> Result<RunConfig, CliError> {
             "--plot and --chrome-trace need latency aggregation (drop --no-latency)".into(),
         ));
     }
-    if c.backend != Backend::Apf {
+    if c.uffd_socket.is_some() && (c.restore.is_none() || c.backend != Backend::Apf || c.host_block) {
+        return Err(CliError::Conflict(
+            "--uffd-socket restores through an external handler: it needs --restore, and neither --backend nor --host-block".into(),
+        ));
+    }
+    if c.uffd_socket.is_some() && c.memory != apf::MemoryKind::PrivateAnonymous {
+        return Err(CliError::Conflict(
+            "--uffd-socket hands private anonymous memory to the handler, as Firecracker does: drop --memory".into(),
+        ));
+    }
+    if c.backend != Backend::Apf || c.uffd_socket.is_some() {
         c.offline_every = None;
         c.guest_offline = false;
     }
@@ -541,6 +560,11 @@ mod tests {
         assert!(matches!(run(&["--backend", "plain", "--restore", "x"]), Err(CliError::Conflict(_))));
         assert!(matches!(run(&["--backend", "baseline", "--host-block"]), Err(CliError::Conflict(_))));
         assert!(matches!(run(&["--backend", "uffd"]), Err(CliError::Invalid { option: "--backend", .. })));
+        assert!(matches!(run(&["--uffd-socket", "s"]), Err(CliError::Conflict(_))), "needs --restore");
+        let shared_handler = run(&["--uffd-socket", "s", "--restore", "x", "--memory", "shared"]);
+        assert!(matches!(shared_handler, Err(CliError::Conflict(_))), "the handler serves private anonymous memory");
+        let c = run(&["--uffd-socket", "s", "--restore", "x"]).unwrap();
+        assert_eq!((c.offline_every, c.guest_offline), (None, false), "no offlining without the engine");
         assert!(matches!(run(&["--order", "zigzag"]), Err(CliError::Invalid { option: "--order", .. })));
         for bad in ["0", "4095", "1T", "2G", "64Q", "-1M", ""] {
             let e = run(&["--offline-max", bad]).unwrap_err();

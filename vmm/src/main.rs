@@ -50,6 +50,11 @@ fn main() -> ExitCode {
         Some("run") => {}
         Some("bench") => return apf_bench::cli::main("vmm bench", &args[1..], Some(&vmm::bench::Guests)),
         Some("stress") => return stress(&args[1..]),
+        // Not for users: the processes `vmm bench` starts for its handler
+        // part (the external handler and its clients).
+        Some("uffd-handler" | "fc-client") => {
+            return apf_bench::handler::subcommand(&args).unwrap_or(ExitCode::FAILURE)
+        }
         Some("help" | "--help" | "-h") => {
             print!("{}", usage());
             return ExitCode::SUCCESS;

@@ -224,6 +224,10 @@ fn memory_backend(
     ram: &Arc<GuestRam>,
     source: impl FnOnce() -> Result<Arc<dyn PageSource>, VmError>,
 ) -> Result<(GuestAccess, Option<SinglePageHandler>), VmError> {
+    if cfg.uffd_socket.is_some() {
+        // Served by an external handler (see `external_handler`).
+        return Ok((GuestAccess::Plain(ram.clone()), None));
+    }
     Ok(match cfg.backend {
         Backend::Plain | Backend::File => (GuestAccess::Plain(ram.clone()), None),
         Backend::Baseline => {
@@ -243,6 +247,26 @@ fn memory_backend(
             (GuestAccess::Engine(Arc::new(engine)), None)
         }
     })
+}
+
+/// With `--uffd-socket`: guest RAM handed to the external handler there,
+/// as Firecracker hands its memory over, its contents at the snapshot's
+/// RAM offset in the file the handler serves.
+fn external_handler(
+    cfg: &RunConfig,
+    ram: &GuestRam,
+    restore: Option<&Restore>,
+) -> Result<Option<apf_handler::client::Attached>, VmError> {
+    let (Some(socket), Some(restore)) = (&cfg.uffd_socket, restore) else { return Ok(None) };
+    let regions: Vec<(u64, u64, u64)> =
+        ram.regions().iter().map(|r| (r.host_base(), r.len(), restore.header.ram_offset() + r.base().0)).collect();
+    // SAFETY: guest RAM is private anonymous memory mapped for as long as
+    // the `Vm` (which keeps the result, dropped after its last access), and
+    // reached through vm-memory's volatile accesses and KVM only.
+    let attached = unsafe { apf_handler::client::attach(socket, &regions) };
+    attached
+        .map(Some)
+        .map_err(|e| VmError::Io { what: "the external page-fault handler", source: std::io::Error::other(e) })
 }
 
 /// The VM and its one memory slot over all of guest RAM, fixed for the
@@ -439,6 +463,8 @@ pub struct Vm {
     ram: Arc<GuestRam>,
     access: GuestAccess,
     baseline: Option<SinglePageHandler>,
+    /// Guest RAM's userfaultfd and connection, with `--uffd-socket`.
+    external: Option<apf_handler::client::Attached>,
     checksum: Option<Arc<ChecksumDevice>>,
     agent_config: Config,
     errors: Arc<Errors>,
@@ -466,6 +492,7 @@ impl Vm {
         let ram = Arc::new(guest_ram(cfg, restore.as_ref(), shape.ram_size)?);
         let (access, baseline) =
             memory_backend(cfg, &ram, || page_source(cfg, restore.as_ref(), &ram, shape.ram_size))?;
+        let external = external_handler(cfg, &ram, restore.as_ref())?;
 
         // The VM, the guest image, the devices, the vCPUs.
         let (kvm, vm) = create_vm(&ram, shape.ram_size)?;
@@ -494,6 +521,7 @@ impl Vm {
             ram,
             access,
             baseline,
+            external,
             checksum,
             agent_config,
             errors,
@@ -694,6 +722,7 @@ impl StoppedVm {
             ram,
             access,
             baseline,
+            external,
             checksum,
             errors,
             tsc_khz,
@@ -723,6 +752,8 @@ impl StoppedVm {
             }
         }
         drop(vm_fd);
+        // Nothing touches guest RAM any more: the handler may stop.
+        drop(external);
 
         let baseline_end = baseline
             .as_ref()

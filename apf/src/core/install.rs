@@ -20,6 +20,9 @@
 //! - [`Limited`]: `COPY`, `ZEROPAGE` and `WAKE` only, no thread ids: what a
 //!   userfaultfd received from Firecracker offers (its `UFFDIO_API` asked
 //!   for `EVENT_REMOVE` alone, and a second handshake is refused).
+//! - [`Remote`]: an adopted descriptor over another process's memory:
+//!   `COPY`, `ZEROPAGE`, `WAKE`, and `POISON` if its sender negotiated it;
+//!   never `MOVE` (the staging area would have to live in that process).
 
 use crate::config::Backend;
 use crate::ram::MemoryKind;
@@ -151,6 +154,43 @@ pub(crate) fn for_descriptor(uffd: Uffd) -> Box<dyn Install> {
         Box::new(PrivateAnonymous { uffd })
     } else {
         Box::new(Limited { uffd })
+    }
+}
+
+/// The backend of an adopted descriptor ([`Uffd::adopt`]) over another
+/// process's memory.
+pub(crate) fn remote(uffd: Uffd) -> Box<dyn Install> {
+    Box::new(Remote { uffd })
+}
+
+/// Another process's memory, through the descriptor it handed over.
+pub(crate) struct Remote {
+    uffd: Uffd,
+}
+
+impl Install for Remote {
+    fn name(&self) -> &'static str {
+        "remote"
+    }
+
+    fn supports(&self, op: MemOp) -> bool {
+        match op {
+            MemOp::Copy | MemOp::ZeroPage | MemOp::Wake => true,
+            MemOp::Poison => self.uffd.features().contains(Features::POISON),
+            MemOp::Move | MemOp::Continue => false,
+        }
+    }
+
+    fn uffd(&self) -> &Uffd {
+        &self.uffd
+    }
+
+    unsafe fn poison(&self, start: u64, len: usize) -> Result<usize, IoctlError> {
+        if !self.supports(MemOp::Poison) {
+            return Err(unsupported(Op::Poison));
+        }
+        // SAFETY: the caller's contract is `Uffd::poison`'s.
+        unsafe { self.uffd.poison(start, len) }
     }
 }
 

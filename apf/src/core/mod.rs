@@ -353,6 +353,8 @@ pub(crate) struct Core {
     /// Set once, at shutdown or when the event loop dies: no new work.
     stopping: AtomicBool,
     working_set: Option<FirstTouches>,
+    /// Told of every remove applied (see [`Core::set_on_remove`]).
+    on_remove: Option<RemoveHook>,
     /// When the last fault was read, in nanoseconds since `epoch`.
     last_demand: AtomicU64,
     epoch: Instant,
@@ -361,6 +363,9 @@ pub(crate) struct Core {
 fn nanos(d: Duration) -> u64 {
     u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
 }
+
+/// A callback told of every guest range a remove event discarded.
+pub type RemoveHook = Arc<dyn Fn(crate::ram::GuestRange) + Send + Sync>;
 
 impl Core {
     /// A core over `uffd` (guest RAM already registered with it), its
@@ -396,9 +401,25 @@ impl Core {
             working_set: config.record_working_set.then(|| FirstTouches::new(ram_pages)),
             last_demand: AtomicU64::new(0),
             epoch: Instant::now(),
+            on_remove: None,
             errors,
             config,
         })
+    }
+
+    /// Sets the callback told of every remove applied, before the core is
+    /// shared.
+    pub(crate) fn set_on_remove(&mut self, hook: Option<RemoveHook>) {
+        self.on_remove = hook;
+    }
+
+    /// A remove discarded `range`: tells the callback, if one is set. Called
+    /// right after the event is read, with installs held off, so it must
+    /// be quick.
+    pub(crate) fn removed(&self, range: crate::ram::GuestRange) {
+        if let Some(hook) = &self.on_remove {
+            hook(range);
+        }
     }
 
     /// The userfaultfd: events, registration, failpoints.

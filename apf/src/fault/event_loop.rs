@@ -56,6 +56,8 @@ pub(crate) struct FaultLoop {
     jobs: Sender<Job>,
     stop: EventFd,
     streams: StreamTable,
+    /// Fault messages carry the faulting thread (`THREAD_ID`).
+    thread_ids: bool,
     buf: EventBuf,
     events: Vec<Event>,
     parked: VecDeque<Job>,
@@ -71,6 +73,7 @@ pub(crate) fn spawn(shared: Arc<Core>, jobs: Sender<Job>, stop: EventFd) -> Resu
     let mut manager = EventManager::<FaultLoop>::new().map_err(SpawnError::EventManager)?;
     let fl = FaultLoop {
         streams: StreamTable::new(shared.config().max_window),
+        thread_ids: shared.uffd().features().contains(crate::uffd::Features::THREAD_ID),
         ctx: Ctx::new(true, shared.config().max_window),
         shared,
         jobs,
@@ -633,6 +636,8 @@ impl FaultLoop {
     fn plan(&mut self, region_idx: usize, page: usize, tid: u32) -> Window {
         let region = &self.shared.ram().regions()[region_idx];
         let linear = (region.base().0 / PAGE_SIZE as u64) as i64 + page as i64;
+        // Without thread ids every fault says 0: streams by address then.
+        let tid = if self.thread_ids { tid } else { self.streams.key_at(linear) };
         let plan = self.streams.plan(tid, linear);
         if plan.count <= 1 {
             let runs = self.fault_around(region, page);
@@ -842,6 +847,7 @@ fn begin_remove<'a>(
         let last = ((hi - r.host_base()).div_ceil(PAGE_SIZE as u64)) as usize;
         shared.stats().removes.add(1);
         let range = GuestRange::new(GuestAddress(r.page_gpa(first).0), ((last - first) * PAGE_SIZE) as u64);
+        shared.removed(range);
         let _span = tracing::debug_span!(target: "apf", "apf.invalidate", region = i, gpa = range.start.0, len = range.len, reason = "remove").entered();
         let mark = || {
             for p in first..last {

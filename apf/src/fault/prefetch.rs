@@ -4,6 +4,9 @@
 //! window ended (or one stride on from the last fault, twice in a row) is a
 //! stream, and its window doubles up to the configured maximum; anything else
 //! resets it to one page, so random access pays nothing for prefetch.
+//! Where faults carry no thread id (a descriptor without `THREAD_ID`, such
+//! as Firecracker's), streams are told apart by address instead
+//! ([`StreamTable::key_at`]).
 
 /// Largest stride, in pages, that counts as a stream.
 const MAX_STRIDE: i64 = 64;
@@ -36,12 +39,34 @@ pub struct StreamTable {
     streams: [Stream; STREAMS],
     clock: u64,
     max_window: usize,
+    /// The last key [`StreamTable::key_at`] made up.
+    last_key: u32,
 }
 
 impl StreamTable {
     /// A table that plans windows of at most `max_window` pages.
     pub fn new(max_window: usize) -> Self {
-        StreamTable { streams: [Stream::default(); STREAMS], clock: 0, max_window: max_window.max(1) }
+        StreamTable { streams: [Stream::default(); STREAMS], clock: 0, max_window: max_window.max(1), last_key: 0 }
+    }
+
+    /// The key under which to [`plan`](Self::plan) and
+    /// [`trim`](Self::trim) a fault on `page` when faults carry no thread
+    /// id: the stream this page continues (the page it expects next), else
+    /// the stream whose last page is nearest, within the largest stride,
+    /// else a new one. Threads that walk apart regions keep apart streams,
+    /// as they would with thread ids; the keys never mix with real ones
+    /// (a table is keyed by one or the other).
+    pub fn key_at(&mut self, page: i64) -> u32 {
+        let live = || self.streams.iter().filter(|s| s.stamp != 0);
+        if let Some(s) = live().find(|s| s.window > 0 && s.expect == page) {
+            return s.tid;
+        }
+        let near = live().map(|s| ((s.last - page).abs(), s)).filter(|(d, _)| *d <= MAX_STRIDE).min_by_key(|(d, _)| *d);
+        if let Some((_, s)) = near {
+            return s.tid;
+        }
+        self.last_key = self.last_key.wrapping_add(1);
+        self.last_key
     }
 
     /// Plans the install for a fault by thread `tid` on page `page` (a
@@ -162,6 +187,33 @@ mod tests {
         assert_eq!(t.plan(2, 1006), Plan { stride: 3, count: 2 });
         assert_eq!(t.plan(1, 4), Plan { stride: 1, count: 4 });
         assert_eq!(t.plan(2, 1012), Plan { stride: 3, count: 4 });
+    }
+
+    /// Without thread ids: the same interleaving as above, keyed by
+    /// address, still finds both streams; one key for every fault (what a
+    /// table keyed by a thread id of 0 would do) finds neither.
+    #[test]
+    fn streams_are_told_apart_by_address_without_thread_ids() {
+        let mut t = StreamTable::new(8);
+        let plan = |t: &mut StreamTable, page| {
+            let key = t.key_at(page);
+            t.plan(key, page)
+        };
+        for (a, b) in [(0, 1000), (1, 1003)] {
+            assert_eq!(plan(&mut t, a).count, 1);
+            assert_eq!(plan(&mut t, b).count, 1);
+        }
+        assert_eq!(plan(&mut t, 2), Plan { stride: 1, count: 2 });
+        assert_eq!(plan(&mut t, 1006), Plan { stride: 3, count: 2 });
+        assert_eq!(plan(&mut t, 4), Plan { stride: 1, count: 4 });
+        assert_eq!(plan(&mut t, 1012), Plan { stride: 3, count: 4 });
+        // A fault far from every stream starts its own.
+        assert_eq!(plan(&mut t, 500_000).count, 1);
+        assert_eq!(plan(&mut t, 8), Plan { stride: 1, count: 8 }, "the first stream goes on");
+
+        let mut one = StreamTable::new(8);
+        let counts: Vec<usize> = [0, 1000, 1, 1003, 2, 1006, 4, 1012].iter().map(|&p| one.plan(0, p).count).collect();
+        assert!(counts.iter().all(|&c| c == 1), "{counts:?}");
     }
 
     #[test]

@@ -1,0 +1,170 @@
+//! The command lines of the handler (`apf-handler`) and of the
+//! Firecracker-like client (`apf-fc-client`), as functions, so that other
+//! programs (the benchmarks) can run them as subcommands of their own.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tracing_subscriber::prelude::*;
+
+use crate::client::{self, ClientOptions, Order};
+use crate::{OnLost, Options, Server};
+
+/// `apf-handler`'s usage.
+pub const HANDLER_USAGE: &str = "apf-handler --socket PATH --mem-file PATH [--workers N] [--max-window PAGES]
+            [--fault-around PAGES] [--dispatch auto|inline|workers] [--max-vms N]
+            [--handshake-timeout-ms N] [--on-lost kill|zeros] [--report PATH]
+            [--trace-dir DIR] [--one-page] [--fail-at OFFSET]
+
+  --report PATH     append one JSON line per VM when it ends
+  --trace-dir DIR   write each VM's Chrome trace (vm-N.trace.json) and latency plot (vm-N.svg)
+  --on-lost         a failed read of the memory file ends the peer (kill, default) or gives zeros
+  --one-page        serve with the one-page-per-fault handler instead (for comparison)
+  --fail-at OFFSET  test seam: reads of the memory file covering OFFSET fail";
+
+fn parse_handler(args: &[String]) -> Result<(Options, bool), String> {
+    let mut socket = None;
+    let mut mem_file = None;
+    let mut opts = Options::new("", "");
+    let mut one_page = false;
+    let mut it = args.iter();
+    while let Some(arg) = it.next() {
+        let mut value = || it.next().ok_or_else(|| format!("{arg} needs a value"));
+        let num = |v: &String| v.parse::<u64>().map_err(|e| format!("{arg} {v}: {e}"));
+        match arg.as_str() {
+            "--socket" => socket = Some(PathBuf::from(value()?)),
+            "--mem-file" => mem_file = Some(PathBuf::from(value()?)),
+            "--workers" => opts.config.workers = num(value()?)? as usize,
+            "--max-window" => opts.config.max_window = num(value()?)? as usize,
+            "--fault-around" => opts.config.fault_around = num(value()?)? as usize,
+            "--dispatch" => opts.config.dispatch = value()?.parse()?,
+            "--max-vms" => opts.max_vms = num(value()?)? as usize,
+            "--handshake-timeout-ms" => opts.handshake_timeout = Duration::from_millis(num(value()?)?),
+            "--on-lost" => opts.on_lost = value()?.parse::<OnLost>()?,
+            "--report" => opts.report = Some(PathBuf::from(value()?)),
+            "--trace-dir" => opts.trace_dir = Some(PathBuf::from(value()?)),
+            "--fail-at" => opts.fail_at = Some(num(value()?)?),
+            "--one-page" => one_page = true,
+            "--help" | "-h" => return Err(HANDLER_USAGE.into()),
+            other => return Err(format!("unknown option {other}\n{HANDLER_USAGE}")),
+        }
+    }
+    opts.socket = socket.ok_or(format!("--socket is required\n{HANDLER_USAGE}"))?;
+    opts.mem_file = mem_file.ok_or(format!("--mem-file is required\n{HANDLER_USAGE}"))?;
+    Ok((opts, one_page))
+}
+
+/// Runs the handler with command-line `args` (after the program name).
+pub fn handler_main(args: &[String]) -> ExitCode {
+    let (opts, one_page) = match parse_handler(args) {
+        Ok(o) => o,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::from(2);
+        }
+    };
+    let _ = tracing::subscriber::set_global_default(tracing_subscriber::registry().with(crate::log::StderrLog));
+    if one_page {
+        let listener = match crate::server::listen_at(&opts.socket) {
+            Ok(l) => l,
+            Err(e) => {
+                eprintln!("cannot listen on {}: {e}", opts.socket.display());
+                return ExitCode::FAILURE;
+            }
+        };
+        eprintln!("apf-handler: one page per fault on {}", opts.socket.display());
+        return match crate::one_page::serve(listener, &opts.mem_file, Arc::default()) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("apf-handler: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+    match Server::bind(opts) {
+        Ok(server) => {
+            eprintln!("apf-handler: listening");
+            server.run();
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            let mut msg = e.to_string();
+            let mut src = std::error::Error::source(&e);
+            while let Some(s) = src {
+                msg += &format!(": {s}");
+                src = s.source();
+            }
+            eprintln!("apf-handler: {msg}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `apf-fc-client`'s usage.
+pub const CLIENT_USAGE: &str = "apf-fc-client --socket PATH --mem-file PATH [--threads N] [--regions N]
+              [--order seq|random] [--balloon] [--misbehave CASE] [--hold-ms N] [--kernel-file]
+
+  --kernel-file   no handler: map the memory file MAP_PRIVATE and touch it the same way
+                  (what Firecracker's File backend does), for comparison";
+
+fn parse_client(args: &[String]) -> Result<ClientOptions, String> {
+    let mut opts = ClientOptions {
+        socket: PathBuf::new(),
+        mem_file: PathBuf::new(),
+        regions: 2,
+        threads: 2,
+        order: Order::Seq,
+        balloon: false,
+        misbehave: None,
+        hold: Duration::from_secs(10),
+        kernel_file: false,
+    };
+    let mut it = args.iter();
+    while let Some(arg) = it.next() {
+        let mut value = || it.next().ok_or_else(|| format!("{arg} needs a value"));
+        let num = |v: &String| v.parse::<u64>().map_err(|e| format!("{arg} {v}: {e}"));
+        match arg.as_str() {
+            "--socket" => opts.socket = PathBuf::from(value()?),
+            "--mem-file" => opts.mem_file = PathBuf::from(value()?),
+            "--threads" => opts.threads = num(value()?)? as usize,
+            "--regions" => opts.regions = num(value()?)? as usize,
+            "--order" => opts.order = value()?.parse()?,
+            "--balloon" => opts.balloon = true,
+            "--kernel-file" => opts.kernel_file = true,
+            "--misbehave" => opts.misbehave = Some(value()?.parse()?),
+            "--hold-ms" => opts.hold = Duration::from_millis(num(value()?)?),
+            other => return Err(format!("unknown option {other}\n{CLIENT_USAGE}")),
+        }
+    }
+    if opts.socket.as_os_str().is_empty() || opts.mem_file.as_os_str().is_empty() {
+        return Err(CLIENT_USAGE.into());
+    }
+    Ok(opts)
+}
+
+/// Runs the client with command-line `args` (after the program name).
+pub fn client_main(args: &[String]) -> ExitCode {
+    let opts = match parse_client(args) {
+        Ok(o) => o,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::from(2);
+        }
+    };
+    match client::run(&opts) {
+        Ok(report) => {
+            println!("{}", report.to_json());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            let mut msg = e.to_string();
+            if let Some(s) = std::error::Error::source(&e) {
+                msg += &format!(": {s}");
+            }
+            eprintln!("apf-fc-client: {msg}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,661 @@
+//! The handler: one socket, one memory file, many VMs.
+//!
+//! One thread polls everything: the listening socket, connections still
+//! in their handshake (each with a deadline) and the connections of
+//! running VMs (a hang-up ends the VM; bytes after the handshake are a bad
+//! peer). A VM whose handshake is good gets its own engine over the
+//! adopted userfaultfd ([`apf::Engine::remote`]); VMs share the memory
+//! file's mapping, so they share its page cache. A second thread shuts
+//! ended VMs' engines down and writes their reports, so a slow shutdown
+//! never stalls the others.
+//!
+//! # Threads
+//!
+//! Bounded whatever the number of connections: 2 (the poller and the
+//! reaper), plus per running VM its engine's event loop and
+//! [`Options::config`]'s workers, for at most [`Options::max_vms`] VMs at
+//! once: `2 + max_vms * (1 + workers)`. While `max_vms` VMs run, new
+//! connections wait in the listen backlog (the socket is not polled), and
+//! are served when one ends.
+//!
+//! # Bad peers
+//!
+//! A handshake that is malformed, too long, has no descriptor or more than
+//! one, a descriptor that is not an initialized userfaultfd, regions the
+//! memory file cannot serve, or does not arrive within
+//! [`Options::handshake_timeout`] is logged and its connection closed.
+//! Where the peer did hand over a userfaultfd, it is waiting on it and
+//! would wait for ever (Firecracker keeps its own copy of the descriptor),
+//! so the handler ends it with SIGKILL through its pidfd and says so. A
+//! peer that sends anything after its handshake is ended the same way.
+//! Other VMs are not touched.
+//!
+//! # A source that fails
+//!
+//! Firecracker's descriptor has no `UFFDIO_POISON`, so a page whose
+//! contents cannot be read could only be answered with zeros: silent
+//! corruption of the guest. With [`OnLost::Kill`] (the default), the
+//! first failed read of the memory file for a VM ends that VM's peer
+//! through its pidfd, before the engine can install anything in place of
+//! the page (the kill is sent from inside the failing read, and the engine
+//! installs zeros only after its retries); a killed process never runs
+//! user code again, so it never reads them. [`OnLost::Zeros`] leaves the
+//! engine's zero-fill (and its `ZeroFilled` report) in place.
+//!
+//! The engine's other zero-fills without `POISON` (a page the kernel lost
+//! with no remove behind it; every fault once its event loop died) are
+//! seen in its error queue at the next poll tick (20 ms), and under
+//! [`OnLost::Kill`] end the peer then: within that window the guest may
+//! read those zeros.
+
+use std::fs::File;
+use std::io::{self, Write};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use apf::{
+    Engine, GuestAddress, GuestRange, PageSource, RemoteMemory, RemoteRegion, SnapshotFile, SourceError, SourceKind,
+};
+use thiserror::Error;
+use tracing_subscriber::prelude::*;
+
+use crate::handshake::{self, HandshakeError, Region};
+use crate::peer::{self, Peer};
+use crate::report::{End, Timeline, VmReport};
+
+/// Errors starting the handler.
+#[derive(Debug, Error)]
+pub enum ServerError {
+    /// The memory file cannot be opened or mapped.
+    #[error("memory file {path}")]
+    MemFile {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: SourceError,
+    },
+    /// The socket cannot be bound.
+    #[error("cannot listen on {path}")]
+    Listen {
+        /// The socket's path.
+        path: PathBuf,
+        /// The kernel's error.
+        #[source]
+        source: io::Error,
+    },
+    /// An option is out of range.
+    #[error("invalid option: {0}")]
+    Option(&'static str),
+}
+
+/// What to do when a page's contents cannot be read (see the module doc).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum OnLost {
+    /// End the peer through its pidfd before anything is installed.
+    #[default]
+    Kill,
+    /// Let the engine install zeros and report it.
+    Zeros,
+}
+
+impl std::str::FromStr for OnLost {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "kill" => Ok(OnLost::Kill),
+            "zeros" => Ok(OnLost::Zeros),
+            other => Err(format!("unknown policy {other:?} (expected kill or zeros)")),
+        }
+    }
+}
+
+/// The handler's options.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// The socket to listen on (replaced if it exists).
+    pub socket: PathBuf,
+    /// The memory snapshot file every VM of this socket restores.
+    pub mem_file: PathBuf,
+    /// Each VM's engine configuration (the backend is the descriptor's).
+    pub config: apf::Config,
+    /// How long a peer has to send its handshake.
+    pub handshake_timeout: Duration,
+    /// Most VMs served at once (see the module doc on threads).
+    pub max_vms: usize,
+    /// Where to append each VM's report, one JSON line each.
+    pub report: Option<PathBuf>,
+    /// Where to write each VM's Chrome trace and latency plot.
+    pub trace_dir: Option<PathBuf>,
+    /// What a failed read of the memory file does.
+    pub on_lost: OnLost,
+    /// Test seam: reads of the memory file covering this offset fail.
+    pub fail_at: Option<u64>,
+}
+
+impl Options {
+    /// Defaults for `socket` and `mem_file`: the engine's defaults (two
+    /// workers per VM: in-order restores of two threads ran 1.1-1.7x faster
+    /// than with one here), a 5 s handshake timeout, 32 VMs.
+    pub fn new(socket: impl Into<PathBuf>, mem_file: impl Into<PathBuf>) -> Options {
+        Options {
+            socket: socket.into(),
+            mem_file: mem_file.into(),
+            config: apf::Config::default(),
+            handshake_timeout: Duration::from_secs(5),
+            max_vms: 32,
+            report: None,
+            trace_dir: None,
+            on_lost: OnLost::Kill,
+            fail_at: None,
+        }
+    }
+}
+
+/// Poll timeout: deadlines and engine errors are looked at this often.
+const TICK: Duration = Duration::from_millis(20);
+
+/// The memory file as one VM's source: reads at guest address = file
+/// offset, through the shared mapping; a failed read ends the peer under
+/// [`OnLost::Kill`].
+struct VmSource {
+    file: Arc<SnapshotFile>,
+    peer: Arc<Peer>,
+    on_lost: OnLost,
+    fail_at: Option<u64>,
+    killed: Arc<AtomicBool>,
+}
+
+impl VmSource {
+    fn injected(&self, gpa: GuestAddress, len: usize) -> bool {
+        self.fail_at.is_some_and(|at| (gpa.0..gpa.0 + len as u64).contains(&at))
+    }
+}
+
+impl PageSource for VmSource {
+    fn fill(&self, gpa: GuestAddress, buf: &mut [u8]) -> Result<(), SourceError> {
+        let res = if self.injected(gpa, buf.len()) {
+            Err(SourceError::Io { gpa, len: buf.len(), source: io::Error::other("injected failure (--fail-at)") })
+        } else {
+            self.file.fill(gpa, buf)
+        };
+        if let Err(e) = &res {
+            if self.on_lost == OnLost::Kill && !self.killed.swap(true, Ordering::AcqRel) {
+                tracing::error!(target: "apf_handler", pid = self.peer.pid, error = %e, "memory file read failed: ending the peer");
+                if let Err(k) = self.peer.kill() {
+                    tracing::error!(target: "apf_handler", pid = self.peer.pid, error = %k, "cannot end the peer");
+                }
+            }
+        }
+        res
+    }
+
+    fn resident(&self, gpa: GuestAddress, len: usize) -> Option<*const u8> {
+        if self.injected(gpa, len) {
+            return None;
+        }
+        self.file.resident(gpa, len)
+    }
+
+    fn kind(&self) -> SourceKind {
+        SourceKind::Memory
+    }
+
+    fn name(&self) -> &'static str {
+        "memory-file"
+    }
+}
+
+/// A connection in its handshake.
+struct Pending {
+    vm: u64,
+    conn: UnixStream,
+    peer: Peer,
+    since: Instant,
+    bytes: Vec<u8>,
+    fds: Vec<OwnedFd>,
+    fds_truncated: bool,
+}
+
+/// A running VM.
+struct Live {
+    vm: u64,
+    conn: UnixStream,
+    peer: Arc<Peer>,
+    since: Instant,
+    engine: Engine,
+    latency: apf::LatencyLayer,
+    timeline: Timeline,
+    memory_bytes: u64,
+    killed: Arc<AtomicBool>,
+    /// What the engine reported while it ran (the first 64).
+    errors: Vec<String>,
+}
+
+/// Counters of the handler as a whole (for tests and logs).
+#[derive(Debug, Default)]
+pub struct Counters {
+    /// VMs served (handshake accepted).
+    pub vms: AtomicUsize,
+    /// Connections refused at the handshake.
+    pub refused: AtomicUsize,
+    /// Peers ended through their pidfd.
+    pub killed: AtomicUsize,
+    /// Reports written.
+    pub reports: AtomicUsize,
+}
+
+/// A handler bound to its socket.
+#[derive(Debug)]
+pub struct Server {
+    opts: Options,
+    listener: UnixListener,
+    file: Arc<SnapshotFile>,
+    file_len: u64,
+    stop: Arc<AtomicBool>,
+    counters: Arc<Counters>,
+}
+
+impl std::fmt::Debug for VmSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VmSource").field("pid", &self.peer.pid).finish_non_exhaustive()
+    }
+}
+
+impl Server {
+    /// Opens the memory file and listens on the socket.
+    pub fn bind(opts: Options) -> Result<Server, ServerError> {
+        if opts.max_vms == 0 {
+            return Err(ServerError::Option("max_vms must be at least 1"));
+        }
+        let mem_err = |source| ServerError::MemFile { path: opts.mem_file.clone(), source };
+        // Whole pages only: a partial last page cannot be installed.
+        let file_len = std::fs::metadata(&opts.mem_file)
+            .map_err(|source| mem_err(SourceError::Open { path: opts.mem_file.clone(), source }))?
+            .len()
+            / apf::PAGE_SIZE as u64
+            * apf::PAGE_SIZE as u64;
+        let layout = if file_len == 0 { vec![] } else { vec![(GuestRange::new(GuestAddress(0), file_len), 0)] };
+        let file = Arc::new(SnapshotFile::with_layout(&opts.mem_file, layout).map_err(mem_err)?);
+        let listener = listen_at(&opts.socket)
+            .and_then(|l| l.set_nonblocking(true).map(|()| l))
+            .map_err(|source| ServerError::Listen { path: opts.socket.clone(), source })?;
+        Ok(Server { opts, listener, file, file_len, stop: Arc::default(), counters: Arc::default() })
+    }
+
+    /// Set to stop [`Server::run`] (it ends every VM and returns).
+    pub fn stop_flag(&self) -> Arc<AtomicBool> {
+        self.stop.clone()
+    }
+
+    /// The handler's counters.
+    pub fn counters(&self) -> Arc<Counters> {
+        self.counters.clone()
+    }
+
+    /// Serves until the stop flag is set.
+    pub fn run(self) {
+        let (reap_tx, reap_rx) = crossbeam_channel::bounded::<(Live, End)>(self.opts.max_vms);
+        let active = Arc::new(AtomicUsize::new(0));
+        let reaper = {
+            let opts = self.opts.clone();
+            let active = active.clone();
+            let counters = self.counters.clone();
+            std::thread::Builder::new()
+                .name("apf-handler-reap".into())
+                .spawn(move || {
+                    for (live, end) in reap_rx {
+                        finish(&opts, live, end, &counters);
+                        active.fetch_sub(1, Ordering::AcqRel);
+                    }
+                })
+                .expect("cannot start the reaper thread")
+        };
+        let mut pending: Vec<Pending> = Vec::new();
+        let mut live: Vec<Live> = Vec::new();
+        let mut next_vm = 0u64;
+        let mut buf = vec![0u8; handshake::MAX_MESSAGE + 1];
+        while !self.stop.load(Ordering::Acquire) {
+            let accepting = active.load(Ordering::Acquire) + pending.len() < self.opts.max_vms;
+            let mut fds = Vec::with_capacity(1 + pending.len() + live.len());
+            fds.push(pollfd(self.listener.as_raw_fd(), if accepting { libc::POLLIN } else { 0 }));
+            fds.extend(pending.iter().map(|p| pollfd(p.conn.as_raw_fd(), libc::POLLIN)));
+            fds.extend(live.iter().map(|l| pollfd(l.conn.as_raw_fd(), libc::POLLIN | libc::POLLRDHUP)));
+            // SAFETY: poll reads and writes `fds`, a live Vec of pollfds of
+            // exactly the length given.
+            unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, TICK.as_millis() as i32) };
+
+            // Running VMs first: hang-ups, bytes after the handshake, and
+            // what their engines reported.
+            let live_ready: Vec<bool> = fds[1 + pending.len()..].iter().map(|f| f.revents != 0).collect();
+            let mut ended = Vec::new();
+            for (i, l) in live.iter_mut().enumerate() {
+                if let Some(end) = self.check_live(l, live_ready[i], &mut buf) {
+                    ended.push((i, end));
+                }
+            }
+            for (i, end) in ended.into_iter().rev() {
+                let l = live.swap_remove(i);
+                let _ = reap_tx.send((l, end));
+            }
+
+            // Handshakes: read what arrived, judge what is complete or late.
+            let ready: Vec<bool> = fds[1..1 + pending.len()].iter().map(|f| f.revents != 0).collect();
+            let mut i = pending.len();
+            while i > 0 {
+                i -= 1;
+                let p = &mut pending[i];
+                let hung_up = ready[i] && read_handshake(p, &mut buf);
+                let late = p.since.elapsed() >= self.opts.handshake_timeout;
+                if !(hung_up || late || !handshake::incomplete(&p.bytes) || p.bytes.len() > handshake::MAX_MESSAGE) {
+                    continue;
+                }
+                let p = pending.swap_remove(i);
+                match self.start_vm(p, hung_up, late) {
+                    Ok(l) => {
+                        active.fetch_add(1, Ordering::AcqRel);
+                        self.counters.vms.fetch_add(1, Ordering::Relaxed);
+                        live.push(l);
+                    }
+                    Err(()) => {
+                        self.counters.refused.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+
+            if accepting && fds[0].revents & libc::POLLIN != 0 {
+                while active.load(Ordering::Acquire) + pending.len() < self.opts.max_vms {
+                    match self.listener.accept() {
+                        Ok((conn, _)) => {
+                            // Who it is, first: the pidfd is exact, and the
+                            // pid fallback is least racy now.
+                            let peer = Peer::of(&conn);
+                            if peer.racy {
+                                tracing::warn!(target: "apf_handler", pid = peer.pid, "no SO_PEERPIDFD: the peer's pidfd comes from its pid (racy)");
+                            }
+                            let vm = next_vm;
+                            next_vm += 1;
+                            tracing::info!(target: "apf_handler", vm, pid = peer.pid, "connection");
+                            pending.push(Pending {
+                                vm,
+                                conn,
+                                peer,
+                                since: Instant::now(),
+                                bytes: Vec::new(),
+                                fds: Vec::new(),
+                                fds_truncated: false,
+                            });
+                        }
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                        Err(e) => {
+                            tracing::error!(target: "apf_handler", error = %e, "accept failed");
+                            break;
+                        }
+                    }
+                }
+            }
+        }
+        for l in live {
+            let _ = reap_tx.send((l, End::Shutdown));
+        }
+        drop(reap_tx);
+        let _ = reaper.join();
+        let _ = std::fs::remove_file(&self.opts.socket);
+    }
+
+    /// Whether a running VM has ended, and why.
+    fn check_live(&self, l: &mut Live, readable: bool, buf: &mut [u8]) -> Option<End> {
+        if l.killed.load(Ordering::Acquire) {
+            self.counters.killed.fetch_add(1, Ordering::Relaxed);
+            return Some(End::Killed("its memory file read failed".into()));
+        }
+        if readable {
+            match peer::recv(&l.conn, buf) {
+                Ok(r) if r.len == 0 && r.fds.is_empty() => return Some(End::HungUp),
+                Ok(_) => {
+                    let why = "it sent a second message after its handshake";
+                    return Some(self.kill(l.vm, &l.peer, why));
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(_) => return Some(End::HungUp),
+            }
+        }
+        // ESRCH from any ioctl: the peer's address space is gone.
+        let mut esrch = false;
+        let mut lost = None;
+        for e in l.engine.errors().try_iter() {
+            tracing::warn!(target: "apf_handler", vm = l.vm, error = %e, "engine error");
+            esrch |= matches!(e, apf::FaultError::Install { error, .. } if error.errno == libc::ESRCH);
+            // Zeros where contents were lost (a page the kernel lost, or
+            // every fault once the event loop died): the guest may read
+            // them until this tick. Under `OnLost::Kill` it goes no further.
+            if matches!(e, apf::FaultError::ZeroFilled { .. } | apf::FaultError::EventLoopDied(_)) {
+                lost.get_or_insert_with(|| e.to_string());
+            }
+            if l.errors.len() < 64 {
+                l.errors.push(e.to_string());
+            }
+        }
+        if let (Some(why), OnLost::Kill) = (lost, self.opts.on_lost) {
+            return Some(self.kill(l.vm, &l.peer, &format!("its memory was zero-filled: {why}")));
+        }
+        esrch.then_some(End::Esrch)
+    }
+
+    fn kill(&self, vm: u64, peer: &Peer, why: &str) -> End {
+        match peer.kill() {
+            Ok(true) => {
+                self.counters.killed.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(target: "apf_handler", vm, pid = peer.pid, why, "bad peer: ended it through its pidfd");
+            }
+            Ok(false) => {
+                tracing::error!(target: "apf_handler", vm, pid = peer.pid, why, "bad peer: no pidfd to end it by")
+            }
+            Err(e) => {
+                tracing::error!(target: "apf_handler", vm, pid = peer.pid, why, error = %e, "bad peer: ending it failed")
+            }
+        }
+        End::Killed(why.to_string())
+    }
+
+    /// Judges a handshake and starts its VM; on refusal, logs why and ends
+    /// the peer if it handed over a userfaultfd.
+    fn start_vm(&self, mut p: Pending, hung_up: bool, late: bool) -> Result<Live, ()> {
+        let refuse = |p: &Pending, why: String| {
+            let uffd = p.fds.iter().any(peer::is_userfaultfd);
+            tracing::error!(target: "apf_handler", vm = p.vm, pid = p.peer.pid, why = %why, "handshake refused");
+            if uffd {
+                self.kill(p.vm, &p.peer, &format!("handshake refused ({why}) after it handed over a userfaultfd"));
+            }
+        };
+        if late && handshake::incomplete(&p.bytes) {
+            refuse(&p, format!("no complete handshake within {:?}", self.opts.handshake_timeout));
+            return Err(());
+        }
+        let regions = match handshake::parse(&p.bytes, self.file_len) {
+            Ok(r) => r,
+            Err(e @ HandshakeError::Json(_)) if hung_up && p.bytes.is_empty() => {
+                refuse(&p, format!("hung up before its handshake ({e})"));
+                return Err(());
+            }
+            Err(e) => {
+                refuse(&p, e.to_string());
+                return Err(());
+            }
+        };
+        if p.fds.len() != 1 || p.fds_truncated {
+            let n = if p.fds_truncated { format!("more than {}", p.fds.len()) } else { p.fds.len().to_string() };
+            refuse(&p, format!("the handshake came with {n} descriptors (one userfaultfd expected)"));
+            return Err(());
+        }
+        let fd = p.fds.pop().expect("one descriptor");
+        if !peer::is_userfaultfd(&fd) {
+            refuse(&p, "its descriptor is not a userfaultfd".into());
+            return Err(());
+        }
+        let remote: Vec<RemoteRegion> = regions.iter().map(remote_region).collect();
+        let peer = Arc::new(p.peer);
+        let mem = match RemoteMemory::adopt(fd, &remote) {
+            Ok(m) => m,
+            Err(e) => {
+                // The descriptor was a userfaultfd: the peer waits on it.
+                let why = format!("cannot serve it: {e}");
+                tracing::error!(target: "apf_handler", vm = p.vm, why = %why, "handshake refused");
+                self.kill(p.vm, &peer, &why);
+                return Err(());
+            }
+        };
+        let killed = Arc::new(AtomicBool::new(false));
+        let source = Arc::new(VmSource {
+            file: self.file.clone(),
+            peer: peer.clone(),
+            on_lost: self.opts.on_lost,
+            fail_at: self.opts.fail_at,
+            killed: killed.clone(),
+        });
+        let latency = if self.opts.trace_dir.is_some() {
+            apf::LatencyLayer::with_trace(1 << 16)
+        } else {
+            apf::LatencyLayer::new()
+        };
+        let timeline = Timeline::default();
+        // The engine's threads take the dispatcher current when they start:
+        // each VM's spans go to its own layers.
+        let dispatch =
+            tracing::Dispatch::new(tracing_subscriber::registry().with(latency.clone()).with(timeline.clone()));
+        let features = mem.features();
+        let started = tracing::dispatcher::with_default(&dispatch, || {
+            Engine::remote(mem, source).config(self.opts.config.clone()).start()
+        });
+        let engine = match started {
+            Ok(e) => e,
+            Err(e) => {
+                let why = format!("cannot start its engine: {e}");
+                tracing::error!(target: "apf_handler", vm = p.vm, why = %why, "handshake refused");
+                self.kill(p.vm, &peer, &why);
+                return Err(());
+            }
+        };
+        let memory_bytes = regions.iter().map(|r| r.size).sum();
+        tracing::info!(target: "apf_handler", vm = p.vm, pid = peer.pid, regions = regions.len(), memory_bytes, %features, "serving");
+        Ok(Live {
+            vm: p.vm,
+            conn: p.conn,
+            peer,
+            since: p.since,
+            engine,
+            latency,
+            timeline,
+            memory_bytes,
+            killed,
+            errors: Vec::new(),
+        })
+    }
+}
+
+/// Listens on a Unix socket at `path`, replacing what is there. The path
+/// appears only once the socket listens (bound under a temporary name,
+/// then renamed): a peer that sees it never meets `ECONNREFUSED`, which
+/// it would between a `bind` and its `listen`.
+pub fn listen_at(path: &Path) -> io::Result<UnixListener> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(format!(".{}.tmp", std::process::id()));
+    let tmp = PathBuf::from(tmp);
+    let _ = std::fs::remove_file(&tmp);
+    let listener = UnixListener::bind(&tmp)?;
+    std::fs::rename(&tmp, path)?;
+    Ok(listener)
+}
+
+fn remote_region(r: &Region) -> RemoteRegion {
+    RemoteRegion { host: r.base_host_virt_addr, len: r.size, gpa: GuestAddress(r.offset), page_size: r.page_size }
+}
+
+fn pollfd(fd: i32, events: i16) -> libc::pollfd {
+    libc::pollfd { fd, events, revents: 0 }
+}
+
+/// Reads what a handshaking peer sent; true if it hung up.
+fn read_handshake(p: &mut Pending, buf: &mut [u8]) -> bool {
+    loop {
+        match peer::recv(&p.conn, buf) {
+            Ok(r) => {
+                p.fds_truncated |= r.fds_truncated;
+                p.fds.extend(r.fds);
+                if r.len == 0 {
+                    return true;
+                }
+                p.bytes.extend_from_slice(&buf[..r.len]);
+                if p.bytes.len() > handshake::MAX_MESSAGE {
+                    return false;
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return false,
+            Err(_) => return true,
+        }
+    }
+}
+
+/// Stops a VM's engine and writes its report.
+fn finish(opts: &Options, live: Live, end: End, counters: &Counters) {
+    let Live { vm, peer, since, engine, latency, timeline, memory_bytes, conn, errors: live_errors, .. } = live;
+    // Counters once the windows in flight are done (a dead peer's fail
+    // with ESRCH at once).
+    engine.wait_idle(Instant::now() + Duration::from_secs(1));
+    let stats = engine.stats();
+    let mut errors = live_errors;
+    errors.extend(engine.errors().try_iter().map(|e| e.to_string()));
+    errors.truncate(64);
+    let shutdown = engine.shutdown();
+    if shutdown.threads_left_behind > 0 {
+        tracing::error!(target: "apf_handler", vm, left = shutdown.threads_left_behind, "engine threads left behind");
+    }
+    let (first_fault, second_fault, last_fault) = timeline.since(since);
+    let report = VmReport {
+        vm,
+        pid: peer.pid,
+        end,
+        memory_bytes,
+        stats,
+        fault_latency: latency.summary().span(apf::span::FAULT).cloned(),
+        first_fault,
+        second_fault,
+        last_fault,
+        errors,
+    };
+    drop(conn);
+    let line = report.to_json().to_string();
+    tracing::info!(target: "apf_handler", vm, report = %line, "VM ended");
+    if let Some(path) = &opts.report {
+        if let Err(e) = append_line(path, &line) {
+            tracing::error!(target: "apf_handler", vm, error = %e, "cannot write the report");
+        }
+    }
+    if let Some(dir) = &opts.trace_dir {
+        if let Err(e) = write_traces(dir, vm, &latency) {
+            tracing::error!(target: "apf_handler", vm, error = %e, "cannot write the trace");
+        }
+    }
+    counters.reports.fetch_add(1, Ordering::Relaxed);
+}
+
+/// Reports are appended by one thread (the reaper) at a time; the lock
+/// keeps in-process users of several servers from interleaving lines.
+static REPORT_LOCK: Mutex<()> = Mutex::new(());
+
+fn append_line(path: &Path, line: &str) -> io::Result<()> {
+    let _g = REPORT_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let mut f = File::options().create(true).append(true).open(path)?;
+    writeln!(f, "{line}")
+}
+
+fn write_traces(dir: &Path, vm: u64, latency: &apf::LatencyLayer) -> io::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    latency.write_chrome_trace(io::BufWriter::new(File::create(dir.join(format!("vm-{vm}.trace.json")))?))?;
+    let svg = apf::latency_plot(&format!("VM {vm}: fault latency"), &latency.curves());
+    std::fs::write(dir.join(format!("vm-{vm}.svg")), svg)
+}

@@ -1,0 +1,291 @@
+//! The handler binary in its own process, against clients that do what
+//! Firecracker does (`apf-fc-client`, each its own process too): restores
+//! verified byte for byte, every bad input, a failing memory file. Every
+//! wait has a deadline: a client still running at its deadline is a VM
+//! left blocked, and fails the test.
+
+use std::io::Write;
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use apf_handler::client::Misbehave;
+
+const HANDLER: &str = env!("CARGO_BIN_EXE_apf-handler");
+const CLIENT: &str = env!("CARGO_BIN_EXE_apf-fc-client");
+const MIB: usize = 1 << 20;
+
+/// A directory removed on drop.
+struct Dir(PathBuf);
+
+impl Dir {
+    fn new(name: &str) -> Dir {
+        let p = std::env::temp_dir().join(format!("apf-handler-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).unwrap();
+        Dir(p)
+    }
+}
+
+impl Drop for Dir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A memory file of `len` bytes: every word distinct (its offset, mixed).
+fn mem_file(dir: &Path, len: usize) -> PathBuf {
+    let path = dir.join("mem");
+    let mut f = std::io::BufWriter::new(std::fs::File::create(&path).unwrap());
+    for w in 0..len / 8 {
+        f.write_all(&apf::splitmix64(w as u64).to_le_bytes()).unwrap();
+    }
+    f.flush().unwrap();
+    path
+}
+
+/// A child process killed (by its own handle) if the test ends first.
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Proc {
+    /// Its exit, or a failure naming `what` at the deadline.
+    fn wait(&mut self, within: Duration, what: &str) -> ExitStatus {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(status) = self.0.try_wait().unwrap() {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "{what}: still running after {within:?} (left blocked)");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Waits for its exit and returns its stdout.
+    fn output(mut self, within: Duration, what: &str) -> (ExitStatus, String) {
+        let status = self.wait(within, what);
+        let mut out = String::new();
+        std::io::Read::read_to_string(self.0.stdout.as_mut().unwrap(), &mut out).unwrap();
+        (status, out)
+    }
+}
+
+/// Starts the handler on `dir/sock` with `args` and waits until it listens.
+fn handler(dir: &Path, mem: &Path, args: &[&str]) -> Proc {
+    let sock = dir.join("sock");
+    let child = Command::new(HANDLER)
+        .arg("--socket")
+        .arg(&sock)
+        .arg("--mem-file")
+        .arg(mem)
+        .arg("--report")
+        .arg(dir.join("report.jsonl"))
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(dir.join("handler.log")).unwrap())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !sock.exists() {
+        assert!(Instant::now() < deadline, "the handler did not listen");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    Proc(child)
+}
+
+fn client(dir: &Path, mem: &Path, args: &[&str]) -> Proc {
+    let child = Command::new(CLIENT)
+        .arg("--socket")
+        .arg(dir.join("sock"))
+        .arg("--mem-file")
+        .arg(mem)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    Proc(child)
+}
+
+/// The first `n` report lines, waiting up to 30 s for them (a VM's
+/// engine may take its shutdown deadline, 5 s, on a loaded machine).
+fn reports(dir: &Path, n: usize) -> Vec<serde_json::Value> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let text = std::fs::read_to_string(dir.join("report.jsonl")).unwrap_or_default();
+        let lines: Vec<serde_json::Value> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+        if lines.len() >= n {
+            return lines;
+        }
+        let log = || std::fs::read_to_string(dir.join("handler.log")).unwrap_or_default();
+        assert!(Instant::now() < deadline, "{} of {n} reports written; the handler's log:\n{}", lines.len(), log());
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn json(out: &str) -> serde_json::Value {
+    serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("client output {out:?}: {e}"))
+}
+
+/// Two VMs at once, one in order and one at random, several threads each,
+/// with balloon discards: every byte verified against the file, every
+/// discarded page zeros, and a report per VM when it hangs up.
+#[test]
+fn two_vms_restore_at_once_verified_with_reports() {
+    let dir = Dir::new("happy");
+    let mem = mem_file(&dir.0, 16 * MIB);
+    let _h = handler(&dir.0, &mem, &[]);
+    let a = client(&dir.0, &mem, &["--threads", "3", "--balloon", "--regions", "3"]);
+    let b = client(&dir.0, &mem, &["--threads", "2", "--order", "random"]);
+    for (c, what) in [(a, "in order"), (b, "at random")] {
+        let (status, out) = c.output(Duration::from_secs(60), what);
+        assert!(status.success(), "{what}: {status}");
+        let r = json(&out);
+        assert_eq!(r["verified"], r["pages"], "{what}: {r}");
+        assert_eq!(r["pages"], (16 * MIB / 4096) as u64);
+        if what == "in order" {
+            assert!(r["balloon_zero"].as_u64().unwrap() > 0, "{r}");
+        }
+    }
+    let reps = reports(&dir.0, 2);
+    for r in &reps {
+        assert_eq!(r["end"], "hung up", "{r}");
+        assert!(r["faults"].as_u64().unwrap() > 0 && r["pages"].as_u64().unwrap() >= 4096, "{r}");
+        assert!(r["ms_to_second_fault_served"].as_f64().unwrap() >= r["ms_to_first_fault_served"].as_f64().unwrap());
+        assert!(r["fault_latency"]["p99_us"].as_f64().is_some(), "{r}");
+        assert!(r["errors"].as_array().unwrap().is_empty(), "{r}");
+    }
+    // In order, streams found by address make far fewer faults than pages.
+    let seq = reps.iter().find(|r| r["removes"].as_u64() > Some(0)).expect("the balloon VM's report");
+    assert!(seq["faults"].as_u64().unwrap() * 8 < 4096, "{seq}");
+}
+
+/// Every bad input, each its own peer, while good VMs restore beside
+/// them: a peer that handed over a userfaultfd is ended (SIGKILL through
+/// its pidfd), one that did not sees its connection closed; no peer is
+/// left waiting, and the good VMs are served throughout and after.
+#[test]
+fn bad_peers_are_refused_or_ended_and_others_are_served() {
+    let dir = Dir::new("bad");
+    let mem = mem_file(&dir.0, 8 * MIB);
+    let _h = handler(&dir.0, &mem, &["--handshake-timeout-ms", "500"]);
+    let good_before = client(&dir.0, &mem, &["--threads", "2", "--order", "random", "--balloon"]);
+    let bad: Vec<(Misbehave, &str, Proc)> = Misbehave::ALL
+        .iter()
+        .map(|&(m, name)| (m, name, client(&dir.0, &mem, &["--misbehave", name, "--hold-ms", "5000"])))
+        .collect();
+    let (status, out) = good_before.output(Duration::from_secs(60), "the good VM beside the bad ones");
+    assert!(status.success(), "{status}");
+    assert_eq!(json(&out)["verified"], (8 * MIB / 4096) as u64);
+    for (m, name, mut c) in bad {
+        let status = c.wait(Duration::from_secs(15), name);
+        if m.hands_over_uffd() {
+            assert_eq!(
+                status.signal(),
+                Some(libc::SIGKILL),
+                "{name}: it would wait for ever, so it is ended: {status}"
+            );
+        } else {
+            assert!(status.success(), "{name}: its connection is closed: {status}");
+        }
+    }
+    let (status, out) = client(&dir.0, &mem, &["--threads", "2"]).output(Duration::from_secs(60), "the good VM after");
+    assert!(status.success(), "{status}");
+    assert_eq!(json(&out)["verified"], (8 * MIB / 4096) as u64);
+    // Reports: the two good VMs and the one that sent twice (it was served
+    // until it did).
+    let reps = reports(&dir.0, 3);
+    assert_eq!(reps.len(), 3, "{reps:?}");
+    let ended: Vec<_> = reps.iter().filter(|r| r["end"].as_str().unwrap().contains("second message")).collect();
+    assert_eq!(ended.len(), 1, "{reps:?}");
+}
+
+/// A memory file that fails to read: by default the peer is ended before
+/// anything stands in for the page (the descriptor has no POISON); with
+/// `--on-lost zeros` it reads zeros, fails its verification, and the
+/// report says why.
+#[test]
+fn a_failing_memory_file_ends_the_peer_or_gives_reported_zeros() {
+    let dir = Dir::new("fail");
+    let mem = mem_file(&dir.0, 8 * MIB);
+    let at = (5 * MIB).to_string();
+    let h = handler(&dir.0, &mem, &["--fail-at", &at]);
+    let status = client(&dir.0, &mem, &["--threads", "2"]).wait(Duration::from_secs(30), "failing source, kill");
+    assert_eq!(status.signal(), Some(libc::SIGKILL), "{status}");
+    let r = &reports(&dir.0, 1)[0];
+    assert!(r["end"].as_str().unwrap().contains("memory file read failed"), "{r}");
+    drop(h);
+
+    let dir = Dir::new("zeros");
+    let mem = mem_file(&dir.0, 8 * MIB);
+    let _h = handler(&dir.0, &mem, &["--fail-at", &at, "--on-lost", "zeros"]);
+    let status = client(&dir.0, &mem, &["--threads", "2"]).wait(Duration::from_secs(30), "failing source, zeros");
+    assert_eq!(status.code(), Some(1), "the client reads zeros where the file has data: {status}");
+    let r = &reports(&dir.0, 1)[0];
+    let errors = r["errors"].as_array().unwrap();
+    assert!(errors.iter().any(|e| e.as_str().unwrap().contains("filled with zeros")), "{r}");
+}
+
+/// The one-page-per-fault handler the engine is measured against speaks
+/// the same protocol and restores the same bytes (discards included).
+#[test]
+fn the_one_page_handler_restores_the_same_bytes() {
+    let dir = Dir::new("one-page");
+    let mem = mem_file(&dir.0, 4 * MIB);
+    let _h = handler(&dir.0, &mem, &["--one-page"]);
+    let (status, out) =
+        client(&dir.0, &mem, &["--threads", "2", "--balloon"]).output(Duration::from_secs(60), "one page");
+    assert!(status.success(), "{status}");
+    let r = json(&out);
+    assert_eq!(r["verified"], (4 * MIB / 4096) as u64);
+    assert!(r["balloon_zero"].as_u64().unwrap() > 0);
+}
+
+/// With room for one VM, a second waits in the listen backlog and is
+/// served when the first ends; a client killed mid-restore hangs up, gets
+/// its report, and frees its place.
+#[test]
+fn vms_beyond_the_bound_wait_and_a_dead_client_frees_its_place() {
+    let dir = Dir::new("bound");
+    let mem = mem_file(&dir.0, 64 * MIB);
+    let h = handler(&dir.0, &mem, &["--max-vms", "1", "--workers", "1"]);
+    // The first VM dies mid-restore, or just after (killed by this test,
+    // its parent): either way it hangs up.
+    let mut dying = client(&dir.0, &mem, &["--threads", "1", "--order", "random"]);
+    std::thread::sleep(Duration::from_millis(150));
+    dying.0.kill().unwrap();
+    dying.wait(Duration::from_secs(10), "the killed client");
+    let next = client(&dir.0, &mem, &["--threads", "2"]);
+    let after = client(&dir.0, &mem, &["--threads", "2", "--order", "random"]);
+    for (c, what) in [(next, "the next VM"), (after, "the one after")] {
+        let (status, out) = c.output(Duration::from_secs(60), what);
+        assert!(status.success(), "{what}: {status}");
+        assert_eq!(json(&out)["verified"], (64 * MIB / 4096) as u64);
+    }
+    let reps = reports(&dir.0, 3);
+    assert!(reps.iter().all(|r| r["end"] == "hung up"), "{reps:?}");
+    assert_eq!(
+        reps.iter().map(|r| r["vm"].as_u64().unwrap()).collect::<Vec<_>>(),
+        [0, 1, 2],
+        "one at a time, in order"
+    );
+    // Every VM's engine threads are gone: the poller and the reaper remain.
+    let threads = |pid: u32| {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        status.lines().find_map(|l| l.strip_prefix("Threads:")).unwrap().trim().parse::<u32>().unwrap()
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while threads(h.0.id()) != 2 {
+        assert!(Instant::now() < deadline, "the handler kept {} threads", threads(h.0.id()));
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
