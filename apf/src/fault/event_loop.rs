@@ -731,22 +731,24 @@ impl FaultLoop {
         // Counted from claim to finish, whichever thread finishes it.
         self.shared.job_started();
         let mut job = job;
+        let mut rest = None;
         if !self.shared.inline_ok(job.window.pages()) {
-            // A long window: when its head can be resolved here, a worker
-            // copies the rest meanwhile, and the faulting thread is woken
-            // by the head's own install without waiting for a worker.
-            // Otherwise the worker that takes the window installs its
-            // head first.
+            // A long window: when its head can be resolved here, the
+            // faulting thread is woken by the head's own install, and a
+            // worker copies the rest once the head is in (handed over
+            // after it, so that the two do not compete for the CPU while
+            // the faulting thread waits). Otherwise the worker that takes
+            // the window installs its head first.
             if !self.shared.inline_ok(resolve::HEAD_PAGES) {
                 self.send_to_pool(job);
                 return;
             }
-            let (head, rest) = resolve::split_head(job);
+            let (head, tail) = resolve::split_head(job);
             job = head;
-            match rest {
-                Some(rest) => {
+            match tail {
+                Some(tail) => {
                     self.shared.job_started();
-                    self.send_to_pool(rest);
+                    rest = Some(tail);
                 }
                 // Not split (a short window, or one no thread faulted on).
                 None if !self.shared.inline_ok(job.window.pages()) => {
@@ -762,6 +764,9 @@ impl FaultLoop {
             None => {
                 self.shared.job_finished();
             }
+        }
+        if let Some(rest) = rest {
+            self.send_to_pool(rest);
         }
     }
 
