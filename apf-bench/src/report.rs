@@ -531,7 +531,7 @@ mod tests {
         assert!(svg.trim_end().ends_with("</svg>"));
     }
 
-    /// The keys issue 13 names, as `object.key`.
+    /// The keys the guest-storm part must write, as `object.key`.
     const GUEST_STORM_KEYS: [&str; 18] = [
         "figures.guest_fault_p99_us_quiet",
         "figures.guest_fault_p999_us_quiet",
