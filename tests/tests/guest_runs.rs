@@ -320,3 +320,95 @@ fn every_memory_kind_runs_the_stress_with_the_balloon() {
     }
     std::fs::remove_file(&path).unwrap();
 }
+
+/// A working set recorded on the run that saves a snapshot, replayed on
+/// its restore: the guest verifies every byte and faults far less than on
+/// demand alone. A damaged file, or one recorded for another snapshot, is
+/// reported and the restore goes on, verified, without replay.
+#[test]
+fn a_restore_replays_the_working_set_its_snapshot_run_recorded() {
+    require_kvm!();
+    let (snap, ws) = (temp("ws-snap"), temp("ws-set"));
+    let save = RunConfig {
+        save_snapshot: Some(snap.clone()),
+        save_working_set: Some(ws.clone()),
+        seed: Some(79),
+        ..short(64 << 20, 600)
+    };
+    let first = run_alone(&save).unwrap();
+    assert_clean(&first);
+    let saved = first.working_set.as_ref().expect("the saving run reports its working set");
+    assert_eq!(saved.saved.as_deref(), Some(ws.to_str().unwrap()));
+    assert!(saved.saved_pages >= (48 << 20) / PAGE_SIZE, "the guest touched most of its RAM: {saved:?}");
+
+    let on_demand = run_alone(&RunConfig { random_order: true, ..restore_from(&snap) }).unwrap();
+    assert_clean(&on_demand);
+    assert!(on_demand.working_set.is_none());
+    let with_set = RunConfig { working_set: Some(ws.clone()), random_order: true, ..restore_from(&snap) };
+    let background = run_alone(&with_set).unwrap();
+    assert_clean(&background);
+    let w = background.working_set.as_ref().unwrap();
+    assert_eq!((w.error.as_deref(), w.pages, w.lead_pages), (None, saved.saved_pages, 0), "{}", background.summary());
+    // With a lead, the set goes in before the vCPUs start.
+    let replayed = run_alone(&RunConfig { replay_lead: Duration::from_secs(5), ..with_set }).unwrap();
+    assert_clean(&replayed);
+    assert_eq!(replayed.restored, Some((snap.display().to_string(), true)));
+    let w = replayed.working_set.as_ref().unwrap();
+    assert_eq!((w.error.as_deref(), w.pages), (None, saved.saved_pages), "{}", replayed.summary());
+    assert!(w.lead_pages >= saved.saved_pages * 9 / 10, "{}", replayed.summary());
+    assert!(w.replayed_pages >= w.lead_pages, "{}", replayed.summary());
+    assert!(
+        replayed.faults * 4 <= on_demand.faults,
+        "replay: {} faults, on demand: {}\n{}",
+        replayed.faults,
+        on_demand.faults,
+        replayed.summary()
+    );
+
+    // Damaged sets: one flipped byte, a cut, a file of something else.
+    let bytes = std::fs::read(&ws).unwrap();
+    let bad = temp("ws-bad");
+    let mut flipped = bytes.clone();
+    flipped[bytes.len() / 2] ^= 1;
+    let damaged: [(&[u8], &str); 3] = [
+        (&flipped, "corrupt"),
+        (&bytes[..bytes.len() - 5], "not a working-set file"),
+        (b"hello", "not a working-set file"),
+    ];
+    for (content, says) in damaged {
+        std::fs::write(&bad, content).unwrap();
+        let report = run_alone(&RunConfig { working_set: Some(bad.clone()), ..restore_from(&snap) }).unwrap();
+        assert_clean(&report);
+        assert_eq!(report.restored, Some((snap.display().to_string(), true)));
+        let w = report.working_set.as_ref().unwrap();
+        assert!(w.error.as_deref().is_some_and(|e| e.contains(says)), "{says}: {w:?}");
+        assert_eq!((w.pages, w.replayed_pages), (0, 0), "nothing replayed from a refused file");
+        assert!(report.to_json().contains("\"working_set\":{\"replayed_from\":"), "{}", report.to_json());
+        assert!(report.summary().contains("NOT replayed"), "{}", report.summary());
+    }
+    // Missing file.
+    let _ = std::fs::remove_file(&bad);
+    let report = run_alone(&RunConfig { working_set: Some(bad.clone()), ..restore_from(&snap) }).unwrap();
+    assert_clean(&report);
+    assert!(report.working_set.as_ref().unwrap().error.as_deref().is_some_and(|e| e.contains("I/O")), "{report:?}");
+
+    // Another snapshot's set; and a set recorded on a restore binds to
+    // the restored image, so it replays into it.
+    let other = temp("ws-other-snap");
+    let save_other = RunConfig { save_snapshot: Some(other.clone()), seed: Some(80), ..short(64 << 20, 300) };
+    assert_clean(&run_alone(&save_other).unwrap());
+    let report = run_alone(&RunConfig { working_set: Some(ws.clone()), ..restore_from(&other) }).unwrap();
+    assert_clean(&report);
+    let w = report.working_set.as_ref().unwrap();
+    assert!(w.error.as_deref().is_some_and(|e| e.contains("another image")), "{w:?}");
+    let recorded = temp("ws-on-restore");
+    let report = run_alone(&RunConfig { save_working_set: Some(recorded.clone()), ..restore_from(&other) }).unwrap();
+    assert_clean(&report);
+    assert!(report.working_set.as_ref().unwrap().saved_pages > 0);
+    let report = run_alone(&RunConfig { working_set: Some(recorded.clone()), ..restore_from(&other) }).unwrap();
+    assert_clean(&report);
+    assert_eq!(report.working_set.as_ref().unwrap().error, None, "{}", report.summary());
+    for p in [&snap, &ws, &other, &recorded] {
+        let _ = std::fs::remove_file(p);
+    }
+}

@@ -114,6 +114,19 @@ pub struct RunConfig {
     /// Where missing pages come from instead of zeros (fault injection:
     /// a source that fails or stalls). Not on the command line.
     pub source: Option<SourceOverride>,
+    /// Record the pages the guest touches first and write them here at
+    /// the end, bound to the image the next restore serves: the snapshot
+    /// this run saves, or else the one it restored.
+    pub save_working_set: Option<PathBuf>,
+    /// With `--restore`: replay this working set in the background from
+    /// before the vCPUs start. A file that cannot be used is reported and
+    /// the restore goes on without replay.
+    pub working_set: Option<PathBuf>,
+    /// After the working set, fill every page still missing.
+    pub replay_eager: bool,
+    /// Before the vCPUs start, install the working set's head at full
+    /// speed for at most this long; zero: background replay only.
+    pub replay_lead: Duration,
 }
 
 /// A page source given by the embedder, compared by identity.
@@ -172,6 +185,10 @@ impl Default for RunConfig {
             chrome_trace: None,
             progress: true,
             source: None,
+            save_working_set: None,
+            working_set: None,
+            replay_eager: false,
+            replay_lead: Duration::ZERO,
         }
     }
 }
@@ -294,6 +311,15 @@ stress and verify guest memory while it is offlined underneath, and report.
   --uffd-socket PATH     with --restore: RAM is served by the external page-fault handler on PATH
                          (Firecracker's protocol; e.g. apf-handler --socket PATH --mem-file FILE),
                          not by the engine in this process (no offlining, like --backend baseline)
+  --save-working-set FILE  record the pages the guest touches first, in order, and write them to
+                         FILE at the end, bound to the snapshot saved (--save-snapshot) or else
+                         the one restored (--restore); needs the engine in this process
+  --working-set FILE     with --restore: replay FILE's pages in the background from before the
+                         vCPUs start, demand faults first; a corrupt, truncated, foreign or
+                         other-image file is reported and the restore goes on without replay
+  --replay-eager         with --working-set: fill every other missing page after the set
+  --replay-lead D        with --working-set: before the vCPUs start, install the set at full speed
+                         for at most D (e.g. 200ms); the rest goes in the background (default 0)
   --report-json PATH     write the JSON report
   --plot PATH.svg        write a latency distribution chart (log scale, one series per span kind)
   --chrome-trace PATH    write a Perfetto/Chrome trace of the most recent 200,000 spans
@@ -419,6 +445,16 @@ pub fn parse_run(args: &[String]) -> Result<RunConfig, CliError> {
             "--restore" => c.restore = Some(value!("--restore").into()),
             "--uffd-socket" => c.uffd_socket = Some(value!("--uffd-socket").into()),
             "--report-json" => c.report_json = Some(value!("--report-json").into()),
+            "--save-working-set" => c.save_working_set = Some(value!("--save-working-set").into()),
+            "--working-set" => c.working_set = Some(value!("--working-set").into()),
+            "--replay-eager" if inline.is_none() => c.replay_eager = true,
+            "--replay-lead" => {
+                let v = value!("--replay-lead");
+                c.replay_lead = parse_duration(&v).map_err(|e| invalid("--replay-lead", &v, e))?;
+                if c.replay_lead > Duration::from_secs(60) {
+                    return Err(invalid("--replay-lead", &v, "at most 60s".into()));
+                }
+            }
             "--plot" => c.plot = Some(value!("--plot").into()),
             "--chrome-trace" => c.chrome_trace = Some(value!("--chrome-trace").into()),
             "--no-latency" if inline.is_none() => c.latency = false,
@@ -495,11 +531,51 @@ pub fn parse_run(args: &[String]) -> Result<RunConfig, CliError> {
             "--uffd-socket hands private anonymous memory to the handler, as Firecracker does: drop --memory".into(),
         ));
     }
+    check_working_set(&c)?;
     if c.backend != Backend::Apf || c.uffd_socket.is_some() {
         c.offline_every = None;
         c.guest_offline = false;
     }
     Ok(c)
+}
+
+/// What the working-set options need: the engine in this process (it
+/// records and replays), a restore to replay into, an image to bind a
+/// recording to, and files of their own.
+fn check_working_set(c: &RunConfig) -> Result<(), CliError> {
+    let in_process = c.backend == Backend::Apf && c.uffd_socket.is_none();
+    let conflict = |why: &str| Err(CliError::Conflict(why.to_string()));
+    if let Some(save) = &c.save_working_set {
+        if !in_process {
+            return conflict("--save-working-set records in the engine: it needs the apf backend and no --uffd-socket");
+        }
+        if c.save_snapshot.is_none() && c.restore.is_none() {
+            return conflict("--save-working-set binds the set to a snapshot: it needs --save-snapshot or --restore");
+        }
+        if [&c.save_snapshot, &c.restore, &c.report_json].into_iter().flatten().any(|p| p == save) {
+            return conflict(
+                "--save-working-set would overwrite the snapshot or the report: give it a file of its own",
+            );
+        }
+    }
+    if let Some(ws) = &c.working_set {
+        if c.restore.is_none() {
+            return conflict("--working-set replays into a restore: it needs --restore");
+        }
+        if !in_process {
+            return conflict("--working-set replays in the engine: it needs the apf backend and no --uffd-socket (the handler takes its own --working-set)");
+        }
+        if c.restore.as_ref() == Some(ws) || c.save_snapshot.as_ref() == Some(ws) {
+            return conflict("--working-set names the snapshot itself: give the working-set file");
+        }
+    }
+    if c.replay_eager && c.working_set.is_none() {
+        return conflict("--replay-eager fills after a replay: it needs --working-set");
+    }
+    if !c.replay_lead.is_zero() && c.working_set.is_none() {
+        return conflict("--replay-lead installs a working set: it needs --working-set");
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -588,5 +664,41 @@ mod tests {
         assert_eq!((c.backend, c.offline_every, c.guest_offline), (Backend::File, None, false));
         let c = run(&["--backend", "baseline", "--order", "random"]).unwrap();
         assert_eq!((c.backend, c.random_order, c.offline_every), (Backend::Baseline, true, None));
+    }
+
+    #[test]
+    fn working_set_options_say_what_they_need() {
+        let conflict = |args: &[&str], says: &str| match run(args) {
+            Err(CliError::Conflict(why)) => assert!(why.contains(says), "{args:?}: {why}"),
+            other => panic!("{args:?}: {other:?}"),
+        };
+        conflict(&["--save-working-set", "ws"], "needs --save-snapshot or --restore");
+        conflict(&["--save-working-set", "s", "--save-snapshot", "s"], "file of its own");
+        conflict(&["--save-working-set", "s", "--restore", "s"], "file of its own");
+        conflict(&["--save-working-set", "ws", "--save-snapshot", "s", "--backend", "baseline"], "apf backend");
+        conflict(&["--save-working-set", "ws", "--restore", "s", "--uffd-socket", "k"], "no --uffd-socket");
+        conflict(&["--working-set", "ws"], "needs --restore");
+        conflict(&["--working-set", "ws", "--restore", "s", "--backend", "file"], "apf backend");
+        conflict(&["--working-set", "ws", "--restore", "s", "--uffd-socket", "k"], "handler takes its own");
+        conflict(&["--working-set", "s", "--restore", "s"], "names the snapshot itself");
+        conflict(&["--replay-eager"], "needs --working-set");
+        conflict(&["--replay-eager", "--restore", "s"], "needs --working-set");
+        conflict(&["--replay-lead", "100ms", "--restore", "s"], "needs --working-set");
+        let e = run(&["--replay-lead", "5", "--restore", "s", "--working-set", "w"]).unwrap_err();
+        assert!(matches!(e, CliError::Invalid { option: "--replay-lead", .. }), "{e}");
+        let e = run(&["--replay-lead", "2m", "--restore", "s", "--working-set", "w"]).unwrap_err();
+        assert!(e.to_string().contains("at most 60s"), "{e}");
+        let c = run(&["--replay-lead", "150ms", "--restore", "s", "--working-set", "w"]).unwrap();
+        assert_eq!(c.replay_lead, Duration::from_millis(150));
+        assert_eq!(run(&["--working-set"]), Err(CliError::Missing("--working-set")));
+        assert_eq!(run(&["--replay-eager=1"]), Err(CliError::Unknown("--replay-eager=1".into())));
+        let c = run(&["--restore", "s", "--working-set=ws", "--replay-eager", "--save-working-set", "ws2"]).unwrap();
+        assert_eq!(c.working_set, Some(PathBuf::from("ws")));
+        assert_eq!(c.save_working_set, Some(PathBuf::from("ws2")));
+        assert!(c.replay_eager);
+        let c = run(&["--save-snapshot", "s", "--save-working-set", "ws"]).unwrap();
+        assert_eq!((c.save_working_set, c.working_set, c.replay_eager), (Some(PathBuf::from("ws")), None, false));
+        // Replaying and recording the same file: read at the start, replaced at the end.
+        assert!(run(&["--restore", "s", "--working-set", "ws", "--save-working-set", "ws"]).is_ok());
     }
 }

@@ -24,6 +24,7 @@
 //! | [`checksum`] | the checksum device and its migratable pin |
 //! | [`storm`] | host-side offline storms and the host memory-block offline |
 //! | [`snapshot`] | snapshot files: save at the end, restore on demand |
+//! | [`replay`] | working sets: the replay a restore starts, the recording a run saves |
 //! | [`report`] | how each vCPU ended, the report's assembly, the summary and the JSON report |
 //! | [`vm`] | the run itself: build, run, shutdown |
 //! | [`bench`](mod@bench) | `vmm bench`: the `apf-bench` crate's bench, with its guest workloads run here under KVM |
@@ -73,6 +74,7 @@ pub mod config;
 pub mod exit;
 pub mod guestview;
 pub mod mem;
+pub mod replay;
 pub mod report;
 pub mod snapshot;
 pub mod storm;

@@ -210,6 +210,9 @@ pub struct Report {
     /// The checksum device's pin callback: calls, and the time inside it
     /// (p99 and max, µs).
     pub pin_callback: Option<PinCallbacks>,
+    /// What the run did with working sets (`--working-set`,
+    /// `--save-working-set`).
+    pub working_set: Option<crate::replay::WorkingSetReport>,
     /// What went wrong.
     pub errors: Vec<String>,
 }
@@ -580,6 +583,8 @@ impl Report {
             }
             None => j.push_str("\"restored\":null,"),
         }
+        let ws = self.working_set.as_ref().map_or("null".to_string(), |w| w.to_json());
+        let _ = write!(j, "\"working_set\":{ws},");
         let errors: Vec<String> = self.errors.iter().map(|e| json_str(e)).collect();
         let _ = write!(j, "\"errors\":[{}]}}", errors.join(","));
         j
@@ -711,6 +716,9 @@ impl Report {
         }
         if let Some((path, verified)) = &self.restored {
             let _ = writeln!(s, "restored: from {path}, {}", if *verified { "verified" } else { "NOT verified" });
+        }
+        if let Some(w) = &self.working_set {
+            s.push_str(&w.summary());
         }
         for e in &self.errors {
             let _ = writeln!(s, "error:    {e}");

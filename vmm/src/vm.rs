@@ -236,7 +236,11 @@ fn memory_backend(
             (GuestAccess::Plain(ram.clone()), Some(handler))
         }
         Backend::Apf => {
-            let mut config = apf::Config { unplug_policy: cfg.unplug_policy, ..apf::Config::default() };
+            let mut config = apf::Config {
+                unplug_policy: cfg.unplug_policy,
+                record_working_set: cfg.save_working_set.is_some(),
+                ..apf::Config::default()
+            };
             if let Some(w) = cfg.workers {
                 config.workers = w;
             }
@@ -471,6 +475,8 @@ pub struct Vm {
     latency: Option<LatencyLayer>,
     /// The guest's time-stamp counter rate, as KVM reports it.
     tsc_khz: Option<u64>,
+    /// The working-set replay started (or refused), with `--working-set`.
+    working_set: Option<crate::replay::WorkingSetReport>,
 }
 
 impl Vm {
@@ -493,6 +499,9 @@ impl Vm {
         let (access, baseline) =
             memory_backend(cfg, &ram, || page_source(cfg, restore.as_ref(), &ram, shape.ram_size))?;
         let external = external_handler(cfg, &ram, restore.as_ref())?;
+        // The replay starts before any vCPU runs, so that it is ahead of
+        // the guest from its first instruction.
+        let working_set = crate::replay::start(cfg, access.engine().map(|e| &**e));
 
         // The VM, the guest image, the devices, the vCPUs.
         let (kvm, vm) = create_vm(&ram, shape.ram_size)?;
@@ -527,6 +536,7 @@ impl Vm {
             errors,
             latency,
             tsc_khz,
+            working_set,
         })
     }
 
@@ -726,6 +736,7 @@ impl StoppedVm {
             checksum,
             errors,
             tsc_khz,
+            mut working_set,
             ..
         } = vm;
         let storm =
@@ -751,6 +762,27 @@ impl StoppedVm {
                 errors.push(format!("snapshot not saved to {}: the run did not finish cleanly", path.display()));
             }
         }
+        if let (Some(path), Some(engine)) = (&cfg.save_working_set, access.engine()) {
+            let clean = vcpus.iter().all(|v| v.counters.is_some()) && errors.is_empty();
+            let saved = match (&cfg.save_snapshot, &snapshot_saved) {
+                (Some(_), None) => {
+                    Err(format!("working set not saved to {}: no snapshot to bind it to", path.display()))
+                }
+                _ if !clean => {
+                    Err(format!("working set not saved to {}: the run did not finish cleanly", path.display()))
+                }
+                (_, Some(_)) => crate::replay::save(path, engine, &ram, cfg.save_snapshot.as_deref()),
+                (None, None) => crate::replay::save(path, engine, &ram, None),
+            };
+            match saved {
+                Ok(pages) => {
+                    let w = working_set.get_or_insert_with(Default::default);
+                    w.saved = Some(path.display().to_string());
+                    w.saved_pages = pages;
+                }
+                Err(e) => errors.push(e),
+            }
+        }
         drop(vm_fd);
         // Nothing touches guest RAM any more: the handler may stop.
         drop(external);
@@ -764,6 +796,9 @@ impl StoppedVm {
             let pins_leaked = engine.pins_registered() as u64;
             engine.wait_idle(Instant::now() + Duration::from_secs(2));
             let stats = engine.stats();
+            if let Some(w) = working_set.as_mut() {
+                w.replayed_pages = w.lead_pages + stats.replayed_pages;
+            }
             EngineEnd {
                 faults: stats.faults,
                 pin_invalidations: stats.pin_invalidations,
@@ -797,6 +832,7 @@ impl StoppedVm {
         });
         report.guest_view = crate::guestview::guest_view(&agent.vcpus(), tsc_khz);
         report.pin_callback = pin_callback;
+        report.working_set = working_set;
         drop(agent);
         drop(ram);
         if let GuestAccess::Engine(engine) = access {
