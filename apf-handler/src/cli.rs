@@ -17,12 +17,20 @@ pub const HANDLER_USAGE: &str = "apf-handler --socket PATH --mem-file PATH [--wo
             [--fault-around PAGES] [--dispatch auto|inline|workers] [--max-vms N]
             [--handshake-timeout-ms N] [--on-lost kill|zeros] [--report PATH]
             [--trace-dir DIR] [--one-page] [--fail-at OFFSET]
+            [--working-set FILE | --no-working-set] [--replay-eager] [--save-working-set FILE]
 
   --report PATH     append one JSON line per VM when it ends
   --trace-dir DIR   write each VM's Chrome trace (vm-N.trace.json) and latency plot (vm-N.svg)
   --on-lost         a failed read of the memory file ends the peer (kill, default) or gives zeros
   --one-page        serve with the one-page-per-fault handler instead (for comparison)
-  --fail-at OFFSET  test seam: reads of the memory file covering OFFSET fail";
+  --fail-at OFFSET  test seam: reads of the memory file covering OFFSET fail
+  --working-set FILE  replay FILE's pages into each VM from its start, demand faults first
+                    (default: MEM-FILE.ws when it exists); a file that does not fit the VM's
+                    image is reported and the VM served without replay
+  --no-working-set  replay nothing, not even MEM-FILE.ws
+  --replay-eager    after the set, fill every other page still missing
+  --save-working-set FILE  record each VM's first touches; write them to FILE when it hangs up
+                    (MEM-FILE.ws: the next VMs replay them)";
 
 fn parse_handler(args: &[String]) -> Result<(Options, bool), String> {
     let mut socket = None;
@@ -46,6 +54,10 @@ fn parse_handler(args: &[String]) -> Result<(Options, bool), String> {
             "--report" => opts.report = Some(PathBuf::from(value()?)),
             "--trace-dir" => opts.trace_dir = Some(PathBuf::from(value()?)),
             "--fail-at" => opts.fail_at = Some(num(value()?)?),
+            "--working-set" => opts.working_set = Some(PathBuf::from(value()?)),
+            "--no-working-set" => opts.no_working_set = true,
+            "--replay-eager" => opts.replay_eager = true,
+            "--save-working-set" => opts.save_working_set = Some(PathBuf::from(value()?)),
             "--one-page" => one_page = true,
             "--help" | "-h" => return Err(HANDLER_USAGE.into()),
             other => return Err(format!("unknown option {other}\n{HANDLER_USAGE}")),
@@ -53,6 +65,13 @@ fn parse_handler(args: &[String]) -> Result<(Options, bool), String> {
     }
     opts.socket = socket.ok_or(format!("--socket is required\n{HANDLER_USAGE}"))?;
     opts.mem_file = mem_file.ok_or(format!("--mem-file is required\n{HANDLER_USAGE}"))?;
+    if opts.no_working_set && (opts.working_set.is_some() || opts.replay_eager) {
+        return Err(format!("--no-working-set goes with neither --working-set nor --replay-eager\n{HANDLER_USAGE}"));
+    }
+    let replays = opts.working_set.is_some() || opts.replay_eager || opts.save_working_set.is_some();
+    if one_page && (replays || opts.no_working_set) {
+        return Err(format!("--one-page neither records nor replays working sets\n{HANDLER_USAGE}"));
+    }
     Ok((opts, one_page))
 }
 
@@ -166,5 +185,34 @@ pub fn client_main(args: &[String]) -> ExitCode {
             eprintln!("apf-fc-client: {msg}");
             ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<(Options, bool), String> {
+        let mut all = vec!["--socket", "s", "--mem-file", "m"];
+        all.extend_from_slice(args);
+        parse_handler(&all.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+    }
+
+    #[test]
+    fn working_set_options_parse_and_conflicts_are_named() {
+        let (o, _) = parse(&["--working-set", "w", "--replay-eager", "--save-working-set", "m.ws"]).unwrap();
+        assert_eq!(o.working_set, Some(PathBuf::from("w")));
+        assert_eq!(o.save_working_set, Some(PathBuf::from("m.ws")));
+        assert!(o.replay_eager && !o.no_working_set);
+        let (o, _) = parse(&[]).unwrap();
+        assert_eq!((o.working_set, o.no_working_set, o.replay_eager, o.save_working_set), (None, false, false, None));
+        assert!(parse(&["--no-working-set"]).unwrap().0.no_working_set);
+        let e = parse(&["--no-working-set", "--working-set", "w"]).unwrap_err();
+        assert!(e.starts_with("--no-working-set goes with neither"), "{e}");
+        assert!(parse(&["--no-working-set", "--replay-eager"]).is_err());
+        let e = parse(&["--one-page", "--save-working-set", "w"]).unwrap_err();
+        assert!(e.starts_with("--one-page neither records nor replays"), "{e}");
+        assert!(parse(&["--working-set"]).unwrap_err().starts_with("--working-set needs a value"));
+        assert_eq!(crate::server::beside(std::path::Path::new("/a/mem")), PathBuf::from("/a/mem.ws"));
     }
 }

@@ -95,6 +95,25 @@ pub struct VmReport {
     pub last_fault: Option<Duration>,
     /// Failures the engine reported.
     pub errors: Vec<String>,
+    /// What the VM did with working sets.
+    pub working_set: WorkingSetUse,
+}
+
+/// A VM's working sets: the one replayed into it, the one recorded from it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct WorkingSetUse {
+    /// The file replayed (or refused).
+    pub file: Option<String>,
+    /// Pages in the set replayed (0 when refused).
+    pub pages: u64,
+    /// Why the set was not replayed: the VM was served without replay.
+    pub error: Option<String>,
+    /// The file its recording was written to.
+    pub saved: Option<String>,
+    /// Pages in that recording.
+    pub saved_pages: u64,
+    /// Why its recording was not written.
+    pub save_error: Option<String>,
 }
 
 fn ms(d: Option<Duration>) -> serde_json::Value {
@@ -123,6 +142,15 @@ impl VmReport {
             "ms_to_second_fault_served": ms(self.second_fault),
             "ms_to_last_fault": ms(self.last_fault),
             "errors": self.errors,
+            "working_set": {
+                "file": self.working_set.file,
+                "pages": self.working_set.pages,
+                "replayed_pages": self.stats.replayed_pages,
+                "error": self.working_set.error,
+                "saved": self.working_set.saved,
+                "saved_pages": self.working_set.saved_pages,
+                "save_error": self.working_set.save_error,
+            },
         })
     }
 }

@@ -30,6 +30,25 @@
 //! peer that sends anything after its handshake is ended the same way.
 //! Other VMs are not touched.
 //!
+//! # Working sets
+//!
+//! Each VM gets the working set of the memory file replayed into it from
+//! the moment its engine starts ([`apf::Engine::replay_with`]: recorded
+//! order, 64 KiB windows, demand faults first): the file
+//! [`Options::working_set`] names, or else `<mem-file>.ws` beside the
+//! memory file when there is one, read anew for each VM (so a set saved by
+//! one VM serves the next). The set must be bound to the image the VM
+//! maps ([`apf::ImageId`]: the regions' extent and sampled pages of the
+//! file at their offsets); a set that is missing (when named), corrupt,
+//! truncated, foreign or of another image is logged and in the VM's
+//! report, and the VM is served without replay. Positions are the
+//! handler's guest addresses, the file offsets of the handshake's regions:
+//! sets recorded by this handler, not by an in-process engine whose guest
+//! addresses start at 0 (their ids differ, so such a set is refused).
+//! With [`Options::save_working_set`], each VM that hangs up writes what
+//! its engine recorded there (temporary file and rename: VMs ending at once
+//! leave one whole set, the last one's).
+//!
 //! # A source that fails
 //!
 //! Firecracker's descriptor has no `UFFDIO_POISON`, so a page whose
@@ -65,7 +84,7 @@ use tracing_subscriber::prelude::*;
 
 use crate::handshake::{self, HandshakeError, Region};
 use crate::peer::{self, Peer};
-use crate::report::{End, Timeline, VmReport};
+use crate::report::{End, Timeline, VmReport, WorkingSetUse};
 
 /// Errors starting the handler.
 #[derive(Debug, Error)]
@@ -91,6 +110,15 @@ pub enum ServerError {
     /// An option is out of range.
     #[error("invalid option: {0}")]
     Option(&'static str),
+    /// The working set named cannot be read.
+    #[error("working set {path}")]
+    WorkingSet {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
 }
 
 /// What to do when a page's contents cannot be read (see the module doc).
@@ -135,6 +163,15 @@ pub struct Options {
     pub on_lost: OnLost,
     /// Test seam: reads of the memory file covering this offset fail.
     pub fail_at: Option<u64>,
+    /// The working set replayed into each VM; None: `<mem-file>.ws` when
+    /// it exists (see the module doc).
+    pub working_set: Option<PathBuf>,
+    /// No working set replayed, not even `<mem-file>.ws`.
+    pub no_working_set: bool,
+    /// Fill every page still missing after the set.
+    pub replay_eager: bool,
+    /// Record each VM's first touches and write them here when it hangs up.
+    pub save_working_set: Option<PathBuf>,
 }
 
 impl Options {
@@ -152,6 +189,10 @@ impl Options {
             trace_dir: None,
             on_lost: OnLost::Kill,
             fail_at: None,
+            working_set: None,
+            no_working_set: false,
+            replay_eager: false,
+            save_working_set: None,
         }
     }
 }
@@ -234,6 +275,10 @@ struct Live {
     killed: Arc<AtomicBool>,
     /// What the engine reported while it ran (the first 64).
     errors: Vec<String>,
+    /// The working set replayed into it.
+    working_set: WorkingSetUse,
+    /// That set itself, kept when this VM's recording is saved.
+    replayed: Option<apf::WorkingSet>,
 }
 
 /// Counters of the handler as a whole (for tests and logs).
@@ -268,9 +313,21 @@ impl std::fmt::Debug for VmSource {
 
 impl Server {
     /// Opens the memory file and listens on the socket.
-    pub fn bind(opts: Options) -> Result<Server, ServerError> {
+    pub fn bind(mut opts: Options) -> Result<Server, ServerError> {
+        opts.config.record_working_set |= opts.save_working_set.is_some();
         if opts.max_vms == 0 {
             return Err(ServerError::Option("max_vms must be at least 1"));
+        }
+        if opts.no_working_set && (opts.working_set.is_some() || opts.replay_eager) {
+            return Err(ServerError::Option("no working set, yet one is named or its eager fill asked for"));
+        }
+        if let Some(ws) = &opts.working_set {
+            // A named set that cannot even be opened is a mistake to say
+            // now; its binding to each VM's image is judged per VM.
+            std::fs::metadata(ws).map_err(|source| ServerError::WorkingSet { path: ws.clone(), source })?;
+        }
+        if opts.save_working_set.as_ref().is_some_and(|p| *p == opts.mem_file || *p == opts.socket) {
+            return Err(ServerError::Option("the working set would be saved over the memory file or the socket"));
         }
         let mem_err = |source| ServerError::MemFile { path: opts.mem_file.clone(), source };
         // Whole pages only: a partial last page cannot be installed.
@@ -541,6 +598,7 @@ impl Server {
             }
         };
         let memory_bytes = regions.iter().map(|r| r.size).sum();
+        let (working_set, replayed) = self.replay(p.vm, &engine);
         tracing::info!(target: "apf_handler", vm = p.vm, pid = peer.pid, regions = regions.len(), memory_bytes, %features, "serving");
         Ok(Live {
             vm: p.vm,
@@ -553,8 +611,69 @@ impl Server {
             memory_bytes,
             killed,
             errors: Vec::new(),
+            working_set,
+            replayed,
         })
     }
+
+    /// The working set this VM's engine replays: the one named, or
+    /// `<mem-file>.ws` if it exists. Whatever goes wrong is logged and
+    /// reported; the VM is served on demand alone.
+    fn replay(&self, vm: u64, engine: &Engine) -> (WorkingSetUse, Option<apf::WorkingSet>) {
+        let mut used = WorkingSetUse::default();
+        if self.opts.no_working_set {
+            return (used, None);
+        }
+        let path = match &self.opts.working_set {
+            Some(p) => p.clone(),
+            None => {
+                let beside = beside(&self.opts.mem_file);
+                if !beside.exists() {
+                    return (used, None);
+                }
+                beside
+            }
+        };
+        used.file = Some(path.display().to_string());
+        let loaded = engine
+            .image_id()
+            .map_err(|e| format!("reading the image to identify it: {}", chain(&e)))
+            .and_then(|id| apf::WorkingSet::load(&path, id).map_err(|e| chain(&e)));
+        let options = apf::ReplayOptions { eager: self.opts.replay_eager, ..apf::ReplayOptions::default() };
+        match loaded.and_then(|ws| engine.replay_with(&ws, options).map(|()| ws).map_err(|e| chain(&e))) {
+            Ok(ws) => {
+                used.pages = ws.pages.len() as u64;
+                tracing::info!(target: "apf_handler", vm, pages = used.pages, file = %path.display(), "replaying the working set");
+                // Kept only if this VM's recording is saved (see `finish`).
+                let keep = self.opts.save_working_set.is_some();
+                (used, keep.then_some(ws))
+            }
+            Err(e) => {
+                tracing::warn!(target: "apf_handler", vm, file = %path.display(), error = %e, "working set not replayed");
+                used.error = Some(e);
+                (used, None)
+            }
+        }
+    }
+}
+
+/// Where the handler looks for a memory file's working set when none is
+/// named: `<mem-file>.ws`.
+pub fn beside(mem_file: &Path) -> PathBuf {
+    let mut p = mem_file.as_os_str().to_owned();
+    p.push(".ws");
+    PathBuf::from(p)
+}
+
+/// An error with its causes, on one line.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        s += &format!(": {c}");
+        cause = c.source();
+    }
+    s
 }
 
 /// Listens on a Unix socket at `path`, replacing what is there. The path
@@ -602,10 +721,41 @@ fn read_handshake(p: &mut Pending, buf: &mut [u8]) -> bool {
 
 /// Stops a VM's engine and writes its report.
 fn finish(opts: &Options, live: Live, end: End, counters: &Counters) {
-    let Live { vm, peer, since, engine, latency, timeline, memory_bytes, conn, errors: live_errors, .. } = live;
-    // Counters once the windows in flight are done (a dead peer's fail
-    // with ESRCH at once).
+    let Live {
+        vm,
+        peer,
+        since,
+        engine,
+        latency,
+        timeline,
+        memory_bytes,
+        conn,
+        errors: live_errors,
+        mut working_set,
+        replayed,
+        ..
+    } = live;
+    // Counters once the windows in flight (and the replay) are done (a
+    // dead peer's fail with ESRCH at once).
     engine.wait_idle(Instant::now() + Duration::from_secs(1));
+    // Only a VM that ran to its end leaves its working set: one ended
+    // early would leave a part of it.
+    if let (Some(path), End::HungUp) = (&opts.save_working_set, &end) {
+        // Pages the replay installed never faulted: the set replayed comes
+        // first, so the saved set does not shrink from VM to VM.
+        let recorded = engine.working_set();
+        let ws = replayed.map_or(recorded.clone(), |r| r.then(&recorded));
+        match engine.image_id().map_err(|e| chain(&e)).and_then(|id| ws.save(path, id).map_err(|e| chain(&e))) {
+            Ok(()) => {
+                working_set.saved = Some(path.display().to_string());
+                working_set.saved_pages = ws.pages.len() as u64;
+            }
+            Err(e) => {
+                tracing::error!(target: "apf_handler", vm, file = %path.display(), error = %e, "working set not saved");
+                working_set.save_error = Some(e);
+            }
+        }
+    }
     let stats = engine.stats();
     let mut errors = live_errors;
     errors.extend(engine.errors().try_iter().map(|e| e.to_string()));
@@ -626,6 +776,7 @@ fn finish(opts: &Options, live: Live, end: End, counters: &Counters) {
         second_fault,
         last_fault,
         errors,
+        working_set,
     };
     drop(conn);
     let line = report.to_json().to_string();

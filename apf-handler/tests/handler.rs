@@ -289,3 +289,85 @@ fn vms_beyond_the_bound_wait_and_a_dead_client_frees_its_place() {
         std::thread::sleep(Duration::from_millis(10));
     }
 }
+
+/// The first VM's working set, saved beside the memory file when it hangs
+/// up, is picked up and replayed into the next one, which still verifies
+/// every byte; a damaged set, or one of another memory file, is reported
+/// and the VM is served without replay, verified all the same.
+#[test]
+fn a_working_set_saved_by_one_vm_is_replayed_into_the_next() {
+    let dir = Dir::new("ws");
+    let mem = mem_file(&dir.0, 32 * MIB);
+    let ws = apf_handler::server::beside(&mem);
+    let _h = handler(&dir.0, &mem, &["--max-vms", "1", "--save-working-set", ws.to_str().unwrap()]);
+    let pages = (32 * MIB / 4096) as u64;
+    let restore = |what: &str| {
+        let (status, out) =
+            client(&dir.0, &mem, &["--threads", "2", "--order", "random"]).output(Duration::from_secs(60), what);
+        assert!(status.success(), "{what}: {status}");
+        assert_eq!(json(&out)["verified"], pages, "{what}");
+    };
+    restore("the recording VM");
+    let first = &reports(&dir.0, 1)[0];
+    let w = &first["working_set"];
+    assert!(w["file"].is_null(), "no set beside the memory file yet: {first}");
+    assert_eq!(w["saved"], ws.to_str().unwrap(), "{first}");
+    assert!(w["saved_pages"].as_u64().unwrap() >= pages * 9 / 10, "{first}");
+    assert!(ws.exists());
+
+    restore("the replaying VM");
+    let second = &reports(&dir.0, 2)[1];
+    let w = &second["working_set"];
+    assert_eq!(w["file"], ws.to_str().unwrap(), "{second}");
+    assert!(w["error"].is_null(), "{second}");
+    assert_eq!(w["pages"], first["working_set"]["saved_pages"], "{second}");
+    assert!(second["errors"].as_array().unwrap().is_empty(), "{second}");
+    assert!(w["replayed_pages"].as_u64().unwrap() > 0, "the replay ran beside the guest's pass: {second}");
+    assert_eq!(w["saved_pages"], first["working_set"]["saved_pages"], "the set replayed is kept: {second}");
+
+    // One flipped byte: refused, the VM served on demand.
+    let mut bytes = std::fs::read(&ws).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x10;
+    std::fs::write(&ws, &bytes).unwrap();
+    restore("a VM beside a damaged set");
+    let third = &reports(&dir.0, 3)[2];
+    let w = &third["working_set"];
+    assert!(w["error"].as_str().is_some_and(|e| e.contains("corrupt")), "{third}");
+    assert_eq!((w["pages"].as_u64(), third["replayed_pages"].as_u64()), (Some(0), None), "{third}");
+    assert_eq!(w["replayed_pages"], 0, "{third}");
+
+    // Another memory file's set, named.
+    let other = Dir::new("ws-other");
+    let other_mem = other.0.join("mem");
+    let mut content = std::fs::read(&mem).unwrap();
+    content.iter_mut().for_each(|b| *b ^= 0xff);
+    std::fs::write(&other_mem, &content).unwrap();
+    let recorded = std::fs::read(&ws).unwrap();
+    let theirs = other.0.join("theirs.ws");
+    std::fs::write(&theirs, &recorded).unwrap();
+    let _h2 = handler(&other.0, &other_mem, &["--working-set", theirs.to_str().unwrap()]);
+    let (status, out) =
+        client(&other.0, &other_mem, &["--threads", "2"]).output(Duration::from_secs(60), "a VM of another image");
+    assert!(status.success(), "{status}");
+    assert_eq!(json(&out)["verified"], pages);
+    let r = &reports(&other.0, 1)[0];
+    let e = r["working_set"]["error"].as_str().unwrap_or_default();
+    assert!(e.contains("working set belongs to another image"), "{r}");
+    assert_eq!(r["working_set"]["pages"], 0, "{r}");
+}
+
+/// A working set named but missing stops the handler at its start.
+#[test]
+fn a_missing_named_working_set_is_refused_at_start() {
+    let dir = Dir::new("ws-missing");
+    let mem = mem_file(&dir.0, MIB);
+    let out = Command::new(HANDLER)
+        .args(["--socket", dir.0.join("sock").to_str().unwrap(), "--mem-file", mem.to_str().unwrap()])
+        .args(["--working-set", dir.0.join("nope.ws").to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("working set") && err.contains("nope.ws"), "{err}");
+}

@@ -256,6 +256,26 @@ impl WorkingSet {
         })
     }
 
+    /// This set, then the pages of `later` it does not hold, in their
+    /// order. What a run that replayed this set and recorded `later` saves:
+    /// pages the replay installed before the guest touched them never
+    /// faulted, so `later` lacks them, and a set saved from it alone would
+    /// lose them and shrink from one restore to the next.
+    pub fn then(&self, later: &WorkingSet) -> WorkingSet {
+        let mut seen: std::collections::HashSet<u64> = self.pages.iter().copied().collect();
+        let mut out = self.clone();
+        if out.at_ms.len() != out.pages.len() {
+            out.at_ms = vec![0; out.pages.len()];
+        }
+        for (i, &page) in later.pages.iter().enumerate() {
+            if seen.insert(page) {
+                out.pages.push(page);
+                out.at_ms.push(later.at_ms.get(i).copied().unwrap_or(0));
+            }
+        }
+        out
+    }
+
     /// Reads the set at `path`, refusing one recorded for another image.
     pub fn load(path: impl AsRef<Path>, image: ImageId) -> Result<WorkingSet, WorkingSetError> {
         Self::decode_for(&fs::read(path)?, image)
@@ -293,6 +313,20 @@ mod tests {
     use super::*;
 
     const IMAGE: ImageId = ImageId { size: 1 << 20, fingerprint: 0x1234 };
+
+    #[test]
+    fn a_replayed_set_then_a_recording_keeps_both_once_in_order() {
+        let replayed = WorkingSet { pages: vec![0x3000, 0x1000], at_ms: vec![1, 2] };
+        let recorded = WorkingSet { pages: vec![0x5000, 0x1000, 0x2000], at_ms: vec![7, 8, 9] };
+        let both = replayed.then(&recorded);
+        assert_eq!(both.pages, [0x3000, 0x1000, 0x5000, 0x2000]);
+        assert_eq!(both.at_ms, [1, 2, 7, 9]);
+        let untimed = WorkingSet { pages: vec![0x1000], at_ms: vec![] };
+        assert_eq!(untimed.then(&recorded).at_ms, [0, 7, 9], "times stay one per page");
+        assert_eq!(WorkingSet::default().then(&recorded), recorded);
+        assert_eq!(both.then(&both), both);
+        assert!(WorkingSet::decode_for(&both.encode(IMAGE), IMAGE).is_ok(), "a merged set is a valid file");
+    }
 
     fn set() -> WorkingSet {
         WorkingSet { pages: vec![0x1000, 0x5000, 0x2000], at_ms: vec![0, 3, 9] }

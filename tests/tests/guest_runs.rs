@@ -405,9 +405,20 @@ fn a_restore_replays_the_working_set_its_snapshot_run_recorded() {
     let report = run_alone(&RunConfig { save_working_set: Some(recorded.clone()), ..restore_from(&other) }).unwrap();
     assert_clean(&report);
     assert!(report.working_set.as_ref().unwrap().saved_pages > 0);
-    let report = run_alone(&RunConfig { working_set: Some(recorded.clone()), ..restore_from(&other) }).unwrap();
+    let first_recording = report.working_set.as_ref().unwrap().saved_pages;
+    // Replayed and recorded again: the pages the replay installed never
+    // faulted, yet the set saved keeps them.
+    let again = RunConfig {
+        working_set: Some(recorded.clone()),
+        save_working_set: Some(recorded.clone()),
+        replay_lead: Duration::from_secs(5),
+        ..restore_from(&other)
+    };
+    let report = run_alone(&again).unwrap();
     assert_clean(&report);
-    assert_eq!(report.working_set.as_ref().unwrap().error, None, "{}", report.summary());
+    let w = report.working_set.as_ref().unwrap();
+    assert_eq!((w.error.as_deref(), w.pages), (None, first_recording), "{}", report.summary());
+    assert!(w.saved_pages >= first_recording, "the set shrank: {w:?}");
     for p in [&snap, &ws, &other, &recorded] {
         let _ = std::fs::remove_file(p);
     }

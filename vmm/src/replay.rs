@@ -95,9 +95,10 @@ impl WorkingSetReport {
 /// before the guest resumes, bounded): nothing competes with it yet. The
 /// background replay then goes over the whole set in recorded order,
 /// giving way to demand; pages the lead installed are passed over.
-/// Whatever goes wrong is recorded in the report, never fatal.
-pub fn start(cfg: &RunConfig, engine: Option<&Engine>) -> Option<WorkingSetReport> {
-    let path = cfg.working_set.as_ref()?;
+/// Whatever goes wrong is recorded in the report, never fatal. Returns
+/// the set replayed too, for [`save`] when the run records one.
+pub fn start(cfg: &RunConfig, engine: Option<&Engine>) -> (Option<WorkingSetReport>, Option<WorkingSet>) {
+    let Some(path) = cfg.working_set.as_ref() else { return (None, None) };
     let mut report = WorkingSetReport {
         replayed_from: Some(path.display().to_string()),
         eager: cfg.replay_eager,
@@ -105,7 +106,7 @@ pub fn start(cfg: &RunConfig, engine: Option<&Engine>) -> Option<WorkingSetRepor
     };
     let Some(engine) = engine else {
         report.error = Some("no engine in this process to replay it".into());
-        return Some(report);
+        return (Some(report), None);
     };
     let loaded = engine
         .image_id()
@@ -120,13 +121,16 @@ pub fn start(cfg: &RunConfig, engine: Option<&Engine>) -> Option<WorkingSetRepor
             }
             let options = ReplayOptions { eager: cfg.replay_eager, ..ReplayOptions::default() };
             match engine.replay_with(&ws, options) {
-                Ok(()) => report.pages = ws.pages.len() as u64,
+                Ok(()) => {
+                    report.pages = ws.pages.len() as u64;
+                    return (Some(report), cfg.save_working_set.is_some().then_some(ws));
+                }
                 Err(e) => report.error = Some(format!("the replay did not start: {}", crate::error_chain(&e))),
             }
         }
         Err(e) => report.error = Some(e),
     }
-    Some(report)
+    (Some(report), None)
 }
 
 /// Installs the set's pages in recorded order, a run of contiguous pages
@@ -163,13 +167,22 @@ fn runs(pages: &[u64]) -> Vec<(u64, u64)> {
 
 /// With `--save-working-set`: writes what `engine` recorded, bound to the
 /// snapshot this run saved (`saved`), or else to the image it restored.
-/// Returns the pages written.
-pub fn save(path: &Path, engine: &Engine, ram: &Arc<GuestRam>, saved: Option<&Path>) -> Result<u64, String> {
+/// A set this run replayed comes first: the pages the replay installed
+/// never faulted, and the saved set would otherwise shrink from one
+/// restore to the next. Returns the pages written.
+pub fn save(
+    path: &Path,
+    engine: &Engine,
+    ram: &Arc<GuestRam>,
+    saved: Option<&Path>,
+    replayed: Option<&WorkingSet>,
+) -> Result<u64, String> {
     let image = match saved {
         Some(snap) => image_of_snapshot(snap, ram)?,
         None => engine.image_id().map_err(|e| format!("reading the restored image: {}", crate::error_chain(&e)))?,
     };
-    let ws = engine.working_set();
+    let recorded = engine.working_set();
+    let ws = replayed.map_or(recorded.clone(), |r| r.then(&recorded));
     ws.save(path, image)
         .map_err(|e| format!("working set not saved to {}: {}", path.display(), crate::error_chain(&e)))?;
     Ok(ws.pages.len() as u64)

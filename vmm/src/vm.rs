@@ -477,6 +477,8 @@ pub struct Vm {
     tsc_khz: Option<u64>,
     /// The working-set replay started (or refused), with `--working-set`.
     working_set: Option<crate::replay::WorkingSetReport>,
+    /// The set replayed, kept when the run records one too.
+    replayed_set: Option<apf::WorkingSet>,
 }
 
 impl Vm {
@@ -501,7 +503,7 @@ impl Vm {
         let external = external_handler(cfg, &ram, restore.as_ref())?;
         // The replay starts before any vCPU runs, so that it is ahead of
         // the guest from its first instruction.
-        let working_set = crate::replay::start(cfg, access.engine().map(|e| &**e));
+        let (working_set, replayed_set) = crate::replay::start(cfg, access.engine().map(|e| &**e));
 
         // The VM, the guest image, the devices, the vCPUs.
         let (kvm, vm) = create_vm(&ram, shape.ram_size)?;
@@ -537,6 +539,7 @@ impl Vm {
             latency,
             tsc_khz,
             working_set,
+            replayed_set,
         })
     }
 
@@ -737,6 +740,7 @@ impl StoppedVm {
             errors,
             tsc_khz,
             mut working_set,
+            replayed_set,
             ..
         } = vm;
         let storm =
@@ -771,8 +775,10 @@ impl StoppedVm {
                 _ if !clean => {
                     Err(format!("working set not saved to {}: the run did not finish cleanly", path.display()))
                 }
-                (_, Some(_)) => crate::replay::save(path, engine, &ram, cfg.save_snapshot.as_deref()),
-                (None, None) => crate::replay::save(path, engine, &ram, None),
+                (_, Some(_)) => {
+                    crate::replay::save(path, engine, &ram, cfg.save_snapshot.as_deref(), replayed_set.as_ref())
+                }
+                (None, None) => crate::replay::save(path, engine, &ram, None, replayed_set.as_ref()),
             };
             match saved {
                 Ok(pages) => {
