@@ -16,8 +16,8 @@ offline storms, in one process with the variants interleaved in every round.
   --rounds N             rounds (default 5, at least 5)
   --json PATH            write the figures and ratios as JSON
   --chart PATH.svg       write a chart of the throughput figures
-  --only PARTS           some of throughput,restore,offline,storm,guest-storm,handler (default
-                         all; guest-storm needs `vmm bench`)
+  --only PARTS           some of throughput,restore,offline,storm,guest-storm,handler,replay
+                         (default all; guest-storm and replay need `vmm bench`)
 ";
 
 /// Reads the options (everything after `bench`).
@@ -35,9 +35,11 @@ pub fn parse(args: &[String]) -> Result<BenchConfig, String> {
             "--chart" => cfg.chart = Some(value("--chart")?.into()),
             "--only" => {
                 for part in value("--only")?.split(',') {
-                    if !["throughput", "restore", "offline", "storm", "guest-storm", "handler"].contains(&part) {
+                    if !["throughput", "restore", "offline", "storm", "guest-storm", "handler", "replay"]
+                        .contains(&part)
+                    {
                         return Err(format!(
-                            "invalid value {part:?} for --only: throughput, restore, offline, storm, guest-storm or handler"
+                            "invalid value {part:?} for --only: throughput, restore, offline, storm, guest-storm, handler or replay"
                         ));
                     }
                     cfg.only.push(part.to_string());
@@ -121,6 +123,7 @@ mod tests {
         assert!(parse(&args(&["--rounds", "4"])).unwrap_err().contains("from 5 to 100"));
         assert!(parse(&args(&["--only", "guest"])).unwrap_err().contains("\"guest\""));
         assert_eq!(parse(&args(&["--only", "guest-storm"])).unwrap().only, ["guest-storm"]);
+        assert_eq!(parse(&args(&["--only", "replay,handler"])).unwrap().only, ["replay", "handler"]);
         let e = parse(&args(&["--only", "offline,guest_storm"])).unwrap_err();
         assert!(e.contains("\"guest_storm\"") && e.contains("guest-storm"), "{e}");
         assert!(parse(&args(&["--chart"])).unwrap_err().contains("needs a value"));

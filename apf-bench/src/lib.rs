@@ -34,6 +34,7 @@
 //! | [`latency`] | fault latency next to an offline storm, a CPU hog, or nothing |
 //! | [`guest_storm`] | guest fault latency, engine and guest views, quiet and next to a storm or a host block offline |
 //! | [`restore`] | restoring a snapshot image: the kernel's file mapping, apf copying, apf zero-copy; clones' memory |
+//! | [`replay`](mod@replay) | working-set replay: a restored guest touching a scattered 15% of its RAM, on demand, replayed, eager, the file mapping |
 //! | [`handler`] | the external page-fault handler against a one-page handler and the file mapping |
 //!
 //! The `offline_cost` and `offline_storm` examples measure through the
@@ -44,6 +45,7 @@ pub mod guest_storm;
 pub mod handler;
 pub mod latency;
 pub mod offline;
+pub mod replay;
 pub mod report;
 pub mod restore;
 mod run;

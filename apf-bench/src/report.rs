@@ -100,6 +100,8 @@ pub struct BenchReport {
     pub errors: Vec<String>,
     /// The external handler's restores (`--only handler`).
     pub handler: Option<crate::handler::HandlerFigures>,
+    /// Working-set replay (`--only replay`, under KVM).
+    pub replay: Option<crate::replay::ReplayFigures>,
 }
 
 /// Ratio names, what they compare, and their targets (`>=` when higher
@@ -181,6 +183,7 @@ impl BenchReport {
         .into_iter()
         .chain(self.guest_storm_ratios())
         .chain(self.handler_ratios())
+        .chain(self.replay.as_ref().map_or_else(crate::replay::ReplayFigures::no_ratios, |r| r.ratios()))
         .collect()
     }
 
@@ -314,8 +317,9 @@ impl BenchReport {
             self.handler.as_ref().map_or("null".to_string(), |h| format!("{:.2}", median(h.load_ms.clone())));
         let _ = write!(
             j,
-            "\"figures\":{{{},\"handler_load_ms\":{handler_load}}},",
-            GuestStormFigures::figures_json(self.guest_storm.as_ref())
+            "\"figures\":{{{},{},\"handler_load_ms\":{handler_load}}},",
+            GuestStormFigures::figures_json(self.guest_storm.as_ref()),
+            crate::replay::ReplayFigures::figures_json(self.replay.as_ref())
         );
         let _ = write!(
             j,
@@ -552,6 +556,51 @@ mod tests {
         "figures.host_block_fault_max_us",
         "targets.guest_fault_p99_storm_vs_quiet",
     ];
+
+    #[test]
+    fn the_json_carries_every_replay_key() {
+        use crate::replay::{ReplayFigures, ReplaySample};
+        const KEYS: [&str; 6] = [
+            "ratios.replay_first_pass_vs_on_demand",
+            "ratios.replay_first_pass_vs_kernel_file",
+            "ratios.replay_first_pass_vs_eager",
+            "figures.replay_faults",
+            "figures.on_demand_faults",
+            "ratios.replay_fault_p99_vs_none",
+        ];
+        let json: serde_json::Value = serde_json::from_str(&BenchReport::default().to_json()).unwrap();
+        for key in KEYS {
+            let v = lookup(&json, key).unwrap_or_else(|| panic!("{key} missing when the part did not run"));
+            assert!(if key.starts_with("figures.") { v.is_null() } else { v.as_f64() == Some(0.0) }, "{key}: {v}");
+        }
+        let s = |seconds: f64, faults: u64| {
+            Some(ReplaySample {
+                seconds,
+                faults: Some(faults),
+                blocked_us: Some(5.0),
+                fault_p99_us: Some(40.0),
+                replayed_pages: 3,
+            })
+        };
+        let round = [
+            s(0.9, 900),
+            s(0.3, 30),
+            s(0.3, 20),
+            s(0.8, 800),
+            Some(ReplaySample { seconds: 0.6, ..Default::default() }),
+        ];
+        let report = BenchReport {
+            replay: Some(ReplayFigures { bytes: 1 << 20, set_pages: 9, rounds: vec![round; 5] }),
+            ..BenchReport::default()
+        };
+        let json: serde_json::Value = serde_json::from_str(&report.to_json()).unwrap();
+        for key in KEYS {
+            let v = lookup(&json, key).unwrap_or_else(|| panic!("{key} missing"));
+            assert!(v.as_f64().is_some_and(|x| x > 0.0), "{key}: {v}");
+        }
+        assert_eq!(lookup(&json, "figures.replay_faults").unwrap().as_f64(), Some(30.0));
+        assert_eq!(lookup(&json, "ratios.replay_first_pass_vs_on_demand").unwrap().as_f64(), Some(3.0));
+    }
 
     fn lookup<'a>(json: &'a serde_json::Value, key: &str) -> Option<&'a serde_json::Value> {
         let (object, name) = key.split_once('.').unwrap();

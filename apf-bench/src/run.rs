@@ -74,6 +74,26 @@ pub trait GuestPass {
         let _ = (socket, random, snapshot);
         Err("this VMM cannot restore through an external handler".into())
     }
+
+    /// Makes the replay part's snapshot (a guest of `bytes` that touched
+    /// every page, its workload the scattered one) and records its working
+    /// set at `working_set` on a first restore of it. Returns the set's
+    /// pages.
+    fn make_replay_snapshot(&self, bytes: u64, snapshot: &Path, working_set: &Path) -> Result<u64, String> {
+        let _ = (bytes, snapshot, working_set);
+        Err("this VMM does not run the replay part".into())
+    }
+
+    /// One restore of the replay part ([`crate::replay`]).
+    fn replay_pass(
+        &self,
+        variant: crate::replay::ReplayVariant,
+        snapshot: &Path,
+        working_set: &Path,
+    ) -> Result<crate::replay::ReplaySample, String> {
+        let _ = (variant, snapshot, working_set);
+        Err("this VMM does not run the replay part".into())
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -386,9 +406,48 @@ pub fn run(cfg: &BenchConfig, guest: Option<&dyn GuestPass>, mut log: impl FnMut
             Err(e) => report.errors.push(format!("handler: {e}")),
         }
     }
+    if cfg.wants("replay") {
+        match storm_guest {
+            Some(g) => match replay_part(g, &dir, guest_bytes, rounds, &mut log) {
+                Ok(f) => report.replay = Some(f),
+                Err(e) => report.errors.push(format!("replay: {e}")),
+            },
+            None => log("replay: not measured (it runs under KVM, through the VMM: `vmm bench`)"),
+        }
+    }
     let _ = std::fs::remove_dir_all(&dir);
     report.elapsed = started.elapsed();
     Ok(report)
+}
+
+/// The replay part ([`crate::replay`]): the snapshot and its working set
+/// made once, then every variant once a round, in turn.
+fn replay_part(
+    guest: &dyn GuestPass,
+    dir: &Path,
+    bytes: u64,
+    rounds: usize,
+    log: &mut impl FnMut(&str),
+) -> Result<crate::replay::ReplayFigures, String> {
+    use crate::replay::{ReplayFigures, ReplayVariant};
+    let (snapshot, working_set) = (dir.join("replay.snap"), dir.join("replay.ws"));
+    log("replay: the snapshot and its working set");
+    let set_pages = guest.make_replay_snapshot(bytes, &snapshot, &working_set)?;
+    let mut figures = ReplayFigures { bytes, set_pages, rounds: Vec::new() };
+    for round in 0..rounds {
+        log(&format!("round {}/{rounds}: replay", round + 1));
+        let mut samples = [None; 5];
+        for (k, v) in ReplayVariant::ALL.iter().enumerate() {
+            match guest.replay_pass(*v, &snapshot, &working_set) {
+                Ok(s) => samples[k] = Some(s),
+                Err(e) => return Err(format!("{}: {e}", v.name())),
+            }
+        }
+        figures.rounds.push(samples);
+    }
+    let _ = std::fs::remove_file(&snapshot);
+    let _ = std::fs::remove_file(&working_set);
+    Ok(figures)
 }
 
 /// Restoring the host image three ways ([`crate::restore`]), every

@@ -9,7 +9,7 @@ use agent_proto::timing::{phase, Histogram, BUCKETS, HIST_CHUNK};
 use agent_proto::{
     pass, Config, Counters, Layout, OfflineOp, Reply, Request, Workload, PAGE_SIZE, RING_SLOTS_PER_VCPU,
 };
-use agent_proto::{permute, FLAG_BALLOON, FLAG_CHECKSUM, FLAG_GUEST_OFFLINE, FLAG_RANDOM_ORDER, FLAG_RESTORE};
+use agent_proto::{permute, scattered_pages, FLAG_BALLOON, FLAG_CHECKSUM, FLAG_GUEST_OFFLINE, FLAG_RANDOM_ORDER, FLAG_RESTORE};
 
 use crate::checksum::Slots;
 use crate::machine::{rdtsc_ordered, SharedRam};
@@ -35,7 +35,7 @@ impl Pass {
     fn of(workload: Workload, done: u64) -> Pass {
         match workload {
             Workload::Mixed => [Pass::Sequential, Pass::Random, Pass::Strided][(done % 3) as usize],
-            Workload::Sequential | Workload::Touch => Pass::Sequential,
+            Workload::Sequential | Workload::Touch | Workload::Scattered => Pass::Sequential,
             Workload::Random => Pass::Random,
             Workload::Strided => Pass::Strided,
         }
@@ -99,6 +99,17 @@ impl<'m> Agent<'m> {
         let random = self.config.flags & FLAG_RANDOM_ORDER != 0;
         let key = self.config.seed ^ u64::from(self.vcpu).rotate_left(32);
         let order = move |i: u64| if random { permute(i, pages, key) } else { i };
+        if self.config.flags & FLAG_RESTORE != 0 && self.config.workload == Workload::Scattered {
+            // The same scattered pages at every restore of this snapshot
+            // (the key is the seed's and the vCPU's), each verified.
+            let visits = scattered_pages(pages);
+            for i in 0..visits {
+                self.check(permute(i, pages, key));
+            }
+            self.progress(pass::RESTORE_VERIFY, visits);
+            self.end_phase();
+            return self.counters;
+        }
         if self.config.flags & FLAG_RESTORE != 0 {
             for i in 0..pages {
                 self.check(order(i));
@@ -111,7 +122,7 @@ impl<'m> Agent<'m> {
                 return self.finish();
             }
         }
-        if self.config.workload == Workload::Touch {
+        if matches!(self.config.workload, Workload::Touch | Workload::Scattered) {
             for i in 0..pages {
                 let cycles = self.stripe.touch(order(i));
                 self.timed.record(cycles);

@@ -10,6 +10,7 @@ use std::time::Duration;
 use agent_proto::Workload;
 use apf::span::{FAULT, PIN};
 use apf_bench::guest_storm::{GuestStormRun, GuestStormSample, Tail};
+use apf_bench::replay::{ReplaySample, ReplayVariant};
 use apf_bench::{GuestPass, Sample, Variant};
 
 use crate::config::{Backend, OfflineMode, RunConfig};
@@ -135,7 +136,86 @@ impl GuestPass for Guests {
         let first = report.first_pass.ok_or("the guest reported no first pass")?;
         Ok(Sample { pages: first.pages, seconds: first.elapsed.as_secs_f64(), latency: None })
     }
+
+    fn make_replay_snapshot(&self, bytes: u64, snapshot: &Path, working_set: &Path) -> Result<u64, String> {
+        let quiet = RunConfig {
+            duration: Duration::ZERO,
+            grace: Duration::from_secs(120),
+            workload: Workload::Scattered,
+            offline_every: None,
+            guest_offline: false,
+            checksum: false,
+            latency: false,
+            progress: false,
+            ..RunConfig::default()
+        };
+        let made = crate::vm::run(&RunConfig {
+            mem: Some(bytes),
+            vcpus: Some(2),
+            save_snapshot: Some(snapshot.to_path_buf()),
+            ..quiet.clone()
+        })
+        .map_err(|e| crate::error_chain(&e))?;
+        if made.snapshot_saved.is_none() {
+            return Err(format!("no snapshot: {}", made.errors.join("; ")));
+        }
+        // The set the restored guest touches, recorded on its first restore.
+        let recorded = crate::vm::run(&RunConfig {
+            restore: Some(snapshot.to_path_buf()),
+            save_working_set: Some(working_set.to_path_buf()),
+            ..quiet
+        })
+        .map_err(|e| crate::error_chain(&e))?;
+        match recorded.working_set {
+            Some(w) if recorded.ok => Ok(w.saved_pages),
+            _ => Err(format!("no working set: {}", recorded.errors.join("; "))),
+        }
+    }
+
+    fn replay_pass(&self, variant: ReplayVariant, snapshot: &Path, working_set: &Path) -> Result<ReplaySample, String> {
+        let replays = !matches!(variant, ReplayVariant::OnDemand | ReplayVariant::KernelFile);
+        let cfg = RunConfig {
+            duration: Duration::ZERO,
+            grace: Duration::from_secs(120),
+            workload: Workload::Scattered,
+            backend: if variant == ReplayVariant::KernelFile { Backend::File } else { Backend::Apf },
+            offline_every: None,
+            guest_offline: false,
+            checksum: false,
+            latency: variant != ReplayVariant::KernelFile,
+            progress: false,
+            restore: Some(snapshot.to_path_buf()),
+            working_set: replays.then(|| working_set.to_path_buf()),
+            replay_eager: variant == ReplayVariant::Eager,
+            replay_lead: match variant {
+                ReplayVariant::Replay | ReplayVariant::Eager => REPLAY_LEAD,
+                _ => Duration::ZERO,
+            },
+            ..RunConfig::default()
+        };
+        let report = crate::vm::run(&cfg).map_err(|e| crate::error_chain(&e))?;
+        if !report.ok {
+            return Err(format!("guest run failed: {}", report.errors.join("; ")));
+        }
+        if let Some(e) = report.working_set.as_ref().and_then(|w| w.error.clone()) {
+            return Err(format!("the working set was not replayed: {e}"));
+        }
+        let first = report.first_pass.ok_or("the guest reported no first pass")?;
+        let us = |d: Duration| d.as_secs_f64() * 1e6;
+        let latency = report.latency.as_ref();
+        Ok(ReplaySample {
+            seconds: (report.setup + first.elapsed).as_secs_f64(),
+            faults: (cfg.backend == Backend::Apf).then_some(report.faults),
+            blocked_us: latency.map(|l| l.vcpus.iter().map(|v| us(v.blocked)).sum()),
+            fault_p99_us: latency.and_then(|l| l.span(FAULT)).map(|s| us(s.p99)),
+            replayed_pages: report.working_set.as_ref().map_or(0, |w| w.replayed_pages),
+        })
+    }
 }
+
+/// The longest a replay-part restore installs its working set before the
+/// vCPUs start: the whole set, at the sizes the bench runs.
+const REPLAY_LEAD: Duration = Duration::from_secs(10);
 
 /// What the guest-storm part takes from a run's report.
 fn sample_of(report: &crate::report::Report) -> Result<GuestStormSample, String> {

@@ -274,7 +274,8 @@ fn parse_workload(s: &str) -> Result<Workload, String> {
         "random" => Workload::Random,
         "strided" => Workload::Strided,
         "touch" => Workload::Touch,
-        _ => return Err("expected mixed, sequential, random, strided or touch".into()),
+        "scattered" => Workload::Scattered,
+        _ => return Err("expected mixed, sequential, random, strided, touch or scattered".into()),
     })
 }
 
@@ -288,7 +289,9 @@ stress and verify guest memory while it is offlined underneath, and report.
   --workers N            engine worker threads (default: the engine's)
   --dispatch D           auto|inline|workers: where the engine resolves faults (default auto)
   --duration D           how long the agents stress memory (default 20s)
-  --workload W           mixed|sequential|random|strided|touch (default mixed)
+  --workload W           mixed|sequential|random|strided|touch|scattered (default mixed); scattered:
+                         touch every page once, or on a restore verify a fixed, scattered 15% of
+                         the pages, and finish
   --seed N               seed of every stamp and random choice (default 1)
   --offline-every D      host offline storm interval, or `off` (default 20ms)
   --offline-mode M       migrate|evict|mixed (default mixed)

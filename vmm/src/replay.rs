@@ -33,7 +33,8 @@ pub struct WorkingSetReport {
     /// guest had not faulted in first, and with eager fill, the rest).
     pub replayed_pages: u64,
     /// Pages of those installed before the vCPUs started, within
-    /// `--replay-lead`.
+    /// `--replay-lead` (0 when the set was not all in by then: the rest
+    /// went on in the background).
     pub lead_pages: u64,
     /// How long that took, in milliseconds.
     pub lead_ms: f64,
@@ -90,9 +91,11 @@ impl WorkingSetReport {
 
 /// With `--working-set`: loads the set bound to the restored image and
 /// starts its replay on `engine`, before any vCPU runs. With
-/// `--replay-lead`, the set's head is installed first on this thread, at
-/// full speed, until the set is in or the lead is spent (REAP's fetch
-/// before the guest resumes, bounded): nothing competes with it yet. The
+/// `--replay-lead`, the set is installed first on this thread, at full
+/// speed and in address order (nothing runs yet that could need one page
+/// before another, and runs of neighbours take one install each), until
+/// it is in or the lead is spent (REAP's fetch before the guest resumes,
+/// bounded). The
 /// background replay then goes over the whole set in recorded order,
 /// giving way to demand; pages the lead installed are passed over.
 /// Whatever goes wrong is recorded in the report, never fatal. Returns
@@ -114,13 +117,13 @@ pub fn start(cfg: &RunConfig, engine: Option<&Engine>) -> (Option<WorkingSetRepo
         .and_then(|id| WorkingSet::load(path, id).map_err(|e| crate::error_chain(&e)));
     match loaded {
         Ok(ws) => {
-            if !cfg.replay_lead.is_zero() {
-                let started = std::time::Instant::now();
-                report.lead_pages = lead(engine, &ws, started + cfg.replay_lead);
-                report.lead_ms = started.elapsed().as_secs_f64() * 1e3;
-            }
-            let options = ReplayOptions { eager: cfg.replay_eager, ..ReplayOptions::default() };
-            match engine.replay_with(&ws, options) {
+            let started = if cfg.replay_lead.is_zero() {
+                let options = ReplayOptions { eager: cfg.replay_eager, ..ReplayOptions::default() };
+                engine.replay_with(&ws, options)
+            } else {
+                lead(engine, &ws, cfg, &mut report)
+            };
+            match started {
                 Ok(()) => {
                     report.pages = ws.pages.len() as u64;
                     return (Some(report), cfg.save_working_set.is_some().then_some(ws));
@@ -133,36 +136,29 @@ pub fn start(cfg: &RunConfig, engine: Option<&Engine>) -> (Option<WorkingSetRepo
     (Some(report), None)
 }
 
-/// Installs the set's pages in recorded order, a run of contiguous pages
-/// at a time, until they are all in or `deadline` passes. Returns the pages
-/// installed. A run the engine refuses (it stopped) ends the lead: the
-/// background replay and demand faults still cover it.
-fn lead(engine: &Engine, ws: &WorkingSet, deadline: std::time::Instant) -> u64 {
-    let mut installed = 0;
-    for (first, pages) in runs(&ws.pages) {
-        if std::time::Instant::now() >= deadline {
-            break;
-        }
-        match engine.prefetch(GuestRange::new(GuestAddress(first), pages * apf::PAGE_SIZE as u64)) {
-            Ok(n) => installed += n,
-            Err(_) => break,
-        }
+/// The replay with a lead: the set, in address order (no vCPU runs yet
+/// that could need one page before another, and neighbours go in one
+/// window), at a whole CPU, waited for until it is in or the lead is spent;
+/// a set not in by then goes on in the background, giving way to demand.
+/// With eager fill, the rest of RAM follows in the background.
+fn lead(
+    engine: &Engine,
+    ws: &WorkingSet,
+    cfg: &RunConfig,
+    report: &mut WorkingSetReport,
+) -> Result<(), apf::EngineError> {
+    let started = std::time::Instant::now();
+    let mut sorted = WorkingSet { pages: ws.pages.clone(), at_ms: Vec::new() };
+    sorted.pages.sort_unstable();
+    engine.replay_with(&sorted, ReplayOptions { window_pages: 64, cpu_share: 1.0, eager: false })?;
+    if engine.wait_idle(started + cfg.replay_lead) {
+        report.lead_pages = engine.stats().replayed_pages;
     }
-    installed
-}
-
-/// Runs of contiguous pages in `pages`, in order: (first address, pages).
-/// A run is cut at 64 pages, so the deadline is checked often.
-fn runs(pages: &[u64]) -> Vec<(u64, u64)> {
-    let page = apf::PAGE_SIZE as u64;
-    let mut out: Vec<(u64, u64)> = Vec::new();
-    for &gpa in pages {
-        match out.last_mut() {
-            Some((first, n)) if *first + *n * page == gpa && *n < 64 => *n += 1,
-            _ => out.push((gpa, 1)),
-        }
+    report.lead_ms = started.elapsed().as_secs_f64() * 1e3;
+    if cfg.replay_eager {
+        engine.replay_with(&WorkingSet::default(), ReplayOptions { eager: true, ..ReplayOptions::default() })?;
     }
-    out
+    Ok(())
 }
 
 /// With `--save-working-set`: writes what `engine` recorded, bound to the
@@ -234,15 +230,5 @@ mod tests {
         }
         assert!(ok.summary().contains("10 pages in the set from ws, 7 installed"), "{}", ok.summary());
         assert!(ok.summary().contains("12 pages saved to out"));
-    }
-
-    #[test]
-    fn the_lead_goes_by_runs_of_contiguous_pages_in_order() {
-        let p = |n: u64| n * 4096;
-        assert_eq!(runs(&[]), []);
-        assert_eq!(runs(&[p(5), p(6), p(7), p(2), p(3), p(9)]), [(p(5), 3), (p(2), 2), (p(9), 1)]);
-        let long: Vec<u64> = (0..130).map(p).collect();
-        assert_eq!(runs(&long), [(0, 64), (p(64), 64), (p(128), 2)], "runs are cut at 64 pages");
-        assert_eq!(runs(&[p(3), p(2)]), [(p(3), 1), (p(2), 1)], "descending pages are separate runs");
     }
 }

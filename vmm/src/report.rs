@@ -213,6 +213,9 @@ pub struct Report {
     /// What the run did with working sets (`--working-set`,
     /// `--save-working-set`).
     pub working_set: Option<crate::replay::WorkingSetReport>,
+    /// From the start of the VM's build to it ready to run (with a
+    /// restore: the snapshot opened, RAM served, a replay's lead).
+    pub setup: Duration,
     /// What went wrong.
     pub errors: Vec<String>,
 }
@@ -584,7 +587,7 @@ impl Report {
             None => j.push_str("\"restored\":null,"),
         }
         let ws = self.working_set.as_ref().map_or("null".to_string(), |w| w.to_json());
-        let _ = write!(j, "\"working_set\":{ws},");
+        let _ = write!(j, "\"working_set\":{ws},\"setup_ms\":{:.3},", self.setup.as_secs_f64() * 1e3);
         let errors: Vec<String> = self.errors.iter().map(|e| json_str(e)).collect();
         let _ = write!(j, "\"errors\":[{}]}}", errors.join(","));
         j

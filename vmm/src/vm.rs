@@ -241,6 +241,14 @@ fn memory_backend(
                 record_working_set: cfg.save_working_set.is_some(),
                 ..apf::Config::default()
             };
+            if cfg.save_working_set.is_some() {
+                // Recorded one page per fault: a window's pages the guest
+                // never touches would go into the set (five times the
+                // pages the scattered restore reads, measured) and every
+                // replay would install them.
+                config.max_window = 1;
+                config.fault_around = 1;
+            }
             if let Some(w) = cfg.workers {
                 config.workers = w;
             }
@@ -479,12 +487,16 @@ pub struct Vm {
     working_set: Option<crate::replay::WorkingSetReport>,
     /// The set replayed, kept when the run records one too.
     replayed_set: Option<apf::WorkingSet>,
+    /// From the start of the build to the VM ready to run (the snapshot
+    /// opened, RAM and its engine set up, a replay's lead).
+    setup: Duration,
 }
 
 impl Vm {
     /// Builds the VM `cfg` describes. With `latency`, vCPU threads register
     /// with it so that faults are charged to their vCPU.
     pub fn build(cfg: &RunConfig, latency: Option<LatencyLayer>) -> Result<Vm, VmError> {
+        let build_start = Instant::now();
         // The snapshot first: it fixes the guest's shape. A save over it
         // is refused before the run rather than after it (and checked
         // again at the save).
@@ -540,6 +552,7 @@ impl Vm {
             tsc_khz,
             working_set,
             replayed_set,
+            setup: build_start.elapsed(),
         })
     }
 
@@ -741,6 +754,7 @@ impl StoppedVm {
             tsc_khz,
             mut working_set,
             replayed_set,
+            setup,
             ..
         } = vm;
         let storm =
@@ -803,7 +817,7 @@ impl StoppedVm {
             engine.wait_idle(Instant::now() + Duration::from_secs(2));
             let stats = engine.stats();
             if let Some(w) = working_set.as_mut() {
-                w.replayed_pages = w.lead_pages + stats.replayed_pages;
+                w.replayed_pages = stats.replayed_pages;
             }
             EngineEnd {
                 faults: stats.faults,
@@ -839,6 +853,7 @@ impl StoppedVm {
         report.guest_view = crate::guestview::guest_view(&agent.vcpus(), tsc_khz);
         report.pin_callback = pin_callback;
         report.working_set = working_set;
+        report.setup = setup;
         drop(agent);
         drop(ram);
         if let GuestAccess::Engine(engine) = access {

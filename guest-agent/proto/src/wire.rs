@@ -133,6 +133,24 @@ pub enum Workload {
     /// Touch (write) every data page once, in order, report, and finish:
     /// the first-touch fault rate.
     Touch = 4,
+    /// Like [`Workload::Touch`] on a fresh start; on a restore, verify
+    /// only a fixed, scattered [`SCATTERED_PER_MILLE`] of each stripe's
+    /// pages (the first of a keyed permutation, the key the seed and the
+    /// vCPU: the same pages at every restore of a snapshot), report, and
+    /// finish: a restored guest that touches a small part of its RAM, what
+    /// a working-set replay is for.
+    Scattered = 5,
+}
+
+/// The share of its stripe, in thousandths, a restored
+/// [`Workload::Scattered`] agent reads.
+pub const SCATTERED_PER_MILLE: u64 = 150;
+
+/// How many pages of a `pages`-page stripe a restored
+/// [`Workload::Scattered`] agent reads: [`SCATTERED_PER_MILLE`] of them, at
+/// least one of a stripe that has any.
+pub fn scattered_pages(pages: u64) -> u64 {
+    (pages * SCATTERED_PER_MILLE / 1000).clamp(pages.min(1), pages)
 }
 
 impl Workload {
@@ -144,6 +162,7 @@ impl Workload {
             2 => Workload::Random,
             3 => Workload::Strided,
             4 => Workload::Touch,
+            5 => Workload::Scattered,
             _ => return None,
         })
     }
@@ -821,6 +840,16 @@ mod tests {
         let mut max = Counters::from_values([u64::MAX; Counters::LEN]);
         max.add(&a);
         assert_eq!(max.values(), [u64::MAX; Counters::LEN], "saturates");
+    }
+
+    #[test]
+    fn workloads_round_trip_and_the_scattered_share_is_bounded() {
+        for v in 0..=5 {
+            assert_eq!(Workload::from_u32(v).map(|w| w as u32), Some(v));
+        }
+        assert_eq!(Workload::from_u32(6), None);
+        assert_eq!(scattered_pages(10_000), 1_500);
+        assert_eq!((scattered_pages(0), scattered_pages(1), scattered_pages(5)), (0, 1, 1));
     }
 
     #[test]
