@@ -333,7 +333,9 @@ fn a_restore_replays_the_working_set_its_snapshot_run_recorded() {
         save_snapshot: Some(snap.clone()),
         save_working_set: Some(ws.clone()),
         seed: Some(79),
-        ..short(64 << 20, 600)
+        // Recorded one page per fault: the first pass is slower than on a
+        // run with windows, and the agents are to finish their passes.
+        ..short(64 << 20, 3000)
     };
     let first = run_alone(&save).unwrap();
     assert_clean(&first);
@@ -402,7 +404,12 @@ fn a_restore_replays_the_working_set_its_snapshot_run_recorded() {
     let w = report.working_set.as_ref().unwrap();
     assert!(w.error.as_deref().is_some_and(|e| e.contains("another image")), "{w:?}");
     let recorded = temp("ws-on-restore");
-    let report = run_alone(&RunConfig { save_working_set: Some(recorded.clone()), ..restore_from(&other) }).unwrap();
+    let recording = RunConfig {
+        save_working_set: Some(recorded.clone()),
+        duration: Duration::from_secs(3),
+        ..restore_from(&other)
+    };
+    let report = run_alone(&recording).unwrap();
     assert_clean(&report);
     assert!(report.working_set.as_ref().unwrap().saved_pages > 0);
     let first_recording = report.working_set.as_ref().unwrap().saved_pages;
@@ -412,7 +419,7 @@ fn a_restore_replays_the_working_set_its_snapshot_run_recorded() {
         working_set: Some(recorded.clone()),
         save_working_set: Some(recorded.clone()),
         replay_lead: Duration::from_secs(5),
-        ..restore_from(&other)
+        ..recording.clone()
     };
     let report = run_alone(&again).unwrap();
     assert_clean(&report);
