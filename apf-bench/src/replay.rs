@@ -2,7 +2,8 @@
 //! 15% of its RAM ([`agent_proto::Workload::Scattered`]), restored on
 //! demand, with its working set replayed, with the set replayed and every
 //! other page filled after it (eager), and from the kernel's `MAP_PRIVATE`
-//! file mapping; the snapshot in the page cache (hot). The set is recorded
+//! file mapping; the snapshot in the page cache (hot), then each again with
+//! the snapshot's page cache dropped before the restore (cold). The set is recorded
 //! once, on a first restore of the snapshot, page by page; every variant
 //! of a round restores the same snapshot.
 //!
@@ -78,18 +79,25 @@ pub struct ReplayFigures {
     pub set_pages: u64,
     /// Per round, per [`ReplayVariant::ALL`], its sample (None: it failed).
     pub rounds: Vec<[Option<ReplaySample>; 5]>,
+    /// The same with the snapshot's page cache dropped before each restore
+    /// (cold); empty when not measured.
+    pub cold_rounds: Vec<[Option<ReplaySample>; 5]>,
 }
 
+type Rounds = [[Option<ReplaySample>; 5]];
+
 /// The ratio keys the part writes, in order.
-pub const RATIO_KEYS: [&str; 4] = [
+pub const RATIO_KEYS: [&str; 6] = [
     "replay_first_pass_vs_on_demand",
     "replay_first_pass_vs_kernel_file",
     "replay_first_pass_vs_eager",
     "replay_fault_p99_vs_none",
+    "replay_first_pass_vs_on_demand_cold",
+    "replay_first_pass_vs_kernel_file_cold",
 ];
 
 /// The figure keys the part writes, in order.
-pub const FIGURE_KEYS: [&str; 15] = [
+pub const FIGURE_KEYS: [&str; 21] = [
     "replay_faults",
     "on_demand_faults",
     "eager_faults",
@@ -105,6 +113,12 @@ pub const FIGURE_KEYS: [&str; 15] = [
     "on_demand_fault_p99_us",
     "replay_background_fault_p99_us",
     "replay_set_pages",
+    "replay_first_pass_ms_cold",
+    "on_demand_first_pass_ms_cold",
+    "eager_first_pass_ms_cold",
+    "kernel_file_first_pass_ms_cold",
+    "replay_faults_cold",
+    "on_demand_faults_cold",
 ];
 
 fn idx(v: ReplayVariant) -> usize {
@@ -112,22 +126,26 @@ fn idx(v: ReplayVariant) -> usize {
 }
 
 impl ReplayFigures {
-    /// The median over rounds of `f` of variant `v`.
-    fn median_of(&self, v: ReplayVariant, f: impl Fn(&ReplaySample) -> Option<f64>) -> Option<f64> {
-        let vals: Vec<f64> = self.rounds.iter().filter_map(|r| r[idx(v)].as_ref().and_then(&f)).collect();
+    /// The median over `rounds` of `f` of variant `v`.
+    fn median_of(rounds: &Rounds, v: ReplayVariant, f: impl Fn(&ReplaySample) -> Option<f64>) -> Option<f64> {
+        let vals: Vec<f64> = rounds.iter().filter_map(|r| r[idx(v)].as_ref().and_then(&f)).collect();
         (!vals.is_empty()).then(|| median(vals))
     }
 
     /// The median over rounds of `f(other) / f(replay)`: a speed-up when
     /// `f` is a time.
     fn paired(&self, other: ReplayVariant, f: impl Fn(&ReplaySample) -> Option<f64>) -> f64 {
-        self.paired_over(other, ReplayVariant::Replay, f)
+        Self::paired_over(&self.rounds, other, ReplayVariant::Replay, f)
     }
 
-    /// The median over rounds of `f(a) / f(b)`.
-    fn paired_over(&self, a: ReplayVariant, b: ReplayVariant, f: impl Fn(&ReplaySample) -> Option<f64>) -> f64 {
-        let vals: Vec<f64> = self
-            .rounds
+    /// The median over `rounds` of `f(a) / f(b)`.
+    fn paired_over(
+        rounds: &Rounds,
+        a: ReplayVariant,
+        b: ReplayVariant,
+        f: impl Fn(&ReplaySample) -> Option<f64>,
+    ) -> f64 {
+        let vals: Vec<f64> = rounds
             .iter()
             .filter_map(|r| {
                 let (a, b) = (r[idx(a)].as_ref()?, r[idx(b)].as_ref()?);
@@ -152,7 +170,15 @@ impl ReplayFigures {
             // The faults taken while a replay runs beside them (the
             // background replay: with a lead, the guest takes next to
             // none) over those taken with none.
-            (RATIO_KEYS[3], self.paired_over(ReplayVariant::Background, ReplayVariant::OnDemand, |s| s.fault_p99_us)),
+            (
+                RATIO_KEYS[3],
+                Self::paired_over(&self.rounds, ReplayVariant::Background, ReplayVariant::OnDemand, |s| s.fault_p99_us),
+            ),
+            (RATIO_KEYS[4], Self::paired_over(&self.cold_rounds, ReplayVariant::OnDemand, ReplayVariant::Replay, secs)),
+            (
+                RATIO_KEYS[5],
+                Self::paired_over(&self.cold_rounds, ReplayVariant::KernelFile, ReplayVariant::Replay, secs),
+            ),
         ]
     }
 
@@ -164,10 +190,14 @@ impl ReplayFigures {
     /// The figures, [`FIGURE_KEYS`] order (None: not measured).
     pub fn figures(&self) -> Vec<(&'static str, Option<f64>)> {
         use ReplayVariant::*;
-        let faults = |v| self.median_of(v, |s| s.faults.map(|f| f as f64));
-        let ms = |v| self.median_of(v, |s| Some(s.seconds * 1e3));
-        let blocked = |v| self.median_of(v, |s| s.blocked_us.map(|b| b / 1e3));
-        let p99 = |v| self.median_of(v, |s| s.fault_p99_us);
+        let hot = &self.rounds;
+        let cold = &self.cold_rounds;
+        let faults_in = |r: &Rounds, v| Self::median_of(r, v, |s| s.faults.map(|f| f as f64));
+        let ms_in = |r: &Rounds, v| Self::median_of(r, v, |s| Some(s.seconds * 1e3));
+        let faults = |v| faults_in(hot, v);
+        let ms = |v| ms_in(hot, v);
+        let blocked = |v| Self::median_of(hot, v, |s| s.blocked_us.map(|b| b / 1e3));
+        let p99 = |v| Self::median_of(hot, v, |s| s.fault_p99_us);
         let values = [
             faults(Replay),
             faults(OnDemand),
@@ -184,6 +214,12 @@ impl ReplayFigures {
             p99(OnDemand),
             p99(Background),
             (self.set_pages > 0).then_some(self.set_pages as f64),
+            ms_in(cold, Replay),
+            ms_in(cold, OnDemand),
+            ms_in(cold, Eager),
+            ms_in(cold, KernelFile),
+            faults_in(cold, Replay),
+            faults_in(cold, OnDemand),
         ];
         FIGURE_KEYS.iter().copied().zip(values).collect()
     }
@@ -227,7 +263,7 @@ mod tests {
             sample(0.7, 900, 120.0),
             Some(ReplaySample { seconds: 0.3, ..Default::default() }),
         ];
-        let f = ReplayFigures { bytes: 1, set_pages: 7, rounds: vec![round; 5] };
+        let f = ReplayFigures { bytes: 1, set_pages: 7, rounds: vec![round; 5], cold_rounds: Vec::new() };
         let r: std::collections::HashMap<_, _> = f.ratios().into_iter().collect();
         assert!((r["replay_first_pass_vs_on_demand"] - 4.0).abs() < 1e-9);
         assert!((r["replay_first_pass_vs_kernel_file"] - 1.5).abs() < 1e-9);
@@ -236,6 +272,14 @@ mod tests {
         let figures: std::collections::HashMap<_, _> = f.figures().into_iter().collect();
         assert_eq!((figures["replay_faults"], figures["on_demand_faults"]), (Some(50.0), Some(1000.0)));
         assert_eq!(figures["replay_set_pages"], Some(7.0));
+        assert_eq!(
+            (r["replay_first_pass_vs_on_demand_cold"], figures["replay_faults_cold"]),
+            (0.0, None),
+            "no cold rounds"
+        );
+        let cold = ReplayFigures { cold_rounds: vec![round; 5], ..f.clone() };
+        let r: std::collections::HashMap<_, _> = cold.ratios().into_iter().collect();
+        assert!((r["replay_first_pass_vs_on_demand_cold"] - 4.0).abs() < 1e-9);
         // A failed variant drops out of its ratio; none left is 0.
         let mut broken = f.clone();
         broken.rounds.iter_mut().for_each(|r| r[idx(ReplayVariant::KernelFile)] = None);

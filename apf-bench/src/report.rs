@@ -590,7 +590,12 @@ mod tests {
             Some(ReplaySample { seconds: 0.6, ..Default::default() }),
         ];
         let report = BenchReport {
-            replay: Some(ReplayFigures { bytes: 1 << 20, set_pages: 9, rounds: vec![round; 5] }),
+            replay: Some(ReplayFigures {
+                bytes: 1 << 20,
+                set_pages: 9,
+                rounds: vec![round; 5],
+                cold_rounds: vec![round; 5],
+            }),
             ..BenchReport::default()
         };
         let json: serde_json::Value = serde_json::from_str(&report.to_json()).unwrap();

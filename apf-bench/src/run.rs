@@ -84,14 +84,16 @@ pub trait GuestPass {
         Err("this VMM does not run the replay part".into())
     }
 
-    /// One restore of the replay part ([`crate::replay`]).
+    /// One restore of the replay part ([`crate::replay`]); `cold`: with
+    /// the snapshot's page cache dropped first.
     fn replay_pass(
         &self,
         variant: crate::replay::ReplayVariant,
         snapshot: &Path,
         working_set: &Path,
+        cold: bool,
     ) -> Result<crate::replay::ReplaySample, String> {
-        let _ = (variant, snapshot, working_set);
+        let _ = (variant, snapshot, working_set, cold);
         Err("this VMM does not run the replay part".into())
     }
 }
@@ -433,17 +435,23 @@ fn replay_part(
     let (snapshot, working_set) = (dir.join("replay.snap"), dir.join("replay.ws"));
     log("replay: the snapshot and its working set");
     let set_pages = guest.make_replay_snapshot(bytes, &snapshot, &working_set)?;
-    let mut figures = ReplayFigures { bytes, set_pages, rounds: Vec::new() };
+    let mut figures = ReplayFigures { bytes, set_pages, rounds: Vec::new(), cold_rounds: Vec::new() };
     for round in 0..rounds {
         log(&format!("round {}/{rounds}: replay", round + 1));
-        let mut samples = [None; 5];
-        for (k, v) in ReplayVariant::ALL.iter().enumerate() {
-            match guest.replay_pass(*v, &snapshot, &working_set) {
-                Ok(s) => samples[k] = Some(s),
-                Err(e) => return Err(format!("{}: {e}", v.name())),
+        for cold in [false, true] {
+            let mut samples = [None; 5];
+            for (k, v) in ReplayVariant::ALL.iter().enumerate() {
+                match guest.replay_pass(*v, &snapshot, &working_set, cold) {
+                    Ok(s) => samples[k] = Some(s),
+                    Err(e) => return Err(format!("{}{}: {e}", v.name(), if cold { " (cold)" } else { "" })),
+                }
+            }
+            if cold {
+                figures.cold_rounds.push(samples);
+            } else {
+                figures.rounds.push(samples);
             }
         }
-        figures.rounds.push(samples);
     }
     let _ = std::fs::remove_file(&snapshot);
     let _ = std::fs::remove_file(&working_set);

@@ -172,7 +172,16 @@ impl GuestPass for Guests {
         }
     }
 
-    fn replay_pass(&self, variant: ReplayVariant, snapshot: &Path, working_set: &Path) -> Result<ReplaySample, String> {
+    fn replay_pass(
+        &self,
+        variant: ReplayVariant,
+        snapshot: &Path,
+        working_set: &Path,
+        cold: bool,
+    ) -> Result<ReplaySample, String> {
+        if cold {
+            drop_page_cache(snapshot)?;
+        }
         let replays = !matches!(variant, ReplayVariant::OnDemand | ReplayVariant::KernelFile);
         let cfg = RunConfig {
             duration: Duration::ZERO,
@@ -211,6 +220,14 @@ impl GuestPass for Guests {
             replayed_pages: report.working_set.as_ref().map_or(0, |w| w.replayed_pages),
         })
     }
+}
+
+/// Drops the page cache of `path` (written back first: dirty pages stay).
+fn drop_page_cache(path: &Path) -> Result<(), String> {
+    let why = |e: &dyn std::fmt::Display| format!("dropping the page cache of {}: {e}", path.display());
+    let file = std::fs::File::open(path).map_err(|e| why(&e))?;
+    file.sync_all().map_err(|e| why(&e))?;
+    rustix::fs::fadvise(&file, 0, None, rustix::fs::Advice::DontNeed).map_err(|e| why(&e))
 }
 
 /// The longest a replay-part restore installs its working set before the
