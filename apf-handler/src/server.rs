@@ -46,7 +46,9 @@
 //! sets recorded by this handler, not by an in-process engine whose guest
 //! addresses start at 0 (their ids differ, so such a set is refused).
 //! With [`Options::save_working_set`], each VM that hangs up writes what
-//! its engine recorded there (temporary file and rename: VMs ending at once
+//! its engine recorded there, with the engine's windows as configured
+//! (a window's untouched neighbours go in the set: `--max-window 1
+//! --fault-around 1` records touched pages only, at one fault a page) (temporary file and rename: VMs ending at once
 //! leave one whole set, the last one's).
 //!
 //! # A source that fails
