@@ -29,7 +29,7 @@ pub const HANDLER_USAGE: &str = "apf-handler --socket PATH --mem-file PATH [--wo
                     worker child, restarted when it dies (at most --max-restarts, default 5,
                     within --restart-window-ms, default 10000, each after --restart-delay-ms,
                     default 100); past that every VM is ended through its pidfd
-  --crash-on-vm     test seam: a supervised worker aborts as soon as it is handed a VM";
+  --crash-on-vm     test seam: a supervised worker dies (SIGKILL) as soon as it is handed a VM";
 
 /// What the command line asks for.
 struct Parsed {

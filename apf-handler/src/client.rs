@@ -486,15 +486,18 @@ fn touch(maps: &[Mapping], pages: usize, threads: usize, order: Order) -> Durati
 fn before_gate(vm: &Vm, gate: &Path) -> Result<Vec<(usize, usize, usize)>, ClientError> {
     let mut discarded = Vec::new();
     for (i, m) in vm.maps.iter().enumerate() {
-        // Touch the first eighth of the mapping, then discard 8 pages of
-        // it (present) and 8 pages at the middle (never touched).
+        // Touch the first eighth of the mapping, then discard its first 4
+        // pages (present), 8 at the middle and the last 4 (never touched,
+        // but for the load's page): the last pages of one region and the
+        // first of the next are adjacent in the memory file.
         let touched = (m.len / 8) / PAGE * PAGE;
         for off in (0..touched).step_by(PAGE) {
             std::hint::black_box(m.read_word(off));
         }
-        for off in [touched / 2 / PAGE * PAGE, m.len / 2 / PAGE * PAGE] {
-            let len = (8 * PAGE).min(m.len - off);
-            if len == 0 || discarded.iter().any(|&(j, o, _)| j == i && o == off) {
+        let pages = m.len / PAGE;
+        for (first, count) in [(0, 4), (pages / 2, 8), (pages.saturating_sub(4), 4)] {
+            let (off, len) = (first * PAGE, (count * PAGE).min(m.len - first * PAGE));
+            if len == 0 || discarded.iter().any(|&(j, o, l)| j == i && o < off + len && off < o + l) {
                 continue;
             }
             m.discard(off, len)?;

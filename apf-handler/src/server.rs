@@ -136,7 +136,7 @@ pub struct Options {
     pub on_lost: OnLost,
     /// Test seam: reads of the memory file covering this offset fail.
     pub fail_at: Option<u64>,
-    /// Test seam: a supervised worker aborts as soon as it is handed a VM.
+    /// Test seam: a supervised worker dies (SIGKILL) as soon as it is handed a VM.
     pub crash_on_vm: bool,
 }
 
@@ -350,10 +350,13 @@ impl Server {
                 .expect("cannot start the reaper thread")
         };
         let mut pending: Vec<Pending> = Vec::new();
+        // A supervised worker whose supervisor died takes no new VMs and
+        // serves the ones it has until they end.
+        let mut orphaned = false;
         let mut live: Vec<Live> = Vec::new();
         let mut next_vm = 0u64;
         let mut buf = vec![0u8; handshake::MAX_MESSAGE.max(crate::supervise::MAX_CONTROL) + 1];
-        while !self.stop.load(Ordering::Acquire) {
+        while !self.stop.load(Ordering::Acquire) && !(orphaned && live.is_empty() && pending.is_empty()) {
             // A supervisor bounds its VMs itself, and has handed them over.
             let accepting = matches!(self.intake, Intake::Supervised(_))
                 || active.load(Ordering::Acquire) + pending.len() < self.opts.max_vms;
@@ -362,7 +365,9 @@ impl Server {
                 Intake::Listen(l) => l.as_raw_fd(),
                 Intake::Supervised(ctl) => ctl.as_raw_fd(),
             };
-            fds.push(pollfd(intake_fd, if accepting { libc::POLLIN } else { 0 }));
+            // poll skips a negative descriptor: a hung-up pair would
+            // report POLLHUP at every call.
+            fds.push(pollfd(if orphaned { -1 } else { intake_fd }, if accepting { libc::POLLIN } else { 0 }));
             fds.extend(pending.iter().map(|p| pollfd(p.conn.as_raw_fd(), libc::POLLIN)));
             fds.extend(live.iter().map(|l| pollfd(l.conn.as_raw_fd(), libc::POLLIN | libc::POLLRDHUP)));
             // SAFETY: poll reads and writes `fds`, a live Vec of pollfds of
@@ -411,9 +416,9 @@ impl Server {
             }
 
             if let (Intake::Supervised(ctl), true) = (&self.intake, fds[0].revents != 0) {
-                if !self.take_handed(ctl, &mut pending, &mut buf) {
-                    tracing::error!(target: "apf_handler", "the supervisor is gone: stopping");
-                    break;
+                if !orphaned && !self.take_handed(ctl, &mut pending, &mut buf) {
+                    tracing::error!(target: "apf_handler", vms = live.len() + pending.len(), "the supervisor is gone: serving the VMs there are until they end");
+                    orphaned = true;
                 }
             }
             let Intake::Listen(listener) = &self.intake else { continue };
@@ -484,8 +489,10 @@ impl Server {
                 continue;
             };
             if self.opts.crash_on_vm {
-                tracing::error!(target: "apf_handler", vm, "--crash-on-vm: aborting");
-                std::process::abort();
+                tracing::error!(target: "apf_handler", vm, "--crash-on-vm: dying");
+                // SIGKILL rather than abort: no core file, no unwinding.
+                // SAFETY: raise takes a signal number; this process ends.
+                unsafe { libc::raise(libc::SIGKILL) };
             }
             let resumed = msg.header["resumed"].as_bool() == Some(true);
             let mut fds = msg.fds.into_iter();
@@ -652,7 +659,15 @@ impl Server {
         let removed = p.removed.take().map(Arc::new);
         if let Some(set) = &removed {
             // Removes an earlier worker read: those pages read zeros.
-            for range in set.ranges() {
+            // A run of removed pages may cross from one region into the
+            // next (regions are adjacent in the file): one region at a time.
+            let pieces = set.ranges().into_iter().flat_map(|range| {
+                regions.iter().filter_map(move |r| {
+                    let (lo, hi) = (range.start.0.max(r.offset), range.end().min(r.offset + r.size));
+                    (lo < hi).then(|| GuestRange::new(GuestAddress(lo), hi - lo))
+                })
+            });
+            for range in pieces {
                 if let Err(e) = mem.mark_removed(range) {
                     tracing::warn!(target: "apf_handler", vm = p.vm, error = %e, "a removed range outside the regions");
                 }

@@ -49,8 +49,9 @@
 //! [`Supervise::window`] is not restarted again: the supervisor ends every
 //! VM it holds through its pidfd (a VM without a handler would wait for
 //! ever) and exits with an error. Restarts wait [`Supervise::delay`] first.
-//! Every write to the worker has a deadline (1 s); a worker whose
-//! supervisor dies sees the pair hang up and stops.
+//! Every write to the worker has a deadline (1 s). A worker whose
+//! supervisor dies sees the pair hang up: it takes no new VMs, serves the
+//! ones it has until they end, and exits.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::io;
@@ -128,6 +129,7 @@ pub(crate) const MAX_CONTROL: usize = crate::handshake::MAX_MESSAGE + 4096;
 pub struct RemovedPages {
     words: *const AtomicU64,
     count: usize,
+    pages: u64,
 }
 
 // SAFETY: the mapping is only reached through atomics.
@@ -169,7 +171,7 @@ impl RemovedPages {
         if ptr == libc::MAP_FAILED {
             return Err(io::Error::last_os_error());
         }
-        Ok(RemovedPages { words: ptr.cast(), count: len / 8 })
+        Ok(RemovedPages { words: ptr.cast(), count: len / 8, pages })
     }
 
     fn word(&self, i: usize) -> &AtomicU64 {
@@ -182,8 +184,7 @@ impl RemovedPages {
     /// Records the pages of `range` as removed.
     pub fn record(&self, range: GuestRange) {
         let page = apf::PAGE_SIZE as u64;
-        let last = (self.count * 64) as u64;
-        for p in (range.start.0 / page)..range.end().div_ceil(page).min(last) {
+        for p in (range.start.0 / page)..range.end().div_ceil(page).min(self.pages) {
             self.word((p / 64) as usize).fetch_or(1 << (p % 64), Ordering::Release);
         }
     }
@@ -195,7 +196,7 @@ impl RemovedPages {
         for i in 0..self.count {
             let w = self.word(i).load(Ordering::Acquire);
             for b in 0..64 {
-                if w & (1 << b) == 0 {
+                if w & (1 << b) == 0 || i as u64 * 64 + b >= self.pages {
                     continue;
                 }
                 let at = (i as u64 * 64 + b) * page;
@@ -459,7 +460,7 @@ mod tests {
         let again = RemovedPages::map(&fd, 300).unwrap();
         assert_eq!(
             again.ranges(),
-            vec![GuestRange::new(GuestAddress(3 * page), 3 * page), GuestRange::new(GuestAddress(299 * page), 5 * page)]
+            vec![GuestRange::new(GuestAddress(3 * page), 3 * page), GuestRange::new(GuestAddress(299 * page), page)]
         );
         assert!(RemovedPages::map(&fd, 100_000).is_err(), "a set too small is refused");
     }
@@ -472,7 +473,8 @@ mod tests {
         // SAFETY: two new descriptors owned here.
         let (a, b) = unsafe { (OwnedFd::from_raw_fd(pair[0]), OwnedFd::from_raw_fd(pair[1])) };
         let (a, b) = (UnixStream::from(a), UnixStream::from(b));
-        send_control(&a, &serde_json::json!({"vm": 7}), b"[1,2]\nx", &[a.as_raw_fd()]).unwrap();
+        let file = std::fs::File::open("/proc/self/stat").unwrap();
+        send_control(&a, &serde_json::json!({"vm": 7}), b"[1,2]\nx", &[file.as_raw_fd()]).unwrap();
         send_control(&a, &serde_json::json!({"vm": 8}), b"", &[]).unwrap();
         let mut buf = vec![0u8; MAX_CONTROL];
         let m = recv_control(&b, &mut buf).unwrap().unwrap();

@@ -181,7 +181,7 @@ fn a_worker_killed_mid_restore_is_replaced_and_the_restore_is_exact() {
     assert!(status.success(), "{status}: {err}\n{}", log(&dir.0));
     let r: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
     assert_eq!(r["verified"], (32 * MIB / 4096) as u64, "{r}");
-    // 2 regions, 8 touched and 8 untouched pages discarded in each.
+    // 2 regions, 16 pages discarded in each, a run crossing between them.
     assert_eq!(r["balloon_zero"], 32, "{r}");
     assert_eq!(worker_of(sup.0.id(), None, &dir.0), third, "no further restart");
     let log = log(&dir.0);
@@ -189,7 +189,7 @@ fn a_worker_killed_mid_restore_is_replaced_and_the_restore_is_exact() {
     assert!(log.contains("resumed=true"), "{log}");
 }
 
-/// A worker that aborts whenever it is handed a VM: after the allowed
+/// A worker that dies whenever it is handed a VM: after the allowed
 /// restarts the supervisor ends the client through its pidfd and exits
 /// with an error, instead of leaving it blocked.
 #[test]
