@@ -157,7 +157,7 @@ fn wait_for(path: &Path, within: Duration, dir: &Path) {
 #[test]
 fn a_worker_killed_mid_restore_is_replaced_and_the_restore_is_exact() {
     let dir = Dir::new("kill");
-    let mem = mem_file(&dir.0, 32 * MIB);
+    let mem = mem_file(&dir.0, 64 * MIB);
     let sup = supervisor(&dir.0, &mem, &["--workers", "1", "--restart-delay-ms", "20"]);
     let first = worker_of(sup.0.id(), None, &dir.0);
     let gate = dir.0.join("gate");
@@ -169,7 +169,7 @@ fn a_worker_killed_mid_restore_is_replaced_and_the_restore_is_exact() {
     kill(first);
     let second = worker_of(sup.0.id(), Some(first), &dir.0);
     std::fs::File::create(&gate).unwrap();
-    std::thread::sleep(Duration::from_millis(30));
+    std::thread::sleep(Duration::from_millis(10));
     kill(second);
     let third = worker_of(sup.0.id(), Some(second), &dir.0);
 
@@ -180,13 +180,27 @@ fn a_worker_killed_mid_restore_is_replaced_and_the_restore_is_exact() {
     std::io::Read::read_to_string(c.0.stderr.as_mut().unwrap(), &mut err).unwrap();
     assert!(status.success(), "{status}: {err}\n{}", log(&dir.0));
     let r: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
-    assert_eq!(r["verified"], (32 * MIB / 4096) as u64, "{r}");
+    assert_eq!(r["verified"], (64 * MIB / 4096) as u64, "{r}");
     // 2 regions, 16 pages discarded in each, a run crossing between them.
     assert_eq!(r["balloon_zero"], 32, "{r}");
     assert_eq!(worker_of(sup.0.id(), None, &dir.0), third, "no further restart");
     let log = log(&dir.0);
     assert_eq!(log.matches("the worker died worker=").count(), 2, "{log}");
     assert!(log.contains("resumed=true"), "{log}");
+    // The third worker's report (the dead ones wrote none): it served
+    // faults, so the second death came mid-pass.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let report = loop {
+        let text = std::fs::read_to_string(dir.0.join("report.jsonl")).unwrap_or_default();
+        if let Some(line) = text.lines().next() {
+            assert_eq!(text.lines().count(), 1, "{text}");
+            break serde_json::from_str::<serde_json::Value>(line).unwrap();
+        }
+        assert!(Instant::now() < deadline, "no report\n{log}");
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    assert_eq!(report["end"], "hung up", "{report}");
+    assert!(report["faults"].as_u64().unwrap() > 0, "the pass was over before the second kill: {report}");
 }
 
 /// A worker that dies whenever it is handed a VM: after the allowed
