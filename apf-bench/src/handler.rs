@@ -190,9 +190,8 @@ pub fn run(
         for _ in 0..rounds {
             for random in [false, true] {
                 let mut row = [0.0; 3];
-                let per_memory = |sample: crate::Sample| {
-                    sample.seconds * (guest_bytes / 4096) as f64 / sample.pages.max(1) as f64
-                };
+                let per_memory =
+                    |sample: crate::Sample| sample.seconds * (guest_bytes / 4096) as f64 / sample.pages.max(1) as f64;
                 for (i, one_page) in [(0, true), (1, false)] {
                     let h = handler(exe, dir, snapshot, one_page)?;
                     let sock = dir.join(if one_page { "one-page.sock" } else { "apf.sock" });

@@ -124,7 +124,10 @@ pub fn handler_main(args: &[String]) -> ExitCode {
             return match crate::supervise::supervise(&opts, sup, args) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
-                    eprintln!("apf-handler: {e}{}", std::error::Error::source(&e).map(|s| format!(": {s}")).unwrap_or_default());
+                    eprintln!(
+                        "apf-handler: {e}{}",
+                        std::error::Error::source(&e).map(|s| format!(": {s}")).unwrap_or_default()
+                    );
                     ExitCode::FAILURE
                 }
             };

@@ -356,7 +356,7 @@ impl Server {
         let mut live: Vec<Live> = Vec::new();
         let mut next_vm = 0u64;
         let mut buf = vec![0u8; handshake::MAX_MESSAGE.max(crate::supervise::MAX_CONTROL) + 1];
-        while !self.stop.load(Ordering::Acquire) && !(orphaned && live.is_empty() && pending.is_empty()) {
+        while !(self.stop.load(Ordering::Acquire) || orphaned && live.is_empty() && pending.is_empty()) {
             // A supervisor bounds its VMs itself, and has handed them over.
             let accepting = matches!(self.intake, Intake::Supervised(_))
                 || active.load(Ordering::Acquire) + pending.len() < self.opts.max_vms;

@@ -161,12 +161,22 @@ impl RemovedPages {
         let len = Self::bytes(pages);
         let have = std::fs::File::from(fd.try_clone()?).metadata()?.len();
         if have < len as u64 {
-            return Err(io::Error::new(io::ErrorKind::InvalidData, format!("removed-pages set of {have} bytes, {len} needed")));
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("removed-pages set of {have} bytes, {len} needed"),
+            ));
         }
         // SAFETY: a new shared mapping of the memfd, `len` bytes it holds;
         // no existing memory is affected.
         let ptr = unsafe {
-            libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_SHARED, fd.as_raw_fd(), 0)
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                fd.as_raw_fd(),
+                0,
+            )
         };
         if ptr == libc::MAP_FAILED {
             return Err(io::Error::last_os_error());
@@ -176,9 +186,11 @@ impl RemovedPages {
 
     fn word(&self, i: usize) -> &AtomicU64 {
         assert!(i < self.count);
-        // SAFETY: inside the mapping (checked), page-aligned hence aligned
-        // for u64, alive as long as `self`; shared only through atomics.
-        unsafe { &*self.words.add(i) }
+        let word = self.words.wrapping_add(i);
+        // SAFETY: `word` is inside the mapping (checked), which is
+        // page-aligned hence aligned for u64 and alive as long as `self`;
+        // it is shared only through atomics.
+        unsafe { &*word }
     }
 
     /// Records the pages of `range` as removed.
@@ -282,8 +294,10 @@ impl Worker {
         if unsafe { libc::socketpair(libc::AF_UNIX, libc::SOCK_SEQPACKET, 0, pair.as_mut_ptr()) } != 0 {
             return Err(sys("socketpair")(io::Error::last_os_error()));
         }
-        // SAFETY: two new descriptors that only these OwnedFds own.
-        let (ours, theirs) = unsafe { (OwnedFd::from_raw_fd(pair[0]), OwnedFd::from_raw_fd(pair[1])) };
+        // SAFETY: a new descriptor that only this OwnedFd owns.
+        let ours = unsafe { OwnedFd::from_raw_fd(pair[0]) };
+        // SAFETY: as above.
+        let theirs = unsafe { OwnedFd::from_raw_fd(pair[1]) };
         // Ours is close-on-exec; theirs (made without it) is inherited by
         // the child alone: this thread is the only one that spawns, and
         // closes it right after.
@@ -376,9 +390,15 @@ pub fn supervise(opts: &Options, sup: &Supervise, worker_args: &[String]) -> Res
                 let ended = vms.len();
                 for (vm, held) in &vms {
                     match held.peer.kill() {
-                        Ok(true) => tracing::error!(target: "apf_handler", vm, pid = held.peer.pid, "no worker: ended the VM through its pidfd"),
-                        Ok(false) => tracing::error!(target: "apf_handler", vm, pid = held.peer.pid, "no worker, and no pidfd to end the VM by"),
-                        Err(e) => tracing::error!(target: "apf_handler", vm, pid = held.peer.pid, error = %e, "no worker, and ending the VM failed"),
+                        Ok(true) => {
+                            tracing::error!(target: "apf_handler", vm, pid = held.peer.pid, "no worker: ended the VM through its pidfd")
+                        }
+                        Ok(false) => {
+                            tracing::error!(target: "apf_handler", vm, pid = held.peer.pid, "no worker, and no pidfd to end the VM by")
+                        }
+                        Err(e) => {
+                            tracing::error!(target: "apf_handler", vm, pid = held.peer.pid, error = %e, "no worker, and ending the VM failed")
+                        }
                     }
                 }
                 drop(vms);
@@ -429,10 +449,14 @@ pub(crate) fn worker_channel(fd: RawFd) -> io::Result<UnixStream> {
     let mut kind: libc::c_int = 0;
     let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
     // SAFETY: getsockopt writes at most `len` bytes into `kind`.
-    let ret =
-        unsafe { libc::getsockopt(fd, libc::SOL_SOCKET, libc::SO_TYPE, (&mut kind as *mut libc::c_int).cast(), &mut len) };
+    let ret = unsafe {
+        libc::getsockopt(fd, libc::SOL_SOCKET, libc::SO_TYPE, (&mut kind as *mut libc::c_int).cast(), &mut len)
+    };
     if ret != 0 || kind != libc::SOCK_SEQPACKET {
-        return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("descriptor {fd} is not the supervisor's pair")));
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("descriptor {fd} is not the supervisor's pair"),
+        ));
     }
     // SAFETY: the supervisor made this descriptor for this process, which
     // owns it from here; nothing else refers to it.
@@ -470,8 +494,10 @@ mod tests {
         let mut pair = [0; 2];
         // SAFETY: socketpair writes two descriptors.
         assert_eq!(unsafe { libc::socketpair(libc::AF_UNIX, libc::SOCK_SEQPACKET, 0, pair.as_mut_ptr()) }, 0);
-        // SAFETY: two new descriptors owned here.
-        let (a, b) = unsafe { (OwnedFd::from_raw_fd(pair[0]), OwnedFd::from_raw_fd(pair[1])) };
+        // SAFETY: a new descriptor owned here.
+        let a = unsafe { OwnedFd::from_raw_fd(pair[0]) };
+        // SAFETY: as above.
+        let b = unsafe { OwnedFd::from_raw_fd(pair[1]) };
         let (a, b) = (UnixStream::from(a), UnixStream::from(b));
         let file = std::fs::File::open("/proc/self/stat").unwrap();
         send_control(&a, &serde_json::json!({"vm": 7}), b"[1,2]\nx", &[file.as_raw_fd()]).unwrap();
