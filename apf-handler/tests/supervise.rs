@@ -220,3 +220,38 @@ fn a_worker_that_always_dies_ends_the_vm_instead_of_hanging_it() {
     assert_eq!(log.matches("the worker died worker=").count(), 4, "{log}");
     assert!(log.contains("gave up, 1 VMs ended"), "{log}");
 }
+
+/// A supervisor that dies leaves its worker serving the VMs it has: the
+/// client waiting at its gate when the supervisor is killed finishes its
+/// restore exactly, and the worker then exits instead of lingering.
+#[test]
+fn a_worker_whose_supervisor_dies_serves_its_vms_to_the_end_and_exits() {
+    let dir = Dir::new("orphan");
+    let mem = mem_file(&dir.0, 16 * MIB);
+    let mut sup = supervisor(&dir.0, &mem, &[]);
+    let worker = worker_of(sup.0.id(), None, &dir.0);
+    let gate = dir.0.join("gate");
+    let mut c = client(&dir.0, &mem, &["--threads", "2", "--gate", gate.to_str().unwrap()]);
+    wait_for(&dir.0.join("gate.ready"), Duration::from_secs(30), &dir.0);
+    sup.0.kill().unwrap();
+    sup.wait(Duration::from_secs(10), "the killed supervisor");
+    std::fs::File::create(&gate).unwrap();
+    let status = c.wait(Duration::from_secs(60), "the client of an orphaned worker");
+    let mut out = String::new();
+    std::io::Read::read_to_string(c.0.stdout.as_mut().unwrap(), &mut out).unwrap();
+    assert!(status.success(), "{status}\n{}", log(&dir.0));
+    let r: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(r["verified"], (16 * MIB / 4096) as u64, "{r}");
+    // Gone, or a zombie its new parent has yet to reap.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let stat = std::fs::read_to_string(format!("/proc/{worker}/stat")).unwrap_or_default();
+        let state = stat.rsplit_once(") ").map(|(_, rest)| rest.chars().next().unwrap_or('?'));
+        if stat.is_empty() || state == Some('Z') {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the orphaned worker is still running: {stat}\n{}", log(&dir.0));
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(log(&dir.0).contains("the supervisor is gone"), "{}", log(&dir.0));
+}
