@@ -29,7 +29,9 @@ pub const HANDLER_USAGE: &str = "apf-handler --socket PATH --mem-file PATH [--wo
                     worker child, restarted when it dies (at most --max-restarts, default 5,
                     within --restart-window-ms, default 10000, each after --restart-delay-ms,
                     default 100); past that every VM is ended through its pidfd
-  --crash-on-vm     test seam: a supervised worker dies (SIGKILL) as soon as it is handed a VM";
+  --crash-worker on-vm|on-handshake
+                    test seam: a supervised worker dies (SIGKILL) as soon as it is handed a
+                    VM, or once it has read a VM's handshake (before adopting it)";
 
 /// What the command line asks for.
 struct Parsed {
@@ -69,7 +71,7 @@ fn parse_handler(args: &[String]) -> Result<Parsed, String> {
             "--max-restarts" => sup.max_restarts = num(value()?)? as usize,
             "--restart-window-ms" => sup.window = Duration::from_millis(num(value()?)?),
             "--restart-delay-ms" => sup.delay = Duration::from_millis(num(value()?)?),
-            "--crash-on-vm" => opts.crash_on_vm = true,
+            "--crash-worker" => opts.crash = Some(value()?.parse()?),
             "--worker-fd" => worker_fd = Some(num(value()?)? as i32),
             "--help" | "-h" => return Err(HANDLER_USAGE.into()),
             other => return Err(format!("unknown option {other}\n{HANDLER_USAGE}")),

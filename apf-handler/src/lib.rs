@@ -38,4 +38,4 @@ pub mod report;
 pub mod server;
 pub mod supervise;
 
-pub use server::{OnLost, Options, Server, ServerError};
+pub use server::{Crash, OnLost, Options, Server, ServerError};

@@ -136,8 +136,8 @@ pub struct Options {
     pub on_lost: OnLost,
     /// Test seam: reads of the memory file covering this offset fail.
     pub fail_at: Option<u64>,
-    /// Test seam: a supervised worker dies (SIGKILL) as soon as it is handed a VM.
-    pub crash_on_vm: bool,
+    /// Test seam: when a supervised worker dies (SIGKILL, for every VM).
+    pub crash: Option<Crash>,
 }
 
 impl Options {
@@ -155,7 +155,7 @@ impl Options {
             trace_dir: None,
             on_lost: OnLost::Kill,
             fail_at: None,
-            crash_on_vm: false,
+            crash: None,
         }
     }
 }
@@ -400,6 +400,9 @@ impl Server {
                     continue;
                 }
                 let p = pending.swap_remove(i);
+                if self.opts.crash == Some(Crash::OnHandshake) && self.ctl().is_some() && !p.bytes.is_empty() {
+                    die(p.vm, "on-handshake");
+                }
                 match self.start_vm(p, hung_up, late) {
                     Ok(l) => {
                         active.fetch_add(1, Ordering::AcqRel);
@@ -488,11 +491,8 @@ impl Server {
                 tracing::error!(target: "apf_handler", header = %msg.header, "a message of the supervisor without a VM");
                 continue;
             };
-            if self.opts.crash_on_vm {
-                tracing::error!(target: "apf_handler", vm, "--crash-on-vm: dying");
-                // SIGKILL rather than abort: no core file, no unwinding.
-                // SAFETY: raise takes a signal number; this process ends.
-                unsafe { libc::raise(libc::SIGKILL) };
+            if self.opts.crash == Some(Crash::OnVm) {
+                die(vm, "on-vm");
             }
             let resumed = msg.header["resumed"].as_bool() == Some(true);
             let mut fds = msg.fds.into_iter();
@@ -724,6 +724,34 @@ pub fn listen_at(path: &Path) -> io::Result<UnixListener> {
     let listener = UnixListener::bind(&tmp)?;
     std::fs::rename(&tmp, path)?;
     Ok(listener)
+}
+
+/// Test seam: when a supervised worker dies ([`Options::crash`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Crash {
+    /// As soon as it is handed a VM.
+    OnVm,
+    /// Once it has read a VM's handshake, before adopting it.
+    OnHandshake,
+}
+
+impl std::str::FromStr for Crash {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "on-vm" => Ok(Crash::OnVm),
+            "on-handshake" => Ok(Crash::OnHandshake),
+            other => Err(format!("unknown crash point {other:?} (expected on-vm or on-handshake)")),
+        }
+    }
+}
+
+/// The worker dies at a test seam: SIGKILL rather than abort (no core
+/// file, no unwinding), as a worker killed from outside would.
+fn die(vm: u64, at: &str) {
+    tracing::error!(target: "apf_handler", vm, at, "--crash-worker: dying");
+    // SAFETY: raise takes a signal number; this process ends.
+    unsafe { libc::raise(libc::SIGKILL) };
 }
 
 /// Tells the supervisor a VM ended (it drops its copies).

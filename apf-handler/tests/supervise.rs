@@ -210,7 +210,8 @@ fn a_worker_killed_mid_restore_is_replaced_and_the_restore_is_exact() {
 fn a_worker_that_always_dies_ends_the_vm_instead_of_hanging_it() {
     let dir = Dir::new("always");
     let mem = mem_file(&dir.0, 4 * MIB);
-    let mut sup = supervisor(&dir.0, &mem, &["--crash-on-vm", "--max-restarts", "3", "--restart-delay-ms", "20"]);
+    let mut sup =
+        supervisor(&dir.0, &mem, &["--crash-worker", "on-vm", "--max-restarts", "3", "--restart-delay-ms", "20"]);
     let mut c = client(&dir.0, &mem, &["--threads", "2"]);
     let status = c.wait(Duration::from_secs(30), "the client of a worker that always dies");
     assert_eq!(status.signal(), Some(libc::SIGKILL), "{status}\n{}", log(&dir.0));
@@ -254,4 +255,23 @@ fn a_worker_whose_supervisor_dies_serves_its_vms_to_the_end_and_exits() {
         std::thread::sleep(Duration::from_millis(10));
     }
     assert!(log(&dir.0).contains("the supervisor is gone"), "{}", log(&dir.0));
+}
+
+/// A worker that dies after reading a VM's handshake, before adopting its
+/// userfaultfd: the handshake is gone with it, so the next worker gets no
+/// handshake and cannot tell whether the peer handed its descriptor over;
+/// at the handshake timeout it ends the peer through its pidfd instead of
+/// leaving it waiting. The supervisor stays up.
+#[test]
+fn a_handshake_lost_with_its_worker_ends_the_vm_at_the_timeout() {
+    let dir = Dir::new("lost");
+    let mem = mem_file(&dir.0, 4 * MIB);
+    let mut sup = supervisor(&dir.0, &mem, &["--crash-worker", "on-handshake", "--handshake-timeout-ms", "300"]);
+    let mut c = client(&dir.0, &mem, &["--threads", "2"]);
+    let status = c.wait(Duration::from_secs(30), "the client whose handshake was lost");
+    assert_eq!(status.signal(), Some(libc::SIGKILL), "{status}\n{}", log(&dir.0));
+    let log = log(&dir.0);
+    assert_eq!(log.matches("the worker died worker=").count(), 1, "{log}");
+    assert!(log.contains("no complete handshake within"), "{log}");
+    assert!(sup.0.try_wait().unwrap().is_none(), "the supervisor keeps serving\n{log}");
 }
