@@ -10,6 +10,7 @@ use std::time::Duration;
 use tracing_subscriber::prelude::*;
 
 use crate::client::{self, ClientOptions, Order};
+use crate::supervise::Supervise;
 use crate::{OnLost, Options, Server};
 
 /// `apf-handler`'s usage.
@@ -18,6 +19,7 @@ pub const HANDLER_USAGE: &str = "apf-handler --socket PATH --mem-file PATH [--wo
             [--handshake-timeout-ms N] [--on-lost kill|zeros] [--report PATH]
             [--trace-dir DIR] [--one-page] [--fail-at OFFSET]
             [--working-set FILE | --no-working-set] [--replay-eager] [--save-working-set FILE]
+            [--supervise [--max-restarts N] [--restart-window-ms N] [--restart-delay-ms N]]
 
   --report PATH     append one JSON line per VM when it ends
   --trace-dir DIR   write each VM's Chrome trace (vm-N.trace.json) and latency plot (vm-N.svg)
@@ -30,13 +32,32 @@ pub const HANDLER_USAGE: &str = "apf-handler --socket PATH --mem-file PATH [--wo
   --no-working-set  replay nothing, not even MEM-FILE.ws
   --replay-eager    after the set, fill every other page still missing
   --save-working-set FILE  record each VM's first touches; write them to FILE when it hangs up
-                    (MEM-FILE.ws: the next VMs replay them)";
+                    (MEM-FILE.ws: the next VMs replay them)
 
-fn parse_handler(args: &[String]) -> Result<(Options, bool), String> {
+  --supervise       a parent keeps the socket and every VM's descriptors and serves in a
+                    worker child, restarted when it dies (at most --max-restarts, default 5,
+                    within --restart-window-ms, default 10000, each after --restart-delay-ms,
+                    default 100); past that every VM is ended through its pidfd
+  --crash-worker on-vm|on-handshake
+                    test seam: a supervised worker dies (SIGKILL) as soon as it is handed a
+                    VM, or once it has read a VM's handshake (before adopting it)";
+
+/// What the command line asks for.
+struct Parsed {
+    opts: Options,
+    one_page: bool,
+    supervise: Option<Supervise>,
+    worker_fd: Option<i32>,
+}
+
+fn parse_handler(args: &[String]) -> Result<Parsed, String> {
     let mut socket = None;
     let mut mem_file = None;
     let mut opts = Options::new("", "");
     let mut one_page = false;
+    let mut supervise = None::<Supervise>;
+    let mut sup = Supervise::default();
+    let mut worker_fd = None;
     let mut it = args.iter();
     while let Some(arg) = it.next() {
         let mut value = || it.next().ok_or_else(|| format!("{arg} needs a value"));
@@ -59,6 +80,12 @@ fn parse_handler(args: &[String]) -> Result<(Options, bool), String> {
             "--replay-eager" => opts.replay_eager = true,
             "--save-working-set" => opts.save_working_set = Some(PathBuf::from(value()?)),
             "--one-page" => one_page = true,
+            "--supervise" => supervise = Some(Supervise::default()),
+            "--max-restarts" => sup.max_restarts = num(value()?)? as usize,
+            "--restart-window-ms" => sup.window = Duration::from_millis(num(value()?)?),
+            "--restart-delay-ms" => sup.delay = Duration::from_millis(num(value()?)?),
+            "--crash-worker" => opts.crash = Some(value()?.parse()?),
+            "--worker-fd" => worker_fd = Some(num(value()?)? as i32),
             "--help" | "-h" => return Err(HANDLER_USAGE.into()),
             other => return Err(format!("unknown option {other}\n{HANDLER_USAGE}")),
         }
@@ -72,12 +99,15 @@ fn parse_handler(args: &[String]) -> Result<(Options, bool), String> {
     if one_page && (replays || opts.no_working_set) {
         return Err(format!("--one-page neither records nor replays working sets\n{HANDLER_USAGE}"));
     }
-    Ok((opts, one_page))
+    if one_page && supervise.is_some() {
+        return Err("--one-page cannot be supervised".into());
+    }
+    Ok(Parsed { opts, one_page, supervise: supervise.map(|_| sup), worker_fd })
 }
 
 /// Runs the handler with command-line `args` (after the program name).
 pub fn handler_main(args: &[String]) -> ExitCode {
-    let (opts, one_page) = match parse_handler(args) {
+    let Parsed { opts, one_page, supervise, worker_fd } = match parse_handler(args) {
         Ok(o) => o,
         Err(e) => {
             eprintln!("{e}");
@@ -102,7 +132,31 @@ pub fn handler_main(args: &[String]) -> ExitCode {
             }
         };
     }
-    match Server::bind(opts) {
+    let bound = match (worker_fd, &supervise) {
+        (Some(fd), _) => match crate::supervise::worker_channel(fd) {
+            Ok(ctl) => Server::worker(opts, ctl),
+            Err(e) => {
+                eprintln!("apf-handler: --worker-fd {fd}: {e}");
+                return ExitCode::from(2);
+            }
+        },
+        (None, Some(sup)) => {
+            eprintln!("apf-handler: supervising on {}", opts.socket.display());
+            // Every worker gets the same arguments, `--worker-fd` added.
+            return match crate::supervise::supervise(&opts, sup, args) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!(
+                        "apf-handler: {e}{}",
+                        std::error::Error::source(&e).map(|s| format!(": {s}")).unwrap_or_default()
+                    );
+                    ExitCode::FAILURE
+                }
+            };
+        }
+        (None, None) => Server::bind(opts),
+    };
+    match bound {
         Ok(server) => {
             eprintln!("apf-handler: listening");
             server.run();
@@ -124,9 +178,13 @@ pub fn handler_main(args: &[String]) -> ExitCode {
 /// `apf-fc-client`'s usage.
 pub const CLIENT_USAGE: &str = "apf-fc-client --socket PATH --mem-file PATH [--threads N] [--regions N]
               [--order seq|random] [--balloon] [--misbehave CASE] [--hold-ms N] [--kernel-file]
+              [--gate PATH]
 
   --kernel-file   no handler: map the memory file MAP_PRIVATE and touch it the same way
-                  (what Firecracker's File backend does), for comparison";
+                  (what Firecracker's File backend does), for comparison
+  --gate PATH     touch the first pages and discard ranges, create PATH.ready, wait for PATH,
+                  then restore the rest (discarded ranges must read zeros): for tests that
+                  end a handler mid-restore";
 
 fn parse_client(args: &[String]) -> Result<ClientOptions, String> {
     let mut opts = ClientOptions {
@@ -139,6 +197,7 @@ fn parse_client(args: &[String]) -> Result<ClientOptions, String> {
         misbehave: None,
         hold: Duration::from_secs(10),
         kernel_file: false,
+        gate: None,
     };
     let mut it = args.iter();
     while let Some(arg) = it.next() {
@@ -153,6 +212,7 @@ fn parse_client(args: &[String]) -> Result<ClientOptions, String> {
             "--balloon" => opts.balloon = true,
             "--kernel-file" => opts.kernel_file = true,
             "--misbehave" => opts.misbehave = Some(value()?.parse()?),
+            "--gate" => opts.gate = Some(PathBuf::from(value()?)),
             "--hold-ms" => opts.hold = Duration::from_millis(num(value()?)?),
             other => return Err(format!("unknown option {other}\n{CLIENT_USAGE}")),
         }
@@ -195,7 +255,7 @@ mod tests {
     fn parse(args: &[&str]) -> Result<(Options, bool), String> {
         let mut all = vec!["--socket", "s", "--mem-file", "m"];
         all.extend_from_slice(args);
-        parse_handler(&all.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+        parse_handler(&all.iter().map(|s| s.to_string()).collect::<Vec<_>>()).map(|p| (p.opts, p.one_page))
     }
 
     #[test]

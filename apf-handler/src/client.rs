@@ -167,6 +167,12 @@ pub struct ClientOptions {
     /// No handler: the memory file mapped `MAP_PRIVATE` (Firecracker's
     /// File backend), touched the same way, for comparison.
     pub kernel_file: bool,
+    /// Restore in two halves around a gate, for tests of a handler dying
+    /// mid-restore: after the load, touch the first pages and discard
+    /// ranges as a balloon would (touched ones and untouched ones), create
+    /// `GATE.ready`, wait (at most 60 s) for `GATE` to exist, then the
+    /// first pass; the discarded ranges must read zeros when verified.
+    pub gate: Option<PathBuf>,
 }
 
 /// What a restore measured.
@@ -388,7 +394,7 @@ pub fn run(opts: &ClientOptions) -> Result<ClientReport, ClientError> {
     if opts.kernel_file {
         let maps = vec![Mapping::file_private(&file, pages * PAGE)?];
         let first_pass = touch(&maps, pages, opts.threads, opts.order);
-        let verified = verify(&maps, &[0], &file)?;
+        let verified = verify(&maps, &[0], &file, &[])?;
         return Ok(ClientReport { first_pass, pages: pages as u64, verified, ..ClientReport::default() });
     }
     let uffd = firecracker_uffd()?;
@@ -421,9 +427,14 @@ pub fn run(opts: &ClientOptions) -> Result<ClientReport, ClientError> {
         vm.maps[m].write_word(off, u64::from_le_bytes(word));
     }
     let load = started.elapsed();
+    let discarded = match &opts.gate {
+        Some(gate) => before_gate(&vm, gate)?,
+        None => Vec::new(),
+    };
     let first_pass = touch(&vm.maps, pages, opts.threads, opts.order);
-    let verified = verify(&vm.maps, &vm.offsets, &file)?;
-    let balloon_zero = if opts.balloon { balloon(&vm, &file)? } else { 0 };
+    let verified = verify(&vm.maps, &vm.offsets, &file, &discarded)?;
+    let early_zero = discarded.iter().map(|&(_, _, len)| (len / PAGE) as u64).sum::<u64>();
+    let balloon_zero = early_zero + if opts.balloon { balloon(&vm, &file)? } else { 0 };
     drop(vm.conn);
     Ok(ClientReport { load, first_pass, pages: pages as u64, verified, balloon_zero })
 }
@@ -470,17 +481,66 @@ fn touch(maps: &[Mapping], pages: usize, threads: usize, order: Order) -> Durati
     start.elapsed()
 }
 
-/// Compares all of memory with the file; returns the pages compared.
-fn verify(maps: &[Mapping], offsets: &[u64], file: &File) -> Result<u64, ClientError> {
+/// The first half of a gated restore (see [`ClientOptions::gate`]):
+/// returns the discarded ranges, `(mapping, offset, length)`.
+fn before_gate(vm: &Vm, gate: &Path) -> Result<Vec<(usize, usize, usize)>, ClientError> {
+    let mut discarded = Vec::new();
+    for (i, m) in vm.maps.iter().enumerate() {
+        // Touch the first eighth of the mapping, then discard its first 4
+        // pages (present), 8 at the middle and the last 4 (never touched,
+        // but for the load's page): the last pages of one region and the
+        // first of the next are adjacent in the memory file.
+        let touched = (m.len / 8) / PAGE * PAGE;
+        for off in (0..touched).step_by(PAGE) {
+            std::hint::black_box(m.read_word(off));
+        }
+        let pages = m.len / PAGE;
+        for (first, count) in [(0, 4), (pages / 2, 8), (pages.saturating_sub(4), 4)] {
+            let (off, len) = (first * PAGE, (count * PAGE).min(m.len - first * PAGE));
+            if len == 0 || discarded.iter().any(|&(j, o, l)| j == i && o < off + len && off < o + l) {
+                continue;
+            }
+            m.discard(off, len)?;
+            discarded.push((i, off, len));
+        }
+    }
+    let mut ready = gate.as_os_str().to_owned();
+    ready.push(".ready");
+    File::create(PathBuf::from(ready)).map_err(sys_err("create the gate's ready file"))?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !gate.exists() {
+        if Instant::now() >= deadline {
+            return Err(ClientError::Sys { what: "waiting at the gate", source: io::ErrorKind::TimedOut.into() });
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    Ok(discarded)
+}
+
+/// Compares all of memory with the file, where `zeroed` ranges
+/// (`(mapping, offset, length)`) must read zeros instead; returns the
+/// pages compared.
+fn verify(
+    maps: &[Mapping],
+    offsets: &[u64],
+    file: &File,
+    zeroed: &[(usize, usize, usize)],
+) -> Result<u64, ClientError> {
     const CHUNK: usize = 256 * PAGE;
     let mut want = vec![0u8; CHUNK];
     let mut got = vec![0u8; CHUNK];
     let mut pages = 0;
-    for (m, &base) in maps.iter().zip(offsets) {
+    for (i, (m, &base)) in maps.iter().zip(offsets).enumerate() {
         let mut off = 0;
         while off < m.len {
             let n = CHUNK.min(m.len - off);
             file.read_exact_at(&mut want[..n], base + off as u64).map_err(sys_err("read the memory file"))?;
+            for &(_, z, len) in zeroed.iter().filter(|z| z.0 == i) {
+                let (lo, hi) = (z.max(off), (z + len).min(off + n));
+                if lo < hi {
+                    want[lo - off..hi - off].fill(0);
+                }
+            }
             m.copy_out(off, &mut got[..n]);
             if want[..n] != got[..n] {
                 let p = (0..n / PAGE).find(|p| want[p * PAGE..(p + 1) * PAGE] != got[p * PAGE..(p + 1) * PAGE]);

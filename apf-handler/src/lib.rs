@@ -12,12 +12,18 @@
 //! fault-around, workers, remove events and latency tracing, and a report
 //! per VM when it ends.
 //!
+//! With `--supervise`, a parent process owns the socket and every VM's
+//! descriptors and runs the serving in a worker child it restarts if it
+//! dies; removes survive the restart in a bitmap the parent owns (see
+//! [`supervise`]).
+//!
 //! | module | what |
 //! |---|---|
 //! | [`handshake`] | the handshake message, parsed and checked (pure; fuzzed) |
 //! | [`peer`] | the connection's message and descriptors, the peer's pidfd, ending it |
 //! | [`server`] | the socket, the VMs, bad peers, failing sources |
 //! | [`report`] | per-VM reports and the served-fault timeline |
+//! | [`supervise`] | supervisor mode: a parent keeps every VM's descriptors and restarts a worker that dies |
 //! | [`cli`] | the command lines of the handler and the client |
 //! | [`client`] | a client that does what Firecracker does, for tests and benchmarks |
 //! | [`one_page`] | a one-page-per-fault handler of the same protocol, to compare with |
@@ -30,5 +36,6 @@ pub mod one_page;
 pub mod peer;
 pub mod report;
 pub mod server;
+pub mod supervise;
 
-pub use server::{OnLost, Options, Server, ServerError};
+pub use server::{Crash, OnLost, Options, Server, ServerError};

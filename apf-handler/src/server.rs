@@ -87,6 +87,7 @@ use tracing_subscriber::prelude::*;
 use crate::handshake::{self, HandshakeError, Region};
 use crate::peer::{self, Peer};
 use crate::report::{End, Timeline, VmReport, WorkingSetUse};
+use crate::supervise::RemovedPages;
 
 /// Errors starting the handler.
 #[derive(Debug, Error)]
@@ -174,6 +175,8 @@ pub struct Options {
     pub replay_eager: bool,
     /// Record each VM's first touches and write them here when it hangs up.
     pub save_working_set: Option<PathBuf>,
+    /// Test seam: when a supervised worker dies (SIGKILL, for every VM).
+    pub crash: Option<Crash>,
 }
 
 impl Options {
@@ -195,6 +198,7 @@ impl Options {
             no_working_set: false,
             replay_eager: false,
             save_working_set: None,
+            crash: None,
         }
     }
 }
@@ -262,6 +266,11 @@ struct Pending {
     bytes: Vec<u8>,
     fds: Vec<OwnedFd>,
     fds_truncated: bool,
+    /// The VM's removed-pages set (supervised workers only).
+    removed: Option<RemovedPages>,
+    /// Handed over by the supervisor after a worker died: the peer may
+    /// have given its userfaultfd to the dead worker.
+    resumed: bool,
 }
 
 /// A running VM.
@@ -296,11 +305,21 @@ pub struct Counters {
     pub reports: AtomicUsize,
 }
 
+/// Where VMs come from.
+#[derive(Debug)]
+enum Intake {
+    /// Connections accepted on the socket.
+    Listen(UnixListener),
+    /// VMs handed over by the supervisor (see [`crate::supervise`]).
+    Supervised(Arc<UnixStream>),
+}
+
 /// A handler bound to its socket.
 #[derive(Debug)]
 pub struct Server {
     opts: Options,
-    listener: UnixListener,
+    /// The socket, or the supervisor's pair (a supervised worker).
+    intake: Intake,
     file: Arc<SnapshotFile>,
     file_len: u64,
     stop: Arc<AtomicBool>,
@@ -315,7 +334,20 @@ impl std::fmt::Debug for VmSource {
 
 impl Server {
     /// Opens the memory file and listens on the socket.
-    pub fn bind(mut opts: Options) -> Result<Server, ServerError> {
+    pub fn bind(opts: Options) -> Result<Server, ServerError> {
+        let listener = listen_at(&opts.socket)
+            .and_then(|l| l.set_nonblocking(true).map(|()| l))
+            .map_err(|source| ServerError::Listen { path: opts.socket.clone(), source })?;
+        Server::open(opts, Intake::Listen(listener))
+    }
+
+    /// A supervised worker: VMs come from the supervisor's pair `ctl`
+    /// instead of a socket (see [`crate::supervise`]).
+    pub fn worker(opts: Options, ctl: UnixStream) -> Result<Server, ServerError> {
+        Server::open(opts, Intake::Supervised(Arc::new(ctl)))
+    }
+
+    fn open(mut opts: Options, intake: Intake) -> Result<Server, ServerError> {
         opts.config.record_working_set |= opts.save_working_set.is_some();
         if opts.max_vms == 0 {
             return Err(ServerError::Option("max_vms must be at least 1"));
@@ -340,10 +372,7 @@ impl Server {
             * apf::PAGE_SIZE as u64;
         let layout = if file_len == 0 { vec![] } else { vec![(GuestRange::new(GuestAddress(0), file_len), 0)] };
         let file = Arc::new(SnapshotFile::with_layout(&opts.mem_file, layout).map_err(mem_err)?);
-        let listener = listen_at(&opts.socket)
-            .and_then(|l| l.set_nonblocking(true).map(|()| l))
-            .map_err(|source| ServerError::Listen { path: opts.socket.clone(), source })?;
-        Ok(Server { opts, listener, file, file_len, stop: Arc::default(), counters: Arc::default() })
+        Ok(Server { opts, intake, file, file_len, stop: Arc::default(), counters: Arc::default() })
     }
 
     /// Set to stop [`Server::run`] (it ends every VM and returns).
@@ -364,24 +393,40 @@ impl Server {
             let opts = self.opts.clone();
             let active = active.clone();
             let counters = self.counters.clone();
+            let ctl = self.ctl().cloned();
             std::thread::Builder::new()
                 .name("apf-handler-reap".into())
                 .spawn(move || {
                     for (live, end) in reap_rx {
+                        let vm = live.vm;
                         finish(&opts, live, end, &counters);
+                        if let Some(ctl) = &ctl {
+                            tell_ended(ctl, vm);
+                        }
                         active.fetch_sub(1, Ordering::AcqRel);
                     }
                 })
                 .expect("cannot start the reaper thread")
         };
         let mut pending: Vec<Pending> = Vec::new();
+        // A supervised worker whose supervisor died takes no new VMs and
+        // serves the ones it has until they end.
+        let mut orphaned = false;
         let mut live: Vec<Live> = Vec::new();
         let mut next_vm = 0u64;
-        let mut buf = vec![0u8; handshake::MAX_MESSAGE + 1];
-        while !self.stop.load(Ordering::Acquire) {
-            let accepting = active.load(Ordering::Acquire) + pending.len() < self.opts.max_vms;
+        let mut buf = vec![0u8; handshake::MAX_MESSAGE.max(crate::supervise::MAX_CONTROL) + 1];
+        while !(self.stop.load(Ordering::Acquire) || orphaned && live.is_empty() && pending.is_empty()) {
+            // A supervisor bounds its VMs itself, and has handed them over.
+            let accepting = matches!(self.intake, Intake::Supervised(_))
+                || active.load(Ordering::Acquire) + pending.len() < self.opts.max_vms;
             let mut fds = Vec::with_capacity(1 + pending.len() + live.len());
-            fds.push(pollfd(self.listener.as_raw_fd(), if accepting { libc::POLLIN } else { 0 }));
+            let intake_fd = match &self.intake {
+                Intake::Listen(l) => l.as_raw_fd(),
+                Intake::Supervised(ctl) => ctl.as_raw_fd(),
+            };
+            // poll skips a negative descriptor: a hung-up pair would
+            // report POLLHUP at every call.
+            fds.push(pollfd(if orphaned { -1 } else { intake_fd }, if accepting { libc::POLLIN } else { 0 }));
             fds.extend(pending.iter().map(|p| pollfd(p.conn.as_raw_fd(), libc::POLLIN)));
             fds.extend(live.iter().map(|l| pollfd(l.conn.as_raw_fd(), libc::POLLIN | libc::POLLRDHUP)));
             // SAFETY: poll reads and writes `fds`, a live Vec of pollfds of
@@ -414,21 +459,34 @@ impl Server {
                     continue;
                 }
                 let p = pending.swap_remove(i);
+                if self.opts.crash == Some(Crash::OnHandshake) && self.ctl().is_some() && !p.bytes.is_empty() {
+                    die(p.vm, "on-handshake");
+                }
                 match self.start_vm(p, hung_up, late) {
                     Ok(l) => {
                         active.fetch_add(1, Ordering::AcqRel);
                         self.counters.vms.fetch_add(1, Ordering::Relaxed);
                         live.push(l);
                     }
-                    Err(()) => {
+                    Err(vm) => {
                         self.counters.refused.fetch_add(1, Ordering::Relaxed);
+                        if let Some(ctl) = self.ctl() {
+                            tell_ended(ctl, vm);
+                        }
                     }
                 }
             }
 
+            if let (Intake::Supervised(ctl), true) = (&self.intake, fds[0].revents != 0) {
+                if !orphaned && !self.take_handed(ctl, &mut pending, &mut buf) {
+                    tracing::error!(target: "apf_handler", vms = live.len() + pending.len(), "the supervisor is gone: serving the VMs there are until they end");
+                    orphaned = true;
+                }
+            }
+            let Intake::Listen(listener) = &self.intake else { continue };
             if accepting && fds[0].revents & libc::POLLIN != 0 {
                 while active.load(Ordering::Acquire) + pending.len() < self.opts.max_vms {
-                    match self.listener.accept() {
+                    match listener.accept() {
                         Ok((conn, _)) => {
                             // Who it is, first: the pidfd is exact, and the
                             // pid fallback is least racy now.
@@ -447,6 +505,8 @@ impl Server {
                                 bytes: Vec::new(),
                                 fds: Vec::new(),
                                 fds_truncated: false,
+                                removed: None,
+                                resumed: false,
                             });
                         }
                         Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
@@ -463,7 +523,70 @@ impl Server {
         }
         drop(reap_tx);
         let _ = reaper.join();
-        let _ = std::fs::remove_file(&self.opts.socket);
+        if let Intake::Listen(_) = self.intake {
+            let _ = std::fs::remove_file(&self.opts.socket);
+        }
+    }
+
+    fn ctl(&self) -> Option<&Arc<UnixStream>> {
+        match &self.intake {
+            Intake::Supervised(ctl) => Some(ctl),
+            Intake::Listen(_) => None,
+        }
+    }
+
+    /// Takes the VMs the supervisor handed over; false once it is gone.
+    fn take_handed(&self, ctl: &UnixStream, pending: &mut Vec<Pending>, buf: &mut [u8]) -> bool {
+        loop {
+            let msg = match crate::supervise::recv_control(ctl, buf) {
+                Ok(Some(m)) => m,
+                Ok(None) => return true,
+                Err(e) => {
+                    tracing::error!(target: "apf_handler", error = %e, "the supervisor's pair");
+                    return false;
+                }
+            };
+            let Some(vm) = msg.header["vm"].as_u64() else {
+                tracing::error!(target: "apf_handler", header = %msg.header, "a message of the supervisor without a VM");
+                continue;
+            };
+            if self.opts.crash == Some(Crash::OnVm) {
+                die(vm, "on-vm");
+            }
+            let resumed = msg.header["resumed"].as_bool() == Some(true);
+            let mut fds = msg.fds.into_iter();
+            let (Some(conn), Some(set)) = (fds.next(), fds.next()) else {
+                tracing::error!(target: "apf_handler", vm, "the supervisor handed a VM without its descriptors");
+                continue;
+            };
+            let conn = UnixStream::from(conn);
+            let peer = Peer::of(&conn);
+            let removed = match RemovedPages::map(&set, self.file_len / apf::PAGE_SIZE as u64) {
+                Ok(r) => r,
+                Err(e) => {
+                    // Served without it, this VM's removes would not
+                    // survive a restart: end it rather than risk stale pages.
+                    self.kill(vm, &peer, &format!("cannot map its removed-pages set: {e}"));
+                    tell_ended(ctl, vm);
+                    continue;
+                }
+            };
+            if let Err(e) = conn.set_nonblocking(true) {
+                tracing::warn!(target: "apf_handler", vm, error = %e, "cannot make the connection non-blocking");
+            }
+            tracing::info!(target: "apf_handler", vm, pid = peer.pid, resumed, "handed over by the supervisor");
+            pending.push(Pending {
+                vm,
+                conn,
+                peer,
+                since: Instant::now(),
+                bytes: msg.bytes,
+                fds: fds.collect(),
+                fds_truncated: false,
+                removed: Some(removed),
+                resumed,
+            });
+        }
     }
 
     /// Whether a running VM has ended, and why.
@@ -523,9 +646,12 @@ impl Server {
 
     /// Judges a handshake and starts its VM; on refusal, logs why and ends
     /// the peer if it handed over a userfaultfd.
-    fn start_vm(&self, mut p: Pending, hung_up: bool, late: bool) -> Result<Live, ()> {
+    fn start_vm(&self, mut p: Pending, hung_up: bool, late: bool) -> Result<Live, u64> {
+        let vm = p.vm;
         let refuse = |p: &Pending, why: String| {
-            let uffd = p.fds.iter().any(peer::is_userfaultfd);
+            // A resumed peer may have handed its userfaultfd to the dead
+            // worker: it would wait on it for ever.
+            let uffd = p.resumed || p.fds.iter().any(peer::is_userfaultfd);
             tracing::error!(target: "apf_handler", vm = p.vm, pid = p.peer.pid, why = %why, "handshake refused");
             if uffd {
                 self.kill(p.vm, &p.peer, &format!("handshake refused ({why}) after it handed over a userfaultfd"));
@@ -533,29 +659,31 @@ impl Server {
         };
         if late && handshake::incomplete(&p.bytes) {
             refuse(&p, format!("no complete handshake within {:?}", self.opts.handshake_timeout));
-            return Err(());
+            return Err(vm);
         }
         let regions = match handshake::parse(&p.bytes, self.file_len) {
             Ok(r) => r,
             Err(e @ HandshakeError::Json(_)) if hung_up && p.bytes.is_empty() => {
                 refuse(&p, format!("hung up before its handshake ({e})"));
-                return Err(());
+                return Err(vm);
             }
             Err(e) => {
                 refuse(&p, e.to_string());
-                return Err(());
+                return Err(vm);
             }
         };
         if p.fds.len() != 1 || p.fds_truncated {
             let n = if p.fds_truncated { format!("more than {}", p.fds.len()) } else { p.fds.len().to_string() };
             refuse(&p, format!("the handshake came with {n} descriptors (one userfaultfd expected)"));
-            return Err(());
+            return Err(vm);
         }
         let fd = p.fds.pop().expect("one descriptor");
         if !peer::is_userfaultfd(&fd) {
             refuse(&p, "its descriptor is not a userfaultfd".into());
-            return Err(());
+            return Err(vm);
         }
+        // The supervisor keeps a copy, for the next worker if this one dies.
+        let uffd_copy = if self.ctl().is_some() { fd.try_clone().ok() } else { None };
         let remote: Vec<RemoteRegion> = regions.iter().map(remote_region).collect();
         let peer = Arc::new(p.peer);
         let mem = match RemoteMemory::adopt(fd, &remote) {
@@ -565,7 +693,7 @@ impl Server {
                 let why = format!("cannot serve it: {e}");
                 tracing::error!(target: "apf_handler", vm = p.vm, why = %why, "handshake refused");
                 self.kill(p.vm, &peer, &why);
-                return Err(());
+                return Err(vm);
             }
         };
         let killed = Arc::new(AtomicBool::new(false));
@@ -587,8 +715,29 @@ impl Server {
         let dispatch =
             tracing::Dispatch::new(tracing_subscriber::registry().with(latency.clone()).with(timeline.clone()));
         let features = mem.features();
+        let removed = p.removed.take().map(Arc::new);
+        if let Some(set) = &removed {
+            // Removes an earlier worker read: those pages read zeros.
+            // A run of removed pages may cross from one region into the
+            // next (regions are adjacent in the file): one region at a time.
+            let pieces = set.ranges().into_iter().flat_map(|range| {
+                regions.iter().filter_map(move |r| {
+                    let (lo, hi) = (range.start.0.max(r.offset), range.end().min(r.offset + r.size));
+                    (lo < hi).then(|| GuestRange::new(GuestAddress(lo), hi - lo))
+                })
+            });
+            for range in pieces {
+                if let Err(e) = mem.mark_removed(range) {
+                    tracing::warn!(target: "apf_handler", vm = p.vm, error = %e, "a removed range outside the regions");
+                }
+            }
+        }
         let started = tracing::dispatcher::with_default(&dispatch, || {
-            Engine::remote(mem, source).config(self.opts.config.clone()).start()
+            let mut b = Engine::remote(mem, source).config(self.opts.config.clone());
+            if let Some(set) = removed {
+                b = b.on_remove(move |range| set.record(range));
+            }
+            b.start()
         });
         let engine = match started {
             Ok(e) => e,
@@ -596,9 +745,15 @@ impl Server {
                 let why = format!("cannot start its engine: {e}");
                 tracing::error!(target: "apf_handler", vm = p.vm, why = %why, "handshake refused");
                 self.kill(p.vm, &peer, &why);
-                return Err(());
+                return Err(vm);
             }
         };
+        if let (Some(ctl), Some(uffd)) = (self.ctl(), uffd_copy) {
+            let header = serde_json::json!({ "vm": p.vm, "adopted": true });
+            if let Err(e) = crate::supervise::send_control(ctl, &header, &p.bytes, &[uffd.as_raw_fd()]) {
+                tracing::warn!(target: "apf_handler", vm = p.vm, error = %e, "cannot tell the supervisor the VM is adopted");
+            }
+        }
         let memory_bytes = regions.iter().map(|r| r.size).sum();
         let (working_set, replayed) = self.replay(p.vm, &engine);
         tracing::info!(target: "apf_handler", vm = p.vm, pid = peer.pid, regions = regions.len(), memory_bytes, %features, "serving");
@@ -690,6 +845,41 @@ pub fn listen_at(path: &Path) -> io::Result<UnixListener> {
     let listener = UnixListener::bind(&tmp)?;
     std::fs::rename(&tmp, path)?;
     Ok(listener)
+}
+
+/// Test seam: when a supervised worker dies ([`Options::crash`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Crash {
+    /// As soon as it is handed a VM.
+    OnVm,
+    /// Once it has read a VM's handshake, before adopting it.
+    OnHandshake,
+}
+
+impl std::str::FromStr for Crash {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "on-vm" => Ok(Crash::OnVm),
+            "on-handshake" => Ok(Crash::OnHandshake),
+            other => Err(format!("unknown crash point {other:?} (expected on-vm or on-handshake)")),
+        }
+    }
+}
+
+/// The worker dies at a test seam: SIGKILL rather than abort (no core
+/// file, no unwinding), as a worker killed from outside would.
+fn die(vm: u64, at: &str) {
+    tracing::error!(target: "apf_handler", vm, at, "--crash-worker: dying");
+    // SAFETY: raise takes a signal number; this process ends.
+    unsafe { libc::raise(libc::SIGKILL) };
+}
+
+/// Tells the supervisor a VM ended (it drops its copies).
+fn tell_ended(ctl: &UnixStream, vm: u64) {
+    if let Err(e) = crate::supervise::send_control(ctl, &serde_json::json!({ "vm": vm, "ended": true }), &[], &[]) {
+        tracing::warn!(target: "apf_handler", vm, error = %e, "cannot tell the supervisor the VM ended");
+    }
 }
 
 fn remote_region(r: &Region) -> RemoteRegion {
