@@ -9,7 +9,9 @@ use agent_proto::timing::{phase, Histogram, BUCKETS, HIST_CHUNK};
 use agent_proto::{
     pass, Config, Counters, Layout, OfflineOp, Reply, Request, Workload, PAGE_SIZE, RING_SLOTS_PER_VCPU,
 };
-use agent_proto::{permute, scattered_pages, FLAG_BALLOON, FLAG_CHECKSUM, FLAG_GUEST_OFFLINE, FLAG_RANDOM_ORDER, FLAG_RESTORE};
+use agent_proto::{
+    permute, scattered_pages, FLAG_BALLOON, FLAG_CHECKSUM, FLAG_GUEST_OFFLINE, FLAG_RANDOM_ORDER, FLAG_RESTORE,
+};
 
 use crate::checksum::Slots;
 use crate::machine::{rdtsc_ordered, SharedRam};
