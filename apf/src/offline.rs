@@ -20,13 +20,14 @@
 //!    range: holders drop their kernel pins and stop relying on the memory.
 //! 3. **Wait for short-term references** ([`PageRef`](crate::pin::PageRef))
 //!    and hard pins to drain, then for the staging area, both up to the
-//!    deadline. Offlines take turns at the staging area in the order they
-//!    ask, chunk by chunk: one with more chunks to do lets a waiting one
-//!    go first after each chunk, so a small offline (a guest's request)
-//!    waits for one chunk of a large one, never for all of it. A range still held then fails with [`OfflineError::Busy`]
+//!    deadline. A range still held then fails with [`OfflineError::Busy`]
 //!    (or [`OfflineError::StagingBusy`]) and is left as it was. Because
 //!    nothing is held yet, a thread holding a reference waited for here is
-//!    never blocked by this offline, whatever it touches.
+//!    never blocked by this offline, whatever it touches. Offlines take
+//!    turns at the staging area in the order they ask, chunk by chunk: one
+//!    with more chunks to do lets a waiting one go first after each chunk,
+//!    so a small offline (a guest's request) waits for one chunk of a
+//!    large one, never for all of it.
 //! 4. **Chunk by chunk**, [`STAGING_PAGES`] pages at a time, from the start
 //!    of the range:
 //!    - **hold the chunk**: under the install lock, bump the sequence over
