@@ -302,6 +302,26 @@ pub(crate) struct Fault {
     pub page: usize,
 }
 
+impl Job {
+    /// A job over `window` of region `region`, claimed for the fault on
+    /// `fault` (None: nobody waits on it yet), `writes` if a write asked
+    /// for it. Its causes are measured when a fault's span is listened to.
+    pub fn new(region: usize, fault: Option<usize>, window: Window, span: tracing::Span, writes: bool) -> Job {
+        let causes = if fault.is_some() { Causes::for_span(&span) } else { Causes::default() };
+        Job {
+            region,
+            fault: fault.map(|page| Fault { page }),
+            window,
+            span,
+            attempts: 0,
+            refunds: 0,
+            reclaimed: false,
+            causes,
+            writes,
+        }
+    }
+}
+
 impl fmt::Debug for Job {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Job").field("region", &self.region).field("window", &self.window).finish_non_exhaustive()

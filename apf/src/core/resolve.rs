@@ -147,17 +147,7 @@ pub(crate) fn split_head(mut job: Job) -> (Job, Option<Job>) {
     }
     job.window = Window::from(vec![head]);
     let span = tracing::trace_span!(target: "apf", "apf.prefetch", pages = rest.iter().map(|r| r.count).sum::<usize>(), bytes = field::Empty, outcome = field::Empty);
-    let rest = Job {
-        region: job.region,
-        fault: None,
-        window: Window::from(rest),
-        span,
-        attempts: 0,
-        refunds: 0,
-        reclaimed: job.reclaimed,
-        causes: Causes::default(),
-        writes: job.writes,
-    };
+    let rest = Job { reclaimed: job.reclaimed, ..Job::new(job.region, None, Window::from(rest), span, job.writes) };
     (job, Some(rest))
 }
 
@@ -773,17 +763,7 @@ pub(crate) fn prefetch_pages(shared: &Core, locs: impl Iterator<Item = (usize, u
         if let Some((region, first, count)) = run.take() {
             let started = Instant::now();
             let span = tracing::trace_span!(target: "apf", "apf.prefetch", pages = count, bytes = field::Empty, outcome = field::Empty);
-            let job = Job {
-                region,
-                fault: None,
-                window: Window::from(vec![Run { first, count }]),
-                span,
-                attempts: 0,
-                refunds: 0,
-                reclaimed: false,
-                causes: Causes::default(),
-                writes: false,
-            };
+            let job = Job::new(region, None, Window::from(vec![Run { first, count }]), span, false);
             let (left, bytes) = resolve_guarded_counting(shared, job, ctx);
             debug_assert!(left.is_none(), "off the event loop, jobs finish");
             if let Some(job) = left {

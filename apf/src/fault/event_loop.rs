@@ -19,7 +19,7 @@ use vmm_sys_util::eventfd::EventFd;
 use super::prefetch::StreamTable;
 use super::SpawnError;
 use crate::core::resolve::{self, Ctx};
-use crate::core::{panic_message, Causes, Core, Fault, FaultError, GiveUp, Job, Run, Window};
+use crate::core::{panic_message, Core, FaultError, GiveUp, Job, Run, Window};
 use crate::notifier::{InstallsHeld, Invalidation, Reason};
 use crate::ram::{GuestAddress, GuestRange, MemoryKind, Origin, PageLoc, PageState};
 use crate::uffd::{Event, EventBuf, PAGE_SIZE};
@@ -417,19 +417,7 @@ impl FaultLoop {
                         self.image_block(region, page)
                     };
                     self.shared.record_window(loc.region, &window);
-                    let causes = Causes::for_span(&span);
-                    let job = Job {
-                        region: loc.region,
-                        fault: Some(Fault { page }),
-                        window,
-                        span,
-                        attempts: 0,
-                        refunds: 0,
-                        reclaimed: false,
-                        causes,
-                        writes: write,
-                    };
-                    self.dispatch(job);
+                    self.dispatch(Job::new(loc.region, Some(page), window, span, write));
                     return;
                 }
                 PageState::Resolving => {
@@ -453,19 +441,7 @@ impl FaultLoop {
                         continue;
                     }
                     shared.stats().spurious.add(1);
-                    span.record("source", "zero");
-                    let job = Job {
-                        region: loc.region,
-                        fault: Some(Fault { page }),
-                        window: Window::one(page),
-                        causes: Causes::for_span(&span),
-                        span,
-                        attempts: 0,
-                        refunds: 0,
-                        reclaimed: true,
-                        writes: write,
-                    };
-                    self.dispatch(job);
+                    self.dispatch_zeros(span, loc, write);
                     return;
                 }
                 PageState::Present if shared.ram().kind().page_cache_is_truth() => {
@@ -477,19 +453,7 @@ impl FaultLoop {
                     if !region.try_reclaim_punched(page) {
                         continue;
                     }
-                    span.record("source", "zero");
-                    let job = Job {
-                        region: loc.region,
-                        fault: Some(Fault { page }),
-                        window: Window::one(page),
-                        causes: Causes::for_span(&span),
-                        span,
-                        attempts: 0,
-                        refunds: 0,
-                        reclaimed: true,
-                        writes: write,
-                    };
-                    self.dispatch(job);
+                    self.dispatch_zeros(span, loc, write);
                     return;
                 }
                 PageState::Present => {
@@ -725,6 +689,14 @@ impl FaultLoop {
             }
         }
         runs
+    }
+
+    /// Resolves page `loc`, reclaimed from `Present` (a zap or a punched
+    /// hole took what the engine installed), as zeros: a job of its own.
+    fn dispatch_zeros(&mut self, span: tracing::Span, loc: PageLoc, write: bool) {
+        span.record("source", "zero");
+        let job = Job { reclaimed: true, ..Job::new(loc.region, Some(loc.page), Window::one(loc.page), span, write) };
+        self.dispatch(job);
     }
 
     fn dispatch(&mut self, job: Job) {
