@@ -166,9 +166,10 @@ pub fn restore_pass(
     Ok(Sample { pages: per * 2, seconds, latency })
 }
 
-/// Two threads, each over its half of `pages` pages at `base`; returns the
+/// Two threads, each over its half of `pages` pages at `base` (mapped for
+/// the whole pass), in order or in a keyed random order; returns the
 /// seconds taken and every page's first-access latency in nanoseconds.
-fn touch(base: usize, pages: u64, access: Access, random: bool, seed: u64) -> (f64, Vec<u64>) {
+pub(crate) fn touch(base: usize, pages: u64, access: Access, random: bool, seed: u64) -> (f64, Vec<u64>) {
     let per = pages / 2;
     let start = Instant::now();
     let lat: Vec<Vec<u64>> = std::thread::scope(|s| {

@@ -7,7 +7,6 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use agent_proto::permute;
 use apf::LatencyLayer;
 use apf::Pattern;
 use apf::SinglePageHandler;
@@ -203,39 +202,11 @@ fn host_pass(variant: Variant, random: bool, src: Src, bytes: u64, image: &Path,
     let write = src == Src::Zero;
     let pages = ram.pages() as u64;
     let base = ram.regions()[0].host_base() as usize;
-    let threads = 2u64;
-    let per = pages / threads;
-    let start = Instant::now();
-    let lat: Vec<Vec<u64>> = std::thread::scope(|s| {
-        let handles: Vec<_> = (0..threads)
-            .map(|t| {
-                s.spawn(move || {
-                    let mut lat = Vec::with_capacity(per as usize);
-                    let mut sum = 0u64;
-                    for i in 0..per {
-                        let p = t * per + if random { permute(i, per, seed ^ t) } else { i };
-                        let addr = (base + p as usize * PAGE as usize) as *mut u64;
-                        let t0 = Instant::now();
-                        if write {
-                            // SAFETY: `addr` is the first word of page `p`
-                            // of the region, mapped while `ram` lives; the
-                            // first touch is resolved by the kernel, the
-                            // baseline or the engine.
-                            unsafe { std::ptr::write_volatile(addr, p) };
-                        } else {
-                            // SAFETY: as above.
-                            sum = sum.wrapping_add(unsafe { std::ptr::read_volatile(addr) });
-                        }
-                        lat.push(t0.elapsed().as_nanos() as u64);
-                    }
-                    std::hint::black_box(sum);
-                    lat
-                })
-            })
-            .collect();
-        handles.into_iter().map(|h| h.join().unwrap_or_default()).collect()
-    });
-    let seconds = start.elapsed().as_secs_f64();
+    // The first touch of every page is resolved by the kernel, the
+    // baseline or the engine, which live until the end of this function.
+    let access = if write { crate::restore::Access::Write } else { crate::restore::Access::Read };
+    let (seconds, mut all) = crate::restore::touch(base, pages, access, random, seed);
+    let (threads, per) = (2, pages / 2);
     // Check what the threads saw: the first word of every page.
     let pattern = Pattern { seed: 1 };
     for p in 0..per * threads {
@@ -245,7 +216,6 @@ fn host_pass(variant: Variant, random: bool, src: Src, bytes: u64, image: &Path,
             return Err(format!("{}: page {p} holds {word:#x}", variant.name()));
         }
     }
-    let mut all: Vec<u64> = lat.into_iter().flatten().collect();
     all.sort_unstable();
     let latency = Some((Duration::from_nanos(percentile(&all, 0.5)), Duration::from_nanos(percentile(&all, 0.99))));
     Ok(Sample { pages: per * threads, seconds, latency })
