@@ -6,24 +6,14 @@
 #[path = "../../fuzz/checks/handshake.rs"]
 mod handshake;
 
-use std::path::{Path, PathBuf};
-
-fn inputs(kind: &str) -> Option<Vec<PathBuf>> {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz").join(kind).join("handshake");
-    let mut files: Vec<PathBuf> =
-        std::fs::read_dir(dir).ok()?.map(|e| e.expect("list the fuzz inputs").path()).collect();
-    files.sort();
-    Some(files)
-}
+#[path = "../../fuzz/checks/corpus.rs"]
+mod corpus;
 
 #[test]
 fn handshake_corpus_and_crashes_replay_clean() {
-    let corpus = inputs("corpus").expect("fuzz/corpus/handshake is missing");
-    assert!(corpus.len() >= 10, "fuzz/corpus/handshake holds {} inputs: too few to replay", corpus.len());
-    let crashes = inputs("artifacts").unwrap_or_default();
+    let fuzz = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz");
     let mut accepted = 0;
-    for path in corpus.iter().chain(&crashes) {
-        let input = std::fs::read(path).expect("read a fuzz input");
+    for input in corpus::replay(&fuzz, "handshake", 10) {
         if let Some((len, msg)) = input.split_first_chunk::<8>() {
             accepted += usize::from(apf_handler::handshake::parse(msg, u64::from_le_bytes(*len)).is_ok());
         }

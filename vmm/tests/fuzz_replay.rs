@@ -12,24 +12,12 @@ mod mailbox;
 #[path = "../../fuzz/checks/snapshot_header.rs"]
 mod snapshot_header;
 
-use std::path::{Path, PathBuf};
-
-/// Every file under `fuzz/<kind>/<target>`; `None` if the directory does
-/// not exist.
-fn inputs(kind: &str, target: &str) -> Option<Vec<PathBuf>> {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz").join(kind).join(target);
-    let entries = std::fs::read_dir(&dir).ok()?;
-    let mut files: Vec<PathBuf> = entries.map(|e| e.expect("list the fuzz inputs").path()).collect();
-    files.sort();
-    Some(files)
-}
+#[path = "../../fuzz/checks/corpus.rs"]
+mod corpus;
 
 /// The corpus of `target` (at least `least` inputs) and its crashes.
 fn replay(target: &str, least: usize) -> Vec<Vec<u8>> {
-    let corpus = inputs("corpus", target).unwrap_or_else(|| panic!("fuzz/corpus/{target} is missing"));
-    assert!(corpus.len() >= least, "fuzz/corpus/{target} holds {} inputs: too few to replay", corpus.len());
-    let crashes = inputs("artifacts", target).unwrap_or_default();
-    corpus.iter().chain(&crashes).map(|p| std::fs::read(p).expect("read a fuzz input")).collect()
+    corpus::replay(&std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz"), target, least)
 }
 
 #[test]
