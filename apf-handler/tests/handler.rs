@@ -4,116 +4,19 @@
 //! wait has a deadline: a client still running at its deadline is a VM
 //! left blocked, and fails the test.
 
-use std::io::Write;
 use std::os::unix::process::ExitStatusExt;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::path::Path;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use apf_handler::client::Misbehave;
 
-const HANDLER: &str = env!("CARGO_BIN_EXE_apf-handler");
-const CLIENT: &str = env!("CARGO_BIN_EXE_apf-fc-client");
-const MIB: usize = 1 << 20;
+mod common;
+use common::{handler, log, mem_file, Dir, Proc, HANDLER, MIB};
 
-/// A directory removed on drop.
-struct Dir(PathBuf);
-
-impl Dir {
-    fn new(name: &str) -> Dir {
-        let p = std::env::temp_dir().join(format!("apf-handler-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&p);
-        std::fs::create_dir_all(&p).unwrap();
-        Dir(p)
-    }
-}
-
-impl Drop for Dir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-/// A memory file of `len` bytes: every word distinct (its offset, mixed).
-fn mem_file(dir: &Path, len: usize) -> PathBuf {
-    let path = dir.join("mem");
-    let mut f = std::io::BufWriter::new(std::fs::File::create(&path).unwrap());
-    for w in 0..len / 8 {
-        f.write_all(&apf::splitmix64(w as u64).to_le_bytes()).unwrap();
-    }
-    f.flush().unwrap();
-    path
-}
-
-/// A child process killed (by its own handle) if the test ends first.
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-impl Proc {
-    /// Its exit, or a failure naming `what` at the deadline.
-    fn wait(&mut self, within: Duration, what: &str) -> ExitStatus {
-        let deadline = Instant::now() + within;
-        loop {
-            if let Some(status) = self.0.try_wait().unwrap() {
-                return status;
-            }
-            assert!(Instant::now() < deadline, "{what}: still running after {within:?} (left blocked)");
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-
-    /// Waits for its exit and returns its stdout.
-    fn output(mut self, within: Duration, what: &str) -> (ExitStatus, String) {
-        let status = self.wait(within, what);
-        let mut out = String::new();
-        std::io::Read::read_to_string(self.0.stdout.as_mut().unwrap(), &mut out).unwrap();
-        (status, out)
-    }
-}
-
-/// Starts the handler on `dir/sock` with `args` and waits until it listens.
-fn handler(dir: &Path, mem: &Path, args: &[&str]) -> Proc {
-    let sock = dir.join("sock");
-    let child = Command::new(HANDLER)
-        .arg("--socket")
-        .arg(&sock)
-        .arg("--mem-file")
-        .arg(mem)
-        .arg("--report")
-        .arg(dir.join("report.jsonl"))
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(dir.join("handler.log")).unwrap())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !sock.exists() {
-        assert!(Instant::now() < deadline, "the handler did not listen");
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    Proc(child)
-}
-
+/// A Firecracker-like client on `dir/sock` (its stderr dropped).
 fn client(dir: &Path, mem: &Path, args: &[&str]) -> Proc {
-    let child = Command::new(CLIENT)
-        .arg("--socket")
-        .arg(dir.join("sock"))
-        .arg("--mem-file")
-        .arg(mem)
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    Proc(child)
+    common::client(dir, mem, args, Stdio::null())
 }
 
 /// The first `n` report lines, waiting up to 30 s for them (a VM's
@@ -126,8 +29,7 @@ fn reports(dir: &Path, n: usize) -> Vec<serde_json::Value> {
         if lines.len() >= n {
             return lines;
         }
-        let log = || std::fs::read_to_string(dir.join("handler.log")).unwrap_or_default();
-        assert!(Instant::now() < deadline, "{} of {n} reports written; the handler's log:\n{}", lines.len(), log());
+        assert!(Instant::now() < deadline, "{} of {n} reports written; the handler's log:\n{}", lines.len(), log(dir));
         std::thread::sleep(Duration::from_millis(10));
     }
 }

@@ -4,108 +4,24 @@
 //! a worker that dies every time ends the VM instead of leaving it
 //! blocked. Every wait has a deadline.
 
-use std::io::Write;
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::os::unix::process::ExitStatusExt;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::path::Path;
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-const HANDLER: &str = env!("CARGO_BIN_EXE_apf-handler");
-const CLIENT: &str = env!("CARGO_BIN_EXE_apf-fc-client");
-const MIB: usize = 1 << 20;
+mod common;
+use common::{handler, log, mem_file, Dir, Proc, MIB};
 
-struct Dir(PathBuf);
-
-impl Dir {
-    fn new(name: &str) -> Dir {
-        let p = std::env::temp_dir().join(format!("apf-supervise-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&p);
-        std::fs::create_dir_all(&p).unwrap();
-        Dir(p)
-    }
-}
-
-impl Drop for Dir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-fn mem_file(dir: &Path, len: usize) -> PathBuf {
-    let path = dir.join("mem");
-    let mut f = std::io::BufWriter::new(std::fs::File::create(&path).unwrap());
-    for w in 0..len / 8 {
-        f.write_all(&apf::splitmix64(w as u64).to_le_bytes()).unwrap();
-    }
-    f.flush().unwrap();
-    path
-}
-
-/// A child process killed (by its own handle) if the test ends first.
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-impl Proc {
-    fn wait(&mut self, within: Duration, what: &str) -> ExitStatus {
-        let deadline = Instant::now() + within;
-        loop {
-            if let Some(status) = self.0.try_wait().unwrap() {
-                return status;
-            }
-            assert!(Instant::now() < deadline, "{what}: still running after {within:?} (left blocked)");
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-}
-
-fn log(dir: &Path) -> String {
-    std::fs::read_to_string(dir.join("handler.log")).unwrap_or_default()
-}
-
+/// The handler in supervisor mode on `dir/sock`.
 fn supervisor(dir: &Path, mem: &Path, args: &[&str]) -> Proc {
-    let sock = dir.join("sock");
-    let child = Command::new(HANDLER)
-        .arg("--supervise")
-        .arg("--socket")
-        .arg(&sock)
-        .arg("--mem-file")
-        .arg(mem)
-        .arg("--report")
-        .arg(dir.join("report.jsonl"))
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(dir.join("handler.log")).unwrap())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !sock.exists() {
-        assert!(Instant::now() < deadline, "the supervisor did not listen");
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    Proc(child)
+    handler(dir, mem, &[&["--supervise"], args].concat())
 }
 
+/// A Firecracker-like client on `dir/sock` (its stderr kept for the
+/// failure messages).
 fn client(dir: &Path, mem: &Path, args: &[&str]) -> Proc {
-    let child = Command::new(CLIENT)
-        .arg("--socket")
-        .arg(dir.join("sock"))
-        .arg("--mem-file")
-        .arg(mem)
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    Proc(child)
+    common::client(dir, mem, args, Stdio::piped())
 }
 
 /// The supervisor's one child, the worker, waiting for a new one if
