@@ -67,6 +67,8 @@ use std::time::{Duration, Instant};
 use rustix::fs::{flock, FlockOperation};
 use thiserror::Error;
 
+use crate::hostmem::{interruptible_write, Interruptible};
+
 /// The lock file every process of the project takes around a change of the
 /// huge-page pool; it records the live reservations.
 pub const LOCK_PATH: &str = "/tmp/apf-hugepages.lock";
@@ -88,6 +90,10 @@ pub const HEADROOM: u64 = 1 << 30;
 /// it, its line stays in the record and is cleaned up after this process
 /// exits, like a crashed holder's.
 pub const RELEASE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How long giving pages back may take. Shrinking the pool frees pages and
+/// allocates none; this only bounds a kernel that misbehaves.
+pub const SHRINK_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// How often a busy lock is tried again.
 const LOCK_POLL: Duration = Duration::from_millis(5);
@@ -113,6 +119,35 @@ pub enum HugePoolError {
         asked: u64,
         /// Pages the kernel allocated before the value was put back.
         got: u64,
+    },
+    /// The deadline interrupted the kernel while it grew the pool; the pool
+    /// was put back as it was. `got` is what the kernel had added.
+    #[error("the deadline stopped the pool's growth after {got} of {asked} huge pages of 2 MiB")]
+    Deadline {
+        /// Pages asked for.
+        asked: u64,
+        /// Pages the kernel allocated before the deadline.
+        got: u64,
+    },
+    /// The write to `nr_hugepages` ignored the deadline's signals; its thread
+    /// was abandoned, and the reservation's line stays in the record until
+    /// this process exits.
+    #[error("writing nr_hugepages ignored {signals} signals for {waited:?}")]
+    Stuck {
+        /// From the call until the write was abandoned.
+        waited: Duration,
+        /// Signals sent.
+        signals: u32,
+    },
+    /// The thread that writes `nr_hugepages` or its signal handler could not
+    /// be set up.
+    #[error("cannot {what}")]
+    Setup {
+        /// What failed.
+        what: &'static str,
+        /// The error.
+        #[source]
+        source: io::Error,
     },
     /// A file that needs root is not writable.
     #[error("{path}: permission denied (reserving huge pages needs root)")]
@@ -185,7 +220,7 @@ impl HugePool {
     /// ([`HugePoolError::LockTimeout`]); a pool that does not grow by all
     /// of `pages` is put back and reported as [`HugePoolError::Shortfall`].
     pub fn reserve(pages: u64, deadline: Instant) -> Result<Reservation, HugePoolError> {
-        HugePool::lock(deadline)?.reserve(pages)
+        HugePool::lock(deadline)?.reserve(pages, deadline)
     }
 
     /// Takes the pool's lock until `deadline`, and cleans up after holders
@@ -253,7 +288,7 @@ impl Reservation {
         holders.retain(|h| !(h.pid == self.pid && h.id == self.id));
         // Shrink first, then forget the line: a crash in between leaves a
         // dead holder's line, and its recovery shrinks to the same value.
-        lock.resize(&holders)?;
+        lock.resize(&holders, Instant::now() + SHRINK_TIMEOUT)?;
         lock.record.holders = holders;
         if lock.record.holders.is_empty() {
             lock.record.original = None;
@@ -387,7 +422,7 @@ impl PoolLock {
         }
         // Without the original value (a record torn at its start) the pool
         // cannot be sized: it is left as it is.
-        self.resize(&live)?;
+        self.resize(&live, Instant::now() + SHRINK_TIMEOUT)?;
         self.record.holders = live;
         if self.record.holders.is_empty() {
             self.record.original = None;
@@ -412,8 +447,9 @@ impl PoolLock {
         self.record.original
     }
 
-    /// Reserves `pages` more huge pages under this lock.
-    pub fn reserve(&mut self, pages: u64) -> Result<Reservation, HugePoolError> {
+    /// Reserves `pages` more huge pages under this lock; the kernel's
+    /// allocation is interrupted at `deadline` ([`HugePoolError::Deadline`]).
+    pub fn reserve(&mut self, pages: u64, deadline: Instant) -> Result<Reservation, HugePoolError> {
         let info = Meminfo::read()?;
         if info.page_kib != HUGE_PAGE_SIZE / 1024 {
             return Err(HugePoolError::PageSize { kib: info.page_kib });
@@ -441,23 +477,37 @@ impl PoolLock {
         // and its recovery sizes the pool without it.
         let previous = std::mem::replace(&mut self.record.holders, holders);
         self.write_record()?;
-        let grown = self.resize(&self.record.holders.clone()).and_then(|()| HugePool::total());
-        let got = match grown {
-            Ok(total) if total >= before + pages => {
+        let grown = self.resize(&self.record.holders.clone(), deadline);
+        if let Err(e @ HugePoolError::Stuck { .. }) = grown {
+            // The write still runs: neither the pool nor the record can be
+            // put back now. The line stays until this process exits, and
+            // the next holder of the lock then recovers it.
+            return Err(e);
+        }
+        let got = grown.and_then(|interrupted| Ok((interrupted, HugePool::total()?)));
+        let got = match got {
+            Ok((_, total)) if total >= before + pages => {
                 return Ok(Reservation { pages, id: holder.id, pid: holder.pid, released: false });
             }
-            Ok(total) => Ok(total.saturating_sub(before)),
+            Ok((interrupted, total)) => {
+                let got = total.saturating_sub(before);
+                Err(if interrupted {
+                    HugePoolError::Deadline { asked: pages, got }
+                } else {
+                    HugePoolError::Shortfall { asked: pages, got }
+                })
+            }
             Err(e) => Err(e),
         };
         // Put the pool and the record back as they were.
         self.record.holders = previous;
-        let restored = self.resize(&self.record.holders.clone());
+        let restored = self.resize(&self.record.holders.clone(), Instant::now() + SHRINK_TIMEOUT);
         if self.record.holders.is_empty() {
             self.record.original = None;
         }
         self.write_record()?;
         restored?;
-        Err(got.map(|got| HugePoolError::Shortfall { asked: pages, got }).unwrap_or_else(|e| e))
+        got
     }
 
     /// The pool's size with `holders` live: the original plus their pages.
@@ -465,17 +515,33 @@ impl PoolLock {
         holders.iter().try_fold(self.record.original?, |sum, h| sum.checked_add(h.pages))
     }
 
-    /// Writes the pool's size for `holders` to `nr_hugepages`.
-    fn resize(&self, holders: &[Holder]) -> Result<(), HugePoolError> {
+    /// Writes the pool's size for `holders` to `nr_hugepages`, interrupting
+    /// the write from `deadline` on. The kernel allocates a growth page by
+    /// page and stops at a pending signal, and the write still succeeds:
+    /// the pool is then short, which only the read-back shows. Returns
+    /// whether the deadline's signal was sent.
+    fn resize(&self, holders: &[Holder], deadline: Instant) -> Result<bool, HugePoolError> {
         let Some(target) = self.target(holders) else {
-            return Ok(());
+            return Ok(false);
         };
         let map = |source: io::Error| match source.raw_os_error() {
             Some(libc::EACCES | libc::EPERM) => HugePoolError::NotPermitted { path: NR_HUGEPAGES.into(), source },
             _ => io_err("write", NR_HUGEPAGES, source),
         };
         let file = OpenOptions::new().write(true).open(NR_HUGEPAGES).map_err(map)?;
-        file.write_all_at(format!("{target}\n").as_bytes(), 0).map_err(map)
+        let written = interruptible_write(file, format!("{target}\n").into_bytes(), "apf-hugepool".into(), deadline)
+            .map_err(|(what, source)| HugePoolError::Setup { what, source })?;
+        match written {
+            Interruptible::Returned { result: Ok(()), signals, .. } => Ok(signals > 0),
+            // An interrupted write may fail with EINTR before it allocated.
+            Interruptible::Returned { result: Err(e), signals, .. }
+                if signals > 0 && e.raw_os_error() == Some(libc::EINTR) =>
+            {
+                Ok(true)
+            }
+            Interruptible::Returned { result: Err(e), .. } => Err(map(e)),
+            Interruptible::Stuck { waited, signals } => Err(HugePoolError::Stuck { waited, signals }),
+        }
     }
 
     /// Rewrites the record in place, then cuts it to length: a crash in
@@ -552,7 +618,11 @@ mod tests {
     const CHILD_ENV: &str = "APF_HUGEPOOL_CHILD";
 
     fn lock() -> PoolLock {
-        HugePool::lock(Instant::now() + Duration::from_secs(60)).unwrap()
+        HugePool::lock(far()).unwrap()
+    }
+
+    fn far() -> Instant {
+        Instant::now() + Duration::from_secs(60)
     }
 
     /// What the pool should be under `lock`: the original plus the live
@@ -625,7 +695,7 @@ mod tests {
         let before = HugePool::nr_hugepages().unwrap();
         assert_eq!(before, expected(&lock));
         let total = HugePool::total().unwrap();
-        let r = lock.reserve(4).unwrap();
+        let r = lock.reserve(4, far()).unwrap();
         assert_eq!(r.pages(), 4);
         assert_eq!(HugePool::nr_hugepages().unwrap(), before + 4);
         assert_eq!(HugePool::total().unwrap(), total + 4);
@@ -641,9 +711,9 @@ mod tests {
         let mut lock = lock();
         let before = HugePool::nr_hugepages().unwrap();
         let others = lock.holders().len();
-        let a = lock.reserve(2).unwrap();
+        let a = lock.reserve(2, far()).unwrap();
         let original = lock.original().unwrap();
-        let b = lock.reserve(3).unwrap();
+        let b = lock.reserve(3, far()).unwrap();
         assert_eq!(HugePool::nr_hugepages().unwrap(), before + 5);
         assert_eq!(lock.holders().len(), others + 2);
         a.release_with(&mut lock).unwrap();
@@ -679,7 +749,7 @@ mod tests {
         assert!(!lock.holders().iter().any(|h| h.pid == pid), "the dead child's line is still there");
         assert_eq!(HugePool::nr_hugepages().unwrap(), expected(&lock));
         let before = HugePool::nr_hugepages().unwrap();
-        let r = lock.reserve(1).unwrap();
+        let r = lock.reserve(1, far()).unwrap();
         assert_eq!(HugePool::nr_hugepages().unwrap(), before + 1);
         r.release_with(&mut lock).unwrap();
         assert_eq!(HugePool::nr_hugepages().unwrap(), before);
@@ -689,14 +759,14 @@ mod tests {
     fn the_lock_notices_a_dead_holder_and_gives_its_pages_back() {
         let mut lock = lock();
         let before = HugePool::nr_hugepages().unwrap();
-        let r = lock.reserve(2).unwrap();
+        let r = lock.reserve(2, far()).unwrap();
         // A crash: the record names a process that cannot be running, and
         // the pool holds its pages.
         let pid_max: u32 = std::fs::read_to_string("/proc/sys/kernel/pid_max").unwrap().trim().parse().unwrap();
         let dead = Holder { pid: pid_max, start: 1, id: 1, pages: 5 };
         lock.record.holders.push(dead);
         lock.write_record().unwrap();
-        lock.resize(&lock.record.holders.clone()).unwrap();
+        lock.resize(&lock.record.holders.clone(), far()).unwrap();
         assert_eq!(HugePool::nr_hugepages().unwrap(), before + 7);
         drop(lock);
 
@@ -713,7 +783,7 @@ mod tests {
         let before = HugePool::nr_hugepages().unwrap();
         let record = lock.record.clone();
         let machine = Meminfo::read().unwrap().available / HUGE_PAGE_SIZE;
-        match lock.reserve(machine * 2) {
+        match lock.reserve(machine * 2, far()) {
             Err(HugePoolError::Shortfall { asked, got }) => {
                 assert_eq!(asked, machine * 2);
                 assert!(got < asked);
@@ -722,8 +792,8 @@ mod tests {
         }
         assert_eq!(HugePool::nr_hugepages().unwrap(), before);
         assert_eq!(lock.record, record);
-        assert!(matches!(lock.reserve(0), Err(HugePoolError::BadCount { pages: 0 })));
-        assert!(matches!(lock.reserve(u64::MAX), Err(HugePoolError::BadCount { .. })));
+        assert!(matches!(lock.reserve(0, far()), Err(HugePoolError::BadCount { pages: 0 })));
+        assert!(matches!(lock.reserve(u64::MAX, far()), Err(HugePoolError::BadCount { .. })));
         assert_eq!(HugePool::nr_hugepages().unwrap(), before);
         let text = HugePoolError::Shortfall { asked: 10, got: 3 }.to_string();
         assert!(text.contains("10") && text.contains('3'), "{text}");
@@ -744,5 +814,28 @@ mod tests {
             .unwrap()
             .release(Instant::now() + Duration::from_secs(60))
             .unwrap();
+    }
+
+    #[test]
+    fn a_deadline_stops_the_kernel_growing_the_pool_and_puts_it_back() {
+        let mut lock = lock();
+        let before = HugePool::nr_hugepages().unwrap();
+        let record = lock.record.clone();
+        // Up to 8 GiB asked with the deadline already passed: the kernel
+        // stops allocating at the first signal (after a few hundred pages
+        // here), and its write still succeeds.
+        let asked = (Meminfo::read().unwrap().available.saturating_sub(HEADROOM) / HUGE_PAGE_SIZE / 2).min(4096);
+        let start = Instant::now();
+        match lock.reserve(asked, Instant::now()) {
+            Err(HugePoolError::Deadline { asked: a, got }) => {
+                eprintln!("the pool grew by {got} of {asked} pages before the signal, in {:?}", start.elapsed());
+                assert_eq!(a, asked);
+                assert!(got < asked);
+            }
+            other => panic!("not stopped by the deadline: {other:?}"),
+        }
+        assert_eq!(HugePool::nr_hugepages().unwrap(), before);
+        assert_eq!(HugePool::total().unwrap(), before);
+        assert_eq!(lock.record, record);
     }
 }
