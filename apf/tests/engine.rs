@@ -36,6 +36,8 @@ common::on_both_backends!(
     a_fault_with_no_stream_installs_its_aligned_block,
     shutdown_under_load_is_clean,
     a_fault_is_woken_by_its_own_head_before_the_rest_of_its_window,
+    a_replay_window_takes_the_few_missing_pages_between_near_pages_of_its_set,
+    a_replay_overtaken_by_demand_goes_on_ahead_and_still_installs_its_whole_set,
 );
 
 fn ram(ranges: &[(u64, usize)]) -> Arc<GuestRam> {
@@ -231,7 +233,9 @@ fn working_set_recorded_by_one_run_is_replayed_by_the_next(b: Backend) {
     std::fs::remove_file(&path).unwrap();
     engine.replay(&ws).unwrap();
     assert!(engine.wait_idle(Instant::now() + Duration::from_secs(10)), "replay did not finish");
-    assert_eq!(ram.regions()[0].census()[PageState::Present as usize], order.len());
+    // The set and page 4, which joined the window of pages 3 and 5.
+    assert_eq!(ram.regions()[0].census()[PageState::Present as usize], order.len() + 1);
+    assert_eq!(ram.regions()[0].state(4).0, PageState::Present);
     for &gpa in &order {
         verify(&ram, pattern, gpa);
     }
@@ -711,4 +715,65 @@ fn wait_for_count(engine: &Engine, pages: u64) -> bool {
         std::thread::sleep(Duration::from_millis(5));
     }
     true
+}
+
+/// A source filling with [`SLOW_PATTERN`] that logs each fill (gpa, bytes).
+fn logged_source() -> (ScriptedSource, Arc<std::sync::Mutex<Vec<(u64, usize)>>>) {
+    let fills = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen = fills.clone();
+    (ScriptedSource::pattern(SLOW_PATTERN).before_fill(move |gpa, len| seen.lock().unwrap().push((gpa.0, len))), fills)
+}
+
+fn a_replay_window_takes_the_few_missing_pages_between_near_pages_of_its_set(b: Backend) {
+    let ram = ram(&[(0, 256)]);
+    let (source, fills) = logged_source();
+    let engine = builder(b, ram.clone(), Arc::new(source)).start().unwrap();
+    // 0, 2, 4, 6: gaps of one page, one window; 40 and 44: a gap of three,
+    // one window; 60 and 65: a gap of four, two; 100 to 130 in steps of
+    // two: windows of at most 16 pages (64 KiB), gaps included.
+    let mut pages = vec![0, 2, 4, 6, 40, 44, 60, 65];
+    pages.extend((100..=130).step_by(2));
+    engine.replay(&WorkingSet { pages: pages.iter().map(|p| p * PAGE).collect(), at_ms: Vec::new() }).unwrap();
+    assert!(engine.wait_idle(Instant::now() + Duration::from_secs(10)), "the replay did not finish");
+    let fills: Vec<(u64, u64)> =
+        fills.lock().unwrap().iter().map(|&(gpa, len)| (gpa / PAGE, (len / PAGE_SIZE) as u64)).collect();
+    assert_eq!(fills, [(0, 7), (40, 5), (60, 1), (65, 1), (100, 15), (116, 15)], "windows (first page, pages)");
+    for p in [0u64, 1, 3, 5, 6, 41, 43, 44, 60, 65, 100, 101, 130] {
+        verify(&ram, SLOW_PATTERN, p * PAGE);
+    }
+    let st = settled(&engine);
+    assert_eq!(st.faults, 0, "the set and its gaps were present before they were read: {st:?}");
+    assert_eq!(st.replayed_pages, 7 + 5 + 2 + 30, "{st:?}");
+    assert_eq!(ram.regions()[0].census()[PageState::Missing as usize], 256 - 44, "nothing beyond the windows");
+}
+
+fn a_replay_overtaken_by_demand_goes_on_ahead_and_still_installs_its_whole_set(b: Backend) {
+    let ram = ram(&[(0, 1024)]);
+    let (source, fills) = logged_source();
+    let engine = builder(b, ram.clone(), Arc::new(source))
+        .config(apf::Config { max_window: 1, fault_around: 1, ..config(b) })
+        .start()
+        .unwrap();
+    // The guest is ahead of the replay: it has read the set's first eight
+    // pages already.
+    for p in 0..8 {
+        verify(&ram, SLOW_PATTERN, p * PAGE);
+    }
+    fills.lock().unwrap().clear();
+    let set = 600u64;
+    engine.replay(&WorkingSet { pages: (0..set).map(|p| p * PAGE).collect(), at_ms: Vec::new() }).unwrap();
+    assert!(engine.wait_idle(Instant::now() + Duration::from_secs(10)), "the replay did not finish");
+    let fills = fills.lock().unwrap().clone();
+    // Four pages in a row taken: it goes on well ahead of the guest
+    // rather than to page 8, where the guest is about to fault next.
+    let first = fills.first().expect("the replay filled nothing").0 / PAGE;
+    assert!(first > 64, "the replay went on at page {first}, right where the guest is");
+    // Each page of the set once, the passed-over ones at the end.
+    let mut filled: Vec<u64> =
+        fills.iter().flat_map(|&(gpa, len)| (0..len as u64 / PAGE).map(move |i| gpa / PAGE + i)).collect();
+    assert!(filled.iter().any(|&p| p < first), "the pages passed over were never gone over again");
+    filled.sort_unstable();
+    assert_eq!(filled, (8..set).collect::<Vec<_>>(), "every missing page of the set filled once");
+    assert_eq!(ram.regions()[0].census()[PageState::Present as usize], set as usize);
+    assert_eq!(settled(&engine).faults, 8, "only the guest's own reads faulted");
 }
