@@ -98,6 +98,9 @@ pub const MAX_REPLAYS: usize = 4;
 /// short beside a restored guest's run, long beside one window's install.
 const REPLAY_SLICE_MS: u32 = 5;
 
+/// The nice value of a replay's thread: the lowest priority.
+const REPLAY_NICE: i32 = 19;
+
 /// How a working-set replay paces itself ([`Engine::replay_with`]).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct ReplayOptions {
@@ -526,7 +529,9 @@ impl Engine {
     /// before each window it waits (up to 5 ms) while a fault is pending
     /// (read and not yet served, or not yet read), and it sleeps once per
     /// millisecond of busy time so that it uses at most
-    /// `options.cpu_share` of a CPU. A fault on a page the fill holds
+    /// `options.cpu_share` of a CPU, on a thread of the lowest priority
+    /// (nice 19), which the scheduler runs only on what demand (the event
+    /// loop, the vCPUs) leaves over. A fault on a page the fill holds
     /// waits for that one window at most. A fill that finds 4 pages of the
     /// set in a row already taken is behind the guest, which faults on
     /// the pages it is about to install: it goes on 256 pages further,
@@ -565,6 +570,12 @@ impl Engine {
                 // default slack of 50 µs each would last several times
                 // that. Only a cost in wake-ups if refused.
                 let _ = rustix::thread::set_current_timer_slack(std::num::NonZeroU64::new(1_000));
+                // Demand first on the CPUs too: with the guest's vCPUs
+                // keeping every core busy, a fill at the same priority took
+                // the event loop's turn after each wake of a vCPU and sent
+                // the fault p99 to milliseconds; at the lowest it runs on
+                // what demand leaves idle. (Linux: the calling thread.)
+                let _ = rustix::process::setpriority_process(None, REPLAY_NICE);
                 let pace = resolve::Pace { window: options.window_pages, cpu_share: options.cpu_share };
                 let locs: Vec<_> = pages
                     .iter()

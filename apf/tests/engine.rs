@@ -777,3 +777,38 @@ fn a_replay_overtaken_by_demand_goes_on_ahead_and_still_installs_its_whole_set(b
     assert_eq!(ram.regions()[0].census()[PageState::Present as usize], set as usize);
     assert_eq!(settled(&engine).faults, 8, "only the guest's own reads faulted");
 }
+
+/// The nice values of this process's threads named `name`.
+fn nice_of_threads(name: &str) -> Vec<i64> {
+    let mut nice = Vec::new();
+    for task in std::fs::read_dir("/proc/self/task").unwrap().flatten() {
+        let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+        if comm.trim_end() != name {
+            continue;
+        }
+        // A thread that ended meanwhile has no stat left.
+        let Ok(stat) = std::fs::read_to_string(task.path().join("stat")) else { continue };
+        // Fields after the command, which ends at the last ')': state is
+        // field 3, nice field 19.
+        let Some(end) = stat.rfind(')') else { continue };
+        nice.extend(stat[end + 2..].split(' ').nth(16).and_then(|n| n.parse::<i64>().ok()));
+    }
+    nice
+}
+
+/// A replay's thread runs at the lowest priority: the scheduler serves
+/// demand (the event loop, the faulting threads) before it.
+#[test]
+fn a_replay_runs_at_the_lowest_priority() {
+    let ram = ram(&[(0, 64)]);
+    let source = Arc::new(ScriptedSource::pattern(SLOW_PATTERN).hold(Fills::Covering(0)));
+    let engine = Engine::builder(ram.clone(), source.clone()).start().unwrap();
+    engine.replay(&WorkingSet { pages: vec![0], at_ms: Vec::new() }).unwrap();
+    assert!(source.wait_held(Duration::from_secs(5)), "the replay never filled");
+    let nice = nice_of_threads("apf-replay");
+    source.release();
+    // Other tests of this process may be starting replays of their own.
+    assert!(nice.contains(&19), "no replay thread at nice 19: {nice:?}");
+    assert!(engine.wait_idle(Instant::now() + Duration::from_secs(10)));
+    verify(&ram, SLOW_PATTERN, 0);
+}
