@@ -522,16 +522,14 @@ impl Engine {
     /// [`Self::replay`], paced by `options`: the background fill installs
     /// the set in recorded order (in address order within slices of 5 ms
     /// of the recording, so that pages touched about together and lying
-    /// near each other share a window), in windows of at most
-    /// `options.window_pages`, each of which may take up to 3 missing
-    /// pages between two of the set's (one `UFFDIO_COPY` of a few more
-    /// pages costs less than a second call). It gives way to demand:
+    /// next to each other share a window), in windows of at most
+    /// `options.window_pages`. It gives way to demand:
     /// before each window it waits (up to 5 ms) while a fault is pending
     /// (read and not yet served, or not yet read), and it sleeps once per
     /// millisecond of busy time so that it uses at most
-    /// `options.cpu_share` of a CPU, on a thread of the lowest priority
-    /// (nice 19), which the scheduler runs only on what demand (the event
-    /// loop, the vCPUs) leaves over. A fault on a page the fill holds
+    /// `options.cpu_share` of a CPU; below a whole CPU, on a thread of the
+    /// lowest priority (nice 19), which the scheduler runs on what demand
+    /// (the event loop, the vCPUs) leaves over. A fault on a page the fill holds
     /// waits for that one window at most. A fill that finds 4 pages of the
     /// set in a row already taken is behind the guest, which faults on
     /// the pages it is about to install: it goes on 256 pages further,
@@ -574,8 +572,13 @@ impl Engine {
                 // keeping every core busy, a fill at the same priority took
                 // the event loop's turn after each wake of a vCPU and sent
                 // the fault p99 to milliseconds; at the lowest it runs on
-                // what demand leaves idle. (Linux: the calling thread.)
-                let _ = rustix::process::setpriority_process(None, REPLAY_NICE);
+                // what demand leaves idle. A fill at a whole CPU is one
+                // somebody waits for (a lead before the vCPUs start): at
+                // the lowest priority, any other load of the machine would
+                // hold it up. (Linux: the calling thread.)
+                if options.cpu_share < 1.0 {
+                    let _ = rustix::process::setpriority_process(None, REPLAY_NICE);
+                }
                 let pace = resolve::Pace { window: options.window_pages, cpu_share: options.cpu_share };
                 let locs: Vec<_> = pages
                     .iter()

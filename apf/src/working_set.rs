@@ -279,7 +279,7 @@ impl WorkingSet {
     /// The pages in the order a replay installs them: in recorded order
     /// by slices of `slice_ms` milliseconds of the recording, and in
     /// address order within each slice, so that pages the guest touched
-    /// about together and lie near each other go in one window, while the
+    /// about together and lie next to each other go in one window, while the
     /// order still follows the guest's. A set without timings (or all
     /// within one slice) comes out in address order.
     pub(crate) fn replay_order(&self, slice_ms: u32) -> Vec<u64> {

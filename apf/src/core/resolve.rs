@@ -755,11 +755,6 @@ const DEMAND_POLL: Duration = Duration::from_micros(10);
 /// window held a fill to a small part of its share.
 const SHARE_QUANTUM: Duration = Duration::from_millis(1);
 
-/// Missing pages a replay window may take in between two pages of its
-/// set: one `UFFDIO_COPY` of a few more pages costs less than a second
-/// call (2-3 µs a call; a page's allocation and copy well under 1 µs).
-pub(crate) const REPLAY_GAP_PAGES: usize = 3;
-
 /// Pages of the set in a row a replay finds already taken (demand got
 /// there first) before it takes itself to be behind the guest.
 pub(crate) const OVERTAKEN_PAGES: usize = 4;
@@ -776,8 +771,6 @@ struct Filler<'a> {
     pace: Option<Pace>,
     /// Largest window, in pages.
     max: usize,
-    /// Missing pages a window may take between two pages offered.
-    gap: usize,
     /// The window being gathered: region, first page, pages.
     run: Option<(usize, usize, usize)>,
     /// Busy time since the last sleep for the CPU share.
@@ -786,14 +779,13 @@ struct Filler<'a> {
 }
 
 impl<'a> Filler<'a> {
-    fn new(shared: &'a Core, pace: Option<Pace>, gap: usize) -> Self {
+    fn new(shared: &'a Core, pace: Option<Pace>) -> Self {
         let max_window = shared.config().max_window;
         Filler {
             shared,
             ctx: Ctx::new(false, max_window),
             pace,
             max: pace.map_or(max_window, |p| p.window.clamp(1, max_window)),
-            gap,
             run: None,
             busy: Duration::ZERO,
             installed: 0,
@@ -801,45 +793,27 @@ impl<'a> Filler<'a> {
     }
 
     /// Offers page `page` of region `region`: claims it into the window
-    /// being gathered (with the missing pages in between when it lies
-    /// within the gap after it), or installs that window and starts the
-    /// next, giving way to demand first when paced. Returns false when the
-    /// page was not missing (taken by someone else: it is left alone).
+    /// being gathered when it extends it, or installs that window and
+    /// starts the next, giving way to demand first when paced. Returns
+    /// false when the page was not missing (taken by someone else: it is
+    /// left alone).
     fn offer(&mut self, region: usize, page: usize) -> bool {
         let r = &self.shared.ram().regions()[region];
-        if let Some((rr, first, count)) = self.run {
-            let end = first + count;
-            if rr == region && page >= end && page - end <= self.gap && page < first + self.max {
-                // The pages in between join the window while they are
-                // missing; one that is not ends it there.
-                let mut count = count;
-                let mut joined = true;
-                for p in end..page {
-                    if r.try_claim(p).is_none() {
-                        joined = false;
-                        break;
-                    }
-                    count += 1;
-                }
-                self.run = Some((region, first, count));
-                if joined && r.try_claim(page).is_some() {
-                    self.run = Some((region, first, count + 1));
-                    return true;
-                }
-                if joined {
-                    self.flush();
-                    return false;
-                }
+        let extends = matches!(self.run, Some((rr, first, count)) if rr == region && first + count == page && count < self.max);
+        if !extends {
+            self.flush();
+            if self.pace.is_some() {
+                give_way(self.shared);
             }
         }
-        self.flush();
-        if self.pace.is_some() {
-            give_way(self.shared);
-        }
         if r.try_claim(page).is_none() {
+            self.flush();
             return false;
         }
-        self.run = Some((region, page, 1));
+        match &mut self.run {
+            Some((_, _, count)) => *count += 1,
+            None => self.run = Some((region, page, 1)),
+        }
         true
     }
 
@@ -875,7 +849,7 @@ impl<'a> Filler<'a> {
 /// per [`SHARE_QUANTUM`] of busy time so that it uses at most
 /// `pace.cpu_share` of a CPU.
 pub(crate) fn prefetch_pages(shared: &Core, locs: impl Iterator<Item = (usize, usize)>, pace: Option<Pace>) -> u64 {
-    let mut filler = Filler::new(shared, pace, 0);
+    let mut filler = Filler::new(shared, pace);
     for (region, page) in locs {
         if shared.running().is_err() {
             break;
@@ -888,14 +862,13 @@ pub(crate) fn prefetch_pages(shared: &Core, locs: impl Iterator<Item = (usize, u
 
 /// Installs the still-missing pages of a working set, `locs` (region,
 /// page) in the order to replay them, paced like [`prefetch_pages`]. A
-/// window takes up to [`REPLAY_GAP_PAGES`] missing pages between two of
-/// the set's. A replay that finds [`OVERTAKEN_PAGES`] of the set in a row
+/// replay that finds [`OVERTAKEN_PAGES`] of the set in a row
 /// already taken is behind the guest, which faults on the very pages it
 /// is about to install: it goes on [`LEAP_PAGES`] further, ahead of the
 /// guest, and goes over the pages it passed once more at the end.
 /// Returns the pages installed.
 pub(crate) fn replay_pages(shared: &Core, locs: &[(usize, usize)], pace: Pace) -> u64 {
-    let mut filler = Filler::new(shared, Some(pace), REPLAY_GAP_PAGES);
+    let mut filler = Filler::new(shared, Some(pace));
     let mut passed = Vec::new();
     let (mut i, mut taken) = (0, 0);
     while i < locs.len() && shared.running().is_ok() {
