@@ -715,8 +715,11 @@ fn wait_for_count(engine: &Engine, pages: u64) -> bool {
     true
 }
 
-/// A source filling with [`SLOW_PATTERN`] that logs each fill (gpa, bytes).
-fn logged_source() -> (ScriptedSource, Arc<std::sync::Mutex<Vec<(u64, usize)>>>) {
+/// The fills a source was asked for: (gpa, bytes), in order.
+type FillLog = Arc<std::sync::Mutex<Vec<(u64, usize)>>>;
+
+/// A source filling with [`SLOW_PATTERN`] that logs each fill.
+fn logged_source() -> (ScriptedSource, FillLog) {
     let fills = Arc::new(std::sync::Mutex::new(Vec::new()));
     let seen = fills.clone();
     (ScriptedSource::pattern(SLOW_PATTERN).before_fill(move |gpa, len| seen.lock().unwrap().push((gpa.0, len))), fills)
