@@ -10,7 +10,8 @@ use agent_proto::{
     pass, Config, Counters, Layout, OfflineOp, Reply, Request, Workload, PAGE_SIZE, RING_SLOTS_PER_VCPU,
 };
 use agent_proto::{
-    permute, scattered_index, scattered_pages, FLAG_BALLOON, FLAG_SCATTERED_CHANGED, FLAG_CHECKSUM, FLAG_GUEST_OFFLINE, FLAG_RANDOM_ORDER, FLAG_RESTORE,
+    permute, scattered_index, scattered_pages, FLAG_BALLOON, FLAG_CHECKSUM, FLAG_GUEST_OFFLINE, FLAG_RANDOM_ORDER,
+    FLAG_RESTORE, FLAG_SCATTERED_CHANGED,
 };
 
 use crate::checksum::Slots;
