@@ -523,14 +523,16 @@ impl Engine {
     /// the set in recorded order (in address order within slices of 5 ms
     /// of the recording, so that pages touched about together and lying
     /// next to each other share a window), in windows of at most
-    /// `options.window_pages`. It gives way to demand:
-    /// before each window it waits (up to 5 ms) while a fault is pending
-    /// (read and not yet served, or not yet read), and it sleeps once per
-    /// millisecond of busy time so that it uses at most
-    /// `options.cpu_share` of a CPU; below a whole CPU, on a thread of the
-    /// lowest priority (nice 19), which the scheduler runs on what demand
-    /// (the event loop, the vCPUs) leaves over. A fault on a page the fill holds
-    /// waits for that one window at most. A fill that finds 4 pages of the
+    /// `options.window_pages`. It gives way to demand: before each window
+    /// it waits (up to 5 ms) while a fault is pending (read and not yet
+    /// served, or not yet read), and it sleeps once per millisecond of
+    /// busy time so that it uses at most `options.cpu_share` of a CPU;
+    /// below a whole CPU, on a thread of the lowest priority (nice 19),
+    /// which the scheduler runs on what demand (the event loop, the vCPUs)
+    /// leaves over (a fill at a whole CPU is one a restore waits for
+    /// before it starts the guest, and keeps its priority). A fault on a
+    /// page the fill holds waits for that one window at most. A fill that
+    /// finds 4 pages of the
     /// set in a row already taken is behind the guest, which faults on
     /// the pages it is about to install: it goes on 256 pages further,
     /// ahead of the guest, and goes over the pages it passed at the end.
@@ -573,8 +575,8 @@ impl Engine {
                 // the event loop's turn after each wake of a vCPU and sent
                 // the fault p99 to milliseconds; at the lowest it runs on
                 // what demand leaves idle. A fill at a whole CPU is one
-                // somebody waits for (a lead before the vCPUs start): at
-                // the lowest priority, any other load of the machine would
+                // somebody waits for (before the guest starts): at the
+                // lowest priority, any other load of the machine would
                 // hold it up. (Linux: the calling thread.)
                 if options.cpu_share < 1.0 {
                     let _ = rustix::process::setpriority_process(None, REPLAY_NICE);

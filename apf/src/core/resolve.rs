@@ -757,11 +757,11 @@ const SHARE_QUANTUM: Duration = Duration::from_millis(1);
 
 /// Pages of the set in a row a replay finds already taken (demand got
 /// there first) before it takes itself to be behind the guest.
-pub(crate) const OVERTAKEN_PAGES: usize = 4;
+const OVERTAKEN_PAGES: usize = 4;
 
 /// How far ahead in the set a replay overtaken by demand goes on: the
 /// pages it passes over are gone over once more at the end.
-pub(crate) const LEAP_PAGES: usize = 256;
+const LEAP_PAGES: usize = 256;
 
 /// Claims and installs pages in windows of contiguous pages on the calling
 /// thread, paced or not (see [`prefetch_pages`]).
