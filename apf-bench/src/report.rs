@@ -597,6 +597,7 @@ mod tests {
                 set_pages: 9,
                 rounds: vec![round; 5],
                 cold_rounds: vec![round; 5],
+                ..ReplayFigures::default()
             }),
             ..BenchReport::default()
         };

@@ -83,16 +83,18 @@ pub trait GuestPass {
         Err("this VMM does not run the replay part".into())
     }
 
-    /// One restore of the replay part ([`crate::replay`]); `cold`: with
-    /// the snapshot's page cache dropped first.
+    /// One restore of the replay part ([`crate::replay`]) under `case`:
+    /// cold, with the snapshot's page cache dropped first; changed, with
+    /// the guest touching a set a tenth of which differs from the one
+    /// recorded.
     fn replay_pass(
         &self,
         variant: crate::replay::ReplayVariant,
         snapshot: &Path,
         working_set: &Path,
-        cold: bool,
+        case: crate::replay::ReplayCase,
     ) -> Result<crate::replay::ReplaySample, String> {
-        let _ = (variant, snapshot, working_set, cold);
+        let _ = (variant, snapshot, working_set, case);
         Err("this VMM does not run the replay part".into())
     }
 }
@@ -401,26 +403,22 @@ fn replay_part(
     rounds: usize,
     log: &mut impl FnMut(&str),
 ) -> Result<crate::replay::ReplayFigures, String> {
-    use crate::replay::{ReplayFigures, ReplayVariant};
+    use crate::replay::{ReplayCase, ReplayFigures, ReplayVariant};
     let (snapshot, working_set) = (dir.join("replay.snap"), dir.join("replay.ws"));
     log("replay: the snapshot and its working set");
     let set_pages = guest.make_replay_snapshot(bytes, &snapshot, &working_set)?;
-    let mut figures = ReplayFigures { bytes, set_pages, rounds: Vec::new(), cold_rounds: Vec::new() };
+    let mut figures = ReplayFigures { bytes, set_pages, ..ReplayFigures::default() };
     for round in 0..rounds {
         log(&format!("round {}/{rounds}: replay", round + 1));
-        for cold in [false, true] {
+        for case in ReplayCase::ALL {
             let mut samples = [None; 5];
             for (k, v) in ReplayVariant::ALL.iter().enumerate() {
-                match guest.replay_pass(*v, &snapshot, &working_set, cold) {
+                match guest.replay_pass(*v, &snapshot, &working_set, case) {
                     Ok(s) => samples[k] = Some(s),
-                    Err(e) => return Err(format!("{}{}: {e}", v.name(), if cold { " (cold)" } else { "" })),
+                    Err(e) => return Err(format!("{}{}: {e}", v.name(), case.suffix())),
                 }
             }
-            if cold {
-                figures.cold_rounds.push(samples);
-            } else {
-                figures.rounds.push(samples);
-            }
+            figures.rounds_of_mut(case).push(samples);
         }
     }
     let _ = std::fs::remove_file(&snapshot);

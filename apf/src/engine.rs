@@ -93,6 +93,14 @@ impl From<SpawnError> for EngineError {
 /// Working-set replays that may run at once.
 pub const MAX_REPLAYS: usize = 4;
 
+/// The slices of a recording, in milliseconds, within which a replay
+/// installs the set in address order (see [`WorkingSet`]'s replay order):
+/// short beside a restored guest's run, long beside one window's install.
+const REPLAY_SLICE_MS: u32 = 5;
+
+/// The nice value of a replay's thread: the lowest priority.
+const REPLAY_NICE: i32 = 19;
+
 /// How a working-set replay paces itself ([`Engine::replay_with`]).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct ReplayOptions {
@@ -512,13 +520,24 @@ impl Engine {
     }
 
     /// [`Self::replay`], paced by `options`: the background fill installs
-    /// the set in recorded order, in windows of at most
-    /// `options.window_pages`, and gives way to demand: before each window
-    /// it waits (up to 5 ms) until no fault has been read for 200 µs, and
-    /// after each it sleeps so that it uses at most `options.cpu_share` of
-    /// a CPU. A fault on a page the fill holds waits for that one window at
-    /// most. Pages discarded or offlined meanwhile follow the notifier's
-    /// rules like any prefetch: a page is installed only if it is still
+    /// the set in recorded order (in address order within slices of 5 ms
+    /// of the recording, so that pages touched about together and lying
+    /// next to each other share a window), in windows of at most
+    /// `options.window_pages`. It gives way to demand: before each window
+    /// it waits (up to 5 ms) while a fault is pending (read and not yet
+    /// served, or not yet read), and it sleeps once per millisecond of
+    /// busy time so that it uses at most `options.cpu_share` of a CPU;
+    /// below a whole CPU, on a thread of the lowest priority (nice 19),
+    /// which the scheduler runs on what demand (the event loop, the vCPUs)
+    /// leaves over (a fill at a whole CPU is one a restore waits for
+    /// before it starts the guest, and keeps its priority). A fault on a
+    /// page the fill holds waits for that one window at most. A fill that
+    /// finds 4 pages of the
+    /// set in a row already taken is behind the guest, which faults on
+    /// the pages it is about to install: it goes on 256 pages further,
+    /// ahead of the guest, and goes over the pages it passed at the end.
+    /// Pages discarded or offlined meanwhile follow the notifier's rules
+    /// like any prefetch: a page is installed only if it is still
     /// missing, from what its origin holds at that moment. With
     /// `options.eager`, every page still missing afterwards is filled too,
     /// in address order, at the same pace.
@@ -541,16 +560,34 @@ impl Engine {
             return Err(EngineError::Busy("replays running"));
         }
         let shared = self.shared.clone();
-        let pages = ws.pages.clone();
+        let pages = ws.replay_order(REPLAY_SLICE_MS);
         let dispatch = crate::trace::current_dispatch();
         let h = std::thread::Builder::new()
             .name("apf-replay".into())
             .spawn(move || {
                 let _trace = tracing::dispatcher::set_default(&dispatch);
+                // Its waits for demand are tens of microseconds: with the
+                // default slack of 50 µs each would last several times
+                // that. Only a cost in wake-ups if refused.
+                let _ = rustix::thread::set_current_timer_slack(std::num::NonZeroU64::new(1_000));
+                // Demand first on the CPUs too: with the guest's vCPUs
+                // keeping every core busy, a fill at the same priority took
+                // the event loop's turn after each wake of a vCPU and sent
+                // the fault p99 to milliseconds; at the lowest it runs on
+                // what demand leaves idle. A fill at a whole CPU is one
+                // somebody waits for (before the guest starts): at the
+                // lowest priority, any other load of the machine would
+                // hold it up. (Linux: the calling thread.)
+                if options.cpu_share < 1.0 {
+                    let _ = rustix::process::setpriority_process(None, REPLAY_NICE);
+                }
                 let pace = resolve::Pace { window: options.window_pages, cpu_share: options.cpu_share };
-                let locs = pages.iter().filter_map(|&gpa| shared.ram().locate(GuestAddress(gpa)).ok());
-                let locs = locs.map(|l| (l.region, l.page));
-                let mut installed = resolve::prefetch_pages(&shared, locs, Some(pace));
+                let locs: Vec<_> = pages
+                    .iter()
+                    .filter_map(|&gpa| shared.ram().locate(GuestAddress(gpa)).ok())
+                    .map(|l| (l.region, l.page))
+                    .collect();
+                let mut installed = resolve::replay_pages(&shared, &locs, pace);
                 if options.eager {
                     let all = shared.ram().regions().iter().enumerate().flat_map(|(r, region)| (0..region.pages()).map(move |p| (r, p)));
                     installed += resolve::prefetch_pages(&shared, all, Some(pace));

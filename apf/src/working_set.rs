@@ -276,6 +276,27 @@ impl WorkingSet {
         out
     }
 
+    /// The pages in the order a replay installs them: in recorded order
+    /// by slices of `slice_ms` milliseconds of the recording, and in
+    /// address order within each slice, so that pages the guest touched
+    /// about together and lie next to each other go in one window, while the
+    /// order still follows the guest's. A set without timings (or all
+    /// within one slice) comes out in address order.
+    pub(crate) fn replay_order(&self, slice_ms: u32) -> Vec<u64> {
+        let slice_ms = slice_ms.max(1);
+        let slice = |i: usize| self.at_ms.get(i).map_or(0, |&ms| ms / slice_ms);
+        let mut order: Vec<(u32, u64)> = self.pages.iter().enumerate().map(|(i, &gpa)| (slice(i), gpa)).collect();
+        // Recorded times only grow, but a merged set (`then`) or a file
+        // written by hand may not: slices keep the first page's place.
+        let mut last = 0;
+        for entry in order.iter_mut() {
+            last = last.max(entry.0);
+            entry.0 = last;
+        }
+        order.sort_by_key(|&(slice, gpa)| (slice, gpa));
+        order.into_iter().map(|(_, gpa)| gpa).collect()
+    }
+
     /// Reads the set at `path`, refusing one recorded for another image.
     pub fn load(path: impl AsRef<Path>, image: ImageId) -> Result<WorkingSet, WorkingSetError> {
         Self::decode_for(&fs::read(path)?, image)
@@ -326,6 +347,26 @@ mod tests {
         assert_eq!(WorkingSet::default().then(&recorded), recorded);
         assert_eq!(both.then(&both), both);
         assert!(WorkingSet::decode_for(&both.encode(IMAGE), IMAGE).is_ok(), "a merged set is a valid file");
+    }
+
+    #[test]
+    fn replay_order_sorts_by_address_within_slices_of_the_recording() {
+        let ws = WorkingSet {
+            pages: vec![0x9000, 0x2000, 0x5000, 0x1000, 0x8000, 0x3000, 0x4000],
+            at_ms: vec![0, 3, 4, 10, 12, 25, 21],
+        };
+        // Slices of 10 ms: [0, 3, 4], [10, 12], [25, 21] (a time that goes
+        // back stays in its predecessor's slice).
+        assert_eq!(ws.replay_order(10), [0x2000, 0x5000, 0x9000, 0x1000, 0x8000, 0x3000, 0x4000]);
+        assert_eq!(ws.replay_order(100), [0x1000, 0x2000, 0x3000, 0x4000, 0x5000, 0x8000, 0x9000]);
+        assert_eq!(ws.replay_order(1), ws.pages[..5].iter().copied().chain([0x3000, 0x4000]).collect::<Vec<_>>());
+        let untimed = WorkingSet { pages: vec![0x3000, 0x1000, 0x2000], at_ms: vec![] };
+        assert_eq!(untimed.replay_order(5), [0x1000, 0x2000, 0x3000]);
+        let mut once = ws.replay_order(10);
+        once.sort_unstable();
+        let mut all = ws.pages.clone();
+        all.sort_unstable();
+        assert_eq!(once, all, "every page once");
     }
 
     fn set() -> WorkingSet {

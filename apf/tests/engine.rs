@@ -36,6 +36,8 @@ common::on_both_backends!(
     a_fault_with_no_stream_installs_its_aligned_block,
     shutdown_under_load_is_clean,
     a_fault_is_woken_by_its_own_head_before_the_rest_of_its_window,
+    a_replay_sorts_its_set_by_address_within_slices_of_the_recording,
+    a_replay_overtaken_by_demand_goes_on_ahead_and_still_installs_its_whole_set,
 );
 
 fn ram(ranges: &[(u64, usize)]) -> Arc<GuestRam> {
@@ -711,4 +713,103 @@ fn wait_for_count(engine: &Engine, pages: u64) -> bool {
         std::thread::sleep(Duration::from_millis(5));
     }
     true
+}
+
+/// The fills a source was asked for: (gpa, bytes), in order.
+type FillLog = Arc<std::sync::Mutex<Vec<(u64, usize)>>>;
+
+/// A source filling with [`SLOW_PATTERN`] that logs each fill.
+fn logged_source() -> (ScriptedSource, FillLog) {
+    let fills = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen = fills.clone();
+    (ScriptedSource::pattern(SLOW_PATTERN).before_fill(move |gpa, len| seen.lock().unwrap().push((gpa.0, len))), fills)
+}
+
+fn a_replay_sorts_its_set_by_address_within_slices_of_the_recording(b: Backend) {
+    let ram = ram(&[(0, 256)]);
+    let (source, fills) = logged_source();
+    let engine = builder(b, ram.clone(), Arc::new(source)).start().unwrap();
+    // Touched within 5 ms of each other: 6, 4, 5, 3 go in one window, in
+    // address order; 20 and 21, 10 ms apart, in two, in recorded order;
+    // 40 to 79 within 5 ms: windows of at most 16 pages (64 KiB).
+    let mut set: Vec<(u64, u32)> = vec![(6, 0), (4, 1), (5, 1), (3, 2), (21, 8), (20, 18)];
+    set.extend((40..80).rev().map(|p| (p, 30)));
+    let ws = WorkingSet { pages: set.iter().map(|s| s.0 * PAGE).collect(), at_ms: set.iter().map(|s| s.1).collect() };
+    engine.replay(&ws).unwrap();
+    assert!(engine.wait_idle(Instant::now() + Duration::from_secs(10)), "the replay did not finish");
+    let fills: Vec<(u64, u64)> =
+        fills.lock().unwrap().iter().map(|&(gpa, len)| (gpa / PAGE, (len / PAGE_SIZE) as u64)).collect();
+    assert_eq!(fills, [(3, 4), (21, 1), (20, 1), (40, 16), (56, 16), (72, 8)], "windows (first page, pages)");
+    for &(p, _) in &set {
+        verify(&ram, SLOW_PATTERN, p * PAGE);
+    }
+    let st = settled(&engine);
+    assert_eq!(st.faults, 0, "the set was present before it was read: {st:?}");
+    assert_eq!(st.replayed_pages, set.len() as u64, "{st:?}");
+}
+
+fn a_replay_overtaken_by_demand_goes_on_ahead_and_still_installs_its_whole_set(b: Backend) {
+    let ram = ram(&[(0, 1024)]);
+    let (source, fills) = logged_source();
+    let engine = builder(b, ram.clone(), Arc::new(source))
+        .config(apf::Config { max_window: 1, fault_around: 1, ..config(b) })
+        .start()
+        .unwrap();
+    // The guest is ahead of the replay: it has read the set's first eight
+    // pages already.
+    for p in 0..8 {
+        verify(&ram, SLOW_PATTERN, p * PAGE);
+    }
+    fills.lock().unwrap().clear();
+    let set = 600u64;
+    engine.replay(&WorkingSet { pages: (0..set).map(|p| p * PAGE).collect(), at_ms: Vec::new() }).unwrap();
+    assert!(engine.wait_idle(Instant::now() + Duration::from_secs(10)), "the replay did not finish");
+    let fills = fills.lock().unwrap().clone();
+    // Four pages in a row taken: it goes on well ahead of the guest
+    // rather than to page 8, where the guest is about to fault next.
+    let first = fills.first().expect("the replay filled nothing").0 / PAGE;
+    assert!(first > 64, "the replay went on at page {first}, right where the guest is");
+    // Each page of the set once, the passed-over ones at the end.
+    let mut filled: Vec<u64> =
+        fills.iter().flat_map(|&(gpa, len)| (0..len as u64 / PAGE).map(move |i| gpa / PAGE + i)).collect();
+    assert!(filled.iter().any(|&p| p < first), "the pages passed over were never gone over again");
+    filled.sort_unstable();
+    assert_eq!(filled, (8..set).collect::<Vec<_>>(), "every missing page of the set filled once");
+    assert_eq!(ram.regions()[0].census()[PageState::Present as usize], set as usize);
+    assert_eq!(settled(&engine).faults, 8, "only the guest's own reads faulted");
+}
+
+/// The nice values of this process's threads named `name`.
+fn nice_of_threads(name: &str) -> Vec<i64> {
+    let mut nice = Vec::new();
+    for task in std::fs::read_dir("/proc/self/task").unwrap().flatten() {
+        let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+        if comm.trim_end() != name {
+            continue;
+        }
+        // A thread that ended meanwhile has no stat left.
+        let Ok(stat) = std::fs::read_to_string(task.path().join("stat")) else { continue };
+        // Fields after the command, which ends at the last ')': state is
+        // field 3, nice field 19.
+        let Some(end) = stat.rfind(')') else { continue };
+        nice.extend(stat[end + 2..].split(' ').nth(16).and_then(|n| n.parse::<i64>().ok()));
+    }
+    nice
+}
+
+/// A replay's thread runs at the lowest priority: the scheduler serves
+/// demand (the event loop, the faulting threads) before it.
+#[test]
+fn a_replay_runs_at_the_lowest_priority() {
+    let ram = ram(&[(0, 64)]);
+    let source = Arc::new(ScriptedSource::pattern(SLOW_PATTERN).hold(Fills::Covering(0)));
+    let engine = Engine::builder(ram.clone(), source.clone()).start().unwrap();
+    engine.replay(&WorkingSet { pages: vec![0], at_ms: Vec::new() }).unwrap();
+    assert!(source.wait_held(Duration::from_secs(5)), "the replay never filled");
+    let nice = nice_of_threads("apf-replay");
+    source.release();
+    // Other tests of this process may be starting replays of their own.
+    assert!(nice.contains(&19), "no replay thread at nice 19: {nice:?}");
+    assert!(engine.wait_idle(Instant::now() + Duration::from_secs(10)));
+    verify(&ram, SLOW_PATTERN, 0);
 }

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use apf::failpoints::Op;
 use apf::failpoints::{Rule, Switch};
 use apf::PAGE_SIZE;
-use apf::{Backend, Dispatch, Engine, GuestAddress, GuestRam, Pattern};
+use apf::{Backend, Dispatch, Engine, GuestAddress, GuestRam, Pattern, WorkingSet};
 
 mod common;
 use common::{config, discard, read_word, try_read_word, try_write_word, wait_for, within, Fills, ScriptedSource};
@@ -107,6 +107,8 @@ common::on_both_backends!(
     every_failure_of_a_fault_path_ioctl_ends_with_the_right_contents,
     a_zeropage_failure_ends_with_zeros,
     neighbours_discarding_and_reading_back_read_zeros,
+    a_replay_window_installs_nothing_a_discard_stopped_while_its_fill_ran,
+    a_discard_waits_for_the_replay_install_it_races_and_the_page_reads_zeros,
 );
 
 fn a_page_lost_without_a_remove_event_is_poisoned_and_reported_not_zero_filled(b: Backend) {
@@ -815,4 +817,70 @@ fn an_offline_waiting_for_a_holder_deduped_onto_a_claimed_page_is_not_stalled() 
     assert!(end.offline.is_ok(), "{:?}", end.offline);
     assert_eq!(end.holder_read, Pattern { seed: 8 }.word_at(0, 0));
     assert_eq!(end.other_read, Some(Pattern { seed: 8 }.word_at(0, 0)));
+}
+
+/// The working set of the replay tests below: pages 10, 8 and 9, touched
+/// within a few milliseconds, which a replay installs in one window.
+fn set_of_one_window() -> WorkingSet {
+    WorkingSet { pages: vec![10 * PAGE, 8 * PAGE, 9 * PAGE], at_ms: vec![0, 1, 2] }
+}
+
+fn pattern_word(pattern: Pattern, gpa: u64) -> u64 {
+    let mut page = vec![0u8; PAGE_SIZE];
+    pattern.write(gpa, &mut page);
+    u64::from_le_bytes(page[..8].try_into().unwrap())
+}
+
+fn a_replay_window_installs_nothing_a_discard_stopped_while_its_fill_ran(b: Backend) {
+    let ram = ram(64);
+    let pattern = Pattern { seed: 13 };
+    let fills = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen = fills.clone();
+    // The replay's window is held in its fill while the balloon discards
+    // two of its pages.
+    let source = Arc::new(
+        ScriptedSource::pattern(pattern)
+            .hold(Fills::Covering(9 * PAGE))
+            .before_fill(move |gpa, len| seen.lock().unwrap().push((gpa.0, len))),
+    );
+    let engine = engine_with(&ram, source.clone(), config(b));
+    engine.replay(&set_of_one_window()).unwrap();
+    assert!(source.wait_held(Duration::from_secs(5)), "the replay never filled its window");
+    assert_eq!(*fills.lock().unwrap(), [(8 * PAGE, 3 * PAGE_SIZE)], "one window of the set");
+    discard(&ram, 9 * PAGE, 2 * PAGE);
+    source.release();
+    assert!(engine.wait_idle(Instant::now() + Duration::from_secs(10)), "the replay did not finish");
+    assert_eq!(read_word(&ram, 8 * PAGE), pattern_word(pattern, 8 * PAGE));
+    assert_eq!(read_word(&ram, 9 * PAGE), 0, "page 9 was installed from the source after its discard");
+    assert_eq!(read_word(&ram, 10 * PAGE), 0, "page 10 was installed from the source after its discard");
+    assert!(engine.errors().try_recv().is_none());
+}
+
+fn a_discard_waits_for_the_replay_install_it_races_and_the_page_reads_zeros(b: Backend) {
+    let ram = ram(64);
+    let pattern = Pattern { seed: 14 };
+    let engine = engine_with(&ram, Arc::new(pattern), config(b));
+    let fp = engine.failpoints().clone();
+    let host = ram.host_range(GuestAddress(9 * PAGE), PAGE).unwrap() as u64;
+    // The window's install has passed its sequence check and stops just
+    // before its `UFFDIO_COPY`.
+    fp.arm(Rule::pause(Op::Copy).within(host, host + PAGE));
+    engine.replay(&set_of_one_window()).unwrap();
+    assert!(fp.wait_paused(Duration::from_secs(5)), "the replay's install never reached its COPY");
+    let discarded = Arc::new(AtomicBool::new(false));
+    let discarder = {
+        let (ram, discarded) = (ram.clone(), discarded.clone());
+        std::thread::spawn(move || {
+            discard(&ram, 9 * PAGE, PAGE);
+            discarded.store(true, Ordering::Release);
+        })
+    };
+    let returned_while_held = wait_for(&discarded, Duration::from_millis(300));
+    fp.open_gate();
+    discarder.join().unwrap();
+    assert!(!returned_while_held, "madvise returned while the replay's checked install was pending");
+    assert_eq!(read_word(&ram, 9 * PAGE), 0, "stale contents in page 9 after the discard returned");
+    assert!(engine.wait_idle(Instant::now() + Duration::from_secs(10)), "the replay did not finish");
+    assert_eq!(read_word(&ram, 8 * PAGE), pattern_word(pattern, 8 * PAGE));
+    assert_eq!(read_word(&ram, 10 * PAGE), pattern_word(pattern, 10 * PAGE));
 }

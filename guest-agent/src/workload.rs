@@ -10,7 +10,8 @@ use agent_proto::{
     pass, Config, Counters, Layout, OfflineOp, Reply, Request, Workload, PAGE_SIZE, RING_SLOTS_PER_VCPU,
 };
 use agent_proto::{
-    permute, scattered_pages, FLAG_BALLOON, FLAG_CHECKSUM, FLAG_GUEST_OFFLINE, FLAG_RANDOM_ORDER, FLAG_RESTORE,
+    permute, scattered_index, scattered_pages, FLAG_BALLOON, FLAG_CHECKSUM, FLAG_GUEST_OFFLINE, FLAG_RANDOM_ORDER,
+    FLAG_RESTORE, FLAG_SCATTERED_CHANGED,
 };
 
 use crate::checksum::Slots;
@@ -105,8 +106,9 @@ impl<'m> Agent<'m> {
             // The same scattered pages at every restore of this snapshot
             // (the key is the seed's and the vCPU's), each verified.
             let visits = scattered_pages(pages);
+            let changed = self.config.flags & FLAG_SCATTERED_CHANGED != 0;
             for i in 0..visits {
-                self.check(permute(i, pages, key));
+                self.check(permute(scattered_index(i, visits, pages, changed), pages, key));
             }
             self.progress(pass::RESTORE_VERIFY, visits);
             self.end_phase();

@@ -10,7 +10,7 @@ use std::time::Duration;
 use agent_proto::Workload;
 use apf::span::{FAULT, PIN};
 use apf_bench::guest_storm::{GuestStormRun, GuestStormSample, Tail};
-use apf_bench::replay::{ReplaySample, ReplayVariant};
+use apf_bench::replay::{ReplayCase, ReplaySample, ReplayVariant};
 use apf_bench::{GuestPass, Sample, Variant};
 
 use crate::config::{Backend, OfflineMode, RunConfig};
@@ -177,9 +177,9 @@ impl GuestPass for Guests {
         variant: ReplayVariant,
         snapshot: &Path,
         working_set: &Path,
-        cold: bool,
+        case: ReplayCase,
     ) -> Result<ReplaySample, String> {
-        if cold {
+        if case.cold() {
             drop_page_cache(snapshot)?;
         }
         let replays = !matches!(variant, ReplayVariant::OnDemand | ReplayVariant::KernelFile);
@@ -187,6 +187,7 @@ impl GuestPass for Guests {
             duration: Duration::ZERO,
             grace: Duration::from_secs(120),
             workload: Workload::Scattered,
+            scattered_changed: case.changed(),
             backend: if variant == ReplayVariant::KernelFile { Backend::File } else { Backend::Apf },
             offline_every: None,
             guest_offline: false,

@@ -87,6 +87,9 @@ pub struct RunConfig {
     /// The first pass (touch, or the verify of a restore) visits pages in
     /// a random order.
     pub random_order: bool,
+    /// With the scattered workload on a restore: a tenth of the pages
+    /// verified differ from the plain set.
+    pub scattered_changed: bool,
     /// Write guest RAM here at the end.
     pub save_snapshot: Option<PathBuf>,
     /// Start from this snapshot.
@@ -174,6 +177,7 @@ impl Default for RunConfig {
             backend: Backend::Apf,
             memory: apf::MemoryKind::PrivateAnonymous,
             random_order: false,
+            scattered_changed: false,
             save_snapshot: None,
             restore: None,
             uffd_socket: None,
@@ -292,6 +296,8 @@ stress and verify guest memory while it is offlined underneath, and report.
   --workload W           mixed|sequential|random|strided|touch|scattered (default mixed); scattered:
                          touch every page once, or on a restore verify a fixed, scattered 15% of
                          the pages, and finish
+  --scattered-changed    with --workload scattered, on a restore: a tenth of the pages verified
+                         differ from the plain set (a recorded working set 10% off)
   --seed N               seed of every stamp and random choice (default 1)
   --offline-every D      host offline storm interval, or `off` (default 20ms)
   --offline-mode M       migrate|evict|mixed (default mixed)
@@ -405,6 +411,7 @@ pub fn parse_run(args: &[String]) -> Result<RunConfig, CliError> {
                 let v = value!("--duration");
                 c.duration = parse_duration(&v).map_err(|e| invalid("--duration", &v, e))?;
             }
+            "--scattered-changed" if inline.is_none() => c.scattered_changed = true,
             "--workload" => {
                 let v = value!("--workload");
                 c.workload = parse_workload(&v).map_err(|e| invalid("--workload", &v, e))?;
@@ -572,6 +579,9 @@ fn check_working_set(c: &RunConfig) -> Result<(), CliError> {
             return conflict("--working-set names the snapshot itself: give the working-set file");
         }
     }
+    if c.scattered_changed && c.workload != Workload::Scattered {
+        return conflict("--scattered-changed changes the scattered workload's set: it needs --workload scattered");
+    }
     if c.replay_eager && c.working_set.is_none() {
         return conflict("--replay-eager fills after a replay: it needs --working-set");
     }
@@ -685,6 +695,9 @@ mod tests {
         conflict(&["--working-set", "ws", "--restore", "s", "--uffd-socket", "k"], "handler takes its own");
         conflict(&["--working-set", "s", "--restore", "s"], "names the snapshot itself");
         conflict(&["--replay-eager"], "needs --working-set");
+        conflict(&["--scattered-changed"], "needs --workload scattered");
+        let c = run(&["--workload", "scattered", "--scattered-changed"]).unwrap();
+        assert!(c.scattered_changed);
         conflict(&["--replay-eager", "--restore", "s"], "needs --working-set");
         conflict(&["--replay-lead", "100ms", "--restore", "s"], "needs --working-set");
         let e = run(&["--replay-lead", "5", "--restore", "s", "--working-set", "w"]).unwrap_err();

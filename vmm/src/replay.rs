@@ -138,7 +138,9 @@ pub fn start(cfg: &RunConfig, engine: Option<&Engine>) -> (Option<WorkingSetRepo
 
 /// The replay with a lead: the set, in address order (no vCPU runs yet
 /// that could need one page before another, and neighbours go in one
-/// window), at a whole CPU, waited for until it is in or the lead is spent;
+/// window), split in runs over the machine's cores (at most
+/// `MAX_REPLAYS - 1`), each at a whole CPU, waited for until it is in or
+/// the lead is spent;
 /// a set not in by then goes on in the background, giving way to demand.
 /// With eager fill, the rest of RAM follows in the background.
 fn lead(
@@ -148,9 +150,17 @@ fn lead(
     report: &mut WorkingSetReport,
 ) -> Result<(), apf::EngineError> {
     let started = std::time::Instant::now();
-    let mut sorted = WorkingSet { pages: ws.pages.clone(), at_ms: Vec::new() };
-    sorted.pages.sort_unstable();
-    engine.replay_with(&sorted, ReplayOptions { window_pages: 64, cpu_share: 1.0, eager: false })?;
+    let mut sorted = ws.pages.clone();
+    sorted.sort_unstable();
+    // One replay per core, each a run of the sorted set: the lead is
+    // nearly all one-page installs (a scattered set), each a `pread` and
+    // a `UFFDIO_COPY`, which run side by side; one slot is left for the
+    // eager fill.
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).clamp(1, apf::MAX_REPLAYS - 1);
+    for part in sorted.chunks(sorted.len().div_ceil(threads).max(1)) {
+        let part = WorkingSet { pages: part.to_vec(), at_ms: Vec::new() };
+        engine.replay_with(&part, ReplayOptions { window_pages: 64, cpu_share: 1.0, eager: false })?;
+    }
     if engine.wait_idle(started + cfg.replay_lead) {
         report.lead_pages = engine.stats().replayed_pages;
     }

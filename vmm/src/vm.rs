@@ -341,6 +341,9 @@ fn agent_config(cfg: &RunConfig, shape: Shape, restoring: bool) -> Config {
     if cfg.random_order {
         flags |= agent_proto::FLAG_RANDOM_ORDER;
     }
+    if cfg.scattered_changed {
+        flags |= agent_proto::FLAG_SCATTERED_CHANGED;
+    }
     if cfg.checksum {
         flags |= FLAG_CHECKSUM;
     }

@@ -375,13 +375,6 @@ pub(crate) struct Core {
     working_set: Option<FirstTouches>,
     /// Told of every remove applied (see [`Core::set_on_remove`]).
     on_remove: Option<RemoveHook>,
-    /// When the last fault was read, in nanoseconds since `epoch`.
-    last_demand: AtomicU64,
-    epoch: Instant,
-}
-
-fn nanos(d: Duration) -> u64 {
-    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
 }
 
 /// A callback told of every guest range a remove event discarded.
@@ -419,8 +412,6 @@ impl Core {
             in_flight: AtomicUsize::new(0),
             stopping: AtomicBool::new(false),
             working_set: config.record_working_set.then(|| FirstTouches::new(ram_pages)),
-            last_demand: AtomicU64::new(0),
-            epoch: Instant::now(),
             on_remove: None,
             errors,
             config,
@@ -570,16 +561,6 @@ impl Core {
     /// start of recording to each (empty unless recording).
     pub(crate) fn touched_pages(&self) -> Vec<(u64, u32)> {
         self.working_set.as_ref().map(FirstTouches::touches).unwrap_or_default()
-    }
-
-    /// A fault was read now: background work (a replay) gives way.
-    pub(crate) fn note_demand(&self) {
-        self.last_demand.store(nanos(self.epoch.elapsed()), Ordering::Relaxed);
-    }
-
-    /// How long ago the last fault was read.
-    pub(crate) fn since_demand(&self) -> Duration {
-        Duration::from_nanos(nanos(self.epoch.elapsed()).saturating_sub(self.last_demand.load(Ordering::Relaxed)))
     }
 
     /// Has the event loop look at faults an offline deferred, if it has

@@ -740,75 +740,174 @@ pub(crate) struct Pace {
     pub cpu_share: f64,
 }
 
-/// A fault read this recently means demand is pending: a background fill
-/// waits before its next window.
-const DEMAND_QUIET: Duration = Duration::from_micros(200);
-
-/// The longest a background fill waits for demand to go quiet before one
-/// window: it makes progress however busy the guest is.
+/// The longest a background fill waits for pending demand to be served
+/// before one window: it makes progress however busy the guest is.
 const MOST_YIELD: Duration = Duration::from_millis(5);
+
+/// How often a background fill looks again at pending demand while it
+/// waits for it.
+const DEMAND_POLL: Duration = Duration::from_micros(10);
+
+/// The busy time over which a background fill's CPU share is kept: it
+/// sleeps once per quantum, not once per window. A window takes a few
+/// microseconds, far below what a sleep can be asked for (a sleep of 4 µs
+/// lasts 50 µs or more with the default timer slack), so a sleep per
+/// window held a fill to a small part of its share.
+const SHARE_QUANTUM: Duration = Duration::from_millis(1);
+
+/// Pages of the set in a row a replay finds already taken (demand got
+/// there first) before it takes itself to be behind the guest.
+const OVERTAKEN_PAGES: usize = 4;
+
+/// How far ahead in the set a replay overtaken by demand goes on: the
+/// pages it passes over are gone over once more at the end.
+const LEAP_PAGES: usize = 256;
+
+/// Claims and installs pages in windows of contiguous pages on the calling
+/// thread, paced or not (see [`prefetch_pages`]).
+struct Filler<'a> {
+    shared: &'a Core,
+    ctx: Ctx,
+    pace: Option<Pace>,
+    /// Largest window, in pages.
+    max: usize,
+    /// The window being gathered: region, first page, pages.
+    run: Option<(usize, usize, usize)>,
+    /// Busy time since the last sleep for the CPU share.
+    busy: Duration,
+    installed: u64,
+}
+
+impl<'a> Filler<'a> {
+    fn new(shared: &'a Core, pace: Option<Pace>) -> Self {
+        let max_window = shared.config().max_window;
+        Filler {
+            shared,
+            ctx: Ctx::new(false, max_window),
+            pace,
+            max: pace.map_or(max_window, |p| p.window.clamp(1, max_window)),
+            run: None,
+            busy: Duration::ZERO,
+            installed: 0,
+        }
+    }
+
+    /// Offers page `page` of region `region`: claims it into the window
+    /// being gathered when it extends it, or installs that window and
+    /// starts the next, giving way to demand first when paced. Returns
+    /// false when the page was not missing (taken by someone else: it is
+    /// left alone).
+    fn offer(&mut self, region: usize, page: usize) -> bool {
+        let r = &self.shared.ram().regions()[region];
+        let extends = matches!(self.run, Some((rr, first, count)) if rr == region && first + count == page && count < self.max);
+        if !extends {
+            self.flush();
+            if self.pace.is_some() {
+                give_way(self.shared);
+            }
+        }
+        if r.try_claim(page).is_none() {
+            self.flush();
+            return false;
+        }
+        match &mut self.run {
+            Some((_, _, count)) => *count += 1,
+            None => self.run = Some((region, page, 1)),
+        }
+        true
+    }
+
+    /// Installs the window gathered, if any, then sleeps for the CPU share
+    /// once a quantum of busy time is used.
+    fn flush(&mut self) {
+        let Some((region, first, count)) = self.run.take() else { return };
+        let started = Instant::now();
+        let span = tracing::trace_span!(target: "apf", "apf.prefetch", pages = count, bytes = field::Empty, outcome = field::Empty);
+        let job = Job::new(region, None, Window::from(vec![Run { first, count }]), span, false);
+        let (left, bytes) = resolve_guarded_counting(self.shared, job, &mut self.ctx);
+        debug_assert!(left.is_none(), "off the event loop, jobs finish");
+        if let Some(job) = left {
+            self.shared.release_runs(job.region, &job.window);
+        }
+        self.installed += (bytes / PAGE_SIZE) as u64;
+        if let Some(pace) = self.pace {
+            self.busy += started.elapsed();
+            let share = pace.cpu_share.clamp(0.01, 1.0);
+            if share < 1.0 && self.busy >= SHARE_QUANTUM {
+                std::thread::sleep(self.busy.mul_f64((1.0 - share) / share));
+                self.busy = Duration::ZERO;
+            }
+        }
+    }
+}
 
 /// Installs still-missing pages from `locs` (region, page) in windows of
 /// contiguous pages, on the calling thread. Returns the pages installed by
-/// this call. With a `pace`, windows are at most `pace.window` pages, each
-/// waits (up to [`MOST_YIELD`]) until no fault has been read for
-/// [`DEMAND_QUIET`], and the thread sleeps after each so that it uses at
-/// most `pace.cpu_share` of a CPU.
+/// this call. With a `pace`, windows are at most `pace.window` pages,
+/// each waits (up to [`MOST_YIELD`]) while demand is pending (a fault read
+/// and not yet served, or one not yet read), and the thread sleeps once
+/// per [`SHARE_QUANTUM`] of busy time so that it uses at most
+/// `pace.cpu_share` of a CPU.
 pub(crate) fn prefetch_pages(shared: &Core, locs: impl Iterator<Item = (usize, usize)>, pace: Option<Pace>) -> u64 {
-    let mut ctx = Ctx::new(false, shared.config().max_window);
-    let max = pace.map_or(shared.config().max_window, |p| p.window.clamp(1, shared.config().max_window));
-    let mut installed = 0u64;
-    let mut run: Option<(usize, usize, usize)> = None; // region, first, count
-    let mut flush = |run: &mut Option<(usize, usize, usize)>, ctx: &mut Ctx| {
-        if let Some((region, first, count)) = run.take() {
-            let started = Instant::now();
-            let span = tracing::trace_span!(target: "apf", "apf.prefetch", pages = count, bytes = field::Empty, outcome = field::Empty);
-            let job = Job::new(region, None, Window::from(vec![Run { first, count }]), span, false);
-            let (left, bytes) = resolve_guarded_counting(shared, job, ctx);
-            debug_assert!(left.is_none(), "off the event loop, jobs finish");
-            if let Some(job) = left {
-                shared.release_runs(job.region, &job.window);
-            }
-            installed += (bytes / PAGE_SIZE) as u64;
-            if let Some(pace) = pace {
-                let busy = started.elapsed();
-                let share = pace.cpu_share.clamp(0.01, 1.0);
-                if share < 1.0 {
-                    std::thread::sleep(busy.mul_f64((1.0 - share) / share));
-                }
-            }
-        }
-    };
+    let mut filler = Filler::new(shared, pace);
     for (region, page) in locs {
         if shared.running().is_err() {
             break;
         }
-        let extends = matches!(run, Some((r, first, count)) if r == region && first + count == page && count < max);
-        if !extends {
-            flush(&mut run, &mut ctx);
-            if pace.is_some() {
-                give_way(shared);
-            }
-        }
-        if shared.ram().regions()[region].try_claim(page).is_none() {
-            flush(&mut run, &mut ctx);
-            continue;
-        }
-        match &mut run {
-            Some((_, _, count)) => *count += 1,
-            None => run = Some((region, page, 1)),
-        }
+        filler.offer(region, page);
     }
-    flush(&mut run, &mut ctx);
-    installed
+    filler.flush();
+    filler.installed
 }
 
-/// Waits, up to [`MOST_YIELD`], until no fault has been read for
-/// [`DEMAND_QUIET`]. Called with nothing claimed: a fault never waits for
-/// a window that is not there.
+/// Installs the still-missing pages of a working set, `locs` (region,
+/// page) in the order to replay them, paced like [`prefetch_pages`]. A
+/// replay that finds [`OVERTAKEN_PAGES`] of the set in a row
+/// already taken is behind the guest, which faults on the very pages it
+/// is about to install: it goes on [`LEAP_PAGES`] further, ahead of the
+/// guest, and goes over the pages it passed once more at the end.
+/// Returns the pages installed.
+pub(crate) fn replay_pages(shared: &Core, locs: &[(usize, usize)], pace: Pace) -> u64 {
+    let mut filler = Filler::new(shared, Some(pace));
+    let mut passed = Vec::new();
+    let (mut i, mut taken) = (0, 0);
+    while i < locs.len() && shared.running().is_ok() {
+        let (region, page) = locs[i];
+        i += 1;
+        if filler.offer(region, page) {
+            taken = 0;
+            continue;
+        }
+        taken += 1;
+        if taken >= OVERTAKEN_PAGES {
+            let to = (i + LEAP_PAGES).min(locs.len());
+            passed.extend_from_slice(&locs[i..to]);
+            i = to;
+            taken = 0;
+        }
+    }
+    for &(region, page) in &passed {
+        if shared.running().is_err() {
+            break;
+        }
+        filler.offer(region, page);
+    }
+    filler.flush();
+    filler.installed
+}
+
+/// Whether demand is pending: a fault read and not yet served (a job of
+/// the fault path in flight; fills like this one do not count), or one
+/// waiting to be read.
+fn demand_pending(shared: &Core) -> bool {
+    shared.jobs_in_flight() > 0 || shared.uffd().readable()
+}
+
+/// Waits, up to [`MOST_YIELD`], while demand is pending. Called with
+/// nothing claimed: a fault never waits for a window that is not there.
 fn give_way(shared: &Core) {
     let until = Instant::now() + MOST_YIELD;
-    while shared.since_demand() < DEMAND_QUIET && Instant::now() < until {
-        std::thread::sleep(DEMAND_QUIET / 4);
+    while demand_pending(shared) && Instant::now() < until {
+        std::thread::sleep(DEMAND_POLL);
     }
 }

@@ -368,7 +368,6 @@ impl FaultLoop {
     fn on_fault(&mut self, addr: u64, write: bool, tid: u32) {
         let shared = &self.shared;
         shared.stats().faults.add(1);
-        shared.note_demand();
         let Some(loc) = shared.ram().locate_host(addr) else {
             shared.report(FaultError::OutsideRam(addr));
             shared.wake(addr & !(PAGE_SIZE as u64 - 1), PAGE_SIZE);

@@ -153,6 +153,20 @@ pub fn scattered_pages(pages: u64) -> u64 {
     (pages * SCATTERED_PER_MILLE / 1000).clamp(pages.min(1), pages)
 }
 
+/// The index, in the stripe's keyed permutation, of the `i`th of the
+/// `visits` pages a restored [`Workload::Scattered`] agent verifies: `i`
+/// itself, or with `changed`, every tenth of them (`i % 10 == 9`) traded
+/// for one past the plain set (`visits + i / 10`), so that a tenth of the
+/// set differs, spread over the whole pass. Never past the stripe's
+/// `pages`.
+pub fn scattered_index(i: u64, visits: u64, pages: u64, changed: bool) -> u64 {
+    if changed && i % 10 == 9 {
+        (visits + i / 10).min(pages.saturating_sub(1))
+    } else {
+        i
+    }
+}
+
 impl Workload {
     /// The workload for a raw value.
     pub const fn from_u32(v: u32) -> Option<Workload> {
@@ -198,6 +212,11 @@ pub const FLAG_RANDOM_ORDER: u32 = 8;
 /// with [`Request::Balloon`], check that they read as zeros, and write
 /// them again.
 pub const FLAG_BALLOON: u32 = 16;
+/// [`Config::flags`]: a restored [`Workload::Scattered`] agent verifies a
+/// set of which a tenth differs from the plain one
+/// ([`scattered_index`]): a working set recorded on one restore and
+/// replayed into a guest whose pages changed a little.
+pub const FLAG_SCATTERED_CHANGED: u32 = 32;
 
 /// What the VMM tells an agent in answer to its hello.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -775,6 +794,26 @@ impl Reply {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_changed_scattered_set_differs_in_a_tenth_of_its_pages() {
+        const PAGES: u64 = 10_000;
+        let visits = scattered_pages(PAGES);
+        for i in 0..visits {
+            assert_eq!(scattered_index(i, visits, PAGES, false), i, "the plain set is the permutation's first pages");
+        }
+        let mut seen = [false; PAGES as usize];
+        let mut outside = 0;
+        for i in 0..visits {
+            let k = scattered_index(i, visits, PAGES, true);
+            assert!(k < PAGES);
+            assert!(!seen[k as usize], "{k} twice");
+            seen[k as usize] = true;
+            outside += u64::from(k >= visits);
+        }
+        assert_eq!(outside, visits / 10, "a tenth of the set changed");
+        assert_eq!(scattered_index(0, 1, 1, true), 0);
+    }
+
     use super::*;
 
     fn round_trip(req: Request) {
