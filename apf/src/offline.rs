@@ -175,16 +175,15 @@ impl Mode {
         }
     }
 
-    /// Whether this mode can work on memory of `kind` at all: everything
-    /// on private anonymous and shared memory, `Unplug` and host blocks on
-    /// an image (whose `Migrate` and `Evict` are refused). An engine may
-    /// still refuse a mode its descriptor cannot do (no `MOVE`, no write
-    /// protection on shared memory), or shared memory another process maps.
+    /// Whether this mode can work on memory of `kind` at all: every mode
+    /// works on every kind (in place where the kernel cannot move pages,
+    /// see `Engine::offline`). An engine may still refuse a mode its
+    /// descriptor cannot do (no `MOVE`, no write protection on shared
+    /// memory), or shared memory another process maps.
     pub fn offered_on(self, kind: MemoryKind) -> bool {
         match (kind, self) {
             (_, Mode::HostBlock(_)) | (MemoryKind::PrivateAnonymous | MemoryKind::SharedMemfd, _) => true,
-            (MemoryKind::Image, Mode::Unplug) => true,
-            (MemoryKind::Image, Mode::Migrate | Mode::Evict) => false,
+            (MemoryKind::Image, _) => true,
         }
     }
 
@@ -400,6 +399,8 @@ impl OfflineError {
 /// `/proc/self/pagemap` entry bits: a page is present, or swapped out.
 const PM_PRESENT: u64 = 1 << 63;
 const PM_SWAP: u64 = 1 << 62;
+/// The page is a file's (or shared), not a private anonymous one.
+const PM_FILE: u64 = 1 << 61;
 
 /// The staging area: private anonymous memory registered with the engine's
 /// userfaultfd in the same mode as guest RAM, so `UFFDIO_MOVE` accepts it.
@@ -1255,6 +1256,9 @@ impl<'a> Work<'a> {
 ///   which wakes the writers: they fault again on the hole, or write to
 ///   the fresh frame. No write lands between the copy and the punch.
 ///
+/// - `Migrate` and `Evict` of an image do the same to the private copies
+///   only (see [`Work::copy_out_image`]).
+///
 /// Failures: write protection that cannot be set leaves the chunk as it
 /// was (protection cleared again); a punch that fails stops the offline
 /// after the pages already punched are restored or stored; a `COPY` back
@@ -1333,8 +1337,89 @@ impl Work<'_> {
         self.unplug(None, c0, n);
     }
 
+    /// `Migrate` or `Evict` of an image's pages `c0..c0 + n`. Only the
+    /// private copies (anonymous pages, the guest's writes) are the
+    /// guest's own: they are protected, read through `/proc/self/mem`
+    /// (which never waits on the userfaultfd: a page gone meanwhile answers
+    /// an error), dropped with `MADV_DONTNEED` (announced to the event loop
+    /// as the offline's own discard, so its remove event does not read as
+    /// a balloon's) and copied back into fresh frames or stored. Pages
+    /// mapped from the image's page cache are the image's, shared with
+    /// every clone: they are left where they are.
+    fn copy_out_image(&mut self, c0: usize, n: usize) {
+        let mem = self.shared.mem();
+        let runs = runs(n, |k| self.takeable(c0 + k));
+        for (r, &(a, b)) in runs.iter().enumerate() {
+            if let Err(e) = mem.writeprotect(self.host(c0 + a), (b - a) * PAGE_SIZE, true, false) {
+                self.fail_ioctl(c0 + a, e);
+                self.unprotect(c0, &runs[..=r]);
+                return;
+            }
+        }
+        let entries = File::open("/proc/self/pagemap").and_then(|pm| {
+            let mut raw = vec![0u8; n * 8];
+            pm.read_exact_at(&mut raw, self.host(c0) / PAGE_SIZE as u64 * 8)?;
+            Ok(raw.chunks_exact(8).map(|e| u64::from_ne_bytes(e.try_into().unwrap_or([0; 8]))).collect::<Vec<_>>())
+        });
+        let proc_mem = File::open("/proc/self/mem");
+        let (entries, proc_mem) = match (entries, proc_mem) {
+            (Ok(e), Ok(m)) => (e, m),
+            (Err(e), _) | (_, Err(e)) => {
+                self.fail(OfflineError::Staging(e));
+                self.unprotect(c0, &runs);
+                return;
+            }
+        };
+        let private: Vec<bool> = (0..n)
+            .map(|k| self.takeable(c0 + k) && entries[k] & (PM_PRESENT | PM_SWAP) != 0 && entries[k] & PM_FILE == 0)
+            .collect();
+        let mut buf = vec![0u8; n * PAGE_SIZE];
+        let mut got = private.clone();
+        for (a, b) in runs_in(0, n, |k| private[k]) {
+            if proc_mem.read_exact_at(&mut buf[a * PAGE_SIZE..b * PAGE_SIZE], self.host(c0 + a)).is_err() {
+                // A page a balloon's zap took meanwhile: the others are read
+                // one by one.
+                for (k, got) in got.iter_mut().enumerate().take(b).skip(a) {
+                    *got = proc_mem.read_exact_at(&mut buf[k * PAGE_SIZE..(k + 1) * PAGE_SIZE], self.host(c0 + k)).is_ok();
+                }
+            }
+        }
+        for (x, y) in runs_in(0, n, |k| private[k] && !got[k]) {
+            self.outcome[c0 + x..c0 + y].fill(Outcome::Empty);
+        }
+        let mut dropped = Vec::new();
+        for (a, b) in runs_in(0, n, |k| got[k]) {
+            let start = self.host(c0 + a);
+            let end = start + ((b - a) * PAGE_SIZE) as u64;
+            self.shared.own_discard_begin(start, end);
+            let res = self.drop_pages(c0 + a, b - a);
+            self.shared.own_discard_done(start, end, res.is_ok(), self.restore_deadline());
+            if let Err(source) = res {
+                self.fail(OfflineError::Punch { range: self.page_range(c0 + a, b - a), source });
+                break;
+            }
+            dropped.push((a, b));
+        }
+        for &(a, b) in &dropped {
+            self.report.pages_taken += b - a;
+            match self.mode {
+                Mode::Migrate => self.copy_back(c0, a, b, &buf),
+                _ => {
+                    let gpa = self.region.page_gpa(self.first + c0 + a);
+                    self.shared.store().insert(gpa, &buf[a * PAGE_SIZE..b * PAGE_SIZE]);
+                    self.outcome[c0 + a..c0 + b].fill(Outcome::Stored);
+                    self.report.pages_evicted += b - a;
+                }
+            }
+        }
+        self.unprotect(c0, &runs);
+    }
+
     /// `Migrate` or `Evict` of shared memory, pages `c0..c0 + n`.
     fn copy_out_in_place(&mut self, c0: usize, n: usize) {
+        if self.shared.ram().kind() == MemoryKind::Image {
+            return self.copy_out_image(c0, n);
+        }
         let mem = self.shared.mem();
         let runs = runs(n, |k| self.takeable(c0 + k));
         // 1. Writes wait from here on. (The kernel refuses `DONTWAKE` with

@@ -145,8 +145,9 @@ pub enum RamError {
 /// not the image); `Migrate` and `Evict` of shared memory write-protect
 /// the pages, copy them out, punch them and copy them back into fresh
 /// frames (or leave them to the eviction store), refused while another
-/// process maps the memory ([`GuestRam::shared_fd`]). An image refuses
-/// `Migrate` and `Evict` with [`crate::OfflineError::NotOffered`].
+/// process maps the memory ([`GuestRam::shared_fd`]). On an image they do
+/// the same to the guest's private copies only: the pages mapped from the
+/// image's page cache are shared with every clone and stay.
 ///
 /// Discards differ by kind, as the kernel's do:
 /// - private anonymous and image: `MADV_DONTNEED` drops the page (on an

@@ -314,7 +314,11 @@ impl FaultLoop {
             if read.is_ok() {
                 for ev in events.iter() {
                     if let Event::Remove { start, end } = *ev {
-                        begin_remove(&shared, held.as_mut(), start, end, &mut removes);
+                        // An offline dropping pages it holds and has copied
+                        // out: nothing of the guest's was discarded.
+                        if !shared.take_own_discard(start, end) {
+                            begin_remove(&shared, held.as_mut(), start, end, &mut removes);
+                        }
                     }
                 }
             }
