@@ -1347,10 +1347,9 @@ impl Work<'_> {
     /// mapped from the image's page cache are the image's, shared with
     /// every clone: they are left where they are.
     fn copy_out_image(&mut self, c0: usize, n: usize) {
-        let mem = self.shared.mem();
         let runs = runs(n, |k| self.takeable(c0 + k));
         for (r, &(a, b)) in runs.iter().enumerate() {
-            if let Err(e) = mem.writeprotect(self.host(c0 + a), (b - a) * PAGE_SIZE, true, false) {
+            if let Err(e) = self.writeprotect(c0 + a, b - a, true, self.deadline) {
                 self.fail_ioctl(c0 + a, e);
                 self.unprotect(c0, &runs[..=r]);
                 return;
@@ -1420,12 +1419,11 @@ impl Work<'_> {
         if self.shared.ram().kind() == MemoryKind::Image {
             return self.copy_out_image(c0, n);
         }
-        let mem = self.shared.mem();
         let runs = runs(n, |k| self.takeable(c0 + k));
         // 1. Writes wait from here on. (The kernel refuses `DONTWAKE` with
         // setting protection, which wakes nobody anyway.)
         for (r, &(a, b)) in runs.iter().enumerate() {
-            if let Err(e) = mem.writeprotect(self.host(c0 + a), (b - a) * PAGE_SIZE, true, false) {
+            if let Err(e) = self.writeprotect(c0 + a, b - a, true, self.deadline) {
                 self.fail_ioctl(c0 + a, e);
                 self.unprotect(c0, &runs[..=r]);
                 return;
@@ -1531,13 +1529,24 @@ impl Work<'_> {
         }
     }
 
+    /// Sets or clears the write protection of `count` pages from page `i`
+    /// of the range, under the retry rule (`EAGAIN`: a remove event is
+    /// pending; the event loop reads it) until `by`.
+    fn writeprotect(&self, i: usize, count: usize, protect: bool, by: Instant) -> Result<(), IoctlError> {
+        loop {
+            match self.shared.mem().writeprotect(self.host(i), count * PAGE_SIZE, protect, false) {
+                Err(e) if backoff(e.errno, &[], by) => {}
+                res => return res,
+            }
+        }
+    }
+
     /// Clears the write protection of `runs` of the chunk, waking the
     /// writers. A failure is reported; the next write-protect fault on such
     /// a page clears it (the event loop does).
     fn unprotect(&mut self, c0: usize, runs: &[(usize, usize)]) {
-        let mem = self.shared.mem();
         for &(a, b) in runs {
-            if let Err(e) = mem.writeprotect(self.host(c0 + a), (b - a) * PAGE_SIZE, false, false) {
+            if let Err(e) = self.writeprotect(c0 + a, b - a, false, self.restore_deadline()) {
                 self.fail_ioctl(c0 + a, e);
                 self.shared.wake(self.host(c0 + a), (b - a) * PAGE_SIZE);
             }
