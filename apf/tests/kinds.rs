@@ -755,3 +755,37 @@ fn migrate_and_evict_of_an_image_keep_every_write_and_leave_the_image_shared() {
     assert_eq!(first_difference(&mapped_bytes(&clone), &image_bytes), None);
     assert!(engine.errors().is_empty(), "{:?}", engine.errors().try_recv());
 }
+
+#[test]
+fn a_failed_drop_of_an_image_page_leaves_no_claim_to_swallow_a_later_balloon_discard() {
+    let path = snapshot("own-discard", 14, &[]);
+    let image = Image::load(&path).unwrap();
+    std::fs::remove_file(&path).unwrap();
+    let ram = image_ram(&image);
+    let engine = image_engine(&ram);
+    write_word(&ram, BASE + 5 * P, 55);
+    let page = GuestRange::new(GuestAddress(BASE + 5 * P), P);
+    // The drop of the private copy fails: nothing changes, the page keeps
+    // the guest's write.
+    engine.failpoints().arm(Rule::new(Op::Punch, libc::EIO));
+    match engine.offline(page, Mode::Evict, Instant::now() + Duration::from_secs(5)) {
+        Err(OfflineError::Punch { range, .. }) => assert_eq!(range, page),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(read_word(&ram, BASE + 5 * P), 55);
+    // A balloon discard of exactly that page is the guest's: zeros.
+    let removes = engine.stats().removes;
+    discard(&ram, BASE + 5 * P, P);
+    assert_eq!(common::try_read_word(&ram, BASE + 5 * P), Some(0));
+    assert_eq!(engine.stats().removes, removes + 1);
+    // And a drop that works is the offline's own: no remove counted, the
+    // write kept through an evict and a migrate.
+    write_word(&ram, BASE + 5 * P, 56);
+    for mode in [Mode::Evict, Mode::Migrate] {
+        let report = engine.offline(page, mode, Instant::now() + Duration::from_secs(5)).unwrap();
+        assert_eq!(report.pages_taken, 1, "{mode}: {report:?}");
+        assert_eq!(read_word(&ram, BASE + 5 * P), 56, "{mode}");
+    }
+    assert_eq!(engine.stats().removes, removes + 1);
+    assert!(engine.errors().is_empty(), "{:?}", engine.errors().try_recv());
+}
