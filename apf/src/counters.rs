@@ -116,5 +116,8 @@ counters! {
         /// came to fill them (a discard that kept them): present, nothing
         /// installed.
         cached,
+        /// Write-protect faults read: writes an offline of memory without
+        /// `MOVE` held while it copied their pages.
+        write_protect_faults,
     }
 }

@@ -47,7 +47,7 @@ use crate::offline::{Mode, OfflineError, OfflineReport, Staging, STAGING_PAGES};
 use crate::pin::{HardPin, PageRef, Pin, PinError};
 use crate::ram::{GuestAddress, GuestRam, GuestRange, MemoryKind, RamError, RemoteRegion};
 use crate::source::{EvictionStore, PageSource};
-use crate::uffd::{Features, Uffd, UffdError};
+use crate::uffd::{Features, RegisterMode, Uffd, UffdError};
 
 /// Errors starting or driving the engine.
 #[derive(Debug, Error)]
@@ -395,7 +395,15 @@ impl Engine {
         }
         if !remote {
             for r in b.ram.regions() {
-                mem.uffd().register(r.host_base(), r.len(), kind.register_mode())?;
+                // Write protection is what offlines without MOVE keep
+                // writes with; a kernel refusing it on this memory only
+                // loses those offlines.
+                let with_wp = mem.supports(MemOp::WriteProtect)
+                    && mem.uffd().register(r.host_base(), r.len(), kind.register_mode() | RegisterMode::WP).is_ok();
+                if !with_wp {
+                    mem.no_write_protect();
+                    mem.uffd().register(r.host_base(), r.len(), kind.register_mode())?;
+                }
             }
         }
         let staging = if mem.supports(MemOp::Move) {
@@ -688,6 +696,11 @@ impl Engine {
     ///    the eviction store, or dropped, by mode. What the kernel holds is
     ///    what is acted on, whatever the engine believed: an unplug also
     ///    discards pages populated before the engine registered the memory.
+    ///    Memory without `UFFDIO_MOVE` (shared memory, an image) is acted
+    ///    on in place: write-protected (a write waits), copied out through
+    ///    the memfd and punched, then copied back or left to the store; an
+    ///    unplug punches (shared) or drops (`MADV_DONTNEED`, image) the
+    ///    pages. See [`Mode::offered_on`].
     /// 5. **The invalidation ends.** Each page's state is set from what
     ///    really happened to it, and the waiting faults are served.
     ///
@@ -703,7 +716,9 @@ impl Engine {
     ///   one RAM region; [`OfflineError::Overlap`]: another offline is
     ///   working on part of it; [`OfflineError::Stopped`],
     ///   [`OfflineError::NotOffered`] (the engine's backend cannot take
-    ///   pages out).
+    ///   pages out: no `MOVE`, and the memory kind offers no way in place,
+    ///   see [`Mode::offered_on`]), [`OfflineError::SharedWithOthers`]
+    ///   (`Migrate` or `Evict` of shared memory another process maps).
     ///   Nothing was done.
     /// - [`OfflineError::Busy`], [`OfflineError::StagingBusy`],
     ///   [`OfflineError::BlockBusy`] ([`OfflineError::is_busy`]): held past

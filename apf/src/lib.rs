@@ -90,6 +90,7 @@
 //! | `notifier` | the invalidation sequence and the interval registry of pins and references |
 //! | `config`, `counters` | the engine's configuration and its counters |
 //! | `hostmem` | host memory blocks: sysfs state, the pagemap, the project-wide lock file |
+//! | [`hugepool`] | reservations of 2 MiB pages in the kernel's pool, counted across processes in a lock file |
 //! | `kpin` | real kernel pins on memory (io_uring fixed buffers), which hard pins take |
 //! | [`span`] | the names of the `tracing` spans the engine emits |
 //! | `trace` | tracing plumbing; with `lab`, the latency layer and its plot |

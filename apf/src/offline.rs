@@ -118,7 +118,7 @@ use crate::config::UnplugPolicy;
 use crate::core::install::MemOp;
 use crate::core::{Core, Stopped};
 use crate::notifier::{Invalidation, Reason};
-use crate::ram::{runs, AnonMapping, GuestAddress, GuestRange, Origin, PageState, RamError, Region};
+use crate::ram::{runs, AnonMapping, GuestAddress, GuestRange, MemoryKind, Origin, PageState, RamError, Region};
 use crate::uffd::{IoctlError, RegisterMode, Uffd, PAGE_SIZE};
 
 /// Pages in the staging area: an offline moves its range through it in
@@ -172,6 +172,18 @@ impl Mode {
             Mode::Evict => "evict",
             Mode::Unplug => "unplug",
             Mode::HostBlock(_) => "host-block",
+        }
+    }
+
+    /// Whether this mode can work on memory of `kind` at all: every mode
+    /// works on every kind (in place where the kernel cannot move pages,
+    /// see `Engine::offline`). An engine may still refuse a mode its
+    /// descriptor cannot do (no `MOVE`, no write protection on shared
+    /// memory), or shared memory another process maps.
+    pub fn offered_on(self, kind: MemoryKind) -> bool {
+        match (kind, self) {
+            (_, Mode::HostBlock(_)) | (MemoryKind::PrivateAnonymous | MemoryKind::SharedMemfd, _) => true,
+            (MemoryKind::Image, _) => true,
         }
     }
 
@@ -288,6 +300,24 @@ pub enum OfflineError {
     /// mapped here and `UFFDIO_MOVE`, and it has neither. Nothing was done.
     #[error("guest range {0} lives in another process: offlines need it mapped here and UFFDIO_MOVE")]
     Remote(GuestRange),
+    /// `Migrate` and `Evict` of shared memory another process maps
+    /// ([`GuestRam::shared_fd`](crate::GuestRam::shared_fd) handed it out):
+    /// they keep writes by write-protecting this process's mapping, which
+    /// does not stop the other process's. Nothing was done.
+    #[error("guest range {0} is mapped by another process too, whose writes cannot be held: migrate and evict are refused")]
+    SharedWithOthers(GuestRange),
+    /// Dropping pages of memory without `UFFDIO_MOVE` (a punched hole in
+    /// shared memory, `MADV_DONTNEED` on an image) failed. The pages
+    /// dropped before it were handled as the mode says; the rest are as
+    /// they were.
+    #[error("dropping the pages of {range} failed")]
+    Punch {
+        /// The pages that were to be dropped.
+        range: GuestRange,
+        /// The kernel's error.
+        #[source]
+        source: std::io::Error,
+    },
     /// The engine has shut down.
     #[error("the engine has shut down")]
     Stopped,
@@ -369,6 +399,8 @@ impl OfflineError {
 /// `/proc/self/pagemap` entry bits: a page is present, or swapped out.
 const PM_PRESENT: u64 = 1 << 63;
 const PM_SWAP: u64 = 1 << 62;
+/// The page is a file's (or shared), not a private anonymous one.
+const PM_FILE: u64 = 1 << 61;
 
 /// The staging area: private anonymous memory registered with the engine's
 /// userfaultfd in the same mode as guest RAM, so `UFFDIO_MOVE` accepts it.
@@ -786,7 +818,7 @@ impl<'a> Work<'a> {
             self.fail(OfflineError::Staging(e));
         }
         if self.mode == Mode::Unplug && !stopped_here {
-            self.unplug(st, c0, n);
+            self.unplug(Some(st), c0, n);
         }
     }
 
@@ -933,7 +965,7 @@ impl<'a> Work<'a> {
                     k += 1;
                     true
                 }
-                libc::EEXIST => Instant::now() < by && self.move_aside(st, c0 + k, by),
+                libc::EEXIST => Instant::now() < by && self.move_aside(Some(st), c0 + k, by),
                 errno => backoff(errno, &[libc::EBUSY], by),
             };
             if again {
@@ -1016,8 +1048,17 @@ impl<'a> Work<'a> {
     }
 
     /// Takes whatever the kernel holds at page `i` out to the quarantine
-    /// slot and drops it. True if the caller should retry what met it.
-    fn move_aside(&self, st: &Staging, i: usize, by: Instant) -> bool {
+    /// slot and drops it (without a staging area: drops it in place). True
+    /// if the caller should retry what met it.
+    fn move_aside(&self, st: Option<&Staging>, i: usize, by: Instant) -> bool {
+        let Some(st) = st else {
+            tracing::warn!(
+                target: "apf",
+                gpa = self.region.page_gpa(self.first + i).0,
+                "apf offline found a page where none could be; it was dropped"
+            );
+            return self.drop_pages(i, 1).is_ok();
+        };
         let uffd = self.shared.mem();
         let q = st.quarantine();
         // SAFETY: a page of guest RAM and the staging area, which no Rust reference ever points into (see `crate::ram`).
@@ -1038,7 +1079,7 @@ impl<'a> Work<'a> {
     }
 
     /// `Unplug`, after the chunk's contents are gone: the policy.
-    fn unplug(&mut self, st: &Staging, c0: usize, n: usize) {
+    fn unplug(&mut self, st: Option<&Staging>, c0: usize, n: usize) {
         let policy = self.shared.config().unplug_policy;
         let mut i = c0;
         while i < c0 + n {
@@ -1057,7 +1098,7 @@ impl<'a> Work<'a> {
                 }
                 (PageState::Poisoned | PageState::Offline, UnplugPolicy::Zero) => {
                     // The marker must go: a COPY of zeros replaces it.
-                    let ok = self.zero_fill(Some(st), i);
+                    let ok = self.zero_fill(st, i);
                     let to = if ok { PageState::Present } else { PageState::Offline };
                     self.outcome[i] = Outcome::Unplugged(to);
                     i += 1;
@@ -1081,7 +1122,7 @@ impl<'a> Work<'a> {
     }
 
     /// Poisons pages `a..b` (none of them poisoned by the engine before).
-    fn poison_run(&mut self, st: &Staging, a: usize, b: usize) {
+    fn poison_run(&mut self, st: Option<&Staging>, a: usize, b: usize) {
         let uffd = self.shared.mem();
         let by = self.restore_deadline();
         let mut k = a;
@@ -1127,10 +1168,10 @@ impl<'a> Work<'a> {
             let Err(e) = res else {
                 return true;
             };
-            let again = match (e.errno, st) {
+            let again = match e.errno {
                 // COPY replaces a marker: EEXIST means a page is there.
-                (libc::EEXIST, Some(st)) => Instant::now() < by && self.move_aside(st, i, by),
-                (errno, _) => backoff(errno, &[], by),
+                libc::EEXIST => Instant::now() < by && self.move_aside(st, i, by),
+                errno => backoff(errno, &[], by),
             };
             if !again {
                 self.fail_ioctl(i, e);
@@ -1194,6 +1235,328 @@ impl<'a> Work<'a> {
         }
         Ok(self.report)
     }
+}
+
+/// Offlines of memory without `UFFDIO_MOVE` (shared memory, an image
+/// mapped private): the pages are acted on where they are.
+///
+/// - `Unplug` drops the chunk's pages (a punched hole in shared memory,
+///   which raises no event; `MADV_DONTNEED` on an image, whose remove
+///   event the event loop applies like a balloon's: the page reads zeros,
+///   not the image), then applies the [`UnplugPolicy`].
+/// - `Migrate` and `Evict` of shared memory, chunk by chunk under the hold:
+///   write-protect the pages (from here a write waits on its write-protect
+///   fault, which the event loop defers until the chunk ends), copy what
+///   the page cache holds out through the memfd (never through the
+///   mapping, which could fault on the offline's own hold), punch the
+///   pages, then `COPY` the contents back into frames the allocator hands
+///   out (fresh ones, though it may hand a frame the punch just freed
+///   straight back) (`Migrate`) or
+///   leave them to the eviction store (`Evict`), and clear the protection,
+///   which wakes the writers: they fault again on the hole, or write to
+///   the fresh frame. No write lands between the copy and the punch.
+///
+/// - `Migrate` and `Evict` of an image do the same to the private copies
+///   only (see [`Work::copy_out_image`]).
+///
+/// Failures: write protection that cannot be set leaves the chunk as it
+/// was (protection cleared again); a punch that fails stops the offline
+/// after the pages already punched are restored or stored; a `COPY` back
+/// that fails leaves the page to the eviction store. Protection that
+/// cannot be cleared is cleared by the next write-protect fault on the
+/// page, which the event loop answers by clearing it.
+impl Work<'_> {
+    /// The index of this work's region in guest RAM.
+    fn region_idx(&self) -> usize {
+        self.shared.ram().regions().iter().position(|r| std::ptr::eq(r, self.region)).unwrap_or(0)
+    }
+
+    /// Drops `count` pages from page `i` of the range as the memory kind
+    /// does: a punched hole in shared memory, `MADV_DONTNEED` otherwise.
+    fn drop_pages(&self, i: usize, count: usize) -> io::Result<()> {
+        #[cfg(feature = "failpoints")]
+        {
+            let host = self.host(i);
+            let fp = self.shared.uffd().failpoints().take(crate::uffd::Op::Punch, [host, host], count * PAGE_SIZE);
+            match fp {
+                Some(f) if f.pause => self.shared.uffd().failpoints().wait_at_gate(),
+                Some(f) => return Err(io::Error::from_raw_os_error(f.errno)),
+                None => {}
+            }
+        }
+        if self.shared.ram().kind() == MemoryKind::SharedMemfd {
+            return self.shared.ram().punch(self.region_idx(), self.first + i, count);
+        }
+        // SAFETY: pages of guest RAM, which no Rust reference ever points
+        // into (see `crate::ram`); dropping them is what a balloon does, and
+        // this offline holds them. On registered memory the call returns
+        // once the event loop has read its remove event, and nothing the
+        // event loop waits for is held here.
+        if unsafe { libc::madvise(self.host(i) as *mut libc::c_void, count * PAGE_SIZE, libc::MADV_DONTNEED) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// Steps 4 and 5 without a staging area: chunk by chunk, hold, act in
+    /// place, end.
+    fn act_in_place(&mut self, inv: &mut Invalidation<'_>) {
+        while self.pages_done < self.count() && !self.stopped() {
+            if self.pages_done > 0 && Instant::now() >= self.deadline {
+                return;
+            }
+            let c0 = self.pages_done;
+            let n = (self.count() - c0).min(STAGING_PAGES);
+            let part = self.page_range(c0, n);
+            let prior = hold(self.shared, inv, part, self.region, self.first + c0, n);
+            self.prior[c0..c0 + n].copy_from_slice(&prior);
+            match self.mode {
+                Mode::Unplug => self.unplug_in_place(c0, n),
+                _ => self.copy_out_in_place(c0, n),
+            }
+            self.finish(c0, n);
+            inv.end_part(part);
+            self.shared.kick_deferred();
+            if !self.stopped() {
+                self.pages_done = c0 + n;
+            }
+        }
+    }
+
+    /// `Unplug` of pages `c0..c0 + n`: drop them, apply the policy.
+    fn unplug_in_place(&mut self, c0: usize, n: usize) {
+        for (a, b) in runs(n, |k| self.takeable(c0 + k)) {
+            if let Err(source) = self.drop_pages(c0 + a, b - a) {
+                self.fail(OfflineError::Punch { range: self.page_range(c0 + a, b - a), source });
+                // The pages before this run are gone: they get the policy.
+                self.unplug(None, c0, a);
+                return;
+            }
+            self.report.pages_taken += b - a;
+        }
+        self.unplug(None, c0, n);
+    }
+
+    /// `Migrate` or `Evict` of an image's pages `c0..c0 + n`. Only the
+    /// private copies (anonymous pages, the guest's writes) are the
+    /// guest's own: they are protected, read through `/proc/self/mem`
+    /// (which never waits on the userfaultfd: a page gone meanwhile answers
+    /// an error), dropped with `MADV_DONTNEED` (announced to the event loop
+    /// as the offline's own discard, so its remove event does not read as
+    /// a balloon's) and copied back into fresh frames or stored. Pages
+    /// mapped from the image's page cache are the image's, shared with
+    /// every clone: they are left where they are.
+    fn copy_out_image(&mut self, c0: usize, n: usize) {
+        let runs = runs(n, |k| self.takeable(c0 + k));
+        for (r, &(a, b)) in runs.iter().enumerate() {
+            if let Err(e) = self.writeprotect(c0 + a, b - a, true, self.deadline) {
+                self.fail_ioctl(c0 + a, e);
+                self.unprotect(c0, &runs[..=r]);
+                return;
+            }
+        }
+        let entries = File::open("/proc/self/pagemap").and_then(|pm| {
+            let mut raw = vec![0u8; n * 8];
+            pm.read_exact_at(&mut raw, self.host(c0) / PAGE_SIZE as u64 * 8)?;
+            Ok(raw.chunks_exact(8).map(|e| u64::from_ne_bytes(e.try_into().unwrap_or([0; 8]))).collect::<Vec<_>>())
+        });
+        let proc_mem = File::open("/proc/self/mem");
+        let (entries, proc_mem) = match (entries, proc_mem) {
+            (Ok(e), Ok(m)) => (e, m),
+            (Err(e), _) | (_, Err(e)) => {
+                self.fail(OfflineError::Staging(e));
+                self.unprotect(c0, &runs);
+                return;
+            }
+        };
+        let private: Vec<bool> = (0..n)
+            .map(|k| self.takeable(c0 + k) && entries[k] & (PM_PRESENT | PM_SWAP) != 0 && entries[k] & PM_FILE == 0)
+            .collect();
+        let mut buf = vec![0u8; n * PAGE_SIZE];
+        let mut got = private.clone();
+        for (a, b) in runs_in(0, n, |k| private[k]) {
+            if proc_mem.read_exact_at(&mut buf[a * PAGE_SIZE..b * PAGE_SIZE], self.host(c0 + a)).is_err() {
+                // A page a balloon's zap took meanwhile: the others are read
+                // one by one.
+                for (k, got) in got.iter_mut().enumerate().take(b).skip(a) {
+                    *got = proc_mem.read_exact_at(&mut buf[k * PAGE_SIZE..(k + 1) * PAGE_SIZE], self.host(c0 + k)).is_ok();
+                }
+            }
+        }
+        for (x, y) in runs_in(0, n, |k| private[k] && !got[k]) {
+            self.outcome[c0 + x..c0 + y].fill(Outcome::Empty);
+        }
+        let mut dropped = Vec::new();
+        for (a, b) in runs_in(0, n, |k| got[k]) {
+            let start = self.host(c0 + a);
+            let end = start + ((b - a) * PAGE_SIZE) as u64;
+            self.shared.own_discard_begin(start, end);
+            let res = self.drop_pages(c0 + a, b - a);
+            self.shared.own_discard_done(start, end, res.is_ok(), self.restore_deadline());
+            if let Err(source) = res {
+                self.fail(OfflineError::Punch { range: self.page_range(c0 + a, b - a), source });
+                break;
+            }
+            dropped.push((a, b));
+        }
+        for &(a, b) in &dropped {
+            self.report.pages_taken += b - a;
+            match self.mode {
+                Mode::Migrate => self.copy_back(c0, a, b, &buf),
+                _ => {
+                    let gpa = self.region.page_gpa(self.first + c0 + a);
+                    self.shared.store().insert(gpa, &buf[a * PAGE_SIZE..b * PAGE_SIZE]);
+                    self.outcome[c0 + a..c0 + b].fill(Outcome::Stored);
+                    self.report.pages_evicted += b - a;
+                }
+            }
+        }
+        self.unprotect(c0, &runs);
+    }
+
+    /// `Migrate` or `Evict` of shared memory, pages `c0..c0 + n`.
+    fn copy_out_in_place(&mut self, c0: usize, n: usize) {
+        if self.shared.ram().kind() == MemoryKind::Image {
+            return self.copy_out_image(c0, n);
+        }
+        let runs = runs(n, |k| self.takeable(c0 + k));
+        // 1. Writes wait from here on. (The kernel refuses `DONTWAKE` with
+        // setting protection, which wakes nobody anyway.)
+        for (r, &(a, b)) in runs.iter().enumerate() {
+            if let Err(e) = self.writeprotect(c0 + a, b - a, true, self.deadline) {
+                self.fail_ioctl(c0 + a, e);
+                self.unprotect(c0, &runs[..=r]);
+                return;
+            }
+        }
+        // 2. The contents, as the page cache holds them.
+        let region = self.region_idx();
+        let mut buf = vec![0u8; n * PAGE_SIZE];
+        let mut data = vec![false; n];
+        let read = self.shared.ram().file_runs(region, self.first + c0, n).unwrap_or_else(|| {
+            Err(io::Error::from_raw_os_error(libc::EOPNOTSUPP))
+        });
+        let read = read.and_then(|runs| {
+            for (p, e, d) in runs {
+                data[p - self.first - c0..e - self.first - c0].fill(d);
+            }
+            self.shared.ram().read_file(region, self.first + c0, &mut buf)
+        });
+        if let Err(e) = read {
+            self.fail(OfflineError::Staging(e));
+            self.unprotect(c0, &runs);
+            return;
+        }
+        // 3. Punch: the old frames go.
+        let mut punched = 0;
+        for &(a, b) in &runs {
+            if let Err(source) = self.drop_pages(c0 + a, b - a) {
+                self.fail(OfflineError::Punch { range: self.page_range(c0 + a, b - a), source });
+                break;
+            }
+            punched += 1;
+        }
+        // 4. The contents of what was punched: back into fresh frames, or
+        // to the store.
+        for &(a, b) in &runs[..punched] {
+            for (x, y) in runs_in(a, b, |k| !data[k]) {
+                self.outcome[c0 + x..c0 + y].fill(Outcome::Empty);
+            }
+            self.report.pages_taken += (a..b).filter(|&k| data[k]).count();
+            for (x, y) in runs_in(a, b, |k| data[k]) {
+                match self.mode {
+                    Mode::Migrate => self.copy_back(c0, x, y, &buf),
+                    _ => {
+                        let gpa = self.region.page_gpa(self.first + c0 + x);
+                        self.shared.store().insert(gpa, &buf[x * PAGE_SIZE..y * PAGE_SIZE]);
+                        self.outcome[c0 + x..c0 + y].fill(Outcome::Stored);
+                        self.report.pages_evicted += y - x;
+                    }
+                }
+            }
+        }
+        // 5. Writers go on: into the fresh frames, or onto the holes,
+        // where they fault and wait for the chunk's end.
+        self.unprotect(c0, &runs);
+    }
+
+    /// Copies pages `x..y` of the chunk from `buf` into the holes punched
+    /// for them, skipping pages a balloon discarded meanwhile; what cannot
+    /// go back goes to the store.
+    fn copy_back(&mut self, c0: usize, x: usize, y: usize, buf: &[u8]) {
+        let uffd = self.shared.mem();
+        let by = self.restore_deadline();
+        let mut k = x;
+        while k < y {
+            // Under the install lock, as `put_back` does.
+            let guard = self.shared.notifier().install_lock();
+            if self.removed(c0 + k) {
+                drop(guard);
+                self.outcome[c0 + k] = Outcome::Empty;
+                k += 1;
+                continue;
+            }
+            let mut e = k + 1;
+            while e < y && !self.removed(c0 + e) {
+                e += 1;
+            }
+            // SAFETY: pages of guest RAM, which no Rust reference ever
+            // points into (see `crate::ram`); `buf` holds `y - x` pages from
+            // `x`.
+            let res = unsafe { uffd.copy(self.host(c0 + k), buf[k * PAGE_SIZE..].as_ptr(), (e - k) * PAGE_SIZE, true) };
+            drop(guard);
+            let (done, err) = split(res);
+            self.outcome[c0 + k..c0 + k + done].fill(Outcome::InPlace);
+            self.report.frames_moved += done;
+            k += done;
+            let Some(err) = err else { continue };
+            if done > 0 || backoff(err.errno, &[], by) {
+                continue;
+            }
+            if err.errno == libc::EEXIST {
+                // The page cache got a page there while the offline held
+                // it (a write through the file): the kernel's is newer.
+                tracing::warn!(target: "apf", gpa = self.region.page_gpa(self.first + c0 + k).0, "apf found a page written through the file during a migrate; kept");
+                self.outcome[c0 + k] = Outcome::InPlace;
+                k += 1;
+                continue;
+            }
+            self.fail_ioctl(c0 + k, err);
+            let gpa = self.region.page_gpa(self.first + c0 + k);
+            self.shared.store().insert(gpa, &buf[k * PAGE_SIZE..(k + 1) * PAGE_SIZE]);
+            self.outcome[c0 + k] = Outcome::Stored;
+            k += 1;
+        }
+    }
+
+    /// Sets or clears the write protection of `count` pages from page `i`
+    /// of the range, under the retry rule (`EAGAIN`: a remove event is
+    /// pending; the event loop reads it) until `by`.
+    fn writeprotect(&self, i: usize, count: usize, protect: bool, by: Instant) -> Result<(), IoctlError> {
+        loop {
+            match self.shared.mem().writeprotect(self.host(i), count * PAGE_SIZE, protect, false) {
+                Err(e) if backoff(e.errno, &[], by) => {}
+                res => return res,
+            }
+        }
+    }
+
+    /// Clears the write protection of `runs` of the chunk, waking the
+    /// writers. A failure is reported; the next write-protect fault on such
+    /// a page clears it (the event loop does).
+    fn unprotect(&mut self, c0: usize, runs: &[(usize, usize)]) {
+        for &(a, b) in runs {
+            if let Err(e) = self.writeprotect(c0 + a, b - a, false, self.restore_deadline()) {
+                self.fail_ioctl(c0 + a, e);
+                self.shared.wake(self.host(c0 + a), (b - a) * PAGE_SIZE);
+            }
+        }
+    }
+}
+
+/// The maximal runs within `a..b` where `set` holds, as `(start, end)`.
+fn runs_in(a: usize, b: usize, set: impl Fn(usize) -> bool) -> Vec<(usize, usize)> {
+    runs(b - a, |k| set(a + k)).into_iter().map(|(x, y)| (a + x, a + y)).collect()
 }
 
 /// What step 5 makes of one page.
@@ -1268,8 +1631,12 @@ pub(crate) fn offline(
     deadline: Instant,
 ) -> Result<OfflineReport, OfflineError> {
     shared.running()?;
-    if !matches!(mode, Mode::HostBlock(_)) && !shared.mem().supports(MemOp::Move) {
+    let in_place = !matches!(mode, Mode::HostBlock(_)) && !shared.mem().supports(MemOp::Move);
+    if in_place && !offered_in_place(shared, mode) {
         return Err(OfflineError::NotOffered { mode, backend: shared.mem().name() });
+    }
+    if in_place && mode != Mode::Unplug && shared.ram().is_shared_out() {
+        return Err(OfflineError::SharedWithOthers(range));
     }
     let (loc, count) = shared.ram().check_range(range)?;
     let span = tracing::info_span!(
@@ -1285,6 +1652,7 @@ pub(crate) fn offline(
     let _entered = span.enter();
     let result = match mode {
         Mode::HostBlock(n) => crate::offline::host_block(shared, range, n, deadline),
+        _ if in_place => offline_in_place(shared, loc.region, loc.page, count, range, mode, deadline),
         _ => offline_pages(shared, staging, loc.region, loc.page, count, range, mode, deadline),
     };
     match &result {
@@ -1356,6 +1724,55 @@ fn offline_pages(
     work.result(started)
 }
 
+/// Whether memory without `UFFDIO_MOVE` can go through `mode` in place:
+/// `Unplug` on shared memory and images, `Migrate` and `Evict` on shared
+/// memory registered for write protection.
+fn offered_in_place(shared: &Core, mode: Mode) -> bool {
+    let kind = shared.ram().kind();
+    let offered = kind != MemoryKind::PrivateAnonymous && !shared.ram().is_remote() && mode.offered_on(kind);
+    offered && (mode == Mode::Unplug || shared.mem().supports(MemOp::WriteProtect))
+}
+
+/// [`offline_pages`] for memory without `UFFDIO_MOVE`: the same steps, the
+/// pages acted on in place (see [`Work::act_in_place`]).
+#[allow(clippy::too_many_arguments)]
+fn offline_in_place(
+    shared: &Core,
+    region_idx: usize,
+    first: usize,
+    count: usize,
+    range: GuestRange,
+    mode: Mode,
+    deadline: Instant,
+) -> Result<OfflineReport, OfflineError> {
+    let started = Instant::now();
+    let region = &shared.ram().regions()[region_idx];
+    let mut inv = shared.notifier().announce(&[range], mode.reason()).map_err(|o| OfflineError::Overlap(o.0))?;
+    let pins_called = inv.call_intervals();
+    shared.stats().pin_invalidations.add(pins_called as u64);
+    if let Err(held) = inv.wait_drained(true, deadline) {
+        return Err(OfflineError::Busy {
+            range,
+            waited: started.elapsed(),
+            refs: held.refs,
+            hard: held.hard,
+            kernel_pinned: 0,
+            discarded: 0,
+            pages_done: 0,
+        });
+    }
+    let unset = Prior { state: PageState::Resolving, origin: Origin::Source };
+    let mut work = Work::new(shared, region, first, range, mode, deadline, vec![unset; count]);
+    work.report.pins_called = pins_called;
+    work.act_in_place(&mut inv);
+    drop(inv);
+    shared.kick_deferred();
+    shared.stats().frames_moved.add(work.report.frames_moved as u64);
+    shared.stats().pages_evicted.add(work.report.pages_evicted as u64);
+    shared.stats().pages_unplugged.add(work.report.pages_unplugged as u64);
+    work.result(started)
+}
+
 /// Begins an exclusive invalidation of `range` (pages `first..first +
 /// count` of `region`) that holds its pages at once, with no drain;
 /// returns it with the state and origin each page had.
@@ -1415,7 +1832,8 @@ pub(crate) fn replug(shared: &Core, staging: Option<&Staging>, range: GuestRange
     let (inv, prior) = begin(shared, region, loc.page, count, range, Reason::Unplug)?;
     let mut work = Work::new(shared, region, loc.page, range, Mode::Unplug, deadline, prior);
     // The staging area is only needed to move aside a page found where
-    // the marker should be; without `UFFDIO_MOVE` nothing is unplugged.
+    // the marker should be; without `UFFDIO_MOVE` such a page is dropped
+    // in place.
     let guard = match staging.map(|s| s.acquire(deadline, || {})) {
         Some(None) => None,
         other => Some(other.flatten()),

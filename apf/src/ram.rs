@@ -138,9 +138,16 @@ pub enum RamError {
 ///
 /// Faults, prefetch, pins, page references, removes (balloon discards),
 /// poison and host-block offlines work on every kind. `Migrate`, `Evict`
-/// and `Unplug` take pages out with `UFFDIO_MOVE`, which the kernel does
-/// for private anonymous pages only: on the other kinds they are refused
-/// with [`crate::OfflineError::NotOffered`].
+/// and `Unplug` take private anonymous pages out with `UFFDIO_MOVE`, which
+/// the kernel does for those pages only. The other kinds are offlined in
+/// place (see `crate::offline`): `Unplug` drops the pages (a punched hole
+/// in shared memory, `MADV_DONTNEED` on an image, which then reads zeros,
+/// not the image); `Migrate` and `Evict` of shared memory write-protect
+/// the pages, copy them out, punch them and copy them back into fresh
+/// frames (or leave them to the eviction store), refused while another
+/// process maps the memory ([`GuestRam::shared_fd`]). On an image they do
+/// the same to the guest's private copies only: the pages mapped from the
+/// image's page cache are shared with every clone and stay.
 ///
 /// Discards differ by kind, as the kernel's do:
 /// - private anonymous and image: `MADV_DONTNEED` drops the page (on an
@@ -664,6 +671,9 @@ pub struct GuestRam {
     image: Option<Arc<ImageSource>>,
     /// The regions are another process's memory ([`GuestRam::remote`]).
     remote: bool,
+    /// [`GuestRam::shared_fd`] handed the memfd out: another process may
+    /// map it, and its writes are not write-protected by this process.
+    shared_out: std::sync::atomic::AtomicBool,
 }
 
 /// A region of guest memory that lives in another process, as an
@@ -773,7 +783,7 @@ impl GuestRam {
         if regions.is_empty() {
             return Err(RamError::NoRegions);
         }
-        Ok(GuestRam { mem, regions, kind, file, image, remote: false })
+        Ok(GuestRam { mem, regions, kind, file, image, remote: false, shared_out: Default::default() })
     }
 
     /// What backs this RAM.
@@ -818,7 +828,44 @@ impl GuestRam {
             }
         }
         use std::os::fd::AsFd;
-        file.as_fd().try_clone_to_owned().map_err(RamError::Seek)
+        let fd = file.as_fd().try_clone_to_owned().map_err(RamError::Seek)?;
+        self.shared_out.store(true, std::sync::atomic::Ordering::Release);
+        Ok(fd)
+    }
+
+    /// Whether [`GuestRam::shared_fd`] handed the memory to another process.
+    pub fn is_shared_out(&self) -> bool {
+        self.shared_out.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Punches pages `[first, first + count)` of region `region` out of the
+    /// memfd of shared RAM (`fallocate(PUNCH_HOLE)`): every mapping loses
+    /// them and reads zeros until they are filled again. No remove event
+    /// follows.
+    pub(crate) fn punch(&self, region: usize, first: usize, count: usize) -> std::io::Result<()> {
+        let (MemoryKind::SharedMemfd, Some(file)) = (self.kind, &self.file) else {
+            return Err(std::io::Error::from_raw_os_error(libc::EOPNOTSUPP));
+        };
+        let r = &self.regions[region];
+        let off = r.file_offset + first as u64 * PAGE;
+        rustix::fs::fallocate(
+            &**file,
+            rustix::fs::FallocateFlags::PUNCH_HOLE | rustix::fs::FallocateFlags::KEEP_SIZE,
+            off,
+            count as u64 * PAGE,
+        )
+        .map_err(std::io::Error::from)
+    }
+
+    /// Reads pages `[first, first + count)` of region `region` of shared
+    /// RAM from its memfd into `buf` (holes read zeros), bypassing the
+    /// mapping and so never faulting.
+    pub(crate) fn read_file(&self, region: usize, first: usize, buf: &mut [u8]) -> std::io::Result<()> {
+        use std::os::unix::fs::FileExt;
+        let (MemoryKind::SharedMemfd, Some(file)) = (self.kind, &self.file) else {
+            return Err(std::io::Error::from_raw_os_error(libc::EOPNOTSUPP));
+        };
+        file.read_exact_at(buf, self.regions[region].file_offset + first as u64 * PAGE)
     }
 
     /// The runs of pages `[first, first + count)` of region `region` that
@@ -880,6 +927,7 @@ impl GuestRam {
             file: None,
             image: None,
             remote: true,
+            shared_out: Default::default(),
         })
     }
 

@@ -151,6 +151,13 @@ pub enum Op {
     /// raises a remove event).
     #[cfg_attr(not(feature = "failpoints"), allow(dead_code))]
     Discard,
+    /// `UFFDIO_WRITEPROTECT`, setting or clearing write protection.
+    WriteProtect,
+    /// Dropping guest pages an offline took a copy of, on memory without
+    /// `UFFDIO_MOVE`: a punched hole (`fallocate`) in shared memory,
+    /// `MADV_DONTNEED` on an image mapped private.
+    #[cfg_attr(not(feature = "failpoints"), allow(dead_code))]
+    Punch,
 }
 
 impl Op {
@@ -164,6 +171,8 @@ impl Op {
             Op::Wake => "UFFDIO_WAKE",
             Op::Continue => "UFFDIO_CONTINUE",
             Op::Discard => "MADV_DONTNEED",
+            Op::WriteProtect => "UFFDIO_WRITEPROTECT",
+            Op::Punch => "FALLOC_FL_PUNCH_HOLE",
         }
     }
 }
@@ -192,8 +201,11 @@ impl Features {
     pub const EXACT_ADDRESS: Features = Features(sys::UFFD_FEATURE_EXACT_ADDRESS as u64);
     /// `UFFD_FEATURE_WP_UNPOPULATED`: write-protect unpopulated ptes.
     pub const WP_UNPOPULATED: Features = Features(sys::UFFD_FEATURE_WP_UNPOPULATED as u64);
+    /// `UFFD_FEATURE_WP_HUGETLBFS_SHMEM`: write protection on shared memory
+    /// and hugetlbfs (registering those in [`RegisterMode::WP`] needs it).
+    pub const WP_SHMEM: Features = Features(sys::UFFD_FEATURE_WP_HUGETLBFS_SHMEM as u64);
 
-    const NAMES: [(Features, &'static str); 9] = [
+    const NAMES: [(Features, &'static str); 10] = [
         (Self::EVENT_REMOVE, "EVENT_REMOVE"),
         (Self::THREAD_ID, "THREAD_ID"),
         (Self::POISON, "POISON"),
@@ -203,6 +215,7 @@ impl Features {
         (Self::MINOR_SHMEM, "MINOR_SHMEM"),
         (Self::EXACT_ADDRESS, "EXACT_ADDRESS"),
         (Self::WP_UNPOPULATED, "WP_UNPOPULATED"),
+        (Self::WP_SHMEM, "WP_HUGETLBFS_SHMEM"),
     ];
 
     /// No features.
@@ -714,26 +727,32 @@ impl Uffd {
     }
 
     /// `UFFDIO_WRITEPROTECT`: sets (`protect`) or clears write protection on
-    /// a range registered in [`RegisterMode::WP`].
-    // The engine does not write-protect (yet): kept, with its test, as
-    // the complete wrapper the next memory kinds build on.
-    #[allow(dead_code)]
+    /// a range registered in [`RegisterMode::WP`]. On shared memory the
+    /// kernel also marks entries with no page mapped (the page cache may
+    /// hold one), so every write to the range faults. Clearing wakes the
+    /// threads waiting on the range's write-protect faults unless
+    /// `dont_wake`. All or nothing as far as the caller can tell (no
+    /// progress is reported): after a failure, clear again.
     pub fn writeprotect(&self, start: u64, len: usize, protect: bool, dont_wake: bool) -> Result<(), IoctlError> {
         // UFFDIO_WRITEPROTECT_MODE_WP and _DONTWAKE from <linux/userfaultfd.h>.
         const WP: u64 = 1 << 0;
         const DONTWAKE: u64 = 1 << 1;
-        let mut arg = sys::uffdio_writeprotect {
-            range: sys::uffdio_range { start, len: len as u64 },
-            mode: if protect { WP } else { 0 } | if dont_wake { DONTWAKE } else { 0 },
-        };
-        // SAFETY: UFFDIO_WRITEPROTECT reads one uffdio_writeprotect on this
-        // stack frame.
-        let ret = unsafe { libc::ioctl(self.fd.as_raw_fd(), nr::UFFDIO_WRITEPROTECT as _, &mut arg) };
-        if ret < 0 {
-            let errno = io::Error::last_os_error().raw_os_error().unwrap_or(libc::EIO);
-            return Err(IoctlError { op: "UFFDIO_WRITEPROTECT", errno, done: 0 });
-        }
-        Ok(())
+        self.with_failpoint(Op::WriteProtect, [start, start], len, |len| {
+            let mut arg = sys::uffdio_writeprotect {
+                range: sys::uffdio_range { start, len: len as u64 },
+                mode: if protect { WP } else { 0 } | if dont_wake { DONTWAKE } else { 0 },
+            };
+            // SAFETY: UFFDIO_WRITEPROTECT reads one uffdio_writeprotect on
+            // this stack frame; it changes whether writes fault, not which
+            // memory is valid.
+            let ret = unsafe { libc::ioctl(self.fd.as_raw_fd(), nr::UFFDIO_WRITEPROTECT as _, &mut arg) };
+            if ret < 0 {
+                let errno = io::Error::last_os_error().raw_os_error().unwrap_or(libc::EIO);
+                return Err(IoctlError { op: Op::WriteProtect.name(), errno, done: 0 });
+            }
+            Ok(len)
+        })
+        .map(|_| ())
     }
 }
 

@@ -276,11 +276,13 @@ fn a_host_block_goes_offline_under_a_running_guest() {
     }
 }
 
-/// Every kind of guest memory runs the stress with the balloon (and a
-/// host block where one qualifies), losing nothing: a shared memfd (the
-/// balloon punches holes), the snapshot's image mapped private (reads
-/// mapped in place, writes copied, discards read as zeros, not the
-/// image), and the kernel's own file mapping as the anchor.
+/// Every kind of guest memory runs the stress with the balloon, host
+/// offline storms, the guest's own offline requests (and a host block
+/// where one qualifies), losing nothing: a shared memfd (the balloon
+/// punches holes; migrate and evict write-protect, copy and punch), the
+/// snapshot's image mapped private (reads mapped in place, writes copied,
+/// discards read as zeros, not the image; migrate and evict move the
+/// private copies), and the kernel's own file mapping as the anchor.
 #[test]
 fn every_memory_kind_runs_the_stress_with_the_balloon() {
     require_kvm!();
@@ -294,11 +296,12 @@ fn every_memory_kind_runs_the_stress_with_the_balloon() {
     ];
     for (backend, memory, restore, name) in kinds {
         let base = if restore { restore_from(&path) } else { short(64 << 20, 0) };
+        let apf = backend == Backend::Apf;
         let cfg = RunConfig {
             backend,
             memory,
-            offline_every: None,
-            guest_offline: backend == Backend::Apf,
+            offline_every: apf.then_some(Duration::from_millis(2)),
+            guest_offline: apf,
             host_block: backend == Backend::Apf,
             duration: Duration::from_millis(800),
             ..base
@@ -311,6 +314,9 @@ fn every_memory_kind_runs_the_stress_with_the_balloon() {
             assert!(b.discards > 0 && b.pages_verified_zero > 0, "{name}: {b:?}");
             assert_eq!(b.stale, 0, "{name}: a discarded page showed old contents");
             assert!(report.faults > 0);
+            let storm = report.offline.requests - report.offline.guest_requested;
+            assert!(storm >= 5, "{name}: only {storm} storm offlines: {}", report.summary());
+            assert!(report.offline.guest_requested > 0, "{name}: {}", report.summary());
         } else {
             assert_eq!(report.faults, 0, "the file backend has no userfaultfd");
         }

@@ -512,11 +512,14 @@ pub fn parse_run(args: &[String]) -> Result<RunConfig, CliError> {
     if c.memory == MemoryKind::Image && c.backend == Backend::Plain {
         return Err(CliError::Conflict("--memory image needs the engine (or use --backend file)".into()));
     }
-    if !c.memory.offers_move() {
+    // The host storm migrates and evicts: every kind offers both (in place
+    // where the kernel cannot move its pages).
+    if ![apf::Mode::Migrate, apf::Mode::Evict].iter().all(|m| m.offered_on(c.memory)) {
         if storm_asked && c.offline_every.is_some() {
-            return Err(CliError::Conflict(
-                "the host storm migrates and evicts, which need UFFDIO_MOVE: --memory anonymous only".into(),
-            ));
+            return Err(CliError::Conflict(format!(
+                "the host storm migrates and evicts, which --memory {:?} does not offer",
+                c.memory
+            )));
         }
         c.offline_every = None;
     }
@@ -669,10 +672,14 @@ mod tests {
         assert!(matches!(run(&["--memory", "image"]), Err(CliError::Conflict(_))));
         assert!(matches!(run(&["--backend", "file"]), Err(CliError::Conflict(_))));
         assert!(matches!(run(&["--memory", "shared", "--backend", "baseline"]), Err(CliError::Conflict(_))));
-        assert!(matches!(run(&["--memory", "shared", "--offline-every", "5ms"]), Err(CliError::Conflict(_))));
+        // Storms and guest offlines run on every kind.
+        let c = run(&["--memory", "shared", "--offline-every", "5ms"]).unwrap();
+        assert_eq!(c.offline_every, Some(Duration::from_millis(5)));
         assert!(matches!(run(&["--memory", "huge"]), Err(CliError::Invalid { option: "--memory", .. })));
         let c = run(&["--memory", "shared"]).unwrap();
-        assert_eq!((c.memory, c.offline_every, c.guest_offline), (apf::MemoryKind::SharedMemfd, None, true));
+        assert_eq!((c.memory, c.offline_every.is_some(), c.guest_offline), (apf::MemoryKind::SharedMemfd, true, true));
+        let c = run(&["--memory", "image", "--restore", "x"]).unwrap();
+        assert_eq!((c.memory, c.offline_every.is_some()), (apf::MemoryKind::Image, true));
         let c = run(&["--backend", "file", "--restore", "x"]).unwrap();
         assert_eq!((c.backend, c.offline_every, c.guest_offline), (Backend::File, None, false));
         let c = run(&["--backend", "baseline", "--order", "random"]).unwrap();

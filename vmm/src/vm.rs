@@ -326,9 +326,10 @@ fn agent_config(cfg: &RunConfig, shape: Shape, restoring: bool) -> Config {
     if restoring {
         flags |= agent_proto::FLAG_RESTORE;
     }
-    // The agents' offlines move pages (`UFFDIO_MOVE`): private anonymous
-    // memory only.
-    if cfg.guest_offline && cfg.backend == Backend::Apf && cfg.memory.offers_move() {
+    // The agents ask for migrates, evicts and unplugs of their own pages:
+    // every kind offers them (in place where the kernel cannot move pages).
+    let offered = [apf::Mode::Migrate, apf::Mode::Evict, apf::Mode::Unplug].iter().all(|m| m.offered_on(cfg.memory));
+    if cfg.guest_offline && cfg.backend == Backend::Apf && offered {
         flags |= FLAG_GUEST_OFFLINE;
     }
     // The balloon needs only a discard that reads back as zeros: the

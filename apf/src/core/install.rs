@@ -11,12 +11,13 @@
 //!   staging, `POISON`, thread ids).
 //! - [`SharedMemory`]: the engine's own descriptor over a memfd mapped
 //!   shared: `COPY` and `ZEROPAGE` put pages into the page cache; `POISON`
-//!   and thread ids; no `MOVE` (the kernel moves private anonymous pages
-//!   only).
+//!   and thread ids; `WRITEPROTECT` when the kernel offers it on shared
+//!   memory; no `MOVE` (the kernel moves private anonymous pages only).
 //! - [`ImagePrivate`]: the engine's own descriptor over an image mapped
 //!   private, registered MISSING and MINOR: `CONTINUE` maps the image's
 //!   pages for reads, `COPY` installs private copies for writes, `ZEROPAGE`
-//!   zeros; `POISON` and thread ids; no `MOVE`.
+//!   zeros; `POISON` and thread ids; `WRITEPROTECT` as for shared memory;
+//!   no `MOVE`.
 //! - [`Limited`]: `COPY`, `ZEROPAGE` and `WAKE` only, no thread ids: what a
 //!   userfaultfd received from Firecracker offers (its `UFFDIO_API` asked
 //!   for `EVENT_REMOVE` alone, and a second handshake is refused).
@@ -43,6 +44,9 @@ pub(crate) enum MemOp {
     Poison,
     /// Map the page-cache pages already there (`UFFDIO_CONTINUE`).
     Continue,
+    /// Make writes fault, and let them go again (`UFFDIO_WRITEPROTECT`):
+    /// how offlines keep every write on memory without `MOVE`.
+    WriteProtect,
 }
 
 /// Installs and takes out guest pages. The `unsafe` methods change memory
@@ -119,6 +123,43 @@ pub(crate) trait Install: Send + Sync {
         let _ = (start, len, dont_wake);
         Err(unsupported(Op::Continue))
     }
+
+    /// `UFFDIO_WRITEPROTECT` over `start..start + len`: sets or clears
+    /// write protection (clearing wakes the writers unless `dont_wake`).
+    fn writeprotect(&self, start: u64, len: usize, protect: bool, dont_wake: bool) -> Result<(), IoctlError> {
+        let _ = (start, len, protect, dont_wake);
+        Err(unsupported(Op::WriteProtect))
+    }
+
+    /// Guest RAM could not be registered for write protection: stop
+    /// offering it.
+    fn no_write_protect(&self) {}
+}
+
+/// Write protection of a backend over shared memory: offered when the
+/// descriptor negotiated it and guest RAM was registered with it.
+#[derive(Debug, Default)]
+pub(crate) struct WriteProtection(std::sync::atomic::AtomicBool);
+
+impl WriteProtection {
+    fn new(uffd: &Uffd) -> Self {
+        WriteProtection(std::sync::atomic::AtomicBool::new(uffd.features().contains(Features::WP_SHMEM)))
+    }
+
+    fn on(&self) -> bool {
+        self.0.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    fn off(&self) {
+        self.0.store(false, std::sync::atomic::Ordering::Release);
+    }
+
+    fn writeprotect(&self, uffd: &Uffd, start: u64, len: usize, protect: bool, dont_wake: bool) -> Result<(), IoctlError> {
+        if !self.on() {
+            return Err(unsupported(Op::WriteProtect));
+        }
+        uffd.writeprotect(start, len, protect, dont_wake)
+    }
 }
 
 /// The answer to an operation a backend does not offer.
@@ -136,11 +177,13 @@ pub(crate) fn open(backend: Backend, kind: MemoryKind) -> Result<Option<Box<dyn 
             for_descriptor(Uffd::new(own, Features::MOVE)?)
         }
         (Backend::PrivateAnonymous, MemoryKind::SharedMemfd) => {
-            Box::new(SharedMemory { uffd: Uffd::new(own | Features::MISSING_SHMEM, Features::empty())? })
+            let uffd = Uffd::new(own | Features::MISSING_SHMEM, Features::WP_SHMEM)?;
+            Box::new(SharedMemory { wp: WriteProtection::new(&uffd), uffd })
         }
-        (Backend::PrivateAnonymous, MemoryKind::Image) => Box::new(ImagePrivate {
-            uffd: Uffd::new(own | Features::MISSING_SHMEM | Features::MINOR_SHMEM, Features::empty())?,
-        }),
+        (Backend::PrivateAnonymous, MemoryKind::Image) => {
+            let uffd = Uffd::new(own | Features::MISSING_SHMEM | Features::MINOR_SHMEM, Features::WP_SHMEM)?;
+            Box::new(ImagePrivate { wp: WriteProtection::new(&uffd), uffd })
+        }
         // What Firecracker asks for before it hands the descriptor over.
         (Backend::Limited, MemoryKind::PrivateAnonymous) => for_descriptor(Uffd::new(Features::EVENT_REMOVE, Features::empty())?),
         (Backend::Limited, _) => return Ok(None),
@@ -177,7 +220,7 @@ impl Install for Remote {
         match op {
             MemOp::Copy | MemOp::ZeroPage | MemOp::Wake => true,
             MemOp::Poison => self.uffd.features().contains(Features::POISON),
-            MemOp::Move | MemOp::Continue => false,
+            MemOp::Move | MemOp::Continue | MemOp::WriteProtect => false,
         }
     }
 
@@ -209,7 +252,7 @@ impl Install for PrivateAnonymous {
         match op {
             MemOp::Copy | MemOp::ZeroPage | MemOp::Wake | MemOp::Poison => true,
             MemOp::Move => self.uffd.features().contains(Features::MOVE),
-            MemOp::Continue => false,
+            MemOp::Continue | MemOp::WriteProtect => false,
         }
     }
 
@@ -252,6 +295,7 @@ impl Install for Limited {
 /// every mapping of the memfd sees.
 pub(crate) struct SharedMemory {
     uffd: Uffd,
+    wp: WriteProtection,
 }
 
 impl Install for SharedMemory {
@@ -260,7 +304,11 @@ impl Install for SharedMemory {
     }
 
     fn supports(&self, op: MemOp) -> bool {
-        matches!(op, MemOp::Copy | MemOp::ZeroPage | MemOp::Wake | MemOp::Poison)
+        match op {
+            MemOp::Copy | MemOp::ZeroPage | MemOp::Wake | MemOp::Poison => true,
+            MemOp::WriteProtect => self.wp.on(),
+            MemOp::Move | MemOp::Continue => false,
+        }
     }
 
     fn uffd(&self) -> &Uffd {
@@ -271,12 +319,21 @@ impl Install for SharedMemory {
         // SAFETY: the caller's contract is `Uffd::poison`'s.
         unsafe { self.uffd.poison(start, len) }
     }
+
+    fn writeprotect(&self, start: u64, len: usize, protect: bool, dont_wake: bool) -> Result<(), IoctlError> {
+        self.wp.writeprotect(&self.uffd, start, len, protect, dont_wake)
+    }
+
+    fn no_write_protect(&self) {
+        self.wp.off();
+    }
 }
 
 /// An image mapped private: reads map the image's own pages
 /// (`CONTINUE`), writes get private copies (`COPY`).
 pub(crate) struct ImagePrivate {
     uffd: Uffd,
+    wp: WriteProtection,
 }
 
 impl Install for ImagePrivate {
@@ -285,7 +342,11 @@ impl Install for ImagePrivate {
     }
 
     fn supports(&self, op: MemOp) -> bool {
-        matches!(op, MemOp::Copy | MemOp::ZeroPage | MemOp::Wake | MemOp::Poison | MemOp::Continue)
+        match op {
+            MemOp::Copy | MemOp::ZeroPage | MemOp::Wake | MemOp::Poison | MemOp::Continue => true,
+            MemOp::WriteProtect => self.wp.on(),
+            MemOp::Move => false,
+        }
     }
 
     fn uffd(&self) -> &Uffd {
@@ -300,6 +361,14 @@ impl Install for ImagePrivate {
     unsafe fn continue_pages(&self, start: u64, len: usize, dont_wake: bool) -> Result<usize, IoctlError> {
         // SAFETY: the caller's contract is `Uffd::continue_pages`'s.
         unsafe { self.uffd.continue_pages(start, len, dont_wake) }
+    }
+
+    fn writeprotect(&self, start: u64, len: usize, protect: bool, dont_wake: bool) -> Result<(), IoctlError> {
+        self.wp.writeprotect(&self.uffd, start, len, protect, dont_wake)
+    }
+
+    fn no_write_protect(&self) {
+        self.wp.off();
     }
 }
 

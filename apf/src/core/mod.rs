@@ -375,6 +375,9 @@ pub(crate) struct Core {
     working_set: Option<FirstTouches>,
     /// Told of every remove applied (see [`Core::set_on_remove`]).
     on_remove: Option<RemoveHook>,
+    /// Host ranges an offline is dropping itself (`MADV_DONTNEED` on an
+    /// image): their remove events are its own, not a balloon's.
+    own_discards: std::sync::Mutex<Vec<(u64, u64)>>,
 }
 
 /// A callback told of every guest range a remove event discarded.
@@ -413,6 +416,7 @@ impl Core {
             stopping: AtomicBool::new(false),
             working_set: config.record_working_set.then(|| FirstTouches::new(ram_pages)),
             on_remove: None,
+            own_discards: std::sync::Mutex::new(Vec::new()),
             errors,
             config,
         })
@@ -430,6 +434,47 @@ impl Core {
     pub(crate) fn removed(&self, range: crate::ram::GuestRange) {
         if let Some(hook) = &self.on_remove {
             hook(range);
+        }
+    }
+
+    /// An offline is about to drop host range `start..end` itself: the
+    /// remove event its `madvise` raises is not a discard of the guest's.
+    /// Call [`Self::own_discard_done`] after the `madvise` returns.
+    pub(crate) fn own_discard_begin(&self, start: u64, end: u64) {
+        self.own_discards.lock().unwrap_or_else(|e| e.into_inner()).push((start, end));
+    }
+
+    /// The `madvise` of [`Self::own_discard_begin`] returned. If it raised
+    /// its remove event (`raised`: it succeeded), the event has been read,
+    /// and the event loop claims the range once it looks at the batch:
+    /// wait for that (bounded by `deadline`), so that no claim is left
+    /// behind for a later discard of the same range to be mistaken for.
+    pub(crate) fn own_discard_done(&self, start: u64, end: u64, raised: bool, deadline: Instant) {
+        loop {
+            let mut own = self.own_discards.lock().unwrap_or_else(|e| e.into_inner());
+            let Some(i) = own.iter().position(|r| *r == (start, end)) else { return };
+            if !raised || Instant::now() >= deadline || self.stopping.load(Ordering::Acquire) {
+                own.swap_remove(i);
+                return;
+            }
+            drop(own);
+            std::thread::sleep(Duration::from_micros(20));
+        }
+    }
+
+    /// Whether the remove event of `start..end` is an offline's own
+    /// discard (each announced range is claimed by one event). A balloon's
+    /// discard of exactly the same range at the same moment may claim it
+    /// instead: the offline's own then reads as the balloon's, and the
+    /// pages read zeros, which is what the balloon asked for.
+    pub(crate) fn take_own_discard(&self, start: u64, end: u64) -> bool {
+        let mut own = self.own_discards.lock().unwrap_or_else(|e| e.into_inner());
+        match own.iter().position(|r| *r == (start, end)) {
+            Some(i) => {
+                own.swap_remove(i);
+                true
+            }
+            None => false,
         }
     }
 

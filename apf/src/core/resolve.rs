@@ -511,7 +511,9 @@ fn fill(
             let len = n * PAGE_SIZE;
             let is_zero = origin == Origin::Zero || (origin == Origin::Source && zero_source);
             let zero = if write { Src::Copy(shared.zeros().as_ptr()) } else { Src::ZeroPage };
-            if origin != Origin::Unplugged && (is_zero || (kind == MemoryKind::Image && !write)) {
+            // (An evicted image page comes from the store, never the image.)
+            let image_read = kind == MemoryKind::Image && !write && origin == Origin::Source;
+            if origin != Origin::Unplugged && (is_zero || image_read) {
                 // File-backed pages: what the page cache holds decides.
                 if let Some(runs) = file_runs(shared, job.region, p, n) {
                     for (a, b, data) in runs {

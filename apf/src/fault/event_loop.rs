@@ -36,6 +36,8 @@ struct Deferred {
     span: tracing::Span,
     addr: u64,
     write: bool,
+    /// A write-protect fault: the page is there, the write waits.
+    wp: bool,
     tid: u32,
     /// When it was deferred (if anyone listens to its span) and how long
     /// it had been deferred before: the span's `deferred_ns`.
@@ -46,7 +48,7 @@ struct Deferred {
 impl Deferred {
     fn new(span: tracing::Span, addr: u64, write: bool, tid: u32, redo: Option<Duration>) -> Self {
         let since = (!span.is_disabled()).then(Instant::now);
-        Deferred { span, addr, write, tid, since, before: redo.unwrap_or_default() }
+        Deferred { span, addr, write, wp: false, tid, since, before: redo.unwrap_or_default() }
     }
 }
 
@@ -185,8 +187,15 @@ fn answer_with_poison(shared: &Core, stop: &EventFd) {
             inv.call_intervals();
         }
         for ev in events.iter() {
-            if let Event::Fault { addr, .. } = *ev {
+            if let Event::Fault { addr, wp, .. } = *ev {
                 let page = addr & !(PAGE_SIZE as u64 - 1);
+                if wp {
+                    // A write an offline held: the page is there, let it go.
+                    if shared.mem().writeprotect(page, PAGE_SIZE, false, false).is_err() {
+                        shared.wake(page, PAGE_SIZE);
+                    }
+                    continue;
+                }
                 // SAFETY: the kernel reported a fault there, so the page is in
                 // a range registered with this descriptor: guest RAM, which
                 // no Rust reference ever points into (see `crate::ram`).
@@ -253,6 +262,7 @@ impl FaultLoop {
                 d.span.record("deferred_ns", u64::try_from(waited.as_nanos()).unwrap_or(u64::MAX));
             }
             match self.shared.ram().locate_host(d.addr) {
+                Some(_) if d.wp => self.on_wp_fault(d.span, d.addr, d.tid, Some(waited)),
                 Some(loc) => self.handle_fault(d.span, d.addr, loc, d.write, d.tid, Some(waited)),
                 None => {
                     self.shared.wake(d.addr & !(PAGE_SIZE as u64 - 1), PAGE_SIZE);
@@ -304,7 +314,11 @@ impl FaultLoop {
             if read.is_ok() {
                 for ev in events.iter() {
                     if let Event::Remove { start, end } = *ev {
-                        begin_remove(&shared, held.as_mut(), start, end, &mut removes);
+                        // An offline dropping pages it holds and has copied
+                        // out: nothing of the guest's was discarded.
+                        if !shared.take_own_discard(start, end) {
+                            begin_remove(&shared, held.as_mut(), start, end, &mut removes);
+                        }
                     }
                 }
             }
@@ -354,6 +368,11 @@ impl FaultLoop {
 
     fn handle(&mut self, ev: Event) {
         match ev {
+            Event::Fault { addr, wp: true, tid, .. } => {
+                self.shared.stats().write_protect_faults.add(1);
+                let span = tracing::info_span!(target: "apf", "apf.fault", kind = "write-protect", tid, outcome = field::Empty, deferred_ns = field::Empty);
+                self.on_wp_fault(span, addr, tid, None)
+            }
             Event::Fault { addr, write, tid, .. } => self.on_fault(addr, write, tid),
             // Applied when read, see `drain_once`.
             Event::Remove { .. } => {}
@@ -362,6 +381,48 @@ impl FaultLoop {
             Event::Unmap { .. } | Event::Remap { .. } | Event::Fork { .. } => {
                 tracing::warn!(target: "apf", event = ?ev, "unexpected userfaultfd event");
             }
+        }
+    }
+
+    /// A write to a page an offline of memory without `MOVE` protected
+    /// (see `crate::offline`): while the offline holds the page the write
+    /// waits (deferred, like a fault), since its page is being copied out
+    /// and replaced; afterwards, or on a page nobody holds (protection an
+    /// offline could not clear), the protection is cleared, which wakes
+    /// the writer. With no room left to defer, the writer is only woken:
+    /// it faults again.
+    fn on_wp_fault(&mut self, span: tracing::Span, addr: u64, tid: u32, redo: Option<Duration>) {
+        let shared = &self.shared;
+        let page_addr = addr & !(PAGE_SIZE as u64 - 1);
+        let held = |s: &Core| {
+            s.ram().locate_host(addr).is_some_and(|loc| s.ram().state(loc).0 == PageState::Invalidating)
+        };
+        if held(shared) {
+            if self.deferred.len() < shared.config().park_capacity {
+                shared.defer_noted();
+                if held(shared) {
+                    if redo.is_none() {
+                        shared.stats().deferred.add(1);
+                        if let Some(loc) = shared.ram().locate_host(addr) {
+                            let gpa = shared.ram().region(loc).page_gpa(loc.page);
+                            shared.notifier().raise_holders(&GuestRange::new(gpa, PAGE_SIZE as u64));
+                        }
+                    }
+                    let mut d = Deferred::new(span, addr, true, tid, redo);
+                    d.wp = true;
+                    self.deferred.push(d);
+                    return;
+                }
+            } else {
+                span.record("outcome", "retry");
+                shared.wake(page_addr, PAGE_SIZE);
+                return;
+            }
+        }
+        span.record("outcome", "unprotected");
+        if let Err(e) = shared.mem().writeprotect(page_addr, PAGE_SIZE, false, false) {
+            tracing::warn!(target: "apf", error = %e, "apf could not clear write protection on a written page");
+            shared.wake(page_addr, PAGE_SIZE);
         }
     }
 
