@@ -116,5 +116,12 @@ counters! {
         /// came to fill them (a discard that kept them): present, nothing
         /// installed.
         cached,
+        /// Installs the kernel had no page for (`ENOMEM`: a huge-page pool
+        /// mapped `MAP_NORESERVE` ran dry).
+        no_memory,
+        /// Page states pins and references checked while faulting their
+        /// ranges in, in the ranges' own pages (huge pages on huge-page
+        /// memory): the work a pin's set-up costs.
+        pin_pages_checked,
     }
 }

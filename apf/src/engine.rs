@@ -379,8 +379,15 @@ impl Engine {
         }
         // The fault path installs and wakes with nothing else: every
         // backend must offer these.
-        if ![MemOp::Copy, MemOp::ZeroPage, MemOp::Wake].into_iter().all(|op| mem.supports(op)) {
+        // (Huge pages have no ZEROPAGE: their zeros are copied.)
+        let zeropage = !b.ram.regions().iter().any(|r| r.is_huge());
+        if ![MemOp::Copy, MemOp::Wake].into_iter().all(|op| mem.supports(op))
+            || (zeropage && !mem.supports(MemOp::ZeroPage))
+        {
             return Err(EngineError::Config("the backend must offer UFFDIO_COPY, UFFDIO_ZEROPAGE and UFFDIO_WAKE"));
+        }
+        if let Some(huge) = b.ram.regions().iter().find(|r| r.is_huge()) {
+            mem.uffd().set_page_size(huge.page_size());
         }
         if remote && config.unplug_policy == UnplugPolicy::Poison && !mem.supports(MemOp::Poison) {
             return Err(EngineError::Config("the poison unplug policy needs UFFDIO_POISON, which this descriptor lacks"));

@@ -17,6 +17,10 @@
 //!   private, registered MISSING and MINOR: `CONTINUE` maps the image's
 //!   pages for reads, `COPY` installs private copies for writes, `ZEROPAGE`
 //!   zeros; `POISON` and thread ids; no `MOVE`.
+//! - [`Hugetlb`]: the engine's own descriptor over 2 MiB huge pages,
+//!   private anonymous or a memfd mapped shared: `COPY` of whole huge
+//!   pages, `POISON` and thread ids; no `ZEROPAGE` (the kernel has none
+//!   for huge pages: zeros are copied) and no `MOVE`.
 //! - [`Limited`]: `COPY`, `ZEROPAGE` and `WAKE` only, no thread ids: what a
 //!   userfaultfd received from Firecracker offers (its `UFFDIO_API` asked
 //!   for `EVENT_REMOVE` alone, and a second handshake is refused).
@@ -141,6 +145,11 @@ pub(crate) fn open(backend: Backend, kind: MemoryKind) -> Result<Option<Box<dyn 
         (Backend::PrivateAnonymous, MemoryKind::Image) => Box::new(ImagePrivate {
             uffd: Uffd::new(own | Features::MISSING_SHMEM | Features::MINOR_SHMEM, Features::empty())?,
         }),
+        (Backend::PrivateAnonymous, MemoryKind::PrivateHugetlb | MemoryKind::SharedHugetlb) => {
+            let uffd = Uffd::new(own | Features::MISSING_HUGETLBFS, Features::empty())?;
+            uffd.set_page_size(kind.page_size());
+            Box::new(Hugetlb { uffd, shared: kind == MemoryKind::SharedHugetlb })
+        }
         // What Firecracker asks for before it hands the descriptor over.
         (Backend::Limited, MemoryKind::PrivateAnonymous) => for_descriptor(Uffd::new(Features::EVENT_REMOVE, Features::empty())?),
         (Backend::Limited, _) => return Ok(None),
@@ -265,6 +274,42 @@ impl Install for SharedMemory {
 
     fn uffd(&self) -> &Uffd {
         &self.uffd
+    }
+
+    unsafe fn poison(&self, start: u64, len: usize) -> Result<usize, IoctlError> {
+        // SAFETY: the caller's contract is `Uffd::poison`'s.
+        unsafe { self.uffd.poison(start, len) }
+    }
+}
+
+/// Huge pages (private anonymous, or a memfd mapped shared): each
+/// install is of whole 2 MiB pages. The kernel has no huge-page
+/// `ZEROPAGE`, and `MOVE` refuses hugetlb memory.
+pub(crate) struct Hugetlb {
+    uffd: Uffd,
+    shared: bool,
+}
+
+impl Install for Hugetlb {
+    fn name(&self) -> &'static str {
+        if self.shared {
+            "hugetlb-shared"
+        } else {
+            "hugetlb-private"
+        }
+    }
+
+    fn supports(&self, op: MemOp) -> bool {
+        matches!(op, MemOp::Copy | MemOp::Wake | MemOp::Poison)
+    }
+
+    fn uffd(&self) -> &Uffd {
+        &self.uffd
+    }
+
+    unsafe fn zeropage(&self, start: u64, len: usize, dont_wake: bool) -> Result<usize, IoctlError> {
+        let _ = (start, len, dont_wake);
+        Err(unsupported(Op::ZeroPage))
     }
 
     unsafe fn poison(&self, start: u64, len: usize) -> Result<usize, IoctlError> {
