@@ -87,8 +87,11 @@ pub enum FaultError {
         #[source]
         error: IoctlError,
     },
-    /// The kernel had no page to install into (`ENOMEM`: a huge-page pool
-    /// mapped `MAP_NORESERVE` ran dry), past the retries. The faulting
+    /// The kernel had no page to install into (a huge-page pool mapped
+    /// `MAP_NORESERVE` ran dry), past the retries. The kernel says so with
+    /// `ENOMEM`, or with `EEXIST` where nothing is mapped (its answer when
+    /// the allocation fails once the page table exists); `error` is what
+    /// it answered. The faulting
     /// page was poisoned (its thread gets SIGBUS) unless `poisoned` is
     /// false (a prefetch nobody waited on, given back).
     #[error("no memory to install guest page {:#x} (huge-page pool exhausted?); poisoned: {poisoned}", .gpa.0)]

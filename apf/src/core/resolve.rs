@@ -713,6 +713,9 @@ fn install_pieces(
                 continue;
             }
             match e.errno {
+                libc::EEXIST if dry_pool(shared, region, dst) => {
+                    return Err(InstallError::NoMemory(remaining(pieces, i, off), e));
+                }
                 libc::EEXIST => {
                     stats.eexist.add(1);
                     // On shared memory the page cache is the truth: a page
@@ -780,6 +783,20 @@ fn install_pieces(
         }
     }
     Ok(())
+}
+
+/// Whether an `EEXIST` from a `COPY` onto the private huge page at `dst`
+/// means that the pool had no page for it: the kernel answers so (not
+/// `ENOMEM`) when the allocation fails once the page table exists, with
+/// nothing mapped. A page really there is mapped in this private mapping,
+/// which `mincore` sees (on hugetlb it reads the page table; a poison
+/// marker counts as nothing).
+fn dry_pool(shared: &Core, region: &Region, dst: u64) -> bool {
+    if shared.ram().kind() != MemoryKind::PrivateHugetlb {
+        return false;
+    }
+    let mut answers = Vec::new();
+    !in_memory(dst as *const u8, region.page_size(), &mut answers)
 }
 
 /// The still-claimed runs from piece `i`, page offset `off`, onward.
