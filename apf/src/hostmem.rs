@@ -613,24 +613,70 @@ fn write_state(n: u32, op: BlockOp, deadline: Instant) -> Result<Write, HostMemE
         Some(libc::EACCES | libc::EPERM) => HostMemError::NotPermitted { path: path.clone(), source },
         _ => HostMemError::Io { block: n, op, source },
     })?;
-    install_handler()?;
+    let written = interruptible_write(file, op.word().as_bytes().to_vec(), format!("apf-{op}-{n}"), deadline)
+        .map_err(|(what, source)| HostMemError::Setup { what, source })?;
+    Ok(match written {
+        Interruptible::Stuck { waited, signals } => return Err(HostMemError::Stuck { block: n, op, waited, signals }),
+        Interruptible::Returned { result: Ok(()), took, .. } => Write::Done(took),
+        Interruptible::Returned { result: Err(e), signals, .. }
+            if e.raw_os_error() == Some(libc::EINTR) && signals > 0 =>
+        {
+            Write::Interrupted { signals }
+        }
+        Interruptible::Returned { result: Err(e), .. } => Write::Failed(e),
+    })
+}
+
+/// How a write that [`interruptible_write`] bounds ended.
+#[derive(Debug)]
+pub(crate) enum Interruptible {
+    /// The write returned: its result, how long it took and how many
+    /// signals were sent before it did.
+    Returned {
+        /// What `write(2)` answered.
+        result: io::Result<()>,
+        /// From its start until it returned.
+        took: Duration,
+        /// Signals sent before it returned.
+        signals: u32,
+    },
+    /// It ignored the signals for [`GIVE_UP_AFTER`]; its thread was abandoned.
+    Stuck {
+        /// From the call until it was abandoned.
+        waited: Duration,
+        /// Signals sent.
+        signals: u32,
+    },
+}
+
+/// One raw `write(2)` of `bytes` to `file` on a thread of its own named
+/// `name`, sent [`interrupt_signal`] every [`SIGNAL_RESEND`] from `deadline`
+/// on until it returns: for kernel writes that loop until a signal is
+/// pending (offlining a block, growing the huge-page pool). Fails only
+/// when the thread or the handler cannot be set up (what, and why).
+pub(crate) fn interruptible_write(
+    file: File,
+    bytes: Vec<u8>,
+    name: String,
+    deadline: Instant,
+) -> Result<Interruptible, (&'static str, io::Error)> {
+    install_handler().map_err(|errno| ("install the interrupting signal's handler", io::Error::from_raw_os_error(errno)))?;
     let start = Instant::now();
     let signal = interrupt_signal();
     let (done_tx, done_rx) = mpsc::channel();
     let writer: JoinHandle<()> = thread::Builder::new()
-        .name(format!("apf-{op}-{n}"))
+        .name(name)
         .spawn(move || {
             // The thread inherits its creator's mask; the signal must get through.
             let _ = unblock_signal(signal);
-            let word = op.word().as_bytes();
             let start = Instant::now();
-            // SAFETY: `file` is open for the whole call and `word` is a live
-            // buffer of `word.len()` bytes that the kernel only reads.
-            let ret = unsafe { libc::write(file.as_raw_fd(), word.as_ptr().cast(), word.len()) };
+            // SAFETY: `file` is open for the whole call and `bytes` is a live
+            // buffer of `bytes.len()` bytes that the kernel only reads.
+            let ret = unsafe { libc::write(file.as_raw_fd(), bytes.as_ptr().cast(), bytes.len()) };
             let result = if ret < 0 { Err(io::Error::last_os_error()) } else { Ok(()) };
             let _ = done_tx.send((result, start.elapsed()));
         })
-        .map_err(|source| HostMemError::Setup { what: "start the state-writing thread", source })?;
+        .map_err(|source| ("start the writing thread", source))?;
 
     let timeout = deadline.saturating_duration_since(Instant::now());
     let mut signals = 0u32;
@@ -639,7 +685,7 @@ fn write_state(n: u32, op: BlockOp, deadline: Instant) -> Result<Write, HostMemE
         Err(_) => loop {
             if signals > 0 && Instant::now().saturating_duration_since(deadline) >= GIVE_UP_AFTER {
                 // Dropping the handle detaches the thread.
-                return Err(HostMemError::Stuck { block: n, op, waited: start.elapsed(), signals });
+                return Ok(Interruptible::Stuck { waited: start.elapsed(), signals });
             }
             // A failed kill means the thread has exited, and its result is queued.
             let _ = writer.kill(signal);
@@ -649,31 +695,22 @@ fn write_state(n: u32, op: BlockOp, deadline: Instant) -> Result<Write, HostMemE
                 Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => {
                     let _ = writer.join();
-                    let source = io::Error::other("the state-writing thread ended without a result");
-                    return Err(HostMemError::Setup { what: "write the block state", source });
+                    return Err(("write", io::Error::other("the writing thread ended without a result")));
                 }
             }
         },
     };
     let _ = writer.join();
-    Ok(match result {
-        Ok(()) => Write::Done(took),
-        Err(e) if e.raw_os_error() == Some(libc::EINTR) && signals > 0 => Write::Interrupted { signals },
-        Err(e) => Write::Failed(e),
-    })
+    Ok(Interruptible::Returned { result, took, signals })
 }
 
-/// Installs the no-op handler of [`interrupt_signal`], once per process.
-fn install_handler() -> Result<(), HostMemError> {
+/// Installs the no-op handler of [`interrupt_signal`], once per process
+/// (the errno when it cannot).
+fn install_handler() -> Result<(), i32> {
     extern "C" fn interrupt(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
     static INSTALLED: OnceLock<Result<(), i32>> = OnceLock::new();
     // register_signal_handler sets SA_SIGINFO only: no SA_RESTART.
-    let installed =
-        INSTALLED.get_or_init(|| register_signal_handler(interrupt_signal(), interrupt).map_err(|e| e.errno()));
-    installed.map_err(|errno| HostMemError::Setup {
-        what: "install the interrupting signal's handler",
-        source: io::Error::from_raw_os_error(errno),
-    })
+    *INSTALLED.get_or_init(|| register_signal_handler(interrupt_signal(), interrupt).map_err(|e| e.errno()))
 }
 
 #[cfg(test)]

@@ -142,6 +142,7 @@ internal_modules!(
 mod baseline;
 #[cfg(feature = "failpoints")]
 pub mod failpoints;
+pub mod hugepool;
 pub mod span;
 
 pub use crate::core::FaultError;
