@@ -16,6 +16,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use apf::failpoints::{Op, Rule};
+use apf::hugepool::{HugePool, HugePoolError, Reservation};
 use apf::{
     Engine, FaultError, GuestAddress, GuestRam, GuestRange, MemoryKind, Mode, OfflineError, Pattern, PinError,
     RamError, ZeroSource, HUGE_PAGE_SIZE,
@@ -24,70 +25,6 @@ use common::{try_read, try_read_word, within};
 
 const HP: u64 = HUGE_PAGE_SIZE as u64;
 const BASE: u64 = 0x4000_0000;
-
-/// A minimal stand-in for the project's huge-page pool (its API, without
-/// its cross-process lock): raises `nr_hugepages` by `pages` for the
-/// reservation's life.
-mod pool {
-    use std::sync::Mutex;
-    use std::time::Instant;
-
-    const NR: &str = "/proc/sys/vm/nr_hugepages";
-
-    /// Pages this process added to the pool.
-    static ADDED: Mutex<u64> = Mutex::new(0);
-
-    #[derive(Debug)]
-    #[allow(dead_code)] // read through `Debug`
-    pub enum HugePoolError {
-        Shortfall { asked: u64, got: u64 },
-        Io(std::io::Error),
-    }
-
-    pub struct HugePool;
-
-    pub struct Reservation {
-        pages: u64,
-    }
-
-    fn total() -> Result<u64, HugePoolError> {
-        let info = std::fs::read_to_string("/proc/meminfo").map_err(HugePoolError::Io)?;
-        let line = info.lines().find(|l| l.starts_with("HugePages_Total:")).unwrap_or("HugePages_Total: 0");
-        Ok(line.split_whitespace().nth(1).and_then(|n| n.parse().ok()).unwrap_or(0))
-    }
-
-    fn set(pages: u64) -> Result<(), HugePoolError> {
-        std::fs::write(NR, pages.to_string()).map_err(HugePoolError::Io)
-    }
-
-    impl HugePool {
-        pub fn reserve(pages: u64, _deadline: Instant) -> Result<Reservation, HugePoolError> {
-            let mut added = ADDED.lock().unwrap_or_else(|e| e.into_inner());
-            let before = total()?;
-            set(before + pages)?;
-            // The write succeeds even when fewer pages were allocated.
-            let got = total()?.saturating_sub(before);
-            if got < pages {
-                set(before)?;
-                return Err(HugePoolError::Shortfall { asked: pages, got });
-            }
-            *added += pages;
-            Ok(Reservation { pages })
-        }
-    }
-
-    impl Drop for Reservation {
-        fn drop(&mut self) {
-            let mut added = ADDED.lock().unwrap_or_else(|e| e.into_inner());
-            *added -= self.pages;
-            if let Ok(now) = total() {
-                let _ = set(now.saturating_sub(self.pages));
-            }
-        }
-    }
-}
-
-use pool::{HugePool, Reservation};
 
 /// The huge-page tests of this binary run one at a time: the pool is one
 /// for the whole machine, and the dry-pool test counts its free pages.
@@ -99,11 +36,13 @@ fn reserve(pages: u64) -> Option<(Reservation, MutexGuard<'static, ()>)> {
     let serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     match HugePool::reserve(pages, Instant::now() + Duration::from_secs(10)) {
         Ok(r) => Some((r, serial)),
-        Err(e) if std::env::var("CI").as_deref() == Ok("true") => panic!("cannot reserve {pages} huge pages: {e:?}"),
-        Err(e) => {
-            eprintln!("SKIPPED: cannot reserve {pages} huge pages ({e:?})");
+        Err(e @ (HugePoolError::Shortfall { .. } | HugePoolError::Deadline { .. }))
+            if std::env::var("CI").as_deref() != Ok("true") =>
+        {
+            eprintln!("SKIPPED: cannot reserve {pages} huge pages: {e}");
             None
         }
+        Err(e) => panic!("cannot reserve {pages} huge pages: {e}"),
     }
 }
 
@@ -229,6 +168,10 @@ fn private_huge_pages_are_removed_whole_and_an_unaligned_discard_raises_nothing(
         move || read_huge(&ram, BASE + HP)
     });
     assert!(page.unwrap().iter().all(|&b| b == 0));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while engine.stats().removes < 1 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(1));
+    }
     assert_eq!(engine.stats().removes, 1);
     // The kernel refuses a discard that does not start on a huge page,
     // and raises no event for it; a length past a whole page is cut to
@@ -236,7 +179,12 @@ fn private_huge_pages_are_removed_whole_and_an_unaligned_discard_raises_nothing(
     let unaligned = madvise(&ram, BASE + 2 * HP + 4096, HP, libc::MADV_DONTNEED).unwrap_err();
     assert_eq!(unaligned.raw_os_error(), Some(libc::EINVAL));
     madvise(&ram, BASE + 2 * HP, HP + HP / 2, libc::MADV_DONTNEED).unwrap();
-    settle(&engine);
+    // (An event is counted just after `madvise` is let go.)
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while engine.stats().removes < 2 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    std::thread::sleep(Duration::from_millis(50));
     assert_eq!(engine.stats().removes, 2, "one event, for the whole page only");
     assert_eq!(ram.regions()[0].state(3).0, apf::PageState::Present);
     assert_eq!(pattern.verify(BASE + 3 * HP, &read_huge(&ram, BASE + 3 * HP).unwrap()), Ok(()));
@@ -258,7 +206,10 @@ fn shared_huge_pages_keep_contents_on_dontneed_and_read_zeros_after_remove() {
     madvise(&ram, BASE, HP, libc::MADV_DONTNEED).unwrap();
     // MADV_REMOVE punches the hole: zeros.
     madvise(&ram, BASE + HP, HP, libc::MADV_REMOVE).unwrap();
-    settle(&engine);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while engine.stats().removes < 2 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(1));
+    }
     assert_eq!(engine.stats().removes, 2);
     assert_eq!(try_read_word(&ram, BASE + 8), Some(42), "kept by the page cache");
     let page = within(Duration::from_secs(10), {
@@ -272,6 +223,21 @@ fn shared_huge_pages_keep_contents_on_dontneed_and_read_zeros_after_remove() {
     drop(r);
     assert_eq!(try_read_word(&ram, BASE + 8), Some(42));
     assert_eq!(pattern.verify(BASE + 2 * HP, &read_huge(&ram, BASE + 2 * HP).unwrap()), Ok(()));
+    // A MADV_REMOVE of part of a huge page: the kernel zeros that part
+    // and keeps the page (and reports the range as it was given). The
+    // engine marks the whole page removed; the page cache keeps the rest.
+    madvise(&ram, BASE + 2 * HP + 4096, 4096, libc::MADV_REMOVE).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while engine.stats().removes < 3 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    assert_eq!(engine.stats().removes, 3);
+    let r = engine.page_ref(GuestRange::new(GuestAddress(BASE + 2 * HP), HP), Instant::now() + Duration::from_secs(10));
+    drop(r.unwrap());
+    let page = read_huge(&ram, BASE + 2 * HP).unwrap();
+    assert!(page[4096..8192].iter().all(|&b| b == 0), "the part removed reads zeros");
+    assert_eq!(pattern.verify(BASE + 2 * HP, &page[..4096]), Ok(()));
+    assert_eq!(pattern.verify(BASE + 2 * HP + 8192, &page[8192..]), Ok(()), "the rest is kept");
     assert!(engine.errors().try_iter().next().is_none());
 }
 
@@ -410,6 +376,35 @@ fn a_noreserve_pool_that_runs_dry_is_reported_and_no_thread_hangs() {
         reported.iter().filter(|e| matches!(e, FaultError::NoMemory { poisoned: true, .. }));
     assert_eq!(no_memory.count() as u64, pages - served, "{reported:?}");
     assert!(engine.stats().no_memory >= pages - served);
+}
+
+/// Pool: 8 pages of guest RAM and 8 of slack (an in-use huge page moves
+/// only into a free one; free pages in the block are dissolved, which
+/// fails while they are reserved).
+#[test]
+fn a_host_block_offline_over_huge_pages_ends_by_its_deadline_and_loses_nothing() {
+    let Some(_pool) = reserve(16) else { return };
+    let pattern = Pattern { seed: 21 };
+    let ram = huge_ram(MemoryKind::PrivateHugetlb, 8);
+    let engine = Arc::new(Engine::builder(ram.clone(), Arc::new(pattern)).start().unwrap());
+    let range = GuestRange::new(GuestAddress(BASE), 8 * HP);
+    assert_eq!(engine.prefetch(range).unwrap(), 8);
+    let search = within(Duration::from_secs(120), {
+        let engine = engine.clone();
+        move || engine.offline_any_host_block(range, Duration::from_secs(2))
+    });
+    // Which outcome depends on the machine (and most blocks holding huge
+    // pages refuse); what may not happen is a hang or a lost page.
+    eprintln!("host-block offline over huge pages: {}", search.as_ref().map(|s| s.to_string()).unwrap_or_default());
+    match search {
+        Ok(apf::HostBlockSearch::Offlined { report, .. }) => assert!(report.block_pages >= 1, "{report:?}"),
+        Ok(apf::HostBlockSearch::NoneQualified { candidates, .. }) => assert!(candidates >= 1),
+        Err(e) => assert!(e.is_busy(), "{e}"),
+    }
+    for p in 0..8 {
+        assert_eq!(pattern.verify(BASE + p * HP, &read_huge(&ram, BASE + p * HP).unwrap()), Ok(()), "page {p}");
+    }
+    assert_eq!(engine.stats().faults, 0, "the pages stayed present");
 }
 
 fn hugepages_free() -> u64 {
