@@ -198,6 +198,10 @@ pub const FLAG_RANDOM_ORDER: u32 = 8;
 /// with [`Request::Balloon`], check that they read as zeros, and write
 /// them again.
 pub const FLAG_BALLOON: u32 = 16;
+/// [`Config::flags`]: guest RAM is made of 2 MiB huge pages, which the
+/// host discards whole only: balloon requests give back whole, aligned
+/// 2 MiB pages.
+pub const FLAG_BALLOON_HUGE: u32 = 32;
 
 /// What the VMM tells an agent in answer to its hello.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
