@@ -150,7 +150,7 @@ pub enum RamError {
 /// | `SharedMemfd` | a memfd, `MAP_SHARED` | MISSING | `COPY`, `ZEROPAGE` (into the page cache) | host blocks only |
 /// | `Image` | a sealed image, `MAP_PRIVATE` | MISSING and MINOR | reads: `CONTINUE` of the image's pages; writes: `COPY` of a private copy; zeros: `ZEROPAGE` | host blocks only |
 /// | `PrivateHugetlb` | private anonymous 2 MiB pages (`MAP_HUGETLB`) | MISSING | `COPY` of whole huge pages; zeros: `COPY` of a zero huge page | host blocks only |
-/// | `SharedHugetlb` | a memfd of 2 MiB pages (`MFD_HUGETLB`), `MAP_SHARED` | MISSING | as `PrivateHugetlb`, into the page cache | host blocks only |
+/// | `SharedHugetlb` | a memfd of 2 MiB pages (`MFD_HUGETLB`), `MAP_SHARED` | MISSING and MINOR | as `PrivateHugetlb`, into the page cache; a page the page cache holds: `CONTINUE` | host blocks only |
 ///
 /// On the huge-page kinds a page is 2 MiB everywhere in the engine (page
 /// states, pins, references, prefetch windows), and every range the engine
@@ -187,6 +187,11 @@ pub enum MemoryKind {
     /// `MAP_NORESERVE`, as Firecracker maps guest RAM with huge pages).
     PrivateHugetlb,
     /// A memfd of 2 MiB huge pages (`MFD_HUGETLB`) mapped shared.
+    /// Registered MISSING and MINOR: the kernel cannot be asked what its
+    /// page cache holds (`mincore` reads page tables, `SEEK_DATA` calls
+    /// everything data), so a page found there (`COPY` answers `EEXIST`)
+    /// is mapped with `CONTINUE`, which fails if it is not there after
+    /// all (a dry pool answers `COPY` with `EEXIST` too).
     SharedHugetlb,
 }
 
@@ -220,7 +225,9 @@ impl MemoryKind {
     /// The userfaultfd modes its regions are registered in.
     pub(crate) fn register_mode(self) -> RegisterMode {
         match self {
-            MemoryKind::Image => RegisterMode::MISSING | RegisterMode::MINOR,
+            // Shared huge pages: MINOR too, for `CONTINUE` to map a page
+            // the page cache holds (see `SharedHugetlb`).
+            MemoryKind::Image | MemoryKind::SharedHugetlb => RegisterMode::MISSING | RegisterMode::MINOR,
             _ => RegisterMode::MISSING,
         }
     }

@@ -192,6 +192,8 @@ impl Features {
     pub const MISSING_SHMEM: Features = Features(sys::UFFD_FEATURE_MISSING_SHMEM as u64);
     /// `UFFD_FEATURE_MISSING_HUGETLBFS`: missing faults on huge pages.
     pub const MISSING_HUGETLBFS: Features = Features(sys::UFFD_FEATURE_MISSING_HUGETLBFS as u64);
+    /// `UFFD_FEATURE_MINOR_HUGETLBFS`: minor faults on huge pages.
+    pub const MINOR_HUGETLBFS: Features = Features(sys::UFFD_FEATURE_MINOR_HUGETLBFS as u64);
     /// `UFFD_FEATURE_MINOR_SHMEM`: minor faults on shared memory.
     pub const MINOR_SHMEM: Features = Features(sys::UFFD_FEATURE_MINOR_SHMEM as u64);
     /// `UFFD_FEATURE_EXACT_ADDRESS`: fault addresses are not page-masked.
@@ -199,7 +201,7 @@ impl Features {
     /// `UFFD_FEATURE_WP_UNPOPULATED`: write-protect unpopulated ptes.
     pub const WP_UNPOPULATED: Features = Features(sys::UFFD_FEATURE_WP_UNPOPULATED as u64);
 
-    const NAMES: [(Features, &'static str); 10] = [
+    const NAMES: [(Features, &'static str); 11] = [
         (Self::EVENT_REMOVE, "EVENT_REMOVE"),
         (Self::THREAD_ID, "THREAD_ID"),
         (Self::POISON, "POISON"),
@@ -208,6 +210,7 @@ impl Features {
         (Self::MISSING_SHMEM, "MISSING_SHMEM"),
         (Self::MINOR_SHMEM, "MINOR_SHMEM"),
         (Self::MISSING_HUGETLBFS, "MISSING_HUGETLBFS"),
+        (Self::MINOR_HUGETLBFS, "MINOR_HUGETLBFS"),
         (Self::EXACT_ADDRESS, "EXACT_ADDRESS"),
         (Self::WP_UNPOPULATED, "WP_UNPOPULATED"),
     ];

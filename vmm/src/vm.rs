@@ -597,7 +597,8 @@ impl Vm {
     /// could not be started.
     pub fn run(mut self) -> Result<StoppedVm, VmError> {
         let start = Instant::now();
-        let device_memory = if self.checksum.is_some() { vec![crate::checksum::ring_range_in(&self.ram)] } else { Vec::new() };
+        let device_memory =
+            if self.checksum.is_some() { vec![crate::checksum::ring_range_in(&self.ram)] } else { Vec::new() };
         let mut agent = AgentDevice::new(
             self.access.clone(),
             self.agent_config,

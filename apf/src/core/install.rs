@@ -19,8 +19,9 @@
 //!   zeros; `POISON` and thread ids; no `MOVE`.
 //! - [`Hugetlb`]: the engine's own descriptor over 2 MiB huge pages,
 //!   private anonymous or a memfd mapped shared: `COPY` of whole huge
-//!   pages, `POISON` and thread ids; no `ZEROPAGE` (the kernel has none
-//!   for huge pages: zeros are copied) and no `MOVE`.
+//!   pages, `POISON` and thread ids; `CONTINUE` on the shared one (a page
+//!   its page cache holds); no `ZEROPAGE` (the kernel has none for huge
+//!   pages: zeros are copied) and no `MOVE`.
 //! - [`Limited`]: `COPY`, `ZEROPAGE` and `WAKE` only, no thread ids: what a
 //!   userfaultfd received from Firecracker offers (its `UFFDIO_API` asked
 //!   for `EVENT_REMOVE` alone, and a second handshake is refused).
@@ -146,7 +147,8 @@ pub(crate) fn open(backend: Backend, kind: MemoryKind) -> Result<Option<Box<dyn 
             uffd: Uffd::new(own | Features::MISSING_SHMEM | Features::MINOR_SHMEM, Features::empty())?,
         }),
         (Backend::PrivateAnonymous, MemoryKind::PrivateHugetlb | MemoryKind::SharedHugetlb) => {
-            let uffd = Uffd::new(own | Features::MISSING_HUGETLBFS, Features::empty())?;
+            let minor = if kind == MemoryKind::SharedHugetlb { Features::MINOR_HUGETLBFS } else { Features::empty() };
+            let uffd = Uffd::new(own | Features::MISSING_HUGETLBFS | minor, Features::empty())?;
             uffd.set_page_size(kind.page_size());
             Box::new(Hugetlb { uffd, shared: kind == MemoryKind::SharedHugetlb })
         }
@@ -300,11 +302,19 @@ impl Install for Hugetlb {
     }
 
     fn supports(&self, op: MemOp) -> bool {
-        matches!(op, MemOp::Copy | MemOp::Wake | MemOp::Poison)
+        matches!(op, MemOp::Copy | MemOp::Wake | MemOp::Poison) || (self.shared && op == MemOp::Continue)
     }
 
     fn uffd(&self) -> &Uffd {
         &self.uffd
+    }
+
+    unsafe fn continue_pages(&self, start: u64, len: usize, dont_wake: bool) -> Result<usize, IoctlError> {
+        if !self.supports(MemOp::Continue) {
+            return Err(unsupported(Op::Continue));
+        }
+        // SAFETY: the caller's contract is `Uffd::continue_pages`'s.
+        unsafe { self.uffd.continue_pages(start, len, dont_wake) }
     }
 
     unsafe fn zeropage(&self, start: u64, len: usize, dont_wake: bool) -> Result<usize, IoctlError> {

@@ -716,6 +716,36 @@ fn install_pieces(
                 libc::EEXIST if dry_pool(shared, region, dst) => {
                     return Err(InstallError::NoMemory(remaining(pieces, i, off), e));
                 }
+                libc::EEXIST if shared.ram().kind() == MemoryKind::SharedHugetlb => {
+                    // The page cache may hold the page (a discard that kept
+                    // it, a write through another mapping): map it. If it
+                    // does not, the pool had no page for the COPY.
+                    // SAFETY: the destination as above.
+                    match unsafe { shared.mem().continue_pages(dst, page_size, false) } {
+                        Ok(_) => {
+                            shared.checked(region.complete(page));
+                            stats.cached.add(1);
+                        }
+                        Err(c) if c.errno == libc::EEXIST => {
+                            // Mapped already.
+                            shared.checked(region.complete(page));
+                            shared.wake(dst, page_size);
+                        }
+                        Err(c) if c.errno == libc::EAGAIN => {
+                            return Err(InstallError::Again(remaining(pieces, i, off)));
+                        }
+                        Err(c) if c.errno == libc::EFAULT => {
+                            return Err(InstallError::NoMemory(remaining(pieces, i, off), e));
+                        }
+                        Err(c) => {
+                            let rest = remaining(pieces, i, off);
+                            shared.release_runs(region_idx, &rest);
+                            shared.report(FaultError::Install { gpa: region.page_gpa(page), error: c });
+                            return Err(InstallError::Fatal);
+                        }
+                    }
+                    off += 1;
+                }
                 libc::EEXIST => {
                     stats.eexist.add(1);
                     // On shared memory the page cache is the truth: a page
