@@ -241,6 +241,29 @@ fn shared_huge_pages_keep_contents_on_dontneed_and_read_zeros_after_remove() {
     assert!(engine.errors().try_iter().next().is_none());
 }
 
+/// Pool: 3 pages.
+#[test]
+fn shutdown_poisons_the_holes_of_shared_huge_pages_and_spares_kept_ones() {
+    let Some(_pool) = reserve(3) else { return };
+    let pattern = Pattern { seed: 13 };
+    let ram = huge_ram(MemoryKind::SharedHugetlb, 3);
+    let engine = Engine::builder(ram.clone(), Arc::new(pattern)).start().unwrap();
+    assert_eq!(engine.prefetch(GuestRange::new(GuestAddress(BASE), 2 * HP)).unwrap(), 2);
+    common::write_word(&ram, BASE + 8, 42);
+    // Unmapped, kept by the page cache; the engine calls it missing.
+    madvise(&ram, BASE, HP, libc::MADV_DONTNEED).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while ram.regions()[0].state(0).0 != apf::PageState::Missing {
+        assert!(Instant::now() < deadline, "the remove was never applied");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let report = engine.shutdown();
+    assert_eq!(report.poisoned_pages, 1, "{report:?}");
+    assert_eq!(try_read_word(&ram, BASE + 8), Some(42), "a kept page is not poisoned at shutdown");
+    assert_eq!(try_read_word(&ram, BASE + HP), Some(pattern.word_at(BASE + HP, 0)));
+    assert_eq!(try_read_word(&ram, BASE + 2 * HP), None, "a hole is");
+}
+
 /// Pool: 2 pages.
 #[test]
 fn unaligned_ranges_are_refused_on_huge_pages_and_lose_nothing() {

@@ -754,12 +754,38 @@ impl Core {
         if !self.ram.kind().page_cache_is_truth() {
             return runs;
         }
+        if self.ram.kind() == crate::ram::MemoryKind::SharedHugetlb {
+            return self.huge_holes_of(region, runs);
+        }
         let mut out = Vec::new();
         for (start, end) in runs {
             // Where the kernel cannot say, nothing is poisoned: poisoning
             // a kept page would lose it.
             if let Some(Ok(file)) = self.ram.file_runs(region, start, end - start) {
                 out.extend(file.into_iter().filter(|r| !r.2).map(|r| (r.0, r.1)));
+            }
+        }
+        out
+    }
+
+    /// [`Core::holes_of`] on shared huge pages, whose page cache the
+    /// kernel cannot be asked about: each page is mapped with `CONTINUE`
+    /// if the page cache holds it (it is then the guest's, and present),
+    /// and is a hole if `CONTINUE` finds nothing (`EFAULT`).
+    fn huge_holes_of(&self, region: usize, runs: Vec<(usize, usize)>) -> Vec<(usize, usize)> {
+        let r = &self.ram.regions()[region];
+        let mut out: Vec<(usize, usize)> = Vec::new();
+        for (start, end) in runs {
+            for p in start..end {
+                // SAFETY: a page of guest RAM, which no Rust reference ever
+                // points into (see `crate::ram`).
+                let res = unsafe { self.mem.continue_pages(r.page_host(p), r.page_size(), false) };
+                if matches!(res, Err(e) if e.errno == libc::EFAULT) {
+                    match out.last_mut() {
+                        Some(run) if run.1 == p => run.1 += 1,
+                        _ => out.push((p, p + 1)),
+                    }
+                }
             }
         }
         out
