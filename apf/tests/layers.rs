@@ -26,6 +26,7 @@ const LAYERS: &[(&str, &[&str], bool)] = &[
             "config",
             "counters",
             "hostmem",
+            "hugepool",
             "kpin",
             "span",
             "trace",
