@@ -114,8 +114,9 @@ pub enum RamError {
         source: std::io::Error,
     },
     /// A region of remote memory has a page size the engine does not
-    /// resolve (4 KiB and 2 MiB are).
-    #[error("RAM region at {base:#x} has pages of {page_size} bytes; only 4096- and 2097152-byte pages are resolved")]
+    /// resolve there (4 KiB only: an external handler's 2 MiB pages are
+    /// not served yet, though local huge-page RAM is).
+    #[error("RAM region at {base:#x} has pages of {page_size} bytes; only 4096-byte pages are resolved")]
     PageSize {
         /// Guest-physical base.
         base: u64,
@@ -1001,8 +1002,7 @@ impl GuestRam {
     /// nothing here can touch it directly; pins, references and offlines
     /// are refused.
     ///
-    /// Regions must be non-empty, aligned to their pages (4 KiB, or 2 MiB
-    /// for hugetlbfs memory, served in whole huge pages) and overlap
+    /// Regions must be page-aligned, non-empty, 4 KiB-paged and overlap
     /// neither in guest nor in host addresses; they may come in any order.
     pub fn remote(regions: &[RemoteRegion]) -> Result<Self, RamError> {
         if regions.is_empty() {
@@ -1011,7 +1011,7 @@ impl GuestRam {
         let mut sorted = regions.to_vec();
         sorted.sort_by_key(|r| r.gpa.0);
         for r in &sorted {
-            if r.page_size != PAGE && r.page_size != HUGE_PAGE_SIZE as u64 {
+            if r.page_size != PAGE {
                 return Err(RamError::PageSize { base: r.gpa.0, page_size: r.page_size });
             }
             let ends = r.gpa.0.checked_add(r.len).is_some() && r.host.checked_add(r.len).is_some();
@@ -1385,16 +1385,8 @@ mod tests {
         assert!(matches!(overlap_guest, Err(RamError::Overlap(0, 0x1000))));
         let overlap_host = GuestRam::remote(&[reg(0x10_0000, 2 * PAGE, 0), reg(0x10_1000, PAGE, 0x10_0000)]);
         assert!(matches!(overlap_host, Err(RamError::Overlap(..))));
-        // 2 MiB pages are served whole: a region of them counts huge pages
-        // and must be aligned to them.
-        let huge = RemoteRegion { page_size: 2 << 20, ..reg(0x20_0000, 4 << 20, 0) };
-        let ram = GuestRam::remote(&[huge]).unwrap();
-        assert_eq!((ram.regions()[0].pages(), ram.regions()[0].page_size()), (2, 2 << 20));
-        assert_eq!(ram.locate(GuestAddress(0x30_0000)).unwrap(), PageLoc { region: 0, page: 1 });
-        let half = RemoteRegion { page_size: 2 << 20, ..reg(0x20_0000, 1 << 20, 0) };
-        assert!(matches!(GuestRam::remote(&[half]), Err(RamError::UnalignedRegion { .. })));
-        let odd = RemoteRegion { page_size: 1 << 16, ..reg(0x20_0000, 1 << 16, 0) };
-        assert!(matches!(GuestRam::remote(&[odd]), Err(RamError::PageSize { page_size: 0x1_0000, .. })));
+        let huge = RemoteRegion { page_size: 2 << 20, ..reg(0x20_0000, 2 << 20, 0) };
+        assert!(matches!(GuestRam::remote(&[huge]), Err(RamError::PageSize { page_size: 0x20_0000, .. })));
         assert!(matches!(GuestRam::remote(&[reg(0x10_0800, PAGE, 0)]), Err(RamError::UnalignedRegion { .. })));
         assert!(matches!(GuestRam::remote(&[reg(0x10_0000, 0, 0)]), Err(RamError::UnalignedRegion { .. })));
         assert!(matches!(GuestRam::remote(&[reg(u64::MAX - 0xfff, PAGE, 0)]), Err(RamError::UnalignedRegion { .. })));
