@@ -94,6 +94,9 @@ pub struct BenchReport {
     /// The memory of 4 clones of one image after a read pass, over the
     /// image's size.
     pub clones4_memory: f64,
+    /// Pinning 1 GiB of present memory (fault-in excluded): median ms over
+    /// 4 KiB pages and over 2 MiB huge pages (0 when not measured).
+    pub pin_1gib_ms: (f64, f64),
     /// Wall time of the whole bench.
     pub elapsed: Duration,
     /// Problems (a variant that failed a check).
@@ -106,7 +109,7 @@ pub struct BenchReport {
 
 /// Ratio names, what they compare, and their targets (`>=` when higher
 /// is better).
-pub const TARGETS: [(&str, f64, bool); 15] = [
+pub const TARGETS: [(&str, f64, bool); 17] = [
     ("host_seq_apf_vs_baseline", 10.0, true),
     ("host_seq_apf_vs_kernel", 2.0, true),
     ("host_random_apf_vs_baseline", 1.0, true),
@@ -122,6 +125,8 @@ pub const TARGETS: [(&str, f64, bool); 15] = [
     ("restore_read_random_vs_kernel_file", 0.75, true),
     ("restore_write_vs_kernel_file", 3.0, true),
     ("clones4_memory_vs_one_image", 1.3, false),
+    ("hugetlb_restore_vs_4k", 2.0, true),
+    ("pin_1gib_4k_vs_hugetlb", 50.0, true),
 ];
 
 impl BenchReport {
@@ -167,6 +172,15 @@ impl BenchReport {
             ("restore_read_random_vs_kernel_file", self.best_restore("host/random/restore-reads")),
             ("restore_write_vs_kernel_file", self.best_restore("host/seq/restore-writes")),
             ("clones4_memory_vs_one_image", self.clones4_memory),
+            ("hugetlb_restore_vs_4k", self.ratio("host/seq/restore-reads", "apf-copy-hugetlb", "apf-copy")),
+            ("pin_1gib_4k_vs_hugetlb", {
+                let (small, huge) = self.pin_1gib_ms;
+                if small > 0.0 && huge > 0.0 {
+                    small / huge
+                } else {
+                    0.0
+                }
+            }),
             ("tracing_overhead_file", self.ratio("host/random/file", "apf", "apf-traced")),
             ("host_seq_zero_apf_vs_baseline", self.ratio("host/seq/zero", "apf", "baseline")),
             ("host_random_zero_apf_vs_baseline", self.ratio("host/random/zero", "apf", "baseline")),
@@ -303,8 +317,8 @@ impl BenchReport {
         );
         let _ = write!(
             j,
-            "\"restore\":{{\"image_load_ms\":{:.1},\"clones4_memory_vs_one_image\":{:.3}}},",
-            self.image_load_ms, self.clones4_memory
+            "\"restore\":{{\"image_load_ms\":{:.1},\"clones4_memory_vs_one_image\":{:.3},\"pin_1gib_ms\":{{\"4k\":{:.3},\"hugetlb\":{:.3}}}}},",
+            self.image_load_ms, self.clones4_memory, self.pin_1gib_ms.0, self.pin_1gib_ms.1
         );
         let _ = write!(j, "\"handler\":{},", self.handler_json());
         let ratios: Vec<String> = self.ratios().iter().map(|(k, v)| format!("\"{k}\":{v:.3}")).collect();
@@ -386,10 +400,15 @@ impl BenchReport {
         if self.image_load_ms > 0.0 {
             let _ = writeln!(
                 s,
-                "restore: image loaded into a memfd in {:.1} ms ({:.2} GB/s); 4 clones after a read pass use {:.2}x one image\n",
+                "restore: image loaded into a memfd in {:.1} ms ({:.2} GB/s); 4 clones after a read pass use {:.2}x one image",
                 self.image_load_ms,
                 self.host_bytes as f64 / (self.image_load_ms * 1e6),
                 self.clones4_memory
+            );
+            let _ = writeln!(
+                s,
+                "pinning 1 GiB of present memory: {:.3} ms over 4 KiB pages, {:.3} ms over 2 MiB huge pages\n",
+                self.pin_1gib_ms.0, self.pin_1gib_ms.1
             );
         }
         for (name, v) in self.ratios() {

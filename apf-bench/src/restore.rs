@@ -28,11 +28,15 @@ pub enum Restorer {
     ApfCopy,
     /// apf over the loaded image mapped private.
     ApfZeroCopy,
+    /// apf over private anonymous 2 MiB huge pages (`MAP_HUGETLB`),
+    /// `UFFDIO_COPY` from the file of whole huge pages.
+    ApfCopyHugetlb,
 }
 
 impl Restorer {
     /// Every restorer, in the order each round runs them.
-    pub const ALL: [Restorer; 3] = [Restorer::KernelFile, Restorer::ApfCopy, Restorer::ApfZeroCopy];
+    pub const ALL: [Restorer; 4] =
+        [Restorer::KernelFile, Restorer::ApfCopy, Restorer::ApfZeroCopy, Restorer::ApfCopyHugetlb];
 
     /// Its name in the report.
     pub fn name(self) -> &'static str {
@@ -40,6 +44,7 @@ impl Restorer {
             Restorer::KernelFile => "kernel-file",
             Restorer::ApfCopy => "apf-copy",
             Restorer::ApfZeroCopy => "apf-zero-copy",
+            Restorer::ApfCopyHugetlb => "apf-copy-hugetlb",
         }
     }
 }
@@ -127,8 +132,12 @@ pub fn restore_pass(
             _mapping = Some(m);
             base
         }
-        Restorer::ApfCopy => {
-            let r = Arc::new(GuestRam::anonymous(&ranges).map_err(|e| err(&e))?);
+        Restorer::ApfCopy | Restorer::ApfCopyHugetlb => {
+            let r = match restorer {
+                Restorer::ApfCopy => GuestRam::anonymous(&ranges),
+                _ => GuestRam::anonymous_hugetlb(&ranges, false),
+            };
+            let r = Arc::new(r.map_err(|e| err(&e))?);
             let source = Arc::new(SnapshotFile::open(path, &r).map_err(|e| err(&e))?);
             let none = tracing::Dispatch::none();
             let b = Engine::builder(r.clone(), source);
@@ -207,6 +216,32 @@ pub(crate) fn touch(base: usize, pages: u64, access: Access, random: bool, seed:
         handles.into_iter().map(|h| h.join().unwrap_or_default()).collect()
     });
     (start.elapsed().as_secs_f64(), lat.into_iter().flatten().collect())
+}
+
+/// Milliseconds to pin `bytes` of present memory (the pin's first `get`,
+/// after every page was faulted in by a prefetch), over 4 KiB pages or
+/// over 2 MiB huge pages: the median of `rounds`. The huge pages must be
+/// reserved by the caller.
+pub fn pin_present(bytes: u64, huge: bool, rounds: usize) -> Result<f64, String> {
+    let err = |e: &dyn std::fmt::Display| e.to_string();
+    let ranges = [(GuestAddress(0), bytes as usize)];
+    let ram = if huge { GuestRam::anonymous_hugetlb(&ranges, false) } else { GuestRam::anonymous(&ranges) };
+    let ram = Arc::new(ram.map_err(|e| err(&e))?);
+    let none = tracing::Dispatch::none();
+    let b = Engine::builder(ram, Arc::new(apf::ZeroSource));
+    let engine = tracing::dispatcher::with_default(&none, || b.start()).map_err(|e| err(&e))?;
+    let range = apf::GuestRange::new(GuestAddress(0), bytes);
+    engine.prefetch(range).map_err(|e| err(&e))?;
+    let deadline = || Instant::now() + Duration::from_secs(60);
+    let mut ms = Vec::new();
+    for _ in 0..rounds.max(1) {
+        let pin = engine.pin(range, |_| {}).map_err(|e| err(&e))?;
+        let t = Instant::now();
+        let guard = pin.get(deadline()).map_err(|e| err(&e))?;
+        ms.push(t.elapsed().as_secs_f64() * 1e3);
+        drop(guard);
+    }
+    Ok(crate::median(ms))
 }
 
 /// The memory of `clones` guests restored from one image after each read

@@ -20,6 +20,9 @@ use crate::offline::{offline_against_hard_pin, offline_cost, random_pins};
 use crate::report::{BenchReport, Sample, Series, WorkloadResult};
 use crate::{median, percentile, MIB, PAGE};
 
+/// The memory the pin ratio pins.
+const GIB: u64 = 1 << 30;
+
 /// What to measure.
 #[derive(Debug, Clone)]
 pub struct BenchConfig {
@@ -436,7 +439,15 @@ fn restore_part(
     rounds: usize,
     log: &mut impl FnMut(&str),
 ) -> Result<(), String> {
-    use crate::restore::{clones_memory, load_image, restore_pass, Access, Restorer};
+    use crate::restore::{clones_memory, load_image, pin_present, restore_pass, Access, Restorer};
+    // Huge pages for the huge-page restorer (one image's worth) and the
+    // 1 GiB pin, reserved for the part; without them those rows are
+    // errors and the ratios 0.
+    let pool_pages = (bytes.max(GIB) / apf::HUGE_PAGE_SIZE as u64) + 8;
+    let pool = apf::hugepool::HugePool::reserve(pool_pages, Instant::now() + Duration::from_secs(60));
+    if let Err(e) = &pool {
+        report.errors.push(format!("restore: no huge pages for the huge-page rows: {e}"));
+    }
     let workloads = [
         (Access::Read, false),
         (Access::Read, true),
@@ -468,6 +479,14 @@ fn restore_part(
         }
     }
     report.image_load_ms = median(loads);
+    if pool.is_ok() {
+        log("pinning 1 GiB of present memory, 4 KiB and 2 MiB pages");
+        match (pin_present(GIB, false, rounds), pin_present(GIB, true, rounds)) {
+            (Ok(small), Ok(huge)) => report.pin_1gib_ms = (small, huge),
+            (a, b) => report.errors.extend([a.err(), b.err()].into_iter().flatten().map(|e| format!("pin 1 GiB: {e}"))),
+        }
+    }
+    drop(pool);
     log("memory of 4 clones of one image");
     let (image, _) = load_image(path)?;
     report.clones4_memory = clones_memory(&image, 4)?;

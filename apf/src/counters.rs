@@ -119,5 +119,12 @@ counters! {
         /// Write-protect faults read: writes an offline of memory without
         /// `MOVE` held while it copied their pages.
         write_protect_faults,
+        /// Installs the kernel had no page for (`ENOMEM`: a huge-page pool
+        /// mapped `MAP_NORESERVE` ran dry).
+        no_memory,
+        /// Page states pins and references checked while faulting their
+        /// ranges in, in the ranges' own pages (huge pages on huge-page
+        /// memory): the work a pin's set-up costs.
+        pin_pages_checked,
     }
 }

@@ -387,8 +387,15 @@ impl Engine {
         }
         // The fault path installs and wakes with nothing else: every
         // backend must offer these.
-        if ![MemOp::Copy, MemOp::ZeroPage, MemOp::Wake].into_iter().all(|op| mem.supports(op)) {
+        // (Huge pages have no ZEROPAGE: their zeros are copied.)
+        let zeropage = !b.ram.regions().iter().any(|r| r.is_huge());
+        if ![MemOp::Copy, MemOp::Wake].into_iter().all(|op| mem.supports(op))
+            || (zeropage && !mem.supports(MemOp::ZeroPage))
+        {
             return Err(EngineError::Config("the backend must offer UFFDIO_COPY, UFFDIO_ZEROPAGE and UFFDIO_WAKE"));
+        }
+        if let Some(huge) = b.ram.regions().iter().find(|r| r.is_huge()) {
+            mem.uffd().set_page_size(huge.page_size());
         }
         if remote && config.unplug_policy == UnplugPolicy::Poison && !mem.supports(MemOp::Poison) {
             return Err(EngineError::Config("the poison unplug policy needs UFFDIO_POISON, which this descriptor lacks"));
@@ -590,11 +597,14 @@ impl Engine {
                     let _ = rustix::process::setpriority_process(None, REPLAY_NICE);
                 }
                 let pace = resolve::Pace { window: options.window_pages, cpu_share: options.cpu_share };
-                let locs: Vec<_> = pages
+                let mut locs: Vec<_> = pages
                     .iter()
                     .filter_map(|&gpa| shared.ram().locate(GuestAddress(gpa)).ok())
                     .map(|l| (l.region, l.page))
                     .collect();
+                // Recorded 4 KiB pages in a row that share one huge page
+                // are one page here (and would look taken by demand).
+                locs.dedup();
                 let mut installed = resolve::replay_pages(&shared, &locs, pace);
                 if options.eager {
                     let all = shared.ram().regions().iter().enumerate().flat_map(|(r, region)| (0..region.pages()).map(move |p| (r, p)));

@@ -322,10 +322,15 @@ fn on_tmpfs(file: &File) -> io::Result<bool> {
 
 /// A fresh memfd that can be sealed.
 pub(crate) fn memfd(name: &str) -> Result<File, ImageError> {
+    memfd_with(name, libc::MFD_ALLOW_SEALING)
+}
+
+/// A fresh memfd made with `flags` (and `MFD_CLOEXEC`).
+pub(crate) fn memfd_with(name: &str, flags: libc::c_uint) -> Result<File, ImageError> {
     let cname = std::ffi::CString::new(name).unwrap_or_default();
     // SAFETY: memfd_create reads the NUL-terminated name and returns a new
     // descriptor, which this function owns from here.
-    let fd = unsafe { libc::memfd_create(cname.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING) };
+    let fd = unsafe { libc::memfd_create(cname.as_ptr(), libc::MFD_CLOEXEC | flags) };
     if fd < 0 {
         return Err(ImageError::Memfd { what: "memfd_create", source: io::Error::last_os_error() });
     }

@@ -162,7 +162,7 @@ pub use ram::{
     RemoteRegion, StateError,
 };
 pub use source::{EvictionStore, PageSource, SnapshotFile, SourceError, SourceKind, ZeroSource};
-pub use uffd::{Features, IoctlError, UffdError, PAGE_SIZE};
+pub use uffd::{Features, IoctlError, UffdError, HUGE_PAGE_SIZE, PAGE_SIZE};
 pub use working_set::{ImageId, WorkingSet, WorkingSetError};
 
 #[cfg(feature = "lab")]

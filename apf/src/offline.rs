@@ -184,6 +184,9 @@ impl Mode {
         match (kind, self) {
             (_, Mode::HostBlock(_)) | (MemoryKind::PrivateAnonymous | MemoryKind::SharedMemfd, _) => true,
             (MemoryKind::Image, _) => true,
+            // `MOVE` refuses hugetlb memory, and copying 2 MiB pages out
+            // under write protection is not built yet.
+            (MemoryKind::PrivateHugetlb | MemoryKind::SharedHugetlb, _) => false,
         }
     }
 
@@ -1894,7 +1897,14 @@ pub(crate) fn host_block(
     let in_block = |pfns: &[Option<u64>]| -> Vec<bool> {
         pfns.iter().map(|p| p.is_some_and(|pfn| hostmem::block_of_pfn(pfn, block_size) == block)).collect()
     };
-    let before = pagemap.pfns(region.page_host(loc.page), count).map_err(OfflineError::HostBlock)?;
+    // The pagemap has an entry per small page: a huge page (which lies in
+    // one block) is told by its first.
+    let ratio = region.page_size() / PAGE_SIZE;
+    let pfns = |addr: u64| -> Result<Vec<Option<u64>>, OfflineError> {
+        let all = pagemap.pfns(addr, count * ratio).map_err(OfflineError::HostBlock)?;
+        Ok(if ratio == 1 { all } else { all.into_iter().step_by(ratio).collect() })
+    };
+    let before = pfns(region.page_host(loc.page))?;
     let mine = in_block(&before);
     let mut runs = Vec::new();
     let mut i = 0;
@@ -1907,7 +1917,7 @@ pub(crate) fn host_block(
         while i < count && mine[i] {
             i += 1;
         }
-        runs.push(GuestRange::new(region.page_gpa(loc.page + start), ((i - start) * PAGE_SIZE) as u64));
+        runs.push(GuestRange::new(region.page_gpa(loc.page + start), region.pages_len(i - start) as u64));
     }
     if runs.is_empty() {
         return Err(OfflineError::NotInBlock { range, block });
@@ -1942,7 +1952,7 @@ pub(crate) fn host_block(
         }
         Err(e) => return Err(OfflineError::HostBlock(e)),
     }
-    let after = pagemap.pfns(region.page_host(loc.page), count).map_err(OfflineError::HostBlock)?;
+    let after = pfns(region.page_host(loc.page))?;
     report.frames_moved = mine.iter().zip(before.iter().zip(&after)).filter(|(m, (b, a))| **m && b != a).count();
     report.pages_taken = report.block_pages;
     report.elapsed = started.elapsed();
@@ -1998,8 +2008,10 @@ pub(crate) fn offline_any_host_block(
     let (loc, count) = shared.ram().check_range(range)?;
     let region = &shared.ram().regions()[loc.region];
     let block_size = hostmem::block_size().map_err(OfflineError::HostBlock)?;
+    // An entry per small page (counts per block are of small pages).
+    let small = region.pages_len(count) / PAGE_SIZE;
     let pfns =
-        Pagemap::open().and_then(|pm| pm.pfns(region.page_host(loc.page), count)).map_err(OfflineError::HostBlock)?;
+        Pagemap::open().and_then(|pm| pm.pfns(region.page_host(loc.page), small)).map_err(OfflineError::HostBlock)?;
     let mut blocks = hostmem::blocks_holding(&pfns, block_size);
     blocks.sort_by_key(|&(_, pages)| std::cmp::Reverse(pages));
     let (mut unmovable, mut held) = (0, 0);

@@ -90,6 +90,7 @@ fn populate(shared: &Core, loc: PageLoc, count: usize, range: GuestRange, deadli
     loop {
         shared.running()?;
         resolve::prefetch_pages(shared, (loc.page..loc.page + count).map(|p| (loc.region, p)), None);
+        shared.stats().pin_pages_checked.add(count as u64);
         let mut waiting = false;
         for p in loc.page..loc.page + count {
             match region.state(p).0 {
@@ -142,6 +143,7 @@ fn fault_in_and<T>(
         // invalidation at all since `wait_idle` would starve a pin whose
         // range a storm keeps migrating (each migrate leaves the pages
         // present again).
+        shared.stats().pin_pages_checked.add(count as u64);
         let settled = (loc.page..loc.page + count).all(|p| region.state(p).0 == PageState::Present);
         if settled {
             if let Some(v) = arm(&guard) {

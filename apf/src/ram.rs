@@ -30,9 +30,13 @@ pub use vm_memory::{GuestAddress, GuestMemoryMmap};
 
 use crate::image::{Image, ImageError, ImageSource};
 use crate::source::PageSource;
-use crate::uffd::{RegisterMode, PAGE_SIZE};
+use crate::uffd::{RegisterMode, HUGE_PAGE_SIZE, PAGE_SIZE};
 
 const PAGE: u64 = PAGE_SIZE as u64;
+/// log2 of [`PAGE_SIZE`] and of [`HUGE_PAGE_SIZE`]: a region's page index
+/// is its offset shifted by one of them.
+const PAGE_SHIFT: u32 = PAGE_SIZE.trailing_zeros();
+const HUGE_PAGE_SHIFT: u32 = HUGE_PAGE_SIZE.trailing_zeros();
 
 /// Errors from guest RAM set-up and translation.
 #[derive(Debug, Error)]
@@ -46,11 +50,22 @@ pub enum RamError {
     /// The range's start or length is not page-aligned.
     #[error("guest range {0} is not page-aligned")]
     Unaligned(GuestRange),
+    /// The range's start or length is not aligned to the pages of the
+    /// region it is in (2 MiB on huge-page memory, where the kernel acts on
+    /// whole huge pages only).
+    #[error("guest range {range} is not aligned to its region's {page_size}-byte pages")]
+    UnalignedToPages {
+        /// The range.
+        range: GuestRange,
+        /// The region's page size.
+        page_size: u64,
+    },
     /// The range is empty.
     #[error("guest range at {0:#x} is empty")]
     Empty(u64),
-    /// A region's base or size is not page-aligned.
-    #[error("RAM region at {base:#x} of {size:#x} bytes is not page-aligned")]
+    /// A region's base or size is not aligned to its pages (4 KiB, or
+    /// 2 MiB for huge-page memory).
+    #[error("RAM region at {base:#x} of {size:#x} bytes is not aligned to its pages")]
     UnalignedRegion {
         /// Guest-physical base.
         base: u64,
@@ -99,8 +114,8 @@ pub enum RamError {
         source: std::io::Error,
     },
     /// A region of remote memory has a page size the engine does not
-    /// resolve (4 KiB only for now; 2 MiB pages come with hugetlb
-    /// support).
+    /// resolve there (4 KiB only: an external handler's 2 MiB pages are
+    /// not served yet, though local huge-page RAM is).
     #[error("RAM region at {base:#x} has pages of {page_size} bytes; only 4096-byte pages are resolved")]
     PageSize {
         /// Guest-physical base.
@@ -135,6 +150,14 @@ pub enum RamError {
 /// | `PrivateAnonymous` | private anonymous | MISSING | `COPY`, `ZEROPAGE` | every mode (`MOVE`) |
 /// | `SharedMemfd` | a memfd, `MAP_SHARED` | MISSING | `COPY`, `ZEROPAGE` (into the page cache) | host blocks only |
 /// | `Image` | a sealed image, `MAP_PRIVATE` | MISSING and MINOR | reads: `CONTINUE` of the image's pages; writes: `COPY` of a private copy; zeros: `ZEROPAGE` | host blocks only |
+/// | `PrivateHugetlb` | private anonymous 2 MiB pages (`MAP_HUGETLB`) | MISSING | `COPY` of whole huge pages; zeros: `COPY` of a zero huge page | host blocks only |
+/// | `SharedHugetlb` | a memfd of 2 MiB pages (`MFD_HUGETLB`), `MAP_SHARED` | MISSING and MINOR | as `PrivateHugetlb`, into the page cache; a page the page cache holds: `CONTINUE` | host blocks only |
+///
+/// On the huge-page kinds a page is 2 MiB everywhere in the engine (page
+/// states, pins, references, prefetch windows), and every range the engine
+/// is handed (offline, pin, reference, prefetch) must be 2 MiB-aligned:
+/// the kernel acts on whole huge pages only. There is no huge-page
+/// `ZEROPAGE`, so zeros are copied from one shared zeroed buffer.
 ///
 /// Faults, prefetch, pins, page references, removes (balloon discards),
 /// poison and host-block offlines work on every kind. `Migrate`, `Evict`
@@ -168,6 +191,16 @@ pub enum MemoryKind {
     SharedMemfd,
     /// An [`Image`] mapped private: restore and clones, zero-copy for reads.
     Image,
+    /// Private anonymous 2 MiB huge pages (`MAP_HUGETLB`, optionally
+    /// `MAP_NORESERVE`, as Firecracker maps guest RAM with huge pages).
+    PrivateHugetlb,
+    /// A memfd of 2 MiB huge pages (`MFD_HUGETLB`) mapped shared.
+    /// Registered MISSING and MINOR: the kernel cannot be asked what its
+    /// page cache holds (`mincore` reads page tables, `SEEK_DATA` calls
+    /// everything data), so a page found there (`COPY` answers `EEXIST`)
+    /// is mapped with `CONTINUE`, which fails if it is not there after
+    /// all (a dry pool answers `COPY` with `EEXIST` too).
+    SharedHugetlb,
 }
 
 impl MemoryKind {
@@ -180,13 +213,29 @@ impl MemoryKind {
     /// Whether the page cache decides what a page holds (shared mappings:
     /// a page there is present whether or not it is mapped).
     pub fn page_cache_is_truth(self) -> bool {
-        self == MemoryKind::SharedMemfd
+        matches!(self, MemoryKind::SharedMemfd | MemoryKind::SharedHugetlb)
+    }
+
+    /// Whether its pages are 2 MiB huge pages.
+    pub fn is_huge(self) -> bool {
+        matches!(self, MemoryKind::PrivateHugetlb | MemoryKind::SharedHugetlb)
+    }
+
+    /// The size of its pages in bytes.
+    pub fn page_size(self) -> usize {
+        if self.is_huge() {
+            HUGE_PAGE_SIZE
+        } else {
+            PAGE_SIZE
+        }
     }
 
     /// The userfaultfd modes its regions are registered in.
     pub(crate) fn register_mode(self) -> RegisterMode {
         match self {
-            MemoryKind::Image => RegisterMode::MISSING | RegisterMode::MINOR,
+            // Shared huge pages: MINOR too, for `CONTINUE` to map a page
+            // the page cache holds (see `SharedHugetlb`).
+            MemoryKind::Image | MemoryKind::SharedHugetlb => RegisterMode::MISSING | RegisterMode::MINOR,
             _ => RegisterMode::MISSING,
         }
     }
@@ -199,7 +248,11 @@ impl std::str::FromStr for MemoryKind {
             "anonymous" => Ok(MemoryKind::PrivateAnonymous),
             "shared" => Ok(MemoryKind::SharedMemfd),
             "image" => Ok(MemoryKind::Image),
-            other => Err(format!("unknown memory kind {other:?} (expected anonymous, shared or image)")),
+            "hugetlb" => Ok(MemoryKind::PrivateHugetlb),
+            "shared-hugetlb" => Ok(MemoryKind::SharedHugetlb),
+            other => Err(format!(
+                "unknown memory kind {other:?} (expected anonymous, shared, image, hugetlb or shared-hugetlb)"
+            )),
         }
     }
 }
@@ -232,6 +285,11 @@ impl GuestRange {
     /// True if start and length are page-aligned.
     pub fn is_page_aligned(&self) -> bool {
         self.start.0 % PAGE == 0 && self.len % PAGE == 0
+    }
+
+    /// True if start and length are multiples of `size` (a power of two).
+    pub fn is_aligned_to(&self, size: u64) -> bool {
+        (self.start.0 | self.len) & (size - 1) == 0
     }
 }
 
@@ -348,6 +406,8 @@ pub struct Region {
     /// Where the region starts in the memfd or image behind it (regions
     /// back to back, in guest-address order; 0 for anonymous memory).
     file_offset: u64,
+    /// log2 of its page size: page `p` starts at byte `p << shift`.
+    shift: u32,
     states: Box<[AtomicU8]>,
     /// Per page: a remove was applied to it, and its zap may not have run
     /// yet. A `madvise` zaps only after its remove event is read, and
@@ -364,18 +424,40 @@ impl fmt::Debug for Region {
             .field("base", &format_args!("{:#x}", self.base.0))
             .field("len", &format_args!("{:#x}", self.len))
             .field("host", &format_args!("{:#x}", self.host))
+            .field("page_size", &self.page_size())
             .finish()
     }
 }
 
 impl Region {
     /// A region of `len` bytes at guest address `base`, mapped at `host`,
-    /// every page missing.
-    fn new(base: GuestAddress, len: u64, host: u64, file_offset: u64) -> Region {
-        let pages = (len / PAGE) as usize;
+    /// with pages of `1 << shift` bytes, every page missing.
+    fn new(base: GuestAddress, len: u64, host: u64, file_offset: u64, shift: u32) -> Region {
+        let pages = (len >> shift) as usize;
         let states = (0..pages).map(|_| AtomicU8::new(pack(PageState::Missing, Origin::Source))).collect();
         let zap_pending = (0..pages).map(|_| AtomicBool::new(false)).collect();
-        Region { base, len, host, file_offset, states, zap_pending }
+        Region { base, len, host, file_offset, shift, states, zap_pending }
+    }
+
+    /// Size of its pages in bytes ([`PAGE_SIZE`], or [`HUGE_PAGE_SIZE`]
+    /// for huge-page memory).
+    pub fn page_size(&self) -> usize {
+        1 << self.shift
+    }
+
+    /// Whether its pages are huge pages.
+    pub fn is_huge(&self) -> bool {
+        self.shift != PAGE_SHIFT
+    }
+
+    /// log2 of its page size.
+    pub(crate) fn page_shift(&self) -> u32 {
+        self.shift
+    }
+
+    /// Bytes of `pages` of its pages.
+    pub fn pages_len(&self, pages: usize) -> usize {
+        pages << self.shift
     }
 
     /// Guest-physical base address.
@@ -407,12 +489,12 @@ impl Region {
     /// page indices come from [`GuestRam::locate`]).
     pub fn page_host(&self, page: usize) -> u64 {
         debug_assert!(page < self.pages());
-        self.host + page as u64 * PAGE
+        self.host + ((page as u64) << self.shift)
     }
 
     /// Guest-physical address of page `page`.
     pub fn page_gpa(&self, page: usize) -> GuestAddress {
-        GuestAddress(self.base.0 + page as u64 * PAGE)
+        GuestAddress(self.base.0 + ((page as u64) << self.shift))
     }
 
     /// The runs of pages `[first, first + count)` that the page cache of the
@@ -761,6 +843,52 @@ impl GuestRam {
         Self::from_parts(mem, MemoryKind::Image, Some(file), Some(source))
     }
 
+    /// Maps fresh private anonymous memory of 2 MiB huge pages
+    /// (`MAP_HUGETLB`) for `ranges` (guest base, size, both 2 MiB-aligned),
+    /// as Firecracker maps guest RAM with huge pages. With `noreserve`
+    /// (`MAP_NORESERVE`, Firecracker's choice) nothing is reserved from the
+    /// pool at mapping time: a fault the pool cannot serve makes `COPY`
+    /// fail with `ENOMEM`, which the engine reports (the page is poisoned).
+    /// Without it the mapping fails at once if the pool is short.
+    pub fn anonymous_hugetlb(ranges: &[(GuestAddress, usize)], noreserve: bool) -> Result<Self, RamError> {
+        check_ranges_to(ranges, HUGE_PAGE_SIZE as u64)?;
+        let flags = libc::MAP_PRIVATE
+            | libc::MAP_ANONYMOUS
+            | libc::MAP_HUGETLB
+            | libc::MAP_HUGE_2MB
+            | if noreserve { libc::MAP_NORESERVE } else { 0 };
+        let mut regions = Vec::with_capacity(ranges.len());
+        for &(base, size) in ranges {
+            let map = MmapRegionBuilder::new(size)
+                .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+                .with_mmap_flags(flags)
+                .build()
+                .map_err(|e| RamError::MapFile { base: base.0, source: mmap_error(e) })?;
+            let region = GuestRegionMmap::new(map, base)
+                .ok_or(RamError::MapFile { base: base.0, source: std::io::Error::from_raw_os_error(libc::EOVERFLOW) })?;
+            regions.push(region);
+        }
+        let mem = GuestMemoryMmap::from_regions(regions)
+            .map_err(|e| RamError::MapFile { base: ranges[0].0 .0, source: std::io::Error::other(e) })?;
+        Self::from_parts(mem, MemoryKind::PrivateHugetlb, None, None)
+    }
+
+    /// Maps a fresh memfd of 2 MiB huge pages (`MFD_HUGETLB`) for `ranges`
+    /// (guest base, size, both 2 MiB-aligned), shared: regions back to
+    /// back in the memfd. The mapping reserves its pages from the pool, so
+    /// a short pool fails here, not at a fault.
+    pub fn shared_hugetlb(ranges: &[(GuestAddress, usize)]) -> Result<Self, RamError> {
+        check_ranges_to(ranges, HUGE_PAGE_SIZE as u64)?;
+        let total: u64 = ranges.iter().map(|r| r.1 as u64).sum();
+        let file = crate::image::memfd_with("apf-guest-ram-huge", libc::MFD_HUGETLB | libc::MFD_HUGE_2MB)
+            .map_err(RamError::Memfd)?;
+        file.set_len(total)
+            .map_err(|source| RamError::Memfd(ImageError::Memfd { what: "ftruncate", source }))?;
+        let file = Arc::new(file);
+        let mem = map_file_with(ranges, &file, 0, libc::MAP_SHARED)?;
+        Self::from_parts(mem, MemoryKind::SharedHugetlb, Some(file), None)
+    }
+
     fn from_parts(
         mem: GuestMemoryMmap,
         kind: MemoryKind,
@@ -769,15 +897,19 @@ impl GuestRam {
     ) -> Result<Self, RamError> {
         let mut regions = Vec::with_capacity(mem.num_regions());
         let mut file_offset = 0;
+        let (shift, page) = if kind.is_huge() { (HUGE_PAGE_SHIFT, HUGE_PAGE_SIZE as u64) } else { (PAGE_SHIFT, PAGE) };
         for r in mem.iter() {
             let base = r.start_addr();
             let len = r.len();
-            if base.0 % PAGE != 0 || len % PAGE != 0 || len == 0 {
+            if base.0 % page != 0 || len % page != 0 || len == 0 {
                 return Err(RamError::UnalignedRegion { base: base.0, size: len });
             }
             let host = r.as_ptr() as u64;
-            no_huge_pages(host, len).map_err(|source| RamError::Madvise { base: base.0, source })?;
-            regions.push(Region::new(base, len, host, file_offset));
+            if !kind.is_huge() {
+                // (hugetlb mappings have no transparent huge pages to turn off)
+                no_huge_pages(host, len).map_err(|source| RamError::Madvise { base: base.0, source })?;
+            }
+            regions.push(Region::new(base, len, host, file_offset, shift));
             file_offset += len;
         }
         if regions.is_empty() {
@@ -818,9 +950,25 @@ impl GuestRam {
     /// every region). Holes a discard punches later are zeros anyway.
     pub fn shared_fd(&self) -> Result<std::os::fd::OwnedFd, RamError> {
         let file = match (self.kind, &self.file) {
-            (MemoryKind::SharedMemfd, Some(file)) => file,
+            (MemoryKind::SharedMemfd | MemoryKind::SharedHugetlb, Some(file)) => file,
             _ => return Err(RamError::NotShareable(self.kind)),
         };
+        if self.kind == MemoryKind::SharedHugetlb {
+            // hugetlbfs answers SEEK_DATA with "all data": the engine's
+            // page states say instead. A page not present is a hole unless
+            // a discard made it one (zeros are then its contents).
+            for r in &self.regions {
+                let filling = (0..r.pages()).find(|&p| {
+                    let (state, origin) = r.state(p);
+                    state != PageState::Present && origin != Origin::Zero
+                });
+                if let Some(p) = filling {
+                    return Err(RamError::StillFilling(r.page_gpa(p).0));
+                }
+            }
+            use std::os::fd::AsFd;
+            return file.as_fd().try_clone_to_owned().map_err(RamError::Seek);
+        }
         for r in &self.regions {
             let runs = crate::image::cache_runs(file, r.file_offset, r.len).map_err(RamError::Seek)?;
             if let Some(&(off, _, _)) = runs.iter().find(|run| !run.2) {
@@ -880,6 +1028,14 @@ impl GuestRam {
         count: usize,
     ) -> Option<std::io::Result<Vec<(usize, usize, bool)>>> {
         self.file.as_ref()?;
+        if self.regions[region].is_huge() {
+            // The kernel cannot say for hugetlbfs: `mincore` looks at page
+            // tables only and `SEEK_DATA` calls the whole file data. A
+            // MISSING fault there always means a hole (a page in the page
+            // cache is mapped without one), and a `COPY` onto a page the
+            // page cache holds answers `EEXIST`.
+            return None;
+        }
         Some(self.regions[region].file_runs(first, count))
     }
 
@@ -906,7 +1062,8 @@ impl GuestRam {
                 return Err(RamError::PageSize { base: r.gpa.0, page_size: r.page_size });
             }
             let ends = r.gpa.0.checked_add(r.len).is_some() && r.host.checked_add(r.len).is_some();
-            if r.gpa.0 % PAGE != 0 || r.host % PAGE != 0 || r.len % PAGE != 0 || r.len == 0 || !ends {
+            let unaligned = (r.gpa.0 | r.host | r.len) & (r.page_size - 1) != 0;
+            if unaligned || r.len == 0 || !ends {
                 return Err(RamError::UnalignedRegion { base: r.gpa.0, size: r.len });
             }
         }
@@ -919,7 +1076,8 @@ impl GuestRam {
                 }
             }
         }
-        let regions = sorted.iter().map(|r| Region::new(r.gpa, r.len, r.host, 0)).collect();
+        let regions =
+            sorted.iter().map(|r| Region::new(r.gpa, r.len, r.host, 0, r.page_size.trailing_zeros())).collect();
         Ok(GuestRam {
             mem: GuestMemoryMmap::default(),
             regions,
@@ -969,7 +1127,7 @@ impl GuestRam {
     pub fn locate(&self, gpa: GuestAddress) -> Result<PageLoc, RamError> {
         let idx = self.regions.partition_point(|r| r.base.0 + r.len <= gpa.0);
         match self.regions.get(idx) {
-            Some(r) if r.base.0 <= gpa.0 => Ok(PageLoc { region: idx, page: ((gpa.0 - r.base.0) / PAGE) as usize }),
+            Some(r) if r.base.0 <= gpa.0 => Ok(PageLoc { region: idx, page: ((gpa.0 - r.base.0) >> r.shift) as usize }),
             _ => Err(RamError::OutOfRange(gpa.0)),
         }
     }
@@ -978,12 +1136,14 @@ impl GuestRam {
     pub fn locate_host(&self, host: u64) -> Option<PageLoc> {
         self.regions.iter().enumerate().find_map(|(i, r)| {
             (host >= r.host && host - r.host < r.len)
-                .then(|| PageLoc { region: i, page: ((host - r.host) / PAGE) as usize })
+                .then(|| PageLoc { region: i, page: ((host - r.host) >> r.shift) as usize })
         })
     }
 
     /// The region and first page of a page-aligned, non-empty range that
-    /// lies inside one region, plus its page count.
+    /// lies inside one region, plus its page count (in the region's pages:
+    /// a range of huge-page memory must be aligned to them,
+    /// [`RamError::UnalignedToPages`]).
     pub fn check_range(&self, range: GuestRange) -> Result<(PageLoc, usize), RamError> {
         if range.len == 0 {
             return Err(RamError::Empty(range.start.0));
@@ -996,7 +1156,10 @@ impl GuestRam {
         if range.start.0.checked_add(range.len).is_none_or(|end| end > r.base.0 + r.len) {
             return Err(RamError::RangeOutOfBounds(range));
         }
-        Ok((loc, (range.len / PAGE) as usize))
+        if r.is_huge() && !range.is_aligned_to(r.page_size() as u64) {
+            return Err(RamError::UnalignedToPages { range, page_size: r.page_size() as u64 });
+        }
+        Ok((loc, (range.len >> r.shift) as usize))
     }
 
     /// Host address of `[gpa, gpa + len)`, which must lie inside one region
@@ -1068,11 +1231,16 @@ pub(crate) fn mmap_error(e: vm_memory::mmap::MmapRegionError) -> std::io::Error 
 }
 
 fn check_ranges(ranges: &[(GuestAddress, usize)]) -> Result<(), RamError> {
+    check_ranges_to(ranges, PAGE)
+}
+
+/// Checks that `ranges` are given and aligned to pages of `page` bytes.
+fn check_ranges_to(ranges: &[(GuestAddress, usize)], page: u64) -> Result<(), RamError> {
     if ranges.is_empty() {
         return Err(RamError::NoRegions);
     }
     for &(base, size) in ranges {
-        if base.0 % PAGE != 0 || size as u64 % PAGE != 0 || size == 0 {
+        if base.0 % page != 0 || size as u64 % page != 0 || size == 0 {
             return Err(RamError::UnalignedRegion { base: base.0, size: size as u64 });
         }
     }
@@ -1080,8 +1248,19 @@ fn check_ranges(ranges: &[(GuestAddress, usize)]) -> Result<(), RamError> {
 }
 
 /// Maps `file` for `ranges`, back to back from offset `base`, with `flags`
-/// (`MAP_SHARED` or `MAP_PRIVATE`).
+/// (`MAP_SHARED` or `MAP_PRIVATE`) and `MAP_NORESERVE`.
 fn map_file(
+    ranges: &[(GuestAddress, usize)],
+    file: &Arc<File>,
+    base: u64,
+    flags: i32,
+) -> Result<GuestMemoryMmap, RamError> {
+    map_file_with(ranges, file, base, flags | libc::MAP_NORESERVE)
+}
+
+/// Maps `file` for `ranges`, back to back from offset `base`, with exactly
+/// `flags`.
+fn map_file_with(
     ranges: &[(GuestAddress, usize)],
     file: &Arc<File>,
     base: u64,
@@ -1093,7 +1272,7 @@ fn map_file(
         let map = MmapRegionBuilder::new(size)
             .with_file_offset(vm_memory::FileOffset::from_arc(file.clone(), off))
             .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
-            .with_mmap_flags(flags | libc::MAP_NORESERVE)
+            .with_mmap_flags(flags)
             .build()
             .map_err(|e| RamError::MapFile { base: base.0, source: mmap_error(e) })?;
         let region = GuestRegionMmap::new(map, base)

@@ -29,6 +29,10 @@ use thiserror::Error;
 /// regions).
 pub const PAGE_SIZE: usize = 4096;
 
+/// The size of a huge page (`MAP_HUGETLB`, `MFD_HUGETLB`): huge-page
+/// memory is resolved in whole pages of this size.
+pub const HUGE_PAGE_SIZE: usize = 2 << 20;
+
 /// `_IOWR(UFFDIO, nr, T)` as `<asm-generic/ioctl.h>` encodes it.
 const fn iowr(num: u32, size: usize) -> u32 {
     const IOC_READ_WRITE: u32 = 3;
@@ -195,6 +199,10 @@ impl Features {
     pub const PAGEFAULT_FLAG_WP: Features = Features(sys::UFFD_FEATURE_PAGEFAULT_FLAG_WP as u64);
     /// `UFFD_FEATURE_MISSING_SHMEM`: missing faults on shared memory.
     pub const MISSING_SHMEM: Features = Features(sys::UFFD_FEATURE_MISSING_SHMEM as u64);
+    /// `UFFD_FEATURE_MISSING_HUGETLBFS`: missing faults on huge pages.
+    pub const MISSING_HUGETLBFS: Features = Features(sys::UFFD_FEATURE_MISSING_HUGETLBFS as u64);
+    /// `UFFD_FEATURE_MINOR_HUGETLBFS`: minor faults on huge pages.
+    pub const MINOR_HUGETLBFS: Features = Features(sys::UFFD_FEATURE_MINOR_HUGETLBFS as u64);
     /// `UFFD_FEATURE_MINOR_SHMEM`: minor faults on shared memory.
     pub const MINOR_SHMEM: Features = Features(sys::UFFD_FEATURE_MINOR_SHMEM as u64);
     /// `UFFD_FEATURE_EXACT_ADDRESS`: fault addresses are not page-masked.
@@ -205,7 +213,7 @@ impl Features {
     /// and hugetlbfs (registering those in [`RegisterMode::WP`] needs it).
     pub const WP_SHMEM: Features = Features(sys::UFFD_FEATURE_WP_HUGETLBFS_SHMEM as u64);
 
-    const NAMES: [(Features, &'static str); 10] = [
+    const NAMES: [(Features, &'static str); 12] = [
         (Self::EVENT_REMOVE, "EVENT_REMOVE"),
         (Self::THREAD_ID, "THREAD_ID"),
         (Self::POISON, "POISON"),
@@ -213,6 +221,8 @@ impl Features {
         (Self::PAGEFAULT_FLAG_WP, "PAGEFAULT_FLAG_WP"),
         (Self::MISSING_SHMEM, "MISSING_SHMEM"),
         (Self::MINOR_SHMEM, "MINOR_SHMEM"),
+        (Self::MISSING_HUGETLBFS, "MISSING_HUGETLBFS"),
+        (Self::MINOR_HUGETLBFS, "MINOR_HUGETLBFS"),
         (Self::EXACT_ADDRESS, "EXACT_ADDRESS"),
         (Self::WP_UNPOPULATED, "WP_UNPOPULATED"),
         (Self::WP_SHMEM, "WP_HUGETLBFS_SHMEM"),
@@ -381,6 +391,10 @@ impl Default for EventBuf {
 pub struct Uffd {
     fd: OwnedFd,
     features: Features,
+    /// The page size of the memory registered, in which a failpoint's
+    /// partial progress is counted (a huge page is done whole or not).
+    #[cfg_attr(not(feature = "failpoints"), allow(dead_code))]
+    page_size: std::sync::atomic::AtomicUsize,
     #[cfg(feature = "failpoints")]
     failpoints: std::sync::Arc<crate::failpoints::FailPoints>,
 }
@@ -414,6 +428,7 @@ impl Uffd {
         Ok(Uffd {
             fd,
             features: wanted,
+            page_size: std::sync::atomic::AtomicUsize::new(PAGE_SIZE),
             #[cfg(feature = "failpoints")]
             failpoints: Default::default(),
         })
@@ -453,6 +468,7 @@ impl Uffd {
         Ok(Uffd {
             fd,
             features,
+            page_size: std::sync::atomic::AtomicUsize::new(PAGE_SIZE),
             #[cfg(feature = "failpoints")]
             failpoints: Default::default(),
         })
@@ -509,12 +525,19 @@ impl Uffd {
                 self.failpoints.wait_at_gate();
                 return real(len);
             }
-            let part = ((f.partial_pages + f.uncounted_pages) * PAGE_SIZE).min(len);
+            let page = self.page_size.load(std::sync::atomic::Ordering::Relaxed);
+            let part = ((f.partial_pages + f.uncounted_pages) * page).min(len);
             let done = if part > 0 { real(part)? } else { 0 };
-            let done = done.min(f.partial_pages * PAGE_SIZE);
+            let done = done.min(f.partial_pages * page);
             return Err(IoctlError { op: op.name(), errno: f.errno, done });
         }
         real(len)
+    }
+
+    /// Says that the memory registered has pages of `size` bytes (huge
+    /// pages): failpoints count their partial progress in them.
+    pub(crate) fn set_page_size(&self, size: usize) {
+        self.page_size.store(size, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Registers `[start, start + len)` (host addresses, page-aligned) in

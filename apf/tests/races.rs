@@ -124,8 +124,20 @@ fn a_page_lost_without_a_remove_event_is_poisoned_and_reported_not_zero_filled(b
     let host = ram.host_range(GuestAddress(gpa), PAGE).unwrap();
     // SAFETY: moves one page of our own private anonymous guest RAM to a
     // new mapping the kernel picks; nothing else refers to the new one.
-    let moved =
-        unsafe { libc::mremap(host.cast(), PAGE_SIZE, PAGE_SIZE, libc::MREMAP_MAYMOVE | libc::MREMAP_DONTUNMAP) };
+    let mremap =
+        || unsafe { libc::mremap(host.cast(), PAGE_SIZE, PAGE_SIZE, libc::MREMAP_MAYMOVE | libc::MREMAP_DONTUNMAP) };
+    // Right after the install the kernel may refuse the move with EINVAL
+    // for a few hundred microseconds (seen with some process layouts):
+    // try again, briefly.
+    let tried = Instant::now();
+    let mut moved = mremap();
+    while moved == libc::MAP_FAILED
+        && std::io::Error::last_os_error().raw_os_error() == Some(libc::EINVAL)
+        && tried.elapsed() < Duration::from_secs(1)
+    {
+        std::thread::sleep(Duration::from_micros(50));
+        moved = mremap();
+    }
     assert_ne!(moved, libc::MAP_FAILED, "{}", std::io::Error::last_os_error());
     // SAFETY: `moved` is the page mremap just made, present and readable.
     assert_eq!(unsafe { std::ptr::read_volatile(moved as *const u64) }, before);

@@ -10,8 +10,8 @@ use agent_proto::{
     pass, Config, Counters, Layout, OfflineOp, Reply, Request, Workload, PAGE_SIZE, RING_SLOTS_PER_VCPU,
 };
 use agent_proto::{
-    permute, scattered_index, scattered_pages, FLAG_BALLOON, FLAG_CHECKSUM, FLAG_GUEST_OFFLINE, FLAG_RANDOM_ORDER,
-    FLAG_RESTORE, FLAG_SCATTERED_CHANGED,
+    permute, scattered_index, scattered_pages, FLAG_BALLOON, FLAG_BALLOON_HUGE, FLAG_CHECKSUM, FLAG_GUEST_OFFLINE,
+    FLAG_RANDOM_ORDER, FLAG_RESTORE, FLAG_SCATTERED_CHANGED,
 };
 
 use crate::checksum::Slots;
@@ -24,6 +24,9 @@ use crate::stripe::Stripe;
 const MAX_OFFLINE_PAGES: u64 = 32;
 /// Most pages one balloon discard covers.
 const MAX_BALLOON_PAGES: u64 = 32;
+
+/// A huge page of guest RAM made of them ([`FLAG_BALLOON_HUGE`]).
+const HUGE_PAGE: u64 = 2 << 20;
 
 /// The kinds of pass.
 #[derive(Debug, Clone, Copy)]
@@ -263,8 +266,20 @@ impl<'m> Agent<'m> {
     /// corrupt), then writes them again.
     fn balloon(&mut self) {
         let pages = self.stripe.pages();
-        let len = 1 + self.rng.below(MAX_BALLOON_PAGES.min(pages));
-        let first = self.rng.below(pages - len + 1);
+        let (first, len) = if self.config.flags & FLAG_BALLOON_HUGE != 0 {
+            // One whole 2 MiB page of the stripe: the host discards huge
+            // pages whole only.
+            let per_huge = HUGE_PAGE / PAGE_SIZE;
+            let skip = (self.stripe.gpa(0).next_multiple_of(HUGE_PAGE) - self.stripe.gpa(0)) / PAGE_SIZE;
+            let whole = pages.saturating_sub(skip) / per_huge;
+            if whole == 0 {
+                return;
+            }
+            (skip + self.rng.below(whole) * per_huge, per_huge)
+        } else {
+            let len = 1 + self.rng.below(MAX_BALLOON_PAGES.min(pages));
+            (self.rng.below(pages - len + 1), len)
+        };
         let gpa = self.stripe.gpa(first);
         let discarded = match self.mailbox.call(&Request::Balloon { gpa, len: len * PAGE_SIZE }) {
             Reply::Ack { .. } => true,

@@ -293,6 +293,10 @@ fn every_memory_kind_runs_the_stress_with_the_balloon() {
         (Backend::Apf, apf::MemoryKind::SharedMemfd, false, "apf shared"),
         (Backend::Apf, apf::MemoryKind::Image, true, "apf image"),
         (Backend::File, apf::MemoryKind::PrivateAnonymous, true, "file"),
+        // Pool: 32 huge pages of guest RAM and 8 of slack, reserved by the
+        // run itself (and given back).
+        (Backend::Apf, apf::MemoryKind::PrivateHugetlb, true, "apf hugetlb"),
+        (Backend::Apf, apf::MemoryKind::SharedHugetlb, false, "apf shared-hugetlb"),
     ];
     for (backend, memory, restore, name) in kinds {
         let base = if restore { restore_from(&path) } else { short(64 << 20, 0) };
@@ -300,13 +304,28 @@ fn every_memory_kind_runs_the_stress_with_the_balloon() {
         let cfg = RunConfig {
             backend,
             memory,
-            offline_every: apf.then_some(Duration::from_millis(2)),
+            // Kinds without an offered Migrate or Evict (huge pages) run no
+            // storm.
+            offline_every: (apf && !memory.is_huge()).then_some(Duration::from_millis(2)),
             guest_offline: apf,
-            host_block: backend == Backend::Apf,
+            // Not on huge pages here: offlining a block dissolves the free
+            // huge pages in it, so the pool shrinks, and a page the balloon
+            // discarded (its reservation gone with it) may find none to be
+            // filled again. `apf/tests/huge.rs` offlines a block of huge
+            // pages with no balloon.
+            host_block: backend == Backend::Apf && !memory.is_huge(),
             duration: Duration::from_millis(800),
             ..base
         };
-        let report = run_alone(&cfg).unwrap();
+        let report = match run_alone(&cfg) {
+            Err(vmm::vm::VmError::HugePages(e @ apf::hugepool::HugePoolError::Shortfall { .. }))
+                if std::env::var("CI").as_deref() != Ok("true") =>
+            {
+                eprintln!("SKIPPED {name}: {e}");
+                continue;
+            }
+            other => other.unwrap(),
+        };
         assert_clean(&report);
         assert_eq!(report.backend, name);
         if backend == Backend::Apf {

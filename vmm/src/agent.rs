@@ -306,7 +306,17 @@ impl AgentDevice {
         }
         let range = GuestRange::new(GuestAddress(gpa), len);
         let inside = len > 0 && gpa.checked_add(len).is_some_and(|end| end <= self.layout.ram_size);
-        if !inside || self.access.ram().check_range(range).is_err() {
+        let checked = self.access.ram().check_range(range);
+        if let Err(apf::RamError::UnalignedToPages { page_size, .. }) = checked {
+            // Huge-page RAM: the kernel acts on whole huge pages only.
+            return Err(self.refuse(
+                vcpu,
+                ErrorCode::Unaligned,
+                gpa,
+                format!("{what} of {gpa:#x}+{len:#x} is not aligned to guest RAM's {page_size}-byte pages"),
+            ));
+        }
+        if !inside || checked.is_err() {
             return Err(self.refuse(
                 vcpu,
                 ErrorCode::OutOfRange,

@@ -65,6 +65,16 @@ pub fn ring_range() -> GuestRange {
     GuestRange::new(GuestAddress(RING_DESC), RING_LEN)
 }
 
+/// The range the device pins in `ram`: the ring, widened to whole pages
+/// of the region holding it (on huge-page RAM, the huge page around it).
+pub fn ring_range_in(ram: &apf::GuestRam) -> GuestRange {
+    let ring = ring_range();
+    let Ok(loc) = ram.locate(ring.start) else { return ring };
+    let page = ram.region(loc).page_size() as u64;
+    let start = ring.start.0 & !(page - 1);
+    GuestRange::new(GuestAddress(start), ring.end().next_multiple_of(page) - start)
+}
+
 impl ChecksumDevice {
     /// Starts the worker. With the engine it takes its pin at once (the
     /// ring is faulted in at the first submission).
@@ -78,7 +88,7 @@ impl ChecksumDevice {
                 // The callback only counts: the pin disarms itself, and the
                 // worker holds no kernel pin that would need dropping.
                 let pin = engine
-                    .pin(ring_range(), move |_| {
+                    .pin(ring_range_in(engine.ram()), move |_| {
                         let t = Instant::now();
                         s.invalidations.fetch_add(1, Ordering::Relaxed);
                         let ns = t.elapsed().as_nanos() as u64;
@@ -154,7 +164,14 @@ fn worker(
         };
         let served = match &pin {
             Some(pin) => match pin.get(Instant::now() + PIN_DEADLINE) {
-                Ok(guard) => serve(&guard.memory(), slot),
+                // The pin may cover more than the ring (a whole huge page).
+                Ok(guard) => {
+                    let at = (RING_DESC - pin.range().start.0) as usize;
+                    match guard.memory().subslice(at, RING_LEN as usize) {
+                        Ok(ring) => serve(&ring, slot),
+                        Err(e) => Err(format!("the checksum ring is outside its pin: {e}")),
+                    }
+                }
                 Err(e) => Err(format!("cannot fault the checksum ring in: {e}")),
             },
             None => match access.ram().guest_memory().get_slice(GuestAddress(RING_DESC), RING_LEN as usize) {

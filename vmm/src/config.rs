@@ -310,10 +310,12 @@ stress and verify guest memory while it is offlined underneath, and report.
   --backend B            apf|plain|baseline|file: the engine (default), plain anonymous memory with no
                          userfaultfd, the one-page-per-fault handler, or (with --restore) the snapshot
                          file mapped private with no userfaultfd (no offlining with the last three)
-  --memory K             anonymous|shared|image: guest RAM private anonymous (default), a memfd
-                         mapped shared, or (with --restore) the snapshot's image loaded once and
-                         mapped private, reads mapped in place; the host storm and the agents'
-                         offlines need anonymous memory (they move pages)
+  --memory K             anonymous|shared|image|hugetlb|shared-hugetlb: guest RAM private anonymous
+                         (default), a memfd mapped shared, (with --restore) the snapshot's image
+                         loaded once and mapped private, reads mapped in place, private anonymous
+                         2 MiB huge pages, or a memfd of 2 MiB huge pages mapped shared (huge pages
+                         are reserved in the kernel's pool for the run); the host storm and the
+                         agents' offlines need anonymous memory (they move pages)
   --order O              seq|random: the order of the first pass (touch, restore verify); default seq
   --save-snapshot FILE   write guest RAM and what the agent needs to verify it, at the end
   --restore FILE         start from a snapshot: RAM demand-faulted from FILE, verified first
@@ -504,10 +506,13 @@ pub fn parse_run(args: &[String]) -> Result<RunConfig, CliError> {
         return Err(CliError::Conflict("--memory image maps the snapshot's image: it needs --restore".into()));
     }
     if c.memory != MemoryKind::PrivateAnonymous && matches!(c.backend, Backend::Baseline | Backend::File) {
-        return Err(CliError::Conflict(format!(
-            "--memory {} needs the apf or plain backend",
-            if c.memory == MemoryKind::Image { "image" } else { "shared" }
-        )));
+        let name = match c.memory {
+            MemoryKind::Image => "image",
+            MemoryKind::PrivateHugetlb => "hugetlb",
+            MemoryKind::SharedHugetlb => "shared-hugetlb",
+            _ => "shared",
+        };
+        return Err(CliError::Conflict(format!("--memory {name} needs the apf or plain backend")));
     }
     if c.memory == MemoryKind::Image && c.backend == Backend::Plain {
         return Err(CliError::Conflict("--memory image needs the engine (or use --backend file)".into()));
@@ -676,6 +681,11 @@ mod tests {
         let c = run(&["--memory", "shared", "--offline-every", "5ms"]).unwrap();
         assert_eq!(c.offline_every, Some(Duration::from_millis(5)));
         assert!(matches!(run(&["--memory", "huge"]), Err(CliError::Invalid { option: "--memory", .. })));
+        assert!(matches!(run(&["--memory", "hugetlb", "--backend", "baseline"]), Err(CliError::Conflict(_))));
+        assert!(matches!(run(&["--memory", "shared-hugetlb", "--offline-every", "5ms"]), Err(CliError::Conflict(_))));
+        let c = run(&["--memory", "hugetlb"]).unwrap();
+        assert_eq!((c.memory, c.offline_every), (apf::MemoryKind::PrivateHugetlb, None));
+        assert_eq!(run(&["--memory", "shared-hugetlb"]).unwrap().memory, apf::MemoryKind::SharedHugetlb);
         let c = run(&["--memory", "shared"]).unwrap();
         assert_eq!((c.memory, c.offline_every.is_some(), c.guest_offline), (apf::MemoryKind::SharedMemfd, true, true));
         let c = run(&["--memory", "image", "--restore", "x"]).unwrap();

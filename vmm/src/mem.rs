@@ -53,11 +53,13 @@ impl GuestAccess {
         }
     }
 
-    /// The page-aligned range covering `[gpa, gpa + len)`, checked
+    /// The page-aligned range covering `[gpa, gpa + len)` (in the pages
+    /// of the region it is in: huge pages are referenced whole), checked
     /// against guest RAM.
     fn cover(&self, gpa: u64, len: usize) -> Result<GuestRange, AccessError> {
         let end = gpa.checked_add(len as u64).filter(|_| len > 0).ok_or(outside(gpa, len))?;
-        let page = agent_proto::PAGE_SIZE;
+        let loc = self.ram().locate(GuestAddress(gpa)).map_err(|_| outside(gpa, len))?;
+        let page = self.ram().region(loc).page_size() as u64;
         let start = gpa & !(page - 1);
         let end = end.checked_next_multiple_of(page).ok_or(outside(gpa, len))?;
         let range = GuestRange::new(GuestAddress(start), end - start);

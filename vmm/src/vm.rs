@@ -35,7 +35,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::agent::{AgentDevice, FaultCount};
 use crate::boot;
-use crate::checksum::{ring_range, ChecksumDevice};
+use crate::checksum::ChecksumDevice;
 use crate::config::{Backend, GuestImage, RunConfig};
 use crate::mem::{AccessError, GuestAccess};
 use crate::report::{BaselineEnd, EngineEnd, Errors, PinCallbacks, Report, RunEnd, VcpuExit, VcpuReport};
@@ -61,6 +61,9 @@ pub enum VmError {
     /// Guest RAM could not be mapped.
     #[error("cannot map guest RAM")]
     Ram(#[source] apf::RamError),
+    /// The huge pages guest RAM needs could not be reserved.
+    #[error("cannot reserve the huge pages guest RAM needs")]
+    HugePages(#[source] apf::hugepool::HugePoolError),
     /// The engine could not start.
     #[error("cannot start the page-fault engine")]
     Engine(#[source] EngineError),
@@ -194,8 +197,29 @@ fn guest_ram(cfg: &RunConfig, restore: Option<&Restore>, ram_size: u64) -> Resul
             GuestRam::image(&ranges, image(r).map_err(VmError::Image)?).map_err(VmError::Ram)
         }
         (_, MemoryKind::SharedMemfd, _) => GuestRam::shared_memfd(&ranges).map_err(VmError::Ram),
+        // Reserved at mapping time from the pool `huge_pages` raised: a
+        // short pool fails here, not at a fault.
+        (_, MemoryKind::PrivateHugetlb, _) => GuestRam::anonymous_hugetlb(&ranges, false).map_err(VmError::Ram),
+        (_, MemoryKind::SharedHugetlb, _) => GuestRam::shared_hugetlb(&ranges).map_err(VmError::Ram),
         _ => GuestRam::anonymous(&ranges).map_err(VmError::Ram),
     }
+}
+
+/// Free huge pages kept in the pool beside guest RAM's: a host-block
+/// offline moves an in-use huge page only into a free one.
+const HUGE_PAGE_SLACK: u64 = 8;
+
+/// The huge pages guest RAM of a huge-page kind needs (and a little
+/// slack), reserved in the kernel's pool for the run and given back when
+/// it is dropped. `None` for the other kinds.
+fn huge_pages(cfg: &RunConfig, ram_size: u64) -> Result<Option<apf::hugepool::Reservation>, VmError> {
+    if !cfg.memory.is_huge() {
+        return Ok(None);
+    }
+    let pages = ram_size.div_ceil(apf::HUGE_PAGE_SIZE as u64) + HUGE_PAGE_SLACK;
+    apf::hugepool::HugePool::reserve(pages, Instant::now() + Duration::from_secs(30))
+        .map(Some)
+        .map_err(VmError::HugePages)
 }
 
 /// Where guest pages come from: the override, the snapshot restored (its
@@ -338,6 +362,10 @@ fn agent_config(cfg: &RunConfig, shape: Shape, restoring: bool) -> Config {
     // show the file again.
     if cfg.guest_offline && !matches!(cfg.backend, Backend::Baseline | Backend::File) {
         flags |= FLAG_BALLOON;
+        // The kernel discards huge pages whole only.
+        if cfg.memory.is_huge() {
+            flags |= agent_proto::FLAG_BALLOON_HUGE;
+        }
     }
     if cfg.random_order {
         flags |= agent_proto::FLAG_RANDOM_ORDER;
@@ -494,6 +522,10 @@ pub struct Vm {
     /// From the start of the build to the VM ready to run (the snapshot
     /// opened, RAM and its engine set up, a replay's lead).
     setup: Duration,
+    /// The huge pages of huge-page RAM, reserved for the run (given back
+    /// last, after the RAM is unmapped).
+    #[allow(dead_code)] // held for its `Drop`
+    hugepages: Option<apf::hugepool::Reservation>,
 }
 
 impl Vm {
@@ -513,6 +545,7 @@ impl Vm {
         vcpu::install_signal_handlers()?;
 
         // Guest RAM, demand-faulted by the engine (or plain, for comparison).
+        let hugepages = huge_pages(cfg, shape.ram_size)?;
         let ram = Arc::new(guest_ram(cfg, restore.as_ref(), shape.ram_size)?);
         let (access, baseline) =
             memory_backend(cfg, &ram, || page_source(cfg, restore.as_ref(), &ram, shape.ram_size))?;
@@ -557,6 +590,7 @@ impl Vm {
             working_set,
             replayed_set,
             setup: build_start.elapsed(),
+            hugepages,
         })
     }
 
@@ -567,7 +601,8 @@ impl Vm {
     /// could not be started.
     pub fn run(mut self) -> Result<StoppedVm, VmError> {
         let start = Instant::now();
-        let device_memory = if self.checksum.is_some() { vec![ring_range()] } else { Vec::new() };
+        let device_memory =
+            if self.checksum.is_some() { vec![crate::checksum::ring_range_in(&self.ram)] } else { Vec::new() };
         let mut agent = AgentDevice::new(
             self.access.clone(),
             self.agent_config,
@@ -840,6 +875,10 @@ impl StoppedVm {
             backend: match (cfg.backend, cfg.memory) {
                 (Backend::Apf, MemoryKind::SharedMemfd) => "apf shared",
                 (Backend::Apf, MemoryKind::Image) => "apf image",
+                (Backend::Apf, MemoryKind::PrivateHugetlb) => "apf hugetlb",
+                (Backend::Apf, MemoryKind::SharedHugetlb) => "apf shared-hugetlb",
+                (Backend::Plain, MemoryKind::PrivateHugetlb) => "plain hugetlb",
+                (Backend::Plain, MemoryKind::SharedHugetlb) => "plain shared-hugetlb",
                 (Backend::Plain, MemoryKind::SharedMemfd) => "plain shared",
                 (backend, _) => backend.as_str(),
             },

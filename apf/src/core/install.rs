@@ -18,6 +18,11 @@
 //!   pages for reads, `COPY` installs private copies for writes, `ZEROPAGE`
 //!   zeros; `POISON` and thread ids; `WRITEPROTECT` as for shared memory;
 //!   no `MOVE`.
+//! - [`Hugetlb`]: the engine's own descriptor over 2 MiB huge pages,
+//!   private anonymous or a memfd mapped shared: `COPY` of whole huge
+//!   pages, `POISON` and thread ids; `CONTINUE` on the shared one (a page
+//!   its page cache holds); no `ZEROPAGE` (the kernel has none for huge
+//!   pages: zeros are copied) and no `MOVE`.
 //! - [`Limited`]: `COPY`, `ZEROPAGE` and `WAKE` only, no thread ids: what a
 //!   userfaultfd received from Firecracker offers (its `UFFDIO_API` asked
 //!   for `EVENT_REMOVE` alone, and a second handshake is refused).
@@ -184,6 +189,12 @@ pub(crate) fn open(backend: Backend, kind: MemoryKind) -> Result<Option<Box<dyn 
             let uffd = Uffd::new(own | Features::MISSING_SHMEM | Features::MINOR_SHMEM, Features::WP_SHMEM)?;
             Box::new(ImagePrivate { wp: WriteProtection::new(&uffd), uffd })
         }
+        (Backend::PrivateAnonymous, MemoryKind::PrivateHugetlb | MemoryKind::SharedHugetlb) => {
+            let minor = if kind == MemoryKind::SharedHugetlb { Features::MINOR_HUGETLBFS } else { Features::empty() };
+            let uffd = Uffd::new(own | Features::MISSING_HUGETLBFS | minor, Features::empty())?;
+            uffd.set_page_size(kind.page_size());
+            Box::new(Hugetlb { uffd, shared: kind == MemoryKind::SharedHugetlb })
+        }
         // What Firecracker asks for before it hands the descriptor over.
         (Backend::Limited, MemoryKind::PrivateAnonymous) => for_descriptor(Uffd::new(Features::EVENT_REMOVE, Features::empty())?),
         (Backend::Limited, _) => return Ok(None),
@@ -326,6 +337,50 @@ impl Install for SharedMemory {
 
     fn no_write_protect(&self) {
         self.wp.off();
+    }
+}
+
+/// Huge pages (private anonymous, or a memfd mapped shared): each
+/// install is of whole 2 MiB pages. The kernel has no huge-page
+/// `ZEROPAGE`, and `MOVE` refuses hugetlb memory.
+pub(crate) struct Hugetlb {
+    uffd: Uffd,
+    shared: bool,
+}
+
+impl Install for Hugetlb {
+    fn name(&self) -> &'static str {
+        if self.shared {
+            "hugetlb-shared"
+        } else {
+            "hugetlb-private"
+        }
+    }
+
+    fn supports(&self, op: MemOp) -> bool {
+        matches!(op, MemOp::Copy | MemOp::Wake | MemOp::Poison) || (self.shared && op == MemOp::Continue)
+    }
+
+    fn uffd(&self) -> &Uffd {
+        &self.uffd
+    }
+
+    unsafe fn continue_pages(&self, start: u64, len: usize, dont_wake: bool) -> Result<usize, IoctlError> {
+        if !self.supports(MemOp::Continue) {
+            return Err(unsupported(Op::Continue));
+        }
+        // SAFETY: the caller's contract is `Uffd::continue_pages`'s.
+        unsafe { self.uffd.continue_pages(start, len, dont_wake) }
+    }
+
+    unsafe fn zeropage(&self, start: u64, len: usize, dont_wake: bool) -> Result<usize, IoctlError> {
+        let _ = (start, len, dont_wake);
+        Err(unsupported(Op::ZeroPage))
+    }
+
+    unsafe fn poison(&self, start: u64, len: usize) -> Result<usize, IoctlError> {
+        // SAFETY: the caller's contract is `Uffd::poison`'s.
+        unsafe { self.uffd.poison(start, len) }
     }
 }
 

@@ -33,6 +33,14 @@ use crate::uffd::{IoctlError, Uffd, UffdError, PAGE_SIZE};
 
 use self::install::{Install, MemOp};
 
+/// Largest window, in huge pages, on huge-page memory (prefetch, streams,
+/// replays, pins' fill): 8 MiB. A fault waits for its window's whole
+/// `COPY` (one call wakes only at its end), and one huge page already
+/// holds what a 512-page stream window of small pages would; a few of them
+/// keep a stream's copies large while the faulting thread waits at most a
+/// few milliseconds, and the fill buffer of each thread stays small.
+pub(crate) const HUGE_WINDOW: usize = 4;
+
 /// Attempts of a `UFFDIO_WAKE` before it is reported.
 const WAKE_TRIES: usize = 3;
 
@@ -75,6 +83,23 @@ pub enum FaultError {
     Install {
         /// First page of the failed install.
         gpa: GuestAddress,
+        /// The ioctl error.
+        #[source]
+        error: IoctlError,
+    },
+    /// The kernel had no page to install into (a huge-page pool mapped
+    /// `MAP_NORESERVE` ran dry), past the retries. The kernel says so with
+    /// `ENOMEM`, or with `EEXIST` where nothing is mapped (its answer when
+    /// the allocation fails once the page table exists); `error` is what
+    /// it answered. The faulting
+    /// page was poisoned (its thread gets SIGBUS) unless `poisoned` is
+    /// false (a prefetch nobody waited on, given back).
+    #[error("no memory to install guest page {:#x} (huge-page pool exhausted?); poisoned: {poisoned}", .gpa.0)]
+    NoMemory {
+        /// The page.
+        gpa: GuestAddress,
+        /// Whether it was poisoned.
+        poisoned: bool,
         /// The ioctl error.
         #[source]
         error: IoctlError,
@@ -171,7 +196,7 @@ impl Window {
     pub fn span(&self, region: &crate::ram::Region) -> crate::ram::GuestRange {
         let lo = self.0.iter().map(|r| r.first).min().unwrap_or(0);
         let hi = self.0.iter().map(Run::end).max().unwrap_or(lo);
-        crate::ram::GuestRange::new(region.page_gpa(lo), ((hi - lo) * PAGE_SIZE) as u64)
+        crate::ram::GuestRange::new(region.page_gpa(lo), region.pages_len(hi - lo) as u64)
     }
 }
 
@@ -395,6 +420,15 @@ impl Core {
         errors: Sender<FaultError>,
     ) -> io::Result<Core> {
         let ram_pages = ram.pages();
+        // Zeros for the largest window any region takes: a huge-page
+        // region copies its zeros (there is no huge-page ZEROPAGE).
+        let zeros = ram
+            .regions()
+            .iter()
+            .map(|r| r.pages_len(window_cap(r, config.max_window)))
+            .max()
+            .unwrap_or(0)
+            .max(config.max_window * PAGE_SIZE);
         Ok(Core {
             mem,
             ram,
@@ -408,7 +442,7 @@ impl Core {
                 OfflinePriority::Own => None,
             }),
             stats: Stats::default(),
-            zeros: vec![0u8; config.max_window * PAGE_SIZE].into_boxed_slice(),
+            zeros: vec![0u8; zeros].into_boxed_slice(),
             kick: EventFd::new(EFD_NONBLOCK)?,
             parked_waiting: AtomicBool::new(false),
             deferred_waiting: AtomicBool::new(false),
@@ -519,7 +553,13 @@ impl Core {
         &self.config
     }
 
-    /// `max_window` pages of zeros, to COPY from.
+    /// The largest window (in its pages) for region `region`: the
+    /// configured one for small pages, [`HUGE_WINDOW`] at most for huge.
+    pub(crate) fn window_cap(&self, region: usize) -> usize {
+        window_cap(&self.ram.regions()[region], self.config.max_window)
+    }
+
+    /// Zeros for the largest window of any region, to COPY from.
     pub(crate) fn zeros(&self) -> &[u8] {
         &self.zeros
     }
@@ -715,15 +755,15 @@ impl Core {
                 while at < end {
                     // SAFETY: pages of guest RAM, which no Rust reference
                     // ever points into (see `crate::ram`).
-                    match unsafe { uffd.poison(r.page_host(at), (end - at) * PAGE_SIZE) } {
+                    match unsafe { uffd.poison(r.page_host(at), r.pages_len(end - at)) } {
                         Ok(n) => {
-                            poisoned += (n / PAGE_SIZE) as u64;
+                            poisoned += (n >> r.page_shift()) as u64;
                             at = end;
                         }
                         Err(e) => {
-                            poisoned += (e.done / PAGE_SIZE) as u64;
+                            poisoned += (e.done >> r.page_shift()) as u64;
                             // Skip the page that stopped it (present, most likely).
-                            at += e.done / PAGE_SIZE + 1;
+                            at += (e.done >> r.page_shift()) + 1;
                         }
                     }
                 }
@@ -740,6 +780,9 @@ impl Core {
         if !self.ram.kind().page_cache_is_truth() {
             return runs;
         }
+        if self.ram.kind() == crate::ram::MemoryKind::SharedHugetlb {
+            return self.huge_holes_of(region, runs);
+        }
         let mut out = Vec::new();
         for (start, end) in runs {
             // Where the kernel cannot say, nothing is poisoned: poisoning
@@ -751,7 +794,31 @@ impl Core {
         out
     }
 
-    /// Whether a job of `pages` pages runs on the event-loop thread.
+    /// [`Core::holes_of`] on shared huge pages, whose page cache the
+    /// kernel cannot be asked about: each page is mapped with `CONTINUE`
+    /// if the page cache holds it (it is then the guest's, and present),
+    /// and is a hole if `CONTINUE` finds nothing (`EFAULT`).
+    fn huge_holes_of(&self, region: usize, runs: Vec<(usize, usize)>) -> Vec<(usize, usize)> {
+        let r = &self.ram.regions()[region];
+        let mut out: Vec<(usize, usize)> = Vec::new();
+        for (start, end) in runs {
+            for p in start..end {
+                // SAFETY: a page of guest RAM, which no Rust reference ever
+                // points into (see `crate::ram`).
+                let res = unsafe { self.mem.continue_pages(r.page_host(p), r.page_size(), false) };
+                if matches!(res, Err(e) if e.errno == libc::EFAULT) {
+                    match out.last_mut() {
+                        Some(run) if run.1 == p => run.1 += 1,
+                        _ => out.push((p, p + 1)),
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// Whether a job of `pages` small pages' worth runs on the event-loop
+    /// thread.
     pub(crate) fn inline_ok(&self, pages: usize) -> bool {
         match self.config.dispatch {
             Dispatch::Inline => true,
@@ -769,8 +836,18 @@ impl Core {
             for p in first..first + count {
                 self.checked(r.release(p));
             }
-            self.wake(r.page_host(first), count * PAGE_SIZE);
+            self.wake(r.page_host(first), r.pages_len(count));
         }
+    }
+}
+
+/// The largest window (in its pages) for `region`, given the configured
+/// `max_window` (in small pages).
+fn window_cap(region: &crate::ram::Region, max_window: usize) -> usize {
+    if region.is_huge() {
+        max_window.min(HUGE_WINDOW)
+    } else {
+        max_window
     }
 }
 

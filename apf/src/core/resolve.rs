@@ -82,6 +82,9 @@ enum InstallError {
     Again(Window),
     /// The resident source could not be read by the kernel (`EFAULT`).
     SourceFault(Window),
+    /// The kernel had no page to install into (`ENOMEM`: a huge-page pool
+    /// mapped `MAP_NORESERVE` ran dry); these runs are still claimed.
+    NoMemory(Window, crate::uffd::IoctlError),
     /// Anything else; the pages of the failed piece onward were released.
     Fatal,
 }
@@ -182,7 +185,7 @@ fn resolve_guarded_counting(shared: &Core, job: Job, ctx: &mut Ctx) -> (Option<J
                 let guard = shared.notifier().install_lock();
                 let from_source = matches!(region.claimed_origin(p), Origin::Source | Origin::Store);
                 // SAFETY: a page of guest RAM, which no Rust reference ever points into (see `crate::ram`).
-                let given_up = from_source && unsafe { shared.give_up_on(region.page_host(p), PAGE_SIZE) }.is_ok();
+                let given_up = from_source && unsafe { shared.give_up_on(region.page_host(p), region.page_size()) }.is_ok();
                 match shared.give_up() {
                     GiveUp::Poison if given_up => {
                         poisoned = true;
@@ -318,7 +321,7 @@ fn resolve_steps(shared: &Core, job: &mut Job, ctx: &mut Ctx, bytes: &mut usize)
             discard_restored(shared, region, &pieces);
         }
         drop(guard);
-        install_span.record("pages", *bytes / PAGE_SIZE);
+        install_span.record("pages", *bytes >> region.page_shift());
         drop(install_span);
         match result {
             Ok(()) => {
@@ -343,10 +346,36 @@ fn resolve_steps(shared: &Core, job: &mut Job, ctx: &mut Ctx, bytes: &mut usize)
                 let gpa = region.page_gpa(job.window[0].first);
                 let error = crate::source::SourceError::Io {
                     gpa,
-                    len: PAGE_SIZE,
+                    len: region.page_size(),
                     source: std::io::Error::from_raw_os_error(libc::EFAULT),
                 };
                 match on_fill_error(shared, region, job, ctx, gpa, error, (range, seq)) {
+                    FillNext::Retry => continue,
+                    FillNext::Defer => return Step::Defer,
+                    FillNext::Done => return Step::Done,
+                }
+            }
+            Err(InstallError::NoMemory(rest, error)) => {
+                shared.stats().no_memory.add(1);
+                job.window = rest;
+                job.attempts += 1;
+                let faulting = job.fault.is_some_and(|f| job.window.iter().any(|r| (r.first..r.end()).contains(&f.page)));
+                if faulting && job.attempts <= shared.config().fill_retries {
+                    // The pool may have a page for the faulting one alone
+                    // (another process may give pages back): try it a few
+                    // times, never for ever.
+                    shrink_to_fault(shared, job);
+                    if ctx.on_loop {
+                        return Step::Defer;
+                    }
+                    std::thread::sleep(shared.config().retry_backoff * (1 << (job.attempts - 1).min(10)));
+                    continue;
+                }
+                let gpa = region.page_gpa(job.window[0].first);
+                let give_up = give_up_fault(shared, region, job, ctx, (range, seq), "no-memory", |page, poisoned| {
+                    FaultError::NoMemory { gpa: page.unwrap_or(gpa), poisoned, error }
+                });
+                match give_up {
                     FillNext::Retry => continue,
                     FillNext::Defer => return Step::Defer,
                     FillNext::Done => return Step::Done,
@@ -404,12 +433,38 @@ fn on_fill_error(
         std::thread::sleep(backoff);
         return FillNext::Retry;
     }
-    job.span.record("outcome", "source-failed");
-    let Some(fault) = job.fault else {
-        // Nobody asked for these pages: give them back unpoisoned.
+    let attempts = job.attempts;
+    give_up_fault(shared, region, job, ctx, read, "source-failed", |page, poisoned| FaultError::SourceFailed {
+        gpa: page.unwrap_or(gpa),
+        attempts,
+        poisoned,
+        error,
+    })
+}
+
+/// Gives up on a job whose contents cannot be had (a source failed for
+/// good, no memory to install into): the faulting page is poisoned (or,
+/// without `POISON`, zero-filled), the rest given back, and the error made
+/// by `error(faulting page, poisoned)` reported. A window no thread faulted
+/// on (or whose faulting page is already in) is only given back. `read`
+/// as in [`on_fill_error`]: a page invalidated since is tried again
+/// instead.
+fn give_up_fault(
+    shared: &Core,
+    region: &Region,
+    job: &mut Job,
+    ctx: &Ctx,
+    read: (GuestRange, crate::notifier::Seq),
+    outcome: &'static str,
+    error: impl FnOnce(Option<GuestAddress>, bool) -> FaultError,
+) -> FillNext {
+    job.span.record("outcome", outcome);
+    let fault = job.fault.filter(|f| job.window.iter().any(|r| (r.first..r.end()).contains(&f.page)));
+    let Some(fault) = fault else {
+        // Nobody waits on these pages: give them back unpoisoned.
         shared.release_runs(job.region, &job.window);
         job.window.clear();
-        shared.report(FaultError::SourceFailed { gpa, attempts: job.attempts, poisoned: false, error });
+        shared.report(error(None, false));
         return FillNext::Done;
     };
     shrink_to_fault(shared, job);
@@ -427,11 +482,10 @@ fn on_fill_error(
     // Without `POISON` the page gets zeros instead (see `GiveUp::Zeros`).
     let answer = shared.give_up();
     let zeroed = answer == GiveUp::Zeros;
-    let failed = FaultError::SourceFailed { gpa: page_gpa, attempts: job.attempts, poisoned: !zeroed, error };
-    shared.report_given_up(page_gpa, zeroed, failed);
+    shared.report_given_up(page_gpa, zeroed, error(Some(page_gpa), !zeroed));
     let host = region.page_host(fault.page);
     // SAFETY: a page of guest RAM, which no Rust reference ever points into (see `crate::ram`).
-    match unsafe { shared.give_up_on(host, PAGE_SIZE) } {
+    match unsafe { shared.give_up_on(host, region.page_size()) } {
         Ok(_) if zeroed => shared.checked(region.complete(fault.page)),
         Ok(_) => {
             shared.checked(region.poison(fault.page));
@@ -439,7 +493,7 @@ fn on_fill_error(
         }
         Err(e) if e.errno == libc::EEXIST => {
             shared.checked(region.complete(fault.page));
-            shared.wake(host, PAGE_SIZE);
+            shared.wake(host, region.page_size());
         }
         Err(e) => {
             drop(guard);
@@ -495,9 +549,11 @@ fn fill(
     let mut pieces = Vec::with_capacity(job.window.len());
     let mut buf_off = 0;
     let total: usize = job.window.pages();
-    if ctx.buf.len() < total * PAGE_SIZE {
-        ctx.buf.resize(total * PAGE_SIZE, 0);
+    if ctx.buf.len() < region.pages_len(total) {
+        ctx.buf.resize(region.pages_len(total), 0);
     }
+    // Huge pages have no ZEROPAGE: they copy zeros.
+    let zero = if write || region.is_huge() { Src::Copy(shared.zeros().as_ptr()) } else { Src::ZeroPage };
     for &Run { first, count } in job.window.iter() {
         let mut p = first;
         while p < first + count {
@@ -508,9 +564,8 @@ fn fill(
             }
             let n = end - p;
             let gpa = region.page_gpa(p);
-            let len = n * PAGE_SIZE;
+            let len = region.pages_len(n);
             let is_zero = origin == Origin::Zero || (origin == Origin::Source && zero_source);
-            let zero = if write { Src::Copy(shared.zeros().as_ptr()) } else { Src::ZeroPage };
             // (An evicted image page comes from the store, never the image.)
             let image_read = kind == MemoryKind::Image && !write && origin == Origin::Source;
             if origin != Origin::Unplugged && (is_zero || image_read) {
@@ -584,7 +639,7 @@ fn discard_restored(shared: &Core, region: &Region, pieces: &[Piece]) {
     }
     for piece in pieces {
         if region.claimed_origin(piece.first) == Origin::Store {
-            shared.store().discard(region.page_gpa(piece.first), piece.count * PAGE_SIZE);
+            shared.store().discard(region.page_gpa(piece.first), region.pages_len(piece.count));
         }
     }
 }
@@ -603,18 +658,19 @@ fn install_pieces(
 ) -> Result<(), InstallError> {
     let region = &shared.ram().regions()[region_idx];
     let stats = shared.stats();
+    let (shift, page_size) = (region.page_shift(), region.page_size());
     for (i, piece) in pieces.iter().enumerate() {
         let mut off = 0;
         while off < piece.count {
             let page = piece.first + off;
             let dst = region.page_host(page);
-            let len = (piece.count - off) * PAGE_SIZE;
+            let len = (piece.count - off) << shift;
             // The destination is pages of one guest RAM region, which no Rust
             // reference ever points into (see `crate::ram`).
             let res = match piece.src {
                 // SAFETY: see above; `src` is the piece's filled buffer, which
                 // holds `piece.count` pages, of which `off` are done.
-                Src::Copy(src) => unsafe { shared.mem().copy(dst, src.wrapping_add(off * PAGE_SIZE), len, false) },
+                Src::Copy(src) => unsafe { shared.mem().copy(dst, src.wrapping_add(off << shift), len, false) },
                 // SAFETY: see above.
                 Src::ZeroPage => unsafe { shared.mem().zeropage(dst, len, false) },
                 // SAFETY: see above.
@@ -627,8 +683,8 @@ fn install_pieces(
                 }
             };
             let (done, err) = match res {
-                Ok(n) => (n.min(len) / PAGE_SIZE, None),
-                Err(e) => (e.done / PAGE_SIZE, Some(e)),
+                Ok(n) => (n.min(len) >> shift, None),
+                Err(e) => (e.done >> shift, Some(e)),
             };
             for p in page..page + done {
                 if matches!(piece.src, Src::Poison) {
@@ -642,14 +698,14 @@ fn install_pieces(
             } else if done > 0 {
                 stats.windows.add(u64::from(off == 0));
                 stats.pages_installed.add(done as u64);
-                stats.bytes_installed.add((done * PAGE_SIZE) as u64);
+                stats.bytes_installed.add((done << shift) as u64);
                 if matches!(piece.src, Src::ZeroPage) {
                     stats.zero_pages.add(done as u64);
                 }
                 if matches!(piece.src, Src::Continue) {
                     stats.continued.add(done as u64);
                 }
-                *bytes += done * PAGE_SIZE;
+                *bytes += done << shift;
             }
             off += done;
             let Some(e) = err else { continue };
@@ -659,6 +715,39 @@ fn install_pieces(
                 continue;
             }
             match e.errno {
+                libc::EEXIST if dry_pool(shared, region, dst) => {
+                    return Err(InstallError::NoMemory(remaining(pieces, i, off), e));
+                }
+                libc::EEXIST if shared.ram().kind() == MemoryKind::SharedHugetlb => {
+                    // The page cache may hold the page (a discard that kept
+                    // it, a write through another mapping): map it. If it
+                    // does not, the pool had no page for the COPY.
+                    // SAFETY: the destination as above.
+                    match unsafe { shared.mem().continue_pages(dst, page_size, false) } {
+                        Ok(_) => {
+                            shared.checked(region.complete(page));
+                            stats.cached.add(1);
+                        }
+                        Err(c) if c.errno == libc::EEXIST => {
+                            // Mapped already.
+                            shared.checked(region.complete(page));
+                            shared.wake(dst, page_size);
+                        }
+                        Err(c) if c.errno == libc::EAGAIN => {
+                            return Err(InstallError::Again(remaining(pieces, i, off)));
+                        }
+                        Err(c) if c.errno == libc::EFAULT => {
+                            return Err(InstallError::NoMemory(remaining(pieces, i, off), e));
+                        }
+                        Err(c) => {
+                            let rest = remaining(pieces, i, off);
+                            shared.release_runs(region_idx, &rest);
+                            shared.report(FaultError::Install { gpa: region.page_gpa(page), error: c });
+                            return Err(InstallError::Fatal);
+                        }
+                    }
+                    off += 1;
+                }
                 libc::EEXIST => {
                     stats.eexist.add(1);
                     // On shared memory the page cache is the truth: a page
@@ -682,21 +771,21 @@ fn install_pieces(
                         shared.checked(region.complete(page));
                     }
                     // Nobody else will wake its waiters.
-                    shared.wake(dst, PAGE_SIZE);
+                    shared.wake(dst, page_size);
                     off += 1;
                 }
                 libc::EAGAIN => return Err(InstallError::Again(remaining(pieces, i, off))),
                 libc::EFAULT if matches!(piece.src, Src::Continue) => {
                     // A hole in the image: it reads as zeros.
                     // SAFETY: the destination as above.
-                    match unsafe { shared.mem().zeropage(dst, PAGE_SIZE, false) } {
+                    match unsafe { shared.mem().zeropage(dst, page_size, false) } {
                         Ok(_) => {
                             shared.checked(region.complete(page));
                             stats.zero_pages.add(1);
                         }
                         Err(z) if z.errno == libc::EEXIST => {
                             shared.checked(region.complete(page));
-                            shared.wake(dst, PAGE_SIZE);
+                            shared.wake(dst, page_size);
                         }
                         Err(z) if z.errno == libc::EAGAIN => {
                             return Err(InstallError::Again(remaining(pieces, i, off)));
@@ -713,6 +802,9 @@ fn install_pieces(
                 libc::EFAULT if matches!(piece.src, Src::Copy(_)) => {
                     return Err(InstallError::SourceFault(remaining(pieces, i, off)));
                 }
+                libc::ENOMEM if matches!(piece.src, Src::Copy(_)) => {
+                    return Err(InstallError::NoMemory(remaining(pieces, i, off), e));
+                }
                 _ => {
                     let rest = remaining(pieces, i, off);
                     shared.release_runs(region_idx, &rest);
@@ -723,6 +815,20 @@ fn install_pieces(
         }
     }
     Ok(())
+}
+
+/// Whether an `EEXIST` from a `COPY` onto the private huge page at `dst`
+/// means that the pool had no page for it: the kernel answers so (not
+/// `ENOMEM`) when the allocation fails once the page table exists, with
+/// nothing mapped. A page really there is mapped in this private mapping,
+/// which `mincore` sees (on hugetlb it reads the page table; a poison
+/// marker counts as nothing).
+fn dry_pool(shared: &Core, region: &Region, dst: u64) -> bool {
+    if shared.ram().kind() != MemoryKind::PrivateHugetlb {
+        return false;
+    }
+    let mut answers = Vec::new();
+    !in_memory(dst as *const u8, region.page_size(), &mut answers)
 }
 
 /// The still-claimed runs from piece `i`, page offset `off`, onward.
@@ -801,7 +907,9 @@ impl<'a> Filler<'a> {
     /// left alone).
     fn offer(&mut self, region: usize, page: usize) -> bool {
         let r = &self.shared.ram().regions()[region];
-        let extends = matches!(self.run, Some((rr, first, count)) if rr == region && first + count == page && count < self.max);
+        // Huge-page regions take windows of a few huge pages.
+        let max = self.max.min(self.shared.window_cap(region));
+        let extends = matches!(self.run, Some((rr, first, count)) if rr == region && first + count == page && count < max);
         if !extends {
             self.flush();
             if self.pace.is_some() {
@@ -831,7 +939,7 @@ impl<'a> Filler<'a> {
         if let Some(job) = left {
             self.shared.release_runs(job.region, &job.window);
         }
-        self.installed += (bytes / PAGE_SIZE) as u64;
+        self.installed += (bytes >> self.shared.ram().regions()[region].page_shift()) as u64;
         if let Some(pace) = self.pace {
             self.busy += started.elapsed();
             let share = pace.cpu_share.clamp(0.01, 1.0);

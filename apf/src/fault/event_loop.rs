@@ -188,11 +188,12 @@ fn answer_with_poison(shared: &Core, stop: &EventFd) {
         }
         for ev in events.iter() {
             if let Event::Fault { addr, wp, .. } = *ev {
-                let page = addr & !(PAGE_SIZE as u64 - 1);
+                let size = shared.ram().locate_host(addr).map_or(PAGE_SIZE, |l| shared.ram().region(l).page_size());
+                let page = addr & !(size as u64 - 1);
                 if wp {
                     // A write an offline held: the page is there, let it go.
-                    if shared.mem().writeprotect(page, PAGE_SIZE, false, false).is_err() {
-                        shared.wake(page, PAGE_SIZE);
+                    if shared.mem().writeprotect(page, size, false, false).is_err() {
+                        shared.wake(page, size);
                     }
                     continue;
                 }
@@ -200,12 +201,12 @@ fn answer_with_poison(shared: &Core, stop: &EventFd) {
                 // a range registered with this descriptor: guest RAM, which
                 // no Rust reference ever points into (see `crate::ram`).
                 // (Zeros where the backend cannot poison.)
-                match unsafe { shared.give_up_on(page, PAGE_SIZE) } {
+                match unsafe { shared.give_up_on(page, size) } {
                     Ok(_) => {}
                     // Present, or a remove pending (it is read next round):
                     // either way the thread retries its access.
                     Err(_) => {
-                        shared.wake(page, PAGE_SIZE);
+                        shared.wake(page, size);
                     }
                 }
             }
@@ -487,7 +488,7 @@ impl FaultLoop {
                 }
                 PageState::Present if redo.is_some() => {
                     span.record("outcome", "woken");
-                    shared.wake(region.page_host(page), PAGE_SIZE);
+                    shared.wake(region.page_host(page), region.page_size());
                     return;
                 }
                 PageState::Present if region.zap_may_explain(page) => {
@@ -539,14 +540,14 @@ impl FaultLoop {
                     // the same way and gives a lost page zeros.
                     let zeroed = shared.give_up() == GiveUp::Zeros;
                     // SAFETY: a page of guest RAM, which no Rust reference ever points into (see `crate::ram`).
-                    let probe = unsafe { shared.give_up_on(host, PAGE_SIZE) };
+                    let probe = unsafe { shared.give_up_on(host, region.page_size()) };
                     let lost = probe.is_ok() && (zeroed || region.mark_lost(page));
                     drop(guard);
                     match probe {
                         Err(e) if e.errno == libc::EEXIST => {
                             shared.stats().spurious.add(1);
                             span.record("outcome", "woken");
-                            shared.wake(host, PAGE_SIZE);
+                            shared.wake(host, region.page_size());
                         }
                         Ok(_) => {
                             // Its contents are gone: say so, never zero-fill
@@ -578,7 +579,7 @@ impl FaultLoop {
                         continue;
                     }
                     // SAFETY: a page of guest RAM, which no Rust reference ever points into (see `crate::ram`).
-                    let res = unsafe { shared.mem().poison(host, PAGE_SIZE) };
+                    let res = unsafe { shared.mem().poison(host, region.page_size()) };
                     drop(guard);
                     match res {
                         Ok(_) => {
@@ -586,7 +587,7 @@ impl FaultLoop {
                         }
                         Err(e) if e.errno == libc::EEXIST => {
                             span.record("outcome", "poisoned");
-                            shared.wake(host, PAGE_SIZE);
+                            shared.wake(host, region.page_size());
                         }
                         Err(e) => self.after_failed_poison(span, addr, loc, write, tid, redo, e),
                     }
@@ -605,7 +606,8 @@ impl FaultLoop {
                             shared.stats().deferred.add(1);
                             // The offline holding it gets this fault's
                             // priority while the fault waits.
-                            shared.notifier().raise_holders(&GuestRange::new(region.page_gpa(page), PAGE_SIZE as u64));
+                            let range = GuestRange::new(region.page_gpa(page), region.page_size() as u64);
+                            shared.notifier().raise_holders(&range);
                         }
                         self.deferred.push(Deferred::new(span, addr, write, tid, redo));
                         return;
@@ -616,7 +618,7 @@ impl FaultLoop {
         }
         // Still moving, or taken away for now: let the thread fault again.
         span.record("outcome", "retry");
-        shared.wake(region.page_host(page), PAGE_SIZE);
+        shared.wake(region.page_host(page), region.page_size());
     }
 
     /// A `POISON` the fault path needed failed. The fault is deferred and
@@ -652,17 +654,22 @@ impl FaultLoop {
         }
         span.record("outcome", "poison-failed");
         shared.report(FaultError::Install { gpa: region.page_gpa(loc.page), error: e });
-        shared.wake(region.page_host(loc.page), PAGE_SIZE);
+        shared.wake(region.page_host(loc.page), region.page_size());
     }
 
     /// Claims the prefetch window after the faulting page (already claimed)
     /// and returns it.
     fn plan(&mut self, region_idx: usize, page: usize, tid: u32) -> Window {
         let region = &self.shared.ram().regions()[region_idx];
-        let linear = (region.base().0 / PAGE_SIZE as u64) as i64 + page as i64;
+        let linear = (region.base().0 >> region.page_shift()) as i64 + page as i64;
         // Without thread ids every fault says 0: streams by address then.
         let tid = if self.thread_ids { tid } else { self.streams.key_at(linear) };
-        let plan = self.streams.plan(tid, linear);
+        let mut plan = self.streams.plan(tid, linear);
+        if region.is_huge() {
+            // A few huge pages at most (see `HUGE_WINDOW`); the table
+            // learns of the cut through `trim`, as at a region's edge.
+            plan.count = plan.count.min(self.shared.window_cap(region_idx));
+        }
         if plan.count <= 1 {
             let runs = self.fault_around(region, page);
             if let (Some(first), Some(last)) = (runs.first(), runs.last()) {
@@ -671,13 +678,13 @@ impl FaultLoop {
                 // from there.
                 let (start, end) = (first.first, last.end());
                 if end - start > 1 {
-                    let base = (region.base().0 / PAGE_SIZE as u64) as i64;
+                    let base = (region.base().0 >> region.page_shift()) as i64;
                     self.streams.trim(tid, base + start as i64, 1, end - start);
                 }
             }
             return runs;
         }
-        let max = self.shared.config().max_window;
+        let max = self.shared.window_cap(region_idx);
         let pages = region.pages() as i64;
         let stride = plan.stride;
         let contiguous = stride.unsigned_abs() as usize * (plan.count - 1) < max;
@@ -726,7 +733,12 @@ impl FaultLoop {
 
     /// Runs covering `page` (already claimed) and the missing pages of the
     /// aligned fault-around block it lies in.
+    /// None on huge pages: one is already larger than any block of small
+    /// ones.
     fn fault_around(&self, region: &crate::ram::Region, page: usize) -> Window {
+        if region.is_huge() {
+            return Window::one(page);
+        }
         self.around(region, page, self.shared.config().fault_around.min(self.shared.config().max_window).max(1))
     }
 
@@ -764,7 +776,9 @@ impl FaultLoop {
         self.shared.job_started();
         let mut job = job;
         let mut rest = None;
-        if !self.shared.inline_ok(job.window.pages()) {
+        // Counted in small pages: a huge page is a large copy.
+        let shift = self.shared.ram().regions()[job.region].page_shift() - PAGE_SIZE.trailing_zeros();
+        if !self.shared.inline_ok(job.window.pages() << shift) {
             // A long window: when its head can be resolved here, the
             // faulting thread is woken by the head's own install, and a
             // worker copies the rest once the head is in (handed over
@@ -783,7 +797,7 @@ impl FaultLoop {
                     rest = Some(tail);
                 }
                 // Not split (a short window, or one no thread faulted on).
-                None if !self.shared.inline_ok(job.window.pages()) => {
+                None if !self.shared.inline_ok(job.window.pages() << shift) => {
                     self.send_to_pool(job);
                     return;
                 }
@@ -880,10 +894,15 @@ fn begin_remove<'a>(
         if lo >= hi {
             continue;
         }
-        let first = ((lo - r.host_base()) / PAGE_SIZE as u64) as usize;
-        let last = ((hi - r.host_base()).div_ceil(PAGE_SIZE as u64)) as usize;
+        // Whole pages: on huge pages the kernel removes whole ones only
+        // (an unaligned `MADV_DONTNEED` fails or is cut to them before its
+        // event), but a `MADV_REMOVE` on a shared one reports the range
+        // it was given, and zeros a part of a page it keeps: the page is
+        // marked removed, and the page cache says what it holds.
+        let first = ((lo - r.host_base()) >> r.page_shift()) as usize;
+        let last = ((hi - r.host_base()).div_ceil(r.page_size() as u64)) as usize;
         shared.stats().removes.add(1);
-        let range = GuestRange::new(GuestAddress(r.page_gpa(first).0), ((last - first) * PAGE_SIZE) as u64);
+        let range = GuestRange::new(GuestAddress(r.page_gpa(first).0), r.pages_len(last - first) as u64);
         shared.removed(range);
         let _span = tracing::debug_span!(target: "apf", "apf.invalidate", region = i, gpa = range.start.0, len = range.len, reason = "remove").entered();
         let mark = || {
@@ -891,7 +910,7 @@ fn begin_remove<'a>(
                 if r.mark_removed(p).1 == Origin::Store {
                     // Its evicted contents are gone for good (a resolver
                     // filling from them retries, from zeros).
-                    shared.store().discard(r.page_gpa(p), PAGE_SIZE);
+                    shared.store().discard(r.page_gpa(p), r.page_size());
                 }
             }
         };

@@ -1,0 +1,437 @@
+//! 2 MiB huge pages on real hugetlb memory: private anonymous
+//! (`MAP_HUGETLB`, with and without `MAP_NORESERVE`) and a shared memfd
+//! (`MFD_HUGETLB`). A fault gets its whole huge page in one install, zeros
+//! are copied (the kernel has no huge-page `ZEROPAGE`), page states and
+//! pins count huge pages, discards and every range the engine is handed
+//! are whole huge pages, and a pool that runs dry is reported, never
+//! waited on.
+//!
+//! Each test states the huge pages it needs from the pool and reserves
+//! them for its run; where the machine cannot give them, it says so and
+//! skips (under `CI=true` it fails instead).
+
+mod common;
+
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use apf::failpoints::{Op, Rule};
+use apf::hugepool::{HugePool, HugePoolError, Reservation};
+use apf::{
+    Engine, FaultError, GuestAddress, GuestRam, GuestRange, MemoryKind, Mode, OfflineError, Pattern, PinError,
+    RamError, ZeroSource, HUGE_PAGE_SIZE,
+};
+use common::{try_read, try_read_word, within};
+
+const HP: u64 = HUGE_PAGE_SIZE as u64;
+const BASE: u64 = 0x4000_0000;
+
+/// The huge-page tests of this binary run one at a time: the pool is one
+/// for the whole machine, and the dry-pool test counts its free pages.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+/// `pages` huge pages reserved for a test, or `None` (skipped, said on
+/// stderr) when the machine cannot give them outside CI.
+fn reserve(pages: u64) -> Option<(Reservation, MutexGuard<'static, ()>)> {
+    let serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    match HugePool::reserve(pages, Instant::now() + Duration::from_secs(10)) {
+        Ok(r) => Some((r, serial)),
+        Err(e @ (HugePoolError::Shortfall { .. } | HugePoolError::Deadline { .. }))
+            if std::env::var("CI").as_deref() != Ok("true") =>
+        {
+            eprintln!("SKIPPED: cannot reserve {pages} huge pages: {e}");
+            None
+        }
+        Err(e) => panic!("cannot reserve {pages} huge pages: {e}"),
+    }
+}
+
+fn huge_ram(kind: MemoryKind, pages: u64) -> Arc<GuestRam> {
+    let ranges = [(GuestAddress(BASE), (pages * HP) as usize)];
+    Arc::new(match kind {
+        MemoryKind::PrivateHugetlb => GuestRam::anonymous_hugetlb(&ranges, false).unwrap(),
+        MemoryKind::SharedHugetlb => GuestRam::shared_hugetlb(&ranges).unwrap(),
+        other => panic!("{other:?} is not a huge kind"),
+    })
+}
+
+/// The huge page at `gpa` read whole with `process_vm_readv` (a poisoned
+/// page answers an error, not SIGBUS).
+fn read_huge(ram: &GuestRam, gpa: u64) -> std::io::Result<Vec<u8>> {
+    let mut page = vec![0u8; HUGE_PAGE_SIZE];
+    try_read(ram, gpa, &mut page)?;
+    Ok(page)
+}
+
+fn madvise(ram: &GuestRam, gpa: u64, len: u64, advice: i32) -> std::io::Result<()> {
+    let host = ram.host_range(GuestAddress(gpa), len).unwrap();
+    // SAFETY: guest RAM the engine serves, reached through no Rust
+    // reference; dropping or punching it is what a balloon does.
+    if unsafe { libc::madvise(host.cast(), len as usize, advice) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+fn settle(engine: &Engine) {
+    assert!(engine.wait_idle(Instant::now() + Duration::from_secs(10)), "the engine did not go idle");
+}
+
+/// Pool: 4 pages per kind (4 of guest RAM), one kind at a time.
+#[test]
+fn a_fault_gets_its_whole_huge_page_from_the_source_in_one_copy() {
+    let Some(_pool) = reserve(4) else { return };
+    let pattern = Pattern { seed: 3 };
+    for kind in [MemoryKind::PrivateHugetlb, MemoryKind::SharedHugetlb] {
+        let ram = huge_ram(kind, 4);
+        assert_eq!((ram.regions()[0].pages(), ram.regions()[0].page_size()), (4, HUGE_PAGE_SIZE));
+        let engine = Engine::builder(ram.clone(), Arc::new(pattern)).start().unwrap();
+        // One word in the middle of huge page 2.
+        let gpa = BASE + 2 * HP + 0x12_3458;
+        let word = within(Duration::from_secs(10), {
+            let ram = ram.clone();
+            move || try_read_word(&ram, gpa)
+        });
+        assert_eq!(word, Some(pattern.word_at(gpa & !4095, (gpa as usize & 4095) / 8)), "{kind:?}");
+        settle(&engine);
+        let stats = engine.stats();
+        assert_eq!((stats.faults, stats.pages_installed, stats.windows), (1, 1, 1), "{kind:?}: {stats:?}");
+        assert_eq!(stats.bytes_installed, HP, "{kind:?}: the whole huge page in one copy");
+        // Every byte of it is the source's, with no further fault.
+        let page = read_huge(&ram, BASE + 2 * HP).unwrap();
+        assert_eq!(pattern.verify(BASE + 2 * HP, &page), Ok(()), "{kind:?}");
+        assert_eq!(engine.stats().faults, 1, "{kind:?}");
+        assert_eq!(ram.regions()[0].census()[apf::PageState::Present as usize], 1);
+        assert!(engine.errors().try_iter().next().is_none());
+    }
+}
+
+/// Pool: 2 pages per kind.
+#[test]
+fn zeros_are_copied_from_a_zero_huge_page_not_mapped_with_zeropage() {
+    let Some(_pool) = reserve(2) else { return };
+    for kind in [MemoryKind::PrivateHugetlb, MemoryKind::SharedHugetlb] {
+        let ram = huge_ram(kind, 2);
+        let engine = Engine::builder(ram.clone(), Arc::new(ZeroSource)).start().unwrap();
+        // A read (which on small pages maps the zero page) and a write.
+        let page = within(Duration::from_secs(10), {
+            let ram = ram.clone();
+            move || read_huge(&ram, BASE)
+        });
+        assert!(page.unwrap().iter().all(|&b| b == 0), "{kind:?}");
+        common::write_word(&ram, BASE + HP + 8, 77);
+        assert_eq!(common::read_word(&ram, BASE + HP + 8), 77);
+        settle(&engine);
+        let stats = engine.stats();
+        assert_eq!((stats.pages_installed, stats.zero_pages), (2, 0), "{kind:?}: {stats:?}");
+        assert!(engine.errors().try_iter().next().is_none(), "{kind:?}");
+    }
+}
+
+/// Pool: 64 pages (128 MiB of guest RAM, pinned whole).
+#[test]
+fn a_pin_over_huge_pages_costs_huge_pages_not_small_ones() {
+    let Some(_pool) = reserve(64) else { return };
+    let ram = huge_ram(MemoryKind::PrivateHugetlb, 64);
+    let engine = Engine::builder(ram.clone(), Arc::new(Pattern { seed: 9 })).start().unwrap();
+    let range = GuestRange::new(GuestAddress(BASE), 64 * HP);
+    let pin = engine.pin(range, |_| {}).unwrap();
+    let guard = pin.get(Instant::now() + Duration::from_secs(20)).unwrap();
+    assert_eq!(guard.len() as u64, 64 * HP);
+    drop(guard);
+    let stats = engine.stats();
+    // The page states walked are huge pages: a few passes over 64 of them,
+    // where small pages would be 32768 a pass.
+    assert!(stats.pin_pages_checked >= 64 && stats.pin_pages_checked % 64 == 0, "{stats:?}");
+    assert!(stats.pin_pages_checked <= 64 * 8, "{stats:?}");
+    assert_eq!(stats.pages_installed, 64, "{stats:?}");
+    // Windows of a few huge pages at most.
+    assert!(stats.windows >= 64 / 4, "{stats:?}");
+    let mut word = [0u8; 8];
+    try_read(&ram, BASE + 63 * HP + 4096, &mut word).unwrap();
+    assert_eq!(u64::from_le_bytes(word), Pattern { seed: 9 }.word_at(BASE + 63 * HP + 4096, 0));
+    assert_eq!(engine.stats().faults, 0, "pinned memory is present");
+}
+
+/// Pool: 4 pages.
+#[test]
+fn private_huge_pages_are_removed_whole_and_an_unaligned_discard_raises_nothing() {
+    let Some(_pool) = reserve(4) else { return };
+    let pattern = Pattern { seed: 5 };
+    let ram = huge_ram(MemoryKind::PrivateHugetlb, 4);
+    let engine = Engine::builder(ram.clone(), Arc::new(pattern)).start().unwrap();
+    assert_eq!(engine.prefetch(GuestRange::new(GuestAddress(BASE), 4 * HP)).unwrap(), 4);
+    // Huge page 1 removed, as a balloon does: zeros from then on.
+    madvise(&ram, BASE + HP, HP, libc::MADV_DONTNEED).unwrap();
+    let page = within(Duration::from_secs(10), {
+        let ram = ram.clone();
+        move || read_huge(&ram, BASE + HP)
+    });
+    assert!(page.unwrap().iter().all(|&b| b == 0));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while engine.stats().removes < 1 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    assert_eq!(engine.stats().removes, 1);
+    // The kernel refuses a discard that does not start on a huge page,
+    // and raises no event for it; a length past a whole page is cut to
+    // whole pages. Nothing is lost either way.
+    let unaligned = madvise(&ram, BASE + 2 * HP + 4096, HP, libc::MADV_DONTNEED).unwrap_err();
+    assert_eq!(unaligned.raw_os_error(), Some(libc::EINVAL));
+    madvise(&ram, BASE + 2 * HP, HP + HP / 2, libc::MADV_DONTNEED).unwrap();
+    // (An event is counted just after `madvise` is let go.)
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while engine.stats().removes < 2 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    std::thread::sleep(Duration::from_millis(50));
+    assert_eq!(engine.stats().removes, 2, "one event, for the whole page only");
+    assert_eq!(ram.regions()[0].state(3).0, apf::PageState::Present);
+    assert_eq!(pattern.verify(BASE + 3 * HP, &read_huge(&ram, BASE + 3 * HP).unwrap()), Ok(()));
+    assert!(read_huge(&ram, BASE + 2 * HP).unwrap().iter().all(|&b| b == 0));
+    assert_eq!(pattern.verify(BASE, &read_huge(&ram, BASE).unwrap()), Ok(()));
+    assert!(engine.errors().try_iter().next().is_none());
+}
+
+/// Pool: 3 pages.
+#[test]
+fn shared_huge_pages_keep_contents_on_dontneed_and_read_zeros_after_remove() {
+    let Some(_pool) = reserve(3) else { return };
+    let pattern = Pattern { seed: 6 };
+    let ram = huge_ram(MemoryKind::SharedHugetlb, 3);
+    let engine = Engine::builder(ram.clone(), Arc::new(pattern)).start().unwrap();
+    assert_eq!(engine.prefetch(GuestRange::new(GuestAddress(BASE), 3 * HP)).unwrap(), 3);
+    common::write_word(&ram, BASE + 8, 42);
+    // MADV_DONTNEED unmaps; the page cache keeps the contents.
+    madvise(&ram, BASE, HP, libc::MADV_DONTNEED).unwrap();
+    // MADV_REMOVE punches the hole: zeros.
+    madvise(&ram, BASE + HP, HP, libc::MADV_REMOVE).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while engine.stats().removes < 2 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    assert_eq!(engine.stats().removes, 2);
+    assert_eq!(try_read_word(&ram, BASE + 8), Some(42), "kept by the page cache");
+    let page = within(Duration::from_secs(10), {
+        let ram = ram.clone();
+        move || read_huge(&ram, BASE + HP)
+    });
+    assert!(page.unwrap().iter().all(|&b| b == 0), "punched: zeros");
+    // A pin over the kept page finds it in the page cache (the install
+    // meets EEXIST), never overwrites it.
+    let r = engine.page_ref(GuestRange::new(GuestAddress(BASE), HP), Instant::now() + Duration::from_secs(10)).unwrap();
+    drop(r);
+    assert_eq!(try_read_word(&ram, BASE + 8), Some(42));
+    assert_eq!(pattern.verify(BASE + 2 * HP, &read_huge(&ram, BASE + 2 * HP).unwrap()), Ok(()));
+    // A MADV_REMOVE of part of a huge page: the kernel zeros that part
+    // and keeps the page (and reports the range as it was given). The
+    // engine marks the whole page removed; the page cache keeps the rest.
+    madvise(&ram, BASE + 2 * HP + 4096, 4096, libc::MADV_REMOVE).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while engine.stats().removes < 3 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    assert_eq!(engine.stats().removes, 3);
+    let r = engine.page_ref(GuestRange::new(GuestAddress(BASE + 2 * HP), HP), Instant::now() + Duration::from_secs(10));
+    drop(r.unwrap());
+    let page = read_huge(&ram, BASE + 2 * HP).unwrap();
+    assert!(page[4096..8192].iter().all(|&b| b == 0), "the part removed reads zeros");
+    assert_eq!(pattern.verify(BASE + 2 * HP, &page[..4096]), Ok(()));
+    assert_eq!(pattern.verify(BASE + 2 * HP + 8192, &page[8192..]), Ok(()), "the rest is kept");
+    assert!(engine.errors().try_iter().next().is_none());
+}
+
+/// Pool: 3 pages.
+#[test]
+fn shutdown_poisons_the_holes_of_shared_huge_pages_and_spares_kept_ones() {
+    let Some(_pool) = reserve(3) else { return };
+    let pattern = Pattern { seed: 13 };
+    let ram = huge_ram(MemoryKind::SharedHugetlb, 3);
+    let engine = Engine::builder(ram.clone(), Arc::new(pattern)).start().unwrap();
+    assert_eq!(engine.prefetch(GuestRange::new(GuestAddress(BASE), 2 * HP)).unwrap(), 2);
+    common::write_word(&ram, BASE + 8, 42);
+    // Unmapped, kept by the page cache; the engine calls it missing.
+    madvise(&ram, BASE, HP, libc::MADV_DONTNEED).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while ram.regions()[0].state(0).0 != apf::PageState::Missing {
+        assert!(Instant::now() < deadline, "the remove was never applied");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let report = engine.shutdown();
+    assert_eq!(report.poisoned_pages, 1, "{report:?}");
+    assert_eq!(try_read_word(&ram, BASE + 8), Some(42), "a kept page is not poisoned at shutdown");
+    assert_eq!(try_read_word(&ram, BASE + HP), Some(pattern.word_at(BASE + HP, 0)));
+    assert_eq!(try_read_word(&ram, BASE + 2 * HP), None, "a hole is");
+}
+
+/// Pool: 2 pages.
+#[test]
+fn unaligned_ranges_are_refused_on_huge_pages_and_lose_nothing() {
+    let Some(_pool) = reserve(2) else { return };
+    let pattern = Pattern { seed: 8 };
+    let ram = huge_ram(MemoryKind::PrivateHugetlb, 2);
+    let engine = Engine::builder(ram.clone(), Arc::new(pattern)).start().unwrap();
+    assert_eq!(engine.prefetch(GuestRange::new(GuestAddress(BASE), 2 * HP)).unwrap(), 2);
+    let deadline = || Instant::now() + Duration::from_secs(5);
+    let unaligned = GuestRange::new(GuestAddress(BASE + 4096), HP);
+    let short = GuestRange::new(GuestAddress(BASE), HP / 2);
+    for range in [unaligned, short] {
+        let is_unaligned = |e: &RamError| matches!(e, RamError::UnalignedToPages { page_size, .. } if *page_size == HP);
+        match engine.page_ref(range, deadline()) {
+            Err(PinError::Range(e)) if is_unaligned(&e) => {}
+            other => panic!("{range:?}: {other:?}"),
+        }
+        match engine.pin(range, |_| {}).map(|p| p.get(deadline()).map(drop)) {
+            Ok(Err(PinError::Range(e))) | Err(PinError::Range(e)) if is_unaligned(&e) => {}
+            other => panic!("{range:?}: {other:?}"),
+        }
+        match engine.offline(range, Mode::HostBlock(0), deadline()) {
+            Err(OfflineError::Range(e)) if is_unaligned(&e) => {}
+            other => panic!("{range:?}: {other:?}"),
+        }
+        assert!(engine.prefetch(range).is_err(), "{range:?}");
+    }
+    for p in 0..2 {
+        assert_eq!(pattern.verify(BASE + p * HP, &read_huge(&ram, BASE + p * HP).unwrap()), Ok(()));
+    }
+    assert_eq!(engine.stats().pages_installed, 2);
+}
+
+/// Pool: 1 page per kind.
+#[test]
+fn migrate_evict_and_unplug_are_not_offered_on_huge_pages() {
+    let Some(_pool) = reserve(1) else { return };
+    for kind in [MemoryKind::PrivateHugetlb, MemoryKind::SharedHugetlb] {
+        let ram = huge_ram(kind, 1);
+        let engine = Engine::builder(ram.clone(), Arc::new(ZeroSource)).start().unwrap();
+        let range = GuestRange::new(GuestAddress(BASE), HP);
+        for mode in [Mode::Migrate, Mode::Evict, Mode::Unplug] {
+            match engine.offline(range, mode, Instant::now() + Duration::from_secs(5)) {
+                Err(OfflineError::NotOffered { backend, .. }) => assert!(backend.starts_with("hugetlb"), "{backend}"),
+                other => panic!("{kind:?} {mode:?}: {other:?}"),
+            }
+        }
+    }
+}
+
+/// Pool: 4 pages (the prefetched window), then 1 more after a failure.
+#[test]
+fn a_copy_of_huge_pages_that_stops_part_way_or_fails_is_resumed_or_reported() {
+    let Some(_pool) = reserve(4) else { return };
+    let pattern = Pattern { seed: 12 };
+    let ram = huge_ram(MemoryKind::PrivateHugetlb, 4);
+    let engine = Engine::builder(ram.clone(), Arc::new(pattern)).start().unwrap();
+    // One window of 4 huge pages; the copy stops after its first, as the
+    // kernel does when it meets a changing mapping: the rest is installed
+    // from where it stopped, in whole huge pages.
+    engine.failpoints().arm(Rule::new(Op::Copy, libc::EAGAIN).partial(1));
+    assert_eq!(engine.prefetch(GuestRange::new(GuestAddress(BASE), 2 * HP)).unwrap(), 2);
+    assert_eq!(engine.failpoints().fired(), 1);
+    assert!(engine.errors().try_iter().next().is_none());
+    // A copy that fails outright: reported, the page given back, and the
+    // next access gets it.
+    engine.failpoints().arm(Rule::new(Op::Copy, libc::EIO));
+    assert!(engine.prefetch(GuestRange::new(GuestAddress(BASE + 2 * HP), HP)).is_ok());
+    let reported: Vec<_> = engine.errors().try_iter().collect();
+    assert!(
+        reported.iter().any(|e| matches!(e, FaultError::Install { error, .. } if error.errno == libc::EIO)),
+        "{reported:?}"
+    );
+    assert_eq!(ram.regions()[0].state(2).0, apf::PageState::Missing);
+    // No memory for one page: its faulting thread is answered with poison
+    // (SIGBUS, here EFAULT) after a few tries, reported, never left waiting.
+    engine.failpoints().arm(
+        Rule::new(Op::Copy, libc::ENOMEM)
+            .times(u64::MAX)
+            .within(ram.regions()[0].page_host(3), ram.regions()[0].page_host(3) + HP),
+    );
+    let lost = within(Duration::from_secs(10), {
+        let ram = ram.clone();
+        move || try_read_word(&ram, BASE + 3 * HP)
+    });
+    assert_eq!(lost, None);
+    let reported: Vec<_> = engine.errors().try_iter().collect();
+    assert!(
+        reported
+            .iter()
+            .any(|e| matches!(e, FaultError::NoMemory { poisoned: true, gpa, .. } if gpa.0 == BASE + 3 * HP)),
+        "{reported:?}"
+    );
+    assert!(engine.stats().no_memory >= 1);
+    engine.failpoints().clear();
+    for p in 0..3 {
+        assert_eq!(pattern.verify(BASE + p * HP, &read_huge(&ram, BASE + p * HP).unwrap()), Ok(()), "page {p}");
+    }
+    assert_eq!(ram.regions()[0].state(3).0, apf::PageState::Poisoned);
+}
+
+/// Pool: 2 pages reserved, fewer than the guest RAM mapped `MAP_NORESERVE`
+/// (the free pages of the pool plus 3).
+#[test]
+fn a_noreserve_pool_that_runs_dry_is_reported_and_no_thread_hangs() {
+    let Some(_pool) = reserve(2) else { return };
+    let free = hugepages_free();
+    if free > 64 {
+        eprintln!("SKIPPED: {free} huge pages are free in the pool; too many to run it dry");
+        return;
+    }
+    let pages = free + 3;
+    let ranges = [(GuestAddress(BASE), (pages * HP) as usize)];
+    let ram = Arc::new(GuestRam::anonymous_hugetlb(&ranges, true).unwrap());
+    assert_eq!(ram.kind(), MemoryKind::PrivateHugetlb);
+    let pattern = Pattern { seed: 4 };
+    let config = apf::Config { fill_retries: 1, ..apf::Config::default() };
+    let engine = Engine::builder(ram.clone(), Arc::new(pattern)).config(config).start().unwrap();
+    let words = within(Duration::from_secs(20), {
+        let ram = ram.clone();
+        move || (0..pages).map(|p| try_read_word(&ram, BASE + p * HP + 16)).collect::<Vec<_>>()
+    });
+    let served = words.iter().filter(|w| w.is_some()).count() as u64;
+    assert!(served <= free, "{served} pages served from {free} free");
+    for (p, w) in words.iter().enumerate() {
+        if let Some(w) = w {
+            assert_eq!(*w, pattern.word_at(BASE + p as u64 * HP, 2), "page {p}");
+        }
+    }
+    let reported: Vec<_> = engine.errors().try_iter().collect();
+    let no_memory =
+        // (The kernel answers the COPY with EEXIST, nothing mapped.)
+        reported.iter().filter(|e| matches!(e, FaultError::NoMemory { poisoned: true, .. }));
+    assert_eq!(no_memory.count() as u64, pages - served, "{reported:?}");
+    assert!(engine.stats().no_memory >= pages - served);
+}
+
+/// Pool: 8 pages of guest RAM and 8 of slack (an in-use huge page moves
+/// only into a free one; free pages in the block are dissolved, which
+/// fails while they are reserved).
+#[test]
+fn a_host_block_offline_over_huge_pages_ends_by_its_deadline_and_loses_nothing() {
+    let Some(_pool) = reserve(16) else { return };
+    let pattern = Pattern { seed: 21 };
+    let ram = huge_ram(MemoryKind::PrivateHugetlb, 8);
+    let engine = Arc::new(Engine::builder(ram.clone(), Arc::new(pattern)).start().unwrap());
+    let range = GuestRange::new(GuestAddress(BASE), 8 * HP);
+    assert_eq!(engine.prefetch(range).unwrap(), 8);
+    let search = within(Duration::from_secs(120), {
+        let engine = engine.clone();
+        move || engine.offline_any_host_block(range, Duration::from_secs(2))
+    });
+    // Which outcome depends on the machine (and most blocks holding huge
+    // pages refuse); what may not happen is a hang or a lost page.
+    eprintln!("host-block offline over huge pages: {}", search.as_ref().map(|s| s.to_string()).unwrap_or_default());
+    match search {
+        Ok(apf::HostBlockSearch::Offlined { report, .. }) => assert!(report.block_pages >= 1, "{report:?}"),
+        Ok(apf::HostBlockSearch::NoneQualified { candidates, .. }) => assert!(candidates >= 1),
+        Err(e) => assert!(e.is_busy(), "{e}"),
+    }
+    for p in 0..8 {
+        assert_eq!(pattern.verify(BASE + p * HP, &read_huge(&ram, BASE + p * HP).unwrap()), Ok(()), "page {p}");
+    }
+    assert_eq!(engine.stats().faults, 0, "the pages stayed present");
+}
+
+fn hugepages_free() -> u64 {
+    let info = std::fs::read_to_string("/proc/meminfo").unwrap();
+    let line = info.lines().find(|l| l.starts_with("HugePages_Free:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
