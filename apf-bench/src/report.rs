@@ -193,6 +193,8 @@ impl BenchReport {
             ("restore_read_seq_zero_copy_vs_copy", self.ratio("host/seq/restore-reads", "apf-zero-copy", "apf-copy")),
             ("guest_restore_seq_vs_kernel_file", self.best_guest_restore("guest/seq/file")),
             ("guest_restore_random_vs_kernel_file", self.best_guest_restore("guest/random/file")),
+            ("guest_hugetlb_restore_vs_4k", self.ratio("guest/seq/file", "apf-hugetlb", "apf")),
+            ("guest_hugetlb_restore_random_vs_4k", self.ratio("guest/random/file", "apf-hugetlb", "apf")),
         ]
         .into_iter()
         .chain(self.guest_storm_ratios())

@@ -136,6 +136,9 @@ pub enum Variant {
     /// A restore only: the engine over the snapshot's image loaded once
     /// and mapped private, reads mapped in place.
     ApfZeroCopy,
+    /// A restore only: the engine over private anonymous 2 MiB huge pages
+    /// (`MAP_HUGETLB`), a fault copying a whole huge page from the file.
+    ApfHugetlb,
 }
 
 impl Variant {
@@ -151,6 +154,7 @@ impl Variant {
             Variant::ApfTraced => "apf-traced".into(),
             Variant::KernelFile => "kernel-file".into(),
             Variant::ApfZeroCopy => "apf-zero-copy".into(),
+            Variant::ApfHugetlb => "apf-hugetlb".into(),
         }
     }
 }
@@ -183,7 +187,7 @@ fn host_pass(variant: Variant, random: bool, src: Src, bytes: u64, image: &Path,
     let mut _engine = None;
     let mut _baseline = None;
     match variant {
-        Variant::KernelFile | Variant::ApfZeroCopy => {
+        Variant::KernelFile | Variant::ApfZeroCopy | Variant::ApfHugetlb => {
             return Err(format!("{} restores a guest; the host restores are the restore part", variant.name()))
         }
         Variant::Kernel => {}
@@ -279,7 +283,14 @@ pub fn run(cfg: &BenchConfig, guest: Option<&dyn GuestPass>, mut log: impl FnMut
         if guest.is_some() {
             let zero = vec![Variant::Kernel, Variant::Baseline, apf, Variant::ApfTraced];
             cases.push((Env::Guest, random, Src::Zero, zero));
-            let restorers = [Variant::KernelFile, Variant::Baseline, apf, Variant::ApfZeroCopy, Variant::ApfTraced];
+            let restorers = [
+                Variant::KernelFile,
+                Variant::Baseline,
+                apf,
+                Variant::ApfZeroCopy,
+                Variant::ApfHugetlb,
+                Variant::ApfTraced,
+            ];
             cases.push((Env::Guest, random, Src::File, restorers.to_vec()));
         }
     }

@@ -52,10 +52,12 @@ impl GuestPass for Guests {
             Variant::Kernel => Backend::Plain,
             Variant::Baseline => Backend::Baseline,
             Variant::KernelFile => Backend::File,
-            Variant::Apf { .. } | Variant::ApfTraced | Variant::ApfZeroCopy => Backend::Apf,
+            Variant::Apf { .. } | Variant::ApfTraced | Variant::ApfZeroCopy | Variant::ApfHugetlb => Backend::Apf,
         };
         let memory = match variant {
             Variant::ApfZeroCopy => apf::MemoryKind::Image,
+            // `vm::run` reserves the huge pages it needs for the run.
+            Variant::ApfHugetlb => apf::MemoryKind::PrivateHugetlb,
             _ => apf::MemoryKind::PrivateAnonymous,
         };
         let cfg = RunConfig {
