@@ -483,6 +483,17 @@ fn failed_write_protection_punch_or_copy_back_of_huge_pages_keeps_every_page_rea
         engine.failpoints().clear();
         assert_eq!(ram.regions()[0].state(0), (apf::PageState::Missing, apf::Origin::Store), "{kind:?}");
         right("after a failed copy back");
+        // A copy back answered `ENOMEM` (a pool with no page for it): said
+        // so, and the contents wait in the store too.
+        engine.failpoints().arm(
+            Rule::new(Op::Copy, libc::ENOMEM).within(ram.regions()[0].page_host(1), ram.regions()[0].page_host(1) + HP),
+        );
+        match engine.offline(range, Mode::Migrate, deadline()) {
+            Err(OfflineError::NoMemory { range }) => assert_eq!(range.start.0, BASE + HP, "{kind:?}"),
+            other => panic!("{kind:?}: {other:?}"),
+        }
+        assert_eq!(ram.regions()[0].state(1), (apf::PageState::Missing, apf::Origin::Store), "{kind:?}");
+        right("after a copy back with no memory");
         // The punch fails and so does clearing the protection: the page
         // stays, protected, and a writer's fault on it clears the
         // protection (of the whole huge page), never left waiting.
