@@ -306,7 +306,7 @@ pub enum OfflineError {
     #[error("guest range {0} is mapped by another process too, whose writes cannot be held: migrate and evict are refused")]
     SharedWithOthers(GuestRange),
     /// Dropping pages of memory without `UFFDIO_MOVE` (a punched hole in
-    /// shared memory, `MADV_DONTNEED` on an image) failed. The pages
+    /// shared memory, `MADV_DONTNEED` on private memory) failed. The pages
     /// dropped before it were handled as the mode says; the rest are as
     /// they were.
     #[error("dropping the pages of {range} failed")]
@@ -1263,7 +1263,7 @@ impl<'a> Work<'a> {
 }
 
 /// Offlines of memory without `UFFDIO_MOVE` (shared memory, an image
-/// mapped private): the pages are acted on where they are.
+/// mapped private, huge pages): the pages are acted on where they are.
 ///
 /// - `Unplug` drops the chunk's pages (a punched hole in shared memory,
 ///   which raises no event; `MADV_DONTNEED` on an image, whose remove
@@ -1282,7 +1282,15 @@ impl<'a> Work<'a> {
 ///   the fresh frame. No write lands between the copy and the punch.
 ///
 /// - `Migrate` and `Evict` of an image do the same to the private copies
-///   only (see [`Work::copy_out_image`]).
+///   only, and of private huge pages to every page (see
+///   [`Work::copy_out_private`]).
+///
+/// Huge pages are acted on whole, one per chunk: an unplug or a drop gives
+/// them back to the pool, and a `COPY` back takes one from it; a dry pool
+/// there keeps the contents in the eviction store
+/// ([`OfflineError::NoMemory`]). On shared huge pages only the pages mapped
+/// here are taken (the kernel cannot say what a hugetlbfs page cache
+/// holds); one kept unmapped in the page cache is left where it is.
 ///
 /// Failures: write protection that cannot be set leaves the chunk as it
 /// was (protection cleared again); a punch that fails stops the offline
@@ -1836,7 +1844,7 @@ fn offline_pages(
 }
 
 /// Whether memory without `UFFDIO_MOVE` can go through `mode` in place:
-/// `Unplug` on shared memory and images, `Migrate` and `Evict` on shared
+/// `Unplug` on shared memory, images and huge pages, `Migrate` and `Evict` on
 /// memory registered for write protection.
 fn offered_in_place(shared: &Core, mode: Mode) -> bool {
     let kind = shared.ram().kind();

@@ -21,8 +21,9 @@
 //! - [`Hugetlb`]: the engine's own descriptor over 2 MiB huge pages,
 //!   private anonymous or a memfd mapped shared: `COPY` of whole huge
 //!   pages, `POISON` and thread ids; `CONTINUE` on the shared one (a page
-//!   its page cache holds); no `ZEROPAGE` (the kernel has none for huge
-//!   pages: zeros are copied) and no `MOVE`.
+//!   its page cache holds); `WRITEPROTECT` of whole huge pages when the
+//!   kernel offers it on hugetlb; no `ZEROPAGE` (the kernel has none for
+//!   huge pages: zeros are copied) and no `MOVE`.
 //! - [`Limited`]: `COPY`, `ZEROPAGE` and `WAKE` only, no thread ids: what a
 //!   userfaultfd received from Firecracker offers (its `UFFDIO_API` asked
 //!   for `EVENT_REMOVE` alone, and a second handshake is refused).
@@ -473,6 +474,16 @@ mod tests {
             assert!(limited.supports(op), "{op:?}");
         }
         assert!(!limited.supports(MemOp::Move) && !limited.supports(MemOp::Poison));
+        // Huge pages: write protection where the kernel offers it on
+        // hugetlb (offlines keep writes with it), no ZEROPAGE, no MOVE.
+        for kind in [MemoryKind::PrivateHugetlb, MemoryKind::SharedHugetlb] {
+            let huge = open(Backend::PrivateAnonymous, kind).unwrap().unwrap();
+            let wp = huge.uffd().features().contains(Features::WP_SHMEM);
+            assert_eq!(huge.supports(MemOp::WriteProtect), wp, "{kind:?}");
+            assert!(!huge.supports(MemOp::ZeroPage) && !huge.supports(MemOp::Move), "{kind:?}");
+            huge.no_write_protect();
+            assert!(!huge.supports(MemOp::WriteProtect), "{kind:?}");
+        }
         // The limited descriptor is negotiated like Firecracker's.
         for f in [Features::POISON, Features::MOVE, Features::THREAD_ID] {
             assert!(!limited.uffd().features().contains(f), "{f:?}");
