@@ -308,12 +308,18 @@ fn unplug_of_huge_pages_reads_zeros_and_gives_the_pages_back_to_the_pool() {
         assert!(Mode::Unplug.offered_on(kind));
         assert_eq!(engine.prefetch(GuestRange::new(GuestAddress(BASE), 4 * HP)).unwrap(), 4);
         common::write_word(&ram, BASE + HP + 8, 42);
-        let free = hugepages_free();
+        let held = huge_pages_held(&ram);
+        assert_eq!(held, 4, "{kind:?}");
+        let free = settled_hugepages_free();
         // Huge pages 1 and 2, whole.
         let range = GuestRange::new(GuestAddress(BASE + HP), 2 * HP);
         let report = engine.offline(range, Mode::Unplug, Instant::now() + Duration::from_secs(10)).unwrap();
         assert_eq!((report.pages, report.pages_taken, report.pages_unplugged), (2, 2, 2), "{kind:?}: {report:?}");
-        assert_eq!(hugepages_free(), free + 2, "{kind:?}: both huge pages went back to the pool");
+        // Gone from guest RAM, and back in the pool. (The pool is the
+        // machine's: another process taking or giving pages meanwhile
+        // would show here.)
+        assert_eq!(huge_pages_held(&ram), 2, "{kind:?}: both huge pages left guest RAM");
+        assert_eq!(settled_hugepages_free(), free + 2, "{kind:?}: both huge pages went back to the pool");
         for p in [1, 2] {
             let page = within(Duration::from_secs(10), {
                 let ram = ram.clone();
@@ -607,6 +613,42 @@ impl Drop for Hog {
         // SAFETY: the mapping made in `take_all`, unmapped once.
         unsafe { libc::munmap(self.ptr, self.len) };
     }
+}
+
+/// `HugePages_Free` once it has stayed the same for a few reads (pages
+/// an earlier engine's mapping gave back may still be on their way).
+fn settled_hugepages_free() -> u64 {
+    let mut last = hugepages_free();
+    let mut same = 0;
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while same < 3 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+        let now = hugepages_free();
+        same = if now == last { same + 1 } else { 0 };
+        last = now;
+    }
+    last
+}
+
+/// The huge pages guest RAM holds: mapped here for private memory
+/// (`Private_Hugetlb` of its mapping in `/proc/self/smaps`), allocated to
+/// the memfd for shared memory (its blocks, through
+/// `/proc/self/map_files`), whether mapped or not.
+fn huge_pages_held(ram: &GuestRam) -> u64 {
+    let r = &ram.regions()[0];
+    let (start, end) = (r.host_base(), r.host_base() + r.len());
+    if ram.kind() == MemoryKind::SharedHugetlb {
+        let file = std::fs::File::open(format!("/proc/self/map_files/{start:x}-{end:x}")).unwrap();
+        let blocks = std::os::unix::fs::MetadataExt::blocks(&file.metadata().unwrap());
+        return blocks * 512 / HP;
+    }
+    let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
+    let header = format!("{start:x}-{end:x} ");
+    // The first such line after the mapping's header is its own.
+    let mut vma = smaps.lines().skip_while(|l| !l.starts_with(&header));
+    let line = vma.find(|l| l.starts_with("Private_Hugetlb:")).unwrap();
+    let kb: u64 = line.split_whitespace().nth(1).unwrap().parse().unwrap();
+    kb * 1024 / HP
 }
 
 fn hugepages_free_unreserved() -> u64 {
