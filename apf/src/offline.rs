@@ -318,7 +318,8 @@ pub enum OfflineError {
         source: std::io::Error,
     },
     /// A `Migrate` of huge pages found the pool dry when it put a page
-    /// back (the kernel answers the `COPY` with `EEXIST`, nothing mapped):
+    /// back (the kernel answers the `COPY` with `EEXIST` and nothing is
+    /// there, or with `ENOMEM`):
     /// the page's contents are kept in the eviction store, where its next
     /// fault finds them. The pages after it are as they were.
     #[error("no free huge page in the pool to put {range} back; its contents are kept in the eviction store")]
