@@ -706,11 +706,12 @@ impl Engine {
     ///    the eviction store, or dropped, by mode. What the kernel holds is
     ///    what is acted on, whatever the engine believed: an unplug also
     ///    discards pages populated before the engine registered the memory.
-    ///    Memory without `UFFDIO_MOVE` (shared memory, an image) is acted
-    ///    on in place: write-protected (a write waits), copied out through
-    ///    the memfd and punched, then copied back or left to the store; an
-    ///    unplug punches (shared) or drops (`MADV_DONTNEED`, image) the
-    ///    pages. See [`Mode::offered_on`].
+    ///    Memory without `UFFDIO_MOVE` (shared memory, an image, huge
+    ///    pages) is acted on in place: write-protected (a write waits),
+    ///    copied out through the memfd (shared) or `/proc/self/mem`
+    ///    (private) and punched or dropped, then copied back or left to
+    ///    the store; an unplug punches (shared) or drops (`MADV_DONTNEED`,
+    ///    private) the pages, huge pages whole. See [`Mode::offered_on`].
     /// 5. **The invalidation ends.** Each page's state is set from what
     ///    really happened to it, and the waiting faults are served.
     ///
@@ -738,6 +739,9 @@ impl Engine {
     ///   attempt may work.
     /// - [`OfflineError::Ioctl`]: a userfaultfd call failed past its
     ///   retries; the error names the call and the page it stopped at.
+    /// - [`OfflineError::NoMemory`]: a migrate of huge pages found the
+    ///   pool dry when it put a page back; its contents wait in the
+    ///   eviction store for its next fault.
     ///   Pages that could not go back into guest RAM are in the eviction
     ///   store.
     /// - [`OfflineError::Lost`]: the one exception. Pages whose contents

@@ -177,17 +177,13 @@ impl Mode {
 
     /// Whether this mode can work on memory of `kind` at all: every mode
     /// works on every kind (in place where the kernel cannot move pages,
-    /// see `Engine::offline`). An engine may still refuse a mode its
-    /// descriptor cannot do (no `MOVE`, no write protection on shared
-    /// memory), or shared memory another process maps.
+    /// huge pages included, whole; see `Engine::offline`). An engine may
+    /// still refuse a mode its descriptor cannot do (no `MOVE`, no write
+    /// protection on shared or huge-page memory), or shared memory
+    /// another process maps.
     pub fn offered_on(self, kind: MemoryKind) -> bool {
-        match (kind, self) {
-            (_, Mode::HostBlock(_)) | (MemoryKind::PrivateAnonymous | MemoryKind::SharedMemfd, _) => true,
-            (MemoryKind::Image, _) => true,
-            // `MOVE` refuses hugetlb memory, and copying 2 MiB pages out
-            // under write protection is not built yet.
-            (MemoryKind::PrivateHugetlb | MemoryKind::SharedHugetlb, _) => false,
-        }
+        let _ = kind;
+        true
     }
 
     fn reason(&self) -> Reason {
@@ -310,7 +306,7 @@ pub enum OfflineError {
     #[error("guest range {0} is mapped by another process too, whose writes cannot be held: migrate and evict are refused")]
     SharedWithOthers(GuestRange),
     /// Dropping pages of memory without `UFFDIO_MOVE` (a punched hole in
-    /// shared memory, `MADV_DONTNEED` on an image) failed. The pages
+    /// shared memory, `MADV_DONTNEED` on private memory) failed. The pages
     /// dropped before it were handled as the mode says; the rest are as
     /// they were.
     #[error("dropping the pages of {range} failed")]
@@ -320,6 +316,16 @@ pub enum OfflineError {
         /// The kernel's error.
         #[source]
         source: std::io::Error,
+    },
+    /// A `Migrate` of huge pages found the pool dry when it put a page
+    /// back (the kernel answers the `COPY` with `EEXIST` and nothing is
+    /// there, or with `ENOMEM`):
+    /// the page's contents are kept in the eviction store, where its next
+    /// fault finds them. The pages after it are as they were.
+    #[error("no free huge page in the pool to put {range} back; its contents are kept in the eviction store")]
+    NoMemory {
+        /// The huge page that could not go back.
+        range: GuestRange,
     },
     /// The engine has shut down.
     #[error("the engine has shut down")]
@@ -608,9 +614,14 @@ fn backoff(errno: i32, transient: &[i32], deadline: Instant) -> bool {
 
 /// Bytes done and the error of a call reporting partial progress, in pages.
 fn split(res: Result<usize, IoctlError>) -> (usize, Option<IoctlError>) {
+    split_in(res, PAGE_SIZE)
+}
+
+/// [`split`] in pages of `page_size` bytes.
+fn split_in(res: Result<usize, IoctlError>, page_size: usize) -> (usize, Option<IoctlError>) {
     match res {
-        Ok(n) => (n / PAGE_SIZE, None),
-        Err(e) => (e.done / PAGE_SIZE, Some(e)),
+        Ok(n) => (n / page_size, None),
+        Err(e) => (e.done / page_size, Some(e)),
     }
 }
 
@@ -696,7 +707,18 @@ impl<'a> Work<'a> {
     }
 
     fn page_range(&self, i: usize, pages: usize) -> GuestRange {
-        GuestRange::new(self.region.page_gpa(self.first + i), (pages * PAGE_SIZE) as u64)
+        GuestRange::new(self.region.page_gpa(self.first + i), self.bytes(pages) as u64)
+    }
+
+    /// The size of the region's pages (2 MiB on huge pages, which every
+    /// in-place step acts on whole).
+    fn page_size(&self) -> usize {
+        self.region.page_size()
+    }
+
+    /// Bytes of `pages` of the region's pages.
+    fn bytes(&self, pages: usize) -> usize {
+        self.region.pages_len(pages)
     }
 
     fn fail(&mut self, e: OfflineError) {
@@ -1132,7 +1154,7 @@ impl<'a> Work<'a> {
         while k < b {
             // SAFETY: pages of guest RAM, which no Rust reference ever
             // points into (see `crate::ram`).
-            let (done, err) = split(unsafe { uffd.poison(self.host(k), (b - k) * PAGE_SIZE) });
+            let (done, err) = split_in(unsafe { uffd.poison(self.host(k), self.bytes(b - k)) }, self.page_size());
             self.outcome[k..k + done].fill(Outcome::Unplugged(PageState::Offline));
             k += done;
             let Some(e) = err else { continue };
@@ -1166,8 +1188,9 @@ impl<'a> Work<'a> {
             // (its zap then clears them, or the marker this replaces), so
             // unlike a put-back this needs no check against removes.
             // SAFETY: a page of guest RAM, which no Rust reference ever
-            // points into (see `crate::ram`); `zeros` is at least a page.
-            let res = unsafe { uffd.copy(self.host(i), self.shared.zeros().as_ptr(), PAGE_SIZE, false) };
+            // points into (see `crate::ram`); `zeros` is at least a page
+            // of the largest size guest RAM has.
+            let res = unsafe { uffd.copy(self.host(i), self.shared.zeros().as_ptr(), self.page_size(), false) };
             let Err(e) = res else {
                 return true;
             };
@@ -1196,7 +1219,7 @@ impl<'a> Work<'a> {
             match decide(self.prior[i], self.outcome[i], self.removed(i), policy) {
                 Decision::End { state, origin, drop_stored } => {
                     if drop_stored {
-                        store.discard(gpa, PAGE_SIZE);
+                        store.discard(gpa, self.page_size());
                     }
                     self.shared.checked(self.region.end_invalidate(p, state, Some(origin)));
                 }
@@ -1205,7 +1228,7 @@ impl<'a> Work<'a> {
                         self.region.set_unresolved_origin(p, origin);
                     }
                     if drop_stored {
-                        store.discard(gpa, PAGE_SIZE);
+                        store.discard(gpa, self.page_size());
                     }
                 }
             }
@@ -1241,7 +1264,7 @@ impl<'a> Work<'a> {
 }
 
 /// Offlines of memory without `UFFDIO_MOVE` (shared memory, an image
-/// mapped private): the pages are acted on where they are.
+/// mapped private, huge pages): the pages are acted on where they are.
 ///
 /// - `Unplug` drops the chunk's pages (a punched hole in shared memory,
 ///   which raises no event; `MADV_DONTNEED` on an image, whose remove
@@ -1260,7 +1283,15 @@ impl<'a> Work<'a> {
 ///   the fresh frame. No write lands between the copy and the punch.
 ///
 /// - `Migrate` and `Evict` of an image do the same to the private copies
-///   only (see [`Work::copy_out_image`]).
+///   only, and of private huge pages to every page (see
+///   [`Work::copy_out_private`]).
+///
+/// Huge pages are acted on whole, one per chunk: an unplug or a drop gives
+/// them back to the pool, and a `COPY` back takes one from it; a dry pool
+/// there keeps the contents in the eviction store
+/// ([`OfflineError::NoMemory`]). On shared huge pages only the pages mapped
+/// here are taken (the kernel cannot say what a hugetlbfs page cache
+/// holds); one kept unmapped in the page cache is left where it is.
 ///
 /// Failures: write protection that cannot be set leaves the chunk as it
 /// was (protection cleared again); a punch that fails stops the offline
@@ -1275,19 +1306,20 @@ impl Work<'_> {
     }
 
     /// Drops `count` pages from page `i` of the range as the memory kind
-    /// does: a punched hole in shared memory, `MADV_DONTNEED` otherwise.
+    /// does: a punched hole in shared memory, `MADV_DONTNEED` otherwise
+    /// (whole huge pages on hugetlb, which go back to the pool).
     fn drop_pages(&self, i: usize, count: usize) -> io::Result<()> {
         #[cfg(feature = "failpoints")]
         {
             let host = self.host(i);
-            let fp = self.shared.uffd().failpoints().take(crate::uffd::Op::Punch, [host, host], count * PAGE_SIZE);
+            let fp = self.shared.uffd().failpoints().take(crate::uffd::Op::Punch, [host, host], self.bytes(count));
             match fp {
                 Some(f) if f.pause => self.shared.uffd().failpoints().wait_at_gate(),
                 Some(f) => return Err(io::Error::from_raw_os_error(f.errno)),
                 None => {}
             }
         }
-        if self.shared.ram().kind() == MemoryKind::SharedMemfd {
+        if self.shared.ram().kind().page_cache_is_truth() {
             return self.shared.ram().punch(self.region_idx(), self.first + i, count);
         }
         // SAFETY: pages of guest RAM, which no Rust reference ever points
@@ -1295,7 +1327,7 @@ impl Work<'_> {
         // this offline holds them. On registered memory the call returns
         // once the event loop has read its remove event, and nothing the
         // event loop waits for is held here.
-        if unsafe { libc::madvise(self.host(i) as *mut libc::c_void, count * PAGE_SIZE, libc::MADV_DONTNEED) } < 0 {
+        if unsafe { libc::madvise(self.host(i) as *mut libc::c_void, self.bytes(count), libc::MADV_DONTNEED) } < 0 {
             return Err(io::Error::last_os_error());
         }
         Ok(())
@@ -1309,7 +1341,12 @@ impl Work<'_> {
                 return;
             }
             let c0 = self.pages_done;
-            let n = (self.count() - c0).min(STAGING_PAGES);
+            // A chunk is the staging area's bytes, and at least one page:
+            // one huge page at a time on hugetlb, so that a migrate needs
+            // one free huge page of slack in the pool, and a fault waits
+            // behind one page's copy.
+            let chunk = (STAGING_PAGES * PAGE_SIZE / self.page_size()).max(1);
+            let n = (self.count() - c0).min(chunk);
             let part = self.page_range(c0, n);
             let prior = hold(self.shared, inv, part, self.region, self.first + c0, n);
             self.prior[c0..c0 + n].copy_from_slice(&prior);
@@ -1340,16 +1377,33 @@ impl Work<'_> {
         self.unplug(None, c0, n);
     }
 
-    /// `Migrate` or `Evict` of an image's pages `c0..c0 + n`. Only the
-    /// private copies (anonymous pages, the guest's writes) are the
-    /// guest's own: they are protected, read through `/proc/self/mem`
-    /// (which never waits on the userfaultfd: a page gone meanwhile answers
-    /// an error), dropped with `MADV_DONTNEED` (announced to the event loop
-    /// as the offline's own discard, so its remove event does not read as
-    /// a balloon's) and copied back into fresh frames or stored. Pages
-    /// mapped from the image's page cache are the image's, shared with
-    /// every clone: they are left where they are.
-    fn copy_out_image(&mut self, c0: usize, n: usize) {
+    /// The `/proc/self/pagemap` entries of pages `c0..c0 + n` of the
+    /// chunk, one per page (its first 4 KiB: a huge page is mapped whole).
+    fn pagemap(&self, c0: usize, n: usize) -> io::Result<Vec<u64>> {
+        let per_page = self.page_size() / PAGE_SIZE;
+        let pm = File::open("/proc/self/pagemap")?;
+        let mut raw = vec![0u8; n * per_page * 8];
+        pm.read_exact_at(&mut raw, self.host(c0) / PAGE_SIZE as u64 * 8)?;
+        Ok(raw
+            .chunks_exact(8)
+            .step_by(per_page)
+            .map(|e| u64::from_ne_bytes(e.try_into().unwrap_or([0; 8])))
+            .collect())
+    }
+
+    /// `Migrate` or `Evict` of private memory without `MOVE`, pages
+    /// `c0..c0 + n`: an image's private copies, or private huge pages.
+    /// Only anonymous pages (the guest's writes; every page of private
+    /// hugetlb memory) are the guest's own: they are protected, read
+    /// through `/proc/self/mem` (which never waits on the userfaultfd: a
+    /// page gone meanwhile answers an error), dropped with `MADV_DONTNEED`
+    /// (announced to the event loop as the offline's own discard, so its
+    /// remove event does not read as a balloon's; a dropped huge page goes
+    /// back to the pool) and copied back into fresh frames or stored.
+    /// Pages mapped from the image's page cache are the image's, shared
+    /// with every clone: they are left where they are.
+    fn copy_out_private(&mut self, c0: usize, n: usize) {
+        let ps = self.page_size();
         let runs = runs(n, |k| self.takeable(c0 + k));
         for (r, &(a, b)) in runs.iter().enumerate() {
             if let Err(e) = self.writeprotect(c0 + a, b - a, true, self.deadline) {
@@ -1358,13 +1412,7 @@ impl Work<'_> {
                 return;
             }
         }
-        let entries = File::open("/proc/self/pagemap").and_then(|pm| {
-            let mut raw = vec![0u8; n * 8];
-            pm.read_exact_at(&mut raw, self.host(c0) / PAGE_SIZE as u64 * 8)?;
-            Ok(raw.chunks_exact(8).map(|e| u64::from_ne_bytes(e.try_into().unwrap_or([0; 8]))).collect::<Vec<_>>())
-        });
-        let proc_mem = File::open("/proc/self/mem");
-        let (entries, proc_mem) = match (entries, proc_mem) {
+        let (entries, proc_mem) = match (self.pagemap(c0, n), File::open("/proc/self/mem")) {
             (Ok(e), Ok(m)) => (e, m),
             (Err(e), _) | (_, Err(e)) => {
                 self.fail(OfflineError::Staging(e));
@@ -1375,14 +1423,14 @@ impl Work<'_> {
         let private: Vec<bool> = (0..n)
             .map(|k| self.takeable(c0 + k) && entries[k] & (PM_PRESENT | PM_SWAP) != 0 && entries[k] & PM_FILE == 0)
             .collect();
-        let mut buf = vec![0u8; n * PAGE_SIZE];
+        let mut buf = vec![0u8; self.bytes(n)];
         let mut got = private.clone();
         for (a, b) in runs_in(0, n, |k| private[k]) {
-            if proc_mem.read_exact_at(&mut buf[a * PAGE_SIZE..b * PAGE_SIZE], self.host(c0 + a)).is_err() {
+            if proc_mem.read_exact_at(&mut buf[a * ps..b * ps], self.host(c0 + a)).is_err() {
                 // A page a balloon's zap took meanwhile: the others are read
                 // one by one.
                 for (k, got) in got.iter_mut().enumerate().take(b).skip(a) {
-                    *got = proc_mem.read_exact_at(&mut buf[k * PAGE_SIZE..(k + 1) * PAGE_SIZE], self.host(c0 + k)).is_ok();
+                    *got = proc_mem.read_exact_at(&mut buf[k * ps..(k + 1) * ps], self.host(c0 + k)).is_ok();
                 }
             }
         }
@@ -1392,7 +1440,7 @@ impl Work<'_> {
         let mut dropped = Vec::new();
         for (a, b) in runs_in(0, n, |k| got[k]) {
             let start = self.host(c0 + a);
-            let end = start + ((b - a) * PAGE_SIZE) as u64;
+            let end = start + self.bytes(b - a) as u64;
             self.shared.own_discard_begin(start, end);
             let res = self.drop_pages(c0 + a, b - a);
             self.shared.own_discard_done(start, end, res.is_ok(), self.restore_deadline());
@@ -1406,22 +1454,26 @@ impl Work<'_> {
             self.report.pages_taken += b - a;
             match self.mode {
                 Mode::Migrate => self.copy_back(c0, a, b, &buf),
-                _ => {
-                    let gpa = self.region.page_gpa(self.first + c0 + a);
-                    self.shared.store().insert(gpa, &buf[a * PAGE_SIZE..b * PAGE_SIZE]);
-                    self.outcome[c0 + a..c0 + b].fill(Outcome::Stored);
-                    self.report.pages_evicted += b - a;
-                }
+                _ => self.store_run(c0, a, b, &buf),
             }
         }
         self.unprotect(c0, &runs);
     }
 
+    /// Pages `x..y` of the chunk, read into `buf`, to the eviction store.
+    fn store_run(&mut self, c0: usize, x: usize, y: usize, buf: &[u8]) {
+        let gpa = self.region.page_gpa(self.first + c0 + x);
+        self.shared.store().insert(gpa, &buf[self.bytes(x)..self.bytes(y)]);
+        self.outcome[c0 + x..c0 + y].fill(Outcome::Stored);
+        self.report.pages_evicted += y - x;
+    }
+
     /// `Migrate` or `Evict` of shared memory, pages `c0..c0 + n`.
     fn copy_out_in_place(&mut self, c0: usize, n: usize) {
-        if self.shared.ram().kind() == MemoryKind::Image {
-            return self.copy_out_image(c0, n);
+        if matches!(self.shared.ram().kind(), MemoryKind::Image | MemoryKind::PrivateHugetlb) {
+            return self.copy_out_private(c0, n);
         }
+        let ps = self.page_size();
         let runs = runs(n, |k| self.takeable(c0 + k));
         // 1. Writes wait from here on. (The kernel refuses `DONTWAKE` with
         // setting protection, which wakes nobody anyway.)
@@ -1432,50 +1484,64 @@ impl Work<'_> {
                 return;
             }
         }
-        // 2. The contents, as the page cache holds them.
+        // 2. Which pages hold data, and their contents as the page cache
+        // holds them. On hugetlbfs the kernel cannot say what its page
+        // cache holds (see `GuestRam::file_runs`): the pages mapped here
+        // are taken; one it keeps unmapped (a discard that kept it) is left
+        // where it is, untouched, as is its hole.
         let region = self.region_idx();
-        let mut buf = vec![0u8; n * PAGE_SIZE];
+        let mut buf = vec![0u8; self.bytes(n)];
         let mut data = vec![false; n];
-        let read = self.shared.ram().file_runs(region, self.first + c0, n).unwrap_or_else(|| {
-            Err(io::Error::from_raw_os_error(libc::EOPNOTSUPP))
-        });
-        let read = read.and_then(|runs| {
-            for (p, e, d) in runs {
-                data[p - self.first - c0..e - self.first - c0].fill(d);
+        let huge = self.region.is_huge();
+        let read = if huge {
+            self.pagemap(c0, n).map(|entries| {
+                for (k, d) in data.iter_mut().enumerate() {
+                    *d = self.takeable(c0 + k) && entries[k] & PM_PRESENT != 0;
+                }
+            })
+        } else {
+            self.shared.ram().file_runs(region, self.first + c0, n).unwrap_or_else(|| {
+                Err(io::Error::from_raw_os_error(libc::EOPNOTSUPP))
+            }).map(|runs| {
+                for (p, e, d) in runs {
+                    data[p - self.first - c0..e - self.first - c0].fill(d);
+                }
+            })
+        };
+        let read = read.and_then(|()| {
+            for (x, y) in runs_in(0, n, |k| data[k]) {
+                self.shared.ram().read_file(region, self.first + c0 + x, &mut buf[x * ps..y * ps])?;
             }
-            self.shared.ram().read_file(region, self.first + c0, &mut buf)
+            Ok(())
         });
         if let Err(e) = read {
             self.fail(OfflineError::Staging(e));
             self.unprotect(c0, &runs);
             return;
         }
-        // 3. Punch: the old frames go.
-        let mut punched = 0;
-        for &(a, b) in &runs {
+        // 3. Punch: the old frames go (holes need none; on hugetlbfs the
+        // pages left unmapped keep theirs).
+        let mut punched = Vec::new();
+        for (a, b) in runs_in(0, n, |k| data[k]) {
             if let Err(source) = self.drop_pages(c0 + a, b - a) {
                 self.fail(OfflineError::Punch { range: self.page_range(c0 + a, b - a), source });
                 break;
             }
-            punched += 1;
+            punched.push((a, b));
         }
         // 4. The contents of what was punched: back into fresh frames, or
-        // to the store.
-        for &(a, b) in &runs[..punched] {
-            for (x, y) in runs_in(a, b, |k| !data[k]) {
+        // to the store. A hole the page cache had is empty.
+        if !huge {
+            let upto = if self.stopped() { punched.last().map_or(0, |&(_, b)| b) } else { n };
+            for (x, y) in runs_in(0, upto, |k| self.takeable(c0 + k) && !data[k]) {
                 self.outcome[c0 + x..c0 + y].fill(Outcome::Empty);
             }
-            self.report.pages_taken += (a..b).filter(|&k| data[k]).count();
-            for (x, y) in runs_in(a, b, |k| data[k]) {
-                match self.mode {
-                    Mode::Migrate => self.copy_back(c0, x, y, &buf),
-                    _ => {
-                        let gpa = self.region.page_gpa(self.first + c0 + x);
-                        self.shared.store().insert(gpa, &buf[x * PAGE_SIZE..y * PAGE_SIZE]);
-                        self.outcome[c0 + x..c0 + y].fill(Outcome::Stored);
-                        self.report.pages_evicted += y - x;
-                    }
-                }
+        }
+        for &(x, y) in &punched {
+            self.report.pages_taken += y - x;
+            match self.mode {
+                Mode::Migrate => self.copy_back(c0, x, y, &buf),
+                _ => self.store_run(c0, x, y, &buf),
             }
         }
         // 5. Writers go on: into the fresh frames, or onto the holes,
@@ -1489,6 +1555,7 @@ impl Work<'_> {
     fn copy_back(&mut self, c0: usize, x: usize, y: usize, buf: &[u8]) {
         let uffd = self.shared.mem();
         let by = self.restore_deadline();
+        let ps = self.page_size();
         let mut k = x;
         while k < y {
             // Under the install lock, as `put_back` does.
@@ -1506,14 +1573,40 @@ impl Work<'_> {
             // SAFETY: pages of guest RAM, which no Rust reference ever
             // points into (see `crate::ram`); `buf` holds `y - x` pages from
             // `x`.
-            let res = unsafe { uffd.copy(self.host(c0 + k), buf[k * PAGE_SIZE..].as_ptr(), (e - k) * PAGE_SIZE, true) };
+            let res = unsafe { uffd.copy(self.host(c0 + k), buf[k * ps..].as_ptr(), (e - k) * ps, true) };
             drop(guard);
-            let (done, err) = split(res);
+            let (done, err) = split_in(res, ps);
             self.outcome[c0 + k..c0 + k + done].fill(Outcome::InPlace);
             self.report.frames_moved += done;
             k += done;
             let Some(err) = err else { continue };
             if done > 0 || backoff(err.errno, &[], by) {
+                continue;
+            }
+            if err.errno == libc::ENOMEM && self.region.is_huge() {
+                self.fail(OfflineError::NoMemory { range: self.page_range(c0 + k, 1) });
+                self.store_run(c0, k, k + 1, buf);
+                k += 1;
+                continue;
+            }
+            if err.errno == libc::EEXIST && self.region.is_huge() {
+                match self.huge_page_there(c0 + k) {
+                    Ok(true) => {
+                        tracing::warn!(target: "apf", gpa = self.region.page_gpa(self.first + c0 + k).0, "apf found a huge page in place during a migrate; kept");
+                        self.outcome[c0 + k] = Outcome::InPlace;
+                    }
+                    // A dry pool: the contents wait in the store for the
+                    // page's next fault.
+                    Ok(false) => {
+                        self.fail(OfflineError::NoMemory { range: self.page_range(c0 + k, 1) });
+                        self.store_run(c0, k, k + 1, buf);
+                    }
+                    Err(error) => {
+                        self.fail_ioctl(c0 + k, error);
+                        self.store_run(c0, k, k + 1, buf);
+                    }
+                }
+                k += 1;
                 continue;
             }
             if err.errno == libc::EEXIST {
@@ -1525,11 +1618,35 @@ impl Work<'_> {
                 continue;
             }
             self.fail_ioctl(c0 + k, err);
-            let gpa = self.region.page_gpa(self.first + c0 + k);
-            self.shared.store().insert(gpa, &buf[k * PAGE_SIZE..(k + 1) * PAGE_SIZE]);
-            self.outcome[c0 + k] = Outcome::Stored;
+            self.store_run(c0, k, k + 1, buf);
             k += 1;
         }
+    }
+
+    /// After a `COPY` onto huge page `i` of the chunk answered `EEXIST`:
+    /// whether a page is really there (true), or the pool had none for the
+    /// copy (false), which the kernel answers the same way. On shared
+    /// memory the page cache may hold one: `CONTINUE` maps it, and fails
+    /// with `EFAULT` if there is none. A private page is mapped here, which
+    /// the page map shows.
+    fn huge_page_there(&self, i: usize) -> Result<bool, IoctlError> {
+        if self.shared.ram().kind() == MemoryKind::SharedHugetlb {
+            // SAFETY: a page of guest RAM, which no Rust reference ever
+            // points into (see `crate::ram`); mapping what the page cache
+            // holds changes no contents.
+            return match unsafe { self.shared.mem().continue_pages(self.host(i), self.page_size(), true) } {
+                Ok(_) => Ok(true),
+                Err(e) if e.errno == libc::EEXIST => Ok(true),
+                Err(e) if e.errno == libc::EFAULT => Ok(false),
+                Err(e) => Err(e),
+            };
+        }
+        let entries = self.pagemap(i, 1).map_err(|e| IoctlError {
+            op: crate::uffd::Op::Copy.name(),
+            errno: e.raw_os_error().unwrap_or(libc::EIO),
+            done: 0,
+        })?;
+        Ok(entries[0] & PM_PRESENT != 0)
     }
 
     /// Sets or clears the write protection of `count` pages from page `i`
@@ -1537,7 +1654,7 @@ impl Work<'_> {
     /// pending; the event loop reads it) until `by`.
     fn writeprotect(&self, i: usize, count: usize, protect: bool, by: Instant) -> Result<(), IoctlError> {
         loop {
-            match self.shared.mem().writeprotect(self.host(i), count * PAGE_SIZE, protect, false) {
+            match self.shared.mem().writeprotect(self.host(i), self.bytes(count), protect, false) {
                 Err(e) if backoff(e.errno, &[], by) => {}
                 res => return res,
             }
@@ -1551,7 +1668,7 @@ impl Work<'_> {
         for &(a, b) in runs {
             if let Err(e) = self.writeprotect(c0 + a, b - a, false, self.restore_deadline()) {
                 self.fail_ioctl(c0 + a, e);
-                self.shared.wake(self.host(c0 + a), (b - a) * PAGE_SIZE);
+                self.shared.wake(self.host(c0 + a), self.bytes(b - a));
             }
         }
     }
@@ -1728,7 +1845,7 @@ fn offline_pages(
 }
 
 /// Whether memory without `UFFDIO_MOVE` can go through `mode` in place:
-/// `Unplug` on shared memory and images, `Migrate` and `Evict` on shared
+/// `Unplug` on shared memory, images and huge pages, `Migrate` and `Evict` on
 /// memory registered for write protection.
 fn offered_in_place(shared: &Core, mode: Mode) -> bool {
     let kind = shared.ram().kind();

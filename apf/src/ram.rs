@@ -991,16 +991,19 @@ impl GuestRam {
     /// them and reads zeros until they are filled again. No remove event
     /// follows.
     pub(crate) fn punch(&self, region: usize, first: usize, count: usize) -> std::io::Result<()> {
-        let (MemoryKind::SharedMemfd, Some(file)) = (self.kind, &self.file) else {
+        let (MemoryKind::SharedMemfd | MemoryKind::SharedHugetlb, Some(file)) = (self.kind, &self.file) else {
             return Err(std::io::Error::from_raw_os_error(libc::EOPNOTSUPP));
         };
+        // Whole pages of the region: on hugetlbfs a hole of whole huge
+        // pages gives them back to the pool (a part of one would be zeroed
+        // and kept).
         let r = &self.regions[region];
-        let off = r.file_offset + first as u64 * PAGE;
+        let off = r.file_offset + (first * r.page_size()) as u64;
         rustix::fs::fallocate(
             &**file,
             rustix::fs::FallocateFlags::PUNCH_HOLE | rustix::fs::FallocateFlags::KEEP_SIZE,
             off,
-            count as u64 * PAGE,
+            r.pages_len(count) as u64,
         )
         .map_err(std::io::Error::from)
     }
@@ -1010,10 +1013,11 @@ impl GuestRam {
     /// mapping and so never faulting.
     pub(crate) fn read_file(&self, region: usize, first: usize, buf: &mut [u8]) -> std::io::Result<()> {
         use std::os::unix::fs::FileExt;
-        let (MemoryKind::SharedMemfd, Some(file)) = (self.kind, &self.file) else {
+        let (MemoryKind::SharedMemfd | MemoryKind::SharedHugetlb, Some(file)) = (self.kind, &self.file) else {
             return Err(std::io::Error::from_raw_os_error(libc::EOPNOTSUPP));
         };
-        file.read_exact_at(buf, self.regions[region].file_offset + first as u64 * PAGE)
+        let r = &self.regions[region];
+        file.read_exact_at(buf, r.file_offset + (first * r.page_size()) as u64)
     }
 
     /// The runs of pages `[first, first + count)` of region `region` that

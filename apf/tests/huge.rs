@@ -297,21 +297,362 @@ fn unaligned_ranges_are_refused_on_huge_pages_and_lose_nothing() {
     assert_eq!(engine.stats().pages_installed, 2);
 }
 
-/// Pool: 1 page per kind.
+/// Pool: 4 pages per kind, one kind at a time.
 #[test]
-fn migrate_evict_and_unplug_are_not_offered_on_huge_pages() {
-    let Some(_pool) = reserve(1) else { return };
+fn unplug_of_huge_pages_reads_zeros_and_gives_the_pages_back_to_the_pool() {
+    let Some(_pool) = reserve(4) else { return };
+    let pattern = Pattern { seed: 31 };
     for kind in [MemoryKind::PrivateHugetlb, MemoryKind::SharedHugetlb] {
-        let ram = huge_ram(kind, 1);
-        let engine = Engine::builder(ram.clone(), Arc::new(ZeroSource)).start().unwrap();
-        let range = GuestRange::new(GuestAddress(BASE), HP);
-        for mode in [Mode::Migrate, Mode::Evict, Mode::Unplug] {
-            match engine.offline(range, mode, Instant::now() + Duration::from_secs(5)) {
-                Err(OfflineError::NotOffered { backend, .. }) => assert!(backend.starts_with("hugetlb"), "{backend}"),
-                other => panic!("{kind:?} {mode:?}: {other:?}"),
-            }
+        let ram = huge_ram(kind, 4);
+        let engine = Engine::builder(ram.clone(), Arc::new(pattern)).start().unwrap();
+        assert!(Mode::Unplug.offered_on(kind));
+        assert_eq!(engine.prefetch(GuestRange::new(GuestAddress(BASE), 4 * HP)).unwrap(), 4);
+        common::write_word(&ram, BASE + HP + 8, 42);
+        let held = huge_pages_held(&ram);
+        assert_eq!(held, 4, "{kind:?}");
+        let free = settled_hugepages_free();
+        // Huge pages 1 and 2, whole.
+        let range = GuestRange::new(GuestAddress(BASE + HP), 2 * HP);
+        let report = engine.offline(range, Mode::Unplug, Instant::now() + Duration::from_secs(10)).unwrap();
+        assert_eq!((report.pages, report.pages_taken, report.pages_unplugged), (2, 2, 2), "{kind:?}: {report:?}");
+        // Gone from guest RAM, and back in the pool. (The pool is the
+        // machine's: another process taking or giving pages meanwhile
+        // would show here.)
+        assert_eq!(huge_pages_held(&ram), 2, "{kind:?}: both huge pages left guest RAM");
+        assert_eq!(settled_hugepages_free(), free + 2, "{kind:?}: both huge pages went back to the pool");
+        for p in [1, 2] {
+            let page = within(Duration::from_secs(10), {
+                let ram = ram.clone();
+                move || read_huge(&ram, BASE + p * HP)
+            });
+            assert!(page.unwrap().iter().all(|&b| b == 0), "{kind:?}: page {p} reads zeros");
         }
+        for p in [0, 3] {
+            assert_eq!(pattern.verify(BASE + p * HP, &read_huge(&ram, BASE + p * HP).unwrap()), Ok(()), "{kind:?}");
+        }
+        // Writable again.
+        common::write_word(&ram, BASE + HP + 8, 77);
+        assert_eq!(common::read_word(&ram, BASE + HP + 8), 77);
+        assert!(engine.errors().try_iter().next().is_none(), "{kind:?}");
     }
+}
+
+/// Pool: 2 pages per kind.
+#[test]
+fn unplug_of_huge_pages_under_the_poison_policy_poisons_whole_pages_until_replugged() {
+    let Some(_pool) = reserve(2) else { return };
+    let pattern = Pattern { seed: 32 };
+    for kind in [MemoryKind::PrivateHugetlb, MemoryKind::SharedHugetlb] {
+        let ram = huge_ram(kind, 2);
+        let config = apf::Config { unplug_policy: apf::UnplugPolicy::Poison, ..apf::Config::default() };
+        let engine = Engine::builder(ram.clone(), Arc::new(pattern)).config(config).start().unwrap();
+        assert_eq!(engine.prefetch(GuestRange::new(GuestAddress(BASE), 2 * HP)).unwrap(), 2);
+        let range = GuestRange::new(GuestAddress(BASE + HP), HP);
+        let report = engine.offline(range, Mode::Unplug, Instant::now() + Duration::from_secs(10)).unwrap();
+        assert_eq!(report.pages_unplugged, 1, "{kind:?}: {report:?}");
+        // Anywhere in the huge page: SIGBUS (here an error), not zeros.
+        for off in [0, HP / 2 + 8, HP - 8] {
+            assert_eq!(try_read_word(&ram, BASE + HP + off), None, "{kind:?} at {off:#x}");
+        }
+        engine.replug(range).unwrap();
+        let page = within(Duration::from_secs(10), {
+            let ram = ram.clone();
+            move || read_huge(&ram, BASE + HP)
+        });
+        assert!(page.unwrap().iter().all(|&b| b == 0), "{kind:?}");
+        assert_eq!(pattern.verify(BASE, &read_huge(&ram, BASE).unwrap()), Ok(()), "{kind:?}");
+    }
+}
+
+/// Pool: 4 pages of guest RAM and 2 of slack (a migrate puts each huge
+/// page back into a page the pool hands out), per kind.
+#[test]
+fn migrate_and_evict_of_huge_pages_lose_no_write_of_a_writer_hammering_the_range() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    const N: u64 = 4;
+    let Some(_pool) = reserve(N + 2) else { return };
+    for kind in [MemoryKind::PrivateHugetlb, MemoryKind::SharedHugetlb] {
+        let pattern = Pattern { seed: 33 };
+        let ram = huge_ram(kind, N);
+        let engine = Engine::builder(ram.clone(), Arc::new(pattern)).start().unwrap();
+        let range = GuestRange::new(GuestAddress(BASE), N * HP);
+        assert_eq!(engine.prefetch(range).unwrap(), N);
+        let mut expected = vec![0u8; (N * HP) as usize];
+        pattern.write(BASE, &mut expected);
+        let stop = Arc::new(AtomicBool::new(false));
+        let writer = {
+            let (ram, stop) = (ram.clone(), stop.clone());
+            std::thread::spawn(move || {
+                // A fresh value into the next word of each huge page, page
+                // after page, again and again.
+                let mut written: Vec<(u64, u64)> = Vec::new();
+                let mut v = 1u64;
+                while !stop.load(Ordering::Relaxed) {
+                    for p in 0..N {
+                        let gpa = BASE + p * HP + (v * 4104) % HP / 8 * 8;
+                        common::write_word(&ram, gpa, v);
+                        written.push((gpa, v));
+                        v += 1;
+                    }
+                }
+                written
+            })
+        };
+        let before = engine.stats();
+        let start = Instant::now();
+        let mut rounds = 0;
+        // At least 20 rounds, and until a write met a protected page.
+        while rounds < 20
+            || (engine.stats().write_protect_faults == before.write_protect_faults
+                && start.elapsed() < Duration::from_secs(10))
+        {
+            let mode = if rounds % 2 == 0 { Mode::Migrate } else { Mode::Evict };
+            let report = engine.offline(range, mode, Instant::now() + Duration::from_secs(10));
+            let report = report.unwrap_or_else(|e| panic!("{kind:?} {mode}: {e}"));
+            assert_eq!(report.pages, N as usize);
+            rounds += 1;
+        }
+        let took = start.elapsed();
+        stop.store(true, Ordering::Relaxed);
+        let written = writer.join().unwrap();
+        for (gpa, v) in &written {
+            let at = (gpa - BASE) as usize;
+            expected[at..at + 8].copy_from_slice(&v.to_le_bytes());
+        }
+        let stats = engine.stats();
+        eprintln!(
+            "{kind:?}: {rounds} offlines of {N} huge pages in {took:?} next to {} writes: {} write-protect faults, {} frames moved, {} pages evicted",
+            written.len(),
+            stats.write_protect_faults - before.write_protect_faults,
+            stats.frames_moved - before.frames_moved,
+            stats.pages_evicted - before.pages_evicted
+        );
+        assert!(stats.write_protect_faults > before.write_protect_faults, "{kind:?}: no write was ever held");
+        assert!(stats.frames_moved >= before.frames_moved + N, "{kind:?}: {stats:?}");
+        assert!(stats.pages_evicted >= before.pages_evicted + N, "{kind:?}: {stats:?}");
+        // Every byte (evicted pages come back from the store).
+        let mut mapped = vec![0u8; (N * HP) as usize];
+        try_read(&ram, BASE, &mut mapped).unwrap();
+        let diff = mapped.iter().zip(&expected).position(|(a, b)| a != b);
+        assert_eq!(diff, None, "{kind:?}: a write was lost (offset shown)");
+        assert!(engine.errors().try_iter().next().is_none(), "{kind:?}");
+    }
+}
+
+/// Pool: 2 pages of guest RAM and 1 of slack, per kind.
+#[test]
+fn failed_write_protection_punch_or_copy_back_of_huge_pages_keeps_every_page_readable_and_right() {
+    let Some(_pool) = reserve(3) else { return };
+    let pattern = Pattern { seed: 34 };
+    for kind in [MemoryKind::PrivateHugetlb, MemoryKind::SharedHugetlb] {
+        let ram = huge_ram(kind, 2);
+        let engine = Engine::builder(ram.clone(), Arc::new(pattern)).start().unwrap();
+        let range = GuestRange::new(GuestAddress(BASE), 2 * HP);
+        assert_eq!(engine.prefetch(range).unwrap(), 2);
+        let deadline = || Instant::now() + Duration::from_secs(10);
+        let right = |what: &str| {
+            for p in 0..2 {
+                let page = within(Duration::from_secs(10), {
+                    let ram = ram.clone();
+                    move || read_huge(&ram, BASE + p * HP)
+                });
+                assert_eq!(pattern.verify(BASE + p * HP, &page.unwrap()), Ok(()), "{kind:?} {what}: page {p}");
+            }
+        };
+        for mode in [Mode::Migrate, Mode::Evict] {
+            // Protection refused: nothing taken.
+            engine.failpoints().arm(Rule::new(Op::WriteProtect, libc::EIO));
+            match engine.offline(range, mode, deadline()) {
+                Err(OfflineError::Ioctl { error, .. }) if error.errno == libc::EIO => {}
+                other => panic!("{kind:?} {mode}: {other:?}"),
+            }
+            right("after a refused protection");
+            // The punch (or drop) of the second page fails: the first is
+            // done, the second as it was.
+            engine.failpoints().arm(Rule::new(Op::Punch, libc::EIO).skip(1));
+            match engine.offline(range, mode, deadline()) {
+                Err(OfflineError::Punch { source, .. }) if source.raw_os_error() == Some(libc::EIO) => {}
+                other => panic!("{kind:?} {mode}: {other:?}"),
+            }
+            right("after a failed punch");
+        }
+        // The copy back fails: the page's contents wait in the store.
+        engine.failpoints().arm(
+            Rule::new(Op::Copy, libc::EIO)
+                .times(u64::MAX)
+                .within(ram.regions()[0].page_host(0), ram.regions()[0].page_host(0) + HP),
+        );
+        match engine.offline(range, Mode::Migrate, deadline()) {
+            Err(OfflineError::Ioctl { error, .. }) if error.errno == libc::EIO => {}
+            other => panic!("{kind:?}: {other:?}"),
+        }
+        engine.failpoints().clear();
+        assert_eq!(ram.regions()[0].state(0), (apf::PageState::Missing, apf::Origin::Store), "{kind:?}");
+        right("after a failed copy back");
+        // A copy back answered `ENOMEM` (a pool with no page for it): said
+        // so, and the contents wait in the store too.
+        engine.failpoints().arm(
+            Rule::new(Op::Copy, libc::ENOMEM).within(ram.regions()[0].page_host(1), ram.regions()[0].page_host(1) + HP),
+        );
+        match engine.offline(range, Mode::Migrate, deadline()) {
+            Err(OfflineError::NoMemory { range }) => assert_eq!(range.start.0, BASE + HP, "{kind:?}"),
+            other => panic!("{kind:?}: {other:?}"),
+        }
+        assert_eq!(ram.regions()[0].state(1), (apf::PageState::Missing, apf::Origin::Store), "{kind:?}");
+        right("after a copy back with no memory");
+        // The punch fails and so does clearing the protection: the page
+        // stays, protected, and a writer's fault on it clears the
+        // protection (of the whole huge page), never left waiting.
+        engine.failpoints().arm(Rule::new(Op::Punch, libc::EIO));
+        engine.failpoints().arm(Rule::new(Op::WriteProtect, libc::EIO).skip(1));
+        match engine.offline(GuestRange::new(GuestAddress(BASE), HP), Mode::Migrate, deadline()) {
+            Err(OfflineError::Punch { .. }) => {}
+            other => panic!("{kind:?}: {other:?}"),
+        }
+        assert_eq!(engine.failpoints().pending(), 0, "{kind:?}: both failures fired");
+        engine.failpoints().clear();
+        within(Duration::from_secs(10), {
+            let ram = ram.clone();
+            move || common::write_word(&ram, BASE + HP / 2, 99)
+        });
+        assert_eq!(common::read_word(&ram, BASE + HP / 2), 99);
+        let mut page = read_huge(&ram, BASE).unwrap();
+        page[(HP / 2) as usize..(HP / 2) as usize + 8]
+            .copy_from_slice(&pattern.word_at(BASE + HP / 2, 0).to_le_bytes());
+        assert_eq!(pattern.verify(BASE, &page), Ok(()), "{kind:?}");
+        let _ = engine.errors().try_iter().count();
+    }
+}
+
+/// Pool: 2 pages of guest RAM (mapped `MAP_NORESERVE`), then every free
+/// page of the pool taken by another mapping while a migrate has page 0
+/// dropped, before its copy back.
+#[test]
+fn a_pool_that_runs_dry_during_the_copy_back_of_a_migrate_loses_nothing() {
+    let Some(_pool) = reserve(2) else { return };
+    let free = hugepages_free();
+    if free > 64 {
+        eprintln!("SKIPPED: {free} huge pages are free in the pool; too many to run it dry");
+        return;
+    }
+    let pattern = Pattern { seed: 35 };
+    for kind in [MemoryKind::PrivateHugetlb, MemoryKind::SharedHugetlb] {
+        let ranges = [(GuestAddress(BASE), (2 * HP) as usize)];
+        let ram = Arc::new(match kind {
+            MemoryKind::PrivateHugetlb => GuestRam::anonymous_hugetlb(&ranges, true).unwrap(),
+            _ => GuestRam::shared_hugetlb(&ranges).unwrap(),
+        });
+        let engine = Arc::new(Engine::builder(ram.clone(), Arc::new(pattern)).start().unwrap());
+        let range = GuestRange::new(GuestAddress(BASE), 2 * HP);
+        assert_eq!(engine.prefetch(range).unwrap(), 2);
+        common::write_word(&ram, BASE + 8, 42);
+        // The copy back of page 0 waits at the gate.
+        let page0 = ram.regions()[0].page_host(0);
+        engine.failpoints().arm(Rule::pause(Op::Copy).within(page0, page0 + HP));
+        let offline = {
+            let engine = engine.clone();
+            std::thread::spawn(move || engine.offline(range, Mode::Migrate, Instant::now() + Duration::from_secs(10)))
+        };
+        assert!(engine.failpoints().wait_paused(Duration::from_secs(10)), "{kind:?}: the copy back never came");
+        // Every free huge page (the one just dropped too) goes elsewhere.
+        let hog = Hog::take_all();
+        assert_eq!(hugepages_free_unreserved(), 0, "{kind:?}: the pool is dry");
+        engine.failpoints().open_gate();
+        let result = offline.join().unwrap();
+        match &result {
+            Err(OfflineError::NoMemory { range }) => assert_eq!(range.start.0, BASE, "{kind:?}"),
+            other => panic!("{kind:?}: {other:?}"),
+        }
+        assert_eq!(ram.regions()[0].state(0), (apf::PageState::Missing, apf::Origin::Store), "{kind:?}");
+        drop(hog);
+        // With pages free again, the next fault brings the contents back.
+        let page = within(Duration::from_secs(10), {
+            let ram = ram.clone();
+            move || read_huge(&ram, BASE)
+        });
+        let mut page = page.unwrap();
+        assert_eq!(u64::from_le_bytes(page[8..16].try_into().unwrap()), 42, "{kind:?}: the write is kept");
+        page[8..16].copy_from_slice(&pattern.word_at(BASE, 1).to_le_bytes());
+        assert_eq!(pattern.verify(BASE, &page), Ok(()), "{kind:?}");
+        assert_eq!(pattern.verify(BASE + HP, &read_huge(&ram, BASE + HP).unwrap()), Ok(()), "{kind:?}");
+    }
+}
+
+/// Every free huge page of the pool, held by a private mapping until
+/// dropped.
+struct Hog {
+    ptr: *mut libc::c_void,
+    len: usize,
+}
+
+impl Hog {
+    fn take_all() -> Hog {
+        let len = (hugepages_free().max(1) * HP) as usize;
+        // SAFETY: a fresh private mapping; nothing else refers to it.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_HUGETLB | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        assert_ne!(ptr, libc::MAP_FAILED, "{}", std::io::Error::last_os_error());
+        // Populates what the pool has; the rest fails with ENOMEM
+        // (without SIGBUS), which is the point.
+        // SAFETY: the mapping above.
+        unsafe { libc::madvise(ptr, len, libc::MADV_POPULATE_WRITE) };
+        Hog { ptr, len }
+    }
+}
+
+impl Drop for Hog {
+    fn drop(&mut self) {
+        // SAFETY: the mapping made in `take_all`, unmapped once.
+        unsafe { libc::munmap(self.ptr, self.len) };
+    }
+}
+
+/// `HugePages_Free` once it has stayed the same for a few reads (pages
+/// an earlier engine's mapping gave back may still be on their way).
+fn settled_hugepages_free() -> u64 {
+    let mut last = hugepages_free();
+    let mut same = 0;
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while same < 3 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+        let now = hugepages_free();
+        same = if now == last { same + 1 } else { 0 };
+        last = now;
+    }
+    last
+}
+
+/// The huge pages guest RAM holds: mapped here for private memory
+/// (`Private_Hugetlb` of its mapping in `/proc/self/smaps`), allocated to
+/// the memfd for shared memory (its blocks, through
+/// `/proc/self/map_files`), whether mapped or not.
+fn huge_pages_held(ram: &GuestRam) -> u64 {
+    let r = &ram.regions()[0];
+    let (start, end) = (r.host_base(), r.host_base() + r.len());
+    if ram.kind() == MemoryKind::SharedHugetlb {
+        let file = std::fs::File::open(format!("/proc/self/map_files/{start:x}-{end:x}")).unwrap();
+        let blocks = std::os::unix::fs::MetadataExt::blocks(&file.metadata().unwrap());
+        return blocks * 512 / HP;
+    }
+    let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
+    let header = format!("{start:x}-{end:x} ");
+    // The first such line after the mapping's header is its own.
+    let mut vma = smaps.lines().skip_while(|l| !l.starts_with(&header));
+    let line = vma.find(|l| l.starts_with("Private_Hugetlb:")).unwrap();
+    let kb: u64 = line.split_whitespace().nth(1).unwrap().parse().unwrap();
+    kb * 1024 / HP
+}
+
+fn hugepages_free_unreserved() -> u64 {
+    hugepages_free() - meminfo("HugePages_Rsvd:")
 }
 
 /// Pool: 4 pages (the prefetched window), then 1 more after a failure.
@@ -431,7 +772,11 @@ fn a_host_block_offline_over_huge_pages_ends_by_its_deadline_and_loses_nothing()
 }
 
 fn hugepages_free() -> u64 {
+    meminfo("HugePages_Free:")
+}
+
+fn meminfo(key: &str) -> u64 {
     let info = std::fs::read_to_string("/proc/meminfo").unwrap();
-    let line = info.lines().find(|l| l.starts_with("HugePages_Free:")).unwrap();
+    let line = info.lines().find(|l| l.starts_with(key)).unwrap();
     line.split_whitespace().nth(1).unwrap().parse().unwrap()
 }

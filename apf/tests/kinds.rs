@@ -138,7 +138,14 @@ fn every_mode_is_offered_on_every_kind_and_both_kinds_serve_the_rest() {
     let shared = Arc::new(GuestRam::shared_memfd(&[(GuestAddress(BASE), PAGES * PAGE_SIZE)]).unwrap());
     let engines = [image_engine(&image_ram), Engine::builder(shared.clone(), Arc::new(ZeroSource)).start().unwrap()];
     let range = GuestRange::new(GuestAddress(BASE), 8 * P);
-    for kind in [MemoryKind::PrivateAnonymous, MemoryKind::SharedMemfd, MemoryKind::Image] {
+    let kinds = [
+        MemoryKind::PrivateAnonymous,
+        MemoryKind::SharedMemfd,
+        MemoryKind::Image,
+        MemoryKind::PrivateHugetlb,
+        MemoryKind::SharedHugetlb,
+    ];
+    for kind in kinds {
         for mode in [Mode::Migrate, Mode::Evict, Mode::Unplug, Mode::HostBlock(0)] {
             assert!(mode.offered_on(kind), "{mode} on {kind:?}");
         }

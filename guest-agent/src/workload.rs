@@ -238,9 +238,15 @@ impl<'m> Agent<'m> {
     /// random place in the stripe.
     fn offline(&mut self) {
         let pages = self.stripe.pages();
-        let len = 1 + self.rng.below(MAX_OFFLINE_PAGES.min(pages));
-        let first = self.rng.below(pages - len + 1);
-        let range = first..first + len;
+        let range = if self.config.flags & FLAG_BALLOON_HUGE != 0 {
+            // One whole 2 MiB page: the host offlines huge pages whole only.
+            let Some(first) = self.whole_huge_page() else { return };
+            first..first + HUGE_PAGE / PAGE_SIZE
+        } else {
+            let len = 1 + self.rng.below(MAX_OFFLINE_PAGES.min(pages));
+            let first = self.rng.below(pages - len + 1);
+            first..first + len
+        };
         let op = [OfflineOp::Migrate, OfflineOp::Evict, OfflineOp::Unplug][self.offline_turn % 3];
         self.offline_turn += 1;
         let done = self.offline_request(op, &range);
@@ -269,13 +275,8 @@ impl<'m> Agent<'m> {
         let (first, len) = if self.config.flags & FLAG_BALLOON_HUGE != 0 {
             // One whole 2 MiB page of the stripe: the host discards huge
             // pages whole only.
-            let per_huge = HUGE_PAGE / PAGE_SIZE;
-            let skip = (self.stripe.gpa(0).next_multiple_of(HUGE_PAGE) - self.stripe.gpa(0)) / PAGE_SIZE;
-            let whole = pages.saturating_sub(skip) / per_huge;
-            if whole == 0 {
-                return;
-            }
-            (skip + self.rng.below(whole) * per_huge, per_huge)
+            let Some(first) = self.whole_huge_page() else { return };
+            (first, HUGE_PAGE / PAGE_SIZE)
         } else {
             let len = 1 + self.rng.below(MAX_BALLOON_PAGES.min(pages));
             (self.rng.below(pages - len + 1), len)
@@ -308,6 +309,15 @@ impl<'m> Agent<'m> {
             self.stripe.restamp(page);
             self.counters.pages_written += 1;
         }
+    }
+
+    /// The first stripe page of a random 2 MiB page that lies wholly in
+    /// the stripe, if one does.
+    fn whole_huge_page(&mut self) -> Option<u64> {
+        let per_huge = HUGE_PAGE / PAGE_SIZE;
+        let skip = (self.stripe.gpa(0).next_multiple_of(HUGE_PAGE) - self.stripe.gpa(0)) / PAGE_SIZE;
+        let whole = self.stripe.pages().saturating_sub(skip) / per_huge;
+        (whole > 0).then(|| skip + self.rng.below(whole) * per_huge)
     }
 
     /// Sends one offline request; returns whether the VMM carried it out.

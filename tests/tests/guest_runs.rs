@@ -304,9 +304,9 @@ fn every_memory_kind_runs_the_stress_with_the_balloon() {
         let cfg = RunConfig {
             backend,
             memory,
-            // Kinds without an offered Migrate or Evict (huge pages) run no
-            // storm.
-            offline_every: (apf && !memory.is_huge()).then_some(Duration::from_millis(2)),
+            // Every kind runs the storm (huge pages a whole huge page at a
+            // time).
+            offline_every: apf.then_some(Duration::from_millis(2)),
             guest_offline: apf,
             // Not on huge pages here: offlining a block dissolves the free
             // huge pages in it, so the pool shrinks, and a page the balloon

@@ -682,10 +682,14 @@ mod tests {
         assert_eq!(c.offline_every, Some(Duration::from_millis(5)));
         assert!(matches!(run(&["--memory", "huge"]), Err(CliError::Invalid { option: "--memory", .. })));
         assert!(matches!(run(&["--memory", "hugetlb", "--backend", "baseline"]), Err(CliError::Conflict(_))));
-        assert!(matches!(run(&["--memory", "shared-hugetlb", "--offline-every", "5ms"]), Err(CliError::Conflict(_))));
+        // Huge pages too (whole huge pages at a time).
+        let c = run(&["--memory", "shared-hugetlb", "--offline-every", "5ms"]).unwrap();
+        assert_eq!((c.memory, c.offline_every), (apf::MemoryKind::SharedHugetlb, Some(Duration::from_millis(5))));
         let c = run(&["--memory", "hugetlb"]).unwrap();
-        assert_eq!((c.memory, c.offline_every), (apf::MemoryKind::PrivateHugetlb, None));
-        assert_eq!(run(&["--memory", "shared-hugetlb"]).unwrap().memory, apf::MemoryKind::SharedHugetlb);
+        assert_eq!(
+            (c.memory, c.offline_every.is_some(), c.guest_offline),
+            (apf::MemoryKind::PrivateHugetlb, true, true)
+        );
         let c = run(&["--memory", "shared"]).unwrap();
         assert_eq!((c.memory, c.offline_every.is_some(), c.guest_offline), (apf::MemoryKind::SharedMemfd, true, true));
         let c = run(&["--memory", "image", "--restore", "x"]).unwrap();

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use agent_proto::{splitmix64, PAGE_SIZE};
 use apf::{Engine, GuestAddress, GuestRange, HostBlockSearch, Mode, OfflineError};
 
-use crate::checksum::ring_range;
+use crate::checksum::ring_range_in;
 use crate::config::OfflineMode;
 use crate::report::Errors;
 
@@ -106,7 +106,11 @@ fn run(engine: &Engine, config: StormConfig, stop: &AtomicBool, report: &Mutex<S
     // priority a busy storm triples fault latency.
     let _ = apf::set_thread_nice(19);
     let ram = engine.ram().size();
-    let ram_pages = ram / PAGE_SIZE;
+    // Ranges of whole pages of guest RAM (2 MiB on huge pages, which the
+    // engine offlines whole only): `max_pages` counts 4 KiB pages.
+    let page = engine.ram().regions().iter().map(|r| r.page_size() as u64).max().unwrap_or(PAGE_SIZE);
+    let ram_pages = ram / page;
+    let max_pages = (config.max_pages * PAGE_SIZE / page).max(1);
     let mut rng = config.seed ^ 0x5707_3e11;
     let mut n = 0u64;
     let mut next = Instant::now();
@@ -143,11 +147,11 @@ fn run(engine: &Engine, config: StormConfig, stop: &AtomicBool, report: &Mutex<S
         rng = splitmix64(rng);
         // One offline in four hits the pinned checksum ring.
         let range = if n % 4 == 0 {
-            ring_range()
+            ring_range_in(engine.ram())
         } else {
-            let pages = 1 + rng % config.max_pages.clamp(1, ram_pages);
+            let pages = 1 + rng % max_pages.clamp(1, ram_pages);
             let first = splitmix64(rng) % (ram_pages - pages + 1);
-            GuestRange::new(GuestAddress(first * PAGE_SIZE), pages * PAGE_SIZE)
+            GuestRange::new(GuestAddress(first * page), pages * page)
         };
         let mode = match config.mode {
             OfflineMode::Migrate => Mode::Migrate,

@@ -21,8 +21,9 @@
 //! - [`Hugetlb`]: the engine's own descriptor over 2 MiB huge pages,
 //!   private anonymous or a memfd mapped shared: `COPY` of whole huge
 //!   pages, `POISON` and thread ids; `CONTINUE` on the shared one (a page
-//!   its page cache holds); no `ZEROPAGE` (the kernel has none for huge
-//!   pages: zeros are copied) and no `MOVE`.
+//!   its page cache holds); `WRITEPROTECT` of whole huge pages when the
+//!   kernel offers it on hugetlb; no `ZEROPAGE` (the kernel has none for
+//!   huge pages: zeros are copied) and no `MOVE`.
 //! - [`Limited`]: `COPY`, `ZEROPAGE` and `WAKE` only, no thread ids: what a
 //!   userfaultfd received from Firecracker offers (its `UFFDIO_API` asked
 //!   for `EVENT_REMOVE` alone, and a second handshake is refused).
@@ -191,9 +192,9 @@ pub(crate) fn open(backend: Backend, kind: MemoryKind) -> Result<Option<Box<dyn 
         }
         (Backend::PrivateAnonymous, MemoryKind::PrivateHugetlb | MemoryKind::SharedHugetlb) => {
             let minor = if kind == MemoryKind::SharedHugetlb { Features::MINOR_HUGETLBFS } else { Features::empty() };
-            let uffd = Uffd::new(own | Features::MISSING_HUGETLBFS | minor, Features::empty())?;
+            let uffd = Uffd::new(own | Features::MISSING_HUGETLBFS | minor, Features::WP_SHMEM)?;
             uffd.set_page_size(kind.page_size());
-            Box::new(Hugetlb { uffd, shared: kind == MemoryKind::SharedHugetlb })
+            Box::new(Hugetlb { wp: WriteProtection::new(&uffd), uffd, shared: kind == MemoryKind::SharedHugetlb })
         }
         // What Firecracker asks for before it hands the descriptor over.
         (Backend::Limited, MemoryKind::PrivateAnonymous) => for_descriptor(Uffd::new(Features::EVENT_REMOVE, Features::empty())?),
@@ -342,10 +343,13 @@ impl Install for SharedMemory {
 
 /// Huge pages (private anonymous, or a memfd mapped shared): each
 /// install is of whole 2 MiB pages. The kernel has no huge-page
-/// `ZEROPAGE`, and `MOVE` refuses hugetlb memory.
+/// `ZEROPAGE`, and `MOVE` refuses hugetlb memory; write protection of
+/// whole huge pages (`UFFD_FEATURE_WP_HUGETLBFS_SHMEM`, private and
+/// shared alike) is what offlines keep writes with instead.
 pub(crate) struct Hugetlb {
     uffd: Uffd,
     shared: bool,
+    wp: WriteProtection,
 }
 
 impl Install for Hugetlb {
@@ -358,7 +362,12 @@ impl Install for Hugetlb {
     }
 
     fn supports(&self, op: MemOp) -> bool {
-        matches!(op, MemOp::Copy | MemOp::Wake | MemOp::Poison) || (self.shared && op == MemOp::Continue)
+        match op {
+            MemOp::Copy | MemOp::Wake | MemOp::Poison => true,
+            MemOp::Continue => self.shared,
+            MemOp::WriteProtect => self.wp.on(),
+            MemOp::ZeroPage | MemOp::Move => false,
+        }
     }
 
     fn uffd(&self) -> &Uffd {
@@ -376,6 +385,14 @@ impl Install for Hugetlb {
     unsafe fn zeropage(&self, start: u64, len: usize, dont_wake: bool) -> Result<usize, IoctlError> {
         let _ = (start, len, dont_wake);
         Err(unsupported(Op::ZeroPage))
+    }
+
+    fn writeprotect(&self, start: u64, len: usize, protect: bool, dont_wake: bool) -> Result<(), IoctlError> {
+        self.wp.writeprotect(&self.uffd, start, len, protect, dont_wake)
+    }
+
+    fn no_write_protect(&self) {
+        self.wp.off();
     }
 
     unsafe fn poison(&self, start: u64, len: usize) -> Result<usize, IoctlError> {
@@ -457,6 +474,16 @@ mod tests {
             assert!(limited.supports(op), "{op:?}");
         }
         assert!(!limited.supports(MemOp::Move) && !limited.supports(MemOp::Poison));
+        // Huge pages: write protection where the kernel offers it on
+        // hugetlb (offlines keep writes with it), no ZEROPAGE, no MOVE.
+        for kind in [MemoryKind::PrivateHugetlb, MemoryKind::SharedHugetlb] {
+            let huge = open(Backend::PrivateAnonymous, kind).unwrap().unwrap();
+            let wp = huge.uffd().features().contains(Features::WP_SHMEM);
+            assert_eq!(huge.supports(MemOp::WriteProtect), wp, "{kind:?}");
+            assert!(!huge.supports(MemOp::ZeroPage) && !huge.supports(MemOp::Move), "{kind:?}");
+            huge.no_write_protect();
+            assert!(!huge.supports(MemOp::WriteProtect), "{kind:?}");
+        }
         // The limited descriptor is negotiated like Firecracker's.
         for f in [Features::POISON, Features::MOVE, Features::THREAD_ID] {
             assert!(!limited.uffd().features().contains(f), "{f:?}");

@@ -394,7 +394,10 @@ impl FaultLoop {
     /// it faults again.
     fn on_wp_fault(&mut self, span: tracing::Span, addr: u64, tid: u32, redo: Option<Duration>) {
         let shared = &self.shared;
-        let page_addr = addr & !(PAGE_SIZE as u64 - 1);
+        // Protection is set and cleared in whole pages of the region (2 MiB
+        // on huge pages, where a 4 KiB range is refused).
+        let page_size = shared.ram().locate_host(addr).map_or(PAGE_SIZE, |loc| shared.ram().region(loc).page_size());
+        let page_addr = addr & !(page_size as u64 - 1);
         let held = |s: &Core| {
             s.ram().locate_host(addr).is_some_and(|loc| s.ram().state(loc).0 == PageState::Invalidating)
         };
@@ -406,7 +409,7 @@ impl FaultLoop {
                         shared.stats().deferred.add(1);
                         if let Some(loc) = shared.ram().locate_host(addr) {
                             let gpa = shared.ram().region(loc).page_gpa(loc.page);
-                            shared.notifier().raise_holders(&GuestRange::new(gpa, PAGE_SIZE as u64));
+                            shared.notifier().raise_holders(&GuestRange::new(gpa, page_size as u64));
                         }
                     }
                     let mut d = Deferred::new(span, addr, true, tid, redo);
@@ -416,14 +419,14 @@ impl FaultLoop {
                 }
             } else {
                 span.record("outcome", "retry");
-                shared.wake(page_addr, PAGE_SIZE);
+                shared.wake(page_addr, page_size);
                 return;
             }
         }
         span.record("outcome", "unprotected");
-        if let Err(e) = shared.mem().writeprotect(page_addr, PAGE_SIZE, false, false) {
+        if let Err(e) = shared.mem().writeprotect(page_addr, page_size, false, false) {
             tracing::warn!(target: "apf", error = %e, "apf could not clear write protection on a written page");
-            shared.wake(page_addr, PAGE_SIZE);
+            shared.wake(page_addr, page_size);
         }
     }
 

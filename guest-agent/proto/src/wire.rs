@@ -218,8 +218,8 @@ pub const FLAG_BALLOON: u32 = 16;
 /// replayed into a guest whose pages changed a little.
 pub const FLAG_SCATTERED_CHANGED: u32 = 32;
 /// [`Config::flags`]: guest RAM is made of 2 MiB huge pages, which the
-/// host discards whole only: balloon requests give back whole, aligned
-/// 2 MiB pages.
+/// host discards and offlines whole only: balloon and offline requests
+/// name whole, aligned 2 MiB pages.
 pub const FLAG_BALLOON_HUGE: u32 = 64;
 
 /// What the VMM tells an agent in answer to its hello.
