@@ -315,7 +315,7 @@ stress and verify guest memory while it is offlined underneath, and report.
                          loaded once and mapped private, reads mapped in place, private anonymous
                          2 MiB huge pages, or a memfd of 2 MiB huge pages mapped shared (huge pages
                          are reserved in the kernel's pool for the run); the host storm and the
-                         agents' offlines run on every kind but the huge-page ones
+                         agents' offlines run on every kind (in place where pages cannot move)
   --order O              seq|random: the order of the first pass (touch, restore verify); default seq
   --save-snapshot FILE   write guest RAM and what the agent needs to verify it, at the end
   --restore FILE         start from a snapshot: RAM demand-faulted from FILE, verified first
