@@ -201,6 +201,9 @@ impl Default for RunConfig {
 pub const DEFAULT_OFFLINE_MAX: u64 = 1 << 20;
 /// The largest `--offline-max`.
 pub const MAX_OFFLINE_MAX: u64 = 1 << 30;
+/// How long a restore with a working set installs it before the vCPUs
+/// start, unless `--replay-lead` says otherwise.
+pub const DEFAULT_REPLAY_LEAD: Duration = Duration::from_secs(1);
 
 /// Parses `--offline-max`: a size of whole pages, from one page to 1 GiB.
 pub fn parse_offline_max(s: &str) -> Result<u64, String> {
@@ -325,12 +328,14 @@ stress and verify guest memory while it is offlined underneath, and report.
   --save-working-set FILE  record the pages the guest touches first, in order, and write them to
                          FILE at the end, bound to the snapshot saved (--save-snapshot) or else
                          the one restored (--restore); needs the engine in this process
-  --working-set FILE     with --restore: replay FILE's pages in the background from before the
-                         vCPUs start, demand faults first; a corrupt, truncated, foreign or
-                         other-image file is reported and the restore goes on without replay
+  --working-set FILE     with --restore: replay FILE's pages before the vCPUs start (see
+                         --replay-lead), then in the background, demand faults first; a corrupt,
+                         truncated, foreign or other-image file is reported and the restore goes
+                         on without replay
   --replay-eager         with --working-set: fill every other missing page after the set
   --replay-lead D        with --working-set: before the vCPUs start, install the set at full speed
-                         for at most D (e.g. 200ms); the rest goes in the background (default 0)
+                         for at most D (e.g. 200ms); the rest goes in the background (default
+                         1s; 0: all of it in the background)
   --report-json PATH     write the JSON report
   --plot PATH.svg        write a latency distribution chart (log scale, one series per span kind)
   --chrome-trace PATH    write a Perfetto/Chrome trace of the most recent 200,000 spans
@@ -370,6 +375,7 @@ impl<'a> Options<'a> {
 pub fn parse_run(args: &[String]) -> Result<RunConfig, CliError> {
     let mut c = RunConfig::default();
     let mut storm_asked = false;
+    let mut lead_asked = false;
     let mut options = Options::new(args);
     while let Some((name, inline, arg)) = options.next_option() {
         macro_rules! value {
@@ -463,6 +469,7 @@ pub fn parse_run(args: &[String]) -> Result<RunConfig, CliError> {
             "--replay-lead" => {
                 let v = value!("--replay-lead");
                 c.replay_lead = parse_duration(&v).map_err(|e| invalid("--replay-lead", &v, e))?;
+                lead_asked = true;
                 if c.replay_lead > Duration::from_secs(60) {
                     return Err(invalid("--replay-lead", &v, "at most 60s".into()));
                 }
@@ -550,6 +557,12 @@ pub fn parse_run(args: &[String]) -> Result<RunConfig, CliError> {
         ));
     }
     check_working_set(&c)?;
+    // A working set goes in before the vCPUs start unless told otherwise:
+    // on these machines a replay only in the background, at the lowest
+    // priority beside busy vCPUs, made restores slower than none.
+    if c.working_set.is_some() && !lead_asked {
+        c.replay_lead = DEFAULT_REPLAY_LEAD;
+    }
     if c.backend != Backend::Apf || c.uffd_socket.is_some() {
         c.offline_every = None;
         c.guest_offline = false;
@@ -727,6 +740,11 @@ mod tests {
         assert!(e.to_string().contains("at most 60s"), "{e}");
         let c = run(&["--replay-lead", "150ms", "--restore", "s", "--working-set", "w"]).unwrap();
         assert_eq!(c.replay_lead, Duration::from_millis(150));
+        // A working set has a lead unless told otherwise; 0 asks for none.
+        assert_eq!(run(&["--restore", "s", "--working-set", "w"]).unwrap().replay_lead, DEFAULT_REPLAY_LEAD);
+        let c = run(&["--replay-lead", "0ms", "--restore", "s", "--working-set", "w"]).unwrap();
+        assert_eq!(c.replay_lead, Duration::ZERO);
+        assert_eq!(run(&["--restore", "s"]).unwrap().replay_lead, Duration::ZERO);
         assert_eq!(run(&["--working-set"]), Err(CliError::Missing("--working-set")));
         assert_eq!(run(&["--replay-eager=1"]), Err(CliError::Unknown("--replay-eager=1".into())));
         let c = run(&["--restore", "s", "--working-set=ws", "--replay-eager", "--save-working-set", "ws2"]).unwrap();
