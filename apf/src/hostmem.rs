@@ -433,30 +433,11 @@ impl BlockLock {
     /// ([`HostMemError::LockTimeout`]), then recovers the blocks an earlier
     /// holder left offline (each onlining bounded by [`ONLINE_TIMEOUT`]).
     pub fn acquire(deadline: Instant) -> Result<Self, HostMemError> {
-        let lock_err = |source| HostMemError::Lock { path: LOCK_PATH.into(), source };
-        let start = Instant::now();
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .mode(0o644)
-            .open(LOCK_PATH)
-            .map_err(|source| match source.raw_os_error() {
-            Some(libc::EACCES | libc::EPERM) => HostMemError::NotPermitted { path: LOCK_PATH.into(), source },
-            _ => lock_err(source),
+        let file = lock_file(LOCK_PATH, deadline, LOCK_POLL).map_err(|e| match e {
+            LockFileError::Denied(source) => HostMemError::NotPermitted { path: LOCK_PATH.into(), source },
+            LockFileError::Io(source) => HostMemError::Lock { path: LOCK_PATH.into(), source },
+            LockFileError::Timeout(waited) => HostMemError::LockTimeout { path: LOCK_PATH.into(), waited },
         })?;
-        loop {
-            match flock(&file, FlockOperation::NonBlockingLockExclusive) {
-                Ok(()) => break,
-                Err(rustix::io::Errno::WOULDBLOCK) if Instant::now() < deadline => thread::sleep(LOCK_POLL),
-                Err(rustix::io::Errno::WOULDBLOCK) => {
-                    return Err(HostMemError::LockTimeout { path: LOCK_PATH.into(), waited: start.elapsed() });
-                }
-                Err(rustix::io::Errno::INTR) => {}
-                Err(e) => return Err(lock_err(e.into())),
-            }
-        }
         let mut lock = BlockLock { file, offline: Vec::new(), recovered: Vec::new() };
         lock.recover()?;
         Ok(lock)
@@ -625,6 +606,44 @@ fn write_state(n: u32, op: BlockOp, deadline: Instant) -> Result<Write, HostMemE
         }
         Interruptible::Returned { result: Err(e), .. } => Write::Failed(e),
     })
+}
+
+/// Why [`lock_file`] did not get its lock.
+#[derive(Debug)]
+pub(crate) enum LockFileError {
+    /// The lock file may not be opened or created (`EACCES`, `EPERM`).
+    Denied(io::Error),
+    /// Opening or locking it failed otherwise.
+    Io(io::Error),
+    /// Another process held it until the deadline; how long this one waited.
+    Timeout(Duration),
+}
+
+/// Opens (creating it if need be) the machine-wide lock file at `path` and
+/// takes an exclusive `flock` on it, trying every `poll` until `deadline`.
+/// The lock is held until the returned file is closed.
+pub(crate) fn lock_file(path: &str, deadline: Instant, poll: Duration) -> Result<File, LockFileError> {
+    let start = Instant::now();
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o644)
+        .open(path)
+        .map_err(|e| match e.raw_os_error() {
+            Some(libc::EACCES | libc::EPERM) => LockFileError::Denied(e),
+            _ => LockFileError::Io(e),
+        })?;
+    loop {
+        match flock(&file, FlockOperation::NonBlockingLockExclusive) {
+            Ok(()) => return Ok(file),
+            Err(rustix::io::Errno::WOULDBLOCK) if Instant::now() < deadline => thread::sleep(poll),
+            Err(rustix::io::Errno::WOULDBLOCK) => return Err(LockFileError::Timeout(start.elapsed())),
+            Err(rustix::io::Errno::INTR) => {}
+            Err(e) => return Err(LockFileError::Io(e.into())),
+        }
+    }
 }
 
 /// How a write that [`interruptible_write`] bounds ended.

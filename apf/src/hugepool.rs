@@ -58,16 +58,14 @@
 use std::fmt::Write as _;
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read as _};
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::thread;
 use std::time::{Duration, Instant};
 
-use rustix::fs::{flock, FlockOperation};
 use thiserror::Error;
 
-use crate::hostmem::{interruptible_write, Interruptible};
+use crate::hostmem::{interruptible_write, lock_file, Interruptible, LockFileError};
 
 /// The lock file every process of the project takes around a change of the
 /// huge-page pool; it records the live reservations.
@@ -383,29 +381,11 @@ pub struct PoolLock {
 
 impl PoolLock {
     fn acquire(deadline: Instant) -> Result<PoolLock, HugePoolError> {
-        let start = Instant::now();
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .mode(0o644)
-            .open(LOCK_PATH)
-            .map_err(|source| match source.raw_os_error() {
-            Some(libc::EACCES | libc::EPERM) => HugePoolError::NotPermitted { path: LOCK_PATH.into(), source },
-            _ => lock_err(source),
+        let file = lock_file(LOCK_PATH, deadline, LOCK_POLL).map_err(|e| match e {
+            LockFileError::Denied(source) => HugePoolError::NotPermitted { path: LOCK_PATH.into(), source },
+            LockFileError::Io(source) => lock_err(source),
+            LockFileError::Timeout(waited) => HugePoolError::LockTimeout { path: LOCK_PATH.into(), waited },
         })?;
-        loop {
-            match flock(&file, FlockOperation::NonBlockingLockExclusive) {
-                Ok(()) => break,
-                Err(rustix::io::Errno::WOULDBLOCK) if Instant::now() < deadline => thread::sleep(LOCK_POLL),
-                Err(rustix::io::Errno::WOULDBLOCK) => {
-                    return Err(HugePoolError::LockTimeout { path: LOCK_PATH.into(), waited: start.elapsed() });
-                }
-                Err(rustix::io::Errno::INTR) => {}
-                Err(e) => return Err(lock_err(e.into())),
-            }
-        }
         let mut text = String::new();
         (&file).read_to_string(&mut text).map_err(lock_err)?;
         let mut lock = PoolLock { file, record: Record::parse(&text), recovered: Vec::new() };
@@ -661,7 +641,7 @@ mod tests {
         };
         println!("ready");
         // Killed by the parent long before this.
-        thread::sleep(Duration::from_secs(60));
+        std::thread::sleep(Duration::from_secs(60));
     }
 
     #[test]
