@@ -857,19 +857,7 @@ impl GuestRam {
             | libc::MAP_HUGETLB
             | libc::MAP_HUGE_2MB
             | if noreserve { libc::MAP_NORESERVE } else { 0 };
-        let mut regions = Vec::with_capacity(ranges.len());
-        for &(base, size) in ranges {
-            let map = MmapRegionBuilder::new(size)
-                .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
-                .with_mmap_flags(flags)
-                .build()
-                .map_err(|e| RamError::MapFile { base: base.0, source: mmap_error(e) })?;
-            let region = GuestRegionMmap::new(map, base)
-                .ok_or(RamError::MapFile { base: base.0, source: std::io::Error::from_raw_os_error(libc::EOVERFLOW) })?;
-            regions.push(region);
-        }
-        let mem = GuestMemoryMmap::from_regions(regions)
-            .map_err(|e| RamError::MapFile { base: ranges[0].0 .0, source: std::io::Error::other(e) })?;
+        let mem = map_regions(ranges, None, flags)?;
         Self::from_parts(mem, MemoryKind::PrivateHugetlb, None, None)
     }
 
@@ -885,7 +873,7 @@ impl GuestRam {
         file.set_len(total)
             .map_err(|source| RamError::Memfd(ImageError::Memfd { what: "ftruncate", source }))?;
         let file = Arc::new(file);
-        let mem = map_file_with(ranges, &file, 0, libc::MAP_SHARED)?;
+        let mem = map_regions(ranges, Some((&file, 0)), libc::MAP_SHARED)?;
         Self::from_parts(mem, MemoryKind::SharedHugetlb, Some(file), None)
     }
 
@@ -1259,22 +1247,24 @@ fn map_file(
     base: u64,
     flags: i32,
 ) -> Result<GuestMemoryMmap, RamError> {
-    map_file_with(ranges, file, base, flags | libc::MAP_NORESERVE)
+    map_regions(ranges, Some((file, base)), flags | libc::MAP_NORESERVE)
 }
 
-/// Maps `file` for `ranges`, back to back from offset `base`, with exactly
-/// `flags`.
-fn map_file_with(
+/// Maps `ranges` with exactly `flags`: anonymous memory, or `file` back to
+/// back from offset `base`.
+fn map_regions(
     ranges: &[(GuestAddress, usize)],
-    file: &Arc<File>,
-    base: u64,
+    file: Option<(&Arc<File>, u64)>,
     flags: i32,
 ) -> Result<GuestMemoryMmap, RamError> {
-    let mut off = base;
+    let mut off = file.map_or(0, |(_, base)| base);
     let mut regions = Vec::with_capacity(ranges.len());
     for &(base, size) in ranges {
-        let map = MmapRegionBuilder::new(size)
-            .with_file_offset(vm_memory::FileOffset::from_arc(file.clone(), off))
+        let mut builder = MmapRegionBuilder::new(size);
+        if let Some((file, _)) = file {
+            builder = builder.with_file_offset(vm_memory::FileOffset::from_arc(file.clone(), off));
+        }
+        let map = builder
             .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
             .with_mmap_flags(flags)
             .build()
