@@ -398,31 +398,21 @@ fn migrate_and_evict_of_huge_pages_lose_no_write_of_a_writer_hammering_the_range
                 written
             })
         };
-        let before = engine.stats();
-        let start = Instant::now();
-        let mut rounds = 0;
-        // At least 20 rounds, and until a write met a protected page.
-        while rounds < 20
-            || (engine.stats().write_protect_faults == before.write_protect_faults
-                && start.elapsed() < Duration::from_secs(10))
-        {
-            let mode = if rounds % 2 == 0 { Mode::Migrate } else { Mode::Evict };
-            let report = engine.offline(range, mode, Instant::now() + Duration::from_secs(10));
-            let report = report.unwrap_or_else(|e| panic!("{kind:?} {mode}: {e}"));
-            assert_eq!(report.pages, N as usize);
-            rounds += 1;
-        }
-        let took = start.elapsed();
-        stop.store(true, Ordering::Relaxed);
-        let written = writer.join().unwrap();
-        for (gpa, v) in &written {
-            let at = (gpa - BASE) as usize;
-            expected[at..at + 8].copy_from_slice(&v.to_le_bytes());
-        }
+        let what = format!("{kind:?}");
+        let common::Hammered { rounds, took, writes, before } = common::offline_beside_writer(
+            &engine,
+            range,
+            Some(N as usize),
+            20,
+            &stop,
+            writer,
+            BASE,
+            &mut expected,
+            &what,
+        );
         let stats = engine.stats();
         eprintln!(
-            "{kind:?}: {rounds} offlines of {N} huge pages in {took:?} next to {} writes: {} write-protect faults, {} frames moved, {} pages evicted",
-            written.len(),
+            "{kind:?}: {rounds} offlines of {N} huge pages in {took:?} next to {writes} writes: {} write-protect faults, {} frames moved, {} pages evicted",
             stats.write_protect_faults - before.write_protect_faults,
             stats.frames_moved - before.frames_moved,
             stats.pages_evicted - before.pages_evicted

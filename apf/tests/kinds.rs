@@ -373,31 +373,11 @@ fn migrate_and_evict_of_shared_memory_lose_no_write_of_a_writer_hammering_the_ra
         })
     };
     let range = GuestRange::new(GuestAddress(BASE), (N * PAGE_SIZE) as u64);
-    let before = engine.stats();
-    let start = Instant::now();
-    let mut rounds = 0;
-    // At least 40 rounds, and until a write met a protected page (on a
-    // busy machine the writer may be off the CPU for many rounds).
-    while rounds < 40
-        || (engine.stats().write_protect_faults == before.write_protect_faults
-            && start.elapsed() < Duration::from_secs(10))
-    {
-        let mode = if rounds % 2 == 0 { Mode::Migrate } else { Mode::Evict };
-        let report = engine.offline(range, mode, Instant::now() + Duration::from_secs(10)).unwrap();
-        assert_eq!(report.pages, N);
-        rounds += 1;
-    }
-    let took = start.elapsed();
-    stop.store(true, Ordering::Relaxed);
-    let written = writer.join().unwrap();
-    for (gpa, v) in &written {
-        let at = (gpa - BASE) as usize;
-        expected[at..at + 8].copy_from_slice(&v.to_le_bytes());
-    }
+    let common::Hammered { rounds, took, writes, before } =
+        common::offline_beside_writer(&engine, range, Some(N), 40, &stop, writer, BASE, &mut expected, "shared");
     let stats = engine.stats();
     eprintln!(
-        "{rounds} offlines of {N} pages in {took:?} next to {} writes: {} write-protect faults, {} frames moved, {} pages evicted",
-        written.len(),
+        "{rounds} offlines of {N} pages in {took:?} next to {writes} writes: {} write-protect faults, {} frames moved, {} pages evicted",
         stats.write_protect_faults - before.write_protect_faults,
         stats.frames_moved - before.frames_moved,
         stats.pages_evicted - before.pages_evicted
@@ -715,27 +695,11 @@ fn migrate_and_evict_of_an_image_keep_every_write_and_leave_the_image_shared() {
         })
     };
     let range = GuestRange::new(GuestAddress(BASE), (N * PAGE_SIZE) as u64);
-    let before = engine.stats();
-    let start = Instant::now();
-    let mut rounds = 0;
-    while rounds < 40
-        || (engine.stats().write_protect_faults == before.write_protect_faults
-            && start.elapsed() < Duration::from_secs(10))
-    {
-        let mode = if rounds % 2 == 0 { Mode::Migrate } else { Mode::Evict };
-        engine.offline(range, mode, Instant::now() + Duration::from_secs(10)).unwrap();
-        rounds += 1;
-    }
-    stop.store(true, Ordering::Relaxed);
-    let written = writer.join().unwrap();
-    for (gpa, v) in &written {
-        let at = (gpa - BASE) as usize;
-        expected[at..at + 8].copy_from_slice(&v.to_le_bytes());
-    }
+    let common::Hammered { rounds, writes, before, .. } =
+        common::offline_beside_writer(&engine, range, None, 40, &stop, writer, BASE, &mut expected, "image");
     let stats = engine.stats();
     eprintln!(
-        "{rounds} image offlines of {N} pages next to {} writes: {} write-protect faults, {} frames moved, {} evicted, {} removes",
-        written.len(),
+        "{rounds} image offlines of {N} pages next to {writes} writes: {} write-protect faults, {} frames moved, {} evicted, {} removes",
         stats.write_protect_faults - before.write_protect_faults,
         stats.frames_moved - before.frames_moved,
         stats.pages_evicted - before.pages_evicted,

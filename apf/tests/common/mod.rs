@@ -13,6 +13,8 @@
 //!   balloon's `MADV_DONTNEED`.
 //! - [`busy`]: the holders an offline that came back `Busy` names.
 //! - Bounded waits: [`wait_for`] a flag, run a closure [`within`] a limit.
+//! - [`offline_beside_writer`]: migrates and evicts a range in turn beside
+//!   a writer thread, for the tests that no write is lost.
 
 // Each test file uses its own part of the toolkit; what one file leaves
 // unused is not dead.
@@ -527,3 +529,60 @@ macro_rules! on_both_backends {
 }
 #[allow(unused_imports)]
 pub(crate) use on_both_backends;
+
+/// What [`offline_beside_writer`] did.
+pub struct Hammered {
+    /// Offlines run.
+    pub rounds: usize,
+    /// Their time.
+    pub took: Duration,
+    /// Words the writer wrote.
+    pub writes: usize,
+    /// The engine's counters before the first offline.
+    pub before: apf::StatsSnapshot,
+}
+
+/// Migrates and evicts `range` in turn beside `writer` (a thread writing
+/// until `stop` is set, which returns every (guest address, value) it
+/// wrote), at least `min_rounds` times and until a write met a
+/// write-protected page, or 10 s passed (on a busy machine the writer may
+/// be off the CPU for many rounds). Each offline must succeed and, when
+/// `pages` is given, take that many pages. Then stops the writer and puts
+/// what it wrote into `expected`, the bytes of guest RAM from `base`.
+#[allow(clippy::too_many_arguments)]
+pub fn offline_beside_writer(
+    engine: &apf::Engine,
+    range: GuestRange,
+    pages: Option<usize>,
+    min_rounds: usize,
+    stop: &AtomicBool,
+    writer: std::thread::JoinHandle<Vec<(u64, u64)>>,
+    base: u64,
+    expected: &mut [u8],
+    what: &str,
+) -> Hammered {
+    use apf::Mode;
+    let before = engine.stats();
+    let start = Instant::now();
+    let mut rounds = 0;
+    while rounds < min_rounds
+        || (engine.stats().write_protect_faults == before.write_protect_faults
+            && start.elapsed() < Duration::from_secs(10))
+    {
+        let mode = if rounds % 2 == 0 { Mode::Migrate } else { Mode::Evict };
+        let report = engine.offline(range, mode, Instant::now() + Duration::from_secs(10));
+        let report = report.unwrap_or_else(|e| panic!("{what} {mode}: {e}"));
+        if let Some(pages) = pages {
+            assert_eq!(report.pages, pages, "{what} {mode}");
+        }
+        rounds += 1;
+    }
+    let took = start.elapsed();
+    stop.store(true, Ordering::Relaxed);
+    let written = writer.join().unwrap();
+    for (gpa, v) in &written {
+        let at = (gpa - base) as usize;
+        expected[at..at + 8].copy_from_slice(&v.to_le_bytes());
+    }
+    Hammered { rounds, took, writes: written.len(), before }
+}
