@@ -145,9 +145,20 @@ impl BenchReport {
         median(a.samples.iter().zip(&b.samples).map(|(x, y)| rate(x) / rate(y).max(1e-9)).collect())
     }
 
-    /// apf's best restorer over the kernel's file mapping on `workload`.
-    fn best_restore(&self, workload: &str) -> f64 {
-        self.ratio(workload, "apf-zero-copy", "kernel-file").max(self.ratio(workload, "apf-copy", "kernel-file"))
+    /// apf's best restorer over the kernel's file mapping on `workload`:
+    /// over 4 KiB pages, or with huge pages too.
+    fn best_restore(&self, workload: &str, huge: bool) -> f64 {
+        let small = ["apf-zero-copy", "apf-copy"];
+        let all = ["apf-zero-copy", "apf-copy", "apf-zero-copy-hugetlb", "apf-copy-hugetlb"];
+        let paths: &[&str] = if huge { &all } else { &small };
+        paths.iter().map(|v| self.ratio(workload, v, "kernel-file")).fold(0.0, f64::max)
+    }
+
+    /// A restore path over 2 MiB huge pages over the same path over
+    /// 4 KiB pages on `workload`, for whichever path gains most.
+    fn huge_over_small(&self, workload: &str) -> f64 {
+        self.ratio(workload, "apf-zero-copy-hugetlb", "apf-zero-copy")
+            .max(self.ratio(workload, "apf-copy-hugetlb", "apf-copy"))
     }
 
     /// apf's best guest restore (copy or zero-copy) over the kernel's file
@@ -168,11 +179,11 @@ impl BenchReport {
             ("offline_pins_vs_nopin", self.offline_ms.1 / self.offline_ms.0.max(1e-9)),
             ("fault_latency_storm_vs_quiet", self.storm_ratio),
             ("tracing_overhead", self.ratio("host/random/zero", "apf", "apf-traced")),
-            ("restore_read_seq_vs_kernel_file", self.best_restore("host/seq/restore-reads")),
-            ("restore_read_random_vs_kernel_file", self.best_restore("host/random/restore-reads")),
-            ("restore_write_vs_kernel_file", self.best_restore("host/seq/restore-writes")),
+            ("restore_read_seq_vs_kernel_file", self.best_restore("host/seq/restore-reads", true)),
+            ("restore_read_random_vs_kernel_file", self.best_restore("host/random/restore-reads", true)),
+            ("restore_write_vs_kernel_file", self.best_restore("host/seq/restore-writes", true)),
             ("clones4_memory_vs_one_image", self.clones4_memory),
-            ("hugetlb_restore_vs_4k", self.ratio("host/seq/restore-reads", "apf-copy-hugetlb", "apf-copy")),
+            ("hugetlb_restore_vs_4k", self.huge_over_small("host/seq/restore-reads")),
             ("pin_1gib_4k_vs_hugetlb", {
                 let (small, huge) = self.pin_1gib_ms;
                 if small > 0.0 && huge > 0.0 {
@@ -188,8 +199,13 @@ impl BenchReport {
             ("guest_seq_zero_apf_vs_baseline", self.ratio("guest/seq/zero", "apf", "baseline")),
             ("guest_random_zero_apf_vs_baseline", self.ratio("guest/random/zero", "apf", "baseline")),
             ("guest_random_apf_vs_kernel", self.ratio("guest/random/zero", "apf", "kernel")),
-            ("restore_write_random_vs_kernel_file", self.best_restore("host/random/restore-writes")),
-            ("restore_read_write_vs_kernel_file", self.best_restore("host/seq/restore-read-writes")),
+            ("restore_write_random_vs_kernel_file", self.best_restore("host/random/restore-writes", true)),
+            ("restore_read_write_vs_kernel_file", self.best_restore("host/seq/restore-read-writes", true)),
+            ("restore_read_seq_4k_vs_kernel_file", self.best_restore("host/seq/restore-reads", false)),
+            ("restore_read_random_4k_vs_kernel_file", self.best_restore("host/random/restore-reads", false)),
+            ("restore_write_4k_vs_kernel_file", self.best_restore("host/seq/restore-writes", false)),
+            ("hugetlb_restore_copy_vs_4k", self.ratio("host/seq/restore-reads", "apf-copy-hugetlb", "apf-copy")),
+            ("hugetlb_restore_zero_copy_vs_4k", self.ratio("host/seq/restore-reads", "apf-zero-copy-hugetlb", "apf-zero-copy")),
             ("restore_read_seq_zero_copy_vs_copy", self.ratio("host/seq/restore-reads", "apf-zero-copy", "apf-copy")),
             ("guest_restore_seq_vs_kernel_file", self.best_guest_restore("guest/seq/file")),
             ("guest_restore_random_vs_kernel_file", self.best_guest_restore("guest/random/file")),

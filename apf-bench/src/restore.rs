@@ -31,12 +31,21 @@ pub enum Restorer {
     /// apf over private anonymous 2 MiB huge pages (`MAP_HUGETLB`),
     /// `UFFDIO_COPY` from the file of whole huge pages.
     ApfCopyHugetlb,
+    /// apf over an image loaded into 2 MiB huge pages
+    /// ([`Image::load_hugetlb`]) mapped private: reads map whole huge pages
+    /// of the image in place, first writes get private copies of them.
+    ApfZeroCopyHugetlb,
 }
 
 impl Restorer {
     /// Every restorer, in the order each round runs them.
-    pub const ALL: [Restorer; 4] =
-        [Restorer::KernelFile, Restorer::ApfCopy, Restorer::ApfZeroCopy, Restorer::ApfCopyHugetlb];
+    pub const ALL: [Restorer; 5] = [
+        Restorer::KernelFile,
+        Restorer::ApfCopy,
+        Restorer::ApfZeroCopy,
+        Restorer::ApfCopyHugetlb,
+        Restorer::ApfZeroCopyHugetlb,
+    ];
 
     /// Its name in the report.
     pub fn name(self) -> &'static str {
@@ -45,6 +54,7 @@ impl Restorer {
             Restorer::ApfCopy => "apf-copy",
             Restorer::ApfZeroCopy => "apf-zero-copy",
             Restorer::ApfCopyHugetlb => "apf-copy-hugetlb",
+            Restorer::ApfZeroCopyHugetlb => "apf-zero-copy-hugetlb",
         }
     }
 }
@@ -107,15 +117,25 @@ impl Drop for FileMapping {
     }
 }
 
+/// The images loaded from the snapshot file for one round: 4 KiB pages,
+/// and 2 MiB huge pages (`None` without huge pages).
+#[derive(Debug)]
+pub struct Images {
+    /// [`Image::load`].
+    pub small: Arc<Image>,
+    /// [`Image::load_hugetlb`].
+    pub huge: Option<Arc<Image>>,
+}
+
 /// One pass: two threads touch every page of `bytes` restored from
 /// `path` (written with `Pattern { seed: 1 }` at offset = address), or
-/// from `image` (loaded from it) for the zero-copy restorer.
+/// from `images` (loaded from it) for the zero-copy restorers.
 pub fn restore_pass(
     restorer: Restorer,
     access: Access,
     random: bool,
     path: &Path,
-    image: &Arc<Image>,
+    images: &Images,
     bytes: u64,
     seed: u64,
 ) -> Result<Sample, String> {
@@ -145,7 +165,11 @@ pub fn restore_pass(
             ram = Some(r);
             ram.as_ref().map_or(0, |r| r.regions()[0].host_base() as usize)
         }
-        Restorer::ApfZeroCopy => {
+        Restorer::ApfZeroCopy | Restorer::ApfZeroCopyHugetlb => {
+            let image = match restorer {
+                Restorer::ApfZeroCopy => &images.small,
+                _ => images.huge.as_ref().ok_or("no huge-page image (no huge pages reserved)")?,
+            };
             let r = Arc::new(GuestRam::image(&ranges, image.clone()).map_err(|e| err(&e))?);
             let source = r.image_source().ok_or("image RAM has an image source")?;
             let none = tracing::Dispatch::none();
@@ -279,10 +303,11 @@ fn anon_bytes() -> Result<u64, String> {
 
 /// Loads the image from `path` (timing it), then reads the file back into
 /// the page cache, which loading dropped, so the other restorers find it
-/// there as before.
-pub fn load_image(path: &Path) -> Result<(Arc<Image>, Duration), String> {
-    let image = Image::load(path).map_err(|e| e.to_string())?;
-    let took = image.load_time().unwrap_or_default();
+/// there as before. With `huge`, also the image in huge pages.
+pub fn load_image(path: &Path, huge: bool) -> Result<(Images, Duration), String> {
+    let small = Image::load(path).map_err(|e| e.to_string())?;
+    let took = small.load_time().unwrap_or_default();
+    let huge = if huge { Some(Image::load_hugetlb(path).map_err(|e| format!("huge-page image: {e}"))?) } else { None };
     let _ = std::fs::read(path).map_err(|e| e.to_string())?;
-    Ok((image, took))
+    Ok((Images { small, huge }, took))
 }

@@ -478,11 +478,11 @@ fn restore_part(
     let mut loads = Vec::new();
     for round in 0..rounds {
         log(&format!("round {}/{rounds}: restore", round + 1));
-        let (image, took) = load_image(path)?;
+        let (images, took) = load_image(path, pool.is_ok())?;
         loads.push(took.as_secs_f64() * 1e3);
         for (i, &(access, random)) in workloads.iter().enumerate() {
             for (k, r) in Restorer::ALL.iter().enumerate() {
-                match restore_pass(*r, access, random, path, &image, bytes, 5 + round as u64) {
+                match restore_pass(*r, access, random, path, &images, bytes, 5 + round as u64) {
                     Ok(s) => report.workloads[first + i].series[k].samples.push(s),
                     Err(e) => report.errors.push(format!("{}: {e}", report.workloads[first + i].name)),
                 }
@@ -499,8 +499,8 @@ fn restore_part(
     }
     drop(pool);
     log("memory of 4 clones of one image");
-    let (image, _) = load_image(path)?;
-    report.clones4_memory = clones_memory(&image, 4)?;
+    let (images, _) = load_image(path, false)?;
+    report.clones4_memory = clones_memory(&images.small, 4)?;
     Ok(())
 }
 

@@ -45,7 +45,7 @@ use crate::working_set::{ImageId, WorkingSet};
 use crate::notifier::InvalidateEvent;
 use crate::offline::{Mode, OfflineError, OfflineReport, Staging, STAGING_PAGES};
 use crate::pin::{HardPin, PageRef, Pin, PinError};
-use crate::ram::{GuestAddress, GuestRam, GuestRange, MemoryKind, RamError, RemoteRegion};
+use crate::ram::{GuestAddress, GuestRam, GuestRange, RamError, RemoteRegion};
 use crate::source::{EvictionStore, PageSource};
 use crate::uffd::{Features, RegisterMode, Uffd, UffdError};
 
@@ -377,10 +377,10 @@ impl Engine {
                 None => return Err(EngineError::Config("the limited backend serves private anonymous memory only")),
             },
         };
-        if kind == MemoryKind::Image && !mem.supports(MemOp::Continue) {
+        if kind.is_image() && !mem.supports(MemOp::Continue) {
             return Err(EngineError::Config("image RAM needs UFFDIO_CONTINUE"));
         }
-        if kind == MemoryKind::Image && !b.ram.is_image_source(&b.source) {
+        if kind.is_image() && !b.ram.is_image_source(&b.source) {
             // Reads map the image's pages in place: any other source
             // would disagree with them on write faults.
             return Err(EngineError::Config("image RAM is served from its image: pass GuestRam::image_source()"));

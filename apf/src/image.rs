@@ -23,7 +23,7 @@ use vm_memory::FileOffset;
 
 use crate::ram::{GuestAddress, GuestRange};
 use crate::source::{PageSource, SourceError, SourceKind};
-use crate::uffd::PAGE_SIZE;
+use crate::uffd::{HUGE_PAGE_SIZE, PAGE_SIZE};
 
 /// `TMPFS_MAGIC` from <linux/magic.h>: a file there lives in the page
 /// cache already, as a memfd's pages do.
@@ -84,6 +84,12 @@ pub struct Image {
     load_time: Option<Duration>,
     /// The memfd refuses writes (`F_SEAL_WRITE`).
     write_sealed: std::sync::atomic::AtomicBool,
+    /// Whether the image is made of 2 MiB huge pages (`MFD_HUGETLB`).
+    huge: bool,
+    /// For a loaded image, which of its pages hold data (one bit each; the
+    /// others are holes, which read as zeros): known from loading, and
+    /// fixed, since nobody writes it. `None` for a file used in place.
+    data: Option<Vec<u64>>,
 }
 
 /// Seals a freshly loaded memfd: never resized (a mapping past its end
@@ -141,33 +147,107 @@ impl Image {
             return Err(read_err(short));
         }
         if offset % PAGE_SIZE as u64 == 0 && on_tmpfs(&src).map_err(read_err)? {
-            return Self::new(path, src, offset, len, None);
+            return Self::new(path, src, offset, len, None, false, None);
         }
         let started = Instant::now();
         let memfd = memfd("apf-image")?;
         memfd.set_len(len).map_err(|source| ImageError::Memfd { what: "ftruncate", source })?;
-        let mut buf = vec![0u8; LOAD_CHUNK];
-        let mut off = 0u64;
-        while off < len {
-            let n = (len - off).min(LOAD_CHUNK as u64) as usize;
-            src.read_exact_at(&mut buf[..n], offset + off).map_err(read_err)?;
-            // Zero pages stay holes: no memory, zeros when read. The other
-            // pages go in as runs, one write each.
-            let data = |i: usize| buf[i * PAGE_SIZE..((i + 1) * PAGE_SIZE).min(n)].iter().any(|&b| b != 0);
-            for (a, b) in crate::ram::runs(n.div_ceil(PAGE_SIZE), data) {
-                let bytes = &buf[a * PAGE_SIZE..(b * PAGE_SIZE).min(n)];
-                let at = off + (a * PAGE_SIZE) as u64;
-                memfd.write_all_at(bytes, at).map_err(|source| ImageError::Memfd { what: "write", source })?;
-            }
-            off += n as u64;
+        let mut data = Bits::new(len.div_ceil(PAGE_SIZE as u64) as usize);
+        load_chunks(&src, offset, len, PAGE_SIZE, |at, bytes| {
+            data.set(at as usize / PAGE_SIZE, bytes.len().div_ceil(PAGE_SIZE));
+            memfd.write_all_at(bytes, at).map_err(|source| ImageError::Memfd { what: "write", source })
+        })
+        .map_err(|e| e.into_image_error(&path))?;
+        Self::finish(path, src, memfd, offset, len, started, false, data)
+    }
+
+    /// [`Image::load`] into 2 MiB huge pages (a memfd made with
+    /// `MFD_HUGETLB`), for guests mapping it over huge pages
+    /// ([`GuestRam::image`](crate::GuestRam::image) then makes
+    /// [`MemoryKind::HugetlbImage`](crate::MemoryKind::HugetlbImage)):
+    /// a read fault maps a whole huge page of the image in place, one
+    /// `UFFDIO_CONTINUE` per 2 MiB. The image is rounded up to whole huge
+    /// pages (the tail reads zeros); its all-zero huge pages are left as
+    /// holes. Its pages come from the huge-page pool (see
+    /// [`hugepool`](crate::hugepool)): a pool too small for the image fails
+    /// here with [`ImageError::Memfd`] (`fallocate`: `ENOSPC`), nothing
+    /// half-loaded kept.
+    pub fn load_hugetlb(path: impl AsRef<Path>) -> Result<Arc<Image>, ImageError> {
+        let path = path.as_ref().to_path_buf();
+        let read_err = |source| ImageError::Read { path: path.clone(), source };
+        let src = File::open(&path).map_err(read_err)?;
+        let size = src.metadata().map_err(read_err)?.len();
+        if size == 0 {
+            return Err(ImageError::Empty(path));
         }
+        let started = Instant::now();
+        let len = size.div_ceil(HUGE_PAGE_SIZE as u64) * HUGE_PAGE_SIZE as u64;
+        let memfd = memfd_with("apf-image-huge", libc::MFD_ALLOW_SEALING | libc::MFD_HUGETLB | libc::MFD_HUGE_2MB)?;
+        memfd.set_len(len).map_err(|source| ImageError::Memfd { what: "ftruncate", source })?;
+        // hugetlbfs has no `write`: the data goes in through a shared
+        // mapping, over pages allocated first (`fallocate` fails cleanly
+        // on a short pool, where a fault would raise SIGBUS), so the
+        // mapping reserves nothing itself.
+        let map: MmapRegion = MmapRegionBuilder::new(len as usize)
+            .with_file_offset(FileOffset::new(memfd.try_clone().map_err(|source| ImageError::Memfd { what: "dup", source })?, 0))
+            .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+            .with_mmap_flags(libc::MAP_SHARED | libc::MAP_NORESERVE)
+            .build()
+            .map_err(|e| ImageError::Memfd { what: "mmap", source: crate::ram::mmap_error(e) })?;
+        let mut data = Bits::new((len / HUGE_PAGE_SIZE as u64) as usize);
+        load_chunks(&src, 0, size, HUGE_PAGE_SIZE, |at, bytes| {
+            // SAFETY: fallocate allocates pages of the memfd's range; it
+            // reads nothing from this process's memory.
+            let ret = unsafe { libc::fallocate(memfd.as_raw_fd(), 0, at as i64, bytes.len().next_multiple_of(HUGE_PAGE_SIZE) as i64) };
+            if ret < 0 {
+                return Err(ImageError::Memfd { what: "fallocate", source: io::Error::last_os_error() });
+            }
+            data.set(at as usize / HUGE_PAGE_SIZE, bytes.len().div_ceil(HUGE_PAGE_SIZE));
+            // SAFETY: `[at, at + len)` lies inside the mapping (`at + len`
+            // is at most the file's size, which `len` rounds up), whose
+            // pages were just allocated; nothing else references it.
+            unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), map.as_ptr().add(at as usize), bytes.len()) };
+            Ok(())
+        })
+        .map_err(|e| e.into_image_error(&path))?;
+        drop(map);
+        Self::finish(path, src, memfd, 0, len, started, true, data)
+    }
+
+    /// Seals a loaded memfd, drops the source file's page cache and maps
+    /// the view.
+    #[allow(clippy::too_many_arguments)]
+    fn finish(
+        path: PathBuf,
+        src: File,
+        memfd: File,
+        offset: u64,
+        len: u64,
+        started: Instant,
+        huge: bool,
+        data: Bits,
+    ) -> Result<Arc<Image>, ImageError> {
         let write_sealed = seal(&memfd)?;
         // The image is the copy kept in memory; the file's pages would be a
         // second one. Advice only: a failure costs memory, not correctness.
         // SAFETY: posix_fadvise reads nothing from this process's memory.
         let _ = unsafe { libc::posix_fadvise(src.as_raw_fd(), offset as i64, len as i64, libc::POSIX_FADV_DONTNEED) };
-        let image = Self::new(path, memfd, 0, len, Some(started.elapsed()))?;
+        let image = Self::new(path, memfd, 0, len, Some(started.elapsed()), huge, Some(data.0))?;
         image.write_sealed.store(write_sealed, std::sync::atomic::Ordering::Relaxed);
+        if huge {
+            // Map the view's data pages (never its holes: a fault there
+            // would allocate one): write faults copy from it, and a `COPY`
+            // reads its source with page faults disabled.
+            let page = HUGE_PAGE_SIZE;
+            let pages = (len as usize) / page;
+            for (a, b) in crate::ram::runs(pages, |i| image.holds_data(i as u64 * page as u64) == Some(true)) {
+                // SAFETY: MADV_POPULATE_READ maps pages of the view, which
+                // holds data there; it changes no contents.
+                unsafe {
+                    libc::madvise(image.view.as_ptr().add(a * page).cast(), (b - a) * page, libc::MADV_POPULATE_READ)
+                };
+            }
+        }
         Ok(image)
     }
 
@@ -188,19 +268,54 @@ impl Image {
             let bad = io::Error::new(io::ErrorKind::InvalidInput, format!("{size} bytes, not {offset} + {len} (page-aligned)"));
             return Err(read_err(bad));
         }
-        Self::new(path, src, offset, len, None)
+        Self::new(path, src, offset, len, None, false, None)
     }
 
-    fn new(path: PathBuf, file: File, base: u64, len: u64, load_time: Option<Duration>) -> Result<Arc<Image>, ImageError> {
+    fn new(
+        path: PathBuf,
+        file: File,
+        base: u64,
+        len: u64,
+        load_time: Option<Duration>,
+        huge: bool,
+        data: Option<Vec<u64>>,
+    ) -> Result<Arc<Image>, ImageError> {
         let file = Arc::new(file);
+        // A huge image's view reserves nothing: only its data pages are
+        // ever mapped, and they exist.
+        let noreserve = if huge { libc::MAP_NORESERVE } else { 0 };
         let view = MmapRegionBuilder::new(len as usize)
             .with_file_offset(FileOffset::from_arc(file.clone(), base))
             .with_mmap_prot(libc::PROT_READ)
-            .with_mmap_flags(libc::MAP_SHARED)
+            .with_mmap_flags(libc::MAP_SHARED | noreserve)
             .build()
             .map_err(|e| ImageError::Memfd { what: "mmap", source: crate::ram::mmap_error(e) })?;
         let write_sealed = std::sync::atomic::AtomicBool::new(false);
-        Ok(Arc::new(Image { path, file, base, len, view, load_time, write_sealed }))
+        Ok(Arc::new(Image { path, file, base, len, view, load_time, write_sealed, huge, data }))
+    }
+
+    /// Whether the image is made of 2 MiB huge pages
+    /// ([`Image::load_hugetlb`]).
+    pub fn is_huge(&self) -> bool {
+        self.huge
+    }
+
+    /// The size of the image's pages.
+    pub fn page_size(&self) -> usize {
+        if self.huge {
+            HUGE_PAGE_SIZE
+        } else {
+            PAGE_SIZE
+        }
+    }
+
+    /// Whether the image's page at byte `off` holds data (`false`: a hole,
+    /// zeros), as loading found it; `None` when not known (a file used in
+    /// place) or past the end.
+    pub(crate) fn holds_data(&self, off: u64) -> Option<bool> {
+        let data = self.data.as_ref()?;
+        let i = (off / self.page_size() as u64) as usize;
+        data.get(i / 64).map(|w| w >> (i % 64) & 1 != 0)
     }
 
     /// Where the image starts in its file.
@@ -279,6 +394,12 @@ impl ImageSource {
         &self.image
     }
 
+    /// Whether the image holds data for the guest page at `gpa` (`false`:
+    /// a hole, zeros), as loading found it; `None` if not known.
+    pub(crate) fn holds_data(&self, gpa: GuestAddress) -> Option<bool> {
+        self.image.holds_data(self.offset_of(gpa, 1)?)
+    }
+
     fn offset_of(&self, gpa: GuestAddress, len: usize) -> Option<u64> {
         self.layout.iter().find_map(|(r, off)| {
             let inside = gpa.0 >= r.start.0 && gpa.0.checked_add(len as u64).is_some_and(|end| end <= r.end());
@@ -307,6 +428,63 @@ impl PageSource for ImageSource {
     fn name(&self) -> &'static str {
         "image"
     }
+}
+
+/// One bit per page.
+struct Bits(Vec<u64>);
+
+impl Bits {
+    fn new(pages: usize) -> Bits {
+        Bits(vec![0; pages.div_ceil(64)])
+    }
+
+    /// Sets bits `[first, first + count)`.
+    fn set(&mut self, first: usize, count: usize) {
+        for i in first..first + count {
+            self.0[i / 64] |= 1 << (i % 64);
+        }
+    }
+}
+
+/// Why loading stopped: reading the file, or storing what was read.
+enum LoadError {
+    Read(io::Error),
+    Store(ImageError),
+}
+
+impl LoadError {
+    fn into_image_error(self, path: &Path) -> ImageError {
+        match self {
+            LoadError::Read(source) => ImageError::Read { path: path.to_path_buf(), source },
+            LoadError::Store(e) => e,
+        }
+    }
+}
+
+/// Reads `len` bytes at `offset` of `src` in chunks and hands `store` each
+/// run of pages of `page` bytes that holds data, as (offset from
+/// `offset`, bytes); all-zero pages are skipped (holes). A run's last
+/// page may be short at the end of the file.
+fn load_chunks(
+    src: &File,
+    offset: u64,
+    len: u64,
+    page: usize,
+    mut store: impl FnMut(u64, &[u8]) -> Result<(), ImageError>,
+) -> Result<(), LoadError> {
+    let chunk = LOAD_CHUNK.max(page);
+    let mut buf = vec![0u8; chunk];
+    let mut off = 0u64;
+    while off < len {
+        let n = (len - off).min(chunk as u64) as usize;
+        src.read_exact_at(&mut buf[..n], offset + off).map_err(LoadError::Read)?;
+        let data = |i: usize| buf[i * page..((i + 1) * page).min(n)].iter().any(|&b| b != 0);
+        for (a, b) in crate::ram::runs(n.div_ceil(page), data) {
+            store(off + (a * page) as u64, &buf[a * page..(b * page).min(n)]).map_err(LoadError::Store)?;
+        }
+        off += n as u64;
+    }
+    Ok(())
 }
 
 /// Whether `file` lives on tmpfs.

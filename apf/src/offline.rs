@@ -1470,7 +1470,7 @@ impl Work<'_> {
 
     /// `Migrate` or `Evict` of shared memory, pages `c0..c0 + n`.
     fn copy_out_in_place(&mut self, c0: usize, n: usize) {
-        if matches!(self.shared.ram().kind(), MemoryKind::Image | MemoryKind::PrivateHugetlb) {
+        if matches!(self.shared.ram().kind(), MemoryKind::Image | MemoryKind::PrivateHugetlb | MemoryKind::HugetlbImage) {
             return self.copy_out_private(c0, n);
         }
         let ps = self.page_size();

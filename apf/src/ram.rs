@@ -194,6 +194,10 @@ pub enum MemoryKind {
     /// Private anonymous 2 MiB huge pages (`MAP_HUGETLB`, optionally
     /// `MAP_NORESERVE`, as Firecracker maps guest RAM with huge pages).
     PrivateHugetlb,
+    /// An [`Image`] of 2 MiB huge pages ([`Image::load_hugetlb`]) mapped
+    /// private: a read fault maps a whole huge page of the image in place
+    /// (`CONTINUE`), a first write gets a private copy of it (`COPY`).
+    HugetlbImage,
     /// A memfd of 2 MiB huge pages (`MFD_HUGETLB`) mapped shared.
     /// Registered MISSING and MINOR: the kernel cannot be asked what its
     /// page cache holds (`mincore` reads page tables, `SEEK_DATA` calls
@@ -218,7 +222,13 @@ impl MemoryKind {
 
     /// Whether its pages are 2 MiB huge pages.
     pub fn is_huge(self) -> bool {
-        matches!(self, MemoryKind::PrivateHugetlb | MemoryKind::SharedHugetlb)
+        matches!(self, MemoryKind::PrivateHugetlb | MemoryKind::SharedHugetlb | MemoryKind::HugetlbImage)
+    }
+
+    /// Whether it is an image mapped private (small or huge pages): reads
+    /// map the image's own pages, writes get private copies.
+    pub fn is_image(self) -> bool {
+        matches!(self, MemoryKind::Image | MemoryKind::HugetlbImage)
     }
 
     /// The size of its pages in bytes.
@@ -235,7 +245,9 @@ impl MemoryKind {
         match self {
             // Shared huge pages: MINOR too, for `CONTINUE` to map a page
             // the page cache holds (see `SharedHugetlb`).
-            MemoryKind::Image | MemoryKind::SharedHugetlb => RegisterMode::MISSING | RegisterMode::MINOR,
+            MemoryKind::Image | MemoryKind::HugetlbImage | MemoryKind::SharedHugetlb => {
+                RegisterMode::MISSING | RegisterMode::MINOR
+            }
             _ => RegisterMode::MISSING,
         }
     }
@@ -250,8 +262,9 @@ impl std::str::FromStr for MemoryKind {
             "image" => Ok(MemoryKind::Image),
             "hugetlb" => Ok(MemoryKind::PrivateHugetlb),
             "shared-hugetlb" => Ok(MemoryKind::SharedHugetlb),
+            "hugetlb-image" => Ok(MemoryKind::HugetlbImage),
             other => Err(format!(
-                "unknown memory kind {other:?} (expected anonymous, shared, image, hugetlb or shared-hugetlb)"
+                "unknown memory kind {other:?} (expected anonymous, shared, image, hugetlb, shared-hugetlb or hugetlb-image)"
             )),
         }
     }
@@ -822,14 +835,25 @@ impl GuestRam {
     /// to back from offset 0, as [`crate::SnapshotFile::open`] reads them.
     /// Many guests may map one image; each shares its pages until it
     /// writes them. Serve it with [`GuestRam::image_source`] as the source.
+    ///
+    /// An image of huge pages ([`Image::load_hugetlb`]) makes
+    /// [`MemoryKind::HugetlbImage`]: `ranges` must be 2 MiB-aligned, and the
+    /// mapping reserves one huge page per 2 MiB of guest RAM from the pool
+    /// for the private copies writes make (so a write never meets a dry
+    /// pool), while reads share the image's pages.
     pub fn image(ranges: &[(GuestAddress, usize)], image: Arc<Image>) -> Result<Self, RamError> {
-        check_ranges(ranges)?;
+        let kind = if image.is_huge() { MemoryKind::HugetlbImage } else { MemoryKind::Image };
+        check_ranges_to(ranges, image.page_size() as u64)?;
         let needed: u64 = ranges.iter().map(|r| r.1 as u64).sum();
         if image.len() < needed {
             return Err(RamError::ImageTooShort { needed, image: image.len() });
         }
         let file = image.file().clone();
-        let mem = map_file(ranges, &file, image.base(), libc::MAP_PRIVATE)?;
+        let mem = if image.is_huge() {
+            map_regions(ranges, Some((&file, image.base())), libc::MAP_PRIVATE)?
+        } else {
+            map_file(ranges, &file, image.base(), libc::MAP_PRIVATE)?
+        };
         let mut off = 0;
         let layout = ranges
             .iter()
@@ -840,7 +864,7 @@ impl GuestRam {
             })
             .collect();
         let source = Arc::new(ImageSource::new(image, layout));
-        Self::from_parts(mem, MemoryKind::Image, Some(file), Some(source))
+        Self::from_parts(mem, kind, Some(file), Some(source))
     }
 
     /// Maps fresh private anonymous memory of 2 MiB huge pages
@@ -1012,6 +1036,29 @@ impl GuestRam {
     /// the page cache of the file behind it (shared memfd, image) holds
     /// (`true`) or not, as `(first, end, data)` page indices; `None` for
     /// anonymous memory.
+    /// For image RAM whose image was loaded (not a file used in place):
+    /// the runs of pages `[first, first + count)` of `region` where the
+    /// image holds data (`true`) or a hole, as `(first, end, data)`, from
+    /// what loading found, with no system call. `None` otherwise.
+    pub(crate) fn image_runs(&self, region: usize, first: usize, count: usize) -> Option<Vec<(usize, usize, bool)>> {
+        let source = self.image.as_ref()?;
+        let r = &self.regions[region];
+        let data = |p: usize| source.holds_data(r.page_gpa(p));
+        data(first)?;
+        let mut out = Vec::new();
+        let mut a = first;
+        while a < first + count {
+            let d = data(a)?;
+            let mut b = a + 1;
+            while b < first + count && data(b)? == d {
+                b += 1;
+            }
+            out.push((a, b, d));
+            a = b;
+        }
+        Some(out)
+    }
+
     #[allow(clippy::type_complexity)]
     pub(crate) fn file_runs(
         &self,

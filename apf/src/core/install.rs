@@ -190,11 +190,15 @@ pub(crate) fn open(backend: Backend, kind: MemoryKind) -> Result<Option<Box<dyn 
             let uffd = Uffd::new(own | Features::MISSING_SHMEM | Features::MINOR_SHMEM, Features::WP_SHMEM)?;
             Box::new(ImagePrivate { wp: WriteProtection::new(&uffd), uffd })
         }
-        (Backend::PrivateAnonymous, MemoryKind::PrivateHugetlb | MemoryKind::SharedHugetlb) => {
-            let minor = if kind == MemoryKind::SharedHugetlb { Features::MINOR_HUGETLBFS } else { Features::empty() };
+        (
+            Backend::PrivateAnonymous,
+            MemoryKind::PrivateHugetlb | MemoryKind::SharedHugetlb | MemoryKind::HugetlbImage,
+        ) => {
+            let minor =
+                if kind == MemoryKind::PrivateHugetlb { Features::empty() } else { Features::MINOR_HUGETLBFS };
             let uffd = Uffd::new(own | Features::MISSING_HUGETLBFS | minor, Features::WP_SHMEM)?;
             uffd.set_page_size(kind.page_size());
-            Box::new(Hugetlb { wp: WriteProtection::new(&uffd), uffd, shared: kind == MemoryKind::SharedHugetlb })
+            Box::new(Hugetlb { wp: WriteProtection::new(&uffd), uffd, kind })
         }
         // What Firecracker asks for before it hands the descriptor over.
         (Backend::Limited, MemoryKind::PrivateAnonymous) => for_descriptor(Uffd::new(Features::EVENT_REMOVE, Features::empty())?),
@@ -348,23 +352,25 @@ impl Install for SharedMemory {
 /// shared alike) is what offlines keep writes with instead.
 pub(crate) struct Hugetlb {
     uffd: Uffd,
-    shared: bool,
+    /// `PrivateHugetlb`, `SharedHugetlb` or `HugetlbImage`.
+    kind: MemoryKind,
     wp: WriteProtection,
 }
 
 impl Install for Hugetlb {
     fn name(&self) -> &'static str {
-        if self.shared {
-            "hugetlb-shared"
-        } else {
-            "hugetlb-private"
+        match self.kind {
+            MemoryKind::SharedHugetlb => "hugetlb-shared",
+            MemoryKind::HugetlbImage => "hugetlb-image",
+            _ => "hugetlb-private",
         }
     }
 
     fn supports(&self, op: MemOp) -> bool {
         match op {
             MemOp::Copy | MemOp::Wake | MemOp::Poison => true,
-            MemOp::Continue => self.shared,
+            // Pages of a file's page cache (shared memory, the image).
+            MemOp::Continue => self.kind != MemoryKind::PrivateHugetlb,
             MemOp::WriteProtect => self.wp.on(),
             MemOp::ZeroPage | MemOp::Move => false,
         }

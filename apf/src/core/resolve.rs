@@ -583,10 +583,12 @@ fn fill(
             let len = region.pages_len(n);
             let is_zero = origin == Origin::Zero || (origin == Origin::Source && zero_source);
             // (An evicted image page comes from the store, never the image.)
-            let image_read = kind == MemoryKind::Image && !write && origin == Origin::Source;
+            let image_read = kind.is_image() && !write && origin == Origin::Source;
             if origin != Origin::Unplugged && (is_zero || image_read) {
-                // File-backed pages: what the page cache holds decides.
-                if let Some(runs) = file_runs(shared, job.region, p, n) {
+                // File-backed pages: what the page cache holds decides (for
+                // a loaded image, known from loading).
+                let runs = if image_read { shared.ram().image_runs(job.region, p, n) } else { None };
+                if let Some(runs) = runs.or_else(|| file_runs(shared, job.region, p, n)) {
                     for (a, b, data) in runs {
                         let src = match (data, kind) {
                             // Shared memory keeps a discarded page's
@@ -793,9 +795,18 @@ fn install_pieces(
                 }
                 libc::EAGAIN => return Err(InstallError::Again(remaining(pieces, i, off))),
                 libc::EFAULT if matches!(piece.src, Src::Continue) => {
-                    // A hole in the image: it reads as zeros.
-                    // SAFETY: the destination as above.
-                    match unsafe { shared.mem().zeropage(dst, page_size, false) } {
+                    // A hole in the image: it reads as zeros (copied on huge
+                    // pages, which have no ZEROPAGE).
+                    // SAFETY: the destination as above; the zero buffer
+                    // holds a page of `page_size` bytes.
+                    let res = unsafe {
+                        if region.is_huge() {
+                            shared.mem().copy(dst, shared.zeros().as_ptr(), page_size, false)
+                        } else {
+                            shared.mem().zeropage(dst, page_size, false)
+                        }
+                    };
+                    match res {
                         Ok(_) => {
                             shared.checked(region.complete(page));
                             stats.zero_pages.add(1);

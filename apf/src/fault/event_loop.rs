@@ -21,7 +21,7 @@ use super::SpawnError;
 use crate::core::resolve::{self, Ctx};
 use crate::core::{panic_message, Core, FaultError, GiveUp, Job, Run, Window};
 use crate::notifier::{InstallsHeld, Invalidation, Reason};
-use crate::ram::{GuestAddress, GuestRange, MemoryKind, Origin, PageLoc, PageState};
+use crate::ram::{GuestAddress, GuestRange, Origin, PageLoc, PageState};
 use crate::uffd::{Event, EventBuf, PAGE_SIZE};
 
 const UFFD: u32 = 0;
@@ -475,7 +475,7 @@ impl FaultLoop {
                     }
                     shared.record_touch(shared.ram().page_index(loc), region.page_gpa(page).0);
                     span.record("source", shared.source().name());
-                    let window = if write || shared.ram().kind() != MemoryKind::Image {
+                    let window = if write || !shared.ram().kind().is_image() {
                         self.plan(loc.region, page, tid)
                     } else {
                         self.image_block(region, page)
@@ -730,8 +730,10 @@ impl FaultLoop {
     /// allocates nothing (they are its page cache, shared), so a large
     /// block costs page-table entries only, and saves the faults that the
     /// kernel's own file fault-around (16 pages) would take.
+    /// On huge pages the block holds as many bytes (at least one page).
     fn image_block(&self, region: &crate::ram::Region, page: usize) -> Window {
-        self.around(region, page, self.shared.config().image_window.max(1))
+        let pages = region.pages_len(1) / crate::uffd::PAGE_SIZE;
+        self.around(region, page, (self.shared.config().image_window / pages).max(1))
     }
 
     /// Runs covering `page` (already claimed) and the missing pages of the
