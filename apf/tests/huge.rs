@@ -1,6 +1,6 @@
 //! 2 MiB huge pages on real hugetlb memory: private anonymous
-//! (`MAP_HUGETLB`, with and without `MAP_NORESERVE`) and a shared memfd
-//! (`MFD_HUGETLB`). A fault gets its whole huge page in one install, zeros
+//! (`MAP_HUGETLB`, with and without `MAP_NORESERVE`), a shared memfd
+//! (`MFD_HUGETLB`), and an image loaded into huge pages mapped private. A fault gets its whole huge page in one install, zeros
 //! are copied (the kernel has no huge-page `ZEROPAGE`), page states and
 //! pins count huge pages, discards and every range the engine is handed
 //! are whole huge pages, and a pool that runs dry is reported, never
@@ -53,6 +53,109 @@ fn huge_ram(kind: MemoryKind, pages: u64) -> Arc<GuestRam> {
         MemoryKind::SharedHugetlb => GuestRam::shared_hugetlb(&ranges).unwrap(),
         other => panic!("{other:?} is not a huge kind"),
     })
+}
+
+/// A snapshot file of `bytes` holding `pattern` (as guest RAM from `BASE`),
+/// with the byte ranges in `zeros` zeroed, loaded into huge pages.
+fn huge_image(name: &str, pattern: Pattern, bytes: u64, zeros: &[(u64, u64)]) -> Arc<apf::Image> {
+    let mut contents = vec![0u8; bytes as usize];
+    pattern.write(BASE, &mut contents);
+    for &(a, b) in zeros {
+        contents[a as usize..b as usize].fill(0);
+    }
+    let path = std::env::temp_dir().join(format!("apf-huge-image-{name}-{}", std::process::id()));
+    std::fs::write(&path, &contents).unwrap();
+    let image = apf::Image::load_hugetlb(&path);
+    std::fs::remove_file(&path).unwrap();
+    image.unwrap()
+}
+
+/// An engine over `image` mapped private for `pages` huge pages from
+/// `BASE`.
+fn on_image(image: &Arc<apf::Image>, pages: u64) -> (Arc<GuestRam>, Engine) {
+    let ram = Arc::new(GuestRam::image(&[(GuestAddress(BASE), (pages * HP) as usize)], image.clone()).unwrap());
+    let engine = Engine::builder(ram.clone(), ram.image_source().unwrap()).start().unwrap();
+    (ram, engine)
+}
+
+/// Pool: the image (3 huge pages of data and a hole) and 4 pages of
+/// private copies for each of two guests: 11, and 2 of slack.
+#[test]
+fn an_image_of_huge_pages_is_mapped_in_place_for_reads_copied_for_writes_and_shared_by_clones() {
+    let Some(_pool) = reserve(13) else { return };
+    let pattern = Pattern { seed: 41 };
+    // 3.5 huge pages of file, huge page 1 all zeros: the image rounds the
+    // tail up with zeros and leaves page 1 a hole.
+    let image = huge_image("clones", pattern, 3 * HP + HP / 2, &[(HP, 2 * HP)]);
+    assert!(image.is_huge());
+    assert_eq!((image.len(), image.page_size()), (4 * HP, HUGE_PAGE_SIZE));
+    assert_eq!(image.resident_bytes().unwrap(), 3 * HP, "the all-zero page is a hole");
+    let mut want = vec![0u8; (4 * HP) as usize];
+    pattern.write(BASE, &mut want);
+    want[HP as usize..2 * HP as usize].fill(0);
+    want[(3 * HP + HP / 2) as usize..].fill(0);
+    let (ram, engine) = on_image(&image, 4);
+    assert_eq!((ram.kind(), ram.regions()[0].page_size()), (MemoryKind::HugetlbImage, HUGE_PAGE_SIZE));
+    // A read maps the image's own huge page: one CONTINUE, no copy.
+    let gpa = BASE + 0x12_3450;
+    let word = within(Duration::from_secs(10), {
+        let ram = ram.clone();
+        move || try_read_word(&ram, gpa)
+    });
+    assert_eq!(word, Some(pattern.word_at(gpa & !4095, (gpa as usize & 4095) / 8)));
+    settle(&engine);
+    let stats = engine.stats();
+    assert_eq!((stats.faults, stats.continued, stats.pages_installed), (1, 1, 1), "{stats:?}");
+    // Every byte, the hole and the rounded tail reading zeros.
+    let mut got = vec![0u8; (4 * HP) as usize];
+    try_read(&ram, BASE, &mut got).unwrap();
+    assert!(got == want, "the guest does not see the image");
+    assert_eq!(engine.stats().continued, 3, "data pages are mapped in place, the hole gets zeros");
+    // Writes: a first write on page 2 of a second guest gets a private
+    // copy (COPY, not a copy-on-write fault); a write on page 0, which
+    // the first guest read, is the kernel's copy-on-write. Neither
+    // changes the image or the other guest.
+    let (ram2, engine2) = on_image(&image, 4);
+    common::write_word(&ram2, BASE + 2 * HP + 8, 0xfeed);
+    common::write_word(&ram, BASE + 16, 0xbeef);
+    settle(&engine2);
+    assert_eq!(engine2.stats().continued, 0, "{:?}", engine2.stats());
+    assert_eq!(common::read_word(&ram2, BASE + 2 * HP + 8), 0xfeed);
+    assert_eq!(common::read_word(&ram, BASE + 2 * HP + 8), pattern.word_at(BASE + 2 * HP, 1));
+    assert_eq!(common::read_word(&ram2, BASE + 16), pattern.word_at(BASE, 2));
+    let mut again = vec![0u8; HUGE_PAGE_SIZE];
+    try_read(&ram2, BASE, &mut again).unwrap();
+    assert!(again[..] == want[..HUGE_PAGE_SIZE], "a write reached the image");
+    // A discard (a balloon's `MADV_DONTNEED`) would show the image again:
+    // the guest reads zeros instead.
+    madvise(&ram, BASE + 3 * HP, HP, libc::MADV_DONTNEED).unwrap();
+    let page = within(Duration::from_secs(10), {
+        let ram = ram.clone();
+        move || read_huge(&ram, BASE + 3 * HP)
+    });
+    assert!(page.unwrap().iter().all(|&b| b == 0), "a discarded page showed the image");
+    assert_eq!(common::read_word(&ram2, BASE + 3 * HP), pattern.word_at(BASE + 3 * HP, 0));
+    assert!(engine.errors().try_iter().next().is_none());
+    assert!(engine2.errors().try_iter().next().is_none());
+}
+
+/// Pool: none beyond what the test grows it by (2 pages) against an
+/// image of 4 pages of data.
+#[test]
+fn an_image_larger_than_the_pool_fails_to_load_and_keeps_no_page() {
+    let Some(_pool) = reserve(2) else { return };
+    let free = hugepages_free();
+    let mut contents = vec![0u8; (4 * HP) as usize];
+    Pattern { seed: 43 }.write(BASE, &mut contents);
+    let path = std::env::temp_dir().join(format!("apf-huge-image-short-{}", std::process::id()));
+    std::fs::write(&path, &contents).unwrap();
+    let err = apf::Image::load_hugetlb(&path).map(|_| ()).unwrap_err();
+    std::fs::remove_file(&path).unwrap();
+    assert!(
+        matches!(&err, apf::ImageError::Memfd { what: "fallocate", source } if source.raw_os_error() == Some(libc::ENOSPC)),
+        "{err:?}"
+    );
+    assert_eq!(hugepages_free(), free, "the pages loaded before the pool ran dry were kept");
 }
 
 /// The huge page at `gpa` read whole with `process_vm_readv` (a poisoned
@@ -370,11 +473,19 @@ fn unplug_of_huge_pages_under_the_poison_policy_poisons_whole_pages_until_replug
 fn migrate_and_evict_of_huge_pages_lose_no_write_of_a_writer_hammering_the_range() {
     use std::sync::atomic::{AtomicBool, Ordering};
     const N: u64 = 4;
-    let Some(_pool) = reserve(N + 2) else { return };
-    for kind in [MemoryKind::PrivateHugetlb, MemoryKind::SharedHugetlb] {
+    // (An image: N pages of it, N of private copies.)
+    let Some(_pool) = reserve(2 * N + 2) else { return };
+    for kind in [MemoryKind::PrivateHugetlb, MemoryKind::SharedHugetlb, MemoryKind::HugetlbImage] {
         let pattern = Pattern { seed: 33 };
-        let ram = huge_ram(kind, N);
-        let engine = Engine::builder(ram.clone(), Arc::new(pattern)).start().unwrap();
+        let image = (kind == MemoryKind::HugetlbImage).then(|| huge_image("hammered", pattern, N * HP, &[]));
+        let (ram, engine) = match &image {
+            Some(image) => on_image(image, N),
+            None => {
+                let ram = huge_ram(kind, N);
+                let engine = Engine::builder(ram.clone(), Arc::new(pattern)).start().unwrap();
+                (ram, engine)
+            }
+        };
         let range = GuestRange::new(GuestAddress(BASE), N * HP);
         assert_eq!(engine.prefetch(range).unwrap(), N);
         let mut expected = vec![0u8; (N * HP) as usize];
