@@ -139,6 +139,9 @@ pub enum Variant {
     /// A restore only: the engine over private anonymous 2 MiB huge pages
     /// (`MAP_HUGETLB`), a fault copying a whole huge page from the file.
     ApfHugetlb,
+    /// A restore only: the engine over the snapshot's image loaded into
+    /// 2 MiB huge pages and mapped private, reads mapped in place.
+    ApfZeroCopyHugetlb,
 }
 
 impl Variant {
@@ -155,6 +158,7 @@ impl Variant {
             Variant::KernelFile => "kernel-file".into(),
             Variant::ApfZeroCopy => "apf-zero-copy".into(),
             Variant::ApfHugetlb => "apf-hugetlb".into(),
+            Variant::ApfZeroCopyHugetlb => "apf-zero-copy-hugetlb".into(),
         }
     }
 }
@@ -187,7 +191,7 @@ fn host_pass(variant: Variant, random: bool, src: Src, bytes: u64, image: &Path,
     let mut _engine = None;
     let mut _baseline = None;
     match variant {
-        Variant::KernelFile | Variant::ApfZeroCopy | Variant::ApfHugetlb => {
+        Variant::KernelFile | Variant::ApfZeroCopy | Variant::ApfHugetlb | Variant::ApfZeroCopyHugetlb => {
             return Err(format!("{} restores a guest; the host restores are the restore part", variant.name()))
         }
         Variant::Kernel => {}
@@ -289,6 +293,7 @@ pub fn run(cfg: &BenchConfig, guest: Option<&dyn GuestPass>, mut log: impl FnMut
                 apf,
                 Variant::ApfZeroCopy,
                 Variant::ApfHugetlb,
+                Variant::ApfZeroCopyHugetlb,
                 Variant::ApfTraced,
             ];
             cases.push((Env::Guest, random, Src::File, restorers.to_vec()));

@@ -173,12 +173,24 @@ impl Image {
     /// here with [`ImageError::Memfd`] (`fallocate`: `ENOSPC`), nothing
     /// half-loaded kept.
     pub fn load_hugetlb(path: impl AsRef<Path>) -> Result<Arc<Image>, ImageError> {
+        Self::load_range_hugetlb(path, 0, None)
+    }
+
+    /// [`Image::load_hugetlb`] of the `len` bytes at `offset` of the file
+    /// (to its end if `None`): guest RAM inside a snapshot file with a
+    /// header.
+    pub fn load_range_hugetlb(path: impl AsRef<Path>, offset: u64, len: Option<u64>) -> Result<Arc<Image>, ImageError> {
         let path = path.as_ref().to_path_buf();
         let read_err = |source| ImageError::Read { path: path.clone(), source };
         let src = File::open(&path).map_err(read_err)?;
-        let size = src.metadata().map_err(read_err)?.len();
+        let file_size = src.metadata().map_err(read_err)?.len();
+        let size = len.unwrap_or(file_size.saturating_sub(offset));
         if size == 0 {
             return Err(ImageError::Empty(path));
+        }
+        if offset.checked_add(size).is_none_or(|end| end > file_size) {
+            let short = io::Error::new(io::ErrorKind::UnexpectedEof, format!("{file_size} bytes, not {offset} + {size}"));
+            return Err(read_err(short));
         }
         let started = Instant::now();
         let len = size.div_ceil(HUGE_PAGE_SIZE as u64) * HUGE_PAGE_SIZE as u64;
@@ -195,7 +207,7 @@ impl Image {
             .build()
             .map_err(|e| ImageError::Memfd { what: "mmap", source: crate::ram::mmap_error(e) })?;
         let mut data = Bits::new((len / HUGE_PAGE_SIZE as u64) as usize);
-        load_chunks(&src, 0, size, HUGE_PAGE_SIZE, |at, bytes| {
+        load_chunks(&src, offset, size, HUGE_PAGE_SIZE, |at, bytes| {
             // SAFETY: fallocate allocates pages of the memfd's range; it
             // reads nothing from this process's memory.
             let ret = unsafe { libc::fallocate(memfd.as_raw_fd(), 0, at as i64, bytes.len().next_multiple_of(HUGE_PAGE_SIZE) as i64) };
@@ -211,11 +223,12 @@ impl Image {
         })
         .map_err(|e| e.into_image_error(&path))?;
         drop(map);
-        Self::finish(path, src, memfd, 0, len, started, true, data)
+        Self::finish(path, src, memfd, offset, size, started, true, data)
     }
 
-    /// Seals a loaded memfd, drops the source file's page cache and maps
-    /// the view.
+    /// Seals a loaded memfd, drops the page cache of the `len` bytes at
+    /// `offset` of the source file and maps the view (of `len` bytes,
+    /// rounded up to whole huge pages for a huge image).
     #[allow(clippy::too_many_arguments)]
     fn finish(
         path: PathBuf,
@@ -232,6 +245,7 @@ impl Image {
         // second one. Advice only: a failure costs memory, not correctness.
         // SAFETY: posix_fadvise reads nothing from this process's memory.
         let _ = unsafe { libc::posix_fadvise(src.as_raw_fd(), offset as i64, len as i64, libc::POSIX_FADV_DONTNEED) };
+        let len = if huge { len.next_multiple_of(HUGE_PAGE_SIZE as u64) } else { len };
         let image = Self::new(path, memfd, 0, len, Some(started.elapsed()), huge, Some(data.0))?;
         image.write_sealed.store(write_sealed, std::sync::atomic::Ordering::Relaxed);
         if huge {

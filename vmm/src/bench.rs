@@ -52,12 +52,17 @@ impl GuestPass for Guests {
             Variant::Kernel => Backend::Plain,
             Variant::Baseline => Backend::Baseline,
             Variant::KernelFile => Backend::File,
-            Variant::Apf { .. } | Variant::ApfTraced | Variant::ApfZeroCopy | Variant::ApfHugetlb => Backend::Apf,
+            Variant::Apf { .. }
+            | Variant::ApfTraced
+            | Variant::ApfZeroCopy
+            | Variant::ApfHugetlb
+            | Variant::ApfZeroCopyHugetlb => Backend::Apf,
         };
         let memory = match variant {
             Variant::ApfZeroCopy => apf::MemoryKind::Image,
             // `vm::run` reserves the huge pages it needs for the run.
             Variant::ApfHugetlb => apf::MemoryKind::PrivateHugetlb,
+            Variant::ApfZeroCopyHugetlb => apf::MemoryKind::HugetlbImage,
             _ => apf::MemoryKind::PrivateAnonymous,
         };
         let cfg = RunConfig {

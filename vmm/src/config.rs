@@ -313,12 +313,14 @@ stress and verify guest memory while it is offlined underneath, and report.
   --backend B            apf|plain|baseline|file: the engine (default), plain anonymous memory with no
                          userfaultfd, the one-page-per-fault handler, or (with --restore) the snapshot
                          file mapped private with no userfaultfd (no offlining with the last three)
-  --memory K             anonymous|shared|image|hugetlb|shared-hugetlb: guest RAM private anonymous
-                         (default), a memfd mapped shared, (with --restore) the snapshot's image
-                         loaded once and mapped private, reads mapped in place, private anonymous
-                         2 MiB huge pages, or a memfd of 2 MiB huge pages mapped shared (huge pages
-                         are reserved in the kernel's pool for the run); the host storm and the
-                         agents' offlines run on every kind (in place where pages cannot move)
+  --memory K             anonymous|shared|image|hugetlb|shared-hugetlb|hugetlb-image: guest RAM
+                         private anonymous (default), a memfd mapped shared, (with --restore) the
+                         snapshot's image loaded once and mapped private, reads mapped in place,
+                         private anonymous 2 MiB huge pages, a memfd of 2 MiB huge pages mapped
+                         shared, or (with --restore) the image loaded into 2 MiB huge pages and
+                         mapped private (huge pages are reserved in the kernel's pool for the run);
+                         the host storm and the agents' offlines run on every kind (in place where
+                         pages cannot move)
   --order O              seq|random: the order of the first pass (touch, restore verify); default seq
   --save-snapshot FILE   write guest RAM and what the agent needs to verify it, at the end
   --restore FILE         start from a snapshot: RAM demand-faulted from FILE, verified first
@@ -509,20 +511,22 @@ pub fn parse_run(args: &[String]) -> Result<RunConfig, CliError> {
     if c.backend == Backend::File && c.restore.is_none() {
         return Err(CliError::Conflict("--backend file maps the snapshot file: it needs --restore".into()));
     }
-    if c.memory == MemoryKind::Image && c.restore.is_none() {
-        return Err(CliError::Conflict("--memory image maps the snapshot's image: it needs --restore".into()));
+    if c.memory.is_image() && c.restore.is_none() {
+        let name = if c.memory == MemoryKind::Image { "image" } else { "hugetlb-image" };
+        return Err(CliError::Conflict(format!("--memory {name} maps the snapshot's image: it needs --restore")));
     }
     if c.memory != MemoryKind::PrivateAnonymous && matches!(c.backend, Backend::Baseline | Backend::File) {
         let name = match c.memory {
             MemoryKind::Image => "image",
             MemoryKind::PrivateHugetlb => "hugetlb",
             MemoryKind::SharedHugetlb => "shared-hugetlb",
+            MemoryKind::HugetlbImage => "hugetlb-image",
             _ => "shared",
         };
         return Err(CliError::Conflict(format!("--memory {name} needs the apf or plain backend")));
     }
-    if c.memory == MemoryKind::Image && c.backend == Backend::Plain {
-        return Err(CliError::Conflict("--memory image needs the engine (or use --backend file)".into()));
+    if c.memory.is_image() && c.backend == Backend::Plain {
+        return Err(CliError::Conflict("--memory image and hugetlb-image need the engine (or use --backend file)".into()));
     }
     // The host storm migrates and evicts: every kind offers both (in place
     // where the kernel cannot move its pages).

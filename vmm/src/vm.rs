@@ -188,12 +188,13 @@ fn shape(cfg: &RunConfig, restore: Option<&Restore>) -> Result<Shape, VmError> {
 /// for the engine; the file itself, in place, for `--backend file`).
 fn guest_ram(cfg: &RunConfig, restore: Option<&Restore>, ram_size: u64) -> Result<GuestRam, VmError> {
     let ranges = [(GuestAddress(0), ram_size as usize)];
-    let image = |r: &Restore| match cfg.backend {
-        Backend::File => Image::in_place(&r.path, r.header.ram_offset(), ram_size),
+    let image = |r: &Restore| match (cfg.backend, cfg.memory) {
+        (Backend::File, _) => Image::in_place(&r.path, r.header.ram_offset(), ram_size),
+        (_, MemoryKind::HugetlbImage) => Image::load_range_hugetlb(&r.path, r.header.ram_offset(), Some(ram_size)),
         _ => Image::load_range(&r.path, r.header.ram_offset(), Some(ram_size)),
     };
     match (cfg.backend, cfg.memory, restore) {
-        (Backend::File, _, Some(r)) | (_, MemoryKind::Image, Some(r)) => {
+        (Backend::File, _, Some(r)) | (_, MemoryKind::Image | MemoryKind::HugetlbImage, Some(r)) => {
             GuestRam::image(&ranges, image(r).map_err(VmError::Image)?).map_err(VmError::Ram)
         }
         (_, MemoryKind::SharedMemfd, _) => GuestRam::shared_memfd(&ranges).map_err(VmError::Ram),
@@ -216,7 +217,10 @@ fn huge_pages(cfg: &RunConfig, ram_size: u64) -> Result<Option<apf::hugepool::Re
     if !cfg.memory.is_huge() {
         return Ok(None);
     }
-    let pages = ram_size.div_ceil(apf::HUGE_PAGE_SIZE as u64) + HUGE_PAGE_SLACK;
+    // An image in huge pages holds the snapshot's RAM, and guest RAM
+    // reserves as much again for the private copies of its writes.
+    let copies = if cfg.memory == MemoryKind::HugetlbImage { 2 } else { 1 };
+    let pages = copies * ram_size.div_ceil(apf::HUGE_PAGE_SIZE as u64) + HUGE_PAGE_SLACK;
     apf::hugepool::HugePool::reserve(pages, Instant::now() + Duration::from_secs(30))
         .map(Some)
         .map_err(VmError::HugePages)
@@ -877,6 +881,7 @@ impl StoppedVm {
                 (Backend::Apf, MemoryKind::Image) => "apf image",
                 (Backend::Apf, MemoryKind::PrivateHugetlb) => "apf hugetlb",
                 (Backend::Apf, MemoryKind::SharedHugetlb) => "apf shared-hugetlb",
+                (Backend::Apf, MemoryKind::HugetlbImage) => "apf hugetlb-image",
                 (Backend::Plain, MemoryKind::PrivateHugetlb) => "plain hugetlb",
                 (Backend::Plain, MemoryKind::SharedHugetlb) => "plain shared-hugetlb",
                 (Backend::Plain, MemoryKind::SharedMemfd) => "plain shared",
