@@ -282,7 +282,8 @@ fn a_host_block_goes_offline_under_a_running_guest() {
 /// punches holes; migrate and evict write-protect, copy and punch), the
 /// snapshot's image mapped private (reads mapped in place, writes copied,
 /// discards read as zeros, not the image; migrate and evict move the
-/// private copies), and the kernel's own file mapping as the anchor.
+/// private copies), 2 MiB huge pages (private, shared, and the image
+/// loaded into them), and the kernel's own file mapping as the anchor.
 #[test]
 fn every_memory_kind_runs_the_stress_with_the_balloon() {
     require_kvm!();
@@ -297,6 +298,9 @@ fn every_memory_kind_runs_the_stress_with_the_balloon() {
         // run itself (and given back).
         (Backend::Apf, apf::MemoryKind::PrivateHugetlb, true, "apf hugetlb"),
         (Backend::Apf, apf::MemoryKind::SharedHugetlb, false, "apf shared-hugetlb"),
+        // Pool: the image (32 huge pages), as much again for private
+        // copies, and 8 of slack, reserved by the run itself.
+        (Backend::Apf, apf::MemoryKind::HugetlbImage, true, "apf hugetlb-image"),
     ];
     for (backend, memory, restore, name) in kinds {
         let base = if restore { restore_from(&path) } else { short(64 << 20, 0) };

@@ -482,8 +482,12 @@ mod tests {
         assert!(!limited.supports(MemOp::Move) && !limited.supports(MemOp::Poison));
         // Huge pages: write protection where the kernel offers it on
         // hugetlb (offlines keep writes with it), no ZEROPAGE, no MOVE.
-        for kind in [MemoryKind::PrivateHugetlb, MemoryKind::SharedHugetlb] {
+        // CONTINUE where a page cache holds the pages (shared memory, the
+        // image).
+        for kind in [MemoryKind::PrivateHugetlb, MemoryKind::SharedHugetlb, MemoryKind::HugetlbImage] {
             let huge = open(Backend::PrivateAnonymous, kind).unwrap().unwrap();
+            assert_eq!(huge.supports(MemOp::Continue), kind != MemoryKind::PrivateHugetlb, "{kind:?}");
+            assert_eq!(huge.uffd().features().contains(Features::MINOR_HUGETLBFS), kind != MemoryKind::PrivateHugetlb);
             let wp = huge.uffd().features().contains(Features::WP_SHMEM);
             assert_eq!(huge.supports(MemOp::WriteProtect), wp, "{kind:?}");
             assert!(!huge.supports(MemOp::ZeroPage) && !huge.supports(MemOp::Move), "{kind:?}");
