@@ -55,11 +55,15 @@ pub struct Config {
     /// Where windows are resolved.
     pub dispatch: Dispatch,
     /// With [`Dispatch::Auto`], windows of more pages than this go to the
-    /// worker pool.
+    /// worker pool. Counted in 4 KiB pages of copying: a huge page counts
+    /// 512, and a read of an image, mapped in place, one per page.
     pub inline_max_pages: usize,
     /// How long the event loop keeps polling for the next fault before it
     /// sleeps in epoll (zero: sleep at once). It never spins while workers
-    /// are installing: on a small machine they need the core.
+    /// are installing: on a small machine they need the core. Nor on huge
+    /// pages, where a thread faults again only after 2 MiB of work: there
+    /// a spin took the core from the faulting threads and made an image
+    /// restore's reads up to a third slower.
     pub spin: Duration,
     /// Capacity of the worker queue.
     pub queue_depth: usize,

@@ -279,7 +279,10 @@ impl FaultLoop {
     /// The polling looks (`poll`) without reading: a read holds installs
     /// off (see [`Self::drain_once`]).
     fn drain(&mut self) {
-        let spin = self.shared.config().spin;
+        // On huge pages a thread faults again only after 2 MiB of work: a
+        // spin would take a core from it (or from a worker's copy) for
+        // nothing.
+        let spin = if self.shared.ram().kind().is_huge() { Duration::ZERO } else { self.shared.config().spin };
         let mut last = std::time::Instant::now();
         let mut got = self.drain_once();
         loop {
@@ -781,8 +784,14 @@ impl FaultLoop {
         self.shared.job_started();
         let mut job = job;
         let mut rest = None;
-        // Counted in small pages: a huge page is a large copy.
-        let shift = self.shared.ram().regions()[job.region].page_shift() - PAGE_SIZE.trailing_zeros();
+        // Counted in small pages: a huge page is a large copy. A read of an
+        // image maps its pages in place and copies nothing: one page each.
+        let copies = job.writes || !self.shared.ram().kind().is_image();
+        let shift = if copies {
+            self.shared.ram().regions()[job.region].page_shift() - PAGE_SIZE.trailing_zeros()
+        } else {
+            0
+        };
         if !self.shared.inline_ok(job.window.pages() << shift) {
             // A long window: when its head can be resolved here, the
             // faulting thread is woken by the head's own install, and a
