@@ -157,8 +157,11 @@ impl BenchReport {
     /// A restore path over 2 MiB huge pages over the same path over
     /// 4 KiB pages on `workload`, for whichever path gains most.
     fn huge_over_small(&self, workload: &str) -> f64 {
-        self.ratio(workload, "apf-zero-copy-hugetlb", "apf-zero-copy")
-            .max(self.ratio(workload, "apf-copy-hugetlb", "apf-copy"))
+        self.ratio(workload, "apf-zero-copy-hugetlb", "apf-zero-copy").max(self.ratio(
+            workload,
+            "apf-copy-hugetlb",
+            "apf-copy",
+        ))
     }
 
     /// apf's best guest restore (copy or zero-copy) over the kernel's file
@@ -208,13 +211,19 @@ impl BenchReport {
             ("restore_read_random_4k_vs_kernel_file", self.best_restore("host/random/restore-reads", false)),
             ("restore_write_4k_vs_kernel_file", self.best_restore("host/seq/restore-writes", false)),
             ("hugetlb_restore_copy_vs_4k", self.ratio("host/seq/restore-reads", "apf-copy-hugetlb", "apf-copy")),
-            ("hugetlb_restore_zero_copy_vs_4k", self.ratio("host/seq/restore-reads", "apf-zero-copy-hugetlb", "apf-zero-copy")),
+            (
+                "hugetlb_restore_zero_copy_vs_4k",
+                self.ratio("host/seq/restore-reads", "apf-zero-copy-hugetlb", "apf-zero-copy"),
+            ),
             ("restore_read_seq_zero_copy_vs_copy", self.ratio("host/seq/restore-reads", "apf-zero-copy", "apf-copy")),
             ("guest_restore_seq_vs_kernel_file", self.best_guest_restore("guest/seq/file")),
             ("guest_restore_random_vs_kernel_file", self.best_guest_restore("guest/random/file")),
             ("guest_hugetlb_restore_vs_4k", self.ratio("guest/seq/file", "apf-hugetlb", "apf")),
             ("guest_hugetlb_restore_random_vs_4k", self.ratio("guest/random/file", "apf-hugetlb", "apf")),
-            ("guest_hugetlb_zero_copy_restore_vs_4k", self.ratio("guest/seq/file", "apf-zero-copy-hugetlb", "apf-zero-copy")),
+            (
+                "guest_hugetlb_zero_copy_restore_vs_4k",
+                self.ratio("guest/seq/file", "apf-zero-copy-hugetlb", "apf-zero-copy"),
+            ),
         ]
         .into_iter()
         .chain(self.guest_storm_ratios())

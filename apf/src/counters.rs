@@ -122,6 +122,10 @@ counters! {
         /// Installs the kernel had no page for (`ENOMEM`: a huge-page pool
         /// mapped `MAP_NORESERVE` ran dry).
         no_memory,
+        /// Times the embedder's refill
+        /// ([`EngineBuilder::on_no_memory`](crate::EngineBuilder::on_no_memory))
+        /// added pages to a pool an install had found dry.
+        pool_refills,
         /// Page states pins and references checked while faulting their
         /// ranges in, in the ranges' own pages (huge pages on huge-page
         /// memory): the work a pin's set-up costs.

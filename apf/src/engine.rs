@@ -128,6 +128,7 @@ pub struct EngineBuilder {
     /// The descriptor of [`RemoteMemory`] (none: the engine opens its own).
     adopted: Option<Uffd>,
     on_remove: Option<crate::core::RemoveHook>,
+    on_no_memory: Option<crate::core::NoMemoryHook>,
 }
 
 impl fmt::Debug for EngineBuilder {
@@ -137,6 +138,7 @@ impl fmt::Debug for EngineBuilder {
             .field("config", &self.config)
             .field("adopted", &self.adopted)
             .field("on_remove", &self.on_remove.is_some())
+            .field("on_no_memory", &self.on_no_memory.is_some())
             .finish_non_exhaustive()
     }
 }
@@ -242,6 +244,20 @@ impl EngineBuilder {
         self
     }
 
+    /// Has `refill` asked to add pages when an install finds the huge-page
+    /// pool dry (a `MAP_NORESERVE` mapping, or a pool a host memory-block
+    /// offline shrank by dissolving its free pages), before the engine
+    /// retries the page and, failing that, poisons it
+    /// ([`FaultError::NoMemory`]). Return true if pages were added:
+    /// [`hugepool::HugePool::top_up`](crate::hugepool::HugePool::top_up)
+    /// grows the pool back to what the machine's reservations hold. Runs on
+    /// a worker, at most [`Config::fill_retries`] times per fault; it may
+    /// block briefly (bound it with a deadline).
+    pub fn on_no_memory(mut self, refill: impl Fn() -> bool + Send + Sync + 'static) -> Self {
+        self.on_no_memory = Some(Arc::new(refill));
+        self
+    }
+
     /// Opens the userfaultfd, registers every RAM region, and starts the
     /// event loop and the workers.
     pub fn start(self) -> Result<Engine, EngineError> {
@@ -333,7 +349,15 @@ impl fmt::Debug for Engine {
 impl Engine {
     /// Starts building an engine that resolves faults on `ram` from `source`.
     pub fn builder(ram: Arc<GuestRam>, source: Arc<dyn PageSource>) -> EngineBuilder {
-        EngineBuilder { ram, source, store: None, config: Config::default(), adopted: None, on_remove: None }
+        EngineBuilder {
+            ram,
+            source,
+            store: None,
+            config: Config::default(),
+            adopted: None,
+            on_remove: None,
+            on_no_memory: None,
+        }
     }
 
     /// Starts building an engine that resolves faults on another process's
@@ -347,6 +371,7 @@ impl Engine {
             config: Config::default(),
             adopted: Some(mem.uffd),
             on_remove: None,
+            on_no_memory: None,
         }
     }
 
@@ -423,6 +448,7 @@ impl Engine {
         let store = b.store.unwrap_or_default();
         let mut core = Core::new(mem, b.ram, b.source, store, config, err_tx).map_err(EngineError::Io)?;
         core.set_on_remove(b.on_remove);
+        core.set_on_no_memory(b.on_no_memory);
         let shared = Arc::new(core);
         let stop = EventFd::new(EFD_NONBLOCK).map_err(EngineError::Io)?;
 

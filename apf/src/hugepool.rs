@@ -240,6 +240,17 @@ impl HugePool {
         let info = Meminfo::read()?;
         Ok(info.total.saturating_sub(info.surplus))
     }
+
+    /// Grows the pool back to the size the machine's live reservations
+    /// hold, if it fell below it, and returns the pages added (0 if none
+    /// was missing, or there is no live reservation). Taking a host memory
+    /// block offline dissolves the free huge pages inside it: the pool
+    /// shrinks, and a page the balloon discarded may find none to be
+    /// filled from. Waits for the lock, and interrupts the kernel's
+    /// allocation, at `deadline`.
+    pub fn top_up(deadline: Instant) -> Result<u64, HugePoolError> {
+        HugePool::lock(deadline)?.top_up(deadline)
+    }
 }
 
 /// Huge pages this process holds in the pool. Dropping it gives them back,
@@ -490,6 +501,19 @@ impl PoolLock {
         got
     }
 
+    /// [`HugePool::top_up`] under this lock.
+    pub fn top_up(&mut self, deadline: Instant) -> Result<u64, HugePoolError> {
+        let Some(target) = self.target(&self.record.holders) else {
+            return Ok(0);
+        };
+        let before = HugePool::total()?;
+        if before >= target {
+            return Ok(0);
+        }
+        self.resize(&self.record.holders.clone(), deadline)?;
+        Ok(HugePool::total()?.saturating_sub(before))
+    }
+
     /// The pool's size with `holders` live: the original plus their pages.
     fn target(&self, holders: &[Holder]) -> Option<u64> {
         holders.iter().try_fold(self.record.original?, |sum, h| sum.checked_add(h.pages))
@@ -684,6 +708,26 @@ mod tests {
         assert_eq!(HugePool::nr_hugepages().unwrap(), before);
         assert_eq!(HugePool::total().unwrap(), total);
         assert!(!lock.holders().iter().any(|h| h.pid == std::process::id()));
+    }
+
+    #[test]
+    fn top_up_grows_a_shrunken_pool_back_to_what_the_reservations_hold() {
+        let mut lock = lock();
+        let r = lock.reserve(4, far()).unwrap();
+        let target = expected(&lock);
+        assert_eq!(lock.top_up(far()).unwrap(), 0, "nothing missing");
+        // What a memory-block offline does to the pool: two of its free
+        // pages dissolved.
+        std::fs::write(NR_HUGEPAGES, format!("{}\n", target - 2)).unwrap();
+        assert_eq!(HugePool::total().unwrap(), target - 2);
+        assert_eq!(lock.top_up(far()).unwrap(), 2);
+        assert_eq!((HugePool::nr_hugepages().unwrap(), HugePool::total().unwrap()), (target, target));
+        r.release_with(&mut lock).unwrap();
+        // No reservation of this process left: nothing to top up to here
+        // (others' are topped up to theirs).
+        let now = HugePool::total().unwrap();
+        let _ = lock.top_up(far()).unwrap();
+        assert!(HugePool::total().unwrap() >= now);
     }
 
     #[test]

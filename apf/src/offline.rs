@@ -1557,6 +1557,8 @@ impl Work<'_> {
         let by = self.restore_deadline();
         let ps = self.page_size();
         let mut k = x;
+        // The page a dry pool's refill was asked for (once per page).
+        let mut refilled = None;
         while k < y {
             // Under the install lock, as `put_back` does.
             let guard = self.shared.notifier().install_lock();
@@ -1582,6 +1584,19 @@ impl Work<'_> {
             let Some(err) = err else { continue };
             if done > 0 || backoff(err.errno, &[], by) {
                 continue;
+            }
+            // (A dry pool answers a huge-page COPY with EEXIST, nothing
+            // mapped, or ENOMEM.)
+            let dry = || {
+                err.errno == libc::ENOMEM
+                    || (err.errno == libc::EEXIST && self.huge_page_there(c0 + k).ok() == Some(false))
+            };
+            if self.region.is_huge() && refilled != Some(k) && dry() {
+                // The embedder may add pages: then the page goes back after all.
+                refilled = Some(k);
+                if self.shared.refill() {
+                    continue;
+                }
             }
             if err.errno == libc::ENOMEM && self.region.is_huge() {
                 self.fail(OfflineError::NoMemory { range: self.page_range(c0 + k, 1) });

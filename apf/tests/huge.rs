@@ -637,13 +637,26 @@ fn a_pool_that_runs_dry_during_the_copy_back_of_a_migrate_loses_nothing() {
         return;
     }
     let pattern = Pattern { seed: 35 };
-    for kind in [MemoryKind::PrivateHugetlb, MemoryKind::SharedHugetlb] {
+    // Without a refill callback, and with one that gives the pool its
+    // pages back.
+    for (kind, refill) in [
+        (MemoryKind::PrivateHugetlb, false),
+        (MemoryKind::SharedHugetlb, false),
+        (MemoryKind::PrivateHugetlb, true),
+        (MemoryKind::SharedHugetlb, true),
+    ] {
         let ranges = [(GuestAddress(BASE), (2 * HP) as usize)];
         let ram = Arc::new(match kind {
             MemoryKind::PrivateHugetlb => GuestRam::anonymous_hugetlb(&ranges, true).unwrap(),
             _ => GuestRam::shared_hugetlb(&ranges).unwrap(),
         });
-        let engine = Arc::new(Engine::builder(ram.clone(), Arc::new(pattern)).start().unwrap());
+        let hog_slot: Arc<Mutex<Option<Hog>>> = Arc::default();
+        let mut builder = Engine::builder(ram.clone(), Arc::new(pattern));
+        if refill {
+            let slot = hog_slot.clone();
+            builder = builder.on_no_memory(move || slot.lock().unwrap().take().is_some());
+        }
+        let engine = Arc::new(builder.start().unwrap());
         let range = GuestRange::new(GuestAddress(BASE), 2 * HP);
         assert_eq!(engine.prefetch(range).unwrap(), 2);
         common::write_word(&ram, BASE + 8, 42);
@@ -658,14 +671,23 @@ fn a_pool_that_runs_dry_during_the_copy_back_of_a_migrate_loses_nothing() {
         // Every free huge page (the one just dropped too) goes elsewhere.
         let hog = Hog::take_all();
         assert_eq!(hugepages_free_unreserved(), 0, "{kind:?}: the pool is dry");
+        *hog_slot.lock().unwrap() = Some(hog);
         engine.failpoints().open_gate();
         let result = offline.join().unwrap();
-        match &result {
-            Err(OfflineError::NoMemory { range }) => assert_eq!(range.start.0, BASE, "{kind:?}"),
-            other => panic!("{kind:?}: {other:?}"),
+        if refill {
+            // The callback freed the pages: the copy back went through.
+            assert!(result.is_ok(), "{kind:?}: {result:?}");
+            assert_eq!(ram.regions()[0].state(0).0, apf::PageState::Present, "{kind:?}");
+            assert_eq!(engine.stats().pool_refills, 1, "{kind:?}");
+        } else {
+            match &result {
+                Err(OfflineError::NoMemory { range }) => assert_eq!(range.start.0, BASE, "{kind:?}"),
+                other => panic!("{kind:?}: {other:?}"),
+            }
+            assert_eq!(ram.regions()[0].state(0), (apf::PageState::Missing, apf::Origin::Store), "{kind:?}");
+            assert_eq!(engine.stats().pool_refills, 0, "{kind:?}");
         }
-        assert_eq!(ram.regions()[0].state(0), (apf::PageState::Missing, apf::Origin::Store), "{kind:?}");
-        drop(hog);
+        drop(hog_slot.lock().unwrap().take());
         // With pages free again, the next fault brings the contents back.
         let page = within(Duration::from_secs(10), {
             let ram = ram.clone();
@@ -708,6 +730,10 @@ impl Hog {
         Hog { ptr, len }
     }
 }
+
+// SAFETY: the mapping is referenced through no Rust reference; the only
+// thing done with it from another thread is unmapping it, once, on drop.
+unsafe impl Send for Hog {}
 
 impl Drop for Hog {
     fn drop(&mut self) {
@@ -841,6 +867,48 @@ fn a_noreserve_pool_that_runs_dry_is_reported_and_no_thread_hangs() {
         reported.iter().filter(|e| matches!(e, FaultError::NoMemory { poisoned: true, .. }));
     assert_eq!(no_memory.count() as u64, pages - served, "{reported:?}");
     assert!(engine.stats().no_memory >= pages - served);
+}
+
+/// Pool: 2 pages, then one more for each fault that finds it dry, which
+/// the refill callback reserves.
+#[test]
+fn a_dry_pool_the_embedder_refills_serves_every_fault() {
+    let Some(_pool) = reserve(2) else { return };
+    let free = hugepages_free();
+    if free > 64 {
+        eprintln!("SKIPPED: {free} huge pages are free in the pool; too many to run it dry");
+        return;
+    }
+    let pages = free + 3;
+    let ranges = [(GuestAddress(BASE), (pages * HP) as usize)];
+    let ram = Arc::new(GuestRam::anonymous_hugetlb(&ranges, true).unwrap());
+    let pattern = Pattern { seed: 6 };
+    let added = Arc::new(Mutex::new(Vec::new()));
+    let refill = {
+        let added = added.clone();
+        move || match HugePool::reserve(1, Instant::now() + Duration::from_secs(5)) {
+            Ok(r) => {
+                added.lock().unwrap().push(r);
+                true
+            }
+            Err(_) => false,
+        }
+    };
+    let engine = Engine::builder(ram.clone(), Arc::new(pattern)).on_no_memory(refill).start().unwrap();
+    let words = within(Duration::from_secs(20), {
+        let ram = ram.clone();
+        move || (0..pages).map(|p| try_read_word(&ram, BASE + p * HP + 16)).collect::<Vec<_>>()
+    });
+    for (p, w) in words.iter().enumerate() {
+        assert_eq!(*w, Some(pattern.word_at(BASE + p as u64 * HP, 2)), "page {p}");
+    }
+    let reported: Vec<_> = engine.errors().try_iter().collect();
+    assert!(reported.is_empty(), "{reported:?}");
+    let stats = engine.stats();
+    assert!(stats.pool_refills >= 3 && stats.no_memory >= 3, "{stats:?}");
+    assert_eq!(added.lock().unwrap().len() as u64, stats.pool_refills);
+    drop(engine);
+    drop(ram);
 }
 
 /// Pool: 8 pages of guest RAM and 8 of slack (an in-use huge page moves

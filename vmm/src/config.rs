@@ -526,7 +526,9 @@ pub fn parse_run(args: &[String]) -> Result<RunConfig, CliError> {
         return Err(CliError::Conflict(format!("--memory {name} needs the apf or plain backend")));
     }
     if c.memory.is_image() && c.backend == Backend::Plain {
-        return Err(CliError::Conflict("--memory image and hugetlb-image need the engine (or use --backend file)".into()));
+        return Err(CliError::Conflict(
+            "--memory image and hugetlb-image need the engine (or use --backend file)".into(),
+        ));
     }
     // The host storm migrates and evicts: every kind offers both (in place
     // where the kernel cannot move its pages).

@@ -283,7 +283,16 @@ fn memory_backend(
             if let Some(d) = cfg.dispatch {
                 config.dispatch = d;
             }
-            let engine = Engine::builder(ram.clone(), source()?).config(config).start().map_err(VmError::Engine)?;
+            let mut builder = Engine::builder(ram.clone(), source()?).config(config);
+            if cfg.memory.is_huge() {
+                // A host-block offline dissolves the pool's free pages in the
+                // block: a fault that finds the pool dry grows it back to
+                // what the run reserved.
+                builder = builder.on_no_memory(|| {
+                    apf::hugepool::HugePool::top_up(Instant::now() + Duration::from_millis(500)).is_ok_and(|n| n > 0)
+                });
+            }
+            let engine = builder.start().map_err(VmError::Engine)?;
             (GuestAccess::Engine(Arc::new(engine)), None)
         }
     })

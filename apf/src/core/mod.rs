@@ -400,6 +400,8 @@ pub(crate) struct Core {
     working_set: Option<FirstTouches>,
     /// Told of every remove applied (see [`Core::set_on_remove`]).
     on_remove: Option<RemoveHook>,
+    /// Asked to refill a dry huge-page pool (see [`Core::refill`]).
+    on_no_memory: Option<NoMemoryHook>,
     /// Host ranges an offline is dropping itself (`MADV_DONTNEED` on an
     /// image): their remove events are its own, not a balloon's.
     own_discards: std::sync::Mutex<Vec<(u64, u64)>>,
@@ -407,6 +409,10 @@ pub(crate) struct Core {
 
 /// A callback told of every guest range a remove event discarded.
 pub type RemoveHook = Arc<dyn Fn(crate::ram::GuestRange) + Send + Sync>;
+
+/// A callback asked to add pages to a huge-page pool an install found dry;
+/// true if it did.
+pub type NoMemoryHook = Arc<dyn Fn() -> bool + Send + Sync>;
 
 impl Core {
     /// A core over `uffd` (guest RAM already registered with it), its
@@ -450,6 +456,7 @@ impl Core {
             stopping: AtomicBool::new(false),
             working_set: config.record_working_set.then(|| FirstTouches::new(ram_pages)),
             on_remove: None,
+            on_no_memory: None,
             own_discards: std::sync::Mutex::new(Vec::new()),
             errors,
             config,
@@ -460,6 +467,24 @@ impl Core {
     /// shared.
     pub(crate) fn set_on_remove(&mut self, hook: Option<RemoveHook>) {
         self.on_remove = hook;
+    }
+
+    /// Sets the callback asked to refill a dry pool, before the core is
+    /// shared.
+    pub(crate) fn set_on_no_memory(&mut self, hook: Option<NoMemoryHook>) {
+        self.on_no_memory = hook;
+    }
+
+    /// An install found the huge-page pool dry: asks the embedder's
+    /// callback, if one is set, to add pages. True if it says it did (then
+    /// a retry may succeed at once). Never called on the event loop: the
+    /// callback may take a lock file and write to `/proc`.
+    pub(crate) fn refill(&self) -> bool {
+        let refilled = self.on_no_memory.as_ref().is_some_and(|hook| hook());
+        if refilled {
+            self.stats.pool_refills.add(1);
+        }
+        refilled
     }
 
     /// A remove discarded `range`: tells the callback, if one is set. Called

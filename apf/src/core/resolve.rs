@@ -384,7 +384,10 @@ fn resolve_steps(shared: &Core, job: &mut Job, ctx: &mut Ctx, bytes: &mut usize)
                     if ctx.on_loop {
                         return Step::Defer;
                     }
-                    std::thread::sleep(shared.config().retry_backoff * (1 << (job.attempts - 1).min(10)));
+                    // Or the embedder may add pages now.
+                    if !shared.refill() {
+                        std::thread::sleep(shared.config().retry_backoff * (1 << (job.attempts - 1).min(10)));
+                    }
                     continue;
                 }
                 let gpa = region.page_gpa(job.window[0].first);
