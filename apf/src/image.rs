@@ -218,7 +218,7 @@ impl Image {
             // SAFETY: `[at, at + len)` lies inside the mapping (`at + len`
             // is at most the file's size, which `len` rounds up), whose
             // pages were just allocated; nothing else references it.
-            unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), map.as_ptr().add(at as usize), bytes.len()) };
+            unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), map.as_ptr().wrapping_add(at as usize), bytes.len()) };
             Ok(())
         })
         .map_err(|e| e.into_image_error(&path))?;
@@ -258,7 +258,7 @@ impl Image {
                 // SAFETY: MADV_POPULATE_READ maps pages of the view, which
                 // holds data there; it changes no contents.
                 unsafe {
-                    libc::madvise(image.view.as_ptr().add(a * page).cast(), (b - a) * page, libc::MADV_POPULATE_READ)
+                    libc::madvise(image.view.as_ptr().wrapping_add(a * page).cast(), (b - a) * page, libc::MADV_POPULATE_READ)
                 };
             }
         }

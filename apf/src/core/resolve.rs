@@ -800,14 +800,13 @@ fn install_pieces(
                 libc::EFAULT if matches!(piece.src, Src::Continue) => {
                     // A hole in the image: it reads as zeros (copied on huge
                     // pages, which have no ZEROPAGE).
-                    // SAFETY: the destination as above; the zero buffer
-                    // holds a page of `page_size` bytes.
-                    let res = unsafe {
-                        if region.is_huge() {
-                            shared.mem().copy(dst, shared.zeros().as_ptr(), page_size, false)
-                        } else {
-                            shared.mem().zeropage(dst, page_size, false)
-                        }
+                    let res = if region.is_huge() {
+                        // SAFETY: the destination as above; the zero buffer
+                        // holds a page of `page_size` bytes.
+                        unsafe { shared.mem().copy(dst, shared.zeros().as_ptr(), page_size, false) }
+                    } else {
+                        // SAFETY: the destination as above.
+                        unsafe { shared.mem().zeropage(dst, page_size, false) }
                     };
                     match res {
                         Ok(_) => {
