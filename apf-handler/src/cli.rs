@@ -178,13 +178,16 @@ pub fn handler_main(args: &[String]) -> ExitCode {
 /// `apf-fc-client`'s usage.
 pub const CLIENT_USAGE: &str = "apf-fc-client --socket PATH --mem-file PATH [--threads N] [--regions N]
               [--order seq|random] [--balloon] [--misbehave CASE] [--hold-ms N] [--kernel-file]
-              [--gate PATH]
+              [--gate PATH] [--huge]
 
   --kernel-file   no handler: map the memory file MAP_PRIVATE and touch it the same way
                   (what Firecracker's File backend does), for comparison
   --gate PATH     touch the first pages and discard ranges, create PATH.ready, wait for PATH,
                   then restore the rest (discarded ranges must read zeros): for tests that
-                  end a handler mid-restore";
+                  end a handler mid-restore
+  --huge          guest memory of 2 MiB huge pages (MAP_HUGETLB | MAP_NORESERVE, as Firecracker
+                  maps hugetlbfs memory; the memory file must be whole huge pages and the pool
+                  must hold them); not with --gate or --kernel-file";
 
 fn parse_client(args: &[String]) -> Result<ClientOptions, String> {
     let mut opts = ClientOptions {
@@ -198,6 +201,7 @@ fn parse_client(args: &[String]) -> Result<ClientOptions, String> {
         hold: Duration::from_secs(10),
         kernel_file: false,
         gate: None,
+        huge: false,
     };
     let mut it = args.iter();
     while let Some(arg) = it.next() {
@@ -214,11 +218,15 @@ fn parse_client(args: &[String]) -> Result<ClientOptions, String> {
             "--misbehave" => opts.misbehave = Some(value()?.parse()?),
             "--gate" => opts.gate = Some(PathBuf::from(value()?)),
             "--hold-ms" => opts.hold = Duration::from_millis(num(value()?)?),
+            "--huge" => opts.huge = true,
             other => return Err(format!("unknown option {other}\n{CLIENT_USAGE}")),
         }
     }
     if opts.socket.as_os_str().is_empty() || opts.mem_file.as_os_str().is_empty() {
         return Err(CLIENT_USAGE.into());
+    }
+    if opts.huge && (opts.gate.is_some() || opts.kernel_file) {
+        return Err("--huge does not combine with --gate or --kernel-file".into());
     }
     Ok(opts)
 }

@@ -32,6 +32,7 @@ use crate::handshake::{self, Region};
 use crate::peer;
 
 const PAGE: usize = 4096;
+const HUGE_PAGE: usize = 2 << 20;
 
 /// Errors of the client.
 #[derive(Debug, Error)]
@@ -106,9 +107,9 @@ pub enum Misbehave {
     OutsideFile,
     /// A page size of 8 KiB (with the descriptor).
     BadPageSize,
-    /// 2 MiB pages, which the handler does not serve yet (with the
-    /// descriptor).
-    HugePages,
+    /// 2 MiB pages over a region whose size is not whole huge pages (with
+    /// the descriptor).
+    HugeMisaligned,
     /// A good handshake, then a second message.
     SendTwice,
     /// Connects and sends nothing.
@@ -126,7 +127,7 @@ impl Misbehave {
         (Misbehave::Overlap, "overlap"),
         (Misbehave::OutsideFile, "outside-file"),
         (Misbehave::BadPageSize, "bad-page-size"),
-        (Misbehave::HugePages, "huge-pages"),
+        (Misbehave::HugeMisaligned, "huge-misaligned"),
         (Misbehave::SendTwice, "send-twice"),
         (Misbehave::Silent, "silent"),
     ];
@@ -173,6 +174,10 @@ pub struct ClientOptions {
     /// `GATE.ready`, wait (at most 60 s) for `GATE` to exist, then the
     /// first pass; the discarded ranges must read zeros when verified.
     pub gate: Option<PathBuf>,
+    /// Guest memory of 2 MiB huge pages, as Firecracker maps hugetlbfs
+    /// guest memory (`MAP_HUGETLB | MAP_NORESERVE`); the memory file must
+    /// be whole huge pages, and the balloon discards whole huge pages.
+    pub huge: bool,
 }
 
 /// What a restore measured.
@@ -219,7 +224,8 @@ unsafe impl Send for Mapping {}
 unsafe impl Sync for Mapping {}
 
 impl Mapping {
-    fn new(len: usize) -> Result<Mapping, ClientError> {
+    fn new(len: usize, huge: bool) -> Result<Mapping, ClientError> {
+        let hugetlb = if huge { libc::MAP_HUGETLB | libc::MAP_HUGE_2MB } else { 0 };
         // SAFETY: a fresh private anonymous mapping; no existing memory is
         // affected.
         let ptr = unsafe {
@@ -227,7 +233,7 @@ impl Mapping {
                 std::ptr::null_mut(),
                 len,
                 libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE | hugetlb,
                 -1,
                 0,
             )
@@ -235,9 +241,11 @@ impl Mapping {
         if ptr == libc::MAP_FAILED {
             return Err(last("mmap of guest memory"));
         }
-        // SAFETY: THP policy of the mapping just made (Firecracker's 4 KiB
-        // guest memory faults in 4 KiB pages).
-        unsafe { libc::madvise(ptr, len, libc::MADV_NOHUGEPAGE) };
+        if !huge {
+            // SAFETY: THP policy of the mapping just made (Firecracker's
+            // 4 KiB guest memory faults in 4 KiB pages).
+            unsafe { libc::madvise(ptr, len, libc::MADV_NOHUGEPAGE) };
+        }
         Ok(Mapping { ptr: ptr.cast(), len })
     }
 
@@ -397,15 +405,21 @@ pub fn run(opts: &ClientOptions) -> Result<ClientReport, ClientError> {
         let verified = verify(&maps, &[0], &file, &[])?;
         return Ok(ClientReport { first_pass, pages: pages as u64, verified, ..ClientReport::default() });
     }
+    // Firecracker's page: 4 KiB, or 2 MiB on hugetlbfs.
+    let unit = if opts.huge { HUGE_PAGE } else { PAGE };
+    if len % unit != 0 {
+        let e = io::Error::new(io::ErrorKind::InvalidInput, format!("{len} bytes, not whole pages of {unit}"));
+        return Err(ClientError::Sys { what: "size the memory file", source: e });
+    }
     let uffd = firecracker_uffd()?;
     let mut maps = Vec::new();
     let mut offsets = Vec::new();
     let mut regions = Vec::new();
     let mut offset = 0u64;
-    for n in split(pages, opts.regions) {
-        let m = Mapping::new(n * PAGE)?;
+    for n in split(len / unit, opts.regions) {
+        let m = Mapping::new(n * unit, opts.huge)?;
         register(&uffd, &m)?;
-        regions.push(Region { base_host_virt_addr: m.ptr as u64, size: m.len as u64, offset, page_size: PAGE as u64 });
+        regions.push(Region { base_host_virt_addr: m.ptr as u64, size: m.len as u64, offset, page_size: unit as u64 });
         offsets.push(offset);
         offset += m.len as u64;
         maps.push(m);
@@ -434,7 +448,7 @@ pub fn run(opts: &ClientOptions) -> Result<ClientReport, ClientError> {
     let first_pass = touch(&vm.maps, pages, opts.threads, opts.order);
     let verified = verify(&vm.maps, &vm.offsets, &file, &discarded)?;
     let early_zero = discarded.iter().map(|&(_, _, len)| (len / PAGE) as u64).sum::<u64>();
-    let balloon_zero = early_zero + if opts.balloon { balloon(&vm, &file)? } else { 0 };
+    let balloon_zero = early_zero + if opts.balloon { balloon(&vm, unit)? } else { 0 };
     drop(vm.conn);
     Ok(ClientReport { load, first_pass, pages: pages as u64, verified, balloon_zero })
 }
@@ -553,15 +567,16 @@ fn verify(
     Ok(pages)
 }
 
-/// Discards 16-page ranges spread over memory (as a balloon inflating),
-/// checks they read zeros, writes them and reads the writes back.
-fn balloon(vm: &Vm, _file: &File) -> Result<u64, ClientError> {
+/// Discards ranges of 16 pages (or one huge page of `unit` bytes, on huge
+/// pages) spread over memory (as a balloon inflating), checks they read
+/// zeros, writes them and reads the writes back.
+fn balloon(vm: &Vm, unit: usize) -> Result<u64, ClientError> {
     let mut zero = 0;
     for (m, &base) in vm.maps.iter().zip(&vm.offsets) {
-        let ranges = (m.len / PAGE / 64).clamp(1, 16);
+        let ranges = (m.len / (16 * PAGE).max(unit) / 4).clamp(1, 16);
         for r in 0..ranges {
-            let off = (r * m.len / ranges) / PAGE * PAGE;
-            let len = (16 * PAGE).min(m.len - off);
+            let off = (r * m.len / ranges) / unit * unit;
+            let len = (16 * PAGE).max(unit).min(m.len - off);
             m.discard(off, len)?;
             for p in (off..off + len).step_by(PAGE) {
                 if (0..PAGE).step_by(8).any(|w| m.read_word(p + w) != 0) {
@@ -609,11 +624,11 @@ fn misbehave(
         }
         Misbehave::OutsideFile => send(handshake::encode(&shifted(&|r| r.offset += 1 << 30)).as_bytes(), &[fd])?,
         Misbehave::BadPageSize => send(handshake::encode(&shifted(&|r| r.page_size = 8192)).as_bytes(), &[fd])?,
-        Misbehave::HugePages => {
+        Misbehave::HugeMisaligned => {
             let huge = shifted(&|r| {
                 r.page_size = 2 << 20;
                 r.base_host_virt_addr = 0x7e00_0000_0000;
-                r.size = 2 << 20;
+                r.size = (2 << 20) + 4096;
             });
             send(handshake::encode(&huge[..1]).as_bytes(), &[fd])?
         }

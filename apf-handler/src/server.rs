@@ -609,6 +609,7 @@ impl Server {
         // ESRCH from any ioctl: the peer's address space is gone.
         let mut esrch = false;
         let mut lost = None;
+        let mut dry = None;
         for e in l.engine.errors().try_iter() {
             tracing::warn!(target: "apf_handler", vm = l.vm, error = %e, "engine error");
             esrch |= matches!(e, apf::FaultError::Install { error, .. } if error.errno == libc::ESRCH);
@@ -618,12 +619,21 @@ impl Server {
             if matches!(e, apf::FaultError::ZeroFilled { .. } | apf::FaultError::EventLoopDied(_)) {
                 lost.get_or_insert_with(|| e.to_string());
             }
+            // Its huge-page pool ran dry: nothing can stand in for the
+            // page (zeros need one too), and its vCPU would fault again
+            // and again until the pool has a page.
+            if matches!(e, apf::FaultError::NoMemory { poisoned: false, .. }) {
+                dry.get_or_insert_with(|| e.to_string());
+            }
             if l.errors.len() < 64 {
                 l.errors.push(e.to_string());
             }
         }
         if let (Some(why), OnLost::Kill) = (lost, self.opts.on_lost) {
             return Some(self.kill(l.vm, &l.peer, &format!("its memory was zero-filled: {why}")));
+        }
+        if let Some(why) = dry {
+            return Some(self.kill(l.vm, &l.peer, &format!("its huge-page pool ran dry: {why}")));
         }
         esrch.then_some(End::Esrch)
     }
@@ -686,8 +696,14 @@ impl Server {
         let uffd_copy = if self.ctl().is_some() { fd.try_clone().ok() } else { None };
         let remote: Vec<RemoteRegion> = regions.iter().map(remote_region).collect();
         let peer = Arc::new(p.peer);
+        // Its pid: on huge pages, its page map tells a dry pool from a
+        // page that is there.
+        let owner = u32::try_from(peer.pid).ok().filter(|&pid| pid > 0);
         let mem = match RemoteMemory::adopt(fd, &remote) {
-            Ok(m) => m,
+            Ok(m) => match owner {
+                Some(pid) => m.with_owner(pid),
+                None => m,
+            },
             Err(e) => {
                 // The descriptor was a userfaultfd: the peer waits on it.
                 let why = format!("cannot serve it: {e}");

@@ -71,6 +71,81 @@ fn two_vms_restore_at_once_verified_with_reports() {
     assert!(seq["faults"].as_u64().unwrap() * 8 < 4096, "{seq}");
 }
 
+/// The huge-page tests of this binary run one at a time: the pool is one
+/// for the whole machine, and the dry-pool test counts its free pages.
+static HUGE_SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// `pages` huge pages reserved for a test (and this binary's other
+/// huge-page tests held off), or `None` (skipped, said on stderr) when
+/// the machine cannot give them outside CI.
+fn huge_pool(pages: u64) -> Option<(apf::hugepool::Reservation, std::sync::MutexGuard<'static, ()>)> {
+    let serial = HUGE_SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    match apf::hugepool::HugePool::reserve(pages, Instant::now() + Duration::from_secs(10)) {
+        Ok(r) => Some((r, serial)),
+        Err(e) if std::env::var("CI").as_deref() != Ok("true") => {
+            eprintln!("SKIPPED: cannot reserve {pages} huge pages: {e}");
+            None
+        }
+        Err(e) => panic!("cannot reserve {pages} huge pages: {e}"),
+    }
+}
+
+/// `HugePages_Free` of `/proc/meminfo`.
+fn hugepages_free() -> u64 {
+    let info = std::fs::read_to_string("/proc/meminfo").unwrap();
+    let line = info.lines().find(|l| l.starts_with("HugePages_Free:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+/// Pool: the VM's 4 huge pages and 4 of slack (balloon refills). Guest
+/// memory of 2 MiB huge pages, as Firecracker maps hugetlbfs memory: one
+/// install per huge page, every byte verified, balloon discards of whole
+/// huge pages read zeros.
+#[test]
+fn a_vm_on_huge_pages_restores_verified_with_balloon_discards() {
+    let Some(_pool) = huge_pool(8) else { return };
+    let dir = Dir::new("huge");
+    let mem = mem_file(&dir.0, 8 * MIB);
+    let _h = handler(&dir.0, &mem, &[]);
+    let c = client(&dir.0, &mem, &["--huge", "--threads", "2", "--regions", "2", "--balloon"]);
+    let (status, out) = c.output(Duration::from_secs(60), "the VM on huge pages");
+    assert!(status.success(), "{status}; the handler's log:\n{}", log(&dir.0));
+    let r = json(&out);
+    assert_eq!(
+        (r["verified"].as_u64(), r["pages"].as_u64()),
+        (Some((8 * MIB / 4096) as u64), Some((8 * MIB / 4096) as u64)),
+        "{r}"
+    );
+    assert!(r["balloon_zero"].as_u64().unwrap() > 0, "{r}");
+    let rep = &reports(&dir.0, 1)[0];
+    assert!(rep["errors"].as_array().unwrap().is_empty(), "{rep}");
+    // Installs count huge pages: the 4 of memory, and the discarded ones
+    // refilled with zeros.
+    let installed = rep["pages"].as_u64().unwrap();
+    assert!((4..=8).contains(&installed), "{rep}");
+}
+
+/// Pool: 2 huge pages, for a VM of 4 that maps them `MAP_NORESERVE`: its
+/// third fault finds the pool dry. Nothing can stand in for the page
+/// (zeros need a page too; Firecracker's descriptor has no POISON), so
+/// the VM is ended rather than left faulting for ever.
+#[test]
+fn a_vm_whose_huge_page_pool_runs_dry_is_ended_not_left_faulting() {
+    let Some(_pool) = huge_pool(2) else { return };
+    if hugepages_free() != 2 {
+        eprintln!("SKIPPED: {} huge pages are free in the pool, not 2", hugepages_free());
+        return;
+    }
+    let dir = Dir::new("huge-dry");
+    let mem = mem_file(&dir.0, 8 * MIB);
+    let _h = handler(&dir.0, &mem, &[]);
+    let mut c = client(&dir.0, &mem, &["--huge", "--threads", "1", "--regions", "1"]);
+    let status = c.wait(Duration::from_secs(30), "the VM on a dry pool");
+    assert_eq!(status.signal(), Some(libc::SIGKILL), "{status}; the handler's log:\n{}", log(&dir.0));
+    let rep = &reports(&dir.0, 1)[0];
+    assert!(rep["end"].as_str().unwrap().contains("huge-page pool ran dry"), "{rep}");
+}
+
 /// Every bad input, each its own peer, while good VMs restore beside
 /// them: a peer that handed over a userfaultfd is ended (SIGKILL through
 /// its pidfd), one that did not sees its connection closed; no peer is

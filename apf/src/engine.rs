@@ -183,6 +183,17 @@ impl RemoteMemory {
         Ok(RemoteMemory { uffd, ram })
     }
 
+    /// Names the process the memory lives in (the sender: for a
+    /// connection, its `SO_PEERCRED` pid). On huge pages the engine then
+    /// reads that process's page map (`/proc/<pid>/pagemap`, which needs
+    /// the right to trace it) to tell a `COPY` that met a dry pool
+    /// (`EEXIST` with nothing mapped) from a page that is there; without
+    /// it, such an `EEXIST` is believed.
+    pub fn with_owner(self, pid: u32) -> RemoteMemory {
+        self.ram.set_remote_owner(pid);
+        self
+    }
+
     /// What the sender negotiated for the descriptor.
     pub fn features(&self) -> Features {
         self.uffd.features()

@@ -766,6 +766,10 @@ pub struct GuestRam {
     image: Option<Arc<ImageSource>>,
     /// The regions are another process's memory ([`GuestRam::remote`]).
     remote: bool,
+    /// The process a remote memory lives in, when its owner said
+    /// ([`crate::RemoteMemory::with_owner`]): asked (its page map) whether
+    /// a huge page is there when a `COPY` answers `EEXIST`.
+    remote_owner: std::sync::OnceLock<u32>,
     /// [`GuestRam::shared_fd`] handed the memfd out: another process may
     /// map it, and its writes are not write-protected by this process.
     shared_out: std::sync::atomic::AtomicBool,
@@ -785,7 +789,8 @@ pub struct RemoteRegion {
     /// An external handler uses the region's offset in the memory file,
     /// so a source that reads the file at the guest address serves it.
     pub gpa: GuestAddress,
-    /// The owner's page size for it, in bytes (only 4096 is resolved).
+    /// The owner's page size for it, in bytes: 4096, or 2 MiB (hugetlb
+    /// memory) for every region.
     pub page_size: u64,
 }
 
@@ -927,7 +932,16 @@ impl GuestRam {
         if regions.is_empty() {
             return Err(RamError::NoRegions);
         }
-        Ok(GuestRam { mem, regions, kind, file, image, remote: false, shared_out: Default::default() })
+        Ok(GuestRam {
+            mem,
+            regions,
+            kind,
+            file,
+            image,
+            remote: false,
+            remote_owner: Default::default(),
+            shared_out: Default::default(),
+        })
     }
 
     /// What backs this RAM.
@@ -1088,16 +1102,19 @@ impl GuestRam {
     /// nothing here can touch it directly; pins, references and offlines
     /// are refused.
     ///
-    /// Regions must be page-aligned, non-empty, 4 KiB-paged and overlap
-    /// neither in guest nor in host addresses; they may come in any order.
+    /// Regions must be page-aligned, non-empty and overlap neither in guest
+    /// nor in host addresses; they may come in any order. Their pages are
+    /// 4 KiB, or 2 MiB for all of them (hugetlb memory, which is then
+    /// [`MemoryKind::PrivateHugetlb`]: each fault gets its whole huge page).
     pub fn remote(regions: &[RemoteRegion]) -> Result<Self, RamError> {
         if regions.is_empty() {
             return Err(RamError::NoRegions);
         }
         let mut sorted = regions.to_vec();
         sorted.sort_by_key(|r| r.gpa.0);
+        let page_size = regions[0].page_size;
         for r in &sorted {
-            if r.page_size != PAGE {
+            if ![PAGE, HUGE_PAGE_SIZE as u64].contains(&r.page_size) || r.page_size != page_size {
                 return Err(RamError::PageSize { base: r.gpa.0, page_size: r.page_size });
             }
             let ends = r.gpa.0.checked_add(r.len).is_some() && r.host.checked_add(r.len).is_some();
@@ -1120,10 +1137,11 @@ impl GuestRam {
         Ok(GuestRam {
             mem: GuestMemoryMmap::default(),
             regions,
-            kind: MemoryKind::PrivateAnonymous,
+            kind: if page_size == PAGE { MemoryKind::PrivateAnonymous } else { MemoryKind::PrivateHugetlb },
             file: None,
             image: None,
             remote: true,
+            remote_owner: Default::default(),
             shared_out: Default::default(),
         })
     }
@@ -1131,6 +1149,15 @@ impl GuestRam {
     /// True if this memory lives in another process ([`GuestRam::remote`]).
     pub fn is_remote(&self) -> bool {
         self.remote
+    }
+
+    /// The process remote memory lives in, if its owner was given.
+    pub(crate) fn remote_owner(&self) -> Option<u32> {
+        self.remote_owner.get().copied()
+    }
+
+    pub(crate) fn set_remote_owner(&self, pid: u32) {
+        let _ = self.remote_owner.set(pid);
     }
 
     /// The rust-vmm view of this memory, for device emulation and loaders.
@@ -1474,8 +1501,16 @@ mod tests {
         assert!(matches!(overlap_guest, Err(RamError::Overlap(0, 0x1000))));
         let overlap_host = GuestRam::remote(&[reg(0x10_0000, 2 * PAGE, 0), reg(0x10_1000, PAGE, 0x10_0000)]);
         assert!(matches!(overlap_host, Err(RamError::Overlap(..))));
+        // Huge pages for every region, or for none.
         let huge = RemoteRegion { page_size: 2 << 20, ..reg(0x20_0000, 2 << 20, 0) };
-        assert!(matches!(GuestRam::remote(&[huge]), Err(RamError::PageSize { page_size: 0x20_0000, .. })));
+        let ram = GuestRam::remote(&[huge]).unwrap();
+        assert_eq!((ram.kind(), ram.regions()[0].page_size()), (MemoryKind::PrivateHugetlb, 2 << 20));
+        let mixed = GuestRam::remote(&[huge, reg(0x80_0000, PAGE, 0x40_0000)]);
+        assert!(matches!(mixed, Err(RamError::PageSize { page_size: 4096, .. })));
+        let odd = RemoteRegion { page_size: 8192, ..reg(0x20_0000, 8192, 0) };
+        assert!(matches!(GuestRam::remote(&[odd]), Err(RamError::PageSize { page_size: 8192, .. })));
+        let unaligned_huge = RemoteRegion { page_size: 2 << 20, ..reg(0x20_1000, 2 << 20, 0) };
+        assert!(matches!(GuestRam::remote(&[unaligned_huge]), Err(RamError::UnalignedRegion { .. })));
         assert!(matches!(GuestRam::remote(&[reg(0x10_0800, PAGE, 0)]), Err(RamError::UnalignedRegion { .. })));
         assert!(matches!(GuestRam::remote(&[reg(0x10_0000, 0, 0)]), Err(RamError::UnalignedRegion { .. })));
         assert!(matches!(GuestRam::remote(&[reg(u64::MAX - 0xfff, PAGE, 0)]), Err(RamError::UnalignedRegion { .. })));

@@ -12,11 +12,11 @@
 
 mod common;
 
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use apf::failpoints::{Op, Rule};
-use apf::hugepool::{HugePool, HugePoolError, Reservation};
+use apf::hugepool::HugePool;
 use apf::{
     Engine, FaultError, GuestAddress, GuestRam, GuestRange, MemoryKind, Mode, OfflineError, Pattern, PinError,
     RamError, ZeroSource, HUGE_PAGE_SIZE,
@@ -26,25 +26,7 @@ use common::{try_read, try_read_word, within};
 const HP: u64 = HUGE_PAGE_SIZE as u64;
 const BASE: u64 = 0x4000_0000;
 
-/// The huge-page tests of this binary run one at a time: the pool is one
-/// for the whole machine, and the dry-pool test counts its free pages.
-static SERIAL: Mutex<()> = Mutex::new(());
-
-/// `pages` huge pages reserved for a test, or `None` (skipped, said on
-/// stderr) when the machine cannot give them outside CI.
-fn reserve(pages: u64) -> Option<(Reservation, MutexGuard<'static, ()>)> {
-    let serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    match HugePool::reserve(pages, Instant::now() + Duration::from_secs(10)) {
-        Ok(r) => Some((r, serial)),
-        Err(e @ (HugePoolError::Shortfall { .. } | HugePoolError::Deadline { .. }))
-            if std::env::var("CI").as_deref() != Ok("true") =>
-        {
-            eprintln!("SKIPPED: cannot reserve {pages} huge pages: {e}");
-            None
-        }
-        Err(e) => panic!("cannot reserve {pages} huge pages: {e}"),
-    }
-}
+use common::{huge_pool as reserve, hugepages_free, meminfo};
 
 fn huge_ram(kind: MemoryKind, pages: u64) -> Arc<GuestRam> {
     let ranges = [(GuestAddress(BASE), (pages * HP) as usize)];
@@ -938,14 +920,4 @@ fn a_host_block_offline_over_huge_pages_ends_by_its_deadline_and_loses_nothing()
         assert_eq!(pattern.verify(BASE + p * HP, &read_huge(&ram, BASE + p * HP).unwrap()), Ok(()), "page {p}");
     }
     assert_eq!(engine.stats().faults, 0, "the pages stayed present");
-}
-
-fn hugepages_free() -> u64 {
-    meminfo("HugePages_Free:")
-}
-
-fn meminfo(key: &str) -> u64 {
-    let info = std::fs::read_to_string("/proc/meminfo").unwrap();
-    let line = info.lines().find(|l| l.starts_with(key)).unwrap();
-    line.split_whitespace().nth(1).unwrap().parse().unwrap()
 }

@@ -97,6 +97,84 @@ fn registered_missing(host: u64) -> bool {
     false
 }
 
+/// The sender's memory of `pages` 2 MiB huge pages (`MAP_HUGETLB`, as
+/// Firecracker maps hugetlbfs guest memory; with `MAP_NORESERVE` if
+/// `noreserve`), its descriptor, and the memory the engine adopts, its
+/// owner named.
+fn huge_sender(pages: u64, noreserve: bool) -> (Arc<GuestRam>, Uffd, RemoteMemory) {
+    let ram = Arc::new(GuestRam::anonymous_hugetlb(&[(GuestAddress(0), (pages * HP) as usize)], noreserve).unwrap());
+    let uffd = Uffd::new(Features::EVENT_REMOVE, Features::empty()).unwrap();
+    let r = &ram.regions()[0];
+    uffd.register(r.host_base(), r.len(), RegisterMode::MISSING).unwrap();
+    let region = RemoteRegion { host: r.host_base(), len: r.len(), gpa: GuestAddress(OFFSET), page_size: HP };
+    let mem = RemoteMemory::adopt(uffd.as_fd().try_clone_to_owned().unwrap(), &[region]).unwrap();
+    (ram, uffd, mem.with_owner(std::process::id()))
+}
+
+const HP: u64 = apf::HUGE_PAGE_SIZE as u64;
+
+/// Pool: 4 pages. Each fault on another process's huge pages gets its
+/// whole huge page in one copy, and a discard of one reads zeros (copied:
+/// there is no huge-page ZEROPAGE).
+#[test]
+fn huge_pages_of_another_process_are_served_whole_and_discards_read_zeros() {
+    let Some(_pool) = common::huge_pool(4) else { return };
+    let (ram, _sender_uffd, mem) = huge_sender(4, false);
+    assert_eq!(mem.ram().kind(), apf::MemoryKind::PrivateHugetlb);
+    let pattern = Pattern { seed: 8 };
+    let engine = Engine::remote(mem, Arc::new(pattern)).start().unwrap();
+    let mut page = vec![0u8; HP as usize];
+    for p in 0..4 {
+        common::try_read(&ram, p * HP, &mut page).unwrap();
+        assert_eq!(pattern.verify(OFFSET + p * HP, &page), Ok(()), "huge page {p}");
+    }
+    assert!(engine.wait_idle(Instant::now() + Duration::from_secs(10)));
+    let stats = engine.stats();
+    assert_eq!((stats.pages_installed, stats.bytes_installed), (4, 4 * HP), "{stats:?}");
+    discard(&ram, HP, HP);
+    common::try_read(&ram, HP, &mut page).unwrap();
+    assert!(page.iter().all(|&b| b == 0), "a discarded huge page reads zeros");
+    common::try_read(&ram, 2 * HP, &mut page).unwrap();
+    assert_eq!(pattern.verify(OFFSET + 2 * HP, &page), Ok(()));
+    assert!(engine.errors().try_iter().next().is_none());
+}
+
+/// Pool: 2 pages, then 2 more. The sender maps its huge pages
+/// `MAP_NORESERVE` and the pool runs dry: the kernel answers the `COPY`
+/// with `EEXIST` and nothing mapped, which the sender's page map tells
+/// apart from a page that is there. Without `POISON` on the sender's
+/// descriptor nothing can stand in for the page (zeros need a page too):
+/// the fault is reported and stays unresolved, its thread faulting again,
+/// and is served as soon as the pool has pages.
+#[test]
+fn a_dry_pool_in_the_owner_is_reported_and_its_fault_served_once_pages_are_free() {
+    let Some(_pool) = common::huge_pool(2) else { return };
+    let free = common::hugepages_free();
+    if free > 64 {
+        eprintln!("SKIPPED: {free} huge pages are free in the pool; too many to run it dry");
+        return;
+    }
+    let pages = free + 1;
+    let (ram, _sender_uffd, mem) = huge_sender(pages, true);
+    let pattern = Pattern { seed: 9 };
+    let config = apf::Config { fill_retries: 1, ..apf::Config::default() };
+    let engine = Engine::remote(mem, Arc::new(pattern)).config(config).start().unwrap();
+    let reader = {
+        let ram = ram.clone();
+        std::thread::spawn(move || (0..pages).map(|p| common::try_read_word(&ram, p * HP + 8)).collect::<Vec<_>>())
+    };
+    let dry = engine.errors().recv_timeout(Duration::from_secs(10));
+    assert!(matches!(dry, Some(FaultError::NoMemory { poisoned: false, .. })), "{dry:?}");
+    assert!(!reader.is_finished(), "the fault on the dry pool was answered");
+    // Pages for it: the thread's next fault is served.
+    let _more = apf::hugepool::HugePool::reserve(2, Instant::now() + Duration::from_secs(10)).unwrap();
+    let words = common::within(Duration::from_secs(20), move || reader.join().unwrap());
+    for (p, w) in words.iter().enumerate() {
+        assert_eq!(*w, Some(pattern.word_at(OFFSET + p as u64 * HP, 1)), "huge page {p}");
+    }
+    assert!(engine.stats().no_memory >= 1);
+}
+
 /// Without `POISON`, a source that fails for good gives the faulting
 /// thread zeros and says so; the thread is never left waiting.
 #[test]
@@ -191,7 +269,13 @@ fn adoption_refuses_other_descriptors_and_bad_regions() {
         other => panic!("a file was adopted: {other:?}"),
     }
     let uffd = Uffd::new(Features::EVENT_REMOVE, Features::empty()).unwrap();
+    // Huge pages for some regions and not others, or pages of 8 KiB.
     let huge = RemoteRegion { page_size: 2 << 20, len: 2 << 20, ..region };
+    let small = RemoteRegion { host: 0x7f00_1000_0000, gpa: GuestAddress(4 << 20), ..region };
     let fd = uffd.as_fd().try_clone_to_owned().unwrap();
-    assert!(matches!(RemoteMemory::adopt(fd, &[huge]), Err(apf::EngineError::Ram(apf::RamError::PageSize { .. }))));
+    let mixed = RemoteMemory::adopt(fd, &[huge, small]);
+    assert!(matches!(mixed, Err(apf::EngineError::Ram(apf::RamError::PageSize { .. }))), "{mixed:?}");
+    let odd = RemoteRegion { page_size: 8192, len: 8192, ..region };
+    let fd = uffd.as_fd().try_clone_to_owned().unwrap();
+    assert!(matches!(RemoteMemory::adopt(fd, &[odd]), Err(apf::EngineError::Ram(apf::RamError::PageSize { .. }))));
 }

@@ -744,6 +744,10 @@ impl Core {
         match self.give_up() {
             // SAFETY: the caller's contract.
             GiveUp::Poison => unsafe { self.mem.poison(host, len) },
+            // Huge pages have no ZEROPAGE: their zeros are copied.
+            // SAFETY: the caller's contract; the zero buffer holds at least
+            // a page of any region.
+            GiveUp::Zeros if len > PAGE_SIZE => unsafe { self.mem.copy(host, self.zeros.as_ptr(), len, false) },
             // SAFETY: the caller's contract.
             GiveUp::Zeros => unsafe { self.mem.zeropage(host, len, false) },
         }

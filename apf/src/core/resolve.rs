@@ -391,6 +391,18 @@ fn resolve_steps(shared: &Core, job: &mut Job, ctx: &mut Ctx, bytes: &mut usize)
                     continue;
                 }
                 let gpa = region.page_gpa(job.window[0].first);
+                if shared.give_up() == GiveUp::Zeros {
+                    // No POISON (another process's descriptor), and zeros
+                    // need a page as much as the contents do: the page
+                    // stays missing, its thread faults again (and is served
+                    // once the pool has a page), and the report says why.
+                    span.record("outcome", "no-memory");
+                    let page = job.fault.map_or(gpa, |f| region.page_gpa(f.page));
+                    shared.release_runs(job.region, &job.window);
+                    job.window.clear();
+                    shared.report(FaultError::NoMemory { gpa: page, poisoned: false, error });
+                    return Step::Done;
+                }
                 let give_up = give_up_fault(shared, region, job, ctx, (range, seq), "no-memory", |page, poisoned| {
                     FaultError::NoMemory { gpa: page.unwrap_or(gpa), poisoned, error }
                 });
@@ -510,11 +522,14 @@ fn give_up_fault(
             shared.checked(region.poison(fault.page));
             shared.stats().poisoned.add(1);
         }
-        Err(e) if e.errno == libc::EEXIST => {
+        Err(e) if e.errno == libc::EEXIST && !dry_pool(shared, region, host) => {
             shared.checked(region.complete(fault.page));
             shared.wake(host, region.page_size());
         }
         Err(e) => {
+            // (A dry pool has no page for zeros either, on a descriptor
+            // without POISON: the page stays missing and its thread faults
+            // again; the report above said why.)
             drop(guard);
             shared.release_runs(job.region, &job.window);
             shared.report(FaultError::Install { gpa: page_gpa, error: e });
@@ -857,8 +872,29 @@ fn dry_pool(shared: &Core, region: &Region, dst: u64) -> bool {
     if shared.ram().kind() != MemoryKind::PrivateHugetlb {
         return false;
     }
+    if shared.ram().is_remote() {
+        // Another process's memory: its own page map says.
+        return shared.ram().remote_owner().is_some_and(|pid| owner_lacks(pid, dst));
+    }
     let mut answers = Vec::new();
     !in_memory(dst as *const u8, region.page_size(), &mut answers)
+}
+
+/// Whether process `pid` has nothing mapped at `addr`, by its page map
+/// (present or swapped); false if it cannot be read (the process is gone,
+/// or may not be traced): then the kernel's `EEXIST` is believed.
+fn owner_lacks(pid: u32, addr: u64) -> bool {
+    use std::os::unix::fs::FileExt;
+    const PM_PRESENT: u64 = 1 << 63;
+    const PM_SWAP: u64 = 1 << 62;
+    let Ok(map) = std::fs::File::open(format!("/proc/{pid}/pagemap")) else {
+        return false;
+    };
+    let mut entry = [0u8; 8];
+    match map.read_exact_at(&mut entry, addr / PAGE_SIZE as u64 * 8) {
+        Ok(()) => u64::from_ne_bytes(entry) & (PM_PRESENT | PM_SWAP) == 0,
+        Err(_) => false,
+    }
 }
 
 /// The still-claimed runs from piece `i`, page offset `off`, onward.

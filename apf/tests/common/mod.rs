@@ -586,3 +586,37 @@ pub fn offline_beside_writer(
     }
     Hammered { rounds, took, writes: written.len(), before }
 }
+
+/// The huge-page tests of a binary run one at a time: the pool is one for
+/// the whole machine, and the dry-pool tests count its free pages.
+static HUGE_SERIAL: Mutex<()> = Mutex::new(());
+
+/// `pages` huge pages reserved for a test (and the binary's huge-page
+/// tests held off), or `None` (skipped, said on stderr) when the machine
+/// cannot give them outside CI.
+pub fn huge_pool(pages: u64) -> Option<(apf::hugepool::Reservation, MutexGuard<'static, ()>)> {
+    use apf::hugepool::{HugePool, HugePoolError};
+    let serial = HUGE_SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    match HugePool::reserve(pages, Instant::now() + Duration::from_secs(10)) {
+        Ok(r) => Some((r, serial)),
+        Err(e @ (HugePoolError::Shortfall { .. } | HugePoolError::Deadline { .. }))
+            if std::env::var("CI").as_deref() != Ok("true") =>
+        {
+            eprintln!("SKIPPED: cannot reserve {pages} huge pages: {e}");
+            None
+        }
+        Err(e) => panic!("cannot reserve {pages} huge pages: {e}"),
+    }
+}
+
+/// `HugePages_Free` of `/proc/meminfo`.
+pub fn hugepages_free() -> u64 {
+    meminfo("HugePages_Free:")
+}
+
+/// The number on the line of `/proc/meminfo` that starts with `key`.
+pub fn meminfo(key: &str) -> u64 {
+    let info = std::fs::read_to_string("/proc/meminfo").unwrap();
+    let line = info.lines().find(|l| l.starts_with(key)).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
