@@ -50,7 +50,11 @@ pub struct Config {
     /// the faulting one, in order or at random: the image's pages are
     /// mapped in place (`UFFDIO_CONTINUE`), which allocates nothing, so a
     /// large block costs page-table entries only and saves faults. At most
-    /// 4096; 1 maps the faulting page alone.
+    /// 4096; 1 maps the faulting page alone. On an image of huge pages
+    /// ([`MemoryKind::HugetlbImage`](crate::MemoryKind::HugetlbImage)) the
+    /// block is 8 huge pages (16 MiB; 1 still means the faulting page
+    /// alone), and a first write is served the same way, the kernel's
+    /// copy-on-write then copying the page in the faulting thread.
     pub image_window: usize,
     /// Where windows are resolved.
     pub dispatch: Dispatch,
