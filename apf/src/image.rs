@@ -88,7 +88,8 @@ pub struct Image {
     huge: bool,
     /// For a loaded image, which of its pages hold data (one bit each; the
     /// others are holes, which read as zeros): known from loading, and
-    /// fixed, since nobody writes it. `None` for a file used in place.
+    /// fixed, since nobody can write it. `None` for a file used in place,
+    /// or a loaded image the kernel would not write-seal.
     data: Option<Vec<u64>>,
 }
 
@@ -246,7 +247,10 @@ impl Image {
         // SAFETY: posix_fadvise reads nothing from this process's memory.
         let _ = unsafe { libc::posix_fadvise(src.as_raw_fd(), offset as i64, len as i64, libc::POSIX_FADV_DONTNEED) };
         let len = if huge { len.next_multiple_of(HUGE_PAGE_SIZE as u64) } else { len };
-        let image = Self::new(path, memfd, 0, len, Some(started.elapsed()), huge, Some(data.0))?;
+        // What loading found stays true only while nobody can write the
+        // image: without the write seal the kernel is asked instead.
+        let known = write_sealed.then(|| data.0.clone());
+        let image = Self::new(path, memfd, 0, len, Some(started.elapsed()), huge, known)?;
         image.write_sealed.store(write_sealed, std::sync::atomic::Ordering::Relaxed);
         if huge {
             // Map the view's data pages (never its holes: a fault there
@@ -254,7 +258,7 @@ impl Image {
             // reads its source with page faults disabled.
             let page = HUGE_PAGE_SIZE;
             let pages = (len as usize) / page;
-            for (a, b) in crate::ram::runs(pages, |i| image.holds_data(i as u64 * page as u64) == Some(true)) {
+            for (a, b) in crate::ram::runs(pages, |i| data.0[i / 64] >> (i % 64) & 1 != 0) {
                 // SAFETY: MADV_POPULATE_READ maps pages of the view, which
                 // holds data there; it changes no contents.
                 unsafe {
