@@ -6,7 +6,7 @@
 mod common;
 
 use std::os::unix::fs::FileExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -103,6 +103,54 @@ fn image_reads_map_the_image_and_writes_get_private_copies_clones_do_not_see() {
     );
     assert_eq!(read_word(&a, BASE + 40 * P + 8), pattern.word_at(BASE + 40 * P, 1));
     assert!(ea.errors().is_empty() && eb.errors().is_empty());
+}
+
+/// A file already on tmpfs is used in place: nothing is loaded, so
+/// nothing is known of its holes from loading, and the engine asks the
+/// kernel (`mincore`) which pages hold data: the hole reads zeros, the
+/// rest the file's bytes, a discarded page zeros.
+#[test]
+fn an_image_file_on_tmpfs_is_used_in_place_and_its_holes_are_asked_of_the_kernel() {
+    let shm = Path::new("/dev/shm");
+    if !shm.is_dir() {
+        assert_ne!(std::env::var("CI").as_deref(), Ok("true"), "no /dev/shm under CI");
+        eprintln!("SKIPPED: no /dev/shm");
+        return;
+    }
+    let loaded = snapshot("tmpfs", 13, &[6, 7]);
+    let path = shm.join(loaded.file_name().unwrap());
+    std::fs::copy(&loaded, &path).unwrap();
+    std::fs::remove_file(&loaded).unwrap();
+    // Holes where the snapshot has zeros, as a loaded image has them.
+    let file = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+    // SAFETY: fallocate punches a hole in the file just written; it reads
+    // nothing from this process's memory.
+    let punched = unsafe {
+        libc::fallocate(
+            std::os::fd::AsRawFd::as_raw_fd(&file),
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            6 * P as i64,
+            2 * P as i64,
+        )
+    };
+    assert_eq!(punched, 0, "{}", std::io::Error::last_os_error());
+    let image = Image::load(&path).unwrap();
+    assert!(image.load_time().is_none(), "a tmpfs file is used in place");
+    let ram = image_ram(&image);
+    let engine = image_engine(&ram);
+    let pattern = Pattern { seed: 13 };
+    for p in 0..PAGES as u64 {
+        let want = if p == 6 || p == 7 { 0 } else { pattern.word_at(BASE + p * P, 2) };
+        assert_eq!(read_word(&ram, BASE + p * P + 16), want, "page {p}");
+    }
+    assert!(engine.wait_idle(Instant::now() + Duration::from_secs(5)));
+    let stats = engine.stats();
+    assert_eq!((stats.continued, stats.zero_pages), (PAGES as u64 - 2, 2), "{stats:?}");
+    discard(&ram, BASE + 9 * P, P);
+    assert_eq!(read_word(&ram, BASE + 9 * P + 16), 0, "a discarded page shows the file");
+    assert!(engine.errors().is_empty());
+    drop(engine);
+    std::fs::remove_file(&path).unwrap();
 }
 
 #[test]
