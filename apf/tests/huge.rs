@@ -124,6 +124,39 @@ fn an_image_of_huge_pages_is_mapped_in_place_copied_on_write_and_shared_by_clone
     assert!(engine2.errors().try_iter().next().is_none());
 }
 
+/// Pool: the image (8 pages), 8 of private pages and 2 of slack. A
+/// block of 8 image pages, claimed by a read that keeps meeting `EAGAIN`,
+/// is discarded whole meanwhile: every page of it is zeros now, 16 MiB of
+/// them, more than the engine's zero buffer holds; they are installed in
+/// pieces no longer than it, and every byte reads zero.
+#[test]
+fn a_claimed_block_discarded_whole_reads_zeros_in_every_byte() {
+    let Some(_pool) = reserve(8 + 8 + 2) else { return };
+    let pattern = Pattern { seed: 77 };
+    let image = huge_image("block", pattern, 8 * HP, &[]);
+    let (ram, engine) = on_image(&image, 8);
+    let fp = engine.failpoints();
+    fp.arm(Rule::new(Op::Continue, libc::EAGAIN).times(u64::MAX));
+    let reader = {
+        let ram = ram.clone();
+        std::thread::spawn(move || try_read_word(&ram, BASE + 8))
+    };
+    let t = Instant::now();
+    while fp.fired() < 3 && t.elapsed() < Duration::from_secs(5) {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    assert!(fp.fired() >= 3, "the block's CONTINUE was never tried");
+    madvise(&ram, BASE, 8 * HP, libc::MADV_DONTNEED).unwrap();
+    fp.clear();
+    assert_eq!(within(Duration::from_secs(10), move || reader.join().unwrap()), Some(0));
+    settle(&engine);
+    for p in 0..8u64 {
+        let page = read_huge(&ram, BASE + p * HP).unwrap();
+        assert_eq!(page.iter().filter(|&&b| b != 0).count(), 0, "huge page {p} holds bytes that are not the guest's");
+    }
+    assert!(engine.errors().try_iter().next().is_none());
+}
+
 /// Pool: none beyond what the test grows it by (2 pages) against an
 /// image of 4 pages of data.
 #[test]

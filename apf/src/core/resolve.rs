@@ -618,7 +618,7 @@ fn fill(
                             (true, _) if !is_zero => Src::Continue,
                             _ => zero,
                         };
-                        pieces.push(Piece { first: a, count: b - a, src });
+                        push_piece(&mut pieces, Piece { first: a, count: b - a, src }, shared.zeros(), region);
                     }
                     p = end;
                     continue;
@@ -647,11 +647,31 @@ fn fill(
                 buf_off += len;
                 src
             };
-            pieces.push(Piece { first: p, count: n, src });
+            push_piece(&mut pieces, Piece { first: p, count: n, src }, shared.zeros(), region);
             p = end;
         }
     }
     Ok(pieces)
+}
+
+/// Adds `piece`, cut into pieces no longer than the zero buffer when its
+/// source is that buffer: a copy of zeros reads as many bytes as it
+/// installs, and a window (a huge image's block of 16 MiB, say) may be
+/// longer than the buffer.
+fn push_piece(pieces: &mut Vec<Piece>, piece: Piece, zeros: &[u8], region: &Region) {
+    let per = (zeros.len() / region.page_size()).max(1);
+    match piece.src {
+        Src::Copy(src) if src == zeros.as_ptr() => {
+            let mut first = piece.first;
+            let end = piece.first + piece.count;
+            while first < end {
+                let count = per.min(end - first);
+                pieces.push(Piece { first, count, src: piece.src });
+                first += count;
+            }
+        }
+        _ => pieces.push(piece),
+    }
 }
 
 /// The runs of pages `[first, first + count)` of a file-backed region that
