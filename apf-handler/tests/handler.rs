@@ -125,19 +125,20 @@ fn a_vm_on_huge_pages_restores_verified_with_balloon_discards() {
     assert!((4..=8).contains(&installed), "{rep}");
 }
 
-/// Pool: 2 huge pages, for a VM of 4 that maps them `MAP_NORESERVE`: its
-/// third fault finds the pool dry. Nothing can stand in for the page
-/// (zeros need a page too; Firecracker's descriptor has no POISON), so
-/// the VM is ended rather than left faulting for ever.
+/// Pool: 2 huge pages, for a VM of 2 more than the pool has free, mapped
+/// `MAP_NORESERVE`: a fault finds the pool dry. Nothing can stand in for
+/// the page (zeros need a page too; Firecracker's descriptor has no
+/// POISON), so the VM is ended rather than left faulting for ever.
 #[test]
 fn a_vm_whose_huge_page_pool_runs_dry_is_ended_not_left_faulting() {
     let Some(_pool) = huge_pool(2) else { return };
-    if hugepages_free() != 2 {
-        eprintln!("SKIPPED: {} huge pages are free in the pool, not 2", hugepages_free());
+    let free = hugepages_free() as usize;
+    if free > 64 {
+        eprintln!("SKIPPED: {free} huge pages are free in the pool; too many to run it dry");
         return;
     }
     let dir = Dir::new("huge-dry");
-    let mem = mem_file(&dir.0, 8 * MIB);
+    let mem = mem_file(&dir.0, (free + 2) * 2 * MIB);
     let _h = handler(&dir.0, &mem, &[]);
     let mut c = client(&dir.0, &mem, &["--huge", "--threads", "1", "--regions", "1"]);
     let status = c.wait(Duration::from_secs(30), "the VM on a dry pool");

@@ -157,13 +157,17 @@ fn a_claimed_block_discarded_whole_reads_zeros_in_every_byte() {
     assert!(engine.errors().try_iter().next().is_none());
 }
 
-/// Pool: none beyond what the test grows it by (2 pages) against an
-/// image of 4 pages of data.
+/// Pool: 2 pages, against an image of 2 pages of data more than the pool
+/// has free.
 #[test]
 fn an_image_larger_than_the_pool_fails_to_load_and_keeps_no_page() {
     let Some(_pool) = reserve(2) else { return };
     let free = hugepages_free();
-    let mut contents = vec![0u8; (4 * HP) as usize];
+    if free > 64 {
+        eprintln!("SKIPPED: {free} huge pages are free in the pool; too many to run it dry");
+        return;
+    }
+    let mut contents = vec![0u8; ((free + 2) * HP) as usize];
     Pattern { seed: 43 }.write(BASE, &mut contents);
     let path = std::env::temp_dir().join(format!("apf-huge-image-short-{}", std::process::id()));
     std::fs::write(&path, &contents).unwrap();

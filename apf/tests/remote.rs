@@ -175,6 +175,41 @@ fn a_dry_pool_in_the_owner_is_reported_and_its_fault_served_once_pages_are_free(
     assert!(engine.stats().no_memory >= 1);
 }
 
+/// Pool: 2 pages, then 2 more. A prefetch that meets the sender's dry
+/// pool ran ahead of need: it reports nothing (a handler ends a peer whose
+/// fault met a dry pool) and leaves the page missing, for its first fault
+/// to get once the pool has a page.
+#[test]
+fn a_prefetch_that_meets_a_dry_pool_in_the_owner_reports_nothing_and_leaves_the_page_missing() {
+    let Some(_pool) = common::huge_pool(2) else { return };
+    let free = common::hugepages_free();
+    if free > 64 {
+        eprintln!("SKIPPED: {free} huge pages are free in the pool; too many to run it dry");
+        return;
+    }
+    let pages = free + 1;
+    let (ram, _sender_uffd, mem) = huge_sender(pages, true);
+    let pattern = Pattern { seed: 10 };
+    let config = apf::Config { fill_retries: 1, ..apf::Config::default() };
+    let engine = Engine::remote(mem, Arc::new(pattern)).config(config).start().unwrap();
+    let _ = engine.prefetch(GuestRange::new(GuestAddress(OFFSET), pages * HP));
+    assert!(engine.wait_idle(Instant::now() + Duration::from_secs(10)));
+    assert!(engine.stats().no_memory >= 1, "the pool never ran dry: {:?}", engine.stats());
+    let reported: Vec<_> = engine.errors().try_iter().collect();
+    assert!(reported.is_empty(), "{reported:?}");
+    let states = engine.ram().regions()[0].census();
+    assert!(states[apf::PageState::Missing as usize] >= 1, "the page the pool had none for is missing: {states:?}");
+    assert_eq!(states[apf::PageState::Resolving as usize], 0, "nothing is left claimed: {states:?}");
+    let _more = apf::hugepool::HugePool::reserve(2, Instant::now() + Duration::from_secs(10)).unwrap();
+    let words = common::within(Duration::from_secs(20), {
+        let ram = ram.clone();
+        move || (0..pages).map(|p| common::try_read_word(&ram, p * HP + 8)).collect::<Vec<_>>()
+    });
+    for (p, w) in words.iter().enumerate() {
+        assert_eq!(*w, Some(pattern.word_at(OFFSET + p as u64 * HP, 1)), "huge page {p}");
+    }
+}
+
 /// Without `POISON`, a source that fails for good gives the faulting
 /// thread zeros and says so; the thread is never left waiting.
 #[test]

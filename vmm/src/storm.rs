@@ -145,8 +145,9 @@ fn run(engine: &Engine, config: StormConfig, stop: &AtomicBool, report: &Mutex<S
         next = now + every;
         n += 1;
         rng = splitmix64(rng);
-        // One offline in four hits the pinned checksum ring.
-        let range = if n % 4 == 0 {
+        // One offline in four hits the pinned checksum ring, the first
+        // one among them (a short run may make only a few).
+        let range = if n % 4 == 1 {
             ring_range_in(engine.ram())
         } else {
             let pages = 1 + rng % max_pages.clamp(1, ram_pages);

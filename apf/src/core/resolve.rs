@@ -393,14 +393,18 @@ fn resolve_steps(shared: &Core, job: &mut Job, ctx: &mut Ctx, bytes: &mut usize)
                 let gpa = region.page_gpa(job.window[0].first);
                 if shared.give_up() == GiveUp::Zeros {
                     // No POISON (another process's descriptor), and zeros
-                    // need a page as much as the contents do: the page
-                    // stays missing, its thread faults again (and is served
-                    // once the pool has a page), and the report says why.
+                    // need a page as much as the contents do: the pages
+                    // stay missing, and a faulting thread faults again (and
+                    // is served once the pool has a page). Only a fault's
+                    // own page is reported: a prefetch or a replay that met
+                    // the dry pool ran ahead of need.
                     span.record("outcome", "no-memory");
-                    let page = job.fault.map_or(gpa, |f| region.page_gpa(f.page));
                     shared.release_runs(job.region, &job.window);
                     job.window.clear();
-                    shared.report(FaultError::NoMemory { gpa: page, poisoned: false, error });
+                    if faulting {
+                        let page = job.fault.map_or(gpa, |f| region.page_gpa(f.page));
+                        shared.report(FaultError::NoMemory { gpa: page, poisoned: false, error });
+                    }
                     return Step::Done;
                 }
                 let give_up = give_up_fault(shared, region, job, ctx, (range, seq), "no-memory", |page, poisoned| {
@@ -889,7 +893,8 @@ fn install_pieces(
 /// which `mincore` sees (on hugetlb it reads the page table; a poison
 /// marker counts as nothing).
 fn dry_pool(shared: &Core, region: &Region, dst: u64) -> bool {
-    if shared.ram().kind() != MemoryKind::PrivateHugetlb {
+    // (Shared huge pages ask the page cache instead: see `install_pieces`.)
+    if !matches!(shared.ram().kind(), MemoryKind::PrivateHugetlb | MemoryKind::HugetlbImage) {
         return false;
     }
     if shared.ram().is_remote() {
@@ -907,8 +912,15 @@ fn owner_lacks(pid: u32, addr: u64) -> bool {
     use std::os::unix::fs::FileExt;
     const PM_PRESENT: u64 = 1 << 63;
     const PM_SWAP: u64 = 1 << 62;
-    let Ok(map) = std::fs::File::open(format!("/proc/{pid}/pagemap")) else {
-        return false;
+    static WARNED: std::sync::Once = std::sync::Once::new();
+    let map = match std::fs::File::open(format!("/proc/{pid}/pagemap")) {
+        Ok(map) => map,
+        Err(e) => {
+            WARNED.call_once(|| {
+                tracing::warn!(target: "apf", pid, error = %e, "cannot read the page map of the memory's owner: a COPY that meets a dry huge-page pool (EEXIST, nothing mapped) is taken for a page that is there");
+            });
+            return false;
+        }
     };
     let mut entry = [0u8; 8];
     match map.read_exact_at(&mut entry, addr / PAGE_SIZE as u64 * 8) {
