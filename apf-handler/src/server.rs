@@ -699,11 +699,12 @@ impl Server {
         // Its pid: on huge pages, its page map tells a dry pool from a
         // page that is there.
         let owner = u32::try_from(peer.pid).ok().filter(|&pid| pid > 0);
-        let mem = match RemoteMemory::adopt(fd, &remote) {
-            Ok(m) => match owner {
-                Some(pid) => m.with_owner(pid),
-                None => m,
-            },
+        let adopted = RemoteMemory::adopt(fd, &remote).and_then(|m| match owner {
+            Some(pid) => m.with_owner(pid),
+            None => Ok(m),
+        });
+        let mem = match adopted {
+            Ok(m) => m,
             Err(e) => {
                 // The descriptor was a userfaultfd: the peer waits on it.
                 let why = format!("cannot serve it: {e}");

@@ -67,6 +67,16 @@ pub enum EngineError {
     /// A guest range was invalid.
     #[error(transparent)]
     Ram(#[from] RamError),
+    /// The page map of the process that owns remote memory cannot be read
+    /// ([`RemoteMemory::with_owner`]).
+    #[error("cannot read the page map of process {pid} (2 MiB pages of another process need it to tell a dry huge-page pool from a page that is there)")]
+    OwnerUnreadable {
+        /// The process.
+        pid: u32,
+        /// The kernel's error.
+        #[source]
+        source: io::Error,
+    },
     /// The engine has shut down.
     #[error("the engine has shut down")]
     Stopped,
@@ -184,14 +194,17 @@ impl RemoteMemory {
     }
 
     /// Names the process the memory lives in (the sender: for a
-    /// connection, its `SO_PEERCRED` pid). On huge pages the engine then
-    /// reads that process's page map (`/proc/<pid>/pagemap`, which needs
-    /// the right to trace it) to tell a `COPY` that met a dry pool
-    /// (`EEXIST` with nothing mapped) from a page that is there; without
-    /// it, such an `EEXIST` is believed.
-    pub fn with_owner(self, pid: u32) -> RemoteMemory {
+    /// connection, its `SO_PEERCRED` pid). On huge pages the engine reads
+    /// that process's page map (`/proc/<pid>/pagemap`, which needs the
+    /// right to trace it) to tell a `COPY` that met a dry pool (`EEXIST`
+    /// with nothing mapped) from a page that is there, and an engine over
+    /// another process's huge pages refuses to start without it. Fails with
+    /// [`EngineError::OwnerUnreadable`] if the page map cannot be opened.
+    pub fn with_owner(self, pid: u32) -> Result<RemoteMemory, EngineError> {
+        std::fs::File::open(format!("/proc/{pid}/pagemap"))
+            .map_err(|source| EngineError::OwnerUnreadable { pid, source })?;
         self.ram.set_remote_owner(pid);
-        self
+        Ok(self)
     }
 
     /// What the sender negotiated for the descriptor.
@@ -431,6 +444,15 @@ impl Engine {
             return Err(EngineError::Config("the backend must offer UFFDIO_COPY, UFFDIO_ZEROPAGE and UFFDIO_WAKE"));
         }
         if let Some(huge) = b.ram.regions().iter().find(|r| r.is_huge()) {
+            if remote && b.ram.remote_owner().is_none() {
+                // A dry pool there answers `COPY` with `EEXIST`, nothing
+                // mapped: only the owner's page map tells it from a page
+                // that is there, and believed, it would leave the faulting
+                // thread faulting for ever.
+                return Err(EngineError::Config(
+                    "2 MiB pages of another process need their owner named (RemoteMemory::with_owner)",
+                ));
+            }
             mem.uffd().set_page_size(huge.page_size());
         }
         if remote && config.unplug_policy == UnplugPolicy::Poison && !mem.supports(MemOp::Poison) {

@@ -108,7 +108,7 @@ fn huge_sender(pages: u64, noreserve: bool) -> (Arc<GuestRam>, Uffd, RemoteMemor
     uffd.register(r.host_base(), r.len(), RegisterMode::MISSING).unwrap();
     let region = RemoteRegion { host: r.host_base(), len: r.len(), gpa: GuestAddress(OFFSET), page_size: HP };
     let mem = RemoteMemory::adopt(uffd.as_fd().try_clone_to_owned().unwrap(), &[region]).unwrap();
-    (ram, uffd, mem.with_owner(std::process::id()))
+    (ram, uffd, mem.with_owner(std::process::id()).unwrap())
 }
 
 const HP: u64 = apf::HUGE_PAGE_SIZE as u64;
@@ -313,4 +313,14 @@ fn adoption_refuses_other_descriptors_and_bad_regions() {
     let odd = RemoteRegion { page_size: 8192, len: 8192, ..region };
     let fd = uffd.as_fd().try_clone_to_owned().unwrap();
     assert!(matches!(RemoteMemory::adopt(fd, &[odd]), Err(apf::EngineError::Ram(apf::RamError::PageSize { .. }))));
+    // Huge pages need their owner named, and an owner whose page map
+    // cannot be read (here: no such process) is refused.
+    let fd = uffd.as_fd().try_clone_to_owned().unwrap();
+    let mem = RemoteMemory::adopt(fd, &[huge]).unwrap();
+    let started = Engine::remote(mem, Arc::new(Pattern { seed: 1 })).start();
+    assert!(matches!(&started, Err(apf::EngineError::Config(m)) if m.contains("owner")), "{started:?}");
+    let pid_max: u32 = std::fs::read_to_string("/proc/sys/kernel/pid_max").unwrap().trim().parse().unwrap();
+    let fd = uffd.as_fd().try_clone_to_owned().unwrap();
+    let owned = RemoteMemory::adopt(fd, &[huge]).unwrap().with_owner(pid_max);
+    assert!(matches!(owned, Err(apf::EngineError::OwnerUnreadable { pid, .. }) if pid == pid_max), "{owned:?}");
 }
