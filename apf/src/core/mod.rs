@@ -477,8 +477,10 @@ impl Core {
 
     /// An install found the huge-page pool dry: asks the embedder's
     /// callback, if one is set, to add pages. True if it says it did (then
-    /// a retry may succeed at once). Never called on the event loop: the
-    /// callback may take a lock file and write to `/proc`.
+    /// a retry may succeed at once). Called by workers (the callback may
+    /// take a lock file and write to `/proc`), and on the event loop only
+    /// where it resolves a job itself because the park is full, a path
+    /// that may block anyway (see `FaultLoop::park`).
     pub(crate) fn refill(&self) -> bool {
         let refilled = self.on_no_memory.as_ref().is_some_and(|hook| hook());
         if refilled {
