@@ -275,8 +275,10 @@ impl EngineBuilder {
     /// ([`FaultError::NoMemory`]). Return true if pages were added:
     /// [`hugepool::HugePool::top_up`](crate::hugepool::HugePool::top_up)
     /// grows the pool back to what the machine's reservations hold. Runs on
-    /// a worker, at most [`Config::fill_retries`] times per fault; it may
-    /// block briefly (bound it with a deadline).
+    /// a worker (rarely on the event loop: see [`Config::park_capacity`]),
+    /// at most [`Config::fill_retries`] times per fault, and once per page
+    /// of a migrate's copy-back; it may block briefly (bound it with a
+    /// deadline).
     pub fn on_no_memory(mut self, refill: impl Fn() -> bool + Send + Sync + 'static) -> Self {
         self.on_no_memory = Some(Arc::new(refill));
         self
