@@ -114,9 +114,8 @@ pub enum RamError {
         source: std::io::Error,
     },
     /// A region of remote memory has a page size the engine does not
-    /// resolve there (4 KiB only: an external handler's 2 MiB pages are
-    /// not served yet, though local huge-page RAM is).
-    #[error("RAM region at {base:#x} has pages of {page_size} bytes; only 4096-byte pages are resolved")]
+    /// resolve there: 4 KiB, or 2 MiB for every region.
+    #[error("RAM region at {base:#x} has pages of {page_size} bytes; 4096 or 2097152 (the same for every region) are resolved")]
     PageSize {
         /// Guest-physical base.
         base: u64,
