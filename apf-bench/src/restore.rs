@@ -32,8 +32,9 @@ pub enum Restorer {
     /// `UFFDIO_COPY` from the file of whole huge pages.
     ApfCopyHugetlb,
     /// apf over an image loaded into 2 MiB huge pages
-    /// ([`Image::load_hugetlb`]) mapped private: reads map whole huge pages
-    /// of the image in place, first writes get private copies of them.
+    /// ([`Image::load_hugetlb`]) mapped private: a fault maps whole huge
+    /// pages of the image in place, and on a first write the kernel's
+    /// copy-on-write then copies the page.
     ApfZeroCopyHugetlb,
 }
 
