@@ -1,9 +1,10 @@
-//! Restoring a snapshot image, three ways, on the host: the kernel mapping
-//! the file `MAP_PRIVATE` with no userfaultfd (`kernel-file`, what
-//! Firecracker's File backend and Cloud Hypervisor's mmap restore do),
-//! apf copying from the file into anonymous memory (`apf-copy`), and apf
-//! mapping a loaded [`Image`] private, reads by `UFFDIO_CONTINUE` in place
-//! and first writes by a private `UFFDIO_COPY` (`apf-zero-copy`). Two
+//! Restoring a snapshot image on the host: the kernel mapping the file
+//! `MAP_PRIVATE` with no userfaultfd (`kernel-file`, what Firecracker's
+//! File backend and Cloud Hypervisor's mmap restore do), apf copying from
+//! the file into anonymous memory (`apf-copy`), and apf mapping a loaded
+//! [`Image`] private, reads by `UFFDIO_CONTINUE` in place and first writes
+//! by a private `UFFDIO_COPY` (`apf-zero-copy`); the two apf paths again
+//! over 2 MiB huge pages (`apf-copy-hugetlb`, `apf-zero-copy-hugetlb`). Two
 //! threads touch every page once: reads, first writes, or a read then a
 //! write of each page; in order or in a keyed random order. And what 4
 //! clones of one image cost in memory after a read pass.
