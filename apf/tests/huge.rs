@@ -462,6 +462,58 @@ fn unplug_of_huge_pages_reads_zeros_and_gives_the_pages_back_to_the_pool() {
     }
 }
 
+/// Pool: the image (4 pages), 4 of private copies for each of two guests
+/// and 2 of slack. On an image of huge pages an unplug drops the guest's
+/// pages: the private copy
+/// goes back to the pool, pages mapped from the image stay the image's,
+/// and both read zeros, not the image; a pin over the range is told and
+/// gets zeros when it pins again.
+#[test]
+fn unplug_of_an_image_of_huge_pages_reads_zeros_and_gives_private_copies_back() {
+    let Some(_pool) = reserve(14) else { return };
+    let pattern = Pattern { seed: 51 };
+    let image = huge_image("unplug", pattern, 4 * HP, &[]);
+    let (ram, engine) = on_image(&image, 4);
+    assert!(Mode::Unplug.offered_on(MemoryKind::HugetlbImage));
+    let range = GuestRange::new(GuestAddress(BASE), 4 * HP);
+    assert_eq!(engine.prefetch(range).unwrap(), 4);
+    // Page 1 becomes the guest's own (the kernel's copy-on-write).
+    common::write_word(&ram, BASE + HP + 8, 42);
+    let told = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let pin = {
+        let told = told.clone();
+        engine.pin(GuestRange::new(GuestAddress(BASE + HP), HP), move |_| {
+            told.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        })
+    }
+    .unwrap();
+    drop(pin.get(Instant::now() + Duration::from_secs(10)).unwrap());
+    let free = settled_hugepages_free();
+    let unplugged = GuestRange::new(GuestAddress(BASE + HP), 2 * HP);
+    let report = engine.offline(unplugged, Mode::Unplug, Instant::now() + Duration::from_secs(10)).unwrap();
+    assert_eq!((report.pages, report.pages_unplugged), (2, 2), "{report:?}");
+    assert!(told.load(std::sync::atomic::Ordering::Relaxed) >= 1, "the pin was not told");
+    assert_eq!(settled_hugepages_free(), free + 1, "the private copy went back to the pool, the image's page stayed");
+    for p in [1, 2] {
+        let page = within(Duration::from_secs(10), {
+            let ram = ram.clone();
+            move || read_huge(&ram, BASE + p * HP)
+        });
+        assert!(page.unwrap().iter().all(|&b| b == 0), "page {p} reads zeros, not the image");
+    }
+    for p in [0, 3] {
+        assert_eq!(pattern.verify(BASE + p * HP, &read_huge(&ram, BASE + p * HP).unwrap()), Ok(()));
+    }
+    let guard = pin.get(Instant::now() + Duration::from_secs(10)).unwrap();
+    assert_eq!(guard.len() as u64, HP);
+    drop(guard);
+    assert_eq!(common::read_word(&ram, BASE + HP + 8), 0, "the pin pinned zeros");
+    // The image is untouched: a second guest sees it whole.
+    let (ram2, _engine2) = on_image(&image, 4);
+    assert_eq!(pattern.verify(BASE + HP, &read_huge(&ram2, BASE + HP).unwrap()), Ok(()));
+    assert!(engine.errors().try_iter().next().is_none());
+}
+
 /// Pool: 2 pages per kind.
 #[test]
 fn unplug_of_huge_pages_under_the_poison_policy_poisons_whole_pages_until_replugged() {
