@@ -164,7 +164,7 @@ fn an_image_larger_than_the_pool_fails_to_load_and_keeps_no_page() {
     let Some(_pool) = reserve(2) else { return };
     let free = hugepages_free();
     if free > 64 {
-        eprintln!("SKIPPED: {free} huge pages are free in the pool; too many to run it dry");
+        common::skip_outside_ci(&format!("{free} huge pages are free in the pool; too many to run it dry"));
         return;
     }
     let mut contents = vec![0u8; ((free + 2) * HP) as usize];
@@ -707,7 +707,7 @@ fn a_pool_that_runs_dry_during_the_copy_back_of_a_migrate_loses_nothing() {
     let Some(_pool) = reserve(2) else { return };
     let free = hugepages_free();
     if free > 64 {
-        eprintln!("SKIPPED: {free} huge pages are free in the pool; too many to run it dry");
+        common::skip_outside_ci(&format!("{free} huge pages are free in the pool; too many to run it dry"));
         return;
     }
     let pattern = Pattern { seed: 35 };
@@ -914,7 +914,7 @@ fn a_noreserve_pool_that_runs_dry_is_reported_and_no_thread_hangs() {
     let Some(_pool) = reserve(2) else { return };
     let free = hugepages_free();
     if free > 64 {
-        eprintln!("SKIPPED: {free} huge pages are free in the pool; too many to run it dry");
+        common::skip_outside_ci(&format!("{free} huge pages are free in the pool; too many to run it dry"));
         return;
     }
     let pages = free + 3;
@@ -950,7 +950,7 @@ fn a_dry_pool_the_embedder_refills_serves_every_fault() {
     let Some(_pool) = reserve(2) else { return };
     let free = hugepages_free();
     if free > 64 {
-        eprintln!("SKIPPED: {free} huge pages are free in the pool; too many to run it dry");
+        common::skip_outside_ci(&format!("{free} huge pages are free in the pool; too many to run it dry"));
         return;
     }
     let pages = free + 3;
