@@ -352,7 +352,9 @@ pub struct Attached {
 /// Hands memory of this process to the handler at `socket`, as
 /// Firecracker does: a userfaultfd with `EVENT_REMOVE` only, every region
 /// `(host address, length, offset in the memory file)` registered MISSING,
-/// then the handshake with the descriptor attached.
+/// then the handshake with the descriptor attached. `page_size` is the
+/// memory's: 4096, or 2 MiB for `MAP_HUGETLB` memory (every region then
+/// 2 MiB-aligned, in memory and in the file).
 ///
 /// # Safety
 ///
@@ -361,14 +363,14 @@ pub struct Attached {
 /// raw pointers, volatile accesses or the kernel (never a Rust
 /// reference): the handler installs pages in it behind the compiler's
 /// back.
-pub unsafe fn attach(socket: &Path, regions: &[(u64, u64, u64)]) -> Result<Attached, ClientError> {
+pub unsafe fn attach(socket: &Path, regions: &[(u64, u64, u64)], page_size: u64) -> Result<Attached, ClientError> {
     let uffd = firecracker_uffd()?;
     let mut sent = Vec::with_capacity(regions.len());
     for &(host, len, offset) in regions {
         // Borrowed for registration only; never unmapped here.
         let m = std::mem::ManuallyDrop::new(Mapping { ptr: host as *mut u8, len: len as usize });
         register(&uffd, &m)?;
-        sent.push(Region { base_host_virt_addr: host, size: len, offset, page_size: PAGE as u64 });
+        sent.push(Region { base_host_virt_addr: host, size: len, offset, page_size });
     }
     let conn = UnixStream::connect(socket).map_err(sys_err("connect to the handler"))?;
     peer::send(&conn, handshake::encode(&sent).as_bytes(), &[uffd.as_raw_fd()])

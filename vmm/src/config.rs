@@ -325,6 +325,7 @@ stress and verify guest memory while it is offlined underneath, and report.
   --save-snapshot FILE   write guest RAM and what the agent needs to verify it, at the end
   --restore FILE         start from a snapshot: RAM demand-faulted from FILE, verified first
   --uffd-socket PATH     with --restore: RAM is served by the external page-fault handler on PATH
+                         (--memory anonymous or hugetlb: 4 KiB or 2 MiB pages)
                          (Firecracker's protocol; e.g. apf-handler --socket PATH --mem-file FILE),
                          not by the engine in this process (no offlining, like --backend baseline)
   --save-working-set FILE  record the pages the guest touches first, in order, and write them to
@@ -557,9 +558,10 @@ pub fn parse_run(args: &[String]) -> Result<RunConfig, CliError> {
             "--uffd-socket restores through an external handler: it needs --restore, and neither --backend nor --host-block".into(),
         ));
     }
-    if c.uffd_socket.is_some() && c.memory != apf::MemoryKind::PrivateAnonymous {
+    let anonymous = matches!(c.memory, apf::MemoryKind::PrivateAnonymous | apf::MemoryKind::PrivateHugetlb);
+    if c.uffd_socket.is_some() && !anonymous {
         return Err(CliError::Conflict(
-            "--uffd-socket hands private anonymous memory to the handler, as Firecracker does: drop --memory".into(),
+            "--uffd-socket hands private anonymous memory to the handler, as Firecracker does: --memory anonymous or hugetlb".into(),
         ));
     }
     check_working_set(&c)?;
@@ -681,6 +683,8 @@ mod tests {
         assert!(matches!(shared_handler, Err(CliError::Conflict(_))), "the handler serves private anonymous memory");
         let c = run(&["--uffd-socket", "s", "--restore", "x"]).unwrap();
         assert_eq!((c.offline_every, c.guest_offline), (None, false), "no offlining without the engine");
+        let huge = run(&["--uffd-socket", "s", "--restore", "x", "--memory", "hugetlb"]).unwrap();
+        assert_eq!(huge.memory, apf::MemoryKind::PrivateHugetlb, "Firecracker's hugetlbfs memory");
         assert!(matches!(run(&["--order", "zigzag"]), Err(CliError::Invalid { option: "--order", .. })));
         for bad in ["0", "4095", "1T", "2G", "64Q", "-1M", ""] {
             let e = run(&["--offline-max", bad]).unwrap_err();

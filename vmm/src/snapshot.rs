@@ -6,8 +6,12 @@
 //! 16    RAM bytes u64, seed u64, data start u64, data pages u64,
 //!       RAM offset u64, checksum u64 (FNV-1a of bytes 0..56 and the table)
 //! 4096  the generation of every data page, u32 each
-//! RAM offset (page-aligned): guest RAM, byte for byte
+//! RAM offset: guest RAM, byte for byte
 //! ```
+//! The RAM offset is 2 MiB-aligned from version 2 on (4 KiB in version
+//! 1, which is still read), so that a page-fault handler can serve guest
+//! RAM of 2 MiB pages from the file: every huge page of it starts on a
+//! huge-page boundary of the file, as in Firecracker's memory file.
 //! A restore demand-faults RAM from the file through the engine; the
 //! generation table goes to the agent (through guest RAM) before any vCPU
 //! runs.
@@ -34,8 +38,12 @@ use crate::mem::GuestAccess;
 
 /// The first bytes of every snapshot.
 pub const MAGIC: [u8; 8] = *b"APFSNAP1";
-/// The format version.
-pub const VERSION: u32 = 1;
+/// The format version written.
+pub const VERSION: u32 = 2;
+/// The versions read: 1 (RAM at a 4 KiB-aligned offset) and 2 (2 MiB).
+pub const VERSIONS_READ: [u32; 2] = [1, 2];
+/// Where RAM starts in a version-2 file: on a 2 MiB boundary.
+const RAM_ALIGN: u64 = 2 << 20;
 const HEADER_FIELDS: usize = 56;
 const TABLE_OFFSET: u64 = 4096;
 
@@ -57,7 +65,7 @@ pub enum SnapshotError {
         path: PathBuf,
     },
     /// A version this VMM does not read.
-    #[error("{path} is snapshot version {found}; this VMM reads version {VERSION}")]
+    #[error("{path} is snapshot version {found}; this VMM reads versions 1 and 2")]
     Version {
         /// The file.
         path: PathBuf,
@@ -114,6 +122,8 @@ pub enum SnapshotError {
 /// A snapshot's header and generation table.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Header {
+    /// The format version of the file ([`VERSION`] for a new one).
+    pub version: u32,
     /// vCPUs of the guest that wrote it.
     pub vcpus: u32,
     /// Guest RAM in bytes.
@@ -129,10 +139,16 @@ fn table_end(data_pages: u64) -> u64 {
     TABLE_OFFSET + data_pages * 4
 }
 
+/// Where RAM starts in a file of `version` with `data_pages` entries.
+fn ram_start(version: u32, data_pages: u64) -> u64 {
+    let align = if version >= 2 { RAM_ALIGN } else { PAGE_SIZE };
+    table_end(data_pages).next_multiple_of(align)
+}
+
 impl Header {
     /// Where RAM starts in the file.
     pub fn ram_offset(&self) -> u64 {
-        table_end(self.generations.len() as u64).next_multiple_of(PAGE_SIZE)
+        ram_start(self.version, self.generations.len() as u64)
     }
 
     /// The layout of the snapshot's guest.
@@ -152,7 +168,7 @@ impl Header {
     fn encode_with(&self, layout: &Layout) -> Vec<u8> {
         let mut fields = [0u8; HEADER_FIELDS];
         fields[..8].copy_from_slice(&MAGIC);
-        fields[8..12].copy_from_slice(&VERSION.to_le_bytes());
+        fields[8..12].copy_from_slice(&self.version.to_le_bytes());
         fields[12..16].copy_from_slice(&self.vcpus.to_le_bytes());
         for (i, v) in [self.ram_size, self.seed, layout.data_start, layout.data_pages(), self.ram_offset()]
             .into_iter()
@@ -292,7 +308,7 @@ pub fn save(
     let mut table = vec![0u8; layout.data_pages() as usize * 4];
     access.read(layout.gen_entry(0), &mut table, deadline()).map_err(guest(layout.gen_entry(0)))?;
     let generations = table.chunks_exact(4).map(|c| u32::from_le_bytes(c.try_into().unwrap_or_default())).collect();
-    let header = Header { vcpus: layout.vcpus, ram_size: layout.ram_size, seed, generations };
+    let header = Header { version: VERSION, vcpus: layout.vcpus, ram_size: layout.ram_size, seed, generations };
 
     let dir = match target.parent() {
         Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
@@ -368,7 +384,7 @@ pub fn decode(
     let u32_at = |i: usize| u32::from_le_bytes(head[i..i + 4].try_into().unwrap_or_default());
     let u64_at = |i: usize| u64::from_le_bytes(head[i..i + 8].try_into().unwrap_or_default());
     let version = u32_at(8);
-    if version != VERSION {
+    if !VERSIONS_READ.contains(&version) {
         return Err(SnapshotError::Version { path: p(), found: version });
     }
     let (vcpus, ram_size, seed, data_start, data_pages, ram_offset, sum) =
@@ -378,7 +394,7 @@ pub fn decode(
     if layout.data_start != data_start || layout.data_pages() != data_pages {
         return Err(corrupt("its data layout does not match its RAM size and vCPU count".into()));
     }
-    let expected_offset = table_end(data_pages).next_multiple_of(PAGE_SIZE);
+    let expected_offset = ram_start(version, data_pages);
     if expected_offset != ram_offset {
         return Err(corrupt(format!("RAM offset {ram_offset:#x}, expected {expected_offset:#x}")));
     }
@@ -392,7 +408,7 @@ pub fn decode(
         return Err(corrupt("header checksum mismatch".into()));
     }
     let generations = table.chunks_exact(4).map(|c| u32::from_le_bytes(c.try_into().unwrap_or_default())).collect();
-    Ok(Header { vcpus, ram_size, seed, generations })
+    Ok(Header { version, vcpus, ram_size, seed, generations })
 }
 
 /// [`decode`] of a snapshot file of `len` bytes that starts with
@@ -470,6 +486,15 @@ mod tests {
         assert_eq!(prefix[..], bytes[..h.ram_offset() as usize]);
         assert_eq!(decode_prefix(bytes.len() as u64, &prefix).unwrap(), h);
         assert_eq!(entries(&dir), ["snap"]);
+        // A new file puts RAM on a 2 MiB boundary (huge pages can be
+        // served from it); a version-1 file, RAM on the next 4 KiB one
+        // after the table, is still read as it is.
+        assert_eq!((h.version, h.ram_offset() % (2 << 20)), (VERSION, 0));
+        let v1 = Header { version: 1, ..h.clone() };
+        assert_eq!(v1.ram_offset(), (4096 + layout.data_pages() * 4).next_multiple_of(4096));
+        let mut file = v1.encode().unwrap();
+        file.extend_from_slice(&bytes[h.ram_offset() as usize..]);
+        assert_eq!(decode_prefix(file.len() as u64, &file).unwrap(), v1);
         std::fs::remove_dir_all(dir).unwrap();
     }
 

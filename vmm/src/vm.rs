@@ -309,10 +309,12 @@ fn external_handler(
     let (Some(socket), Some(restore)) = (&cfg.uffd_socket, restore) else { return Ok(None) };
     let regions: Vec<(u64, u64, u64)> =
         ram.regions().iter().map(|r| (r.host_base(), r.len(), restore.header.ram_offset() + r.base().0)).collect();
-    // SAFETY: guest RAM is private anonymous memory mapped for as long as
-    // the `Vm` (which keeps the result, dropped after its last access), and
-    // reached through vm-memory's volatile accesses and KVM only.
-    let attached = unsafe { apf_handler::client::attach(socket, &regions) };
+    let page_size = ram.regions()[0].page_size() as u64;
+    // SAFETY: guest RAM is private anonymous memory (4 KiB or 2 MiB pages)
+    // mapped for as long as the `Vm` (which keeps the result, dropped after
+    // its last access), and reached through vm-memory's volatile accesses
+    // and KVM only.
+    let attached = unsafe { apf_handler::client::attach(socket, &regions, page_size) };
     attached
         .map(Some)
         .map_err(|e| VmError::Io { what: "the external page-fault handler", source: std::io::Error::other(e) })
