@@ -619,11 +619,11 @@ impl Server {
             if matches!(e, apf::FaultError::ZeroFilled { .. } | apf::FaultError::EventLoopDied(_)) {
                 lost.get_or_insert_with(|| e.to_string());
             }
-            // Its huge-page pool ran dry: nothing can stand in for the
-            // page (zeros need one too), and its vCPU would fault again
+            // A fault nothing could be installed for (its huge-page pool
+            // ran dry; zeros need a page too): its vCPU would fault again
             // and again until the pool has a page.
-            if matches!(e, apf::FaultError::NoMemory { poisoned: false, .. }) {
-                dry.get_or_insert_with(|| e.to_string());
+            if let apf::FaultError::LeftMissing { why, .. } = &e {
+                dry.get_or_insert_with(|| format!("{e}: {why}"));
             }
             if l.errors.len() < 64 {
                 l.errors.push(e.to_string());
@@ -633,7 +633,7 @@ impl Server {
             return Some(self.kill(l.vm, &l.peer, &format!("its memory was zero-filled: {why}")));
         }
         if let Some(why) = dry {
-            return Some(self.kill(l.vm, &l.peer, &format!("its huge-page pool ran dry: {why}")));
+            return Some(self.kill(l.vm, &l.peer, &format!("a fault of it could not be served: {why}")));
         }
         esrch.then_some(End::Esrch)
     }
@@ -698,7 +698,10 @@ impl Server {
         let peer = Arc::new(p.peer);
         // Its pid: on huge pages, its page map tells a dry pool from a
         // page that is there.
-        let owner = u32::try_from(peer.pid).ok().filter(|&pid| pid > 0);
+        // Named only for huge pages, which need its page map: a 4 KiB peer
+        // the handler may not trace is served as before.
+        let huge = regions.iter().any(|r| r.page_size > 4096);
+        let owner = u32::try_from(peer.pid).ok().filter(|&pid| pid > 0 && huge);
         let adopted = RemoteMemory::adopt(fd, &remote).and_then(|m| match owner {
             Some(pid) => m.with_owner(pid),
             None => Ok(m),

@@ -150,6 +150,9 @@ fn a_claimed_block_discarded_whole_reads_zeros_in_every_byte() {
     fp.clear();
     assert_eq!(within(Duration::from_secs(10), move || reader.join().unwrap()), Some(0));
     settle(&engine);
+    // The claimed job installed the whole block (had it given up, a new
+    // fault would take page 0 alone: its neighbours are zeros now).
+    assert_eq!(engine.stats().pages_installed, 8, "{:?}", engine.stats());
     for p in 0..8u64 {
         let page = read_huge(&ram, BASE + p * HP).unwrap();
         assert_eq!(page.iter().filter(|&&b| b != 0).count(), 0, "huge page {p} holds bytes that are not the guest's");

@@ -93,7 +93,9 @@ pub enum FaultError {
     /// the allocation fails once the page table exists); `error` is what
     /// it answered. The faulting
     /// page was poisoned (its thread gets SIGBUS) unless `poisoned` is
-    /// false (a prefetch nobody waited on, given back).
+    /// false: a prefetch nobody waited on, given back, or (wrapped in
+    /// [`FaultError::LeftMissing`]) a faulting page with no way to poison
+    /// it.
     #[error("no memory to install guest page {:#x} (huge-page pool exhausted?); poisoned: {poisoned}", .gpa.0)]
     NoMemory {
         /// The page.
@@ -144,6 +146,20 @@ pub enum FaultError {
         /// The page.
         gpa: GuestAddress,
         /// What the engine gave up on (reported with `poisoned: false`).
+        #[source]
+        why: Box<FaultError>,
+    },
+    /// A faulting page nothing could be installed into, for the reason in
+    /// `why`, left missing: the engine's userfaultfd offers no
+    /// `UFFDIO_POISON` and zeros would need a page too (a huge-page pool
+    /// that ran dry). The faulting thread faults again, and is served once
+    /// the reason is gone; until then it makes no progress, so whoever
+    /// runs it may want to end it.
+    #[error("guest page {:#x} could not be served and was left missing; its thread faults again", .gpa.0)]
+    LeftMissing {
+        /// The page.
+        gpa: GuestAddress,
+        /// Why nothing could be installed.
         #[source]
         why: Box<FaultError>,
     },

@@ -391,19 +391,20 @@ fn resolve_steps(shared: &Core, job: &mut Job, ctx: &mut Ctx, bytes: &mut usize)
                     continue;
                 }
                 let gpa = region.page_gpa(job.window[0].first);
-                if shared.give_up() == GiveUp::Zeros {
+                if shared.give_up() == GiveUp::Zeros && region.is_huge() {
                     // No POISON (another process's descriptor), and zeros
-                    // need a page as much as the contents do: the pages
-                    // stay missing, and a faulting thread faults again (and
-                    // is served once the pool has a page). Only a fault's
-                    // own page is reported: a prefetch or a replay that met
-                    // the dry pool ran ahead of need.
+                    // of a huge page need a page as much as the contents
+                    // do: the pages stay missing, and a faulting thread
+                    // faults again (and is served once the pool has a
+                    // page). Only a fault's own page is reported: a
+                    // prefetch or a replay that met the dry pool ran ahead
+                    // of need.
                     span.record("outcome", "no-memory");
                     shared.release_runs(job.region, &job.window);
                     job.window.clear();
-                    if faulting {
-                        let page = job.fault.map_or(gpa, |f| region.page_gpa(f.page));
-                        shared.report(FaultError::NoMemory { gpa: page, poisoned: false, error });
+                    if let Some(page) = job.fault.filter(|_| faulting).map(|f| region.page_gpa(f.page)) {
+                        let why = Box::new(FaultError::NoMemory { gpa: page, poisoned: false, error });
+                        shared.report(FaultError::LeftMissing { gpa: page, why });
                     }
                     return Step::Done;
                 }

@@ -821,8 +821,12 @@ impl FaultLoop {
         let mut job = job;
         let mut rest = None;
         // Counted in small pages: a huge page is a large copy. A read of an
-        // image maps its pages in place and copies nothing: one page each.
-        let copies = job.writes || !self.shared.ram().kind().is_image();
+        // image maps its pages in place and copies nothing: one page each
+        // (unless a page of it comes from zeros or the eviction store).
+        let region = &self.shared.ram().regions()[job.region];
+        let copies = job.writes
+            || !self.shared.ram().kind().is_image()
+            || job.window.iter().any(|r| (r.first..r.end()).any(|p| region.claimed_origin(p) != Origin::Source));
         let shift = if copies {
             self.shared.ram().regions()[job.region].page_shift() - PAGE_SIZE.trailing_zeros()
         } else {
