@@ -751,6 +751,23 @@ impl<'a> Work<'a> {
         self.prior[i].state != PageState::Resolving && self.region.state(self.first + i).1 == Origin::Zero
     }
 
+    /// With the install lock held by the caller: `None` if page `c0 + k`
+    /// of the chunk was discarded by a balloon meanwhile (its outcome is
+    /// then `Empty`: nothing goes back there), else the end of the run of
+    /// pages from `k` up to `end` that were not, which can go back in one
+    /// install.
+    fn undiscarded_run(&mut self, c0: usize, k: usize, end: usize) -> Option<usize> {
+        if self.removed(c0 + k) {
+            self.outcome[c0 + k] = Outcome::Empty;
+            return None;
+        }
+        let mut e = k + 1;
+        while e < end && !self.removed(c0 + e) {
+            e += 1;
+        }
+        Some(e)
+    }
+
     /// Whether the take-out moves page `i`: everything the kernel may hold
     /// data for. Poison markers cannot move (and hold no data); a page a
     /// resolver is filling is left to it unless its contents are being
@@ -946,17 +963,13 @@ impl<'a> Work<'a> {
             // Under the install lock: a remove event read after this check
             // (under the same lock, exclusively) finds the page installed
             // and its zap clears it; one read before it is seen here.
-            let guard = self.shared.notifier().install_lock();
-            if self.removed(c0 + k) {
+            let shared = self.shared;
+            let guard = shared.notifier().install_lock();
+            let Some(e) = self.undiscarded_run(c0, k, b) else {
                 drop(guard);
-                self.outcome[c0 + k] = Outcome::Empty;
                 k += 1;
                 continue;
-            }
-            let mut e = k + 1;
-            while e < b && !self.removed(c0 + e) {
-                e += 1;
-            }
+            };
             let (dst, src, len) = (self.host(c0 + k), st.slot(k), (e - k) * PAGE_SIZE);
             let res = if copy {
                 // SAFETY: `dst` is pages of guest RAM and `src` as many pages
@@ -1561,17 +1574,13 @@ impl Work<'_> {
         let mut refilled = None;
         while k < y {
             // Under the install lock, as `put_back` does.
-            let guard = self.shared.notifier().install_lock();
-            if self.removed(c0 + k) {
+            let shared = self.shared;
+            let guard = shared.notifier().install_lock();
+            let Some(e) = self.undiscarded_run(c0, k, y) else {
                 drop(guard);
-                self.outcome[c0 + k] = Outcome::Empty;
                 k += 1;
                 continue;
-            }
-            let mut e = k + 1;
-            while e < y && !self.removed(c0 + e) {
-                e += 1;
-            }
+            };
             // SAFETY: pages of guest RAM, which no Rust reference ever
             // points into (see `crate::ram`); `buf` holds `y - x` pages from
             // `x`.
