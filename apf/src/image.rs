@@ -136,18 +136,8 @@ impl Image {
     /// tmpfs file is used in place if `offset` is page-aligned.
     pub fn load_range(path: impl AsRef<Path>, offset: u64, len: Option<u64>) -> Result<Arc<Image>, ImageError> {
         let path = path.as_ref().to_path_buf();
-        let read_err = |source| ImageError::Read { path: path.clone(), source };
-        let src = File::open(&path).map_err(read_err)?;
-        let size = src.metadata().map_err(read_err)?.len();
-        let len = len.unwrap_or(size.saturating_sub(offset));
-        if len == 0 {
-            return Err(ImageError::Empty(path));
-        }
-        if offset.checked_add(len).is_none_or(|end| end > size) {
-            let short = io::Error::new(io::ErrorKind::UnexpectedEof, format!("{size} bytes, not {offset} + {len}"));
-            return Err(read_err(short));
-        }
-        if offset % PAGE_SIZE as u64 == 0 && on_tmpfs(&src).map_err(read_err)? {
+        let (src, len) = open_range(&path, offset, len)?;
+        if offset % PAGE_SIZE as u64 == 0 && on_tmpfs(&src).map_err(|source| ImageError::Read { path: path.clone(), source })? {
             return Self::new(path, src, offset, len, None, false, None);
         }
         let started = Instant::now();
@@ -182,17 +172,7 @@ impl Image {
     /// header.
     pub fn load_range_hugetlb(path: impl AsRef<Path>, offset: u64, len: Option<u64>) -> Result<Arc<Image>, ImageError> {
         let path = path.as_ref().to_path_buf();
-        let read_err = |source| ImageError::Read { path: path.clone(), source };
-        let src = File::open(&path).map_err(read_err)?;
-        let file_size = src.metadata().map_err(read_err)?.len();
-        let size = len.unwrap_or(file_size.saturating_sub(offset));
-        if size == 0 {
-            return Err(ImageError::Empty(path));
-        }
-        if offset.checked_add(size).is_none_or(|end| end > file_size) {
-            let short = io::Error::new(io::ErrorKind::UnexpectedEof, format!("{file_size} bytes, not {offset} + {size}"));
-            return Err(read_err(short));
-        }
+        let (src, size) = open_range(&path, offset, len)?;
         let started = Instant::now();
         let len = size.div_ceil(HUGE_PAGE_SIZE as u64) * HUGE_PAGE_SIZE as u64;
         let memfd = memfd_with("apf-image-huge", libc::MFD_ALLOW_SEALING | libc::MFD_HUGETLB | libc::MFD_HUGE_2MB)?;
@@ -503,6 +483,24 @@ fn load_chunks(
         off += n as u64;
     }
     Ok(())
+}
+
+/// Opens `path` for the `len` bytes at `offset` (to its end if `None`):
+/// the file and that length, checked to be more than nothing and inside
+/// the file.
+fn open_range(path: &Path, offset: u64, len: Option<u64>) -> Result<(File, u64), ImageError> {
+    let read_err = |source| ImageError::Read { path: path.to_path_buf(), source };
+    let src = File::open(path).map_err(read_err)?;
+    let size = src.metadata().map_err(read_err)?.len();
+    let len = len.unwrap_or(size.saturating_sub(offset));
+    if len == 0 {
+        return Err(ImageError::Empty(path.to_path_buf()));
+    }
+    if offset.checked_add(len).is_none_or(|end| end > size) {
+        let short = io::Error::new(io::ErrorKind::UnexpectedEof, format!("{size} bytes, not {offset} + {len}"));
+        return Err(read_err(short));
+    }
+    Ok((src, len))
 }
 
 /// Whether `file` lives on tmpfs.
