@@ -776,6 +776,13 @@ fn install_pieces(
                 // why (EEXIST on the next page, or EAGAIN).
                 continue;
             }
+            // An answer nothing here can act on: the rest is given back
+            // (and its waiters woken), the error reported.
+            let fatal = |error: crate::uffd::IoctlError| {
+                shared.release_runs(region_idx, &remaining(pieces, i, off));
+                shared.report(FaultError::Install { gpa: region.page_gpa(page), error });
+                InstallError::Fatal
+            };
             match e.errno {
                 libc::EEXIST if dry_pool(shared, region, dst) => {
                     return Err(InstallError::NoMemory(remaining(pieces, i, off), e));
@@ -801,12 +808,7 @@ fn install_pieces(
                         Err(c) if c.errno == libc::EFAULT => {
                             return Err(InstallError::NoMemory(remaining(pieces, i, off), e));
                         }
-                        Err(c) => {
-                            let rest = remaining(pieces, i, off);
-                            shared.release_runs(region_idx, &rest);
-                            shared.report(FaultError::Install { gpa: region.page_gpa(page), error: c });
-                            return Err(InstallError::Fatal);
-                        }
+                        Err(c) => return Err(fatal(c)),
                     }
                     off += 1;
                 }
@@ -860,12 +862,7 @@ fn install_pieces(
                         Err(z) if z.errno == libc::EAGAIN => {
                             return Err(InstallError::Again(remaining(pieces, i, off)));
                         }
-                        Err(z) => {
-                            let rest = remaining(pieces, i, off);
-                            shared.release_runs(region_idx, &rest);
-                            shared.report(FaultError::Install { gpa: region.page_gpa(page), error: z });
-                            return Err(InstallError::Fatal);
-                        }
+                        Err(z) => return Err(fatal(z)),
                     }
                     off += 1;
                 }
@@ -875,12 +872,7 @@ fn install_pieces(
                 libc::ENOMEM if matches!(piece.src, Src::Copy(_)) => {
                     return Err(InstallError::NoMemory(remaining(pieces, i, off), e));
                 }
-                _ => {
-                    let rest = remaining(pieces, i, off);
-                    shared.release_runs(region_idx, &rest);
-                    shared.report(FaultError::Install { gpa: region.page_gpa(page), error: e });
-                    return Err(InstallError::Fatal);
-                }
+                _ => return Err(fatal(e)),
             }
         }
     }
