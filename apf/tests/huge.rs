@@ -169,11 +169,7 @@ fn a_claimed_block_discarded_whole_reads_zeros_in_every_byte() {
 #[test]
 fn an_image_larger_than_the_pool_fails_to_load_and_keeps_no_page() {
     let Some(_pool) = reserve(2) else { return };
-    let free = hugepages_free();
-    if free > 64 {
-        common::skip_outside_ci(&format!("{free} huge pages are free in the pool; too many to run it dry"));
-        return;
-    }
+    let Some(free) = common::free_to_run_dry() else { return };
     let mut contents = vec![0u8; ((free + 2) * HP) as usize];
     Pattern { seed: 43 }.write(BASE, &mut contents);
     let path = std::env::temp_dir().join(format!("apf-huge-image-short-{}", std::process::id()));
@@ -712,11 +708,7 @@ fn failed_write_protection_punch_or_copy_back_of_huge_pages_keeps_every_page_rea
 #[test]
 fn a_pool_that_runs_dry_during_the_copy_back_of_a_migrate_loses_nothing() {
     let Some(_pool) = reserve(2) else { return };
-    let free = hugepages_free();
-    if free > 64 {
-        common::skip_outside_ci(&format!("{free} huge pages are free in the pool; too many to run it dry"));
-        return;
-    }
+    let Some(_) = common::free_to_run_dry() else { return };
     let pattern = Pattern { seed: 35 };
     // Without a refill callback, and with one that gives the pool its
     // pages back.
@@ -919,11 +911,7 @@ fn a_copy_of_huge_pages_that_stops_part_way_or_fails_is_resumed_or_reported() {
 #[test]
 fn a_noreserve_pool_that_runs_dry_is_reported_and_no_thread_hangs() {
     let Some(_pool) = reserve(2) else { return };
-    let free = hugepages_free();
-    if free > 64 {
-        common::skip_outside_ci(&format!("{free} huge pages are free in the pool; too many to run it dry"));
-        return;
-    }
+    let Some(free) = common::free_to_run_dry() else { return };
     let pages = free + 3;
     let ranges = [(GuestAddress(BASE), (pages * HP) as usize)];
     let ram = Arc::new(GuestRam::anonymous_hugetlb(&ranges, true).unwrap());
@@ -955,11 +943,7 @@ fn a_noreserve_pool_that_runs_dry_is_reported_and_no_thread_hangs() {
 #[test]
 fn a_dry_pool_the_embedder_refills_serves_every_fault() {
     let Some(_pool) = reserve(2) else { return };
-    let free = hugepages_free();
-    if free > 64 {
-        common::skip_outside_ci(&format!("{free} huge pages are free in the pool; too many to run it dry"));
-        return;
-    }
+    let Some(free) = common::free_to_run_dry() else { return };
     let pages = free + 3;
     let ranges = [(GuestAddress(BASE), (pages * HP) as usize)];
     let ram = Arc::new(GuestRam::anonymous_hugetlb(&ranges, true).unwrap());

@@ -34,6 +34,14 @@ fn snapshot(name: &str, seed: u64, zero: &[usize]) -> PathBuf {
     path
 }
 
+/// [`snapshot`] loaded as an image (the file removed again).
+fn loaded_image(name: &str, seed: u64, zero: &[usize]) -> Arc<Image> {
+    let path = snapshot(name, seed, zero);
+    let image = Image::load(&path).unwrap();
+    std::fs::remove_file(&path).unwrap();
+    image
+}
+
 fn image_ram(image: &Arc<Image>) -> Arc<GuestRam> {
     Arc::new(GuestRam::image(&[(GuestAddress(BASE), PAGES * PAGE_SIZE)], image.clone()).unwrap())
 }
@@ -54,9 +62,7 @@ fn madvise(ram: &GuestRam, gpa: u64, len: u64, advice: i32) {
 
 #[test]
 fn image_reads_map_the_image_and_writes_get_private_copies_clones_do_not_see() {
-    let path = snapshot("clones", 7, &[5]);
-    let image = Image::load(&path).unwrap();
-    std::fs::remove_file(&path).unwrap();
+    let image = loaded_image("clones", 7, &[5]);
     let pattern = Pattern { seed: 7 };
     let (a, b) = (image_ram(&image), image_ram(&image));
     assert_eq!(a.kind(), MemoryKind::Image);
@@ -154,9 +160,7 @@ fn an_image_file_on_tmpfs_is_used_in_place_and_its_holes_are_asked_of_the_kernel
 
 #[test]
 fn a_discarded_image_page_reads_zeros_not_the_image() {
-    let path = snapshot("discard", 9, &[]);
-    let image = Image::load(&path).unwrap();
-    std::fs::remove_file(&path).unwrap();
+    let image = loaded_image("discard", 9, &[]);
     let ram = image_ram(&image);
     let engine = image_engine(&ram);
     let pattern = Pattern { seed: 9 };
@@ -178,9 +182,7 @@ fn a_discarded_image_page_reads_zeros_not_the_image() {
 
 #[test]
 fn every_mode_is_offered_on_every_kind_and_both_kinds_serve_the_rest() {
-    let path = snapshot("refuse", 3, &[]);
-    let image = Image::load(&path).unwrap();
-    std::fs::remove_file(&path).unwrap();
+    let image = loaded_image("refuse", 3, &[]);
     let image_ram = image_ram(&image);
     let shared = Arc::new(GuestRam::shared_memfd(&[(GuestAddress(BASE), PAGES * PAGE_SIZE)]).unwrap());
     let engines = [image_engine(&image_ram), Engine::builder(shared.clone(), Arc::new(ZeroSource)).start().unwrap()];
@@ -301,9 +303,7 @@ fn shared_memory_keeps_what_dontneed_keeps_and_zeros_what_a_hole_drops() {
 
 #[test]
 fn a_failing_continue_is_reported_and_the_page_still_served() {
-    let path = snapshot("continue", 11, &[]);
-    let image = Image::load(&path).unwrap();
-    std::fs::remove_file(&path).unwrap();
+    let image = loaded_image("continue", 11, &[]);
     let ram = image_ram(&image);
     let engine = image_engine(&ram);
     let pattern = Pattern { seed: 11 };
@@ -499,9 +499,7 @@ fn unplug_under_the_poison_policy_on_both_kinds_poisons_until_replugged() {
     use common::try_read_word;
     let config = Config { unplug_policy: apf::UnplugPolicy::Poison, image_window: 8, ..Config::default() };
     let (shared, shared_engine) = filled_shared(32, 4, config.clone());
-    let path = snapshot("poison-unplug", 4, &[]);
-    let image = Image::load(&path).unwrap();
-    std::fs::remove_file(&path).unwrap();
+    let image = loaded_image("poison-unplug", 4, &[]);
     let image = image_ram(&image);
     let image_engine = Engine::builder(image.clone(), image.image_source().unwrap()).config(config).start().unwrap();
     write_word(&image, BASE + 4 * P, 9);
@@ -523,9 +521,7 @@ fn unplug_under_the_poison_policy_on_both_kinds_poisons_until_replugged() {
 
 #[test]
 fn unplug_of_an_image_reads_zeros_not_the_image() {
-    let path = snapshot("unplug", 12, &[]);
-    let image = Image::load(&path).unwrap();
-    std::fs::remove_file(&path).unwrap();
+    let image = loaded_image("unplug", 12, &[]);
     let ram = image_ram(&image);
     let engine = image_engine(&ram);
     let pattern = Pattern { seed: 12 };
@@ -776,9 +772,7 @@ fn migrate_and_evict_of_an_image_keep_every_write_and_leave_the_image_shared() {
 
 #[test]
 fn a_failed_drop_of_an_image_page_leaves_no_claim_to_swallow_a_later_balloon_discard() {
-    let path = snapshot("own-discard", 14, &[]);
-    let image = Image::load(&path).unwrap();
-    std::fs::remove_file(&path).unwrap();
+    let image = loaded_image("own-discard", 14, &[]);
     let ram = image_ram(&image);
     let engine = image_engine(&ram);
     write_word(&ram, BASE + 5 * P, 55);

@@ -113,6 +113,18 @@ fn huge_sender(pages: u64, noreserve: bool) -> (Arc<GuestRam>, Uffd, RemoteMemor
 
 const HP: u64 = apf::HUGE_PAGE_SIZE as u64;
 
+/// The sender's huge pages mapped `MAP_NORESERVE`, one more than the pool
+/// has free, and an engine over them serving `pattern` that retries a dry
+/// pool once; with the number of pages. `None` (a skip) when the pool has
+/// too many free pages to run dry here.
+fn dry_sender(pattern: Pattern) -> Option<(Arc<GuestRam>, Uffd, Engine, u64)> {
+    let pages = common::free_to_run_dry()? + 1;
+    let (ram, uffd, mem) = huge_sender(pages, true);
+    let config = apf::Config { fill_retries: 1, ..apf::Config::default() };
+    let engine = Engine::remote(mem, Arc::new(pattern)).config(config).start().unwrap();
+    Some((ram, uffd, engine, pages))
+}
+
 /// Pool: 4 pages. Each fault on another process's huge pages gets its
 /// whole huge page in one copy, and a discard of one reads zeros (copied:
 /// there is no huge-page ZEROPAGE).
@@ -149,16 +161,8 @@ fn huge_pages_of_another_process_are_served_whole_and_discards_read_zeros() {
 #[test]
 fn a_dry_pool_in_the_owner_is_reported_and_its_fault_served_once_pages_are_free() {
     let Some(_pool) = common::huge_pool(2) else { return };
-    let free = common::hugepages_free();
-    if free > 64 {
-        common::skip_outside_ci(&format!("{free} huge pages are free in the pool; too many to run it dry"));
-        return;
-    }
-    let pages = free + 1;
-    let (ram, _sender_uffd, mem) = huge_sender(pages, true);
     let pattern = Pattern { seed: 9 };
-    let config = apf::Config { fill_retries: 1, ..apf::Config::default() };
-    let engine = Engine::remote(mem, Arc::new(pattern)).config(config).start().unwrap();
+    let Some((ram, _sender_uffd, engine, pages)) = dry_sender(pattern) else { return };
     let reader = {
         let ram = ram.clone();
         std::thread::spawn(move || (0..pages).map(|p| common::try_read_word(&ram, p * HP + 8)).collect::<Vec<_>>())
@@ -185,16 +189,8 @@ fn a_dry_pool_in_the_owner_is_reported_and_its_fault_served_once_pages_are_free(
 #[test]
 fn a_prefetch_that_meets_a_dry_pool_in_the_owner_reports_nothing_and_leaves_the_page_missing() {
     let Some(_pool) = common::huge_pool(2) else { return };
-    let free = common::hugepages_free();
-    if free > 64 {
-        common::skip_outside_ci(&format!("{free} huge pages are free in the pool; too many to run it dry"));
-        return;
-    }
-    let pages = free + 1;
-    let (ram, _sender_uffd, mem) = huge_sender(pages, true);
     let pattern = Pattern { seed: 10 };
-    let config = apf::Config { fill_retries: 1, ..apf::Config::default() };
-    let engine = Engine::remote(mem, Arc::new(pattern)).config(config).start().unwrap();
+    let Some((ram, _sender_uffd, engine, pages)) = dry_sender(pattern) else { return };
     let _ = engine.prefetch(GuestRange::new(GuestAddress(OFFSET), pages * HP));
     assert!(engine.wait_idle(Instant::now() + Duration::from_secs(10)));
     assert!(engine.stats().no_memory >= 1, "the pool never ran dry: {:?}", engine.stats());

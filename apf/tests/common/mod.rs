@@ -627,3 +627,15 @@ pub fn skip_outside_ci(why: &str) {
     assert_ne!(std::env::var("CI").as_deref(), Ok("true"), "under CI: {why}");
     eprintln!("SKIPPED: {why}");
 }
+
+/// The pool's free huge pages, for a test that runs it dry by mapping more
+/// than that `MAP_NORESERVE`; `None` (a skip outside `CI`) when there are
+/// too many to map.
+pub fn free_to_run_dry() -> Option<u64> {
+    let free = hugepages_free();
+    if free > 64 {
+        skip_outside_ci(&format!("{free} huge pages are free in the pool; too many to run it dry"));
+        return None;
+    }
+    Some(free)
+}
