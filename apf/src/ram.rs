@@ -1054,9 +1054,7 @@ impl GuestRam {
     /// image holds data (`true`) or a hole, as `(first, end, data)`, from
     /// what loading found, with no system call. `None` otherwise.
     pub(crate) fn image_runs(&self, region: usize, first: usize, count: usize) -> Option<Vec<(usize, usize, bool)>> {
-        let source = self.image.as_ref()?;
-        let r = &self.regions[region];
-        let data = |p: usize| source.holds_data(r.page_gpa(p));
+        let data = |p: usize| self.image_holds_data(region, p);
         data(first)?;
         let mut out = Vec::new();
         let mut a = first;
@@ -1070,6 +1068,13 @@ impl GuestRam {
             a = b;
         }
         Some(out)
+    }
+
+    /// Whether the loaded image behind image RAM holds data for page
+    /// `page` of `region` (`false`: a hole), as loading found it; `None`
+    /// if not known (see [`GuestRam::image_runs`]).
+    pub(crate) fn image_holds_data(&self, region: usize, page: usize) -> Option<bool> {
+        self.image.as_ref()?.holds_data(self.regions[region].page_gpa(page))
     }
 
     #[allow(clippy::type_complexity)]

@@ -758,8 +758,7 @@ impl FaultLoop {
             return self.around(region, page, window);
         }
         let mapped_in_place = |p: usize| {
-            region.state(p) == (PageState::Missing, Origin::Source)
-                && ram.image_runs(region_idx, p, 1).is_some_and(|runs| runs.iter().all(|r| r.2))
+            region.state(p) == (PageState::Missing, Origin::Source) && ram.image_holds_data(region_idx, p) == Some(true)
         };
         self.around_where(region, page, HUGE_IMAGE_BLOCK, mapped_in_place)
     }
@@ -823,15 +822,15 @@ impl FaultLoop {
         // Counted in small pages: a huge page is a large copy. A read of an
         // image maps its pages in place and copies nothing: one page each
         // (unless a page of it comes from zeros or the eviction store).
+        // (Only huge pages count more than one each: small ones need no
+        // look at their origins.)
         let region = &self.shared.ram().regions()[job.region];
-        let copies = job.writes
-            || !self.shared.ram().kind().is_image()
-            || job.window.iter().any(|r| (r.first..r.end()).any(|p| region.claimed_origin(p) != Origin::Source));
-        let shift = if copies {
-            self.shared.ram().regions()[job.region].page_shift() - PAGE_SIZE.trailing_zeros()
-        } else {
-            0
+        let copies = || {
+            job.writes
+                || !self.shared.ram().kind().is_image()
+                || job.window.iter().any(|r| (r.first..r.end()).any(|p| region.claimed_origin(p) != Origin::Source))
         };
+        let shift = if region.is_huge() && copies() { region.page_shift() - PAGE_SIZE.trailing_zeros() } else { 0 };
         if !self.shared.inline_ok(job.window.pages() << shift) {
             // A long window: when its head can be resolved here, the
             // faulting thread is woken by the head's own install, and a
